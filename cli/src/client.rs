@@ -1,0 +1,96 @@
+//! The HTTP client every client command uses, with errors a person can act on.
+
+use anyhow::{Context, anyhow, bail};
+use canal_proto::api::ErrorBody;
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+/// A client of one node's API.
+pub(crate) struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+/// Percent-encodes a path segment (topics contain `/`).
+pub(crate) fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Client {
+    pub(crate) fn new(base: &str, token: Option<&str>) -> anyhow::Result<Client> {
+        let base = base.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            bail!("--api {base:?} is not an http:// or https:// URL: write, for example, http://127.0.0.1:7070");
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Client {
+            base,
+            token: token.map(str::to_string),
+            http,
+        })
+    }
+
+    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.get(&url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| {
+            if e.is_connect() || e.is_timeout() {
+                anyhow!(
+                    "cannot reach the canal API at {}: {} (is a node running there? set --api or CANAL_API)",
+                    self.base,
+                    root_cause(&e)
+                )
+            } else {
+                anyhow!("request to {url} failed: {}", root_cause(&e))
+            }
+        })?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .with_context(|| format!("reading the answer from {url}"))?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).trim().to_string());
+            bail!("{msg} (HTTP {status})");
+        }
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("the answer from {url} is not what this canal version expects"))
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_topics_for_paths() {
+        assert_eq!(encode_segment("sensors/room 1/temp"), "sensors%2Froom%201%2Ftemp");
+        assert_eq!(encode_segment("a-b_c.d~e"), "a-b_c.d~e");
+    }
+}

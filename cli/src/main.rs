@@ -1,0 +1,102 @@
+//! # canal — the command-line tool
+//!
+//! `canal node` runs a peer; every other command is a client of a node's HTTP API
+//! (`--api`, else `CANAL_API`, else `http://127.0.0.1:7070`).
+//!
+//! ## Layout
+//!
+//! - `node_cmd`: `canal node` — flags, `CANAL_*` variables and the TOML file merged into one
+//!   configuration, then the node run until SIGINT/SIGTERM.
+//! - `client`: the HTTP client and its error messages.
+//! - `show`: tables for people, JSON for scripts.
+//!
+//! Exit codes: 0 success, 1 the request failed, 2 bad usage.
+
+mod client;
+mod node_cmd;
+mod show;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// canal: a distributed publish/subscribe mesh with serverless WebAssembly functions.
+#[derive(Parser, Debug)]
+#[command(name = "canal", version, about, propagate_version = true)]
+struct Cli {
+    /// Base URL of a node's HTTP API.
+    #[arg(long, global = true, env = "CANAL_API", default_value = "http://127.0.0.1:7070")]
+    api: String,
+    /// Token for nodes that ask for one.
+    #[arg(long, global = true, env = "CANAL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON for scripts instead of tables for people.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a canal peer.
+    Node(Box<node_cmd::NodeArgs>),
+    /// Every known peer: id, addresses, tier, labels, CPU, memory, GPUs, load, last seen.
+    Peers,
+    /// Topics: where they live.
+    Topic {
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TopicCommand {
+    /// The topic's key, shard, DHT home peers and placed replicas.
+    Locate {
+        /// A topic name, such as sensors/room1/temp (no wildcards).
+        #[arg(value_parser = parse_topic)]
+        topic: canal_proto::Topic,
+    },
+}
+
+fn parse_topic(s: &str) -> Result<canal_proto::Topic, String> {
+    canal_proto::Topic::new(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Node(args) => node_cmd::run(*args).await,
+        Command::Peers => {
+            let client = client::Client::new(&cli.api, cli.token.as_deref())?;
+            let peers: canal_proto::api::Peers = client.get("/v1/peers").await?;
+            show::peers(&peers, cli.json)
+        }
+        Command::Topic {
+            command: TopicCommand::Locate { topic },
+        } => {
+            let client = client::Client::new(&cli.api, cli.token.as_deref())?;
+            let path = format!("/v1/topics/{}/locate", client::encode_segment(topic.as_str()));
+            let locate: canal_proto::api::Locate = client.get(&path).await?;
+            show::locate(&locate, cli.json)
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! `canal node`: merge the TOML file, the `CANAL_*` environment and the flags (flags win over
+//! the environment, which wins over the file), then run the node until SIGINT or SIGTERM.
+
+use anyhow::Context;
+use canal_node::config::parse_label;
+use canal_node::{Node, NodeConfig};
+use clap::Args;
+use std::path::PathBuf;
+use tracing_subscriber::EnvFilter;
+
+/// Flags of `canal node`. Every one has a `CANAL_*` variable; lists take commas there.
+#[derive(Args, Debug, Default)]
+pub(crate) struct NodeArgs {
+    /// TOML file with any of the settings below (keys: data_dir, listen, api_listen, ...).
+    #[arg(long, env = "CANAL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the identity and data live [default: ./canal-data].
+    #[arg(long, env = "CANAL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Multiaddr to listen on for peers; repeatable [default: /ip4/0.0.0.0/tcp/7000].
+    #[arg(long, env = "CANAL_LISTEN", value_delimiter = ',')]
+    listen: Vec<String>,
+    /// Address of the HTTP client API [default: 127.0.0.1:7070].
+    #[arg(long, env = "CANAL_API_LISTEN")]
+    api_listen: Option<String>,
+    /// Multiaddr of a peer to join through; repeatable.
+    #[arg(long, env = "CANAL_BOOTSTRAP", value_delimiter = ',')]
+    bootstrap: Vec<String>,
+    /// How many peers form the first Raft cluster.
+    #[arg(long, env = "CANAL_BOOTSTRAP_EXPECT")]
+    bootstrap_expect: Option<u32>,
+    /// This peer's tier, such as edge or cloud [default: default].
+    #[arg(long, env = "CANAL_TIER")]
+    tier: Option<String>,
+    /// A label KEY=VALUE; repeatable.
+    #[arg(long = "label", env = "CANAL_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Declare a GPU that detection cannot see, as MODEL:MEMORY (H100:80GiB); repeatable.
+    #[arg(long = "gpu", env = "CANAL_GPU", value_delimiter = ',')]
+    gpu: Vec<String>,
+    /// File with the cluster's pre-shared key; peers without it cannot connect.
+    #[arg(long, env = "CANAL_CLUSTER_KEY")]
+    cluster_key: Option<PathBuf>,
+    /// Find peers on the local network with mDNS.
+    #[arg(long, env = "CANAL_MDNS")]
+    mdns: bool,
+    /// Home peers per shard (K).
+    #[arg(long, env = "CANAL_REPLICATION_FACTOR")]
+    replication_factor: Option<usize>,
+    /// Log filter, as RUST_LOG (info, canal_dht=debug, ...).
+    #[arg(long, env = "CANAL_LOG", default_value = "info")]
+    log: String,
+}
+
+impl NodeArgs {
+    /// The merged configuration: file, then anything given by flag or environment on top.
+    pub(crate) fn merge(&self) -> anyhow::Result<NodeConfig> {
+        let mut c = match &self.config {
+            Some(path) => NodeConfig::from_file(path)?,
+            None => NodeConfig::default(),
+        };
+        if let Some(v) = &self.data_dir {
+            c.data_dir = v.clone();
+        }
+        if !self.listen.is_empty() {
+            c.listen = self.listen.clone();
+        }
+        if let Some(v) = &self.api_listen {
+            c.api_listen = v.clone();
+        }
+        if !self.bootstrap.is_empty() {
+            c.bootstrap = self.bootstrap.clone();
+        }
+        if self.bootstrap_expect.is_some() {
+            c.bootstrap_expect = self.bootstrap_expect;
+        }
+        if let Some(v) = &self.tier {
+            c.tier = v.clone();
+        }
+        c.labels.extend(self.labels.iter().cloned());
+        if !self.gpu.is_empty() {
+            c.gpu = self.gpu.clone();
+        }
+        if self.cluster_key.is_some() {
+            c.cluster_key = self.cluster_key.clone();
+        }
+        if self.mdns {
+            c.mdns = true;
+        }
+        if let Some(v) = self.replication_factor {
+            c.replication_factor = v;
+        }
+        Ok(c)
+    }
+}
+
+pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(&args.log)
+        .with_context(|| format!("--log {:?} is not a log filter: write, for example, info or canal_dht=debug", args.log))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let config = args.merge()?;
+    let node = Node::start(&config).await?;
+    let info = node.runtime_info();
+    eprintln!("canal node {} ready: API http://{} ", info.peer_id, node.api_addr());
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot watch for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("canal.toml");
+        std::fs::write(&file, "tier = \"cloud\"\napi_listen = \"127.0.0.1:9000\"\n[labels]\nzone = \"a\"\n").unwrap();
+        let args = NodeArgs {
+            config: Some(file),
+            tier: Some("edge".into()),
+            labels: vec![("rack".into(), "7".into())],
+            ..Default::default()
+        };
+        let c = args.merge().unwrap();
+        assert_eq!(c.tier, "edge");
+        assert_eq!(c.api_listen, "127.0.0.1:9000");
+        assert_eq!(c.labels.len(), 2);
+    }
+
+    #[test]
+    fn a_malformed_file_names_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("canal.toml");
+        std::fs::write(&file, "tier = [").unwrap();
+        let args = NodeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        let e = args.merge().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("canal.toml"), "{e}");
+    }
+}

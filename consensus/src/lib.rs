@@ -1,0 +1,1 @@
+//! canal consensus (placeholder while dependencies build).

@@ -1,0 +1,644 @@
+//! The swarm: transports, behaviours and the event loop.
+
+use crate::peers::{Applied, PeerTable};
+use crate::topology::{Placement, TopicSpace};
+use crate::{CAPS_TOPIC, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+use canal_proto::{Capabilities, Topic, wire};
+use futures::StreamExt;
+use libp2p::core::transport::upgrade::Version;
+use libp2p::core::{Transport, muxing::StreamMuxerBox};
+use libp2p::metrics::{Metrics, Recorder, Registry};
+use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, identity, kad, mdns, noise,
+    ping, tcp, yamux,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// How the swarm is set up. Built by the node from its configuration.
+pub struct DhtConfig {
+    /// The peer's identity.
+    pub keypair: identity::Keypair,
+    /// Multiaddrs to listen on (`/ip4/0.0.0.0/tcp/7000`, `/ip4/0.0.0.0/udp/7000/quic-v1`).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to join the mesh through. A `/p2p/PEER_ID` suffix is optional.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Whether to find peers on the local network with mDNS.
+    pub mdns: bool,
+    /// The cluster's pre-shared key; when set, only peers with the same key can connect, and
+    /// only TCP is used (QUIC cannot carry the key).
+    pub cluster_key: Option<PreSharedKey>,
+    /// The shape of the topic space.
+    pub topic_space: TopicSpace,
+    /// How often this peer advertises its capability record.
+    pub advertise_interval: Duration,
+    /// How long a peer's record stays without a refresh before the peer counts as gone.
+    pub peer_ttl: Duration,
+}
+
+impl DhtConfig {
+    /// A configuration with canal's defaults for everything but the identity and addresses.
+    pub fn new(keypair: identity::Keypair, listen: Vec<Multiaddr>) -> Self {
+        DhtConfig {
+            keypair,
+            listen,
+            bootstrap: Vec::new(),
+            mdns: false,
+            cluster_key: None,
+            topic_space: TopicSpace::default(),
+            advertise_interval: Duration::from_secs(2),
+            peer_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Errors starting the swarm. Each names the address or setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum DhtError {
+    /// A transport or behaviour could not be built.
+    #[error("cannot set up the peer-to-peer stack: {0}")]
+    Setup(String),
+    /// A listen address could not be bound.
+    #[error("cannot listen for peers on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why (address in use, not supported by the transports, ...).
+        reason: String,
+    },
+    /// A bootstrap address could not be dialled at all.
+    #[error("cannot dial bootstrap peer {addr}: {reason}")]
+    Bootstrap {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// The configuration contradicts itself.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The source of this peer's own capability record, measured anew for every advertisement.
+/// The swarm fills in `peer_id`, `listen_addrs`, `seq` and `measured_at_ms` itself.
+pub trait LocalRecord: Send + 'static {
+    /// Measures the record now.
+    fn measure(&mut self) -> Capabilities;
+}
+
+/// One peer, as `DhtHandle::peers` shows it.
+#[derive(Debug, Clone)]
+pub struct PeerView {
+    /// The peer id.
+    pub peer_id: PeerId,
+    /// Its latest capability record.
+    pub caps: Capabilities,
+    /// Whether it is this node.
+    pub is_self: bool,
+    /// Whether there is an open connection to it.
+    pub connected: bool,
+    /// How long ago its record was last received.
+    pub last_seen: Duration,
+    /// The latest ping round trip on a direct connection.
+    pub rtt: Option<Duration>,
+}
+
+#[derive(Default)]
+struct State {
+    table: PeerTable,
+    connected: HashMap<PeerId, usize>,
+    rtt: HashMap<PeerId, Duration>,
+    listen_addrs: Vec<Multiaddr>,
+}
+
+struct Shared {
+    local: PeerId,
+    topic_space: TopicSpace,
+    needs_bootstrap: bool,
+    state: RwLock<State>,
+}
+
+/// A cheap, cloneable handle to a running swarm.
+#[derive(Clone)]
+pub struct DhtHandle {
+    shared: Arc<Shared>,
+    commands: mpsc::Sender<Command>,
+}
+
+/// The running swarm: its handle and its task.
+pub struct Dht {
+    handle: DhtHandle,
+    task: JoinHandle<()>,
+}
+
+enum Command {
+    Shutdown(oneshot::Sender<()>),
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    gossipsub: gossipsub::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn setup_err(e: impl std::fmt::Display) -> DhtError {
+    DhtError::Setup(e.to_string())
+}
+
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
+}
+
+fn build_behaviour(
+    key: &identity::Keypair,
+    config: &DhtConfig,
+) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let local = key.public().to_peer_id();
+    let identify = identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+            .with_agent_version(format!("canal/{}", canal_proto::VERSION)),
+    );
+    let ping = ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5)));
+    let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+    if let Some(k) = NonZeroUsize::new(config.topic_space.replication.max(1)) {
+        kad_config.set_replication_factor(k);
+    }
+    kad_config.set_query_timeout(Duration::from_secs(10));
+    let mut kad = kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_config);
+    // A canal peer always answers Kademlia queries: meshes on private networks and loopback
+    // have no confirmed external address, which would leave the automatic mode in client.
+    kad.set_mode(Some(kad::Mode::Server));
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(Duration::from_millis(500))
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .build()?;
+    let mut gossipsub =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+    gossipsub.subscribe(&gossipsub::IdentTopic::new(CAPS_TOPIC))?;
+    let mdns = if config.mdns {
+        Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
+    } else {
+        None
+    };
+    Ok(Behaviour {
+        identify,
+        ping,
+        kad,
+        gossipsub,
+        mdns: mdns.into(),
+    })
+}
+
+fn build_swarm(config: &DhtConfig) -> Result<Swarm<Behaviour>, DhtError> {
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(60));
+    let builder = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone()).with_tokio();
+    let swarm = match config.cluster_key {
+        Some(psk) => builder
+            .with_other_transport(move |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                let noise = noise::Config::new(key)?;
+                Ok(tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                    .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                    .upgrade(Version::V1Lazy)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default())
+                    .timeout(Duration::from_secs(20))
+                    .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer))))
+            })
+            .map_err(setup_err)?
+            .with_dns()
+            .map_err(setup_err)?
+            .with_behaviour(|key| build_behaviour(key, config))
+            .map_err(setup_err)?
+            .with_swarm_config(idle)
+            .build(),
+        None => builder
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(setup_err)?
+            .with_quic()
+            .with_dns()
+            .map_err(setup_err)?
+            .with_behaviour(|key| build_behaviour(key, config))
+            .map_err(setup_err)?
+            .with_swarm_config(idle)
+            .build(),
+    };
+    Ok(swarm)
+}
+
+struct CanalMetrics {
+    peers: Gauge,
+    connections: Gauge,
+    records_received: Counter,
+    records_rejected: Counter,
+}
+
+impl CanalMetrics {
+    fn new(registry: &mut Registry) -> Self {
+        let m = CanalMetrics {
+            peers: Gauge::default(),
+            connections: Gauge::default(),
+            records_received: Counter::default(),
+            records_rejected: Counter::default(),
+        };
+        registry.register("canal_peers", "Peers known alive, this node included", m.peers.clone());
+        registry.register(
+            "canal_peer_connections",
+            "Open peer-to-peer connections",
+            m.connections.clone(),
+        );
+        registry.register(
+            "canal_capability_records_received",
+            "Capability records received from other peers",
+            m.records_received.clone(),
+        );
+        registry.register(
+            "canal_capability_records_rejected",
+            "Capability records dropped as undecodable or not signed by the peer they describe",
+            m.records_rejected.clone(),
+        );
+        m
+    }
+}
+
+impl Dht {
+    /// Builds the swarm, binds its listeners, dials the bootstrap peers and starts the event
+    /// loop. Fails if a listener cannot be bound or a bootstrap address cannot be dialled.
+    pub async fn start(
+        config: DhtConfig,
+        local_record: Box<dyn LocalRecord>,
+        registry: &mut Registry,
+    ) -> Result<Dht, DhtError> {
+        if config.cluster_key.is_some()
+            && let Some(addr) = config.listen.iter().chain(config.bootstrap.iter()).find(|a| is_quic(a))
+        {
+            return Err(DhtError::Config(format!(
+                "{addr} is a QUIC address, but a cluster key is set: the cluster key protects TCP only, so use /tcp/ addresses"
+            )));
+        }
+        let mut swarm = build_swarm(&config)?;
+        for addr in &config.listen {
+            swarm.listen_on(addr.clone()).map_err(|e| DhtError::Listen {
+                addr: addr.clone(),
+                reason: transport_reason(&e),
+            })?;
+        }
+        let local = *swarm.local_peer_id();
+        for addr in &config.bootstrap {
+            dial_bootstrap(&mut swarm, addr)?;
+        }
+        let metrics = Metrics::new(registry);
+        let canal_metrics = CanalMetrics::new(registry);
+        let shared = Arc::new(Shared {
+            local,
+            topic_space: config.topic_space,
+            needs_bootstrap: !config.bootstrap.is_empty(),
+            state: RwLock::new(State::default()),
+        });
+        let (tx, rx) = mpsc::channel(16);
+        let event_loop = EventLoop {
+            swarm,
+            shared: shared.clone(),
+            commands: rx,
+            local_record,
+            metrics,
+            canal_metrics,
+            bootstrap: config.bootstrap,
+            advertise_interval: config.advertise_interval,
+            peer_ttl: config.peer_ttl,
+            seq: 0,
+            caps_topic: gossipsub::IdentTopic::new(CAPS_TOPIC),
+        };
+        let task = tokio::spawn(event_loop.run());
+        info!(peer_id = %local, "peer mesh started");
+        Ok(Dht {
+            handle: DhtHandle {
+                shared,
+                commands: tx,
+            },
+            task,
+        })
+    }
+
+    /// A handle for reading the tables and stopping the swarm.
+    pub fn handle(&self) -> DhtHandle {
+        self.handle.clone()
+    }
+
+    /// Stops the event loop, closing every connection, and waits for it to end.
+    pub async fn shutdown(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.handle.commands.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let _ = self.task.await;
+    }
+}
+
+fn transport_reason<T: std::fmt::Debug>(e: &libp2p::TransportError<T>) -> String {
+    match e {
+        libp2p::TransportError::MultiaddrNotSupported(a) => {
+            format!("{a} is not supported: use /ip4/HOST/tcp/PORT, /ip6/HOST/tcp/PORT or /ip4/HOST/udp/PORT/quic-v1")
+        }
+        libp2p::TransportError::Other(e) => format!("{e:?}"),
+    }
+}
+
+fn dial_bootstrap(swarm: &mut Swarm<Behaviour>, addr: &Multiaddr) -> Result<(), DhtError> {
+    if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+        let mut bare = addr.clone();
+        bare.pop();
+        swarm.behaviour_mut().kad.add_address(&peer, bare);
+    }
+    swarm.dial(addr.clone()).map_err(|e| DhtError::Bootstrap {
+        addr: addr.clone(),
+        reason: e.to_string(),
+    })
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    shared: Arc<Shared>,
+    commands: mpsc::Receiver<Command>,
+    local_record: Box<dyn LocalRecord>,
+    metrics: Metrics,
+    canal_metrics: CanalMetrics,
+    bootstrap: Vec<Multiaddr>,
+    advertise_interval: Duration,
+    peer_ttl: Duration,
+    seq: u64,
+    caps_topic: gossipsub::IdentTopic,
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        let mut advertise = tokio::time::interval(self.advertise_interval);
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        // Redial bootstrap peers while alone, so peers may start in any order; refresh the
+        // routing table now and then once in the mesh.
+        let mut rejoin = tokio::time::interval(Duration::from_secs(3));
+        let mut kad_refresh = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = advertise.tick() => self.advertise(),
+                _ = sweep.tick() => self.sweep(),
+                _ = rejoin.tick() => self.rejoin(),
+                _ = kad_refresh.tick() => { let _ = self.swarm.behaviour_mut().kad.bootstrap(); }
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Shutdown(done)) => { let _ = done.send(()); break; }
+                    None => break,
+                },
+            }
+        }
+        info!("peer mesh stopped");
+    }
+
+    fn state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        // A panic while holding the lock cannot leave the tables half-written in a way
+        // that matters (each update is one insert or remove), so a poisoned lock is used as is.
+        self.shared.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn advertise(&mut self) {
+        self.seq += 1;
+        let mut caps = self.local_record.measure();
+        caps.peer_id = self.shared.local.to_base58();
+        caps.seq = self.seq;
+        caps.measured_at_ms = now_ms();
+        caps.listen_addrs = self.state().listen_addrs.iter().map(|a| a.to_string()).collect();
+        let local = self.shared.local;
+        self.state().table.apply(local, caps.clone(), Instant::now());
+        match wire::encode(&caps) {
+            Ok(bytes) => {
+                if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.caps_topic.clone(), bytes) {
+                    // Expected until the first peer has told us it subscribes.
+                    debug!(error = %e, "capability record not sent");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot encode our capability record"),
+        }
+        self.update_gauges();
+    }
+
+    fn sweep(&mut self) {
+        let ttl = self.peer_ttl;
+        let gone = self.state().table.expire(Instant::now(), ttl);
+        for p in gone {
+            info!(peer = %p, "peer gone: no capability record for {ttl:?}");
+        }
+        self.update_gauges();
+    }
+
+    fn rejoin(&mut self) {
+        let alone = self.state().connected.is_empty();
+        if alone {
+            for addr in self.bootstrap.clone() {
+                if let Err(e) = dial_bootstrap(&mut self.swarm, &addr) {
+                    debug!(%addr, error = %e, "bootstrap redial failed");
+                }
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        let st = self.shared.state.read().unwrap_or_else(|p| p.into_inner());
+        self.canal_metrics.peers.set(st.table.len() as i64);
+        self.canal_metrics.connections.set(st.connected.values().sum::<usize>() as i64);
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.metrics.record(&event);
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let full = address.with(Protocol::P2p(self.shared.local));
+                info!(address = %full, "listening for peers");
+                self.state().listen_addrs.push(full);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                let full = address.with(Protocol::P2p(self.shared.local));
+                self.state().listen_addrs.retain(|a| *a != full);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } => {
+                debug!(peer = %peer_id, "connected");
+                let first = self.state().connected.is_empty();
+                self.state().connected.insert(peer_id, num_established.get() as usize);
+                if first {
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+                self.update_gauges();
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+                let mut st = self.state();
+                if num_established == 0 {
+                    st.connected.remove(&peer_id);
+                    st.rtt.remove(&peer_id);
+                } else {
+                    st.connected.insert(peer_id, num_established as usize);
+                }
+                drop(st);
+                self.update_gauges();
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(peer = ?peer_id, %error, "dial failed");
+            }
+            SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(ev) => {
+                self.metrics.record(&ev);
+                if let identify::Event::Received { peer_id, info, .. } = ev {
+                    let kad_proto = StreamProtocol::new(KAD_PROTOCOL);
+                    if info.protocols.contains(&kad_proto) {
+                        for addr in info.listen_addrs {
+                            self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Ping(ev) => {
+                self.metrics.record(&ev);
+                if let Ok(rtt) = ev.result {
+                    self.state().rtt.insert(ev.peer, rtt);
+                }
+            }
+            BehaviourEvent::Kad(ev) => self.metrics.record(&ev),
+            BehaviourEvent::Gossipsub(ev) => {
+                self.metrics.record(&ev);
+                if let gossipsub::Event::Message { message, .. } = ev {
+                    self.on_record(message);
+                }
+            }
+            BehaviourEvent::Mdns(ev) => {
+                if let mdns::Event::Discovered(found) = ev {
+                    for (peer, addr) in found {
+                        self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                        if let Err(e) = self.swarm.dial(addr.clone()) {
+                            debug!(%peer, %addr, error = %e, "mDNS dial failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_record(&mut self, message: gossipsub::Message) {
+        // Strict validation means the message is signed by `source`; a record is accepted only
+        // from the peer it describes.
+        let Some(source) = message.source else {
+            self.canal_metrics.records_rejected.inc();
+            return;
+        };
+        let caps: Capabilities = match wire::decode(&message.data) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(peer = %source, error = %e, "dropping undecodable capability record");
+                self.canal_metrics.records_rejected.inc();
+                return;
+            }
+        };
+        if caps.peer_id != source.to_base58() {
+            warn!(peer = %source, claimed = %caps.peer_id, "dropping capability record signed by another peer");
+            self.canal_metrics.records_rejected.inc();
+            return;
+        }
+        self.canal_metrics.records_received.inc();
+        if self.state().table.apply(source, caps, Instant::now()) == Applied::Joined {
+            info!(peer = %source, "peer joined");
+        }
+    }
+}
+
+impl DhtHandle {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.shared.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This peer's id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.shared.local
+    }
+
+    /// The addresses this peer listens on, each ending in `/p2p/PEER_ID`.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.read().listen_addrs.clone()
+    }
+
+    /// Open connections, all peers together.
+    pub fn connections(&self) -> usize {
+        self.read().connected.values().sum()
+    }
+
+    /// Whether the peer can serve: it listens, and if it was given bootstrap peers it is
+    /// connected to at least one peer. `Err` says what is missing.
+    pub fn readiness(&self) -> Result<(), String> {
+        let st = self.read();
+        if st.listen_addrs.is_empty() {
+            return Err("not listening for peers yet".into());
+        }
+        if self.shared.needs_bootstrap && st.connected.is_empty() {
+            return Err("not connected to any peer yet (bootstrap peers unreachable?)".into());
+        }
+        if st.table.get(&self.shared.local).is_none() {
+            return Err("capability record not measured yet".into());
+        }
+        Ok(())
+    }
+
+    /// Every live peer, this one included, in peer id order.
+    pub fn peers(&self) -> Vec<PeerView> {
+        let st = self.read();
+        let now = Instant::now();
+        st.table
+            .iter()
+            .map(|(p, e)| PeerView {
+                peer_id: *p,
+                caps: e.caps.clone(),
+                is_self: *p == self.shared.local,
+                connected: st.connected.contains_key(p),
+                last_seen: now.saturating_duration_since(e.last_seen),
+                rtt: st.rtt.get(p).copied(),
+            })
+            .collect()
+    }
+
+    /// Where `topic` lives among the peers known alive now.
+    pub fn locate(&self, topic: &Topic) -> (Placement, usize) {
+        let members: HashSet<PeerId> = self.read().table.ids().collect();
+        let n = members.len();
+        (self.shared.topic_space.locate(topic, members), n)
+    }
+
+    /// The shape of the topic space.
+    pub fn topic_space(&self) -> TopicSpace {
+        self.shared.topic_space
+    }
+}

@@ -1,0 +1,324 @@
+//! The node's configuration: a plain serde struct (the TOML file's shape) with defaults, and
+//! `validate()`, which turns it into typed settings or an error naming the key, the value and
+//! what is allowed. Flags and environment variables are merged in by the CLI.
+
+use canal_proto::Gpu;
+use libp2p::Multiaddr;
+use libp2p::pnet::PreSharedKey;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Everything `canal node` can be told, as written in its TOML file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Where the identity and all data live.
+    pub data_dir: PathBuf,
+    /// Multiaddrs to listen on for peers.
+    pub listen: Vec<String>,
+    /// Address of the HTTP client API.
+    pub api_listen: String,
+    /// Multiaddrs of peers to join the mesh through.
+    pub bootstrap: Vec<String>,
+    /// How many peers form the first Raft cluster (used by replication).
+    pub bootstrap_expect: Option<u32>,
+    /// This peer's tier (`edge`, `cloud`, ...).
+    pub tier: String,
+    /// Operator labels, `KEY = "VALUE"`.
+    pub labels: BTreeMap<String, String>,
+    /// Declared GPUs, `MODEL:MEMORY`.
+    pub gpu: Vec<String>,
+    /// File holding the cluster's pre-shared key.
+    pub cluster_key: Option<PathBuf>,
+    /// Find peers on the local network with mDNS.
+    pub mdns: bool,
+    /// K: home peers per shard.
+    pub replication_factor: usize,
+    /// Shards in the topic space. Every peer of a mesh must use the same value.
+    pub shards: u32,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            data_dir: PathBuf::from("./canal-data"),
+            listen: vec!["/ip4/0.0.0.0/tcp/7000".into()],
+            api_listen: "127.0.0.1:7070".into(),
+            bootstrap: Vec::new(),
+            bootstrap_expect: None,
+            tier: "default".into(),
+            labels: BTreeMap::new(),
+            gpu: Vec::new(),
+            cluster_key: None,
+            mdns: false,
+            replication_factor: canal_dht::topology::DEFAULT_REPLICATION,
+            shards: canal_dht::topology::DEFAULT_SHARDS,
+        }
+    }
+}
+
+/// A configuration error: what was wrong and what is allowed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A setting has a value that is not allowed.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The setting (as named in the TOML file).
+        key: &'static str,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+    /// The TOML file could not be read or parsed.
+    #[error("config file {path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// The configuration, checked and typed.
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Peer listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// The API address.
+    pub api_listen: SocketAddr,
+    /// Bootstrap addresses.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Raft bootstrap size.
+    pub bootstrap_expect: Option<u32>,
+    /// Tier.
+    pub tier: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Declared GPUs.
+    pub gpus: Vec<Gpu>,
+    /// The cluster key, read from its file.
+    pub cluster_key: Option<PreSharedKey>,
+    /// mDNS on or off.
+    pub mdns: bool,
+    /// Replication factor.
+    pub replication_factor: usize,
+    /// Shards.
+    pub shards: u32,
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+fn multiaddr(key: &'static str, s: &str) -> Result<Multiaddr, ConfigError> {
+    s.parse::<Multiaddr>().map_err(|e| {
+        invalid(
+            key,
+            format!("{s:?} is not a multiaddr ({e}): write, for example, /ip4/127.0.0.1/tcp/7000 or /dns4/host/tcp/7000/p2p/PEER_ID"),
+        )
+    })
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// Reads a cluster key file in the IPFS swarm.key format (`/key/swarm/psk/1.0.0/`, `/base16/`,
+/// 64 hex digits).
+pub fn read_cluster_key(path: &Path) -> Result<PreSharedKey, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        invalid("cluster_key", format!("cannot read {}: {e}", path.display()))
+    })?;
+    text.trim().parse::<PreSharedKey>().map_err(|e| {
+        invalid(
+            "cluster_key",
+            format!(
+                "{} is not a cluster key ({e}): the file holds three lines, /key/swarm/psk/1.0.0/, /base16/ and 64 hex digits (`canal cluster keygen` writes one)",
+                path.display()
+            ),
+        )
+    })
+}
+
+/// Writes a fresh random cluster key in the format [`read_cluster_key`] reads.
+pub fn cluster_key_text(bytes: [u8; 32]) -> String {
+    format!("/key/swarm/psk/1.0.0/\n/base16/\n{}\n", hex::encode(bytes))
+}
+
+impl NodeConfig {
+    /// Reads a TOML file. Unknown keys are refused, so a typo does not go unnoticed.
+    pub fn from_file(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            message: format!("cannot read it: {e}"),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            message: format!("not valid canal TOML: {}", e.to_string().trim()),
+        })
+    }
+
+    /// Checks every setting and returns the typed configuration.
+    pub fn validate(&self) -> Result<ValidConfig, ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        if self.listen.is_empty() {
+            return Err(invalid("listen", "at least one peer listen address is needed"));
+        }
+        let listen = self
+            .listen
+            .iter()
+            .map(|s| multiaddr("listen", s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let bootstrap = self
+            .bootstrap
+            .iter()
+            .map(|s| multiaddr("bootstrap", s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let api_listen = self.api_listen.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "api_listen",
+                format!("{:?} is not an IP address and port: write, for example, 127.0.0.1:7070", self.api_listen),
+            )
+        })?;
+        if let Some(n) = self.bootstrap_expect
+            && !(1..=7).contains(&n)
+        {
+            return Err(invalid("bootstrap_expect", format!("{n} is out of range: 1 to 7 peers may form the first cluster")));
+        }
+        if !valid_name(&self.tier) {
+            return Err(invalid(
+                "tier",
+                format!("{:?} is not a tier name: use 1-63 letters, digits, `-`, `_` or `.`", self.tier),
+            ));
+        }
+        for (k, v) in &self.labels {
+            if !valid_name(k) {
+                return Err(invalid(
+                    "labels",
+                    format!("label key {k:?} is not allowed: use 1-63 letters, digits, `-`, `_` or `.`"),
+                ));
+            }
+            if v.len() > 256 || v.chars().any(char::is_control) {
+                return Err(invalid(
+                    "labels",
+                    format!("label {k}'s value is not allowed: at most 256 characters, no control characters"),
+                ));
+            }
+        }
+        let gpus = self
+            .gpu
+            .iter()
+            .map(|g| Gpu::parse_declared(g).map_err(|e| invalid("gpu", e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cluster_key = self.cluster_key.as_deref().map(read_cluster_key).transpose()?;
+        if !(1..=16).contains(&self.replication_factor) {
+            return Err(invalid(
+                "replication_factor",
+                format!("{} is out of range: 1 to 16", self.replication_factor),
+            ));
+        }
+        if !(1..=65536).contains(&self.shards) {
+            return Err(invalid("shards", format!("{} is out of range: 1 to 65536", self.shards)));
+        }
+        Ok(ValidConfig {
+            data_dir: self.data_dir.clone(),
+            listen,
+            api_listen,
+            bootstrap,
+            bootstrap_expect: self.bootstrap_expect,
+            tier: self.tier.clone(),
+            labels: self.labels.clone(),
+            gpus,
+            cluster_key,
+            mdns: self.mdns,
+            replication_factor: self.replication_factor,
+            shards: self.shards,
+        })
+    }
+}
+
+/// Parses a `KEY=VALUE` label as given on the command line.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE: write, for example, zone=eu-1")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let v = NodeConfig::default().validate();
+        assert!(v.is_ok(), "{v:?}");
+    }
+
+    #[test]
+    fn toml_round_trip_and_unknown_keys() {
+        let text = r#"
+            data_dir = "/tmp/x"
+            listen = ["/ip4/127.0.0.1/tcp/0"]
+            tier = "edge"
+            gpu = ["H100:80GiB"]
+            [labels]
+            zone = "a"
+        "#;
+        let c: NodeConfig = toml::from_str(text).unwrap_or_default();
+        assert_eq!(c.tier, "edge");
+        assert_eq!(c.labels.get("zone").map(String::as_str), Some("a"));
+        assert_eq!(c.api_listen, "127.0.0.1:7070");
+        let bad: Result<NodeConfig, _> = toml::from_str("tierr = \"edge\"");
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases: Vec<(NodeConfig, &str)> = vec![
+            (NodeConfig { listen: vec!["not-an-addr".into()], ..Default::default() }, "listen"),
+            (NodeConfig { bootstrap: vec!["/ip4/1.2.3/tcp/1".into()], ..Default::default() }, "bootstrap"),
+            (NodeConfig { api_listen: "localhost".into(), ..Default::default() }, "api_listen"),
+            (NodeConfig { tier: "edge tier".into(), ..Default::default() }, "tier"),
+            (NodeConfig { gpu: vec!["H100".into()], ..Default::default() }, "gpu"),
+            (NodeConfig { replication_factor: 0, ..Default::default() }, "replication_factor"),
+            (NodeConfig { cluster_key: Some("/nonexistent/key".into()), ..Default::default() }, "cluster_key"),
+            (NodeConfig { bootstrap_expect: Some(0), ..Default::default() }, "bootstrap_expect"),
+        ];
+        for (c, key) in cases {
+            let msg = c.validate().err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(msg.starts_with(key), "expected an error about {key}, got {msg:?}");
+        }
+    }
+
+    #[test]
+    fn cluster_keys_round_trip() {
+        let dir = std::env::temp_dir().join(format!("canal-key-test-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("swarm.key");
+        let written = std::fs::write(&path, cluster_key_text([7u8; 32]));
+        assert!(written.is_ok());
+        let key = read_cluster_key(&path);
+        assert!(key.is_ok(), "{key:?}");
+        let _ = std::fs::write(&path, "garbage");
+        assert!(read_cluster_key(&path).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn labels_parse() {
+        assert_eq!(parse_label("zone=eu-1"), Ok(("zone".into(), "eu-1".into())));
+        assert!(parse_label("zone").is_err());
+        assert!(parse_label("=x").is_err());
+    }
+}

@@ -1,0 +1,213 @@
+//! # canal-node — the composition root
+//!
+//! Wires the parts of a canal peer together: the configuration, the data directory and
+//! identity, the peer mesh ([`canal_dht`]), the HTTP client API and metrics. Protocol logic
+//! lives in the crates below; this crate only connects them.
+//!
+//! ## Layout
+//!
+//! - [`config`]: the TOML/flag configuration and its validation.
+//! - [`datadir`]: the locked data directory.
+//! - [`identity`]: the persistent ed25519 peer identity.
+//! - [`caps`]: measuring the capability record (CPU, memory, GPUs through NVML, load).
+//! - [`api`]: the axum router of the client API.
+//! - [`Node`]: start, run, stop.
+//!
+//! ```text
+//!   config ─> data dir (lock) ─> identity ─> API listener ─> peer mesh ─> node.json
+//!                                                 │               │
+//!                                         HTTP handlers <── peer table, topic space
+//! ```
+
+pub mod api;
+pub mod caps;
+pub mod config;
+pub mod datadir;
+pub mod identity;
+
+use crate::api::ApiState;
+use crate::caps::{LoadCounters, Measurer};
+use crate::config::{ConfigError, ValidConfig};
+use crate::datadir::{DataDir, DataDirError};
+use crate::identity::IdentityError;
+use canal_dht::{Dht, DhtConfig, DhtError, TopicSpace};
+use libp2p::metrics::Registry;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tracing::info;
+
+pub use config::NodeConfig;
+
+/// The runtime file a running node writes into its data directory, so that tools (the
+/// testnet, scripts) find its ephemeral ports.
+pub const RUNTIME_FILE: &str = "node.json";
+
+/// What `node.json` says about a running node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RuntimeInfo {
+    /// The node's process id.
+    pub pid: u32,
+    /// Its peer id.
+    pub peer_id: String,
+    /// The base URL of its HTTP API.
+    pub api: String,
+    /// Its peer listen addresses, each ending in `/p2p/PEER_ID`.
+    pub listen_addrs: Vec<String>,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data directory cannot be used.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    /// The identity cannot be loaded.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The peer mesh cannot start.
+    #[error(transparent)]
+    Dht(#[from] DhtError),
+    /// The API address cannot be bound.
+    #[error("cannot listen for the API on {addr}: {source}")]
+    ApiListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The runtime file cannot be written.
+    #[error("cannot write {path}: {source}")]
+    Runtime {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A running node.
+pub struct Node {
+    dht: Dht,
+    api_addr: SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+    stop_api: tokio::sync::oneshot::Sender<()>,
+    data_dir: DataDir,
+    info: RuntimeInfo,
+}
+
+impl Node {
+    /// Validates `config` and starts the node: everything is bound and listening when this
+    /// returns.
+    pub async fn start(config: &NodeConfig) -> Result<Node, NodeError> {
+        let config: ValidConfig = config.validate()?;
+        let data_dir = DataDir::open(&config.data_dir)?;
+        let keypair = identity::load_or_create(data_dir.path())?;
+        let listener = TcpListener::bind(config.api_listen)
+            .await
+            .map_err(|source| NodeError::ApiListen {
+                addr: config.api_listen,
+                source,
+            })?;
+        let api_addr = listener.local_addr().map_err(|source| NodeError::ApiListen {
+            addr: config.api_listen,
+            source,
+        })?;
+
+        let mut registry = Registry::default();
+        let measurer = Measurer::new(
+            config.tier.clone(),
+            config.labels.clone(),
+            config.gpus.clone(),
+            Some(api_addr.to_string()),
+            Arc::new(LoadCounters::default()),
+        );
+        let mut dht_config = DhtConfig::new(keypair, config.listen.clone());
+        dht_config.bootstrap = config.bootstrap.clone();
+        dht_config.mdns = config.mdns;
+        dht_config.cluster_key = config.cluster_key;
+        dht_config.topic_space = TopicSpace {
+            shards: config.shards,
+            replication: config.replication_factor,
+        };
+        let dht = Dht::start(dht_config, Box::new(measurer), &mut registry).await?;
+        let handle = dht.handle();
+
+        let state = ApiState {
+            dht: handle.clone(),
+            registry: Arc::new(registry),
+            started: Instant::now(),
+        };
+        let (stop_api, stopped) = tokio::sync::oneshot::channel::<()>();
+        let app = api::router(state);
+        let server = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+                let _ = stopped.await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "API server failed");
+            }
+        });
+        info!(api = %api_addr, peer_id = %handle.local_peer_id(), "client API listening");
+
+        // The listeners report their bound addresses asynchronously; wait for them so that
+        // node.json names real ports.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handle.listen_addrs().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let info = RuntimeInfo {
+            pid: std::process::id(),
+            peer_id: handle.local_peer_id().to_base58(),
+            api: format!("http://{api_addr}"),
+            listen_addrs: handle.listen_addrs().iter().map(|a| a.to_string()).collect(),
+        };
+        write_runtime(data_dir.path(), &info)?;
+        Ok(Node {
+            dht,
+            api_addr,
+            server,
+            stop_api,
+            data_dir,
+            info,
+        })
+    }
+
+    /// The address the API is bound to.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    /// What `node.json` says.
+    pub fn runtime_info(&self) -> &RuntimeInfo {
+        &self.info
+    }
+
+    /// Stops accepting requests, finishes those in flight, closes the peer connections and
+    /// releases the data directory.
+    pub async fn shutdown(self) {
+        let _ = self.stop_api.send(());
+        let _ = self.server.await;
+        self.dht.shutdown().await;
+        let _ = std::fs::remove_file(self.data_dir.path().join(RUNTIME_FILE));
+        info!("node stopped");
+    }
+}
+
+fn write_runtime(dir: &Path, info: &RuntimeInfo) -> Result<(), NodeError> {
+    let path = dir.join(RUNTIME_FILE);
+    let err = |source| NodeError::Runtime {
+        path: path.clone(),
+        source,
+    };
+    let tmp = dir.join(format!("{RUNTIME_FILE}.tmp"));
+    let text = serde_json::to_vec_pretty(info).map_err(|e| err(std::io::Error::other(e)))?;
+    std::fs::write(&tmp, text).map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)
+}

@@ -1,0 +1,1 @@
+//! canal placement (placeholder while dependencies build).

@@ -1,0 +1,27 @@
+//! # canal-proto — the vocabulary and wire format of canal
+//!
+//! Everything two canal processes (or a node and its client) must agree on lives here, and
+//! nothing here does I/O.
+//!
+//! ## Layout
+//!
+//! - [`topic`]: topic names and filters (`/`-separated levels, MQTT `+` and `#`), validation
+//!   and matching.
+//! - [`caps`]: the capability record every peer advertises (CPU, memory, GPUs, tier, labels,
+//!   load), and the `MODEL:MEMORY` GPU declaration.
+//! - [`size`]: byte sizes written by people (`80GiB`, `512MiB`).
+//! - [`api`]: the JSON bodies of the HTTP client API, shared by the node and the CLI.
+//! - [`wire`]: the versioned binary envelope (bincode) for peer-to-peer messages.
+
+pub mod api;
+pub mod caps;
+pub mod size;
+pub mod topic;
+pub mod wire;
+
+pub use caps::{Capabilities, Gpu, GpuSource, Load};
+pub use topic::{Topic, TopicError, TopicFilter};
+
+/// The version of canal this crate belongs to, reported by `/v1/health` and in capability
+/// records so mixed-version meshes can be spotted.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,1 @@
+//! canal testnet (placeholder while dependencies build).

@@ -1,0 +1,1 @@
+//! canal triggers (placeholder while dependencies build).
