@@ -29,7 +29,9 @@ impl Client {
     pub(crate) fn new(base: &str, token: Option<&str>) -> anyhow::Result<Client> {
         let base = base.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            bail!("--api {base:?} is not an http:// or https:// URL: write, for example, http://127.0.0.1:7070");
+            bail!(
+                "--api {base:?} is not an http:// or https:// URL: write, for example, http://127.0.0.1:7070"
+            );
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -71,8 +73,9 @@ impl Client {
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).trim().to_string());
             bail!("{msg} (HTTP {status})");
         }
-        serde_json::from_slice(&bytes)
-            .with_context(|| format!("the answer from {url} is not what this canal version expects"))
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!("the answer from {url} is not what this canal version expects")
+        })
     }
 }
 
@@ -90,7 +93,10 @@ mod tests {
 
     #[test]
     fn encodes_topics_for_paths() {
-        assert_eq!(encode_segment("sensors/room 1/temp"), "sensors%2Froom%201%2Ftemp");
+        assert_eq!(
+            encode_segment("sensors/room 1/temp"),
+            "sensors%2Froom%201%2Ftemp"
+        );
         assert_eq!(encode_segment("a-b_c.d~e"), "a-b_c.d~e");
     }
 }

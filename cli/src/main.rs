@@ -24,7 +24,12 @@ use std::process::ExitCode;
 #[command(name = "canal", version, about, propagate_version = true)]
 struct Cli {
     /// Base URL of a node's HTTP API.
-    #[arg(long, global = true, env = "CANAL_API", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "CANAL_API",
+        default_value = "http://127.0.0.1:7070"
+    )]
     api: String,
     /// Token for nodes that ask for one.
     #[arg(long, global = true, env = "CANAL_TOKEN", hide_env_values = true)]
@@ -65,7 +70,10 @@ fn parse_topic(s: &str) -> Result<canal_proto::Topic, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -94,7 +102,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: TopicCommand::Locate { topic },
         } => {
             let client = client::Client::new(&cli.api, cli.token.as_deref())?;
-            let path = format!("/v1/topics/{}/locate", client::encode_segment(topic.as_str()));
+            let path = format!(
+                "/v1/topics/{}/locate",
+                client::encode_segment(topic.as_str())
+            );
             let locate: canal_proto::api::Locate = client.get(&path).await?;
             show::locate(&locate, cli.json)
         }

@@ -95,16 +95,25 @@ impl NodeArgs {
 }
 
 pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&args.log)
-        .with_context(|| format!("--log {:?} is not a log filter: write, for example, info or canal_dht=debug", args.log))?;
+    let filter = EnvFilter::try_new(&args.log).with_context(|| {
+        format!(
+            "--log {:?} is not a log filter: write, for example, info or canal_dht=debug",
+            args.log
+        )
+    })?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = args.merge()?;
     let node = Node::start(&config).await?;
     let info = node.runtime_info();
-    eprintln!("canal node {} ready: API http://{} ", info.peer_id, node.api_addr());
+    eprintln!(
+        "canal node {} ready: API http://{} ",
+        info.peer_id,
+        node.api_addr()
+    );
     wait_for_signal().await?;
     tracing::info!("shutting down");
     node.shutdown().await;
@@ -129,7 +138,11 @@ mod tests {
     fn flags_win_over_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("canal.toml");
-        std::fs::write(&file, "tier = \"cloud\"\napi_listen = \"127.0.0.1:9000\"\n[labels]\nzone = \"a\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "tier = \"cloud\"\napi_listen = \"127.0.0.1:9000\"\n[labels]\nzone = \"a\"\n",
+        )
+        .unwrap();
         let args = NodeArgs {
             config: Some(file),
             tier: Some("edge".into()),
@@ -151,7 +164,11 @@ mod tests {
             config: Some(file.clone()),
             ..Default::default()
         };
-        let e = args.merge().err().map(|e| e.to_string()).unwrap_or_default();
+        let e = args
+            .merge()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("canal.toml"), "{e}");
     }
 }

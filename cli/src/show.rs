@@ -28,7 +28,18 @@ pub(crate) fn peers(p: &Peers, as_json: bool) -> anyhow::Result<()> {
     if as_json {
         return json(p);
     }
-    let mut t = table(&["PEER", "TIER", "LABELS", "CPU", "MEMORY", "GPUS", "LOAD", "RTT", "SEEN", "ADDRESSES"]);
+    let mut t = table(&[
+        "PEER",
+        "TIER",
+        "LABELS",
+        "CPU",
+        "MEMORY",
+        "GPUS",
+        "LOAD",
+        "RTT",
+        "SEEN",
+        "ADDRESSES",
+    ]);
     for peer in &p.peers {
         let c = &peer.caps;
         let id = if peer.is_self {
@@ -41,20 +52,34 @@ pub(crate) fn peers(p: &Peers, as_json: bool) -> anyhow::Result<()> {
         t.add_row(vec![
             id,
             c.tier.clone(),
-            if labels.is_empty() { "-".into() } else { labels.join(",") },
+            if labels.is_empty() {
+                "-".into()
+            } else {
+                labels.join(",")
+            },
             format!("{} cores", c.cpu_cores),
             format!(
                 "{} free of {}",
                 format_bytes(c.memory_available_bytes),
                 format_bytes(c.memory_total_bytes)
             ),
-            if gpus.is_empty() { "-".into() } else { gpus.join(", ") },
+            if gpus.is_empty() {
+                "-".into()
+            } else {
+                gpus.join(", ")
+            },
             format!(
                 "cpu {:.0}%, queue {}, running {}",
                 c.load.cpu_percent, c.load.queue_len, c.load.running_invocations
             ),
-            peer.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_else(|| "-".into()),
-            if peer.is_self { "-".into() } else { ago(peer.last_seen_ms) },
+            peer.rtt_ms
+                .map(|r| format!("{r:.1} ms"))
+                .unwrap_or_else(|| "-".into()),
+            if peer.is_self {
+                "-".into()
+            } else {
+                ago(peer.last_seen_ms)
+            },
             c.listen_addrs.join(" "),
         ]);
     }
@@ -69,7 +94,10 @@ pub(crate) fn locate(l: &Locate, as_json: bool) -> anyhow::Result<()> {
     }
     println!("topic     {}", l.topic);
     println!("key       {}", l.key);
-    println!("shard     {} of {} (key {})", l.shard, l.shards, l.shard_key);
+    println!(
+        "shard     {} of {} (key {})",
+        l.shard, l.shards, l.shard_key
+    );
     println!("policy    {}", l.policy);
     println!(
         "home      {} closest of {} peers (replication factor {})",
@@ -79,10 +107,18 @@ pub(crate) fn locate(l: &Locate, as_json: bool) -> anyhow::Result<()> {
     );
     let mut t = table(&["HOME PEER", "XOR DISTANCE", "REPLICA"]);
     for h in &l.home {
-        let replica = if l.replicas.contains(&h.peer_id) { "yes" } else { "no" };
+        let replica = if l.replicas.contains(&h.peer_id) {
+            "yes"
+        } else {
+            "no"
+        };
         t.add_row(vec![h.peer_id.clone(), h.distance.clone(), replica.into()]);
     }
-    for r in l.replicas.iter().filter(|r| !l.home.iter().any(|h| &h.peer_id == *r)) {
+    for r in l
+        .replicas
+        .iter()
+        .filter(|r| !l.home.iter().any(|h| &h.peer_id == *r))
+    {
         t.add_row(vec![r.clone(), "-".into(), "yes (placed)".into()]);
     }
     println!("{t}");

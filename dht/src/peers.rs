@@ -42,16 +42,20 @@ impl PeerTable {
         match self.entries.get_mut(&peer) {
             // A restarted peer starts counting again from a lower seq; its records are
             // recognised as newer by their measurement time.
-            Some(e)
-                if caps.seq > e.caps.seq || caps.measured_at_ms > e.caps.measured_at_ms =>
-            {
+            Some(e) if caps.seq > e.caps.seq || caps.measured_at_ms > e.caps.measured_at_ms => {
                 e.caps = caps;
                 e.last_seen = now;
                 Applied::Updated
             }
             Some(_) => Applied::Stale,
             None => {
-                self.entries.insert(peer, PeerEntry { caps, last_seen: now });
+                self.entries.insert(
+                    peer,
+                    PeerEntry {
+                        caps,
+                        last_seen: now,
+                    },
+                );
                 Applied::Joined
             }
         }
@@ -141,10 +145,19 @@ mod tests {
         let t0 = Instant::now();
         t.apply(a, caps(1, 1), t0);
         t.apply(b, caps(1, 1), t0 + Duration::from_secs(5));
-        assert!(t.expire(t0 + Duration::from_secs(10), Duration::from_secs(10)).is_empty());
-        assert_eq!(t.expire(t0 + Duration::from_secs(11), Duration::from_secs(10)), vec![a]);
+        assert!(
+            t.expire(t0 + Duration::from_secs(10), Duration::from_secs(10))
+                .is_empty()
+        );
+        assert_eq!(
+            t.expire(t0 + Duration::from_secs(11), Duration::from_secs(10)),
+            vec![a]
+        );
         assert_eq!(t.ids().collect::<Vec<_>>(), vec![b]);
-        assert_eq!(t.expire(t0 + Duration::from_secs(16), Duration::from_secs(10)), vec![b]);
+        assert_eq!(
+            t.expire(t0 + Duration::from_secs(16), Duration::from_secs(10)),
+            vec![b]
+        );
         assert!(t.is_empty());
     }
 }

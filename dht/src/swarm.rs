@@ -167,7 +167,8 @@ fn setup_err(e: impl std::fmt::Display) -> DhtError {
 }
 
 fn is_quic(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
+    addr.iter()
+        .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
 }
 
 fn build_behaviour(
@@ -185,7 +186,8 @@ fn build_behaviour(
         kad_config.set_replication_factor(k);
     }
     kad_config.set_query_timeout(Duration::from_secs(10));
-    let mut kad = kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_config);
+    let mut kad =
+        kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_config);
     // A canal peer always answers Kademlia queries: meshes on private networks and loopback
     // have no confirmed external address, which would leave the automatic mode in client.
     kad.set_mode(Some(kad::Mode::Server));
@@ -193,8 +195,10 @@ fn build_behaviour(
         .heartbeat_interval(Duration::from_millis(500))
         .validation_mode(gossipsub::ValidationMode::Strict)
         .build()?;
-    let mut gossipsub =
-        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+    let mut gossipsub = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        gossip_config,
+    )?;
     gossipsub.subscribe(&gossipsub::IdentTopic::new(CAPS_TOPIC))?;
     let mdns = if config.mdns {
         Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
@@ -215,16 +219,20 @@ fn build_swarm(config: &DhtConfig) -> Result<Swarm<Behaviour>, DhtError> {
     let builder = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone()).with_tokio();
     let swarm = match config.cluster_key {
         Some(psk) => builder
-            .with_other_transport(move |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-                let noise = noise::Config::new(key)?;
-                Ok(tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-                    .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-                    .upgrade(Version::V1Lazy)
-                    .authenticate(noise)
-                    .multiplex(yamux::Config::default())
-                    .timeout(Duration::from_secs(20))
-                    .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer))))
-            })
+            .with_other_transport(
+                move |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                    let noise = noise::Config::new(key)?;
+                    Ok(
+                        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                            .upgrade(Version::V1Lazy)
+                            .authenticate(noise)
+                            .multiplex(yamux::Config::default())
+                            .timeout(Duration::from_secs(20))
+                            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer))),
+                    )
+                },
+            )
             .map_err(setup_err)?
             .with_dns()
             .map_err(setup_err)?
@@ -265,7 +273,11 @@ impl CanalMetrics {
             records_received: Counter::default(),
             records_rejected: Counter::default(),
         };
-        registry.register("canal_peers", "Peers known alive, this node included", m.peers.clone());
+        registry.register(
+            "canal_peers",
+            "Peers known alive, this node included",
+            m.peers.clone(),
+        );
         registry.register(
             "canal_peer_connections",
             "Open peer-to-peer connections",
@@ -294,7 +306,11 @@ impl Dht {
         registry: &mut Registry,
     ) -> Result<Dht, DhtError> {
         if config.cluster_key.is_some()
-            && let Some(addr) = config.listen.iter().chain(config.bootstrap.iter()).find(|a| is_quic(a))
+            && let Some(addr) = config
+                .listen
+                .iter()
+                .chain(config.bootstrap.iter())
+                .find(|a| is_quic(a))
         {
             return Err(DhtError::Config(format!(
                 "{addr} is a QUIC address, but a cluster key is set: the cluster key protects TCP only, so use /tcp/ addresses"
@@ -302,10 +318,12 @@ impl Dht {
         }
         let mut swarm = build_swarm(&config)?;
         for addr in &config.listen {
-            swarm.listen_on(addr.clone()).map_err(|e| DhtError::Listen {
-                addr: addr.clone(),
-                reason: transport_reason(&e),
-            })?;
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| DhtError::Listen {
+                    addr: addr.clone(),
+                    reason: transport_reason(&e),
+                })?;
         }
         let local = *swarm.local_peer_id();
         for addr in &config.bootstrap {
@@ -352,7 +370,13 @@ impl Dht {
     /// Stops the event loop, closing every connection, and waits for it to end.
     pub async fn shutdown(self) {
         let (tx, rx) = oneshot::channel();
-        if self.handle.commands.send(Command::Shutdown(tx)).await.is_ok() {
+        if self
+            .handle
+            .commands
+            .send(Command::Shutdown(tx))
+            .await
+            .is_ok()
+        {
             let _ = rx.await;
         }
         let _ = self.task.await;
@@ -362,7 +386,9 @@ impl Dht {
 fn transport_reason<T: std::fmt::Debug>(e: &libp2p::TransportError<T>) -> String {
     match e {
         libp2p::TransportError::MultiaddrNotSupported(a) => {
-            format!("{a} is not supported: use /ip4/HOST/tcp/PORT, /ip6/HOST/tcp/PORT or /ip4/HOST/udp/PORT/quic-v1")
+            format!(
+                "{a} is not supported: use /ip4/HOST/tcp/PORT, /ip6/HOST/tcp/PORT or /ip4/HOST/udp/PORT/quic-v1"
+            )
         }
         libp2p::TransportError::Other(e) => format!("{e:?}"),
     }
@@ -430,12 +456,24 @@ impl EventLoop {
         caps.peer_id = self.shared.local.to_base58();
         caps.seq = self.seq;
         caps.measured_at_ms = now_ms();
-        caps.listen_addrs = self.state().listen_addrs.iter().map(|a| a.to_string()).collect();
+        caps.listen_addrs = self
+            .state()
+            .listen_addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
         let local = self.shared.local;
-        self.state().table.apply(local, caps.clone(), Instant::now());
+        self.state()
+            .table
+            .apply(local, caps.clone(), Instant::now());
         match wire::encode(&caps) {
             Ok(bytes) => {
-                if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.caps_topic.clone(), bytes) {
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(self.caps_topic.clone(), bytes)
+                {
                     // Expected until the first peer has told us it subscribes.
                     debug!(error = %e, "capability record not sent");
                 }
@@ -468,7 +506,9 @@ impl EventLoop {
     fn update_gauges(&self) {
         let st = self.shared.state.read().unwrap_or_else(|p| p.into_inner());
         self.canal_metrics.peers.set(st.table.len() as i64);
-        self.canal_metrics.connections.set(st.connected.values().sum::<usize>() as i64);
+        self.canal_metrics
+            .connections
+            .set(st.connected.values().sum::<usize>() as i64);
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -483,16 +523,26 @@ impl EventLoop {
                 let full = address.with(Protocol::P2p(self.shared.local));
                 self.state().listen_addrs.retain(|a| *a != full);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                ..
+            } => {
                 debug!(peer = %peer_id, "connected");
                 let first = self.state().connected.is_empty();
-                self.state().connected.insert(peer_id, num_established.get() as usize);
+                self.state()
+                    .connected
+                    .insert(peer_id, num_established.get() as usize);
                 if first {
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
                 self.update_gauges();
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
                 let mut st = self.state();
                 if num_established == 0 {
                     st.connected.remove(&peer_id);
@@ -540,7 +590,10 @@ impl EventLoop {
             BehaviourEvent::Mdns(ev) => {
                 if let mdns::Event::Discovered(found) = ev {
                     for (peer, addr) in found {
-                        self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer, addr.clone());
                         if let Err(e) = self.swarm.dial(addr.clone()) {
                             debug!(%peer, %addr, error = %e, "mDNS dial failed");
                         }

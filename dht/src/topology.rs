@@ -84,12 +84,16 @@ pub fn distance(a: &Key, b: &Key) -> Key {
 }
 
 /// The `k` members closest to `target`, closest first. Duplicate members count once.
-pub fn closest(target: &Key, members: impl IntoIterator<Item = PeerId>, k: usize) -> Vec<(PeerId, Key)> {
+pub fn closest(
+    target: &Key,
+    members: impl IntoIterator<Item = PeerId>,
+    k: usize,
+) -> Vec<(PeerId, Key)> {
     let mut all: Vec<(PeerId, Key)> = members
         .into_iter()
         .map(|p| (p, distance(&peer_key(&p), target)))
         .collect();
-    all.sort_by(|a, b| a.1.cmp(&b.1));
+    all.sort_by_key(|a| a.1);
     all.dedup_by(|a, b| a.0 == b.0);
     all.truncate(k);
     all
@@ -136,12 +140,21 @@ mod tests {
 
     #[test]
     fn home_is_the_k_closest_by_xor() {
-        let space = TopicSpace { shards: 8, replication: 2 };
+        let space = TopicSpace {
+            shards: 8,
+            replication: 2,
+        };
         let members = peers(6);
         let p = space.locate(&topic("a/b"), members.clone());
-        let mut all: Vec<Key> = members.iter().map(|m| distance(&peer_key(m), &p.shard_key)).collect();
+        let mut all: Vec<Key> = members
+            .iter()
+            .map(|m| distance(&peer_key(m), &p.shard_key))
+            .collect();
         all.sort();
-        assert_eq!(p.home.iter().map(|h| h.1).collect::<Vec<_>>(), all[..2].to_vec());
+        assert_eq!(
+            p.home.iter().map(|h| h.1).collect::<Vec<_>>(),
+            all[..2].to_vec()
+        );
     }
 
     #[test]
@@ -159,7 +172,10 @@ mod tests {
         assert_eq!(shard_of(&k, 1), 0);
         assert_eq!(shard_of(&k, 64), shard_of(&k, 64));
         assert!(shard_of(&k, 64) < 64);
-        assert_eq!(hex::encode(shard_key(0)), hex::encode(Sha256::digest(b"canal/shard/v1/0")));
+        assert_eq!(
+            hex::encode(shard_key(0)),
+            hex::encode(Sha256::digest(b"canal/shard/v1/0"))
+        );
     }
 
     #[test]

@@ -8,8 +8,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use canal_dht::DhtHandle;
-use canal_proto::api::{ErrorBody, Health, HomePeer, Locate, PeerInfo, Peers};
 use canal_proto::Topic;
+use canal_proto::api::{ErrorBody, Health, HomePeer, Locate, PeerInfo, Peers};
 use libp2p::metrics::Registry;
 use std::sync::Arc;
 use std::time::Instant;
@@ -86,7 +86,12 @@ async fn health(State(st): State<ApiState>) -> Response {
         ready: readiness.is_ok(),
         reason: readiness.err(),
         uptime_s: st.started.elapsed().as_secs(),
-        listen_addrs: st.dht.listen_addrs().iter().map(|a| a.to_string()).collect(),
+        listen_addrs: st
+            .dht
+            .listen_addrs()
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
         peers: st.dht.peers().len(),
         connections: st.dht.connections(),
     };
@@ -120,13 +125,17 @@ async fn peers(State(st): State<ApiState>) -> axum::Json<Peers> {
 
 /// `/v1/topics/{topic}/{action}`: the topic may contain `/` (raw, or percent-encoded as
 /// `%2F`), so the action is taken from the end of the path.
-async fn topic_get(State(st): State<ApiState>, Path(rest): Path<String>) -> Result<Response, ApiError> {
+async fn topic_get(
+    State(st): State<ApiState>,
+    Path(rest): Path<String>,
+) -> Result<Response, ApiError> {
     let Some(topic) = rest.strip_suffix("/locate") else {
         return Err(ApiError::not_found(format!(
             "no such topic endpoint {rest:?}: use /v1/topics/{{topic}}/locate"
         )));
     };
-    let topic = Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
+    let topic =
+        Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
     Ok(axum::Json(locate(&st.dht, &topic)).into_response())
 }
 

@@ -81,7 +81,9 @@ impl Measurer {
                 None
             }
         };
-        let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
         Measurer {
             sys,
             template: Capabilities {
@@ -136,7 +138,11 @@ mod tests {
         assert!(caps.memory_total_bytes > 0);
         assert!(caps.memory_available_bytes <= caps.memory_total_bytes);
         assert_eq!(caps.gpus_declared, declared);
-        assert!(caps.gpus_detected.iter().all(|g| g.source == GpuSource::Detected));
+        assert!(
+            caps.gpus_detected
+                .iter()
+                .all(|g| g.source == GpuSource::Detected)
+        );
         assert_eq!(caps.load.queue_len, 3);
     }
 

@@ -128,14 +128,18 @@ fn multiaddr(key: &'static str, s: &str) -> Result<Multiaddr, ConfigError> {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 /// Reads a cluster key file in the IPFS swarm.key format (`/key/swarm/psk/1.0.0/`, `/base16/`,
 /// 64 hex digits).
 pub fn read_cluster_key(path: &Path) -> Result<PreSharedKey, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        invalid("cluster_key", format!("cannot read {}: {e}", path.display()))
+        invalid(
+            "cluster_key",
+            format!("cannot read {}: {e}", path.display()),
+        )
     })?;
     text.trim().parse::<PreSharedKey>().map_err(|e| {
         invalid(
@@ -172,7 +176,10 @@ impl NodeConfig {
             return Err(invalid("data_dir", "must not be empty"));
         }
         if self.listen.is_empty() {
-            return Err(invalid("listen", "at least one peer listen address is needed"));
+            return Err(invalid(
+                "listen",
+                "at least one peer listen address is needed",
+            ));
         }
         let listen = self
             .listen
@@ -187,31 +194,44 @@ impl NodeConfig {
         let api_listen = self.api_listen.parse::<SocketAddr>().map_err(|_| {
             invalid(
                 "api_listen",
-                format!("{:?} is not an IP address and port: write, for example, 127.0.0.1:7070", self.api_listen),
+                format!(
+                    "{:?} is not an IP address and port: write, for example, 127.0.0.1:7070",
+                    self.api_listen
+                ),
             )
         })?;
         if let Some(n) = self.bootstrap_expect
             && !(1..=7).contains(&n)
         {
-            return Err(invalid("bootstrap_expect", format!("{n} is out of range: 1 to 7 peers may form the first cluster")));
+            return Err(invalid(
+                "bootstrap_expect",
+                format!("{n} is out of range: 1 to 7 peers may form the first cluster"),
+            ));
         }
         if !valid_name(&self.tier) {
             return Err(invalid(
                 "tier",
-                format!("{:?} is not a tier name: use 1-63 letters, digits, `-`, `_` or `.`", self.tier),
+                format!(
+                    "{:?} is not a tier name: use 1-63 letters, digits, `-`, `_` or `.`",
+                    self.tier
+                ),
             ));
         }
         for (k, v) in &self.labels {
             if !valid_name(k) {
                 return Err(invalid(
                     "labels",
-                    format!("label key {k:?} is not allowed: use 1-63 letters, digits, `-`, `_` or `.`"),
+                    format!(
+                        "label key {k:?} is not allowed: use 1-63 letters, digits, `-`, `_` or `.`"
+                    ),
                 ));
             }
             if v.len() > 256 || v.chars().any(char::is_control) {
                 return Err(invalid(
                     "labels",
-                    format!("label {k}'s value is not allowed: at most 256 characters, no control characters"),
+                    format!(
+                        "label {k}'s value is not allowed: at most 256 characters, no control characters"
+                    ),
                 ));
             }
         }
@@ -220,7 +240,11 @@ impl NodeConfig {
             .iter()
             .map(|g| Gpu::parse_declared(g).map_err(|e| invalid("gpu", e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
-        let cluster_key = self.cluster_key.as_deref().map(read_cluster_key).transpose()?;
+        let cluster_key = self
+            .cluster_key
+            .as_deref()
+            .map(read_cluster_key)
+            .transpose()?;
         if !(1..=16).contains(&self.replication_factor) {
             return Err(invalid(
                 "replication_factor",
@@ -228,7 +252,10 @@ impl NodeConfig {
             ));
         }
         if !(1..=65536).contains(&self.shards) {
-            return Err(invalid("shards", format!("{} is out of range: 1 to 65536", self.shards)));
+            return Err(invalid(
+                "shards",
+                format!("{} is out of range: 1 to 65536", self.shards),
+            ));
         }
         Ok(ValidConfig {
             data_dir: self.data_dir.clone(),
@@ -251,7 +278,9 @@ impl NodeConfig {
 pub fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("{s:?} is not KEY=VALUE: write, for example, zone=eu-1")),
+        _ => Err(format!(
+            "{s:?} is not KEY=VALUE: write, for example, zone=eu-1"
+        )),
     }
 }
 
@@ -286,18 +315,73 @@ mod tests {
     #[test]
     fn bad_values_name_the_key() {
         let cases: Vec<(NodeConfig, &str)> = vec![
-            (NodeConfig { listen: vec!["not-an-addr".into()], ..Default::default() }, "listen"),
-            (NodeConfig { bootstrap: vec!["/ip4/1.2.3/tcp/1".into()], ..Default::default() }, "bootstrap"),
-            (NodeConfig { api_listen: "localhost".into(), ..Default::default() }, "api_listen"),
-            (NodeConfig { tier: "edge tier".into(), ..Default::default() }, "tier"),
-            (NodeConfig { gpu: vec!["H100".into()], ..Default::default() }, "gpu"),
-            (NodeConfig { replication_factor: 0, ..Default::default() }, "replication_factor"),
-            (NodeConfig { cluster_key: Some("/nonexistent/key".into()), ..Default::default() }, "cluster_key"),
-            (NodeConfig { bootstrap_expect: Some(0), ..Default::default() }, "bootstrap_expect"),
+            (
+                NodeConfig {
+                    listen: vec!["not-an-addr".into()],
+                    ..Default::default()
+                },
+                "listen",
+            ),
+            (
+                NodeConfig {
+                    bootstrap: vec!["/ip4/1.2.3/tcp/1".into()],
+                    ..Default::default()
+                },
+                "bootstrap",
+            ),
+            (
+                NodeConfig {
+                    api_listen: "localhost".into(),
+                    ..Default::default()
+                },
+                "api_listen",
+            ),
+            (
+                NodeConfig {
+                    tier: "edge tier".into(),
+                    ..Default::default()
+                },
+                "tier",
+            ),
+            (
+                NodeConfig {
+                    gpu: vec!["H100".into()],
+                    ..Default::default()
+                },
+                "gpu",
+            ),
+            (
+                NodeConfig {
+                    replication_factor: 0,
+                    ..Default::default()
+                },
+                "replication_factor",
+            ),
+            (
+                NodeConfig {
+                    cluster_key: Some("/nonexistent/key".into()),
+                    ..Default::default()
+                },
+                "cluster_key",
+            ),
+            (
+                NodeConfig {
+                    bootstrap_expect: Some(0),
+                    ..Default::default()
+                },
+                "bootstrap_expect",
+            ),
         ];
         for (c, key) in cases {
-            let msg = c.validate().err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(msg.starts_with(key), "expected an error about {key}, got {msg:?}");
+            let msg = c
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                msg.starts_with(key),
+                "expected an error about {key}, got {msg:?}"
+            );
         }
     }
 

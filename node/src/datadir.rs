@@ -17,7 +17,9 @@ pub enum DataDirError {
         source: std::io::Error,
     },
     /// Another process holds the lock.
-    #[error("data dir {path} is in use by another canal node (it holds the lock on {path}/LOCK): give each node its own --data-dir")]
+    #[error(
+        "data dir {path} is in use by another canal node (it holds the lock on {path}/LOCK): give each node its own --data-dir"
+    )]
     Locked {
         /// The directory.
         path: PathBuf,
@@ -89,7 +91,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = DataDir::open(dir.path()).unwrap();
         let second = DataDir::open(dir.path());
-        assert!(matches!(second, Err(DataDirError::Locked { .. })), "{second:?}");
+        assert!(
+            matches!(second, Err(DataDirError::Locked { .. })),
+            "{second:?}"
+        );
         drop(first);
         assert!(DataDir::open(dir.path()).is_ok());
     }
@@ -99,7 +104,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("f");
         std::fs::write(&file, b"x").unwrap();
-        let e = DataDir::open(&file).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = DataDir::open(&file)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("not a directory"), "{e}");
     }
 }

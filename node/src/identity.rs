@@ -24,7 +24,9 @@ pub enum IdentityError {
         source: std::io::Error,
     },
     /// The file exists but is not an identity.
-    #[error("identity file {path} is damaged ({reason}); restore it from a backup, or delete it to give this peer a new identity")]
+    #[error(
+        "identity file {path} is damaged ({reason}); restore it from a backup, or delete it to give this peer a new identity"
+    )]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -47,10 +49,12 @@ pub fn load_or_create(dir: &Path) -> Result<Keypair, IdentityError> {
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = Keypair::generate_ed25519();
-            let bytes = key.to_protobuf_encoding().map_err(|e| IdentityError::Corrupt {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+            let bytes = key
+                .to_protobuf_encoding()
+                .map_err(|e| IdentityError::Corrupt {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
             let text = format!("{HEADER}\n{}\n", hex::encode(bytes));
             // Write to a temporary file and rename, so a crash never leaves half a key.
             let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
@@ -105,7 +109,10 @@ mod tests {
         let path = dir.path().join(IDENTITY_FILE);
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, &text[..text.len() / 2]).unwrap();
-        let e = load_or_create(dir.path()).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = load_or_create(dir.path())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("identity.key") && e.contains("damaged"), "{e}");
         std::fs::write(&path, "hello").unwrap();
         assert!(load_or_create(dir.path()).is_err());

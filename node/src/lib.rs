@@ -32,7 +32,6 @@ use crate::datadir::{DataDir, DataDirError};
 use crate::identity::IdentityError;
 use canal_dht::{Dht, DhtConfig, DhtError, TopicSpace};
 use libp2p::metrics::Registry;
-use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,24 +39,12 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tracing::info;
 
+pub use canal_proto::api::RuntimeInfo;
 pub use config::NodeConfig;
 
-/// The runtime file a running node writes into its data directory, so that tools (the
+/// The runtime file ([`RuntimeInfo`]) a running node writes into its data directory, so that tools (the
 /// testnet, scripts) find its ephemeral ports.
 pub const RUNTIME_FILE: &str = "node.json";
-
-/// What `node.json` says about a running node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RuntimeInfo {
-    /// The node's process id.
-    pub pid: u32,
-    /// Its peer id.
-    pub peer_id: String,
-    /// The base URL of its HTTP API.
-    pub api: String,
-    /// Its peer listen addresses, each ending in `/p2p/PEER_ID`.
-    pub listen_addrs: Vec<String>,
-}
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -115,10 +102,12 @@ impl Node {
                 addr: config.api_listen,
                 source,
             })?;
-        let api_addr = listener.local_addr().map_err(|source| NodeError::ApiListen {
-            addr: config.api_listen,
-            source,
-        })?;
+        let api_addr = listener
+            .local_addr()
+            .map_err(|source| NodeError::ApiListen {
+                addr: config.api_listen,
+                source,
+            })?;
 
         let mut registry = Registry::default();
         let measurer = Measurer::new(
@@ -166,7 +155,11 @@ impl Node {
             pid: std::process::id(),
             peer_id: handle.local_peer_id().to_base58(),
             api: format!("http://{api_addr}"),
-            listen_addrs: handle.listen_addrs().iter().map(|a| a.to_string()).collect(),
+            listen_addrs: handle
+                .listen_addrs()
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
         };
         write_runtime(data_dir.path(), &info)?;
         Ok(Node {

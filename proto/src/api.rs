@@ -95,3 +95,17 @@ pub struct ErrorBody {
     /// A stable machine-readable name for the kind of error (`invalid_topic`, `not_found`).
     pub kind: String,
 }
+
+/// What a running node writes to `node.json` in its data directory, so that tools (the
+/// testnet, scripts) find its ephemeral ports. Removed on a clean shutdown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RuntimeInfo {
+    /// The node's process id.
+    pub pid: u32,
+    /// Its peer id.
+    pub peer_id: String,
+    /// The base URL of its HTTP API.
+    pub api: String,
+    /// Its peer listen addresses, each ending in `/p2p/PEER_ID`.
+    pub listen_addrs: Vec<String>,
+}

@@ -137,14 +137,26 @@ mod tests {
         );
         // The model may itself contain a colon; the memory is after the last one.
         assert!(matches!(Gpu::parse_declared("nv:A10G:24GiB"), Ok(g) if g.model == "nv:A10G"));
-        assert!(matches!(Gpu::parse_declared("H100"), Err(GpuSpecError::Shape(_))));
-        assert!(matches!(Gpu::parse_declared(":80GiB"), Err(GpuSpecError::Shape(_))));
-        assert!(matches!(Gpu::parse_declared("H100:lots"), Err(GpuSpecError::Memory(_))));
+        assert!(matches!(
+            Gpu::parse_declared("H100"),
+            Err(GpuSpecError::Shape(_))
+        ));
+        assert!(matches!(
+            Gpu::parse_declared(":80GiB"),
+            Err(GpuSpecError::Shape(_))
+        ));
+        assert!(matches!(
+            Gpu::parse_declared("H100:lots"),
+            Err(GpuSpecError::Memory(_))
+        ));
     }
 
     #[test]
     fn describes_for_tables() {
         let g = Gpu::parse_declared("H100:80GiB").ok();
-        assert_eq!(g.map(|g| g.describe()).as_deref(), Some("H100 80 GiB (declared)"));
+        assert_eq!(
+            g.map(|g| g.describe()).as_deref(),
+            Some("H100 80 GiB (declared)")
+        );
     }
 }

@@ -2,7 +2,9 @@
 
 /// Why a byte size could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{input:?} is not a byte size: write a number and a unit, such as 512MiB, 80GiB, 16GB or 4096 (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")]
+#[error(
+    "{input:?} is not a byte size: write a number and a unit, such as 512MiB, 80GiB, 16GB or 4096 (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+)]
 pub struct SizeError {
     /// The text that was given.
     pub input: String,
@@ -79,11 +81,21 @@ mod tests {
 
     #[test]
     fn refuses_garbage() {
-        for bad in ["", "GiB", "12XB", "-1GiB", "1.2.3MB", "99999999999999999999TiB"] {
+        for bad in [
+            "",
+            "GiB",
+            "12XB",
+            "-1GiB",
+            "1.2.3MB",
+            "99999999999999999999TiB",
+        ] {
             let e = parse_bytes(bad);
             assert!(e.is_err(), "{bad:?} should be refused");
         }
-        let msg = parse_bytes("lots").err().map(|e| e.to_string()).unwrap_or_default();
+        let msg = parse_bytes("lots")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(msg.contains("80GiB"), "{msg}");
     }
 

@@ -17,7 +17,9 @@ pub const MAX_TOPIC_LEVELS: usize = 32;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TopicError {
     /// The name was the empty string.
-    #[error("topic is empty: a topic is one or more `/`-separated levels, such as `sensors/room1/temp`")]
+    #[error(
+        "topic is empty: a topic is one or more `/`-separated levels, such as `sensors/room1/temp`"
+    )]
     Empty,
     /// The name is longer than [`MAX_TOPIC_BYTES`].
     #[error("topic is {len} bytes long: at most {max} bytes are allowed")]
@@ -36,7 +38,9 @@ pub enum TopicError {
         max: usize,
     },
     /// A level is empty (a leading, trailing or doubled `/`).
-    #[error("topic {topic:?} has an empty level at position {position}: levels are separated by single `/` and may not be empty")]
+    #[error(
+        "topic {topic:?} has an empty level at position {position}: levels are separated by single `/` and may not be empty"
+    )]
     EmptyLevel {
         /// The name as given.
         topic: String,
@@ -44,7 +48,9 @@ pub enum TopicError {
         position: usize,
     },
     /// A control character (U+0000 to U+001F, U+007F to U+009F) appears in the name.
-    #[error("topic {topic:?} contains the control character U+{code:04X}: control characters are not allowed")]
+    #[error(
+        "topic {topic:?} contains the control character U+{code:04X}: control characters are not allowed"
+    )]
     ControlCharacter {
         /// The name as given.
         topic: String,
@@ -52,7 +58,9 @@ pub enum TopicError {
         code: u32,
     },
     /// `+` or `#` in a topic one publishes to.
-    #[error("topic {topic:?} contains the wildcard `{wildcard}`: wildcards are allowed only in subscription filters, not in a topic you publish to")]
+    #[error(
+        "topic {topic:?} contains the wildcard `{wildcard}`: wildcards are allowed only in subscription filters, not in a topic you publish to"
+    )]
     WildcardInTopic {
         /// The name as given.
         topic: String,
@@ -60,7 +68,9 @@ pub enum TopicError {
         wildcard: char,
     },
     /// A wildcard shares a level with other characters (`a+/b`, `x#`).
-    #[error("filter {filter:?} has the level {level:?}: `+` and `#` must stand alone in their level")]
+    #[error(
+        "filter {filter:?} has the level {level:?}: `+` and `#` must stand alone in their level"
+    )]
     WildcardNotAlone {
         /// The filter as given.
         filter: String,
@@ -259,7 +269,14 @@ mod tests {
 
     #[test]
     fn valid_topics() {
-        for s in ["a", "sensors/room1/temp", "a/b/c/d", "$sys/x", "ünï/cödé", "a b/c"] {
+        for s in [
+            "a",
+            "sensors/room1/temp",
+            "a/b/c/d",
+            "$sys/x",
+            "ünï/cödé",
+            "a b/c",
+        ] {
             assert_eq!(t(s).as_str(), s);
         }
     }
@@ -267,9 +284,18 @@ mod tests {
     #[test]
     fn invalid_topics_say_why() {
         assert_eq!(Topic::new(""), Err(TopicError::Empty));
-        assert!(matches!(Topic::new("a//b"), Err(TopicError::EmptyLevel { position: 2, .. })));
-        assert!(matches!(Topic::new("/a"), Err(TopicError::EmptyLevel { position: 1, .. })));
-        assert!(matches!(Topic::new("a/"), Err(TopicError::EmptyLevel { position: 2, .. })));
+        assert!(matches!(
+            Topic::new("a//b"),
+            Err(TopicError::EmptyLevel { position: 2, .. })
+        ));
+        assert!(matches!(
+            Topic::new("/a"),
+            Err(TopicError::EmptyLevel { position: 1, .. })
+        ));
+        assert!(matches!(
+            Topic::new("a/"),
+            Err(TopicError::EmptyLevel { position: 2, .. })
+        ));
         assert!(matches!(
             Topic::new("a/+/b"),
             Err(TopicError::WildcardInTopic { wildcard: '+', .. })
@@ -296,10 +322,22 @@ mod tests {
 
     #[test]
     fn invalid_filters_say_why() {
-        assert!(matches!(TopicFilter::new("a/#/b"), Err(TopicError::HashNotLast { .. })));
-        assert!(matches!(TopicFilter::new("a+/b"), Err(TopicError::WildcardNotAlone { .. })));
-        assert!(matches!(TopicFilter::new("a/b#"), Err(TopicError::WildcardNotAlone { .. })));
-        assert!(matches!(TopicFilter::new("a//+"), Err(TopicError::EmptyLevel { .. })));
+        assert!(matches!(
+            TopicFilter::new("a/#/b"),
+            Err(TopicError::HashNotLast { .. })
+        ));
+        assert!(matches!(
+            TopicFilter::new("a+/b"),
+            Err(TopicError::WildcardNotAlone { .. })
+        ));
+        assert!(matches!(
+            TopicFilter::new("a/b#"),
+            Err(TopicError::WildcardNotAlone { .. })
+        ));
+        assert!(matches!(
+            TopicFilter::new("a//+"),
+            Err(TopicError::EmptyLevel { .. })
+        ));
     }
 
     #[test]

@@ -90,11 +90,17 @@ mod tests {
     fn refuses_other_versions_and_garbage() {
         let mut bytes = encode(&caps()).unwrap_or_default();
         bytes[0] = 9;
-        assert!(matches!(decode::<Capabilities>(&bytes), Err(WireError::Version { got: 9 })));
+        assert!(matches!(
+            decode::<Capabilities>(&bytes),
+            Err(WireError::Version { got: 9 })
+        ));
         assert!(matches!(decode::<Capabilities>(&[]), Err(WireError::Empty)));
         assert!(decode::<Capabilities>(&[1, 255, 255, 255]).is_err());
         let mut long = encode(&caps()).unwrap_or_default();
         long.push(0);
-        assert!(matches!(decode::<Capabilities>(&long), Err(WireError::Trailing(1))));
+        assert!(matches!(
+            decode::<Capabilities>(&long),
+            Err(WireError::Trailing(1))
+        ));
     }
 }

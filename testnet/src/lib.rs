@@ -1,1 +1,424 @@
-//! canal testnet (placeholder while dependencies build).
+//! # canal-testnet — multi-node canal runs on one machine
+//!
+//! The harness every integration test uses, and (later) the engine of `canal testnet`: it
+//! starts real `canal node` processes on loopback, each with its own data directory and
+//! ephemeral ports, and offers kill, restart and wait-for-a-condition with a deadline.
+//!
+//! ## Layout
+//!
+//! - [`Testnet`]: a set of nodes under one directory; node 0 is the bootstrap peer of the rest.
+//! - [`NodeOptions`]: per-node settings (tier, labels, GPUs, cluster key, extra flags).
+//! - [`wait_for`]: poll a condition until it holds or a deadline passes, with a message
+//!   saying what was awaited.
+//! - [`Api`]: a small JSON client of one node's HTTP API.
+//!
+//! Every child process is killed when its [`Testnet`] is dropped, so a failing test leaves no
+//! node behind.
+
+use anyhow::{Context, anyhow, bail};
+use canal_proto::api::RuntimeInfo;
+use serde::de::DeserializeOwned;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+/// Settings of one node of a testnet.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// `--tier`.
+    pub tier: Option<String>,
+    /// `--label KEY=VALUE`, each.
+    pub labels: Vec<(String, String)>,
+    /// `--gpu MODEL:MEMORY`, each.
+    pub gpus: Vec<String>,
+    /// `--cluster-key FILE`.
+    pub cluster_key: Option<PathBuf>,
+    /// Whether to bootstrap from node 0 (true for every node but node 0 unless changed).
+    pub bootstrap_from_first: bool,
+    /// Any further flags.
+    pub extra_args: Vec<String>,
+}
+
+/// One node process and what it reported about itself.
+#[derive(Debug)]
+pub struct TestNode {
+    name: String,
+    data_dir: PathBuf,
+    options: NodeOptions,
+    bootstrap: Option<String>,
+    child: Option<Child>,
+    info: Option<RuntimeInfo>,
+}
+
+impl TestNode {
+    /// The node's name (`node0`, `node1`, ...).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// What it wrote to `node.json` when it last started.
+    pub fn info(&self) -> anyhow::Result<&RuntimeInfo> {
+        self.info
+            .as_ref()
+            .ok_or_else(|| anyhow!("{} is not running", self.name))
+    }
+
+    /// Whether its process is running (as far as this harness knows).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The tail of its log, for error messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.data_dir.join("node.log"), lines)
+    }
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A set of canal nodes on this machine, under one directory.
+pub struct Testnet {
+    bin: PathBuf,
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    nodes: Vec<TestNode>,
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` with a message naming
+/// `what` and the last state `check` reported through `Err`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(25);
+    loop {
+        let last = match check().await {
+            Ok(v) => return Ok(v),
+            Err(state) => state,
+        };
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}; last seen: {last}");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(250));
+    }
+}
+
+impl Testnet {
+    /// An empty testnet whose nodes run `bin` (the `canal` binary) and keep their data in a
+    /// fresh temporary directory, removed on drop.
+    pub fn new(bin: impl Into<PathBuf>) -> anyhow::Result<Testnet> {
+        let temp = tempfile::Builder::new()
+            .prefix("canal-testnet-")
+            .tempdir()
+            .context("cannot make a temporary directory for the testnet")?;
+        let dir = temp.path().to_path_buf();
+        Ok(Testnet {
+            bin: bin.into(),
+            dir,
+            _temp: Some(temp),
+            nodes: Vec::new(),
+        })
+    }
+
+    /// Starts `n` nodes, node 0 first, the rest bootstrapping from it; `options(i)` gives
+    /// node `i`'s settings. Returns when every node has written its runtime file.
+    pub async fn start(
+        bin: impl Into<PathBuf>,
+        n: usize,
+        mut options: impl FnMut(usize) -> NodeOptions,
+    ) -> anyhow::Result<Testnet> {
+        let mut net = Testnet::new(bin)?;
+        for i in 0..n {
+            let mut o = options(i);
+            o.bootstrap_from_first = i > 0;
+            net.add_node(o).await?;
+        }
+        Ok(net)
+    }
+
+    /// The directory holding the nodes' data directories.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The `canal` binary the nodes run.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: usize) -> &TestNode {
+        &self.nodes[i]
+    }
+
+    /// How many nodes the testnet has (running or not).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the testnet has no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// A client of node `i`'s API.
+    pub fn api(&self, i: usize) -> anyhow::Result<Api> {
+        Ok(Api::new(&self.nodes[i].info()?.api))
+    }
+
+    /// Adds a node with `options` and starts it; returns its index.
+    pub async fn add_node(&mut self, options: NodeOptions) -> anyhow::Result<usize> {
+        let i = self.nodes.len();
+        let bootstrap = if options.bootstrap_from_first {
+            let first = self.nodes.first().ok_or_else(|| {
+                anyhow!("node {i} should bootstrap from node 0, but there is none")
+            })?;
+            Some(
+                first
+                    .info()?
+                    .listen_addrs
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| anyhow!("node0 has no listen address"))?,
+            )
+        } else {
+            None
+        };
+        self.nodes.push(TestNode {
+            name: format!("node{i}"),
+            data_dir: self.dir.join(format!("node{i}")),
+            options,
+            bootstrap,
+            child: None,
+            info: None,
+        });
+        self.spawn(i).await?;
+        Ok(i)
+    }
+
+    /// The command line node `i` is started with.
+    pub fn node_args(&self, i: usize) -> Vec<String> {
+        let n = &self.nodes[i];
+        let mut args: Vec<String> = vec![
+            "node".into(),
+            "--data-dir".into(),
+            n.data_dir.display().to_string(),
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--api-listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        if let Some(b) = &n.bootstrap {
+            args.extend(["--bootstrap".into(), b.clone()]);
+        }
+        if let Some(t) = &n.options.tier {
+            args.extend(["--tier".into(), t.clone()]);
+        }
+        for (k, v) in &n.options.labels {
+            args.extend(["--label".into(), format!("{k}={v}")]);
+        }
+        for g in &n.options.gpus {
+            args.extend(["--gpu".into(), g.clone()]);
+        }
+        if let Some(k) = &n.options.cluster_key {
+            args.extend(["--cluster-key".into(), k.display().to_string()]);
+        }
+        args.extend(n.options.extra_args.iter().cloned());
+        args
+    }
+
+    async fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let args = self.node_args(i);
+        let node = &mut self.nodes[i];
+        std::fs::create_dir_all(&node.data_dir)
+            .with_context(|| format!("cannot create {}", node.data_dir.display()))?;
+        let log_path = node.data_dir.join("node.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        let log2 = log.try_clone()?;
+        let child = Command::new(&self.bin)
+            .args(&args)
+            // A node inherits no client settings from the environment of the test.
+            .env_remove("CANAL_API")
+            .env(
+                "CANAL_LOG",
+                std::env::var("CANAL_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {} {}", self.bin.display(), args.join(" ")))?;
+        let pid = child.id().unwrap_or(0);
+        node.child = Some(child);
+        node.info = None;
+        let runtime_file = node.data_dir.join("node.json");
+        let name = node.name.clone();
+        let info = {
+            let child = node.child.as_mut();
+            wait_runtime(&name, &runtime_file, pid, child).await
+        };
+        match info {
+            Ok(info) => {
+                node.info = Some(info);
+                Ok(())
+            }
+            Err(e) => Err(e.context(format!("{name}'s log:\n{}", node.log_tail(20)))),
+        }
+    }
+
+    /// Kills node `i` with SIGKILL and waits for it to be gone.
+    pub async fn kill(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = &mut self.nodes[i];
+        if let Some(mut child) = node.child.take() {
+            child.start_kill().ok();
+            child
+                .wait()
+                .await
+                .with_context(|| format!("waiting for {} to die", node.name))?;
+        }
+        Ok(())
+    }
+
+    /// Stops node `i` with SIGTERM (a clean shutdown) and waits for it; returns its exit
+    /// status.
+    pub async fn stop(&mut self, i: usize) -> anyhow::Result<std::process::ExitStatus> {
+        let node = &mut self.nodes[i];
+        let mut child = node
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("{} is not running", node.name))?;
+        if let Some(pid) = child.id() {
+            // SAFETY: kill(2) with a pid of our own child and a valid signal number has no
+            // memory-safety preconditions.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .map_err(|_| anyhow!("{} did not stop within 30 s of SIGTERM", node.name))??;
+        Ok(status)
+    }
+
+    /// Starts node `i` again on the same data directory (after [`kill`](Self::kill) or
+    /// [`stop`](Self::stop)).
+    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.nodes[i].child.is_some() {
+            self.kill(i).await?;
+        }
+        self.spawn(i).await
+    }
+
+    /// The indices of the nodes running now.
+    pub fn running(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].is_running())
+            .collect()
+    }
+}
+
+async fn wait_runtime(
+    name: &str,
+    path: &Path,
+    pid: u32,
+    mut child: Option<&mut Child>,
+) -> anyhow::Result<RuntimeInfo> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(c) = child.as_deref_mut()
+            && let Some(status) = c.try_wait()?
+        {
+            bail!("{name} exited with {status} before it was ready");
+        }
+        // A runtime file left by an earlier, killed process names another pid.
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(info) = serde_json::from_str::<RuntimeInfo>(&text)
+            && info.pid == pid
+        {
+            return Ok(info);
+        }
+        if Instant::now() >= deadline {
+            bail!("{name} did not write {} within 60 s", path.display());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A small JSON client of one node's HTTP API.
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    /// A client of the API at `base` (`http://127.0.0.1:PORT`).
+    pub fn new(base: &str) -> Api {
+        Api {
+            base: base.trim_end_matches('/').to_string(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// GETs `path` and returns the status and the body.
+    pub async fn get_raw(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .with_context(|| format!("GET {}{path}", self.base))?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text().await?))
+    }
+
+    /// GETs `path` and decodes a successful JSON answer.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let (status, body) = self.get_raw(path).await?;
+        if !(200..300).contains(&status) {
+            bail!("GET {}{path}: HTTP {status}: {body}", self.base);
+        }
+        serde_json::from_str(&body)
+            .with_context(|| format!("GET {}{path}: bad JSON: {body}", self.base))
+    }
+
+    /// The sum of every sample of a Prometheus metric family on `/metrics`.
+    pub async fn metric_sum(&self, name: &str) -> anyhow::Result<f64> {
+        let (_, text) = self.get_raw("/metrics").await?;
+        Ok(text
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}

@@ -1,0 +1,350 @@
+//! End-to-end tests of the peer mesh: real `canal node` processes on loopback, each with its
+//! own data directory, driven through the HTTP API and the `canal` CLI.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use canal_proto::api::{Health, Locate, Peers};
+use canal_testnet::{Api, NodeOptions, Testnet, wait_for};
+use std::collections::BTreeSet;
+use std::process::Output;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_canal");
+
+/// Runs the `canal` CLI and returns its output.
+async fn canal(args: &[&str]) -> Output {
+    tokio::process::Command::new(BIN)
+        .args(args)
+        .env_remove("CANAL_API")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Waits until node `i` lists exactly the peer ids in `want`.
+async fn wait_peer_set(
+    net: &Testnet,
+    i: usize,
+    want: &BTreeSet<String>,
+    timeout: Duration,
+) -> Peers {
+    let api = net.api(i).unwrap();
+    let what = format!(
+        "{} to list exactly {} peers",
+        net.node(i).name(),
+        want.len()
+    );
+    wait_for(&what, timeout, || {
+        let api = api.clone();
+        async move {
+            let peers: Peers = api.get("/v1/peers").await.map_err(|e| e.to_string())?;
+            let got: BTreeSet<String> =
+                peers.peers.iter().map(|p| p.caps.peer_id.clone()).collect();
+            if &got == want {
+                Ok(peers)
+            } else {
+                Err(format!("{got:?}"))
+            }
+        }
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_find_each_other_track_membership_and_agree_on_homes() {
+    let mut net = Testnet::start(BIN, 5, |i| NodeOptions {
+        tier: Some(if i < 3 { "edge".into() } else { "cloud".into() }),
+        labels: vec![("index".into(), i.to_string())],
+        gpus: if i == 0 {
+            vec!["H100:80GiB".into()]
+        } else {
+            vec![]
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ids: Vec<String> = (0..5)
+        .map(|i| net.node(i).info().unwrap().peer_id.clone())
+        .collect();
+    let all: BTreeSet<String> = ids.iter().cloned().collect();
+
+    // Every node lists all five, with their capabilities, and node 0's declared GPU.
+    for i in 0..5 {
+        let peers = wait_peer_set(&net, i, &all, Duration::from_secs(60)).await;
+        for p in &peers.peers {
+            assert!(p.caps.cpu_cores >= 1, "{p:?}");
+            assert!(p.caps.memory_total_bytes > 0, "{p:?}");
+            assert!(!p.caps.listen_addrs.is_empty(), "{p:?}");
+            let index: usize = p.caps.labels["index"].parse().unwrap();
+            assert_eq!(p.caps.peer_id, ids[index]);
+            assert_eq!(p.caps.tier, if index < 3 { "edge" } else { "cloud" });
+            if index == 0 {
+                assert_eq!(p.caps.gpus_declared.len(), 1, "{p:?}");
+                assert_eq!(p.caps.gpus_declared[0].model, "H100");
+                assert_eq!(p.caps.gpus_declared[0].memory_bytes, 80 << 30);
+            } else {
+                assert!(p.caps.gpus_declared.is_empty());
+            }
+            assert_eq!(p.is_self, index == i);
+        }
+        let health: Health = net.api(i).unwrap().get("/v1/health").await.unwrap();
+        assert!(health.ready, "{health:?}");
+        assert_eq!(health.peer_id, ids[i]);
+    }
+
+    // The CLI shows the declared GPU apart from detected ones.
+    let out = canal(&["--api", &net.node(2).info().unwrap().api, "peers"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("H100 80 GiB (declared)"), "{table}");
+    assert!(table.contains("5 peers"), "{table}");
+
+    // `canal topic locate` gives the same home set on every node.
+    let mut homes = BTreeSet::new();
+    for i in 0..5 {
+        let api = net.node(i).info().unwrap().api.clone();
+        let out = canal(&[
+            "--api",
+            &api,
+            "topic",
+            "locate",
+            "sensors/room1/temp",
+            "--json",
+        ])
+        .await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        let l: Locate = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(l.home.len(), 3);
+        assert_eq!(l.members, 5);
+        homes.insert(l.home.iter().map(|h| h.peer_id.clone()).collect::<Vec<_>>());
+    }
+    assert_eq!(homes.len(), 1, "nodes disagree on the home set: {homes:?}");
+
+    // A killed node disappears from every other table within 15 s.
+    net.kill(3).await.unwrap();
+    let without: BTreeSet<String> = all.iter().filter(|p| **p != ids[3]).cloned().collect();
+    for i in [0, 1, 2, 4] {
+        wait_peer_set(&net, i, &without, Duration::from_secs(15)).await;
+    }
+
+    // Restarted on its data dir, it comes back with the same peer id.
+    net.restart(3).await.unwrap();
+    assert_eq!(net.node(3).info().unwrap().peer_id, ids[3]);
+    for i in 0..5 {
+        wait_peer_set(&net, i, &all, Duration::from_secs(60)).await;
+    }
+
+    // SIGTERM is a clean shutdown: exit 0, runtime file removed.
+    let status = net.stop(4).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!net.node(4).data_dir().join("node.json").exists());
+}
+
+fn write_key(dir: &std::path::Path, name: &str, byte: u8) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, canal_node::config::cluster_key_text([byte; 32])).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_cluster_key_cannot_join() {
+    let keys = tempfile::tempdir().unwrap();
+    let ours = write_key(keys.path(), "ours.key", 1);
+    let theirs = write_key(keys.path(), "theirs.key", 2);
+    let mut net = Testnet::start(BIN, 2, |_| NodeOptions {
+        cluster_key: Some(ours.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let members: BTreeSet<String> = (0..2)
+        .map(|i| net.node(i).info().unwrap().peer_id.clone())
+        .collect();
+    // Peers with the key form a mesh.
+    wait_peer_set(&net, 0, &members, Duration::from_secs(60)).await;
+    wait_peer_set(&net, 1, &members, Duration::from_secs(60)).await;
+
+    let stranger = net
+        .add_node(NodeOptions {
+            cluster_key: Some(theirs),
+            bootstrap_from_first: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let api: Api = net.api(stranger).unwrap();
+    // Its dials are refused (the handshake fails)...
+    wait_for(
+        "the stranger's dials to fail",
+        Duration::from_secs(30),
+        || {
+            let api = api.clone();
+            async move {
+                let failed = api
+                    .metric_sum("libp2p_swarm_outgoing_connection_error_total")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if failed >= 2.0 {
+                    Ok(())
+                } else {
+                    Err(format!("{failed} failed dials"))
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    // ... so it knows only itself, is not ready, and the mesh never lists it.
+    let stranger_id = net.node(stranger).info().unwrap().peer_id.clone();
+    let peers: Peers = api.get("/v1/peers").await.unwrap();
+    assert_eq!(peers.peers.len(), 1, "{peers:?}");
+    let (status, body) = api.get_raw("/v1/health").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    for i in 0..2 {
+        let peers: Peers = net.api(i).unwrap().get("/v1/peers").await.unwrap();
+        assert!(
+            peers.peers.iter().all(|p| p.caps.peer_id != stranger_id),
+            "{peers:?}"
+        );
+    }
+}
+
+/// Asserts a failed command: the exit code, one line on stderr that contains `needle`, and
+/// no panic.
+fn assert_clear_error(o: &Output, code: i32, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!err.contains("RUST_BACKTRACE"), "{err}");
+}
+
+/// The last line a node printed (errors come after log lines).
+fn last_line(o: &Output) -> String {
+    stderr(o).lines().last().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_and_no_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).display().to_string();
+    let local = [
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--api-listen",
+        "127.0.0.1:0",
+    ];
+    let node = |extra: &[&str]| {
+        let mut v: Vec<String> = vec!["node".into()];
+        v.extend(local.iter().map(|s| s.to_string()));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |args: Vec<String>| async move {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        canal(&refs).await
+    };
+
+    // Unknown flag: usage error.
+    let o = canal(&["node", "--no-such-flag"]).await;
+    assert_clear_error(&o, 2, "--no-such-flag");
+
+    // A bad multiaddr.
+    let o = run(node(&[
+        "--data-dir",
+        &d("a"),
+        "--bootstrap",
+        "/ip4/1.2.3/tcp/x",
+    ]))
+    .await;
+    assert_clear_error(&o, 1, "bootstrap");
+    assert!(
+        last_line(&o).contains("is not a multiaddr"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A data dir that cannot be created (a file is in the way).
+    std::fs::write(dir.path().join("file"), b"x").unwrap();
+    let o = run(node(&["--data-dir", &d("file/sub")])).await;
+    assert_clear_error(&o, 1, "file/sub");
+
+    // Malformed TOML.
+    std::fs::write(dir.path().join("bad.toml"), "tier = [\n").unwrap();
+    let o = run(node(&["--config", &d("bad.toml"), "--data-dir", &d("b")])).await;
+    assert_clear_error(&o, 1, "bad.toml");
+    let o = canal(&["node", "--gpu", "H100"]).await;
+    assert_clear_error(&o, 1, "MODEL:MEMORY");
+
+    // A data dir locked by a running node, and an API port in use.
+    let mut net = Testnet::start(BIN, 1, |_| NodeOptions::default())
+        .await
+        .unwrap();
+    let locked = net.node(0).data_dir().display().to_string();
+    let o = run(node(&["--data-dir", &locked])).await;
+    assert_clear_error(&o, 1, "in use by another canal node");
+    let busy = net
+        .node(0)
+        .info()
+        .unwrap()
+        .api
+        .trim_start_matches("http://")
+        .to_string();
+    let o = canal(&[
+        "node",
+        "--data-dir",
+        &d("c"),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--api-listen",
+        &busy,
+    ])
+    .await;
+    assert_clear_error(&o, 1, "cannot listen for the API");
+
+    // A topic with a wildcard where a topic is published: refused by the CLI (usage) and by
+    // the API (400, JSON error), and the node stays up.
+    let api_url = net.node(0).info().unwrap().api.clone();
+    let o = canal(&["--api", &api_url, "topic", "locate", "sensors/+/temp"]).await;
+    assert_clear_error(&o, 2, "wildcards are allowed only in subscription filters");
+    let api = net.api(0).unwrap();
+    let (status, body) = api
+        .get_raw("/v1/topics/sensors%2F%2B%2Ftemp/locate")
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["kind"], "invalid_topic");
+    assert!(
+        err["error"].as_str().unwrap().contains("wildcard"),
+        "{body}"
+    );
+    let (status, body) = api.get_raw("/v1/topics/a%2F%2Fb/locate").await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = api.get_raw("/v1/nothing-here").await.unwrap();
+    assert_eq!(status, 404, "{body}");
+    assert!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"].is_string());
+    // Raw slashes work as well as %2F.
+    let l: Locate = api
+        .get("/v1/topics/sensors/room1/temp/locate")
+        .await
+        .unwrap();
+    assert_eq!(l.topic, "sensors/room1/temp");
+
+    // A client pointed at nothing says so.
+    let o = canal(&["--api", "http://127.0.0.1:9", "peers"]).await;
+    assert_clear_error(&o, 1, "cannot reach the canal API");
+    let o = canal(&["--api", "not a url", "peers"]).await;
+    assert_clear_error(&o, 1, "http://");
+
+    let health: Health = api.get("/v1/health").await.unwrap();
+    assert!(health.ready);
+    net.stop(0).await.unwrap();
+}
