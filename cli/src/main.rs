@@ -9,12 +9,14 @@
 //!   configuration, then the node run until SIGINT/SIGTERM.
 //! - `client`: the HTTP client and its error messages.
 //! - `show`: tables for people, JSON for scripts.
+//! - `testnet_cmd`: `canal testnet`, a mesh of node processes on this machine.
 //!
 //! Exit codes: 0 success, 1 the request failed, 2 bad usage.
 
 mod client;
 mod node_cmd;
 mod show;
+mod testnet_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -47,6 +49,8 @@ enum Command {
     Node(Box<node_cmd::NodeArgs>),
     /// Every known peer: id, addresses, tier, labels, CPU, memory, GPUs, load, last seen.
     Peers,
+    /// A multi-node mesh on this machine: up, status, down, kill, restart.
+    Testnet(testnet_cmd::TestnetArgs),
     /// Topics: where they live.
     Topic {
         #[command(subcommand)]
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(args) => node_cmd::run(*args).await,
+        Command::Testnet(args) => testnet_cmd::run(args, cli.json).await,
         Command::Peers => {
             let client = client::Client::new(&cli.api, cli.token.as_deref())?;
             let peers: canal_proto::api::Peers = client.get("/v1/peers").await?;

@@ -348,3 +348,152 @@ async fn bad_input_gets_a_clear_error_and_no_panic() {
     assert!(health.ready);
     net.stop(0).await.unwrap();
 }
+
+/// Whether a process is alive (not gone, not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn pids(dir: &std::path::Path, n: usize) -> Vec<u32> {
+    (0..n)
+        .filter_map(|i| std::fs::read_to_string(dir.join(format!("node{i}/pid"))).ok())
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn testnet_up_status_kill_restart_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tn");
+    let d = dir.display().to_string();
+    let o = canal(&[
+        "testnet",
+        "up",
+        "--dir",
+        &d,
+        "--tiers",
+        "edge=2,cloud=1",
+        "--gpu-nodes",
+        "1",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let export = out
+        .lines()
+        .find(|l| l.starts_with("export CANAL_API=http://127.0.0.1:"))
+        .unwrap();
+    let api = export.trim_start_matches("export CANAL_API=").to_string();
+
+    let peers: Peers = Api::new(&api).get("/v1/peers").await.unwrap();
+    assert_eq!(peers.peers.len(), 3);
+    assert_eq!(
+        peers
+            .peers
+            .iter()
+            .filter(|p| p.caps.tier == "cloud")
+            .count(),
+        1
+    );
+    assert!(
+        peers
+            .peers
+            .iter()
+            .any(|p| p.caps.tier == "cloud" && p.caps.gpus_declared.len() == 1)
+    );
+
+    // A second `up` on a running testnet is refused.
+    let o = canal(&["testnet", "up", "--dir", &d]).await;
+    assert_clear_error(&o, 1, "already running");
+
+    let o = canal(&["testnet", "status", "--dir", &d, "--json"]).await;
+    let before_kill: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let o = canal(&["testnet", "kill", "node1", "--dir", &d]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = canal(&["testnet", "status", "--dir", &d, "--json"]).await;
+    let status: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(status[1]["running"], false, "{status}");
+    assert_eq!(status[0]["running"], true, "{status}");
+
+    let o = canal(&["testnet", "restart", "1", "--dir", &d]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    // It comes back with the same identity and rejoins.
+    let o = canal(&["testnet", "status", "--dir", &d, "--json"]).await;
+    let after: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(after[1]["running"], true, "{after}");
+    assert_eq!(after[1]["peer_id"], before_kill[1]["peer_id"], "{after}");
+    let api1 = Api::new(after[1]["api"].as_str().unwrap());
+    wait_for("node1 to rejoin", Duration::from_secs(60), || {
+        let api1 = api1.clone();
+        async move {
+            let p: Peers = api1.get("/v1/peers").await.map_err(|e| e.to_string())?;
+            if p.peers.len() == 3 {
+                Ok(())
+            } else {
+                Err(format!("{} peers", p.peers.len()))
+            }
+        }
+    })
+    .await
+    .unwrap();
+
+    let before = pids(&dir, 3);
+    assert_eq!(before.len(), 3);
+    let o = canal(&["testnet", "down", "--dir", &d, "--purge"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        before.iter().all(|p| !alive(*p)),
+        "nodes left running: {before:?}"
+    );
+    assert!(!dir.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn down_stops_what_an_interrupted_up_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tn");
+    let d = dir.display().to_string();
+    let mut up = tokio::process::Command::new(BIN)
+        .args(["testnet", "up", "--dir", &d, "--nodes", "3"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Interrupt `up` once it has started every node, before it has seen the mesh form.
+    let dir2 = dir.clone();
+    wait_for("up to start 3 nodes", Duration::from_secs(30), || {
+        let dir = dir2.clone();
+        async move {
+            let n = pids(&dir, 3).len();
+            if n == 3 {
+                Ok(())
+            } else {
+                Err(format!("{n} started"))
+            }
+        }
+    })
+    .await
+    .unwrap();
+    up.start_kill().unwrap();
+    up.wait().await.unwrap();
+    let started = pids(&dir, 3);
+    assert!(
+        started.iter().all(|p| alive(*p)),
+        "the nodes should outlive `up`"
+    );
+
+    let o = canal(&["testnet", "down", "--dir", &d]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        started.iter().all(|p| !alive(*p)),
+        "nodes left running: {started:?}"
+    );
+    // Data is kept without --purge.
+    assert!(dir.join("node0/identity.key").exists());
+}

@@ -11,6 +11,8 @@
 //! - [`wait_for`]: poll a condition until it holds or a deadline passes, with a message
 //!   saying what was awaited.
 //! - [`Api`]: a small JSON client of one node's HTTP API.
+//! - [`cluster`]: the persistent testnet of `canal testnet up/status/down/kill/restart`,
+//!   whose nodes outlive the command that started them.
 //!
 //! Every child process is killed when its [`Testnet`] is dropped, so a failing test leaves no
 //! node behind.
@@ -23,6 +25,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
+
+pub mod cluster;
 
 /// Settings of one node of a testnet.
 #[derive(Debug, Clone, Default)]
@@ -39,6 +43,39 @@ pub struct NodeOptions {
     pub bootstrap_from_first: bool,
     /// Any further flags.
     pub extra_args: Vec<String>,
+}
+
+impl NodeOptions {
+    /// The `canal` command line of a node with these options, its data in `data_dir`,
+    /// listening on ephemeral loopback ports, bootstrapping from `bootstrap` if given.
+    pub fn args(&self, data_dir: &Path, bootstrap: Option<&str>) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "node".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--api-listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        if let Some(b) = bootstrap {
+            args.extend(["--bootstrap".into(), b.to_string()]);
+        }
+        if let Some(t) = &self.tier {
+            args.extend(["--tier".into(), t.clone()]);
+        }
+        for (k, v) in &self.labels {
+            args.extend(["--label".into(), format!("{k}={v}")]);
+        }
+        for g in &self.gpus {
+            args.extend(["--gpu".into(), g.clone()]);
+        }
+        if let Some(k) = &self.cluster_key {
+            args.extend(["--cluster-key".into(), k.display().to_string()]);
+        }
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
 }
 
 /// One node process and what it reported about itself.
@@ -81,7 +118,7 @@ impl TestNode {
     }
 }
 
-fn log_tail(path: &Path, lines: usize) -> String {
+pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -213,32 +250,7 @@ impl Testnet {
     /// The command line node `i` is started with.
     pub fn node_args(&self, i: usize) -> Vec<String> {
         let n = &self.nodes[i];
-        let mut args: Vec<String> = vec![
-            "node".into(),
-            "--data-dir".into(),
-            n.data_dir.display().to_string(),
-            "--listen".into(),
-            "/ip4/127.0.0.1/tcp/0".into(),
-            "--api-listen".into(),
-            "127.0.0.1:0".into(),
-        ];
-        if let Some(b) = &n.bootstrap {
-            args.extend(["--bootstrap".into(), b.clone()]);
-        }
-        if let Some(t) = &n.options.tier {
-            args.extend(["--tier".into(), t.clone()]);
-        }
-        for (k, v) in &n.options.labels {
-            args.extend(["--label".into(), format!("{k}={v}")]);
-        }
-        for g in &n.options.gpus {
-            args.extend(["--gpu".into(), g.clone()]);
-        }
-        if let Some(k) = &n.options.cluster_key {
-            args.extend(["--cluster-key".into(), k.display().to_string()]);
-        }
-        args.extend(n.options.extra_args.iter().cloned());
-        args
+        n.options.args(&n.data_dir, n.bootstrap.as_deref())
     }
 
     async fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
@@ -336,7 +348,9 @@ impl Testnet {
     }
 }
 
-async fn wait_runtime(
+/// Waits until the node process `pid` has written its runtime file at `path`; fails early if
+/// `child` exits first.
+pub(crate) async fn wait_runtime(
     name: &str,
     path: &Path,
     pid: u32,

@@ -1,0 +1,198 @@
+//! `canal testnet`: a multi-node mesh on this machine, whose nodes outlive the command.
+
+use anyhow::{Context, bail};
+use canal_proto::api::Health;
+use canal_testnet::Api;
+use canal_testnet::cluster::{self, ClusterNode, UpOptions, parse_tiers};
+use clap::{Args, Subcommand};
+use comfy_table::{Table, presets::NOTHING};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub(crate) struct TestnetArgs {
+    /// Where the testnet's nodes keep their data.
+    #[arg(
+        long,
+        global = true,
+        env = "CANAL_TESTNET_DIR",
+        default_value = "./canal-testnet"
+    )]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: TestnetCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum TestnetCommand {
+    /// Start N nodes on loopback, wait until they form a mesh, print their API addresses.
+    Up {
+        /// How many nodes (all of tier `default`), unless --tiers says otherwise.
+        #[arg(long)]
+        nodes: Option<usize>,
+        /// How many nodes (the last ones) declare a GPU.
+        #[arg(long, default_value_t = 0)]
+        gpu_nodes: usize,
+        /// The GPU those nodes declare, MODEL:MEMORY.
+        #[arg(long, default_value = "H100:80GiB")]
+        gpu: String,
+        /// Tiers and their node counts, such as edge=3,cloud=2.
+        #[arg(long, value_parser = |s: &str| parse_tiers(s).map(Tiers))]
+        tiers: Option<Tiers>,
+        /// How long to wait for the mesh to form, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Each node: running or not, its peer id, API address and readiness.
+    Status,
+    /// Stop every node (SIGTERM, then SIGKILL); data is kept unless --purge.
+    Down {
+        /// Remove the testnet's directory as well.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Kill one node with SIGKILL, as a crash would (node2, or 2).
+    Kill {
+        /// The node's name or index.
+        node: String,
+    },
+    /// Start one node again on its data dir and ports (node2, or 2).
+    Restart {
+        /// The node's name or index.
+        node: String,
+    },
+}
+
+/// `--tiers`, parsed (a newtype, since clap reads a bare `Vec` as a repeated flag).
+#[derive(Debug, Clone)]
+struct Tiers(Vec<(String, usize)>);
+
+pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
+    let bin = std::env::current_exe().context("cannot find the canal binary to run nodes with")?;
+    let dir = args.dir;
+    match args.command {
+        TestnetCommand::Up {
+            nodes,
+            gpu_nodes,
+            gpu,
+            tiers,
+            timeout,
+        } => {
+            canal_proto::Gpu::parse_declared(&gpu)?;
+            let tiers = match (tiers, nodes) {
+                (Some(Tiers(t)), Some(n)) if t.iter().map(|(_, c)| c).sum::<usize>() != n => {
+                    bail!(
+                        "--nodes {n} does not match --tiers, which add up to {}",
+                        t.iter().map(|(_, c)| c).sum::<usize>()
+                    )
+                }
+                (Some(Tiers(t)), _) => t,
+                (None, Some(0)) => bail!("--nodes 0: a testnet needs at least one node"),
+                (None, n) => vec![("default".to_string(), n.unwrap_or(3))],
+            };
+            let opts = UpOptions {
+                dir: dir.clone(),
+                tiers,
+                gpu_nodes,
+                gpu,
+                timeout: Duration::from_secs(timeout),
+            };
+            let nodes = cluster::up(&bin, &opts, |msg| eprintln!("{msg}")).await?;
+            show(&nodes, json).await?;
+            if let Some(api) = nodes
+                .first()
+                .and_then(|n| n.info.as_ref())
+                .map(|i| i.api.clone())
+            {
+                println!("export CANAL_API={api}");
+            }
+            Ok(())
+        }
+        TestnetCommand::Status => {
+            let nodes = cluster::list(&dir);
+            if nodes.is_empty() {
+                bail!(
+                    "no testnet in {}: start one with `canal testnet up`",
+                    dir.display()
+                );
+            }
+            show(&nodes, json).await
+        }
+        TestnetCommand::Down { purge } => {
+            let n = cluster::down(&dir, Duration::from_secs(15), purge).await?;
+            eprintln!(
+                "stopped {n} nodes{}",
+                if purge { ", removed their data" } else { "" }
+            );
+            Ok(())
+        }
+        TestnetCommand::Kill { node } => {
+            let n = cluster::kill(&dir, &node).await?;
+            eprintln!("killed {} (pid {})", n.name, n.pid.unwrap_or(0));
+            Ok(())
+        }
+        TestnetCommand::Restart { node } => {
+            let n = cluster::restart(&bin, &dir, &node).await?;
+            eprintln!("restarted {}", n.name);
+            show(&[n], json).await
+        }
+    }
+}
+
+async fn show(nodes: &[ClusterNode], json: bool) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for n in nodes {
+        let health = match &n.info {
+            Some(info) => Api::new(&info.api).get::<Health>("/v1/health").await.ok(),
+            None => None,
+        };
+        rows.push((n, health));
+    }
+    if json {
+        let out: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(n, h)| {
+                serde_json::json!({
+                    "name": n.name,
+                    "running": n.pid.is_some(),
+                    "pid": n.pid,
+                    "data_dir": n.dir,
+                    "peer_id": n.info.as_ref().map(|i| i.peer_id.clone()),
+                    "api": n.info.as_ref().map(|i| i.api.clone()),
+                    "ready": h.as_ref().map(|h| h.ready),
+                    "peers": h.as_ref().map(|h| h.peers),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_preset(NOTHING)
+        .set_header(vec!["NODE", "STATE", "PID", "PEERS", "API", "PEER ID"]);
+    for (n, h) in rows {
+        let state = match (&n.pid, &h) {
+            (None, _) => "stopped",
+            (Some(_), Some(h)) if h.ready => "ready",
+            (Some(_), _) => "starting",
+        };
+        t.add_row(vec![
+            n.name.clone(),
+            state.to_string(),
+            n.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            h.as_ref()
+                .map(|h| h.peers.to_string())
+                .unwrap_or_else(|| "-".into()),
+            n.info
+                .as_ref()
+                .map(|i| i.api.clone())
+                .unwrap_or_else(|| "-".into()),
+            n.info
+                .as_ref()
+                .map(|i| i.peer_id.clone())
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! The persistent testnet behind `canal testnet up | status | down | kill | restart`.
+//!
+//! Unlike [`Testnet`](crate::Testnet), whose nodes die with the test, these nodes run in
+//! their own process group and outlive the command that started them, so a person can use
+//! the mesh, kill and restart nodes, and stop it all later. Everything needed to find and
+//! restart a node is on disk, written before the node starts:
+//!
+//! ```text
+//!   DIR/node0/args.json   the node's command line (fixed ports, so restarts keep them)
+//!   DIR/node0/pid         written right after spawning, so `down` finds a node even if
+//!                         `up` was interrupted before the node was ready
+//!   DIR/node0/node.json   written by the node itself once it listens
+//!   DIR/node0/node.log    its output
+//! ```
+
+use crate::{Api, NodeOptions, log_tail, wait_for};
+use anyhow::{Context, anyhow, bail};
+use canal_proto::api::{Peers, RuntimeInfo};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+/// How `up` lays out the testnet.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// Where the nodes' data directories go.
+    pub dir: PathBuf,
+    /// Tiers in order, with how many nodes each has.
+    pub tiers: Vec<(String, usize)>,
+    /// How many nodes (the last ones) declare a GPU.
+    pub gpu_nodes: usize,
+    /// The GPU the GPU nodes declare, `MODEL:MEMORY`.
+    pub gpu: String,
+    /// How long to wait for the mesh to form.
+    pub timeout: Duration,
+}
+
+/// Parses `edge=3,cloud=2`.
+pub fn parse_tiers(s: &str) -> Result<Vec<(String, usize)>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+        let (name, n) = part.split_once('=').ok_or_else(|| {
+            format!("{part:?} is not NAME=COUNT: write, for example, edge=3,cloud=2")
+        })?;
+        let n: usize = n.trim().parse().map_err(|_| {
+            format!("{n:?} in {part:?} is not a node count: write a whole number, such as edge=3")
+        })?;
+        if n == 0 {
+            return Err(format!(
+                "tier {name:?} has 0 nodes: give every tier at least one"
+            ));
+        }
+        out.push((name.trim().to_string(), n));
+    }
+    if out.is_empty() {
+        return Err("no tiers given: write, for example, edge=3,cloud=2".into());
+    }
+    Ok(out)
+}
+
+/// One node of a persistent testnet, as found on disk.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    /// `node0`, `node1`, ...
+    pub name: String,
+    /// Its data directory.
+    pub dir: PathBuf,
+    /// The pid it was last started with, if it is alive now.
+    pub pid: Option<u32>,
+    /// Its runtime file, if the live process wrote one.
+    pub info: Option<RuntimeInfo>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Whether `pid` is a live (not zombie) `canal node` process using `data_dir`: a pid file can
+/// outlive its process, and the pid be reused by something else.
+fn is_our_node(pid: u32, data_dir: &Path) -> bool {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(cmdline) = std::fs::read(proc.join("cmdline")) else {
+        return false;
+    };
+    let stat = std::fs::read_to_string(proc.join("stat")).unwrap_or_default();
+    // The state is the field after the parenthesised command name.
+    if stat
+        .rsplit_once(") ")
+        .is_some_and(|(_, rest)| rest.starts_with('Z'))
+    {
+        return false;
+    }
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let dir = data_dir.display().to_string();
+    args.iter().any(|a| a == "node") && args.iter().any(|a| *a == dir)
+}
+
+fn node_dirs(dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let i = name.strip_prefix("node")?.parse::<usize>().ok()?;
+                    e.path().join("args.json").exists().then(|| (i, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// The nodes of the testnet in `dir`, running or not.
+pub fn list(dir: &Path) -> Vec<ClusterNode> {
+    // Nodes were started with absolute paths; compare like with like.
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    node_dirs(&dir)
+        .into_iter()
+        .map(|(i, d)| {
+            let pid = std::fs::read_to_string(d.join("pid"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .filter(|pid| is_our_node(*pid, &d));
+            let info = std::fs::read_to_string(d.join("node.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<RuntimeInfo>(&t).ok())
+                .filter(|info| Some(info.pid) == pid);
+            ClusterNode {
+                name: format!("node{i}"),
+                dir: d,
+                pid,
+                info,
+            }
+        })
+        .collect()
+}
+
+fn spawn_detached(bin: &Path, node_dir: &Path) -> anyhow::Result<u32> {
+    let args: Vec<String> = serde_json::from_str(
+        &std::fs::read_to_string(node_dir.join("args.json"))
+            .with_context(|| format!("cannot read {}/args.json", node_dir.display()))?,
+    )
+    .with_context(|| format!("{}/args.json is damaged", node_dir.display()))?;
+    let log_path = node_dir.join("node.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let child = std::process::Command::new(bin)
+        .args(&args)
+        .env_remove("CANAL_API")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C meant for `up` does not reach the nodes; `down`
+        // stops them.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let pid = child.id();
+    std::fs::write(node_dir.join("pid"), format!("{pid}\n"))
+        .with_context(|| format!("cannot write {}/pid", node_dir.display()))?;
+    Ok(pid)
+}
+
+/// Starts a testnet in `opts.dir` and waits until every node sees every other; `progress`
+/// is told what is happening. Returns the nodes.
+pub async fn up(
+    bin: &Path,
+    opts: &UpOptions,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<Vec<ClusterNode>> {
+    let running: Vec<ClusterNode> = list(&opts.dir)
+        .into_iter()
+        .filter(|n| n.pid.is_some())
+        .collect();
+    if !running.is_empty() {
+        bail!(
+            "a testnet is already running in {} ({} nodes): stop it with `canal testnet down --dir {}` first",
+            opts.dir.display(),
+            running.len(),
+            opts.dir.display()
+        );
+    }
+    let n: usize = opts.tiers.iter().map(|(_, c)| c).sum();
+    if n == 0 {
+        bail!("a testnet needs at least one node");
+    }
+    if opts.gpu_nodes > n {
+        bail!(
+            "--gpu-nodes {} is more than the {n} nodes of the testnet",
+            opts.gpu_nodes
+        );
+    }
+    std::fs::create_dir_all(&opts.dir)
+        .with_context(|| format!("cannot create {}", opts.dir.display()))?;
+    let ports: Vec<(u16, u16)> = (0..n)
+        .map(|_| Ok((free_port()?, free_port()?)))
+        .collect::<anyhow::Result<_>>()?;
+    let tiers: Vec<&str> = opts
+        .tiers
+        .iter()
+        .flat_map(|(t, c)| std::iter::repeat_n(t.as_str(), *c))
+        .collect();
+    let mut pids = Vec::new();
+    for i in 0..n {
+        let node_dir = std::fs::canonicalize(&opts.dir)?.join(format!("node{i}"));
+        std::fs::create_dir_all(&node_dir)?;
+        let options = NodeOptions {
+            tier: Some(tiers[i].to_string()),
+            gpus: if i >= n - opts.gpu_nodes {
+                vec![opts.gpu.clone()]
+            } else {
+                vec![]
+            },
+            ..Default::default()
+        };
+        let mut args = options.args(&node_dir, None);
+        // Fixed ports, so a restarted node is found where it was.
+        for a in args.iter_mut() {
+            if a == "/ip4/127.0.0.1/tcp/0" {
+                *a = format!("/ip4/127.0.0.1/tcp/{}", ports[i].0);
+            } else if a == "127.0.0.1:0" {
+                *a = format!("127.0.0.1:{}", ports[i].1);
+            }
+        }
+        // Every node knows every other's address, so any of them can restart alone.
+        for (j, (p, _)) in ports.iter().enumerate() {
+            if j != i {
+                args.extend(["--bootstrap".into(), format!("/ip4/127.0.0.1/tcp/{p}")]);
+            }
+        }
+        std::fs::write(
+            node_dir.join("args.json"),
+            serde_json::to_vec_pretty(&args)?,
+        )?;
+        let pid = spawn_detached(bin, &node_dir)?;
+        progress(&format!(
+            "started node{i} ({}, pid {pid}, api http://127.0.0.1:{})",
+            tiers[i], ports[i].1
+        ));
+        pids.push(pid);
+    }
+    let apis: Vec<Api> = ports
+        .iter()
+        .map(|(_, a)| Api::new(&format!("http://127.0.0.1:{a}")))
+        .collect();
+    let deadline = std::time::Instant::now() + opts.timeout;
+    let mut last_report = usize::MAX;
+    let result: anyhow::Result<()> = loop {
+        let alive = list(&opts.dir).iter().filter(|n| n.pid.is_some()).count();
+        if alive < n {
+            break Err(anyhow!("only {alive} of {n} nodes are running"));
+        }
+        let mut complete = 0;
+        for api in &apis {
+            if let Ok(p) = api.get::<Peers>("/v1/peers").await
+                && p.peers.len() == n
+            {
+                complete += 1;
+            }
+        }
+        if complete != last_report {
+            progress(&format!("{complete}/{n} nodes see all {n} peers"));
+            last_report = complete;
+        }
+        if complete == n {
+            break Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            break Err(anyhow!(
+                "timed out after {:?}: {complete}/{n} nodes see all peers",
+                opts.timeout
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if let Err(e) = result {
+        let tails: Vec<String> = list(&opts.dir)
+            .iter()
+            .filter(|n| n.pid.is_none())
+            .map(|n| {
+                format!(
+                    "{} is not running; its log ends:\n{}",
+                    n.name,
+                    log_tail(&n.dir.join("node.log"), 5)
+                )
+            })
+            .collect();
+        return Err(anyhow!("{e}\n{}", tails.join("\n")));
+    }
+    Ok(list(&opts.dir))
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// Stops every node of the testnet in `dir` (SIGTERM, then SIGKILL after `grace`); returns
+/// how many were running. With `purge`, removes the directory too.
+pub async fn down(dir: &Path, grace: Duration, purge: bool) -> anyhow::Result<usize> {
+    let running: Vec<ClusterNode> = list(dir).into_iter().filter(|n| n.pid.is_some()).collect();
+    for n in &running {
+        if let Some(pid) = n.pid {
+            signal(pid, libc::SIGTERM);
+        }
+    }
+    let dir_owned = dir.to_path_buf();
+    let stopped = wait_for("the nodes to stop", grace, || {
+        let d = dir_owned.clone();
+        async move {
+            let left = list(&d).iter().filter(|n| n.pid.is_some()).count();
+            if left == 0 {
+                Ok(())
+            } else {
+                Err(format!("{left} still running"))
+            }
+        }
+    })
+    .await;
+    if stopped.is_err() {
+        for n in list(dir) {
+            if let Some(pid) = n.pid {
+                signal(pid, libc::SIGKILL);
+            }
+        }
+    }
+    if purge && dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    Ok(running.len())
+}
+
+fn find(dir: &Path, node: &str) -> anyhow::Result<ClusterNode> {
+    let name = if node.chars().all(|c| c.is_ascii_digit()) {
+        format!("node{node}")
+    } else {
+        node.to_string()
+    };
+    let all = list(dir);
+    let names: Vec<String> = all.iter().map(|n| n.name.clone()).collect();
+    all.into_iter().find(|n| n.name == name).ok_or_else(|| {
+        anyhow!(
+            "no node {node:?} in the testnet in {}: it has {}",
+            dir.display(),
+            if names.is_empty() {
+                "no nodes".to_string()
+            } else {
+                names.join(", ")
+            }
+        )
+    })
+}
+
+/// Kills one node with SIGKILL, as a crash would.
+pub async fn kill(dir: &Path, node: &str) -> anyhow::Result<ClusterNode> {
+    let n = find(dir, node)?;
+    let pid = n.pid.ok_or_else(|| anyhow!("{} is not running", n.name))?;
+    signal(pid, libc::SIGKILL);
+    let d = n.dir.clone();
+    wait_for(
+        &format!("{} to die", n.name),
+        Duration::from_secs(10),
+        || {
+            let d = d.clone();
+            async move {
+                if is_our_node(pid, &d) {
+                    Err("alive".to_string())
+                } else {
+                    Ok(())
+                }
+            }
+        },
+    )
+    .await?;
+    Ok(n)
+}
+
+/// Starts one node again with its recorded command line (stopping it first if it runs) and
+/// waits until it is listening.
+pub async fn restart(bin: &Path, dir: &Path, node: &str) -> anyhow::Result<ClusterNode> {
+    let n = find(dir, node)?;
+    if let Some(pid) = n.pid {
+        signal(pid, libc::SIGTERM);
+        let d = n.dir.clone();
+        if wait_for("the node to stop", Duration::from_secs(10), || {
+            let d = d.clone();
+            async move {
+                if is_our_node(pid, &d) {
+                    Err("alive".to_string())
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .is_err()
+        {
+            signal(pid, libc::SIGKILL);
+        }
+    }
+    let pid = spawn_detached(bin, &n.dir)?;
+    crate::wait_runtime(&n.name, &n.dir.join("node.json"), pid, None).await?;
+    find(dir, node)
+}
