@@ -97,7 +97,7 @@ fn is_our_node(pid: u32, data_dir: &Path) -> bool {
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
     let dir = data_dir.display().to_string();
-    args.iter().any(|a| a == "node") && args.iter().any(|a| *a == dir)
+    args.iter().any(|a| a == "node") && args.contains(&dir)
 }
 
 fn node_dirs(dir: &Path) -> Vec<(usize, PathBuf)> {
