@@ -124,6 +124,8 @@ struct State {
 
 struct Shared {
     local: PeerId,
+    /// Bumped whenever the listen addresses change, so callers can wait for them.
+    listening: tokio::sync::watch::Sender<usize>,
     topic_space: TopicSpace,
     needs_bootstrap: bool,
     state: RwLock<State>,
@@ -335,6 +337,7 @@ impl Dht {
             local,
             topic_space: config.topic_space,
             needs_bootstrap: !config.bootstrap.is_empty(),
+            listening: tokio::sync::watch::Sender::new(0),
             state: RwLock::new(State::default()),
         });
         let (tx, rx) = mpsc::channel(16);
@@ -517,7 +520,12 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { address, .. } => {
                 let full = address.with(Protocol::P2p(self.shared.local));
                 info!(address = %full, "listening for peers");
-                self.state().listen_addrs.push(full);
+                let n = {
+                    let mut st = self.state();
+                    st.listen_addrs.push(full);
+                    st.listen_addrs.len()
+                };
+                self.shared.listening.send_replace(n);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 let full = address.with(Protocol::P2p(self.shared.local));
@@ -643,6 +651,14 @@ impl DhtHandle {
     /// The addresses this peer listens on, each ending in `/p2p/PEER_ID`.
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
         self.read().listen_addrs.clone()
+    }
+
+    /// Waits until the swarm listens on at least one address, or `timeout` passes; returns
+    /// the addresses (empty on time-out).
+    pub async fn wait_listening(&self, timeout: Duration) -> Vec<Multiaddr> {
+        let mut rx = self.shared.listening.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|n| *n > 0)).await;
+        self.listen_addrs()
     }
 
     /// Open connections, all peers together.

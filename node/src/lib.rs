@@ -147,19 +147,12 @@ impl Node {
 
         // The listeners report their bound addresses asynchronously; wait for them so that
         // node.json names real ports.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while handle.listen_addrs().is_empty() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let listen_addrs = handle.wait_listening(Duration::from_secs(10)).await;
         let info = RuntimeInfo {
             pid: std::process::id(),
             peer_id: handle.local_peer_id().to_base58(),
             api: format!("http://{api_addr}"),
-            listen_addrs: handle
-                .listen_addrs()
-                .iter()
-                .map(|a| a.to_string())
-                .collect(),
+            listen_addrs: listen_addrs.iter().map(|a| a.to_string()).collect(),
         };
         write_runtime(data_dir.path(), &info)?;
         Ok(Node {
