@@ -1,8 +1,24 @@
 //! # canal-consensus — replication through Raft
 //!
-//! Will own openraft's type configuration for canal, the sled-backed Raft log store and
-//! state machine, snapshots, the Raft network carried over libp2p streams, and group ids (the
-//! metadata group and one data group per shard). It must not know about Wasm.
+//! openraft drives consensus; sled stores the Raft log, the vote and the state machine. One
+//! sled database per node holds every Raft group the node is a member of, each in trees of its
+//! own, so a node can host the metadata group and any number of data groups. It knows
+//! nothing about Wasm.
 //!
-//! Nothing is implemented yet: replication is the subject of the next issue, which builds on
-//! the peer mesh (`canal-dht`) that exists now.
+//! ## Layout
+//!
+//! - [`types`]: the openraft type configuration ([`TypeConfig`]), group ids, node ids and
+//!   the requests and responses a group replicates.
+//! - [`store`]: the sled database ([`RaftDb`]), with its format marker, and per group the
+//!   log store ([`LogStore`]) and the state machine ([`StateMachine`]), snapshots included.
+//!
+//! ```text
+//!   client write ─> Raft (openraft) ─> LogStore::append ─> sled tree g{N}.log (flushed)
+//!                                   └> StateMachine::apply ─> sled tree g{N}.sm (one batch)
+//! ```
+
+pub mod store;
+pub mod types;
+
+pub use store::{LogStore, RaftDb, StateMachine, StoreError};
+pub use types::{GroupId, NodeId, Op, RaftNode, Request, Response, TypeConfig};

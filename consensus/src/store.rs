@@ -1,0 +1,768 @@
+//! Raft storage on sled: one database per node, trees per group.
+//!
+//! ```text
+//!   canal            format marker ("canal-raft/1")
+//!   g{N}.log         log index (u64, big-endian) -> entry
+//!   g{N}.meta        "vote", "committed", "purged"
+//!   g{N}.sm          "d/{key}" -> value, "r/{request id}" -> response,
+//!                    "m/applied", "m/membership"
+//!   g{N}.snap        "meta", "data": the current snapshot
+//! ```
+//!
+//! Every value is written with `canal_proto::wire` (a version byte and bincode). Log appends,
+//! votes, truncation and purges are flushed before they are reported done, so nothing the
+//! log store acknowledged is lost to a `kill -9`. The state machine applies each batch of
+//! entries as one atomic sled batch (its data, its applied log id and its membership
+//! together), and is flushed before a snapshot is taken, so the log is never purged past what
+//! the state machine holds durably.
+
+// openraft's storage traits fix the error type, StorageError, which is large; the helpers
+// here return it too rather than converting back and forth.
+#![allow(clippy::result_large_err)]
+
+use crate::types::{GroupId, NodeId, RaftNode, Request, Response, TypeConfig};
+use canal_proto::wire;
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership, Vote,
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const FORMAT: &[u8] = b"canal-raft/1";
+
+type SErr = StorageError<NodeId>;
+
+/// Why the Raft database cannot be opened. Each names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled refused to open the directory (damaged files, permissions, a lock).
+    #[error("Raft database {path} cannot be opened: {reason}")]
+    Open {
+        /// The database directory.
+        path: PathBuf,
+        /// sled's reason.
+        reason: String,
+    },
+    /// The directory holds data that is not a canal Raft database, or is missing its
+    /// format marker: it was truncated or damaged. canal refuses to start empty over it.
+    #[error(
+        "Raft database {path} is damaged or not canal's ({reason}); restore it from a backup, or move it away to rejoin the cluster as a new, empty member"
+    )]
+    Corrupt {
+        /// The database directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Reading or writing failed.
+    #[error("Raft database {path}: {reason}")]
+    Io {
+        /// The database directory.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// The node's Raft database: every group's log and state machine.
+#[derive(Clone)]
+pub struct RaftDb {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+impl RaftDb {
+    /// Opens (or creates) the database at `path`. A directory that exists and has files but
+    /// no canal format marker is refused, never silently started empty.
+    pub fn open(path: &Path) -> Result<RaftDb, StoreError> {
+        let existed = std::fs::read_dir(path)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        // No background flusher: every durable write flushes itself, and without the thread
+        // the directory's lock is released as soon as the database is dropped.
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| StoreError::Open {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let io = |e: sled::Error| StoreError::Io {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let marker = db.open_tree("canal").map_err(io)?;
+        match marker.get("format").map_err(io)? {
+            Some(v) if v.as_ref() == FORMAT => {}
+            Some(v) => {
+                return Err(StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "format marker is {:?}, this build reads {:?}",
+                        String::from_utf8_lossy(&v),
+                        String::from_utf8_lossy(FORMAT)
+                    ),
+                });
+            }
+            None if existed => {
+                return Err(StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: "its format marker is missing".into(),
+                });
+            }
+            None => {
+                marker.insert("format", FORMAT).map_err(io)?;
+                db.flush().map_err(io)?;
+            }
+        }
+        Ok(RaftDb {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The database directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The log store and state machine of `group`, created empty if the group is new.
+    pub fn group(&self, group: GroupId) -> Result<(LogStore, StateMachine), StoreError> {
+        let tree = |suffix: &str| {
+            self.db
+                .open_tree(format!("g{}.{suffix}", group.0))
+                .map_err(|e| StoreError::Io {
+                    path: self.path.clone(),
+                    reason: e.to_string(),
+                })
+        };
+        let log = LogStore {
+            log: tree("log")?,
+            meta: tree("meta")?,
+        };
+        let sm = StateMachine {
+            sm: tree("sm")?,
+            snap: tree("snap")?,
+            snapshot_seq: Arc::new(AtomicU64::new(0)),
+        };
+        Ok((log, sm))
+    }
+
+    /// The groups that have stored anything on this node.
+    pub fn groups(&self) -> Vec<GroupId> {
+        let mut out: Vec<GroupId> = self
+            .db
+            .tree_names()
+            .iter()
+            .filter_map(|n| {
+                let n = std::str::from_utf8(n).ok()?;
+                let id = n.strip_prefix('g')?.strip_suffix(".log")?;
+                id.parse().ok().map(GroupId)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, wire::WireError> {
+    wire::encode(v)
+}
+
+fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T, wire::WireError> {
+    wire::decode(b)
+}
+
+fn any(e: &impl std::fmt::Display) -> openraft::AnyError {
+    openraft::AnyError::error(e.to_string())
+}
+
+fn index_key(i: u64) -> [u8; 8] {
+    i.to_be_bytes()
+}
+
+/// A group's Raft log, vote and committed index. Cheap to clone.
+#[derive(Clone)]
+pub struct LogStore {
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl LogStore {
+    fn meta_get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SErr> {
+        match self
+            .meta
+            .get(key)
+            .map_err(|e| StorageIOError::read_logs(&e))?
+        {
+            Some(v) => Ok(Some(dec(&v).map_err(|e| StorageIOError::read_logs(&e))?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn meta_put<T: Serialize>(&self, key: &str, v: &T) -> Result<(), SErr> {
+        let bytes = enc(v).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.meta
+            .insert(key, bytes)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.meta
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
+    fn last_entry_id(&self) -> Result<Option<LogId<NodeId>>, SErr> {
+        match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
+            Some((_, v)) => {
+                let e: Entry<TypeConfig> = dec(&v).map_err(|e| StorageIOError::read_logs(&e))?;
+                Ok(Some(e.log_id))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let iter = match range.end_bound() {
+            Bound::Included(i) => match i.checked_add(1) {
+                Some(end) => self.log.range(index_key(start)..index_key(end)),
+                None => self.log.range(index_key(start)..),
+            },
+            Bound::Excluded(i) => self.log.range(index_key(start)..index_key(*i)),
+            Bound::Unbounded => self.log.range(index_key(start)..),
+        };
+        let mut out = Vec::new();
+        for item in iter {
+            let (_, v) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+            out.push(dec(&v).map_err(|e| StorageIOError::read_logs(&e))?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
+        let last_purged_log_id: Option<LogId<NodeId>> = self.meta_get("purged")?;
+        let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SErr> {
+        let bytes = enc(vote).map_err(|e| StorageIOError::write_vote(&e))?;
+        self.meta
+            .insert("vote", bytes)
+            .map_err(|e| StorageIOError::write_vote(&e))?;
+        self.meta
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_vote(&e))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SErr> {
+        match self
+            .meta
+            .get("vote")
+            .map_err(|e| StorageIOError::read_vote(&e))?
+        {
+            Some(v) => Ok(Some(dec(&v).map_err(|e| StorageIOError::read_vote(&e))?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
+        // Not flushed on its own: losing the latest committed index to a crash only means
+        // re-learning it from the leader; the entries themselves are durable.
+        let bytes = enc(&committed).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.meta
+            .insert("committed", bytes)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
+        Ok(self
+            .meta_get::<Option<LogId<NodeId>>>("committed")?
+            .flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            let bytes = enc(&e).map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
+            batch.insert(&index_key(e.log_id.index), bytes);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        let flushed = self.log.flush_async().await;
+        match flushed {
+            Ok(_) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                callback.log_io_completed(Err(std::io::Error::other(msg)));
+                Err(StorageIOError::write_logs(&e).into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(index_key(log_id.index)..) {
+            let (k, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
+            batch.remove(k);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.log
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        // Record the purge point first: a crash half-way leaves extra entries, never a gap.
+        self.meta_put("purged", &log_id).await?;
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(..=index_key(log_id.index)) {
+            let (k, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
+            batch.remove(k);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.log
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+}
+
+/// A group's replicated state: a key-value map, the responses of applied requests (for
+/// dedup), the applied log id and the membership. Cheap to clone; clones read the same data.
+#[derive(Clone)]
+pub struct StateMachine {
+    sm: sled::Tree,
+    snap: sled::Tree,
+    snapshot_seq: Arc<AtomicU64>,
+}
+
+/// The contents of a snapshot.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SnapshotData {
+    data: Vec<(String, Vec<u8>)>,
+    requests: Vec<(String, Response)>,
+}
+
+impl StateMachine {
+    fn read<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, SErr> {
+        match self
+            .sm
+            .get(key)
+            .map_err(|e| StorageIOError::read_state_machine(&e))?
+        {
+            Some(v) => Ok(Some(
+                dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The value of `key`, as applied on this node (which may lag the leader).
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, SErr> {
+        Ok(self
+            .sm
+            .get(format!("d/{key}"))
+            .map_err(|e| StorageIOError::read_state_machine(&e))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Every key and value whose key starts with `prefix`, in key order.
+    pub fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, SErr> {
+        let mut out = Vec::new();
+        for item in self.sm.scan_prefix(format!("d/{prefix}")) {
+            let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
+            out.push((String::from_utf8_lossy(&k[2..]).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The last log id applied on this node.
+    pub fn applied(&self) -> Result<Option<LogId<NodeId>>, SErr> {
+        Ok(self.read::<Option<LogId<NodeId>>>(b"m/applied")?.flatten())
+    }
+
+    /// A SHA-256 digest of the key-value data and the applied request ids, in key order: equal
+    /// on two nodes exactly when they hold the same state.
+    pub fn digest(&self) -> Result<String, SErr> {
+        let mut h = Sha256::new();
+        for item in self.sm.iter() {
+            let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
+            if k.starts_with(b"d/") || k.starts_with(b"r/") {
+                h.update((k.len() as u64).to_be_bytes());
+                h.update(&k);
+                h.update((v.len() as u64).to_be_bytes());
+                h.update(&v);
+            }
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+
+    fn snapshot_data(&self) -> Result<SnapshotData, SErr> {
+        let mut out = SnapshotData::default();
+        for item in self.sm.iter() {
+            let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
+            if let Some(key) = k.strip_prefix(b"d/") {
+                out.data
+                    .push((String::from_utf8_lossy(key).into_owned(), v.to_vec()));
+            } else if let Some(id) = k.strip_prefix(b"r/") {
+                let r: Response = dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?;
+                out.requests
+                    .push((String::from_utf8_lossy(id).into_owned(), r));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The state, its applied log id and its membership, copied for a snapshot.
+type StateCopy = (
+    SnapshotData,
+    Option<LogId<NodeId>>,
+    StoredMembership<NodeId, RaftNode>,
+);
+
+/// Builds a snapshot from a copy of the state taken when the builder was made.
+pub struct SnapshotBuilder {
+    sm: StateMachine,
+    copy: Result<StateCopy, SErr>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
+        let (data, applied, membership) =
+            std::mem::replace(&mut self.copy, Ok(Default::default()))?;
+        let seq = self.sm.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match applied {
+            Some(id) => format!("{}-{}-{seq}", id.leader_id, id.index),
+            None => format!("none-{seq}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let bytes =
+            enc(&data).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        store_snapshot(&self.sm, &meta, &bytes).await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+async fn store_snapshot(
+    sm: &StateMachine,
+    meta: &SnapshotMeta<NodeId, RaftNode>,
+    bytes: &[u8],
+) -> Result<(), SErr> {
+    let err = |e: openraft::AnyError| StorageIOError::write_snapshot(Some(meta.signature()), e);
+    let meta_bytes = enc(meta).map_err(|e| err(any(&e)))?;
+    let mut batch = sled::Batch::default();
+    batch.insert("meta", meta_bytes);
+    batch.insert("data", bytes);
+    sm.snap.apply_batch(batch).map_err(|e| err(any(&e)))?;
+    // The state machine first: the log may be purged up to this snapshot once it exists.
+    sm.sm.flush_async().await.map_err(|e| err(any(&e)))?;
+    sm.snap.flush_async().await.map_err(|e| err(any(&e)))?;
+    Ok(())
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, RaftNode>), SErr> {
+        let applied = self.applied()?;
+        let membership = self.read(b"m/membership")?.unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let werr = |e: openraft::AnyError| StorageIOError::write_state_machine(e);
+        // Writes of this batch, so later entries see earlier ones before the batch lands.
+        let mut data: HashMap<String, Option<Vec<u8>>> = HashMap::new();
+        let mut requests: HashMap<String, Response> = HashMap::new();
+        let mut batch = sled::Batch::default();
+        let mut replies = Vec::new();
+        let mut last = None;
+        let mut membership = None;
+        for entry in entries {
+            last = Some(entry.log_id);
+            let index = entry.log_id.index;
+            match entry.payload {
+                EntryPayload::Blank => replies.push(Response {
+                    index,
+                    ..Default::default()
+                }),
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                    replies.push(Response {
+                        index,
+                        ..Default::default()
+                    });
+                }
+                EntryPayload::Normal(Request { id, op }) => {
+                    if let Some(id) = &id {
+                        let seen = match requests.get(id) {
+                            Some(r) => Some(r.clone()),
+                            None => self.read::<Response>(format!("r/{id}").as_bytes())?,
+                        };
+                        if let Some(mut first) = seen {
+                            first.duplicate = true;
+                            replies.push(first);
+                            continue;
+                        }
+                    }
+                    let (key, new) = match op {
+                        crate::types::Op::Put { key, value } => (key, Some(value)),
+                        crate::types::Op::Delete { key } => (key, None),
+                    };
+                    let previous = match data.get(&key) {
+                        Some(v) => v.clone(),
+                        None => self
+                            .sm
+                            .get(format!("d/{key}"))
+                            .map_err(|e| werr(any(&e)))?
+                            .map(|v| v.to_vec()),
+                    };
+                    let dkey = format!("d/{key}");
+                    match &new {
+                        Some(v) => batch.insert(dkey.as_bytes(), v.clone()),
+                        None => batch.remove(dkey.as_bytes()),
+                    }
+                    data.insert(key, new);
+                    let reply = Response {
+                        index,
+                        duplicate: false,
+                        previous,
+                    };
+                    if let Some(id) = id {
+                        // The stored copy drops `previous`: a duplicate learns only where the
+                        // first write landed.
+                        let stored = Response {
+                            previous: None,
+                            ..reply.clone()
+                        };
+                        batch.insert(
+                            format!("r/{id}").as_bytes(),
+                            enc(&stored).map_err(|e| werr(any(&e)))?,
+                        );
+                        requests.insert(id, stored);
+                    }
+                    replies.push(reply);
+                }
+            }
+        }
+        if let Some(last) = last {
+            batch.insert("m/applied", enc(&Some(last)).map_err(|e| werr(any(&e)))?);
+        }
+        if let Some(m) = membership {
+            batch.insert("m/membership", enc(&m).map_err(|e| werr(any(&e)))?);
+        }
+        self.sm.apply_batch(batch).map_err(|e| werr(any(&e)))?;
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let copy = (|| {
+            let data = self.snapshot_data()?;
+            let applied = self.applied()?;
+            let membership = self.read(b"m/membership")?.unwrap_or_default();
+            Ok((data, applied, membership))
+        })();
+        SnapshotBuilder {
+            sm: self.clone(),
+            copy,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, RaftNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), SErr> {
+        let bytes = snapshot.into_inner();
+        let err = |e: openraft::AnyError| StorageIOError::read_snapshot(Some(meta.signature()), e);
+        let data: SnapshotData = dec(&bytes).map_err(|e| err(any(&e)))?;
+        let mut batch = sled::Batch::default();
+        for item in self.sm.iter() {
+            let (k, _) = item.map_err(|e| err(any(&e)))?;
+            batch.remove(k);
+        }
+        for (k, v) in data.data {
+            batch.insert(format!("d/{k}").as_bytes(), v);
+        }
+        for (id, r) in data.requests {
+            batch.insert(
+                format!("r/{id}").as_bytes(),
+                enc(&r).map_err(|e| err(any(&e)))?,
+            );
+        }
+        batch.insert(
+            "m/applied",
+            enc(&meta.last_log_id).map_err(|e| err(any(&e)))?,
+        );
+        batch.insert(
+            "m/membership",
+            enc(&meta.last_membership).map_err(|e| err(any(&e)))?,
+        );
+        self.sm.apply_batch(batch).map_err(|e| err(any(&e)))?;
+        store_snapshot(self, meta, &bytes).await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
+        let rerr = |e: openraft::AnyError| StorageIOError::read_snapshot(None, e);
+        let meta = self.snap.get("meta").map_err(|e| rerr(any(&e)))?;
+        let data = self.snap.get("data").map_err(|e| rerr(any(&e)))?;
+        match (meta, data) {
+            (Some(meta), Some(data)) => {
+                let meta: SnapshotMeta<NodeId, RaftNode> = dec(&meta).map_err(|e| rerr(any(&e)))?;
+                Ok(Some(Snapshot {
+                    meta,
+                    snapshot: Box::new(Cursor::new(data.to_vec())),
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::{StoreBuilder, Suite};
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), SErr> {
+            let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
+            let db =
+                RaftDb::open(&dir.path().join("raft")).map_err(|e| StorageIOError::write(&e))?;
+            let (log, sm) = db
+                .group(GroupId(1))
+                .map_err(|e| StorageIOError::write(&e))?;
+            Ok((dir, log, sm))
+        }
+    }
+
+    #[test]
+    fn passes_the_openraft_storage_suite() {
+        Suite::test_all(Builder).unwrap();
+    }
+
+    #[test]
+    fn refuses_a_damaged_or_foreign_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft");
+        drop(RaftDb::open(&path).unwrap());
+        // Reopening is fine.
+        let db = RaftDb::open(&path).unwrap();
+        db.group(GroupId(3)).unwrap();
+        assert_eq!(db.groups(), vec![GroupId(3)]);
+        drop(db);
+        // A directory with files but no marker is refused, naming the path.
+        let foreign = dir.path().join("foreign");
+        std::fs::create_dir_all(&foreign).unwrap();
+        std::fs::write(foreign.join("junk"), b"not sled").unwrap();
+        let e = RaftDb::open(&foreign)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains(&foreign.display().to_string()), "{e}");
+    }
+
+    fn entry(index: u64, req: Request) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(req),
+        }
+    }
+
+    #[test]
+    fn a_request_id_is_applied_once() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let db = RaftDb::open(dir.path()).unwrap();
+            let (_, mut sm) = db.group(GroupId(1)).unwrap();
+            let put = |v: &str| Request {
+                id: Some("w1".into()),
+                op: crate::types::Op::Put {
+                    key: "k".into(),
+                    value: v.as_bytes().to_vec(),
+                },
+            };
+            // Twice in one batch, and again in a later one.
+            let r = sm
+                .apply(vec![entry(1, put("a")), entry(2, put("b"))])
+                .await
+                .unwrap();
+            assert!(!r[0].duplicate && r[1].duplicate && r[1].index == 1);
+            let r = sm.apply(vec![entry(3, put("c"))]).await.unwrap();
+            assert!(r[0].duplicate);
+            assert_eq!(sm.get("k").unwrap(), Some(b"a".to_vec()));
+            assert_eq!(sm.applied().unwrap().map(|l| l.index), Some(3));
+        });
+    }
+}

@@ -1,0 +1,111 @@
+//! The openraft type configuration and what a group replicates.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::io::Cursor;
+
+/// A Raft node id: derived from the peer id, so every peer computes the same id for a peer.
+pub type NodeId = u64;
+
+/// Derives a peer's Raft node id from its peer id bytes: the first eight bytes of their
+/// SHA-256, as a big-endian number.
+pub fn node_id_of(peer_id_bytes: &[u8]) -> NodeId {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(peer_id_bytes);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h[..8]);
+    u64::from_be_bytes(b)
+}
+
+/// Which Raft group a message or a store belongs to. Group 0 is the metadata group; data
+/// groups are numbered from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GroupId(pub u32);
+
+impl GroupId {
+    /// The metadata group: membership, shard map, functions, triggers, topic settings.
+    pub const METADATA: GroupId = GroupId(0);
+}
+
+impl fmt::Display for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == GroupId::METADATA {
+            write!(f, "metadata")
+        } else {
+            write!(f, "data-{}", self.0)
+        }
+    }
+}
+
+/// A Raft member as the cluster knows it: its libp2p peer id and addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaftNode {
+    /// The peer id, base58.
+    pub peer_id: String,
+    /// Multiaddrs where the peer was last seen.
+    pub addrs: Vec<String>,
+}
+
+impl fmt::Display for RaftNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.peer_id)
+    }
+}
+
+/// An operation on a group's replicated key-value state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Sets `key` to `value`.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: Vec<u8>,
+    },
+    /// Removes `key`.
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+/// A write to a group. A request with an `id` is applied at most once however often it is
+/// proposed: a client that retries after a lost answer does not write twice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// The client's id for this write, unique per write; `None` for writes that are safe
+    /// to repeat.
+    pub id: Option<String>,
+    /// What to do.
+    pub op: Op,
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.op {
+            Op::Put { key, value } => write!(f, "put {key} ({} bytes)", value.len()),
+            Op::Delete { key } => write!(f, "delete {key}"),
+        }
+    }
+}
+
+/// What applying a request returned.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The index of the log entry that applied the request (for a duplicate, of the entry
+    /// that applied it the first time).
+    pub index: u64,
+    /// Whether this request id had been applied before, so this proposal changed nothing.
+    pub duplicate: bool,
+    /// The value the key had before.
+    pub previous: Option<Vec<u8>>,
+}
+
+openraft::declare_raft_types!(
+    /// canal's openraft type configuration.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = NodeId,
+        Node = RaftNode,
+);
