@@ -44,6 +44,12 @@ pub(crate) struct NodeArgs {
     /// Find peers on the local network with mDNS.
     #[arg(long, env = "CANAL_MDNS")]
     mdns: bool,
+    /// How many voters each Raft group should have [default: 3].
+    #[arg(long, env = "CANAL_VOTERS")]
+    voters: Option<usize>,
+    /// Build a Raft snapshot after this many entries [default: 5000].
+    #[arg(long, env = "CANAL_RAFT_SNAPSHOT_EVERY")]
+    raft_snapshot_every: Option<u64>,
     /// Home peers per shard (K).
     #[arg(long, env = "CANAL_REPLICATION_FACTOR")]
     replication_factor: Option<usize>,
@@ -89,6 +95,12 @@ impl NodeArgs {
         }
         if let Some(v) = self.replication_factor {
             c.replication_factor = v;
+        }
+        if let Some(v) = self.voters {
+            c.voters = v;
+        }
+        if let Some(v) = self.raft_snapshot_every {
+            c.raft_snapshot_every = v;
         }
         Ok(c)
     }

@@ -9,6 +9,10 @@
 //!
 //! - [`types`]: the openraft type configuration ([`TypeConfig`]), group ids, node ids and
 //!   the requests and responses a group replicates.
+//! - [`network`]: openraft's network over a [`Transport`] the node provides (libp2p).
+//! - [`rpc`]: the messages between members, each tagged with its group.
+//! - [`groups`]: [`Consensus`], the groups of a node and the client operations on them
+//!   (writes and linearizable reads forwarded to the leader, membership, status).
 //! - [`store`]: the sled database ([`RaftDb`]), with its format marker, and per group the
 //!   log store ([`LogStore`]) and the state machine ([`StateMachine`]), snapshots included.
 //!
@@ -17,8 +21,14 @@
 //!                                   └> StateMachine::apply ─> sled tree g{N}.sm (one batch)
 //! ```
 
+pub mod groups;
+pub mod network;
+pub mod rpc;
 pub mod store;
 pub mod types;
 
+pub use groups::{Consensus, ConsensusError, Settings};
+pub use network::Transport;
+pub use rpc::{ClientError, MemberStatus};
 pub use store::{LogStore, RaftDb, StateMachine, StoreError};
 pub use types::{GroupId, NodeId, Op, RaftNode, Request, Response, TypeConfig};

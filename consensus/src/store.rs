@@ -41,6 +41,9 @@ const FORMAT: &[u8] = b"canal-raft/1";
 
 type SErr = StorageError<NodeId>;
 
+/// The error type of storage reads (openraft's `StorageError`), for callers that name it.
+pub type StorageErrorOf = SErr;
+
 /// Why the Raft database cannot be opened. Each names the path.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -220,6 +223,13 @@ impl LogStore {
             .await
             .map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
+    }
+
+    /// The highest log id this member knows committed (as last saved).
+    pub fn committed(&self) -> Result<Option<LogId<NodeId>>, SErr> {
+        Ok(self
+            .meta_get::<Option<LogId<NodeId>>>("committed")?
+            .flatten())
     }
 
     fn last_entry_id(&self) -> Result<Option<LogId<NodeId>>, SErr> {

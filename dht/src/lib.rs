@@ -9,6 +9,7 @@
 //!
 //! - [`topology`]: pure functions from a topic to its key, shard and home peers.
 //! - [`peers`]: the table of live peers and their capability records (pure state).
+//! - [`rpc`]: a request-response channel of opaque bytes for the layers above.
 //! - [`swarm`]: the transports and behaviours, and the one event loop that drives them.
 //! - [`Dht`] / [`DhtHandle`]: the boundary the node uses: start, read the tables, stop.
 //!
@@ -20,9 +21,11 @@
 //! ```
 
 pub mod peers;
+pub mod rpc;
 pub mod swarm;
 pub mod topology;
 
+pub use rpc::{InboundRpc, RpcError};
 pub use swarm::{Dht, DhtConfig, DhtError, DhtHandle, LocalRecord, PeerView};
 pub use topology::{Placement, TopicSpace};
 

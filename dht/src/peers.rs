@@ -120,6 +120,7 @@ mod tests {
             gpus_detected: vec![],
             gpus_declared: vec![],
             load: Load::default(),
+            raft_member: false,
             seq,
             measured_at_ms: at,
         }

@@ -1,15 +1,18 @@
 //! The swarm: transports, behaviours and the event loop.
 
 use crate::peers::{Applied, PeerTable};
+use crate::rpc::{BytesCodec, InboundRpc, RPC_PROTOCOL, RpcError};
 use crate::topology::{Placement, TopicSpace};
 use crate::{CAPS_TOPIC, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 use canal_proto::{Capabilities, Topic, wire};
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use libp2p::core::transport::upgrade::Version;
 use libp2p::core::{Transport, muxing::StreamMuxerBox};
 use libp2p::metrics::{Metrics, Recorder, Registry};
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
@@ -142,10 +145,17 @@ pub struct DhtHandle {
 pub struct Dht {
     handle: DhtHandle,
     task: JoinHandle<()>,
+    inbound: Option<mpsc::Receiver<InboundRpc>>,
 }
 
 enum Command {
     Shutdown(oneshot::Sender<()>),
+    Request {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        body: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, RpcError>>,
+    },
 }
 
 #[derive(NetworkBehaviour)]
@@ -155,6 +165,7 @@ struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     gossipsub: gossipsub::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    rpc: request_response::Behaviour<BytesCodec>,
 }
 
 fn now_ms() -> u64 {
@@ -207,7 +218,18 @@ fn build_behaviour(
     } else {
         None
     };
+    let rpc = request_response::Behaviour::with_codec(
+        BytesCodec,
+        [(
+            StreamProtocol::new(RPC_PROTOCOL),
+            request_response::ProtocolSupport::Full,
+        )],
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(10))
+            .with_max_concurrent_streams(1024),
+    );
     Ok(Behaviour {
+        rpc,
         identify,
         ping,
         kad,
@@ -340,7 +362,8 @@ impl Dht {
             listening: tokio::sync::watch::Sender::new(0),
             state: RwLock::new(State::default()),
         });
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(1024);
+        let (inbound_tx, inbound_rx) = mpsc::channel(1024);
         let event_loop = EventLoop {
             swarm,
             shared: shared.clone(),
@@ -353,6 +376,9 @@ impl Dht {
             peer_ttl: config.peer_ttl,
             seq: 0,
             caps_topic: gossipsub::IdentTopic::new(CAPS_TOPIC),
+            inbound: inbound_tx,
+            pending: HashMap::new(),
+            answering: FuturesUnordered::new(),
         };
         let task = tokio::spawn(event_loop.run());
         info!(peer_id = %local, "peer mesh started");
@@ -362,12 +388,19 @@ impl Dht {
                 commands: tx,
             },
             task,
+            inbound: Some(inbound_rx),
         })
     }
 
     /// A handle for reading the tables and stopping the swarm.
     pub fn handle(&self) -> DhtHandle {
         self.handle.clone()
+    }
+
+    /// The requests other peers send on the RPC channel; taken once by whoever answers them.
+    /// Until it is taken (or after it is dropped), requests are answered with nothing.
+    pub fn take_inbound(&mut self) -> Option<mpsc::Receiver<InboundRpc>> {
+        self.inbound.take()
     }
 
     /// Stops the event loop, closing every connection, and waits for it to end.
@@ -421,7 +454,14 @@ struct EventLoop {
     peer_ttl: Duration,
     seq: u64,
     caps_topic: gossipsub::IdentTopic,
+    inbound: mpsc::Sender<InboundRpc>,
+    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RpcError>>>,
+    answering: FuturesUnordered<Answer>,
 }
+
+type Answer = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (ResponseChannel<Vec<u8>>, Option<Vec<u8>>)> + Send>,
+>;
 
 impl EventLoop {
     async fn run(mut self) {
@@ -438,8 +478,17 @@ impl EventLoop {
                 _ = sweep.tick() => self.sweep(),
                 _ = rejoin.tick() => self.rejoin(),
                 _ = kad_refresh.tick() => { let _ = self.swarm.behaviour_mut().kad.bootstrap(); }
+                Some((channel, answer)) = self.answering.next(), if !self.answering.is_empty() => {
+                    if let Some(body) = answer {
+                        let _ = self.swarm.behaviour_mut().rpc.send_response(channel, body);
+                    }
+                }
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Shutdown(done)) => { let _ = done.send(()); break; }
+                    Some(Command::Request { peer, addrs, body, reply }) => {
+                        let id = self.swarm.behaviour_mut().rpc.send_request_with_addresses(&peer, body, addrs);
+                        self.pending.insert(id, reply);
+                    }
                     None => break,
                 },
             }
@@ -589,6 +638,7 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Kad(ev) => self.metrics.record(&ev),
+            BehaviourEvent::Rpc(ev) => self.on_rpc(ev),
             BehaviourEvent::Gossipsub(ev) => {
                 self.metrics.record(&ev);
                 if let gossipsub::Event::Message { message, .. } = ev {
@@ -608,6 +658,56 @@ impl EventLoop {
                     }
                 }
             }
+        }
+    }
+
+    fn on_rpc(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let (tx, rx) = oneshot::channel();
+                    let rpc = InboundRpc {
+                        peer,
+                        body: request,
+                        reply: tx,
+                    };
+                    // A full or closed handler queue answers with nothing: the caller retries
+                    // (backpressure, not a silent drop of an acknowledged write).
+                    if self.inbound.try_send(rpc).is_err() {
+                        debug!(%peer, "RPC handler busy or absent; request refused");
+                        return;
+                    }
+                    self.answering
+                        .push(Box::pin(async move { (channel, rx.await.ok()) }));
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(RpcError::Failed {
+                        peer: peer.to_base58(),
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "inbound RPC failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
         }
     }
 
@@ -704,6 +804,27 @@ impl DhtHandle {
         let members: HashSet<PeerId> = self.read().table.ids().collect();
         let n = members.len();
         (self.shared.topic_space.locate(topic, members), n)
+    }
+
+    /// Sends `body` to `peer` on the RPC channel and waits for its answer. `addrs` are
+    /// addresses to try besides those the mesh already knows.
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, RpcError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Request {
+                peer,
+                addrs,
+                body,
+                reply,
+            })
+            .await
+            .map_err(|_| RpcError::Closed)?;
+        rx.await.map_err(|_| RpcError::Closed)?
     }
 
     /// The shape of the topic space.

@@ -2,16 +2,24 @@
 //!
 //! Every error answer is JSON `{ "error": "...", "kind": "..." }` with a fitting status code.
 
+use crate::cluster::{MeshTransport, node_id};
 use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use canal_consensus::{ClientError, Consensus, GroupId, Op, Request};
 use canal_dht::DhtHandle;
 use canal_proto::Topic;
-use canal_proto::api::{ErrorBody, Health, HomePeer, Locate, PeerInfo, Peers};
+use canal_proto::api::{
+    ClusterStatus, ErrorBody, GroupStatus, Health, HomePeer, KvWritten, Locate, MemberReport,
+    PeerInfo, Peers, StateDigest,
+};
 use libp2p::metrics::Registry;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// What the handlers share.
@@ -19,6 +27,8 @@ use std::time::Instant;
 pub struct ApiState {
     /// The peer mesh.
     pub dht: DhtHandle,
+    /// The Raft groups.
+    pub consensus: Consensus<MeshTransport>,
     /// Prometheus metrics of every part of the node.
     pub registry: Arc<Registry>,
     /// When the node started.
@@ -69,10 +79,15 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/peers", get(peers))
         .route("/v1/topics/{*rest}", get(topic_get))
+        .route("/v1/cluster/status", get(cluster_status))
+        .route("/v1/cluster/digest", get(cluster_digest))
+        .route("/v1/cluster/remove/{peer}", axum::routing::post(cluster_remove))
+        .route("/v1/kv/{*key}", get(kv_get).put(kv_put))
         .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_VALUE_BYTES + 1024))
         .fallback(|| async {
             ApiError::not_found(
-                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate and /metrics",
+                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/remove/{peer}, /v1/kv/{key} and /metrics",
             )
         })
         .with_state(state)
@@ -182,4 +197,225 @@ async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiError> {
         text,
     )
         .into_response())
+}
+
+/// The largest value `PUT /v1/kv/{key}` accepts.
+pub const MAX_VALUE_BYTES: usize = 1 << 20;
+/// The longest key accepted.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+fn parse_group(s: Option<&String>, default: GroupId) -> Result<GroupId, ApiError> {
+    let Some(s) = s else { return Ok(default) };
+    let n = if s == "metadata" {
+        Some(0)
+    } else {
+        s.strip_prefix("data-").unwrap_or(s).parse::<u32>().ok()
+    };
+    n.map(GroupId).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_group",
+            format!("group {s:?} is not a group: write metadata, or data-N (data-1)"),
+        )
+    })
+}
+
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> Self {
+        let (status, kind) = match &e {
+            ClientError::NotInitialized(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_formed"),
+            ClientError::NoLeader { .. } | ClientError::NotLeader { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "no_leader")
+            }
+            ClientError::UnknownGroup(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ClientError::Other(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError {
+            status,
+            kind,
+            message: e.to_string(),
+        }
+    }
+}
+
+async fn cluster_status(State(st): State<ApiState>) -> Result<axum::Json<ClusterStatus>, ApiError> {
+    let mut groups = Vec::new();
+    for g in st.consensus.groups() {
+        let members = st
+            .consensus
+            .status(g)
+            .await?
+            .into_iter()
+            .map(|(id, r)| match r {
+                Ok(s) => MemberReport {
+                    node_id: id,
+                    status: Some(s),
+                    error: None,
+                },
+                Err(e) => MemberReport {
+                    node_id: id,
+                    status: None,
+                    error: Some(e),
+                },
+            })
+            .collect();
+        groups.push(GroupStatus {
+            group: g.to_string(),
+            members,
+        });
+    }
+    Ok(axum::Json(ClusterStatus {
+        node_id: st.consensus.node_id(),
+        groups,
+    }))
+}
+
+async fn cluster_digest(
+    State(st): State<ApiState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<axum::Json<StateDigest>, ApiError> {
+    let g = parse_group(q.get("group"), GroupId(1))?;
+    let sm = st.consensus.state_machine(g)?;
+    let internal = |e: openraft_error::E| ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        kind: "internal",
+        message: e.to_string(),
+    };
+    Ok(axum::Json(StateDigest {
+        group: g.to_string(),
+        digest: sm.digest().map_err(internal)?,
+        applied_index: sm.applied().map_err(internal)?.map(|l| l.index),
+        keys: sm.scan("").map_err(internal)?.len(),
+    }))
+}
+
+/// The storage error type of the state machine, named once.
+mod openraft_error {
+    pub(super) type E = canal_consensus::store::StorageErrorOf;
+}
+
+async fn cluster_remove(
+    State(st): State<ApiState>,
+    Path(peer): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let peer: libp2p::PeerId = peer.parse().map_err(|e| {
+        ApiError::bad_request(
+            "invalid_peer",
+            format!("{peer:?} is not a peer id ({e}): copy one from `canal cluster status`"),
+        )
+    })?;
+    let id = node_id(&peer);
+    for g in st.consensus.groups() {
+        st.consensus.remove(g, id).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn check_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES || key.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "invalid_key",
+            format!(
+                "key {key:?} is not allowed: 1 to {MAX_KEY_BYTES} bytes, no control characters"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
+
+async fn kv_put(
+    State(st): State<ApiState>,
+    Path(key): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<KvWritten>, ApiError> {
+    check_key(&key)?;
+    let g = parse_group(q.get("group"), GroupId(1))?;
+    if body.len() > MAX_VALUE_BYTES {
+        return Err(ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            kind: "too_large",
+            message: format!(
+                "value is {} bytes: at most {MAX_VALUE_BYTES} are allowed",
+                body.len()
+            ),
+        });
+    }
+    // Every write carries an id, so that the forwarding layer may retry it safely; a client
+    // that retries itself gives its own with the header.
+    let id = match headers.get("canal-request-id") {
+        Some(v) => {
+            let v = v.to_str().map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_request_id",
+                    "canal-request-id must be printable ASCII",
+                )
+            })?;
+            if v.is_empty() || v.len() > 256 {
+                return Err(ApiError::bad_request(
+                    "invalid_request_id",
+                    "canal-request-id must be 1 to 256 characters",
+                ));
+            }
+            v.to_string()
+        }
+        None => format!(
+            "{}-{}-{}",
+            st.dht.local_peer_id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+            REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)
+        ),
+    };
+    let r = st
+        .consensus
+        .write(
+            g,
+            Request {
+                id: Some(id),
+                op: Op::Put {
+                    key,
+                    value: body.to_vec(),
+                },
+            },
+        )
+        .await?;
+    Ok(axum::Json(KvWritten {
+        index: r.index,
+        duplicate: r.duplicate,
+    }))
+}
+
+async fn kv_get(
+    State(st): State<ApiState>,
+    Path(key): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    check_key(&key)?;
+    let g = parse_group(q.get("group"), GroupId(1))?;
+    let linearizable = match q.get("read").map(String::as_str) {
+        None | Some("linearizable") => true,
+        Some("local") => false,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_read",
+                format!(
+                    "read={other:?} is not a read mode: use linearizable (the default) or local"
+                ),
+            ));
+        }
+    };
+    let mode = if linearizable {
+        "linearizable"
+    } else {
+        "local"
+    };
+    match st.consensus.read(g, &key, linearizable).await? {
+        Some(v) => Ok(([("canal-read", mode)], v).into_response()),
+        None => Err(ApiError::not_found(format!("no key {key:?} in group {g}"))),
+    }
 }

@@ -18,6 +18,8 @@ pub struct LoadCounters {
     pub queue_len: AtomicU64,
     /// Function invocations running now.
     pub running_invocations: AtomicU64,
+    /// Whether this node is a member of the cluster's Raft groups.
+    pub raft_member: std::sync::atomic::AtomicBool,
 }
 
 /// Finds the GPUs the NVIDIA driver can see. `Err` says why there are none to find (no
@@ -99,6 +101,7 @@ impl Measurer {
                 gpus_detected: detected,
                 gpus_declared: declared,
                 load: Load::default(),
+                raft_member: false,
                 seq: 0,
                 measured_at_ms: 0,
             },
@@ -119,6 +122,7 @@ impl LocalRecord for Measurer {
         }
         caps.load.queue_len = self.load.queue_len.load(Ordering::Relaxed);
         caps.load.running_invocations = self.load.running_invocations.load(Ordering::Relaxed);
+        caps.raft_member = self.load.raft_member.load(Ordering::Relaxed);
         caps
     }
 }

@@ -38,6 +38,10 @@ pub struct NodeConfig {
     pub replication_factor: usize,
     /// Shards in the topic space. Every peer of a mesh must use the same value.
     pub shards: u32,
+    /// How many voters each Raft group should have (the rest are learners).
+    pub voters: usize,
+    /// Build a Raft snapshot (and compact the log) after this many entries.
+    pub raft_snapshot_every: u64,
 }
 
 impl Default for NodeConfig {
@@ -55,6 +59,8 @@ impl Default for NodeConfig {
             mdns: false,
             replication_factor: canal_dht::topology::DEFAULT_REPLICATION,
             shards: canal_dht::topology::DEFAULT_SHARDS,
+            voters: 3,
+            raft_snapshot_every: 5000,
         }
     }
 }
@@ -107,6 +113,10 @@ pub struct ValidConfig {
     pub replication_factor: usize,
     /// Shards.
     pub shards: u32,
+    /// Target voter count.
+    pub voters: usize,
+    /// Raft snapshot interval, in entries.
+    pub raft_snapshot_every: u64,
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -257,6 +267,24 @@ impl NodeConfig {
                 format!("{} is out of range: 1 to 65536", self.shards),
             ));
         }
+        if !(1..=7).contains(&self.voters) {
+            return Err(invalid(
+                "voters",
+                format!(
+                    "{} is out of range: 1 to 7 voters (3 or 5 is usual)",
+                    self.voters
+                ),
+            ));
+        }
+        if !(10..=10_000_000).contains(&self.raft_snapshot_every) {
+            return Err(invalid(
+                "raft_snapshot_every",
+                format!(
+                    "{} is out of range: 10 to 10000000 entries",
+                    self.raft_snapshot_every
+                ),
+            ));
+        }
         Ok(ValidConfig {
             data_dir: self.data_dir.clone(),
             listen,
@@ -270,6 +298,8 @@ impl NodeConfig {
             mdns: self.mdns,
             replication_factor: self.replication_factor,
             shards: self.shards,
+            voters: self.voters,
+            raft_snapshot_every: self.raft_snapshot_every,
         })
     }
 }

@@ -10,6 +10,7 @@
 //! - [`datadir`]: the locked data directory.
 //! - [`identity`]: the persistent ed25519 peer identity.
 //! - [`caps`]: measuring the capability record (CPU, memory, GPUs through NVML, load).
+//! - [`cluster`]: Raft over the mesh, and the job that forms and grows the cluster.
 //! - [`api`]: the axum router of the client API.
 //! - [`Node`]: start, run, stop.
 //!
@@ -21,15 +22,18 @@
 
 pub mod api;
 pub mod caps;
+pub mod cluster;
 pub mod config;
 pub mod datadir;
 pub mod identity;
 
 use crate::api::ApiState;
 use crate::caps::{LoadCounters, Measurer};
+use crate::cluster::{Membership, MeshTransport};
 use crate::config::{ConfigError, ValidConfig};
 use crate::datadir::{DataDir, DataDirError};
 use crate::identity::IdentityError;
+use canal_consensus::{Consensus, GroupId, RaftDb, RaftNode, Settings};
 use canal_dht::{Dht, DhtConfig, DhtError, TopicSpace};
 use libp2p::metrics::Registry;
 use std::net::SocketAddr;
@@ -69,6 +73,12 @@ pub enum NodeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The Raft database cannot be opened.
+    #[error(transparent)]
+    Store(#[from] canal_consensus::StoreError),
+    /// The Raft groups cannot start.
+    #[error(transparent)]
+    Consensus(#[from] canal_consensus::ConsensusError),
     /// The runtime file cannot be written.
     #[error("cannot write {path}: {source}")]
     Runtime {
@@ -82,6 +92,8 @@ pub enum NodeError {
 /// A running node.
 pub struct Node {
     dht: Dht,
+    consensus: Consensus<MeshTransport>,
+    membership: tokio::task::JoinHandle<()>,
     api_addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
     stop_api: tokio::sync::oneshot::Sender<()>,
@@ -109,13 +121,16 @@ impl Node {
                 source,
             })?;
 
+        let raft_db = RaftDb::open(&data_dir.path().join("raft"))?;
+
         let mut registry = Registry::default();
+        let live = Arc::new(LoadCounters::default());
         let measurer = Measurer::new(
             config.tier.clone(),
             config.labels.clone(),
             config.gpus.clone(),
             Some(api_addr.to_string()),
-            Arc::new(LoadCounters::default()),
+            live.clone(),
         );
         let mut dht_config = DhtConfig::new(keypair, config.listen.clone());
         dht_config.bootstrap = config.bootstrap.clone();
@@ -125,11 +140,50 @@ impl Node {
             shards: config.shards,
             replication: config.replication_factor,
         };
-        let dht = Dht::start(dht_config, Box::new(measurer), &mut registry).await?;
+        let mut dht = Dht::start(dht_config, Box::new(measurer), &mut registry).await?;
         let handle = dht.handle();
+        // The listeners report their bound addresses asynchronously; wait for them so that
+        // node.json and the Raft membership name real ports.
+        let listen_addrs = handle.wait_listening(Duration::from_secs(10)).await;
+
+        let me = RaftNode {
+            peer_id: handle.local_peer_id().to_base58(),
+            addrs: listen_addrs.iter().map(|a| a.to_string()).collect(),
+        };
+        let settings = Settings {
+            snapshot_every: config.raft_snapshot_every,
+            keep_behind_snapshot: (config.raft_snapshot_every / 5).max(10),
+            ..Settings::default()
+        };
+        // One metadata group and, on a small cluster, one data group for all shards; the
+        // code keys everything by group id, so more data groups only need placement.
+        let consensus = Consensus::start(
+            &raft_db,
+            cluster::node_id(&handle.local_peer_id()),
+            me,
+            &[GroupId::METADATA, GroupId(1)],
+            settings,
+            MeshTransport {
+                dht: handle.clone(),
+            },
+            &mut registry,
+        )
+        .await?;
+        if let Some(inbound) = dht.take_inbound() {
+            cluster::serve(consensus.clone(), inbound);
+        }
+        let membership = Membership {
+            consensus: consensus.clone(),
+            dht: handle.clone(),
+            bootstrap_expect: config.bootstrap_expect.map(|n| n as usize),
+            voters: config.voters,
+            live,
+        }
+        .spawn();
 
         let state = ApiState {
             dht: handle.clone(),
+            consensus: consensus.clone(),
             registry: Arc::new(registry),
             started: Instant::now(),
         };
@@ -145,9 +199,6 @@ impl Node {
         });
         info!(api = %api_addr, peer_id = %handle.local_peer_id(), "client API listening");
 
-        // The listeners report their bound addresses asynchronously; wait for them so that
-        // node.json names real ports.
-        let listen_addrs = handle.wait_listening(Duration::from_secs(10)).await;
         let info = RuntimeInfo {
             pid: std::process::id(),
             peer_id: handle.local_peer_id().to_base58(),
@@ -157,6 +208,8 @@ impl Node {
         write_runtime(data_dir.path(), &info)?;
         Ok(Node {
             dht,
+            consensus,
+            membership,
             api_addr,
             server,
             stop_api,
@@ -180,6 +233,8 @@ impl Node {
     pub async fn shutdown(self) {
         let _ = self.stop_api.send(());
         let _ = self.server.await;
+        self.membership.abort();
+        self.consensus.shutdown().await;
         self.dht.shutdown().await;
         let _ = std::fs::remove_file(self.data_dir.path().join(RUNTIME_FILE));
         info!("node stopped");

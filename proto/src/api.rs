@@ -109,3 +109,85 @@ pub struct RuntimeInfo {
     /// Its peer listen addresses, each ending in `/p2p/PEER_ID`.
     pub listen_addrs: Vec<String>,
 }
+
+/// One member's own view of a Raft group (`canal cluster status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaftMemberStatus {
+    /// The member's Raft node id.
+    pub node_id: u64,
+    /// The member's peer id.
+    pub peer_id: String,
+    /// `Leader`, `Follower`, `Candidate` or `Learner`.
+    pub state: String,
+    /// Its current term.
+    pub term: u64,
+    /// The leader it follows, if any.
+    pub leader: Option<u64>,
+    /// The index of the last entry in its log.
+    pub last_log_index: Option<u64>,
+    /// The highest index it knows committed.
+    pub committed_index: Option<u64>,
+    /// The index of the last entry it applied.
+    pub applied_index: Option<u64>,
+    /// The last index its latest snapshot covers.
+    pub snapshot_index: Option<u64>,
+    /// The group's voters, as it knows them.
+    pub voters: Vec<u64>,
+    /// The group's learners, as it knows them.
+    pub learners: Vec<u64>,
+    /// Node id and peer id of every member, as it knows them.
+    pub nodes: Vec<(u64, String)>,
+}
+
+/// One member of a group in `GET /v1/cluster/status`: its status, or why it gave none.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberReport {
+    /// The member's Raft node id.
+    pub node_id: u64,
+    /// Its status, if it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<RaftMemberStatus>,
+    /// Why it did not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One group in `GET /v1/cluster/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupStatus {
+    /// `metadata`, `data-1`, ...
+    pub group: String,
+    /// Every member's report, the answering node first.
+    pub members: Vec<MemberReport>,
+}
+
+/// `GET /v1/cluster/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The answering node's Raft node id.
+    pub node_id: u64,
+    /// Every group the node hosts.
+    pub groups: Vec<GroupStatus>,
+}
+
+/// The answer to `PUT /v1/kv/{key}`: where the write was committed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KvWritten {
+    /// The log index of the entry that applied the write.
+    pub index: u64,
+    /// Whether the request id had been written before, so nothing changed now.
+    pub duplicate: bool,
+}
+
+/// `GET /v1/cluster/digest`: a fingerprint of one group's state on the answering node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateDigest {
+    /// The group.
+    pub group: String,
+    /// SHA-256 over the state, hex.
+    pub digest: String,
+    /// The last log index applied to the state.
+    pub applied_index: Option<u64>,
+    /// Number of keys.
+    pub keys: usize,
+}

@@ -106,6 +106,8 @@ pub struct Capabilities {
     pub gpus_declared: Vec<Gpu>,
     /// Live load.
     pub load: Load,
+    /// Whether the peer is a member of the cluster's Raft groups (formed, or added).
+    pub raft_member: bool,
     /// Increases with every advertisement of this peer, so a stale record never replaces a
     /// newer one.
     pub seq: u64,

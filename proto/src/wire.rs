@@ -74,6 +74,7 @@ mod tests {
             gpus_detected: vec![],
             gpus_declared: vec![],
             load: Load::default(),
+            raft_member: false,
             seq: 7,
             measured_at_ms: 1,
         }

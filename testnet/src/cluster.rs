@@ -231,6 +231,8 @@ pub async fn up(
                 *a = format!("127.0.0.1:{}", ports[i].1);
             }
         }
+        // The first (up to) three form the Raft cluster; later ones join it as learners.
+        args.extend(["--bootstrap-expect".into(), n.min(3).to_string()]);
         // Every node knows every other's address, so any of them can restart alone.
         for (j, (p, _)) in ports.iter().enumerate() {
             if j != i {

@@ -1,0 +1,87 @@
+//! The messages canal peers exchange about Raft groups: Raft's own RPCs, each tagged with
+//! its group, and the forwarded client operations (writes, linearizable reads, membership
+//! changes, status), which a follower sends on to the leader.
+
+use crate::types::{GroupId, NodeId, RaftNode, Request, Response, TypeConfig};
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+/// One member's own view of a group: the API's type, so what a member reports reaches the
+/// client as it is.
+pub type MemberStatus = canal_proto::api::RaftMemberStatus;
+
+/// A request to a peer about one group.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RpcRequest {
+    /// Raft: replicate entries / heartbeat.
+    Append(GroupId, AppendEntriesRequest<TypeConfig>),
+    /// Raft: ask for a vote.
+    Vote(GroupId, VoteRequest<NodeId>),
+    /// Raft: a chunk of a snapshot.
+    Snapshot(GroupId, InstallSnapshotRequest<TypeConfig>),
+    /// A client write, forwarded to the leader.
+    Write(GroupId, Request),
+    /// A linearizable read of one key, forwarded to the leader.
+    Read(GroupId, String),
+    /// Add a peer as a learner, forwarded to the leader.
+    AddLearner(GroupId, NodeId, RaftNode),
+    /// Make the given nodes voters (and only those), forwarded to the leader.
+    SetVoters(GroupId, Vec<NodeId>),
+    /// Remove a node from the group (voter or learner), forwarded to the leader.
+    Remove(GroupId, NodeId),
+    /// This member's view of the group.
+    Status(GroupId),
+}
+
+/// The answer to an [`RpcRequest`], variant for variant.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RpcResponse {
+    /// To `Append`.
+    Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// To `Vote`.
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// To `Snapshot`.
+    Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    /// To `Write`.
+    Write(Result<Response, ClientError>),
+    /// To `Read`: the value, as of a read index confirmed by a quorum.
+    Read(Result<Option<Vec<u8>>, ClientError>),
+    /// To `AddLearner`, `SetVoters` and `Remove`.
+    Membership(Result<(), ClientError>),
+    /// To `Status`.
+    Status(Result<MemberStatus, ClientError>),
+}
+
+/// Why a client operation failed, as carried between peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ClientError {
+    /// This node is not the leader; the leader is `leader` if known.
+    #[error("not the leader of group {group}{}", .leader.as_ref().map(|l| format!(" (the leader is {})", l.peer_id)).unwrap_or_default())]
+    NotLeader {
+        /// The group.
+        group: GroupId,
+        /// The leader, if known.
+        leader: Option<RaftNode>,
+    },
+    /// The group has no leader now (an election is under way, or no quorum is reachable).
+    #[error("group {group} has no leader now: {reason}")]
+    NoLeader {
+        /// The group.
+        group: GroupId,
+        /// Why, as far as known.
+        reason: String,
+    },
+    /// This node hosts no such group.
+    #[error("this node has no Raft group {0}")]
+    UnknownGroup(GroupId),
+    /// The group has not been formed yet.
+    #[error("group {0} has not been formed yet: start the first nodes with --bootstrap-expect N")]
+    NotInitialized(GroupId),
+    /// Anything else (storage, a refused membership change).
+    #[error("{0}")]
+    Other(String),
+}
