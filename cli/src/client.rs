@@ -46,8 +46,21 @@ impl Client {
     }
 
     pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let bytes = self.send(reqwest::Method::GET, path).await?;
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.get(&url);
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!("the answer from {url} is not what this canal version expects")
+        })
+    }
+
+    /// POSTs to `path` with an empty body; the answer's body is ignored.
+    pub(crate) async fn post(&self, path: &str) -> anyhow::Result<()> {
+        self.send(reqwest::Method::POST, path).await.map(|_| ())
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str) -> anyhow::Result<Vec<u8>> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }

@@ -51,10 +51,31 @@ enum Command {
     Peers,
     /// A multi-node mesh on this machine: up, status, down, kill, restart.
     Testnet(testnet_cmd::TestnetArgs),
+    /// The Raft groups: status, removing a peer for good, making a cluster key.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Topics: where they live.
     Topic {
         #[command(subcommand)]
         command: TopicCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Per Raft group: leader, term, voters, learners, each member's log and commit index.
+    Status,
+    /// Remove a peer that left for good from every Raft group.
+    Remove {
+        /// The peer id (from `canal cluster status` or `canal peers`).
+        peer: String,
+    },
+    /// Write a new random cluster key to FILE, for `canal node --cluster-key FILE`.
+    Keygen {
+        /// Where to write the key; refused if the file exists.
+        file: std::path::PathBuf,
     },
 }
 
@@ -98,6 +119,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(args) => node_cmd::run(*args).await,
         Command::Testnet(args) => testnet_cmd::run(args, cli.json).await,
+        Command::Cluster { command } => match command {
+            ClusterCommand::Status => {
+                let client = client::Client::new(&cli.api, cli.token.as_deref())?;
+                let status: canal_proto::api::ClusterStatus =
+                    client.get("/v1/cluster/status").await?;
+                show::cluster(&status, cli.json)
+            }
+            ClusterCommand::Remove { peer } => {
+                let client = client::Client::new(&cli.api, cli.token.as_deref())?;
+                client
+                    .post(&format!(
+                        "/v1/cluster/remove/{}",
+                        client::encode_segment(&peer)
+                    ))
+                    .await?;
+                eprintln!("removed {peer} from every Raft group");
+                Ok(())
+            }
+            ClusterCommand::Keygen { file } => keygen(&file),
+        },
         Command::Peers => {
             let client = client::Client::new(&cli.api, cli.token.as_deref())?;
             let peers: canal_proto::api::Peers = client.get("/v1/peers").await?;
@@ -115,4 +156,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             show::locate(&locate, cli.json)
         }
     }
+}
+
+fn keygen(file: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::{Read, Write};
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .context("cannot read random bytes from /dev/urandom")?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(file)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", file.display()))?;
+    f.write_all(canal_node::config::cluster_key_text(key).as_bytes())
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    eprintln!(
+        "wrote a new cluster key to {}; give it to every node with --cluster-key",
+        file.display()
+    );
+    Ok(())
 }

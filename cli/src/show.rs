@@ -1,6 +1,6 @@
 //! Output: aligned tables with units for people, JSON for scripts.
 
-use canal_proto::api::{Locate, Peers};
+use canal_proto::api::{ClusterStatus, Locate, Peers};
 use canal_proto::size::format_bytes;
 use comfy_table::{Table, presets::NOTHING};
 use serde::Serialize;
@@ -122,5 +122,87 @@ pub(crate) fn locate(l: &Locate, as_json: bool) -> anyhow::Result<()> {
         t.add_row(vec![r.clone(), "-".into(), "yes (placed)".into()]);
     }
     println!("{t}");
+    Ok(())
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+pub(crate) fn cluster(c: &ClusterStatus, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(c);
+    }
+    for g in &c.groups {
+        let view = g.members.iter().find_map(|m| m.status.as_ref());
+        let peer_of = |id: u64| {
+            view.and_then(|v| {
+                v.nodes
+                    .iter()
+                    .find(|(n, _)| *n == id)
+                    .map(|(_, p)| p.clone())
+            })
+            .unwrap_or_else(|| id.to_string())
+        };
+        let leader = g
+            .members
+            .iter()
+            .filter_map(|m| m.status.as_ref())
+            .find_map(|s| s.leader);
+        let term = g
+            .members
+            .iter()
+            .filter_map(|m| m.status.as_ref())
+            .map(|s| s.term)
+            .max();
+        println!(
+            "group {}: leader {}, term {}, {} voters, {} learners",
+            g.group,
+            leader.map(peer_of).unwrap_or_else(|| "none".into()),
+            opt(term),
+            view.map(|v| v.voters.len()).unwrap_or(0),
+            view.map(|v| v.learners.len()).unwrap_or(0),
+        );
+        let mut t = table(&[
+            "MEMBER",
+            "ROLE",
+            "STATE",
+            "TERM",
+            "LAST LOG",
+            "COMMITTED",
+            "APPLIED",
+            "SNAPSHOT",
+        ]);
+        for m in &g.members {
+            let role = match view {
+                Some(v) if v.voters.contains(&m.node_id) => "voter",
+                Some(v) if v.learners.contains(&m.node_id) => "learner",
+                _ => "-",
+            };
+            match &m.status {
+                Some(s) => t.add_row(vec![
+                    s.peer_id.clone(),
+                    role.into(),
+                    s.state.clone(),
+                    s.term.to_string(),
+                    opt(s.last_log_index),
+                    opt(s.committed_index),
+                    opt(s.applied_index),
+                    opt(s.snapshot_index),
+                ]),
+                None => t.add_row(vec![
+                    peer_of(m.node_id),
+                    role.into(),
+                    format!("unreachable: {}", m.error.clone().unwrap_or_default()),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ]),
+            };
+        }
+        println!("{t}");
+    }
     Ok(())
 }

@@ -472,15 +472,38 @@ impl<T: Transport> Consensus<T> {
             if m.membership_config.nodes().next().is_none() {
                 return Err(ClientError::NotInitialized(g));
             }
+            let remaining = deadline.saturating_duration_since(Instant::now());
             let answer = match m.current_leader {
                 Some(l) if l == self.inner.me => {
-                    Some(Box::pin(self.serve(clone_client(&req))).await)
+                    match tokio::time::timeout(remaining, Box::pin(self.serve(clone_client(&req))))
+                        .await
+                    {
+                        Ok(a) => Some(a),
+                        Err(_) => {
+                            return Err(ClientError::NoLeader {
+                                group: g,
+                                reason: format!(
+                                    "not committed within {:?}: no quorum answered (the write may still commit later)",
+                                    self.inner.settings.client_timeout
+                                ),
+                            });
+                        }
+                    }
                 }
                 Some(l) => match m.membership_config.membership().get_node(&l) {
-                    Some(node) => match call(&self.inner.transport, node, &req).await {
-                        Ok(a) => Some(a),
-                        Err(e) => {
+                    Some(node) => match tokio::time::timeout(
+                        remaining,
+                        call(&self.inner.transport, node, &req),
+                    )
+                    .await
+                    {
+                        Ok(Ok(a)) => Some(a),
+                        Ok(Err(e)) => {
                             last_error = format!("leader {} unreachable: {e}", node.peer_id);
+                            None
+                        }
+                        Err(_) => {
+                            last_error = format!("leader {} did not answer in time", node.peer_id);
                             None
                         }
                     },

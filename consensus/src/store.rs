@@ -481,6 +481,21 @@ type StateCopy = (
     StoredMembership<NodeId, RaftNode>,
 );
 
+/// `previous + delta`, as decimal text; a missing value counts as 0.
+fn add(previous: Option<&[u8]>, delta: i64) -> Result<Vec<u8>, String> {
+    let current: i64 = match previous {
+        None => 0,
+        Some(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| "the key does not hold a whole number".to_string())?,
+    };
+    let sum = current
+        .checked_add(delta)
+        .ok_or_else(|| format!("{current} + {delta} overflows a 64-bit number"))?;
+    Ok(sum.to_string().into_bytes())
+}
+
 /// Builds a snapshot from a copy of the state taken when the builder was made.
 pub struct SnapshotBuilder {
     sm: StateMachine,
@@ -579,9 +594,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             continue;
                         }
                     }
-                    let (key, new) = match op {
-                        crate::types::Op::Put { key, value } => (key, Some(value)),
-                        crate::types::Op::Delete { key } => (key, None),
+                    let key = match &op {
+                        crate::types::Op::Put { key, .. }
+                        | crate::types::Op::Delete { key }
+                        | crate::types::Op::Add { key, .. } => key.clone(),
                     };
                     let previous = match data.get(&key) {
                         Some(v) => v.clone(),
@@ -591,16 +607,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             .map_err(|e| werr(any(&e)))?
                             .map(|v| v.to_vec()),
                     };
+                    let (new, refused) = match op {
+                        crate::types::Op::Put { value, .. } => (Some(value), None),
+                        crate::types::Op::Delete { .. } => (None, None),
+                        crate::types::Op::Add { delta, .. } => {
+                            match add(previous.as_deref(), delta) {
+                                Ok(v) => (Some(v), None),
+                                Err(why) => (previous.clone(), Some(why)),
+                            }
+                        }
+                    };
                     let dkey = format!("d/{key}");
-                    match &new {
-                        Some(v) => batch.insert(dkey.as_bytes(), v.clone()),
-                        None => batch.remove(dkey.as_bytes()),
+                    if refused.is_none() {
+                        match &new {
+                            Some(v) => batch.insert(dkey.as_bytes(), v.clone()),
+                            None => batch.remove(dkey.as_bytes()),
+                        }
+                        data.insert(key, new);
                     }
-                    data.insert(key, new);
                     let reply = Response {
                         index,
                         duplicate: false,
                         previous,
+                        refused,
                     };
                     if let Some(id) = id {
                         // The stored copy drops `previous`: a duplicate learns only where the

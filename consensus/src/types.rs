@@ -67,6 +67,14 @@ pub enum Op {
         /// The key.
         key: String,
     },
+    /// Adds `delta` to the number stored at `key` (decimal text; a missing key counts as 0).
+    /// Not idempotent, so it shows whether a write was applied more than once.
+    Add {
+        /// The key.
+        key: String,
+        /// What to add.
+        delta: i64,
+    },
 }
 
 /// A write to a group. A request with an `id` is applied at most once however often it is
@@ -85,6 +93,7 @@ impl fmt::Display for Request {
         match &self.op {
             Op::Put { key, value } => write!(f, "put {key} ({} bytes)", value.len()),
             Op::Delete { key } => write!(f, "delete {key}"),
+            Op::Add { key, delta } => write!(f, "add {delta} to {key}"),
         }
     }
 }
@@ -99,6 +108,9 @@ pub struct Response {
     pub duplicate: bool,
     /// The value the key had before.
     pub previous: Option<Vec<u8>>,
+    /// Why the operation did nothing, if it was refused (an `Add` to a key that does not hold
+    /// a number).
+    pub refused: Option<String>,
 }
 
 openraft::declare_raft_types!(

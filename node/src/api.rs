@@ -82,7 +82,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/cluster/status", get(cluster_status))
         .route("/v1/cluster/digest", get(cluster_digest))
         .route("/v1/cluster/remove/{peer}", axum::routing::post(cluster_remove))
-        .route("/v1/kv/{*key}", get(kv_get).put(kv_put))
+        .route("/v1/kv/{*key}", get(kv_get).put(kv_put).post(kv_add))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_VALUE_BYTES + 1024))
         .fallback(|| async {
@@ -324,6 +324,86 @@ fn check_key(key: &str) -> Result<(), ApiError> {
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// The write's request id: the client's `canal-request-id` header, or a fresh one. Every write
+/// carries an id, so that the forwarding layer may retry it safely; a client that retries
+/// itself gives its own.
+fn request_id(st: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> {
+    match headers.get("canal-request-id") {
+        Some(v) => {
+            let v = v.to_str().map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_request_id",
+                    "canal-request-id must be printable ASCII",
+                )
+            })?;
+            if v.is_empty() || v.len() > 256 {
+                return Err(ApiError::bad_request(
+                    "invalid_request_id",
+                    "canal-request-id must be 1 to 256 characters",
+                ));
+            }
+            Ok(v.to_string())
+        }
+        None => Ok(format!(
+            "{}-{}-{}",
+            st.dht.local_peer_id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+            REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)
+        )),
+    }
+}
+
+/// `POST /v1/kv/{key}?add=N`: adds N to the number at `key`, atomically.
+async fn kv_add(
+    State(st): State<ApiState>,
+    Path(key): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<axum::Json<KvWritten>, ApiError> {
+    check_key(&key)?;
+    let g = parse_group(q.get("group"), GroupId(1))?;
+    let delta: i64 = q
+        .get("add")
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_op",
+                "POST /v1/kv/{key} needs ?add=N (a whole number)",
+            )
+        })?
+        .parse()
+        .map_err(|_| {
+            ApiError::bad_request(
+                "invalid_op",
+                "add=N must be a whole number, such as 1 or -5",
+            )
+        })?;
+    let id = request_id(&st, &headers)?;
+    let r = st
+        .consensus
+        .write(
+            g,
+            Request {
+                id: Some(id),
+                op: Op::Add { key, delta },
+            },
+        )
+        .await?;
+    if let Some(why) = r.refused {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            kind: "refused",
+            message: why,
+        });
+    }
+    Ok(axum::Json(KvWritten {
+        index: r.index,
+        duplicate: r.duplicate,
+    }))
+}
+
 async fn kv_put(
     State(st): State<ApiState>,
     Path(key): Path<String>,
@@ -343,34 +423,7 @@ async fn kv_put(
             ),
         });
     }
-    // Every write carries an id, so that the forwarding layer may retry it safely; a client
-    // that retries itself gives its own with the header.
-    let id = match headers.get("canal-request-id") {
-        Some(v) => {
-            let v = v.to_str().map_err(|_| {
-                ApiError::bad_request(
-                    "invalid_request_id",
-                    "canal-request-id must be printable ASCII",
-                )
-            })?;
-            if v.is_empty() || v.len() > 256 {
-                return Err(ApiError::bad_request(
-                    "invalid_request_id",
-                    "canal-request-id must be 1 to 256 characters",
-                ));
-            }
-            v.to_string()
-        }
-        None => format!(
-            "{}-{}-{}",
-            st.dht.local_peer_id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-            REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)
-        ),
-    };
+    let id = request_id(&st, &headers)?;
     let r = st
         .consensus
         .write(

@@ -87,6 +87,9 @@ pub struct TestNode {
     bootstrap: Option<String>,
     child: Option<Child>,
     info: Option<RuntimeInfo>,
+    /// The ports of the first start, reused on restart so that peers and clients find the
+    /// node where it was: (peer listen multiaddr without /p2p, API address).
+    ports: Option<(String, String)>,
 }
 
 impl TestNode {
@@ -242,6 +245,7 @@ impl Testnet {
             bootstrap,
             child: None,
             info: None,
+            ports: None,
         });
         self.spawn(i).await?;
         Ok(i)
@@ -250,7 +254,17 @@ impl Testnet {
     /// The command line node `i` is started with.
     pub fn node_args(&self, i: usize) -> Vec<String> {
         let n = &self.nodes[i];
-        n.options.args(&n.data_dir, n.bootstrap.as_deref())
+        let mut args = n.options.args(&n.data_dir, n.bootstrap.as_deref());
+        if let Some((listen, api)) = &n.ports {
+            for a in args.iter_mut() {
+                if a == "/ip4/127.0.0.1/tcp/0" {
+                    *a = listen.clone();
+                } else if a == "127.0.0.1:0" {
+                    *a = api.clone();
+                }
+            }
+        }
+        args
     }
 
     async fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
@@ -290,6 +304,16 @@ impl Testnet {
         };
         match info {
             Ok(info) => {
+                if node.ports.is_none() {
+                    let listen = info
+                        .listen_addrs
+                        .iter()
+                        .find(|a| a.starts_with("/ip4/127.0.0.1/tcp/"))
+                        .and_then(|a| a.split("/p2p/").next())
+                        .map(str::to_string);
+                    let api = info.api.trim_start_matches("http://").to_string();
+                    node.ports = listen.map(|l| (l, api));
+                }
                 node.info = Some(info);
                 Ok(())
             }
@@ -329,6 +353,27 @@ impl Testnet {
             .await
             .map_err(|_| anyhow!("{} did not stop within 30 s of SIGTERM", node.name))??;
         Ok(status)
+    }
+
+    /// Sends `signal` (such as `libc::SIGSTOP` or `libc::SIGCONT`) to node `i`: a stopped
+    /// process holds its connections but answers nothing, as a hung or partitioned peer.
+    pub fn signal(&self, i: usize, signal: i32) -> anyhow::Result<()> {
+        let node = &self.nodes[i];
+        let pid = node
+            .child
+            .as_ref()
+            .and_then(|c| c.id())
+            .ok_or_else(|| anyhow!("{} is not running", node.name))?;
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(pid as i32, signal) };
+        if rc != 0 {
+            bail!(
+                "cannot signal {}: {}",
+                node.name,
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
     }
 
     /// Starts node `i` again on the same data directory (after [`kill`](Self::kill) or
@@ -390,7 +435,7 @@ impl Api {
         Api {
             base: base.trim_end_matches('/').to_string(),
             http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(30))
                 .build()
                 .unwrap_or_default(),
         }
@@ -409,6 +454,30 @@ impl Api {
             .send()
             .await
             .with_context(|| format!("GET {}{path}", self.base))?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text().await?))
+    }
+
+    /// Sends `method` to `path` with `body` and, if given, a `canal-request-id` header;
+    /// returns the status and the body.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+        request_id: Option<&str>,
+    ) -> anyhow::Result<(u16, String)> {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base))
+            .body(body);
+        if let Some(id) = request_id {
+            req = req.header("canal-request-id", id);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {}{path}", self.base))?;
         let status = resp.status().as_u16();
         Ok((status, resp.text().await?))
     }

@@ -1,60 +1,11 @@
-//! End-to-end tests of the peer mesh: real `canal node` processes on loopback, each with its
-//! own data directory, driven through the HTTP API and the `canal` CLI.
+//! The peer mesh: discovery, capabilities, membership, the topic space, cluster keys, bad
+//! input, and `canal testnet`.
 
-#![allow(clippy::unwrap_used, missing_docs)]
-
+use crate::{BIN, assert_clear_error, canal, last_line, stderr, wait_peer_set};
 use canal_proto::api::{Health, Locate, Peers};
 use canal_testnet::{Api, NodeOptions, Testnet, wait_for};
 use std::collections::BTreeSet;
-use std::process::Output;
 use std::time::Duration;
-
-const BIN: &str = env!("CARGO_BIN_EXE_canal");
-
-/// Runs the `canal` CLI and returns its output.
-async fn canal(args: &[&str]) -> Output {
-    tokio::process::Command::new(BIN)
-        .args(args)
-        .env_remove("CANAL_API")
-        .kill_on_drop(true)
-        .output()
-        .await
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Waits until node `i` lists exactly the peer ids in `want`.
-async fn wait_peer_set(
-    net: &Testnet,
-    i: usize,
-    want: &BTreeSet<String>,
-    timeout: Duration,
-) -> Peers {
-    let api = net.api(i).unwrap();
-    let what = format!(
-        "{} to list exactly {} peers",
-        net.node(i).name(),
-        want.len()
-    );
-    wait_for(&what, timeout, || {
-        let api = api.clone();
-        async move {
-            let peers: Peers = api.get("/v1/peers").await.map_err(|e| e.to_string())?;
-            let got: BTreeSet<String> =
-                peers.peers.iter().map(|p| p.caps.peer_id.clone()).collect();
-            if &got == want {
-                Ok(peers)
-            } else {
-                Err(format!("{got:?}"))
-            }
-        }
-    })
-    .await
-    .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_find_each_other_track_membership_and_agree_on_homes() {
@@ -214,21 +165,6 @@ async fn a_node_with_another_cluster_key_cannot_join() {
             "{peers:?}"
         );
     }
-}
-
-/// Asserts a failed command: the exit code, one line on stderr that contains `needle`, and
-/// no panic.
-fn assert_clear_error(o: &Output, code: i32, needle: &str) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
-    assert!(err.contains(needle), "expected {needle:?} in: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(!err.contains("RUST_BACKTRACE"), "{err}");
-}
-
-/// The last line a node printed (errors come after log lines).
-fn last_line(o: &Output) -> String {
-    stderr(o).lines().last().unwrap_or_default().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,398 @@
+//! Replication: acknowledged writes survive `kill -9` of the leader or a follower, a lagging
+//! peer catches up from a snapshot, a minority cannot commit, a damaged database is refused.
+
+use canal_proto::api::{ClusterStatus, StateDigest};
+use canal_testnet::{Api, NodeOptions, Testnet, wait_for};
+use reqwest::Method;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::BIN;
+
+/// Starts `n` nodes that form one cluster of `n` voters, and waits until both groups have a
+/// leader that every node knows.
+async fn cluster(n: usize, extra: &[&str]) -> Testnet {
+    let mut args: Vec<String> = vec![
+        "--bootstrap-expect".into(),
+        n.to_string(),
+        "--voters".into(),
+        n.to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let net = Testnet::start(BIN, n, |_| NodeOptions {
+        extra_args: args.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for i in 0..n {
+        wait_formed(&net, i, n).await;
+    }
+    net
+}
+
+/// Waits until node `i` sees every group with a leader and `voters` voters.
+async fn wait_formed(net: &Testnet, i: usize, voters: usize) {
+    let api = net.api(i).unwrap();
+    wait_for("the cluster to form", Duration::from_secs(90), || {
+        let api = api.clone();
+        async move {
+            let s: ClusterStatus = api
+                .get("/v1/cluster/status")
+                .await
+                .map_err(|e| e.to_string())?;
+            let ok = s.groups.iter().all(|g| {
+                g.members
+                    .first()
+                    .and_then(|m| m.status.as_ref())
+                    .is_some_and(|st| st.leader.is_some() && st.voters.len() == voters)
+            });
+            if ok { Ok(()) } else { Err(format!("{s:?}")) }
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// The index of the node that leads `group`, as node `via` sees it.
+async fn leader(net: &Testnet, via: usize, group: &str) -> usize {
+    let api = net.api(via).unwrap();
+    let s: ClusterStatus = api.get("/v1/cluster/status").await.unwrap();
+    let g = s.groups.iter().find(|g| g.group == group).unwrap();
+    let me = g.members[0].status.as_ref().unwrap();
+    let leader_id = me.leader.unwrap();
+    let peer = &me.nodes.iter().find(|(id, _)| *id == leader_id).unwrap().1;
+    (0..net.len())
+        .find(|i| &net.node(*i).info().unwrap().peer_id == peer)
+        .unwrap()
+}
+
+/// One write of the workload: even numbers put a unique key, odd ones add 1 to a counter.
+fn op(i: usize) -> (Method, String, Vec<u8>) {
+    if i.is_multiple_of(2) {
+        (
+            Method::PUT,
+            format!("/v1/kv/k{i}"),
+            format!("v{i}").into_bytes(),
+        )
+    } else {
+        (
+            Method::POST,
+            format!("/v1/kv/c{}?add=1", (i / 2) % 16),
+            Vec::new(),
+        )
+    }
+}
+
+/// Writes `op(i)` through node `i % n`, then the others in turn, until one acknowledges it.
+async fn write_acked(apis: &[Api], i: usize) -> Result<(), String> {
+    let (method, path, body) = op(i);
+    let id = format!("w{i}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut attempt = 0usize;
+    loop {
+        let api = &apis[(i + attempt) % apis.len()];
+        match api
+            .send(method.clone(), &path, body.clone(), Some(&id))
+            .await
+        {
+            Ok((200, _)) => return Ok(()),
+            Ok((status, text)) if status >= 500 => {
+                if std::time::Instant::now() > deadline {
+                    return Err(format!("write {i}: {status} {text}"));
+                }
+            }
+            Ok((status, text)) => return Err(format!("write {i} refused: {status} {text}")),
+            Err(e) => {
+                if std::time::Instant::now() > deadline {
+                    return Err(format!("write {i}: {e}"));
+                }
+            }
+        }
+        attempt += 1;
+        // Back off a little while a node restarts or an election runs.
+        tokio::time::sleep(Duration::from_millis(20 * attempt.min(10) as u64)).await;
+    }
+}
+
+/// Writes `count` operations with `workers` concurrent writers through every node; returns
+/// a counter of acknowledged writes that another task may watch.
+fn spawn_writers(
+    apis: Vec<Api>,
+    count: usize,
+    workers: usize,
+    acked: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..workers {
+            let (apis, next, acked) = (apis.clone(), next.clone(), acked.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        return Ok::<(), String>(());
+                    }
+                    write_acked(&apis, i).await?;
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.map_err(|e| e.to_string())??;
+        }
+        Ok(())
+    })
+}
+
+async fn wait_acked(acked: &AtomicUsize, n: usize) {
+    wait_for(
+        &format!("{n} acknowledged writes"),
+        Duration::from_secs(300),
+        || async {
+            let got = acked.load(Ordering::Relaxed);
+            if got >= n {
+                Ok(())
+            } else {
+                Err(format!("{got}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// Waits until every running node applied the same state, and returns its digest.
+async fn wait_converged(net: &Testnet) -> StateDigest {
+    let apis: Vec<Api> = net
+        .running()
+        .into_iter()
+        .map(|i| net.api(i).unwrap())
+        .collect();
+    wait_for(
+        "every node to hold the same state",
+        Duration::from_secs(120),
+        || {
+            let apis = apis.clone();
+            async move {
+                let mut digests = Vec::new();
+                for a in &apis {
+                    let d: StateDigest = a
+                        .get("/v1/cluster/digest")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    digests.push(d);
+                }
+                let first = &digests[0];
+                if digests
+                    .iter()
+                    .all(|d| d.digest == first.digest && d.applied_index == first.applied_index)
+                {
+                    Ok(first.clone())
+                } else {
+                    Err(format!("{digests:?}"))
+                }
+            }
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Checks that every write of the workload is in node `i`'s state exactly once.
+async fn check_workload(net: &Testnet, count: usize) {
+    for i in net.running() {
+        let api = net.api(i).unwrap();
+        // Counters: each add applied exactly once.
+        let mut want: BTreeMap<usize, usize> = BTreeMap::new();
+        for w in (1..count).step_by(2) {
+            *want.entry((w / 2) % 16).or_default() += 1;
+        }
+        for (c, n) in want {
+            let (status, body) = api
+                .get_raw(&format!("/v1/kv/c{c}?read=local"))
+                .await
+                .unwrap();
+            assert_eq!(
+                (status, body),
+                (200, n.to_string()),
+                "counter c{c} on node {i}"
+            );
+        }
+    }
+    // Every put is present (the digests being equal, one node suffices).
+    let api = net.api(net.running()[0]).unwrap();
+    for w in (0..count).step_by(2) {
+        let (status, body) = api
+            .get_raw(&format!("/v1/kv/k{w}?read=local"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (200, format!("v{w}").as_str()),
+            "key k{w}"
+        );
+    }
+}
+
+/// A deterministic pseudo-random number in `lo..hi` from `seed` (printed, so a failure can be
+/// replayed).
+fn pick(seed: u64, lo: usize, hi: usize) -> usize {
+    let x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    lo + (x >> 33) as usize % (hi - lo)
+}
+
+async fn survive_kill_9(kill_leader: bool, seed: u64) {
+    const COUNT: usize = 10_000;
+    let mut net = cluster(3, &[]).await;
+    let apis: Vec<Api> = (0..3).map(|i| net.api(i).unwrap()).collect();
+    let acked = Arc::new(AtomicUsize::new(0));
+    let writers = spawn_writers(apis, COUNT, 24, acked.clone());
+
+    let at = pick(seed, 1_000, 6_000);
+    eprintln!(
+        "seed {seed}: killing the {} after {at} writes",
+        if kill_leader { "leader" } else { "follower" }
+    );
+    wait_acked(&acked, at).await;
+    let lead = leader(&net, 0, "data-1").await;
+    let victim = if kill_leader { lead } else { (lead + 1) % 3 };
+    net.kill(victim).await.unwrap();
+    // Keep writing while it is down, then bring it back.
+    wait_acked(&acked, at + 1_000).await;
+    net.restart(victim).await.unwrap();
+
+    writers.await.unwrap().unwrap();
+    let digest = wait_converged(&net).await;
+    assert_eq!(digest.keys, COUNT / 2 + 16, "{digest:?}");
+    check_workload(&net, COUNT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9_of_the_leader() {
+    survive_kill_9(true, 0x5eed_0001).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9_of_a_follower() {
+    survive_kill_9(false, 0x5eed_0002).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_was_away_catches_up_from_a_snapshot() {
+    let mut net = cluster(5, &["--raft-snapshot-every", "100"]).await;
+    let lead = leader(&net, 0, "data-1").await;
+    let away = (lead + 1) % 5;
+    net.stop(away).await.unwrap();
+
+    let apis: Vec<Api> = (0..5)
+        .filter(|i| *i != away)
+        .map(|i| net.api(i).unwrap())
+        .collect();
+    let acked = Arc::new(AtomicUsize::new(0));
+    spawn_writers(apis, 1_000, 8, acked.clone())
+        .await
+        .unwrap()
+        .unwrap();
+
+    net.restart(away).await.unwrap();
+    let digest = wait_converged(&net).await;
+    assert_eq!(digest.keys, 500 + 16);
+    // The leader compacted its log past where the peer stopped, so the peer can only have
+    // caught up by installing a snapshot.
+    let api = net.api(away).unwrap();
+    let installed = api.metric_sum("canal_raft_snapshots_total").await.unwrap();
+    assert!(
+        installed >= 1.0,
+        "the returning peer should have installed a snapshot"
+    );
+    let s: ClusterStatus = api.get("/v1/cluster/status").await.unwrap();
+    let data = s.groups.iter().find(|g| g.group == "data-1").unwrap();
+    let me = data.members[0].status.as_ref().unwrap();
+    assert!(me.snapshot_index.unwrap_or(0) >= 100, "{me:?}");
+    check_workload(&net, 1_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_cannot_commit_and_the_majority_goes_on() {
+    let net = cluster(3, &[]).await;
+    let lead = leader(&net, 0, "data-1").await;
+    let followers: Vec<usize> = (0..3).filter(|i| *i != lead).collect();
+    let api = net.api(lead).unwrap();
+    let (status, _) = api
+        .send(Method::PUT, "/v1/kv/before", b"1".to_vec(), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    // The leader alone is a minority: it cannot commit, and says so.
+    for f in &followers {
+        net.signal(*f, libc::SIGSTOP).unwrap();
+    }
+    let (status, body) = api
+        .send(Method::PUT, "/v1/kv/minority", b"1".to_vec(), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("no quorum") || body.contains("no leader"),
+        "{body}"
+    );
+    for f in &followers {
+        net.signal(*f, libc::SIGCONT).unwrap();
+    }
+
+    // Two of three are a majority: with one follower stopped, writes still commit.
+    net.signal(followers[0], libc::SIGSTOP).unwrap();
+    let other = net.api(followers[1]).unwrap();
+    let (status, body) = other
+        .send(Method::PUT, "/v1/kv/majority", b"1".to_vec(), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    net.signal(followers[0], libc::SIGCONT).unwrap();
+    let (status, body) = other.get_raw("/v1/kv/majority").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_raft_database_is_refused_naming_its_path() {
+    let mut net = cluster(1, &[]).await;
+    let api = net.api(0).unwrap();
+    let (status, _) = api
+        .send(Method::PUT, "/v1/kv/a", b"1".to_vec(), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    net.stop(0).await.unwrap();
+    let db = net.node(0).data_dir().join("raft");
+
+    std::fs::write(db.join("db"), vec![0x5a; 4096]).unwrap();
+    let e = net
+        .restart(0)
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(
+        e.contains("Raft database") && e.contains(&db.display().to_string()),
+        "{e}"
+    );
+
+    std::fs::remove_file(db.join("db")).unwrap();
+    let e = net
+        .restart(0)
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(
+        e.contains("damaged") && e.contains(&db.display().to_string()),
+        "{e}"
+    );
+}
