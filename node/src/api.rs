@@ -304,6 +304,19 @@ async fn cluster_remove(
         )
     })?;
     let id = node_id(&peer);
+    // First the tombstone, so the membership job never adds the peer back as a learner.
+    st.consensus
+        .write(
+            GroupId::METADATA,
+            Request {
+                id: None,
+                op: Op::Put {
+                    key: crate::cluster::removed_key(&peer),
+                    value: b"removed".to_vec(),
+                },
+            },
+        )
+        .await?;
     for g in st.consensus.groups() {
         st.consensus.remove(g, id).await?;
     }

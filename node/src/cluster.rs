@@ -51,6 +51,11 @@ impl Transport for MeshTransport {
     }
 }
 
+/// The metadata key that marks a peer as removed from the cluster for good.
+pub fn removed_key(peer: &PeerId) -> String {
+    format!("cluster/removed/{peer}")
+}
+
 /// The Raft node id of a peer.
 pub fn node_id(peer: &PeerId) -> NodeId {
     node_id_of(&peer.to_bytes())
@@ -171,9 +176,16 @@ impl Membership {
         }
         let membership = m.membership_config.membership().clone();
         let known: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        let removed = |p: &PeerId| {
+            self.consensus
+                .state_machine(GroupId::METADATA)
+                .ok()
+                .and_then(|sm| sm.get(&removed_key(p)).ok().flatten())
+                .is_some()
+        };
         for p in self.dht.peers() {
             let id = node_id(&p.peer_id);
-            if !known.contains(&id) {
+            if !known.contains(&id) && !removed(&p.peer_id) {
                 info!(group = %g, peer = %p.peer_id, "adding peer as a learner");
                 let node = RaftNode {
                     peer_id: p.peer_id.to_base58(),

@@ -396,3 +396,123 @@ async fn a_damaged_raft_database_is_refused_naming_its_path() {
         "{e}"
     );
 }
+
+/// Node `via`'s view of group `group`: (voters, learners) as peer ids.
+async fn roles(net: &Testnet, via: usize, group: &str) -> (Vec<String>, Vec<String>) {
+    let out = crate::canal(&[
+        "--api",
+        &net.node(via).info().unwrap().api,
+        "cluster",
+        "status",
+        "--json",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", crate::stderr(&out));
+    let s: ClusterStatus = serde_json::from_slice(&out.stdout).unwrap();
+    let g = s.groups.iter().find(|g| g.group == group).unwrap();
+    let me = g.members[0].status.as_ref().unwrap();
+    let peer = |id: &u64| {
+        me.nodes
+            .iter()
+            .find(|(n, _)| n == id)
+            .map(|(_, p)| p.clone())
+            .unwrap()
+    };
+    (
+        me.voters.iter().map(peer).collect(),
+        me.learners.iter().map(peer).collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_peers_join_as_learners_are_promoted_and_can_be_removed() {
+    // One node forms the cluster; the others join as learners and are promoted to 3 voters.
+    let extra: Vec<String> = ["--bootstrap-expect", "1", "--voters", "3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut net = Testnet::new(BIN).unwrap();
+    net.add_node(NodeOptions {
+        extra_args: extra.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    wait_formed(&net, 0, 1).await;
+    for _ in 1..4 {
+        net.add_node(NodeOptions {
+            extra_args: extra.clone(),
+            bootstrap_from_first: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let want = |v: usize, l: usize| {
+        move |(voters, learners): (Vec<String>, Vec<String>)| {
+            voters.len() == v && learners.len() == l
+        }
+    };
+    let netr = &net;
+    wait_for(
+        "3 voters and 1 learner",
+        Duration::from_secs(90),
+        || async move {
+            let r = roles(netr, 0, "data-1").await;
+            if want(3, 1)(r.clone()) && want(3, 1)(roles(netr, 0, "metadata").await) {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    // A voter leaves for good: kill it, remove it; the learner is promoted in its place.
+    let (voters, learners) = roles(&net, 0, "data-1").await;
+    let lead = leader(&net, 0, "data-1").await;
+    let gone = (0..4)
+        .find(|i| *i != lead && voters.contains(&net.node(*i).info().unwrap().peer_id))
+        .unwrap();
+    let gone_id = net.node(gone).info().unwrap().peer_id.clone();
+    net.kill(gone).await.unwrap();
+    let out = crate::canal(&[
+        "--api",
+        &net.node(lead).info().unwrap().api,
+        "cluster",
+        "remove",
+        &gone_id,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", crate::stderr(&out));
+    let netr = &net;
+    let (gone_ref, learner) = (&gone_id, &learners[0]);
+    wait_for(
+        "the learner to replace the removed voter",
+        Duration::from_secs(90),
+        || async move {
+            for g in ["metadata", "data-1"] {
+                let (v, l) = roles(netr, lead, g).await;
+                if v.contains(gone_ref)
+                    || l.contains(gone_ref)
+                    || !v.contains(learner)
+                    || v.len() != 3
+                {
+                    return Err(format!("{g}: voters {v:?}, learners {l:?}"));
+                }
+            }
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
+    // Writes still commit.
+    let (status, body) = net
+        .api(lead)
+        .unwrap()
+        .send(Method::PUT, "/v1/kv/after", b"1".to_vec(), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+}
