@@ -9,10 +9,12 @@
 //!   configuration, then the node run until SIGINT/SIGTERM.
 //! - `client`: the HTTP client and its error messages.
 //! - `show`: tables for people, JSON for scripts.
+//! - `bench`: `canal bench`, load generators.
 //! - `testnet_cmd`: `canal testnet`, a mesh of node processes on this machine.
 //!
 //! Exit codes: 0 success, 1 the request failed, 2 bad usage.
 
+mod bench;
 mod client;
 mod node_cmd;
 mod show;
@@ -49,6 +51,8 @@ enum Command {
     Node(Box<node_cmd::NodeArgs>),
     /// Every known peer: id, addresses, tier, labels, CPU, memory, GPUs, load, last seen.
     Peers,
+    /// Load generators: throughput and latency percentiles.
+    Bench(bench::BenchArgs),
     /// A multi-node mesh on this machine: up, status, down, kill, restart.
     Testnet(testnet_cmd::TestnetArgs),
     /// The Raft groups: status, removing a peer for good, making a cluster key.
@@ -118,6 +122,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(args) => node_cmd::run(*args).await,
+        Command::Bench(args) => bench::run(args, cli.json).await,
         Command::Testnet(args) => testnet_cmd::run(args, cli.json).await,
         Command::Cluster { command } => match command {
             ClusterCommand::Status => {

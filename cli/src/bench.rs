@@ -1,0 +1,235 @@
+//! `canal bench`: load generators that report throughput and latency percentiles.
+//!
+//! `canal bench raft` starts its own cluster of local nodes (the same binary), so the numbers
+//! are reproducible with one command: committed writes/s and commit latency with 1 and with
+//! 64 concurrent writers, then the time from `kill -9` of the leader to the next committed
+//! write, repeated.
+
+use anyhow::{Context, bail};
+use canal_proto::api::ClusterStatus;
+use canal_testnet::{Api, NodeOptions, Testnet};
+use clap::{Args, Subcommand};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug)]
+pub(crate) struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Replicated writes on a local 3-node cluster: throughput, commit latency, failover time.
+    Raft {
+        /// Writes per run.
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+        /// Concurrent writers of the runs, comma-separated.
+        #[arg(long, default_value = "1,64", value_delimiter = ',')]
+        writers: Vec<usize>,
+        /// Bytes per value.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Leader kills to time (0 to skip).
+        #[arg(long, default_value_t = 10)]
+        failovers: usize,
+    },
+}
+
+/// Percentile `p` (0-100) of sorted `v`.
+fn pct(v: &[Duration], p: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn leader(net: &Testnet) -> anyhow::Result<Option<usize>> {
+    for i in net.running() {
+        let Ok(s) = net.api(i)?.get::<ClusterStatus>("/v1/cluster/status").await else {
+            continue;
+        };
+        let Some(g) = s.groups.iter().find(|g| g.group == "data-1") else {
+            continue;
+        };
+        let Some(me) = g.members.first().and_then(|m| m.status.as_ref()) else {
+            continue;
+        };
+        let Some(l) = me.leader else { continue };
+        let Some((_, peer)) = me.nodes.iter().find(|(id, _)| *id == l) else {
+            continue;
+        };
+        return Ok((0..net.len()).find(|j| {
+            net.node(*j)
+                .info()
+                .map(|i| &i.peer_id == peer)
+                .unwrap_or(false)
+        }));
+    }
+    Ok(None)
+}
+
+pub(crate) async fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
+    let BenchCommand::Raft {
+        count,
+        writers,
+        size,
+        failovers,
+    } = args.command;
+    if count == 0 || writers.contains(&0) {
+        bail!("--count and --writers must be at least 1");
+    }
+    let bin = std::env::current_exe().context("cannot find the canal binary to run nodes with")?;
+    eprintln!("starting 3 local nodes ...");
+    let mut net = Testnet::start(&bin, 3, |_| NodeOptions {
+        extra_args: vec![
+            "--bootstrap-expect".into(),
+            "3".into(),
+            "--log".into(),
+            "warn".into(),
+        ],
+        ..Default::default()
+    })
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while leader(&net).await?.is_none() {
+        if Instant::now() > deadline {
+            bail!("the cluster did not elect a leader within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let apis: Vec<Api> = (0..3).map(|i| net.api(i)).collect::<anyhow::Result<_>>()?;
+    let value = vec![b'x'; size];
+    let mut results = Vec::new();
+    for (run, &w) in writers.iter().enumerate() {
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..w {
+            let (apis, next, value) = (apis.clone(), next.clone(), value.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        return Ok::<_, anyhow::Error>(lat);
+                    }
+                    let t = Instant::now();
+                    let (status, body) = apis[i % apis.len()]
+                        .send(
+                            reqwest::Method::PUT,
+                            &format!("/v1/kv/bench-{run}-{i}"),
+                            value.clone(),
+                            None,
+                        )
+                        .await?;
+                    if status != 200 {
+                        bail!("write failed: {status} {body}");
+                    }
+                    lat.push(t.elapsed());
+                }
+            }));
+        }
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await??);
+        }
+        let elapsed = started.elapsed();
+        lat.sort();
+        let rate = count as f64 / elapsed.as_secs_f64();
+        eprintln!(
+            "writers {w:>3}: {count} writes of {size} B in {:.2} s = {rate:.0} committed writes/s; latency p50 {} p99 {}",
+            elapsed.as_secs_f64(),
+            ms(pct(&lat, 50.0)),
+            ms(pct(&lat, 99.0))
+        );
+        results.push(serde_json::json!({
+            "writers": w, "writes": count, "bytes": size, "seconds": elapsed.as_secs_f64(),
+            "writes_per_s": rate, "p50_ms": pct(&lat, 50.0).as_secs_f64() * 1000.0,
+            "p99_ms": pct(&lat, 99.0).as_secs_f64() * 1000.0,
+        }));
+    }
+
+    let mut failover_times = Vec::new();
+    for k in 0..failovers {
+        let Some(l) = leader(&net).await? else {
+            bail!("no leader before failover {k}")
+        };
+        let survivors: Vec<Api> = (0..3)
+            .filter(|i| *i != l)
+            .map(|i| apis[i].clone())
+            .collect();
+        let killed = Instant::now();
+        net.kill(l).await?;
+        // Write until one commits; each attempt goes to a surviving node.
+        let mut i = 0usize;
+        loop {
+            let (status, _) = survivors[i % 2]
+                .send(
+                    reqwest::Method::PUT,
+                    &format!("/v1/kv/failover-{k}"),
+                    b"1".to_vec(),
+                    Some(&format!("failover-{k}")),
+                )
+                .await
+                .unwrap_or((0, String::new()));
+            if status == 200 {
+                break;
+            }
+            i += 1;
+            if killed.elapsed() > Duration::from_secs(60) {
+                bail!("no write committed within 60 s of killing the leader");
+            }
+        }
+        let took = killed.elapsed();
+        eprintln!(
+            "failover {}: next committed write {} after kill -9 of the leader",
+            k + 1,
+            ms(took)
+        );
+        failover_times.push(took);
+        net.restart(l).await?;
+        // Let the restarted node catch up before the next round.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s: Result<ClusterStatus, _> = apis[l].get("/v1/cluster/status").await;
+            let caught_up = s.ok().is_some_and(|s| {
+                s.groups.iter().all(|g| {
+                    g.members
+                        .first()
+                        .and_then(|m| m.status.as_ref())
+                        .is_some_and(|m| m.leader.is_some())
+                })
+            });
+            if caught_up || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    failover_times.sort();
+    if !failover_times.is_empty() {
+        eprintln!(
+            "failover over {} kills: median {}, min {}, max {}",
+            failover_times.len(),
+            ms(pct(&failover_times, 50.0)),
+            ms(failover_times[0]),
+            ms(failover_times[failover_times.len() - 1])
+        );
+    }
+    if json {
+        let out = serde_json::json!({
+            "runs": results,
+            "failover_ms": failover_times.iter().map(|d| d.as_secs_f64() * 1000.0).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
