@@ -99,6 +99,8 @@ struct Inner<T> {
     groups: BTreeMap<GroupId, Group>,
     settings: Settings,
     metrics: Metrics,
+    watermark: Arc<crate::store::Watermark>,
+    watermark_task: tokio::task::JoinHandle<()>,
 }
 
 fn other(e: impl std::fmt::Display) -> ClientError {
@@ -194,6 +196,22 @@ impl<T: Transport> Consensus<T> {
             watch_metrics(group, raft.metrics(), metrics.clone());
             map.insert(group, Group { raft, sm, log });
         }
+        // Record the durable marks a moment after the entries they cover were flushed.
+        let watermark = db.watermark();
+        let w_task = watermark.clone();
+        let watermark_task = tokio::spawn(async move {
+            let watermark = w_task;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let w = watermark.clone();
+                match tokio::task::spawn_blocking(move || w.write(false)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(error = %e, "cannot write the Raft watermark"),
+                    Err(_) => break,
+                }
+            }
+        });
         info!(node_id = me, groups = ?groups, "Raft groups started");
         Ok(Consensus {
             inner: Arc::new(Inner {
@@ -203,6 +221,8 @@ impl<T: Transport> Consensus<T> {
                 groups: map,
                 settings,
                 metrics,
+                watermark,
+                watermark_task,
             }),
         })
     }
@@ -601,6 +621,10 @@ impl<T: Transport> Consensus<T> {
             if let Err(e) = group.raft.shutdown().await {
                 warn!(group = %g, error = %e, "Raft group did not stop cleanly");
             }
+        }
+        self.inner.watermark_task.abort();
+        if let Err(e) = self.inner.watermark.write(false) {
+            warn!(error = %e, "cannot write the Raft watermark");
         }
     }
 }

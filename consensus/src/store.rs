@@ -9,6 +9,12 @@
 //!   g{N}.snap        "meta", "data": the current snapshot
 //! ```
 //!
+//! Beside sled's files, `watermark.json` records, per group, a log index known durable (it
+//! is written a moment after the entries it covers were flushed, and lowered before a
+//! truncation). A database whose log ends below its watermark was truncated behind canal's
+//! back (a damaged or partly restored `db` file), and is refused instead of silently
+//! starting with acknowledged entries missing.
+//!
 //! Every value is written with `canal_proto::wire` (a version byte and bincode). Log appends,
 //! votes, truncation and purges are flushed before they are reported done, so nothing the
 //! log store acknowledged is lost to a `kill -9`. The state machine applies each batch of
@@ -81,6 +87,68 @@ pub enum StoreError {
 pub struct RaftDb {
     db: sled::Db,
     path: PathBuf,
+    watermark: Arc<Watermark>,
+}
+
+/// Per group, a log index known durable; see the module docs.
+#[derive(Debug)]
+pub struct Watermark {
+    path: PathBuf,
+    durable: std::sync::Mutex<std::collections::BTreeMap<u32, u64>>,
+    written: std::sync::Mutex<std::collections::BTreeMap<u32, u64>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WatermarkFile {
+    version: u32,
+    groups: std::collections::BTreeMap<u32, u64>,
+}
+
+impl Watermark {
+    fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn raise(&self, group: GroupId, index: u64) {
+        let mut d = Self::lock(&self.durable);
+        let e = d.entry(group.0).or_insert(0);
+        *e = (*e).max(index);
+    }
+
+    /// Lowers a group's mark and writes the file at once, before a truncation makes the log
+    /// shorter than the mark.
+    fn lower(&self, group: GroupId, index: u64) -> std::io::Result<()> {
+        {
+            let mut d = Self::lock(&self.durable);
+            let e = d.entry(group.0).or_insert(0);
+            *e = (*e).min(index);
+        }
+        self.write(true)
+    }
+
+    /// Writes the file if the marks changed (or always, with `force`), atomically and synced.
+    pub fn write(&self, force: bool) -> std::io::Result<()> {
+        let current = Self::lock(&self.durable).clone();
+        let mut written = Self::lock(&self.written);
+        if !force && *written == current {
+            return Ok(());
+        }
+        let text = serde_json::to_vec(&WatermarkFile {
+            version: 1,
+            groups: current.clone(),
+        })
+        .map_err(std::io::Error::other)?;
+        let tmp = self.path.with_extension("json.tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        *written = current;
+        Ok(())
+    }
 }
 
 impl RaftDb {
@@ -92,14 +160,7 @@ impl RaftDb {
             .unwrap_or(false);
         // No background flusher: every durable write flushes itself, and without the thread
         // the directory's lock is released as soon as the database is dropped.
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| StoreError::Open {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
+        let db = open_sled(path)?;
         let io = |e: sled::Error| StoreError::Io {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -128,10 +189,49 @@ impl RaftDb {
                 db.flush().map_err(io)?;
             }
         }
-        Ok(RaftDb {
+        let watermark_path = path.join("watermark.json");
+        let marks = match std::fs::read(&watermark_path) {
+            Ok(bytes) => {
+                serde_json::from_slice::<WatermarkFile>(&bytes)
+                    .map_err(|e| StoreError::Corrupt {
+                        path: path.to_path_buf(),
+                        reason: format!("watermark.json does not read: {e}"),
+                    })?
+                    .groups
+            }
+            Err(_) => Default::default(),
+        };
+        let raft = RaftDb {
             db,
             path: path.to_path_buf(),
-        })
+            watermark: Arc::new(Watermark {
+                path: watermark_path,
+                durable: std::sync::Mutex::new(marks.clone()),
+                written: std::sync::Mutex::new(marks.clone()),
+            }),
+        };
+        for (g, mark) in marks {
+            let (log, _) = raft.group(GroupId(g))?;
+            let last = log.durable_end().map_err(|e| StoreError::Io {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+            if last < mark {
+                return Err(StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "the log of group {} ends at index {last}, but index {mark} was known durable: the database was truncated",
+                        GroupId(g)
+                    ),
+                });
+            }
+        }
+        Ok(raft)
+    }
+
+    /// The durable-index marks, for the task that writes them to disk now and then.
+    pub fn watermark(&self) -> Arc<Watermark> {
+        self.watermark.clone()
     }
 
     /// The database directory.
@@ -150,8 +250,10 @@ impl RaftDb {
                 })
         };
         let log = LogStore {
+            group,
             log: tree("log")?,
             meta: tree("meta")?,
+            watermark: self.watermark.clone(),
         };
         let sm = StateMachine {
             sm: tree("sm")?,
@@ -178,6 +280,36 @@ impl RaftDb {
     }
 }
 
+/// Opens sled, turning a panic in its recovery (it panics on some damaged files) into an
+/// error naming the path.
+fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
+    let config = sled::Config::new().path(path).flush_every_ms(None);
+    // The default hook would print the panic as if canal had crashed; this is an error with
+    // a message of its own instead.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+    std::panic::set_hook(hook);
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(StoreError::Open {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown failure".into());
+            Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("sled cannot recover it: {what}"),
+            })
+        }
+    }
+}
+
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, wire::WireError> {
     wire::encode(v)
 }
@@ -197,11 +329,20 @@ fn index_key(i: u64) -> [u8; 8] {
 /// A group's Raft log, vote and committed index. Cheap to clone.
 #[derive(Clone)]
 pub struct LogStore {
+    group: GroupId,
     log: sled::Tree,
     meta: sled::Tree,
+    watermark: Arc<Watermark>,
 }
 
 impl LogStore {
+    /// The highest index the log covers: its last entry, or the purge point if it is empty.
+    fn durable_end(&self) -> Result<u64, SErr> {
+        let purged: Option<LogId<NodeId>> = self.meta_get("purged")?;
+        let last = self.last_entry_id()?;
+        Ok(last.or(purged).map(|l| l.index).unwrap_or(0))
+    }
+
     fn meta_get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SErr> {
         match self
             .meta
@@ -331,9 +472,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = sled::Batch::default();
+        let mut highest = None;
         for e in entries {
             let bytes = enc(&e).map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
             batch.insert(&index_key(e.log_id.index), bytes);
+            highest = Some(e.log_id.index);
         }
         self.log
             .apply_batch(batch)
@@ -341,6 +484,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let flushed = self.log.flush_async().await;
         match flushed {
             Ok(_) => {
+                if let Some(h) = highest {
+                    self.watermark.raise(self.group, h);
+                }
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }
@@ -353,6 +499,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        // Lower the mark first: a crash after it leaves the mark below the log, never above.
+        self.watermark
+            .lower(self.group, log_id.index.saturating_sub(1))
+            .map_err(|e| StorageIOError::write_logs(&e))?;
         let mut batch = sled::Batch::default();
         for item in self.log.range(index_key(log_id.index)..) {
             let (k, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
@@ -769,6 +919,37 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains(&foreign.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn a_log_shorter_than_its_watermark_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft");
+        let db = RaftDb::open(&path).unwrap();
+        db.group(GroupId(1)).unwrap();
+        drop(db);
+        // The mark says entry 5 of group 1 was durable, but the log is empty.
+        std::fs::write(
+            path.join("watermark.json"),
+            r#"{"version":1,"groups":{"1":5}}"#,
+        )
+        .unwrap();
+        let e = RaftDb::open(&path)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("truncated") && e.contains(&path.display().to_string()),
+            "{e}"
+        );
+        std::fs::write(path.join("watermark.json"), "{").unwrap();
+        assert!(RaftDb::open(&path).is_err());
+        std::fs::write(
+            path.join("watermark.json"),
+            r#"{"version":1,"groups":{"1":0}}"#,
+        )
+        .unwrap();
+        assert!(RaftDb::open(&path).is_ok());
     }
 
     fn entry(index: u64, req: Request) -> Entry<TypeConfig> {

@@ -364,13 +364,70 @@ async fn a_minority_cannot_commit_and_the_majority_goes_on() {
 async fn a_damaged_raft_database_is_refused_naming_its_path() {
     let mut net = cluster(1, &[]).await;
     let api = net.api(0).unwrap();
-    let (status, _) = api
-        .send(Method::PUT, "/v1/kv/a", b"1".to_vec(), None)
+    for i in 0..300 {
+        let (status, _) = api
+            .send(Method::PUT, &format!("/v1/kv/k{i}"), vec![b'x'; 1000], None)
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+    }
+    let db = net.node(0).data_dir().join("raft");
+    // Wait until the durable mark covers the writes, then stop.
+    let mark = db.join("watermark.json");
+    wait_for(
+        "the watermark to cover the writes",
+        Duration::from_secs(30),
+        || {
+            let mark = mark.clone();
+            async move {
+                let text = std::fs::read_to_string(&mark).map_err(|e| e.to_string())?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| e.to_string())?;
+                if v["groups"]["1"].as_u64().unwrap_or(0) >= 300 {
+                    Ok(())
+                } else {
+                    Err(text)
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    net.stop(0).await.unwrap();
+    let pristine = net.node(0).data_dir().with_extension("pristine");
+    copy_dir(&db, &pristine);
+
+    // A truncated database file: sled would recover a prefix; canal refuses it.
+    let len = std::fs::metadata(db.join("db")).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(db.join("db"))
+        .unwrap();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    let e = net
+        .restart(0)
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(
+        e.contains("damaged") && e.contains(&db.display().to_string()),
+        "{e}"
+    );
+
+    // The untouched copy still starts, with everything in it.
+    std::fs::remove_dir_all(&db).unwrap();
+    copy_dir(&pristine, &db);
+    net.restart(0).await.unwrap();
+    let (status, body) = net
+        .api(0)
+        .unwrap()
+        .get_raw("/v1/kv/k299?read=local")
         .await
         .unwrap();
-    assert_eq!(status, 200);
+    assert_eq!((status, body.len()), (200, 1000));
     net.stop(0).await.unwrap();
-    let db = net.node(0).data_dir().join("raft");
 
     std::fs::write(db.join("db"), vec![0x5a; 4096]).unwrap();
     let e = net
@@ -515,4 +572,17 @@ async fn later_peers_join_as_learners_are_promoted_and_can_be_removed() {
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
 }
