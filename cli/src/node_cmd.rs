@@ -50,6 +50,9 @@ pub(crate) struct NodeArgs {
     /// Build a Raft snapshot after this many entries [default: 5000].
     #[arg(long, env = "CANAL_RAFT_SNAPSHOT_EVERY")]
     raft_snapshot_every: Option<u64>,
+    /// Shortest Raft election timeout in ms; the longest is twice it [default: 200].
+    #[arg(long, env = "CANAL_RAFT_ELECTION_TIMEOUT_MS")]
+    raft_election_timeout_ms: Option<u64>,
     /// Home peers per shard (K).
     #[arg(long, env = "CANAL_REPLICATION_FACTOR")]
     replication_factor: Option<usize>,
@@ -101,6 +104,9 @@ impl NodeArgs {
         }
         if let Some(v) = self.raft_snapshot_every {
             c.raft_snapshot_every = v;
+        }
+        if let Some(v) = self.raft_election_timeout_ms {
+            c.raft_election_timeout_ms = v;
         }
         Ok(c)
     }

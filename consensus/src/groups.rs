@@ -43,8 +43,11 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            heartbeat: Duration::from_millis(100),
-            election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
+            // openraft waits out a leader lease (the election timeout's maximum) on top of the
+            // election timeout before it votes again, so a failover takes about 2-3x the
+            // timeout: these keep it under a second.
+            heartbeat: Duration::from_millis(50),
+            election_timeout: (Duration::from_millis(200), Duration::from_millis(400)),
             snapshot_every: 5000,
             keep_behind_snapshot: 1000,
             client_timeout: Duration::from_secs(10),

@@ -42,6 +42,9 @@ pub struct NodeConfig {
     pub voters: usize,
     /// Build a Raft snapshot (and compact the log) after this many entries.
     pub raft_snapshot_every: u64,
+    /// The shortest Raft election timeout, in milliseconds; the longest is twice it, the
+    /// leader heartbeat a quarter of it.
+    pub raft_election_timeout_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -61,6 +64,7 @@ impl Default for NodeConfig {
             shards: canal_dht::topology::DEFAULT_SHARDS,
             voters: 3,
             raft_snapshot_every: 5000,
+            raft_election_timeout_ms: 200,
         }
     }
 }
@@ -117,6 +121,8 @@ pub struct ValidConfig {
     pub voters: usize,
     /// Raft snapshot interval, in entries.
     pub raft_snapshot_every: u64,
+    /// Shortest election timeout.
+    pub raft_election_timeout: std::time::Duration,
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -285,6 +291,15 @@ impl NodeConfig {
                 ),
             ));
         }
+        if !(50..=60_000).contains(&self.raft_election_timeout_ms) {
+            return Err(invalid(
+                "raft_election_timeout_ms",
+                format!(
+                    "{} is out of range: 50 to 60000 milliseconds",
+                    self.raft_election_timeout_ms
+                ),
+            ));
+        }
         Ok(ValidConfig {
             data_dir: self.data_dir.clone(),
             listen,
@@ -300,6 +315,7 @@ impl NodeConfig {
             shards: self.shards,
             voters: self.voters,
             raft_snapshot_every: self.raft_snapshot_every,
+            raft_election_timeout: std::time::Duration::from_millis(self.raft_election_timeout_ms),
         })
     }
 }

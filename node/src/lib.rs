@@ -153,6 +153,11 @@ impl Node {
         let settings = Settings {
             snapshot_every: config.raft_snapshot_every,
             keep_behind_snapshot: (config.raft_snapshot_every / 5).max(10),
+            heartbeat: config.raft_election_timeout / 4,
+            election_timeout: (
+                config.raft_election_timeout,
+                config.raft_election_timeout * 2,
+            ),
             ..Settings::default()
         };
         // One metadata group and, on a small cluster, one data group for all shards; the
