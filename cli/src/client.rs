@@ -27,17 +27,26 @@ pub(crate) fn encode_segment(s: &str) -> String {
 
 impl Client {
     pub(crate) fn new(base: &str, token: Option<&str>) -> anyhow::Result<Client> {
+        Self::build(base, token, Some(Duration::from_secs(30)))
+    }
+
+    /// A client for long-lived streams: no limit on the whole request.
+    pub(crate) fn streaming(base: &str, token: Option<&str>) -> anyhow::Result<Client> {
+        Self::build(base, token, None)
+    }
+
+    fn build(base: &str, token: Option<&str>, timeout: Option<Duration>) -> anyhow::Result<Client> {
         let base = base.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!(
                 "--api {base:?} is not an http:// or https:// URL: write, for example, http://127.0.0.1:7070"
             );
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .build()
-            .context("cannot build the HTTP client")?;
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        if let Some(t) = timeout {
+            builder = builder.timeout(t);
+        }
+        let http = builder.build().context("cannot build the HTTP client")?;
         Ok(Client {
             base,
             token: token.map(str::to_string),
@@ -58,13 +67,51 @@ impl Client {
         self.send(reqwest::Method::POST, path).await.map(|_| ())
     }
 
-    async fn send(&self, method: reqwest::Method, path: &str) -> anyhow::Result<Vec<u8>> {
+    /// POSTs `body` with `headers` and decodes the JSON answer.
+    pub(crate) async fn post_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(String, String)],
+    ) -> anyhow::Result<T> {
+        let resp = self
+            .request(reqwest::Method::POST, path, body, headers)
+            .await?;
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url);
+        serde_json::from_slice(&Self::body(resp, &url).await?).with_context(|| {
+            format!("the answer from {url} is not what this canal version expects")
+        })
+    }
+
+    /// GETs `path` and returns the response once its status is known good, for streaming.
+    pub(crate) async fn stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let resp = self
+            .request(reqwest::Method::GET, path, Vec::new(), &[])
+            .await?;
+        if !resp.status().is_success() {
+            let url = format!("{}{path}", self.base);
+            Self::body(resp, &url).await?;
+            bail!("{url} did not answer with a stream");
+        }
+        Ok(resp)
+    }
+
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(String, String)],
+    ) -> anyhow::Result<reqwest::Response> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url).body(body);
+        for (k, v) in headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
-        let resp = req.send().await.map_err(|e| {
+        req.send().await.map_err(|e| {
             if e.is_connect() || e.is_timeout() {
                 anyhow!(
                     "cannot reach the canal API at {}: {} (is a node running there? set --api or CANAL_API)",
@@ -74,7 +121,11 @@ impl Client {
             } else {
                 anyhow!("request to {url} failed: {}", root_cause(&e))
             }
-        })?;
+        })
+    }
+
+    /// The body of a successful answer, or the error it carries.
+    async fn body(resp: reqwest::Response, url: &str) -> anyhow::Result<Vec<u8>> {
         let status = resp.status();
         let bytes = resp
             .bytes()
@@ -87,6 +138,12 @@ impl Client {
             bail!("{msg} (HTTP {status})");
         }
         Ok(bytes.to_vec())
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str) -> anyhow::Result<Vec<u8>> {
+        let url = format!("{}{path}", self.base);
+        let resp = self.request(method, path, Vec::new(), &[]).await?;
+        Self::body(resp, &url).await
     }
 }
 

@@ -8,6 +8,7 @@
 //! - `node_cmd`: `canal node` — flags, `CANAL_*` variables and the TOML file merged into one
 //!   configuration, then the node run until SIGINT/SIGTERM.
 //! - `client`: the HTTP client and its error messages.
+//! - `pubsub_cmd`: `canal pub` and `canal sub`.
 //! - `show`: tables for people, JSON for scripts.
 //! - `bench`: `canal bench`, load generators.
 //! - `testnet_cmd`: `canal testnet`, a mesh of node processes on this machine.
@@ -17,6 +18,7 @@
 mod bench;
 mod client;
 mod node_cmd;
+mod pubsub_cmd;
 mod show;
 mod testnet_cmd;
 
@@ -49,6 +51,10 @@ struct Cli {
 enum Command {
     /// Run a canal peer.
     Node(Box<node_cmd::NodeArgs>),
+    /// Publish to a topic.
+    Pub(pubsub_cmd::PubArgs),
+    /// Subscribe to a topic filter and print events as they come.
+    Sub(pubsub_cmd::SubArgs),
     /// Every known peer: id, addresses, tier, labels, CPU, memory, GPUs, load, last seen.
     Peers,
     /// Load generators: throughput and latency percentiles.
@@ -144,6 +150,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             ClusterCommand::Keygen { file } => keygen(&file),
         },
+        Command::Pub(args) => {
+            pubsub_cmd::publish(&cli.api, cli.token.as_deref(), args, cli.json).await
+        }
+        Command::Sub(args) => {
+            pubsub_cmd::subscribe(&cli.api, cli.token.as_deref(), args, cli.json).await
+        }
         Command::Peers => {
             let client = client::Client::new(&cli.api, cli.token.as_deref())?;
             let peers: canal_proto::api::Peers = client.get("/v1/peers").await?;

@@ -13,6 +13,7 @@
 //! - [`rpc`]: the messages between members, each tagged with its group.
 //! - [`groups`]: [`Consensus`], the groups of a node and the client operations on them
 //!   (writes and linearizable reads forwarded to the leader, membership, status).
+//! - [`topics`]: durable topic logs kept in a data group's state machine.
 //! - [`store`]: the sled database ([`RaftDb`]), with its format marker, and per group the
 //!   log store ([`LogStore`]) and the state machine ([`StateMachine`]), snapshots included.
 //!
@@ -25,6 +26,7 @@ pub mod groups;
 pub mod network;
 pub mod rpc;
 pub mod store;
+pub mod topics;
 pub mod types;
 
 pub use groups::{Consensus, ConsensusError, Settings};

@@ -259,6 +259,7 @@ impl RaftDb {
             sm: tree("sm")?,
             snap: tree("snap")?,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
+            applied_tx: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         Ok((log, sm))
     }
@@ -544,6 +545,8 @@ pub struct StateMachine {
     sm: sled::Tree,
     snap: sled::Tree,
     snapshot_seq: Arc<AtomicU64>,
+    /// The last applied index, for readers that wait for new entries (subscribers).
+    applied_tx: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// The contents of a snapshot.
@@ -584,6 +587,68 @@ impl StateMachine {
             out.push((String::from_utf8_lossy(&k[2..]).into_owned(), v.to_vec()));
         }
         Ok(out)
+    }
+
+    /// Wakes whenever entries are applied (the value is the applied index).
+    pub fn watch_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied_tx.subscribe()
+    }
+
+    /// Every topic with a log, and where its log starts and ends.
+    pub fn topics(&self) -> Result<Vec<(String, crate::topics::TopicMeta)>, SErr> {
+        let prefix = format!("d/{}", crate::topics::META_PREFIX);
+        let mut out = Vec::new();
+        for item in self.sm.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
+            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            let meta = dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?;
+            out.push((name, meta));
+        }
+        Ok(out)
+    }
+
+    /// Where one topic's log starts and ends, if the topic has one.
+    pub fn topic_meta(&self, topic: &str) -> Result<Option<crate::topics::TopicMeta>, SErr> {
+        self.read(format!("d/{}", crate::topics::meta_key(topic)).as_bytes())
+    }
+
+    /// Up to `limit` events of `topic` from offset `from` on, in offset order.
+    pub fn events(
+        &self,
+        topic: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<crate::topics::StoredEvent>, SErr> {
+        let start = format!("d/{}", crate::topics::event_key(topic, from));
+        let prefix = format!("d/{}", crate::topics::event_prefix(topic));
+        let mut out = Vec::new();
+        for item in self.sm.range(start.as_bytes()..) {
+            let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
+            if !k.starts_with(prefix.as_bytes()) || out.len() >= limit {
+                break;
+            }
+            out.push(dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?);
+        }
+        Ok(out)
+    }
+
+    /// The offset of the first event of `topic` accepted at or after `time_ms` (the end of
+    /// the log if none was).
+    pub fn offset_at(&self, topic: &str, time_ms: u64) -> Result<u64, SErr> {
+        let Some(meta) = self.topic_meta(topic)? else {
+            return Ok(0);
+        };
+        let mut from = meta.first;
+        loop {
+            let batch = self.events(topic, from, 1024)?;
+            if batch.is_empty() {
+                return Ok(meta.next);
+            }
+            if let Some(e) = batch.iter().find(|e| e.time_ms >= time_ms) {
+                return Ok(e.offset);
+            }
+            from = batch[batch.len() - 1].offset + 1;
+        }
     }
 
     /// The last log id applied on this node.
@@ -630,6 +695,92 @@ type StateCopy = (
     Option<LogId<NodeId>>,
     StoredMembership<NodeId, RaftNode>,
 );
+
+/// The writes of one `apply` call: reads see earlier writes of the same call before the
+/// batch lands.
+struct Writes<'a> {
+    tree: &'a sled::Tree,
+    data: &'a mut HashMap<String, Option<Vec<u8>>>,
+    batch: &'a mut sled::Batch,
+}
+
+impl Writes<'_> {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, sled::Error> {
+        match self.data.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.tree.get(format!("d/{key}"))?.map(|v| v.to_vec())),
+        }
+    }
+
+    fn set(&mut self, key: String, value: Option<Vec<u8>>) {
+        let dkey = format!("d/{key}");
+        match &value {
+            Some(v) => self.batch.insert(dkey.as_bytes(), v.clone()),
+            None => self.batch.remove(dkey.as_bytes()),
+        }
+        self.data.insert(key, value);
+    }
+}
+
+/// What one operation did: the previous value, why it was refused (if it was), and for a
+/// publish the event's offset.
+type Applied = (Option<Vec<u8>>, Option<String>, Option<u64>);
+
+/// Applies one operation; returns the previous value, why it was refused (if it was), and
+/// for a publish the event's offset.
+fn apply_op(w: &mut Writes<'_>, op: crate::types::Op) -> Result<Applied, String> {
+    use crate::types::Op;
+    let err = |e: sled::Error| e.to_string();
+    match op {
+        Op::Put { key, value } => {
+            let previous = w.get(&key).map_err(err)?;
+            w.set(key, Some(value));
+            Ok((previous, None, None))
+        }
+        Op::Delete { key } => {
+            let previous = w.get(&key).map_err(err)?;
+            w.set(key, None);
+            Ok((previous, None, None))
+        }
+        Op::Add { key, delta } => {
+            let previous = w.get(&key).map_err(err)?;
+            match add(previous.as_deref(), delta) {
+                Ok(v) => {
+                    w.set(key, Some(v));
+                    Ok((previous, None, None))
+                }
+                Err(why) => Ok((previous, Some(why), None)),
+            }
+        }
+        Op::Publish(event) => {
+            let meta_key = crate::topics::meta_key(&event.topic);
+            let mut meta: crate::topics::TopicMeta = match w.get(&meta_key).map_err(err)? {
+                Some(b) => dec(&b).map_err(|e| e.to_string())?,
+                None => crate::topics::TopicMeta::default(),
+            };
+            let offset = meta.next;
+            let stored = crate::topics::StoredEvent {
+                offset,
+                time_ms: event.time_ms,
+                id: event.id,
+                headers: event.headers,
+                payload: event.payload,
+            };
+            w.set(
+                crate::topics::event_key(&event.topic, offset),
+                Some(enc(&stored).map_err(|e| e.to_string())?),
+            );
+            meta.next += 1;
+            // Retention by count: drop the oldest events beyond the limit.
+            while meta.next - meta.first > event.retain_max.max(1) {
+                w.set(crate::topics::event_key(&event.topic, meta.first), None);
+                meta.first += 1;
+            }
+            w.set(meta_key, Some(enc(&meta).map_err(|e| e.to_string())?));
+            Ok((None, None, Some(offset)))
+        }
+    }
+}
 
 /// `previous + delta`, as decimal text; a missing value counts as 0.
 fn add(previous: Option<&[u8]>, delta: i64) -> Result<Vec<u8>, String> {
@@ -744,42 +895,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             continue;
                         }
                     }
-                    let key = match &op {
-                        crate::types::Op::Put { key, .. }
-                        | crate::types::Op::Delete { key }
-                        | crate::types::Op::Add { key, .. } => key.clone(),
+                    let mut w = Writes {
+                        tree: &self.sm,
+                        data: &mut data,
+                        batch: &mut batch,
                     };
-                    let previous = match data.get(&key) {
-                        Some(v) => v.clone(),
-                        None => self
-                            .sm
-                            .get(format!("d/{key}"))
-                            .map_err(|e| werr(any(&e)))?
-                            .map(|v| v.to_vec()),
-                    };
-                    let (new, refused) = match op {
-                        crate::types::Op::Put { value, .. } => (Some(value), None),
-                        crate::types::Op::Delete { .. } => (None, None),
-                        crate::types::Op::Add { delta, .. } => {
-                            match add(previous.as_deref(), delta) {
-                                Ok(v) => (Some(v), None),
-                                Err(why) => (previous.clone(), Some(why)),
-                            }
-                        }
-                    };
-                    let dkey = format!("d/{key}");
-                    if refused.is_none() {
-                        match &new {
-                            Some(v) => batch.insert(dkey.as_bytes(), v.clone()),
-                            None => batch.remove(dkey.as_bytes()),
-                        }
-                        data.insert(key, new);
-                    }
+                    let (previous, refused, offset) =
+                        apply_op(&mut w, op).map_err(|e| werr(any(&e)))?;
                     let reply = Response {
                         index,
                         duplicate: false,
                         previous,
                         refused,
+                        offset,
                     };
                     if let Some(id) = id {
                         // The stored copy drops `previous`: a duplicate learns only where the
@@ -805,6 +933,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             batch.insert("m/membership", enc(&m).map_err(|e| werr(any(&e)))?);
         }
         self.sm.apply_batch(batch).map_err(|e| werr(any(&e)))?;
+        if let Some(last) = last {
+            self.applied_tx.send_replace(last.index);
+        }
         Ok(replies)
     }
 
@@ -856,7 +987,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             enc(&meta.last_membership).map_err(|e| err(any(&e)))?,
         );
         self.sm.apply_batch(batch).map_err(|e| err(any(&e)))?;
-        store_snapshot(self, meta, &bytes).await
+        store_snapshot(self, meta, &bytes).await?;
+        if let Some(l) = meta.last_log_id {
+            self.applied_tx.send_replace(l.index);
+        }
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {

@@ -67,6 +67,8 @@ pub enum Op {
         /// The key.
         key: String,
     },
+    /// Appends an event to a topic's log; the reply carries its offset.
+    Publish(crate::topics::PublishOp),
     /// Adds `delta` to the number stored at `key` (decimal text; a missing key counts as 0).
     /// Not idempotent, so it shows whether a write was applied more than once.
     Add {
@@ -94,6 +96,7 @@ impl fmt::Display for Request {
             Op::Put { key, value } => write!(f, "put {key} ({} bytes)", value.len()),
             Op::Delete { key } => write!(f, "delete {key}"),
             Op::Add { key, delta } => write!(f, "add {delta} to {key}"),
+            Op::Publish(e) => write!(f, "publish to {} ({} bytes)", e.topic, e.payload.len()),
         }
     }
 }
@@ -111,6 +114,8 @@ pub struct Response {
     /// Why the operation did nothing, if it was refused (an `Add` to a key that does not hold
     /// a number).
     pub refused: Option<String>,
+    /// For a publish: the offset the event got in its topic's log.
+    pub offset: Option<u64>,
 }
 
 openraft::declare_raft_types!(

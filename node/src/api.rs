@@ -5,6 +5,7 @@
 use crate::cluster::{MeshTransport, node_id};
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -29,6 +30,8 @@ pub struct ApiState {
     pub dht: DhtHandle,
     /// The Raft groups.
     pub consensus: Consensus<MeshTransport>,
+    /// This node's QoS 0 subscribers.
+    pub qos0: crate::pubsub::Qos0Hub,
     /// Prometheus metrics of every part of the node.
     pub registry: Arc<Registry>,
     /// When the node started.
@@ -44,6 +47,15 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// An answer with the given status, kind and message.
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
     /// A 400 answer of the given kind.
     pub fn bad_request(kind: &'static str, message: impl Into<String>) -> Self {
         ApiError {
@@ -78,7 +90,8 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/peers", get(peers))
-        .route("/v1/topics/{*rest}", get(topic_get))
+        .route("/v1/topics/{*rest}", get(topic_get).post(topic_post))
+        .route("/v1/subscribe", get(subscribe))
         .route("/v1/cluster/status", get(cluster_status))
         .route("/v1/cluster/digest", get(cluster_digest))
         .route("/v1/cluster/remove/{peer}", axum::routing::post(cluster_remove))
@@ -87,7 +100,7 @@ pub fn router(state: ApiState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_VALUE_BYTES + 1024))
         .fallback(|| async {
             ApiError::not_found(
-                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/remove/{peer}, /v1/kv/{key} and /metrics",
+                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/remove/{peer}, /v1/kv/{key} and /metrics",
             )
         })
         .with_state(state)
@@ -152,6 +165,44 @@ async fn topic_get(
     let topic =
         Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
     Ok(axum::Json(locate(&st.dht, &topic)).into_response())
+}
+
+/// A body that could not be read: almost always one over the size limit.
+fn too_large(r: BytesRejection) -> ApiError {
+    ApiError::new(
+        r.status(),
+        "too_large",
+        format!(
+            "the request body was refused ({}): payloads and values may be at most {} bytes",
+            r.body_text(),
+            crate::pubsub::MAX_PAYLOAD_BYTES
+        ),
+    )
+}
+
+/// `POST /v1/topics/{topic}/events`: publish.
+async fn topic_post(
+    State(st): State<ApiState>,
+    Path(rest): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::Json<canal_proto::api::Published>, ApiError> {
+    let body = body.map_err(too_large)?;
+    let Some(topic) = rest.strip_suffix("/events") else {
+        return Err(ApiError::not_found(format!(
+            "no such topic endpoint {rest:?}: publish with POST /v1/topics/{{topic}}/events"
+        )));
+    };
+    Ok(axum::Json(
+        crate::pubsub::publish(&st, topic, &headers, &body).await?,
+    ))
+}
+
+async fn subscribe(
+    State(st): State<ApiState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    Ok(crate::pubsub::subscribe(st, q).await?.into_response())
 }
 
 /// The locate answer for `topic`, from the peers this node knows alive.
@@ -357,16 +408,21 @@ fn request_id(st: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> {
             }
             Ok(v.to_string())
         }
-        None => Ok(format!(
-            "{}-{}-{}",
-            st.dht.local_peer_id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-            REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)
-        )),
+        None => Ok(fresh_id(st)),
     }
+}
+
+/// A request id no other request of any node has: peer id, time, sequence.
+pub fn fresh_id(st: &ApiState) -> String {
+    format!(
+        "{}-{}-{}",
+        st.dht.local_peer_id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+        REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// `POST /v1/kv/{key}?add=N`: adds N to the number at `key`, atomically.
@@ -422,8 +478,9 @@ async fn kv_put(
     Path(key): Path<String>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<axum::Json<KvWritten>, ApiError> {
+    let body = body.map_err(too_large)?;
     check_key(&key)?;
     let g = parse_group(q.get("group"), GroupId(1))?;
     if body.len() > MAX_VALUE_BYTES {

@@ -44,8 +44,11 @@ impl Transport for MeshTransport {
             })
             .unwrap_or_default();
         addrs.extend(target.addrs.iter().filter_map(|a| a.parse().ok()));
+        let mut framed = Vec::with_capacity(body.len() + 1);
+        framed.push(RAFT_CHANNEL);
+        framed.extend(body);
         self.dht
-            .request(peer, addrs, body)
+            .request(peer, addrs, framed)
             .await
             .map_err(|e| e.to_string())
     }
@@ -61,16 +64,42 @@ pub fn node_id(peer: &PeerId) -> NodeId {
     node_id_of(&peer.to_bytes())
 }
 
-/// Answers Raft requests from other peers, each in a task of its own (a slow snapshot install
-/// must not hold up heartbeats).
-pub fn serve(consensus: Consensus<MeshTransport>, mut inbound: mpsc::Receiver<InboundRpc>) {
+/// The first byte of an RPC that carries a Raft message (QoS 0 events use
+/// [`crate::pubsub::QOS0_CHANNEL`]).
+/// (Distinct from any wire format version byte, so a message framed wrongly is refused rather
+/// than misread.)
+pub const RAFT_CHANNEL: u8 = b'R';
+
+/// Answers requests from other peers, each in a task of its own (a slow snapshot install must
+/// not hold up heartbeats): Raft messages go to the groups, QoS 0 events to this node's
+/// subscribers.
+pub fn serve(
+    consensus: Consensus<MeshTransport>,
+    qos0: crate::pubsub::Qos0Hub,
+    mut inbound: mpsc::Receiver<InboundRpc>,
+) {
     tokio::spawn(async move {
         while let Some(rpc) = inbound.recv().await {
-            let c = consensus.clone();
-            tokio::spawn(async move {
-                let answer = c.handle(&rpc.body).await;
-                let _ = rpc.reply.send(answer);
-            });
+            match rpc.body.split_first() {
+                Some((&RAFT_CHANNEL, body)) => {
+                    let c = consensus.clone();
+                    let body = body.to_vec();
+                    tokio::spawn(async move {
+                        let answer = c.handle(&body).await;
+                        let _ = rpc.reply.send(answer);
+                    });
+                }
+                Some((&crate::pubsub::QOS0_CHANNEL, body)) => {
+                    match canal_proto::wire::decode::<crate::pubsub::Qos0Message>(body) {
+                        Ok(m) => qos0.deliver(m),
+                        Err(e) => {
+                            debug!(peer = %rpc.peer, error = %e, "undecodable QoS 0 event dropped")
+                        }
+                    }
+                    let _ = rpc.reply.send(Vec::new());
+                }
+                _ => debug!(peer = %rpc.peer, "RPC on an unknown channel dropped"),
+            }
         }
     });
 }

@@ -11,6 +11,7 @@
 //! - [`identity`]: the persistent ed25519 peer identity.
 //! - [`caps`]: measuring the capability record (CPU, memory, GPUs through NVML, load).
 //! - [`cluster`]: Raft over the mesh, and the job that forms and grows the cluster.
+//! - [`pubsub`]: publish (QoS 0 and 1) and subscribe (Server-Sent Events).
 //! - [`api`]: the axum router of the client API.
 //! - [`Node`]: start, run, stop.
 //!
@@ -26,6 +27,7 @@ pub mod cluster;
 pub mod config;
 pub mod datadir;
 pub mod identity;
+pub mod pubsub;
 
 use crate::api::ApiState;
 use crate::caps::{LoadCounters, Measurer};
@@ -174,8 +176,9 @@ impl Node {
             &mut registry,
         )
         .await?;
+        let qos0 = pubsub::Qos0Hub::default();
         if let Some(inbound) = dht.take_inbound() {
-            cluster::serve(consensus.clone(), inbound);
+            cluster::serve(consensus.clone(), qos0.clone(), inbound);
         }
         let membership = Membership {
             consensus: consensus.clone(),
@@ -189,6 +192,7 @@ impl Node {
         let state = ApiState {
             dht: handle.clone(),
             consensus: consensus.clone(),
+            qos0,
             registry: Arc::new(registry),
             started: Instant::now(),
         };

@@ -191,3 +191,66 @@ pub struct StateDigest {
     /// Number of keys.
     pub keys: usize,
 }
+
+/// An event as clients see it: CloudEvents' structured JSON (`specversion`, `id`, `source`,
+/// `type`, `time`, `datacontenttype`, `data` or `data_base64`) plus canal's `topic`, `offset`
+/// (QoS 1 only), `qos` and `headers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Always `1.0`.
+    pub specversion: String,
+    /// The publisher's message id, or `{topic}:{offset}` for a QoS 1 event without one.
+    pub id: String,
+    /// Where the event came from: `canal://{peer id of the node that accepted it}`, or
+    /// `canal://topic/{topic}` for stored events.
+    pub source: String,
+    /// Always `canal.event`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// When the event was accepted, RFC 3339.
+    pub time: String,
+    /// `text/plain; charset=utf-8` when the payload is UTF-8 text, else
+    /// `application/octet-stream`.
+    pub datacontenttype: String,
+    /// The payload, when it is UTF-8 text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// The payload in base64, when it is not UTF-8 text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+    /// The topic.
+    pub topic: String,
+    /// The event's offset in its topic's log (QoS 1 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// 0 or 1.
+    pub qos: u8,
+    /// Custom headers.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// The answer to a publish.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Published {
+    /// The topic.
+    pub topic: String,
+    /// 0 or 1.
+    pub qos: u8,
+    /// The event's offset (QoS 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// Whether the message id had been published before, so this publish stored nothing new.
+    pub duplicate: bool,
+}
+
+/// Sent to a subscriber whose events were dropped by retention before it read them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Lagged {
+    /// The topic.
+    pub topic: String,
+    /// The first offset the subscriber missed.
+    pub from: u64,
+    /// The offset it continues from (the oldest still stored).
+    pub to: u64,
+}

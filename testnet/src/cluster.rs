@@ -284,6 +284,38 @@ pub async fn up(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // Then the Raft groups: every node knows a leader of each.
+    let result = match result {
+        Ok(()) => {
+            progress("waiting for the Raft groups to elect leaders");
+            wait_for("the Raft groups to elect leaders", opts.timeout, || {
+                let apis = apis.clone();
+                async move {
+                    for api in &apis {
+                        let s: canal_proto::api::ClusterStatus = api
+                            .get("/v1/cluster/status")
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let led = s.groups.iter().all(|g| {
+                            g.members
+                                .first()
+                                .and_then(|m| m.status.as_ref())
+                                .is_some_and(|m| m.leader.is_some())
+                        });
+                        if !led {
+                            return Err(format!(
+                                "{} has no leader for every group yet",
+                                api.base()
+                            ));
+                        }
+                    }
+                    Ok(())
+                }
+            })
+            .await
+        }
+        Err(e) => Err(e),
+    };
     if let Err(e) = result {
         let tails: Vec<String> = list(&opts.dir)
             .iter()

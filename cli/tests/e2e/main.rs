@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod mesh;
+mod pubsub;
 mod raft;
 
 use canal_proto::api::Peers;

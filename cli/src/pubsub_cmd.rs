@@ -1,0 +1,236 @@
+//! `canal pub` and `canal sub`.
+
+use crate::client::{Client, encode_segment};
+use anyhow::{Context, bail};
+use canal_proto::api::{Event, Published};
+use canal_proto::{Topic, TopicFilter};
+use clap::Args;
+use futures::StreamExt;
+use std::io::BufRead;
+use std::time::Duration;
+
+fn parse_topic(s: &str) -> Result<Topic, String> {
+    Topic::new(s).map_err(|e| e.to_string())
+}
+
+fn parse_filter(s: &str) -> Result<TopicFilter, String> {
+    TopicFilter::new(s).map_err(|e| e.to_string())
+}
+
+fn parse_qos(s: &str) -> Result<u8, String> {
+    match s {
+        "0" => Ok(0),
+        "1" => Ok(1),
+        _ => Err(format!(
+            "{s:?} is not a QoS: use 0 (at most once) or 1 (committed before the answer)"
+        )),
+    }
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v))
+            if !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+        {
+            Ok((k.to_ascii_lowercase(), v.to_string()))
+        }
+        _ => Err(format!(
+            "{s:?} is not KEY=VALUE with a key of letters, digits, - and _"
+        )),
+    }
+}
+
+/// `canal pub`.
+#[derive(Args, Debug)]
+pub(crate) struct PubArgs {
+    /// The topic, such as sensors/room1/temp (no wildcards).
+    #[arg(value_parser = parse_topic)]
+    topic: Topic,
+    /// The message; `-` reads messages from standard input, one a line. Empty if left out.
+    message: Option<String>,
+    /// 0: at most once; 1: committed on a majority before the answer.
+    #[arg(long, default_value = "1", value_parser = parse_qos)]
+    qos: u8,
+    /// Message id: a publish with an id already stored is not stored again (with --count,
+    /// the ids are ID-0, ID-1, ...).
+    #[arg(long)]
+    id: Option<String>,
+    /// A custom header KEY=VALUE; repeatable.
+    #[arg(long = "header", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+    /// Publish the message this many times.
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+    /// At most this many publishes per second.
+    #[arg(long)]
+    rate: Option<f64>,
+}
+
+/// `canal sub`.
+#[derive(Args, Debug)]
+pub(crate) struct SubArgs {
+    /// A filter: a topic, with `+` for one level and a final `#` for the rest.
+    #[arg(value_parser = parse_filter)]
+    filter: TopicFilter,
+    /// 0: live events at most once; 1: the committed log, every event once, in order.
+    #[arg(long, default_value = "1", value_parser = parse_qos)]
+    qos: u8,
+    /// Where to start (QoS 1): earliest, latest, an offset, or an RFC 3339 time.
+    #[arg(long, default_value = "latest")]
+    from: String,
+    /// Exit 0 after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+pub(crate) async fn publish(
+    api: &str,
+    token: Option<&str>,
+    a: PubArgs,
+    json: bool,
+) -> anyhow::Result<()> {
+    if a.count == 0 {
+        bail!("--count 0 publishes nothing: give 1 or more");
+    }
+    if let Some(r) = a.rate
+        && !(r > 0.0 && r.is_finite())
+    {
+        bail!("--rate {r} is not a rate: give a number of publishes per second above 0");
+    }
+    let client = Client::new(api, token)?;
+    let path = format!("/v1/topics/{}/events", encode_segment(a.topic.as_str()));
+    let messages: Vec<String> = match a.message.as_deref() {
+        Some("-") => std::io::stdin()
+            .lock()
+            .lines()
+            .collect::<Result<_, _>>()
+            .context("cannot read messages from standard input")?,
+        Some(m) => vec![m.to_string()],
+        None => vec![String::new()],
+    };
+    let mut ticker = a
+        .rate
+        .map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / r)));
+    let mut n = 0u64;
+    for m in &messages {
+        for i in 0..a.count {
+            if let Some(t) = ticker.as_mut() {
+                t.tick().await;
+            }
+            let mut headers: Vec<(String, String)> = vec![("canal-qos".into(), a.qos.to_string())];
+            if let Some(id) = &a.id {
+                let id = if a.count == 1 && messages.len() == 1 {
+                    id.clone()
+                } else {
+                    format!("{id}-{n}")
+                };
+                headers.push(("canal-id".into(), id));
+            }
+            for (k, v) in &a.headers {
+                headers.push((format!("canal-header-{k}"), v.clone()));
+            }
+            let p: Published = client
+                .post_json(&path, m.clone().into_bytes(), &headers)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string(&p)?);
+            } else if let Some(offset) = p.offset {
+                println!(
+                    "{} {offset}{}",
+                    p.topic,
+                    if p.duplicate { " (duplicate)" } else { "" }
+                );
+            }
+            n += 1;
+            let _ = i;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn subscribe(
+    api: &str,
+    token: Option<&str>,
+    a: SubArgs,
+    json: bool,
+) -> anyhow::Result<()> {
+    let client = Client::streaming(api, token)?;
+    let path = format!(
+        "/v1/subscribe?filter={}&qos={}&from={}",
+        encode_segment(a.filter.as_str()),
+        a.qos,
+        encode_segment(&a.from)
+    );
+    let resp = client.stream(&path).await?;
+    let mut body = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let (mut event, mut data) = (String::new(), String::new());
+    let mut seen = 0u64;
+    if a.count == Some(0) {
+        return Ok(());
+    }
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.context("the subscription stream broke")?;
+        buf.extend_from_slice(&chunk);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line)
+                .trim_end_matches(['\n', '\r'])
+                .to_string();
+            if let Some(v) = line.strip_prefix("event:") {
+                event = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            } else if line.is_empty() && !data.is_empty() {
+                if event == "lagged" {
+                    eprintln!("warning: events were dropped before they could be read: {data}");
+                } else {
+                    let e: Event = serde_json::from_str(&data)
+                        .with_context(|| format!("bad event from the node: {data}"))?;
+                    print_event(&e, json)?;
+                    seen += 1;
+                    if a.count.is_some_and(|c| seen >= c) {
+                        return Ok(());
+                    }
+                }
+                event.clear();
+                data.clear();
+            }
+        }
+    }
+    match a.count {
+        Some(c) => bail!("the node closed the subscription after {seen} of {c} events"),
+        None => bail!("the node closed the subscription"),
+    }
+}
+
+fn print_event(e: &Event, json: bool) -> anyhow::Result<()> {
+    if json {
+        let mut o = serde_json::json!({
+            "topic": e.topic, "id": e.id, "time": e.time, "headers": e.headers, "qos": e.qos,
+        });
+        if let Some(off) = e.offset {
+            o["offset"] = off.into();
+        }
+        match (&e.data, &e.data_base64) {
+            (Some(text), _) => o["payload"] = text.clone().into(),
+            (None, Some(b64)) => o["payload_base64"] = b64.clone().into(),
+            (None, None) => o["payload"] = "".into(),
+        }
+        println!("{o}");
+    } else {
+        let payload = e
+            .data
+            .clone()
+            .or_else(|| e.data_base64.clone())
+            .unwrap_or_default();
+        let offset = e
+            .offset
+            .map(|o| o.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!("{} {offset} {payload}", e.topic);
+    }
+    Ok(())
+}

@@ -1,0 +1,302 @@
+//! Publish and subscribe: QoS 1 delivery exactly once and in order across a leader kill,
+//! publisher dedup, QoS 0, and bad input.
+
+use crate::raft::{cluster, leader};
+use crate::{BIN, assert_clear_error, canal};
+use canal_testnet::{Api, wait_for};
+use reqwest::Method;
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// Starts `canal sub FILTER --from earliest --json --count N` against `api`.
+fn sub(api: &str, filter: &str, count: usize) -> tokio::process::Child {
+    tokio::process::Command::new(BIN)
+        .args([
+            "--api",
+            api,
+            "sub",
+            filter,
+            "--from",
+            "earliest",
+            "--json",
+            "--count",
+            &count.to_string(),
+        ])
+        .env_remove("CANAL_API")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// Publishes event `i` through node `i % n` (then the others) until one acknowledges it.
+async fn publish_acked(apis: &[Api], i: usize) {
+    let topic = format!(
+        "sensors/r{}/{}",
+        i % 4,
+        if i.is_multiple_of(2) { "temp" } else { "hum" }
+    );
+    let path = format!("/v1/topics/{}/events", topic.replace('/', "%2F"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut attempt = 0usize;
+    loop {
+        let api = &apis[(i + attempt) % apis.len()];
+        // The message id makes a retried publish one event.
+        let r = tokio::time::timeout(Duration::from_secs(30), async {
+            let http = reqwest::Client::new();
+            http.post(format!("{}{path}", api.base()))
+                .header("canal-id", format!("m{i}"))
+                .body(format!("e{i}"))
+                .send()
+                .await
+        })
+        .await;
+        if let Ok(Ok(resp)) = r
+            && resp.status().is_success()
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "publish {i} never acknowledged"
+        );
+        attempt += 1;
+        tokio::time::sleep(Duration::from_millis(20 * attempt.min(10) as u64)).await;
+    }
+}
+
+/// Checks one subscriber's output: every expected event exactly once, offsets per topic
+/// 0, 1, 2, ... in order.
+fn check_delivery(out: &str, want_payloads: &BTreeSet<String>, who: &str) {
+    let mut per_topic: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut payloads = BTreeSet::new();
+    for line in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let topic = v["topic"].as_str().unwrap().to_string();
+        per_topic
+            .entry(topic)
+            .or_default()
+            .push(v["offset"].as_u64().unwrap());
+        assert!(
+            payloads.insert(v["payload"].as_str().unwrap().to_string()),
+            "{who}: duplicate {line}"
+        );
+    }
+    assert_eq!(&payloads, want_payloads, "{who}: wrong set of events");
+    for (topic, offsets) in per_topic {
+        let want: Vec<u64> = (0..offsets.len() as u64).collect();
+        assert_eq!(offsets, want, "{who}: {topic} out of order or with gaps");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_subscribers_get_every_event_once_in_order_across_a_leader_kill() {
+    const N: usize = 600;
+    let mut net = cluster(3, &[]).await;
+    let lead = leader(&net, 0, "data-1").await;
+    let others: Vec<usize> = (0..3).filter(|i| *i != lead).collect();
+    // Subscribers on the nodes that stay up, with both kinds of wildcard.
+    let mut subs = Vec::new();
+    for &i in &others {
+        let api = net.node(i).info().unwrap().api.clone();
+        subs.push((
+            format!("node{i} sensors/+/temp"),
+            sub(&api, "sensors/+/temp", N / 2),
+            true,
+        ));
+        subs.push((
+            format!("node{i} sensors/#"),
+            sub(&api, "sensors/#", N),
+            false,
+        ));
+    }
+
+    let apis: Vec<Api> = (0..3).map(|i| net.api(i).unwrap()).collect();
+    let acked = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut publishers = Vec::new();
+    for _ in 0..8 {
+        let (apis, acked, next) = (apis.clone(), acked.clone(), next.clone());
+        publishers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= N {
+                    return;
+                }
+                publish_acked(&apis, i).await;
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let wait_acked = |n: usize| {
+        let acked = acked.clone();
+        async move {
+            wait_for(
+                &format!("{n} acknowledged publishes"),
+                Duration::from_secs(120),
+                || {
+                    let acked = acked.clone();
+                    async move {
+                        let got = acked.load(Ordering::Relaxed);
+                        if got >= n {
+                            Ok(())
+                        } else {
+                            Err(got.to_string())
+                        }
+                    }
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    wait_acked(N / 3).await;
+    net.kill(lead).await.unwrap();
+    wait_acked(2 * N / 3).await;
+    net.restart(lead).await.unwrap();
+    for p in publishers {
+        p.await.unwrap();
+    }
+
+    let all: BTreeSet<String> = (0..N).map(|i| format!("e{i}")).collect();
+    let temps: BTreeSet<String> = (0..N)
+        .filter(|i| i.is_multiple_of(2))
+        .map(|i| format!("e{i}"))
+        .collect();
+    for (who, child, temp_only) in subs {
+        let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("{who} did not get all its events in time"))
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{who}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        check_delivery(&text, if temp_only { &temps } else { &all }, &who);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_id_is_stored_once_and_qos0_reaches_other_nodes() {
+    let net = cluster(3, &[]).await;
+    let a = net.node(0).info().unwrap().api.clone();
+    let b = net.node(1).info().unwrap().api.clone();
+    let first = canal(&[
+        "--api", &a, "pub", "alerts/x", "one", "--id", "dup-1", "--json",
+    ])
+    .await;
+    let second = canal(&[
+        "--api",
+        &b,
+        "pub",
+        "alerts/x",
+        "one again",
+        "--id",
+        "dup-1",
+        "--json",
+    ])
+    .await;
+    let first: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    let second: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
+    assert_eq!(first["offset"], 0);
+    assert_eq!(second["offset"], 0, "{second}");
+    assert_eq!(second["duplicate"], true, "{second}");
+    let out = canal(&[
+        "--api", &b, "sub", "alerts/#", "--from", "earliest", "--count", "1", "--json",
+    ])
+    .await;
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["payload"], "one");
+    assert_eq!(e["id"], "dup-1");
+
+    // QoS 0: a live subscriber on another node sees an event published after it subscribed.
+    let c = net.node(2).info().unwrap().api.clone();
+    let mut live = tokio::process::Command::new(BIN)
+        .args(["--api", &c, "sub", "live/#", "--qos", "0", "--count", "1"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Publish until the subscriber has it (it may not be connected yet when the first goes).
+    let got = wait_for("the QoS 0 event to arrive", Duration::from_secs(30), || {
+        let a = a.clone();
+        let done = live.try_wait().ok().flatten().is_some();
+        async move {
+            if done {
+                return Ok(());
+            }
+            let _ = canal(&["--api", &a, "pub", "live/feed", "ping", "--qos", "0"]).await;
+            Err("not yet".to_string())
+        }
+    })
+    .await;
+    got.unwrap();
+    let out = live.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("live/feed - ping"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_publishes_and_subscriptions_are_refused_clearly() {
+    let net = cluster(1, &[]).await;
+    let api_url = net.node(0).info().unwrap().api.clone();
+    let api = net.api(0).unwrap();
+    let o = canal(&["--api", &api_url, "pub", "a/+/b", "x"]).await;
+    assert_clear_error(&o, 2, "wildcards are allowed only in subscription filters");
+    let o = canal(&["--api", &api_url, "sub", "a/#/b"]).await;
+    assert_clear_error(&o, 2, "`#` may only be the last level");
+    let o = canal(&["--api", &api_url, "pub", "a", "x", "--qos", "2"]).await;
+    assert_clear_error(&o, 2, "not a QoS");
+    let (status, body) = api
+        .send(
+            Method::POST,
+            "/v1/topics/a/events",
+            vec![0; (1 << 20) + 1],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("at most 1048576"), "{body}");
+    let (status, body) = api
+        .get_raw("/v1/subscribe?filter=a/b&from=5")
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("beyond the end"), "{body}");
+    let (status, body) = api.get_raw("/v1/subscribe?filter=a//b").await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = api
+        .get_raw("/v1/subscribe?filter=a&from=yesterday")
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    // Nothing was stored by the refused publishes.
+    let (status, body) = api
+        .send(Method::POST, "/v1/topics/a/events", b"ok".to_vec(), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"offset\":0"), "{body}");
+    // A subscriber that goes away does not hurt the node.
+    let resp = reqwest::Client::new()
+        .get(format!("{api_url}/v1/subscribe?filter=a&from=earliest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    let (status, _) = api
+        .send(Method::POST, "/v1/topics/a/events", b"after".to_vec(), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let (status, _) = api.get_raw("/v1/health").await.unwrap();
+    assert_eq!(status, 200);
+}

@@ -1,0 +1,73 @@
+//! Durable topic logs inside a data group's state machine.
+//!
+//! A topic's events live under internal keys that client keys cannot collide with (they
+//! start with the control character U+0001, which client keys and topic names may not
+//! contain), so they are snapshotted, digested and replicated with the rest of the state:
+//!
+//! ```text
+//!   \x01t/{topic}                 TopicMeta { first, next }
+//!   \x01e/{topic}\x00{offset:020} StoredEvent
+//! ```
+//!
+//! Offsets start at 0 and grow by one per event; retention drops the oldest events.
+
+use serde::{Deserialize, Serialize};
+
+/// A publish as replicated: everything an event is, decided by the node that accepted it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishOp {
+    /// The topic (validated by the node before proposing).
+    pub topic: String,
+    /// The publisher's message id, if it gave one.
+    pub id: Option<String>,
+    /// Custom headers.
+    pub headers: Vec<(String, String)>,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// Milliseconds since the Unix epoch when the node accepted the publish.
+    pub time_ms: u64,
+    /// Keep at most this many events of the topic.
+    pub retain_max: u64,
+}
+
+/// Where a topic's log starts and ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicMeta {
+    /// The oldest offset still stored.
+    pub first: u64,
+    /// The offset the next event gets.
+    pub next: u64,
+}
+
+/// One event of a topic's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    /// Its offset in the topic.
+    pub offset: u64,
+    /// When it was accepted, ms since the Unix epoch.
+    pub time_ms: u64,
+    /// The publisher's message id.
+    pub id: Option<String>,
+    /// Custom headers.
+    pub headers: Vec<(String, String)>,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// The key of a topic's metadata.
+pub fn meta_key(topic: &str) -> String {
+    format!("\u{1}t/{topic}")
+}
+
+/// The prefix of every topic's metadata key.
+pub const META_PREFIX: &str = "\u{1}t/";
+
+/// The key of one event.
+pub fn event_key(topic: &str, offset: u64) -> String {
+    format!("\u{1}e/{topic}\u{0}{offset:020}")
+}
+
+/// The prefix of a topic's event keys.
+pub fn event_prefix(topic: &str) -> String {
+    format!("\u{1}e/{topic}\u{0}")
+}

@@ -1,0 +1,470 @@
+//! Publish and subscribe over the client API.
+//!
+//! QoS 1: a publish is a Raft write to the data group's topic log; the answer carries the
+//! event's offset and comes after commit. A subscriber reads its node's replica of the logs
+//! from a cursor per topic (earliest, latest, an offset or a time) and is woken whenever
+//! entries are applied, so it gets every event once, in offset order, and a slow subscriber
+//! only slows its own stream (the log is the buffer; nothing is skipped unless retention
+//! dropped it first, which the subscriber is told as a `lagged` event with the gap).
+//!
+//! QoS 0: never touches Raft; the accepting node hands the event to its own QoS 0
+//! subscribers and sends it to every other live peer, which do the same. At most once.
+
+use crate::api::{ApiError, ApiState};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use base64::Engine;
+use canal_consensus::topics::{PublishOp, StoredEvent};
+use canal_consensus::{GroupId, Op, Request};
+use canal_proto::api::{Event, Lagged, Published};
+use canal_proto::{Topic, TopicFilter, wire};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{broadcast, mpsc};
+
+/// The largest payload accepted.
+pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;
+/// How many events a topic's log keeps by default.
+pub const DEFAULT_RETAIN_EVENTS: u64 = 100_000;
+/// The data group that holds every topic log on a small cluster.
+pub const TOPIC_GROUP: GroupId = GroupId(1);
+
+/// A QoS 0 event as sent between peers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Qos0Message {
+    /// The event.
+    pub topic: String,
+    /// Message id.
+    pub id: String,
+    /// The node that accepted it.
+    pub source: String,
+    /// Accepted at, ms since the epoch.
+    pub time_ms: u64,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// The node's QoS 0 fan-out point: its local QoS 0 subscribers listen here.
+#[derive(Clone)]
+pub struct Qos0Hub {
+    tx: broadcast::Sender<Arc<Qos0Message>>,
+}
+
+impl Default for Qos0Hub {
+    fn default() -> Self {
+        Qos0Hub {
+            tx: broadcast::channel(4096).0,
+        }
+    }
+}
+
+impl Qos0Hub {
+    /// Hands an event to this node's QoS 0 subscribers.
+    pub fn deliver(&self, m: Qos0Message) {
+        let _ = self.tx.send(Arc::new(m));
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn to_event(
+    topic: &str,
+    id: String,
+    source: String,
+    time_ms: u64,
+    headers: &[(String, String)],
+    payload: &[u8],
+    offset: Option<u64>,
+) -> Event {
+    let (ct, data, data_base64) = match std::str::from_utf8(payload) {
+        Ok(text) => ("text/plain; charset=utf-8", Some(text.to_string()), None),
+        Err(_) => (
+            "application/octet-stream",
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(payload)),
+        ),
+    };
+    Event {
+        specversion: "1.0".into(),
+        id,
+        source,
+        kind: "canal.event".into(),
+        time: rfc3339(time_ms),
+        datacontenttype: ct.into(),
+        data,
+        data_base64,
+        topic: topic.to_string(),
+        offset,
+        qos: if offset.is_some() { 1 } else { 0 },
+        headers: headers.iter().cloned().collect::<BTreeMap<_, _>>(),
+    }
+}
+
+fn stored_event(topic: &str, e: &StoredEvent) -> Event {
+    let id =
+        e.id.clone()
+            .unwrap_or_else(|| format!("{topic}:{}", e.offset));
+    to_event(
+        topic,
+        id,
+        format!("canal://topic/{topic}"),
+        e.time_ms,
+        &e.headers,
+        &e.payload,
+        Some(e.offset),
+    )
+}
+
+/// QoS, message id and custom headers of a publish.
+type PublishHeaders = (u8, Option<String>, Vec<(String, String)>);
+
+/// Reads the publish headers: `canal-qos`, `canal-id`, `canal-header-*`.
+fn publish_headers(headers: &HeaderMap) -> Result<PublishHeaders, ApiError> {
+    let qos = match headers.get("canal-qos").map(|v| v.to_str().unwrap_or("?")) {
+        None | Some("1") => 1,
+        Some("0") => 0,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_qos",
+                format!(
+                    "QoS {other:?} is not known: use 0 (at most once) or 1 (committed before the answer)"
+                ),
+            ));
+        }
+    };
+    let id = match headers.get("canal-id") {
+        None => None,
+        Some(v) => {
+            let v = v
+                .to_str()
+                .ok()
+                .filter(|v| !v.is_empty() && v.len() <= 256)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_id",
+                        "canal-id must be 1 to 256 printable ASCII characters",
+                    )
+                })?;
+            Some(v.to_string())
+        }
+    };
+    let mut custom = Vec::new();
+    for (k, v) in headers {
+        if let Some(name) = k.as_str().strip_prefix("canal-header-") {
+            let v = v.to_str().map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_header",
+                    format!("header {name:?} must be printable ASCII"),
+                )
+            })?;
+            custom.push((name.to_string(), v.to_string()));
+        }
+    }
+    Ok((qos, id, custom))
+}
+
+/// `POST /v1/topics/{topic}/events`: body = payload.
+pub async fn publish(
+    st: &ApiState,
+    topic: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Published, ApiError> {
+    let topic =
+        Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
+    let (qos, id, custom) = publish_headers(headers)?;
+    if body.len() > MAX_PAYLOAD_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "payload is {} bytes: at most {MAX_PAYLOAD_BYTES} are allowed",
+                body.len()
+            ),
+        ));
+    }
+    let time_ms = now_ms();
+    if qos == 0 {
+        let m = Qos0Message {
+            topic: topic.to_string(),
+            id: id.unwrap_or_else(|| crate::api::fresh_id(st)),
+            source: format!("canal://{}", st.dht.local_peer_id()),
+            time_ms,
+            headers: custom,
+            payload: body.to_vec(),
+        };
+        fan_out_qos0(st, &m);
+        st.qos0.deliver(m);
+        return Ok(Published {
+            topic: topic.to_string(),
+            qos: 0,
+            offset: None,
+            duplicate: false,
+        });
+    }
+    // The message id is the Raft request id, so a retried publish is stored once.
+    let request_id = match &id {
+        Some(id) => format!("pub/{topic}/{id}"),
+        None => crate::api::fresh_id(st),
+    };
+    let r = st
+        .consensus
+        .write(
+            TOPIC_GROUP,
+            Request {
+                id: Some(request_id),
+                op: Op::Publish(PublishOp {
+                    topic: topic.to_string(),
+                    id,
+                    headers: custom,
+                    payload: body.to_vec(),
+                    time_ms,
+                    retain_max: DEFAULT_RETAIN_EVENTS,
+                }),
+            },
+        )
+        .await?;
+    Ok(Published {
+        topic: topic.to_string(),
+        qos: 1,
+        offset: r.offset,
+        duplicate: r.duplicate,
+    })
+}
+
+/// The RPC channel byte that marks a QoS 0 event (Raft messages use another).
+pub const QOS0_CHANNEL: u8 = b'Q';
+
+fn fan_out_qos0(st: &ApiState, m: &Qos0Message) {
+    let Ok(body) = wire::encode(m) else { return };
+    let mut framed = vec![QOS0_CHANNEL];
+    framed.extend(body);
+    for p in st.dht.peers().into_iter().filter(|p| !p.is_self) {
+        let dht = st.dht.clone();
+        let framed = framed.clone();
+        tokio::spawn(async move {
+            // At most once: a failed send is not retried.
+            let _ = dht.request(p.peer_id, Vec::new(), framed).await;
+        });
+    }
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum From {
+    /// The oldest stored event of every topic.
+    Earliest,
+    /// Only events published after the subscription started.
+    Latest,
+    /// This offset of every matching topic (clamped into what is stored).
+    Offset(u64),
+    /// The first event accepted at or after this time (ms since the epoch).
+    Time(u64),
+}
+
+fn parse_from(s: Option<&String>) -> Result<From, ApiError> {
+    let Some(s) = s else { return Ok(From::Latest) };
+    match s.as_str() {
+        "earliest" => Ok(From::Earliest),
+        "latest" => Ok(From::Latest),
+        _ => {
+            if let Ok(n) = s.parse::<u64>() {
+                return Ok(From::Offset(n));
+            }
+            humantime::parse_rfc3339_weak(s)
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| From::Time(d.as_millis() as u64))
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_from",
+                        format!("from={s:?} is not a start: use earliest, latest, an offset (0, 42) or an RFC 3339 time (2026-11-24T08:00:00Z)"),
+                    )
+                })
+        }
+    }
+}
+
+/// `GET /v1/subscribe?filter=F&qos=0|1&from=...`: Server-Sent Events, one `message` event
+/// per event (data: the event's JSON), `lagged` when retention dropped events first.
+pub async fn subscribe(
+    st: ApiState,
+    q: HashMap<String, String>,
+) -> Result<Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let filter = q.get("filter").ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_filter",
+            "filter is missing: add ?filter=sensors/+/temp",
+        )
+    })?;
+    let filter = TopicFilter::new(filter)
+        .map_err(|e| ApiError::bad_request("invalid_filter", e.to_string()))?;
+    let qos = match q.get("qos").map(String::as_str) {
+        None | Some("1") => 1,
+        Some("0") => 0,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_qos",
+                format!("QoS {other:?} is not known: use 0 or 1"),
+            ));
+        }
+    };
+    let from = parse_from(q.get("from"))?;
+    let (tx, rx) = mpsc::channel::<SseEvent>(256);
+    if qos == 0 {
+        let mut events = st.qos0.tx.subscribe();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(m) => {
+                        let Ok(topic) = Topic::new(&m.topic) else {
+                            continue;
+                        };
+                        if !filter.matches(&topic) {
+                            continue;
+                        }
+                        let e = to_event(
+                            &m.topic,
+                            m.id.clone(),
+                            m.source.clone(),
+                            m.time_ms,
+                            &m.headers,
+                            &m.payload,
+                            None,
+                        );
+                        let Ok(sse) = SseEvent::default().event("message").json_data(&e) else {
+                            continue;
+                        };
+                        if tx.send(sse).await.is_err() {
+                            return;
+                        }
+                    }
+                    // QoS 0 is at most once: a subscriber that falls behind loses events,
+                    // and is told how many.
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let sse = SseEvent::default()
+                            .event("lagged")
+                            .data(format!("{{\"dropped\":{n}}}"));
+                        if tx.send(sse).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    } else {
+        let sm = st.consensus.state_machine(TOPIC_GROUP)?;
+        // An offset past the end of an exact topic is a mistake worth saying.
+        if let From::Offset(n) = from
+            && filter.is_exact()
+        {
+            let next = sm
+                .topic_meta(filter.as_str())
+                .map_err(|e| {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                })?
+                .map(|m| m.next)
+                .unwrap_or(0);
+            if n > next {
+                return Err(ApiError::bad_request(
+                    "invalid_from",
+                    format!(
+                        "offset {n} is beyond the end of topic {filter}: its next offset is {next}"
+                    ),
+                ));
+            }
+        }
+        tokio::spawn(stream_qos1(sm, filter, from, tx));
+    }
+    let stream =
+        futures::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
+        );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+async fn stream_qos1(
+    sm: canal_consensus::StateMachine,
+    filter: TopicFilter,
+    from: From,
+    tx: mpsc::Sender<SseEvent>,
+) {
+    let mut applied = sm.watch_applied();
+    let mut cursors: HashMap<String, u64> = HashMap::new();
+    let mut first_pass = true;
+    loop {
+        applied.borrow_and_update();
+        let Ok(topics) = sm.topics() else { return };
+        for (topic, meta) in topics {
+            let Ok(t) = Topic::new(&topic) else { continue };
+            if !filter.matches(&t) {
+                continue;
+            }
+            let cursor = cursors.entry(topic.clone()).or_insert_with(|| match from {
+                From::Earliest => meta.first,
+                // Topics that appear after the subscription started are new: all of them.
+                From::Latest if first_pass => meta.next,
+                From::Latest => meta.first,
+                From::Offset(n) => n.clamp(meta.first, meta.next),
+                From::Time(ms) => sm.offset_at(&topic, ms).unwrap_or(meta.next),
+            });
+            if *cursor < meta.first {
+                let gap = Lagged {
+                    topic: topic.clone(),
+                    from: *cursor,
+                    to: meta.first,
+                };
+                let Ok(sse) = SseEvent::default().event("lagged").json_data(&gap) else {
+                    return;
+                };
+                if tx.send(sse).await.is_err() {
+                    return;
+                }
+                *cursor = meta.first;
+            }
+            while *cursor < meta.next {
+                let Ok(batch) = sm.events(&topic, *cursor, 256) else {
+                    return;
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                for e in &batch {
+                    let Ok(sse) = SseEvent::default()
+                        .event("message")
+                        .id(format!("{topic}:{}", e.offset))
+                        .json_data(stored_event(&topic, e))
+                    else {
+                        return;
+                    };
+                    // Waits while the client is slow: backpressure, not loss.
+                    if tx.send(sse).await.is_err() {
+                        return;
+                    }
+                    *cursor = e.offset + 1;
+                }
+            }
+        }
+        first_pass = false;
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { return },
+            _ = tx.closed() => return,
+        }
+    }
+}
