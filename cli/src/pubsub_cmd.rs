@@ -80,6 +80,11 @@ pub(crate) struct SubArgs {
     /// Where to start (QoS 1): earliest, latest, an offset, or an RFC 3339 time.
     #[arg(long, default_value = "latest")]
     from: String,
+    /// A durable subscription: the node keeps this name's cursor (acknowledged after each
+    /// event is printed), and a later `canal sub --durable NAME`, on any node, resumes after
+    /// the last acknowledged event.
+    #[arg(long)]
+    durable: Option<String>,
     /// Exit 0 after this many events.
     #[arg(long)]
     count: Option<u64>,
@@ -157,12 +162,16 @@ pub(crate) async fn subscribe(
     json: bool,
 ) -> anyhow::Result<()> {
     let client = Client::streaming(api, token)?;
-    let path = format!(
+    let mut path = format!(
         "/v1/subscribe?filter={}&qos={}&from={}",
         encode_segment(a.filter.as_str()),
         a.qos,
         encode_segment(&a.from)
     );
+    if let Some(d) = &a.durable {
+        path.push_str(&format!("&durable={}", encode_segment(d)));
+    }
+    let acker = Client::new(api, token)?;
     let resp = client.stream(&path).await?;
     let mut body = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();
@@ -190,6 +199,19 @@ pub(crate) async fn subscribe(
                     let e: Event = serde_json::from_str(&data)
                         .with_context(|| format!("bad event from the node: {data}"))?;
                     print_event(&e, json)?;
+                    if let (Some(name), Some(offset)) = (&a.durable, e.offset) {
+                        // At least once: printed, then acknowledged; a crash in between
+                        // prints the event again next time.
+                        let ack = format!(
+                            "/v1/subscriptions/{}/ack?topic={}&offset={offset}",
+                            encode_segment(name),
+                            encode_segment(&e.topic)
+                        );
+                        acker
+                            .post(&ack)
+                            .await
+                            .context("cannot acknowledge the event")?;
+                    }
                     seen += 1;
                     if a.count.is_some_and(|c| seen >= c) {
                         return Ok(());

@@ -651,6 +651,12 @@ impl StateMachine {
         }
     }
 
+    /// Where durable subscription `name` continues on `topic`: the offset after its last
+    /// acknowledged one, if it acknowledged any.
+    pub fn cursor(&self, name: &str, topic: &str) -> Result<Option<u64>, SErr> {
+        self.read(format!("d/{}", crate::topics::cursor_key(name, topic)).as_bytes())
+    }
+
     /// The last log id applied on this node.
     pub fn applied(&self) -> Result<Option<LogId<NodeId>>, SErr> {
         Ok(self.read::<Option<LogId<NodeId>>>(b"m/applied")?.flatten())
@@ -751,6 +757,21 @@ fn apply_op(w: &mut Writes<'_>, op: crate::types::Op) -> Result<Applied, String>
                 }
                 Err(why) => Ok((previous, Some(why), None)),
             }
+        }
+        Op::Ack {
+            subscription,
+            topic,
+            offset,
+        } => {
+            let key = crate::topics::cursor_key(&subscription, &topic);
+            let current = w
+                .get(&key)
+                .map_err(err)?
+                .and_then(|b| dec::<u64>(&b).ok())
+                .unwrap_or(0);
+            let next = current.max(offset.saturating_add(1));
+            w.set(key, Some(enc(&next).map_err(|e| e.to_string())?));
+            Ok((None, None, Some(next)))
         }
         Op::Publish(event) => {
             let meta_key = crate::topics::meta_key(&event.topic);

@@ -7,6 +7,7 @@
 //! ```text
 //!   \x01t/{topic}                 TopicMeta { first, next }
 //!   \x01e/{topic}\x00{offset:020} StoredEvent
+//!   \x01c/{name}\x00{topic}        next offset of durable subscription {name}
 //! ```
 //!
 //! Offsets start at 0 and grow by one per event; retention drops the oldest events.
@@ -70,4 +71,9 @@ pub fn event_key(topic: &str, offset: u64) -> String {
 /// The prefix of a topic's event keys.
 pub fn event_prefix(topic: &str) -> String {
     format!("\u{1}e/{topic}\u{0}")
+}
+
+/// The key of a durable subscription's cursor on a topic.
+pub fn cursor_key(name: &str, topic: &str) -> String {
+    format!("\u{1}c/{name}\u{0}{topic}")
 }

@@ -69,6 +69,15 @@ pub enum Op {
     },
     /// Appends an event to a topic's log; the reply carries its offset.
     Publish(crate::topics::PublishOp),
+    /// Moves a durable subscription's cursor on a topic past `offset` (never backwards).
+    Ack {
+        /// The subscription's name.
+        subscription: String,
+        /// The topic.
+        topic: String,
+        /// The last offset the subscriber has processed.
+        offset: u64,
+    },
     /// Adds `delta` to the number stored at `key` (decimal text; a missing key counts as 0).
     /// Not idempotent, so it shows whether a write was applied more than once.
     Add {
@@ -97,6 +106,11 @@ impl fmt::Display for Request {
             Op::Delete { key } => write!(f, "delete {key}"),
             Op::Add { key, delta } => write!(f, "add {delta} to {key}"),
             Op::Publish(e) => write!(f, "publish to {} ({} bytes)", e.topic, e.payload.len()),
+            Op::Ack {
+                subscription,
+                topic,
+                offset,
+            } => write!(f, "ack {subscription} {topic} {offset}"),
         }
     }
 }

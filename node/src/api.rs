@@ -92,6 +92,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/peers", get(peers))
         .route("/v1/topics/{*rest}", get(topic_get).post(topic_post))
         .route("/v1/subscribe", get(subscribe))
+        .route("/v1/subscriptions/{name}/ack", axum::routing::post(ack))
         .route("/v1/cluster/status", get(cluster_status))
         .route("/v1/cluster/digest", get(cluster_digest))
         .route("/v1/cluster/remove/{peer}", axum::routing::post(cluster_remove))
@@ -195,6 +196,17 @@ async fn topic_post(
     };
     Ok(axum::Json(
         crate::pubsub::publish(&st, topic, &headers, &body).await?,
+    ))
+}
+
+async fn ack(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let next = crate::pubsub::ack(&st, &name, &q).await?;
+    Ok(axum::Json(
+        serde_json::json!({ "subscription": name, "next_offset": next }),
     ))
 }
 

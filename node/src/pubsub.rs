@@ -324,6 +324,16 @@ pub async fn subscribe(
         }
     };
     let from = parse_from(q.get("from"))?;
+    let durable = match q.get("durable") {
+        Some(name) => Some(check_subscription_name(name)?),
+        None => None,
+    };
+    if durable.is_some() && qos == 0 {
+        return Err(ApiError::bad_request(
+            "invalid_durable",
+            "durable subscriptions read the committed log: use them with QoS 1",
+        ));
+    }
     let (tx, rx) = mpsc::channel::<SseEvent>(256);
     if qos == 0 {
         let mut events = st.qos0.tx.subscribe();
@@ -389,7 +399,7 @@ pub async fn subscribe(
                 ));
             }
         }
-        tokio::spawn(stream_qos1(sm, filter, from, tx));
+        tokio::spawn(stream_qos1(sm, filter, from, durable, tx));
     }
     let stream =
         futures::stream::unfold(
@@ -403,6 +413,7 @@ async fn stream_qos1(
     sm: canal_consensus::StateMachine,
     filter: TopicFilter,
     from: From,
+    durable: Option<String>,
     tx: mpsc::Sender<SseEvent>,
 ) {
     let mut applied = sm.watch_applied();
@@ -416,14 +427,23 @@ async fn stream_qos1(
             if !filter.matches(&t) {
                 continue;
             }
-            let cursor = cursors.entry(topic.clone()).or_insert_with(|| match from {
-                From::Earliest => meta.first,
-                // Topics that appear after the subscription started are new: all of them.
-                From::Latest if first_pass => meta.next,
-                From::Latest => meta.first,
-                From::Offset(n) => n.clamp(meta.first, meta.next),
-                From::Time(ms) => sm.offset_at(&topic, ms).unwrap_or(meta.next),
-            });
+            // A durable subscription continues after its last acknowledged event.
+            let acked = durable
+                .as_deref()
+                .and_then(|name| sm.cursor(name, &topic).ok().flatten());
+            let cursor = cursors
+                .entry(topic.clone())
+                .or_insert_with(|| match (acked, from) {
+                    (Some(next), _) => next.clamp(meta.first, meta.next),
+                    (None, from) => match from {
+                        From::Earliest => meta.first,
+                        // Topics that appear after the subscription started are new: all of them.
+                        From::Latest if first_pass => meta.next,
+                        From::Latest => meta.first,
+                        From::Offset(n) => n.clamp(meta.first, meta.next),
+                        From::Time(ms) => sm.offset_at(&topic, ms).unwrap_or(meta.next),
+                    },
+                });
             if *cursor < meta.first {
                 let gap = Lagged {
                     topic: topic.clone(),
@@ -467,4 +487,58 @@ async fn stream_qos1(
             _ = tx.closed() => return,
         }
     }
+}
+
+/// Checks a durable subscription's name.
+pub fn check_subscription_name(name: &str) -> Result<String, ApiError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_durable",
+            format!(
+                "subscription name {name:?} is not allowed: use 1-64 letters, digits, `-`, `_` or `.`"
+            ),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// `POST /v1/subscriptions/{name}/ack?topic=T&offset=N`: durable subscription `name` has
+/// processed `topic` up to and including `offset`; it resumes after it, on any node.
+pub async fn ack(st: &ApiState, name: &str, q: &HashMap<String, String>) -> Result<u64, ApiError> {
+    let name = check_subscription_name(name)?;
+    let topic = q.get("topic").ok_or_else(|| {
+        ApiError::bad_request("invalid_ack", "topic is missing: add ?topic=T&offset=N")
+    })?;
+    let topic =
+        Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
+    let offset: u64 = q
+        .get("offset")
+        .and_then(|o| o.parse().ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_ack",
+                "offset must be a whole number: add ?topic=T&offset=N",
+            )
+        })?;
+    let r = st
+        .consensus
+        .write(
+            TOPIC_GROUP,
+            Request {
+                // Acks are idempotent (a cursor only moves forward), so need no id.
+                id: None,
+                op: Op::Ack {
+                    subscription: name,
+                    topic: topic.to_string(),
+                    offset,
+                },
+            },
+        )
+        .await?;
+    Ok(r.offset.unwrap_or(offset + 1))
 }

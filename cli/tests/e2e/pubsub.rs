@@ -300,3 +300,82 @@ async fn bad_publishes_and_subscriptions_are_refused_clearly() {
     let (status, _) = api.get_raw("/v1/health").await.unwrap();
     assert_eq!(status, 200);
 }
+
+/// Reads JSON event lines from a running `canal sub` until `done` says stop; returns the
+/// offsets read.
+async fn read_offsets(
+    child: &mut tokio::process::Child,
+    mut done: impl FnMut(&[u64]) -> bool,
+) -> Vec<u64> {
+    use tokio::io::AsyncBufReadExt;
+    let stdout = child.stdout.as_mut().unwrap();
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut offsets = Vec::new();
+    while !done(&offsets) {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("no event within 60 s")
+            .unwrap()
+            .expect("the subscriber ended early");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        offsets.push(v["offset"].as_u64().unwrap());
+    }
+    offsets
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_subscriber_resumes_after_its_last_ack_on_another_node() {
+    const N: u64 = 200;
+    let net = cluster(3, &[]).await;
+    let apis: Vec<Api> = (0..3).map(|i| net.api(i).unwrap()).collect();
+    for i in 0..N {
+        let (status, body) = apis[i as usize % 3]
+            .send(
+                Method::POST,
+                "/v1/topics/plant%2Fline1/events",
+                format!("p{i}").into_bytes(),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let start = |node: usize| {
+        tokio::process::Command::new(BIN)
+            .args([
+                "--api",
+                &net.node(node).info().unwrap().api,
+                "sub",
+                "plant/#",
+                "--durable",
+                "line-watch",
+            ])
+            .args(["--from", "earliest", "--json"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    // The first subscriber is killed mid-stream.
+    let mut first = start(0);
+    let seen_first = read_offsets(&mut first, |o| o.len() >= 60).await;
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    let last = *seen_first.last().unwrap();
+    assert_eq!(seen_first, (0..=last).collect::<Vec<_>>());
+
+    // Restarted on another node, it resumes after its last acknowledged event: the last one
+    // it printed, or (if it died between printing and acknowledging) that one again.
+    let mut second = start(1);
+    let seen_second = read_offsets(&mut second, |o| o.last() == Some(&(N - 1))).await;
+    let resumed = seen_second[0];
+    assert!(
+        resumed == last + 1 || resumed == last,
+        "resumed at {resumed} after printing {last}"
+    );
+    assert_eq!(
+        seen_second,
+        (resumed..N).collect::<Vec<_>>(),
+        "gap or disorder after resuming"
+    );
+}
