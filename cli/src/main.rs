@@ -105,6 +105,19 @@ fn parse_topic(s: &str) -> Result<canal_proto::Topic, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Node(_) | Command::Testnet(_) | Command::Bench(_)
+    ) {
+        // A client printing into a closed pipe (`canal sub ... | head`) ends quietly, as Unix
+        // tools do, instead of panicking on the write. Not for the node: it must survive
+        // writes to sockets its peers closed.
+        // SAFETY: signal(2) with SIG_DFL has no memory-safety preconditions; no other thread
+        // exists yet.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

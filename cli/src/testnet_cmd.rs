@@ -104,7 +104,12 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
                 .and_then(|n| n.info.as_ref())
                 .map(|i| i.api.clone())
             {
-                println!("export CANAL_API={api}");
+                // With --json, stdout is one JSON document; the line to paste goes to stderr.
+                if json {
+                    eprintln!("export CANAL_API={api}");
+                } else {
+                    println!("export CANAL_API={api}");
+                }
             }
             Ok(())
         }

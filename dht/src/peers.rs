@@ -40,9 +40,9 @@ impl PeerTable {
     /// Takes `caps` as `peer`'s record, received at `now`.
     pub fn apply(&mut self, peer: PeerId, caps: Capabilities, now: Instant) -> Applied {
         match self.entries.get_mut(&peer) {
-            // A restarted peer starts counting again from a lower seq; its records are
-            // recognised as newer by their measurement time.
-            Some(e) if caps.seq > e.caps.seq || caps.measured_at_ms > e.caps.measured_at_ms => {
+            // Newer by measurement time, then by seq: a restarted peer counts seq from 1 again,
+            // and a late record of its previous run must not replace the new run's.
+            Some(e) if (caps.measured_at_ms, caps.seq) > (e.caps.measured_at_ms, e.caps.seq) => {
                 e.caps = caps;
                 e.last_seen = now;
                 Applied::Updated
@@ -137,6 +137,8 @@ mod tests {
         assert_eq!(t.get(&p).map(|e| e.caps.seq), Some(2));
         // A restarted peer: seq starts over, but its measurement is newer.
         assert_eq!(t.apply(p, caps(1, 30), now), Applied::Updated);
+        // A late record of the previous run (higher seq, older time) does not win.
+        assert_eq!(t.apply(p, caps(5, 25), now), Applied::Stale);
     }
 
     #[test]

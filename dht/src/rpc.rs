@@ -53,8 +53,15 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u
             format!("RPC message of {len} bytes is over the limit of {MAX_RPC_BYTES}"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
+    // Grow with the bytes that actually arrive, not with what the prefix claims.
+    let mut buf = Vec::new();
+    io.take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("RPC message ended after {} of {len} bytes", buf.len()),
+        ));
+    }
     Ok(buf)
 }
 

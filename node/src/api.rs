@@ -36,6 +36,8 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     /// When the node started.
     pub started: Instant,
+    /// Becomes true when the node shuts down; long-lived streams end then.
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
 /// An error answer.
@@ -99,6 +101,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/kv/{*key}", get(kv_get).put(kv_put).post(kv_add))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_VALUE_BYTES + 1024))
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method: see the API list in README.md",
+            )
+        })
         .fallback(|| async {
             ApiError::not_found(
                 "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/remove/{peer}, /v1/kv/{key} and /metrics",
@@ -156,8 +165,20 @@ async fn peers(State(st): State<ApiState>) -> axum::Json<Peers> {
 /// `%2F`), so the action is taken from the end of the path.
 async fn topic_get(
     State(st): State<ApiState>,
-    Path(rest): Path<String>,
+    rest: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(rest) = rest.map_err(|e| {
+        ApiError::bad_request(
+            "invalid_topic",
+            format!("the topic in the path does not read: {e}"),
+        )
+    })?;
+    // `/v1/topics/locate` names an empty topic.
+    let rest = if rest == "locate" {
+        "/locate".to_string()
+    } else {
+        rest
+    };
     let Some(topic) = rest.strip_suffix("/locate") else {
         return Err(ApiError::not_found(format!(
             "no such topic endpoint {rest:?}: use /v1/topics/{{topic}}/locate"

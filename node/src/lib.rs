@@ -98,7 +98,7 @@ pub struct Node {
     membership: tokio::task::JoinHandle<()>,
     api_addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
-    stop_api: tokio::sync::oneshot::Sender<()>,
+    stop_api: tokio::sync::watch::Sender<bool>,
     data_dir: DataDir,
     info: RuntimeInfo,
 }
@@ -189,18 +189,22 @@ impl Node {
         }
         .spawn();
 
+        // Shutdown ends the subscription streams too: graceful shutdown waits for every open
+        // connection, and an SSE stream never ends on its own.
+        let (stop_api, closing) = tokio::sync::watch::channel(false);
         let state = ApiState {
             dht: handle.clone(),
             consensus: consensus.clone(),
             qos0,
             registry: Arc::new(registry),
             started: Instant::now(),
+            closing: closing.clone(),
         };
-        let (stop_api, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = api::router(state);
         let server = tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
-                let _ = stopped.await;
+            let mut stopped = closing;
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|c| *c).await;
             });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "API server failed");
@@ -240,8 +244,15 @@ impl Node {
     /// Stops accepting requests, finishes those in flight, closes the peer connections and
     /// releases the data directory.
     pub async fn shutdown(self) {
-        let _ = self.stop_api.send(());
-        let _ = self.server.await;
+        let _ = self.stop_api.send(true);
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(10), &mut server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("API requests still open after 10 s; closing them");
+            server.abort();
+        }
         self.membership.abort();
         self.consensus.shutdown().await;
         self.dht.shutdown().await;

@@ -335,11 +335,16 @@ pub async fn subscribe(
         ));
     }
     let (tx, rx) = mpsc::channel::<SseEvent>(256);
+    let mut closing = st.closing.clone();
     if qos == 0 {
         let mut events = st.qos0.tx.subscribe();
         tokio::spawn(async move {
             loop {
-                match events.recv().await {
+                let next = tokio::select! {
+                    next = events.recv() => next,
+                    _ = closing.wait_for(|c| *c) => return,
+                };
+                match next {
                     Ok(m) => {
                         let Ok(topic) = Topic::new(&m.topic) else {
                             continue;
@@ -399,7 +404,12 @@ pub async fn subscribe(
                 ));
             }
         }
-        tokio::spawn(stream_qos1(sm, filter, from, durable, tx));
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stream_qos1(sm, filter, from, durable, tx) => {}
+                _ = closing.wait_for(|c| *c) => {}
+            }
+        });
     }
     let stream =
         futures::stream::unfold(

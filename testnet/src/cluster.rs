@@ -51,6 +51,17 @@ pub fn parse_tiers(s: &str) -> Result<Vec<(String, usize)>, String> {
                 "tier {name:?} has 0 nodes: give every tier at least one"
             ));
         }
+        let name = name.trim();
+        if name.is_empty()
+            || name.len() > 63
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "{name:?} is not a tier name: use 1-63 letters, digits, `-`, `_` or `.`"
+            ));
+        }
         out.push((name.trim().to_string(), n));
     }
     if out.is_empty() {
@@ -368,6 +379,19 @@ pub async fn down(dir: &Path, grace: Duration, purge: bool) -> anyhow::Result<us
                 signal(pid, libc::SIGKILL);
             }
         }
+        let dir_owned = dir.to_path_buf();
+        wait_for("the killed nodes to die", Duration::from_secs(10), || {
+            let d = dir_owned.clone();
+            async move {
+                let left = list(&d).iter().filter(|n| n.pid.is_some()).count();
+                if left == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("{left} still running"))
+                }
+            }
+        })
+        .await?;
     }
     if purge && dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
@@ -441,9 +465,38 @@ pub async fn restart(bin: &Path, dir: &Path, node: &str) -> anyhow::Result<Clust
         .is_err()
         {
             signal(pid, libc::SIGKILL);
+            // The old process must be gone before a new one takes the data dir's lock.
+            let d = n.dir.clone();
+            wait_for("the node to die", Duration::from_secs(10), || {
+                let d = d.clone();
+                async move {
+                    if is_our_node(pid, &d) {
+                        Err("alive".to_string())
+                    } else {
+                        Ok(())
+                    }
+                }
+            })
+            .await?;
         }
     }
     let pid = spawn_detached(bin, &n.dir)?;
     crate::wait_runtime(&n.name, &n.dir.join("node.json"), pid, None).await?;
     find(dir, node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            parse_tiers("edge=3,cloud=2"),
+            Ok(vec![("edge".to_string(), 3), ("cloud".to_string(), 2)])
+        );
+        for bad in ["", "=2", "a b=2", "edge=0", "edge=x", "edge"] {
+            assert!(parse_tiers(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
 }

@@ -61,28 +61,45 @@ async fn five_nodes_find_each_other_track_membership_and_agree_on_homes() {
     let mut homes = BTreeSet::new();
     for i in 0..5 {
         let api = net.node(i).info().unwrap().api.clone();
-        let out = canal(&[
-            "--api",
-            &api,
-            "topic",
-            "locate",
-            "sensors/room1/temp",
-            "--json",
-        ])
-        .await;
-        assert!(out.status.success(), "{}", stderr(&out));
-        let l: Locate = serde_json::from_slice(&out.stdout).unwrap();
+        let api = &api;
+        let l: Locate = wait_for(
+            "locate to count all 5 peers",
+            Duration::from_secs(30),
+            || async move {
+                let out = canal(&[
+                    "--api",
+                    api,
+                    "topic",
+                    "locate",
+                    "sensors/room1/temp",
+                    "--json",
+                ])
+                .await;
+                if !out.status.success() {
+                    return Err(stderr(&out));
+                }
+                let l: Locate = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+                if l.members == 5 {
+                    Ok(l)
+                } else {
+                    Err(format!("{} members", l.members))
+                }
+            },
+        )
+        .await
+        .unwrap();
         assert_eq!(l.home.len(), 3);
-        assert_eq!(l.members, 5);
         homes.insert(l.home.iter().map(|h| h.peer_id.clone()).collect::<Vec<_>>());
     }
     assert_eq!(homes.len(), 1, "nodes disagree on the home set: {homes:?}");
 
     // A killed node disappears from every other table within 15 s.
     net.kill(3).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let without: BTreeSet<String> = all.iter().filter(|p| **p != ids[3]).cloned().collect();
     for i in [0, 1, 2, 4] {
-        wait_peer_set(&net, i, &without, Duration::from_secs(15)).await;
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        wait_peer_set(&net, i, &without, left).await;
     }
 
     // Restarted on its data dir, it comes back with the same peer id.
@@ -266,6 +283,16 @@ async fn bad_input_gets_a_clear_error_and_no_panic() {
     assert_eq!(status, 400, "{body}");
     let (status, body) = api.get_raw("/v1/nothing-here").await.unwrap();
     assert_eq!(status, 404, "{body}");
+    assert!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"].is_string());
+    let (status, body) = api.get_raw("/v1/topics/locate").await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = api.get_raw("/v1/topics/%FF/locate").await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = api
+        .send(reqwest::Method::POST, "/v1/peers", Vec::new(), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 405, "{body}");
     assert!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"].is_string());
     // Raw slashes work as well as %2F.
     let l: Locate = api

@@ -299,6 +299,18 @@ async fn bad_publishes_and_subscriptions_are_refused_clearly() {
     assert_eq!(status, 200);
     let (status, _) = api.get_raw("/v1/health").await.unwrap();
     assert_eq!(status, 200);
+
+    // SIGTERM with a subscriber still connected is a clean, prompt shutdown.
+    let open = reqwest::Client::new()
+        .get(format!("{api_url}/v1/subscribe?filter=a&from=earliest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.status(), 200);
+    let mut net = net;
+    let status = net.stop(0).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    drop(open);
 }
 
 /// Reads JSON event lines from a running `canal sub` until `done` says stop; returns the
