@@ -367,6 +367,23 @@ impl LogStore {
         Ok(())
     }
 
+    /// Removes the entries `range` yields, in one batch, and flushes.
+    async fn remove_entries(&self, range: sled::Iter) -> Result<(), SErr> {
+        let mut batch = sled::Batch::default();
+        for item in range {
+            let (k, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
+            batch.remove(k);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.log
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
     /// The highest log id this member knows committed (as last saved).
     pub fn committed(&self) -> Result<Option<LogId<NodeId>>, SErr> {
         Ok(self
@@ -504,37 +521,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.watermark
             .lower(self.group, log_id.index.saturating_sub(1))
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(index_key(log_id.index)..) {
-            let (k, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.remove(k);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        self.log
-            .flush_async()
+        self.remove_entries(self.log.range(index_key(log_id.index)..))
             .await
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
         // Record the purge point first: a crash half-way leaves extra entries, never a gap.
         self.meta_put("purged", &log_id).await?;
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(..=index_key(log_id.index)) {
-            let (k, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.remove(k);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        self.log
-            .flush_async()
+        self.remove_entries(self.log.range(..=index_key(log_id.index)))
             .await
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        Ok(())
     }
 }
 

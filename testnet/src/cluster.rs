@@ -420,27 +420,24 @@ fn find(dir: &Path, node: &str) -> anyhow::Result<ClusterNode> {
     })
 }
 
+/// Waits (up to 10 s) until `pid` is no longer a live node process on `dir`.
+async fn wait_gone(pid: u32, dir: &Path, what: &str) -> anyhow::Result<()> {
+    wait_for(what, Duration::from_secs(10), || async move {
+        if is_our_node(pid, dir) {
+            Err("alive".to_string())
+        } else {
+            Ok(())
+        }
+    })
+    .await
+}
+
 /// Kills one node with SIGKILL, as a crash would.
 pub async fn kill(dir: &Path, node: &str) -> anyhow::Result<ClusterNode> {
     let n = find(dir, node)?;
     let pid = n.pid.ok_or_else(|| anyhow!("{} is not running", n.name))?;
     signal(pid, libc::SIGKILL);
-    let d = n.dir.clone();
-    wait_for(
-        &format!("{} to die", n.name),
-        Duration::from_secs(10),
-        || {
-            let d = d.clone();
-            async move {
-                if is_our_node(pid, &d) {
-                    Err("alive".to_string())
-                } else {
-                    Ok(())
-                }
-            }
-        },
-    )
-    .await?;
+    wait_gone(pid, &n.dir, &format!("{} to die", n.name)).await?;
     Ok(n)
 }
 
@@ -450,34 +447,10 @@ pub async fn restart(bin: &Path, dir: &Path, node: &str) -> anyhow::Result<Clust
     let n = find(dir, node)?;
     if let Some(pid) = n.pid {
         signal(pid, libc::SIGTERM);
-        let d = n.dir.clone();
-        if wait_for("the node to stop", Duration::from_secs(10), || {
-            let d = d.clone();
-            async move {
-                if is_our_node(pid, &d) {
-                    Err("alive".to_string())
-                } else {
-                    Ok(())
-                }
-            }
-        })
-        .await
-        .is_err()
-        {
+        if wait_gone(pid, &n.dir, "the node to stop").await.is_err() {
             signal(pid, libc::SIGKILL);
             // The old process must be gone before a new one takes the data dir's lock.
-            let d = n.dir.clone();
-            wait_for("the node to die", Duration::from_secs(10), || {
-                let d = d.clone();
-                async move {
-                    if is_our_node(pid, &d) {
-                        Err("alive".to_string())
-                    } else {
-                        Ok(())
-                    }
-                }
-            })
-            .await?;
+            wait_gone(pid, &n.dir, "the node to die").await?;
         }
     }
     let pid = spawn_detached(bin, &n.dir)?;
