@@ -123,6 +123,8 @@ struct State {
     connected: HashMap<PeerId, usize>,
     rtt: HashMap<PeerId, Duration>,
     listen_addrs: Vec<Multiaddr>,
+    /// Listeners that reported at least one address.
+    listeners_up: HashSet<libp2p::core::transport::ListenerId>,
 }
 
 struct Shared {
@@ -566,13 +568,17 @@ impl EventLoop {
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         self.metrics.record(&event);
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
                 let full = address.with(Protocol::P2p(self.shared.local));
                 info!(address = %full, "listening for peers");
                 let n = {
                     let mut st = self.state();
                     st.listen_addrs.push(full);
-                    st.listen_addrs.len()
+                    st.listeners_up.insert(listener_id);
+                    st.listeners_up.len()
                 };
                 self.shared.listening.send_replace(n);
             }
@@ -753,11 +759,12 @@ impl DhtHandle {
         self.read().listen_addrs.clone()
     }
 
-    /// Waits until the swarm listens on at least one address, or `timeout` passes; returns
-    /// the addresses (empty on time-out).
-    pub async fn wait_listening(&self, timeout: Duration) -> Vec<Multiaddr> {
+    /// Waits until `listeners` listeners (one per configured listen address) each report an
+    /// address, or `timeout` passes; returns the addresses known then.
+    pub async fn wait_listening(&self, listeners: usize, timeout: Duration) -> Vec<Multiaddr> {
         let mut rx = self.shared.listening.subscribe();
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|n| *n > 0)).await;
+        let want = listeners.max(1);
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|n| *n >= want)).await;
         self.listen_addrs()
     }
 

@@ -146,7 +146,9 @@ impl Node {
         let handle = dht.handle();
         // The listeners report their bound addresses asynchronously; wait for them so that
         // node.json and the Raft membership name real ports.
-        let listen_addrs = handle.wait_listening(Duration::from_secs(10)).await;
+        let listen_addrs = handle
+            .wait_listening(config.listen.len(), Duration::from_secs(10))
+            .await;
 
         let me = RaftNode {
             peer_id: handle.local_peer_id().to_base58(),

@@ -460,3 +460,42 @@ async fn down_stops_what_an_interrupted_up_left() {
     // Data is kept without --purge.
     assert!(dir.join("node0/identity.key").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_meet_over_quic() {
+    let mut net = Testnet::new(BIN).unwrap();
+    net.add_node(NodeOptions {
+        extra_args: vec!["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let quic = net
+        .node(0)
+        .info()
+        .unwrap()
+        .listen_addrs
+        .iter()
+        .find(|a| a.contains("/quic-v1/"))
+        .cloned()
+        .expect("node0 should report its QUIC address in node.json");
+    // The second node knows node0 only by its QUIC address.
+    net.add_node(NodeOptions {
+        extra_args: vec!["--bootstrap".into(), quic],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let both: BTreeSet<String> = (0..2)
+        .map(|i| net.node(i).info().unwrap().peer_id.clone())
+        .collect();
+    wait_peer_set(&net, 1, &both, Duration::from_secs(60)).await;
+    wait_peer_set(&net, 0, &both, Duration::from_secs(60)).await;
+    let (_, metrics) = net.api(1).unwrap().get_raw("/metrics").await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("libp2p_swarm_connections_established") && l.contains("quic-v1")),
+        "no QUIC connection in the metrics"
+    );
+}
