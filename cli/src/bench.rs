@@ -1,6 +1,6 @@
 //! `canal bench`: load generators that report throughput and latency percentiles.
 //!
-//! `canal bench raft` starts its own cluster of local nodes (the same binary), so the numbers
+//! `canal bench raft` and `canal bench pubsub` start their own cluster of local nodes (the same binary), so the numbers
 //! are reproducible with one command: committed writes/s and commit latency with 1 and with
 //! 64 concurrent writers, then the time from `kill -9` of the leader to the next committed
 //! write, repeated.
@@ -21,6 +21,22 @@ pub(crate) struct BenchArgs {
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
+    /// Publish and subscribe on a local 3-node cluster: events/s published and delivered,
+    /// publish-to-delivery latency percentiles, for each QoS and payload size.
+    Pubsub {
+        /// Events per run.
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+        /// Payload sizes in bytes, comma-separated.
+        #[arg(long, default_value = "64,4096", value_delimiter = ',')]
+        sizes: Vec<usize>,
+        /// QoS levels, comma-separated.
+        #[arg(long, default_value = "0,1", value_delimiter = ',')]
+        qos: Vec<u8>,
+        /// Publishes in flight.
+        #[arg(long, default_value_t = 64)]
+        publishers: usize,
+    },
     /// Replicated writes on a local 3-node cluster: throughput, commit latency, failover time.
     Raft {
         /// Writes per run.
@@ -51,6 +67,174 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// Starts a local 3-node cluster and waits for its leaders.
+async fn local_cluster() -> anyhow::Result<Testnet> {
+    let bin = std::env::current_exe().context("cannot find the canal binary to run nodes with")?;
+    eprintln!("starting 3 local nodes ...");
+    let net = Testnet::start(&bin, 3, |_| NodeOptions {
+        extra_args: vec![
+            "--bootstrap-expect".into(),
+            "3".into(),
+            "--log".into(),
+            "warn".into(),
+        ],
+        ..Default::default()
+    })
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while leader(&net).await?.is_none() {
+        if Instant::now() > deadline {
+            bail!("the cluster did not elect a leader within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(net)
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+async fn pubsub(
+    count: usize,
+    sizes: Vec<usize>,
+    qos: Vec<u8>,
+    publishers: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    if count == 0 || publishers == 0 || qos.iter().any(|q| *q > 1) {
+        bail!("--count and --publishers must be at least 1, and --qos only 0 or 1");
+    }
+    let net = local_cluster().await?;
+    let apis: Vec<Api> = (0..3).map(|i| net.api(i)).collect::<anyhow::Result<_>>()?;
+    let mut results = Vec::new();
+    for (run, (&q, &size)) in qos
+        .iter()
+        .flat_map(|q| sizes.iter().map(move |s| (q, s)))
+        .enumerate()
+    {
+        // The subscriber on node 2, publishers on all three.
+        let filter = format!("bench/{run}/#");
+        let url = format!(
+            "{}/v1/subscribe?filter={}&qos={q}&from=earliest",
+            apis[2].base(),
+            filter.replace('/', "%2F").replace('#', "%23")
+        );
+        let resp = reqwest::Client::new().get(&url).send().await?;
+        if !resp.status().is_success() {
+            bail!("subscribe failed: {}", resp.status());
+        }
+        let sub = tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut last = Instant::now();
+            let mut body = resp.bytes_stream();
+            let mut buf = Vec::new();
+            while lat.len() < count {
+                let Ok(Some(Ok(chunk))) =
+                    tokio::time::timeout(Duration::from_secs(10), body.next()).await
+                else {
+                    break;
+                };
+                buf.extend_from_slice(&chunk);
+                while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
+                    let frame: Vec<u8> = buf.drain(..pos + 2).collect();
+                    let text = String::from_utf8_lossy(&frame);
+                    let Some(data) = text.lines().find_map(|l| l.strip_prefix("data:")) else {
+                        continue;
+                    };
+                    let Ok(e) = serde_json::from_str::<canal_proto::api::Event>(data.trim()) else {
+                        continue;
+                    };
+                    if let Some(t) = e.headers.get("t").and_then(|t| t.parse::<u128>().ok()) {
+                        lat.push(Duration::from_nanos(now_ns().saturating_sub(t) as u64));
+                        last = Instant::now();
+                    }
+                }
+            }
+            (lat, last)
+        });
+        // Let the subscription register before QoS 0 events, which are not stored, are sent.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let payload = vec![b'x'; size];
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..publishers {
+            let (apis, next, payload) = (apis.clone(), next.clone(), payload.clone());
+            let http = reqwest::Client::new();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    // A QoS 1 publish that fails (an election under load) is retried with the
+                    // same message id, so it is stored once, as a real client would.
+                    let t = now_ns().to_string();
+                    let mut attempt = 0usize;
+                    loop {
+                        let api = &apis[(i + attempt) % apis.len()];
+                        let resp = http
+                            .post(format!(
+                                "{}/v1/topics/bench%2F{run}%2Ft{}/events",
+                                api.base(),
+                                i % 8
+                            ))
+                            .header("canal-qos", q.to_string())
+                            .header("canal-id", format!("b{run}-{i}"))
+                            .header("canal-header-t", t.clone())
+                            .body(payload.clone())
+                            .send()
+                            .await;
+                        match resp {
+                            Ok(r) if r.status().is_success() => break,
+                            Ok(r) if r.status().is_client_error() => {
+                                bail!("publish refused: {}", r.status())
+                            }
+                            _ if attempt >= 20 => bail!("publish {i} failed 20 times"),
+                            _ => attempt += 1,
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        let published = started.elapsed();
+        let (mut lat, done) = sub.await?;
+        let delivered_in = done.duration_since(started);
+        lat.sort();
+        let pub_rate = count as f64 / published.as_secs_f64();
+        let del_rate = lat.len() as f64 / delivered_in.as_secs_f64();
+        eprintln!(
+            "QoS {q}, {size} B: published {count} at {pub_rate:.0}/s; delivered {} at {del_rate:.0}/s; latency p50 {} p99 {} p999 {}",
+            lat.len(),
+            ms(pct(&lat, 50.0)),
+            ms(pct(&lat, 99.0)),
+            ms(pct(&lat, 99.9))
+        );
+        results.push(serde_json::json!({
+            "qos": q, "bytes": size, "published": count, "published_per_s": pub_rate,
+            "delivered": lat.len(), "delivered_per_s": del_rate,
+            "p50_ms": pct(&lat, 50.0).as_secs_f64() * 1000.0,
+            "p99_ms": pct(&lat, 99.0).as_secs_f64() * 1000.0,
+            "p999_ms": pct(&lat, 99.9).as_secs_f64() * 1000.0,
+        }));
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "runs": results }))?
+        );
+    }
+    Ok(())
+}
+
 async fn leader(net: &Testnet) -> anyhow::Result<Option<usize>> {
     for i in net.running() {
         let Ok(s) = net.api(i)?.get::<ClusterStatus>("/v1/cluster/status").await else {
@@ -77,34 +261,24 @@ async fn leader(net: &Testnet) -> anyhow::Result<Option<usize>> {
 }
 
 pub(crate) async fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
-    let BenchCommand::Raft {
-        count,
-        writers,
-        size,
-        failovers,
-    } = args.command;
+    let (count, writers, size, failovers) = match args.command {
+        BenchCommand::Raft {
+            count,
+            writers,
+            size,
+            failovers,
+        } => (count, writers, size, failovers),
+        BenchCommand::Pubsub {
+            count,
+            sizes,
+            qos,
+            publishers,
+        } => return pubsub(count, sizes, qos, publishers, json).await,
+    };
     if count == 0 || writers.contains(&0) {
         bail!("--count and --writers must be at least 1");
     }
-    let bin = std::env::current_exe().context("cannot find the canal binary to run nodes with")?;
-    eprintln!("starting 3 local nodes ...");
-    let mut net = Testnet::start(&bin, 3, |_| NodeOptions {
-        extra_args: vec![
-            "--bootstrap-expect".into(),
-            "3".into(),
-            "--log".into(),
-            "warn".into(),
-        ],
-        ..Default::default()
-    })
-    .await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while leader(&net).await?.is_none() {
-        if Instant::now() > deadline {
-            bail!("the cluster did not elect a leader within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut net = local_cluster().await?;
     let apis: Vec<Api> = (0..3).map(|i| net.api(i)).collect::<anyhow::Result<_>>()?;
     let value = vec![b'x'; size];
     let mut results = Vec::new();
