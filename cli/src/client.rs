@@ -5,6 +5,11 @@ use canal_proto::api::ErrorBody;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 
+/// A command-line value that is not allowed (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct UsageError(pub(crate) String);
+
 /// A client of one node's API.
 pub(crate) struct Client {
     base: String,
@@ -38,9 +43,10 @@ impl Client {
     fn build(base: &str, token: Option<&str>, timeout: Option<Duration>) -> anyhow::Result<Client> {
         let base = base.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            bail!(
+            return Err(UsageError(format!(
                 "--api {base:?} is not an http:// or https:// URL: write, for example, http://127.0.0.1:7070"
-            );
+            ))
+            .into());
         }
         let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
         if let Some(t) = timeout {

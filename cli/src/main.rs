@@ -133,7 +133,17 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            // A setting with a value that is not allowed is bad usage (2), like a flag clap
+            // refuses; anything that went wrong while doing the work is 1.
+            let usage = e.chain().any(|c| {
+                c.is::<canal_node::config::ConfigError>()
+                    || c.is::<client::UsageError>()
+                    || matches!(
+                        c.downcast_ref::<canal_node::NodeError>(),
+                        Some(canal_node::NodeError::Config(_))
+                    )
+            });
+            ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }

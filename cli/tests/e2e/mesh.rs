@@ -217,7 +217,7 @@ async fn bad_input_gets_a_clear_error_and_no_panic() {
         "/ip4/1.2.3/tcp/x",
     ]))
     .await;
-    assert_clear_error(&o, 1, "bootstrap");
+    assert_clear_error(&o, 2, "bootstrap");
     assert!(
         last_line(&o).contains("is not a multiaddr"),
         "{}",
@@ -232,9 +232,9 @@ async fn bad_input_gets_a_clear_error_and_no_panic() {
     // Malformed TOML.
     std::fs::write(dir.path().join("bad.toml"), "tier = [\n").unwrap();
     let o = run(node(&["--config", &d("bad.toml"), "--data-dir", &d("b")])).await;
-    assert_clear_error(&o, 1, "bad.toml");
+    assert_clear_error(&o, 2, "bad.toml");
     let o = canal(&["node", "--gpu", "H100"]).await;
-    assert_clear_error(&o, 1, "MODEL:MEMORY");
+    assert_clear_error(&o, 2, "MODEL:MEMORY");
 
     // A data dir locked by a running node, and an API port in use.
     let mut net = Testnet::start(BIN, 1, |_| NodeOptions::default())
@@ -305,7 +305,7 @@ async fn bad_input_gets_a_clear_error_and_no_panic() {
     let o = canal(&["--api", "http://127.0.0.1:9", "peers"]).await;
     assert_clear_error(&o, 1, "cannot reach the canal API");
     let o = canal(&["--api", "not a url", "peers"]).await;
-    assert_clear_error(&o, 1, "http://");
+    assert_clear_error(&o, 2, "http://");
 
     let health: Health = api.get("/v1/health").await.unwrap();
     assert!(health.ready);
