@@ -384,6 +384,12 @@ pub async fn subscribe(
         });
     } else {
         let sm = st.consensus.state_machine(TOPIC_GROUP)?;
+        // A durable subscription keeps the start it was created with, for topics it has not
+        // acknowledged anything on yet.
+        let from = match &durable {
+            Some(name) => durable_start(&st, &sm, name, from).await?,
+            None => from,
+        };
         // An offset past the end of an exact topic is a mistake worth saying.
         if let From::Offset(n) = from
             && filter.is_exact()
@@ -497,6 +503,52 @@ async fn stream_qos1(
             _ = tx.closed() => return,
         }
     }
+}
+
+/// The start of durable subscription `name`: as stored when it was created, or `from`
+/// (with `latest` fixed to now) stored now if it is new.
+async fn durable_start(
+    st: &ApiState,
+    sm: &canal_consensus::StateMachine,
+    name: &str,
+    from: From,
+) -> Result<From, ApiError> {
+    let key = format!("\u{1}s/{name}");
+    let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
+    let decode = |b: &[u8]| -> Option<From> {
+        let s = std::str::from_utf8(b).ok()?;
+        match s.split_once(':') {
+            Some(("offset", n)) => n.parse().ok().map(From::Offset),
+            Some(("time", t)) => t.parse().ok().map(From::Time),
+            _ if s == "earliest" => Some(From::Earliest),
+            _ => None,
+        }
+    };
+    if let Some(b) = sm.get(&key).map_err(|e| internal(e.to_string()))? {
+        return decode(&b)
+            .ok_or_else(|| internal(format!("durable subscription {name} has a damaged start")));
+    }
+    let spec = match from {
+        From::Earliest => "earliest".to_string(),
+        From::Latest => format!("time:{}", now_ms()),
+        From::Offset(n) => format!("offset:{n}"),
+        From::Time(t) => format!("time:{t}"),
+    };
+    // The request id makes the first creation win if two race.
+    st.consensus
+        .write(
+            TOPIC_GROUP,
+            Request {
+                id: Some(format!("durable-start/{name}")),
+                op: Op::Put {
+                    key: key.clone(),
+                    value: spec.into_bytes(),
+                },
+            },
+        )
+        .await?;
+    let stored = sm.get(&key).map_err(|e| internal(e.to_string()))?;
+    Ok(stored.as_deref().and_then(decode).unwrap_or(from))
 }
 
 /// Checks a durable subscription's name.
