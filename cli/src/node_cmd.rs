@@ -41,9 +41,10 @@ pub(crate) struct NodeArgs {
     /// File with the cluster's pre-shared key; peers without it cannot connect.
     #[arg(long, env = "CANAL_CLUSTER_KEY")]
     cluster_key: Option<PathBuf>,
-    /// Find peers on the local network with mDNS.
-    #[arg(long, env = "CANAL_MDNS")]
-    mdns: bool,
+    /// Find peers on the local network with mDNS (`--mdns`, or `--mdns=false` to turn off
+    /// what the config file turned on).
+    #[arg(long, env = "CANAL_MDNS", num_args = 0..=1, default_missing_value = "true")]
+    mdns: Option<bool>,
     /// How many voters each Raft group should have [default: 3].
     #[arg(long, env = "CANAL_VOTERS")]
     voters: Option<usize>,
@@ -93,8 +94,8 @@ impl NodeArgs {
         if self.cluster_key.is_some() {
             c.cluster_key = self.cluster_key.clone();
         }
-        if self.mdns {
-            c.mdns = true;
+        if let Some(v) = self.mdns {
+            c.mdns = v;
         }
         if let Some(v) = self.replication_factor {
             c.replication_factor = v;
@@ -171,6 +172,24 @@ mod tests {
         assert_eq!(c.tier, "edge");
         assert_eq!(c.api_listen, "127.0.0.1:9000");
         assert_eq!(c.labels.len(), 2);
+    }
+
+    #[test]
+    fn a_flag_turns_off_what_the_file_turned_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("canal.toml");
+        std::fs::write(&file, "mdns = true\n").unwrap();
+        let on = NodeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        assert!(on.merge().unwrap().mdns);
+        let off = NodeArgs {
+            config: Some(file),
+            mdns: Some(false),
+            ..Default::default()
+        };
+        assert!(!off.merge().unwrap().mdns);
     }
 
     #[test]
