@@ -81,13 +81,19 @@ async fn local_cluster() -> anyhow::Result<Testnet> {
         ..Default::default()
     })
     .await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while leader(&net).await?.is_none() {
-        if Instant::now() > deadline {
-            bail!("the cluster did not elect a leader within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let netr = &net;
+    canal_testnet::wait_for(
+        "the cluster to elect a leader",
+        Duration::from_secs(60),
+        || async move {
+            match leader(netr).await {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err("no leader yet".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await?;
     Ok(net)
 }
 
@@ -157,8 +163,8 @@ async fn pubsub(
             }
             (lat, last)
         });
-        // Let the subscription register before QoS 0 events, which are not stored, are sent.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The node registered the subscription before it answered with the stream's headers,
+        // so QoS 0 events published from here on reach it.
         let payload = vec![b'x'; size];
         let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
@@ -370,23 +376,30 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
         );
         failover_times.push(took);
         net.restart(l).await?;
-        // Let the restarted node catch up before the next round.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let s: Result<ClusterStatus, _> = apis[l].get("/v1/cluster/status").await;
-            let caught_up = s.ok().is_some_and(|s| {
-                s.groups.iter().all(|g| {
+        // The restarted node must follow a leader again before the next round.
+        let api = &apis[l];
+        canal_testnet::wait_for(
+            "the restarted node to rejoin",
+            Duration::from_secs(60),
+            || async move {
+                let s: ClusterStatus = api
+                    .get("/v1/cluster/status")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let led = s.groups.iter().all(|g| {
                     g.members
                         .first()
                         .and_then(|m| m.status.as_ref())
                         .is_some_and(|m| m.leader.is_some())
-                })
-            });
-            if caught_up || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+                });
+                if led {
+                    Ok(())
+                } else {
+                    Err("no leader known yet".to_string())
+                }
+            },
+        )
+        .await?;
     }
     failover_times.sort();
     if !failover_times.is_empty() {

@@ -482,28 +482,7 @@ async fn kv_add(
                 "add=N must be a whole number, such as 1 or -5",
             )
         })?;
-    let id = request_id(&st, &headers)?;
-    let r = st
-        .consensus
-        .write(
-            g,
-            Request {
-                id: Some(id),
-                op: Op::Add { key, delta },
-            },
-        )
-        .await?;
-    if let Some(why) = r.refused {
-        return Err(ApiError {
-            status: StatusCode::CONFLICT,
-            kind: "refused",
-            message: why,
-        });
-    }
-    Ok(axum::Json(KvWritten {
-        index: r.index,
-        duplicate: r.duplicate,
-    }))
+    kv_write(&st, g, &headers, Op::Add { key, delta }).await
 }
 
 async fn kv_put(
@@ -526,20 +505,31 @@ async fn kv_put(
             ),
         });
     }
-    let id = request_id(&st, &headers)?;
-    let r = st
-        .consensus
-        .write(
-            g,
-            Request {
-                id: Some(id),
-                op: Op::Put {
-                    key,
-                    value: body.to_vec(),
-                },
-            },
-        )
-        .await?;
+    kv_write(
+        &st,
+        g,
+        &headers,
+        Op::Put {
+            key,
+            value: body.to_vec(),
+        },
+    )
+    .await
+}
+
+/// Commits one KV operation with the request's id and answers where it landed; an operation
+/// the state machine refused (an add to a non-number) is a 409.
+async fn kv_write(
+    st: &ApiState,
+    g: GroupId,
+    headers: &HeaderMap,
+    op: Op,
+) -> Result<axum::Json<KvWritten>, ApiError> {
+    let id = request_id(st, headers)?;
+    let r = st.consensus.write(g, Request { id: Some(id), op }).await?;
+    if let Some(why) = r.refused {
+        return Err(ApiError::new(StatusCode::CONFLICT, "refused", why));
+    }
     Ok(axum::Json(KvWritten {
         index: r.index,
         duplicate: r.duplicate,

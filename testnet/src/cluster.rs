@@ -351,6 +351,19 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
+/// Waits until no node of the testnet in `dir` is running.
+async fn wait_all_stopped(dir: &Path, what: &str, timeout: Duration) -> anyhow::Result<()> {
+    wait_for(what, timeout, || async move {
+        let left = list(dir).iter().filter(|n| n.pid.is_some()).count();
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(format!("{left} still running"))
+        }
+    })
+    .await
+}
+
 /// Stops every node of the testnet in `dir` (SIGTERM, then SIGKILL after `grace`); returns
 /// how many were running. With `purge`, removes the directory too.
 pub async fn down(dir: &Path, grace: Duration, purge: bool) -> anyhow::Result<usize> {
@@ -360,38 +373,14 @@ pub async fn down(dir: &Path, grace: Duration, purge: bool) -> anyhow::Result<us
             signal(pid, libc::SIGTERM);
         }
     }
-    let dir_owned = dir.to_path_buf();
-    let stopped = wait_for("the nodes to stop", grace, || {
-        let d = dir_owned.clone();
-        async move {
-            let left = list(&d).iter().filter(|n| n.pid.is_some()).count();
-            if left == 0 {
-                Ok(())
-            } else {
-                Err(format!("{left} still running"))
-            }
-        }
-    })
-    .await;
+    let stopped = wait_all_stopped(dir, "the nodes to stop", grace).await;
     if stopped.is_err() {
         for n in list(dir) {
             if let Some(pid) = n.pid {
                 signal(pid, libc::SIGKILL);
             }
         }
-        let dir_owned = dir.to_path_buf();
-        wait_for("the killed nodes to die", Duration::from_secs(10), || {
-            let d = dir_owned.clone();
-            async move {
-                let left = list(&d).iter().filter(|n| n.pid.is_some()).count();
-                if left == 0 {
-                    Ok(())
-                } else {
-                    Err(format!("{left} still running"))
-                }
-            }
-        })
-        .await?;
+        wait_all_stopped(dir, "the killed nodes to die", Duration::from_secs(10)).await?;
     }
     if purge && dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;

@@ -41,32 +41,32 @@ async fn publish_acked(apis: &[Api], i: usize) {
         if i.is_multiple_of(2) { "temp" } else { "hum" }
     );
     let path = format!("/v1/topics/{}/events", topic.replace('/', "%2F"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let http = reqwest::Client::new();
     let mut attempt = 0usize;
-    loop {
-        let api = &apis[(i + attempt) % apis.len()];
-        // The message id makes a retried publish one event.
-        let r = tokio::time::timeout(Duration::from_secs(30), async {
-            let http = reqwest::Client::new();
-            http.post(format!("{}{path}", api.base()))
+    // The message id makes a retried publish one event.
+    wait_for(
+        &format!("publish {i} to be acknowledged"),
+        Duration::from_secs(90),
+        || {
+            let api = &apis[(i + attempt) % apis.len()];
+            attempt += 1;
+            let request = http
+                .post(format!("{}{path}", api.base()))
                 .header("canal-id", format!("m{i}"))
                 .body(format!("e{i}"))
-                .send()
-                .await
-        })
-        .await;
-        if let Ok(Ok(resp)) = r
-            && resp.status().is_success()
-        {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "publish {i} never acknowledged"
-        );
-        attempt += 1;
-        tokio::time::sleep(Duration::from_millis(20 * attempt.min(10) as u64)).await;
-    }
+                .timeout(Duration::from_secs(30))
+                .send();
+            async move {
+                match request.await {
+                    Ok(resp) if resp.status().is_success() => Ok(()),
+                    Ok(resp) => Err(resp.status().to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
 }
 
 /// Checks one subscriber's output: every expected event exactly once, offsets per topic

@@ -90,31 +90,30 @@ fn op(i: usize) -> (Method, String, Vec<u8>) {
 async fn write_acked(apis: &[Api], i: usize) -> Result<(), String> {
     let (method, path, body) = op(i);
     let id = format!("w{i}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
     let mut attempt = 0usize;
-    loop {
-        let api = &apis[(i + attempt) % apis.len()];
-        match api
-            .send(method.clone(), &path, body.clone(), Some(&id))
-            .await
-        {
-            Ok((200, _)) => return Ok(()),
-            Ok((status, text)) if status >= 500 => {
-                if std::time::Instant::now() > deadline {
-                    return Err(format!("write {i}: {status} {text}"));
+    // Retried (same request id, so applied once) while a node restarts or an election runs;
+    // a refusal (4xx) ends it at once.
+    let outcome = wait_for(
+        &format!("write {i} to be acknowledged"),
+        Duration::from_secs(90),
+        || {
+            let api = &apis[(i + attempt) % apis.len()];
+            attempt += 1;
+            let (method, path, body, id) = (method.clone(), &path, body.clone(), &id);
+            async move {
+                match api.send(method, path, body, Some(id)).await {
+                    Ok((200, _)) => Ok(Ok(())),
+                    Ok((status, text)) if status < 500 => {
+                        Ok(Err(format!("write {i} refused: {status} {text}")))
+                    }
+                    Ok((status, text)) => Err(format!("{status} {text}")),
+                    Err(e) => Err(e.to_string()),
                 }
             }
-            Ok((status, text)) => return Err(format!("write {i} refused: {status} {text}")),
-            Err(e) => {
-                if std::time::Instant::now() > deadline {
-                    return Err(format!("write {i}: {e}"));
-                }
-            }
-        }
-        attempt += 1;
-        // Back off a little while a node restarts or an election runs.
-        tokio::time::sleep(Duration::from_millis(20 * attempt.min(10) as u64)).await;
-    }
+        },
+    )
+    .await;
+    outcome.map_err(|e| e.to_string())?
 }
 
 /// Writes `count` operations with `workers` concurrent writers through every node; returns
