@@ -9,12 +9,15 @@
 //!   and matching.
 //! - [`caps`]: the capability record every peer advertises (CPU, memory, GPUs, tier, labels,
 //!   load), and the `MODEL:MEMORY` GPU declaration.
+//! - [`function`]: functions and triggers as stored, their limits, requirements and
+//!   settings, and what an invocation returns.
 //! - [`size`]: byte sizes written by people (`80GiB`, `512MiB`).
 //! - [`api`]: the JSON bodies of the HTTP client API, shared by the node and the CLI.
 //! - [`wire`]: the versioned binary envelope (bincode) for peer-to-peer messages.
 
 pub mod api;
 pub mod caps;
+pub mod function;
 pub mod size;
 pub mod topic;
 pub mod wire;
