@@ -14,6 +14,8 @@
 //! - [`groups`]: [`Consensus`], the groups of a node and the client operations on them
 //!   (writes and linearizable reads forwarded to the leader, membership, status).
 //! - [`topics`]: durable topic logs kept in a data group's state machine.
+//! - [`functions`]: functions, triggers, function state and the atomic [`functions::Effects`]
+//!   of executions.
 //! - [`store`]: the sled database ([`RaftDb`]), with its format marker, and per group the
 //!   log store ([`LogStore`]) and the state machine ([`StateMachine`]), snapshots included.
 //!
@@ -22,6 +24,7 @@
 //!                                   └> StateMachine::apply ─> sled tree g{N}.sm (one batch)
 //! ```
 
+pub mod functions;
 pub mod groups;
 pub mod network;
 pub mod rpc;

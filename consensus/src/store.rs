@@ -769,33 +769,98 @@ fn apply_op(w: &mut Writes<'_>, op: crate::types::Op) -> Result<Applied, String>
             Ok((None, None, Some(next)))
         }
         Op::Publish(event) => {
-            let meta_key = crate::topics::meta_key(&event.topic);
-            let mut meta: crate::topics::TopicMeta = match w.get(&meta_key).map_err(err)? {
-                Some(b) => dec(&b).map_err(|e| e.to_string())?,
-                None => crate::topics::TopicMeta::default(),
-            };
-            let offset = meta.next;
-            let stored = crate::topics::StoredEvent {
-                offset,
-                time_ms: event.time_ms,
-                id: event.id,
-                headers: event.headers,
-                payload: event.payload,
-            };
-            w.set(
-                crate::topics::event_key(&event.topic, offset),
-                Some(enc(&stored).map_err(|e| e.to_string())?),
-            );
-            meta.next += 1;
-            // Retention by count: drop the oldest events beyond the limit.
-            while meta.next - meta.first > event.retain_max.max(1) {
-                w.set(crate::topics::event_key(&event.topic, meta.first), None);
-                meta.first += 1;
-            }
-            w.set(meta_key, Some(enc(&meta).map_err(|e| e.to_string())?));
+            let offset = append_event(w, event)?;
             Ok((None, None, Some(offset)))
         }
+        Op::Effects(fx) => apply_effects(w, fx),
     }
+}
+
+/// Appends an event to its topic's log, applying the topic's retention; returns its offset.
+fn append_event(w: &mut Writes<'_>, event: crate::topics::PublishOp) -> Result<u64, String> {
+    let meta_key = crate::topics::meta_key(&event.topic);
+    let mut meta: crate::topics::TopicMeta = match w.get(&meta_key).map_err(|e| e.to_string())? {
+        Some(b) => dec(&b).map_err(|e| e.to_string())?,
+        None => crate::topics::TopicMeta::default(),
+    };
+    let offset = meta.next;
+    let stored = crate::topics::StoredEvent {
+        offset,
+        time_ms: event.time_ms,
+        id: event.id,
+        headers: event.headers,
+        payload: event.payload,
+    };
+    w.set(
+        crate::topics::event_key(&event.topic, offset),
+        Some(enc(&stored).map_err(|e| e.to_string())?),
+    );
+    meta.next += 1;
+    // Retention by count: drop the oldest events beyond the limit.
+    while meta.next - meta.first > event.retain_max.max(1) {
+        w.set(crate::topics::event_key(&event.topic, meta.first), None);
+        meta.first += 1;
+    }
+    w.set(meta_key, Some(enc(&meta).map_err(|e| e.to_string())?));
+    Ok(offset)
+}
+
+/// Applies an execution's effects if its cursor and state version still hold; otherwise
+/// refuses, changing nothing.
+fn apply_effects(w: &mut Writes<'_>, fx: crate::functions::Effects) -> Result<Applied, String> {
+    use crate::functions::{cursor_key, state_key, version_key};
+    let read_u64 = |w: &Writes<'_>, key: &str| -> Result<Option<u64>, String> {
+        match w.get(key).map_err(|e| e.to_string())? {
+            Some(b) => dec::<u64>(&b).map(Some).map_err(|e| e.to_string()),
+            None => Ok(None),
+        }
+    };
+    if let Some(c) = &fx.cursor {
+        let now = read_u64(w, &cursor_key(&c.trigger_uid, &c.topic))?;
+        if now != c.expected {
+            return Ok((
+                None,
+                Some(format!(
+                    "the trigger's cursor on {} is at {now:?}, not {:?}: another execution committed first",
+                    c.topic, c.expected
+                )),
+                None,
+            ));
+        }
+    }
+    let version = read_u64(w, &version_key(&fx.function))?.unwrap_or(0);
+    if let Some(expected) = fx.state_version
+        && expected != version
+    {
+        return Ok((
+            None,
+            Some(format!(
+                "the state of {} is at version {version}, not {expected}: it changed since it was read",
+                fx.function
+            )),
+            None,
+        ));
+    }
+    if !fx.state.is_empty() {
+        for (k, v) in fx.state {
+            w.set(state_key(&fx.function, &k), v);
+        }
+        w.set(
+            version_key(&fx.function),
+            Some(enc(&(version + 1)).map_err(|e| e.to_string())?),
+        );
+    }
+    let mut last = None;
+    for out in fx.outputs {
+        last = Some(append_event(w, out)?);
+    }
+    if let Some(c) = fx.cursor {
+        w.set(
+            cursor_key(&c.trigger_uid, &c.topic),
+            Some(enc(&c.next).map_err(|e| e.to_string())?),
+        );
+    }
+    Ok((None, None, last))
 }
 
 /// `previous + delta`, as decimal text; a missing value counts as 0.

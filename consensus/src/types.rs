@@ -78,6 +78,9 @@ pub enum Op {
         /// The last offset the subscriber has processed.
         offset: u64,
     },
+    /// Applies what executions of a function did: outputs, state changes and a trigger's
+    /// cursor move, together or not at all (see [`crate::functions`]).
+    Effects(crate::functions::Effects),
     /// Adds `delta` to the number stored at `key` (decimal text; a missing key counts as 0).
     /// Not idempotent, so it shows whether a write was applied more than once.
     Add {
@@ -111,6 +114,13 @@ impl fmt::Display for Request {
                 topic,
                 offset,
             } => write!(f, "ack {subscription} {topic} {offset}"),
+            Op::Effects(e) => write!(
+                f,
+                "effects of {} ({} outputs, {} state changes)",
+                e.function,
+                e.outputs.len(),
+                e.state.len()
+            ),
         }
     }
 }
