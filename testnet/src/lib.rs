@@ -11,6 +11,7 @@
 //! - [`wait_for`]: poll a condition until it holds or a deadline passes, with a message
 //!   saying what was awaited.
 //! - [`Api`]: a small JSON client of one node's HTTP API.
+//! - [`guests`]: the example guest functions, built for `wasm32-wasip2` on first use.
 //! - [`cluster`]: the persistent testnet of `canal testnet up/status/down/kill/restart`,
 //!   whose nodes outlive the command that started them.
 //!
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 pub mod cluster;
+pub mod guests;
 
 /// Settings of one node of a testnet.
 #[derive(Debug, Clone, Default)]
