@@ -10,6 +10,15 @@ use std::time::Duration;
 #[error("{0}")]
 pub(crate) struct UsageError(pub(crate) String);
 
+/// Percent-encodes a path of several segments, such as a state key (`mean/sensors/r1/temp`):
+/// like [`encode_segment`], but `/` stays a separator.
+pub(crate) fn encode_path(s: &str) -> String {
+    s.split('/')
+        .map(encode_segment)
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// A client of one node's API.
 pub(crate) struct Client {
     base: String,
@@ -33,6 +42,16 @@ pub(crate) fn encode_segment(s: &str) -> String {
 impl Client {
     pub(crate) fn new(base: &str, token: Option<&str>) -> anyhow::Result<Client> {
         Self::build(base, token, Some(Duration::from_secs(30)))
+    }
+
+    /// A client whose requests may take up to `timeout` in all (a deploy that compiles, an
+    /// invocation with a long time limit).
+    pub(crate) fn with_timeout(
+        base: &str,
+        token: Option<&str>,
+        timeout: Duration,
+    ) -> anyhow::Result<Client> {
+        Self::build(base, token, Some(timeout))
     }
 
     /// A client for long-lived streams: no limit on the whole request.
@@ -80,9 +99,46 @@ impl Client {
         body: Vec<u8>,
         headers: &[(String, String)],
     ) -> anyhow::Result<T> {
+        self.send_json(reqwest::Method::POST, path, body, headers)
+            .await
+    }
+
+    /// PUTs `body` with `headers` and decodes the JSON answer.
+    pub(crate) async fn put_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(String, String)],
+    ) -> anyhow::Result<T> {
+        self.send_json(reqwest::Method::PUT, path, body, headers)
+            .await
+    }
+
+    /// DELETEs `path`; the answer's body is ignored.
+    pub(crate) async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.send(reqwest::Method::DELETE, path).await.map(|_| ())
+    }
+
+    /// GETs `path` and returns the raw body, or `None` when the node answers 404.
+    pub(crate) async fn get_bytes_or_none(&self, path: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let url = format!("{}{path}", self.base);
         let resp = self
-            .request(reqwest::Method::POST, path, body, headers)
+            .request(reqwest::Method::GET, path, Vec::new(), &[])
             .await?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        Self::body(resp, &url).await.map(Some)
+    }
+
+    async fn send_json<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(String, String)],
+    ) -> anyhow::Result<T> {
+        let resp = self.request(method, path, body, headers).await?;
         let url = format!("{}{path}", self.base);
         serde_json::from_slice(&Self::body(resp, &url).await?).with_context(|| {
             format!("the answer from {url} is not what this canal version expects")
@@ -172,5 +228,14 @@ mod tests {
             "sensors%2Froom%201%2Ftemp"
         );
         assert_eq!(encode_segment("a-b_c.d~e"), "a-b_c.d~e");
+    }
+
+    #[test]
+    fn encodes_keys_keeping_slashes() {
+        assert_eq!(
+            encode_path("mean/sensors/r 1/t?x#y"),
+            "mean/sensors/r%201/t%3Fx%23y"
+        );
+        assert_eq!(encode_path("caf\u{e9}/%"), "caf%C3%A9/%25");
     }
 }

@@ -9,6 +9,8 @@
 //!   configuration, then the node run until SIGINT/SIGTERM.
 //! - `client`: the HTTP client and its error messages.
 //! - `pubsub_cmd`: `canal pub` and `canal sub`.
+//! - `fn_cmd`: `canal fn`, `canal trigger` and `canal state`: functions, their triggers and
+//!   their state.
 //! - `show`: tables for people, JSON for scripts.
 //! - `bench`: `canal bench`, load generators.
 //! - `testnet_cmd`: `canal testnet`, a mesh of node processes on this machine.
@@ -17,6 +19,7 @@
 
 mod bench;
 mod client;
+mod fn_cmd;
 mod node_cmd;
 mod pubsub_cmd;
 mod show;
@@ -70,6 +73,21 @@ enum Command {
     Topic {
         #[command(subcommand)]
         command: TopicCommand,
+    },
+    /// WebAssembly functions: deploy, list, rm, invoke, placement.
+    Fn {
+        #[command(subcommand)]
+        command: fn_cmd::FnCommand,
+    },
+    /// Triggers: run a function on every event that matches a topic filter.
+    Trigger {
+        #[command(subcommand)]
+        command: fn_cmd::TriggerCommand,
+    },
+    /// The state functions keep: get one value, list keys.
+    State {
+        #[command(subcommand)]
+        command: fn_cmd::StateCommand,
     },
 }
 
@@ -194,6 +212,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let locate: canal_proto::api::Locate = client.get(&path).await?;
             show::locate(&locate, cli.json)
+        }
+        Command::Fn { command } => {
+            fn_cmd::function(&cli.api, cli.token.as_deref(), command, cli.json).await
+        }
+        Command::Trigger { command } => {
+            fn_cmd::trigger(&cli.api, cli.token.as_deref(), command, cli.json).await
+        }
+        Command::State { command } => {
+            fn_cmd::state(&cli.api, cli.token.as_deref(), command, cli.json).await
         }
     }
 }

@@ -9,15 +9,18 @@ use futures::StreamExt;
 use std::io::BufRead;
 use std::time::Duration;
 
-fn parse_topic(s: &str) -> Result<Topic, String> {
+/// Parses a topic name (no wildcards).
+pub(crate) fn parse_topic(s: &str) -> Result<Topic, String> {
     Topic::new(s).map_err(|e| e.to_string())
 }
 
-fn parse_filter(s: &str) -> Result<TopicFilter, String> {
+/// Parses a topic filter (`+` and a final `#` allowed).
+pub(crate) fn parse_filter(s: &str) -> Result<TopicFilter, String> {
     TopicFilter::new(s).map_err(|e| e.to_string())
 }
 
-fn parse_qos(s: &str) -> Result<u8, String> {
+/// Parses `--qos`: 0 or 1.
+pub(crate) fn parse_qos(s: &str) -> Result<u8, String> {
     match s {
         "0" => Ok(0),
         "1" => Ok(1),
@@ -27,7 +30,8 @@ fn parse_qos(s: &str) -> Result<u8, String> {
     }
 }
 
-fn parse_header(s: &str) -> Result<(String, String), String> {
+/// Parses `--header KEY=VALUE`; the key is lowercased.
+pub(crate) fn parse_header(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v))
             if !k.is_empty()

@@ -5,12 +5,14 @@ use canal_proto::size::format_bytes;
 use comfy_table::{Table, presets::NOTHING};
 use serde::Serialize;
 
-fn json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+/// Prints `v` as pretty JSON.
+pub(crate) fn json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-fn table(header: &[&str]) -> Table {
+/// A table for people: no borders, a header row.
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(NOTHING).set_header(header.to_vec());
     t

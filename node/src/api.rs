@@ -32,6 +32,8 @@ pub struct ApiState {
     pub consensus: Consensus<MeshTransport>,
     /// This node's QoS 0 subscribers.
     pub qos0: crate::pubsub::Qos0Hub,
+    /// Functions and triggers.
+    pub functions: Arc<crate::functions::Functions>,
     /// Prometheus metrics of every part of the node.
     pub registry: Arc<Registry>,
     /// When the node started.
@@ -100,6 +102,25 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/cluster/remove/{peer}", axum::routing::post(cluster_remove))
         .route("/v1/kv/{*key}", get(kv_get).put(kv_put).post(kv_add))
         .route("/metrics", get(metrics))
+        .route("/v1/functions", get(fn_list))
+        .route(
+            "/v1/functions/{name}",
+            get(fn_get)
+                .put(fn_deploy)
+                .delete(fn_remove)
+                .layer(DefaultBodyLimit::max(
+                    canal_proto::function::MAX_MODULE_BYTES + 1024,
+                )),
+        )
+        .route("/v1/functions/{name}/invoke", axum::routing::post(fn_invoke))
+        .route("/v1/functions/{name}/placement", get(fn_placement))
+        .route("/v1/functions/{name}/state", get(fn_state_list))
+        .route("/v1/functions/{name}/state/{*key}", get(fn_state_get))
+        .route("/v1/triggers", get(trigger_list))
+        .route(
+            "/v1/triggers/{name}",
+            get(trigger_get).put(trigger_put).delete(trigger_delete),
+        )
         .layer(DefaultBodyLimit::max(MAX_VALUE_BYTES + 1024))
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -110,7 +131,7 @@ pub fn router(state: ApiState) -> Router {
         })
         .fallback(|| async {
             ApiError::not_found(
-                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/remove/{peer}, /v1/kv/{key} and /metrics",
+                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}] and /metrics",
             )
         })
         .with_state(state)
@@ -179,9 +200,26 @@ async fn topic_get(
     } else {
         rest
     };
+    if let Some(topic) = rest.strip_suffix("/log") {
+        let topic =
+            Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
+        let sm = st.consensus.state_machine(crate::pubsub::TOPIC_GROUP)?;
+        let meta = sm
+            .topic_meta(topic.as_str())
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?
+            .unwrap_or_default();
+        return Ok(axum::Json(canal_proto::api::TopicLog {
+            topic: topic.to_string(),
+            first: meta.first,
+            next: meta.next,
+        })
+        .into_response());
+    }
     let Some(topic) = rest.strip_suffix("/locate") else {
         return Err(ApiError::not_found(format!(
-            "no such topic endpoint {rest:?}: use /v1/topics/{{topic}}/locate"
+            "no such topic endpoint {rest:?}: use /v1/topics/{{topic}}/locate or /v1/topics/{{topic}}/log"
         )));
     };
     let topic =
@@ -564,4 +602,175 @@ async fn kv_get(
         Some(v) => Ok(([("canal-read", mode)], v).into_response()),
         None => Err(ApiError::not_found(format!("no key {key:?} in group {g}"))),
     }
+}
+
+async fn fn_list(
+    State(st): State<ApiState>,
+) -> Result<axum::Json<canal_proto::function::FunctionList>, ApiError> {
+    Ok(axum::Json(canal_proto::function::FunctionList {
+        functions: st.functions.functions()?,
+    }))
+}
+
+async fn fn_get(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<canal_proto::function::FunctionSpec>, ApiError> {
+    st.functions
+        .function(&name)?
+        .map(axum::Json)
+        .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))
+}
+
+async fn fn_deploy(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| {
+        ApiError::new(
+            r.status(),
+            "too_large",
+            format!(
+                "the module was refused ({}): modules may be at most {} bytes",
+                r.body_text(),
+                canal_proto::function::MAX_MODULE_BYTES
+            ),
+        )
+    })?;
+    let (status, deployed) = crate::functions::deploy(&st, &name, &q, &body).await?;
+    Ok((status, axum::Json(deployed)).into_response())
+}
+
+async fn fn_remove(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    crate::functions::remove(&st, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn fn_invoke(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::Json<canal_proto::function::InvokeResult>, ApiError> {
+    let body = body.map_err(too_large)?;
+    Ok(axum::Json(
+        crate::functions::invoke(&st, &name, &headers, &body).await?,
+    ))
+}
+
+async fn fn_placement(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let spec = st
+        .functions
+        .function(&name)?
+        .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
+    let leader = st
+        .consensus
+        .metrics(crate::functions::STATE_GROUP)?
+        .current_leader;
+    let executor = leader.and_then(|id| {
+        st.dht
+            .peers()
+            .into_iter()
+            .find(|p| node_id(&p.peer_id) == id)
+            .map(|p| p.peer_id.to_base58())
+    });
+    Ok(axum::Json(serde_json::json!({
+        "function": spec.name,
+        "policy": "data-group-leader",
+        "executors": executor.iter().collect::<Vec<_>>(),
+        "reason": match &executor {
+            Some(_) => "functions run on the leader of the data group that holds their triggers' logs and their state",
+            None => "the data group has no leader now: the function waits, and its QoS 1 events wait in the log",
+        },
+        "requirements": spec.requirements,
+    })))
+}
+
+async fn fn_state_get(
+    State(st): State<ApiState>,
+    Path((name, key)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let local = match q.get("read").map(String::as_str) {
+        None | Some("linearizable") => false,
+        Some("local") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_read",
+                format!(
+                    "read={other:?} is not a read mode: use linearizable (the default) or local"
+                ),
+            ));
+        }
+    };
+    match crate::functions::state_get(&st, &name, &key, local).await? {
+        Some(v) => Ok(v.into_response()),
+        None => Err(ApiError::not_found(format!(
+            "function {name} has no state at {key:?}"
+        ))),
+    }
+}
+
+async fn fn_state_list(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<axum::Json<crate::functions::StateList>, ApiError> {
+    let prefix = q.get("prefix").map(String::as_str).unwrap_or("");
+    Ok(axum::Json(crate::functions::state_list(
+        &st, &name, prefix,
+    )?))
+}
+
+async fn trigger_list(
+    State(st): State<ApiState>,
+) -> Result<axum::Json<canal_proto::function::TriggerList>, ApiError> {
+    Ok(axum::Json(canal_proto::function::TriggerList {
+        triggers: st.functions.triggers()?,
+    }))
+}
+
+async fn trigger_get(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<canal_proto::function::TriggerSpec>, ApiError> {
+    st.functions
+        .triggers()?
+        .into_iter()
+        .find(|t| t.name == name)
+        .map(axum::Json)
+        .ok_or_else(|| ApiError::not_found(format!("no trigger named {name}")))
+}
+
+async fn trigger_put(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(too_large)?;
+    // Any content type: curl users should not have to say it is JSON.
+    let req: canal_proto::function::TriggerRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_trigger",
+            format!("the trigger is not JSON of the expected shape ({e}): send {{\"on\": FILTER, \"fn\": FUNCTION, \"out\"?: TOPIC, \"qos\"?: 0|1, \"retries\"?: N, \"dead_letter\"?: TOPIC}}"),
+        )
+    })?;
+    let spec = crate::functions::trigger_add(&st, &name, req).await?;
+    Ok((StatusCode::CREATED, axum::Json(spec)).into_response())
+}
+
+async fn trigger_delete(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    crate::functions::trigger_remove(&st, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -12,6 +12,9 @@
 //! - [`caps`]: measuring the capability record (CPU, memory, GPUs through NVML, load).
 //! - [`cluster`]: Raft over the mesh, and the job that forms and grows the cluster.
 //! - [`pubsub`]: publish (QoS 0 and 1) and subscribe (Server-Sent Events).
+//! - [`functions`]: deploy, list, remove and invoke functions; triggers; function state.
+//! - [`executor`]: runs triggers' functions on their events, with exactly-once effects for
+//!   QoS 1 triggers.
 //! - [`api`]: the axum router of the client API.
 //! - [`Node`]: start, run, stop.
 //!
@@ -26,6 +29,8 @@ pub mod caps;
 pub mod cluster;
 pub mod config;
 pub mod datadir;
+pub mod executor;
+pub mod functions;
 pub mod identity;
 pub mod pubsub;
 
@@ -51,6 +56,9 @@ pub use config::NodeConfig;
 /// The runtime file ([`RuntimeInfo`]) a running node writes into its data directory, so that tools (the
 /// testnet, scripts) find its ephemeral ports.
 pub const RUNTIME_FILE: &str = "node.json";
+
+/// How many function instances may run at once on a node (the instance pool's size).
+const WASM_INSTANCES: u32 = 16;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +89,9 @@ pub enum NodeError {
     /// The Raft groups cannot start.
     #[error(transparent)]
     Consensus(#[from] canal_consensus::ConsensusError),
+    /// The WebAssembly runtime cannot start.
+    #[error("cannot start the WebAssembly runtime: {0}")]
+    Wasm(String),
     /// The runtime file cannot be written.
     #[error("cannot write {path}: {source}")]
     Runtime {
@@ -96,6 +107,7 @@ pub struct Node {
     dht: Dht,
     consensus: Consensus<MeshTransport>,
     membership: tokio::task::JoinHandle<()>,
+    executor: tokio::task::JoinHandle<()>,
     api_addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
     stop_api: tokio::sync::watch::Sender<bool>,
@@ -182,6 +194,19 @@ impl Node {
         if let Some(inbound) = dht.take_inbound() {
             cluster::serve(consensus.clone(), qos0.clone(), inbound);
         }
+        let runtime = canal_triggers::Runtime::new(&canal_triggers::RuntimeConfig {
+            cache_dir: Some(data_dir.path().join("wasm-cache")),
+            instances: WASM_INSTANCES,
+            ..canal_triggers::RuntimeConfig::default()
+        })
+        .map_err(|e| NodeError::Wasm(e.to_string()))?;
+        let functions = Arc::new(functions::Functions {
+            runtime: Arc::new(runtime),
+            consensus: consensus.clone(),
+            peer_id: handle.local_peer_id().to_base58(),
+            slots: Arc::new(tokio::sync::Semaphore::new(WASM_INSTANCES as usize)),
+        });
+        let exec_metrics = executor::ExecMetrics::register(&mut registry);
         let membership = Membership {
             consensus: consensus.clone(),
             dht: handle.clone(),
@@ -194,10 +219,18 @@ impl Node {
         // Shutdown ends the subscription streams too: graceful shutdown waits for every open
         // connection, and an SSE stream never ends on its own.
         let (stop_api, closing) = tokio::sync::watch::channel(false);
+        let executor = Arc::new(executor::Executor {
+            functions: functions.clone(),
+            dht: handle.clone(),
+            qos0: qos0.clone(),
+            metrics: exec_metrics,
+        })
+        .spawn(closing.clone());
         let state = ApiState {
             dht: handle.clone(),
             consensus: consensus.clone(),
             qos0,
+            functions,
             registry: Arc::new(registry),
             started: Instant::now(),
             closing: closing.clone(),
@@ -225,6 +258,7 @@ impl Node {
             dht,
             consensus,
             membership,
+            executor,
             api_addr,
             server,
             stop_api,
@@ -256,6 +290,7 @@ impl Node {
             server.abort();
         }
         self.membership.abort();
+        self.executor.abort();
         self.consensus.shutdown().await;
         self.dht.shutdown().await;
         let _ = std::fs::remove_file(self.data_dir.path().join(RUNTIME_FILE));

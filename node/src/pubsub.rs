@@ -64,6 +64,11 @@ impl Default for Qos0Hub {
 }
 
 impl Qos0Hub {
+    /// Listens to every QoS 0 event that passes this node.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Qos0Message>> {
+        self.tx.subscribe()
+    }
+
     /// Hands an event to this node's QoS 0 subscribers.
     pub fn deliver(&self, m: Qos0Message) {
         let _ = self.tx.send(Arc::new(m));
@@ -207,8 +212,7 @@ pub async fn publish(
             headers: custom,
             payload: body.to_vec(),
         };
-        fan_out_qos0(st, &m);
-        st.qos0.deliver(m);
+        publish_qos0(&st.dht, &st.qos0, m);
         return Ok(Published {
             topic: topic.to_string(),
             qos: 0,
@@ -249,18 +253,22 @@ pub async fn publish(
 /// The RPC channel byte that marks a QoS 0 event (Raft messages use another).
 pub const QOS0_CHANNEL: u8 = b'Q';
 
-fn fan_out_qos0(st: &ApiState, m: &Qos0Message) {
-    let Ok(body) = wire::encode(m) else { return };
-    let mut framed = vec![QOS0_CHANNEL];
-    framed.extend(body);
-    for p in st.dht.peers().into_iter().filter(|p| !p.is_self) {
-        let dht = st.dht.clone();
-        let framed = framed.clone();
-        tokio::spawn(async move {
-            // At most once: a failed send is not retried.
-            let _ = dht.request(p.peer_id, Vec::new(), framed).await;
-        });
+/// Publishes a QoS 0 event from this node: to its own subscribers and to every other live
+/// peer, once, without waiting.
+pub fn publish_qos0(dht: &canal_dht::DhtHandle, hub: &Qos0Hub, m: Qos0Message) {
+    if let Ok(body) = wire::encode(&m) {
+        let mut framed = vec![QOS0_CHANNEL];
+        framed.extend(body);
+        for p in dht.peers().into_iter().filter(|p| !p.is_self) {
+            let dht = dht.clone();
+            let framed = framed.clone();
+            tokio::spawn(async move {
+                // At most once: a failed send is not retried.
+                let _ = dht.request(p.peer_id, Vec::new(), framed).await;
+            });
+        }
     }
+    hub.deliver(m);
 }
 
 /// Where a subscription starts.

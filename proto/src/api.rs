@@ -254,3 +254,15 @@ pub struct Lagged {
     /// The offset it continues from (the oldest still stored).
     pub to: u64,
 }
+
+/// What `GET /v1/topics/{topic}/log` answers: where a topic's QoS 1 log starts and ends on
+/// the answering node's replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicLog {
+    /// The topic.
+    pub topic: String,
+    /// The oldest offset still stored.
+    pub first: u64,
+    /// The offset the next event gets (the number of events ever published).
+    pub next: u64,
+}

@@ -268,6 +268,32 @@ pub struct InvokeResult {
     pub micros: u64,
 }
 
+/// What `PUT /v1/functions/{name}` answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deployed {
+    /// The function as stored.
+    pub function: FunctionSpec,
+    /// The hash of the module it replaced, if the name was in use.
+    #[serde(default)]
+    pub replaced: Option<String>,
+    /// How long validating and compiling took on the node that took the deploy, in ms.
+    pub compile_ms: f64,
+}
+
+/// What `GET /v1/functions` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionList {
+    /// Every function, by name.
+    pub functions: Vec<FunctionSpec>,
+}
+
+/// What `GET /v1/triggers` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TriggerList {
+    /// Every trigger, by name.
+    pub triggers: Vec<TriggerSpec>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

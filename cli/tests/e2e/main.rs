@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod functions;
 mod mesh;
 mod pubsub;
 mod raft;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Starts `canal sub FILTER --from earliest --json --count N` against `api`.
-fn sub(api: &str, filter: &str, count: usize) -> tokio::process::Child {
+pub(crate) fn sub(api: &str, filter: &str, count: usize) -> tokio::process::Child {
     tokio::process::Command::new(BIN)
         .args([
             "--api",
@@ -40,20 +40,38 @@ async fn publish_acked(apis: &[Api], i: usize) {
         i % 4,
         if i.is_multiple_of(2) { "temp" } else { "hum" }
     );
+    publish_until_acked(
+        apis,
+        i,
+        &topic,
+        &format!("m{i}"),
+        format!("e{i}").into_bytes(),
+    )
+    .await;
+}
+
+/// Publishes `payload` to `topic` with message id `id` through node `first % n`, then the
+/// others in turn, until one acknowledges it (the id makes retries one event).
+pub(crate) async fn publish_until_acked(
+    apis: &[Api],
+    first: usize,
+    topic: &str,
+    id: &str,
+    payload: Vec<u8>,
+) {
     let path = format!("/v1/topics/{}/events", topic.replace('/', "%2F"));
     let http = reqwest::Client::new();
     let mut attempt = 0usize;
-    // The message id makes a retried publish one event.
     wait_for(
-        &format!("publish {i} to be acknowledged"),
+        &format!("publish {id} to be acknowledged"),
         Duration::from_secs(90),
         || {
-            let api = &apis[(i + attempt) % apis.len()];
+            let api = &apis[(first + attempt) % apis.len()];
             attempt += 1;
             let request = http
                 .post(format!("{}{path}", api.base()))
-                .header("canal-id", format!("m{i}"))
-                .body(format!("e{i}"))
+                .header("canal-id", id)
+                .body(payload.clone())
                 .timeout(Duration::from_secs(30))
                 .send();
             async move {

@@ -1,0 +1,681 @@
+//! Functions and triggers on real nodes with real components: the threshold scenario with
+//! exactly-once effects (also across kill -9 of the executor), guest abuse, refused
+//! deploys, a chain of three functions, a QoS 0 trigger, and the CLI.
+
+use crate::pubsub::{publish_until_acked, sub};
+use crate::raft::{cluster, leader};
+use crate::{assert_clear_error, canal};
+use canal_proto::api::TopicLog;
+use canal_proto::function::{FunctionList, InvokeResult};
+use canal_testnet::{Api, Testnet, guests, wait_for};
+use reqwest::Method;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+/// Deploys example function `guest` as `name` through `api`, with deploy query `query`.
+async fn deploy(api: &Api, name: &str, guest: &str, query: &str) {
+    let bytes = guests::bytes(guest).unwrap();
+    let (status, body) = api
+        .send(
+            Method::PUT,
+            &format!("/v1/functions/{name}{query}"),
+            bytes,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(
+        (200..300).contains(&status),
+        "deploy {name}: {status} {body}"
+    );
+}
+
+/// Adds a trigger through `api` from its JSON request.
+async fn trigger(api: &Api, name: &str, json: serde_json::Value) {
+    let (status, body) = api
+        .send(
+            Method::PUT,
+            &format!("/v1/triggers/{name}"),
+            serde_json::to_vec(&json).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "trigger {name}: {body}");
+}
+
+/// The log of `topic` on `api`'s replica.
+async fn log(api: &Api, topic: &str) -> TopicLog {
+    api.get(&format!("/v1/topics/{}/log", topic.replace('/', "%2F")))
+        .await
+        .unwrap()
+}
+
+/// Waits until `topic` holds `n` events on every running node of `net`.
+async fn wait_log_len(net: &Testnet, topic: &str, n: u64) {
+    for i in net.running() {
+        let api = net.api(i).unwrap();
+        wait_for(
+            &format!("{topic} to hold {n} events on node{i}"),
+            Duration::from_secs(120),
+            || {
+                let api = api.clone();
+                async move {
+                    let l = log(&api, topic).await;
+                    if l.next >= n {
+                        Ok(l)
+                    } else {
+                        Err(format!("{} so far", l.next))
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Reads every event of `topic` from `api` (QoS 1, from the earliest) through the CLI.
+async fn read_all(api: &Api, topic: &str, n: u64) -> Vec<serde_json::Value> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let child = sub(api.base(), topic, n as usize);
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the subscriber did not get every event within 60 s")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A state value of `function`, read linearizably through `api`.
+async fn state(api: &Api, function: &str, key: &str) -> Option<String> {
+    let (status, body) = api
+        .get_raw(&format!("/v1/functions/{function}/state/{key}"))
+        .await
+        .unwrap();
+    match status {
+        200 => Some(body),
+        404 => None,
+        other => panic!("state {key}: {other} {body}"),
+    }
+}
+
+/// The sensor reading number `i` publishes: spread so that some pass the threshold of 30.
+fn reading(i: usize) -> f64 {
+    ((i * 37) % 50) as f64 + 0.5
+}
+
+/// What the threshold function must end with after readings `0..n` on 4 topics.
+fn expected(n: usize) -> (u64, BTreeMap<String, (u64, f64)>) {
+    let mut alerts = 0;
+    let mut per: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+    for i in 0..n {
+        let v = reading(i);
+        let e = per.entry(format!("sensors/r{}/temp", i % 4)).or_default();
+        e.0 += 1;
+        e.1 += (v - e.1) / e.0 as f64;
+        if v > 30.0 {
+            alerts += 1;
+        }
+    }
+    (alerts, per)
+}
+
+/// Sets up the threshold function and its trigger through node `via`.
+async fn threshold_setup(net: &Testnet, via: usize) {
+    let api = net.api(via).unwrap();
+    deploy(&api, "threshold", "threshold", "").await;
+    trigger(
+        &api,
+        "alerts",
+        serde_json::json!({"on": "sensors/+/temp", "fn": "threshold", "out": "alerts/temp"}),
+    )
+    .await;
+}
+
+/// Publishes readings `range` through the nodes in `apis`, 16 at a time.
+async fn publish_readings(apis: &[Api], range: std::ops::Range<usize>) {
+    use futures::StreamExt;
+    futures::stream::iter(range)
+        .for_each_concurrent(16, |i| async move {
+            publish_until_acked(
+                apis,
+                i,
+                &format!("sensors/r{}/temp", i % 4),
+                &format!("reading-{i}"),
+                format!("{}", reading(i)).into_bytes(),
+            )
+            .await
+        })
+        .await;
+}
+
+/// Checks the end state of the threshold scenario on every running node: each alert once,
+/// the state equal to a run without failures.
+async fn check_threshold_outcome(net: &Testnet, n: usize) {
+    let (alerts, per) = expected(n);
+    // Every reading processed: the counts are complete.
+    let api = net.api(net.running()[0]).unwrap();
+    for (topic, (count, _)) in &per {
+        wait_for(
+            &format!("{topic} to be counted {count} times"),
+            Duration::from_secs(120),
+            || {
+                let api = api.clone();
+                async move {
+                    let got = state(&api, "threshold", &format!("count/{topic}")).await;
+                    if got.as_deref() == Some(count.to_string().as_str()) {
+                        Ok(())
+                    } else {
+                        Err(format!("{got:?}"))
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap();
+    }
+    wait_log_len(net, "alerts/temp", alerts).await;
+    for i in net.running() {
+        let api = net.api(i).unwrap();
+        // Exactly the expected alerts: none lost, none duplicated.
+        assert_eq!(log(&api, "alerts/temp").await.next, alerts, "node{i}");
+        for (topic, (count, mean)) in &per {
+            let got = state(&api, "threshold", &format!("count/{topic}")).await;
+            assert_eq!(got, Some(count.to_string()), "node{i} {topic}");
+            let got: f64 = state(&api, "threshold", &format!("mean/{topic}"))
+                .await
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(
+                (got - mean).abs() < 1e-9,
+                "node{i} {topic}: mean {got}, want {mean}"
+            );
+        }
+        assert_eq!(
+            state(&api, "threshold", "alerts").await,
+            Some(alerts.to_string()),
+            "node{i}"
+        );
+    }
+    let events = read_all(&api, "alerts/temp", alerts).await;
+    let sources: BTreeSet<String> = events
+        .iter()
+        .map(|e| e["headers"]["canal-source"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(sources.len() as u64, alerts, "an input event alerted twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threshold_alerts_reach_a_subscriber_exactly_once() {
+    const N: usize = 1000;
+    let net = cluster(3, &[]).await;
+    threshold_setup(&net, 0).await;
+    let (alerts, _) = expected(N);
+    // The subscriber on node 2 sees exactly the expected alerts.
+    let subscriber = sub(net.api(2).unwrap().base(), "alerts/temp", alerts as usize);
+    let publisher = [net.api(1).unwrap()];
+    publish_readings(&publisher, 0..N).await;
+    let out = tokio::time::timeout(Duration::from_secs(120), subscriber.wait_with_output())
+        .await
+        .expect("the subscriber did not get every alert")
+        .unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len() as u64, alerts);
+    // The executor is the data group's leader, and says so on every output.
+    let lead = leader(&net, 0, "data-1").await;
+    let executor = &net.node(lead).info().unwrap().peer_id;
+    for l in &lines {
+        assert_eq!(
+            l["headers"]["canal-executor"].as_str(),
+            Some(executor.as_str())
+        );
+        assert_eq!(l["headers"]["canal-trigger"].as_str(), Some("alerts"));
+        let v: serde_json::Value = serde_json::from_str(l["payload"].as_str().unwrap()).unwrap();
+        assert!(v["value"].as_f64().unwrap() > 30.0, "{v}");
+    }
+    check_threshold_outcome(&net, N).await;
+}
+
+/// A tiny seeded generator, so a failing run can be repeated with `CANAL_TEST_SEED`.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded() -> Rng {
+        let seed = std::env::var("CANAL_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("CANAL_TEST_SEED={seed}");
+        Rng(seed | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_executor_loses_and_duplicates_nothing() {
+    const N: usize = 600;
+    let mut rng = Rng::seeded();
+    let mut net = cluster(3, &[]).await;
+    threshold_setup(&net, 0).await;
+    let apis: Vec<Api> = (0..3).map(|i| net.api(i).unwrap()).collect();
+    let mut published = 0;
+    for round in 0..3 {
+        // Publish a random share, then kill -9 the executor at a random point: while it
+        // runs the batch, commits it, or sits idle.
+        let chunk = 100 + rng.below(100) as usize;
+        publish_readings(&apis, published..published + chunk).await;
+        published += chunk;
+        let lead = leader(&net, (round + 1) % 3, "data-1").await;
+        // A random point of progress: kill when the executor has counted this share of
+        // the readings of one topic (0: at once, while it runs the first batch).
+        let target = rng.below(published as u64 / 4 + 1);
+        let executor = net.api(lead).unwrap();
+        wait_for(
+            "the executor to make progress",
+            Duration::from_secs(60),
+            || {
+                let api = executor.clone();
+                async move {
+                    let (_, got) = api
+                        .get_raw("/v1/functions/threshold/state/count/sensors/r0/temp?read=local")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match got.parse::<u64>() {
+                        Ok(n) if n >= target => Ok(()),
+                        _ if target == 0 => Ok(()),
+                        _ => Err(format!("{got} of {target}")),
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap();
+        net.kill(lead).await.unwrap();
+        let survivors: Vec<Api> = net.running().iter().map(|&i| net.api(i).unwrap()).collect();
+        // Events acknowledged while the executor is down wait in the log.
+        publish_readings(&survivors, published..published + 50).await;
+        published += 50;
+        net.restart(lead).await.unwrap();
+    }
+    let apis: Vec<Api> = (0..3).map(|i| net.api(i).unwrap()).collect();
+    let total = published.max(N);
+    publish_readings(&apis, published..total).await;
+    check_threshold_outcome(&net, total).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abusive_guests_are_contained_and_bad_modules_refused() {
+    let net = cluster(1, &[]).await;
+    let api = net.api(0).unwrap();
+    deploy(
+        &api,
+        "misbehave",
+        "misbehave",
+        "?timeout=200ms&memory=16MiB",
+    )
+    .await;
+    deploy(&api, "upper", "uppercase", "").await;
+    trigger(
+        &api,
+        "abuse",
+        serde_json::json!({"on": "test/abuse", "fn": "misbehave", "out": "test/abuse-out",
+                           "retries": 1, "dead_letter": "test/dead"}),
+    )
+    .await;
+    trigger(
+        &api,
+        "shout",
+        serde_json::json!({"on": "chat/#", "fn": "upper", "out": "shout/all"}),
+    )
+    .await;
+    let apis = [api.clone()];
+    for (i, p) in ["loop", "grow", "trap", "err", "ok"].iter().enumerate() {
+        publish_until_acked(
+            &apis,
+            0,
+            "test/abuse",
+            &format!("a{i}"),
+            p.as_bytes().to_vec(),
+        )
+        .await;
+        // Other functions keep running while one misbehaves.
+        publish_until_acked(
+            &apis,
+            0,
+            "chat/room",
+            &format!("c{i}"),
+            format!("hi {i}").into_bytes(),
+        )
+        .await;
+    }
+    wait_log_len(&net, "test/dead", 4).await;
+    wait_log_len(&net, "test/abuse-out", 1).await;
+    wait_log_len(&net, "shout/all", 5).await;
+    let dead = read_all(&api, "test/dead", 4).await;
+    let kinds: Vec<&str> = dead
+        .iter()
+        .map(|e| e["headers"]["canal-error-kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["timeout", "memory", "trap", "error"]);
+    for e in &dead {
+        assert_eq!(e["headers"]["canal-attempts"].as_str(), Some("2"), "{e}");
+        assert!(
+            e["headers"]["canal-error"].as_str().unwrap().len() > 10,
+            "{e}"
+        );
+    }
+    let out = read_all(&api, "test/abuse-out", 1).await;
+    assert_eq!(out[0]["payload"].as_str(), Some("ok"));
+    let shouts = read_all(&api, "shout/all", 5).await;
+    assert_eq!(shouts[4]["payload"].as_str(), Some("HI 4"));
+    assert_eq!(
+        api.metric_sum("canal_trigger_dead_letters_total")
+            .await
+            .unwrap(),
+        4.0
+    );
+
+    // Refused at deploy with the reason; nothing registered.
+    let component_with_evil_import = wat::parse_str(
+        r#"(component (import "canal:evil/net@1.0.0" (instance (export "connect" (func)))))"#,
+    )
+    .unwrap();
+    for (name, bytes, needle) in [
+        ("text", b"hello, world".to_vec(), "does not start with"),
+        (
+            "core",
+            b"\0asm\x01\0\0\0".to_vec(),
+            "core WebAssembly module",
+        ),
+        ("evil", component_with_evil_import, "canal:evil/net"),
+        (
+            "empty",
+            wat::parse_str("(component)").unwrap(),
+            "does not export the canal handler",
+        ),
+    ] {
+        let (status, body) = api
+            .send(Method::PUT, &format!("/v1/functions/{name}"), bytes, None)
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{name}: {body}");
+        assert!(body.contains(needle), "{name}: {body}");
+    }
+    for (path, body, needle) in [
+        ("/v1/functions/x?memory=lots", "", "memory"),
+        ("/v1/functions/x?timeout=2h", "", "timeout"),
+        ("/v1/functions/bad%20name", "", "not allowed"),
+    ] {
+        let (status, got) = api
+            .send(Method::PUT, path, body.as_bytes().to_vec(), None)
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{path}: {got}");
+        assert!(got.contains(needle), "{path}: {got}");
+    }
+    let list: FunctionList = api.get("/v1/functions").await.unwrap();
+    let names: Vec<&str> = list.functions.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["misbehave", "upper"]);
+    // A trigger on a function that does not exist, or that would feed itself, is refused.
+    for (json, needle) in [
+        (
+            serde_json::json!({"on": "a/#", "fn": "nope"}),
+            "no function named nope",
+        ),
+        (
+            serde_json::json!({"on": "a/#", "fn": "upper", "out": "a/b"}),
+            "forever",
+        ),
+        (serde_json::json!({"on": "a/+x", "fn": "upper"}), "filter"),
+    ] {
+        let (status, got) = api
+            .send(
+                Method::PUT,
+                "/v1/triggers/t",
+                serde_json::to_vec(&json).unwrap(),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{json}: {got}");
+        assert!(got.contains(needle), "{json}: {got}");
+    }
+    // A function in use cannot be removed.
+    let (status, got) = api
+        .send(Method::DELETE, "/v1/functions/upper", Vec::new(), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{got}");
+    assert!(got.contains("shout"), "{got}");
+    let (status, _) = api.get_raw("/v1/health").await.unwrap();
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_three_functions_and_a_qos0_trigger() {
+    let net = cluster(3, &[]).await;
+    let api = net.api(0).unwrap();
+    deploy(&api, "upper", "uppercase", "").await;
+    deploy(&api, "count", "counter", "").await;
+    deploy(&api, "echo", "misbehave", "").await;
+    trigger(
+        &api,
+        "a",
+        serde_json::json!({"on": "in/x", "fn": "upper", "out": "a/out"}),
+    )
+    .await;
+    trigger(
+        &api,
+        "b",
+        serde_json::json!({"on": "a/#", "fn": "count", "out": "b/out"}),
+    )
+    .await;
+    trigger(
+        &api,
+        "c",
+        serde_json::json!({"on": "b/#", "fn": "echo", "out": "c/out"}),
+    )
+    .await;
+    let apis: Vec<Api> = (0..3).map(|i| net.api(i).unwrap()).collect();
+    for i in 0..5 {
+        publish_until_acked(
+            &apis,
+            i,
+            "in/x",
+            &format!("x{i}"),
+            format!("m{i}").into_bytes(),
+        )
+        .await;
+    }
+    wait_log_len(&net, "c/out", 5).await;
+    let out = read_all(&net.api(2).unwrap(), "c/out", 5).await;
+    let payloads: Vec<&str> = out.iter().map(|e| e["payload"].as_str().unwrap()).collect();
+    // The counter keys on the last level of its input topic, `out`.
+    assert_eq!(payloads, ["out 1", "out 2", "out 3", "out 4", "out 5"]);
+
+    // QoS 0: runs once on the executor as events pass, no log.
+    trigger(
+        &api,
+        "q",
+        serde_json::json!({"on": "live/+", "fn": "upper", "out": "live-out/all", "qos": 0}),
+    )
+    .await;
+    let mut child = tokio::process::Command::new(crate::BIN)
+        .args([
+            "--api",
+            net.api(1).unwrap().base(),
+            "sub",
+            "live-out/all",
+            "--qos",
+            "0",
+        ])
+        .args(["--count", "1", "--json"])
+        .env_remove("CANAL_API")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let base = net.api(2).unwrap().base().to_string();
+    // At most once: publish until one gets through the subscriber's start-up.
+    wait_for("a QoS 0 output to arrive", Duration::from_secs(30), || {
+        let req = http
+            .post(format!("{base}/v1/topics/live%2Fa/events"))
+            .header("canal-qos", "0")
+            .body("quiet")
+            .send();
+        let done = child.try_wait().unwrap().is_some();
+        async move {
+            if done {
+                return Ok(());
+            }
+            req.await.map_err(|e| e.to_string())?;
+            Err("not yet".to_string())
+        }
+    })
+    .await
+    .unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert_eq!(line["payload"].as_str(), Some("QUIET"));
+    assert_eq!(
+        log(&api, "live-out/all").await.next,
+        0,
+        "QoS 0 outputs are not logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_deploys_binds_invokes_and_removes() {
+    let net = cluster(1, &[]).await;
+    let api = net.api(0).unwrap();
+    let base = api.base().to_string();
+    let wasm = guests::path("threshold").unwrap();
+    let wasm = wasm.to_str().unwrap();
+    let o = canal(&[
+        "--api",
+        &base,
+        "fn",
+        "deploy",
+        "threshold",
+        wasm,
+        "--memory",
+        "32MiB",
+        "--timeout",
+        "500ms",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", crate::stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("threshold"));
+    let o = canal(&["--api", &base, "--json", "fn", "list"]).await;
+    let list: FunctionList = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list.functions[0].limits.memory_bytes, 32 << 20);
+    assert_eq!(list.functions[0].limits.timeout_ms, 500);
+    // invoke runs once and commits nothing.
+    let o = canal(&[
+        "--api",
+        &base,
+        "--json",
+        "fn",
+        "invoke",
+        "threshold",
+        "42",
+        "--topic",
+        "sensors/r9/temp",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", crate::stderr(&o));
+    let r: InvokeResult = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r.result, Ok(()));
+    assert_eq!(r.outputs.len(), 1);
+    assert_eq!(
+        r.state.get("count/sensors/r9/temp"),
+        Some(&Some("1".to_string()))
+    );
+    assert_eq!(
+        state(&api, "threshold", "count/sensors/r9/temp").await,
+        None
+    );
+    let o = canal(&["--api", &base, "fn", "invoke", "threshold", "warm"]).await;
+    assert_clear_error(&o, 1, "warm");
+
+    let o = canal(&[
+        "--api",
+        &base,
+        "trigger",
+        "add",
+        "t",
+        "--on",
+        "sensors/+/temp",
+        "--fn",
+        "threshold",
+        "--out",
+        "alerts/x",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", crate::stderr(&o));
+    let o = canal(&["--api", &base, "trigger", "list"]).await;
+    assert!(String::from_utf8_lossy(&o.stdout).contains("sensors/+/temp"));
+    publish_until_acked(
+        std::slice::from_ref(&api),
+        0,
+        "sensors/r1/temp",
+        "r1",
+        b"50".to_vec(),
+    )
+    .await;
+    wait_log_len(&net, "alerts/x", 1).await;
+    let o = canal(&[
+        "--api",
+        &base,
+        "state",
+        "get",
+        "threshold",
+        "count/sensors/r1/temp",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", crate::stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "1");
+    let o = canal(&["--api", &base, "state", "get", "threshold", "nothing/here"]).await;
+    assert_clear_error(&o, 1, "nothing/here");
+
+    let o = canal(&["--api", &base, "fn", "deploy", "x", "/no/such/file.wasm"]).await;
+    assert_clear_error(&o, 1, "/no/such/file.wasm");
+    let o = canal(&["--api", &base, "fn", "rm", "threshold"]).await;
+    assert_clear_error(&o, 1, "trigger");
+    let o = canal(&["--api", &base, "trigger", "rm", "t"]).await;
+    assert!(o.status.success(), "{}", crate::stderr(&o));
+    let o = canal(&["--api", &base, "fn", "rm", "threshold"]).await;
+    assert!(o.status.success(), "{}", crate::stderr(&o));
+    let o = canal(&["--api", &base, "--json", "fn", "list"]).await;
+    let list: FunctionList = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(list.functions.is_empty());
+}

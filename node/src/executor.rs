@@ -1,0 +1,625 @@
+//! The executor: runs triggers' functions on the events that fire them.
+//!
+//! ```text
+//!   metadata group ──(applied)──> supervisor ──> one task per QoS 1 trigger
+//!                                     │              │  read batch from the committed log
+//!                                     │              │  invoke each event (retries, backoff,
+//!                                     │              │    dead letter after the last)
+//!                                     │              └> commit Effects{outputs, state, cursor}
+//!                                     │                 (refused if the cursor or state moved)
+//!                                     └──> QoS 0 loop: events as they pass the node's hub,
+//!                                          run once, outputs fanned out at QoS 0
+//! ```
+//!
+//! A QoS 1 trigger's effects land exactly once: its cursor, its function's outputs and its
+//! state changes are one Raft entry, applied only if the cursor stands where the batch
+//! started. A crash before the commit re-runs the batch; a crash after it finds the cursor
+//! moved. Which node executes is [`Functions::runs_here`]'s decision alone.
+
+use crate::functions::{Functions, STATE_GROUP};
+use crate::pubsub::{DEFAULT_RETAIN_EVENTS, Qos0Hub, Qos0Message};
+use canal_consensus::functions::{CursorMove, Effects, cursor_key};
+use canal_consensus::topics::PublishOp;
+use canal_consensus::{GroupId, Op, Request, StateMachine};
+use canal_dht::DhtHandle;
+use canal_proto::function::{FunctionSpec, Output, TriggerSpec};
+use canal_proto::{Topic, wire};
+use canal_triggers::runtime::EventIn;
+use canal_triggers::{Failure, Invocation, Prepared, StateView, rules};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, watch};
+use tracing::{debug, info, warn};
+
+/// The most events one commit covers.
+const BATCH_EVENTS: u64 = 64;
+/// A batch stops growing once its outputs reach this many bytes.
+const BATCH_BYTES: usize = 4 << 20;
+
+type Labels = Vec<(String, String)>;
+
+/// The executor's metrics.
+#[derive(Clone)]
+pub struct ExecMetrics {
+    invocations: Family<Labels, Counter>,
+    seconds: Family<Labels, Histogram>,
+    commits: Family<Labels, Counter>,
+    refused: Family<Labels, Counter>,
+    dead_letters: Family<Labels, Counter>,
+}
+
+impl ExecMetrics {
+    /// Registers the metrics: `canal_fn_invocations{function,result}`,
+    /// `canal_fn_invocation_seconds{function}`, `canal_trigger_commits{trigger}`,
+    /// `canal_trigger_refused_commits{trigger}`, `canal_trigger_dead_letters{trigger}`.
+    pub fn register(registry: &mut Registry) -> ExecMetrics {
+        let m = ExecMetrics {
+            invocations: Family::default(),
+            seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_005, 2.0, 20))
+            }),
+            commits: Family::default(),
+            refused: Family::default(),
+            dead_letters: Family::default(),
+        };
+        registry.register(
+            "canal_fn_invocations",
+            "Function invocations, by result",
+            m.invocations.clone(),
+        );
+        registry.register(
+            "canal_fn_invocation_seconds",
+            "Time of one invocation, instantiation included",
+            m.seconds.clone(),
+        );
+        registry.register(
+            "canal_trigger_commits",
+            "Batches of a QoS 1 trigger committed",
+            m.commits.clone(),
+        );
+        registry.register(
+            "canal_trigger_refused_commits",
+            "Commits refused because the cursor or the state had moved (a re-run or a race)",
+            m.refused.clone(),
+        );
+        registry.register(
+            "canal_trigger_dead_letters",
+            "Events sent to the dead-letter topic after their last retry",
+            m.dead_letters.clone(),
+        );
+        m
+    }
+
+    fn observe(&self, function: &str, inv: &Invocation) {
+        let result = match &inv.result {
+            Ok(()) => "ok",
+            Err(f) => f.kind(),
+        };
+        self.invocations
+            .get_or_create(&vec![
+                ("function".into(), function.to_string()),
+                ("result".into(), result.to_string()),
+            ])
+            .inc();
+        self.seconds
+            .get_or_create(&vec![("function".into(), function.to_string())])
+            .observe(inv.elapsed.as_secs_f64());
+    }
+}
+
+/// What the executor shares between its tasks.
+pub struct Executor {
+    /// The functions service.
+    pub functions: Arc<Functions>,
+    /// The mesh, for QoS 0 outputs.
+    pub dht: DhtHandle,
+    /// The node's QoS 0 hub.
+    pub qos0: Qos0Hub,
+    /// Metrics.
+    pub metrics: ExecMetrics,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn log_lines(function: &str, inv: &Invocation) {
+    for l in &inv.logs {
+        info!(target: "canal::fn", function, level = %l.level, "{}", l.message);
+    }
+}
+
+impl Executor {
+    /// Starts the supervisor; it stops when `closing` becomes true.
+    pub fn spawn(self: Arc<Self>, closing: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move { self.supervise(closing).await })
+    }
+
+    async fn supervise(self: Arc<Self>, mut closing: watch::Receiver<bool>) {
+        let Ok(meta) = self.functions.consensus.state_machine(GroupId::METADATA) else {
+            warn!("no metadata group: functions cannot run");
+            return;
+        };
+        let mut applied = meta.watch_applied();
+        let mut tasks: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        let (qos0_tx, qos0_rx) = watch::channel(Arc::new(Vec::<TriggerSpec>::new()));
+        let qos0_task = tokio::spawn(self.clone().qos0_loop(qos0_rx));
+        loop {
+            applied.borrow_and_update();
+            match (self.functions.functions(), self.functions.triggers()) {
+                (Ok(functions), Ok(triggers)) => {
+                    // Compile what is new before its first event arrives.
+                    for f in &functions {
+                        if self.functions.runtime.get(&f.hash).is_none()
+                            && let Err(e) = self.functions.module(f).await
+                        {
+                            debug!(function = %f.name, error = ?e, "module not ready yet");
+                        }
+                    }
+                    tasks.retain(|uid, task| {
+                        let keep = triggers.iter().any(|t| &t.uid == uid) && !task.is_finished();
+                        if !keep {
+                            task.abort();
+                        }
+                        keep
+                    });
+                    for t in triggers.iter().filter(|t| t.qos == 1) {
+                        if !tasks.contains_key(&t.uid) {
+                            let task = tokio::spawn(self.clone().run_trigger(t.clone()));
+                            tasks.insert(t.uid.clone(), task);
+                        }
+                    }
+                    let qos0: Vec<TriggerSpec> =
+                        triggers.into_iter().filter(|t| t.qos == 0).collect();
+                    qos0_tx.send_replace(Arc::new(qos0));
+                }
+                (Err(e), _) | (_, Err(e)) => warn!(error = ?e, "cannot read functions"),
+            }
+            tokio::select! {
+                r = applied.changed() => if r.is_err() { break },
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = closing.wait_for(|c| *c) => break,
+            }
+        }
+        for (_, t) in tasks {
+            t.abort();
+        }
+        qos0_task.abort();
+    }
+
+    /// One QoS 1 trigger: batches from the committed log, while this node is its executor.
+    async fn run_trigger(self: Arc<Self>, spec: TriggerSpec) {
+        let Ok(sm) = self.functions.consensus.state_machine(STATE_GROUP) else {
+            return;
+        };
+        let mut applied = sm.watch_applied();
+        loop {
+            applied.borrow_and_update();
+            let progressed = match self.step(&sm, &spec).await {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(trigger = %spec.name, error = %e, "trigger step failed; trying again");
+                    false
+                }
+            };
+            if !progressed {
+                // New events, or a change of leader (which the timeout notices).
+                tokio::select! {
+                    r = applied.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+        }
+    }
+
+    /// Processes the next batch of every matching topic; says whether anything was
+    /// committed or refused (then the caller goes again at once).
+    async fn step(&self, sm: &StateMachine, spec: &TriggerSpec) -> Result<bool, String> {
+        let e = |e: crate::api::ApiError| format!("{e:?}");
+        let Some(function) = self.functions.function(&spec.function).map_err(e)? else {
+            return Ok(false);
+        };
+        if !self.functions.runs_here(&function) {
+            return Ok(false);
+        }
+        let module = self.functions.module(&function).await.map_err(e)?;
+        let dead_letter = spec.dead_letter_topic().map_err(|e| e.0)?;
+        let mut progressed = false;
+        for (topic, meta) in sm.topics().map_err(|e| e.to_string())? {
+            let Ok(t) = Topic::new(&topic) else { continue };
+            if !spec.filter.matches(&t) || t == dead_letter {
+                continue;
+            }
+            let stored: Option<u64> = match sm
+                .get(&cursor_key(&spec.uid, &topic))
+                .map_err(|e| e.to_string())?
+            {
+                Some(b) => Some(wire::decode(&b).map_err(|e| e.to_string())?),
+                None => None,
+            };
+            let created_at = match stored {
+                Some(_) => 0,
+                None => sm
+                    .offset_at(&topic, spec.created_ms)
+                    .map_err(|e| e.to_string())?,
+            };
+            let start = rules::start(stored, meta.first, meta.next, created_at);
+            if let Some((from, to)) = start.skipped {
+                warn!(trigger = %spec.name, %topic, from, to, "retention dropped events before the trigger ran them");
+            }
+            if start.offset >= meta.next {
+                continue;
+            }
+            let end = rules::batch_end(start.offset, meta.next, BATCH_EVENTS);
+            let events = sm
+                .events(&topic, start.offset, (end - start.offset) as usize)
+                .map_err(|e| e.to_string())?;
+            let version = self.functions.state_version(&function.name).map_err(e)?;
+            let base: Arc<dyn StateView> =
+                Arc::new(self.functions.state_view(&function.name).map_err(e)?);
+            let mut changes = BTreeMap::new();
+            let mut outputs = Vec::new();
+            let mut bytes = 0usize;
+            let mut next = start.offset;
+            for ev in events {
+                if ev.offset >= end {
+                    break;
+                }
+                let event = EventIn {
+                    topic: topic.clone(),
+                    id: ev
+                        .id
+                        .clone()
+                        .unwrap_or_else(|| format!("{topic}:{}", ev.offset)),
+                    offset: Some(ev.offset),
+                    time_ms: ev.time_ms,
+                    headers: ev.headers.clone(),
+                    payload: ev.payload.clone(),
+                };
+                match self
+                    .run_with_retries(spec, &function, &module, event, &base, &changes)
+                    .await
+                {
+                    Ok(inv) => {
+                        changes = inv.state;
+                        for (n, out) in inv.outputs.into_iter().enumerate() {
+                            bytes += out.payload.len();
+                            outputs.push(self.output_op(spec, &topic, ev.offset, n, out));
+                        }
+                    }
+                    Err(failure) => {
+                        warn!(trigger = %spec.name, %topic, offset = ev.offset, error = %failure, "event goes to the dead letter");
+                        self.metrics
+                            .dead_letters
+                            .get_or_create(&vec![("trigger".into(), spec.name.clone())])
+                            .inc();
+                        let mut headers = ev.headers.clone();
+                        headers.extend(dead_letter_headers(
+                            spec,
+                            &topic,
+                            Some(ev.offset),
+                            &failure,
+                        ));
+                        bytes += ev.payload.len();
+                        outputs.push(PublishOp {
+                            topic: dead_letter.to_string(),
+                            id: Some(rules::output_id(&spec.uid, &topic, ev.offset, 0)),
+                            headers,
+                            payload: ev.payload,
+                            time_ms: now_ms(),
+                            retain_max: DEFAULT_RETAIN_EVENTS,
+                        });
+                    }
+                }
+                next = ev.offset + 1;
+                if bytes >= BATCH_BYTES {
+                    break;
+                }
+            }
+            if next == start.offset {
+                continue;
+            }
+            let fx = Effects {
+                function: function.name.clone(),
+                cursor: Some(CursorMove {
+                    trigger_uid: spec.uid.clone(),
+                    topic: topic.clone(),
+                    expected: stored,
+                    next,
+                }),
+                state_version: Some(version),
+                state: changes.into_iter().collect(),
+                outputs,
+            };
+            let r = self
+                .functions
+                .consensus
+                .write(
+                    STATE_GROUP,
+                    Request {
+                        id: None,
+                        op: Op::Effects(fx),
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let label = vec![("trigger".into(), spec.name.clone())];
+            match r.refused {
+                None => {
+                    self.metrics.commits.get_or_create(&label).inc();
+                }
+                Some(why) => {
+                    debug!(trigger = %spec.name, %topic, %why, "commit refused; reading again");
+                    self.metrics.refused.get_or_create(&label).inc();
+                }
+            };
+            progressed = true;
+        }
+        Ok(progressed)
+    }
+
+    /// Runs one event, retrying failures with backoff up to the trigger's retries.
+    async fn run_with_retries(
+        &self,
+        spec: &TriggerSpec,
+        function: &FunctionSpec,
+        module: &Arc<Prepared>,
+        event: EventIn,
+        base: &Arc<dyn StateView>,
+        changes: &BTreeMap<String, Option<Vec<u8>>>,
+    ) -> Result<Invocation, Failure> {
+        let mut attempt = 0;
+        loop {
+            let inv = self
+                .invoke(
+                    function,
+                    module,
+                    event.clone(),
+                    base.clone(),
+                    changes.clone(),
+                    spec.out.clone(),
+                )
+                .await;
+            match inv.result {
+                Ok(()) => return Ok(inv),
+                Err(failure) => {
+                    attempt += 1;
+                    debug!(trigger = %spec.name, attempt, error = %failure, "invocation failed");
+                    if attempt > spec.retries {
+                        return Err(failure);
+                    }
+                    tokio::time::sleep(rules::backoff(attempt)).await;
+                }
+            }
+        }
+    }
+
+    async fn invoke(
+        &self,
+        function: &FunctionSpec,
+        module: &Arc<Prepared>,
+        event: EventIn,
+        base: Arc<dyn StateView>,
+        changes: BTreeMap<String, Option<Vec<u8>>>,
+        out: Option<Topic>,
+    ) -> Invocation {
+        let permit = self.functions.slots.clone().acquire_owned().await;
+        let rt = self.functions.runtime.clone();
+        let module = module.clone();
+        let limits = function.limits;
+        let inv = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            rt.invoke(&module, event, base, changes, out, &limits)
+        })
+        .await
+        .unwrap_or_else(|e| Invocation {
+            result: Err(Failure::Start(format!("the invocation task failed: {e}"))),
+            outputs: Vec::new(),
+            state: BTreeMap::new(),
+            logs: Vec::new(),
+            elapsed: Duration::ZERO,
+            fuel_used: None,
+        });
+        self.metrics.observe(&function.name, &inv);
+        log_lines(&function.name, &inv);
+        inv
+    }
+
+    fn output_op(
+        &self,
+        spec: &TriggerSpec,
+        topic: &str,
+        offset: u64,
+        n: usize,
+        out: Output,
+    ) -> PublishOp {
+        let mut headers = out.headers;
+        headers.extend(self.provenance(spec, topic, Some(offset)));
+        PublishOp {
+            topic: out.topic,
+            id: Some(rules::output_id(&spec.uid, topic, offset, n)),
+            headers,
+            payload: out.payload,
+            time_ms: now_ms(),
+            retain_max: DEFAULT_RETAIN_EVENTS,
+        }
+    }
+
+    /// Headers that say where an output came from: the trigger, the executing peer and the
+    /// input event.
+    fn provenance(
+        &self,
+        spec: &TriggerSpec,
+        topic: &str,
+        offset: Option<u64>,
+    ) -> Vec<(String, String)> {
+        let source = match offset {
+            Some(o) => format!("{topic}:{o}"),
+            None => topic.to_string(),
+        };
+        vec![
+            ("canal-trigger".into(), spec.name.clone()),
+            ("canal-executor".into(), self.functions.peer_id.clone()),
+            ("canal-source".into(), source),
+        ]
+    }
+
+    /// QoS 0 triggers: each event that passes this node's hub, run once if this node
+    /// executes the function; outputs go out at QoS 0, state changes are committed after.
+    async fn qos0_loop(self: Arc<Self>, triggers: watch::Receiver<Arc<Vec<TriggerSpec>>>) {
+        let mut rx = self.qos0.subscribe();
+        loop {
+            let m = match rx.recv().await {
+                Ok(m) => m,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(
+                        dropped = n,
+                        "QoS 0 triggers fell behind; events skipped (at most once)"
+                    );
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let list = triggers.borrow().clone();
+            if list.is_empty() {
+                continue;
+            }
+            let Ok(topic) = Topic::new(&m.topic) else {
+                continue;
+            };
+            for spec in rules::matching(&list, &topic, 0) {
+                let this = self.clone();
+                let spec = spec.clone();
+                let m = m.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = this.run_qos0(&spec, &m).await {
+                        debug!(trigger = %spec.name, error = %e, "QoS 0 trigger did not run");
+                    }
+                });
+            }
+        }
+    }
+
+    async fn run_qos0(&self, spec: &TriggerSpec, m: &Qos0Message) -> Result<(), String> {
+        let e = |e: crate::api::ApiError| format!("{e:?}");
+        let Some(function) = self.functions.function(&spec.function).map_err(e)? else {
+            return Ok(());
+        };
+        if !self.functions.runs_here(&function) {
+            return Ok(());
+        }
+        let module = self.functions.module(&function).await.map_err(e)?;
+        let base: Arc<dyn StateView> =
+            Arc::new(self.functions.state_view(&function.name).map_err(e)?);
+        let event = EventIn {
+            topic: m.topic.clone(),
+            id: m.id.clone(),
+            offset: None,
+            time_ms: m.time_ms,
+            headers: m.headers.clone(),
+            payload: m.payload.clone(),
+        };
+        let inv = self
+            .invoke(
+                &function,
+                &module,
+                event,
+                base,
+                BTreeMap::new(),
+                spec.out.clone(),
+            )
+            .await;
+        let outputs: Vec<Output> = match &inv.result {
+            Ok(()) => inv
+                .outputs
+                .iter()
+                .map(|o| {
+                    let mut headers = o.headers.clone();
+                    headers.extend(self.provenance(spec, &m.topic, None));
+                    Output {
+                        topic: o.topic.clone(),
+                        headers,
+                        payload: o.payload.clone(),
+                    }
+                })
+                .collect(),
+            Err(failure) => {
+                self.metrics
+                    .dead_letters
+                    .get_or_create(&vec![("trigger".into(), spec.name.clone())])
+                    .inc();
+                let mut headers = m.headers.clone();
+                headers.extend(dead_letter_headers(spec, &m.topic, None, failure));
+                let dl = spec.dead_letter_topic().map_err(|e| e.0)?;
+                vec![Output {
+                    topic: dl.to_string(),
+                    headers,
+                    payload: m.payload.clone(),
+                }]
+            }
+        };
+        for (n, out) in outputs.into_iter().enumerate() {
+            crate::pubsub::publish_qos0(
+                &self.dht,
+                &self.qos0,
+                Qos0Message {
+                    topic: out.topic,
+                    id: format!("{}/{}/{n}", spec.uid, m.id),
+                    source: format!("canal://{}", self.functions.peer_id),
+                    time_ms: now_ms(),
+                    headers: out.headers,
+                    payload: out.payload,
+                },
+            );
+        }
+        if inv.result.is_ok() && !inv.state.is_empty() {
+            let fx = Effects {
+                function: function.name.clone(),
+                cursor: None,
+                state_version: None,
+                state: inv.state.into_iter().collect(),
+                outputs: Vec::new(),
+            };
+            self.functions
+                .consensus
+                .write(
+                    STATE_GROUP,
+                    Request {
+                        id: None,
+                        op: Op::Effects(fx),
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+fn dead_letter_headers(
+    spec: &TriggerSpec,
+    topic: &str,
+    offset: Option<u64>,
+    failure: &Failure,
+) -> Vec<(String, String)> {
+    let mut h = vec![
+        ("canal-error".into(), failure.to_string()),
+        ("canal-error-kind".into(), failure.kind().to_string()),
+        ("canal-trigger".into(), spec.name.clone()),
+        ("canal-function".into(), spec.function.clone()),
+        ("canal-source-topic".into(), topic.to_string()),
+        ("canal-attempts".into(), (spec.retries + 1).to_string()),
+    ];
+    if let Some(o) = offset {
+        h.push(("canal-source-offset".into(), o.to_string()));
+    }
+    h
+}
