@@ -1,6 +1,6 @@
 //! `canal bench`: load generators that report throughput and latency percentiles.
 //!
-//! `canal bench raft` and `canal bench pubsub` start their own cluster of local nodes (the same binary), so the numbers
+//! `canal bench raft`, `canal bench pubsub` and `canal bench fn` start their own cluster of local nodes (the same binary), so the numbers
 //! are reproducible with one command: committed writes/s and commit latency with 1 and with
 //! 64 concurrent writers, then the time from `kill -9` of the leader to the next committed
 //! write, repeated.
@@ -37,6 +37,19 @@ enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         publishers: usize,
     },
+    /// Functions: per-event overhead of a no-op function, the first event after a deploy and
+    /// after a restart, and publish -> function -> subscriber latency on a local cluster.
+    Fn {
+        /// Invocations of the no-op function timed in this process.
+        #[arg(long, default_value_t = 20_000)]
+        count: usize,
+        /// Events through each trigger on the local cluster (0 skips that part).
+        #[arg(long, default_value_t = 2_000)]
+        events: usize,
+        /// Publishes in flight on the cluster.
+        #[arg(long, default_value_t = 8)]
+        publishers: usize,
+    },
     /// Replicated writes on a local 3-node cluster: throughput, commit latency, failover time.
     Raft {
         /// Writes per run.
@@ -55,7 +68,7 @@ enum BenchCommand {
 }
 
 /// Percentile `p` (0-100) of sorted `v`.
-fn pct(v: &[Duration], p: f64) -> Duration {
+pub(crate) fn pct(v: &[Duration], p: f64) -> Duration {
     if v.is_empty() {
         return Duration::ZERO;
     }
@@ -63,12 +76,12 @@ fn pct(v: &[Duration], p: f64) -> Duration {
     v[i.min(v.len() - 1)]
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
 /// Starts a local 3-node cluster and waits for its leaders.
-async fn local_cluster() -> anyhow::Result<Testnet> {
+pub(crate) async fn local_cluster() -> anyhow::Result<Testnet> {
     let bin = std::env::current_exe().context("cannot find the canal binary to run nodes with")?;
     eprintln!("starting 3 local nodes ...");
     let net = Testnet::start(&bin, 3, |_| NodeOptions {
@@ -111,7 +124,6 @@ async fn pubsub(
     publishers: usize,
     json: bool,
 ) -> anyhow::Result<()> {
-    use futures::StreamExt;
     if count == 0 || publishers == 0 || qos.iter().any(|q| *q > 1) {
         bail!("--count and --publishers must be at least 1, and --qos only 0 or 1");
     }
@@ -134,83 +146,22 @@ async fn pubsub(
         if !resp.status().is_success() {
             bail!("subscribe failed: {}", resp.status());
         }
-        let sub = tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut last = Instant::now();
-            let mut body = resp.bytes_stream();
-            let mut buf = Vec::new();
-            while lat.len() < count {
-                let Ok(Some(Ok(chunk))) =
-                    tokio::time::timeout(Duration::from_secs(10), body.next()).await
-                else {
-                    break;
-                };
-                buf.extend_from_slice(&chunk);
-                while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
-                    let frame: Vec<u8> = buf.drain(..pos + 2).collect();
-                    let text = String::from_utf8_lossy(&frame);
-                    let Some(data) = text.lines().find_map(|l| l.strip_prefix("data:")) else {
-                        continue;
-                    };
-                    let Ok(e) = serde_json::from_str::<canal_proto::api::Event>(data.trim()) else {
-                        continue;
-                    };
-                    if let Some(t) = e.headers.get("t").and_then(|t| t.parse::<u128>().ok()) {
-                        lat.push(Duration::from_nanos(now_ns().saturating_sub(t) as u64));
-                        last = Instant::now();
-                    }
-                }
-            }
-            (lat, last)
-        });
+        let sub = collect_latencies(resp, count);
         // The node registered the subscription before it answered with the stream's headers,
         // so QoS 0 events published from here on reach it.
         let payload = vec![b'x'; size];
-        let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..publishers {
-            let (apis, next, payload) = (apis.clone(), next.clone(), payload.clone());
-            let http = reqwest::Client::new();
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= count {
-                        return Ok::<_, anyhow::Error>(());
-                    }
-                    // A QoS 1 publish that fails (an election under load) is retried with the
-                    // same message id, so it is stored once, as a real client would.
-                    let t = now_ns().to_string();
-                    let mut attempt = 0usize;
-                    loop {
-                        let api = &apis[(i + attempt) % apis.len()];
-                        let resp = http
-                            .post(format!(
-                                "{}/v1/topics/bench%2F{run}%2Ft{}/events",
-                                api.base(),
-                                i % 8
-                            ))
-                            .header("canal-qos", q.to_string())
-                            .header("canal-id", format!("b{run}-{i}"))
-                            .header("canal-header-t", t.clone())
-                            .body(payload.clone())
-                            .send()
-                            .await;
-                        match resp {
-                            Ok(r) if r.status().is_success() => break,
-                            Ok(r) if r.status().is_client_error() => {
-                                bail!("publish refused: {}", r.status())
-                            }
-                            _ if attempt >= 20 => bail!("publish {i} failed 20 times"),
-                            _ => attempt += 1,
-                        }
-                    }
-                }
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
+        let topic = move |i: usize| format!("bench/{run}/t{}", i % 8);
+        publish_many(
+            &apis,
+            topic,
+            q,
+            count,
+            publishers,
+            payload,
+            &format!("b{run}"),
+        )
+        .await?;
         let published = started.elapsed();
         let (mut lat, done) = sub.await?;
         let delivered_in = done.duration_since(started);
@@ -237,6 +188,101 @@ async fn pubsub(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "runs": results }))?
         );
+    }
+    Ok(())
+}
+
+/// Reads a subscription's Server-Sent Events until `count` events carrying a `t` header (the
+/// publish time, ns since the epoch) arrived or 10 s pass without one; returns each event's
+/// publish-to-delivery latency and when the last one came.
+pub(crate) fn collect_latencies(
+    resp: reqwest::Response,
+    count: usize,
+) -> tokio::task::JoinHandle<(Vec<Duration>, Instant)> {
+    use futures::StreamExt;
+    tokio::spawn(async move {
+        let mut lat = Vec::new();
+        let mut last = Instant::now();
+        let mut body = resp.bytes_stream();
+        let mut buf = Vec::new();
+        while lat.len() < count {
+            let Ok(Some(Ok(chunk))) =
+                tokio::time::timeout(Duration::from_secs(10), body.next()).await
+            else {
+                break;
+            };
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
+                let frame: Vec<u8> = buf.drain(..pos + 2).collect();
+                let text = String::from_utf8_lossy(&frame);
+                let Some(data) = text.lines().find_map(|l| l.strip_prefix("data:")) else {
+                    continue;
+                };
+                let Ok(e) = serde_json::from_str::<canal_proto::api::Event>(data.trim()) else {
+                    continue;
+                };
+                if let Some(t) = e.headers.get("t").and_then(|t| t.parse::<u128>().ok()) {
+                    lat.push(Duration::from_nanos(now_ns().saturating_sub(t) as u64));
+                    last = Instant::now();
+                }
+            }
+        }
+        (lat, last)
+    })
+}
+
+/// Publishes `count` events of `payload` at QoS `q` with `publishers` in flight, through
+/// the nodes of `apis` in turn, event `i` to `topic(i)` with message id `{id_prefix}-{i}`
+/// and the publish time in header `t`. A failed QoS 1 publish (an election under load) is
+/// retried with the same message id, so it is stored once, as a real client would.
+pub(crate) async fn publish_many(
+    apis: &[Api],
+    topic: impl Fn(usize) -> String + Clone + Send + 'static,
+    q: u8,
+    count: usize,
+    publishers: usize,
+    payload: Vec<u8>,
+    id_prefix: &str,
+) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..publishers {
+        let (apis, next, payload) = (apis.to_vec(), next.clone(), payload.clone());
+        let (topic, id_prefix) = (topic.clone(), id_prefix.to_string());
+        let http = reqwest::Client::new();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let t = now_ns().to_string();
+                let path = topic(i).replace('/', "%2F");
+                let mut attempt = 0usize;
+                loop {
+                    let api = &apis[(i + attempt) % apis.len()];
+                    let resp = http
+                        .post(format!("{}/v1/topics/{path}/events", api.base()))
+                        .header("canal-qos", q.to_string())
+                        .header("canal-id", format!("{id_prefix}-{i}"))
+                        .header("canal-header-t", t.clone())
+                        .body(payload.clone())
+                        .send()
+                        .await;
+                    match resp {
+                        Ok(r) if r.status().is_success() => break,
+                        Ok(r) if r.status().is_client_error() => {
+                            bail!("publish refused: {}", r.status())
+                        }
+                        _ if attempt >= 20 => bail!("publish {i} failed 20 times"),
+                        _ => attempt += 1,
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
     }
     Ok(())
 }
@@ -280,6 +326,11 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
             qos,
             publishers,
         } => return pubsub(count, sizes, qos, publishers, json).await,
+        BenchCommand::Fn {
+            count,
+            events,
+            publishers,
+        } => return crate::bench_fn::run(count, events, publishers, json).await,
     };
     if count == 0 || writers.contains(&0) {
         bail!("--count and --writers must be at least 1");

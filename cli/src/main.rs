@@ -12,12 +12,13 @@
 //! - `fn_cmd`: `canal fn`, `canal trigger` and `canal state`: functions, their triggers and
 //!   their state.
 //! - `show`: tables for people, JSON for scripts.
-//! - `bench`: `canal bench`, load generators.
+//! - `bench`: `canal bench`, load generators; `bench_fn`: `canal bench fn`.
 //! - `testnet_cmd`: `canal testnet`, a mesh of node processes on this machine.
 //!
 //! Exit codes: 0 success, 1 the request failed, 2 bad usage.
 
 mod bench;
+mod bench_fn;
 mod client;
 mod fn_cmd;
 mod node_cmd;
