@@ -1,7 +1,7 @@
 //! Raft storage on sled: one database per node, trees per group.
 //!
 //! ```text
-//!   canal            format marker ("canal-raft/1")
+//!   canal            format marker ("canal-raft/2")
 //!   g{N}.log         log index (u64, big-endian) -> entry
 //!   g{N}.meta        "vote", "committed", "purged"
 //!   g{N}.sm          "d/{key}" -> value, "r/{request id}" -> response,
@@ -26,7 +26,7 @@
 // here return it too rather than converting back and forth.
 #![allow(clippy::result_large_err)]
 
-use crate::types::{GroupId, NodeId, RaftNode, Request, Response, TypeConfig};
+use crate::types::{GroupId, NodeId, Op, RaftNode, Request, Response, TypeConfig};
 use canal_proto::wire;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-const FORMAT: &[u8] = b"canal-raft/1";
+const FORMAT: &[u8] = b"canal-raft/2";
 
 type SErr = StorageError<NodeId>;
 
@@ -673,6 +673,57 @@ impl StateMachine {
         Ok(hex::encode(h.finalize()))
     }
 
+    /// Applies one client request of the entry at `index`: once per request id, however
+    /// often it is proposed.
+    fn apply_request(
+        &self,
+        index: u64,
+        Request { id, op }: Request,
+        data: &mut HashMap<String, Option<Vec<u8>>>,
+        requests: &mut HashMap<String, Response>,
+        batch: &mut sled::Batch,
+    ) -> Result<Response, SErr> {
+        let werr = |e: openraft::AnyError| StorageIOError::write_state_machine(e);
+        if let Some(id) = &id {
+            let seen = match requests.get(id) {
+                Some(r) => Some(r.clone()),
+                None => self.read::<Response>(format!("r/{id}").as_bytes())?,
+            };
+            if let Some(mut first) = seen {
+                first.duplicate = true;
+                return Ok(first);
+            }
+        }
+        let mut w = Writes {
+            tree: &self.sm,
+            data,
+            batch,
+        };
+        let (previous, refused, offset) = apply_op(&mut w, op).map_err(|e| werr(any(&e)))?;
+        let reply = Response {
+            index,
+            duplicate: false,
+            previous,
+            refused,
+            offset,
+            batch: Vec::new(),
+        };
+        if let Some(id) = id {
+            // The stored copy drops `previous`: a duplicate learns only where the first
+            // write landed.
+            let stored = Response {
+                previous: None,
+                ..reply.clone()
+            };
+            batch.insert(
+                format!("r/{id}").as_bytes(),
+                enc(&stored).map_err(|e| werr(any(&e)))?,
+            );
+            requests.insert(id, stored);
+        }
+        Ok(reply)
+    }
+
     fn snapshot_data(&self) -> Result<SnapshotData, SErr> {
         let mut out = SnapshotData::default();
         for item in self.sm.iter() {
@@ -730,7 +781,6 @@ type Applied = (Option<Vec<u8>>, Option<String>, Option<u64>);
 /// Applies one operation; returns the previous value, why it was refused (if it was), and
 /// for a publish the event's offset.
 fn apply_op(w: &mut Writes<'_>, op: crate::types::Op) -> Result<Applied, String> {
-    use crate::types::Op;
     let err = |e: sled::Error| e.to_string();
     match op {
         Op::Put { key, value } => {
@@ -773,6 +823,8 @@ fn apply_op(w: &mut Writes<'_>, op: crate::types::Op) -> Result<Applied, String>
             Ok((None, None, Some(offset)))
         }
         Op::Effects(fx) => apply_effects(w, fx),
+        // A batch is unpacked by `apply`; one inside another is not a thing clients send.
+        Op::Batch(_) => Ok((None, Some("a batch cannot hold a batch".into()), None)),
     }
 }
 
@@ -964,45 +1016,30 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         ..Default::default()
                     });
                 }
-                EntryPayload::Normal(Request { id, op }) => {
-                    if let Some(id) = &id {
-                        let seen = match requests.get(id) {
-                            Some(r) => Some(r.clone()),
-                            None => self.read::<Response>(format!("r/{id}").as_bytes())?,
-                        };
-                        if let Some(mut first) = seen {
-                            first.duplicate = true;
-                            replies.push(first);
-                            continue;
-                        }
+                EntryPayload::Normal(Request {
+                    id: None,
+                    op: Op::Batch(requests_of_batch),
+                }) => {
+                    // Many client writes in one entry: each keeps its own id and answer.
+                    let mut answers = Vec::with_capacity(requests_of_batch.len());
+                    for req in requests_of_batch {
+                        answers.push(self.apply_request(
+                            index,
+                            req,
+                            &mut data,
+                            &mut requests,
+                            &mut batch,
+                        )?);
                     }
-                    let mut w = Writes {
-                        tree: &self.sm,
-                        data: &mut data,
-                        batch: &mut batch,
-                    };
-                    let (previous, refused, offset) =
-                        apply_op(&mut w, op).map_err(|e| werr(any(&e)))?;
-                    let reply = Response {
+                    replies.push(Response {
                         index,
-                        duplicate: false,
-                        previous,
-                        refused,
-                        offset,
-                    };
-                    if let Some(id) = id {
-                        // The stored copy drops `previous`: a duplicate learns only where the
-                        // first write landed.
-                        let stored = Response {
-                            previous: None,
-                            ..reply.clone()
-                        };
-                        batch.insert(
-                            format!("r/{id}").as_bytes(),
-                            enc(&stored).map_err(|e| werr(any(&e)))?,
-                        );
-                        requests.insert(id, stored);
-                    }
+                        batch: answers,
+                        ..Default::default()
+                    });
+                }
+                EntryPayload::Normal(req) => {
+                    let reply =
+                        self.apply_request(index, req, &mut data, &mut requests, &mut batch)?;
                     replies.push(reply);
                 }
             }
@@ -1173,6 +1210,47 @@ mod tests {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Normal(req),
         }
+    }
+
+    #[test]
+    fn a_batch_answers_each_request_and_keeps_their_ids() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let db = RaftDb::open(dir.path()).unwrap();
+            let (_, mut sm) = db.group(GroupId(1)).unwrap();
+            let add = |id: &str| Request {
+                id: Some(id.into()),
+                op: Op::Add {
+                    key: "n".into(),
+                    delta: 1,
+                },
+            };
+            let batch = |reqs: Vec<Request>| Request {
+                id: None,
+                op: Op::Batch(reqs),
+            };
+            let r = sm
+                .apply(vec![entry(1, batch(vec![add("a"), add("b"), add("a")]))])
+                .await
+                .unwrap();
+            let answers: Vec<bool> = r[0].batch.iter().map(|a| a.duplicate).collect();
+            assert_eq!(answers, [false, false, true]);
+            // A retried batch applies only what is new.
+            let r = sm
+                .apply(vec![entry(2, batch(vec![add("b"), add("c")]))])
+                .await
+                .unwrap();
+            assert!(r[0].batch[0].duplicate && !r[0].batch[1].duplicate);
+            assert_eq!(sm.get("n").unwrap(), Some(b"3".to_vec()));
+            // A batch inside a batch is refused, changing nothing.
+            let r = sm
+                .apply(vec![entry(3, batch(vec![batch(vec![add("d")])]))])
+                .await
+                .unwrap();
+            assert!(r[0].batch[0].refused.is_some());
+            assert_eq!(sm.get("n").unwrap(), Some(b"3".to_vec()));
+        });
     }
 
     #[test]

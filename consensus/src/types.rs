@@ -81,6 +81,9 @@ pub enum Op {
     /// Applies what executions of a function did: outputs, state changes and a trigger's
     /// cursor move, together or not at all (see [`crate::functions`]).
     Effects(crate::functions::Effects),
+    /// Several client requests in one entry (group commit): each is applied as if proposed
+    /// alone, with its own id, and answered in [`Response::batch`].
+    Batch(Vec<Request>),
     /// Adds `delta` to the number stored at `key` (decimal text; a missing key counts as 0).
     /// Not idempotent, so it shows whether a write was applied more than once.
     Add {
@@ -89,6 +92,25 @@ pub enum Op {
         /// What to add.
         delta: i64,
     },
+}
+
+impl Request {
+    /// Roughly how many bytes the request carries: what a batch of requests is limited by.
+    pub fn weight(&self) -> usize {
+        64 + match &self.op {
+            Op::Put { key, value } => key.len() + value.len(),
+            Op::Publish(p) => p.topic.len() + p.payload.len(),
+            Op::Effects(e) => {
+                e.outputs.iter().map(|o| o.payload.len()).sum::<usize>()
+                    + e.state
+                        .iter()
+                        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                        .sum::<usize>()
+            }
+            Op::Batch(b) => b.iter().map(Request::weight).sum(),
+            Op::Delete { .. } | Op::Ack { .. } | Op::Add { .. } => 0,
+        }
+    }
 }
 
 /// A write to a group. A request with an `id` is applied at most once however often it is
@@ -114,6 +136,7 @@ impl fmt::Display for Request {
                 topic,
                 offset,
             } => write!(f, "ack {subscription} {topic} {offset}"),
+            Op::Batch(b) => write!(f, "batch of {} requests", b.len()),
             Op::Effects(e) => write!(
                 f,
                 "effects of {} ({} outputs, {} state changes)",
@@ -140,6 +163,8 @@ pub struct Response {
     pub refused: Option<String>,
     /// For a publish: the offset the event got in its topic's log.
     pub offset: Option<u64>,
+    /// For a batch: the answer to each of its requests, in order.
+    pub batch: Vec<Response>,
 }
 
 openraft::declare_raft_types!(

@@ -564,7 +564,10 @@ async fn kv_write(
     op: Op,
 ) -> Result<axum::Json<KvWritten>, ApiError> {
     let id = request_id(st, headers)?;
-    let r = st.consensus.write(g, Request { id: Some(id), op }).await?;
+    let r = st
+        .consensus
+        .write_batched(g, Request { id: Some(id), op })
+        .await?;
     if let Some(why) = r.refused {
         return Err(ApiError::new(StatusCode::CONFLICT, "refused", why));
     }

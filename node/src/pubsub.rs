@@ -227,7 +227,7 @@ pub async fn publish(
     };
     let r = st
         .consensus
-        .write(
+        .write_batched(
             TOPIC_GROUP,
             Request {
                 id: Some(request_id),
@@ -597,7 +597,7 @@ pub async fn ack(st: &ApiState, name: &str, q: &HashMap<String, String>) -> Resu
         })?;
     let r = st
         .consensus
-        .write(
+        .write_batched(
             TOPIC_GROUP,
             Request {
                 // Acks are idempotent (a cursor only moves forward), so need no id.
