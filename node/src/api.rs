@@ -272,8 +272,16 @@ async fn ack(
 async fn subscribe(
     State(st): State<ApiState>,
     Query(q): Query<HashMap<String, String>>,
+    ws: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
 ) -> Result<Response, ApiError> {
-    Ok(crate::pubsub::subscribe(st, q).await?.into_response())
+    match ws {
+        // A WebSocket upgrade request gets a WebSocket; anything else Server-Sent Events.
+        Ok(ws) => crate::pubsub::subscribe_ws(st, q, ws).await,
+        Err(_) => Ok(crate::pubsub::subscribe(st, q).await?.into_response()),
+    }
 }
 
 /// The locate answer for `topic`, from the peers this node knows alive.

@@ -307,12 +307,129 @@ fn parse_from(s: Option<&String>) -> Result<From, ApiError> {
     }
 }
 
+/// One thing a subscription hands its client: an event, or news of events it missed.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// An event: its SSE id (`topic:offset` for QoS 1) and its JSON.
+    Message {
+        /// `topic:offset`, for QoS 1 events.
+        id: Option<String>,
+        /// The event as CloudEvents structured JSON.
+        json: String,
+    },
+    /// Events the subscriber missed, as JSON (a [`Lagged`] gap, or `{"dropped":N}` for
+    /// QoS 0).
+    Lagged(String),
+}
+
+fn message(id: Option<String>, e: &Event) -> Option<Delivery> {
+    serde_json::to_string(e)
+        .ok()
+        .map(|json| Delivery::Message { id, json })
+}
+
 /// `GET /v1/subscribe?filter=F&qos=0|1&from=...`: Server-Sent Events, one `message` event
 /// per event (data: the event's JSON), `lagged` when retention dropped events first.
 pub async fn subscribe(
     st: ApiState,
     q: HashMap<String, String>,
 ) -> Result<Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let rx = start(st, &q).await?;
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let d = rx.recv().await?;
+        let sse = match d {
+            Delivery::Message { id, json } => {
+                let e = SseEvent::default().event("message").data(json);
+                match id {
+                    Some(id) => e.id(id),
+                    None => e,
+                }
+            }
+            Delivery::Lagged(json) => SseEvent::default().event("lagged").data(json),
+        };
+        Some((Ok(sse), rx))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// `GET /v1/subscribe` with a WebSocket upgrade: the same parameters; each event is a text
+/// frame holding its JSON, missed events a text frame `{"lagged": ...}`. A durable
+/// subscriber acknowledges with text frames `{"ack": {"topic": T, "offset": N}}`.
+pub async fn subscribe_ws(
+    st: ApiState,
+    q: HashMap<String, String>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::extract::ws::Message;
+    // Everything is checked before the upgrade, so bad input is a plain HTTP error.
+    let mut rx = start(st.clone(), &q).await?;
+    let durable = q.get("durable").cloned();
+    Ok(ws.on_upgrade(move |mut socket| async move {
+        loop {
+            tokio::select! {
+                d = rx.recv() => {
+                    let text = match d {
+                        Some(Delivery::Message { json, .. }) => json,
+                        Some(Delivery::Lagged(json)) => format!("{{\"lagged\":{json}}}"),
+                        None => break,
+                    };
+                    if socket.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+                m = socket.recv() => match m {
+                    Some(Ok(Message::Text(t))) => {
+                        if let Err(e) = ws_ack(&st, durable.as_deref(), t.as_str()).await {
+                            let body = serde_json::json!({"error": e.to_string()}).to_string();
+                            if socket.send(Message::Text(body.into())).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+    }))
+}
+
+/// An acknowledgement sent over a WebSocket by a durable subscriber.
+#[derive(Debug, Deserialize)]
+struct WsAck {
+    ack: WsAckBody,
+}
+
+#[derive(Debug, Deserialize)]
+struct WsAckBody {
+    topic: String,
+    offset: u64,
+}
+
+async fn ws_ack(st: &ApiState, durable: Option<&str>, text: &str) -> Result<(), String> {
+    let Some(name) = durable else {
+        return Err("acks are for durable subscriptions: subscribe with ?durable=NAME".into());
+    };
+    let a: WsAck = serde_json::from_str(text)
+        .map_err(|e| format!("{e}: send {{\"ack\": {{\"topic\": TOPIC, \"offset\": N}}}}"))?;
+    let q: HashMap<String, String> = [
+        ("topic".to_string(), a.ack.topic),
+        ("offset".to_string(), a.ack.offset.to_string()),
+    ]
+    .into_iter()
+    .collect();
+    ack(st, name, &q)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// Checks a subscription's parameters and starts feeding it; the receiver ends when the
+/// node shuts down.
+async fn start(
+    st: ApiState,
+    q: &HashMap<String, String>,
+) -> Result<mpsc::Receiver<Delivery>, ApiError> {
     let filter = q.get("filter").ok_or_else(|| {
         ApiError::bad_request(
             "invalid_filter",
@@ -342,7 +459,7 @@ pub async fn subscribe(
             "durable subscriptions read the committed log: use them with QoS 1",
         ));
     }
-    let (tx, rx) = mpsc::channel::<SseEvent>(256);
+    let (tx, rx) = mpsc::channel::<Delivery>(256);
     let mut closing = st.closing.clone();
     if qos == 0 {
         let mut events = st.qos0.tx.subscribe();
@@ -369,20 +486,18 @@ pub async fn subscribe(
                             &m.payload,
                             None,
                         );
-                        let Ok(sse) = SseEvent::default().event("message").json_data(&e) else {
+                        let Some(d) = message(None, &e) else {
                             continue;
                         };
-                        if tx.send(sse).await.is_err() {
+                        if tx.send(d).await.is_err() {
                             return;
                         }
                     }
                     // QoS 0 is at most once: a subscriber that falls behind loses events,
                     // and is told how many.
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let sse = SseEvent::default()
-                            .event("lagged")
-                            .data(format!("{{\"dropped\":{n}}}"));
-                        if tx.send(sse).await.is_err() {
+                        let d = Delivery::Lagged(format!("{{\"dropped\":{n}}}"));
+                        if tx.send(d).await.is_err() {
                             return;
                         }
                     }
@@ -425,12 +540,7 @@ pub async fn subscribe(
             }
         });
     }
-    let stream =
-        futures::stream::unfold(
-            rx,
-            |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
-        );
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    Ok(rx)
 }
 
 async fn stream_qos1(
@@ -438,7 +548,7 @@ async fn stream_qos1(
     filter: TopicFilter,
     from: From,
     durable: Option<String>,
-    tx: mpsc::Sender<SseEvent>,
+    tx: mpsc::Sender<Delivery>,
 ) {
     let mut applied = sm.watch_applied();
     let mut cursors: HashMap<String, u64> = HashMap::new();
@@ -474,10 +584,10 @@ async fn stream_qos1(
                     from: *cursor,
                     to: meta.first,
                 };
-                let Ok(sse) = SseEvent::default().event("lagged").json_data(&gap) else {
+                let Ok(json) = serde_json::to_string(&gap) else {
                     return;
                 };
-                if tx.send(sse).await.is_err() {
+                if tx.send(Delivery::Lagged(json)).await.is_err() {
                     return;
                 }
                 *cursor = meta.first;
@@ -490,15 +600,14 @@ async fn stream_qos1(
                     break;
                 }
                 for e in &batch {
-                    let Ok(sse) = SseEvent::default()
-                        .event("message")
-                        .id(format!("{topic}:{}", e.offset))
-                        .json_data(stored_event(&topic, e))
-                    else {
+                    let Some(d) = message(
+                        Some(format!("{topic}:{}", e.offset)),
+                        &stored_event(&topic, e),
+                    ) else {
                         return;
                     };
                     // Waits while the client is slow: backpressure, not loss.
-                    if tx.send(sse).await.is_err() {
+                    if tx.send(d).await.is_err() {
                         return;
                     }
                     *cursor = e.offset + 1;

@@ -409,3 +409,90 @@ async fn a_durable_subscriber_resumes_after_its_last_ack_on_another_node() {
         "gap or disorder after resuming"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_subscriber_gets_events_and_acks_a_durable_subscription() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let net = cluster(1, &[]).await;
+    let api = net.api(0).unwrap();
+    let apis = [api.clone()];
+    for i in 0..5 {
+        publish_until_acked(
+            &apis,
+            0,
+            "ws/t",
+            &format!("w{i}"),
+            format!("e{i}").into_bytes(),
+        )
+        .await;
+    }
+    let url = format!(
+        "{}/v1/subscribe?filter=ws%2F%23&from=earliest&durable=wsd",
+        api.base().replace("http://", "ws://")
+    );
+    let next_event = |m: Option<Result<Message, _>>| -> serde_json::Value {
+        match m {
+            Some(Ok(Message::Text(t))) => serde_json::from_str(t.as_str()).unwrap(),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    };
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    for want in 0..3u64 {
+        let e = next_event(ws.next().await);
+        assert_eq!(e["offset"], want, "{e}");
+        assert_eq!(e["data"], format!("e{want}"), "{e}");
+    }
+    // A malformed ack is answered with an error frame, and the stream goes on.
+    ws.send(Message::Text("{\"ack\": 5}".into())).await.unwrap();
+    // Events 3 and 4 may come first; the error follows.
+    let mut e = next_event(ws.next().await);
+    for _ in 0..2 {
+        if e.get("error").is_some() {
+            break;
+        }
+        e = next_event(ws.next().await);
+    }
+    assert!(e["error"].as_str().unwrap().contains("offset"), "{e}");
+    ws.send(Message::Text(
+        r#"{"ack": {"topic": "ws/t", "offset": 2}}"#.into(),
+    ))
+    .await
+    .unwrap();
+    ws.close(None).await.unwrap();
+    // A new connection under the same name resumes after the last ack (once it committed).
+    let resumed = wait_for(
+        "the durable subscription to resume at 3",
+        Duration::from_secs(30),
+        || {
+            let url = url.clone();
+            async move {
+                let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        let e: serde_json::Value =
+                            serde_json::from_str(t.as_str()).map_err(|e| e.to_string())?;
+                        if e["offset"] == 3 {
+                            Ok(e)
+                        } else {
+                            Err(format!("resumed at {}", e["offset"]))
+                        }
+                    }
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(resumed["data"], "e3");
+    // Bad input is refused before the upgrade, as a plain HTTP error.
+    let bad = format!(
+        "{}/v1/subscribe?filter=ws%2F%2Bx",
+        api.base().replace("http://", "ws://")
+    );
+    let err = tokio_tungstenite::connect_async(&bad).await.unwrap_err();
+    assert!(err.to_string().contains("400"), "{err}");
+}
