@@ -1,8 +1,68 @@
-//! # canal-placement — where functions and replicas run, and why
+//! # canal-placement
 //!
-//! Will be pure policy, with no I/O: from a function's or shard's requirements, the table of
-//! peer capabilities and load, and topology facts (Kademlia distance, round-trip times), it
-//! computes a decision (an ordered set of peers) and an explanation for every candidate.
+//! Where functions and shard replicas run, and why. Pure policy with no I/O and no clock:
+//! from a function's or shard's [`Requirements`](canal_proto::function::Requirements), the
+//! table of peers (capability records, load, Kademlia distance rank, round-trip time) and
+//! execution-time [`Estimates`], [`decide`] computes a [`Decision`]: an ordered set of peers
+//! and a [`Verdict`] for every candidate — chosen, not chosen, or rejected, and why. Topology
+//! says who is near; placement says who serves.
 //!
-//! Until it exists, the `topology` policy — the K peers closest to a shard's key, computed in
-//! `canal-dht` — is the only one, and `canal topic locate` says so.
+//! ## Layout
+//!
+//! - `policy` — [`Policy`]: `topology` (default), `spread`, `least-loaded`, `latency`.
+//! - `constraint` — the requirements as constraints (GPU, GPU memory, tier, labels) and
+//!   the text of each miss (`GPU memory 8 GiB < 16 GiB required`).
+//! - `estimates` — [`Estimates`]: an EWMA of each function's execution time on each peer,
+//!   fed back from real invocations, and the queueing delay derived from a peer's load.
+//! - `score` — [`load_score`] and the latency policy's predicted response time.
+//! - `decide` — [`Candidate`], [`decide`], [`should_replace`] (the hysteresis), and the
+//!   explanations.
+//!
+//! ```text
+//!  Requirements   Candidates (caps, alive, rank, rtt)   Estimates   previous Decision
+//!       │                     │                             │              │
+//!       └──────► check ◄──────┘                             │              │
+//!          dead / hard miss ─► rejected                     │              │
+//!          preferred miss ───► unmet (relaxed if nobody     │              │
+//!                 │             meets it: `fallback`)       │              │
+//!                 ▼                                         │              │
+//!           rank by policy ◄────────────────────────────────┘              │
+//!     (fewest unmet, then rank | tier round-robin | load | prediction)     │
+//!                 │                                                        │
+//!                 ▼                                                        │
+//!        hold (measured policies) ◄────────────────────────────────────────┘
+//!     keep previous peers unless gone or beaten by the margin
+//!                 │
+//!                 ▼
+//!   Decision { chosen, unplaceable, fallback, shortfall, verdicts }
+//! ```
+//!
+//! ## Formulas
+//!
+//! - `least-loaded`: [`load_score`] `= cpu% + 10 × (queue_len + running) / cores`.
+//! - `latency`: predicted ms `= queue + exec + network`, where `exec` is the peer's EWMA for
+//!   the function (alpha [`EWMA_ALPHA`]), else the mean over peers that ran it, else
+//!   [`DEFAULT_EXEC_MS`]; `queue = (queue_len + running) × exec / cores`; `network` is the
+//!   measured round trip from the event source, else the slowest measured one plus
+//!   [`UNKNOWN_RTT_PENALTY_MS`].
+//! - Hysteresis: a kept peer is replaced by a challenger only if it is better by more than
+//!   20 % and 2 ms (latency) or 20 % and 10 points (least-loaded).
+
+mod constraint;
+mod decide;
+mod estimates;
+mod policy;
+mod score;
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
+
+pub use decide::{
+    Candidate, Decision, LATENCY_MARGIN_MS, LATENCY_MARGIN_RATIO, LOAD_MARGIN_POINTS,
+    LOAD_MARGIN_RATIO, Verdict, decide, should_replace,
+};
+pub use estimates::{DEFAULT_EXEC_MS, EWMA_ALPHA, Estimates};
+pub use policy::{Policy, PolicyError};
+pub use score::{LOAD_EVENT_WEIGHT, UNKNOWN_RTT_PENALTY_MS, load_score};
