@@ -116,6 +116,38 @@ enum TopicCommand {
         #[arg(value_parser = parse_topic)]
         topic: canal_proto::Topic,
     },
+    /// Where a topic's log starts and ends on the node asked.
+    Log {
+        /// A topic name.
+        #[arg(value_parser = parse_topic)]
+        topic: canal_proto::Topic,
+    },
+    /// Show or change the retention and payload limit of a topic or a filter
+    /// (`sensors/#`): the most specific filter's settings apply to a topic.
+    Settings {
+        /// A topic or a filter.
+        #[arg(value_parser = parse_filter)]
+        filter: canal_proto::TopicFilter,
+        /// Keep at most this many events.
+        #[arg(long)]
+        retain_events: Option<u64>,
+        /// Keep at most this many payload bytes (0: no limit), e.g. 512MiB.
+        #[arg(long)]
+        retain_bytes: Option<String>,
+        /// Keep events at most this long (0s: no limit), e.g. 24h.
+        #[arg(long)]
+        retain_age: Option<String>,
+        /// The largest payload a publish may carry, e.g. 64KiB (at most 1MiB).
+        #[arg(long)]
+        max_payload: Option<String>,
+        /// Remove the settings of this topic or filter.
+        #[arg(long, conflicts_with_all = ["retain_events", "retain_bytes", "retain_age", "max_payload"])]
+        reset: bool,
+    },
+}
+
+fn parse_filter(s: &str) -> Result<canal_proto::TopicFilter, String> {
+    canal_proto::TopicFilter::new(s).map_err(|e| e.to_string())
 }
 
 fn parse_topic(s: &str) -> Result<canal_proto::Topic, String> {
@@ -213,6 +245,57 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let locate: canal_proto::api::Locate = client.get(&path).await?;
             show::locate(&locate, cli.json)
+        }
+        Command::Topic {
+            command: TopicCommand::Log { topic },
+        } => {
+            let client = client::Client::new(&cli.api, cli.token.as_deref())?;
+            let path = format!("/v1/topics/{}/log", client::encode_segment(topic.as_str()));
+            let log: canal_proto::api::TopicLog = client.get(&path).await?;
+            if cli.json {
+                show::json(&log)
+            } else {
+                println!(
+                    "{}: offsets {}..{} ({} events stored)",
+                    log.topic,
+                    log.first,
+                    log.next,
+                    log.next - log.first
+                );
+                Ok(())
+            }
+        }
+        Command::Topic {
+            command:
+                TopicCommand::Settings {
+                    filter,
+                    retain_events,
+                    retain_bytes,
+                    retain_age,
+                    max_payload,
+                    reset,
+                },
+        } => {
+            let client = client::Client::new(&cli.api, cli.token.as_deref())?;
+            let path = format!(
+                "/v1/topics/{}/settings",
+                client::encode_segment(filter.as_str())
+            );
+            let change = canal_proto::settings::SettingsRequest {
+                retain_events,
+                retain_bytes,
+                retain_age,
+                max_payload,
+            };
+            if reset {
+                client.delete(&path).await?;
+            } else if change != canal_proto::settings::SettingsRequest::default() {
+                let _: canal_proto::settings::SettingsAnswer = client
+                    .put_json(&path, serde_json::to_vec(&change)?, &[])
+                    .await?;
+            }
+            let answer: canal_proto::settings::SettingsAnswer = client.get(&path).await?;
+            show::settings(&answer, cli.json)
         }
         Command::Fn { command } => {
             fn_cmd::function(&cli.api, cli.token.as_deref(), command, cli.json).await

@@ -208,3 +208,47 @@ pub(crate) fn cluster(c: &ClusterStatus, as_json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A topic's settings, and the filter they come from.
+pub(crate) fn settings(
+    a: &canal_proto::settings::SettingsAnswer,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    if as_json {
+        return json(a);
+    }
+    let s = &a.settings;
+    let or_none = |n: u64, f: &dyn Fn(u64) -> String| {
+        if n == 0 { "no limit".to_string() } else { f(n) }
+    };
+    println!(
+        "{}: from {}",
+        a.topic,
+        a.from.as_deref().unwrap_or("the defaults")
+    );
+    println!("  retain events  {}", s.retention.max_events);
+    println!(
+        "  retain bytes   {}",
+        or_none(s.retention.max_bytes, &canal_proto::size::format_bytes)
+    );
+    println!(
+        "  retain age     {}",
+        or_none(s.retention.max_age_ms, &|ms| humantime_ms(ms))
+    );
+    println!(
+        "  max payload    {}",
+        canal_proto::size::format_bytes(s.max_payload_bytes)
+    );
+    Ok(())
+}
+
+fn humantime_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    match secs {
+        0 => format!("{ms} ms"),
+        s if s % 86_400 == 0 => format!("{} d", s / 86_400),
+        s if s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}

@@ -823,6 +823,11 @@ fn apply_op(w: &mut Writes<'_>, op: crate::types::Op) -> Result<Applied, String>
             Ok((None, None, Some(offset)))
         }
         Op::Effects(fx) => apply_effects(w, fx),
+        Op::Trim {
+            topic,
+            retention,
+            now_ms,
+        } => apply_trim(w, &topic, &retention, now_ms),
         // A batch is unpacked by `apply`; one inside another is not a thing clients send.
         Op::Batch(_) => Ok((None, Some("a batch cannot hold a batch".into()), None)),
     }
@@ -836,6 +841,7 @@ fn append_event(w: &mut Writes<'_>, event: crate::topics::PublishOp) -> Result<u
         None => crate::topics::TopicMeta::default(),
     };
     let offset = meta.next;
+    meta.bytes += event.payload.len() as u64;
     let stored = crate::topics::StoredEvent {
         offset,
         time_ms: event.time_ms,
@@ -848,13 +854,63 @@ fn append_event(w: &mut Writes<'_>, event: crate::topics::PublishOp) -> Result<u
         Some(enc(&stored).map_err(|e| e.to_string())?),
     );
     meta.next += 1;
-    // Retention by count: drop the oldest events beyond the limit.
-    while meta.next - meta.first > event.retain_max.max(1) {
-        w.set(crate::topics::event_key(&event.topic, meta.first), None);
-        meta.first += 1;
-    }
+    trim(w, &event.topic, &mut meta, &event.retention, event.time_ms)?;
     w.set(meta_key, Some(enc(&meta).map_err(|e| e.to_string())?));
     Ok(offset)
+}
+
+/// Drops a topic's oldest events while the log passes a retention limit at time `now_ms`
+/// (the time of the entry that asks, so every replica drops the same events). The newest
+/// event always stays.
+fn trim(
+    w: &mut Writes<'_>,
+    topic: &str,
+    meta: &mut crate::topics::TopicMeta,
+    retention: &canal_proto::settings::Retention,
+    now_ms: u64,
+) -> Result<(), String> {
+    while meta.next - meta.first > 1 {
+        let key = crate::topics::event_key(topic, meta.first);
+        let oldest: Option<crate::topics::StoredEvent> =
+            match w.get(&key).map_err(|e| e.to_string())? {
+                Some(b) => Some(dec(&b).map_err(|e| e.to_string())?),
+                None => None,
+            };
+        let (size, time) = oldest
+            .as_ref()
+            .map(|e| (e.payload.len() as u64, e.time_ms))
+            .unwrap_or((0, now_ms));
+        let over = meta.next - meta.first > retention.max_events.max(1)
+            || (retention.max_bytes > 0 && meta.bytes > retention.max_bytes)
+            || (retention.max_age_ms > 0 && time.saturating_add(retention.max_age_ms) < now_ms);
+        if !over {
+            break;
+        }
+        w.set(key, None);
+        meta.bytes = meta.bytes.saturating_sub(size);
+        meta.first += 1;
+    }
+    Ok(())
+}
+
+/// Applies a topic's retention at `now_ms` without appending (age limits on a quiet topic).
+fn apply_trim(
+    w: &mut Writes<'_>,
+    topic: &str,
+    retention: &canal_proto::settings::Retention,
+    now_ms: u64,
+) -> Result<Applied, String> {
+    let meta_key = crate::topics::meta_key(topic);
+    let Some(b) = w.get(&meta_key).map_err(|e| e.to_string())? else {
+        return Ok((None, None, None));
+    };
+    let mut meta: crate::topics::TopicMeta = dec(&b).map_err(|e| e.to_string())?;
+    let first = meta.first;
+    trim(w, topic, &mut meta, retention, now_ms)?;
+    if meta.first != first {
+        w.set(meta_key, Some(enc(&meta).map_err(|e| e.to_string())?));
+    }
+    Ok((None, None, Some(meta.first)))
 }
 
 /// Applies an execution's effects if its cursor and state version still hold; otherwise
@@ -1210,6 +1266,67 @@ mod tests {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Normal(req),
         }
+    }
+
+    #[test]
+    fn retention_drops_the_oldest_by_count_bytes_and_age() {
+        use canal_proto::settings::Retention;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let db = RaftDb::open(dir.path()).unwrap();
+            let (_, mut sm) = db.group(GroupId(1)).unwrap();
+            let publish = |t: u64, size: usize, retention: Retention| Request {
+                id: None,
+                op: Op::Publish(crate::topics::PublishOp {
+                    topic: "t".into(),
+                    id: None,
+                    headers: Vec::new(),
+                    payload: vec![b'x'; size],
+                    time_ms: t,
+                    retention,
+                }),
+            };
+            let by_bytes = Retention {
+                max_events: 100,
+                max_bytes: 250,
+                max_age_ms: 0,
+            };
+            let mut i = 0;
+            for t in 0..5 {
+                i += 1;
+                sm.apply(vec![entry(i, publish(t, 100, by_bytes))])
+                    .await
+                    .unwrap();
+            }
+            let meta = sm.topic_meta("t").unwrap().unwrap();
+            assert_eq!((meta.first, meta.next, meta.bytes), (3, 5, 200));
+            // Age: at t=1000 with a 500 ms limit, everything but the new event goes.
+            let by_age = Retention {
+                max_events: 100,
+                max_bytes: 0,
+                max_age_ms: 500,
+            };
+            i += 1;
+            sm.apply(vec![entry(i, publish(1000, 10, by_age))])
+                .await
+                .unwrap();
+            let meta = sm.topic_meta("t").unwrap().unwrap();
+            assert_eq!((meta.first, meta.next, meta.bytes), (5, 6, 10));
+            // A trim on a quiet topic never drops the newest event.
+            i += 1;
+            let trim = Request {
+                id: None,
+                op: Op::Trim {
+                    topic: "t".into(),
+                    retention: by_age,
+                    now_ms: 10_000,
+                },
+            };
+            sm.apply(vec![entry(i, trim)]).await.unwrap();
+            assert_eq!(sm.topic_meta("t").unwrap().unwrap().first, 5);
+            assert_eq!(sm.events("t", 0, 10).unwrap().len(), 1);
+        });
     }
 
     #[test]

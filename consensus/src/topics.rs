@@ -8,6 +8,7 @@
 //!   \x01t/{topic}                 TopicMeta { first, next }
 //!   \x01e/{topic}\x00{offset:020} StoredEvent
 //!   \x01c/{name}\x00{topic}        next offset of durable subscription {name}
+//!   \x01S/{filter}                TopicSettings (metadata group)
 //! ```
 //!
 //! Offsets start at 0 and grow by one per event; retention drops the oldest events.
@@ -27,8 +28,8 @@ pub struct PublishOp {
     pub payload: Vec<u8>,
     /// Milliseconds since the Unix epoch when the node accepted the publish.
     pub time_ms: u64,
-    /// Keep at most this many events of the topic.
-    pub retain_max: u64,
+    /// What the topic's log keeps, as its settings said when the publish was accepted.
+    pub retention: canal_proto::settings::Retention,
 }
 
 /// Where a topic's log starts and ends.
@@ -38,6 +39,8 @@ pub struct TopicMeta {
     pub first: u64,
     /// The offset the next event gets.
     pub next: u64,
+    /// The payload bytes of the events stored.
+    pub bytes: u64,
 }
 
 /// One event of a topic's log.
@@ -77,3 +80,11 @@ pub fn event_prefix(topic: &str) -> String {
 pub fn cursor_key(name: &str, topic: &str) -> String {
     format!("\u{1}c/{name}\u{0}{topic}")
 }
+
+/// The key of the settings of a topic or filter (metadata group).
+pub fn settings_key(filter: &str) -> String {
+    format!("\u{1}S/{filter}")
+}
+
+/// The prefix of every settings key.
+pub const SETTINGS_PREFIX: &str = "\u{1}S/";

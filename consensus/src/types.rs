@@ -81,6 +81,16 @@ pub enum Op {
     /// Applies what executions of a function did: outputs, state changes and a trigger's
     /// cursor move, together or not at all (see [`crate::functions`]).
     Effects(crate::functions::Effects),
+    /// Applies a topic's retention at `now_ms` (drops what is too old or too much); the
+    /// reply's offset is the oldest offset kept.
+    Trim {
+        /// The topic.
+        topic: String,
+        /// Its retention.
+        retention: canal_proto::settings::Retention,
+        /// The time the retention is measured at, ms since the Unix epoch.
+        now_ms: u64,
+    },
     /// Several client requests in one entry (group commit): each is applied as if proposed
     /// alone, with its own id, and answered in [`Response::batch`].
     Batch(Vec<Request>),
@@ -108,7 +118,7 @@ impl Request {
                         .sum::<usize>()
             }
             Op::Batch(b) => b.iter().map(Request::weight).sum(),
-            Op::Delete { .. } | Op::Ack { .. } | Op::Add { .. } => 0,
+            Op::Delete { .. } | Op::Ack { .. } | Op::Add { .. } | Op::Trim { .. } => 0,
         }
     }
 }
@@ -137,6 +147,7 @@ impl fmt::Display for Request {
                 offset,
             } => write!(f, "ack {subscription} {topic} {offset}"),
             Op::Batch(b) => write!(f, "batch of {} requests", b.len()),
+            Op::Trim { topic, .. } => write!(f, "trim {topic}"),
             Op::Effects(e) => write!(
                 f,
                 "effects of {} ({} outputs, {} state changes)",

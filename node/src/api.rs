@@ -94,7 +94,13 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/peers", get(peers))
-        .route("/v1/topics/{*rest}", get(topic_get).post(topic_post))
+        .route(
+            "/v1/topics/{*rest}",
+            get(topic_get)
+                .post(topic_post)
+                .put(topic_put)
+                .delete(topic_delete),
+        )
         .route("/v1/subscribe", get(subscribe))
         .route("/v1/subscriptions/{name}/ack", axum::routing::post(ack))
         .route("/v1/cluster/status", get(cluster_status))
@@ -200,6 +206,10 @@ async fn topic_get(
     } else {
         rest
     };
+    if let Some(filter) = rest.strip_suffix("/settings") {
+        let filter = settings_filter(filter)?;
+        return Ok(axum::Json(crate::pubsub::get_settings(&st, &filter)?).into_response());
+    }
     if let Some(topic) = rest.strip_suffix("/log") {
         let topic =
             Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
@@ -219,12 +229,56 @@ async fn topic_get(
     }
     let Some(topic) = rest.strip_suffix("/locate") else {
         return Err(ApiError::not_found(format!(
-            "no such topic endpoint {rest:?}: use /v1/topics/{{topic}}/locate or /v1/topics/{{topic}}/log"
+            "no such topic endpoint {rest:?}: use /v1/topics/{{topic}}/locate, /v1/topics/{{topic}}/log or /v1/topics/{{topic-or-filter}}/settings"
         )));
     };
     let topic =
         Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
     Ok(axum::Json(locate(&st.dht, &topic)).into_response())
+}
+
+fn settings_filter(s: &str) -> Result<canal_proto::TopicFilter, ApiError> {
+    canal_proto::TopicFilter::new(s)
+        .map_err(|e| ApiError::bad_request("invalid_filter", e.to_string()))
+}
+
+fn no_topic_endpoint(rest: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "no such topic endpoint {rest:?}: PUT and DELETE take /v1/topics/{{topic-or-filter}}/settings"
+    ))
+}
+
+/// `PUT /v1/topics/{topic-or-filter}/settings`.
+async fn topic_put(
+    State(st): State<ApiState>,
+    Path(rest): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(too_large)?;
+    let filter = settings_filter(
+        rest.strip_suffix("/settings")
+            .ok_or_else(|| no_topic_endpoint(&rest))?,
+    )?;
+    let req: canal_proto::settings::SettingsRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_settings",
+            format!("the settings are not JSON of the expected shape ({e}): send {{\"retain_events\"?: N, \"retain_bytes\"?: SIZE, \"retain_age\"?: DURATION, \"max_payload\"?: SIZE}}"),
+        )
+    })?;
+    Ok(axum::Json(crate::pubsub::put_settings(&st, &filter, req).await?).into_response())
+}
+
+/// `DELETE /v1/topics/{topic-or-filter}/settings`.
+async fn topic_delete(
+    State(st): State<ApiState>,
+    Path(rest): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let filter = settings_filter(
+        rest.strip_suffix("/settings")
+            .ok_or_else(|| no_topic_endpoint(&rest))?,
+    )?;
+    crate::pubsub::delete_settings(&st, &filter).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// A body that could not be read: almost always one over the size limit.

@@ -17,12 +17,14 @@
 //! moved. Which node executes is [`Functions::runs_here`]'s decision alone.
 
 use crate::functions::{Functions, STATE_GROUP};
-use crate::pubsub::{DEFAULT_RETAIN_EVENTS, Qos0Hub, Qos0Message};
+use crate::pubsub::{Qos0Hub, Qos0Message};
 use canal_consensus::functions::{CursorMove, Effects, cursor_key};
 use canal_consensus::topics::PublishOp;
 use canal_consensus::{GroupId, Op, Request, StateMachine};
 use canal_dht::DhtHandle;
+use canal_proto::TopicFilter;
 use canal_proto::function::{FunctionSpec, Output, TriggerSpec};
+use canal_proto::settings::{TopicSettings, settings_for};
 use canal_proto::{Topic, wire};
 use canal_triggers::runtime::EventIn;
 use canal_triggers::{Failure, Invocation, Prepared, StateView, rules};
@@ -232,6 +234,7 @@ impl Executor {
         }
         let module = self.functions.module(&function).await.map_err(e)?;
         let dead_letter = spec.dead_letter_topic().map_err(|e| e.0)?;
+        let settings = crate::pubsub::all_settings(&self.functions.consensus).map_err(e)?;
         let mut progressed = false;
         for (topic, meta) in sm.topics().map_err(|e| e.to_string())? {
             let Ok(t) = Topic::new(&topic) else { continue };
@@ -292,7 +295,8 @@ impl Executor {
                         changes = inv.state;
                         for (n, out) in inv.outputs.into_iter().enumerate() {
                             bytes += out.payload.len();
-                            outputs.push(self.output_op(spec, &topic, ev.offset, n, out));
+                            outputs
+                                .push(self.output_op(spec, &topic, ev.offset, n, out, &settings));
                         }
                     }
                     Err(failure) => {
@@ -315,7 +319,7 @@ impl Executor {
                             headers,
                             payload: ev.payload,
                             time_ms: now_ms(),
-                            retain_max: DEFAULT_RETAIN_EVENTS,
+                            retention: settings_for(&dead_letter, &settings).retention,
                         });
                     }
                 }
@@ -440,7 +444,12 @@ impl Executor {
         offset: u64,
         n: usize,
         out: Output,
+        settings: &[(TopicFilter, TopicSettings)],
     ) -> PublishOp {
+        // The host checked the topic; an unreadable one gets the defaults.
+        let retention = Topic::new(&out.topic)
+            .map(|t| settings_for(&t, settings).retention)
+            .unwrap_or_default();
         let mut headers = out.headers;
         headers.extend(self.provenance(spec, topic, Some(offset)));
         PublishOp {
@@ -449,7 +458,7 @@ impl Executor {
             headers,
             payload: out.payload,
             time_ms: now_ms(),
-            retain_max: DEFAULT_RETAIN_EVENTS,
+            retention,
         }
     }
 

@@ -108,6 +108,7 @@ pub struct Node {
     consensus: Consensus<MeshTransport>,
     membership: tokio::task::JoinHandle<()>,
     executor: tokio::task::JoinHandle<()>,
+    trimmer: tokio::task::JoinHandle<()>,
     api_addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
     stop_api: tokio::sync::watch::Sender<bool>,
@@ -226,6 +227,7 @@ impl Node {
             metrics: exec_metrics,
         })
         .spawn(closing.clone());
+        let trimmer = pubsub::spawn_trimmer(consensus.clone(), closing.clone());
         let state = ApiState {
             dht: handle.clone(),
             consensus: consensus.clone(),
@@ -259,6 +261,7 @@ impl Node {
             consensus,
             membership,
             executor,
+            trimmer,
             api_addr,
             server,
             stop_api,
@@ -291,6 +294,7 @@ impl Node {
         }
         self.membership.abort();
         self.executor.abort();
+        self.trimmer.abort();
         self.consensus.shutdown().await;
         self.dht.shutdown().await;
         let _ = std::fs::remove_file(self.data_dir.path().join(RUNTIME_FILE));

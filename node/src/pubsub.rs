@@ -17,6 +17,7 @@ use base64::Engine;
 use canal_consensus::topics::{PublishOp, StoredEvent};
 use canal_consensus::{GroupId, Op, Request};
 use canal_proto::api::{Event, Lagged, Published};
+use canal_proto::settings::{SettingsAnswer, SettingsRequest, TopicSettings};
 use canal_proto::{Topic, TopicFilter, wire};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -25,10 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, mpsc};
 
-/// The largest payload accepted.
-pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;
-/// How many events a topic's log keeps by default.
-pub const DEFAULT_RETAIN_EVENTS: u64 = 100_000;
+/// The largest payload accepted (a topic's settings may lower it).
+pub const MAX_PAYLOAD_BYTES: usize = canal_proto::settings::MAX_PAYLOAD_BYTES as usize;
 /// The data group that holds every topic log on a small cluster.
 pub const TOPIC_GROUP: GroupId = GroupId(1);
 
@@ -192,13 +191,15 @@ pub async fn publish(
     let topic =
         Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
     let (qos, id, custom) = publish_headers(headers)?;
-    if body.len() > MAX_PAYLOAD_BYTES {
+    let settings = topic_settings(&st.consensus, &topic)?;
+    if body.len() as u64 > settings.max_payload_bytes {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
             format!(
-                "payload is {} bytes: at most {MAX_PAYLOAD_BYTES} are allowed",
-                body.len()
+                "payload is {} bytes: at most {} are allowed on {topic}",
+                body.len(),
+                settings.max_payload_bytes
             ),
         ));
     }
@@ -237,7 +238,7 @@ pub async fn publish(
                     headers: custom,
                     payload: body.to_vec(),
                     time_ms,
-                    retain_max: DEFAULT_RETAIN_EVENTS,
+                    retention: settings.retention,
                 }),
             },
         )
@@ -247,6 +248,190 @@ pub async fn publish(
         qos: 1,
         offset: r.offset,
         duplicate: r.duplicate,
+    })
+}
+
+/// Every topic and filter setting, from this node's replica of the metadata group.
+pub fn all_settings(
+    consensus: &canal_consensus::Consensus<crate::cluster::MeshTransport>,
+) -> Result<Vec<(TopicFilter, TopicSettings)>, ApiError> {
+    let sm = consensus.state_machine(GroupId::METADATA)?;
+    let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
+    let mut out = Vec::new();
+    for (k, v) in sm
+        .scan(canal_consensus::topics::SETTINGS_PREFIX)
+        .map_err(|e| internal(e.to_string()))?
+    {
+        let Some(filter) = k.strip_prefix(canal_consensus::topics::SETTINGS_PREFIX) else {
+            continue;
+        };
+        let Ok(filter) = TopicFilter::new(filter) else {
+            continue;
+        };
+        out.push((
+            filter,
+            wire::decode(&v).map_err(|e| internal(e.to_string()))?,
+        ));
+    }
+    Ok(out)
+}
+
+/// The settings in force for `topic`.
+pub fn topic_settings(
+    consensus: &canal_consensus::Consensus<crate::cluster::MeshTransport>,
+    topic: &Topic,
+) -> Result<TopicSettings, ApiError> {
+    Ok(canal_proto::settings::settings_for(
+        topic,
+        &all_settings(consensus)?,
+    ))
+}
+
+/// `GET /v1/topics/{topic-or-filter}/settings`: what applies, and from which filter.
+pub fn get_settings(st: &ApiState, filter: &TopicFilter) -> Result<SettingsAnswer, ApiError> {
+    let all = all_settings(&st.consensus)?;
+    if let Some((f, s)) = all.iter().find(|(f, _)| f == filter) {
+        return Ok(SettingsAnswer {
+            topic: filter.to_string(),
+            from: Some(f.to_string()),
+            settings: *s,
+        });
+    }
+    // A topic gets what its most specific filter says; a filter without settings of its
+    // own, the defaults.
+    let found = Topic::new(filter.as_str())
+        .ok()
+        .and_then(|topic| canal_proto::settings::most_specific(&topic, &all).cloned());
+    Ok(SettingsAnswer {
+        topic: filter.to_string(),
+        from: found.as_ref().map(|(f, _)| f.to_string()),
+        settings: found.map(|(_, s)| s).unwrap_or_default(),
+    })
+}
+
+/// `PUT /v1/topics/{topic-or-filter}/settings`: sets the fields given, keeps the others.
+pub async fn put_settings(
+    st: &ApiState,
+    filter: &TopicFilter,
+    req: SettingsRequest,
+) -> Result<SettingsAnswer, ApiError> {
+    let bad = |m: String| ApiError::bad_request("invalid_settings", m);
+    let current = get_settings(st, filter)?.settings;
+    let mut s = current;
+    if let Some(n) = req.retain_events {
+        s.retention.max_events = n;
+    }
+    if let Some(b) = &req.retain_bytes {
+        s.retention.max_bytes =
+            canal_proto::size::parse_bytes(b).map_err(|e| bad(format!("retain-bytes: {e}")))?;
+    }
+    if let Some(a) = &req.retain_age {
+        s.retention.max_age_ms = humantime::parse_duration(a)
+            .map_err(|e| {
+                bad(format!(
+                    "retain-age {a:?} is not a duration ({e}): write 90s, 24h or 7days"
+                ))
+            })?
+            .as_millis()
+            .min(u64::MAX as u128) as u64;
+    }
+    if let Some(m) = &req.max_payload {
+        s.max_payload_bytes =
+            canal_proto::size::parse_bytes(m).map_err(|e| bad(format!("max-payload: {e}")))?;
+    }
+    s.validate().map_err(|e| bad(e.0))?;
+    st.consensus
+        .write(
+            GroupId::METADATA,
+            Request {
+                id: None,
+                op: Op::Put {
+                    key: canal_consensus::topics::settings_key(filter.as_str()),
+                    value: wire::encode(&s).map_err(|e| {
+                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                    })?,
+                },
+            },
+        )
+        .await?;
+    Ok(SettingsAnswer {
+        topic: filter.to_string(),
+        from: Some(filter.to_string()),
+        settings: s,
+    })
+}
+
+/// `DELETE /v1/topics/{topic-or-filter}/settings`: back to what broader filters or the
+/// defaults say.
+pub async fn delete_settings(st: &ApiState, filter: &TopicFilter) -> Result<(), ApiError> {
+    st.consensus
+        .write(
+            GroupId::METADATA,
+            Request {
+                id: None,
+                op: Op::Delete {
+                    key: canal_consensus::topics::settings_key(filter.as_str()),
+                },
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+/// While this node leads the data group, applies age limits to quiet topics every few
+/// seconds (a busy topic is trimmed as events are appended).
+pub fn spawn_trimmer(
+    consensus: canal_consensus::Consensus<crate::cluster::MeshTransport>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = closing.wait_for(|c| *c) => return,
+            }
+            let leads = consensus
+                .metrics(TOPIC_GROUP)
+                .map(|m| m.current_leader == Some(consensus.node_id()))
+                .unwrap_or(false);
+            if !leads {
+                continue;
+            }
+            let (Ok(all), Ok(sm)) = (
+                all_settings(&consensus),
+                consensus.state_machine(TOPIC_GROUP),
+            ) else {
+                continue;
+            };
+            if all.iter().all(|(_, s)| s.retention.max_age_ms == 0) {
+                continue;
+            }
+            let now = now_ms();
+            for (topic, meta) in sm.topics().unwrap_or_default() {
+                let Ok(t) = Topic::new(&topic) else { continue };
+                let retention = canal_proto::settings::settings_for(&t, &all).retention;
+                if retention.max_age_ms == 0 || meta.next - meta.first <= 1 {
+                    continue;
+                }
+                let oldest = sm
+                    .events(&topic, meta.first, 1)
+                    .ok()
+                    .and_then(|e| e.first().map(|e| e.time_ms));
+                if oldest.is_some_and(|t| t.saturating_add(retention.max_age_ms) < now) {
+                    let trim = Request {
+                        id: None,
+                        op: Op::Trim {
+                            topic: topic.clone(),
+                            retention,
+                            now_ms: now,
+                        },
+                    };
+                    if let Err(e) = consensus.write(TOPIC_GROUP, trim).await {
+                        tracing::debug!(%topic, error = %e, "trim not committed; next round");
+                    }
+                }
+            }
+        }
     })
 }
 

@@ -11,6 +11,7 @@
 //!   load), and the `MODEL:MEMORY` GPU declaration.
 //! - [`function`]: functions and triggers as stored, their limits, requirements and
 //!   settings, and what an invocation returns.
+//! - [`settings`]: per-topic retention and payload limits, set on topics or filters.
 //! - [`size`]: byte sizes written by people (`80GiB`, `512MiB`).
 //! - [`api`]: the JSON bodies of the HTTP client API, shared by the node and the CLI.
 //! - [`wire`]: the versioned binary envelope (bincode) for peer-to-peer messages.
@@ -18,6 +19,7 @@
 pub mod api;
 pub mod caps;
 pub mod function;
+pub mod settings;
 pub mod size;
 pub mod topic;
 pub mod wire;

@@ -496,3 +496,88 @@ async fn a_websocket_subscriber_gets_events_and_acks_a_durable_subscription() {
     let err = tokio_tungstenite::connect_async(&bad).await.unwrap_err();
     assert!(err.to_string().contains("400"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_settings_bound_the_log_and_the_payload() {
+    let net = cluster(1, &[]).await;
+    let api = net.api(0).unwrap();
+    let base = api.base().to_string();
+    let o = canal(&[
+        "--api",
+        &base,
+        "--json",
+        "topic",
+        "settings",
+        "ret/#",
+        "--retain-events",
+        "3",
+        "--max-payload",
+        "10B",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", crate::stderr(&o));
+    // A topic under the filter gets its settings, and says where they come from.
+    let o = canal(&["--api", &base, "--json", "topic", "settings", "ret/a"]).await;
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["from"], "ret/#", "{s}");
+    assert_eq!(s["settings"]["retention"]["max_events"], 3, "{s}");
+    let apis = [api.clone()];
+    for i in 0..5 {
+        publish_until_acked(
+            &apis,
+            0,
+            "ret/a",
+            &format!("r{i}"),
+            format!("e{i}").into_bytes(),
+        )
+        .await;
+    }
+    let o = canal(&["--api", &base, "--json", "topic", "log", "ret/a"]).await;
+    let log: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (log["first"].as_u64(), log["next"].as_u64()),
+        (Some(2), Some(5))
+    );
+    // Over the topic's payload limit: refused, saying the limit; nothing stored.
+    let o = canal(&["--api", &base, "pub", "ret/a", "0123456789x"]).await;
+    assert_clear_error(&o, 1, "at most 10");
+    // Other topics keep the defaults.
+    let o = canal(&["--api", &base, "pub", "other/a", "0123456789x"]).await;
+    assert!(o.status.success(), "{}", crate::stderr(&o));
+    // Bad settings are refused and change nothing.
+    let o = canal(&[
+        "--api",
+        &base,
+        "topic",
+        "settings",
+        "ret/#",
+        "--retain-events",
+        "0",
+    ])
+    .await;
+    assert_clear_error(&o, 1, "retain-events 0");
+    let o = canal(&[
+        "--api",
+        &base,
+        "topic",
+        "settings",
+        "ret/#",
+        "--retain-age",
+        "soon",
+    ])
+    .await;
+    assert_clear_error(&o, 1, "not a duration");
+    let o = canal(&["--api", &base, "--json", "topic", "settings", "ret/a"]).await;
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["settings"]["retention"]["max_events"], 3, "{s}");
+    // Reset: back to the defaults.
+    let o = canal(&[
+        "--api", &base, "--json", "topic", "settings", "ret/#", "--reset",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", crate::stderr(&o));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["from"], serde_json::Value::Null, "{s}");
+    let o = canal(&["--api", &base, "pub", "ret/a", "0123456789x"]).await;
+    assert!(o.status.success(), "{}", crate::stderr(&o));
+}
