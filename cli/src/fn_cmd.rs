@@ -89,6 +89,15 @@ pub(crate) struct DeployArgs {
     /// no peer meets them (by default they are hard and the placement fails).
     #[arg(long)]
     preferred: bool,
+    /// How placement picks peers: topology (closest to the function's key), spread,
+    /// least-loaded, or latency (lowest predicted queueing + execution + round trip).
+    #[arg(long, value_parser = parse_policy)]
+    policy: Option<canal_placement::Policy>,
+}
+
+fn parse_policy(s: &str) -> Result<canal_placement::Policy, String> {
+    s.parse()
+        .map_err(|e: canal_placement::PolicyError| e.to_string())
 }
 
 /// `canal fn invoke`.
@@ -266,6 +275,9 @@ fn deploy_query(a: &DeployArgs) -> String {
     if a.preferred {
         q.push(("hard", "false".into()));
     }
+    if let Some(p) = a.policy {
+        q.push(("policy", p.to_string()));
+    }
     if q.is_empty() {
         return String::new();
     }
@@ -426,20 +438,67 @@ pub(crate) async fn function(
         FnCommand::Invoke(a) => invoke(api, token, a, json).await,
         FnCommand::Placement { name } => {
             let client = Client::new(api, token)?;
-            let placement: serde_json::Value = client
+            let answer: canal_node::placer::PlacementAnswer = client
                 .get(&format!(
                     "/v1/functions/{}/placement",
                     encode_segment(&name)
                 ))
                 .await?;
             if json {
-                println!("{placement}");
-            } else {
-                println!("{}", serde_json::to_string_pretty(&placement)?);
+                return show::json(&answer);
             }
+            print_placement(&answer);
             Ok(())
         }
     }
+}
+
+/// A placement for people: what is in force, then every candidate and why.
+fn print_placement(a: &canal_node::placer::PlacementAnswer) {
+    println!("{}: policy {}", a.function, a.policy);
+    match &a.committed {
+        None => println!("  in force: nothing decided yet (it runs on the data group's leader)"),
+        Some(p) if p.decision.chosen.is_empty() => println!(
+            "  in force: UNPLACEABLE: {}",
+            p.decision.unplaceable.as_deref().unwrap_or("no peer fits")
+        ),
+        Some(p) => println!("  in force: runs on {}", p.decision.chosen.join(", ")),
+    }
+    let live = &a.live;
+    if let Some(why) = &live.unplaceable {
+        println!("  now: unplaceable: {why}");
+    }
+    if let Some(f) = &live.fallback {
+        println!("  now: fallback: {f}");
+    }
+    if let Some(s) = &live.shortfall {
+        println!("  now: {s}");
+    }
+    let mut t = show::table(&["PEER", "", "PREDICTED", "REASON"]);
+    for v in &live.verdicts {
+        let mark = if v.chosen {
+            "chosen"
+        } else if v.rejected {
+            "rejected"
+        } else {
+            "-"
+        };
+        let predicted = v
+            .predicted_ms
+            .map(|ms| format!("{ms:.1} ms"))
+            .unwrap_or_default();
+        t.add_row(vec![
+            v.peer_id.clone(),
+            mark.to_string(),
+            predicted,
+            v.reason.clone(),
+        ]);
+    }
+    println!("{t}");
+    println!(
+        "  (candidates and round trips as seen by {})",
+        a.answered_by
+    );
 }
 
 async fn deploy(api: &str, token: Option<&str>, a: DeployArgs, json: bool) -> anyhow::Result<()> {

@@ -8,6 +8,8 @@
 //!   \x01F/{function}    FunctionSpec       \x01x/{trigger uid}\x00{topic}  next offset (u64)
 //!   \x01B/{hash}        module bytes       \x01f/{function}\x00{key}       state value
 //!   \x01T/{trigger}     TriggerSpec        \x01v/{function}                state version (u64)
+//!   \x01P/{function}    placement decision
+//!   \x01M/{function}\x00{peer}  execution-time measurement
 //! ```
 //!
 //! An [`Effects`] entry is how an execution lands: the function's outputs, its state changes
@@ -87,4 +89,19 @@ pub struct Effects {
     pub state: Vec<(String, Option<Vec<u8>>)>,
     /// Events to append to their topics' logs.
     pub outputs: Vec<PublishOp>,
+}
+
+/// The key of a function's committed placement (metadata group).
+pub fn decision_key(function: &str) -> String {
+    format!("\u{1}P/{function}")
+}
+
+/// The key of one peer's execution-time measurement of a function (metadata group).
+pub fn measurement_key(function: &str, peer: &str) -> String {
+    format!("{}{function}\u{0}{peer}", measurement_prefix())
+}
+
+/// The prefix of every measurement key.
+pub fn measurement_prefix() -> &'static str {
+    "\u{1}M/"
 }

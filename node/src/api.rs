@@ -731,32 +731,18 @@ async fn fn_invoke(
 async fn fn_placement(
     State(st): State<ApiState>,
     Path(name): Path<String>,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+) -> Result<axum::Json<crate::placer::PlacementAnswer>, ApiError> {
     let spec = st
         .functions
         .function(&name)?
         .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
-    let leader = st
-        .consensus
-        .metrics(crate::functions::STATE_GROUP)?
-        .current_leader;
-    let executor = leader.and_then(|id| {
-        st.dht
-            .peers()
-            .into_iter()
-            .find(|p| node_id(&p.peer_id) == id)
-            .map(|p| p.peer_id.to_base58())
-    });
-    Ok(axum::Json(serde_json::json!({
-        "function": spec.name,
-        "policy": "data-group-leader",
-        "executors": executor.iter().collect::<Vec<_>>(),
-        "reason": match &executor {
-            Some(_) => "functions run on the leader of the data group that holds their triggers' logs and their state",
-            None => "the data group has no leader now: the function waits, and its QoS 1 events wait in the log",
-        },
-        "requirements": spec.requirements,
-    })))
+    Ok(axum::Json(crate::placer::PlacementAnswer {
+        function: spec.name.clone(),
+        policy: crate::placer::policy_of(&spec).to_string(),
+        committed: crate::placer::placed(&st.functions, &spec.name),
+        live: crate::placer::decide_now(&st.functions, &st.dht, &spec),
+        answered_by: st.functions.peer_id.clone(),
+    }))
 }
 
 async fn fn_state_get(

@@ -433,6 +433,9 @@ impl Executor {
             fuel_used: None,
         });
         self.metrics.observe(&function.name, &inv);
+        if inv.result.is_ok() {
+            self.functions.observe(&function.name, inv.elapsed);
+        }
         log_lines(&function.name, &inv);
         inv
     }

@@ -41,6 +41,8 @@ pub struct Functions {
     pub peer_id: String,
     /// Bounds the invocations in flight to the instance pool's size.
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// This node's execution-time estimates per function, which placement reads.
+    pub estimates: std::sync::Mutex<canal_placement::Estimates>,
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -68,6 +70,18 @@ impl Functions {
             .metadata()?
             .get(&function_key(name))
             .map_err(internal)?
+        {
+            Some(b) => Ok(Some(wire::decode(&b).map_err(internal)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// One function, read through the leader: sees every write acknowledged before.
+    pub async fn function_now(&self, name: &str) -> Result<Option<FunctionSpec>, ApiError> {
+        match self
+            .consensus
+            .read(GroupId::METADATA, &function_key(name), true)
+            .await?
         {
             Some(b) => Ok(Some(wire::decode(&b).map_err(internal)?)),
             None => Ok(None),
@@ -118,14 +132,26 @@ impl Functions {
         }
     }
 
-    /// Whether this node runs `function` now. Until placement decides, a function runs on
-    /// the leader of the data group that holds its trigger's logs and its state: the one
-    /// call placement replaces.
-    pub fn runs_here(&self, _function: &FunctionSpec) -> bool {
-        self.consensus
-            .metrics(STATE_GROUP)
-            .map(|m| m.current_leader == Some(self.consensus.node_id()))
-            .unwrap_or(false)
+    /// Whether this node runs `function` now: the first peer of its committed placement.
+    /// Before placement has decided anything, the data group's leader runs it; a function
+    /// placement found no peer for runs nowhere (its QoS 1 events wait in the log).
+    pub fn runs_here(&self, function: &FunctionSpec) -> bool {
+        match crate::placer::placed(self, &function.name) {
+            Some(p) => p.decision.chosen.first() == Some(&self.peer_id),
+            None => self
+                .consensus
+                .metrics(STATE_GROUP)
+                .map(|m| m.current_leader == Some(self.consensus.node_id()))
+                .unwrap_or(false),
+        }
+    }
+
+    /// Feeds one invocation's time into this node's estimates.
+    pub fn observe(&self, function: &str, elapsed: std::time::Duration) {
+        self.estimates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(function, &self.peer_id, elapsed.as_secs_f64() * 1000.0);
     }
 }
 
@@ -171,9 +197,11 @@ fn bad(kind: &'static str) -> impl Fn(canal_proto::function::SpecError) -> ApiEr
 }
 
 /// Reads limits and requirements from the deploy's query.
-fn deploy_settings(q: &HashMap<String, String>) -> Result<(Limits, Requirements), ApiError> {
-    const KNOWN: [&str; 8] = [
-        "memory", "timeout", "fuel", "gpu", "tier", "labels", "replicas", "hard",
+fn deploy_settings(
+    q: &HashMap<String, String>,
+) -> Result<(Limits, Requirements, canal_placement::Policy), ApiError> {
+    const KNOWN: [&str; 9] = [
+        "memory", "timeout", "fuel", "gpu", "tier", "labels", "replicas", "hard", "policy",
     ];
     if let Some(k) = q.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(ApiError::bad_request(
@@ -252,7 +280,13 @@ fn deploy_settings(q: &HashMap<String, String>) -> Result<(Limits, Requirements)
             ));
         }
     }
-    Ok((limits, req))
+    let policy = match q.get("policy") {
+        None => canal_placement::Policy::default(),
+        Some(p) => p.parse().map_err(|e: canal_placement::PolicyError| {
+            ApiError::bad_request("invalid_policy", e.to_string())
+        })?,
+    };
+    Ok((limits, req, policy))
 }
 
 fn now_ms() -> u64 {
@@ -270,7 +304,7 @@ pub async fn deploy(
     body: &[u8],
 ) -> Result<(StatusCode, Deployed), ApiError> {
     check_function_name(name).map_err(bad("invalid_name"))?;
-    let (limits, requirements) = deploy_settings(q)?;
+    let (limits, requirements, policy) = deploy_settings(q)?;
     if body.len() > MAX_MODULE_BYTES {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -310,6 +344,7 @@ pub async fn deploy(
         size: body.len() as u64,
         limits,
         requirements,
+        policy: policy.to_string(),
         deployed_ms: now_ms(),
     };
     let r = st
@@ -347,7 +382,7 @@ pub async fn deploy(
 /// `DELETE /v1/functions/{name}`: refused while a trigger runs it.
 pub async fn remove(st: &ApiState, name: &str) -> Result<(), ApiError> {
     check_function_name(name).map_err(bad("invalid_name"))?;
-    if st.functions.function(name)?.is_none() {
+    if st.functions.function_now(name).await?.is_none() {
         return Err(ApiError::not_found(format!("no function named {name}")));
     }
     let users: Vec<String> = st
@@ -392,7 +427,8 @@ pub async fn invoke(
     check_function_name(name).map_err(bad("invalid_name"))?;
     let spec = st
         .functions
-        .function(name)?
+        .function_now(name)
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
     let topic = match headers.get("canal-topic") {
         Some(v) => Topic::new(v.to_str().unwrap_or("\u{0}"))
@@ -541,7 +577,7 @@ pub async fn trigger_add(
         created_ms: now_ms(),
     };
     spec.validate().map_err(bad("invalid_trigger"))?;
-    if st.functions.function(&spec.function)?.is_none() {
+    if st.functions.function_now(&spec.function).await?.is_none() {
         return Err(ApiError::bad_request(
             "unknown_function",
             format!(
@@ -551,10 +587,9 @@ pub async fn trigger_add(
         ));
     }
     if st
-        .functions
-        .metadata()?
-        .get(&trigger_key(name))
-        .map_err(internal)?
+        .consensus
+        .read(GroupId::METADATA, &trigger_key(name), true)
+        .await?
         .is_some()
     {
         return Err(ApiError::new(
@@ -581,8 +616,12 @@ pub async fn trigger_add(
 /// `DELETE /v1/triggers/{name}`.
 pub async fn trigger_remove(st: &ApiState, name: &str) -> Result<(), ApiError> {
     check_trigger_name(name).map_err(bad("invalid_name"))?;
-    let sm = st.functions.metadata()?;
-    if sm.get(&trigger_key(name)).map_err(internal)?.is_none() {
+    if st
+        .consensus
+        .read(GroupId::METADATA, &trigger_key(name), true)
+        .await?
+        .is_none()
+    {
         return Err(ApiError::not_found(format!("no trigger named {name}")));
     }
     st.consensus
@@ -612,7 +651,7 @@ mod tests {
 
     #[test]
     fn deploy_settings_are_read_and_checked() {
-        let (l, r) = deploy_settings(&q(&[
+        let (l, r, p) = deploy_settings(&q(&[
             ("memory", "32MiB"),
             ("timeout", "250ms"),
             ("fuel", "1000000"),
@@ -621,8 +660,10 @@ mod tests {
             ("labels", "zone=eu,rack=2"),
             ("replicas", "2"),
             ("hard", "false"),
+            ("policy", "latency"),
         ]))
         .unwrap();
+        assert_eq!(p, canal_placement::Policy::Latency);
         assert_eq!(l.memory_bytes, 32 << 20);
         assert_eq!(l.timeout_ms, 250);
         assert_eq!(l.fuel, Some(1_000_000));
@@ -639,6 +680,7 @@ mod tests {
             q(&[("replicas", "0")]),
             q(&[("labels", "novalue")]),
             q(&[("colour", "red")]),
+            q(&[("policy", "fastest")]),
         ] {
             assert!(deploy_settings(&bad).is_err(), "{bad:?}");
         }

@@ -13,6 +13,8 @@
 //! - [`cluster`]: Raft over the mesh, and the job that forms and grows the cluster.
 //! - [`pubsub`]: publish (QoS 0 and 1) and subscribe (Server-Sent Events).
 //! - [`functions`]: deploy, list, remove and invoke functions; triggers; function state.
+//! - [`placer`]: placement decisions (which peers run a function) and the measurements
+//!   they are made from.
 //! - [`executor`]: runs triggers' functions on their events, with exactly-once effects for
 //!   QoS 1 triggers.
 //! - [`api`]: the axum router of the client API.
@@ -32,6 +34,7 @@ pub mod datadir;
 pub mod executor;
 pub mod functions;
 pub mod identity;
+pub mod placer;
 pub mod pubsub;
 
 use crate::api::ApiState;
@@ -109,6 +112,7 @@ pub struct Node {
     membership: tokio::task::JoinHandle<()>,
     executor: tokio::task::JoinHandle<()>,
     trimmer: tokio::task::JoinHandle<()>,
+    placer: tokio::task::JoinHandle<()>,
     api_addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
     stop_api: tokio::sync::watch::Sender<bool>,
@@ -206,6 +210,7 @@ impl Node {
             consensus: consensus.clone(),
             peer_id: handle.local_peer_id().to_base58(),
             slots: Arc::new(tokio::sync::Semaphore::new(WASM_INSTANCES as usize)),
+            estimates: std::sync::Mutex::new(canal_placement::Estimates::new()),
         });
         let exec_metrics = executor::ExecMetrics::register(&mut registry);
         let membership = Membership {
@@ -228,6 +233,7 @@ impl Node {
         })
         .spawn(closing.clone());
         let trimmer = pubsub::spawn_trimmer(consensus.clone(), closing.clone());
+        let placer = placer::spawn(functions.clone(), handle.clone(), closing.clone());
         let state = ApiState {
             dht: handle.clone(),
             consensus: consensus.clone(),
@@ -262,6 +268,7 @@ impl Node {
             membership,
             executor,
             trimmer,
+            placer,
             api_addr,
             server,
             stop_api,
@@ -295,6 +302,7 @@ impl Node {
         self.membership.abort();
         self.executor.abort();
         self.trimmer.abort();
+        self.placer.abort();
         self.consensus.shutdown().await;
         self.dht.shutdown().await;
         let _ = std::fs::remove_file(self.data_dir.path().join(RUNTIME_FILE));

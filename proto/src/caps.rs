@@ -80,7 +80,7 @@ pub struct Load {
 }
 
 /// What a peer can do, as it advertises it to the mesh.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Capabilities {
     /// The peer id (base58), the key of the record.
     pub peer_id: String,

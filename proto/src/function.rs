@@ -137,6 +137,8 @@ pub struct FunctionSpec {
     pub limits: Limits,
     /// Its placement requirements.
     pub requirements: Requirements,
+    /// The placement policy: `topology`, `spread`, `least-loaded` or `latency`.
+    pub policy: String,
     /// When it was deployed, ms since the Unix epoch.
     pub deployed_ms: u64,
 }

@@ -3,7 +3,7 @@
 //! deploys, a chain of three functions, a QoS 0 trigger, and the CLI.
 
 use crate::pubsub::{publish_until_acked, sub};
-use crate::raft::{cluster, leader};
+use crate::raft::cluster;
 use crate::{assert_clear_error, canal};
 use canal_proto::api::TopicLog;
 use canal_proto::function::{FunctionList, InvokeResult};
@@ -237,9 +237,8 @@ async fn threshold_alerts_reach_a_subscriber_exactly_once() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len() as u64, alerts);
-    // The executor is the data group's leader, and says so on every output.
-    let lead = leader(&net, 0, "data-1").await;
-    let executor = &net.node(lead).info().unwrap().peer_id;
+    // The executor is the peer placement chose, and says so on every output.
+    let executor = &net.node(executor(&net, 0).await).info().unwrap().peer_id;
     for l in &lines {
         assert_eq!(
             l["headers"]["canal-executor"].as_str(),
@@ -250,6 +249,20 @@ async fn threshold_alerts_reach_a_subscriber_exactly_once() {
         assert!(v["value"].as_f64().unwrap() > 30.0, "{v}");
     }
     check_threshold_outcome(&net, N).await;
+}
+
+/// The index of the node that runs the threshold function now, as node `via` sees its
+/// committed placement.
+async fn executor(net: &Testnet, via: usize) -> usize {
+    let api = net.api(via).unwrap();
+    let a = wait_placement(&api, "threshold", "threshold to be placed", |p| {
+        !p.decision.chosen.is_empty()
+    })
+    .await;
+    let peer = a.committed.unwrap().decision.chosen[0].clone();
+    (0..net.len())
+        .find(|i| net.node(*i).info().is_ok_and(|n| n.peer_id == peer))
+        .unwrap()
 }
 
 /// A tiny seeded generator, so a failing run can be repeated with `CANAL_TEST_SEED`.
@@ -292,7 +305,7 @@ async fn killing_the_executor_loses_and_duplicates_nothing() {
         let chunk = 100 + rng.below(100) as usize;
         publish_readings(&apis, published..published + chunk).await;
         published += chunk;
-        let lead = leader(&net, (round + 1) % 3, "data-1").await;
+        let lead = executor(&net, (round + 1) % 3).await;
         // A random point of progress: kill when the executor has counted this share of
         // the readings of one topic (0: at once, while it runs the first batch).
         let target = rng.below(published as u64 / 4 + 1);
@@ -678,4 +691,119 @@ async fn the_cli_deploys_binds_invokes_and_removes() {
     let o = canal(&["--api", &base, "--json", "fn", "list"]).await;
     let list: FunctionList = serde_json::from_slice(&o.stdout).unwrap();
     assert!(list.functions.is_empty());
+}
+
+/// Waits until `function`'s committed placement, as node `via` has it, satisfies `ok`.
+async fn wait_placement(
+    api: &Api,
+    function: &str,
+    what: &str,
+    ok: impl Fn(&canal_node::placer::Placed) -> bool,
+) -> canal_node::placer::PlacementAnswer {
+    wait_for(what, Duration::from_secs(60), || {
+        let api = api.clone();
+        let ok = &ok;
+        async move {
+            let a: canal_node::placer::PlacementAnswer = api
+                .get(&format!("/v1/functions/{function}/placement"))
+                .await
+                .map_err(|e| e.to_string())?;
+            match &a.committed {
+                Some(p) if ok(p) => Ok(a),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_function_runs_only_on_the_gpu_peer_and_waits_while_it_is_gone() {
+    let mut net = Testnet::start(crate::BIN, 4, |i| canal_testnet::NodeOptions {
+        gpus: if i == 3 {
+            vec!["H100:80GiB".into()]
+        } else {
+            Vec::new()
+        },
+        extra_args: vec!["--bootstrap-expect".into(), "3".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for i in 0..4 {
+        crate::raft::wait_formed(&net, i, 3).await;
+    }
+    let gpu_peer = net.node(3).info().unwrap().peer_id.clone();
+    let api = net.api(0).unwrap();
+    deploy(&api, "gpufn", "uppercase", "?gpu=true").await;
+    trigger(
+        &api,
+        "g",
+        serde_json::json!({"on": "gpu/in", "fn": "gpufn", "out": "gpu/out"}),
+    )
+    .await;
+    wait_placement(&api, "gpufn", "the GPU peer to be chosen", |p| {
+        p.decision.chosen == [gpu_peer.clone()]
+    })
+    .await;
+    let apis: Vec<Api> = (0..3).map(|i| net.api(i).unwrap()).collect();
+    for i in 0..5 {
+        publish_until_acked(
+            &apis,
+            i,
+            "gpu/in",
+            &format!("g{i}"),
+            format!("a{i}").into_bytes(),
+        )
+        .await;
+    }
+    wait_log_len(&net, "gpu/out", 5).await;
+
+    // The GPU peer goes away: no other peer fits, so the function is unplaceable, says why,
+    // and its events wait in the log.
+    net.kill(3).await.unwrap();
+    let a = wait_placement(&api, "gpufn", "the function to become unplaceable", |p| {
+        p.decision.chosen.is_empty()
+    })
+    .await;
+    let why = a.committed.unwrap().decision.unplaceable.unwrap();
+    assert!(why.contains("GPU"), "{why}");
+    let o = canal(&["--api", api.base(), "fn", "placement", "gpufn"]).await;
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("UNPLACEABLE"), "{text}");
+    assert!(text.contains("no GPU"), "{text}");
+    for i in 5..10 {
+        publish_until_acked(
+            &apis,
+            i,
+            "gpu/in",
+            &format!("g{i}"),
+            format!("a{i}").into_bytes(),
+        )
+        .await;
+    }
+    assert_eq!(log(&api, "gpu/out").await.next, 5, "ran while unplaceable");
+
+    // It comes back: the events published meanwhile are processed there, none lost.
+    net.restart(3).await.unwrap();
+    wait_placement(&api, "gpufn", "the GPU peer to be chosen again", |p| {
+        p.decision.chosen == [gpu_peer.clone()]
+    })
+    .await;
+    wait_log_len(&net, "gpu/out", 10).await;
+    let out = read_all(&api, "gpu/out", 10).await;
+    let mut payloads: Vec<&str> = out.iter().map(|e| e["payload"].as_str().unwrap()).collect();
+    payloads.sort();
+    let mut want: Vec<String> = (0..10).map(|i| format!("A{i}")).collect();
+    want.sort();
+    assert_eq!(payloads, want);
+    for e in &out {
+        assert_eq!(
+            e["headers"]["canal-executor"].as_str(),
+            Some(gpu_peer.as_str()),
+            "{e}"
+        );
+    }
+    assert_eq!(log(&api, "gpu/out").await.next, 10);
 }

@@ -34,7 +34,7 @@ pub(crate) async fn cluster(n: usize, extra: &[&str]) -> Testnet {
 }
 
 /// Waits until node `i` sees every group with a leader and `voters` voters.
-async fn wait_formed(net: &Testnet, i: usize, voters: usize) {
+pub(crate) async fn wait_formed(net: &Testnet, i: usize, voters: usize) {
     let api = net.api(i).unwrap();
     wait_for("the cluster to form", Duration::from_secs(90), || {
         let api = api.clone();
