@@ -5,10 +5,12 @@
 //! 64 concurrent writers, then the time from `kill -9` of the leader to the next committed
 //! write, repeated.
 
+use crate::bench_nats::RunStats;
 use anyhow::{Context, bail};
 use canal_proto::api::ClusterStatus;
 use canal_testnet::{Api, NodeOptions, Testnet};
 use clap::{Args, Subcommand};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -36,6 +38,13 @@ enum BenchCommand {
         /// Publishes in flight.
         #[arg(long, default_value_t = 64)]
         publishers: usize,
+        /// After canal's runs, make the same runs on three local nats-server processes
+        /// (JetStream, a 3-replica stream for QoS 1) and print both side by side.
+        #[arg(long)]
+        compare_nats: bool,
+        /// The nats-server binary for --compare-nats: a path, or a name to look up on PATH.
+        #[arg(long, default_value = "nats-server")]
+        nats_server: PathBuf,
     },
     /// Functions: per-event overhead of a no-op function, the first event after a deploy and
     /// after a restart, and publish -> function -> subscriber latency on a local cluster.
@@ -110,7 +119,8 @@ pub(crate) async fn local_cluster() -> anyhow::Result<Testnet> {
     Ok(net)
 }
 
-fn now_ns() -> u128 {
+/// Now, in nanoseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_ns() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -122,12 +132,18 @@ async fn pubsub(
     sizes: Vec<usize>,
     qos: Vec<u8>,
     publishers: usize,
+    nats_server: Option<PathBuf>,
     json: bool,
 ) -> anyhow::Result<()> {
     if count == 0 || publishers == 0 || qos.iter().any(|q| *q > 1) {
         bail!("--count and --publishers must be at least 1, and --qos only 0 or 1");
     }
-    let net = local_cluster().await?;
+    // Find nats-server before spending minutes on canal's runs.
+    let nats = match &nats_server {
+        Some(cmd) => Some(crate::bench_nats::locate_server(cmd).await?),
+        None => None,
+    };
+    let mut net = local_cluster().await?;
     let apis: Vec<Api> = (0..3).map(|i| net.api(i)).collect::<anyhow::Result<_>>()?;
     let mut results = Vec::new();
     for (run, (&q, &size)) in qos
@@ -163,30 +179,26 @@ async fn pubsub(
         )
         .await?;
         let published = started.elapsed();
-        let (mut lat, done) = sub.await?;
-        let delivered_in = done.duration_since(started);
-        lat.sort();
-        let pub_rate = count as f64 / published.as_secs_f64();
-        let del_rate = lat.len() as f64 / delivered_in.as_secs_f64();
-        eprintln!(
-            "QoS {q}, {size} B: published {count} at {pub_rate:.0}/s; delivered {} at {del_rate:.0}/s; latency p50 {} p99 {} p999 {}",
-            lat.len(),
-            ms(pct(&lat, 50.0)),
-            ms(pct(&lat, 99.0)),
-            ms(pct(&lat, 99.9))
-        );
-        results.push(serde_json::json!({
-            "qos": q, "bytes": size, "published": count, "published_per_s": pub_rate,
-            "delivered": lat.len(), "delivered_per_s": del_rate,
-            "p50_ms": pct(&lat, 50.0).as_secs_f64() * 1000.0,
-            "p99_ms": pct(&lat, 99.0).as_secs_f64() * 1000.0,
-            "p999_ms": pct(&lat, 99.9).as_secs_f64() * 1000.0,
-        }));
+        let (lat, done) = sub.await?;
+        let stats = RunStats::new(q, size, count, published, lat, done.duration_since(started));
+        eprintln!("{stats}");
+        results.push(stats);
+    }
+    if let Some((server, version)) = nats {
+        // Stop canal's nodes first, so they take no CPU from the NATS runs.
+        for i in net.running() {
+            net.kill(i).await?;
+        }
+        drop(net);
+        let runs: Vec<(u8, usize)> = results.iter().map(|r| (r.qos, r.bytes)).collect();
+        let nats = crate::bench_nats::run_all(&server, &runs, count, publishers).await?;
+        return crate::bench_nats::report(&results, &nats, &version, json);
     }
     if json {
+        let runs: Vec<serde_json::Value> = results.iter().map(RunStats::to_json).collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "runs": results }))?
+            serde_json::to_string_pretty(&serde_json::json!({ "runs": runs }))?
         );
     }
     Ok(())
@@ -325,7 +337,12 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
             sizes,
             qos,
             publishers,
-        } => return pubsub(count, sizes, qos, publishers, json).await,
+            compare_nats,
+            nats_server,
+        } => {
+            let nats_server = compare_nats.then_some(nats_server);
+            return pubsub(count, sizes, qos, publishers, nats_server, json).await;
+        }
         BenchCommand::Fn {
             count,
             events,

@@ -12,13 +12,15 @@
 //! - `fn_cmd`: `canal fn`, `canal trigger` and `canal state`: functions, their triggers and
 //!   their state.
 //! - `show`: tables for people, JSON for scripts.
-//! - `bench`: `canal bench`, load generators; `bench_fn`: `canal bench fn`.
+//! - `bench`: `canal bench`, load generators; `bench_fn`: `canal bench fn`; `bench_nats`:
+//!   the NATS side of `canal bench pubsub --compare-nats`.
 //! - `testnet_cmd`: `canal testnet`, a mesh of node processes on this machine.
 //!
 //! Exit codes: 0 success, 1 the request failed, 2 bad usage.
 
 mod bench;
 mod bench_fn;
+mod bench_nats;
 mod client;
 mod fn_cmd;
 mod node_cmd;
