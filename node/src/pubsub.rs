@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, mpsc};
 
 /// The largest payload accepted (a topic's settings may lower it).
@@ -638,6 +638,7 @@ async fn start(
         Some(name) => Some(check_subscription_name(name)?),
         None => None,
     };
+    let redelivery = redelivery_settings(q, durable.is_some())?;
     if durable.is_some() && qos == 0 {
         return Err(ApiError::bad_request(
             "invalid_durable",
@@ -718,6 +719,11 @@ async fn start(
                 ));
             }
         }
+        let durable = durable.map(|name| Durable {
+            name,
+            consensus: st.consensus.clone(),
+            redelivery,
+        });
         tokio::spawn(async move {
             tokio::select! {
                 _ = stream_qos1(sm, filter, from, durable, tx) => {}
@@ -728,19 +734,97 @@ async fn start(
     Ok(rx)
 }
 
+/// How a durable subscription redelivers what its client did not acknowledge.
+#[derive(Debug, Clone, Copy)]
+struct Redelivery {
+    /// An event not acknowledged this long after it was sent is sent again.
+    ack_timeout: Duration,
+    /// After this many deliveries an event is given up on: acknowledged on the client's
+    /// behalf and announced as undeliverable, so one poison event cannot stall the rest.
+    max_deliveries: u32,
+    /// At most this many events are sent and not yet acknowledged, per topic.
+    max_pending: u64,
+}
+
+/// A durable subscription's name, and what it needs to redeliver.
+struct Durable {
+    name: String,
+    consensus: canal_consensus::Consensus<crate::cluster::MeshTransport>,
+    redelivery: Redelivery,
+}
+
+fn redelivery_settings(q: &HashMap<String, String>, durable: bool) -> Result<Redelivery, ApiError> {
+    let bad = |m: String| ApiError::bad_request("invalid_durable", m);
+    let given = ["ack_timeout", "max_deliveries", "max_pending"]
+        .iter()
+        .any(|k| q.contains_key(*k));
+    if given && !durable {
+        return Err(bad(
+            "ack_timeout, max_deliveries and max_pending are for durable subscriptions: add durable=NAME".into(),
+        ));
+    }
+    let mut r = Redelivery {
+        ack_timeout: Duration::from_secs(30),
+        max_deliveries: 5,
+        max_pending: 1000,
+    };
+    if let Some(t) = q.get("ack_timeout") {
+        r.ack_timeout = humantime::parse_duration(t)
+            .ok()
+            .filter(|d| *d >= Duration::from_millis(100) && *d <= Duration::from_secs(3600))
+            .ok_or_else(|| {
+                bad(format!(
+                    "ack_timeout {t:?} is not allowed: use 100ms to 1h, such as 30s"
+                ))
+            })?;
+    }
+    if let Some(n) = q.get("max_deliveries") {
+        r.max_deliveries = n
+            .parse()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| {
+                bad(format!(
+                    "max_deliveries {n:?} is not allowed: use 1 to 1000"
+                ))
+            })?;
+    }
+    if let Some(n) = q.get("max_pending") {
+        r.max_pending = n
+            .parse()
+            .ok()
+            .filter(|n| (1..=100_000).contains(n))
+            .ok_or_else(|| bad(format!("max_pending {n:?} is not allowed: use 1 to 100000")))?;
+    }
+    Ok(r)
+}
+
+/// What a durable subscription tracks per topic beyond its cursor: where it started (the
+/// floor before any ack), and for each event sent and not acknowledged, when it was last
+/// sent and how often.
+#[derive(Debug, Default)]
+struct Unacked {
+    start: u64,
+    sent: std::collections::BTreeMap<u64, (Instant, u32)>,
+    /// The offset given up on, until its acknowledgement is applied here.
+    given_up: Option<u64>,
+}
+
 async fn stream_qos1(
     sm: canal_consensus::StateMachine,
     filter: TopicFilter,
     from: From,
-    durable: Option<String>,
+    durable: Option<Durable>,
     tx: mpsc::Sender<Delivery>,
 ) {
     let mut applied = sm.watch_applied();
     let mut cursors: HashMap<String, u64> = HashMap::new();
+    let mut unacked: HashMap<String, Unacked> = HashMap::new();
     let mut first_pass = true;
     loop {
         applied.borrow_and_update();
         let Ok(topics) = sm.topics() else { return };
+        let mut waiting_for_acks = false;
         for (topic, meta) in topics {
             let Ok(t) = Topic::new(&topic) else { continue };
             if !filter.matches(&t) {
@@ -748,8 +832,8 @@ async fn stream_qos1(
             }
             // A durable subscription continues after its last acknowledged event.
             let acked = durable
-                .as_deref()
-                .and_then(|name| sm.cursor(name, &topic).ok().flatten());
+                .as_ref()
+                .and_then(|d| sm.cursor(&d.name, &topic).ok().flatten());
             let cursor = cursors
                 .entry(topic.clone())
                 .or_insert_with(|| match (acked, from) {
@@ -763,6 +847,53 @@ async fn stream_qos1(
                         From::Time(ms) => sm.offset_at(&topic, ms).unwrap_or(meta.next),
                     },
                 });
+            let track = unacked.entry(topic.clone()).or_insert_with(|| Unacked {
+                start: *cursor,
+                sent: Default::default(),
+                given_up: None,
+            });
+            // The oldest event sent and not acknowledged, and how far sending may run ahead.
+            let mut limit = meta.next;
+            if let Some(d) = &durable {
+                let floor = acked.unwrap_or(track.start).max(meta.first);
+                limit = meta
+                    .next
+                    .min(floor.saturating_add(d.redelivery.max_pending));
+                track.sent = track.sent.split_off(&floor);
+                if *cursor > floor && track.given_up != Some(floor) {
+                    waiting_for_acks = true;
+                    let (at, sends) = *track.sent.entry(floor).or_insert((Instant::now(), 1));
+                    if at.elapsed() >= d.redelivery.ack_timeout {
+                        if sends >= d.redelivery.max_deliveries {
+                            // Give up on it: acknowledge it for the client and say so.
+                            let notice = serde_json::json!({
+                                "topic": topic, "from": floor, "to": floor + 1,
+                                "reason": format!("not acknowledged after {sends} deliveries"),
+                            });
+                            if tx.send(Delivery::Lagged(notice.to_string())).await.is_err() {
+                                return;
+                            }
+                            let ack = Request {
+                                id: None,
+                                op: Op::Ack {
+                                    subscription: d.name.clone(),
+                                    topic: topic.clone(),
+                                    offset: floor,
+                                },
+                            };
+                            match d.consensus.write_batched(TOPIC_GROUP, ack).await {
+                                Ok(_) => track.given_up = Some(floor),
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "giving up on an event not committed; later")
+                                }
+                            }
+                        } else {
+                            // Go back to the oldest unacknowledged event and send on from there.
+                            *cursor = floor;
+                        }
+                    }
+                }
+            }
             if *cursor < meta.first {
                 let gap = Lagged {
                     topic: topic.clone(),
@@ -777,14 +908,14 @@ async fn stream_qos1(
                 }
                 *cursor = meta.first;
             }
-            while *cursor < meta.next {
+            while *cursor < limit {
                 let Ok(batch) = sm.events(&topic, *cursor, 256) else {
                     return;
                 };
                 if batch.is_empty() {
                     break;
                 }
-                for e in &batch {
+                for e in batch.iter().take_while(|e| e.offset < limit) {
                     let Some(d) = message(
                         Some(format!("{topic}:{}", e.offset)),
                         &stored_event(&topic, e),
@@ -795,13 +926,26 @@ async fn stream_qos1(
                     if tx.send(d).await.is_err() {
                         return;
                     }
+                    if durable.is_some() {
+                        let entry = track.sent.entry(e.offset).or_insert((Instant::now(), 0));
+                        *entry = (Instant::now(), entry.1 + 1);
+                    }
                     *cursor = e.offset + 1;
                 }
             }
+            if durable.is_some() && *cursor > acked.unwrap_or(track.start).max(meta.first) {
+                waiting_for_acks = true;
+            }
         }
         first_pass = false;
+        // Redelivery needs a clock; a subscription with nothing unacknowledged does not.
+        let tick = match &durable {
+            Some(d) if waiting_for_acks => d.redelivery.ack_timeout / 4,
+            _ => Duration::from_secs(3600),
+        };
         tokio::select! {
             changed = applied.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(tick) => {}
             _ = tx.closed() => return,
         }
     }

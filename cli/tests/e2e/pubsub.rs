@@ -581,3 +581,71 @@ async fn topic_settings_bound_the_log_and_the_payload() {
     let o = canal(&["--api", &base, "pub", "ret/a", "0123456789x"]).await;
     assert!(o.status.success(), "{}", crate::stderr(&o));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_events_are_redelivered_then_given_up_on() {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let net = cluster(1, &[]).await;
+    let api = net.api(0).unwrap();
+    let apis = [api.clone()];
+    for i in 0..2 {
+        publish_until_acked(
+            &apis,
+            0,
+            "rd/t",
+            &format!("r{i}"),
+            format!("e{i}").into_bytes(),
+        )
+        .await;
+    }
+    // Redelivery settings without a durable name are refused.
+    let (status, body) = api
+        .get_raw("/v1/subscribe?filter=rd%2Ft&ack_timeout=1s")
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("durable"), "{body}");
+    let url = format!(
+        "{}/v1/subscribe?filter=rd%2Ft&from=earliest&durable=rd&ack_timeout=300ms&max_deliveries=2",
+        api.base().replace("http://", "ws://")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    // Never acknowledged: each event comes twice (go-back-N, in order), then is given up on
+    // with a notice, and the subscription moves past it.
+    let mut frames = Vec::new();
+    while frames
+        .iter()
+        .filter(|f: &&serde_json::Value| f.get("lagged").is_some())
+        .count()
+        < 2
+    {
+        let next = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("no frame within 30 s after {frames:?}"));
+        match next {
+            Some(Ok(Message::Text(t))) => frames.push(serde_json::from_str(t.as_str()).unwrap()),
+            other => panic!("{other:?}"),
+        }
+    }
+    let offsets: Vec<i64> = frames
+        .iter()
+        .map(|f| match f.get("lagged") {
+            Some(l) => -1 - l["from"].as_i64().unwrap(),
+            None => f["offset"].as_i64().unwrap(),
+        })
+        .collect();
+    // e0 e1 (first delivery), e0 e1 (redelivery), then give up on 0, later on 1 — 1 may be
+    // sent a third time before its own timeout passes after 0 was given up on.
+    assert_eq!(&offsets[..4], &[0, 1, 0, 1], "{frames:?}");
+    assert!(offsets.contains(&-1) && offsets.contains(&-2), "{frames:?}");
+    assert_eq!(offsets.iter().filter(|o| **o == 0).count(), 2, "{frames:?}");
+    let notice = frames.iter().find(|f| f.get("lagged").is_some()).unwrap();
+    assert!(
+        notice["lagged"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("2 deliveries"),
+        "{notice}"
+    );
+}
