@@ -26,6 +26,10 @@ pub(crate) struct NodeArgs {
     /// Multiaddr of a peer to join through; repeatable.
     #[arg(long, env = "CANAL_BOOTSTRAP", value_delimiter = ',')]
     bootstrap: Vec<String>,
+    /// Multiaddr other peers should reach this one at, announced instead of the listen
+    /// addresses (a port forward, a proxy, the testnet's delay relay); repeatable.
+    #[arg(long, env = "CANAL_ADVERTISE", value_delimiter = ',')]
+    advertise: Vec<String>,
     /// How many peers form the first Raft cluster.
     #[arg(long, env = "CANAL_BOOTSTRAP_EXPECT")]
     bootstrap_expect: Option<u32>,
@@ -80,6 +84,9 @@ impl NodeArgs {
         }
         if !self.bootstrap.is_empty() {
             c.bootstrap = self.bootstrap.clone();
+        }
+        if !self.advertise.is_empty() {
+            c.advertise = self.advertise.clone();
         }
         if self.bootstrap_expect.is_some() {
             c.bootstrap_expect = self.bootstrap_expect;

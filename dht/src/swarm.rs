@@ -37,6 +37,11 @@ pub struct DhtConfig {
     pub listen: Vec<Multiaddr>,
     /// Peers to join the mesh through. A `/p2p/PEER_ID` suffix is optional.
     pub bootstrap: Vec<Multiaddr>,
+    /// The addresses other peers should reach this one at, when they differ from the listen
+    /// addresses (behind a NAT, a port forward or the testnet's delay relays). When set, only
+    /// these are announced: identify carries them instead of the listen addresses (so
+    /// Kademlia spreads them alone), and so do the capability records.
+    pub advertise_addrs: Vec<Multiaddr>,
     /// Whether to find peers on the local network with mDNS.
     pub mdns: bool,
     /// The cluster's pre-shared key; when set, only peers with the same key can connect, and
@@ -57,6 +62,7 @@ impl DhtConfig {
             keypair,
             listen,
             bootstrap: Vec::new(),
+            advertise_addrs: Vec::new(),
             mdns: false,
             cluster_key: None,
             topic_space: TopicSpace::default(),
@@ -133,6 +139,8 @@ struct Shared {
     listening: tokio::sync::watch::Sender<usize>,
     topic_space: TopicSpace,
     needs_bootstrap: bool,
+    /// The announced addresses (`/p2p/PEER_ID` appended); empty: the listen addresses are.
+    advertised: Vec<Multiaddr>,
     state: RwLock<State>,
 }
 
@@ -193,7 +201,10 @@ fn build_behaviour(
     let local = key.public().to_peer_id();
     let identify = identify::Behaviour::new(
         identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
-            .with_agent_version(format!("canal/{}", canal_proto::VERSION)),
+            .with_agent_version(format!("canal/{}", canal_proto::VERSION))
+            // With announced addresses, identify sends only those (the swarm's external
+            // addresses), never the real listen addresses.
+            .with_hide_listen_addrs(!config.advertise_addrs.is_empty()),
     );
     let ping = ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5)));
     let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
@@ -352,6 +363,18 @@ impl Dht {
                 })?;
         }
         let local = *swarm.local_peer_id();
+        let advertised: Vec<Multiaddr> = config
+            .advertise_addrs
+            .iter()
+            .map(|a| {
+                let mut bare = a.clone();
+                if matches!(bare.iter().last(), Some(Protocol::P2p(_))) {
+                    bare.pop();
+                }
+                swarm.add_external_address(bare.clone());
+                bare.with(Protocol::P2p(local))
+            })
+            .collect();
         for addr in &config.bootstrap {
             dial_bootstrap(&mut swarm, addr)?;
         }
@@ -361,6 +384,7 @@ impl Dht {
             local,
             topic_space: config.topic_space,
             needs_bootstrap: !config.bootstrap.is_empty(),
+            advertised,
             listening: tokio::sync::watch::Sender::new(0),
             state: RwLock::new(State::default()),
         });
@@ -510,12 +534,19 @@ impl EventLoop {
         caps.peer_id = self.shared.local.to_base58();
         caps.seq = self.seq;
         caps.measured_at_ms = now_ms();
-        caps.listen_addrs = self
-            .state()
-            .listen_addrs
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
+        caps.listen_addrs = if self.shared.advertised.is_empty() {
+            self.state()
+                .listen_addrs
+                .iter()
+                .map(|a| a.to_string())
+                .collect()
+        } else {
+            self.shared
+                .advertised
+                .iter()
+                .map(|a| a.to_string())
+                .collect()
+        };
         let local = self.shared.local;
         self.state()
             .table
@@ -757,6 +788,16 @@ impl DhtHandle {
     /// The addresses this peer listens on, each ending in `/p2p/PEER_ID`.
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
         self.read().listen_addrs.clone()
+    }
+
+    /// The addresses other peers are told to reach this one at, each ending in
+    /// `/p2p/PEER_ID`: the configured announced addresses if any, else the listen addresses.
+    pub fn advertised_addrs(&self) -> Vec<Multiaddr> {
+        if self.shared.advertised.is_empty() {
+            self.listen_addrs()
+        } else {
+            self.shared.advertised.clone()
+        }
     }
 
     /// Waits until `listeners` listeners (one per configured listen address) each report an

@@ -22,6 +22,10 @@ pub struct NodeConfig {
     pub api_listen: String,
     /// Multiaddrs of peers to join the mesh through.
     pub bootstrap: Vec<String>,
+    /// Multiaddrs other peers should reach this one at, when not the listen addresses (a
+    /// NAT's port forward, a proxy, the testnet's delay relay). When set, only these are
+    /// announced to peers.
+    pub advertise: Vec<String>,
     /// How many peers form the first Raft cluster (used by replication).
     pub bootstrap_expect: Option<u32>,
     /// This peer's tier (`edge`, `cloud`, ...).
@@ -54,6 +58,7 @@ impl Default for NodeConfig {
             listen: vec!["/ip4/0.0.0.0/tcp/7000".into()],
             api_listen: "127.0.0.1:7070".into(),
             bootstrap: Vec::new(),
+            advertise: Vec::new(),
             bootstrap_expect: None,
             tier: "default".into(),
             labels: BTreeMap::new(),
@@ -101,6 +106,8 @@ pub struct ValidConfig {
     pub api_listen: SocketAddr,
     /// Bootstrap addresses.
     pub bootstrap: Vec<Multiaddr>,
+    /// Announced addresses (empty: the listen addresses are announced).
+    pub advertise: Vec<Multiaddr>,
     /// Raft bootstrap size.
     pub bootstrap_expect: Option<u32>,
     /// Tier.
@@ -207,6 +214,11 @@ impl NodeConfig {
             .iter()
             .map(|s| multiaddr("bootstrap", s))
             .collect::<Result<Vec<_>, _>>()?;
+        let advertise = self
+            .advertise
+            .iter()
+            .map(|s| multiaddr("advertise", s))
+            .collect::<Result<Vec<_>, _>>()?;
         let api_listen = self.api_listen.parse::<SocketAddr>().map_err(|_| {
             invalid(
                 "api_listen",
@@ -305,6 +317,7 @@ impl NodeConfig {
             listen,
             api_listen,
             bootstrap,
+            advertise,
             bootstrap_expect: self.bootstrap_expect,
             tier: self.tier.clone(),
             labels: self.labels.clone(),
@@ -374,6 +387,13 @@ mod tests {
                     ..Default::default()
                 },
                 "bootstrap",
+            ),
+            (
+                NodeConfig {
+                    advertise: vec!["127.0.0.1:7000".into()],
+                    ..Default::default()
+                },
+                "advertise",
             ),
             (
                 NodeConfig {

@@ -153,6 +153,7 @@ impl Node {
         );
         let mut dht_config = DhtConfig::new(keypair, config.listen.clone());
         dht_config.bootstrap = config.bootstrap.clone();
+        dht_config.advertise_addrs = config.advertise.clone();
         dht_config.mdns = config.mdns;
         dht_config.cluster_key = config.cluster_key;
         dht_config.topic_space = TopicSpace {
@@ -167,9 +168,15 @@ impl Node {
             .wait_listening(config.listen.len(), Duration::from_secs(10))
             .await;
 
+        // Other members reach this one where it is announced (its listen addresses unless
+        // `advertise` says otherwise).
         let me = RaftNode {
             peer_id: handle.local_peer_id().to_base58(),
-            addrs: listen_addrs.iter().map(|a| a.to_string()).collect(),
+            addrs: handle
+                .advertised_addrs()
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
         };
         let settings = Settings {
             snapshot_every: config.raft_snapshot_every,
