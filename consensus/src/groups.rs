@@ -673,6 +673,11 @@ impl<T: Transport> Consensus<T> {
         r
     }
 
+    /// Writes an operation that is safe to repeat (it carries no request id).
+    pub async fn write_op(&self, g: GroupId, op: Op) -> Result<Response, ClientError> {
+        self.write(g, Request { id: None, op }).await
+    }
+
     /// Writes like [`Consensus::write`], but shares one Raft entry with the other requests
     /// queued for the group at the same moment (group commit): for the many small writes of
     /// publishers, whose throughput is bounded by Raft round trips and log flushes.

@@ -490,14 +490,11 @@ async fn cluster_remove(
     let id = node_id(&peer);
     // First the tombstone, so the membership job never adds the peer back as a learner.
     st.consensus
-        .write(
+        .write_op(
             GroupId::METADATA,
-            Request {
-                id: None,
-                op: Op::Put {
-                    key: crate::cluster::removed_key(&peer),
-                    value: b"removed".to_vec(),
-                },
+            Op::Put {
+                key: crate::cluster::removed_key(&peer),
+                value: b"removed".to_vec(),
             },
         )
         .await?;
@@ -517,6 +514,19 @@ fn check_key(key: &str) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// The read mode a request asks for with `?read=`: linearizable (the default, through the
+/// leader) or local (this node's replica, which may lag).
+fn linearizable(q: &HashMap<String, String>) -> Result<bool, ApiError> {
+    match q.get("read").map(String::as_str) {
+        None | Some("linearizable") => Ok(true),
+        Some("local") => Ok(false),
+        Some(other) => Err(ApiError::bad_request(
+            "invalid_read",
+            format!("read={other:?} is not a read mode: use linearizable (the default) or local"),
+        )),
+    }
 }
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -646,18 +656,7 @@ async fn kv_get(
 ) -> Result<Response, ApiError> {
     check_key(&key)?;
     let g = parse_group(q.get("group"), GroupId(1))?;
-    let linearizable = match q.get("read").map(String::as_str) {
-        None | Some("linearizable") => true,
-        Some("local") => false,
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                "invalid_read",
-                format!(
-                    "read={other:?} is not a read mode: use linearizable (the default) or local"
-                ),
-            ));
-        }
-    };
+    let linearizable = linearizable(&q)?;
     let mode = if linearizable {
         "linearizable"
     } else {
@@ -750,18 +749,7 @@ async fn fn_state_get(
     Path((name, key)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let local = match q.get("read").map(String::as_str) {
-        None | Some("linearizable") => false,
-        Some("local") => true,
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                "invalid_read",
-                format!(
-                    "read={other:?} is not a read mode: use linearizable (the default) or local"
-                ),
-            ));
-        }
-    };
+    let local = !linearizable(&q)?;
     match crate::functions::state_get(&st, &name, &key, local).await? {
         Some(v) => Ok(v.into_response()),
         None => Err(ApiError::not_found(format!(

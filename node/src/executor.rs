@@ -20,7 +20,7 @@ use crate::functions::{Functions, STATE_GROUP};
 use crate::pubsub::{Qos0Hub, Qos0Message};
 use canal_consensus::functions::{CursorMove, Effects, cursor_key};
 use canal_consensus::topics::PublishOp;
-use canal_consensus::{GroupId, Op, Request, StateMachine};
+use canal_consensus::{GroupId, Op, StateMachine};
 use canal_dht::DhtHandle;
 use canal_proto::TopicFilter;
 use canal_proto::function::{FunctionSpec, Output, TriggerSpec};
@@ -346,13 +346,7 @@ impl Executor {
             let r = self
                 .functions
                 .consensus
-                .write(
-                    STATE_GROUP,
-                    Request {
-                        id: None,
-                        op: Op::Effects(fx),
-                    },
-                )
+                .write_op(STATE_GROUP, Op::Effects(fx))
                 .await
                 .map_err(|e| e.to_string())?;
             let label = vec![("trigger".into(), spec.name.clone())];
@@ -602,13 +596,7 @@ impl Executor {
             };
             self.functions
                 .consensus
-                .write(
-                    STATE_GROUP,
-                    Request {
-                        id: None,
-                        op: Op::Effects(fx),
-                    },
-                )
+                .write_op(STATE_GROUP, Op::Effects(fx))
                 .await
                 .map_err(|e| e.to_string())?;
         }

@@ -403,13 +403,10 @@ pub async fn remove(st: &ApiState, name: &str) -> Result<(), ApiError> {
         ));
     }
     st.consensus
-        .write(
+        .write_op(
             GroupId::METADATA,
-            Request {
-                id: None,
-                op: Op::Delete {
-                    key: function_key(name),
-                },
+            Op::Delete {
+                key: function_key(name),
             },
         )
         .await?;
@@ -435,18 +432,7 @@ pub async fn invoke(
             .map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?,
         None => Topic::new(&format!("invoke/{name}")).map_err(internal)?,
     };
-    let mut custom = Vec::new();
-    for (k, v) in headers {
-        if let Some(h) = k.as_str().strip_prefix("canal-header-") {
-            let v = v.to_str().map_err(|_| {
-                ApiError::bad_request(
-                    "invalid_header",
-                    format!("header {h:?} must be printable ASCII"),
-                )
-            })?;
-            custom.push((h.to_string(), v.to_string()));
-        }
-    }
+    let custom = crate::pubsub::custom_headers(headers)?;
     let module = st.functions.module(&spec).await?;
     let state: Arc<dyn StateView> = Arc::new(st.functions.state_view(name)?);
     let out = Topic::new(&format!("invoke/{name}/out")).map_err(internal)?;
@@ -625,13 +611,10 @@ pub async fn trigger_remove(st: &ApiState, name: &str) -> Result<(), ApiError> {
         return Err(ApiError::not_found(format!("no trigger named {name}")));
     }
     st.consensus
-        .write(
+        .write_op(
             GroupId::METADATA,
-            Request {
-                id: None,
-                op: Op::Delete {
-                    key: trigger_key(name),
-                },
+            Op::Delete {
+                key: trigger_key(name),
             },
         )
         .await?;

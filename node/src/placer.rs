@@ -277,14 +277,11 @@ async fn place_all(functions: &Functions, dht: &DhtHandle) {
         };
         if let Err(e) = functions
             .consensus
-            .write(
+            .write_op(
                 GroupId::METADATA,
-                Request {
-                    id: None,
-                    op: Op::Put {
-                        key: decision_key(&spec.name),
-                        value,
-                    },
+                Op::Put {
+                    key: decision_key(&spec.name),
+                    value,
                 },
             )
             .await

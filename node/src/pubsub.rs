@@ -166,6 +166,11 @@ fn publish_headers(headers: &HeaderMap) -> Result<PublishHeaders, ApiError> {
             Some(v.to_string())
         }
     };
+    Ok((qos, id, custom_headers(headers)?))
+}
+
+/// The custom headers of a request: `canal-header-NAME: VALUE`, each.
+pub fn custom_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
     let mut custom = Vec::new();
     for (k, v) in headers {
         if let Some(name) = k.as_str().strip_prefix("canal-header-") {
@@ -178,7 +183,7 @@ fn publish_headers(headers: &HeaderMap) -> Result<PublishHeaders, ApiError> {
             custom.push((name.to_string(), v.to_string()));
         }
     }
-    Ok((qos, id, custom))
+    Ok(custom)
 }
 
 /// `POST /v1/topics/{topic}/events`: body = payload.
@@ -341,16 +346,13 @@ pub async fn put_settings(
     }
     s.validate().map_err(|e| bad(e.0))?;
     st.consensus
-        .write(
+        .write_op(
             GroupId::METADATA,
-            Request {
-                id: None,
-                op: Op::Put {
-                    key: canal_consensus::topics::settings_key(filter.as_str()),
-                    value: wire::encode(&s).map_err(|e| {
-                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-                    })?,
-                },
+            Op::Put {
+                key: canal_consensus::topics::settings_key(filter.as_str()),
+                value: wire::encode(&s).map_err(|e| {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                })?,
             },
         )
         .await?;
@@ -365,13 +367,10 @@ pub async fn put_settings(
 /// defaults say.
 pub async fn delete_settings(st: &ApiState, filter: &TopicFilter) -> Result<(), ApiError> {
     st.consensus
-        .write(
+        .write_op(
             GroupId::METADATA,
-            Request {
-                id: None,
-                op: Op::Delete {
-                    key: canal_consensus::topics::settings_key(filter.as_str()),
-                },
+            Op::Delete {
+                key: canal_consensus::topics::settings_key(filter.as_str()),
             },
         )
         .await?;
