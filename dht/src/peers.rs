@@ -121,6 +121,7 @@ mod tests {
             gpus_declared: vec![],
             load: Load::default(),
             raft_member: false,
+            forms_cluster: false,
             seq,
             measured_at_ms: at,
         }

@@ -57,6 +57,12 @@ pub struct Measurer {
 }
 
 impl Measurer {
+    /// Says in the record that this peer forms the cluster (`--bootstrap-expect`).
+    pub fn forming(mut self, forms: bool) -> Measurer {
+        self.template.forms_cluster = forms;
+        self
+    }
+
     /// A measurer for a peer of the given tier, labels and declared GPUs, whose API listens
     /// on `api_addr`. Detects GPUs once, now.
     pub fn new(
@@ -102,6 +108,7 @@ impl Measurer {
                 gpus_declared: declared,
                 load: Load::default(),
                 raft_member: false,
+                forms_cluster: false,
                 seq: 0,
                 measured_at_ms: 0,
             },

@@ -151,8 +151,10 @@ impl Membership {
     }
 
     /// Forms the cluster exactly once. A node forms it only when it has seen the same set of
-    /// at least `bootstrap_expect` peers for a while, none of them a member yet, and it has the
-    /// lowest peer id of all of them; it makes the `bootstrap_expect` lowest its voters. Two
+    /// peers for a while, at least `bootstrap_expect` of them started to form the cluster
+    /// (`--bootstrap-expect`, said in their capability records), none of them a member yet,
+    /// and it has the lowest peer id of those; it makes the `bootstrap_expect` lowest of them
+    /// its voters. Peers started without the flag join later as learners. Two
     /// nodes could both form only if each failed to hear the other for the whole stable
     /// period; every later peer joins as a learner of the one cluster.
     async fn maybe_form(&self, view: &mut View) {
@@ -169,10 +171,10 @@ impl Membership {
             view.since = std::time::Instant::now();
             return;
         }
-        if peers.len() < n || view.since.elapsed() < STABLE_VIEW {
+        let mut sorted: Vec<_> = peers.iter().filter(|p| p.caps.forms_cluster).collect();
+        if sorted.len() < n || view.since.elapsed() < STABLE_VIEW {
             return;
         }
-        let mut sorted: Vec<_> = peers.iter().collect();
         sorted.sort_by_key(|p| p.peer_id.to_bytes());
         let chosen = &sorted[..n];
         if !chosen[0].is_self {

@@ -150,7 +150,8 @@ impl Node {
             config.gpus.clone(),
             Some(api_addr.to_string()),
             live.clone(),
-        );
+        )
+        .forming(config.bootstrap_expect.is_some());
         let mut dht_config = DhtConfig::new(keypair, config.listen.clone());
         dht_config.bootstrap = config.bootstrap.clone();
         dht_config.advertise_addrs = config.advertise.clone();

@@ -31,6 +31,7 @@ pub(crate) fn caps(peer: &str, tier: &str, gpus_gib: &[u64]) -> Capabilities {
         gpus_declared: Vec::new(),
         load: Load::default(),
         raft_member: true,
+        forms_cluster: false,
         seq: 1,
         measured_at_ms: 1_000,
     }

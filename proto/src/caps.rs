@@ -108,6 +108,10 @@ pub struct Capabilities {
     pub load: Load,
     /// Whether the peer is a member of the cluster's Raft groups (formed, or added).
     pub raft_member: bool,
+    /// Whether the peer was started to form the cluster (`--bootstrap-expect`): only such
+    /// peers are counted and chosen when the cluster is formed.
+    #[serde(default)]
+    pub forms_cluster: bool,
     /// Increases with every advertisement of this peer, so a stale record never replaces a
     /// newer one.
     pub seq: u64,

@@ -75,6 +75,7 @@ mod tests {
             gpus_declared: vec![],
             load: Load::default(),
             raft_member: false,
+            forms_cluster: false,
             seq: 7,
             measured_at_ms: 1,
         }
