@@ -132,18 +132,12 @@ impl Functions {
         }
     }
 
-    /// Whether this node runs `function` now: the first peer of its committed placement.
-    /// Before placement has decided anything, the data group's leader runs it; a function
-    /// placement found no peer for runs nowhere (its QoS 1 events wait in the log).
+    /// Whether this node runs `function` now: the first peer of its committed placement. A
+    /// function without a placement yet (deploy commits the first one), or one placement
+    /// found no peer for, runs nowhere: its QoS 1 events wait in the log.
     pub fn runs_here(&self, function: &FunctionSpec) -> bool {
-        match crate::placer::placed(self, &function.name) {
-            Some(p) => p.decision.chosen.first() == Some(&self.peer_id),
-            None => self
-                .consensus
-                .metrics(STATE_GROUP)
-                .map(|m| m.current_leader == Some(self.consensus.node_id()))
-                .unwrap_or(false),
-        }
+        crate::placer::placed(self, &function.name)
+            .is_some_and(|p| p.decision.chosen.first() == Some(&self.peer_id))
     }
 
     /// Feeds one invocation's time into this node's estimates.
@@ -360,6 +354,14 @@ pub async fn deploy(
             },
         )
         .await?;
+    // The first placement at once, so the function's first events need not wait for the
+    // placement job's next round (which refines it from the data group's leader).
+    crate::placer::commit(
+        &st.functions,
+        &spec,
+        crate::placer::decide_now(&st.functions, &st.dht, &spec),
+    )
+    .await?;
     let replaced = r
         .previous
         .and_then(|b| wire::decode::<FunctionSpec>(&b).ok())
@@ -407,6 +409,15 @@ pub async fn remove(st: &ApiState, name: &str) -> Result<(), ApiError> {
             GroupId::METADATA,
             Op::Delete {
                 key: function_key(name),
+            },
+        )
+        .await?;
+    // Its placement goes with it (its module stays: another function may share it).
+    st.consensus
+        .write_op(
+            GroupId::METADATA,
+            Op::Delete {
+                key: canal_consensus::functions::decision_key(name),
             },
         )
         .await?;

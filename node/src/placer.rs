@@ -251,6 +251,43 @@ async fn report(functions: &Functions, reported: &mut HashMap<String, f64>) {
     }
 }
 
+/// Commits `decision` as `spec`'s placement.
+pub async fn commit(
+    functions: &Functions,
+    spec: &FunctionSpec,
+    decision: Decision,
+) -> Result<(), crate::api::ApiError> {
+    info!(
+        function = %spec.name,
+        policy = %decision.policy,
+        chosen = ?decision.chosen,
+        unplaceable = ?decision.unplaceable,
+        "placement changed"
+    );
+    let value = wire::encode(&Placed {
+        decision,
+        decided_ms: now_ms(),
+    })
+    .map_err(|e| {
+        crate::api::ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+        )
+    })?;
+    functions
+        .consensus
+        .write_op(
+            GroupId::METADATA,
+            Op::Put {
+                key: decision_key(&spec.name),
+                value,
+            },
+        )
+        .await?;
+    Ok(())
+}
+
 /// Decides every function's placement and commits the ones whose choice changed.
 async fn place_all(functions: &Functions, dht: &DhtHandle) {
     for spec in functions.functions().unwrap_or_default() {
@@ -262,31 +299,8 @@ async fn place_all(functions: &Functions, dht: &DhtHandle) {
         {
             continue;
         }
-        info!(
-            function = %spec.name,
-            policy = %next.policy,
-            chosen = ?next.chosen,
-            unplaceable = ?next.unplaceable,
-            "placement changed"
-        );
-        let Ok(value) = wire::encode(&Placed {
-            decision: next,
-            decided_ms: now_ms(),
-        }) else {
-            continue;
-        };
-        if let Err(e) = functions
-            .consensus
-            .write_op(
-                GroupId::METADATA,
-                Op::Put {
-                    key: decision_key(&spec.name),
-                    value,
-                },
-            )
-            .await
-        {
-            debug!(function = %spec.name, error = %e, "placement not committed; next round");
+        if let Err(e) = commit(functions, &spec, next).await {
+            debug!(function = %spec.name, error = ?e, "placement not committed; next round");
         }
     }
 }
