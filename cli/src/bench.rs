@@ -59,6 +59,16 @@ enum BenchCommand {
         #[arg(long, default_value_t = 8)]
         publishers: usize,
     },
+    /// Placement on emulated tiers (edge peers at 30 ms, cloud at 1 ms): how often the
+    /// latency policy runs events on the best peer, and end-to-end latency, against topology.
+    Placement {
+        /// Events per policy.
+        #[arg(long, default_value_t = 500)]
+        events: usize,
+        /// Publishes in flight.
+        #[arg(long, default_value_t = 8)]
+        publishers: usize,
+    },
     /// Replicated writes on a local 3-node cluster: throughput, commit latency, failover time.
     Raft {
         /// Writes per run.
@@ -211,13 +221,27 @@ pub(crate) fn collect_latencies(
     resp: reqwest::Response,
     count: usize,
 ) -> tokio::task::JoinHandle<(Vec<Duration>, Instant)> {
+    let events = collect_events(resp, count);
+    tokio::spawn(async move {
+        let (events, last) = events
+            .await
+            .unwrap_or_else(|_| (Vec::new(), Instant::now()));
+        (events.into_iter().map(|(d, _)| d).collect(), last)
+    })
+}
+
+/// Like [`collect_latencies`], with each event.
+pub(crate) fn collect_events(
+    resp: reqwest::Response,
+    count: usize,
+) -> tokio::task::JoinHandle<(Vec<(Duration, canal_proto::api::Event)>, Instant)> {
     use futures::StreamExt;
     tokio::spawn(async move {
-        let mut lat = Vec::new();
+        let mut got = Vec::new();
         let mut last = Instant::now();
         let mut body = resp.bytes_stream();
         let mut buf = Vec::new();
-        while lat.len() < count {
+        while got.len() < count {
             let Ok(Some(Ok(chunk))) =
                 tokio::time::timeout(Duration::from_secs(10), body.next()).await
             else {
@@ -234,12 +258,12 @@ pub(crate) fn collect_latencies(
                     continue;
                 };
                 if let Some(t) = e.headers.get("t").and_then(|t| t.parse::<u128>().ok()) {
-                    lat.push(Duration::from_nanos(now_ns().saturating_sub(t) as u64));
+                    got.push((Duration::from_nanos(now_ns().saturating_sub(t) as u64), e));
                     last = Instant::now();
                 }
             }
         }
-        (lat, last)
+        (got, last)
     })
 }
 
@@ -299,7 +323,7 @@ pub(crate) async fn publish_many(
     Ok(())
 }
 
-async fn leader(net: &Testnet) -> anyhow::Result<Option<usize>> {
+pub(crate) async fn leader(net: &Testnet) -> anyhow::Result<Option<usize>> {
     for i in net.running() {
         let Ok(s) = net.api(i)?.get::<ClusterStatus>("/v1/cluster/status").await else {
             continue;
@@ -348,6 +372,9 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
             events,
             publishers,
         } => return crate::bench_fn::run(count, events, publishers, json).await,
+        BenchCommand::Placement { events, publishers } => {
+            return crate::bench_placement::run(events, publishers, json).await;
+        }
     };
     if count == 0 || writers.contains(&0) {
         bail!("--count and --writers must be at least 1");

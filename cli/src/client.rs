@@ -20,6 +20,7 @@ pub(crate) fn encode_path(s: &str) -> String {
 }
 
 /// A client of one node's API.
+#[derive(Clone)]
 pub(crate) struct Client {
     base: String,
     token: Option<String>,
@@ -143,6 +144,30 @@ impl Client {
         serde_json::from_slice(&Self::body(resp, &url).await?).with_context(|| {
             format!("the answer from {url} is not what this canal version expects")
         })
+    }
+
+    /// Sends a request and returns the status and body whatever the status, for callers
+    /// that decide by status (404 as "none", 503 as "try again").
+    pub(crate) async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(String, String)],
+    ) -> anyhow::Result<(reqwest::StatusCode, Vec<u8>)> {
+        let url = format!("{}{path}", self.base);
+        let resp = self.request(method, path, body, headers).await?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .with_context(|| format!("reading the answer from {url}"))?;
+        Ok((status, bytes.to_vec()))
+    }
+
+    /// The base URL this client talks to.
+    pub(crate) fn base(&self) -> &str {
+        &self.base
     }
 
     /// GETs `path` and returns the response once its status is known good, for streaming.

@@ -13,18 +13,22 @@
 //!   their state.
 //! - `show`: tables for people, JSON for scripts.
 //! - `bench`: `canal bench`, load generators; `bench_fn`: `canal bench fn`; `bench_nats`:
-//!   the NATS side of `canal bench pubsub --compare-nats`.
+//!   the NATS side of `canal bench pubsub --compare-nats`; `bench_placement`: `canal bench
+//!   placement`.
 //! - `testnet_cmd`: `canal testnet`, a mesh of node processes on this machine.
+//! - `scenario`: `canal testnet scenario`, the README's demos run end to end and checked.
 //!
 //! Exit codes: 0 success, 1 the request failed, 2 bad usage.
 
 mod bench;
 mod bench_fn;
 mod bench_nats;
+mod bench_placement;
 mod client;
 mod fn_cmd;
 mod node_cmd;
 mod pubsub_cmd;
+mod scenario;
 mod show;
 mod testnet_cmd;
 
@@ -63,6 +67,8 @@ enum Command {
     Sub(pubsub_cmd::SubArgs),
     /// Every known peer: id, addresses, tier, labels, CPU, memory, GPUs, load, last seen.
     Peers,
+    /// Whether the node is ready (GET /v1/health): exits 0 if so, 1 if not or unreachable.
+    Health,
     /// Load generators: throughput and latency percentiles.
     Bench(bench::BenchArgs),
     /// A multi-node mesh on this machine: up, status, down, kill, restart.
@@ -232,6 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sub(args) => {
             pubsub_cmd::subscribe(&cli.api, cli.token.as_deref(), args, cli.json).await
         }
+        Command::Health => health(&cli.api, cli.json).await,
         Command::Peers => {
             let client = client::Client::new(&cli.api, cli.token.as_deref())?;
             let peers: canal_proto::api::Peers = client.get("/v1/peers").await?;
@@ -309,6 +316,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fn_cmd::state(&cli.api, cli.token.as_deref(), command, cli.json).await
         }
     }
+}
+
+/// `canal health`: the node's own account of whether it is ready; also the health check of
+/// the compose files (their images need no curl).
+async fn health(api: &str, json: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let client = client::Client::with_timeout(api, None, std::time::Duration::from_secs(5))?;
+    let (status, body) = client
+        .raw(reqwest::Method::GET, "/v1/health", Vec::new(), &[])
+        .await?;
+    let h: canal_proto::api::Health = serde_json::from_slice(&body).with_context(|| {
+        format!(
+            "{api}/v1/health answered {status} with {:?}, not a health report",
+            String::from_utf8_lossy(&body)
+        )
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&h)?);
+    } else {
+        println!(
+            "{} {} (canal {}, up {} s, {} peers, {} connections)",
+            h.peer_id,
+            if h.ready { "ready" } else { "not ready" },
+            h.version,
+            h.uptime_s,
+            h.peers,
+            h.connections
+        );
+    }
+    if !h.ready {
+        anyhow::bail!(
+            "the node at {api} is not ready: {}",
+            h.reason.as_deref().unwrap_or("it gives no reason")
+        );
+    }
+    Ok(())
 }
 
 fn keygen(file: &std::path::Path) -> anyhow::Result<()> {

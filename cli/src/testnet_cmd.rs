@@ -3,7 +3,8 @@
 use anyhow::{Context, bail};
 use canal_proto::api::Health;
 use canal_testnet::Api;
-use canal_testnet::cluster::{self, ClusterNode, UpOptions, parse_tiers};
+use canal_testnet::LinkSettings;
+use canal_testnet::cluster::{self, ClusterNode, UpOptions, parse_link, parse_tiers};
 use clap::{Args, Subcommand};
 use comfy_table::{Table, presets::NOTHING};
 use std::path::PathBuf;
@@ -39,6 +40,11 @@ enum TestnetCommand {
         /// Tiers and their node counts, such as edge=3,cloud=2.
         #[arg(long, value_parser = |s: &str| parse_tiers(s).map(Tiers))]
         tiers: Option<Tiers>,
+        /// A tier's link, TIER=LATENCY[±JITTER][/LOSS%] such as edge=30ms±5ms/1% (`+-` for
+        /// `±`); repeatable. With --tiers or --link, every node is behind a delay relay; a
+        /// tier without --link gets edge 30ms, cloud 1ms, any other none.
+        #[arg(long = "link", value_parser = parse_link)]
+        links: Vec<(String, LinkSettings)>,
         /// How long to wait for the mesh to form, in seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
@@ -61,6 +67,21 @@ enum TestnetCommand {
         /// The node's name or index.
         node: String,
     },
+    /// Cut nodes off from the rest (node2, or 2,3): their connections across are reset and
+    /// refused until `heal`. Needs a testnet with links (--tiers or --link).
+    Partition {
+        /// The nodes' names or indices, comma-separated.
+        #[arg(value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+    },
+    /// End the partition: every node can reach every other again.
+    Heal,
+    /// Run the testnet's delay relays until SIGTERM (started by `up`).
+    #[command(hide = true)]
+    Relay,
+    /// Run a demo end to end against the running testnet (or given API URLs); exits 1 if
+    /// anything expected did not happen.
+    Scenario(crate::scenario::ScenarioArgs),
 }
 
 /// `--tiers`, parsed (a newtype, since clap reads a bare `Vec` as a repeated flag).
@@ -76,9 +97,11 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
             gpu_nodes,
             gpu,
             tiers,
+            links,
             timeout,
         } => {
             canal_proto::Gpu::parse_declared(&gpu)?;
+            let relayed = tiers.is_some() || !links.is_empty();
             let tiers = match (tiers, nodes) {
                 (Some(Tiers(t)), Some(n)) if t.iter().map(|(_, c)| c).sum::<usize>() != n => {
                     bail!(
@@ -90,12 +113,18 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
                 (None, Some(0)) => bail!("--nodes 0: a testnet needs at least one node"),
                 (None, n) => vec![("default".to_string(), n.unwrap_or(3))],
             };
+            let links = if relayed {
+                Some(cluster::tier_links(&tiers, &links)?)
+            } else {
+                None
+            };
             let opts = UpOptions {
                 dir: dir.clone(),
                 tiers,
                 gpu_nodes,
                 gpu,
                 timeout: Duration::from_secs(timeout),
+                links,
             };
             let nodes = cluster::up(&bin, &opts, |msg| eprintln!("{msg}")).await?;
             show(&nodes, json).await?;
@@ -121,7 +150,11 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
                     dir.display()
                 );
             }
-            show(&nodes, json).await
+            show(&nodes, json).await?;
+            if let Some(links) = cluster::links_summary(&dir) {
+                eprintln!("{links}");
+            }
+            Ok(())
         }
         TestnetCommand::Down { purge } => {
             let n = cluster::down(&dir, Duration::from_secs(15), purge).await?;
@@ -141,6 +174,42 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
             eprintln!("restarted {}", n.name);
             show(&[n], json).await
         }
+        TestnetCommand::Partition { nodes } => {
+            let (cut, rest) = cluster::partition(&dir, &nodes).await?;
+            eprintln!(
+                "cut off {} from {}; `canal testnet heal` joins them again",
+                cut.join(", "),
+                if rest.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    rest.join(", ")
+                }
+            );
+            Ok(())
+        }
+        TestnetCommand::Heal => {
+            cluster::heal(&dir).await?;
+            eprintln!("healed: every node can reach every other");
+            Ok(())
+        }
+        TestnetCommand::Relay => {
+            let dir = std::fs::canonicalize(&dir)
+                .with_context(|| format!("no testnet in {}", dir.display()))?;
+            canal_testnet::relayd::run(&dir, async {
+                use tokio::signal::unix::{SignalKind, signal};
+                match signal(SignalKind::terminate()) {
+                    Ok(mut term) => tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    },
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            })
+            .await
+        }
+        TestnetCommand::Scenario(args) => crate::scenario::run(args, &dir, json).await,
     }
 }
 

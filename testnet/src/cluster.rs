@@ -12,7 +12,15 @@
 //!   DIR/node0/node.json   written by the node itself once it listens
 //!   DIR/node0/node.log    its output
 //! ```
+//!
+//! With links (`--tiers` or `--link`), every node is behind a delay relay, run by one more
+//! detached process (see [`relayd`](crate::relayd) for its files): each node listens on its
+//! own port but announces its relay's (`--advertise`), and bootstraps from the others'
+//! relays, so every connection between nodes crosses the relays, which delay it and can cut
+//! it ([`partition`], [`heal`]).
 
+use crate::relay::LinkSettings;
+use crate::relayd::{self, RelayPlan, RelayPlanNode};
 use crate::{Api, NodeOptions, log_tail, wait_for};
 use anyhow::{Context, anyhow, bail};
 use canal_proto::api::{Peers, RuntimeInfo};
@@ -34,6 +42,56 @@ pub struct UpOptions {
     pub gpu: String,
     /// How long to wait for the mesh to form.
     pub timeout: Duration,
+    /// Each tier's link; `None`: no relays (nodes talk directly). Use [`tier_links`].
+    pub links: Option<Vec<(String, LinkSettings)>>,
+}
+
+/// The link a tier gets when `--link` names none: 30 ms for `edge`, 1 ms for `cloud`, no
+/// delay for any other tier.
+pub fn default_link(tier: &str) -> LinkSettings {
+    match tier {
+        "edge" => LinkSettings::latency(Duration::from_millis(30)),
+        "cloud" => LinkSettings::latency(Duration::from_millis(1)),
+        _ => LinkSettings::NONE,
+    }
+}
+
+/// Parses one `--link TIER=LATENCY[±JITTER][/LOSS%]`.
+pub fn parse_link(s: &str) -> Result<(String, LinkSettings), String> {
+    let (tier, link) = s.split_once('=').ok_or_else(|| {
+        format!("{s:?} is not TIER=LATENCY[±JITTER][/LOSS%]: write, for example, edge=30ms±5ms/1%")
+    })?;
+    let link = LinkSettings::parse(link).map_err(|e| format!("--link {s}: {e}"))?;
+    Ok((tier.trim().to_string(), link))
+}
+
+/// Every tier's link: those given (each must name a tier of `tiers`), the
+/// [`default_link`] for the rest.
+pub fn tier_links(
+    tiers: &[(String, usize)],
+    given: &[(String, LinkSettings)],
+) -> anyhow::Result<Vec<(String, LinkSettings)>> {
+    for (t, _) in given {
+        if !tiers.iter().any(|(name, _)| name == t) {
+            let names: Vec<&str> = tiers.iter().map(|(n, _)| n.as_str()).collect();
+            bail!(
+                "--link names tier {t:?}, which the testnet does not have: its tiers are {}",
+                names.join(", ")
+            );
+        }
+    }
+    Ok(tiers
+        .iter()
+        .map(|(t, _)| {
+            let link = given
+                .iter()
+                .rev()
+                .find(|(name, _)| name == t)
+                .map(|(_, l)| *l)
+                .unwrap_or_else(|| default_link(t));
+            (t.clone(), link)
+        })
+        .collect())
 }
 
 /// Parses `edge=3,cloud=2`.
@@ -192,11 +250,16 @@ pub async fn up(
         .into_iter()
         .filter(|n| n.pid.is_some())
         .collect();
-    if !running.is_empty() {
+    if !running.is_empty() || relay_pid(&opts.dir).is_some() {
         bail!(
-            "a testnet is already running in {} ({} nodes): stop it with `canal testnet down --dir {}` first",
+            "a testnet is already running in {} ({} nodes{}): stop it with `canal testnet down --dir {}` first",
             opts.dir.display(),
             running.len(),
+            if relay_pid(&opts.dir).is_some() {
+                " and the relays"
+            } else {
+                ""
+            },
             opts.dir.display()
         );
     }
@@ -220,6 +283,49 @@ pub async fn up(
         .iter()
         .flat_map(|(t, c)| std::iter::repeat_n(t.as_str(), *c))
         .collect();
+    // Leftovers of an earlier testnet in this directory must not steer this one.
+    for stale in [
+        relayd::plan_path(&opts.dir),
+        relayd::control_path(&opts.dir),
+        relayd::state_path(&opts.dir),
+    ] {
+        let _ = std::fs::remove_file(stale);
+    }
+    // Where other nodes reach node i: its relay, or the node itself.
+    let reach: Vec<u16> = match &opts.links {
+        Some(links) => {
+            let relay_ports: Vec<u16> =
+                (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+            let plan = RelayPlan {
+                version: 1,
+                nodes: (0..n)
+                    .map(|i| {
+                        let link = links
+                            .iter()
+                            .find(|(t, _)| t == tiers[i])
+                            .map(|(_, l)| *l)
+                            .unwrap_or_else(|| default_link(tiers[i]));
+                        RelayPlanNode {
+                            name: format!("node{i}"),
+                            tier: tiers[i].to_string(),
+                            listen: ([127, 0, 0, 1], ports[i].0).into(),
+                            relay: ([127, 0, 0, 1], relay_ports[i]).into(),
+                            link: link.to_string(),
+                        }
+                    })
+                    .collect(),
+            };
+            relayd::write_json(&relayd::plan_path(&opts.dir), &plan)?;
+            let pid = start_relays(bin, &opts.dir).await?;
+            let summary: Vec<String> = links.iter().map(|(t, l)| format!("{t} {l}")).collect();
+            progress(&format!(
+                "started the relays (pid {pid}; links: {})",
+                summary.join(", ")
+            ));
+            relay_ports
+        }
+        None => ports.iter().map(|(p, _)| *p).collect(),
+    };
     let mut pids = Vec::new();
     for i in 0..n {
         let node_dir = std::fs::canonicalize(&opts.dir)?.join(format!("node{i}"));
@@ -244,8 +350,14 @@ pub async fn up(
         }
         // The first (up to) three form the Raft cluster; later ones join it as learners.
         args.extend(["--bootstrap-expect".into(), n.min(3).to_string()]);
+        if opts.links.is_some() {
+            args.extend([
+                "--advertise".into(),
+                format!("/ip4/127.0.0.1/tcp/{}", reach[i]),
+            ]);
+        }
         // Every node knows every other's address, so any of them can restart alone.
-        for (j, (p, _)) in ports.iter().enumerate() {
+        for (j, p) in reach.iter().enumerate() {
             if j != i {
                 args.extend(["--bootstrap".into(), format!("/ip4/127.0.0.1/tcp/{p}")]);
             }
@@ -364,8 +476,9 @@ async fn wait_all_stopped(dir: &Path, what: &str, timeout: Duration) -> anyhow::
     .await
 }
 
-/// Stops every node of the testnet in `dir` (SIGTERM, then SIGKILL after `grace`); returns
-/// how many were running. With `purge`, removes the directory too.
+/// Stops every node of the testnet in `dir` (SIGTERM, then SIGKILL after `grace`), then its
+/// relays if it has them; returns how many nodes were running. With `purge`, removes the
+/// directory too.
 pub async fn down(dir: &Path, grace: Duration, purge: bool) -> anyhow::Result<usize> {
     let running: Vec<ClusterNode> = list(dir).into_iter().filter(|n| n.pid.is_some()).collect();
     for n in &running {
@@ -382,6 +495,7 @@ pub async fn down(dir: &Path, grace: Duration, purge: bool) -> anyhow::Result<us
         }
         wait_all_stopped(dir, "the killed nodes to die", Duration::from_secs(10)).await?;
     }
+    stop_relays(dir).await?;
     if purge && dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     }
@@ -447,6 +561,223 @@ pub async fn restart(bin: &Path, dir: &Path, node: &str) -> anyhow::Result<Clust
     find(dir, node)
 }
 
+fn is_our_relay(pid: u32, dir: &Path) -> bool {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(cmdline) = std::fs::read(proc.join("cmdline")) else {
+        return false;
+    };
+    let stat = std::fs::read_to_string(proc.join("stat")).unwrap_or_default();
+    if stat
+        .rsplit_once(") ")
+        .is_some_and(|(_, rest)| rest.starts_with('Z'))
+    {
+        return false;
+    }
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let dir = dir.display().to_string();
+    args.iter().any(|a| a == "relay") && args.iter().any(|a| a == "testnet") && args.contains(&dir)
+}
+
+/// The pid of the relay process of the testnet in `dir`, if it is alive.
+pub fn relay_pid(dir: &Path) -> Option<u32> {
+    let dir = std::fs::canonicalize(dir).ok()?;
+    std::fs::read_to_string(relayd::pid_path(&dir))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|pid| is_our_relay(*pid, &dir))
+}
+
+/// Starts the relay process (`canal testnet relay --dir DIR`) detached, and waits until every
+/// relay listens.
+async fn start_relays(bin: &Path, dir: &Path) -> anyhow::Result<u32> {
+    let dir = std::fs::canonicalize(dir)?;
+    let log_path = relayd::log_path(&dir);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let child = std::process::Command::new(bin)
+        .args(["testnet", "relay", "--dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // As the nodes: its own process group, outliving `up`; `down` stops it.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {} testnet relay", bin.display()))?;
+    let pid = child.id();
+    std::fs::write(relayd::pid_path(&dir), format!("{pid}\n"))
+        .with_context(|| format!("cannot write {}", relayd::pid_path(&dir).display()))?;
+    let d = &dir;
+    let ready = wait_for(
+        "the relays to listen",
+        Duration::from_secs(15),
+        || async move {
+            if !is_our_relay(pid, d) {
+                return Err("the relay process exited".to_string());
+            }
+            match relayd::read_state(d) {
+                Some(s) if s.pid == pid => Ok(()),
+                _ => Err("not listening yet".to_string()),
+            }
+        },
+    )
+    .await;
+    if let Err(e) = ready {
+        signal(pid, libc::SIGKILL);
+        bail!(
+            "{e}; {} ends:\n{}",
+            log_path.display(),
+            log_tail(&log_path, 5)
+        );
+    }
+    Ok(pid)
+}
+
+/// Stops the relay process of the testnet in `dir`, if one runs.
+async fn stop_relays(dir: &Path) -> anyhow::Result<()> {
+    let Some(pid) = relay_pid(dir) else {
+        return Ok(());
+    };
+    let dir = std::fs::canonicalize(dir)?;
+    signal(pid, libc::SIGTERM);
+    let d = &dir;
+    let gone = |what: &'static str| {
+        wait_for(what, Duration::from_secs(10), move || async move {
+            if is_our_relay(pid, d) {
+                Err("alive".to_string())
+            } else {
+                Ok(())
+            }
+        })
+    };
+    if gone("the relays to stop").await.is_err() {
+        signal(pid, libc::SIGKILL);
+        gone("the relays to die").await?;
+    }
+    Ok(())
+}
+
+/// The relays of the testnet in `dir`, or an error that says it has none.
+fn plan_of(dir: &Path) -> anyhow::Result<RelayPlan> {
+    if list(dir).is_empty() {
+        bail!(
+            "no testnet in {}: start one with `canal testnet up --tiers ...`",
+            dir.display()
+        );
+    }
+    relayd::read_plan(dir)?.ok_or_else(|| {
+        anyhow!(
+            "the testnet in {} runs without relays, so it cannot be partitioned: start it with --tiers or --link",
+            dir.display()
+        )
+    })
+}
+
+/// Tells the relay process to cut off `cut` (node indices; empty: heal) and waits until it
+/// has.
+async fn set_partition(dir: &Path, cut: Vec<usize>) -> anyhow::Result<()> {
+    let pid = relay_pid(dir).ok_or_else(|| {
+        anyhow!(
+            "the relays of the testnet in {} are not running (see {}): restart the testnet with `canal testnet down` and `up`",
+            dir.display(),
+            relayd::log_path(dir).display()
+        )
+    })?;
+    let generation = relayd::read_control(dir)?.generation + 1;
+    relayd::write_json(
+        &relayd::control_path(dir),
+        &relayd::Control {
+            version: 1,
+            generation,
+            cut,
+        },
+    )?;
+    wait_for(
+        "the relays to apply the partition",
+        Duration::from_secs(10),
+        || async move {
+            match relayd::read_state(dir) {
+                Some(s) if s.pid == pid && s.generation >= generation => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await
+}
+
+/// Cuts `nodes` (names or indices) off from the rest of the testnet in `dir`: their
+/// connections across are reset and new ones refused until [`heal`]. Returns the names of
+/// the two sides.
+pub async fn partition(dir: &Path, nodes: &[String]) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let plan = plan_of(dir)?;
+    let mut cut = Vec::new();
+    for node in nodes {
+        let n = find(dir, node)?;
+        let i = plan
+            .nodes
+            .iter()
+            .position(|p| p.name == n.name)
+            .ok_or_else(|| anyhow!("{} has no relay", n.name))?;
+        if !cut.contains(&i) {
+            cut.push(i);
+        }
+    }
+    if cut.is_empty() {
+        bail!("name the nodes to cut off, such as node2 or 2,3");
+    }
+    if cut.len() == plan.nodes.len() {
+        bail!("that names every node, which leaves no one to cut them off from: name some of them");
+    }
+    cut.sort();
+    let (inside, outside): (Vec<_>, Vec<_>) = plan
+        .nodes
+        .iter()
+        .enumerate()
+        .partition(|(i, _)| cut.contains(i));
+    set_partition(dir, cut).await?;
+    let names =
+        |v: Vec<(usize, &RelayPlanNode)>| v.into_iter().map(|(_, n)| n.name.clone()).collect();
+    Ok((names(inside), names(outside)))
+}
+
+/// Ends the partition of the testnet in `dir`.
+pub async fn heal(dir: &Path) -> anyhow::Result<()> {
+    plan_of(dir)?;
+    set_partition(dir, Vec::new()).await
+}
+
+/// One line about the links of the testnet in `dir` (each tier's, the partition, whether
+/// the relays run), or `None` if it has no relays.
+pub fn links_summary(dir: &Path) -> Option<String> {
+    let plan = relayd::read_plan(dir).ok()??;
+    let mut tiers: Vec<(String, String)> = Vec::new();
+    for n in &plan.nodes {
+        if !tiers.iter().any(|(t, _)| *t == n.tier) {
+            tiers.push((n.tier.clone(), n.link.clone()));
+        }
+    }
+    let links: Vec<String> = tiers.iter().map(|(t, l)| format!("{t} {l}")).collect();
+    let state = match (relay_pid(dir), relayd::read_state(dir)) {
+        (None, _) => "relays not running".to_string(),
+        (Some(_), Some(s)) if !s.cut.is_empty() => {
+            let cut: Vec<String> = s
+                .cut
+                .iter()
+                .filter_map(|i| plan.nodes.get(*i).map(|n| n.name.clone()))
+                .collect();
+            format!("partitioned: {} cut off", cut.join(", "))
+        }
+        (Some(_), _) => "no partition".to_string(),
+    };
+    Some(format!("links: {}; {state}", links.join(", ")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,6 +790,20 @@ mod tests {
         );
         for bad in ["", "=2", "a b=2", "edge=0", "edge=x", "edge"] {
             assert!(parse_tiers(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn links_default_by_tier_name_and_must_name_a_tier() {
+        let tiers = parse_tiers("edge=3,cloud=2,lab=1").unwrap();
+        let given = vec![parse_link("cloud=2ms±1ms/0.5%").unwrap()];
+        let links = tier_links(&tiers, &given).unwrap();
+        let show: Vec<String> = links.iter().map(|(t, l)| format!("{t}={l}")).collect();
+        assert_eq!(show, ["edge=30ms", "cloud=2ms±1ms/0.5%", "lab=0ms"]);
+        let e = tier_links(&tiers, &[parse_link("core=1ms").unwrap()]).unwrap_err();
+        assert!(e.to_string().contains("edge, cloud, lab"), "{e}");
+        for bad in ["edge", "edge=fast", "edge=30ms/200%"] {
+            assert!(parse_link(bad).is_err(), "{bad:?} should be refused");
         }
     }
 }

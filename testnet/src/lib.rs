@@ -14,6 +14,13 @@
 //! - [`guests`]: the example guest functions, built for `wasm32-wasip2` on first use.
 //! - [`cluster`]: the persistent testnet of `canal testnet up/status/down/kill/restart`,
 //!   whose nodes outlive the command that started them.
+//! - [`relay`]: delay-and-loss TCP relays between the nodes: tier links (latency, jitter,
+//!   loss) and partitions. A testnet whose nodes have [`NodeOptions::link`] puts every node
+//!   behind one; see [`Testnet::partition`], [`Testnet::heal`], [`Testnet::set_link`].
+//! - [`relayd`]: the relay process of the persistent testnet, which outlives `canal testnet
+//!   up` as its nodes do, and takes partitions through a control file.
+//! - [`compose`]: the compose files of a mesh in containers (Docker for real hosts, podman
+//!   in CI), generated from one description.
 //!
 //! Every child process is killed when its [`Testnet`] is dropped, so a failing test leaves no
 //! node behind.
@@ -28,7 +35,12 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 pub mod cluster;
+pub mod compose;
 pub mod guests;
+pub mod relay;
+pub mod relayd;
+
+pub use relay::{Fabric, LinkSettings};
 
 /// Settings of one node of a testnet.
 #[derive(Debug, Clone, Default)]
@@ -45,6 +57,10 @@ pub struct NodeOptions {
     pub bootstrap_from_first: bool,
     /// Any further flags.
     pub extra_args: Vec<String>,
+    /// Puts the node behind a delay-and-loss relay with this link (see [`relay`]). If any
+    /// node of a testnet started with [`Testnet::start`] has one, every node is behind a
+    /// relay (the others with [`LinkSettings::NONE`]), so that partitions can cut any node.
+    pub link: Option<LinkSettings>,
 }
 
 impl NodeOptions {
@@ -135,6 +151,8 @@ pub struct Testnet {
     dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
     nodes: Vec<TestNode>,
+    /// The relays, one per node (relay `i` is node `i`'s), if the nodes are behind relays.
+    fabric: Option<Fabric>,
 }
 
 /// Polls `check` until it returns `Some`, or fails after `timeout` with a message naming
@@ -173,7 +191,17 @@ impl Testnet {
             dir,
             _temp: Some(temp),
             nodes: Vec::new(),
+            fabric: None,
         })
+    }
+
+    /// Like [`new`](Self::new), but every node added is behind a relay of its own (with the
+    /// link of its [`NodeOptions::link`], no delay if none), so links can be changed and
+    /// nodes partitioned. Must be called within a tokio runtime.
+    pub fn new_relayed(bin: impl Into<PathBuf>) -> anyhow::Result<Testnet> {
+        let mut net = Testnet::new(bin)?;
+        net.fabric = Some(Fabric::new());
+        Ok(net)
     }
 
     /// Starts `n` nodes, node 0 first, the rest bootstrapping from it; `options(i)` gives
@@ -183,9 +211,13 @@ impl Testnet {
         n: usize,
         mut options: impl FnMut(usize) -> NodeOptions,
     ) -> anyhow::Result<Testnet> {
-        let mut net = Testnet::new(bin)?;
-        for i in 0..n {
-            let mut o = options(i);
+        let options: Vec<NodeOptions> = (0..n).map(&mut options).collect();
+        let mut net = if options.iter().any(|o| o.link.is_some()) {
+            Testnet::new_relayed(bin)?
+        } else {
+            Testnet::new(bin)?
+        };
+        for (i, mut o) in options.into_iter().enumerate() {
             o.bootstrap_from_first = i > 0;
             net.add_node(o).await?;
         }
@@ -229,17 +261,38 @@ impl Testnet {
             let first = self.nodes.first().ok_or_else(|| {
                 anyhow!("node {i} should bootstrap from node 0, but there is none")
             })?;
-            Some(
-                first
+            Some(match &self.fabric {
+                // Through node 0's relay, as every other connection.
+                Some(f) => format!(
+                    "/ip4/127.0.0.1/tcp/{}/p2p/{}",
+                    f.relay_addr(0).port(),
+                    first.info()?.peer_id
+                ),
+                None => first
                     .info()?
                     .listen_addrs
                     .first()
                     .cloned()
                     .ok_or_else(|| anyhow!("node0 has no listen address"))?,
-            )
+            })
         } else {
             None
         };
+        match &self.fabric {
+            Some(f) => {
+                let r = f
+                    .add(options.link.unwrap_or(LinkSettings::NONE))
+                    .await
+                    .with_context(|| format!("cannot start node{i}'s relay"))?;
+                if r != i {
+                    bail!("node{i} got relay {r}: relays and nodes must be added together");
+                }
+            }
+            None if options.link.is_some() => bail!(
+                "node{i} has a link, but this testnet has no relays: use Testnet::new_relayed, or give a node a link in Testnet::start"
+            ),
+            None => {}
+        }
         self.nodes.push(TestNode {
             name: format!("node{i}"),
             data_dir: self.dir.join(format!("node{i}")),
@@ -265,6 +318,13 @@ impl Testnet {
                     *a = api.clone();
                 }
             }
+        }
+        if let Some(f) = &self.fabric {
+            // Other nodes are told only of the relay, so they reach this node through it.
+            args.extend([
+                "--advertise".into(),
+                format!("/ip4/127.0.0.1/tcp/{}", f.relay_addr(i).port()),
+            ]);
         }
         args
     }
@@ -296,6 +356,9 @@ impl Testnet {
             .spawn()
             .with_context(|| format!("cannot start {} {}", self.bin.display(), args.join(" ")))?;
         let pid = child.id().unwrap_or(0);
+        if let Some(f) = &self.fabric {
+            f.set_pid(i, Some(pid));
+        }
         node.child = Some(child);
         node.info = None;
         let runtime_file = node.data_dir.join("node.json");
@@ -317,6 +380,14 @@ impl Testnet {
                     node.ports = listen.map(|l| (l, api));
                 }
                 node.info = Some(info);
+                if let Some(f) = &self.fabric {
+                    let listen = node
+                        .ports
+                        .as_ref()
+                        .and_then(|(l, _)| l.rsplit('/').next()?.parse::<u16>().ok())
+                        .ok_or_else(|| anyhow!("{name} reports no 127.0.0.1 listen port"))?;
+                    f.set_target(i, std::net::SocketAddr::from(([127, 0, 0, 1], listen)));
+                }
                 Ok(())
             }
             Err(e) => Err(e.context(format!("{name}'s log:\n{}", node.log_tail(20)))),
@@ -385,6 +456,60 @@ impl Testnet {
             self.kill(i).await?;
         }
         self.spawn(i).await
+    }
+
+    /// The relays between the nodes, if the testnet has them.
+    pub fn fabric(&self) -> Option<&Fabric> {
+        self.fabric.as_ref()
+    }
+
+    fn relays(&self, what: &str) -> anyhow::Result<&Fabric> {
+        self.fabric.as_ref().ok_or_else(|| {
+            anyhow!(
+                "cannot {what}: this testnet has no relays (give a node NodeOptions::link, or use Testnet::new_relayed)"
+            )
+        })
+    }
+
+    fn check_index(&self, i: usize) -> anyhow::Result<()> {
+        if i >= self.nodes.len() {
+            bail!(
+                "there is no node {i}: the testnet has {} nodes",
+                self.nodes.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Where other nodes reach node `i`: its relay's address.
+    pub fn relay_addr(&self, i: usize) -> anyhow::Result<std::net::SocketAddr> {
+        self.check_index(i)?;
+        Ok(self.relays("find a relay")?.relay_addr(i))
+    }
+
+    /// Cuts the nodes in `cut` off from the rest (replacing any earlier partition): their
+    /// connections across are reset and new ones refused until [`heal`](Self::heal). The
+    /// nodes on each side still reach each other. The nodes notice as peers do: connections
+    /// drop at once, peer tables forget the other side when its records stop (about 10 s).
+    pub fn partition(&self, cut: &[usize]) -> anyhow::Result<()> {
+        for &i in cut {
+            self.check_index(i)?;
+        }
+        self.relays("partition")?.partition(cut);
+        Ok(())
+    }
+
+    /// Ends the partition.
+    pub fn heal(&self) -> anyhow::Result<()> {
+        self.relays("heal")?.heal();
+        Ok(())
+    }
+
+    /// Changes node `i`'s link (latency, jitter, loss) from now on.
+    pub fn set_link(&self, i: usize, link: LinkSettings) -> anyhow::Result<()> {
+        self.check_index(i)?;
+        self.relays("set a link")?.set_link(i, link);
+        Ok(())
     }
 
     /// The indices of the nodes running now.

@@ -807,3 +807,92 @@ async fn a_gpu_function_runs_only_on_the_gpu_peer_and_waits_while_it_is_gone() {
     }
     assert_eq!(log(&api, "gpu/out").await.next, 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_latency_policy_moves_a_function_to_the_faster_peer() {
+    use canal_testnet::{LinkSettings, NodeOptions};
+    // Three voters behind relays without delay; then two workers join as learners (never
+    // leaders, so never the deciding node itself): node 3 behind a 40 ms link, node 4 not.
+    let voters = vec![
+        "--bootstrap-expect".into(),
+        "3".into(),
+        "--voters".into(),
+        "3".into(),
+    ];
+    let mut net = Testnet::start(crate::BIN, 3, |_| NodeOptions {
+        link: Some(LinkSettings::NONE),
+        extra_args: voters.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for i in 0..3 {
+        crate::raft::wait_formed(&net, i, 3).await;
+    }
+    for delay in [40, 0] {
+        net.add_node(NodeOptions {
+            link: Some(LinkSettings::latency(Duration::from_millis(delay))),
+            labels: vec![("pool".into(), "workers".into())],
+            bootstrap_from_first: true,
+            extra_args: vec!["--voters".into(), "3".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let peer = |i: usize| net.node(i).info().unwrap().peer_id.clone();
+    let (slow, fast) = (peer(3), peer(4));
+    let api = net.api(0).unwrap();
+    deploy(
+        &api,
+        "lat",
+        "uppercase",
+        "?policy=latency&labels=pool=workers",
+    )
+    .await;
+    trigger(
+        &api,
+        "l",
+        serde_json::json!({"on": "lat/in", "fn": "lat", "out": "lat/out"}),
+    )
+    .await;
+    wait_placement(&api, "lat", "the fast worker to be chosen", |p| {
+        p.decision.chosen == [fast.clone()]
+    })
+    .await;
+    let apis: Vec<Api> = (0..3).map(|i| net.api(i).unwrap()).collect();
+    publish_until_acked(&apis, 0, "lat/in", "l0", b"a".to_vec()).await;
+    wait_log_len(&net, "lat/out", 1).await;
+
+    // The links swap: the decision follows the measured round trips.
+    net.set_link(4, LinkSettings::latency(Duration::from_millis(60)))
+        .unwrap();
+    net.set_link(3, LinkSettings::NONE).unwrap();
+    let a = wait_placement(
+        &api,
+        "lat",
+        "the function to move to the now faster worker",
+        |p| p.decision.chosen == [slow.clone()],
+    )
+    .await;
+    let verdict = a
+        .committed
+        .unwrap()
+        .decision
+        .verdicts
+        .into_iter()
+        .find(|v| v.peer_id == fast)
+        .unwrap();
+    assert!(
+        !verdict.chosen && verdict.predicted_ms.is_some(),
+        "{verdict:?}"
+    );
+    publish_until_acked(&apis, 1, "lat/in", "l1", b"b".to_vec()).await;
+    wait_log_len(&net, "lat/out", 2).await;
+    let out = read_all(&api, "lat/out", 2).await;
+    let executors: Vec<&str> = out
+        .iter()
+        .map(|e| e["headers"]["canal-executor"].as_str().unwrap())
+        .collect();
+    assert_eq!(executors, [fast.as_str(), slow.as_str()]);
+}

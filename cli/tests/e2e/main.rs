@@ -8,6 +8,7 @@ mod functions;
 mod mesh;
 mod pubsub;
 mod raft;
+mod tiers;
 
 use canal_proto::api::Peers;
 use canal_testnet::{Testnet, wait_for};
