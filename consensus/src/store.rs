@@ -694,12 +694,25 @@ impl StateMachine {
                 return Ok(first);
             }
         }
+        // A publish's id is remembered for the dedup window only: note when it was applied,
+        // and forget ids older than the window (measured by the publishes' own times, so every
+        // replica forgets the same ones).
+        let published_at = match (&id, &op) {
+            (Some(_), Op::Publish(p)) => Some(p.time_ms),
+            _ => None,
+        };
         let mut w = Writes {
             tree: &self.sm,
             data,
             batch,
         };
+        if let Some(t) = published_at {
+            forget_old_ids(&mut w, requests, t).map_err(|e| werr(any(&e)))?;
+        }
         let (previous, refused, offset) = apply_op(&mut w, op).map_err(|e| werr(any(&e)))?;
+        if let (Some(t), Some(id)) = (published_at, &id) {
+            w.set(crate::topics::dedup_key(t, id), Some(Vec::new()));
+        }
         let reply = Response {
             index,
             duplicate: false,
@@ -831,6 +844,41 @@ fn apply_op(w: &mut Writes<'_>, op: crate::types::Op) -> Result<Applied, String>
         // A batch is unpacked by `apply`; one inside another is not a thing clients send.
         Op::Batch(_) => Ok((None, Some("a batch cannot hold a batch".into()), None)),
     }
+}
+
+/// How many expired ids one publish forgets at most: pruning keeps pace with publishing
+/// without making one apply slow.
+const FORGET_PER_PUBLISH: usize = 64;
+
+/// Forgets the ids of publishes applied longer than the dedup window before `now_ms`.
+fn forget_old_ids(
+    w: &mut Writes<'_>,
+    requests: &mut HashMap<String, Response>,
+    now_ms: u64,
+) -> Result<(), String> {
+    let Some(horizon) = now_ms.checked_sub(crate::topics::DEDUP_WINDOW_MS) else {
+        return Ok(());
+    };
+    let start = format!("d/{}", crate::topics::DEDUP_PREFIX);
+    let end = format!("d/{}", crate::topics::dedup_key(horizon, ""));
+    let old: Vec<String> = w
+        .tree
+        .range(start.as_bytes()..end.as_bytes())
+        .keys()
+        .take(FORGET_PER_PUBLISH)
+        .map(|k| {
+            k.map(|k| String::from_utf8_lossy(&k[2..]).into_owned())
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    for key in old {
+        if let Some((_, id)) = key.split_once('\u{0}') {
+            w.batch.remove(format!("r/{id}").as_bytes());
+            requests.remove(id);
+        }
+        w.set(key, None);
+    }
+    Ok(())
 }
 
 /// Appends an event to its topic's log, applying the topic's retention; returns its offset.
@@ -1266,6 +1314,43 @@ mod tests {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Normal(req),
         }
+    }
+
+    #[test]
+    fn publish_ids_are_remembered_for_the_dedup_window() {
+        use crate::topics::DEDUP_WINDOW_MS;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let db = RaftDb::open(dir.path()).unwrap();
+            let (_, mut sm) = db.group(GroupId(1)).unwrap();
+            let publish = |id: &str, t: u64| Request {
+                id: Some(format!("pub/t/{id}")),
+                op: Op::Publish(crate::topics::PublishOp {
+                    topic: "t".into(),
+                    id: Some(id.into()),
+                    headers: Vec::new(),
+                    payload: b"x".to_vec(),
+                    time_ms: t,
+                    retention: Default::default(),
+                }),
+            };
+            let r = sm.apply(vec![entry(1, publish("a", 1_000))]).await.unwrap();
+            assert!(!r[0].duplicate);
+            // Within the window: the same id is the same event.
+            let r = sm
+                .apply(vec![entry(2, publish("a", 1_000 + DEDUP_WINDOW_MS - 1))])
+                .await
+                .unwrap();
+            assert!(r[0].duplicate && r[0].offset == Some(0));
+            // Past it, another publish makes the node forget `a`; `a` again is a new event.
+            let later = 1_000 + DEDUP_WINDOW_MS + 1;
+            sm.apply(vec![entry(3, publish("b", later))]).await.unwrap();
+            let r = sm.apply(vec![entry(4, publish("a", later))]).await.unwrap();
+            assert!(!r[0].duplicate);
+            assert_eq!(r[0].offset, Some(2));
+            assert_eq!(sm.topic_meta("t").unwrap().unwrap().next, 3);
+        });
     }
 
     #[test]

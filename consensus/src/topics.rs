@@ -9,6 +9,7 @@
 //!   \x01e/{topic}\x00{offset:020} StoredEvent
 //!   \x01c/{name}\x00{topic}        next offset of durable subscription {name}
 //!   \x01S/{filter}                TopicSettings (metadata group)
+//!   \x01w/{time:020}\x00{id}       a publish id to forget after the dedup window
 //! ```
 //!
 //! Offsets start at 0 and grow by one per event; retention drops the oldest events.
@@ -88,3 +89,15 @@ pub fn settings_key(filter: &str) -> String {
 
 /// The prefix of every settings key.
 pub const SETTINGS_PREFIX: &str = "\u{1}S/";
+
+/// How long a publisher's message id is remembered: a publish retried within this window
+/// with the same id is stored once.
+pub const DEDUP_WINDOW_MS: u64 = 2 * 60 * 1000;
+
+/// The prefix of the keys that note when publish ids were applied.
+pub const DEDUP_PREFIX: &str = "\u{1}w/";
+
+/// The key noting that request `id`, a publish accepted at `time_ms`, was applied.
+pub fn dedup_key(time_ms: u64, id: &str) -> String {
+    format!("{DEDUP_PREFIX}{time_ms:020}\u{0}{id}")
+}
