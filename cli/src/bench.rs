@@ -173,8 +173,11 @@ async fn pubsub(
             bail!("subscribe failed: {}", resp.status());
         }
         let sub = collect_latencies(resp, count);
-        // The node registered the subscription before it answered with the stream's headers,
-        // so QoS 0 events published from here on reach it.
+        // QoS 0 goes only to peers that advertise interest: wait until every node knows the
+        // subscriber's node wants these events.
+        if q == 0 {
+            wait_interest(&apis, &net.node(2).info()?.peer_id, &filter).await?;
+        }
         let payload = vec![b'x'; size];
         let started = Instant::now();
         let topic = move |i: usize| format!("bench/{run}/t{}", i % 8);
@@ -265,6 +268,32 @@ pub(crate) fn collect_events(
         }
         (got, last)
     })
+}
+
+/// Waits until every node of `apis` has heard that `peer` wants QoS 0 events of `filter`
+/// (peers advertise their interest every 2 s).
+pub(crate) async fn wait_interest(apis: &[Api], peer: &str, filter: &str) -> anyhow::Result<()> {
+    for api in apis {
+        canal_testnet::wait_for(
+            "the subscriber's interest to reach every node",
+            Duration::from_secs(30),
+            || async move {
+                let p: canal_proto::api::Peers =
+                    api.get("/v1/peers").await.map_err(|e| e.to_string())?;
+                let known = p
+                    .peers
+                    .iter()
+                    .any(|p| p.caps.peer_id == peer && p.caps.interest.iter().any(|f| f == filter));
+                if known {
+                    Ok(())
+                } else {
+                    Err("not yet".to_string())
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Publishes `count` events of `payload` at QoS `q` with `publishers` in flight, through

@@ -171,6 +171,19 @@ async fn end_to_end(count: usize, publishers: usize) -> anyhow::Result<Vec<serde
             bail!("subscribe failed: {}", resp.status());
         }
         let sub = collect_latencies(resp, count);
+        if q == 0 {
+            // The executor must be known to want the trigger's input, the subscriber's node
+            // its output.
+            let placed: canal_node::placer::PlacementAnswer =
+                apis[0].get("/v1/functions/upper/placement").await?;
+            let executor = placed
+                .committed
+                .and_then(|p| p.decision.chosen.first().cloned())
+                .context("the function is not placed")?;
+            crate::bench::wait_interest(&apis, &executor, "bench-fn/in0/+").await?;
+            crate::bench::wait_interest(&apis, &net.node(2).info()?.peer_id, "bench-fn/out0")
+                .await?;
+        }
         let started = Instant::now();
         let topic = move |i: usize| format!("bench-fn/in{q}/s{}", i % 4);
         publish_many(

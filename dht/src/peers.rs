@@ -122,6 +122,7 @@ mod tests {
             load: Load::default(),
             raft_member: false,
             forms_cluster: false,
+            interest: Vec::new(),
             seq,
             measured_at_ms: at,
         }

@@ -20,6 +20,31 @@ pub struct LoadCounters {
     pub running_invocations: AtomicU64,
     /// Whether this node is a member of the cluster's Raft groups.
     pub raft_member: std::sync::atomic::AtomicBool,
+    /// The filters of this node's QoS 0 subscribers, each with how many subscribe with it.
+    pub subscribed: std::sync::Mutex<BTreeMap<String, usize>>,
+    /// The filters of the QoS 0 triggers this node executes.
+    pub trigger_filters: std::sync::Mutex<Vec<String>>,
+}
+
+impl LoadCounters {
+    /// The QoS 0 interest this node advertises: its subscribers' and its triggers' filters.
+    pub fn interest(&self) -> Vec<String> {
+        let mut all: std::collections::BTreeSet<String> = self
+            .subscribed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        all.extend(
+            self.trigger_filters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned(),
+        );
+        all.into_iter().collect()
+    }
 }
 
 /// Finds the GPUs the NVIDIA driver can see. `Err` says why there are none to find (no
@@ -109,6 +134,7 @@ impl Measurer {
                 load: Load::default(),
                 raft_member: false,
                 forms_cluster: false,
+                interest: Vec::new(),
                 seq: 0,
                 measured_at_ms: 0,
             },
@@ -130,6 +156,7 @@ impl LocalRecord for Measurer {
         caps.load.queue_len = self.load.queue_len.load(Ordering::Relaxed);
         caps.load.running_invocations = self.load.running_invocations.load(Ordering::Relaxed);
         caps.raft_member = self.load.raft_member.load(Ordering::Relaxed);
+        caps.interest = self.load.interest();
         caps
     }
 }

@@ -34,6 +34,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 use tracing::{debug, info, warn};
@@ -124,6 +125,8 @@ pub struct Executor {
     pub qos0: Qos0Hub,
     /// Metrics.
     pub metrics: ExecMetrics,
+    /// Each QoS 1 trigger's events waiting here, by trigger uid.
+    pub backlog: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 fn now_ms() -> u64 {
@@ -181,6 +184,18 @@ impl Executor {
                     }
                     let qos0: Vec<TriggerSpec> =
                         triggers.into_iter().filter(|t| t.qos == 0).collect();
+                    // Advertise what the QoS 0 triggers executed here listen to, so
+                    // publishers send those events here.
+                    let here: Vec<String> = qos0
+                        .iter()
+                        .filter(|t| {
+                            functions
+                                .iter()
+                                .any(|f| f.name == t.function && self.functions.runs_here(f))
+                        })
+                        .map(|t| t.filter.to_string())
+                        .collect();
+                    self.qos0.set_trigger_filters(here);
                     qos0_tx.send_replace(Arc::new(qos0));
                 }
                 (Err(e), _) | (_, Err(e)) => warn!(error = ?e, "cannot read functions"),
@@ -236,6 +251,7 @@ impl Executor {
         let dead_letter = spec.dead_letter_topic().map_err(|e| e.0)?;
         let settings = crate::pubsub::all_settings(&self.functions.consensus).map_err(e)?;
         let mut progressed = false;
+        let mut backlog = 0u64;
         for (topic, meta) in sm.topics().map_err(|e| e.to_string())? {
             let Ok(t) = Topic::new(&topic) else { continue };
             if !spec.filter.matches(&t) || t == dead_letter {
@@ -261,6 +277,8 @@ impl Executor {
             if start.offset >= meta.next {
                 continue;
             }
+            backlog += meta.next - start.offset;
+            self.set_backlog(&spec.uid, backlog);
             let end = rules::batch_end(start.offset, meta.next, BATCH_EVENTS);
             let events = sm
                 .events(&topic, start.offset, (end - start.offset) as usize)
@@ -361,7 +379,25 @@ impl Executor {
             };
             progressed = true;
         }
+        if !progressed {
+            self.set_backlog(&spec.uid, 0);
+        }
         Ok(progressed)
+    }
+
+    /// Records a trigger's backlog here and advertises the node's total as its queue length
+    /// (placement's least-loaded and latency policies read it).
+    fn set_backlog(&self, uid: &str, n: u64) {
+        let mut b = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+        if n == 0 {
+            b.remove(uid);
+        } else {
+            b.insert(uid.to_string(), n);
+        }
+        self.functions
+            .live
+            .queue_len
+            .store(b.values().sum(), Ordering::Relaxed);
     }
 
     /// Runs one event, retrying failures with backoff up to the trigger's retries.
@@ -410,6 +446,8 @@ impl Executor {
         out: Option<Topic>,
     ) -> Invocation {
         let permit = self.functions.slots.clone().acquire_owned().await;
+        let live = self.functions.live.clone();
+        live.running_invocations.fetch_add(1, Ordering::Relaxed);
         let rt = self.functions.runtime.clone();
         let module = module.clone();
         let limits = function.limits;
@@ -426,6 +464,7 @@ impl Executor {
             elapsed: Duration::ZERO,
             fuel_used: None,
         });
+        live.running_invocations.fetch_sub(1, Ordering::Relaxed);
         self.metrics.observe(&function.name, &inv);
         if inv.result.is_ok() {
             self.functions.observe(&function.name, inv.elapsed);

@@ -43,6 +43,8 @@ pub struct Functions {
     pub slots: Arc<tokio::sync::Semaphore>,
     /// This node's execution-time estimates per function, which placement reads.
     pub estimates: std::sync::Mutex<canal_placement::Estimates>,
+    /// The load counters this node advertises.
+    pub live: Arc<crate::caps::LoadCounters>,
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {

@@ -203,7 +203,7 @@ impl Node {
             &mut registry,
         )
         .await?;
-        let qos0 = pubsub::Qos0Hub::default();
+        let qos0 = pubsub::Qos0Hub::new(live.clone());
         if let Some(inbound) = dht.take_inbound() {
             cluster::serve(consensus.clone(), qos0.clone(), inbound);
         }
@@ -219,6 +219,7 @@ impl Node {
             peer_id: handle.local_peer_id().to_base58(),
             slots: Arc::new(tokio::sync::Semaphore::new(WASM_INSTANCES as usize)),
             estimates: std::sync::Mutex::new(canal_placement::Estimates::new()),
+            live: live.clone(),
         });
         let exec_metrics = executor::ExecMetrics::register(&mut registry);
         let membership = Membership {
@@ -238,6 +239,7 @@ impl Node {
             dht: handle.clone(),
             qos0: qos0.clone(),
             metrics: exec_metrics,
+            backlog: Default::default(),
         })
         .spawn(closing.clone());
         let trimmer = pubsub::spawn_trimmer(consensus.clone(), closing.clone());

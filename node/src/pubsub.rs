@@ -48,21 +48,69 @@ pub struct Qos0Message {
     pub payload: Vec<u8>,
 }
 
-/// The node's QoS 0 fan-out point: its local QoS 0 subscribers listen here.
+/// The node's QoS 0 fan-out point: its local QoS 0 subscribers listen here, and say what
+/// they listen to, which the node advertises so publishers send it only what it wants.
 #[derive(Clone)]
 pub struct Qos0Hub {
     tx: broadcast::Sender<Arc<Qos0Message>>,
+    live: Arc<crate::caps::LoadCounters>,
 }
 
-impl Default for Qos0Hub {
-    fn default() -> Self {
-        Qos0Hub {
-            tx: broadcast::channel(4096).0,
+/// A QoS 0 subscriber's registered interest; dropping it withdraws the interest.
+pub struct Interest {
+    live: Arc<crate::caps::LoadCounters>,
+    filter: String,
+}
+
+impl Drop for Interest {
+    fn drop(&mut self) {
+        let mut m = self
+            .live
+            .subscribed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.filter) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.filter);
+            }
         }
     }
 }
 
 impl Qos0Hub {
+    /// A hub whose interest is advertised through `live`.
+    pub fn new(live: Arc<crate::caps::LoadCounters>) -> Self {
+        Qos0Hub {
+            tx: broadcast::channel(4096).0,
+            live,
+        }
+    }
+
+    /// Registers a local subscriber's filter for as long as the guard lives.
+    pub fn register(&self, filter: &TopicFilter) -> Interest {
+        *self
+            .live
+            .subscribed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(filter.to_string())
+            .or_insert(0) += 1;
+        Interest {
+            live: self.live.clone(),
+            filter: filter.to_string(),
+        }
+    }
+
+    /// Sets the filters of the QoS 0 triggers this node executes.
+    pub fn set_trigger_filters(&self, filters: Vec<String>) {
+        *self
+            .live
+            .trigger_filters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = filters;
+    }
+
     /// Listens to every QoS 0 event that passes this node.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Qos0Message>> {
         self.tx.subscribe()
@@ -440,10 +488,18 @@ pub const QOS0_CHANNEL: u8 = b'Q';
 /// Publishes a QoS 0 event from this node: to its own subscribers and to every other live
 /// peer, once, without waiting.
 pub fn publish_qos0(dht: &canal_dht::DhtHandle, hub: &Qos0Hub, m: Qos0Message) {
-    if let Ok(body) = wire::encode(&m) {
+    if let (Ok(body), Ok(topic)) = (wire::encode(&m), Topic::new(&m.topic)) {
         let mut framed = vec![QOS0_CHANNEL];
         framed.extend(body);
-        for p in dht.peers().into_iter().filter(|p| !p.is_self) {
+        // Only to peers that want it: their advertised interest matches the topic.
+        let wants = |p: &canal_dht::PeerView| {
+            p.caps
+                .interest
+                .iter()
+                .filter_map(|f| TopicFilter::new(f).ok())
+                .any(|f| f.matches(&topic))
+        };
+        for p in dht.peers().into_iter().filter(|p| !p.is_self && wants(p)) {
             let dht = dht.clone();
             let framed = framed.clone();
             tokio::spawn(async move {
@@ -648,7 +704,9 @@ async fn start(
     let mut closing = st.closing.clone();
     if qos == 0 {
         let mut events = st.qos0.tx.subscribe();
+        let interest = st.qos0.register(&filter);
         tokio::spawn(async move {
+            let _interest = interest;
             loop {
                 let next = tokio::select! {
                     next = events.recv() => next,

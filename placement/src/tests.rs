@@ -32,6 +32,7 @@ pub(crate) fn caps(peer: &str, tier: &str, gpus_gib: &[u64]) -> Capabilities {
         load: Load::default(),
         raft_member: true,
         forms_cluster: false,
+        interest: Vec::new(),
         seq: 1,
         measured_at_ms: 1_000,
     }

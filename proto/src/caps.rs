@@ -112,6 +112,10 @@ pub struct Capabilities {
     /// peers are counted and chosen when the cluster is formed.
     #[serde(default)]
     pub forms_cluster: bool,
+    /// The topic filters this peer wants QoS 0 events of (its QoS 0 subscribers and the QoS 0
+    /// triggers it executes): a QoS 0 publish is sent only to peers whose interest matches.
+    #[serde(default)]
+    pub interest: Vec<String>,
     /// Increases with every advertisement of this peer, so a stale record never replaces a
     /// newer one.
     pub seq: u64,

@@ -76,6 +76,7 @@ mod tests {
             load: Load::default(),
             raft_member: false,
             forms_cluster: false,
+            interest: Vec::new(),
             seq: 7,
             measured_at_ms: 1,
         }
