@@ -367,6 +367,13 @@ impl Executor {
                 .write_op(STATE_GROUP, Op::Effects(fx))
                 .await
                 .map_err(|e| e.to_string())?;
+            // The next batch starts from this replica's cursor: wait until it has applied
+            // this entry, or an executor away from the leader would re-run the batch it just
+            // committed (and be refused) until its replica caught up.
+            let mut applied = sm.watch_applied();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), applied.wait_for(|i| *i >= r.index))
+                    .await;
             let label = vec![("trigger".into(), spec.name.clone())];
             match r.refused {
                 None => {
