@@ -174,6 +174,31 @@ pub(crate) async fn run(events: usize, publishers: usize, json: bool) -> anyhow:
             .collect();
         let mut lat: Vec<Duration> = got.into_iter().map(|(d, _)| d).collect();
         lat.sort();
+        if lat.len() < events {
+            // Say why: the executing peer's warnings.
+            for i in 0..net.len() {
+                if net.node(i).info().is_ok_and(|n| n.peer_id == chosen) {
+                    let api = net.api(i)?;
+                    eprintln!(
+                        "executor: {} commits, {} refused, {} invocations",
+                        api.metric_sum("canal_trigger_commits_total")
+                            .await
+                            .unwrap_or(-1.0),
+                        api.metric_sum("canal_trigger_refused_commits_total")
+                            .await
+                            .unwrap_or(-1.0),
+                        api.metric_sum("canal_fn_invocations_total")
+                            .await
+                            .unwrap_or(-1.0),
+                    );
+                    eprintln!(
+                        "only {} of {events} outputs arrived; the executor's log ends:\n{}",
+                        lat.len(),
+                        net.node(i).log_tail(20)
+                    );
+                }
+            }
+        }
         let on_oracle = executors.iter().filter(|e| **e == oracle).count();
         let accuracy = on_oracle as f64 / executors.len().max(1) as f64;
         eprintln!(

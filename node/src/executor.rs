@@ -41,6 +41,8 @@ use tracing::{debug, info, warn};
 
 /// The most events one commit covers.
 const BATCH_EVENTS: u64 = 64;
+/// How long an executor waits for its replica to apply its own commit before going on.
+const APPLY_WAIT: Duration = Duration::from_millis(500);
 /// A batch stops growing once its outputs reach this many bytes.
 const BATCH_BYTES: usize = 4 << 20;
 
@@ -371,9 +373,14 @@ impl Executor {
             // this entry, or an executor away from the leader would re-run the batch it just
             // committed (and be refused) until its replica caught up.
             let mut applied = sm.watch_applied();
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), applied.wait_for(|i| *i >= r.index))
-                    .await;
+            // Bounded: a replica that hears of the commit late costs one refused re-run, not
+            // a stall.
+            if tokio::time::timeout(APPLY_WAIT, applied.wait_for(|i| *i >= r.index))
+                .await
+                .is_err()
+            {
+                debug!(trigger = %spec.name, index = r.index, "this replica has not applied the trigger's commit yet");
+            }
             let label = vec![("trigger".into(), spec.name.clone())];
             match r.refused {
                 None => {

@@ -65,8 +65,10 @@ pub const LOSS_PENALTY: Duration = Duration::from_millis(200);
 /// closed.
 const TARGET_WAIT: Duration = Duration::from_secs(10);
 
-/// How many chunks may wait in one direction of one connection (backpressure beyond).
-const CHUNKS_IN_FLIGHT: usize = 256;
+/// How many chunks may wait in one direction of one connection (backpressure beyond). Each
+/// read is a chunk, and busy peers write many small frames, so this must cover a link's
+/// bandwidth-delay product in frames, or the relay, not the link, limits the rate.
+const CHUNKS_IN_FLIGHT: usize = 16_384;
 
 /// One node's access link.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
