@@ -143,6 +143,27 @@ async fn threshold_setup(net: &Testnet, via: usize) {
     .await;
 }
 
+/// Publishes events `range` to `topic` one after another, event `i` through node `i % n`
+/// with message id `{id}{i}` and payload `{payload}{i}`.
+async fn publish_each(
+    apis: &[Api],
+    range: std::ops::Range<usize>,
+    topic: &str,
+    id: &str,
+    payload: &str,
+) {
+    for i in range {
+        publish_until_acked(
+            apis,
+            i,
+            topic,
+            &format!("{id}{i}"),
+            format!("{payload}{i}").into_bytes(),
+        )
+        .await;
+    }
+}
+
 /// Publishes readings `range` through the nodes in `apis`, 16 at a time.
 async fn publish_readings(apis: &[Api], range: std::ops::Range<usize>) {
     use futures::StreamExt;
@@ -517,16 +538,7 @@ async fn a_chain_of_three_functions_and_a_qos0_trigger() {
     )
     .await;
     let apis: Vec<Api> = (0..3).map(|i| net.api(i).unwrap()).collect();
-    for i in 0..5 {
-        publish_until_acked(
-            &apis,
-            i,
-            "in/x",
-            &format!("x{i}"),
-            format!("m{i}").into_bytes(),
-        )
-        .await;
-    }
+    publish_each(&apis, 0..5, "in/x", "x", "m").await;
     wait_log_len(&net, "c/out", 5).await;
     let out = read_all(&net.api(2).unwrap(), "c/out", 5).await;
     let payloads: Vec<&str> = out.iter().map(|e| e["payload"].as_str().unwrap()).collect();
@@ -748,16 +760,7 @@ async fn a_gpu_function_runs_only_on_the_gpu_peer_and_waits_while_it_is_gone() {
     })
     .await;
     let apis: Vec<Api> = (0..3).map(|i| net.api(i).unwrap()).collect();
-    for i in 0..5 {
-        publish_until_acked(
-            &apis,
-            i,
-            "gpu/in",
-            &format!("g{i}"),
-            format!("a{i}").into_bytes(),
-        )
-        .await;
-    }
+    publish_each(&apis, 0..5, "gpu/in", "g", "a").await;
     wait_log_len(&net, "gpu/out", 5).await;
 
     // The GPU peer goes away: no other peer fits, so the function is unplaceable, says why,
@@ -773,16 +776,7 @@ async fn a_gpu_function_runs_only_on_the_gpu_peer_and_waits_while_it_is_gone() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("UNPLACEABLE"), "{text}");
     assert!(text.contains("no GPU"), "{text}");
-    for i in 5..10 {
-        publish_until_acked(
-            &apis,
-            i,
-            "gpu/in",
-            &format!("g{i}"),
-            format!("a{i}").into_bytes(),
-        )
-        .await;
-    }
+    publish_each(&apis, 5..10, "gpu/in", "g", "a").await;
     assert_eq!(log(&api, "gpu/out").await.next, 5, "ran while unplaceable");
 
     // It comes back: the events published meanwhile are processed there, none lost.
