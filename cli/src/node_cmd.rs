@@ -17,7 +17,7 @@ pub(crate) struct NodeArgs {
     /// Where the identity and data live [default: ./canal-data].
     #[arg(long, env = "CANAL_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Multiaddr to listen on for peers; repeatable [default: /ip4/0.0.0.0/tcp/7000].
+    /// Multiaddr to listen on for peers; repeatable [default: /ip4/127.0.0.1/tcp/7000].
     #[arg(long, env = "CANAL_LISTEN", value_delimiter = ',')]
     listen: Vec<String>,
     /// Address of the HTTP client API [default: 127.0.0.1:7070].
@@ -58,6 +58,11 @@ pub(crate) struct NodeArgs {
     /// Shortest Raft election timeout in ms; the longest is twice it [default: 200].
     #[arg(long, env = "CANAL_RAFT_ELECTION_TIMEOUT_MS")]
     raft_election_timeout_ms: Option<u64>,
+    /// Run without a cluster key on addresses other hosts can reach: any peer that connects
+    /// joins the cluster and gets a copy of its data. For trusted networks only; a node
+    /// says so at every start.
+    #[arg(long, env = "CANAL_INSECURE_OPEN", num_args = 0..=1, default_missing_value = "true")]
+    insecure_open: Option<bool>,
     /// Home peers per shard (K).
     #[arg(long, env = "CANAL_REPLICATION_FACTOR")]
     replication_factor: Option<usize>,
@@ -116,6 +121,9 @@ impl NodeArgs {
         if let Some(v) = self.raft_election_timeout_ms {
             c.raft_election_timeout_ms = v;
         }
+        if let Some(v) = self.insecure_open {
+            c.insecure_open = v;
+        }
         Ok(c)
     }
 }
@@ -132,6 +140,7 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    exit_on_panic();
     let config = args.merge()?;
     let node = Node::start(&config).await?;
     let info = node.runtime_info();
@@ -145,6 +154,22 @@ pub(crate) async fn run(args: NodeArgs) -> anyhow::Result<()> {
     node.shutdown().await;
     Ok(())
 }
+
+/// A panic in any task (the swarm loop, a Raft task, a request handler) would leave a node
+/// that answers `/v1/health` but may no longer gossip or replicate. The process exits
+/// instead, non-zero, so whatever supervises it restarts it from its data dir, which holds
+/// everything acknowledged.
+fn exit_on_panic() {
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print(info);
+        tracing::error!(panic = %info, "a task panicked: the node exits so it restarts clean");
+        std::process::exit(PANIC_EXIT_CODE);
+    }));
+}
+
+/// The exit status of a node that stopped because a task panicked (EX_SOFTWARE).
+const PANIC_EXIT_CODE: i32 = 70;
 
 async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};

@@ -49,13 +49,16 @@ pub struct NodeConfig {
     /// The shortest Raft election timeout, in milliseconds; the longest is twice it, the
     /// leader heartbeat a quarter of it.
     pub raft_election_timeout_ms: u64,
+    /// Runs without a cluster key on addresses others can reach, letting any peer that
+    /// connects join the cluster and receive its data. For trusted networks only.
+    pub insecure_open: bool,
 }
 
 impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             data_dir: PathBuf::from("./canal-data"),
-            listen: vec!["/ip4/0.0.0.0/tcp/7000".into()],
+            listen: vec!["/ip4/127.0.0.1/tcp/7000".into()],
             api_listen: "127.0.0.1:7070".into(),
             bootstrap: Vec::new(),
             advertise: Vec::new(),
@@ -70,6 +73,7 @@ impl Default for NodeConfig {
             voters: 3,
             raft_snapshot_every: 5000,
             raft_election_timeout_ms: 200,
+            insecure_open: false,
         }
     }
 }
@@ -130,6 +134,30 @@ pub struct ValidConfig {
     pub raft_snapshot_every: u64,
     /// Shortest election timeout.
     pub raft_election_timeout: std::time::Duration,
+    /// Who joins the cluster without an operator's word.
+    pub admission: Admission,
+}
+
+/// Which peers the cluster takes in as learners (and later voters) on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Every peer that can connect holds the cluster key, so every peer belongs.
+    Keyed,
+    /// No key, on loopback only: only peers admitted by hand (`canal cluster admit`) join.
+    ByHand,
+    /// `--insecure-open`: any peer that connects joins (trusted networks only).
+    Open,
+}
+
+/// Whether a listen address can be reached only from this host.
+fn is_loopback(addr: &Multiaddr) -> bool {
+    use libp2p::multiaddr::Protocol;
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_loopback(),
+        Some(Protocol::Ip6(ip)) => ip.is_loopback(),
+        Some(Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h)) => h == "localhost",
+        _ => false,
+    }
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -312,6 +340,21 @@ impl NodeConfig {
                 ),
             ));
         }
+        let admission = match (&cluster_key, self.insecure_open) {
+            (Some(_), _) => Admission::Keyed,
+            (None, true) => Admission::Open,
+            (None, false) => {
+                if let Some(open) = listen.iter().find(|a| !is_loopback(a)) {
+                    return Err(invalid(
+                        "listen",
+                        format!(
+                            "{open} can be reached from other hosts, but no cluster key is set: any peer could join and read or rewrite the cluster's data. Give every node the same key (`canal cluster keygen swarm.key`, then --cluster-key swarm.key), listen on 127.0.0.1 only, or accept the risk with --insecure-open"
+                        ),
+                    ));
+                }
+                Admission::ByHand
+            }
+        };
         Ok(ValidConfig {
             data_dir: self.data_dir.clone(),
             listen,
@@ -329,6 +372,7 @@ impl NodeConfig {
             voters: self.voters,
             raft_snapshot_every: self.raft_snapshot_every,
             raft_election_timeout: std::time::Duration::from_millis(self.raft_election_timeout_ms),
+            admission,
         })
     }
 }
@@ -463,6 +507,56 @@ mod tests {
         let _ = std::fs::write(&path, "garbage");
         assert!(read_cluster_key(&path).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn reachable_addresses_need_a_key_or_insecure_open() {
+        let open = NodeConfig {
+            listen: vec!["/ip4/0.0.0.0/tcp/7000".into()],
+            ..Default::default()
+        };
+        let msg = open
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(msg.starts_with("listen"), "{msg}");
+        assert!(
+            msg.contains("--cluster-key") && msg.contains("--insecure-open"),
+            "{msg}"
+        );
+        let insecure = NodeConfig {
+            insecure_open: true,
+            ..open.clone()
+        };
+        assert_eq!(
+            insecure.validate().map(|v| v.admission).ok(),
+            Some(Admission::Open)
+        );
+        let local = NodeConfig::default().validate().map(|v| v.admission).ok();
+        assert_eq!(local, Some(Admission::ByHand));
+        for addr in [
+            "/ip6/::/tcp/1",
+            "/dns4/edge1/tcp/7000",
+            "/ip4/10.0.0.1/udp/1/quic-v1",
+        ] {
+            let c = NodeConfig {
+                listen: vec![addr.into()],
+                ..Default::default()
+            };
+            assert!(c.validate().is_err(), "{addr} needs a key");
+        }
+        for addr in [
+            "/ip6/::1/tcp/1",
+            "/dns4/localhost/tcp/7000",
+            "/ip4/127.0.0.2/tcp/0",
+        ] {
+            let c = NodeConfig {
+                listen: vec![addr.into()],
+                ..Default::default()
+            };
+            assert!(c.validate().is_ok(), "{addr} is loopback");
+        }
     }
 
     #[test]
