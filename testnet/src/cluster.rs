@@ -326,11 +326,15 @@ pub async fn up(
         }
         None => ports.iter().map(|(p, _)| *p).collect(),
     };
+    // One key for the whole testnet, kept with it so restarted nodes still hold it.
+    let key = std::fs::canonicalize(&opts.dir)?.join("swarm.key");
+    crate::ensure_cluster_key(bin, &key)?;
     let mut pids = Vec::new();
     for i in 0..n {
         let node_dir = std::fs::canonicalize(&opts.dir)?.join(format!("node{i}"));
         std::fs::create_dir_all(&node_dir)?;
         let options = NodeOptions {
+            cluster_key: Some(key.clone()),
             tier: Some(tiers[i].to_string()),
             gpus: if i >= n - opts.gpu_nodes {
                 vec![opts.gpu.clone()]

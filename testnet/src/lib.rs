@@ -51,8 +51,12 @@ pub struct NodeOptions {
     pub labels: Vec<(String, String)>,
     /// `--gpu MODEL:MEMORY`, each.
     pub gpus: Vec<String>,
-    /// `--cluster-key FILE`.
+    /// `--cluster-key FILE`; `None`: the testnet's own key (see [`Testnet::cluster_key`]),
+    /// unless [`keyless`](Self::keyless) is set.
     pub cluster_key: Option<PathBuf>,
+    /// Starts the node without any cluster key (loopback only; peers join by `canal cluster
+    /// admit`), for tests of what a keyless mesh does.
+    pub keyless: bool,
     /// Whether to bootstrap from node 0 (true for every node but node 0 unless changed).
     pub bootstrap_from_first: bool,
     /// Any further flags.
@@ -153,6 +157,9 @@ pub struct Testnet {
     nodes: Vec<TestNode>,
     /// The relays, one per node (relay `i` is node `i`'s), if the nodes are behind relays.
     fabric: Option<Fabric>,
+    /// The cluster key file every node gets unless its options say otherwise; made by
+    /// `canal cluster keygen` when the first node needs it.
+    key: Option<PathBuf>,
 }
 
 /// Polls `check` until it returns `Some`, or fails after `timeout` with a message naming
@@ -177,6 +184,27 @@ where
     }
 }
 
+/// Makes the cluster key file `path` with `canal cluster keygen` (the real command) unless
+/// it exists already, so a restarted testnet keeps its key.
+pub fn ensure_cluster_key(bin: &Path, path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let out = std::process::Command::new(bin)
+        .args(["cluster", "keygen"])
+        .arg(path)
+        .output()
+        .with_context(|| format!("cannot run {} cluster keygen", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "canal cluster keygen {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 impl Testnet {
     /// An empty testnet whose nodes run `bin` (the `canal` binary) and keep their data in a
     /// fresh temporary directory, removed on drop.
@@ -192,6 +220,7 @@ impl Testnet {
             _temp: Some(temp),
             nodes: Vec::new(),
             fabric: None,
+            key: None,
         })
     }
 
@@ -293,6 +322,9 @@ impl Testnet {
             ),
             None => {}
         }
+        if options.cluster_key.is_none() && !options.keyless {
+            self.cluster_key()?;
+        }
         self.nodes.push(TestNode {
             name: format!("node{i}"),
             data_dir: self.dir.join(format!("node{i}")),
@@ -306,10 +338,28 @@ impl Testnet {
         Ok(i)
     }
 
+    /// The cluster key file of this testnet's nodes, made on first use: a testnet runs
+    /// keyed, as a cluster reachable by others must.
+    pub fn cluster_key(&mut self) -> anyhow::Result<PathBuf> {
+        if let Some(k) = &self.key {
+            return Ok(k.clone());
+        }
+        let path = self.dir.join("swarm.key");
+        ensure_cluster_key(&self.bin, &path)?;
+        self.key = Some(path.clone());
+        Ok(path)
+    }
+
     /// The command line node `i` is started with.
     pub fn node_args(&self, i: usize) -> Vec<String> {
         let n = &self.nodes[i];
         let mut args = n.options.args(&n.data_dir, n.bootstrap.as_deref());
+        if n.options.cluster_key.is_none()
+            && !n.options.keyless
+            && let Some(k) = &self.key
+        {
+            args.extend(["--cluster-key".into(), k.display().to_string()]);
+        }
         if let Some((listen, api)) = &n.ports {
             for a in args.iter_mut() {
                 if a == "/ip4/127.0.0.1/tcp/0" {
@@ -499,7 +549,16 @@ impl Testnet {
         Ok(())
     }
 
-    /// Ends the partition.
+    /// Cuts the connections between nodes `a` and `b` only; both still reach every other
+    /// node. Lasts until [`heal`](Self::heal).
+    pub fn block(&self, a: usize, b: usize) -> anyhow::Result<()> {
+        self.check_index(a)?;
+        self.check_index(b)?;
+        self.relays("block a link")?.block(a, b);
+        Ok(())
+    }
+
+    /// Ends the partition and every blocked link.
     pub fn heal(&self) -> anyhow::Result<()> {
         self.relays("heal")?.heal();
         Ok(())

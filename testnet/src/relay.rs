@@ -254,6 +254,8 @@ struct State {
     endpoints: Vec<Endpoint>,
     /// The nodes cut off from the rest; empty: no partition.
     cut: BTreeSet<usize>,
+    /// Pairs of nodes that cannot reach each other (smaller index first), apart from `cut`.
+    blocked: BTreeSet<(usize, usize)>,
 }
 
 impl State {
@@ -263,13 +265,21 @@ impl State {
 
     /// Whether a connection from node `src` (`None`: unknown) may reach node `dst` now.
     fn allowed(&self, src: Option<usize>, dst: usize) -> bool {
-        if self.cut.is_empty() {
+        if !self.restricted() {
             return true;
         }
         match src {
-            Some(s) => self.cut.contains(&s) == self.cut.contains(&dst),
+            Some(s) => {
+                self.cut.contains(&s) == self.cut.contains(&dst)
+                    && !self.blocked.contains(&(s.min(dst), s.max(dst)))
+            }
             None => false,
         }
+    }
+
+    /// Whether any partition or blocked pair is in force.
+    fn restricted(&self) -> bool {
+        !self.cut.is_empty() || !self.blocked.is_empty()
     }
 }
 
@@ -436,9 +446,17 @@ impl Fabric {
         self.inner().bump();
     }
 
-    /// Ends the partition: every node may reach every other again.
+    /// Ends the partition and every blocked pair: every node may reach every other again.
     pub fn heal(&self) {
+        self.inner().lock().blocked.clear();
         self.partition(&[]);
+    }
+
+    /// Cuts the link between nodes `a` and `b` only (both still reach everyone else), until
+    /// [`heal`](Self::heal): for meshes where two peers see the rest but not each other.
+    pub fn block(&self, a: usize, b: usize) {
+        self.inner().lock().blocked.insert((a.min(b), a.max(b)));
+        self.inner().bump();
     }
 
     /// The nodes cut off now (empty: no partition).
@@ -655,9 +673,7 @@ async fn connection(mut inbound: TcpStream, peer: SocketAddr, inner: Arc<Inner>,
                 let known = source.node(&inner.lock());
                 // A partition needs to know the side: look harder for an unknown source.
                 let src = match known {
-                    None if !inner.lock().cut.is_empty() => {
-                        source.identify(&inner, peer, relay).await
-                    }
+                    None if inner.lock().restricted() => source.identify(&inner, peer, relay).await,
                     known => known,
                 };
                 if !inner.lock().allowed(src, dst) {

@@ -466,6 +466,8 @@ async fn peers_meet_over_quic() {
     let mut net = Testnet::new(BIN).unwrap();
     net.add_node(NodeOptions {
         extra_args: vec!["--listen".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
+        // QUIC cannot carry a cluster key.
+        keyless: true,
         ..Default::default()
     })
     .await
@@ -482,6 +484,7 @@ async fn peers_meet_over_quic() {
     // The second node knows node0 only by its QUIC address.
     net.add_node(NodeOptions {
         extra_args: vec!["--bootstrap".into(), quic],
+        keyless: true,
         ..Default::default()
     })
     .await
