@@ -104,6 +104,12 @@ enum Command {
 enum ClusterCommand {
     /// Per Raft group: leader, term, voters, learners, each member's log and commit index.
     Status,
+    /// Let a peer join the cluster (as a learner, then a voter as needed) on a mesh without
+    /// a cluster key, where peers do not join on their own.
+    Admit {
+        /// The peer id (from `canal peers` or the joining node's first log line).
+        peer: String,
+    },
     /// Remove a peer that left for good from every Raft group.
     Remove {
         /// The peer id (from `canal cluster status` or `canal peers`).
@@ -113,6 +119,10 @@ enum ClusterCommand {
     Keygen {
         /// Where to write the key; refused if the file exists.
         file: std::path::PathBuf,
+        /// Keep FILE if it exists already (exit 0): for containers that share one key and
+        /// may start together. The key is written whole or not at all.
+        #[arg(long)]
+        if_missing: bool,
     },
 }
 
@@ -219,6 +229,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     client.get("/v1/cluster/status").await?;
                 show::cluster(&status, cli.json)
             }
+            ClusterCommand::Admit { peer } => {
+                let client = client::Client::new(&cli.api, cli.token.as_deref())?;
+                client
+                    .post(&format!(
+                        "/v1/cluster/admit/{}",
+                        client::encode_segment(&peer)
+                    ))
+                    .await?;
+                eprintln!("admitted {peer}: the leader adds it as a learner once it is seen");
+                Ok(())
+            }
             ClusterCommand::Remove { peer } => {
                 let client = client::Client::new(&cli.api, cli.token.as_deref())?;
                 client
@@ -230,7 +251,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("removed {peer} from every Raft group");
                 Ok(())
             }
-            ClusterCommand::Keygen { file } => keygen(&file),
+            ClusterCommand::Keygen { file, if_missing } => keygen(&file, if_missing),
         },
         Command::Pub(args) => {
             pubsub_cmd::publish(&cli.api, cli.token.as_deref(), args, cli.json).await
@@ -354,13 +375,20 @@ async fn health(api: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn keygen(file: &std::path::Path) -> anyhow::Result<()> {
+fn keygen(file: &std::path::Path, if_missing: bool) -> anyhow::Result<()> {
     use anyhow::Context;
     use std::io::{Read, Write};
+    if if_missing && file.exists() {
+        eprintln!("{} exists: keeping it", file.display());
+        return Ok(());
+    }
     let mut key = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut key))
         .context("cannot read random bytes from /dev/urandom")?;
+    // Written to a file of our own, then linked into place: linking fails if FILE exists,
+    // so of several writers one wins and nobody ever reads a half-written key.
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -368,11 +396,34 @@ fn keygen(file: &std::path::Path) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts
-        .open(file)
-        .with_context(|| format!("cannot create {} (it must not exist yet)", file.display()))?;
-    f.write_all(canal_node::config::cluster_key_text(key).as_bytes())
-        .with_context(|| format!("cannot write {}", file.display()))?;
+    let written = opts
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(canal_node::config::cluster_key_text(key).as_bytes())?;
+            f.sync_all()
+        })
+        .with_context(|| format!("cannot write {}", tmp.display()));
+    let linked = written.and_then(|()| std::fs::hard_link(&tmp, file).map_err(anyhow::Error::from));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e)
+            if if_missing
+                && e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::AlreadyExists) =>
+        {
+            eprintln!(
+                "{} was written by another process: keeping it",
+                file.display()
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("cannot create {} (it must not exist yet)", file.display())
+            });
+        }
+    }
     eprintln!(
         "wrote a new cluster key to {}; give it to every node with --cluster-key",
         file.display()

@@ -106,6 +106,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/cluster/status", get(cluster_status))
         .route("/v1/cluster/digest", get(cluster_digest))
         .route("/v1/cluster/remove/{peer}", axum::routing::post(cluster_remove))
+        .route("/v1/cluster/admit/{peer}", axum::routing::post(cluster_admit))
         .route("/v1/kv/{*key}", get(kv_get).put(kv_put).post(kv_add))
         .route("/metrics", get(metrics))
         .route("/v1/functions", get(fn_list))
@@ -137,7 +138,7 @@ pub fn router(state: ApiState) -> Router {
         })
         .fallback(|| async {
             ApiError::not_found(
-                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}] and /metrics",
+                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/admit/{peer}, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}] and /metrics",
             )
         })
         .with_state(state)
@@ -477,16 +478,39 @@ mod openraft_error {
     pub(super) type E = canal_consensus::store::StorageErrorOf;
 }
 
+fn parse_peer(peer: &str) -> Result<libp2p::PeerId, ApiError> {
+    peer.parse().map_err(|e| {
+        ApiError::bad_request(
+            "invalid_peer",
+            format!("{peer:?} is not a peer id ({e}): copy one from `canal peers` or `canal cluster status`"),
+        )
+    })
+}
+
+/// Records that a peer may join (meshes without a cluster key admit nobody on their own);
+/// the membership job of the metadata leader adds it as a learner once it is seen.
+async fn cluster_admit(
+    State(st): State<ApiState>,
+    Path(peer): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let peer = parse_peer(&peer)?;
+    st.consensus
+        .write_op(
+            GroupId::METADATA,
+            Op::Put {
+                key: crate::cluster::admitted_key(&peer),
+                value: b"admitted".to_vec(),
+            },
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn cluster_remove(
     State(st): State<ApiState>,
     Path(peer): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let peer: libp2p::PeerId = peer.parse().map_err(|e| {
-        ApiError::bad_request(
-            "invalid_peer",
-            format!("{peer:?} is not a peer id ({e}): copy one from `canal cluster status`"),
-        )
-    })?;
+    let peer = parse_peer(&peer)?;
     let id = node_id(&peer);
     // First the tombstone, so the membership job never adds the peer back as a learner.
     st.consensus

@@ -1,6 +1,21 @@
 //! The Raft side of a node: the transport that carries Raft over the peer mesh, and the
 //! background job that forms the cluster (`--bootstrap-expect N`), adds joining peers as
 //! learners and promotes them to voters up to the configured count.
+//!
+//! Who may join is the node's [`Admission`]: with a cluster key every peer that can connect
+//! holds the key and belongs; without one only peers admitted by hand (`canal cluster
+//! admit`) do, unless the node runs `--insecure-open`.
+//!
+//! Formation is confirmed before it happens, so two nodes whose views differ cannot both
+//! form a cluster out of the same peers:
+//!
+//! ```text
+//!   lowest forming peer ──FormRequest{members}──> each other chosen peer
+//!        │                                          │ grants if it is no member and has not
+//!        │                                          │ promised another initiator (the
+//!        │                                          │ promise is kept in its data dir)
+//!        └── all granted? ──> initialize(members) ──┘
+//! ```
 
 use canal_consensus::types::node_id_of;
 use canal_consensus::{Consensus, GroupId, NodeId, RaftNode, Transport};
@@ -14,6 +29,9 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::caps::LoadCounters;
+use crate::config::Admission;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 /// Carries Raft messages over the mesh's RPC channel.
 #[derive(Clone)]
@@ -59,6 +77,11 @@ pub fn removed_key(peer: &PeerId) -> String {
     format!("cluster/removed/{peer}")
 }
 
+/// The metadata key that marks a peer as admitted by hand (`canal cluster admit`).
+pub fn admitted_key(peer: &PeerId) -> String {
+    format!("\u{1}A/{peer}")
+}
+
 /// The Raft node id of a peer.
 pub fn node_id(peer: &PeerId) -> NodeId {
     node_id_of(&peer.to_bytes())
@@ -70,12 +93,16 @@ pub fn node_id(peer: &PeerId) -> NodeId {
 /// than misread.)
 pub const RAFT_CHANNEL: u8 = b'R';
 
+/// The first byte of an RPC that asks a peer to confirm a cluster formation.
+pub const FORM_CHANNEL: u8 = b'F';
+
 /// Answers requests from other peers, each in a task of its own (a slow snapshot install must
 /// not hold up heartbeats): Raft messages go to the groups, QoS 0 events to this node's
 /// subscribers.
 pub fn serve(
     consensus: Consensus<MeshTransport>,
     qos0: crate::pubsub::Qos0Hub,
+    formation: Arc<Formation>,
     mut inbound: mpsc::Receiver<InboundRpc>,
 ) {
     tokio::spawn(async move {
@@ -98,6 +125,12 @@ pub fn serve(
                     }
                     let _ = rpc.reply.send(Vec::new());
                 }
+                Some((&FORM_CHANNEL, body)) => {
+                    let answer = formation.answer(&consensus, rpc.peer, body);
+                    let _ = rpc
+                        .reply
+                        .send(canal_proto::wire::encode(&answer).unwrap_or_default());
+                }
                 _ => debug!(peer = %rpc.peer, "RPC on an unknown channel dropped"),
             }
         }
@@ -117,6 +150,10 @@ pub struct Membership {
     pub voters: usize,
     /// Where the node advertises whether it is a member.
     pub live: Arc<LoadCounters>,
+    /// Which peers join without an operator's word.
+    pub admission: Admission,
+    /// This node's side of formation confirmations.
+    pub formation: Arc<Formation>,
 }
 
 /// How long the set of visible peers must stay the same before a node forms the cluster, so
@@ -192,14 +229,80 @@ impl Membership {
                 )
             })
             .collect();
-        info!(members = n, "forming the cluster (--bootstrap-expect {n})");
+        let me = self.dht.local_peer_id();
+        if let Err(why) = self.formation.promise(me, me) {
+            debug!(%why, "not forming the cluster now");
+            return;
+        }
+        let others: Vec<&&canal_dht::PeerView> = chosen.iter().filter(|p| !p.is_self).collect();
+        let asks = others.iter().map(|p| self.confirm(p, &members));
+        let answers = futures::future::join_all(asks).await;
+        if let Some(why) = answers.into_iter().find_map(Result::err) {
+            info!(%why, "cluster formation not confirmed; trying again when the view is stable");
+            self.formation.release(me);
+            view.since = std::time::Instant::now();
+            return;
+        }
+        info!(
+            members = n,
+            "forming the cluster (--bootstrap-expect {n}), confirmed by every chosen peer"
+        );
         if let Err(e) = self.consensus.initialize(members).await {
             warn!(error = %e, "cluster formation failed");
         }
     }
 
-    /// On the leader: adds live peers that are not members as learners, then promotes caught-up
-    /// learners while the group has fewer voters than wanted.
+    /// Asks `peer` to confirm that it forms a cluster of `members` with this node.
+    async fn confirm(
+        &self,
+        peer: &canal_dht::PeerView,
+        members: &BTreeMap<NodeId, RaftNode>,
+    ) -> Result<(), String> {
+        let req = FormRequest {
+            members: members.values().map(|m| m.peer_id.clone()).collect(),
+        };
+        let mut body = vec![FORM_CHANNEL];
+        body.extend(canal_proto::wire::encode(&req).map_err(|e| e.to_string())?);
+        let addrs = peer
+            .caps
+            .listen_addrs
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.dht.request(peer.peer_id, addrs, body),
+        )
+        .await
+        .map_err(|_| format!("{} did not answer within 5 s", peer.peer_id))?
+        .map_err(|e| e.to_string())?;
+        match canal_proto::wire::decode::<FormAnswer>(&answer) {
+            Ok(FormAnswer::Granted) => Ok(()),
+            Ok(FormAnswer::Refused(why)) => Err(format!("{} refused: {why}", peer.peer_id)),
+            Err(e) => Err(format!("{} answered garbage: {e}", peer.peer_id)),
+        }
+    }
+
+    /// Whether `peer` may join the cluster without an operator's word.
+    fn may_join(&self, peer: &PeerId) -> bool {
+        let recorded = |key: String| {
+            self.consensus
+                .state_machine(GroupId::METADATA)
+                .ok()
+                .and_then(|sm| sm.get(&key).ok().flatten())
+                .is_some()
+        };
+        if recorded(removed_key(peer)) {
+            return false;
+        }
+        match self.admission {
+            Admission::Keyed | Admission::Open => true,
+            Admission::ByHand => recorded(admitted_key(peer)),
+        }
+    }
+
+    /// On the leader: adds live peers that may join and are not members as learners, then
+    /// promotes caught-up learners while the group has fewer voters than wanted.
     async fn grow(&self, g: GroupId) -> Result<(), String> {
         let m = self.consensus.metrics(g).map_err(|e| e.to_string())?;
         if m.current_leader != Some(self.consensus.node_id()) {
@@ -207,16 +310,9 @@ impl Membership {
         }
         let membership = m.membership_config.membership().clone();
         let known: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
-        let removed = |p: &PeerId| {
-            self.consensus
-                .state_machine(GroupId::METADATA)
-                .ok()
-                .and_then(|sm| sm.get(&removed_key(p)).ok().flatten())
-                .is_some()
-        };
         for p in self.dht.peers() {
             let id = node_id(&p.peer_id);
-            if !known.contains(&id) && !removed(&p.peer_id) {
+            if !known.contains(&id) && self.may_join(&p.peer_id) {
                 info!(group = %g, peer = %p.peer_id, "adding peer as a learner");
                 let node = RaftNode {
                     peer_id: p.peer_id.to_base58(),
@@ -273,5 +369,183 @@ impl Default for View {
             ids: BTreeSet::new(),
             since: std::time::Instant::now(),
         }
+    }
+}
+
+/// A forming peer's request to confirm the members of the first cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FormRequest {
+    /// The peer ids of every voter of the cluster to be formed, the initiator included.
+    pub members: Vec<String>,
+}
+
+/// The answer to a [`FormRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FormAnswer {
+    /// This peer takes part, and promises no other initiator for a while.
+    Granted,
+    /// This peer does not take part, and why.
+    Refused(String),
+}
+
+/// How long a promise to an initiator holds: far longer than the initiator takes from the
+/// last grant to initializing (one RPC round), so a promise cannot lapse while the
+/// formation it granted is still under way.
+const PROMISE_TTL: Duration = Duration::from_secs(60);
+
+/// A peer's promise to take part in one initiator's formation, kept in the data dir so a
+/// restart cannot grant a second initiator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Promise {
+    /// The initiator, base58.
+    initiator: String,
+    /// Until when it holds, ms since the Unix epoch (this node's own clock: the promise
+    /// never leaves the node).
+    until_ms: u64,
+}
+
+/// This node's side of formation confirmations: the promise it gave, if any.
+pub struct Formation {
+    path: PathBuf,
+    promise: std::sync::Mutex<Option<Promise>>,
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Formation {
+    /// The promise kept in `path` (a file in the data dir), if one is there and readable.
+    pub fn open(path: PathBuf) -> Formation {
+        let promise = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Promise>(&b).ok());
+        Formation {
+            path,
+            promise: std::sync::Mutex::new(promise),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Promise>> {
+        self.promise.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Promises `initiator` (this node itself when it initiates) to take part in its
+    /// formation, unless a live promise to another initiator stands. Written to disk before
+    /// it counts.
+    fn promise(&self, me: PeerId, initiator: PeerId) -> Result<(), String> {
+        let now = wall_ms();
+        let mut current = self.lock();
+        if let Some(p) = current.as_ref()
+            && p.until_ms > now
+            && p.initiator != initiator.to_base58()
+        {
+            let who = if p.initiator == me.to_base58() {
+                "this node is forming a cluster itself".to_string()
+            } else {
+                format!("it promised to form the cluster with {}", p.initiator)
+            };
+            return Err(format!(
+                "{who} (for {} s more)",
+                (p.until_ms - now).div_ceil(1000)
+            ));
+        }
+        let p = Promise {
+            initiator: initiator.to_base58(),
+            until_ms: now + PROMISE_TTL.as_millis() as u64,
+        };
+        let bytes = serde_json::to_vec(&p).map_err(|e| e.to_string())?;
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, bytes)
+            .and_then(|_| std::fs::rename(&tmp, &self.path))
+            .map_err(|e| format!("cannot record the promise in {}: {e}", self.path.display()))?;
+        *current = Some(p);
+        Ok(())
+    }
+
+    /// Drops this node's own promise to itself after a formation it initiated failed, so
+    /// it may grant another initiator.
+    fn release(&self, me: PeerId) {
+        let mut current = self.lock();
+        if current
+            .as_ref()
+            .is_some_and(|p| p.initiator == me.to_base58())
+        {
+            *current = None;
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// Answers a [`FormRequest`] from `from`.
+    pub fn answer<T: Transport>(
+        &self,
+        consensus: &Consensus<T>,
+        from: PeerId,
+        body: &[u8],
+    ) -> FormAnswer {
+        let req: FormRequest = match canal_proto::wire::decode(body) {
+            Ok(r) => r,
+            Err(e) => return FormAnswer::Refused(format!("undecodable request: {e}")),
+        };
+        let me = consensus_peer(consensus);
+        if consensus.is_member() {
+            return FormAnswer::Refused("this node is already a member of a cluster".into());
+        }
+        if !req.members.iter().any(|m| *m == from.to_base58()) {
+            return FormAnswer::Refused("the initiator is not among the members it names".into());
+        }
+        if !req
+            .members
+            .iter()
+            .any(|m| Some(m.as_str()) == me.as_deref())
+        {
+            return FormAnswer::Refused("this node is not among the members named".into());
+        }
+        let Some(me) = me.and_then(|m| m.parse::<PeerId>().ok()) else {
+            return FormAnswer::Refused("this node does not know its own peer id".into());
+        };
+        match self.promise(me, from) {
+            Ok(()) => FormAnswer::Granted,
+            Err(why) => FormAnswer::Refused(why),
+        }
+    }
+}
+
+fn consensus_peer<T: Transport>(consensus: &Consensus<T>) -> Option<String> {
+    consensus
+        .local_status(GroupId::METADATA)
+        .ok()
+        .map(|s| s.peer_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_promise_holds_against_other_initiators_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("formation-promise.json");
+        let (me, a, b) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let f = Formation::open(path.clone());
+        assert!(f.promise(me, a).is_ok());
+        // The same initiator again is fine (it retries); another is refused.
+        assert!(f.promise(me, a).is_ok());
+        let refused = f.promise(me, b).err().unwrap_or_default();
+        assert!(refused.contains(&a.to_base58()), "{refused}");
+        // A restarted node reads its promise back.
+        let again = Formation::open(path.clone());
+        assert!(again.promise(me, b).is_err());
+        // Releasing only drops a promise to oneself.
+        again.release(me);
+        assert!(again.promise(me, b).is_err());
+        let own = Formation::open(dir.path().join("other.json"));
+        assert!(own.promise(me, me).is_ok());
+        assert!(own.promise(me, a).is_err());
+        own.release(me);
+        assert!(own.promise(me, a).is_ok());
     }
 }

@@ -125,6 +125,11 @@ impl Node {
     /// returns.
     pub async fn start(config: &NodeConfig) -> Result<Node, NodeError> {
         let config: ValidConfig = config.validate()?;
+        if config.admission == config::Admission::Open {
+            tracing::warn!(
+                "--insecure-open: no cluster key, so any peer that can connect joins the cluster, gets a copy of its data and takes part in its decisions; use it only on a network you trust"
+            );
+        }
         let data_dir = DataDir::open(&config.data_dir)?;
         let keypair = identity::load_or_create(data_dir.path())?;
         let listener = TcpListener::bind(config.api_listen)
@@ -204,8 +209,11 @@ impl Node {
         )
         .await?;
         let qos0 = pubsub::Qos0Hub::new(live.clone());
+        let formation = Arc::new(cluster::Formation::open(
+            data_dir.path().join("formation-promise.json"),
+        ));
         if let Some(inbound) = dht.take_inbound() {
-            cluster::serve(consensus.clone(), qos0.clone(), inbound);
+            cluster::serve(consensus.clone(), qos0.clone(), formation.clone(), inbound);
         }
         let runtime = canal_triggers::Runtime::new(&canal_triggers::RuntimeConfig {
             cache_dir: Some(data_dir.path().join("wasm-cache")),
@@ -228,6 +236,8 @@ impl Node {
             bootstrap_expect: config.bootstrap_expect.map(|n| n as usize),
             voters: config.voters,
             live,
+            admission: config.admission,
+            formation,
         }
         .spawn();
 
