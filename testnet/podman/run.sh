@@ -61,7 +61,8 @@ fi
 compose() { podman-compose -p "$project" -f "$compose_file" "$@"; }
 # The container of a service.
 container() { podman ps -a --filter "label=io.podman.compose.project=$project" --filter "label=com.docker.compose.service=$1" --format '{{.Names}}' | head -1; }
-services=$(sed -n 's/^  \([a-z][a-z0-9-]*\):$/\1/p' "$compose_file" | grep -v -- '-data$' || true)
+# The nodes: every service but the one-shot keygen (it writes the cluster key and exits).
+services=$(sed -n 's/^  \([a-z][a-z0-9-]*\):$/\1/p' "$compose_file" | grep -v -e '-data$' -e '^keygen$' || true)
 [[ -n $services ]] || die "no services in $compose_file"
 
 work=$(mktemp -d /tmp/canal-podman.XXXXXX)
@@ -78,6 +79,7 @@ cleanup() {
 		done
 	fi
 	compose down -v >/dev/null 2>&1
+	podman volume rm -f "${project}_cluster-key" >/dev/null 2>&1
 	podman rmi -f "$image" >/dev/null 2>&1
 	rm -rf "$work"
 	exit $rc
@@ -127,8 +129,14 @@ podman build -q -t "$image" "$ctx" >/dev/null
 podman run --rm "$image" --version >/dev/null || die "the image cannot run $bin"
 phase "image $image built ($(du -sh "$ctx/rootfs" | cut -f1): canal, sh and $(find "$ctx/rootfs" -name '*.so*' | wc -l) libraries)"
 
-# 3. The mesh.
+# 3. The mesh. The cluster key goes into its volume first: podman-compose 1.0 starts the
+# services in order but does not wait for the keygen service to finish, as Docker does.
 compose down -v >/dev/null 2>&1 || true
+key_volume=${project}_cluster-key
+podman volume create "$key_volume" >/dev/null
+podman run --rm -v "$key_volume:/key" "$image" cluster keygen /key/swarm.key --if-missing >/dev/null 2>&1 ||
+	die "cannot write the cluster key into volume $key_volume"
+phase "cluster key in volume $key_volume"
 # podman-compose and podman talk a lot here (volumes it looks for before making them, no
 # systemd to schedule health checks: step 4 runs them); the log is shown if this fails.
 compose up -d >"$work/compose-up.log" 2>&1 || {

@@ -23,6 +23,15 @@ pub const PEER_PORT: u16 = 7000;
 pub const API_PORT: u16 = 7070;
 /// Where a node keeps its data, inside its container (a named volume).
 pub const DATA_DIR: &str = "/data";
+/// The cluster key every node is given, inside its container: a volume of its own
+/// ([`KEY_VOLUME`]) that the one-shot [`KEYGEN`] service fills with a fresh key once, so
+/// the mesh runs keyed without a key committed anywhere.
+pub const KEY_FILE: &str = "/key/swarm.key";
+/// The named volume holding [`KEY_FILE`].
+pub const KEY_VOLUME: &str = "cluster-key";
+/// The service that writes the key (`canal cluster keygen --if-missing`) before the nodes
+/// start.
+pub const KEYGEN: &str = "keygen";
 /// `--bootstrap-expect`: how many nodes form the Raft cluster (as voters).
 ///
 /// Every node gets the flag, as with `canal testnet up`: the services start together, and the
@@ -166,6 +175,8 @@ impl Compose {
             format!("0.0.0.0:{API_PORT}"),
             "--tier".into(),
             n.tier.clone(),
+            "--cluster-key".into(),
+            KEY_FILE.into(),
         ];
         if let Some(g) = &n.gpu {
             args.extend(["--gpu".into(), g.clone()]);
@@ -212,25 +223,24 @@ impl Compose {
             }
         }
         y.push_str("\nservices:\n");
+        let _ = writeln!(y, "  {KEYGEN}:");
+        self.render_image(&mut y);
+        let keygen: Vec<String> = ["cluster", "keygen", KEY_FILE, "--if-missing"]
+            .map(String::from)
+            .into();
+        let _ = writeln!(y, "    command: {}", flow(&keygen));
+        y.push_str("    volumes:\n");
+        let key_dir = KEY_FILE.rsplit_once('/').map_or("/", |(d, _)| d);
+        let _ = writeln!(y, "      - {}", q(&format!("{KEY_VOLUME}:{key_dir}")));
+        y.push_str("    restart: \"no\"\n");
         for (i, n) in self.nodes.iter().enumerate() {
             let _ = writeln!(y, "  {}:", n.name);
-            match &self.image {
-                Image::Build {
-                    context,
-                    dockerfile,
-                    tag,
-                } => {
-                    y.push_str("    build:\n");
-                    let _ = writeln!(y, "      context: {}", q(context));
-                    let _ = writeln!(y, "      dockerfile: {}", q(dockerfile));
-                    let _ = writeln!(y, "    image: {}", q(tag));
-                }
-                Image::Local(image) => {
-                    let _ = writeln!(y, "    image: {}", q(image));
-                }
-            }
+            self.render_image(&mut y);
             let _ = writeln!(y, "    hostname: {}", q(&n.name));
             let _ = writeln!(y, "    command: {}", flow(&self.command(i)));
+            y.push_str("    depends_on:\n");
+            let _ = writeln!(y, "      {KEYGEN}:");
+            y.push_str("        condition: service_completed_successfully\n");
             y.push_str("    environment:\n");
             let _ = writeln!(y, "      CANAL_LOG: {}", q("info"));
             y.push_str("    ports:\n");
@@ -241,6 +251,7 @@ impl Compose {
             let _ = writeln!(y, "      - {}", q(&port));
             y.push_str("    volumes:\n");
             let _ = writeln!(y, "      - {}", q(&format!("{}-data:{DATA_DIR}", n.name)));
+            let _ = writeln!(y, "      - {}", q(&format!("{KEY_VOLUME}:{key_dir}:ro")));
             y.push_str("    healthcheck:\n");
             let _ = writeln!(y, "      test: {}", flow(&Compose::healthcheck()));
             y.push_str("      interval: 5s\n      timeout: 3s\n      retries: 12\n");
@@ -249,10 +260,30 @@ impl Compose {
             y.push_str("    restart: unless-stopped\n");
         }
         y.push_str("\nvolumes:\n");
+        let _ = writeln!(y, "  {KEY_VOLUME}: {{}}");
         for n in &self.nodes {
             let _ = writeln!(y, "  {}-data: {{}}", n.name);
         }
         y
+    }
+
+    /// The lines saying where a service's image comes from.
+    fn render_image(&self, y: &mut String) {
+        match &self.image {
+            Image::Build {
+                context,
+                dockerfile,
+                tag,
+            } => {
+                y.push_str("    build:\n");
+                let _ = writeln!(y, "      context: {}", q(context));
+                let _ = writeln!(y, "      dockerfile: {}", q(dockerfile));
+                let _ = writeln!(y, "    image: {}", q(tag));
+            }
+            Image::Local(image) => {
+                let _ = writeln!(y, "    image: {}", q(image));
+            }
+        }
     }
 }
 
