@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod functions;
+mod hostile;
 mod mesh;
 mod pubsub;
 mod raft;

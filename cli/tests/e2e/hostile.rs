@@ -1,0 +1,487 @@
+//! A hostile peer: a plain libp2p client, written here and sharing no code with the node's
+//! swarm, dials a healthy cluster and sends oversized, truncated, garbage and
+//! well-formed-but-forged messages on every protocol a node speaks (capability gossip, the
+//! RPC channel with its Raft, QoS 0 and formation messages). Every node must stay up,
+//! healthy and replicating, apply nothing the stranger sent, and count what it refused.
+//!
+//! It runs against a keyless loopback mesh (where anyone on the host can connect) and against
+//! a keyed mesh, first without the key (it cannot even connect) and then with it (an
+//! insider that is no member of the Raft groups).
+
+use canal_consensus::rpc::RpcRequest;
+use canal_consensus::types::{GroupId, Op, Request, TypeConfig, node_id_of};
+use canal_proto::api::{ClusterStatus, StateDigest};
+use canal_testnet::{Api, NodeOptions, Testnet, wait_for};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::core::transport::upgrade::Version;
+use libp2p::core::{Transport, muxing::StreamMuxerBox};
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identity, noise, tcp, yamux};
+use openraft::{Entry, EntryPayload, LeaderId, LogId, Vote};
+use std::io;
+use std::time::Duration;
+
+use crate::BIN;
+
+const RPC: &str = "/canal/rpc/1.0.0";
+const CAPS_TOPIC: &str = "canal/caps/v1";
+
+/// Writes requests exactly as given (no length prefix added), so a request can lie about
+/// its own length; reads answers as the node frames them.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl request_response::Codec for RawCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        _: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        Err(io::Error::other("the hostile peer serves nothing"))
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        let mut len = [0u8; 4];
+        io.read_exact(&mut len).await?;
+        let len = u32::from_be_bytes(len) as usize;
+        let mut buf = Vec::new();
+        io.take(len.min(16 << 20) as u64)
+            .read_to_end(&mut buf)
+            .await?;
+        Ok(buf)
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()> {
+        io.write_all(&req).await?;
+        io.close().await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        _: &mut T,
+        _: Vec<u8>,
+    ) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Hostile {
+    gossipsub: gossipsub::Behaviour,
+    rpc: request_response::Behaviour<RawCodec>,
+}
+
+fn swarm(key: Option<PreSharedKey>) -> Swarm<Hostile> {
+    let behaviour = |k: &identity::Keypair| {
+        let config = gossipsub::ConfigBuilder::default()
+            .heartbeat_interval(Duration::from_millis(200))
+            // Big enough to send what the nodes must refuse.
+            .max_transmit_size(1 << 20)
+            .validation_mode(gossipsub::ValidationMode::Permissive)
+            .build()
+            .unwrap();
+        let mut gossipsub =
+            gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(k.clone()), config)
+                .unwrap();
+        gossipsub
+            .subscribe(&gossipsub::IdentTopic::new(CAPS_TOPIC))
+            .unwrap();
+        let rpc = request_response::Behaviour::with_codec(
+            RawCodec,
+            [(StreamProtocol::new(RPC), ProtocolSupport::Outbound)],
+            request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+        );
+        Hostile { gossipsub, rpc }
+    };
+    let builder = libp2p::SwarmBuilder::with_new_identity().with_tokio();
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(60));
+    match key {
+        None => builder
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .unwrap()
+            .with_behaviour(behaviour)
+            .unwrap()
+            .with_swarm_config(idle)
+            .build(),
+        Some(psk) => builder
+            .with_other_transport(|k| {
+                let noise = noise::Config::new(k).unwrap();
+                tcp::tokio::Transport::new(tcp::Config::default())
+                    .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                    .upgrade(Version::V1Lazy)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default())
+                    .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            })
+            .unwrap()
+            .with_behaviour(behaviour)
+            .unwrap()
+            .with_swarm_config(idle)
+            .build(),
+    }
+}
+
+/// Drives the swarm until `done` says so or `timeout` passes; returns the events seen.
+async fn drive(swarm: &mut Swarm<Hostile>, timeout: Duration) -> Vec<String> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        tokio::select! {
+            ev = swarm.select_next_some() => seen.push(format!("{ev:?}")),
+            _ = tokio::time::sleep_until(deadline) => return seen,
+        }
+    }
+}
+
+/// Dials `addr` and waits for the connection (or its failure).
+async fn connect(swarm: &mut Swarm<Hostile>, addr: &Multiaddr) -> Result<PeerId, String> {
+    swarm.dial(addr.clone()).map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        tokio::select! {
+            ev = swarm.select_next_some() => match ev {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => return Ok(peer_id),
+                SwarmEvent::OutgoingConnectionError { error, .. } => return Err(error.to_string()),
+                _ => {}
+            },
+            _ = tokio::time::sleep_until(deadline) => return Err("no connection within 20 s".into()),
+        }
+    }
+}
+
+/// The 13 bytes that took every node down: wire version 1, then a capability record whose
+/// first string (the peer id) claims to be 1 TiB long.
+fn one_tebibyte_string() -> Vec<u8> {
+    let mut m = vec![1u8, 253];
+    m.extend((1u64 << 40).to_le_bytes());
+    m.extend(b"abc");
+    assert_eq!(m.len(), 13);
+    m
+}
+
+fn framed(channel: u8, body: &[u8]) -> Vec<u8> {
+    let mut inner = vec![channel];
+    inner.extend(body);
+    let mut out = (inner.len() as u32).to_be_bytes().to_vec();
+    out.extend(inner);
+    out
+}
+
+fn raft(req: &RpcRequest) -> Vec<u8> {
+    framed(b'R', &canal_proto::wire::encode(req).unwrap())
+}
+
+fn put(key: &str) -> Request {
+    Request {
+        id: Some(format!("hostile-{key}")),
+        op: Op::Put {
+            key: key.into(),
+            value: b"forged".to_vec(),
+        },
+    }
+}
+
+/// Everything the hostile peer sends on the RPC channel, with what each message is.
+fn rpc_attacks(
+    me: PeerId,
+    leader: u64,
+    term: u64,
+    last_index: u64,
+) -> Vec<(&'static str, Vec<u8>)> {
+    let mine = node_id_of(&me.to_bytes());
+    let entry = |index: u64, key: &str| Entry::<TypeConfig> {
+        log_id: LogId::new(LeaderId::new(term + 100, leader), index),
+        payload: EntryPayload::Normal(put(key)),
+    };
+    let append = |vote: Vote<u64>, key: &str| {
+        RpcRequest::Append(
+            GroupId::METADATA,
+            openraft::raft::AppendEntriesRequest {
+                vote,
+                prev_log_id: None,
+                entries: vec![entry(last_index + 1, key)],
+                leader_commit: Some(LogId::new(
+                    LeaderId::new(term + 100, leader),
+                    last_index + 1,
+                )),
+            },
+        )
+    };
+    let mut huge_len = u32::MAX.to_be_bytes().to_vec();
+    huge_len.extend([b'R'; 64]);
+    let mut truncated = 1000u32.to_be_bytes().to_vec();
+    truncated.extend([b'R', 1, 2, 3]);
+    vec![
+        ("a frame claiming 4 GiB", huge_len),
+        ("a truncated frame", truncated),
+        ("garbage on the Raft channel", framed(b'R', &[0xff; 200])),
+        (
+            "a Raft message whose string claims 1 TiB",
+            framed(b'R', &one_tebibyte_string()),
+        ),
+        (
+            "a vote request from a non-member with a huge term",
+            raft(&RpcRequest::Vote(
+                GroupId::METADATA,
+                openraft::raft::VoteRequest {
+                    vote: Vote::new(term + 1000, mine),
+                    last_log_id: Some(LogId::new(
+                        LeaderId::new(term + 1000, mine),
+                        last_index + 1000,
+                    )),
+                },
+            )),
+        ),
+        (
+            "an append naming the real leader, sent by someone else",
+            raft(&append(
+                Vote::new_committed(term + 100, leader),
+                "forged-as-leader",
+            )),
+        ),
+        (
+            "an append from a non-member naming itself leader",
+            raft(&append(
+                Vote::new_committed(term + 100, mine),
+                "forged-by-stranger",
+            )),
+        ),
+        (
+            "a forwarded write from a non-member",
+            raft(&RpcRequest::Write(GroupId(1), put("forged-write"))),
+        ),
+        (
+            "a forwarded write to the metadata group's internal keys",
+            raft(&RpcRequest::Write(GroupId::METADATA, put("\u{1}A/forged"))),
+        ),
+        ("garbage on the QoS 0 channel", framed(b'Q', &[0xfe; 300])),
+        (
+            "a QoS 0 message whose string claims 1 TiB",
+            framed(b'Q', &one_tebibyte_string()),
+        ),
+        ("a formation request to a member", framed(b'F', &[1, 1, 0])),
+        ("an unknown channel", framed(b'Z', b"hello")),
+        ("an empty frame", 0u32.to_be_bytes().to_vec()),
+    ]
+}
+
+/// What the cluster looks like before the attack: node 0's view of the metadata leader's
+/// node id, the term and the last log index.
+async fn raft_view(api: &Api) -> (u64, u64, u64) {
+    let s: ClusterStatus = api.get("/v1/cluster/status").await.unwrap();
+    let g = s.groups.iter().find(|g| g.group == "metadata").unwrap();
+    let me = g.members[0].status.as_ref().unwrap();
+    (me.leader.unwrap(), me.term, me.last_log_index.unwrap_or(0))
+}
+
+/// Runs the whole attack on `net` from `swarm`, connected to node 0, and checks the mesh
+/// came through.
+async fn attack(net: &Testnet, mut swarm: Swarm<Hostile>, target: PeerId) {
+    let api0 = net.api(0).unwrap();
+    let (leader, term, last) = raft_view(&api0).await;
+    // Gossip first: let the subscription reach the node, then publish.
+    drive(&mut swarm, Duration::from_secs(2)).await;
+    let topic = gossipsub::IdentTopic::new(CAPS_TOPIC);
+    let forged_record = {
+        let mut caps: canal_proto::Capabilities = api0
+            .get::<canal_proto::api::Peers>("/v1/peers")
+            .await
+            .unwrap()
+            .peers[0]
+            .caps
+            .clone();
+        caps.tier = "forged".into();
+        canal_proto::wire::encode(&caps).unwrap()
+    };
+    let gossip: Vec<(&str, Vec<u8>)> = vec![
+        ("the 13-byte 1 TiB string", one_tebibyte_string()),
+        (
+            "random bytes",
+            (0..4096u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+        ),
+        (
+            "a record signed by us, claiming another peer",
+            forged_record,
+        ),
+        ("a 300 KiB record", vec![1u8; 300 << 10]),
+    ];
+    for (what, bytes) in gossip {
+        let r = swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(topic.clone(), bytes);
+        eprintln!("hostile gossip: {what}: {r:?}");
+        drive(&mut swarm, Duration::from_millis(300)).await;
+    }
+    for (what, bytes) in rpc_attacks(*swarm.local_peer_id(), leader, term, last) {
+        // A banned or disconnected hostile peer redials; its requests may fail, which is fine.
+        let _ = swarm.dial(
+            net.node(0).info().unwrap().listen_addrs[0]
+                .parse::<Multiaddr>()
+                .unwrap(),
+        );
+        swarm.behaviour_mut().rpc.send_request(&target, bytes);
+        eprintln!("hostile rpc: {what}");
+        drive(&mut swarm, Duration::from_millis(300)).await;
+    }
+    drop(swarm);
+    survived(net, term).await;
+}
+
+/// Every node is healthy, replicates a new write, holds none of the forged keys, agrees on
+/// the state, did not follow the forged term, and counted what it refused.
+async fn survived(net: &Testnet, term_before: u64) {
+    for i in 0..net.len() {
+        let api = net.api(i).unwrap();
+        wait_for("the node to be healthy", Duration::from_secs(30), || {
+            let api = api.clone();
+            async move {
+                match api.get_raw("/v1/health").await {
+                    Ok((200, _)) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        })
+        .await
+        .unwrap();
+    }
+    let api0 = net.api(0).unwrap();
+    let (status, body) = api0
+        .send(
+            reqwest::Method::PUT,
+            "/v1/kv/after-attack",
+            b"still-here".to_vec(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    for i in 0..net.len() {
+        let api = net.api(i).unwrap();
+        let (status, body) = api.get_raw("/v1/kv/after-attack").await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "still-here"), "node{i}");
+        for key in ["forged-as-leader", "forged-by-stranger", "forged-write"] {
+            for group in [0, 1] {
+                let (status, _) = api
+                    .get_raw(&format!("/v1/kv/{key}?group={group}&read=local"))
+                    .await
+                    .unwrap();
+                assert_eq!(status, 404, "node{i} holds {key} in group {group}");
+            }
+        }
+        let peers: canal_proto::api::Peers = api.get("/v1/peers").await.unwrap();
+        assert!(
+            peers.peers.iter().all(|p| p.caps.tier != "forged"),
+            "node{i} took the forged capability record"
+        );
+    }
+    let (_, term, _) = raft_view(&api0).await;
+    assert!(
+        term < term_before + 100,
+        "the cluster followed a forged term ({term})"
+    );
+    // Every replica of both groups converges on one state.
+    for group in [0, 1] {
+        let apis: Vec<Api> = (0..net.len()).map(|i| net.api(i).unwrap()).collect();
+        wait_for("the replicas to agree", Duration::from_secs(30), || {
+            let apis = apis.clone();
+            async move {
+                let mut seen = std::collections::BTreeSet::new();
+                for api in &apis {
+                    let d: StateDigest = api
+                        .get(&format!("/v1/cluster/digest?group={group}"))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    seen.insert((d.digest, d.applied_index));
+                }
+                if seen.len() == 1 {
+                    Ok(())
+                } else {
+                    Err(format!("{seen:?}"))
+                }
+            }
+        })
+        .await
+        .unwrap();
+    }
+    let api = net.api(0).unwrap();
+    let bad = api
+        .metric_sum("canal_peer_bad_messages_total")
+        .await
+        .unwrap();
+    let refused = api
+        .metric_sum("canal_raft_refused_rpcs_total")
+        .await
+        .unwrap();
+    assert!(bad >= 5.0, "node0 counted {bad} bad messages");
+    assert!(refused >= 3.0, "node0 refused {refused} Raft RPCs");
+}
+
+async fn mesh(keyless: bool) -> Testnet {
+    let net = Testnet::start(BIN, 3, |_| NodeOptions {
+        keyless,
+        extra_args: vec!["--bootstrap-expect".into(), "3".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for i in 0..3 {
+        crate::raft::wait_formed(&net, i, 3).await;
+    }
+    net
+}
+
+fn node0_addr(net: &Testnet) -> Multiaddr {
+    net.node(0).info().unwrap().listen_addrs[0].parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_on_a_keyless_mesh_cannot_crash_join_or_rewrite_it() {
+    let net = mesh(true).await;
+    let mut hostile = swarm(None);
+    let target = connect(&mut hostile, &node0_addr(&net)).await.unwrap();
+    attack(&net, hostile, target).await;
+    // Nobody admitted it, so it never became a member.
+    let s: ClusterStatus = net.api(0).unwrap().get("/v1/cluster/status").await.unwrap();
+    for g in &s.groups {
+        let st = g.members[0].status.as_ref().unwrap();
+        assert_eq!(st.nodes.len(), 3, "{}: {:?}", g.group, st.nodes);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_mesh_keeps_strangers_out_and_insiders_in_their_place() {
+    let mut net = mesh(false).await;
+    // Without the key the handshake fails: nothing reaches the node.
+    let mut outsider = swarm(None);
+    assert!(connect(&mut outsider, &node0_addr(&net)).await.is_err());
+    drop(outsider);
+    // With the key, a peer that is no Raft member yet gets nowhere either.
+    let text = std::fs::read_to_string(net.cluster_key().unwrap()).unwrap();
+    let psk: PreSharedKey = text.trim().parse().unwrap();
+    let mut insider = swarm(Some(psk));
+    let target = connect(&mut insider, &node0_addr(&net)).await.unwrap();
+    attack(&net, insider, target).await;
+}
