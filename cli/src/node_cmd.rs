@@ -63,6 +63,10 @@ pub(crate) struct NodeArgs {
     /// says so at every start.
     #[arg(long, env = "CANAL_INSECURE_OPEN", num_args = 0..=1, default_missing_value = "true")]
     insecure_open: Option<bool>,
+    /// How many subscribers (SSE and WebSocket) the node serves at once; more get a 503
+    /// [default: 10000].
+    #[arg(long, env = "CANAL_MAX_SUBSCRIBERS")]
+    max_subscribers: Option<usize>,
     /// Home peers per shard (K).
     #[arg(long, env = "CANAL_REPLICATION_FACTOR")]
     replication_factor: Option<usize>,
@@ -123,6 +127,9 @@ impl NodeArgs {
         }
         if let Some(v) = self.insecure_open {
             c.insecure_open = v;
+        }
+        if let Some(v) = self.max_subscribers {
+            c.max_subscribers = v;
         }
         Ok(c)
     }

@@ -40,6 +40,10 @@ pub struct ApiState {
     pub started: Instant,
     /// Becomes true when the node shuts down; long-lived streams end then.
     pub closing: tokio::sync::watch::Receiver<bool>,
+    /// One permit per subscriber this node may serve at once (SSE and WebSocket).
+    pub subscribers: Arc<tokio::sync::Semaphore>,
+    /// How many that is, for the error that says so.
+    pub max_subscribers: usize,
 }
 
 /// An error answer.

@@ -52,6 +52,8 @@ pub struct NodeConfig {
     /// Runs without a cluster key on addresses others can reach, letting any peer that
     /// connects join the cluster and receive its data. For trusted networks only.
     pub insecure_open: bool,
+    /// How many subscribers (SSE and WebSocket) this node serves at once; more get a 503.
+    pub max_subscribers: usize,
 }
 
 impl Default for NodeConfig {
@@ -74,6 +76,7 @@ impl Default for NodeConfig {
             raft_snapshot_every: 5000,
             raft_election_timeout_ms: 200,
             insecure_open: false,
+            max_subscribers: 10_000,
         }
     }
 }
@@ -136,6 +139,8 @@ pub struct ValidConfig {
     pub raft_election_timeout: std::time::Duration,
     /// Who joins the cluster without an operator's word.
     pub admission: Admission,
+    /// The most subscribers served at once.
+    pub max_subscribers: usize,
 }
 
 /// Which peers the cluster takes in as learners (and later voters) on its own.
@@ -340,6 +345,12 @@ impl NodeConfig {
                 ),
             ));
         }
+        if !(1..=1_000_000).contains(&self.max_subscribers) {
+            return Err(invalid(
+                "max_subscribers",
+                format!("{} is out of range: 1 to 1000000", self.max_subscribers),
+            ));
+        }
         let admission = match (&cluster_key, self.insecure_open) {
             (Some(_), _) => Admission::Keyed,
             (None, true) => Admission::Open,
@@ -373,6 +384,7 @@ impl NodeConfig {
             raft_snapshot_every: self.raft_snapshot_every,
             raft_election_timeout: std::time::Duration::from_millis(self.raft_election_timeout_ms),
             admission,
+            max_subscribers: self.max_subscribers,
         })
     }
 }

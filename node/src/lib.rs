@@ -12,6 +12,8 @@
 //! - [`caps`]: measuring the capability record (CPU, memory, GPUs through NVML, load).
 //! - [`cluster`]: Raft over the mesh, and the job that forms and grows the cluster.
 //! - [`pubsub`]: publish (QoS 0 and 1) and subscribe (Server-Sent Events).
+//! - [`feed`]: a subscriber's queue, bounded in bytes, holding one of the node's subscriber
+//!   slots.
 //! - [`functions`]: deploy, list, remove and invoke functions; triggers; function state.
 //! - [`placer`]: placement decisions (which peers run a function) and the measurements
 //!   they are made from.
@@ -32,6 +34,7 @@ pub mod cluster;
 pub mod config;
 pub mod datadir;
 pub mod executor;
+pub mod feed;
 pub mod functions;
 pub mod identity;
 pub mod placer;
@@ -262,6 +265,8 @@ impl Node {
             registry: Arc::new(registry),
             started: Instant::now(),
             closing: closing.clone(),
+            subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_subscribers)),
+            max_subscribers: config.max_subscribers,
         };
         let app = api::router(state);
         let server = tokio::spawn(async move {

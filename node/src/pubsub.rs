@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 
 /// The largest payload accepted (a topic's settings may lower it).
 pub const MAX_PAYLOAD_BYTES: usize = canal_proto::settings::MAX_PAYLOAD_BYTES as usize;
@@ -562,6 +562,15 @@ pub enum Delivery {
     Lagged(String),
 }
 
+impl crate::feed::Weighed for Delivery {
+    fn weight(&self) -> usize {
+        match self {
+            Delivery::Message { id, json } => json.len() + id.as_ref().map_or(0, String::len),
+            Delivery::Lagged(json) => json.len(),
+        }
+    }
+}
+
 fn message(id: Option<String>, e: &Event) -> Option<Delivery> {
     serde_json::to_string(e)
         .ok()
@@ -669,7 +678,18 @@ async fn ws_ack(st: &ApiState, durable: Option<&str>, text: &str) -> Result<(), 
 async fn start(
     st: ApiState,
     q: &HashMap<String, String>,
-) -> Result<mpsc::Receiver<Delivery>, ApiError> {
+) -> Result<crate::feed::FeedRx<Delivery>, ApiError> {
+    // A slot first: past the node's limit, nothing else is worth checking.
+    let slot = st.subscribers.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_subscribers",
+            format!(
+                "this node already serves its limit of {} subscribers (max_subscribers): subscribe through another node, or later",
+                st.max_subscribers
+            ),
+        )
+    })?;
     let filter = q.get("filter").ok_or_else(|| {
         ApiError::bad_request(
             "invalid_filter",
@@ -700,7 +720,7 @@ async fn start(
             "durable subscriptions read the committed log: use them with QoS 1",
         ));
     }
-    let (tx, rx) = mpsc::channel::<Delivery>(256);
+    let (tx, rx) = crate::feed::feed::<Delivery>(slot);
     let mut closing = st.closing.clone();
     if qos == 0 {
         let mut events = st.qos0.tx.subscribe();
@@ -872,7 +892,7 @@ async fn stream_qos1(
     filter: TopicFilter,
     from: From,
     durable: Option<Durable>,
-    tx: mpsc::Sender<Delivery>,
+    tx: crate::feed::FeedTx<Delivery>,
 ) {
     let mut applied = sm.watch_applied();
     let mut cursors: HashMap<String, u64> = HashMap::new();
