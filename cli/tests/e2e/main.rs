@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod admission;
 mod functions;
 mod hostile;
 mod mesh;
