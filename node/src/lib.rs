@@ -205,7 +205,10 @@ impl Node {
         .await?;
         let qos0 = pubsub::Qos0Hub::new(live.clone());
         if let Some(inbound) = dht.take_inbound() {
-            cluster::serve(consensus.clone(), qos0.clone(), inbound);
+            cluster::serve(consensus.clone(), inbound);
+        }
+        if let Some(inbound) = dht.take_qos0_inbound() {
+            pubsub::serve_qos0(handle.clone(), qos0.clone(), inbound);
         }
         let runtime = canal_triggers::Runtime::new(&canal_triggers::RuntimeConfig {
             cache_dir: Some(data_dir.path().join("wasm-cache")),
