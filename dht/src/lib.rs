@@ -9,7 +9,9 @@
 //!
 //! - [`topology`]: pure functions from a topic to its key, shard and home peers.
 //! - [`peers`]: the table of live peers and their capability records (pure state).
-//! - [`rpc`]: a request-response channel of opaque bytes for the layers above.
+//! - [`rpc`]: a request-response channel of opaque bytes for the layers above, and the QoS 0
+//!   lane (one-way, its own protocol and bounded queue per peer).
+//! - [`guard`]: bad-message accounting per peer (log, disconnect, ban), pure state.
 //! - [`swarm`]: the transports and behaviours, and the one event loop that drives them.
 //! - [`Dht`] / [`DhtHandle`]: the boundary the node uses: start, read the tables, stop.
 //!
@@ -20,12 +22,14 @@
 //!   commands ──────┘
 //! ```
 
+pub mod guard;
 pub mod peers;
 pub mod rpc;
 pub mod swarm;
 pub mod topology;
 
-pub use rpc::{InboundRpc, RpcError};
+pub use guard::{GuardConfig, PeerGuard, Verdict};
+pub use rpc::{InboundQos0, InboundRpc, RpcError};
 pub use swarm::{Dht, DhtConfig, DhtError, DhtHandle, LocalRecord, PeerView};
 pub use topology::{Placement, TopicSpace};
 

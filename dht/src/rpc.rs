@@ -1,5 +1,6 @@
-//! A request-response channel between peers for the layers above (Raft, forwarding), carrying
-//! opaque bytes: the dht crate moves them and knows nothing of what they mean.
+//! A request-response channel between peers for the layers above (Raft, forwarding), and a
+//! one-way lane for QoS 0 events, both carrying opaque bytes: the dht crate moves them and
+//! knows nothing of what they mean.
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
@@ -10,6 +11,21 @@ use tokio::sync::oneshot;
 pub const RPC_PROTOCOL: &str = "/canal/rpc/1.0.0";
 /// The largest request or response accepted, in bytes.
 pub const MAX_RPC_BYTES: usize = 64 << 20;
+/// The protocol name of canal's QoS 0 lane: one-way events, apart from the RPC channel, so a
+/// QoS 0 flood never queues ahead of Raft.
+pub const QOS0_PROTOCOL: &str = "/canal/qos0/1.0.0";
+/// The largest QoS 0 message accepted, in bytes: the largest payload (1 MiB) and room for
+/// its topic, ids and headers.
+pub const MAX_QOS0_BYTES: usize = 2 << 20;
+
+/// A QoS 0 message that arrived from a peer. Nothing is answered: QoS 0 is at most once.
+#[derive(Debug)]
+pub struct InboundQos0 {
+    /// The peer that sent it (authenticated by the connection).
+    pub peer: libp2p::PeerId,
+    /// The message's bytes.
+    pub body: Vec<u8>,
+}
 
 /// A request that arrived from a peer. Send the answer through `reply`; dropping it answers
 /// with nothing (the caller sees a failure).
@@ -39,18 +55,28 @@ pub enum RpcError {
     Closed,
 }
 
-/// Length-prefixed bytes: a 4-byte big-endian length, then the body.
-#[derive(Debug, Clone, Default)]
-pub struct BytesCodec;
+/// Length-prefixed bytes: a 4-byte big-endian length, then the body, of at most `max` bytes.
+#[derive(Debug, Clone)]
+pub struct BytesCodec {
+    /// The largest body read or written, in bytes; a longer one fails the stream with
+    /// `InvalidData` (counted against the peer that sent it).
+    pub max: usize,
+}
 
-async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
+impl Default for BytesCodec {
+    fn default() -> Self {
+        BytesCodec { max: MAX_RPC_BYTES }
+    }
+}
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_RPC_BYTES {
+    if len > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("RPC message of {len} bytes is over the limit of {MAX_RPC_BYTES}"),
+            format!("message of {len} bytes is over the limit of {max}"),
         ));
     }
     // Grow with the bytes that actually arrive, not with what the prefix claims.
@@ -65,14 +91,15 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u
     Ok(buf)
 }
 
-async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, body: Vec<u8>) -> io::Result<()> {
-    if body.len() > MAX_RPC_BYTES {
+async fn write_frame<T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    body: Vec<u8>,
+    max: usize,
+) -> io::Result<()> {
+    if body.len() > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!(
-                "RPC message of {} bytes is over the limit of {MAX_RPC_BYTES}",
-                body.len()
-            ),
+            format!("message of {} bytes is over the limit of {max}", body.len()),
         ));
     }
     io.write_all(&(body.len() as u32).to_be_bytes()).await?;
@@ -90,7 +117,7 @@ impl libp2p::request_response::Codec for BytesCodec {
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Vec<u8>> {
-        read_frame(io).await
+        read_frame(io, self.max).await
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(
@@ -98,7 +125,7 @@ impl libp2p::request_response::Codec for BytesCodec {
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Vec<u8>> {
-        read_frame(io).await
+        read_frame(io, self.max).await
     }
 
     async fn write_request<T: AsyncWrite + Unpin + Send>(
@@ -107,7 +134,7 @@ impl libp2p::request_response::Codec for BytesCodec {
         io: &mut T,
         req: Vec<u8>,
     ) -> io::Result<()> {
-        write_frame(io, req).await
+        write_frame(io, req, self.max).await
     }
 
     async fn write_response<T: AsyncWrite + Unpin + Send>(
@@ -116,6 +143,6 @@ impl libp2p::request_response::Codec for BytesCodec {
         io: &mut T,
         res: Vec<u8>,
     ) -> io::Result<()> {
-        write_frame(io, res).await
+        write_frame(io, res, self.max).await
     }
 }

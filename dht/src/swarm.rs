@@ -1,7 +1,11 @@
 //! The swarm: transports, behaviours and the event loop.
 
+use crate::guard::{GuardConfig, PeerGuard};
 use crate::peers::{Applied, PeerTable};
-use crate::rpc::{BytesCodec, InboundRpc, RPC_PROTOCOL, RpcError};
+use crate::rpc::{
+    BytesCodec, InboundQos0, InboundRpc, MAX_QOS0_BYTES, MAX_RPC_BYTES, QOS0_PROTOCOL,
+    RPC_PROTOCOL, RpcError,
+};
 use crate::topology::{Placement, TopicSpace};
 use crate::{CAPS_TOPIC, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 use canal_proto::{Capabilities, Topic, wire};
@@ -16,14 +20,17 @@ use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, identity, kad, mdns, noise,
-    ping, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, gossipsub, identify, identity, kad,
+    mdns, noise, ping, tcp, yamux,
 };
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -142,13 +149,74 @@ struct Shared {
     /// The announced addresses (`/p2p/PEER_ID` appended); empty: the listen addresses are.
     advertised: Vec<Multiaddr>,
     state: RwLock<State>,
+    /// Cleared when the event loop ends for any reason, a panic included, so readiness can
+    /// tell a node whose mesh is gone.
+    running: AtomicBool,
+    /// Whether the loop ended because it was told to.
+    stopped: AtomicBool,
+    labels: PeerLabels,
+    qos0_dropped: Family<DropLabels, Counter>,
 }
+
+/// Clears [`Shared::running`] when dropped: at the end of the event loop task, however it ends.
+struct Running(Arc<Shared>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The most distinct peers named in metric labels; further peers are counted as `other`, so a
+/// stranger cycling peer ids cannot grow the metrics without bound.
+const MAX_LABELLED_PEERS: usize = 256;
+
+/// Which peers have their own metric label.
+#[derive(Default)]
+struct PeerLabels(Mutex<HashSet<PeerId>>);
+
+impl PeerLabels {
+    fn of(&self, peer: &PeerId) -> String {
+        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if set.contains(peer) || set.len() < MAX_LABELLED_PEERS {
+            set.insert(*peer);
+            peer.to_base58()
+        } else {
+            "other".to_string()
+        }
+    }
+}
+
+/// Labels of `canal_peer_bad_messages_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BadLabels {
+    peer: String,
+    kind: String,
+}
+
+/// Labels of `canal_qos0_dropped_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    peer: String,
+    reason: String,
+}
+
+/// How many QoS 0 events may wait for one peer (sent, not yet answered); more are dropped and
+/// counted. Raft does not share this queue.
+pub const QOS0_PEER_QUEUE: usize = 256;
+
+/// How many QoS 0 events may wait between the node and the event loop, all peers together.
+pub const QOS0_SEND_QUEUE: usize = 8192;
+
+/// How many inbound QoS 0 events may wait for the node to take them.
+pub const QOS0_INBOUND_QUEUE: usize = 4096;
 
 /// A cheap, cloneable handle to a running swarm.
 #[derive(Clone)]
 pub struct DhtHandle {
     shared: Arc<Shared>,
     commands: mpsc::Sender<Command>,
+    qos0: mpsc::Sender<(PeerId, Vec<u8>)>,
 }
 
 /// The running swarm: its handle and its task.
@@ -156,6 +224,7 @@ pub struct Dht {
     handle: DhtHandle,
     task: JoinHandle<()>,
     inbound: Option<mpsc::Receiver<InboundRpc>>,
+    qos0_inbound: Option<mpsc::Receiver<InboundQos0>>,
 }
 
 enum Command {
@@ -166,16 +235,23 @@ enum Command {
         body: Vec<u8>,
         reply: oneshot::Sender<Result<Vec<u8>, RpcError>>,
     },
+    ReportBad {
+        peer: PeerId,
+        kind: &'static str,
+        detail: String,
+    },
 }
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     gossipsub: gossipsub::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     rpc: request_response::Behaviour<BytesCodec>,
+    qos0: request_response::Behaviour<BytesCodec>,
 }
 
 fn now_ms() -> u64 {
@@ -220,6 +296,9 @@ fn build_behaviour(
     let gossip_config = gossipsub::ConfigBuilder::default()
         .heartbeat_interval(Duration::from_millis(500))
         .validation_mode(gossipsub::ValidationMode::Strict)
+        // A record is forwarded only after this node checked it (see `on_record`).
+        .validate_messages()
+        .max_transmit_size(MAX_GOSSIP_BYTES)
         .build()?;
     let mut gossipsub = gossipsub::Behaviour::new(
         gossipsub::MessageAuthenticity::Signed(key.clone()),
@@ -232,7 +311,7 @@ fn build_behaviour(
         None
     };
     let rpc = request_response::Behaviour::with_codec(
-        BytesCodec,
+        BytesCodec { max: MAX_RPC_BYTES },
         [(
             StreamProtocol::new(RPC_PROTOCOL),
             request_response::ProtocolSupport::Full,
@@ -241,8 +320,22 @@ fn build_behaviour(
             .with_request_timeout(Duration::from_secs(10))
             .with_max_concurrent_streams(1024),
     );
+    let qos0 = request_response::Behaviour::with_codec(
+        BytesCodec {
+            max: MAX_QOS0_BYTES,
+        },
+        [(
+            StreamProtocol::new(QOS0_PROTOCOL),
+            request_response::ProtocolSupport::Full,
+        )],
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(5))
+            .with_max_concurrent_streams(QOS0_PEER_QUEUE),
+    );
     Ok(Behaviour {
+        blocked: allow_block_list::Behaviour::default(),
         rpc,
+        qos0,
         identify,
         ping,
         kad,
@@ -295,11 +388,20 @@ fn build_swarm(config: &DhtConfig) -> Result<Swarm<Behaviour>, DhtError> {
     Ok(swarm)
 }
 
+/// The largest gossip message, in bytes (a valid capability record is at most
+/// `canal_proto::caps::MAX_RECORD_BYTES`).
+pub const MAX_GOSSIP_BYTES: usize = 64 << 10;
+
 struct CanalMetrics {
     peers: Gauge,
     connections: Gauge,
     records_received: Counter,
     records_rejected: Counter,
+    bad_messages: Family<BadLabels, Counter>,
+    banned: Gauge,
+    qos0_dropped: Family<DropLabels, Counter>,
+    qos0_sent: Counter,
+    qos0_received: Counter,
 }
 
 impl CanalMetrics {
@@ -309,7 +411,38 @@ impl CanalMetrics {
             connections: Gauge::default(),
             records_received: Counter::default(),
             records_rejected: Counter::default(),
+            bad_messages: Family::default(),
+            banned: Gauge::default(),
+            qos0_dropped: Family::default(),
+            qos0_sent: Counter::default(),
+            qos0_received: Counter::default(),
         };
+        // prometheus-client appends `_total` to counters.
+        registry.register(
+            "canal_peer_bad_messages",
+            "Messages refused from a peer (undecodable, invalid, forged, oversized, refused), by peer and kind",
+            m.bad_messages.clone(),
+        );
+        registry.register(
+            "canal_peers_banned",
+            "Peers banned now after repeated bad messages",
+            m.banned.clone(),
+        );
+        registry.register(
+            "canal_qos0_dropped",
+            "QoS 0 events dropped (at most once) because a queue was full or the send failed, by peer and reason",
+            m.qos0_dropped.clone(),
+        );
+        registry.register(
+            "canal_qos0_sent",
+            "QoS 0 events sent to peers",
+            m.qos0_sent.clone(),
+        );
+        registry.register(
+            "canal_qos0_received",
+            "QoS 0 events received from peers",
+            m.qos0_received.clone(),
+        );
         registry.register(
             "canal_peers",
             "Peers known alive, this node included",
@@ -327,7 +460,7 @@ impl CanalMetrics {
         );
         registry.register(
             "canal_capability_records_rejected",
-            "Capability records dropped as undecodable or not signed by the peer they describe",
+            "Capability records dropped as undecodable, invalid or not signed by the peer they describe",
             m.records_rejected.clone(),
         );
         m
@@ -387,9 +520,15 @@ impl Dht {
             advertised,
             listening: tokio::sync::watch::Sender::new(0),
             state: RwLock::new(State::default()),
+            running: AtomicBool::new(true),
+            stopped: AtomicBool::new(false),
+            labels: PeerLabels::default(),
+            qos0_dropped: canal_metrics.qos0_dropped.clone(),
         });
         let (tx, rx) = mpsc::channel(1024);
         let (inbound_tx, inbound_rx) = mpsc::channel(1024);
+        let (qos0_tx, qos0_rx) = mpsc::channel(QOS0_SEND_QUEUE);
+        let (qos0_in_tx, qos0_in_rx) = mpsc::channel(QOS0_INBOUND_QUEUE);
         let event_loop = EventLoop {
             swarm,
             shared: shared.clone(),
@@ -405,16 +544,27 @@ impl Dht {
             inbound: inbound_tx,
             pending: HashMap::new(),
             answering: FuturesUnordered::new(),
+            guard: PeerGuard::new(GuardConfig::default()),
+            qos0_out: qos0_rx,
+            qos0_inbound: qos0_in_tx,
+            qos0_in_flight: HashMap::new(),
+            qos0_pending: HashMap::new(),
         };
-        let task = tokio::spawn(event_loop.run());
+        let running = Running(shared.clone());
+        let task = tokio::spawn(async move {
+            let _running = running;
+            event_loop.run().await;
+        });
         info!(peer_id = %local, "peer mesh started");
         Ok(Dht {
             handle: DhtHandle {
                 shared,
                 commands: tx,
+                qos0: qos0_tx,
             },
             task,
             inbound: Some(inbound_rx),
+            qos0_inbound: Some(qos0_in_rx),
         })
     }
 
@@ -427,6 +577,12 @@ impl Dht {
     /// Until it is taken (or after it is dropped), requests are answered with nothing.
     pub fn take_inbound(&mut self) -> Option<mpsc::Receiver<InboundRpc>> {
         self.inbound.take()
+    }
+
+    /// The QoS 0 events other peers send on the QoS 0 lane; taken once by whoever delivers
+    /// them. Until it is taken (or after it is dropped), they are dropped and counted.
+    pub fn take_qos0_inbound(&mut self) -> Option<mpsc::Receiver<InboundQos0>> {
+        self.qos0_inbound.take()
     }
 
     /// Stops the event loop, closing every connection, and waits for it to end.
@@ -483,6 +639,12 @@ struct EventLoop {
     inbound: mpsc::Sender<InboundRpc>,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RpcError>>>,
     answering: FuturesUnordered<Answer>,
+    guard: PeerGuard<PeerId>,
+    qos0_out: mpsc::Receiver<(PeerId, Vec<u8>)>,
+    qos0_inbound: mpsc::Sender<InboundQos0>,
+    /// QoS 0 events sent to each peer and not yet answered: the per-peer queue.
+    qos0_in_flight: HashMap<PeerId, usize>,
+    qos0_pending: HashMap<OutboundRequestId, PeerId>,
 }
 
 type Answer = std::pin::Pin<
@@ -510,16 +672,147 @@ impl EventLoop {
                     }
                 }
                 cmd = self.commands.recv() => match cmd {
-                    Some(Command::Shutdown(done)) => { let _ = done.send(()); break; }
+                    Some(Command::Shutdown(done)) => {
+                        self.shared.stopped.store(true, Ordering::SeqCst);
+                        let _ = done.send(());
+                        break;
+                    }
                     Some(Command::Request { peer, addrs, body, reply }) => {
                         let id = self.swarm.behaviour_mut().rpc.send_request_with_addresses(&peer, body, addrs);
                         self.pending.insert(id, reply);
                     }
-                    None => break,
+                    Some(Command::ReportBad { peer, kind, detail }) => self.offence(peer, kind, &detail),
+                    None => {
+                        self.shared.stopped.store(true, Ordering::SeqCst);
+                        break;
+                    }
                 },
+                Some((peer, body)) = self.qos0_out.recv() => self.send_qos0(peer, body),
             }
         }
         info!("peer mesh stopped");
+    }
+
+    /// Counts an offence of `peer`, logs it (at most once a minute per peer), disconnects the
+    /// peer, and bans it after repeated offences.
+    fn offence(&mut self, peer: PeerId, kind: &'static str, detail: &str) {
+        if peer == self.shared.local {
+            return;
+        }
+        self.canal_metrics
+            .bad_messages
+            .get_or_create(&BadLabels {
+                peer: self.shared.labels.of(&peer),
+                kind: kind.to_string(),
+            })
+            .inc();
+        let now = Instant::now();
+        let verdict = self.guard.offence(&peer, now);
+        if verdict.log {
+            warn!(%peer, kind, detail, unlogged = verdict.unlogged, "bad message from peer: disconnecting it");
+        }
+        if let Some(length) = verdict.ban {
+            warn!(%peer, kind, ban_secs = length.as_secs(), "peer banned after repeated bad messages");
+            self.swarm.behaviour_mut().blocked.block_peer(peer);
+        }
+        if verdict.disconnect {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        self.canal_metrics.banned.set(self.guard.banned(now) as i64);
+    }
+
+    fn qos0_drop(&self, peer: &PeerId, reason: &str) {
+        self.canal_metrics
+            .qos0_dropped
+            .get_or_create(&DropLabels {
+                peer: self.shared.labels.of(peer),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Sends a QoS 0 event unless the peer's queue is full (then it is dropped and counted).
+    fn send_qos0(&mut self, peer: PeerId, body: Vec<u8>) {
+        let queued = self.qos0_in_flight.entry(peer).or_insert(0);
+        if *queued >= QOS0_PEER_QUEUE {
+            self.qos0_drop(&peer, "peer-queue-full");
+            return;
+        }
+        *queued += 1;
+        let id = self.swarm.behaviour_mut().qos0.send_request(&peer, body);
+        self.qos0_pending.insert(id, peer);
+        self.canal_metrics.qos0_sent.inc();
+    }
+
+    fn qos0_done(&mut self, id: &OutboundRequestId) {
+        if let Some(peer) = self.qos0_pending.remove(id)
+            && let Some(n) = self.qos0_in_flight.get_mut(&peer)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.qos0_in_flight.remove(&peer);
+            }
+        }
+    }
+
+    fn on_qos0(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    // One way: the answer only closes the stream.
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .qos0
+                        .send_response(channel, Vec::new());
+                    self.canal_metrics.qos0_received.inc();
+                    let event = InboundQos0 {
+                        peer,
+                        body: request,
+                    };
+                    if self.qos0_inbound.try_send(event).is_err() {
+                        self.qos0_drop(&peer, "inbound-queue-full");
+                    }
+                }
+                request_response::Message::Response { request_id, .. } => {
+                    self.qos0_done(&request_id)
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                debug!(%peer, %error, "QoS 0 event not delivered");
+                self.qos0_done(&request_id);
+                self.qos0_drop(&peer, "send-failed");
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                self.on_inbound_failure(peer, "qos0-frame", error);
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// An inbound stream failed: an oversized frame is the peer's offence; a closed or timed
+    /// out stream is not.
+    fn on_inbound_failure(
+        &mut self,
+        peer: PeerId,
+        kind: &'static str,
+        error: request_response::InboundFailure,
+    ) {
+        match error {
+            request_response::InboundFailure::Io(e)
+                if e.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                self.offence(peer, kind, &e.to_string());
+            }
+            error => debug!(%peer, %error, "inbound stream failed"),
+        }
     }
 
     fn state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
@@ -570,10 +863,16 @@ impl EventLoop {
 
     fn sweep(&mut self) {
         let ttl = self.peer_ttl;
-        let gone = self.state().table.expire(Instant::now(), ttl);
+        let now = Instant::now();
+        let gone = self.state().table.expire(now, ttl);
         for p in gone {
             info!(peer = %p, "peer gone: no capability record for {ttl:?}");
         }
+        for p in self.guard.expire(now) {
+            info!(peer = %p, "ban over: the peer may connect again");
+            self.swarm.behaviour_mut().blocked.unblock_peer(p);
+        }
+        self.canal_metrics.banned.set(self.guard.banned(now) as i64);
         self.update_gauges();
     }
 
@@ -676,10 +975,33 @@ impl EventLoop {
             }
             BehaviourEvent::Kad(ev) => self.metrics.record(&ev),
             BehaviourEvent::Rpc(ev) => self.on_rpc(ev),
+            BehaviourEvent::Qos0(ev) => self.on_qos0(ev),
+            BehaviourEvent::Blocked(ev) => match ev {},
             BehaviourEvent::Gossipsub(ev) => {
                 self.metrics.record(&ev);
-                if let gossipsub::Event::Message { message, .. } = ev {
-                    self.on_record(message);
+                if let gossipsub::Event::Message {
+                    propagation_source,
+                    message_id,
+                    message,
+                } = ev
+                {
+                    let verdict = self.on_record(message);
+                    let acceptance = match verdict {
+                        Ok(()) => gossipsub::MessageAcceptance::Accept,
+                        Err((kind, detail)) => {
+                            self.canal_metrics.records_rejected.inc();
+                            self.offence(propagation_source, kind, &detail);
+                            gossipsub::MessageAcceptance::Reject
+                        }
+                    };
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            acceptance,
+                        );
                 }
             }
             BehaviourEvent::Mdns(ev) => {
@@ -742,36 +1064,58 @@ impl EventLoop {
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
-                debug!(%peer, %error, "inbound RPC failed");
+                self.on_inbound_failure(peer, "rpc-frame", error);
             }
             request_response::Event::ResponseSent { .. } => {}
         }
     }
 
-    fn on_record(&mut self, message: gossipsub::Message) {
+    /// Checks a capability record from gossip and applies it; `Err` names the kind of
+    /// offence and what was wrong, and the record is then neither used nor forwarded.
+    fn on_record(&mut self, message: gossipsub::Message) -> Result<(), (&'static str, String)> {
         // Strict validation means the message is signed by `source`; a record is accepted only
         // from the peer it describes.
         let Some(source) = message.source else {
-            self.canal_metrics.records_rejected.inc();
-            return;
+            return Err((
+                "gossip-unsigned",
+                "capability record without a source".into(),
+            ));
         };
-        let caps: Capabilities = match wire::decode(&message.data) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(peer = %source, error = %e, "dropping undecodable capability record");
-                self.canal_metrics.records_rejected.inc();
-                return;
-            }
-        };
-        if caps.peer_id != source.to_base58() {
-            warn!(peer = %source, claimed = %caps.peer_id, "dropping capability record signed by another peer");
-            self.canal_metrics.records_rejected.inc();
-            return;
+        if message.data.len() > canal_proto::caps::MAX_RECORD_BYTES {
+            return Err((
+                "gossip-invalid",
+                format!(
+                    "capability record of {} bytes is over the limit of {}",
+                    message.data.len(),
+                    canal_proto::caps::MAX_RECORD_BYTES
+                ),
+            ));
         }
+        let caps: Capabilities =
+            wire::decode_with_limit(&message.data, canal_proto::caps::MAX_RECORD_BYTES).map_err(
+                |e| {
+                    (
+                        "gossip-decode",
+                        format!("undecodable capability record: {e}"),
+                    )
+                },
+            )?;
+        if caps.peer_id != source.to_base58() {
+            return Err((
+                "gossip-forged",
+                format!(
+                    "capability record of {:?} signed by {source}",
+                    caps.peer_id.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        caps.validate()
+            .map_err(|e| ("gossip-invalid", e.to_string()))?;
         self.canal_metrics.records_received.inc();
         if self.state().table.apply(source, caps, Instant::now()) == Applied::Joined {
             info!(peer = %source, "peer joined");
         }
+        Ok(())
     }
 }
 
@@ -817,6 +1161,13 @@ impl DhtHandle {
     /// Whether the peer can serve: it listens, and if it was given bootstrap peers it is
     /// connected to at least one peer. `Err` says what is missing.
     pub fn readiness(&self) -> Result<(), String> {
+        if !self.is_running() {
+            return Err(if self.shared.stopped.load(Ordering::SeqCst) {
+                "the peer mesh is shut down".into()
+            } else {
+                "the peer mesh event loop ended unexpectedly (it panicked?): this node no longer gossips or replicates".into()
+            });
+        }
         let st = self.read();
         if st.listen_addrs.is_empty() {
             return Err("not listening for peers yet".into());
@@ -878,5 +1229,46 @@ impl DhtHandle {
     /// The shape of the topic space.
     pub fn topic_space(&self) -> TopicSpace {
         self.shared.topic_space
+    }
+
+    /// Whether the swarm's event loop still runs. `false` after a shutdown, and after the loop
+    /// ended any other way (a panic): then [`DhtHandle::readiness`] fails too.
+    pub fn is_running(&self) -> bool {
+        self.shared.running.load(Ordering::SeqCst)
+    }
+
+    /// Reports that `peer` sent something it should not have (an undecodable or refused Raft
+    /// RPC, an undecodable QoS 0 event, ...). `kind` names the offence in the metric
+    /// `canal_peer_bad_messages_total{peer,kind}`, `detail` goes to the log. The peer is
+    /// disconnected, logged at most once a minute, and banned after repeated offences (3 in
+    /// 10 minutes: 10 minutes, doubling on repeat up to a day). Never waits: if the event
+    /// loop is swamped the report is dropped.
+    pub fn report_bad(&self, peer: PeerId, kind: &'static str, detail: String) {
+        let _ = self
+            .commands
+            .try_send(Command::ReportBad { peer, kind, detail });
+    }
+
+    /// Queues a QoS 0 event for `peer` on the QoS 0 lane, apart from the RPC channel, and
+    /// never waits: when the queue is full the event is dropped, counted in
+    /// `canal_qos0_dropped_total{peer,reason}` (at most once), and `false` is returned.
+    pub fn send_qos0(&self, peer: PeerId, body: Vec<u8>) -> bool {
+        match self.qos0.try_send((peer, body)) {
+            Ok(()) => true,
+            Err(e) => {
+                let reason = match e {
+                    mpsc::error::TrySendError::Full(_) => "queue-full",
+                    mpsc::error::TrySendError::Closed(_) => "mesh-closed",
+                };
+                self.shared
+                    .qos0_dropped
+                    .get_or_create(&DropLabels {
+                        peer: self.shared.labels.of(&peer),
+                        reason: reason.to_string(),
+                    })
+                    .inc();
+                false
+            }
+        }
     }
 }

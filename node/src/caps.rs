@@ -27,7 +27,9 @@ pub struct LoadCounters {
 }
 
 impl LoadCounters {
-    /// The QoS 0 interest this node advertises: its subscribers' and its triggers' filters.
+    /// The QoS 0 interest this node advertises: its subscribers' and its triggers' filters,
+    /// summarised when there are too many for a capability record
+    /// ([`canal_proto::caps::summarise_interest`]: wider filters, never narrower ones).
     pub fn interest(&self) -> Vec<String> {
         let mut all: std::collections::BTreeSet<String> = self
             .subscribed
@@ -43,7 +45,7 @@ impl LoadCounters {
                 .iter()
                 .cloned(),
         );
-        all.into_iter().collect()
+        canal_proto::caps::summarise_interest(all)
     }
 }
 
@@ -151,7 +153,13 @@ impl LocalRecord for Measurer {
             sys.refresh_cpu_usage();
             caps.memory_total_bytes = sys.total_memory();
             caps.memory_available_bytes = sys.available_memory();
-            caps.load.cpu_percent = sys.global_cpu_usage();
+            // Peers refuse a record whose CPU use is not a number from 0 to 100.
+            let cpu = sys.global_cpu_usage();
+            caps.load.cpu_percent = if cpu.is_finite() {
+                cpu.clamp(0.0, 100.0)
+            } else {
+                0.0
+            };
         }
         caps.load.queue_len = self.load.queue_len.load(Ordering::Relaxed);
         caps.load.running_invocations = self.load.running_invocations.load(Ordering::Relaxed);
@@ -182,6 +190,38 @@ mod tests {
                 .all(|g| g.source == GpuSource::Detected)
         );
         assert_eq!(caps.load.queue_len, 3);
+    }
+
+    #[test]
+    fn interest_is_summarised_to_fit_the_record() {
+        let load = LoadCounters::default();
+        {
+            let mut subs = load.subscribed.lock().unwrap_or_else(|p| p.into_inner());
+            for i in 0..1000 {
+                subs.insert(format!("devices/{}/sensor{i}", i % 4), 1);
+            }
+        }
+        *load
+            .trigger_filters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = vec!["alerts/#".into()];
+        let interest = load.interest();
+        assert!(interest.len() <= canal_proto::caps::MAX_INTEREST_FILTERS);
+        assert!(interest.contains(&"alerts/#".to_string()), "{interest:?}");
+        assert!(
+            interest.contains(&"devices/3/#".to_string()),
+            "{interest:?}"
+        );
+        let mut m = Measurer::new(
+            "edge".into(),
+            BTreeMap::new(),
+            Vec::new(),
+            None,
+            Arc::new(load),
+        );
+        let mut caps = m.measure();
+        caps.peer_id = "12D3KooW".into();
+        assert_eq!(caps.validate(), Ok(()));
     }
 
     #[test]

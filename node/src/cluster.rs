@@ -87,8 +87,8 @@ pub fn node_id(peer: &PeerId) -> NodeId {
     node_id_of(&peer.to_bytes())
 }
 
-/// The first byte of an RPC that carries a Raft message (QoS 0 events use
-/// [`crate::pubsub::QOS0_CHANNEL`]).
+/// The first byte of an RPC that carries a Raft message (QoS 0 events have a lane of their
+/// own, [`crate::pubsub::serve_qos0`]).
 /// (Distinct from any wire format version byte, so a message framed wrongly is refused rather
 /// than misread.)
 pub const RAFT_CHANNEL: u8 = b'R';
@@ -97,11 +97,10 @@ pub const RAFT_CHANNEL: u8 = b'R';
 pub const FORM_CHANNEL: u8 = b'F';
 
 /// Answers requests from other peers, each in a task of its own (a slow snapshot install must
-/// not hold up heartbeats): Raft messages go to the groups, QoS 0 events to this node's
-/// subscribers.
+/// not hold up heartbeats): Raft messages go to the groups, formation requests to
+/// [`Formation`].
 pub fn serve(
     consensus: Consensus<MeshTransport>,
-    qos0: crate::pubsub::Qos0Hub,
     formation: Arc<Formation>,
     mut inbound: mpsc::Receiver<InboundRpc>,
 ) {
@@ -115,15 +114,6 @@ pub fn serve(
                         let answer = c.handle(&body).await;
                         let _ = rpc.reply.send(answer);
                     });
-                }
-                Some((&crate::pubsub::QOS0_CHANNEL, body)) => {
-                    match canal_proto::wire::decode::<crate::pubsub::Qos0Message>(body) {
-                        Ok(m) => qos0.deliver(m),
-                        Err(e) => {
-                            debug!(peer = %rpc.peer, error = %e, "undecodable QoS 0 event dropped")
-                        }
-                    }
-                    let _ = rpc.reply.send(Vec::new());
                 }
                 Some((&FORM_CHANNEL, body)) => {
                     let answer = formation.answer(&consensus, rpc.peer, body);

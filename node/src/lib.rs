@@ -216,7 +216,10 @@ impl Node {
             data_dir.path().join("formation-promise.json"),
         ));
         if let Some(inbound) = dht.take_inbound() {
-            cluster::serve(consensus.clone(), qos0.clone(), formation.clone(), inbound);
+            cluster::serve(consensus.clone(), formation.clone(), inbound);
+        }
+        if let Some(inbound) = dht.take_qos0_inbound() {
+            pubsub::serve_qos0(handle.clone(), qos0.clone(), inbound);
         }
         let runtime = canal_triggers::Runtime::new(&canal_triggers::RuntimeConfig {
             cache_dir: Some(data_dir.path().join("wasm-cache")),

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 /// The largest payload accepted (a topic's settings may lower it).
 pub const MAX_PAYLOAD_BYTES: usize = canal_proto::settings::MAX_PAYLOAD_BYTES as usize;
@@ -482,15 +482,12 @@ pub fn spawn_trimmer(
     })
 }
 
-/// The RPC channel byte that marks a QoS 0 event (Raft messages use another).
-pub const QOS0_CHANNEL: u8 = b'Q';
-
 /// Publishes a QoS 0 event from this node: to its own subscribers and to every other live
-/// peer, once, without waiting.
+/// peer that wants it, once, without waiting. Each peer's copy goes on the mesh's QoS 0 lane
+/// (its own protocol and a bounded queue per peer, apart from Raft's RPCs); a full queue drops
+/// the copy and counts it (`canal_qos0_dropped_total`), as at-most-once allows.
 pub fn publish_qos0(dht: &canal_dht::DhtHandle, hub: &Qos0Hub, m: Qos0Message) {
     if let (Ok(body), Ok(topic)) = (wire::encode(&m), Topic::new(&m.topic)) {
-        let mut framed = vec![QOS0_CHANNEL];
-        framed.extend(body);
         // Only to peers that want it: their advertised interest matches the topic.
         let wants = |p: &canal_dht::PeerView| {
             p.caps
@@ -500,15 +497,55 @@ pub fn publish_qos0(dht: &canal_dht::DhtHandle, hub: &Qos0Hub, m: Qos0Message) {
                 .any(|f| f.matches(&topic))
         };
         for p in dht.peers().into_iter().filter(|p| !p.is_self && wants(p)) {
-            let dht = dht.clone();
-            let framed = framed.clone();
-            tokio::spawn(async move {
-                // At most once: a failed send is not retried.
-                let _ = dht.request(p.peer_id, Vec::new(), framed).await;
-            });
+            dht.send_qos0(p.peer_id, body.clone());
         }
     }
     hub.deliver(m);
+}
+
+/// Why a QoS 0 message from a peer was refused.
+fn check_qos0(peer: &libp2p::PeerId, body: &[u8]) -> Result<Qos0Message, (&'static str, String)> {
+    let m: Qos0Message = wire::decode_with_limit(body, canal_dht::rpc::MAX_QOS0_BYTES)
+        .map_err(|e| ("qos0-decode", format!("undecodable QoS 0 event: {e}")))?;
+    // Events are sent by the node that accepted them, never relayed.
+    if m.source != format!("canal://{peer}") {
+        return Err((
+            "qos0-forged",
+            format!(
+                "QoS 0 event from {peer} claims source {:?}",
+                m.source.chars().take(80).collect::<String>()
+            ),
+        ));
+    }
+    Topic::new(&m.topic).map_err(|e| ("qos0-invalid", format!("QoS 0 event topic: {e}")))?;
+    if m.payload.len() > MAX_PAYLOAD_BYTES {
+        return Err((
+            "qos0-invalid",
+            format!(
+                "QoS 0 payload of {} bytes is over the limit of {MAX_PAYLOAD_BYTES}",
+                m.payload.len()
+            ),
+        ));
+    }
+    Ok(m)
+}
+
+/// Hands the QoS 0 events other peers send on the QoS 0 lane to this node's subscribers; a
+/// message that does not decode or claims another source is refused and reported against the
+/// peer that sent it.
+pub fn serve_qos0(
+    dht: canal_dht::DhtHandle,
+    hub: Qos0Hub,
+    mut inbound: mpsc::Receiver<canal_dht::InboundQos0>,
+) {
+    tokio::spawn(async move {
+        while let Some(ev) = inbound.recv().await {
+            match check_qos0(&ev.peer, &ev.body) {
+                Ok(m) => hub.deliver(m),
+                Err((kind, detail)) => dht.report_bad(ev.peer, kind, detail),
+            }
+        }
+    });
 }
 
 /// Where a subscription starts.
@@ -1126,4 +1163,46 @@ pub async fn ack(st: &ApiState, name: &str, q: &HashMap<String, String>) -> Resu
         )
         .await?;
     Ok(r.offset.unwrap_or(offset + 1))
+}
+
+#[cfg(test)]
+mod qos0_tests {
+    use super::*;
+
+    fn event(source: String) -> Qos0Message {
+        Qos0Message {
+            topic: "a/b".into(),
+            id: "1".into(),
+            source,
+            time_ms: 1,
+            headers: vec![],
+            payload: b"x".to_vec(),
+        }
+    }
+
+    #[test]
+    fn qos0_events_are_checked() {
+        let peer = libp2p::PeerId::random();
+        let good = wire::encode(&event(format!("canal://{peer}"))).unwrap_or_default();
+        assert!(check_qos0(&peer, &good).is_ok());
+        let forged = wire::encode(&event(format!("canal://{}", libp2p::PeerId::random())))
+            .unwrap_or_default();
+        assert_eq!(
+            check_qos0(&peer, &forged).err().map(|e| e.0),
+            Some("qos0-forged")
+        );
+        assert_eq!(
+            check_qos0(&peer, &good[..good.len() - 1])
+                .err()
+                .map(|e| e.0),
+            Some("qos0-decode")
+        );
+        let mut bad_topic = event(format!("canal://{peer}"));
+        bad_topic.topic = "a/#".into();
+        let bytes = wire::encode(&bad_topic).unwrap_or_default();
+        assert_eq!(
+            check_qos0(&peer, &bytes).err().map(|e| e.0),
+            Some("qos0-invalid")
+        );
+    }
 }
