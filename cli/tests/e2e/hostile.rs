@@ -26,6 +26,7 @@ use std::time::Duration;
 use crate::BIN;
 
 const RPC: &str = "/canal/rpc/1.0.0";
+const QOS0: &str = "/canal/qos0/1.0.0";
 const CAPS_TOPIC: &str = "canal/caps/v1";
 
 /// Writes requests exactly as given (no length prefix added), so a request can lie about
@@ -85,6 +86,7 @@ impl request_response::Codec for RawCodec {
 struct Hostile {
     gossipsub: gossipsub::Behaviour,
     rpc: request_response::Behaviour<RawCodec>,
+    qos0: request_response::Behaviour<RawCodec>,
 }
 
 fn swarm(key: Option<PreSharedKey>) -> Swarm<Hostile> {
@@ -107,7 +109,16 @@ fn swarm(key: Option<PreSharedKey>) -> Swarm<Hostile> {
             [(StreamProtocol::new(RPC), ProtocolSupport::Outbound)],
             request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
         );
-        Hostile { gossipsub, rpc }
+        let qos0 = request_response::Behaviour::with_codec(
+            RawCodec,
+            [(StreamProtocol::new(QOS0), ProtocolSupport::Outbound)],
+            request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+        );
+        Hostile {
+            gossipsub,
+            rpc,
+            qos0,
+        }
     };
     let builder = libp2p::SwarmBuilder::with_new_identity().with_tokio();
     let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(60));
@@ -274,14 +285,46 @@ fn rpc_attacks(
             "a forwarded write to the metadata group's internal keys",
             raft(&RpcRequest::Write(GroupId::METADATA, put("\u{1}A/forged"))),
         ),
-        ("garbage on the QoS 0 channel", framed(b'Q', &[0xfe; 300])),
         (
-            "a QoS 0 message whose string claims 1 TiB",
-            framed(b'Q', &one_tebibyte_string()),
+            "the old QoS 0 channel byte on the RPC lane",
+            framed(b'Q', &[0xfe; 300]),
         ),
         ("a formation request to a member", framed(b'F', &[1, 1, 0])),
         ("an unknown channel", framed(b'Z', b"hello")),
         ("an empty frame", 0u32.to_be_bytes().to_vec()),
+    ]
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend(body);
+    out
+}
+
+/// Everything the hostile peer sends on the QoS 0 lane.
+fn qos0_attacks(target: PeerId) -> Vec<(&'static str, Vec<u8>)> {
+    let forged = canal_proto::wire::encode(&canal_node::pubsub::Qos0Message {
+        topic: "sensors/forged".into(),
+        id: "forged".into(),
+        source: target.to_base58(),
+        time_ms: 0,
+        headers: vec![],
+        payload: b"forged".to_vec(),
+    })
+    .unwrap();
+    let mut huge_len = u32::MAX.to_be_bytes().to_vec();
+    huge_len.extend([0u8; 64]);
+    vec![
+        ("a QoS 0 frame claiming 4 GiB", huge_len),
+        ("garbage on the QoS 0 lane", frame(&[0xfe; 300])),
+        (
+            "a QoS 0 event whose string claims 1 TiB",
+            frame(&one_tebibyte_string()),
+        ),
+        (
+            "a QoS 0 event claiming the node itself as its source",
+            frame(&forged),
+        ),
     ]
 }
 
@@ -337,13 +380,15 @@ async fn attack(net: &Testnet, mut swarm: Swarm<Hostile>, target: PeerId) {
     }
     for (what, bytes) in rpc_attacks(*swarm.local_peer_id(), leader, term, last) {
         // A banned or disconnected hostile peer redials; its requests may fail, which is fine.
-        let _ = swarm.dial(
-            net.node(0).info().unwrap().listen_addrs[0]
-                .parse::<Multiaddr>()
-                .unwrap(),
-        );
+        let _ = swarm.dial(node0_addr(net));
         swarm.behaviour_mut().rpc.send_request(&target, bytes);
         eprintln!("hostile rpc: {what}");
+        drive(&mut swarm, Duration::from_millis(300)).await;
+    }
+    for (what, bytes) in qos0_attacks(target) {
+        let _ = swarm.dial(node0_addr(net));
+        swarm.behaviour_mut().qos0.send_request(&target, bytes);
+        eprintln!("hostile qos0: {what}");
         drive(&mut swarm, Duration::from_millis(300)).await;
     }
     drop(swarm);
