@@ -219,7 +219,19 @@ impl Node {
             cluster::serve(consensus.clone(), formation.clone(), inbound);
         }
         if let Some(inbound) = dht.take_qos0_inbound() {
-            pubsub::serve_qos0(handle.clone(), qos0.clone(), inbound);
+            let not_members = prometheus_client::metrics::counter::Counter::default();
+            registry.register(
+                "canal_qos0_refused_not_member",
+                "QoS 0 events dropped because the peer that sent them is no cluster member",
+                not_members.clone(),
+            );
+            pubsub::serve_qos0(
+                handle.clone(),
+                qos0.clone(),
+                consensus.clone(),
+                not_members,
+                inbound,
+            );
         }
         let runtime = canal_triggers::Runtime::new(&canal_triggers::RuntimeConfig {
             cache_dir: Some(data_dir.path().join("wasm-cache")),

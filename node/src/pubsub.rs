@@ -533,19 +533,47 @@ fn check_qos0(peer: &libp2p::PeerId, body: &[u8]) -> Result<Qos0Message, (&'stat
 /// Hands the QoS 0 events other peers send on the QoS 0 lane to this node's subscribers; a
 /// message that does not decode or claims another source is refused and reported against the
 /// peer that sent it.
+///
+/// Only members of the cluster publish into it: once this node is a member, events from a
+/// peer that is neither a voter nor a learner of the metadata group are dropped and counted
+/// in `not_members` (not reported as offences: a peer about to be added may send a few).
 pub fn serve_qos0(
     dht: canal_dht::DhtHandle,
     hub: Qos0Hub,
+    consensus: canal_consensus::Consensus<crate::cluster::MeshTransport>,
+    not_members: prometheus_client::metrics::counter::Counter,
     mut inbound: mpsc::Receiver<canal_dht::InboundQos0>,
 ) {
     tokio::spawn(async move {
         while let Some(ev) = inbound.recv().await {
+            if !sent_by_member(&consensus, &ev.peer) {
+                not_members.inc();
+                tracing::debug!(peer = %ev.peer, "QoS 0 event from a peer that is no member dropped");
+                continue;
+            }
             match check_qos0(&ev.peer, &ev.body) {
                 Ok(m) => hub.deliver(m),
                 Err((kind, detail)) => dht.report_bad(ev.peer, kind, detail),
             }
         }
     });
+}
+
+/// Whether `peer` is a member (voter or learner) of the metadata group as this node knows
+/// it; a node that is no member itself yet takes events from anyone it is connected to.
+fn sent_by_member<T: canal_consensus::Transport>(
+    consensus: &canal_consensus::Consensus<T>,
+    peer: &libp2p::PeerId,
+) -> bool {
+    let Ok(m) = consensus.metrics(GroupId::METADATA) else {
+        return true;
+    };
+    let mut nodes = m.membership_config.nodes().peekable();
+    if nodes.peek().is_none() {
+        return true;
+    }
+    let id = crate::cluster::node_id(peer);
+    nodes.any(|(n, _)| *n == id)
 }
 
 /// Where a subscription starts.
