@@ -25,16 +25,7 @@ async fn members(net: &Testnet, via: usize) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyless_mesh_takes_in_only_admitted_peers() {
-    let mut net = Testnet::start(BIN, 3, |_| NodeOptions {
-        keyless: true,
-        extra_args: vec!["--bootstrap-expect".into(), "3".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    for i in 0..3 {
-        crate::raft::wait_formed(&net, i, 3).await;
-    }
+    let mut net = crate::hostile::mesh(true).await;
     let newcomer = net
         .add_node(NodeOptions {
             keyless: true,

@@ -484,7 +484,8 @@ async fn survived(net: &Testnet, term_before: u64) {
     assert!(refused >= 3.0, "node0 refused {refused} Raft RPCs");
 }
 
-async fn mesh(keyless: bool) -> Testnet {
+/// Three nodes that form one cluster of three voters, with or without the testnet's key.
+pub(crate) async fn mesh(keyless: bool) -> Testnet {
     let net = Testnet::start(BIN, 3, |_| NodeOptions {
         keyless,
         extra_args: vec!["--bootstrap-expect".into(), "3".into()],
