@@ -135,8 +135,9 @@ pub(crate) struct Host {
     pub(crate) output_bytes: u64,
     /// What the state writes so far count against `limits.max_state_bytes`.
     pub(crate) state_bytes: u64,
-    /// The limit the guest passed, if it did: the invocation fails with it.
-    pub(crate) limit_hit: Option<String>,
+    /// The limit the guest passed, if it did (its name, and what happened): the invocation
+    /// fails with it.
+    pub(crate) limit_hit: Option<(&'static str, String)>,
 }
 
 impl Host {
@@ -162,9 +163,9 @@ impl Host {
     }
 
     /// Records that the guest passed a limit and makes the trap that stops it.
-    fn passed(&mut self, why: String) -> wasmtime::Error {
+    fn passed(&mut self, limit: &'static str, why: String) -> wasmtime::Error {
         let e = wasmtime::Error::msg(why.clone());
-        self.limit_hit.get_or_insert(why);
+        self.limit_hit.get_or_insert((limit, why));
         e
     }
 
@@ -187,18 +188,18 @@ impl Host {
             }
         }
         if let Err(why) = crate::rules::output_hops(self.hops) {
-            return Err(self.passed(why));
+            return Err(self.passed("hops", why));
         }
         let max = self.limits.max_outputs;
         if self.outputs.len() as u64 >= u64::from(max) {
-            return Err(self.passed(format!(
+            return Err(self.passed("max-outputs", format!(
                 "max-outputs: output number {} (publish or emit) is over the function's limit of {max} per invocation",
                 self.outputs.len() + 1
             )));
         }
         if payload.len() > MAX_OUTPUT_BYTES {
-            return Err(self.passed(format!(
-                "output payload: {} bytes is over the limit of {MAX_OUTPUT_BYTES} bytes per output",
+            return Err(self.passed("output-payload", format!(
+                "output-payload: {} bytes is over the limit of {MAX_OUTPUT_BYTES} bytes per output",
                 payload.len()
             )));
         }
@@ -207,7 +208,7 @@ impl Host {
                 .saturating_add(output_cost(topic.as_str(), &headers, &payload));
         let max = self.limits.max_output_bytes;
         if total > max {
-            return Err(self.passed(format!(
+            return Err(self.passed("max-output-bytes", format!(
                 "max-output-bytes: the invocation's outputs came to {total} bytes, over the function's limit of {max} bytes"
             )));
         }
@@ -227,7 +228,7 @@ impl Host {
             .saturating_add(state_write_cost(key, value));
         let max = self.limits.max_state_bytes;
         if total > max {
-            return Err(self.passed(format!(
+            return Err(self.passed("max-state-bytes", format!(
                 "max-state-bytes: the invocation's state writes came to {total} bytes, over the function's limit of {max} bytes"
             )));
         }
@@ -306,10 +307,13 @@ impl state::Host for Host {
             )));
         }
         if value.len() > MAX_VALUE_BYTES {
-            return Err(self.passed(format!(
-                "state value: {} bytes is over the limit of {MAX_VALUE_BYTES} bytes per value",
-                value.len()
-            )));
+            return Err(self.passed(
+                "state-value",
+                format!(
+                    "state-value: {} bytes is over the limit of {MAX_VALUE_BYTES} bytes per value",
+                    value.len()
+                ),
+            ));
         }
         self.state_write(&key, Some(&value))?;
         self.state.changes.insert(key, Some(value));

@@ -88,7 +88,7 @@ pub fn output_hops(input: u32) -> Result<u32, String> {
     match input.checked_add(1) {
         Some(n) if n <= MAX_HOPS => Ok(n),
         _ => Err(format!(
-            "hop limit: the event has passed through {input} invocations ({HOPS_HEADER}: {input}) and an output would make {}, over the limit of {MAX_HOPS} (does the function publish to a topic that fires it again?)",
+            "hops: the event has passed through {input} invocations ({HOPS_HEADER}: {input}) and an output would make {}, over the hop limit of {MAX_HOPS} (does the function publish to a topic that fires it again?)",
             input.saturating_add(1)
         )),
     }

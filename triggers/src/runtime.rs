@@ -113,10 +113,15 @@ pub enum Failure {
     /// No instance could be made (the pool is full, the host failed).
     #[error("the function could not be started: {0}")]
     Start(String),
-    /// It passed one of its per-invocation limits (outputs, output bytes, state bytes, hops):
-    /// the text names the limit and the value.
-    #[error("the function passed a limit: {0}")]
-    Limit(String),
+    /// It passed one of its per-invocation limits.
+    #[error("the function passed a limit: {detail}")]
+    Limit {
+        /// Which: `max-outputs`, `max-output-bytes`, `max-state-bytes`, `hops`,
+        /// `output-payload` or `state-value`.
+        limit: &'static str,
+        /// What happened, naming the limit and the value.
+        detail: String,
+    },
 }
 
 impl Failure {
@@ -130,7 +135,7 @@ impl Failure {
             Failure::Memory(_) => "memory",
             Failure::Fuel(_) => "fuel",
             Failure::Start(_) => "start",
-            Failure::Limit(_) => "limit",
+            Failure::Limit { .. } => "limit",
         }
     }
 }
@@ -419,7 +424,7 @@ impl Runtime {
         let mut host = store.into_data();
         // A limit passed is the reason, whatever the guest or the trap made of it.
         let result = match host.limit_hit.take() {
-            Some(why) => Err(Failure::Limit(why)),
+            Some((limit, detail)) => Err(Failure::Limit { limit, detail }),
             None => result,
         };
         for (level, pipe) in [("stdout", &stdout), ("stderr", &stderr)] {
@@ -632,9 +637,10 @@ mod tests {
 
     fn limit_of(r: &Invocation) -> String {
         match &r.result {
-            Err(f @ Failure::Limit(why)) => {
+            Err(f @ Failure::Limit { limit, detail }) => {
                 assert_eq!(f.kind(), "limit");
-                why.clone()
+                assert!(detail.starts_with(limit), "{limit}: {detail}");
+                detail.clone()
             }
             other => panic!("expected a limit failure, got {other:?}"),
         }
