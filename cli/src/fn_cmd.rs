@@ -67,6 +67,17 @@ pub(crate) struct DeployArgs {
     /// Instruction budget of one invocation (wasmtime fuel); none by default.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     fuel: Option<u64>,
+    /// The most outputs (publish + emit) one invocation may make (0 to 1000; default 64).
+    #[arg(long, value_name = "N", value_parser = parse_max_outputs)]
+    max_outputs: Option<u32>,
+    /// The most bytes one invocation's outputs may add up to, topics and headers included,
+    /// such as 256KiB (0 to 4MiB; default 1MiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_max_output_bytes)]
+    max_output_bytes: Option<String>,
+    /// The most bytes one invocation's state writes may add up to, keys included, such as
+    /// 64KiB (0 to 4MiB; default 1MiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_max_state_bytes)]
+    max_state_bytes: Option<String>,
     /// Run only on peers with a GPU; `--gpu=16GiB` asks for at least that much GPU memory.
     #[arg(
         long,
@@ -220,6 +231,47 @@ fn parse_memory(s: &str) -> Result<String, String> {
     Ok(s.trim().to_string())
 }
 
+/// Checks `--max-outputs` is within the limits.
+fn parse_max_outputs(s: &str) -> Result<u32, String> {
+    let n: u32 = s.trim().parse().map_err(|_| {
+        format!(
+            "{s:?} is not a whole number: use 0 to {}",
+            canal_proto::function::MAX_MAX_OUTPUTS
+        )
+    })?;
+    Limits {
+        max_outputs: n,
+        ..Limits::default()
+    }
+    .validate()
+    .map_err(|e| e.to_string())?;
+    Ok(n)
+}
+
+/// Checks `--max-output-bytes` is a size within the limits; the text goes as given.
+fn parse_max_output_bytes(s: &str) -> Result<String, String> {
+    let bytes = parse_bytes(s).map_err(|e| e.to_string())?;
+    Limits {
+        max_output_bytes: bytes,
+        ..Limits::default()
+    }
+    .validate()
+    .map_err(|e| e.to_string())?;
+    Ok(s.trim().to_string())
+}
+
+/// Checks `--max-state-bytes` is a size within the limits; the text goes as given.
+fn parse_max_state_bytes(s: &str) -> Result<String, String> {
+    let bytes = parse_bytes(s).map_err(|e| e.to_string())?;
+    Limits {
+        max_state_bytes: bytes,
+        ..Limits::default()
+    }
+    .validate()
+    .map_err(|e| e.to_string())?;
+    Ok(s.trim().to_string())
+}
+
 /// Checks `--gpu=MEMORY` is a size; the text goes to the node as given.
 fn parse_gpu_memory(s: &str) -> Result<String, String> {
     match parse_bytes(s) {
@@ -256,6 +308,15 @@ fn deploy_query(a: &DeployArgs) -> String {
     }
     if let Some(f) = a.fuel {
         q.push(("fuel", f.to_string()));
+    }
+    if let Some(n) = a.max_outputs {
+        q.push(("max-outputs", n.to_string()));
+    }
+    if let Some(b) = &a.max_output_bytes {
+        q.push(("max-output-bytes", b.clone()));
+    }
+    if let Some(b) = &a.max_state_bytes {
+        q.push(("max-state-bytes", b.clone()));
     }
     match &a.gpu {
         Some(Some(mem)) => q.push(("gpu", mem.clone())),
@@ -564,6 +625,8 @@ fn show_functions(list: &FunctionList, json: bool) -> anyhow::Result<()> {
         "MEMORY",
         "TIMEOUT",
         "FUEL",
+        "OUTPUTS",
+        "STATE",
         "REQUIREMENTS",
         "DEPLOYED",
     ]);
@@ -578,6 +641,12 @@ fn show_functions(list: &FunctionList, json: bool) -> anyhow::Result<()> {
                 .fuel
                 .map(|n| n.to_string())
                 .unwrap_or_else(|| "-".into()),
+            format!(
+                "{} / {}",
+                f.limits.max_outputs,
+                format_bytes(f.limits.max_output_bytes)
+            ),
+            format_bytes(f.limits.max_state_bytes),
             requirements_summary(&f.requirements),
             age(now, f.deployed_ms),
         ]);
@@ -823,6 +892,12 @@ mod tests {
             "500ms",
             "--fuel",
             "1000000",
+            "--max-outputs",
+            "10",
+            "--max-output-bytes",
+            "64KiB",
+            "--max-state-bytes",
+            "0",
             "--gpu",
             "--tier",
             "edge",
@@ -837,7 +912,8 @@ mod tests {
         .unwrap();
         assert_eq!(
             deploy_query(&a),
-            "?memory=64MiB&timeout=500ms&fuel=1000000&gpu=true&tier=edge\
+            "?memory=64MiB&timeout=500ms&fuel=1000000&max-outputs=10&max-output-bytes=64KiB\
+             &max-state-bytes=0&gpu=true&tier=edge\
              &labels=zone%3Deu%2Crack%3D7%2Cos%3Dlinux&replicas=2&hard=false"
         );
     }
@@ -863,6 +939,10 @@ mod tests {
             &["f", "f.wasm", "--memory", "4GiB"],
             &["f", "f.wasm", "--memory", "1000"],
             &["f", "f.wasm", "--fuel", "0"],
+            &["f", "f.wasm", "--max-outputs", "1001"],
+            &["f", "f.wasm", "--max-outputs", "-1"],
+            &["f", "f.wasm", "--max-output-bytes", "5MiB"],
+            &["f", "f.wasm", "--max-state-bytes", "lots"],
             &["f", "f.wasm", "--replicas", "0"],
             &["f", "f.wasm", "--label", "zone"],
             &["f", "f.wasm", "--label", "=eu"],

@@ -23,7 +23,7 @@ use canal_consensus::topics::PublishOp;
 use canal_consensus::{GroupId, Op, StateMachine};
 use canal_dht::DhtHandle;
 use canal_proto::TopicFilter;
-use canal_proto::function::{FunctionSpec, Output, TriggerSpec};
+use canal_proto::function::{FunctionSpec, Limits, Output, TriggerSpec, state_write_cost};
 use canal_proto::settings::{TopicSettings, settings_for};
 use canal_proto::{Topic, wire};
 use canal_triggers::runtime::EventIn;
@@ -44,7 +44,103 @@ const BATCH_EVENTS: u64 = 64;
 /// How long an executor waits for its replica to apply its own commit before going on.
 const APPLY_WAIT: Duration = Duration::from_millis(500);
 /// A batch stops growing once its outputs reach this many bytes.
-const BATCH_BYTES: usize = 4 << 20;
+const BATCH_BYTES: u64 = 4 << 20;
+/// The most bytes one Effects entry may hold, by [`EntryBudget`]'s count: a quarter of what
+/// one RPC frame carries (`canal_dht::rpc::MAX_RPC_BYTES`, 64 MiB), so the entry fits one
+/// frame with Raft's own framing and room for other entries beside it. A batch stops before
+/// the event whose worst case would pass it.
+pub const MAX_EFFECTS_BYTES: u64 = canal_dht::rpc::MAX_RPC_BYTES as u64 / 4;
+/// What an entry costs besides its outputs and state: the function's name, the cursor move,
+/// the state version, the request around it.
+const ENTRY_OVERHEAD_BYTES: u64 = 4 << 10;
+/// What the executor adds to each output beyond what the guest's limit counted
+/// ([`canal_proto::function::output_cost`]): provenance and hop headers, the id, the time,
+/// the retention.
+const OUTPUT_OVERHEAD_BYTES: u64 = 2 << 10;
+/// What a dead letter adds to its event: the error headers (`canal-error` cut to
+/// [`MAX_ERROR_HEADER_BYTES`]), id, time, retention.
+const DEAD_LETTER_OVERHEAD_BYTES: u64 = 4 << 10;
+/// The longest `canal-error` header of a dead letter: a guest's error text can be long.
+const MAX_ERROR_HEADER_BYTES: usize = 1 << 10;
+
+/// The most bytes one successful invocation under `limits` can add to an entry: its counted
+/// outputs and state writes, and what the executor adds to each output.
+pub const fn invocation_bound(
+    max_outputs: u32,
+    max_output_bytes: u64,
+    max_state_bytes: u64,
+) -> u64 {
+    max_output_bytes + max_state_bytes + max_outputs as u64 * OUTPUT_OVERHEAD_BYTES
+}
+
+// The largest invocation a function may ask for always fits one entry.
+const _: () = assert!(
+    ENTRY_OVERHEAD_BYTES
+        + invocation_bound(
+            canal_proto::function::MAX_MAX_OUTPUTS,
+            canal_proto::function::MAX_MAX_OUTPUT_BYTES,
+            canal_proto::function::MAX_MAX_STATE_BYTES,
+        )
+        <= MAX_EFFECTS_BYTES
+);
+
+/// An upper bound of what `op` takes in an encoded entry: its strings and bytes, and a
+/// generous allowance for each length prefix and fixed field.
+pub fn publish_cost(op: &PublishOp) -> u64 {
+    let headers: u64 = op
+        .headers
+        .iter()
+        .map(|(k, v)| (k.len() + v.len()) as u64 + 16)
+        .sum();
+    (op.topic.len() + op.id.as_deref().map_or(0, str::len) + op.payload.len()) as u64
+        + headers
+        + 128
+}
+
+/// An upper bound of what a batch's state changes take in an encoded entry.
+pub fn state_cost(changes: &BTreeMap<String, Option<Vec<u8>>>) -> u64 {
+    changes
+        .iter()
+        .map(|(k, v)| state_write_cost(k, v.as_deref()))
+        .sum()
+}
+
+/// How much of an Effects entry a batch has used, so that it stops before it could pass
+/// [`MAX_EFFECTS_BYTES`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EntryBudget {
+    /// What the outputs (and dead letters) so far cost, by [`publish_cost`].
+    pub outputs: u64,
+    /// What the state changes so far cost, by [`state_cost`].
+    pub state: u64,
+}
+
+impl EntryBudget {
+    /// The entry's size so far, by this count.
+    pub fn used(&self) -> u64 {
+        ENTRY_OVERHEAD_BYTES + self.outputs + self.state
+    }
+
+    /// Whether an event that may add `need` bytes still goes in this batch. The first one
+    /// always does: alone it is no bigger than the entries that brought its event in.
+    pub fn admits(&self, need: u64) -> bool {
+        self.outputs + self.state == 0 || self.used().saturating_add(need) <= MAX_EFFECTS_BYTES
+    }
+
+    /// The most one event (`payload` and `headers`) may add under `limits`: its invocation's
+    /// worst case, or its dead letter if it fails.
+    pub fn need(limits: &Limits, headers: &[(String, String)], payload: &[u8]) -> u64 {
+        let ok = invocation_bound(
+            limits.max_outputs,
+            limits.max_output_bytes,
+            limits.max_state_bytes,
+        );
+        let dead = canal_proto::function::output_cost("", headers, payload)
+            + canal_proto::topic::MAX_TOPIC_BYTES as u64
+            + DEAD_LETTER_OVERHEAD_BYTES;
+        ok.max(dead)
+    }
+}
 
 type Labels = Vec<(String, String)>;
 
@@ -56,12 +152,17 @@ pub struct ExecMetrics {
     commits: Family<Labels, Counter>,
     refused: Family<Labels, Counter>,
     dead_letters: Family<Labels, Counter>,
+    limits: Family<Labels, Counter>,
+    entry_full: Family<Labels, Counter>,
 }
 
 impl ExecMetrics {
     /// Registers the metrics: `canal_fn_invocations{function,result}`,
     /// `canal_fn_invocation_seconds{function}`, `canal_trigger_commits{trigger}`,
-    /// `canal_trigger_refused_commits{trigger}`, `canal_trigger_dead_letters{trigger}`.
+    /// `canal_trigger_refused_commits{trigger}`, `canal_trigger_dead_letters{trigger}`,
+    /// `canal_fn_limit_exceeded{function,limit}` (invocations stopped by a per-invocation
+    /// limit, by its name) and `canal_trigger_entry_full{trigger}` (batches cut short to keep
+    /// their entry under [`MAX_EFFECTS_BYTES`]).
     pub fn register(registry: &mut Registry) -> ExecMetrics {
         let m = ExecMetrics {
             invocations: Family::default(),
@@ -71,6 +172,8 @@ impl ExecMetrics {
             commits: Family::default(),
             refused: Family::default(),
             dead_letters: Family::default(),
+            limits: Family::default(),
+            entry_full: Family::default(),
         };
         registry.register(
             "canal_fn_invocations",
@@ -97,6 +200,16 @@ impl ExecMetrics {
             "Events sent to the dead-letter topic after their last retry",
             m.dead_letters.clone(),
         );
+        registry.register(
+            "canal_fn_limit_exceeded",
+            "Invocations stopped by a per-invocation limit (max-outputs, max-output-bytes, max-state-bytes, hops, output-payload, state-value)",
+            m.limits.clone(),
+        );
+        registry.register(
+            "canal_trigger_entry_full",
+            "Batches of a QoS 1 trigger cut short so their Effects entry stays under the entry limit",
+            m.entry_full.clone(),
+        );
         m
     }
 
@@ -114,6 +227,14 @@ impl ExecMetrics {
         self.seconds
             .get_or_create(&vec![("function".into(), function.to_string())])
             .observe(inv.elapsed.as_secs_f64());
+        if let Err(Failure::Limit { limit, .. }) = &inv.result {
+            self.limits
+                .get_or_create(&vec![
+                    ("function".into(), function.to_string()),
+                    ("limit".into(), limit.to_string()),
+                ])
+                .inc();
+        }
     }
 }
 
@@ -290,10 +411,23 @@ impl Executor {
                 Arc::new(self.functions.state_view(&function.name).map_err(e)?);
             let mut changes = BTreeMap::new();
             let mut outputs = Vec::new();
-            let mut bytes = 0usize;
+            let mut budget = EntryBudget::default();
             let mut next = start.offset;
             for ev in events {
                 if ev.offset >= end {
+                    break;
+                }
+                if !budget.admits(EntryBudget::need(
+                    &function.limits,
+                    &ev.headers,
+                    &ev.payload,
+                )) {
+                    // The rest goes in the next entry: this one must fit one RPC frame.
+                    debug!(trigger = %spec.name, %topic, offset = ev.offset, used = budget.used(), limit = MAX_EFFECTS_BYTES, "the batch's entry is full");
+                    self.metrics
+                        .entry_full
+                        .get_or_create(&vec![("trigger".into(), spec.name.clone())])
+                        .inc();
                     break;
                 }
                 let event = EventIn {
@@ -313,10 +447,13 @@ impl Executor {
                 {
                     Ok(inv) => {
                         changes = inv.state;
+                        budget.state = state_cost(&changes);
+                        let hops = rules::hops(&ev.headers);
                         for (n, out) in inv.outputs.into_iter().enumerate() {
-                            bytes += out.payload.len();
-                            outputs
-                                .push(self.output_op(spec, &topic, ev.offset, n, out, &settings));
+                            let op =
+                                self.output_op(spec, &topic, ev.offset, hops, n, out, &settings);
+                            budget.outputs += publish_cost(&op);
+                            outputs.push(op);
                         }
                     }
                     Err(failure) => {
@@ -332,19 +469,20 @@ impl Executor {
                             Some(ev.offset),
                             &failure,
                         ));
-                        bytes += ev.payload.len();
-                        outputs.push(PublishOp {
+                        let op = PublishOp {
                             topic: dead_letter.to_string(),
                             id: Some(rules::output_id(&spec.uid, &topic, ev.offset, 0)),
                             headers,
                             payload: ev.payload,
                             time_ms: now_ms(),
                             retention: settings_for(&dead_letter, &settings).retention,
-                        });
+                        };
+                        budget.outputs += publish_cost(&op);
+                        outputs.push(op);
                     }
                 }
                 next = ev.offset + 1;
-                if bytes >= BATCH_BYTES {
+                if budget.outputs >= BATCH_BYTES {
                     break;
                 }
             }
@@ -459,26 +597,18 @@ impl Executor {
         changes: BTreeMap<String, Option<Vec<u8>>>,
         out: Option<Topic>,
     ) -> Invocation {
-        let permit = self.functions.slots.clone().acquire_owned().await;
-        let live = self.functions.live.clone();
-        live.running_invocations.fetch_add(1, Ordering::Relaxed);
-        let rt = self.functions.runtime.clone();
-        let module = module.clone();
-        let limits = function.limits;
-        let inv = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            rt.invoke(&module, event, base, changes, out, &limits)
-        })
-        .await
-        .unwrap_or_else(|e| Invocation {
-            result: Err(Failure::Start(format!("the invocation task failed: {e}"))),
-            outputs: Vec::new(),
-            state: BTreeMap::new(),
-            logs: Vec::new(),
-            elapsed: Duration::ZERO,
-            fuel_used: None,
-        });
-        live.running_invocations.fetch_sub(1, Ordering::Relaxed);
+        let inv = self
+            .functions
+            .run(module.clone(), event, base, changes, out, function.limits)
+            .await
+            .unwrap_or_else(|e| Invocation {
+                result: Err(Failure::Start(e)),
+                outputs: Vec::new(),
+                state: BTreeMap::new(),
+                logs: Vec::new(),
+                elapsed: Duration::ZERO,
+                fuel_used: None,
+            });
         self.metrics.observe(&function.name, &inv);
         if inv.result.is_ok() {
             self.functions.observe(&function.name, inv.elapsed);
@@ -487,48 +617,40 @@ impl Executor {
         inv
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn output_op(
         &self,
         spec: &TriggerSpec,
         topic: &str,
         offset: u64,
+        hops: u32,
         n: usize,
         out: Output,
         settings: &[(TopicFilter, TopicSettings)],
     ) -> PublishOp {
-        // The host checked the topic; an unreadable one gets the defaults.
-        let retention = Topic::new(&out.topic)
-            .map(|t| settings_for(&t, settings).retention)
-            .unwrap_or_default();
-        let mut headers = out.headers;
-        headers.extend(self.provenance(spec, topic, Some(offset)));
-        PublishOp {
-            topic: out.topic,
-            id: Some(rules::output_id(&spec.uid, topic, offset, n)),
-            headers,
-            payload: out.payload,
-            time_ms: now_ms(),
-            retention,
-        }
+        output_op(
+            &self.functions.peer_id,
+            spec,
+            topic,
+            offset,
+            hops,
+            n,
+            out,
+            settings,
+        )
     }
 
     /// Headers that say where an output came from: the trigger, the executing peer and the
-    /// input event.
+    /// input event; and its hop count, from the input's `hops`.
     fn provenance(
         &self,
         spec: &TriggerSpec,
         topic: &str,
         offset: Option<u64>,
-    ) -> Vec<(String, String)> {
-        let source = match offset {
-            Some(o) => format!("{topic}:{o}"),
-            None => topic.to_string(),
-        };
-        vec![
-            ("canal-trigger".into(), spec.name.clone()),
-            ("canal-executor".into(), self.functions.peer_id.clone()),
-            ("canal-source".into(), source),
-        ]
+        hops: u32,
+        headers: &mut Vec<(String, String)>,
+    ) {
+        provenance(&self.functions.peer_id, spec, topic, offset, hops, headers)
     }
 
     /// QoS 0 triggers: each event that passes this node's hub, run once if this node
@@ -602,7 +724,7 @@ impl Executor {
                 .iter()
                 .map(|o| {
                     let mut headers = o.headers.clone();
-                    headers.extend(self.provenance(spec, &m.topic, None));
+                    self.provenance(spec, &m.topic, None, rules::hops(&m.headers), &mut headers);
                     Output {
                         topic: o.topic.clone(),
                         headers,
@@ -657,6 +779,71 @@ impl Executor {
     }
 }
 
+/// The entry op of output `n` of the event at `offset` of `topic`, which had `hops`.
+#[allow(clippy::too_many_arguments)]
+fn output_op(
+    peer_id: &str,
+    spec: &TriggerSpec,
+    topic: &str,
+    offset: u64,
+    hops: u32,
+    n: usize,
+    out: Output,
+    settings: &[(TopicFilter, TopicSettings)],
+) -> PublishOp {
+    // The host checked the topic; an unreadable one gets the defaults.
+    let retention = Topic::new(&out.topic)
+        .map(|t| settings_for(&t, settings).retention)
+        .unwrap_or_default();
+    let mut headers = out.headers;
+    provenance(peer_id, spec, topic, Some(offset), hops, &mut headers);
+    PublishOp {
+        topic: out.topic,
+        id: Some(rules::output_id(&spec.uid, topic, offset, n)),
+        headers,
+        payload: out.payload,
+        time_ms: now_ms(),
+        retention,
+    }
+}
+
+/// Adds to an output's `headers` where it came from (the trigger, the executing peer, the
+/// input event) and sets its hop count to one more than its input's `hops` (the host refused
+/// outputs past [`rules::MAX_HOPS`] already).
+fn provenance(
+    peer_id: &str,
+    spec: &TriggerSpec,
+    topic: &str,
+    offset: Option<u64>,
+    hops: u32,
+    headers: &mut Vec<(String, String)>,
+) {
+    let source = match offset {
+        Some(o) => format!("{topic}:{o}"),
+        None => topic.to_string(),
+    };
+    headers.extend([
+        ("canal-trigger".into(), spec.name.clone()),
+        ("canal-executor".into(), peer_id.to_string()),
+        ("canal-source".into(), source),
+    ]);
+    rules::set_hops(headers, rules::output_hops(hops).unwrap_or(rules::MAX_HOPS));
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary, with `…` when cut.
+fn cut(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut t = text[..end].to_string();
+    t.push('…');
+    t
+}
+
 fn dead_letter_headers(
     spec: &TriggerSpec,
     topic: &str,
@@ -664,7 +851,11 @@ fn dead_letter_headers(
     failure: &Failure,
 ) -> Vec<(String, String)> {
     let mut h = vec![
-        ("canal-error".into(), failure.to_string()),
+        // A guest's error text is its own: kept to a size every entry can carry.
+        (
+            "canal-error".into(),
+            cut(failure.to_string(), MAX_ERROR_HEADER_BYTES),
+        ),
         ("canal-error-kind".into(), failure.kind().to_string()),
         ("canal-trigger".into(), spec.name.clone()),
         ("canal-function".into(), spec.function.clone()),
@@ -675,4 +866,190 @@ fn dead_letter_headers(
         h.push(("canal-source-offset".into(), o.to_string()));
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use canal_consensus::Request;
+    use canal_proto::function::{
+        MAX_MAX_OUTPUT_BYTES, MAX_MAX_OUTPUTS, MAX_MAX_STATE_BYTES, output_cost,
+    };
+    use canal_proto::topic::MAX_TOPIC_BYTES;
+
+    /// A small seeded generator: the same cases on every run.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, below: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % below.max(1)
+        }
+        fn text(&mut self, max: u64) -> String {
+            // Multi-byte characters too: lengths are bytes.
+            (0..self.next(max + 1))
+                .map(|i| if i % 7 == 3 { 'é' } else { 'a' })
+                .collect()
+        }
+    }
+
+    fn trigger(name_len: usize, topic: &str) -> TriggerSpec {
+        TriggerSpec {
+            name: "t".repeat(name_len),
+            uid: format!("{}-1764583000000000000-999999", "P".repeat(52)),
+            filter: TopicFilter::new(topic).unwrap(),
+            function: "f".repeat(64),
+            out: None,
+            qos: 1,
+            retries: 3,
+            dead_letter: None,
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn the_largest_invocation_fits_one_entry_and_one_frame() {
+        let worst = ENTRY_OVERHEAD_BYTES
+            + invocation_bound(MAX_MAX_OUTPUTS, MAX_MAX_OUTPUT_BYTES, MAX_MAX_STATE_BYTES);
+        assert!(worst <= MAX_EFFECTS_BYTES, "{worst}");
+        assert!(MAX_EFFECTS_BYTES * 4 <= canal_dht::rpc::MAX_RPC_BYTES as u64);
+        // The defaults leave room for several invocations per entry.
+        let d = Limits::default();
+        let one = invocation_bound(d.max_outputs, d.max_output_bytes, d.max_state_bytes);
+        assert!(MAX_EFFECTS_BYTES / one >= 4, "{one}");
+    }
+
+    #[test]
+    fn the_count_bounds_the_encoded_entry() {
+        let mut g = Lcg(0x5eed_ca9a1);
+        for case in 0..500 {
+            let mut outputs = Vec::new();
+            let mut budget = EntryBudget::default();
+            for _ in 0..g.next(40) {
+                let op = PublishOp {
+                    topic: g.text(MAX_TOPIC_BYTES as u64),
+                    id: (g.next(2) == 0).then(|| g.text(400)),
+                    headers: (0..g.next(30))
+                        .map(|_| {
+                            let long = if g.next(4) == 0 { 4096 } else { 8 };
+                            (g.text(128), g.text(long))
+                        })
+                        .collect(),
+                    payload: vec![7; g.next(3000) as usize],
+                    time_ms: u64::MAX - g.next(1000),
+                    retention: canal_proto::settings::Retention {
+                        max_events: u64::MAX,
+                        max_bytes: u64::MAX,
+                        max_age_ms: u64::MAX,
+                    },
+                };
+                budget.outputs += publish_cost(&op);
+                outputs.push(op);
+            }
+            let state: BTreeMap<String, Option<Vec<u8>>> = (0..g.next(200))
+                .map(|_| {
+                    let v = (g.next(3) > 0).then(|| vec![1; g.next(300) as usize]);
+                    (g.text(512), v)
+                })
+                .collect();
+            budget.state = state_cost(&state);
+            let fx = Effects {
+                function: "f".repeat(64),
+                cursor: Some(CursorMove {
+                    trigger_uid: g.text(200),
+                    topic: "x".repeat(MAX_TOPIC_BYTES),
+                    expected: Some(u64::MAX),
+                    next: u64::MAX,
+                }),
+                state_version: Some(u64::MAX),
+                state: state.into_iter().collect(),
+                outputs,
+            };
+            let req = Request {
+                id: Some(g.text(300)),
+                op: Op::Effects(fx),
+            };
+            let encoded = wire::encode(&req).unwrap().len() as u64;
+            assert!(
+                encoded <= budget.used(),
+                "case {case}: {encoded} bytes encoded, counted {}",
+                budget.used()
+            );
+        }
+    }
+
+    #[test]
+    fn what_the_executor_adds_to_an_output_is_bounded() {
+        let topic = "x".repeat(MAX_TOPIC_BYTES);
+        let spec = trigger(64, &topic);
+        let peer = "P".repeat(64);
+        for headers in [vec![], vec![("a".to_string(), "b".to_string())]] {
+            let out = Output {
+                topic: topic.clone(),
+                headers: headers.clone(),
+                payload: b"hello".to_vec(),
+            };
+            let guest = output_cost(&out.topic, &out.headers, &out.payload);
+            let op = output_op(&peer, &spec, &topic, u64::MAX, 15, 999, out, &[]);
+            assert!(
+                publish_cost(&op) <= guest + OUTPUT_OVERHEAD_BYTES,
+                "{} > {guest} + {OUTPUT_OVERHEAD_BYTES}",
+                publish_cost(&op)
+            );
+            assert_eq!(rules::hops(&op.headers), 16);
+        }
+    }
+
+    #[test]
+    fn a_batch_stops_before_its_entry_could_pass_the_limit() {
+        let worst = Limits {
+            max_outputs: MAX_MAX_OUTPUTS,
+            max_output_bytes: MAX_MAX_OUTPUT_BYTES,
+            max_state_bytes: MAX_MAX_STATE_BYTES,
+            ..Limits::default()
+        };
+        let need = EntryBudget::need(&worst, &[], b"event");
+        let mut b = EntryBudget::default();
+        let mut events = 0;
+        // Each admitted event uses all it may; the entry never passes the limit.
+        while b.admits(need) {
+            b.outputs += need;
+            events += 1;
+            assert!(b.used() <= MAX_EFFECTS_BYTES, "{events}: {}", b.used());
+        }
+        assert!(events >= 1);
+        // An empty batch takes any event, so a batch always makes progress.
+        assert!(EntryBudget::default().admits(u64::MAX));
+        // A failing event's dead letter counts with its payload and headers.
+        let big = vec![0u8; 8 << 20];
+        let h = vec![("k".to_string(), "v".repeat(100))];
+        assert!(EntryBudget::need(&Limits::default(), &h, &big) > big.len() as u64 + 100);
+        let half = EntryBudget {
+            outputs: MAX_EFFECTS_BYTES / 2,
+            state: 0,
+        };
+        assert!(!half.admits(MAX_EFFECTS_BYTES / 2));
+        assert!(half.admits(MAX_EFFECTS_BYTES / 4));
+    }
+
+    #[test]
+    fn a_long_error_is_cut_for_its_dead_letter() {
+        let spec = trigger(5, "a/b");
+        let long = Failure::Error("é".repeat(10_000));
+        let h = dead_letter_headers(&spec, "a/b", Some(1), &long);
+        let (_, error) = h.iter().find(|(k, _)| k == "canal-error").unwrap();
+        assert!(error.len() <= MAX_ERROR_HEADER_BYTES && error.ends_with('…'));
+        let short = Failure::Limit {
+            limit: "hops",
+            detail: "hops: 17".into(),
+        };
+        let h = dead_letter_headers(&spec, "a/b", None, &short);
+        assert!(h.contains(&("canal-error-kind".to_string(), "limit".to_string())));
+        assert!(
+            h.iter()
+                .any(|(k, v)| k == "canal-error" && v.ends_with("hops: 17"))
+        );
+    }
 }

@@ -22,10 +22,11 @@ use canal_proto::function::{
 };
 use canal_proto::{Topic, TopicFilter, wire};
 use canal_triggers::runtime::{EventIn, module_hash};
-use canal_triggers::{DeployError, Prepared, Runtime, StateView};
+use canal_triggers::{DeployError, Invocation, Prepared, Runtime, StateView};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// The data group that holds trigger cursors and function state (with the topic logs).
@@ -142,6 +143,24 @@ impl Functions {
             .is_some_and(|p| p.decision.chosen.first() == Some(&self.peer_id))
     }
 
+    /// Runs one invocation on the blocking pool in one of the node's instance slots; see
+    /// [`run_in_slot`].
+    pub async fn run(
+        &self,
+        module: Arc<Prepared>,
+        event: EventIn,
+        state: Arc<dyn StateView>,
+        changes: BTreeMap<String, Option<Vec<u8>>>,
+        out: Option<Topic>,
+        limits: Limits,
+    ) -> Result<Invocation, String> {
+        let rt = self.runtime.clone();
+        run_in_slot(self.slots.clone(), self.live.clone(), move || {
+            rt.invoke(&module, event, state, changes, out, &limits)
+        })
+        .await
+    }
+
     /// Feeds one invocation's time into this node's estimates.
     pub fn observe(&self, function: &str, elapsed: std::time::Duration) {
         self.estimates
@@ -149,6 +168,46 @@ impl Functions {
             .unwrap_or_else(|p| p.into_inner())
             .observe(function, &self.peer_id, elapsed.as_secs_f64() * 1000.0);
     }
+}
+
+/// Counts one running invocation in the node's load for as long as it lives.
+struct Running(Arc<crate::caps::LoadCounters>);
+
+impl Running {
+    fn start(live: Arc<crate::caps::LoadCounters>) -> Running {
+        live.running_invocations.fetch_add(1, Ordering::Relaxed);
+        Running(live)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running_invocations.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs blocking `work` on the blocking pool once it has one of `slots`, counted in `live`'s
+/// running invocations. The spawned task owns the permit and the count, so both last exactly
+/// as long as the work, even when whoever awaits the answer goes away (an HTTP client that
+/// disconnects, an aborted trigger task): the pool's size is never overrun by instances
+/// still running for nobody. Waiting for a slot is cancelled with the caller; the work is
+/// not. The error says why the task did not return.
+pub async fn run_in_slot<T: Send + 'static>(
+    slots: Arc<tokio::sync::Semaphore>,
+    live: Arc<crate::caps::LoadCounters>,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let permit = slots
+        .acquire_owned()
+        .await
+        .map_err(|e| format!("no instance slot: {e}"))?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let _running = Running::start(live);
+        work()
+    })
+    .await
+    .map_err(|e| format!("the invocation task failed: {e}"))
 }
 
 fn decode_all<T: serde::de::DeserializeOwned>(
@@ -196,8 +255,19 @@ fn bad(kind: &'static str) -> impl Fn(canal_proto::function::SpecError) -> ApiEr
 fn deploy_settings(
     q: &HashMap<String, String>,
 ) -> Result<(Limits, Requirements, canal_placement::Policy), ApiError> {
-    const KNOWN: [&str; 9] = [
-        "memory", "timeout", "fuel", "gpu", "tier", "labels", "replicas", "hard", "policy",
+    const KNOWN: [&str; 12] = [
+        "memory",
+        "timeout",
+        "fuel",
+        "max-outputs",
+        "max-output-bytes",
+        "max-state-bytes",
+        "gpu",
+        "tier",
+        "labels",
+        "replicas",
+        "hard",
+        "policy",
     ];
     if let Some(k) = q.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(ApiError::bad_request(
@@ -226,6 +296,26 @@ fn deploy_settings(
                 format!("fuel {f:?} is not a whole number of instructions"),
             )
         })?);
+    }
+    if let Some(n) = q.get("max-outputs") {
+        limits.max_outputs = n.trim().parse().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_limits",
+                format!(
+                    "max-outputs {n:?} is not a whole number: use 0 to {}",
+                    canal_proto::function::MAX_MAX_OUTPUTS
+                ),
+            )
+        })?;
+    }
+    for (key, field) in [
+        ("max-output-bytes", &mut limits.max_output_bytes),
+        ("max-state-bytes", &mut limits.max_state_bytes),
+    ] {
+        if let Some(v) = q.get(key) {
+            *field = canal_proto::size::parse_bytes(v)
+                .map_err(|e| ApiError::bad_request("invalid_limits", format!("{key}: {e}")))?;
+        }
     }
     limits.validate().map_err(bad("invalid_limits"))?;
     let mut req = Requirements {
@@ -457,20 +547,19 @@ pub async fn invoke(
         headers: custom,
         payload: body.to_vec(),
     };
-    let rt = st.functions.runtime.clone();
-    let _slot = st
+    // The run owns its slot: a client that goes away does not free it while the guest runs.
+    let r = st
         .functions
-        .slots
-        .clone()
-        .acquire_owned()
+        .run(
+            module,
+            event,
+            state,
+            BTreeMap::new(),
+            Some(out),
+            spec.limits,
+        )
         .await
         .map_err(internal)?;
-    let limits = spec.limits;
-    let r = tokio::task::spawn_blocking(move || {
-        rt.invoke(&module, event, state, BTreeMap::new(), Some(out), &limits)
-    })
-    .await
-    .map_err(internal)?;
     Ok(InvokeResult {
         function: name.to_string(),
         executor: st.functions.peer_id.clone(),
@@ -645,12 +734,43 @@ mod tests {
             .collect()
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_keeps_its_slot_when_its_caller_goes_away() {
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let live = Arc::new(crate::caps::LoadCounters::default());
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+        let caller = tokio::spawn(run_in_slot(slots.clone(), live.clone(), move || {
+            let _ = started_tx.send(());
+            // Stands for a guest that runs on after the HTTP client disconnected.
+            let _ = wait.recv();
+        }));
+        started.await.unwrap();
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        // The caller is gone, the work is not: its slot and its count stay taken.
+        assert_eq!(slots.available_permits(), 0);
+        assert_eq!(live.running_invocations.load(Ordering::Relaxed), 1);
+        let mut second = tokio::spawn(run_in_slot(slots.clone(), live.clone(), || 7));
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(200), &mut second).await;
+        assert!(waited.is_err(), "a second run started in a taken slot");
+        release.send(()).unwrap();
+        assert_eq!(second.await.unwrap(), Ok(7));
+        // The first run gave its slot back before the second could take it, and the second
+        // gave it back before it answered.
+        assert_eq!(slots.available_permits(), 1);
+        assert_eq!(live.running_invocations.load(Ordering::Relaxed), 0);
+    }
+
     #[test]
     fn deploy_settings_are_read_and_checked() {
         let (l, r, p) = deploy_settings(&q(&[
             ("memory", "32MiB"),
             ("timeout", "250ms"),
             ("fuel", "1000000"),
+            ("max-outputs", "10"),
+            ("max-output-bytes", "64KiB"),
+            ("max-state-bytes", "0"),
             ("gpu", "16GiB"),
             ("tier", "edge"),
             ("labels", "zone=eu,rack=2"),
@@ -663,6 +783,12 @@ mod tests {
         assert_eq!(l.memory_bytes, 32 << 20);
         assert_eq!(l.timeout_ms, 250);
         assert_eq!(l.fuel, Some(1_000_000));
+        assert_eq!(
+            (l.max_outputs, l.max_output_bytes, l.max_state_bytes),
+            (10, 64 << 10, 0)
+        );
+        let (d, _, _) = deploy_settings(&q(&[])).unwrap();
+        assert_eq!(d, Limits::default());
         assert!(r.gpu && r.gpu_memory_bytes == Some(16 << 30));
         assert_eq!(r.tier.as_deref(), Some("edge"));
         assert_eq!(r.labels.len(), 2);
@@ -673,6 +799,10 @@ mod tests {
             q(&[("memory", "10GiB")]),
             q(&[("timeout", "soon")]),
             q(&[("fuel", "-1")]),
+            q(&[("max-outputs", "1001")]),
+            q(&[("max-outputs", "many")]),
+            q(&[("max-output-bytes", "5MiB")]),
+            q(&[("max-state-bytes", "lots")]),
             q(&[("replicas", "0")]),
             q(&[("labels", "novalue")]),
             q(&[("colour", "red")]),

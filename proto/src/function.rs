@@ -19,6 +19,27 @@ pub const MAX_MODULE_BYTES: usize = 16 << 20;
 pub const DEFAULT_RETRIES: u32 = 3;
 /// The most retries a trigger may ask for.
 pub const MAX_RETRIES: u32 = 100;
+/// Default number of outputs (`publish` and `emit` calls) one invocation may make.
+pub const DEFAULT_MAX_OUTPUTS: u32 = 64;
+/// The most outputs per invocation a function may ask for.
+pub const MAX_MAX_OUTPUTS: u32 = 1_000;
+/// Default total bytes of one invocation's outputs (see [`output_cost`]).
+pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 1 << 20;
+/// The most output bytes per invocation a function may ask for. With
+/// [`MAX_MAX_STATE_BYTES`] and [`MAX_MAX_OUTPUTS`] it keeps one invocation's effects well
+/// under what one Raft entry may carry (the node's effects entries are bounded at a quarter
+/// of the 64 MiB RPC frame).
+pub const MAX_MAX_OUTPUT_BYTES: u64 = 4 << 20;
+/// Default total bytes of one invocation's state writes (see [`state_write_cost`]).
+pub const DEFAULT_MAX_STATE_BYTES: u64 = 1 << 20;
+/// The most state-write bytes per invocation a function may ask for.
+pub const MAX_MAX_STATE_BYTES: u64 = 4 << 20;
+/// What each output costs on top of its topic, header and payload bytes, and each header
+/// on top of its name and value: the framing the entry that carries them needs, so that a
+/// flood of tiny outputs or headers is bounded as well as a few big ones.
+pub const OUTPUT_FRAMING_BYTES: u64 = 16;
+/// What each state write (`set` or `delete`) costs on top of its key and value bytes.
+pub const STATE_FRAMING_BYTES: u64 = 16;
 
 /// Why a function or trigger setting is not allowed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +80,17 @@ pub struct Limits {
     pub timeout_ms: u64,
     /// An instruction budget (wasmtime fuel), if the function has one.
     pub fuel: Option<u64>,
+    /// The most outputs (`publish` plus `emit` calls) one invocation may make; default
+    /// [`DEFAULT_MAX_OUTPUTS`] (64), at most [`MAX_MAX_OUTPUTS`].
+    pub max_outputs: u32,
+    /// The most bytes one invocation's outputs may add up to, each counted by
+    /// [`output_cost`]; default [`DEFAULT_MAX_OUTPUT_BYTES`] (1 MiB), at most
+    /// [`MAX_MAX_OUTPUT_BYTES`].
+    pub max_output_bytes: u64,
+    /// The most bytes one invocation's state writes may add up to, each counted by
+    /// [`state_write_cost`]; default [`DEFAULT_MAX_STATE_BYTES`] (1 MiB), at most
+    /// [`MAX_MAX_STATE_BYTES`].
+    pub max_state_bytes: u64,
 }
 
 impl Default for Limits {
@@ -67,8 +99,27 @@ impl Default for Limits {
             memory_bytes: DEFAULT_MEMORY_BYTES,
             timeout_ms: DEFAULT_TIMEOUT_MS,
             fuel: None,
+            max_outputs: DEFAULT_MAX_OUTPUTS,
+            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            max_state_bytes: DEFAULT_MAX_STATE_BYTES,
         }
     }
+}
+
+/// What one output counts against [`Limits::max_output_bytes`]: its topic, payload, header
+/// names and values, and [`OUTPUT_FRAMING_BYTES`] for the output and for each header.
+pub fn output_cost(topic: &str, headers: &[(String, String)], payload: &[u8]) -> u64 {
+    let headers: u64 = headers
+        .iter()
+        .map(|(k, v)| (k.len() + v.len()) as u64 + OUTPUT_FRAMING_BYTES)
+        .sum();
+    (topic.len() + payload.len()) as u64 + headers + OUTPUT_FRAMING_BYTES
+}
+
+/// What one state write counts against [`Limits::max_state_bytes`]: its key, its value (none
+/// for a delete) and [`STATE_FRAMING_BYTES`].
+pub fn state_write_cost(key: &str, value: Option<&[u8]>) -> u64 {
+    (key.len() + value.map_or(0, <[u8]>::len)) as u64 + STATE_FRAMING_BYTES
 }
 
 impl Limits {
@@ -92,6 +143,26 @@ impl Limits {
             return Err(SpecError(
                 "fuel 0 would stop every invocation at once: give a positive number".into(),
             ));
+        }
+        if self.max_outputs > MAX_MAX_OUTPUTS {
+            return Err(SpecError(format!(
+                "max-outputs {} is not allowed: use 0 to {MAX_MAX_OUTPUTS}",
+                self.max_outputs
+            )));
+        }
+        if self.max_output_bytes > MAX_MAX_OUTPUT_BYTES {
+            return Err(SpecError(format!(
+                "max-output-bytes of {} bytes is not allowed: use 0 to {MAX_MAX_OUTPUT_BYTES} bytes ({})",
+                self.max_output_bytes,
+                crate::size::format_bytes(MAX_MAX_OUTPUT_BYTES)
+            )));
+        }
+        if self.max_state_bytes > MAX_MAX_STATE_BYTES {
+            return Err(SpecError(format!(
+                "max-state-bytes of {} bytes is not allowed: use 0 to {MAX_MAX_STATE_BYTES} bytes ({})",
+                self.max_state_bytes,
+                crate::size::format_bytes(MAX_MAX_STATE_BYTES)
+            )));
         }
         Ok(())
     }
@@ -341,6 +412,49 @@ mod tests {
             ..Limits::default()
         };
         assert!(no_fuel.validate().is_err());
+        let many = Limits {
+            max_outputs: MAX_MAX_OUTPUTS + 1,
+            ..Limits::default()
+        };
+        let e = many.validate().unwrap_err().0;
+        assert!(
+            e.contains("max-outputs 1001") && e.contains("0 to 1000"),
+            "{e}"
+        );
+        let big = Limits {
+            max_output_bytes: MAX_MAX_OUTPUT_BYTES + 1,
+            ..Limits::default()
+        };
+        let e = big.validate().unwrap_err().0;
+        assert!(e.contains("max-output-bytes") && e.contains("4 MiB"), "{e}");
+        let state = Limits {
+            max_state_bytes: MAX_MAX_STATE_BYTES + 1,
+            ..Limits::default()
+        };
+        let e = state.validate().unwrap_err().0;
+        assert!(e.contains("max-state-bytes"), "{e}");
+        let none = Limits {
+            max_outputs: 0,
+            max_output_bytes: 0,
+            max_state_bytes: 0,
+            ..Limits::default()
+        };
+        assert!(none.validate().is_ok());
+    }
+
+    #[test]
+    fn costs_count_every_byte_and_the_framing() {
+        let h = vec![("k".to_string(), "vv".to_string())];
+        assert_eq!(
+            output_cost("a/b", &h, b"xyz"),
+            3 + 3 + 3 + 2 * OUTPUT_FRAMING_BYTES
+        );
+        assert_eq!(output_cost("a", &[], b""), 1 + OUTPUT_FRAMING_BYTES);
+        assert_eq!(
+            state_write_cost("key", Some(b"12")),
+            5 + STATE_FRAMING_BYTES
+        );
+        assert_eq!(state_write_cost("key", None), 3 + STATE_FRAMING_BYTES);
     }
 
     #[test]

@@ -3,20 +3,24 @@
 //! Nothing a guest does leaves the store until the invocation returns: outputs and state
 //! changes are buffered here and handed back in the [`crate::Invocation`], so the node can
 //! commit them in one Raft entry with the trigger's cursor, or drop them if the guest failed.
+//!
+//! What a guest publishes and writes counts against its function's [`Limits`] as it calls:
+//! the call that passes one (outputs, output bytes, state bytes, the hop count) traps the
+//! guest, and the invocation fails with a [`crate::Failure::Limit`] naming the limit and the
+//! value, whatever the guest would have done with an error. Bad input that is no limit (an
+//! invalid topic or header) is an error the guest sees and may handle.
 
 use crate::runtime::bindings::canal::functions::{host, state, types};
 use canal_proto::Topic;
-use canal_proto::function::{LogLine, Output};
+use canal_proto::function::{Limits, LogLine, Output, output_cost, state_write_cost};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-/// The most events one invocation may publish.
-pub const MAX_OUTPUTS: usize = 1_000;
-/// The largest payload one output may carry.
-pub const MAX_OUTPUT_BYTES: usize = 1 << 20;
+/// The largest payload one output may carry (a topic's largest payload, too).
+pub const MAX_OUTPUT_BYTES: usize = canal_proto::settings::MAX_PAYLOAD_BYTES as usize;
 /// The longest state key.
 pub const MAX_KEY_BYTES: usize = 512;
 /// The largest state value.
@@ -123,6 +127,17 @@ pub(crate) struct Host {
     pub(crate) outputs: Vec<Output>,
     pub(crate) logs: Vec<LogLine>,
     pub(crate) logs_dropped: usize,
+    /// The function's limits.
+    pub(crate) limits: Limits,
+    /// The input event's hop count.
+    pub(crate) hops: u32,
+    /// What the outputs so far count against `limits.max_output_bytes`.
+    pub(crate) output_bytes: u64,
+    /// What the state writes so far count against `limits.max_state_bytes`.
+    pub(crate) state_bytes: u64,
+    /// The limit the guest passed, if it did (its name, and what happened): the invocation
+    /// fails with it.
+    pub(crate) limit_hit: Option<(&'static str, String)>,
 }
 
 impl Host {
@@ -147,40 +162,77 @@ impl Host {
         });
     }
 
+    /// Records that the guest passed a limit and makes the trap that stops it.
+    fn passed(&mut self, limit: &'static str, why: String) -> wasmtime::Error {
+        let e = wasmtime::Error::msg(why.clone());
+        self.limit_hit.get_or_insert((limit, why));
+        e
+    }
+
     fn output(
         &mut self,
         topic: Topic,
         payload: Vec<u8>,
         headers: Vec<(String, String)>,
-    ) -> Result<(), String> {
-        if self.outputs.len() >= MAX_OUTPUTS {
-            return Err(format!(
-                "an invocation may publish at most {MAX_OUTPUTS} events"
-            ));
-        }
-        if payload.len() > MAX_OUTPUT_BYTES {
-            return Err(format!(
-                "payload of {} bytes is over the limit of {MAX_OUTPUT_BYTES}",
-                payload.len()
-            ));
-        }
+    ) -> wasmtime::Result<Result<(), String>> {
         for (k, v) in &headers {
             if k.is_empty() || k.len() > 128 || !k.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(format!(
+                return Ok(Err(format!(
                     "header name {k:?} is not allowed: use 1-128 printable ASCII characters"
-                ));
+                )));
             }
             if v.len() > 4096 || v.chars().any(char::is_control) {
-                return Err(format!(
+                return Ok(Err(format!(
                     "header {k:?} has a value that is too long or holds control characters"
-                ));
+                )));
             }
         }
+        if let Err(why) = crate::rules::output_hops(self.hops) {
+            return Err(self.passed("hops", why));
+        }
+        let max = self.limits.max_outputs;
+        if self.outputs.len() as u64 >= u64::from(max) {
+            return Err(self.passed("max-outputs", format!(
+                "max-outputs: output number {} (publish or emit) is over the function's limit of {max} per invocation",
+                self.outputs.len() + 1
+            )));
+        }
+        if payload.len() > MAX_OUTPUT_BYTES {
+            return Err(self.passed("output-payload", format!(
+                "output-payload: {} bytes is over the limit of {MAX_OUTPUT_BYTES} bytes per output",
+                payload.len()
+            )));
+        }
+        let total =
+            self.output_bytes
+                .saturating_add(output_cost(topic.as_str(), &headers, &payload));
+        let max = self.limits.max_output_bytes;
+        if total > max {
+            return Err(self.passed("max-output-bytes", format!(
+                "max-output-bytes: the invocation's outputs came to {total} bytes, over the function's limit of {max} bytes"
+            )));
+        }
+        self.output_bytes = total;
         self.outputs.push(Output {
             topic: topic.to_string(),
             headers,
             payload,
         });
+        Ok(Ok(()))
+    }
+
+    /// Counts a state write against the limit, or stops the guest.
+    fn state_write(&mut self, key: &str, value: Option<&[u8]>) -> wasmtime::Result<()> {
+        let total = self
+            .state_bytes
+            .saturating_add(state_write_cost(key, value));
+        let max = self.limits.max_state_bytes;
+        if total > max {
+            return Err(self.passed("max-state-bytes", format!(
+                "max-state-bytes: the invocation's state writes came to {total} bytes, over the function's limit of {max} bytes"
+            )));
+        }
+        self.state_bytes = total;
         Ok(())
     }
 }
@@ -202,17 +254,24 @@ impl host::Host for Host {
         topic: String,
         payload: Vec<u8>,
         headers: Vec<(String, String)>,
-    ) -> Result<(), String> {
-        let topic = Topic::new(&topic).map_err(|e| e.to_string())?;
+    ) -> wasmtime::Result<Result<(), String>> {
+        let topic = match Topic::new(&topic) {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
         self.output(topic, payload, headers)
     }
 
-    fn emit(&mut self, payload: Vec<u8>, headers: Vec<(String, String)>) -> Result<(), String> {
+    fn emit(
+        &mut self,
+        payload: Vec<u8>,
+        headers: Vec<(String, String)>,
+    ) -> wasmtime::Result<Result<(), String>> {
         let Some(topic) = self.out.clone() else {
-            return Err(
+            return Ok(Err(
                 "this trigger has no output topic: add one with `--out TOPIC`, or use publish"
                     .into(),
-            );
+            ));
         };
         self.output(topic, payload, headers)
     }
@@ -241,24 +300,31 @@ impl state::Host for Host {
         }
     }
 
-    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
+    fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
         if key.is_empty() || key.len() > MAX_KEY_BYTES || key.chars().any(char::is_control) {
-            return Err(format!(
+            return Ok(Err(format!(
                 "state key {key:?} is not allowed: use 1-{MAX_KEY_BYTES} bytes without control characters"
-            ));
+            )));
         }
         if value.len() > MAX_VALUE_BYTES {
-            return Err(format!(
-                "state value of {} bytes is over the limit of {MAX_VALUE_BYTES}",
-                value.len()
+            return Err(self.passed(
+                "state-value",
+                format!(
+                    "state-value: {} bytes is over the limit of {MAX_VALUE_BYTES} bytes per value",
+                    value.len()
+                ),
             ));
         }
+        self.state_write(&key, Some(&value))?;
         self.state.changes.insert(key, Some(value));
-        Ok(())
+        Ok(Ok(()))
     }
 
-    fn delete(&mut self, key: String) {
+    fn delete(&mut self, key: String) -> wasmtime::Result<()> {
+        // A delete is a write in the entry too: counted, so a flood of them is bounded.
+        self.state_write(&key, None)?;
         self.state.changes.insert(key, None);
+        Ok(())
     }
 
     fn list(&mut self, prefix: String) -> Vec<String> {

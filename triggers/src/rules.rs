@@ -62,6 +62,45 @@ pub fn output_id(trigger_uid: &str, topic: &str, offset: u64, n: usize) -> Strin
     format!("{trigger_uid}/{topic}/{offset}/{n}")
 }
 
+/// The header that counts how many function invocations an event has passed through: an
+/// output carries its input's count plus one; a publish from a client carries none (0).
+pub const HOPS_HEADER: &str = "canal-hops";
+/// The most hops an output may have: past this an invocation's outputs are refused (error
+/// kind `limit`), so a function whose outputs fire it again cannot multiply one event
+/// without end.
+pub const MAX_HOPS: u32 = 16;
+
+/// The hop count of an event with `headers`: the largest [`HOPS_HEADER`] value it carries,
+/// 0 when it has none or none that is a number (what a client publishes). The largest, so
+/// that a function cannot reset the count by adding a low one of its own.
+pub fn hops(headers: &[(String, String)]) -> u32 {
+    headers
+        .iter()
+        .filter(|(k, _)| k == HOPS_HEADER)
+        .filter_map(|(_, v)| v.trim().parse::<u32>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The hop count of an output of an event with `input` hops, or why it is refused: it would
+/// pass [`MAX_HOPS`].
+pub fn output_hops(input: u32) -> Result<u32, String> {
+    match input.checked_add(1) {
+        Some(n) if n <= MAX_HOPS => Ok(n),
+        _ => Err(format!(
+            "hops: the event has passed through {input} invocations ({HOPS_HEADER}: {input}) and an output would make {}, over the hop limit of {MAX_HOPS} (does the function publish to a topic that fires it again?)",
+            input.saturating_add(1)
+        )),
+    }
+}
+
+/// Sets an output's hop count: drops every [`HOPS_HEADER`] the function gave and adds
+/// `hops`, so only the host decides it.
+pub fn set_hops(headers: &mut Vec<(String, String)>, hops: u32) {
+    headers.retain(|(k, _)| k != HOPS_HEADER);
+    headers.push((HOPS_HEADER.to_string(), hops.to_string()));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +190,50 @@ mod tests {
         fn backoff_never_shrinks(a in 1u32..40) {
             prop_assert!(backoff(a + 1) >= backoff(a));
         }
+    }
+
+    fn hdr(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn hops_are_read_from_the_largest_header() {
+        assert_eq!(hops(&[]), 0);
+        assert_eq!(hops(&hdr(&[("x", "1")])), 0);
+        assert_eq!(hops(&hdr(&[("canal-hops", "3")])), 3);
+        assert_eq!(hops(&hdr(&[("canal-hops", "9"), ("canal-hops", "0")])), 9);
+        assert_eq!(hops(&hdr(&[("canal-hops", "lots")])), 0);
+        assert_eq!(hops(&hdr(&[("canal-hops", "-1"), ("canal-hops", "2")])), 2);
+    }
+
+    #[test]
+    fn an_output_past_the_hop_limit_is_refused() {
+        assert_eq!(output_hops(0), Ok(1));
+        assert_eq!(output_hops(MAX_HOPS - 1), Ok(MAX_HOPS));
+        let e = output_hops(MAX_HOPS).unwrap_err();
+        assert!(
+            e.contains("hop limit") && e.contains("16") && e.contains("17"),
+            "{e}"
+        );
+        assert!(output_hops(u32::MAX).is_err());
+        // A chain from a client publish makes exactly MAX_HOPS outputs.
+        let mut h = 0;
+        let mut outputs = 0;
+        while let Ok(n) = output_hops(h) {
+            h = n;
+            outputs += 1;
+        }
+        assert_eq!(outputs, MAX_HOPS);
+    }
+
+    #[test]
+    fn the_host_alone_sets_an_outputs_hops() {
+        let mut h = hdr(&[("canal-hops", "0"), ("a", "b"), ("canal-hops", "1")]);
+        set_hops(&mut h, 5);
+        assert_eq!(h, hdr(&[("a", "b"), ("canal-hops", "5")]));
+        assert_eq!(hops(&h), 5);
     }
 }

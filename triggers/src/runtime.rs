@@ -27,7 +27,17 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 /// Bindings generated from `wit/canal.wit`.
 #[allow(missing_docs, unreachable_pub)]
 pub mod bindings {
-    wasmtime::component::bindgen!({ world: "handler", path: "../wit" });
+    wasmtime::component::bindgen!({
+        world: "handler",
+        path: "../wit",
+        // These may stop the guest: the call that passes a limit traps.
+        imports: {
+            "canal:functions/host.publish": trappable,
+            "canal:functions/host.emit": trappable,
+            "canal:functions/state.set": trappable,
+            "canal:functions/state.delete": trappable,
+        },
+    });
 }
 
 use bindings::{Handler, HandlerPre};
@@ -103,11 +113,20 @@ pub enum Failure {
     /// No instance could be made (the pool is full, the host failed).
     #[error("the function could not be started: {0}")]
     Start(String),
+    /// It passed one of its per-invocation limits.
+    #[error("the function passed a limit: {detail}")]
+    Limit {
+        /// Which: `max-outputs`, `max-output-bytes`, `max-state-bytes`, `hops`,
+        /// `output-payload` or `state-value`.
+        limit: &'static str,
+        /// What happened, naming the limit and the value.
+        detail: String,
+    },
 }
 
 impl Failure {
     /// A short name for headers and metrics: `error`, `trap`, `timeout`, `memory`, `fuel`,
-    /// `start`.
+    /// `start`, `limit`.
     pub fn kind(&self) -> &'static str {
         match self {
             Failure::Error(_) => "error",
@@ -116,6 +135,7 @@ impl Failure {
             Failure::Memory(_) => "memory",
             Failure::Fuel(_) => "fuel",
             Failure::Start(_) => "start",
+            Failure::Limit { .. } => "limit",
         }
     }
 }
@@ -365,6 +385,11 @@ impl Runtime {
             outputs: Vec::new(),
             logs: Vec::new(),
             logs_dropped: 0,
+            limits: *limits,
+            hops: crate::rules::hops(&event.headers),
+            output_bytes: 0,
+            state_bytes: 0,
+            limit_hit: None,
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limiter);
@@ -397,6 +422,11 @@ impl Runtime {
             .fuel
             .map(|f| f.saturating_sub(store.get_fuel().unwrap_or(0)));
         let mut host = store.into_data();
+        // A limit passed is the reason, whatever the guest or the trap made of it.
+        let result = match host.limit_hit.take() {
+            Some((limit, detail)) => Err(Failure::Limit { limit, detail }),
+            None => result,
+        };
         for (level, pipe) in [("stdout", &stdout), ("stderr", &stderr)] {
             let printed = pipe.contents();
             for line in String::from_utf8_lossy(&printed).lines() {
@@ -583,7 +613,7 @@ mod tests {
         let limits = Limits {
             memory_bytes: 16 << 20,
             timeout_ms: 200,
-            fuel: None,
+            ..Limits::default()
         };
         let r = run(&rt, "misbehave", "loop", &limits);
         assert_eq!(r.result, Err(Failure::Timeout(200)));
@@ -603,6 +633,81 @@ mod tests {
         let r = run(&rt, "misbehave", "ok", &limits);
         assert_eq!(r.result, Ok(()));
         assert_eq!(r.outputs[0].payload, b"ok");
+    }
+
+    fn limit_of(r: &Invocation) -> String {
+        match &r.result {
+            Err(f @ Failure::Limit { limit, detail }) => {
+                assert_eq!(f.kind(), "limit");
+                assert!(detail.starts_with(limit), "{limit}: {detail}");
+                detail.clone()
+            }
+            other => panic!("expected a limit failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn output_and_state_limits_stop_a_guest_that_ignores_errors() {
+        let rt = runtime();
+        let d = Limits::default();
+        // Up to the limit is fine.
+        let r = run(&rt, "misbehave", "spam:64:1", &d);
+        assert_eq!(r.result, Ok(()));
+        assert_eq!(r.outputs.len(), 64);
+        // One more and the invocation fails, though the guest ignored the error.
+        let why = limit_of(&run(&rt, "misbehave", "spam:65:1", &d));
+        assert!(
+            why.contains("max-outputs") && why.contains("65") && why.contains("64"),
+            "{why}"
+        );
+        let why = limit_of(&run(&rt, "misbehave", "spam:3:400000", &d));
+        assert!(
+            why.contains("max-output-bytes") && why.contains("1048576"),
+            "{why}"
+        );
+        let why = limit_of(&run(&rt, "misbehave", "state:3:400000", &d));
+        assert!(
+            why.contains("max-state-bytes") && why.contains("1048576"),
+            "{why}"
+        );
+        // The function's own settings count, down to nothing at all.
+        let tight = Limits {
+            max_outputs: 2,
+            max_state_bytes: 0,
+            ..d
+        };
+        assert_eq!(run(&rt, "misbehave", "spam:2:1", &tight).result, Ok(()));
+        assert!(limit_of(&run(&rt, "misbehave", "spam:3:1", &tight)).contains("of 2"));
+        assert!(limit_of(&run(&rt, "misbehave", "state:1:1", &tight)).contains("of 0 bytes"));
+        // A failed invocation leaves nothing behind for the next.
+        let r = run(&rt, "misbehave", "ok", &d);
+        assert_eq!(r.result, Ok(()));
+        assert_eq!(r.outputs.len(), 1);
+    }
+
+    #[test]
+    fn an_event_past_the_hop_limit_cannot_publish() {
+        let rt = runtime();
+        let m = rt
+            .prepare(&canal_testnet::guests::bytes("misbehave").unwrap())
+            .unwrap();
+        let at = |hops: u32| {
+            let mut ev = event("loop/in", "republish");
+            ev.headers.push(("canal-hops".into(), hops.to_string()));
+            rt.invoke(
+                &m,
+                ev,
+                Arc::new(crate::host::EmptyState),
+                BTreeMap::new(),
+                None,
+                &Limits::default(),
+            )
+        };
+        let r = at(crate::rules::MAX_HOPS - 1);
+        assert_eq!(r.result, Ok(()));
+        assert_eq!(r.outputs[0].topic, "loop/in");
+        let why = limit_of(&at(crate::rules::MAX_HOPS));
+        assert!(why.contains("hop limit") && why.contains("17"), "{why}");
     }
 
     #[test]

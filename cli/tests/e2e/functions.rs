@@ -890,3 +890,241 @@ async fn the_latency_policy_moves_a_function_to_the_faster_peer() {
         .collect();
     assert_eq!(executors, [fast.as_str(), slow.as_str()]);
 }
+
+/// The dead letters of `topic`, `n` of them, with their `canal-error-kind` and `canal-error`.
+async fn dead_letters(api: &Api, topic: &str, n: u64) -> Vec<(String, String, String)> {
+    read_all(api, topic, n)
+        .await
+        .iter()
+        .map(|e| {
+            let h = &e["headers"];
+            (
+                e["payload"].as_str().unwrap_or_default().to_string(),
+                h["canal-error-kind"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                h["canal-error"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_over_their_limits_go_to_the_dead_letter_and_loops_stop() {
+    let net = cluster(1, &[]).await;
+    let api = net.api(0).unwrap();
+    let base = api.base().to_string();
+
+    // Bad limits are refused at deploy with the value and what is allowed, by the node...
+    for (query, needles) in [
+        ("?max-outputs=1001", &["max-outputs 1001", "0 to 1000"][..]),
+        (
+            "?max-outputs=many",
+            &["max-outputs", "many", "not a whole number"],
+        ),
+        (
+            "?max-output-bytes=5MiB",
+            &["max-output-bytes of 5242880 bytes", "0 to 4194304"],
+        ),
+        (
+            "?max-state-bytes=lots",
+            &["max-state-bytes", "lots", "is not a byte size"],
+        ),
+    ] {
+        let (status, got) = api
+            .send(
+                Method::PUT,
+                &format!("/v1/functions/x{query}"),
+                Vec::new(),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{query}: {got}");
+        for n in needles {
+            assert!(got.contains(n), "{query}: {n:?} not in {got}");
+        }
+    }
+    // ... and by the CLI before it sends anything.
+    let wasm = guests::path("misbehave").unwrap();
+    let wasm = wasm.to_str().unwrap();
+    for (flag, value, needle) in [
+        (
+            "--max-outputs",
+            "5000",
+            "max-outputs 5000 is not allowed: use 0 to 1000",
+        ),
+        (
+            "--max-output-bytes",
+            "1GiB",
+            "max-output-bytes of 1073741824 bytes is not allowed",
+        ),
+        (
+            "--max-state-bytes",
+            "5MiB",
+            "max-state-bytes of 5242880 bytes is not allowed",
+        ),
+    ] {
+        let o = canal(&["--api", &base, "fn", "deploy", "x", wasm, flag, value]).await;
+        assert_clear_error(&o, 2, needle);
+    }
+    let list: FunctionList = api.get("/v1/functions").await.unwrap();
+    assert!(list.functions.is_empty(), "{list:?}");
+
+    // A function with tight limits, one with the defaults that feeds itself, and one that
+    // behaves.
+    let o = canal(&[
+        "--api",
+        &base,
+        "fn",
+        "deploy",
+        "spammer",
+        wasm,
+        "--max-outputs",
+        "4",
+        "--max-output-bytes",
+        "4KiB",
+        "--max-state-bytes",
+        "2KiB",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", crate::stderr(&o));
+    deploy(&api, "looper", "misbehave", "").await;
+    deploy(&api, "upper", "uppercase", "").await;
+    let list: FunctionList = api.get("/v1/functions").await.unwrap();
+    let spammer = list.functions.iter().find(|f| f.name == "spammer").unwrap();
+    assert_eq!(
+        (
+            spammer.limits.max_outputs,
+            spammer.limits.max_output_bytes,
+            spammer.limits.max_state_bytes
+        ),
+        (4, 4 << 10, 2 << 10)
+    );
+    let looper = list.functions.iter().find(|f| f.name == "looper").unwrap();
+    assert_eq!(
+        looper.limits,
+        canal_proto::function::Limits::default(),
+        "the defaults"
+    );
+    let o = canal(&["--api", &base, "fn", "list"]).await;
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        table.contains("4 / 4 KiB") && table.contains("2 KiB"),
+        "{table}"
+    );
+
+    // fn invoke says which limit, too.
+    let r: InvokeResult = {
+        let (status, body) = api
+            .send(
+                Method::POST,
+                "/v1/functions/spammer/invoke",
+                b"spam:5:1".to_vec(),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let e = r.result.unwrap_err();
+    assert!(e.contains("max-outputs") && e.contains("limit of 4"), "{e}");
+
+    trigger(
+        &api,
+        "limits",
+        serde_json::json!({"on": "test/limits", "fn": "spammer", "out": "test/limits-out",
+                           "retries": 1, "dead_letter": "test/limits-dead"}),
+    )
+    .await;
+    trigger(
+        &api,
+        "loop",
+        serde_json::json!({"on": "test/loop", "fn": "looper", "retries": 1,
+                           "dead_letter": "test/loop-dead"}),
+    )
+    .await;
+    trigger(
+        &api,
+        "shout",
+        serde_json::json!({"on": "chat/#", "fn": "upper", "out": "shout/all"}),
+    )
+    .await;
+    let apis = [api.clone()];
+    // Publish is the only way back into the function's own input: the hop limit stops it.
+    publish_until_acked(&apis, 0, "test/loop", "loop0", b"republish".to_vec()).await;
+    let payloads = ["spam:5:1", "spam:3:2000", "state:3:1000", "spam:4:10"];
+    for (i, p) in payloads.iter().enumerate() {
+        publish_until_acked(
+            &apis,
+            0,
+            "test/limits",
+            &format!("l{i}"),
+            p.as_bytes().to_vec(),
+        )
+        .await;
+        // Other functions keep running.
+        publish_until_acked(
+            &apis,
+            0,
+            "chat/room",
+            &format!("c{i}"),
+            format!("hi {i}").into_bytes(),
+        )
+        .await;
+    }
+    wait_log_len(&net, "test/limits-dead", 3).await;
+    wait_log_len(&net, "test/limits-out", 4).await;
+    wait_log_len(&net, "shout/all", 4).await;
+    let dead = dead_letters(&api, "test/limits-dead", 3).await;
+    for ((payload, kind, error), (want_payload, needle)) in dead.iter().zip([
+        ("spam:5:1", "max-outputs: output number 5"),
+        ("spam:3:2000", "max-output-bytes"),
+        ("state:3:1000", "max-state-bytes"),
+    ]) {
+        assert_eq!(payload, want_payload);
+        assert_eq!(kind, "limit", "{payload}: {error}");
+        assert!(
+            error.contains(needle),
+            "{payload}: {needle:?} not in {error}"
+        );
+    }
+    // What stayed inside its limits went through, and nothing of the failed runs did.
+    assert_eq!(log(&api, "test/limits-out").await.next, 4);
+    assert_eq!(
+        state(&api, "spammer", "k0").await,
+        None,
+        "a failed run's state was committed"
+    );
+
+    // The loop: the client's event and 16 hops, then the dead letter says why.
+    wait_log_len(&net, "test/loop-dead", 1).await;
+    let dead = dead_letters(&api, "test/loop-dead", 1).await;
+    assert_eq!(dead[0].1, "limit", "{dead:?}");
+    assert!(dead[0].2.contains("over the hop limit of 16"), "{dead:?}");
+    assert_eq!(log(&api, "test/loop").await.next, 17);
+    let chain = read_all(&api, "test/loop", 17).await;
+    for (i, e) in chain.iter().enumerate() {
+        let hops = e["headers"]["canal-hops"].as_str().map(str::to_string);
+        let want = (i > 0).then(|| i.to_string());
+        assert_eq!(hops, want, "event {i}: {e}");
+    }
+    let metrics = api.get_raw("/metrics").await.unwrap().1;
+    for limit in ["max-outputs", "max-output-bytes", "max-state-bytes", "hops"] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("canal_fn_limit_exceeded_total{")
+                    && l.contains(&format!("limit=\"{limit}\""))),
+            "no {limit} in the limit metric"
+        );
+    }
+    // The node is healthy, and the loop has stopped for good.
+    let (status, _) = api.get_raw("/v1/health").await.unwrap();
+    assert_eq!(status, 200);
+    publish_until_acked(&apis, 0, "chat/room", "c-last", b"still here".to_vec()).await;
+    wait_log_len(&net, "shout/all", 5).await;
+    assert_eq!(log(&api, "test/loop").await.next, 17);
+}
