@@ -58,6 +58,15 @@ pub(crate) struct NodeArgs {
     /// Shortest Raft election timeout in ms; the longest is twice it [default: 200].
     #[arg(long, env = "CANAL_RAFT_ELECTION_TIMEOUT_MS")]
     raft_election_timeout_ms: Option<u64>,
+    /// Test only: add this many ms to the node's clock (negative: behind) where it stamps
+    /// Raft entries, to test a skewed clock. Never set it on a real node.
+    #[arg(
+        long,
+        env = "CANAL_CLOCK_OFFSET_MS",
+        hide = true,
+        allow_hyphen_values = true
+    )]
+    clock_offset_ms: Option<i64>,
     /// Home peers per shard (K).
     #[arg(long, env = "CANAL_REPLICATION_FACTOR")]
     replication_factor: Option<usize>,
@@ -115,6 +124,9 @@ impl NodeArgs {
         }
         if let Some(v) = self.raft_election_timeout_ms {
             c.raft_election_timeout_ms = v;
+        }
+        if let Some(v) = self.clock_offset_ms {
+            c.clock_offset_ms = v;
         }
         Ok(c)
     }

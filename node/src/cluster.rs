@@ -54,9 +54,11 @@ impl Transport for MeshTransport {
     }
 }
 
-/// The metadata key that marks a peer as removed from the cluster for good.
+/// The metadata key that marks a peer as removed from the cluster for good: internal, so
+/// only `DELETE /v1/cluster/peers/{peer}` (through [`canal_consensus::InternalKey::Removed`])
+/// writes it, never a KV write.
 pub fn removed_key(peer: &PeerId) -> String {
-    format!("cluster/removed/{peer}")
+    canal_consensus::InternalKey::Removed(peer.to_base58()).key()
 }
 
 /// The Raft node id of a peer.

@@ -49,6 +49,9 @@ pub struct NodeConfig {
     /// The shortest Raft election timeout, in milliseconds; the longest is twice it, the
     /// leader heartbeat a quarter of it.
     pub raft_election_timeout_ms: u64,
+    /// Test only: milliseconds added to this node's wall clock where it stamps Raft entries
+    /// and decides what to trim (negative: behind), to test a cluster with a skewed clock.
+    pub clock_offset_ms: i64,
 }
 
 impl Default for NodeConfig {
@@ -70,6 +73,7 @@ impl Default for NodeConfig {
             voters: 3,
             raft_snapshot_every: 5000,
             raft_election_timeout_ms: 200,
+            clock_offset_ms: 0,
         }
     }
 }
@@ -130,7 +134,12 @@ pub struct ValidConfig {
     pub raft_snapshot_every: u64,
     /// Shortest election timeout.
     pub raft_election_timeout: std::time::Duration,
+    /// Test only: the offset applied to this node's wall clock, in ms.
+    pub clock_offset_ms: i64,
 }
+
+/// The largest test clock offset, either way: a day.
+pub const MAX_CLOCK_OFFSET_MS: u64 = 24 * 60 * 60 * 1000;
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -312,6 +321,15 @@ impl NodeConfig {
                 ),
             ));
         }
+        if self.clock_offset_ms.unsigned_abs() > MAX_CLOCK_OFFSET_MS {
+            return Err(invalid(
+                "clock_offset_ms",
+                format!(
+                    "{} is out of range: -{MAX_CLOCK_OFFSET_MS} to {MAX_CLOCK_OFFSET_MS} milliseconds (a day; it is for tests)",
+                    self.clock_offset_ms
+                ),
+            ));
+        }
         Ok(ValidConfig {
             data_dir: self.data_dir.clone(),
             listen,
@@ -329,6 +347,7 @@ impl NodeConfig {
             voters: self.voters,
             raft_snapshot_every: self.raft_snapshot_every,
             raft_election_timeout: std::time::Duration::from_millis(self.raft_election_timeout_ms),
+            clock_offset_ms: self.clock_offset_ms,
         })
     }
 }

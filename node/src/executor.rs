@@ -338,7 +338,6 @@ impl Executor {
                             id: Some(rules::output_id(&spec.uid, &topic, ev.offset, 0)),
                             headers,
                             payload: ev.payload,
-                            time_ms: now_ms(),
                             retention: settings_for(&dead_letter, &settings).retention,
                         });
                     }
@@ -507,7 +506,6 @@ impl Executor {
             id: Some(rules::output_id(&spec.uid, topic, offset, n)),
             headers,
             payload: out.payload,
-            time_ms: now_ms(),
             retention,
         }
     }

@@ -327,9 +327,9 @@ pub async fn deploy(
             GroupId::METADATA,
             Request {
                 id: Some(format!("module/{}", prepared.hash)),
-                op: Op::Put {
-                    key: module_key(&prepared.hash),
-                    value: body.to_vec(),
+                op: Op::Internal {
+                    key: canal_consensus::InternalKey::Module(prepared.hash.clone()),
+                    value: Some(body.to_vec()),
                 },
             },
         )
@@ -349,9 +349,9 @@ pub async fn deploy(
             GroupId::METADATA,
             Request {
                 id: Some(crate::api::fresh_id(st)),
-                op: Op::Put {
-                    key: function_key(name),
-                    value: wire::encode(&spec).map_err(internal)?,
+                op: Op::Internal {
+                    key: canal_consensus::InternalKey::Function(name.to_string()),
+                    value: Some(wire::encode(&spec).map_err(internal)?),
                 },
             },
         )
@@ -409,8 +409,9 @@ pub async fn remove(st: &ApiState, name: &str) -> Result<(), ApiError> {
     st.consensus
         .write_op(
             GroupId::METADATA,
-            Op::Delete {
-                key: function_key(name),
+            Op::Internal {
+                key: canal_consensus::InternalKey::Function(name.to_string()),
+                value: None,
             },
         )
         .await?;
@@ -418,8 +419,9 @@ pub async fn remove(st: &ApiState, name: &str) -> Result<(), ApiError> {
     st.consensus
         .write_op(
             GroupId::METADATA,
-            Op::Delete {
-                key: canal_consensus::functions::decision_key(name),
+            Op::Internal {
+                key: canal_consensus::InternalKey::Placement(name.to_string()),
+                value: None,
             },
         )
         .await?;
@@ -602,9 +604,9 @@ pub async fn trigger_add(
             GroupId::METADATA,
             Request {
                 id: Some(format!("trigger/{}", spec.uid)),
-                op: Op::Put {
-                    key: trigger_key(name),
-                    value: wire::encode(&spec).map_err(internal)?,
+                op: Op::Internal {
+                    key: canal_consensus::InternalKey::Trigger(name.to_string()),
+                    value: Some(wire::encode(&spec).map_err(internal)?),
                 },
             },
         )
@@ -626,8 +628,9 @@ pub async fn trigger_remove(st: &ApiState, name: &str) -> Result<(), ApiError> {
     st.consensus
         .write_op(
             GroupId::METADATA,
-            Op::Delete {
-                key: trigger_key(name),
+            Op::Internal {
+                key: canal_consensus::InternalKey::Trigger(name.to_string()),
+                value: None,
             },
         )
         .await?;
