@@ -327,20 +327,25 @@ fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, wire::WireError> {
     wire::encode(v)
 }
 
-/// Decodes a value read from the database: its length prefixes cannot claim more than the
-/// bytes there are, so a damaged value is an error, never a huge allocation, and no value is
-/// refused for being larger than a message may be.
+/// Decodes a value read from the database, with claims limited by its length: a damaged
+/// value is an error, never a huge allocation, and no value is refused for being larger than
+/// a message may be.
 fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T, wire::WireError> {
-    decode_with_limit(b, b.len())
+    decode_with_limit(b, claim_limit(b.len()))
 }
 
-/// Decodes bytes written by `wire::encode` whose length prefixes may claim at most `max`
-/// bytes in all: a snapshot may be far larger than what `wire::decode` allows for a message,
-/// but a length prefix in it still cannot make the decoder allocate more than about twice
-/// `max` (bincode's limit is a compile-time constant, so the smallest power of two at or
-/// above `max` is used). Strings and byte strings are the only claims serde's decoding
-/// makes, and each takes its bytes from the input, so `max = bytes.len()` refuses no valid
-/// value.
+/// The most a valid encoding of `len` bytes claims while it decodes: bincode claims each
+/// integer's in-memory size (at most 16 bytes, from at least one encoded byte) and each
+/// string's length (its bytes follow in the input).
+fn claim_limit(len: usize) -> usize {
+    len.saturating_mul(16).saturating_add(64)
+}
+
+/// Decodes bytes written by `wire::encode` whose decoding may claim at most `max` bytes in
+/// all: a snapshot may be far larger than what `wire::decode` allows for a message, but a
+/// length prefix in it still cannot make the decoder allocate more than about twice `max`
+/// (bincode's limit is a compile-time constant, so the smallest power of two at or above
+/// `max` is used).
 // TODO(integrator): this is `wire::decode_with_limit` from helper "wire"; call that instead
 // once it is merged.
 fn decode_with_limit<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, wire::WireError> {

@@ -631,10 +631,10 @@ fn decode_as(kind: &str, bytes: &[u8]) -> (bool, usize) {
 }
 
 /// What a decoder of `len` bytes may allocate at most at once: its claims are limited to
-/// about twice the input (at least 4 KiB), and serde preallocates at most 1 MiB for a
+/// twice [`claim_limit`] (at least 4 KiB), and serde preallocates at most 1 MiB for a
 /// sequence.
 fn allowed(len: usize) -> usize {
-    2 * len + 4096 + (1 << 20)
+    2 * claim_limit(len) + 4096 + (1 << 20)
 }
 
 #[test]
@@ -708,6 +708,32 @@ fn a_length_prefix_claiming_a_terabyte_is_an_error() {
         let (ok, largest) = decode_as(kind, &bytes);
         assert!(!ok && largest <= allowed(bytes.len()), "{kind}: {largest}");
     }
+}
+
+#[test]
+fn values_full_of_small_numbers_decode() {
+    // Each number is one byte encoded but claims eight while it decodes.
+    let batch = Request {
+        id: None,
+        op: Op::Batch(
+            (0..5000)
+                .map(|i| Request {
+                    id: None,
+                    op: Op::Ack {
+                        subscription: "s".into(),
+                        topic: "t".into(),
+                        offset: i % 100,
+                    },
+                })
+                .collect(),
+        ),
+    };
+    let e = super::tests::entry_at(1, 2, batch);
+    let back: Entry<TypeConfig> = dec(&enc(&e).unwrap()).unwrap();
+    assert_eq!(back.log_id, e.log_id);
+    let numbers: Vec<u64> = (0..10_000).map(|i| i % 7).collect();
+    let back: Vec<u64> = dec(&enc(&numbers).unwrap()).unwrap();
+    assert_eq!(back, numbers);
 }
 
 #[test]
