@@ -840,9 +840,9 @@ async fn replicas_stay_identical_under_load_id_reuse_and_a_skewed_clock() {
     // are forgotten after 2 s.
     let http = reqwest::Client::new();
     let mut tasks = Vec::new();
-    for node in 0..4 {
+    for (node, node_api) in apis.iter().enumerate() {
         for worker in 0..32 {
-            let api = apis[node].clone();
+            let api = node_api.clone();
             let http = http.clone();
             tasks.push(tokio::spawn(async move {
                 for n in 0..12 {
