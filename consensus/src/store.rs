@@ -5,7 +5,7 @@
 //!   g{N}.log         log index (u64, big-endian) -> entry
 //!   g{N}.meta        "vote", "committed", "purged"
 //!   g{N}.sm          "d/{key}" -> value, "r/{request id}" -> response,
-//!                    "m/applied", "m/membership"
+//!                    "m/applied", "m/membership", "m/clock"
 //!   g{N}.snap        "meta", "data": the current snapshot
 //! ```
 //!
@@ -20,7 +20,8 @@
 //! the followers group them differently). Each call's writes are kept in a sorted overlay
 //! that every read of the call, point or range, goes through; and the only clock is the
 //! leader's stamp on each entry ([`crate::types::Proposal`]), raised to the last one applied
-//! so it never goes back, and stored under [`CLOCK_KEY`] so snapshots and restarts keep it.
+//! so it never goes back, and stored under [`CLOCK_KEY`] (in digests and snapshots too) so
+//! snapshots and restarts keep it.
 //! Client key operations (`Put`, `Delete`, `Add`) are refused on the internal keyspace
 //! (keys starting with U+0001); internal records are written by the operations that own
 //! them.
@@ -615,6 +616,8 @@ pub struct StateMachine {
 struct SnapshotData {
     data: Vec<(String, Vec<u8>)>,
     requests: Vec<(String, Response)>,
+    /// The state machine's clock, as stored under [`CLOCK_KEY`].
+    clock: u64,
 }
 
 impl StateMachine {
@@ -723,13 +726,13 @@ impl StateMachine {
         Ok(self.read::<Option<LogId<NodeId>>>(b"m/applied")?.flatten())
     }
 
-    /// A SHA-256 digest of the key-value data and the applied request ids, in key order: equal
-    /// on two nodes exactly when they hold the same state.
+    /// A SHA-256 digest of the key-value data, the applied request ids and the clock, in key
+    /// order: equal on two nodes exactly when they hold the same state.
     pub fn digest(&self) -> Result<String, SErr> {
         let mut h = Sha256::new();
         for item in self.sm.iter() {
             let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
-            if k.starts_with(b"d/") || k.starts_with(b"r/") {
+            if k.starts_with(b"d/") || k.starts_with(b"r/") || k.as_ref() == CLOCK_KEY {
                 h.update((k.len() as u64).to_be_bytes());
                 h.update(&k);
                 h.update((v.len() as u64).to_be_bytes());
@@ -750,6 +753,8 @@ impl StateMachine {
                 let r: Response = dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?;
                 out.requests
                     .push((String::from_utf8_lossy(id).into_owned(), r));
+            } else if k.as_ref() == CLOCK_KEY {
+                out.clock = dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?;
             }
         }
         Ok(out)
@@ -763,9 +768,10 @@ type StateCopy = (
     StoredMembership<NodeId, RaftNode>,
 );
 
-/// The key of the state machine's clock: the latest entry stamp applied (u64, ms since the
-/// Unix epoch). In the data keyspace, so snapshots and digests carry it.
-pub const CLOCK_KEY: &str = "\u{1}n/clock";
+/// The sled key of the state machine's clock: the latest entry stamp applied (u64, ms since
+/// the Unix epoch). Beside the data, like the applied index, so client key counts do not
+/// see it; snapshots and digests carry it.
+pub const CLOCK_KEY: &[u8] = b"m/clock";
 
 /// The sled key of a client key's value.
 fn data_key(key: &str) -> Vec<u8> {
@@ -871,13 +877,13 @@ impl<'a> Writes<'a> {
 /// it: time inside the state machine never goes backwards, even when leadership moves to a
 /// node whose clock is behind.
 fn advance_clock(w: &mut Writes<'_>, stamp: u64) -> Result<u64, String> {
-    let stored = match w.get(CLOCK_KEY)? {
+    let stored = match w.raw_get(CLOCK_KEY)? {
         Some(b) => dec::<u64>(&b).map_err(|e| format!("the state machine's clock: {e}"))?,
         None => 0,
     };
     if stamp > stored {
-        w.set(
-            CLOCK_KEY.to_string(),
+        w.raw_set(
+            CLOCK_KEY.to_vec(),
             Some(enc(&stamp).map_err(|e| e.to_string())?),
         );
         Ok(stamp)
@@ -1406,6 +1412,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 enc(&r).map_err(|e| err(any(&e)))?,
             );
         }
+        batch.insert(CLOCK_KEY, enc(&data.clock).map_err(|e| err(any(&e)))?);
         batch.insert(
             "m/applied",
             enc(&meta.last_log_id).map_err(|e| err(any(&e)))?,

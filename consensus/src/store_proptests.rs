@@ -608,6 +608,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             ("\u{1}t/x".into(), vec![0; 40]),
         ],
         requests: vec![("r1".into(), response.clone())],
+        clock: 1_700_000_000_000,
     };
     vec![
         ("event", enc(&event).unwrap()),
@@ -742,6 +743,7 @@ fn a_snapshot_larger_than_a_message_decodes() {
     let big = SnapshotData {
         data: vec![("big".into(), vec![7u8; 65 << 20])],
         requests: Vec::new(),
+        clock: 0,
     };
     let bytes = enc(&big).unwrap();
     let back = decode_snapshot(&bytes).unwrap();
