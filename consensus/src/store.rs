@@ -1,7 +1,7 @@
 //! Raft storage on sled: one database per node, trees per group.
 //!
 //! ```text
-//!   canal            format marker ("canal-raft/2")
+//!   canal            format marker ("canal-raft/3")
 //!   g{N}.log         log index (u64, big-endian) -> entry
 //!   g{N}.meta        "vote", "committed", "purged"
 //!   g{N}.sm          "d/{key}" -> value, "r/{request id}" -> response,
@@ -56,7 +56,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-const FORMAT: &[u8] = b"canal-raft/2";
+// 3: entries carry the leader's stamp (Proposal), internal records moved (the removed-peer
+// tombstone), dedup keys hold expiries. Older databases are refused, naming both formats.
+const FORMAT: &[u8] = b"canal-raft/3";
 
 type SErr = StorageError<NodeId>;
 
