@@ -158,8 +158,12 @@ enum TopicCommand {
         /// The largest payload a publish may carry, e.g. 64KiB (at most 1MiB).
         #[arg(long)]
         max_payload: Option<String>,
+        /// Remember publish ids this long, e.g. 5s: a publish with an id seen within it is
+        /// the same event (default 2m, at most 1h).
+        #[arg(long)]
+        dedup_window: Option<String>,
         /// Remove the settings of this topic or filter.
-        #[arg(long, conflicts_with_all = ["retain_events", "retain_bytes", "retain_age", "max_payload"])]
+        #[arg(long, conflicts_with_all = ["retain_events", "retain_bytes", "retain_age", "max_payload", "dedup_window"])]
         reset: bool,
     },
 }
@@ -303,6 +307,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     retain_bytes,
                     retain_age,
                     max_payload,
+                    dedup_window,
                     reset,
                 },
         } => {
@@ -316,6 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 retain_bytes,
                 retain_age,
                 max_payload,
+                dedup_window,
             };
             if reset {
                 client.delete(&path).await?;

@@ -67,6 +67,15 @@ pub(crate) struct NodeArgs {
     /// [default: 10000].
     #[arg(long, env = "CANAL_MAX_SUBSCRIBERS")]
     max_subscribers: Option<usize>,
+    /// Test only: add this many ms to the node's clock (negative: behind) where it stamps
+    /// Raft entries, to test a skewed clock. Never set it on a real node.
+    #[arg(
+        long,
+        env = "CANAL_CLOCK_OFFSET_MS",
+        hide = true,
+        allow_hyphen_values = true
+    )]
+    clock_offset_ms: Option<i64>,
     /// Home peers per shard (K).
     #[arg(long, env = "CANAL_REPLICATION_FACTOR")]
     replication_factor: Option<usize>,
@@ -124,6 +133,9 @@ impl NodeArgs {
         }
         if let Some(v) = self.raft_election_timeout_ms {
             c.raft_election_timeout_ms = v;
+        }
+        if let Some(v) = self.clock_offset_ms {
+            c.clock_offset_ms = v;
         }
         if let Some(v) = self.insecure_open {
             c.insecure_open = v;

@@ -239,6 +239,10 @@ pub(crate) fn settings(
         "  max payload    {}",
         canal_proto::size::format_bytes(s.max_payload_bytes)
     );
+    println!(
+        "  dedup window   {}",
+        humantime_ms(s.retention.dedup_window_ms)
+    );
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! Functions, triggers and their effects inside the groups' state machines.
 //!
-//! The metadata group holds what users declare; a data group holds what executions do, next
+//! The metadata group holds what users declare (written with [`crate::Op::Internal`] and
+//! the [`InternalKey`] that names each record); a data group holds what executions do, next
 //! to the topic logs the triggers read. All keys are internal (they start with U+0001):
 //!
 //! ```text
@@ -20,11 +21,12 @@
 //! lose an update.
 
 use crate::topics::PublishOp;
+use crate::types::InternalKey;
 use serde::{Deserialize, Serialize};
 
 /// The key of a function's spec (metadata group).
 pub fn function_key(name: &str) -> String {
-    format!("\u{1}F/{name}")
+    InternalKey::Function(name.to_string()).key()
 }
 
 /// The prefix of every function's spec key.
@@ -32,12 +34,12 @@ pub const FUNCTION_PREFIX: &str = "\u{1}F/";
 
 /// The key of a module's bytes, by hash (metadata group).
 pub fn module_key(hash: &str) -> String {
-    format!("\u{1}B/{hash}")
+    InternalKey::Module(hash.to_string()).key()
 }
 
 /// The key of a trigger's spec (metadata group).
 pub fn trigger_key(name: &str) -> String {
-    format!("\u{1}T/{name}")
+    InternalKey::Trigger(name.to_string()).key()
 }
 
 /// The prefix of every trigger's spec key.
@@ -93,15 +95,19 @@ pub struct Effects {
 
 /// The key of a function's committed placement (metadata group).
 pub fn decision_key(function: &str) -> String {
-    format!("\u{1}P/{function}")
+    InternalKey::Placement(function.to_string()).key()
 }
 
 /// The key of one peer's execution-time measurement of a function (metadata group).
 pub fn measurement_key(function: &str, peer: &str) -> String {
-    format!("{}{function}\u{0}{peer}", measurement_prefix())
+    InternalKey::Measurement {
+        function: function.to_string(),
+        peer: peer.to_string(),
+    }
+    .key()
 }
 
 /// The prefix of every measurement key.
 pub fn measurement_prefix() -> &'static str {
-    "\u{1}M/"
+    crate::types::MEASUREMENT_PREFIX
 }

@@ -39,6 +39,9 @@ pub struct Settings {
     pub keep_behind_snapshot: u64,
     /// How long a client operation may wait for a leader before it fails.
     pub client_timeout: Duration,
+    /// Test only: added to this node's wall clock where it stamps the entries it proposes
+    /// as leader (see [`Consensus::now_ms`]), to test nodes whose clocks are off.
+    pub clock_offset_ms: i64,
 }
 
 impl Default for Settings {
@@ -52,6 +55,7 @@ impl Default for Settings {
             snapshot_every: 5000,
             keep_behind_snapshot: 1000,
             client_timeout: Duration::from_secs(10),
+            clock_offset_ms: 0,
         }
     }
 }
@@ -336,6 +340,16 @@ impl<T: Transport> Consensus<T> {
             .ok_or(ClientError::UnknownGroup(g))
     }
 
+    /// This node's wall clock in ms since the Unix epoch, with the test-only
+    /// [`Settings::clock_offset_ms`] applied: the time it stamps on the entries it proposes.
+    pub fn now_ms(&self) -> u64 {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis().min(u64::MAX as u128) as u64)
+            .unwrap_or(0);
+        wall.saturating_add_signed(self.inner.settings.clock_offset_ms)
+    }
+
     /// This member's node id.
     pub fn node_id(&self) -> NodeId {
         self.inner.me
@@ -426,9 +440,15 @@ impl<T: Transport> Consensus<T> {
 
     async fn local_write(&self, g: GroupId, req: Request) -> Result<Response, ClientError> {
         let group = self.group(g)?;
+        // Stamped here, on the leader, just before proposing: the state machine's clock is
+        // the leader's, whichever node accepted the request.
+        let proposal = crate::types::Proposal {
+            time_ms: self.now_ms(),
+            request: req,
+        };
         let r = group
             .raft
-            .client_write(req)
+            .client_write(proposal)
             .await
             .map_err(|e| write_error(g, e))?;
         Ok(r.data)

@@ -36,4 +36,6 @@ pub use groups::{Consensus, ConsensusError, Settings};
 pub use network::Transport;
 pub use rpc::{ClientError, MemberStatus};
 pub use store::{LogStore, RaftDb, StateMachine, StoreError};
-pub use types::{GroupId, NodeId, Op, RaftNode, Request, Response, TypeConfig};
+pub use types::{
+    GroupId, InternalKey, NodeId, Op, Proposal, RaftNode, Request, Response, TypeConfig,
+};

@@ -1,11 +1,11 @@
 //! Raft storage on sled: one database per node, trees per group.
 //!
 //! ```text
-//!   canal            format marker ("canal-raft/2")
+//!   canal            format marker ("canal-raft/3")
 //!   g{N}.log         log index (u64, big-endian) -> entry
 //!   g{N}.meta        "vote", "committed", "purged"
 //!   g{N}.sm          "d/{key}" -> value, "r/{request id}" -> response,
-//!                    "m/applied", "m/membership"
+//!                    "m/applied", "m/membership", "m/clock"
 //!   g{N}.snap        "meta", "data": the current snapshot
 //! ```
 //!
@@ -15,7 +15,20 @@
 //! back (a damaged or partly restored `db` file), and is refused instead of silently
 //! starting with acknowledged entries missing.
 //!
-//! Every value is written with `canal_proto::wire` (a version byte and bincode). Log appends,
+//! The state machine is deterministic: every replica that applies the same entries holds
+//! the same state, however openraft groups the entries into `apply` calls (the leader and
+//! the followers group them differently). Each call's writes are kept in a sorted overlay
+//! that every read of the call, point or range, goes through; and the only clock is the
+//! leader's stamp on each entry ([`crate::types::Proposal`]), raised to the last one applied
+//! so it never goes back, and stored under [`CLOCK_KEY`] (in digests and snapshots too) so
+//! snapshots and restarts keep it.
+//! Client key operations (`Put`, `Delete`, `Add`) are refused on the internal keyspace
+//! (keys starting with U+0001); internal records are written by the operations that own
+//! them.
+//!
+//! Every value is written with `canal_proto::wire` (a version byte and bincode) and read
+//! back with length prefixes limited by the bytes there are, so a damaged value is an error
+//! and a snapshot of any size reads. Log appends,
 //! votes, truncation and purges are flushed before they are reported done, so nothing the
 //! log store acknowledged is lost to a `kill -9`. The state machine applies each batch of
 //! entries as one atomic sled batch (its data, its applied log id and its membership
@@ -26,7 +39,7 @@
 // here return it too rather than converting back and forth.
 #![allow(clippy::result_large_err)]
 
-use crate::types::{GroupId, NodeId, Op, RaftNode, Request, Response, TypeConfig};
+use crate::types::{GroupId, NodeId, Op, Proposal, RaftNode, Request, Response, TypeConfig};
 use canal_proto::wire;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -35,7 +48,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
@@ -43,7 +56,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-const FORMAT: &[u8] = b"canal-raft/2";
+// 3: entries carry the leader's stamp (Proposal), internal records moved (the removed-peer
+// tombstone), dedup keys hold expiries. Older databases are refused, naming both formats.
+const FORMAT: &[u8] = b"canal-raft/3";
 
 type SErr = StorageError<NodeId>;
 
@@ -315,8 +330,16 @@ fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, wire::WireError> {
     wire::encode(v)
 }
 
+/// Decodes a value read from the database. No length cap (a snapshot may be far larger than
+/// a message), but claims are still bounded by the bytes present: a damaged value is an
+/// error, never a huge allocation.
 fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T, wire::WireError> {
-    wire::decode(b)
+    wire::decode_with_limit(b, usize::MAX)
+}
+
+/// Decodes a snapshot's data, whatever its size, with no claim past its own length.
+fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotData, wire::WireError> {
+    dec(bytes)
 }
 
 fn any(e: &impl std::fmt::Display) -> openraft::AnyError {
@@ -549,6 +572,8 @@ pub struct StateMachine {
 struct SnapshotData {
     data: Vec<(String, Vec<u8>)>,
     requests: Vec<(String, Response)>,
+    /// The state machine's clock, as stored under [`CLOCK_KEY`].
+    clock: u64,
 }
 
 impl StateMachine {
@@ -657,13 +682,13 @@ impl StateMachine {
         Ok(self.read::<Option<LogId<NodeId>>>(b"m/applied")?.flatten())
     }
 
-    /// A SHA-256 digest of the key-value data and the applied request ids, in key order: equal
-    /// on two nodes exactly when they hold the same state.
+    /// A SHA-256 digest of the key-value data, the applied request ids and the clock, in key
+    /// order: equal on two nodes exactly when they hold the same state.
     pub fn digest(&self) -> Result<String, SErr> {
         let mut h = Sha256::new();
         for item in self.sm.iter() {
             let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
-            if k.starts_with(b"d/") || k.starts_with(b"r/") {
+            if k.starts_with(b"d/") || k.starts_with(b"r/") || k.as_ref() == CLOCK_KEY {
                 h.update((k.len() as u64).to_be_bytes());
                 h.update(&k);
                 h.update((v.len() as u64).to_be_bytes());
@@ -671,70 +696,6 @@ impl StateMachine {
             }
         }
         Ok(hex::encode(h.finalize()))
-    }
-
-    /// Applies one client request of the entry at `index`: once per request id, however
-    /// often it is proposed.
-    fn apply_request(
-        &self,
-        index: u64,
-        Request { id, op }: Request,
-        data: &mut HashMap<String, Option<Vec<u8>>>,
-        requests: &mut HashMap<String, Response>,
-        batch: &mut sled::Batch,
-    ) -> Result<Response, SErr> {
-        let werr = |e: openraft::AnyError| StorageIOError::write_state_machine(e);
-        if let Some(id) = &id {
-            let seen = match requests.get(id) {
-                Some(r) => Some(r.clone()),
-                None => self.read::<Response>(format!("r/{id}").as_bytes())?,
-            };
-            if let Some(mut first) = seen {
-                first.duplicate = true;
-                return Ok(first);
-            }
-        }
-        // A publish's id is remembered for the dedup window only: note when it was applied,
-        // and forget ids older than the window (measured by the publishes' own times, so every
-        // replica forgets the same ones).
-        let published_at = match (&id, &op) {
-            (Some(_), Op::Publish(p)) => Some(p.time_ms),
-            _ => None,
-        };
-        let mut w = Writes {
-            tree: &self.sm,
-            data,
-            batch,
-        };
-        if let Some(t) = published_at {
-            forget_old_ids(&mut w, requests, t).map_err(|e| werr(any(&e)))?;
-        }
-        let (previous, refused, offset) = apply_op(&mut w, op).map_err(|e| werr(any(&e)))?;
-        if let (Some(t), Some(id)) = (published_at, &id) {
-            w.set(crate::topics::dedup_key(t, id), Some(Vec::new()));
-        }
-        let reply = Response {
-            index,
-            duplicate: false,
-            previous,
-            refused,
-            offset,
-            batch: Vec::new(),
-        };
-        if let Some(id) = id {
-            // The stored copy drops `previous`: a duplicate learns only where the first
-            // write landed.
-            let stored = Response {
-                previous: None,
-                ..reply.clone()
-            };
-            batch.insert(
-                format!("r/{id}").as_bytes(),
-                enc(&stored).map_err(|e| werr(any(&e)))?,
-            );
-            requests.insert(id, stored);
-        }
-        Ok(reply)
     }
 
     fn snapshot_data(&self) -> Result<SnapshotData, SErr> {
@@ -748,6 +709,8 @@ impl StateMachine {
                 let r: Response = dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?;
                 out.requests
                     .push((String::from_utf8_lossy(id).into_owned(), r));
+            } else if k.as_ref() == CLOCK_KEY {
+                out.clock = dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?;
             }
         }
         Ok(out)
@@ -761,53 +724,241 @@ type StateCopy = (
     StoredMembership<NodeId, RaftNode>,
 );
 
-/// The writes of one `apply` call: reads see earlier writes of the same call before the
-/// batch lands.
-struct Writes<'a> {
-    tree: &'a sled::Tree,
-    data: &'a mut HashMap<String, Option<Vec<u8>>>,
-    batch: &'a mut sled::Batch,
+/// The sled key of the state machine's clock: the latest entry stamp applied (u64, ms since
+/// the Unix epoch). Beside the data, like the applied index, so client key counts do not
+/// see it; snapshots and digests carry it.
+pub const CLOCK_KEY: &[u8] = b"m/clock";
+
+/// The sled key of a client key's value.
+fn data_key(key: &str) -> Vec<u8> {
+    format!("d/{key}").into_bytes()
 }
 
-impl Writes<'_> {
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, sled::Error> {
-        match self.data.get(key) {
-            Some(v) => Ok(v.clone()),
-            None => Ok(self.tree.get(format!("d/{key}"))?.map(|v| v.to_vec())),
+/// The sled key of an applied request's response.
+fn request_key(id: &str) -> Vec<u8> {
+    format!("r/{id}").into_bytes()
+}
+
+/// The writes of one `apply` call, on top of the tree: every read (point or range) sees the
+/// call's earlier writes, so applying entries one call at a time or many per call gives the
+/// same result. Written to sled as one batch at the end of the call.
+struct Writes<'a> {
+    tree: &'a sled::Tree,
+    /// Raw sled keys (`d/…`, `r/…`, `m/…`) to their new value (`None`: removed).
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'a> Writes<'a> {
+    fn new(tree: &'a sled::Tree) -> Self {
+        Writes {
+            tree,
+            pending: BTreeMap::new(),
         }
+    }
+
+    fn raw_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        match self.pending.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self
+                .tree
+                .get(key)
+                .map_err(|e| e.to_string())?
+                .map(|v| v.to_vec())),
+        }
+    }
+
+    fn raw_set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.pending.insert(key, value);
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        self.raw_get(&data_key(key))
     }
 
     fn set(&mut self, key: String, value: Option<Vec<u8>>) {
-        let dkey = format!("d/{key}");
-        match &value {
-            Some(v) => self.batch.insert(dkey.as_bytes(), v.clone()),
-            None => self.batch.remove(dkey.as_bytes()),
-        }
-        self.data.insert(key, value);
+        self.raw_set(data_key(&key), value);
     }
+
+    /// Up to `limit` raw keys in `start..end`, in order, as they stand after this call's
+    /// writes so far (the tree's keys merged with the pending ones; removed ones skipped).
+    fn keys_in(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Vec<u8>>, String> {
+        let mut tree = self.tree.range(start..end).keys().peekable();
+        let mut pending = self
+            .pending
+            .range::<[u8], _>((Bound::Included(start), Bound::Excluded(end)))
+            .peekable();
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let t = match tree.peek() {
+                Some(Ok(k)) => Some(k.to_vec()),
+                Some(Err(e)) => return Err(e.to_string()),
+                None => None,
+            };
+            let p = pending.peek().map(|(k, _)| k.as_slice());
+            match (t, p) {
+                (None, None) => break,
+                (Some(t), p) if p.is_none_or(|p| t.as_slice() < p) => {
+                    tree.next();
+                    out.push(t);
+                }
+                (t, _) => {
+                    // The pending write of a key overrides the tree's.
+                    if let Some((k, v)) = pending.next() {
+                        if t.as_deref() == Some(k.as_slice()) {
+                            tree.next();
+                        }
+                        if v.is_some() {
+                            out.push(k.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn into_batch(self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (k, v) in self.pending {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        batch
+    }
+}
+
+/// Moves the state machine's clock to `stamp` unless it already stands later, and returns
+/// it: time inside the state machine never goes backwards, even when leadership moves to a
+/// node whose clock is behind.
+fn advance_clock(w: &mut Writes<'_>, stamp: u64) -> Result<u64, String> {
+    let stored = match w.raw_get(CLOCK_KEY)? {
+        Some(b) => dec::<u64>(&b).map_err(|e| format!("the state machine's clock: {e}"))?,
+        None => 0,
+    };
+    if stamp > stored {
+        w.raw_set(
+            CLOCK_KEY.to_vec(),
+            Some(enc(&stamp).map_err(|e| e.to_string())?),
+        );
+        Ok(stamp)
+    } else {
+        Ok(stored)
+    }
+}
+
+/// Applies one client request of the entry at `index`, at the state machine's time `now`:
+/// once per request id, however often it is proposed.
+fn apply_request(
+    index: u64,
+    now: u64,
+    Request { id, op }: Request,
+    w: &mut Writes<'_>,
+) -> Result<Response, String> {
+    // A publish's id is remembered for its dedup window only. Expired ids are forgotten
+    // before the id is looked up, through this call's earlier writes, so a reused id past its
+    // window is new on every replica however the entries were grouped into apply calls.
+    let dedup_window = match (&id, &op) {
+        (Some(_), Op::Publish(p)) => Some(p.retention.dedup_window_ms.max(1)),
+        _ => None,
+    };
+    if dedup_window.is_some() {
+        forget_old_ids(w, now)?;
+    }
+    if let Some(id) = &id
+        && let Some(b) = w.raw_get(&request_key(id))?
+    {
+        let mut first: Response = dec(&b).map_err(|e| format!("response of {id:?}: {e}"))?;
+        first.duplicate = true;
+        return Ok(first);
+    }
+    let (previous, refused, offset) = apply_op(w, now, op)?;
+    if let (Some(window), Some(id)) = (dedup_window, &id) {
+        w.set(
+            crate::topics::dedup_key(now.saturating_add(window), id),
+            Some(Vec::new()),
+        );
+    }
+    let reply = Response {
+        index,
+        duplicate: false,
+        previous,
+        refused,
+        offset,
+        batch: Vec::new(),
+    };
+    if let Some(id) = id {
+        // The stored copy drops `previous`: a duplicate learns only where the first write
+        // landed.
+        let stored = Response {
+            previous: None,
+            ..reply.clone()
+        };
+        w.raw_set(
+            request_key(&id),
+            Some(enc(&stored).map_err(|e| e.to_string())?),
+        );
+    }
+    Ok(reply)
 }
 
 /// What one operation did: the previous value, why it was refused (if it was), and for a
 /// publish the event's offset.
 type Applied = (Option<Vec<u8>>, Option<String>, Option<u64>);
 
-/// Applies one operation; returns the previous value, why it was refused (if it was), and
-/// for a publish the event's offset.
-fn apply_op(w: &mut Writes<'_>, op: crate::types::Op) -> Result<Applied, String> {
-    let err = |e: sled::Error| e.to_string();
+/// Why a client key operation may not touch `key`: the internal keyspace is written only by
+/// the operations that own it.
+fn internal_refusal(key: &str) -> Option<String> {
+    crate::types::is_internal(key).then(|| {
+        format!(
+            "key {key:?} is in the internal keyspace (it starts with U+0001): only the operations that own internal records write them"
+        )
+    })
+}
+
+/// Why a topic named in a replicated operation is refused: it must be a valid topic name,
+/// so it cannot reach into another topic's keys.
+fn topic_refusal(topic: &str) -> Option<String> {
+    canal_proto::Topic::new(topic)
+        .err()
+        .map(|e| format!("topic {topic:?} is refused: {e}"))
+}
+
+/// Why a name that is part of internal keys (a subscription, a function, a trigger uid) is
+/// refused: it must be 1 to 1024 bytes without control characters (the keys' separators).
+fn name_refusal(what: &str, name: &str) -> Option<String> {
+    let max = crate::types::MAX_INTERNAL_NAME_BYTES;
+    (name.is_empty() || name.len() > max || name.chars().any(char::is_control))
+        .then(|| format!("{what} {name:?} is refused: 1 to {max} bytes, no control characters"))
+}
+
+/// Applies one operation at the state machine's time `now`; returns the previous value, why
+/// it was refused (if it was), and for a publish the event's offset.
+fn apply_op(w: &mut Writes<'_>, now: u64, op: crate::types::Op) -> Result<Applied, String> {
+    let refuse = |why: String| Ok((None, Some(why), None));
     match op {
         Op::Put { key, value } => {
-            let previous = w.get(&key).map_err(err)?;
+            if let Some(why) = internal_refusal(&key) {
+                return refuse(why);
+            }
+            let previous = w.get(&key)?;
             w.set(key, Some(value));
             Ok((previous, None, None))
         }
         Op::Delete { key } => {
-            let previous = w.get(&key).map_err(err)?;
+            if let Some(why) = internal_refusal(&key) {
+                return refuse(why);
+            }
+            let previous = w.get(&key)?;
             w.set(key, None);
             Ok((previous, None, None))
         }
         Op::Add { key, delta } => {
-            let previous = w.get(&key).map_err(err)?;
+            if let Some(why) = internal_refusal(&key) {
+                return refuse(why);
+            }
+            let previous = w.get(&key)?;
             match add(previous.as_deref(), delta) {
                 Ok(v) => {
                     w.set(key, Some(v));
@@ -816,33 +967,47 @@ fn apply_op(w: &mut Writes<'_>, op: crate::types::Op) -> Result<Applied, String>
                 Err(why) => Ok((previous, Some(why), None)),
             }
         }
+        Op::Internal { key, value } => {
+            if let Err(why) = key.check() {
+                return refuse(why);
+            }
+            let key = key.key();
+            let previous = w.get(&key)?;
+            w.set(key, value);
+            Ok((previous, None, None))
+        }
         Op::Ack {
             subscription,
             topic,
             offset,
         } => {
+            if let Some(why) =
+                name_refusal("subscription", &subscription).or_else(|| topic_refusal(&topic))
+            {
+                return refuse(why);
+            }
             let key = crate::topics::cursor_key(&subscription, &topic);
-            let current = w
-                .get(&key)
-                .map_err(err)?
-                .and_then(|b| dec::<u64>(&b).ok())
-                .unwrap_or(0);
+            let current = w.get(&key)?.and_then(|b| dec::<u64>(&b).ok()).unwrap_or(0);
             let next = current.max(offset.saturating_add(1));
             w.set(key, Some(enc(&next).map_err(|e| e.to_string())?));
             Ok((None, None, Some(next)))
         }
         Op::Publish(event) => {
-            let offset = append_event(w, event)?;
+            if let Some(why) = topic_refusal(&event.topic) {
+                return refuse(why);
+            }
+            let offset = append_event(w, event, now)?;
             Ok((None, None, Some(offset)))
         }
-        Op::Effects(fx) => apply_effects(w, fx),
-        Op::Trim {
-            topic,
-            retention,
-            now_ms,
-        } => apply_trim(w, &topic, &retention, now_ms),
+        Op::Effects(fx) => apply_effects(w, fx, now),
+        Op::Trim { topic, retention } => {
+            if let Some(why) = topic_refusal(&topic) {
+                return refuse(why);
+            }
+            apply_trim(w, &topic, &retention, now)
+        }
         // A batch is unpacked by `apply`; one inside another is not a thing clients send.
-        Op::Batch(_) => Ok((None, Some("a batch cannot hold a batch".into()), None)),
+        Op::Batch(_) => refuse("a batch cannot hold a batch".into()),
     }
 }
 
@@ -850,41 +1015,30 @@ fn apply_op(w: &mut Writes<'_>, op: crate::types::Op) -> Result<Applied, String>
 /// without making one apply slow.
 const FORGET_PER_PUBLISH: usize = 64;
 
-/// Forgets the ids of publishes applied longer than the dedup window before `now_ms`.
-fn forget_old_ids(
-    w: &mut Writes<'_>,
-    requests: &mut HashMap<String, Response>,
-    now_ms: u64,
-) -> Result<(), String> {
-    let Some(horizon) = now_ms.checked_sub(crate::topics::DEDUP_WINDOW_MS) else {
-        return Ok(());
-    };
-    let start = format!("d/{}", crate::topics::DEDUP_PREFIX);
-    let end = format!("d/{}", crate::topics::dedup_key(horizon, ""));
-    let old: Vec<String> = w
-        .tree
-        .range(start.as_bytes()..end.as_bytes())
-        .keys()
-        .take(FORGET_PER_PUBLISH)
-        .map(|k| {
-            k.map(|k| String::from_utf8_lossy(&k[2..]).into_owned())
-                .map_err(|e| e.to_string())
-        })
-        .collect::<Result<_, _>>()?;
-    for key in old {
+/// Forgets (up to [`FORGET_PER_PUBLISH`]) the publish ids whose dedup window ended at or
+/// before `now`, earliest expiry first.
+fn forget_old_ids(w: &mut Writes<'_>, now: u64) -> Result<(), String> {
+    let start = data_key(crate::topics::DEDUP_PREFIX);
+    let end = data_key(&crate::topics::dedup_key(now.saturating_add(1), ""));
+    for raw in w.keys_in(&start, &end, FORGET_PER_PUBLISH)? {
+        let key = String::from_utf8_lossy(&raw[2..]).into_owned();
         if let Some((_, id)) = key.split_once('\u{0}') {
-            w.batch.remove(format!("r/{id}").as_bytes());
-            requests.remove(id);
+            w.raw_set(request_key(id), None);
         }
-        w.set(key, None);
+        w.raw_set(raw, None);
     }
     Ok(())
 }
 
-/// Appends an event to its topic's log, applying the topic's retention; returns its offset.
-fn append_event(w: &mut Writes<'_>, event: crate::topics::PublishOp) -> Result<u64, String> {
+/// Appends an event to its topic's log at time `now`, applying the topic's retention;
+/// returns its offset.
+fn append_event(
+    w: &mut Writes<'_>,
+    event: crate::topics::PublishOp,
+    now: u64,
+) -> Result<u64, String> {
     let meta_key = crate::topics::meta_key(&event.topic);
-    let mut meta: crate::topics::TopicMeta = match w.get(&meta_key).map_err(|e| e.to_string())? {
+    let mut meta: crate::topics::TopicMeta = match w.get(&meta_key)? {
         Some(b) => dec(&b).map_err(|e| e.to_string())?,
         None => crate::topics::TopicMeta::default(),
     };
@@ -892,7 +1046,7 @@ fn append_event(w: &mut Writes<'_>, event: crate::topics::PublishOp) -> Result<u
     meta.bytes += event.payload.len() as u64;
     let stored = crate::topics::StoredEvent {
         offset,
-        time_ms: event.time_ms,
+        time_ms: now,
         id: event.id,
         headers: event.headers,
         payload: event.payload,
@@ -902,14 +1056,14 @@ fn append_event(w: &mut Writes<'_>, event: crate::topics::PublishOp) -> Result<u
         Some(enc(&stored).map_err(|e| e.to_string())?),
     );
     meta.next += 1;
-    trim(w, &event.topic, &mut meta, &event.retention, event.time_ms)?;
+    trim(w, &event.topic, &mut meta, &event.retention, now)?;
     w.set(meta_key, Some(enc(&meta).map_err(|e| e.to_string())?));
     Ok(offset)
 }
 
 /// Drops a topic's oldest events while the log passes a retention limit at time `now_ms`
-/// (the time of the entry that asks, so every replica drops the same events). The newest
-/// event always stays.
+/// (the state machine's clock, so every replica drops the same events). The newest event
+/// always stays.
 fn trim(
     w: &mut Writes<'_>,
     topic: &str,
@@ -919,11 +1073,10 @@ fn trim(
 ) -> Result<(), String> {
     while meta.next - meta.first > 1 {
         let key = crate::topics::event_key(topic, meta.first);
-        let oldest: Option<crate::topics::StoredEvent> =
-            match w.get(&key).map_err(|e| e.to_string())? {
-                Some(b) => Some(dec(&b).map_err(|e| e.to_string())?),
-                None => None,
-            };
+        let oldest: Option<crate::topics::StoredEvent> = match w.get(&key)? {
+            Some(b) => Some(dec(&b).map_err(|e| e.to_string())?),
+            None => None,
+        };
         let (size, time) = oldest
             .as_ref()
             .map(|e| (e.payload.len() as u64, e.time_ms))
@@ -949,7 +1102,7 @@ fn apply_trim(
     now_ms: u64,
 ) -> Result<Applied, String> {
     let meta_key = crate::topics::meta_key(topic);
-    let Some(b) = w.get(&meta_key).map_err(|e| e.to_string())? else {
+    let Some(b) = w.get(&meta_key)? else {
         return Ok((None, None, None));
     };
     let mut meta: crate::topics::TopicMeta = dec(&b).map_err(|e| e.to_string())?;
@@ -961,12 +1114,26 @@ fn apply_trim(
     Ok((None, None, Some(meta.first)))
 }
 
-/// Applies an execution's effects if its cursor and state version still hold; otherwise
-/// refuses, changing nothing.
-fn apply_effects(w: &mut Writes<'_>, fx: crate::functions::Effects) -> Result<Applied, String> {
+/// Applies an execution's effects at time `now` if its cursor and state version still hold;
+/// otherwise refuses, changing nothing.
+fn apply_effects(
+    w: &mut Writes<'_>,
+    fx: crate::functions::Effects,
+    now: u64,
+) -> Result<Applied, String> {
     use crate::functions::{cursor_key, state_key, version_key};
+    let refusal = name_refusal("function", &fx.function)
+        .or_else(|| {
+            fx.cursor.as_ref().and_then(|c| {
+                name_refusal("trigger uid", &c.trigger_uid).or_else(|| topic_refusal(&c.topic))
+            })
+        })
+        .or_else(|| fx.outputs.iter().find_map(|o| topic_refusal(&o.topic)));
+    if let Some(why) = refusal {
+        return Ok((None, Some(why), None));
+    }
     let read_u64 = |w: &Writes<'_>, key: &str| -> Result<Option<u64>, String> {
-        match w.get(key).map_err(|e| e.to_string())? {
+        match w.get(key)? {
             Some(b) => dec::<u64>(&b).map(Some).map_err(|e| e.to_string()),
             None => Ok(None),
         }
@@ -1008,7 +1175,7 @@ fn apply_effects(w: &mut Writes<'_>, fx: crate::functions::Effects) -> Result<Ap
     }
     let mut last = None;
     for out in fx.outputs {
-        last = Some(append_event(w, out)?);
+        last = Some(append_event(w, out, now)?);
     }
     if let Some(c) = fx.cursor {
         w.set(
@@ -1097,11 +1264,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let werr = |e: openraft::AnyError| StorageIOError::write_state_machine(e);
-        // Writes of this batch, so later entries see earlier ones before the batch lands.
-        let mut data: HashMap<String, Option<Vec<u8>>> = HashMap::new();
-        let mut requests: HashMap<String, Response> = HashMap::new();
-        let mut batch = sled::Batch::default();
+        let werr = |e: String| StorageIOError::write_state_machine(openraft::AnyError::error(e));
+        let mut w = Writes::new(&self.sm);
         let mut replies = Vec::new();
         let mut last = None;
         let mut membership = None;
@@ -1120,41 +1284,45 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         ..Default::default()
                     });
                 }
-                EntryPayload::Normal(Request {
-                    id: None,
-                    op: Op::Batch(requests_of_batch),
-                }) => {
-                    // Many client writes in one entry: each keeps its own id and answer.
-                    let mut answers = Vec::with_capacity(requests_of_batch.len());
-                    for req in requests_of_batch {
-                        answers.push(self.apply_request(
-                            index,
-                            req,
-                            &mut data,
-                            &mut requests,
-                            &mut batch,
-                        )?);
+                EntryPayload::Normal(Proposal { time_ms, request }) => {
+                    let now = advance_clock(&mut w, time_ms).map_err(werr)?;
+                    match request {
+                        Request {
+                            id: None,
+                            op: Op::Batch(requests_of_batch),
+                        } => {
+                            // Many client writes in one entry: each keeps its own id and
+                            // answer, and all share the entry's time.
+                            let mut answers = Vec::with_capacity(requests_of_batch.len());
+                            for req in requests_of_batch {
+                                answers.push(apply_request(index, now, req, &mut w).map_err(werr)?);
+                            }
+                            replies.push(Response {
+                                index,
+                                batch: answers,
+                                ..Default::default()
+                            });
+                        }
+                        req => replies.push(apply_request(index, now, req, &mut w).map_err(werr)?),
                     }
-                    replies.push(Response {
-                        index,
-                        batch: answers,
-                        ..Default::default()
-                    });
-                }
-                EntryPayload::Normal(req) => {
-                    let reply =
-                        self.apply_request(index, req, &mut data, &mut requests, &mut batch)?;
-                    replies.push(reply);
                 }
             }
         }
         if let Some(last) = last {
-            batch.insert("m/applied", enc(&Some(last)).map_err(|e| werr(any(&e)))?);
+            w.raw_set(
+                b"m/applied".to_vec(),
+                Some(enc(&Some(last)).map_err(|e| werr(e.to_string()))?),
+            );
         }
         if let Some(m) = membership {
-            batch.insert("m/membership", enc(&m).map_err(|e| werr(any(&e)))?);
+            w.raw_set(
+                b"m/membership".to_vec(),
+                Some(enc(&m).map_err(|e| werr(e.to_string()))?),
+            );
         }
-        self.sm.apply_batch(batch).map_err(|e| werr(any(&e)))?;
+        self.sm
+            .apply_batch(w.into_batch())
+            .map_err(|e| werr(e.to_string()))?;
         if let Some(last) = last {
             self.applied_tx.send_replace(last.index);
         }
@@ -1185,7 +1353,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), SErr> {
         let bytes = snapshot.into_inner();
         let err = |e: openraft::AnyError| StorageIOError::read_snapshot(Some(meta.signature()), e);
-        let data: SnapshotData = dec(&bytes).map_err(|e| err(any(&e)))?;
+        let data = decode_snapshot(&bytes).map_err(|e| err(any(&e)))?;
         let mut batch = sled::Batch::default();
         for item in self.sm.iter() {
             let (k, _) = item.map_err(|e| err(any(&e)))?;
@@ -1200,6 +1368,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 enc(&r).map_err(|e| err(any(&e)))?,
             );
         }
+        batch.insert(CLOCK_KEY, enc(&data.clock).map_err(|e| err(any(&e)))?);
         batch.insert(
             "m/applied",
             enc(&meta.last_log_id).map_err(|e| err(any(&e)))?,
@@ -1232,6 +1401,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "store_proptests.rs"]
+mod proptests;
 
 #[cfg(test)]
 mod tests {
@@ -1309,10 +1482,18 @@ mod tests {
         assert!(RaftDb::open(&path).is_ok());
     }
 
-    fn entry(index: u64, req: Request) -> Entry<TypeConfig> {
+    pub(super) fn entry(index: u64, req: Request) -> Entry<TypeConfig> {
+        entry_at(index, 0, req)
+    }
+
+    /// An entry the leader stamped at `time_ms`.
+    pub(super) fn entry_at(index: u64, time_ms: u64, req: Request) -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(req),
+            payload: EntryPayload::Normal(Proposal {
+                time_ms,
+                request: req,
+            }),
         }
     }
 
@@ -1324,29 +1505,34 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let db = RaftDb::open(dir.path()).unwrap();
             let (_, mut sm) = db.group(GroupId(1)).unwrap();
-            let publish = |id: &str, t: u64| Request {
-                id: Some(format!("pub/t/{id}")),
-                op: Op::Publish(crate::topics::PublishOp {
-                    topic: "t".into(),
-                    id: Some(id.into()),
-                    headers: Vec::new(),
-                    payload: b"x".to_vec(),
-                    time_ms: t,
-                    retention: Default::default(),
-                }),
+            let publish = |i: u64, id: &str, t: u64| {
+                entry_at(
+                    i,
+                    t,
+                    Request {
+                        id: Some(format!("pub/t/{id}")),
+                        op: Op::Publish(crate::topics::PublishOp {
+                            topic: "t".into(),
+                            id: Some(id.into()),
+                            headers: Vec::new(),
+                            payload: b"x".to_vec(),
+                            retention: Default::default(),
+                        }),
+                    },
+                )
             };
-            let r = sm.apply(vec![entry(1, publish("a", 1_000))]).await.unwrap();
+            let r = sm.apply(vec![publish(1, "a", 1_000)]).await.unwrap();
             assert!(!r[0].duplicate);
             // Within the window: the same id is the same event.
             let r = sm
-                .apply(vec![entry(2, publish("a", 1_000 + DEDUP_WINDOW_MS - 1))])
+                .apply(vec![publish(2, "a", 1_000 + DEDUP_WINDOW_MS - 1)])
                 .await
                 .unwrap();
             assert!(r[0].duplicate && r[0].offset == Some(0));
             // Past it, another publish makes the node forget `a`; `a` again is a new event.
             let later = 1_000 + DEDUP_WINDOW_MS + 1;
-            sm.apply(vec![entry(3, publish("b", later))]).await.unwrap();
-            let r = sm.apply(vec![entry(4, publish("a", later))]).await.unwrap();
+            sm.apply(vec![publish(3, "b", later)]).await.unwrap();
+            let r = sm.apply(vec![publish(4, "a", later)]).await.unwrap();
             assert!(!r[0].duplicate);
             assert_eq!(r[0].offset, Some(2));
             assert_eq!(sm.topic_meta("t").unwrap().unwrap().next, 3);
@@ -1361,28 +1547,32 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let db = RaftDb::open(dir.path()).unwrap();
             let (_, mut sm) = db.group(GroupId(1)).unwrap();
-            let publish = |t: u64, size: usize, retention: Retention| Request {
-                id: None,
-                op: Op::Publish(crate::topics::PublishOp {
-                    topic: "t".into(),
-                    id: None,
-                    headers: Vec::new(),
-                    payload: vec![b'x'; size],
-                    time_ms: t,
-                    retention,
-                }),
+            let publish = |i: u64, t: u64, size: usize, retention: Retention| {
+                entry_at(
+                    i,
+                    t,
+                    Request {
+                        id: None,
+                        op: Op::Publish(crate::topics::PublishOp {
+                            topic: "t".into(),
+                            id: None,
+                            headers: Vec::new(),
+                            payload: vec![b'x'; size],
+                            retention,
+                        }),
+                    },
+                )
             };
             let by_bytes = Retention {
                 max_events: 100,
                 max_bytes: 250,
                 max_age_ms: 0,
+                ..Retention::default()
             };
             let mut i = 0;
             for t in 0..5 {
                 i += 1;
-                sm.apply(vec![entry(i, publish(t, 100, by_bytes))])
-                    .await
-                    .unwrap();
+                sm.apply(vec![publish(i, t, 100, by_bytes)]).await.unwrap();
             }
             let meta = sm.topic_meta("t").unwrap().unwrap();
             assert_eq!((meta.first, meta.next, meta.bytes), (3, 5, 200));
@@ -1391,11 +1581,10 @@ mod tests {
                 max_events: 100,
                 max_bytes: 0,
                 max_age_ms: 500,
+                ..Retention::default()
             };
             i += 1;
-            sm.apply(vec![entry(i, publish(1000, 10, by_age))])
-                .await
-                .unwrap();
+            sm.apply(vec![publish(i, 1000, 10, by_age)]).await.unwrap();
             let meta = sm.topic_meta("t").unwrap().unwrap();
             assert_eq!((meta.first, meta.next, meta.bytes), (5, 6, 10));
             // A trim on a quiet topic never drops the newest event.
@@ -1405,10 +1594,9 @@ mod tests {
                 op: Op::Trim {
                     topic: "t".into(),
                     retention: by_age,
-                    now_ms: 10_000,
                 },
             };
-            sm.apply(vec![entry(i, trim)]).await.unwrap();
+            sm.apply(vec![entry_at(i, 10_000, trim)]).await.unwrap();
             assert_eq!(sm.topic_meta("t").unwrap().unwrap().first, 5);
             assert_eq!(sm.events("t", 0, 10).unwrap().len(), 1);
         });

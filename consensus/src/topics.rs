@@ -8,15 +8,21 @@
 //!   \x01t/{topic}                 TopicMeta { first, next }
 //!   \x01e/{topic}\x00{offset:020} StoredEvent
 //!   \x01c/{name}\x00{topic}        next offset of durable subscription {name}
+//!   \x01s/{name}                  where durable subscription {name} started
 //!   \x01S/{filter}                TopicSettings (metadata group)
-//!   \x01w/{time:020}\x00{id}       a publish id to forget after the dedup window
+//!   \x01w/{expiry:020}\x00{id}     a publish id to forget once the clock passes {expiry}
 //! ```
+//!
+//! Times are the state machine's clock (the leader's stamp on the entry, never going
+//! backwards; see [`crate::store`]), so every replica stores the same times, forgets the
+//! same ids and trims the same events.
 //!
 //! Offsets start at 0 and grow by one per event; retention drops the oldest events.
 
 use serde::{Deserialize, Serialize};
 
-/// A publish as replicated: everything an event is, decided by the node that accepted it.
+/// A publish as replicated: everything an event is, decided by the node that accepted it,
+/// except its time, which is the entry's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishOp {
     /// The topic (validated by the node before proposing).
@@ -27,9 +33,8 @@ pub struct PublishOp {
     pub headers: Vec<(String, String)>,
     /// The payload.
     pub payload: Vec<u8>,
-    /// Milliseconds since the Unix epoch when the node accepted the publish.
-    pub time_ms: u64,
-    /// What the topic's log keeps, as its settings said when the publish was accepted.
+    /// What the topic's log keeps, and how long the publish's id is remembered, as its
+    /// settings said when the publish was accepted.
     pub retention: canal_proto::settings::Retention,
 }
 
@@ -49,7 +54,8 @@ pub struct TopicMeta {
 pub struct StoredEvent {
     /// Its offset in the topic.
     pub offset: u64,
-    /// When it was accepted, ms since the Unix epoch.
+    /// When it was applied: the state machine's clock (the leader's stamp), ms since the
+    /// Unix epoch.
     pub time_ms: u64,
     /// The publisher's message id.
     pub id: Option<String>,
@@ -84,20 +90,26 @@ pub fn cursor_key(name: &str, topic: &str) -> String {
 
 /// The key of the settings of a topic or filter (metadata group).
 pub fn settings_key(filter: &str) -> String {
-    format!("\u{1}S/{filter}")
+    crate::types::InternalKey::Settings(filter.to_string()).key()
 }
 
 /// The prefix of every settings key.
-pub const SETTINGS_PREFIX: &str = "\u{1}S/";
+pub const SETTINGS_PREFIX: &str = crate::types::SETTINGS_PREFIX;
 
-/// How long a publisher's message id is remembered: a publish retried within this window
-/// with the same id is stored once.
-pub const DEDUP_WINDOW_MS: u64 = 2 * 60 * 1000;
+/// The key where durable subscription `name` notes where it started (data group).
+pub fn subscription_key(name: &str) -> String {
+    crate::types::InternalKey::Subscription(name.to_string()).key()
+}
 
-/// The prefix of the keys that note when publish ids were applied.
+/// How long a publisher's message id is remembered by default: a publish retried within
+/// this window with the same id is stored once. A topic setting may shorten it.
+pub const DEDUP_WINDOW_MS: u64 = canal_proto::settings::DEFAULT_DEDUP_WINDOW_MS;
+
+/// The prefix of the keys that note until when publish ids are remembered.
 pub const DEDUP_PREFIX: &str = "\u{1}w/";
 
-/// The key noting that request `id`, a publish accepted at `time_ms`, was applied.
-pub fn dedup_key(time_ms: u64, id: &str) -> String {
-    format!("{DEDUP_PREFIX}{time_ms:020}\u{0}{id}")
+/// The key noting that request `id`, a publish, is remembered until the state machine's
+/// clock passes `expiry_ms`. Ordered by expiry, so the expired ones are a prefix.
+pub fn dedup_key(expiry_ms: u64, id: &str) -> String {
+    format!("{DEDUP_PREFIX}{expiry_ms:020}\u{0}{id}")
 }

@@ -55,14 +55,15 @@ impl fmt::Display for RaftNode {
 /// An operation on a group's replicated key-value state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    /// Sets `key` to `value`.
+    /// Sets `key` to `value`. Refused for a key in the internal keyspace (starting with
+    /// U+0001): only [`Op::Internal`] and the typed operations write there.
     Put {
         /// The key.
         key: String,
         /// The value.
         value: Vec<u8>,
     },
-    /// Removes `key`.
+    /// Removes `key`. Refused for a key in the internal keyspace, like [`Op::Put`].
     Delete {
         /// The key.
         key: String,
@@ -81,27 +82,156 @@ pub enum Op {
     /// Applies what executions of a function did: outputs, state changes and a trigger's
     /// cursor move, together or not at all (see [`crate::functions`]).
     Effects(crate::functions::Effects),
-    /// Applies a topic's retention at `now_ms` (drops what is too old or too much); the
-    /// reply's offset is the oldest offset kept.
+    /// Applies a topic's retention at the entry's time (drops what is too old or too much);
+    /// the reply's offset is the oldest offset kept.
     Trim {
         /// The topic.
         topic: String,
         /// Its retention.
         retention: canal_proto::settings::Retention,
-        /// The time the retention is measured at, ms since the Unix epoch.
-        now_ms: u64,
     },
     /// Several client requests in one entry (group commit): each is applied as if proposed
     /// alone, with its own id, and answered in [`Response::batch`].
     Batch(Vec<Request>),
     /// Adds `delta` to the number stored at `key` (decimal text; a missing key counts as 0).
-    /// Not idempotent, so it shows whether a write was applied more than once.
+    /// Not idempotent, so it shows whether a write was applied more than once. Refused for a
+    /// key in the internal keyspace, like [`Op::Put`].
     Add {
         /// The key.
         key: String,
         /// What to add.
         delta: i64,
     },
+    /// Sets (`Some`) or removes (`None`) one internal record: the only way a request writes
+    /// the internal keyspace by key, and only the keys [`InternalKey`] builds.
+    Internal {
+        /// Which record.
+        key: InternalKey,
+        /// Its new value; `None` removes it.
+        value: Option<Vec<u8>>,
+    },
+}
+
+/// The first character of every internal key. Client keys and topic names may not contain
+/// control characters, so they cannot collide with internal keys.
+pub const INTERNAL_PREFIX: char = '\u{1}';
+
+/// Whether `key` is in the internal keyspace, which only typed operations write.
+pub fn is_internal(key: &str) -> bool {
+    key.starts_with(INTERNAL_PREFIX)
+}
+
+/// An internal record that a request may write by name ([`Op::Internal`]). Topic logs,
+/// cursors, function state and dedup records are written only by the operations that own
+/// them (publish, ack, effects) and have no variant here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InternalKey {
+    /// A function's spec (metadata group).
+    Function(String),
+    /// A module's bytes, by hash (metadata group).
+    Module(String),
+    /// A trigger's spec (metadata group).
+    Trigger(String),
+    /// A function's committed placement (metadata group).
+    Placement(String),
+    /// One peer's execution-time measurement of a function (metadata group).
+    Measurement {
+        /// The function.
+        function: String,
+        /// The peer that measured, base58.
+        peer: String,
+    },
+    /// The settings of a topic or filter (metadata group).
+    Settings(String),
+    /// Where a durable subscription started (data group).
+    Subscription(String),
+    /// The tombstone of a peer removed from the cluster for good (metadata group): the
+    /// membership job never adds it back.
+    Removed(String),
+    /// A peer admitted by hand (`canal cluster admit`, metadata group): on a mesh without a
+    /// cluster key, only such peers join.
+    Admitted(String),
+}
+
+impl InternalKey {
+    /// The record's key in the state machine: the only place these strings are built.
+    pub fn key(&self) -> String {
+        match self {
+            InternalKey::Function(name) => format!("\u{1}F/{name}"),
+            InternalKey::Module(hash) => format!("\u{1}B/{hash}"),
+            InternalKey::Trigger(name) => format!("\u{1}T/{name}"),
+            InternalKey::Placement(function) => format!("\u{1}P/{function}"),
+            InternalKey::Measurement { function, peer } => {
+                format!("{}{function}\u{0}{peer}", MEASUREMENT_PREFIX)
+            }
+            InternalKey::Settings(filter) => format!("{SETTINGS_PREFIX}{filter}"),
+            InternalKey::Subscription(name) => format!("\u{1}s/{name}"),
+            InternalKey::Removed(peer) => format!("{REMOVED_PREFIX}{peer}"),
+            InternalKey::Admitted(peer) => format!("\u{1}A/{peer}"),
+        }
+    }
+
+    /// The names the key is built from, for [`InternalKey::check`].
+    fn parts(&self) -> Vec<&str> {
+        match self {
+            InternalKey::Function(s)
+            | InternalKey::Module(s)
+            | InternalKey::Trigger(s)
+            | InternalKey::Placement(s)
+            | InternalKey::Settings(s)
+            | InternalKey::Subscription(s)
+            | InternalKey::Removed(s)
+            | InternalKey::Admitted(s) => vec![s.as_str()],
+            InternalKey::Measurement { function, peer } => vec![function, peer],
+        }
+    }
+
+    /// Checks the names the key is built from: 1 to [`MAX_INTERNAL_NAME_BYTES`] bytes and no
+    /// control characters, so one record's key can never be another's (the separators are
+    /// control characters).
+    pub fn check(&self) -> Result<(), String> {
+        for part in self.parts() {
+            if part.is_empty()
+                || part.len() > MAX_INTERNAL_NAME_BYTES
+                || part.chars().any(char::is_control)
+            {
+                return Err(format!(
+                    "internal key name {part:?} is refused: 1 to {MAX_INTERNAL_NAME_BYTES} bytes, no control characters"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The longest name an [`InternalKey`] is built from.
+pub const MAX_INTERNAL_NAME_BYTES: usize = 1024;
+
+/// The prefix of every measurement key.
+pub const MEASUREMENT_PREFIX: &str = "\u{1}M/";
+
+/// The prefix of every settings key.
+pub const SETTINGS_PREFIX: &str = "\u{1}S/";
+
+/// The prefix of every removed-peer tombstone.
+pub const REMOVED_PREFIX: &str = "\u{1}R/";
+
+impl fmt::Display for InternalKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InternalKey::Function(n) => write!(f, "function {n}"),
+            InternalKey::Module(h) => write!(f, "module {h}"),
+            InternalKey::Trigger(n) => write!(f, "trigger {n}"),
+            InternalKey::Placement(n) => write!(f, "placement of {n}"),
+            InternalKey::Measurement { function, peer } => {
+                write!(f, "measurement of {function} by {peer}")
+            }
+            InternalKey::Settings(t) => write!(f, "settings of {t}"),
+            InternalKey::Subscription(n) => write!(f, "start of durable subscription {n}"),
+            InternalKey::Removed(p) => write!(f, "removal of peer {p}"),
+            InternalKey::Admitted(p) => write!(f, "admission of peer {p}"),
+        }
+    }
 }
 
 impl Request {
@@ -109,6 +239,7 @@ impl Request {
     pub fn weight(&self) -> usize {
         64 + match &self.op {
             Op::Put { key, value } => key.len() + value.len(),
+            Op::Internal { key, value } => key.key().len() + value.as_ref().map_or(0, Vec::len),
             Op::Publish(p) => p.topic.len() + p.payload.len(),
             Op::Effects(e) => {
                 e.outputs.iter().map(|o| o.payload.len()).sum::<usize>()
@@ -139,6 +270,11 @@ impl fmt::Display for Request {
         match &self.op {
             Op::Put { key, value } => write!(f, "put {key} ({} bytes)", value.len()),
             Op::Delete { key } => write!(f, "delete {key}"),
+            Op::Internal {
+                key,
+                value: Some(v),
+            } => write!(f, "set {key} ({} bytes)", v.len()),
+            Op::Internal { key, value: None } => write!(f, "remove {key}"),
             Op::Add { key, delta } => write!(f, "add {delta} to {key}"),
             Op::Publish(e) => write!(f, "publish to {} ({} bytes)", e.topic, e.payload.len()),
             Op::Ack {
@@ -178,10 +314,29 @@ pub struct Response {
     pub batch: Vec<Response>,
 }
 
+/// What a Raft entry carries: a client request and the time the leader proposed it.
+///
+/// The state machine's clock is this stamp, never the wall clock of the node applying the
+/// entry or of the node that accepted the request, and never goes backwards (see
+/// [`crate::store`]): every replica measures dedup windows and retention by age alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// Milliseconds since the Unix epoch on the leader when it proposed the entry.
+    pub time_ms: u64,
+    /// The request.
+    pub request: Request,
+}
+
+impl fmt::Display for Proposal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at {}", self.request, self.time_ms)
+    }
+}
+
 openraft::declare_raft_types!(
     /// canal's openraft type configuration.
     pub TypeConfig:
-        D = Request,
+        D = Proposal,
         R = Response,
         NodeId = NodeId,
         Node = RaftNode,

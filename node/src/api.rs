@@ -501,9 +501,9 @@ async fn cluster_admit(
     st.consensus
         .write_op(
             GroupId::METADATA,
-            Op::Put {
-                key: crate::cluster::admitted_key(&peer),
-                value: b"admitted".to_vec(),
+            Op::Internal {
+                key: canal_consensus::InternalKey::Admitted(peer.to_base58()),
+                value: Some(b"admitted".to_vec()),
             },
         )
         .await?;
@@ -520,9 +520,9 @@ async fn cluster_remove(
     st.consensus
         .write_op(
             GroupId::METADATA,
-            Op::Put {
-                key: crate::cluster::removed_key(&peer),
-                value: b"removed".to_vec(),
+            Op::Internal {
+                key: canal_consensus::InternalKey::Removed(peer.to_base58()),
+                value: Some(b"removed".to_vec()),
             },
         )
         .await?;

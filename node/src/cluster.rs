@@ -72,14 +72,16 @@ impl Transport for MeshTransport {
     }
 }
 
-/// The metadata key that marks a peer as removed from the cluster for good.
+/// The metadata key that marks a peer as removed from the cluster for good: internal, so
+/// only `POST /v1/cluster/remove/{peer}` (through [`canal_consensus::InternalKey::Removed`])
+/// writes it, never a KV write.
 pub fn removed_key(peer: &PeerId) -> String {
-    format!("cluster/removed/{peer}")
+    canal_consensus::InternalKey::Removed(peer.to_base58()).key()
 }
 
 /// The metadata key that marks a peer as admitted by hand (`canal cluster admit`).
 pub fn admitted_key(peer: &PeerId) -> String {
-    format!("\u{1}A/{peer}")
+    canal_consensus::InternalKey::Admitted(peer.to_base58()).key()
 }
 
 /// The Raft node id of a peer.

@@ -49,6 +49,9 @@ pub struct NodeConfig {
     /// The shortest Raft election timeout, in milliseconds; the longest is twice it, the
     /// leader heartbeat a quarter of it.
     pub raft_election_timeout_ms: u64,
+    /// Test only: milliseconds added to this node's wall clock where it stamps Raft entries
+    /// and decides what to trim (negative: behind), to test a cluster with a skewed clock.
+    pub clock_offset_ms: i64,
     /// Runs without a cluster key on addresses others can reach, letting any peer that
     /// connects join the cluster and receive its data. For trusted networks only.
     pub insecure_open: bool,
@@ -75,6 +78,7 @@ impl Default for NodeConfig {
             voters: 3,
             raft_snapshot_every: 5000,
             raft_election_timeout_ms: 200,
+            clock_offset_ms: 0,
             insecure_open: false,
             max_subscribers: 10_000,
         }
@@ -137,6 +141,8 @@ pub struct ValidConfig {
     pub raft_snapshot_every: u64,
     /// Shortest election timeout.
     pub raft_election_timeout: std::time::Duration,
+    /// Test only: the offset applied to this node's wall clock, in ms.
+    pub clock_offset_ms: i64,
     /// Who joins the cluster without an operator's word.
     pub admission: Admission,
     /// The most subscribers served at once.
@@ -164,6 +170,9 @@ fn is_loopback(addr: &Multiaddr) -> bool {
         _ => false,
     }
 }
+
+/// The largest test clock offset, either way: a day.
+pub const MAX_CLOCK_OFFSET_MS: u64 = 24 * 60 * 60 * 1000;
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -345,6 +354,15 @@ impl NodeConfig {
                 ),
             ));
         }
+        if self.clock_offset_ms.unsigned_abs() > MAX_CLOCK_OFFSET_MS {
+            return Err(invalid(
+                "clock_offset_ms",
+                format!(
+                    "{} is out of range: -{MAX_CLOCK_OFFSET_MS} to {MAX_CLOCK_OFFSET_MS} milliseconds (a day; it is for tests)",
+                    self.clock_offset_ms
+                ),
+            ));
+        }
         if !(1..=1_000_000).contains(&self.max_subscribers) {
             return Err(invalid(
                 "max_subscribers",
@@ -383,6 +401,7 @@ impl NodeConfig {
             voters: self.voters,
             raft_snapshot_every: self.raft_snapshot_every,
             raft_election_timeout: std::time::Duration::from_millis(self.raft_election_timeout_ms),
+            clock_offset_ms: self.clock_offset_ms,
             admission,
             max_subscribers: self.max_subscribers,
         })

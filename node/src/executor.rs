@@ -474,7 +474,6 @@ impl Executor {
                             id: Some(rules::output_id(&spec.uid, &topic, ev.offset, 0)),
                             headers,
                             payload: ev.payload,
-                            time_ms: now_ms(),
                             retention: settings_for(&dead_letter, &settings).retention,
                         };
                         budget.outputs += publish_cost(&op);
@@ -802,7 +801,6 @@ fn output_op(
         id: Some(rules::output_id(&spec.uid, topic, offset, n)),
         headers,
         payload: out.payload,
-        time_ms: now_ms(),
         retention,
     }
 }
@@ -938,11 +936,11 @@ mod tests {
                         })
                         .collect(),
                     payload: vec![7; g.next(3000) as usize],
-                    time_ms: u64::MAX - g.next(1000),
                     retention: canal_proto::settings::Retention {
                         max_events: u64::MAX,
                         max_bytes: u64::MAX,
                         max_age_ms: u64::MAX,
+                        dedup_window_ms: u64::MAX,
                     },
                 };
                 budget.outputs += publish_cost(&op);

@@ -417,9 +417,9 @@ pub async fn deploy(
             GroupId::METADATA,
             Request {
                 id: Some(format!("module/{}", prepared.hash)),
-                op: Op::Put {
-                    key: module_key(&prepared.hash),
-                    value: body.to_vec(),
+                op: Op::Internal {
+                    key: canal_consensus::InternalKey::Module(prepared.hash.clone()),
+                    value: Some(body.to_vec()),
                 },
             },
         )
@@ -439,9 +439,9 @@ pub async fn deploy(
             GroupId::METADATA,
             Request {
                 id: Some(crate::api::fresh_id(st)),
-                op: Op::Put {
-                    key: function_key(name),
-                    value: wire::encode(&spec).map_err(internal)?,
+                op: Op::Internal {
+                    key: canal_consensus::InternalKey::Function(name.to_string()),
+                    value: Some(wire::encode(&spec).map_err(internal)?),
                 },
             },
         )
@@ -499,8 +499,9 @@ pub async fn remove(st: &ApiState, name: &str) -> Result<(), ApiError> {
     st.consensus
         .write_op(
             GroupId::METADATA,
-            Op::Delete {
-                key: function_key(name),
+            Op::Internal {
+                key: canal_consensus::InternalKey::Function(name.to_string()),
+                value: None,
             },
         )
         .await?;
@@ -508,8 +509,9 @@ pub async fn remove(st: &ApiState, name: &str) -> Result<(), ApiError> {
     st.consensus
         .write_op(
             GroupId::METADATA,
-            Op::Delete {
-                key: canal_consensus::functions::decision_key(name),
+            Op::Internal {
+                key: canal_consensus::InternalKey::Placement(name.to_string()),
+                value: None,
             },
         )
         .await?;
@@ -691,9 +693,9 @@ pub async fn trigger_add(
             GroupId::METADATA,
             Request {
                 id: Some(format!("trigger/{}", spec.uid)),
-                op: Op::Put {
-                    key: trigger_key(name),
-                    value: wire::encode(&spec).map_err(internal)?,
+                op: Op::Internal {
+                    key: canal_consensus::InternalKey::Trigger(name.to_string()),
+                    value: Some(wire::encode(&spec).map_err(internal)?),
                 },
             },
         )
@@ -715,8 +717,9 @@ pub async fn trigger_remove(st: &ApiState, name: &str) -> Result<(), ApiError> {
     st.consensus
         .write_op(
             GroupId::METADATA,
-            Op::Delete {
-                key: trigger_key(name),
+            Op::Internal {
+                key: canal_consensus::InternalKey::Trigger(name.to_string()),
+                value: None,
             },
         )
         .await?;

@@ -195,6 +195,7 @@ impl Node {
                 config.raft_election_timeout,
                 config.raft_election_timeout * 2,
             ),
+            clock_offset_ms: config.clock_offset_ms,
             ..Settings::default()
         };
         // One metadata group and, on a small cluster, one data group for all shards; the

@@ -12,7 +12,7 @@
 //! function's path (the log), so the round trips it measures are the ones events pay.
 
 use crate::functions::{Functions, STATE_GROUP};
-use canal_consensus::functions::{decision_key, measurement_key, measurement_prefix};
+use canal_consensus::functions::{decision_key, measurement_prefix};
 use canal_consensus::{GroupId, Op, Request};
 use canal_dht::DhtHandle;
 use canal_dht::topology::{distance, peer_key, topic_key};
@@ -238,9 +238,12 @@ async fn report(functions: &Functions, reported: &mut HashMap<String, f64>) {
                 GroupId::METADATA,
                 Request {
                     id: None,
-                    op: Op::Put {
-                        key: measurement_key(&function, &functions.peer_id),
-                        value,
+                    op: Op::Internal {
+                        key: canal_consensus::InternalKey::Measurement {
+                            function: function.clone(),
+                            peer: functions.peer_id.clone(),
+                        },
+                        value: Some(value),
                     },
                 },
             )
@@ -279,9 +282,9 @@ pub async fn commit(
         .consensus
         .write_op(
             GroupId::METADATA,
-            Op::Put {
-                key: decision_key(&spec.name),
-                value,
+            Op::Internal {
+                key: canal_consensus::InternalKey::Placement(spec.name.clone()),
+                value: Some(value),
             },
         )
         .await?;

@@ -290,7 +290,6 @@ pub async fn publish(
                     id,
                     headers: custom,
                     payload: body.to_vec(),
-                    time_ms,
                     retention: settings.retention,
                 }),
             },
@@ -388,6 +387,16 @@ pub async fn put_settings(
             .as_millis()
             .min(u64::MAX as u128) as u64;
     }
+    if let Some(w) = &req.dedup_window {
+        s.retention.dedup_window_ms = humantime::parse_duration(w)
+            .map_err(|e| {
+                bad(format!(
+                    "dedup-window {w:?} is not a duration ({e}): write 5s, 90s or 2m"
+                ))
+            })?
+            .as_millis()
+            .min(u64::MAX as u128) as u64;
+    }
     if let Some(m) = &req.max_payload {
         s.max_payload_bytes =
             canal_proto::size::parse_bytes(m).map_err(|e| bad(format!("max-payload: {e}")))?;
@@ -396,11 +405,11 @@ pub async fn put_settings(
     st.consensus
         .write_op(
             GroupId::METADATA,
-            Op::Put {
-                key: canal_consensus::topics::settings_key(filter.as_str()),
-                value: wire::encode(&s).map_err(|e| {
+            Op::Internal {
+                key: canal_consensus::InternalKey::Settings(filter.to_string()),
+                value: Some(wire::encode(&s).map_err(|e| {
                     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-                })?,
+                })?),
             },
         )
         .await?;
@@ -417,8 +426,9 @@ pub async fn delete_settings(st: &ApiState, filter: &TopicFilter) -> Result<(), 
     st.consensus
         .write_op(
             GroupId::METADATA,
-            Op::Delete {
-                key: canal_consensus::topics::settings_key(filter.as_str()),
+            Op::Internal {
+                key: canal_consensus::InternalKey::Settings(filter.to_string()),
+                value: None,
             },
         )
         .await?;
@@ -453,7 +463,9 @@ pub fn spawn_trimmer(
             if all.iter().all(|(_, s)| s.retention.max_age_ms == 0) {
                 continue;
             }
-            let now = now_ms();
+            // The clock the leader stamps entries with, so the trims it proposes are the
+            // ones its entries will find due.
+            let now = consensus.now_ms();
             for (topic, meta) in sm.topics().unwrap_or_default() {
                 let Ok(t) = Topic::new(&topic) else { continue };
                 let retention = canal_proto::settings::settings_for(&t, &all).retention;
@@ -470,7 +482,6 @@ pub fn spawn_trimmer(
                         op: Op::Trim {
                             topic: topic.clone(),
                             retention,
-                            now_ms: now,
                         },
                     };
                     if let Err(e) = consensus.write(TOPIC_GROUP, trim).await {
@@ -1101,7 +1112,7 @@ async fn durable_start(
     name: &str,
     from: From,
 ) -> Result<From, ApiError> {
-    let key = format!("\u{1}s/{name}");
+    let key = canal_consensus::topics::subscription_key(name);
     let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
     let decode = |b: &[u8]| -> Option<From> {
         let s = std::str::from_utf8(b).ok()?;
@@ -1128,9 +1139,9 @@ async fn durable_start(
             TOPIC_GROUP,
             Request {
                 id: Some(format!("durable-start/{name}")),
-                op: Op::Put {
-                    key: key.clone(),
-                    value: spec.into_bytes(),
+                op: Op::Internal {
+                    key: canal_consensus::InternalKey::Subscription(name.to_string()),
+                    value: Some(spec.into_bytes()),
                 },
             },
         )

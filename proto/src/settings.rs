@@ -9,8 +9,16 @@ pub const DEFAULT_RETAIN_EVENTS: u64 = 100_000;
 /// The largest payload accepted by default, and the most a setting may allow.
 pub const MAX_PAYLOAD_BYTES: u64 = 1 << 20;
 
+/// How long a publish id is remembered by default (a retry with the same id within it is
+/// stored once).
+pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 2 * 60 * 1000;
+/// The shortest dedup window a setting may give.
+pub const MIN_DEDUP_WINDOW_MS: u64 = 1;
+/// The longest dedup window a setting may give: every id published within it is kept.
+pub const MAX_DEDUP_WINDOW_MS: u64 = 60 * 60 * 1000;
+
 /// What a topic's log keeps: the oldest events go once any limit is passed (the newest
-/// event always stays).
+/// event always stays); and how long publish ids are remembered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retention {
     /// At most this many events.
@@ -20,6 +28,10 @@ pub struct Retention {
     /// Events older than this many milliseconds go (0: no limit). Checked when events are
     /// appended and when the node trims its topics.
     pub max_age_ms: u64,
+    /// How long, in milliseconds of the state machine's clock, a publish's id is
+    /// remembered: a publish with the same id within it is the same event. Carried in each
+    /// publish, so every replica applies the window the publish was accepted with.
+    pub dedup_window_ms: u64,
 }
 
 impl Default for Retention {
@@ -28,6 +40,7 @@ impl Default for Retention {
             max_events: DEFAULT_RETAIN_EVENTS,
             max_bytes: 0,
             max_age_ms: 0,
+            dedup_window_ms: DEFAULT_DEDUP_WINDOW_MS,
         }
     }
 }
@@ -62,6 +75,14 @@ impl TopicSettings {
             return Err(SettingsError(
                 "retain-events 0 would keep nothing: give 1 or more".into(),
             ));
+        }
+        let w = self.retention.dedup_window_ms;
+        if !(MIN_DEDUP_WINDOW_MS..=MAX_DEDUP_WINDOW_MS).contains(&w) {
+            return Err(SettingsError(format!(
+                "dedup-window {w}ms is not allowed: use {MIN_DEDUP_WINDOW_MS}ms to {}s (default {}s)",
+                MAX_DEDUP_WINDOW_MS / 1000,
+                DEFAULT_DEDUP_WINDOW_MS / 1000
+            )));
         }
         if self.max_payload_bytes == 0 || self.max_payload_bytes > MAX_PAYLOAD_BYTES {
             return Err(SettingsError(format!(
@@ -118,6 +139,9 @@ pub struct SettingsRequest {
     /// The largest payload, e.g. `64KiB`.
     #[serde(default)]
     pub max_payload: Option<String>,
+    /// How long publish ids are remembered, e.g. `5s` (default 2 minutes, at most 1 hour).
+    #[serde(default)]
+    pub dedup_window: Option<String>,
 }
 
 /// What `GET /v1/topics/{topic}/settings` answers.
@@ -178,5 +202,14 @@ mod tests {
             ..TopicSettings::default()
         };
         assert!(big.validate().unwrap_err().0.contains("max-payload"));
+        for bad in [0, MAX_DEDUP_WINDOW_MS + 1] {
+            let mut s = TopicSettings::default();
+            s.retention.dedup_window_ms = bad;
+            let e = s.validate().unwrap_err().0;
+            assert!(e.contains("dedup-window") && e.contains("3600s"), "{e}");
+        }
+        let mut short = TopicSettings::default();
+        short.retention.dedup_window_ms = 5_000;
+        assert!(short.validate().is_ok());
     }
 }

@@ -154,17 +154,18 @@ async fn a_node_serves_a_bounded_number_of_subscribers() {
     assert!(body.contains("limit of 2 subscribers"), "{body}");
     // A subscriber that leaves gives its slot back.
     drop(first);
-    wait_for("a slot to come back", Duration::from_secs(30), || {
-        let open = open.clone();
-        async move {
+    wait_for(
+        "a slot to come back",
+        Duration::from_secs(30),
+        || async move {
             let r = open().await;
             if r.status().as_u16() == 200 {
                 Ok(())
             } else {
                 Err(r.status().to_string())
             }
-        }
-    })
+        },
+    )
     .await
     .unwrap();
     drop(second);

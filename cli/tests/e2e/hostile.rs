@@ -222,7 +222,10 @@ fn rpc_attacks(
     let mine = node_id_of(&me.to_bytes());
     let entry = |index: u64, key: &str| Entry::<TypeConfig> {
         log_id: LogId::new(LeaderId::new(term + 100, leader), index),
-        payload: EntryPayload::Normal(put(key)),
+        payload: EntryPayload::Normal(canal_consensus::types::Proposal {
+            time_ms: 0,
+            request: put(key),
+        }),
     };
     let append = |vote: Vote<u64>, key: &str| {
         RpcRequest::Append(
