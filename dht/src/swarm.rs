@@ -1272,3 +1272,49 @@ impl DhtHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Arc<Shared> {
+        Arc::new(Shared {
+            local: PeerId::random(),
+            listening: tokio::sync::watch::Sender::new(0),
+            topic_space: TopicSpace::default(),
+            needs_bootstrap: false,
+            advertised: Vec::new(),
+            state: RwLock::new(State::default()),
+            running: AtomicBool::new(true),
+            stopped: AtomicBool::new(false),
+            labels: PeerLabels::default(),
+            qos0_dropped: Family::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_panicking_event_loop_is_no_longer_running() {
+        let shared = shared();
+        let running = Running(shared.clone());
+        let task = tokio::spawn(async move {
+            let _running = running;
+            tokio::task::yield_now().await;
+            panic!("the event loop failed");
+        });
+        assert!(task.await.is_err());
+        assert!(!shared.running.load(Ordering::SeqCst));
+        assert!(!shared.stopped.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn peer_labels_are_capped() {
+        let labels = PeerLabels::default();
+        let first = PeerId::random();
+        assert_eq!(labels.of(&first), first.to_base58());
+        for _ in 1..MAX_LABELLED_PEERS {
+            labels.of(&PeerId::random());
+        }
+        assert_eq!(labels.of(&PeerId::random()), "other");
+        assert_eq!(labels.of(&first), first.to_base58());
+    }
+}
