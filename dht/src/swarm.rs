@@ -3,7 +3,7 @@
 use crate::guard::{GuardConfig, PeerGuard};
 use crate::peers::{Applied, PeerTable};
 use crate::rpc::{
-    BytesCodec, InboundQos0, InboundRpc, MAX_QOS0_BYTES, MAX_RPC_BYTES, QOS0_PROTOCOL,
+    BytesCodec, Frame, InboundQos0, InboundRpc, MAX_QOS0_BYTES, MAX_RPC_BYTES, QOS0_PROTOCOL,
     RPC_PROTOCOL, RpcError,
 };
 use crate::topology::{Placement, TopicSpace};
@@ -678,7 +678,7 @@ impl EventLoop {
                         break;
                     }
                     Some(Command::Request { peer, addrs, body, reply }) => {
-                        let id = self.swarm.behaviour_mut().rpc.send_request_with_addresses(&peer, body, addrs);
+                        let id = self.swarm.behaviour_mut().rpc.send_request_with_addresses(&peer, Frame::Bytes(body), addrs);
                         self.pending.insert(id, reply);
                     }
                     Some(Command::ReportBad { peer, kind, detail }) => self.offence(peer, kind, &detail),
@@ -739,7 +739,11 @@ impl EventLoop {
             return;
         }
         *queued += 1;
-        let id = self.swarm.behaviour_mut().qos0.send_request(&peer, body);
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .qos0
+            .send_request(&peer, Frame::Bytes(body));
         self.qos0_pending.insert(id, peer);
         self.canal_metrics.qos0_sent.inc();
     }
@@ -755,11 +759,17 @@ impl EventLoop {
         }
     }
 
-    fn on_qos0(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+    fn on_qos0(&mut self, event: request_response::Event<Frame, Vec<u8>>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
-                    request, channel, ..
+                    request: Frame::Refused(why),
+                    ..
+                } => self.offence(peer, "qos0-frame", &why),
+                request_response::Message::Request {
+                    request: Frame::Bytes(request),
+                    channel,
+                    ..
                 } => {
                     // One way: the answer only closes the stream.
                     let _ = self
@@ -1020,11 +1030,17 @@ impl EventLoop {
         }
     }
 
-    fn on_rpc(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+    fn on_rpc(&mut self, event: request_response::Event<Frame, Vec<u8>>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
-                    request, channel, ..
+                    request: Frame::Refused(why),
+                    ..
+                } => self.offence(peer, "rpc-frame", &why),
+                request_response::Message::Request {
+                    request: Frame::Bytes(request),
+                    channel,
+                    ..
                 } => {
                     let (tx, rx) = oneshot::channel();
                     let rpc = InboundRpc {
