@@ -549,6 +549,7 @@ impl Dht {
             qos0_inbound: qos0_in_tx,
             qos0_in_flight: HashMap::new(),
             qos0_pending: HashMap::new(),
+            warned_invalid_record: false,
         };
         let running = Running(shared.clone());
         let task = tokio::spawn(async move {
@@ -645,6 +646,7 @@ struct EventLoop {
     /// QoS 0 events sent to each peer and not yet answered: the per-peer queue.
     qos0_in_flight: HashMap<PeerId, usize>,
     qos0_pending: HashMap<OutboundRequestId, PeerId>,
+    warned_invalid_record: bool,
 }
 
 type Answer = std::pin::Pin<
@@ -851,6 +853,13 @@ impl EventLoop {
                 .collect()
         };
         let local = self.shared.local;
+        // Peers refuse a record over the limits (and count it against this node): say so once.
+        if let Err(e) = caps.validate()
+            && !self.warned_invalid_record
+        {
+            self.warned_invalid_record = true;
+            warn!(error = %e, "this node's capability record is over the limits: peers will refuse it");
+        }
         self.state()
             .table
             .apply(local, caps.clone(), Instant::now());

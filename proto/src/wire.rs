@@ -14,8 +14,8 @@
 //! - Strings and byte buffers are read by borrowing the input first, so a string claiming
 //!   1 TiB fails with "unexpected end" instead of allocating 1 TiB; the copy made afterwards
 //!   is exactly as long as the bytes present.
-//! - Sequences and maps get no capacity hint from their claimed length, so they grow only
-//!   with the elements that actually decode.
+//! - Sequences and maps get a capacity hint of at most 16 elements whatever their claimed
+//!   length, so they grow only with the elements that actually decode.
 //! - bincode's own claim budget (`with_limit`) is a second fence: every read claims its size
 //!   first and the decode stops when the claims pass the budget ([`WireError::Limit`]). The
 //!   budget is a compile-time constant in bincode, so it is picked from [`CLAIM_TIERS`]: the
@@ -180,9 +180,13 @@ fn decode_body<T: DeserializeOwned>(
 // - owned strings and byte buffers are read as borrowed ones (bincode checks a borrowed
 //   length against the bytes left before taking them, while its owned path allocates the
 //   claimed length first), and
-// - sequences and maps report no size hint (serde preallocates up to 1 MiB from a hint).
+// - sequences and maps report a size hint of at most SEQ_HINT_CAP (serde preallocates up to
+//   1 MiB from a hint).
 // Everything else is passed through unchanged; every nested value is wrapped again.
 // ---------------------------------------------------------------------------------------
+
+/// The most elements a sequence preallocates for, whatever its length prefix claims.
+const SEQ_HINT_CAP: usize = 16;
 
 /// The seed that decodes a `T` through [`Guard`].
 struct Bounded<T>(PhantomData<T>);
@@ -397,8 +401,9 @@ impl<'de, A: de::SeqAccess<'de>> de::SeqAccess<'de> for GuardAccess<A> {
     }
 
     fn size_hint(&self) -> Option<usize> {
-        // The claimed length is not evidence of anything: grow with what decodes.
-        None
+        // The claimed length is not evidence of anything: grow with what decodes, from a small
+        // start.
+        self.0.size_hint().map(|n| n.min(SEQ_HINT_CAP))
     }
 }
 
