@@ -32,6 +32,7 @@ pub struct PublishOp {
     /// Custom headers.
     pub headers: Vec<(String, String)>,
     /// The payload.
+    #[serde(with = "canal_proto::wire::bytes")]
     pub payload: Vec<u8>,
     /// What the topic's log keeps, and how long the publish's id is remembered, as its
     /// settings said when the publish was accepted.
@@ -62,6 +63,7 @@ pub struct StoredEvent {
     /// Custom headers.
     pub headers: Vec<(String, String)>,
     /// The payload.
+    #[serde(with = "canal_proto::wire::bytes")]
     pub payload: Vec<u8>,
 }
 

@@ -61,6 +61,7 @@ pub enum Op {
         /// The key.
         key: String,
         /// The value.
+        #[serde(with = "canal_proto::wire::bytes")]
         value: Vec<u8>,
     },
     /// Removes `key`. Refused for a key in the internal keyspace, like [`Op::Put`].

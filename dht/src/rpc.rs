@@ -69,15 +69,30 @@ impl Default for BytesCodec {
     }
 }
 
-async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+/// A request as read from a stream: its bytes, or why it was refused unread (its length prefix
+/// claims more than the limit). A refusal is passed up rather than failed as an I/O error,
+/// because libp2p's request-response drops errors in reading a request without an event, and
+/// the swarm counts a refusal against the peer that sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// The request's bytes.
+    Bytes(Vec<u8>),
+    /// Why the request was refused (only ever read, never written).
+    Refused(String),
+}
+
+/// Reads a frame; `Ok(Err(why))` when its length is over `max` (nothing more is read).
+async fn read_frame<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    max: usize,
+) -> io::Result<Result<Vec<u8>, String>> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
     if len > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("message of {len} bytes is over the limit of {max}"),
-        ));
+        return Ok(Err(format!(
+            "message of {len} bytes is over the limit of {max}"
+        )));
     }
     // Grow with the bytes that actually arrive, not with what the prefix claims.
     let mut buf = Vec::new();
@@ -88,7 +103,7 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::
             format!("RPC message ended after {} of {len} bytes", buf.len()),
         ));
     }
-    Ok(buf)
+    Ok(Ok(buf))
 }
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(
@@ -109,15 +124,18 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(
 
 impl libp2p::request_response::Codec for BytesCodec {
     type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
+    type Request = Frame;
     type Response = Vec<u8>;
 
     async fn read_request<T: AsyncRead + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        read_frame(io, self.max).await
+    ) -> io::Result<Frame> {
+        Ok(match read_frame(io, self.max).await? {
+            Ok(body) => Frame::Bytes(body),
+            Err(why) => Frame::Refused(why),
+        })
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(
@@ -125,16 +143,21 @@ impl libp2p::request_response::Codec for BytesCodec {
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Vec<u8>> {
-        read_frame(io, self.max).await
+        read_frame(io, self.max)
+            .await?
+            .map_err(|why| io::Error::new(io::ErrorKind::InvalidData, why))
     }
 
     async fn write_request<T: AsyncWrite + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: Vec<u8>,
+        req: Frame,
     ) -> io::Result<()> {
-        write_frame(io, req, self.max).await
+        match req {
+            Frame::Bytes(body) => write_frame(io, body, self.max).await,
+            Frame::Refused(why) => Err(io::Error::new(io::ErrorKind::InvalidInput, why)),
+        }
     }
 
     async fn write_response<T: AsyncWrite + Unpin + Send>(

@@ -3,7 +3,7 @@
 use crate::guard::{GuardConfig, PeerGuard};
 use crate::peers::{Applied, PeerTable};
 use crate::rpc::{
-    BytesCodec, InboundQos0, InboundRpc, MAX_QOS0_BYTES, MAX_RPC_BYTES, QOS0_PROTOCOL,
+    BytesCodec, Frame, InboundQos0, InboundRpc, MAX_QOS0_BYTES, MAX_RPC_BYTES, QOS0_PROTOCOL,
     RPC_PROTOCOL, RpcError,
 };
 use crate::topology::{Placement, TopicSpace};
@@ -549,6 +549,7 @@ impl Dht {
             qos0_inbound: qos0_in_tx,
             qos0_in_flight: HashMap::new(),
             qos0_pending: HashMap::new(),
+            warned_invalid_record: false,
         };
         let running = Running(shared.clone());
         let task = tokio::spawn(async move {
@@ -645,6 +646,7 @@ struct EventLoop {
     /// QoS 0 events sent to each peer and not yet answered: the per-peer queue.
     qos0_in_flight: HashMap<PeerId, usize>,
     qos0_pending: HashMap<OutboundRequestId, PeerId>,
+    warned_invalid_record: bool,
 }
 
 type Answer = std::pin::Pin<
@@ -678,7 +680,7 @@ impl EventLoop {
                         break;
                     }
                     Some(Command::Request { peer, addrs, body, reply }) => {
-                        let id = self.swarm.behaviour_mut().rpc.send_request_with_addresses(&peer, body, addrs);
+                        let id = self.swarm.behaviour_mut().rpc.send_request_with_addresses(&peer, Frame::Bytes(body), addrs);
                         self.pending.insert(id, reply);
                     }
                     Some(Command::ReportBad { peer, kind, detail }) => self.offence(peer, kind, &detail),
@@ -739,7 +741,11 @@ impl EventLoop {
             return;
         }
         *queued += 1;
-        let id = self.swarm.behaviour_mut().qos0.send_request(&peer, body);
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .qos0
+            .send_request(&peer, Frame::Bytes(body));
         self.qos0_pending.insert(id, peer);
         self.canal_metrics.qos0_sent.inc();
     }
@@ -755,11 +761,17 @@ impl EventLoop {
         }
     }
 
-    fn on_qos0(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+    fn on_qos0(&mut self, event: request_response::Event<Frame, Vec<u8>>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
-                    request, channel, ..
+                    request: Frame::Refused(why),
+                    ..
+                } => self.offence(peer, "qos0-frame", &why),
+                request_response::Message::Request {
+                    request: Frame::Bytes(request),
+                    channel,
+                    ..
                 } => {
                     // One way: the answer only closes the stream.
                     let _ = self
@@ -841,6 +853,13 @@ impl EventLoop {
                 .collect()
         };
         let local = self.shared.local;
+        // Peers refuse a record over the limits (and count it against this node): say so once.
+        if let Err(e) = caps.validate()
+            && !self.warned_invalid_record
+        {
+            self.warned_invalid_record = true;
+            warn!(error = %e, "this node's capability record is over the limits: peers will refuse it");
+        }
         self.state()
             .table
             .apply(local, caps.clone(), Instant::now());
@@ -1020,11 +1039,17 @@ impl EventLoop {
         }
     }
 
-    fn on_rpc(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+    fn on_rpc(&mut self, event: request_response::Event<Frame, Vec<u8>>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
-                    request, channel, ..
+                    request: Frame::Refused(why),
+                    ..
+                } => self.offence(peer, "rpc-frame", &why),
+                request_response::Message::Request {
+                    request: Frame::Bytes(request),
+                    channel,
+                    ..
                 } => {
                     let (tx, rx) = oneshot::channel();
                     let rpc = InboundRpc {
@@ -1270,5 +1295,51 @@ impl DhtHandle {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Arc<Shared> {
+        Arc::new(Shared {
+            local: PeerId::random(),
+            listening: tokio::sync::watch::Sender::new(0),
+            topic_space: TopicSpace::default(),
+            needs_bootstrap: false,
+            advertised: Vec::new(),
+            state: RwLock::new(State::default()),
+            running: AtomicBool::new(true),
+            stopped: AtomicBool::new(false),
+            labels: PeerLabels::default(),
+            qos0_dropped: Family::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_panicking_event_loop_is_no_longer_running() {
+        let shared = shared();
+        let running = Running(shared.clone());
+        let task = tokio::spawn(async move {
+            let _running = running;
+            tokio::task::yield_now().await;
+            panic!("the event loop failed");
+        });
+        assert!(task.await.is_err());
+        assert!(!shared.running.load(Ordering::SeqCst));
+        assert!(!shared.stopped.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn peer_labels_are_capped() {
+        let labels = PeerLabels::default();
+        let first = PeerId::random();
+        assert_eq!(labels.of(&first), first.to_base58());
+        for _ in 1..MAX_LABELLED_PEERS {
+            labels.of(&PeerId::random());
+        }
+        assert_eq!(labels.of(&PeerId::random()), "other");
+        assert_eq!(labels.of(&first), first.to_base58());
     }
 }

@@ -44,7 +44,8 @@ pub struct Qos0Message {
     pub time_ms: u64,
     /// Headers.
     pub headers: Vec<(String, String)>,
-    /// Payload.
+    /// Payload (read and written as one slice; the same bytes as a plain `Vec<u8>`).
+    #[serde(with = "canal_proto::wire::bytes")]
     pub payload: Vec<u8>,
 }
 

@@ -14,8 +14,8 @@
 //! - Strings and byte buffers are read by borrowing the input first, so a string claiming
 //!   1 TiB fails with "unexpected end" instead of allocating 1 TiB; the copy made afterwards
 //!   is exactly as long as the bytes present.
-//! - Sequences and maps get no capacity hint from their claimed length, so they grow only
-//!   with the elements that actually decode.
+//! - Sequences and maps get a capacity hint of at most 16 elements whatever their claimed
+//!   length, so they grow only with the elements that actually decode.
 //! - bincode's own claim budget (`with_limit`) is a second fence: every read claims its size
 //!   first and the decode stops when the claims pass the budget ([`WireError::Limit`]). The
 //!   budget is a compile-time constant in bincode, so it is picked from [`CLAIM_TIERS`]: the
@@ -180,9 +180,13 @@ fn decode_body<T: DeserializeOwned>(
 // - owned strings and byte buffers are read as borrowed ones (bincode checks a borrowed
 //   length against the bytes left before taking them, while its owned path allocates the
 //   claimed length first), and
-// - sequences and maps report no size hint (serde preallocates up to 1 MiB from a hint).
+// - sequences and maps report a size hint of at most SEQ_HINT_CAP (serde preallocates up to
+//   1 MiB from a hint).
 // Everything else is passed through unchanged; every nested value is wrapped again.
 // ---------------------------------------------------------------------------------------
+
+/// The most elements a sequence preallocates for, whatever its length prefix claims.
+const SEQ_HINT_CAP: usize = 16;
 
 /// The seed that decodes a `T` through [`Guard`].
 struct Bounded<T>(PhantomData<T>);
@@ -397,8 +401,9 @@ impl<'de, A: de::SeqAccess<'de>> de::SeqAccess<'de> for GuardAccess<A> {
     }
 
     fn size_hint(&self) -> Option<usize> {
-        // The claimed length is not evidence of anything: grow with what decodes.
-        None
+        // The claimed length is not evidence of anything: grow with what decodes, from a small
+        // start.
+        self.0.size_hint().map(|n| n.min(SEQ_HINT_CAP))
     }
 }
 
@@ -456,6 +461,51 @@ impl<'de, A: de::VariantAccess<'de>> de::VariantAccess<'de> for GuardAccess<A> {
         visitor: V,
     ) -> Result<V::Value, A::Error> {
         self.0.struct_variant(fields, GuardVisitor(visitor))
+    }
+}
+
+/// `#[serde(with = "canal_proto::wire::bytes")]` for a `Vec<u8>` field: the same bytes on the
+/// wire as a plain `Vec<u8>` (a length, then the bytes), but read and written as one slice
+/// instead of one serde call per byte, which matters for payloads.
+pub mod bytes {
+    use serde::{Deserializer, Serializer, de};
+    use std::fmt;
+
+    /// Writes the bytes as one slice.
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    /// Reads bytes written by [`serialize`] (or as a sequence of `u8`, from formats that
+    /// write them so).
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(BytesVisitor)
+    }
+
+    struct BytesVisitor;
+
+    impl<'de> de::Visitor<'de> for BytesVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
     }
 }
 
@@ -545,6 +595,39 @@ mod tests {
         assert!(decode::<String>(&attack).is_err());
         assert!(decode::<Vec<u8>>(&attack).is_err());
         assert!(decode::<Vec<String>>(&attack).is_err());
+    }
+
+    #[test]
+    fn bytes_fields_have_the_plain_encoding() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Fast {
+            #[serde(with = "super::bytes")]
+            payload: Vec<u8>,
+        }
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Plain {
+            payload: Vec<u8>,
+        }
+        let payload: Vec<u8> = (0..=255).collect();
+        let fast = encode(&Fast {
+            payload: payload.clone(),
+        })
+        .unwrap_or_default();
+        let plain = encode(&Plain {
+            payload: payload.clone(),
+        })
+        .unwrap_or_default();
+        assert_eq!(fast, plain);
+        assert_eq!(
+            decode::<Fast>(&plain).ok(),
+            Some(Fast {
+                payload: payload.clone()
+            })
+        );
+        // A claimed length beyond the bytes present is refused, not allocated.
+        let mut attack = vec![WIRE_VERSION, 0xFD];
+        attack.extend((1u64 << 40).to_le_bytes());
+        assert!(decode::<Fast>(&attack).is_err());
     }
 
     #[test]

@@ -104,6 +104,7 @@ struct Qos0Like {
     source: String,
     time_ms: u64,
     headers: Vec<(String, String)>,
+    #[serde(with = "canal_proto::wire::bytes")]
     payload: Vec<u8>,
 }
 

@@ -908,3 +908,111 @@ async fn replicas_stay_identical_under_load_id_reuse_and_a_skewed_clock() {
         assert_eq!(log_bounds(api, "reuse/a").await, (0, 2));
     }
 }
+
+/// Each group's Raft term as every node sees it.
+async fn terms(apis: &[Api]) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for api in apis {
+        let s: canal_proto::api::ClusterStatus = api.get("/v1/cluster/status").await.unwrap();
+        for g in s.groups {
+            let term = g.members[0].status.as_ref().map(|m| m.term).unwrap_or(0);
+            out.push((format!("{} via {}", g.group, api.base()), term));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos0_flood_does_not_cause_elections_while_qos1_writes_go_on() {
+    let net = cluster(3, &[]).await;
+    let apis: Vec<Api> = (0..3).map(|i| net.api(i).unwrap()).collect();
+    // QoS 0 subscribers on the other two nodes, so node 0 sends them the flood.
+    let mut subs: Vec<_> = (1..3)
+        .map(|i| {
+            tokio::process::Command::new(BIN)
+                .args([
+                    "--api",
+                    apis[i].base(),
+                    "sub",
+                    "flood/#",
+                    "--qos",
+                    "0",
+                    "--count",
+                    "1000000",
+                ])
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let http = reqwest::Client::new();
+    let publish_qos0 = |payload: Vec<u8>| {
+        http.post(format!("{}/v1/topics/flood%2Fx/events", apis[0].base()))
+            .header("canal-qos", "0")
+            .body(payload)
+            .timeout(Duration::from_secs(30))
+            .send()
+    };
+    // Until both nodes' interest has reached node 0, nothing is sent to them.
+    wait_for(
+        "node 0 to send QoS 0 events",
+        Duration::from_secs(30),
+        || {
+            let probe = publish_qos0(b"probe".to_vec());
+            let api = apis[0].clone();
+            async move {
+                let _ = probe.await;
+                match api.metric_sum("canal_qos0_sent_total").await {
+                    Ok(n) if n >= 2.0 => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let before = terms(&apis).await;
+
+    // The flood: 4 publishers of 4 KiB QoS 0 events on node 0, alongside QoS 1 writes. (On
+    // a loaded 2-core machine, with debug builds, 8 publishers of 16 KiB events starve the
+    // nodes' CPUs enough for elections, whatever lane the events take.)
+    let flood: Vec<_> = (0..4)
+        .map(|_| {
+            let (http, base) = (http.clone(), apis[0].base().to_string());
+            tokio::spawn(async move {
+                for _ in 0..500 {
+                    let _ = http
+                        .post(format!("{base}/v1/topics/flood%2Fx/events"))
+                        .header("canal-qos", "0")
+                        .body(vec![b'f'; 4 << 10])
+                        .timeout(Duration::from_secs(30))
+                        .send()
+                        .await;
+                }
+            })
+        })
+        .collect();
+    for i in 0..60 {
+        publish_acked(&apis, i).await;
+    }
+    for f in flood {
+        f.await.unwrap();
+    }
+    for i in 60..80 {
+        publish_acked(&apis, i).await;
+    }
+    let sent = apis[0].metric_sum("canal_qos0_sent_total").await.unwrap();
+    assert!(sent > 1000.0, "only {sent} QoS 0 events sent");
+    assert_eq!(
+        terms(&apis).await,
+        before,
+        "an election ran during the QoS 0 flood"
+    );
+    for s in &mut subs {
+        assert!(
+            s.try_wait().unwrap().is_none(),
+            "a QoS 0 subscriber stopped"
+        );
+    }
+}
