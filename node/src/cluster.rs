@@ -85,8 +85,17 @@ pub fn serve(
                     let c = consensus.clone();
                     let body = body.to_vec();
                     tokio::spawn(async move {
-                        let answer = c.handle(&body).await;
-                        let _ = rpc.reply.send(answer);
+                        // The sender is the authenticated peer the request came over: only
+                        // members speak Raft, and only as themselves.
+                        let handled = c.handle(node_id(&rpc.peer), &body).await;
+                        if let Some(o) = &handled.offence
+                            && o.ban_worthy
+                        {
+                            // The groups already warned (at most once a minute per peer).
+                            // TODO(integrator): pass to DhtHandle::report_bad once it exists.
+                            debug!(peer = %rpc.peer, kind = o.kind, "peer sent a forged or undecodable Raft request: {}", o.detail);
+                        }
+                        let _ = rpc.reply.send(handled.answer);
                     });
                 }
                 Some((&crate::pubsub::QOS0_CHANNEL, body)) => {
