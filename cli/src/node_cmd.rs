@@ -61,7 +61,11 @@ pub(crate) struct NodeArgs {
     /// member: 600 suits round trips up to ~300 ms (edge to cloud); 200 gives failover under
     /// a second where members are close (one LAN). Raise it if the node warns that a
     /// member's round trip is close to the RPC timeout. Heartbeats go every 50 ms either way.
-    #[arg(long, alias = "raft-election-timeout", env = "CANAL_RAFT_ELECTION_TIMEOUT_MS")]
+    #[arg(
+        long,
+        alias = "raft-election-timeout",
+        env = "CANAL_RAFT_ELECTION_TIMEOUT_MS"
+    )]
     raft_election_timeout_ms: Option<u64>,
     /// Home peers per shard (K).
     #[arg(long, env = "CANAL_REPLICATION_FACTOR")]

@@ -169,7 +169,11 @@ fn group_of(req: &RpcRequest) -> GroupId {
 /// - Append and InstallSnapshot only from the leader they name, Vote only from the
 ///   candidate it names (anything else is forged: ban-worthy), and only from a member.
 /// - Forwarded client operations only from members.
-pub fn admit(req: &RpcRequest, from: NodeId, sender_is_member: Option<bool>) -> Result<(), Offence> {
+pub fn admit(
+    req: &RpcRequest,
+    from: NodeId,
+    sender_is_member: Option<bool>,
+) -> Result<(), Offence> {
     let kind = kind_of(req);
     let named = match req {
         RpcRequest::Append(_, r) => Some(r.vote.leader_id().voted_for()),
@@ -180,7 +184,11 @@ pub fn admit(req: &RpcRequest, from: NodeId, sender_is_member: Option<bool>) -> 
     if let Some(named) = named
         && named != Some(from)
     {
-        let role = if kind == "vote" { "candidate" } else { "leader" };
+        let role = if kind == "vote" {
+            "candidate"
+        } else {
+            "leader"
+        };
         return Err(Offence {
             kind,
             detail: format!(
@@ -608,7 +616,10 @@ impl<T: Transport> Consensus<T> {
                 let m = group.raft.metrics();
                 let m = m.borrow();
                 let mut nodes = m.membership_config.membership().nodes().peekable();
-                nodes.peek().is_some().then(|| nodes.any(|(id, _)| *id == from))
+                nodes
+                    .peek()
+                    .is_some()
+                    .then(|| nodes.any(|(id, _)| *id == from))
             };
             if let Err(offence) = admit(&req, from, sender_is_member) {
                 return self.refuse(from, &g.to_string(), Some(&req), offence);
@@ -657,9 +668,22 @@ impl<T: Transport> Consensus<T> {
             }
         };
         if log_now {
-            warn!(node = from, group, kind = offence.kind, ban_worthy = offence.ban_worthy, "refused a Raft request: {}", offence.detail);
+            warn!(
+                node = from,
+                group,
+                kind = offence.kind,
+                ban_worthy = offence.ban_worthy,
+                "refused a Raft request: {}",
+                offence.detail
+            );
         } else {
-            debug!(node = from, group, kind = offence.kind, "refused a Raft request: {}", offence.detail);
+            debug!(
+                node = from,
+                group,
+                kind = offence.kind,
+                "refused a Raft request: {}",
+                offence.detail
+            );
         }
         let e = match req {
             Some(r) => ClientError::Refused {
@@ -1281,10 +1305,7 @@ mod tests {
             nodes.lock().unwrap().insert(node(id).peer_id, c);
             dirs.push(dir);
         }
-        Net {
-            _dirs: dirs,
-            nodes,
-        }
+        Net { _dirs: dirs, nodes }
     }
 
     async fn formed(ids: &[NodeId], outsiders: &[NodeId]) -> Net {
@@ -1337,7 +1358,10 @@ mod tests {
         // A member naming another leader is forged.
         let e = admit(&RpcRequest::Append(g, append(1, 7)), 8, Some(true)).unwrap_err();
         assert_eq!(e.kind, "append");
-        assert!(e.ban_worthy && e.detail.contains("names leader node 7"), "{e:?}");
+        assert!(
+            e.ban_worthy && e.detail.contains("names leader node 7"),
+            "{e:?}"
+        );
         let vote = VoteRequest::new(Vote::new(2, 7), None);
         let e = admit(&RpcRequest::Vote(g, vote.clone()), 8, Some(true)).unwrap_err();
         assert!(e.ban_worthy && e.detail.contains("candidate"), "{e:?}");
@@ -1414,17 +1438,26 @@ mod tests {
         )
         .await
         .unwrap();
-        assert!(matches!(e, RpcResponse::Write(Err(ClientError::Refused { .. }))));
+        assert!(matches!(
+            e,
+            RpcResponse::Write(Err(ClientError::Refused { .. }))
+        ));
 
         // A member that names another node as the leader is forged: ban-worthy.
         let h = f
-            .handle(follower, &body(&RpcRequest::Append(g, append(term, leader))))
+            .handle(
+                follower,
+                &body(&RpcRequest::Append(g, append(term, leader))),
+            )
             .await;
         let o = h.offence.clone().unwrap();
         assert!(o.ban_worthy && o.kind == "append", "{o:?}");
         // Bytes that are no request are ban-worthy too.
         let h = f.handle(leader, b"\x01\xff\xff\xff\xff\xff").await;
-        assert_eq!(h.offence.as_ref().map(|o| (o.kind, o.ban_worthy)), Some(("decode", true)));
+        assert_eq!(
+            h.offence.as_ref().map(|o| (o.kind, o.ban_worthy)),
+            Some(("decode", true))
+        );
 
         // Nothing of that changed the term, the leader or the data.
         let m = f.metrics(g).unwrap();
@@ -1464,7 +1497,12 @@ mod tests {
         leader_of(&net, 1).await;
         let c = net.get(1);
         assert!(c.health().is_ok());
-        c.group(GroupId::METADATA).unwrap().raft.shutdown().await.unwrap();
+        c.group(GroupId::METADATA)
+            .unwrap()
+            .raft
+            .shutdown()
+            .await
+            .unwrap();
         let e = c.health().unwrap_err();
         assert!(e.contains("metadata"), "{e}");
         c.shutdown().await;
@@ -1475,7 +1513,10 @@ mod tests {
     fn timings_derive_from_the_election_timeout() {
         let d = Settings::default();
         assert_eq!(d.rpc_timeout, Duration::from_millis(400));
-        assert_eq!(d.election_timeout, (Duration::from_millis(600), Duration::from_millis(1200)));
+        assert_eq!(
+            d.election_timeout,
+            (Duration::from_millis(600), Duration::from_millis(1200))
+        );
         assert_eq!(d.heartbeat, Duration::from_millis(50));
         let fast = Settings::with_election_timeout(Duration::from_millis(200));
         assert_eq!(fast.rpc_timeout, Duration::from_millis(133));

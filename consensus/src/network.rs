@@ -9,12 +9,12 @@ use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
     Unreachable,
 };
-use openraft::{Entry, EntryPayload};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{Entry, EntryPayload};
 use std::future::Future;
 use tracing::{debug, error};
 
@@ -134,6 +134,8 @@ impl<T: Transport> Connection<T> {
     }
 
     /// Encodes an AppendEntries once, or says how many of its entries to send instead.
+    // The error is openraft's own, handed straight back to it.
+    #[allow(clippy::result_large_err)]
     fn encode_append(
         &self,
         rpc: AppendEntriesRequest<TypeConfig>,
@@ -143,9 +145,9 @@ impl<T: Transport> Connection<T> {
         let fit = entries_that_fit(rpc.entries.iter().map(entry_weight), MAX_APPEND_BYTES);
         if fit < n {
             debug!(target = %self.node.peer_id, entries = n, fit, "append batch over {MAX_APPEND_BYTES} bytes: asking openraft for fewer entries");
-            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(
-                fit as u64,
-            )));
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(fit as u64),
+            ));
         }
         let weights: Vec<usize> = rpc.entries.iter().map(entry_weight).collect();
         let body = wire::encode(&RpcRequest::Append(self.group, rpc))
@@ -159,9 +161,9 @@ impl<T: Transport> Connection<T> {
             let budget = (MAX_APPEND_BYTES as u128 * estimated as u128 / body.len() as u128)
                 .min(usize::MAX as u128) as usize;
             let fit = entries_that_fit(weights, budget).min(n - 1);
-            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(
-                fit as u64,
-            )));
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(fit as u64),
+            ));
         }
         // One entry that does not fit cannot be shrunk; proposers refuse such entries, so
         // this is a bug or a foreign entry. Back off instead of retrying at once forever.

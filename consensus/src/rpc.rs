@@ -85,7 +85,9 @@ pub enum ClientError {
     #[error("{0}")]
     Other(String),
     /// The request is larger than one Raft entry may be: it could never be replicated.
-    #[error("{what} is {bytes} bytes: one Raft entry carries at most {limit} bytes (MAX_ENTRY_BYTES)")]
+    #[error(
+        "{what} is {bytes} bytes: one Raft entry carries at most {limit} bytes (MAX_ENTRY_BYTES)"
+    )]
     TooLarge {
         /// What was too large.
         what: String,

@@ -102,9 +102,7 @@ impl RaftLinks {
                         continue;
                     }
                     slow += 1;
-                    let due = warned
-                        .get(peer)
-                        .is_none_or(|at| at.elapsed() >= WARN_EVERY);
+                    let due = warned.get(peer).is_none_or(|at| at.elapsed() >= WARN_EVERY);
                     if due {
                         warned.insert(peer.clone(), Instant::now());
                         warn!(
@@ -138,6 +136,9 @@ mod tests {
         assert!(!is_slow(Duration::from_millis(320), t));
         assert!(is_slow(Duration::from_millis(321), t));
         // The fast setting (200 ms elections, 133 ms RPC timeout) cannot carry a 120 ms link.
-        assert!(is_slow(Duration::from_millis(120), Duration::from_millis(133)));
+        assert!(is_slow(
+            Duration::from_millis(120),
+            Duration::from_millis(133)
+        ));
     }
 }
