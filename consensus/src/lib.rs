@@ -24,6 +24,7 @@
 //!                                   └> StateMachine::apply ─> sled tree g{N}.sm (one batch)
 //! ```
 
+pub mod bytes;
 pub mod functions;
 pub mod groups;
 pub mod network;

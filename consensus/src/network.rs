@@ -16,6 +16,9 @@ use openraft::raft::{
 };
 use openraft::{Entry, EntryPayload};
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 use tracing::{debug, error};
 
 /// Carries bytes to another member and brings back its answer. Implementations must not
@@ -39,6 +42,49 @@ pub const MAX_APPEND_BYTES: usize = 16 << 20;
 /// proposed): an entry cannot be split across frames, so it must fit in
 /// [`MAX_APPEND_BYTES`] with room for the frame's own fields.
 pub const MAX_ENTRY_BYTES: usize = 12 << 20;
+
+/// Where a connection's append budget starts: 1 MiB, one large event.
+pub const START_APPEND_BYTES: usize = 1 << 20;
+/// The smallest append budget: a link that cannot carry this within the RPC timeout is
+/// too slow for Raft at these settings anyway.
+pub const MIN_APPEND_BYTES: usize = 64 << 10;
+
+/// The next append budget of a connection after a frame of `sent` bytes was answered in
+/// `took` of the RPC `timeout`. openraft drops every answer later than the timeout, so a
+/// batch must be small enough to cross the link, be written and be answered in time: the
+/// budget halves when an answer used more than half the timeout, and doubles (up to
+/// [`MAX_APPEND_BYTES`]) when a frame that used most of the budget was answered within a
+/// quarter of it.
+pub fn budget_after_answer(budget: usize, sent: usize, took: Duration, timeout: Duration) -> usize {
+    if took > timeout / 2 {
+        (budget / 2).max(MIN_APPEND_BYTES)
+    } else if took < timeout / 4 && sent.saturating_mul(2) > budget {
+        budget.saturating_mul(2).min(MAX_APPEND_BYTES)
+    } else {
+        budget
+    }
+}
+
+/// The next append budget after a frame with entries got no answer in time.
+pub fn budget_after_loss(budget: usize) -> usize {
+    (budget / 2).max(MIN_APPEND_BYTES)
+}
+
+/// Halves the connection's budget if the append it watches is dropped unanswered (openraft
+/// dropped it at its timeout).
+struct InFlight {
+    budget: Arc<AtomicUsize>,
+    answered: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.answered {
+            let b = self.budget.load(Ordering::Relaxed);
+            self.budget.store(budget_after_loss(b), Ordering::Relaxed);
+        }
+    }
+}
 
 /// Roughly how many bytes an entry takes on the wire: what a batch is cut by before it is
 /// encoded (encoding a batch that is then refused would be wasted work).
@@ -91,6 +137,9 @@ pub struct Connection<T> {
     transport: T,
     target: NodeId,
     node: RaftNode,
+    /// How many bytes an append to this member may carry now (see
+    /// [`budget_after_answer`]); never over [`MAX_APPEND_BYTES`].
+    budget: Arc<AtomicUsize>,
 }
 
 impl<T: Transport> RaftNetworkFactory<TypeConfig> for Network<T> {
@@ -102,6 +151,7 @@ impl<T: Transport> RaftNetworkFactory<TypeConfig> for Network<T> {
             transport: self.transport.clone(),
             target,
             node: node.clone(),
+            budget: Arc::new(AtomicUsize::new(START_APPEND_BYTES)),
         }
     }
 }
@@ -141,10 +191,14 @@ impl<T: Transport> Connection<T> {
         rpc: AppendEntriesRequest<TypeConfig>,
     ) -> Result<Vec<u8>, RPCError<NodeId, RaftNode, RaftError<NodeId>>> {
         let n = rpc.entries.len();
+        let budget = self
+            .budget
+            .load(Ordering::Relaxed)
+            .clamp(MIN_APPEND_BYTES, MAX_APPEND_BYTES);
         // Cut by estimate first: cheap, and right for the entries canal proposes.
-        let fit = entries_that_fit(rpc.entries.iter().map(entry_weight), MAX_APPEND_BYTES);
+        let fit = entries_that_fit(rpc.entries.iter().map(entry_weight), budget);
         if fit < n {
-            debug!(target = %self.node.peer_id, entries = n, fit, "append batch over {MAX_APPEND_BYTES} bytes: asking openraft for fewer entries");
+            debug!(target = %self.node.peer_id, entries = n, fit, budget, "append batch over this link's budget: asking openraft for fewer entries");
             return Err(RPCError::PayloadTooLarge(
                 PayloadTooLarge::new_entries_hint(fit as u64),
             ));
@@ -152,13 +206,13 @@ impl<T: Transport> Connection<T> {
         let weights: Vec<usize> = rpc.entries.iter().map(entry_weight).collect();
         let body = wire::encode(&RpcRequest::Append(self.group, rpc))
             .map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e))))?;
-        if body.len() <= MAX_APPEND_BYTES {
+        if body.len() <= budget || (n == 1 && body.len() <= MAX_APPEND_BYTES) {
             return Ok(body);
         }
         if n > 1 {
             // The estimate was low: scale it to the real size and cut again.
             let estimated: usize = weights.iter().sum::<usize>().max(1);
-            let budget = (MAX_APPEND_BYTES as u128 * estimated as u128 / body.len() as u128)
+            let budget = (budget as u128 * estimated as u128 / body.len() as u128)
                 .min(usize::MAX as u128) as usize;
             let fit = entries_that_fit(weights, budget).min(n - 1);
             return Err(RPCError::PayloadTooLarge(
@@ -188,10 +242,28 @@ impl<T: Transport> RaftNetwork<TypeConfig> for Connection<T> {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, RaftNode, RaftError<NodeId>>> {
+        let carries_entries = !rpc.entries.is_empty();
         let body = self.encode_append(rpc)?;
-        match self.send_encoded(body).await? {
+        let sent = body.len();
+        let started = Instant::now();
+        let mut watch = InFlight {
+            budget: self.budget.clone(),
+            // Heartbeats to a member that is down time out too; only batches teach.
+            answered: !carries_entries,
+        };
+        let answer = self.send_encoded(body).await;
+        watch.answered = true;
+        if carries_entries && answer.is_ok() {
+            let b = self.budget.load(Ordering::Relaxed);
+            let next = budget_after_answer(b, sent, started.elapsed(), option.hard_ttl());
+            if next != b {
+                debug!(target = %self.node.peer_id, from = b, to = next, took = ?started.elapsed(), "append budget changed");
+            }
+            self.budget.store(next, Ordering::Relaxed);
+        }
+        match answer? {
             RpcResponse::Append(r) => r.map_err(|e| {
                 RPCError::RemoteError(RemoteError::new_with_node(
                     self.target,
@@ -263,6 +335,41 @@ mod tests {
         // 40 entries of 1 MiB: 15 fit in 16 MiB with their overhead.
         let mib = entry_weight(&entry(1, vec![0; 1 << 20]));
         assert_eq!(entries_that_fit(vec![mib; 40], MAX_APPEND_BYTES), 15);
+    }
+
+    #[test]
+    fn the_budget_follows_how_fast_the_link_answers() {
+        let t = Duration::from_millis(400);
+        let ms = Duration::from_millis;
+        // A full frame answered fast: the budget doubles, up to the frame limit.
+        assert_eq!(budget_after_answer(1 << 20, 1 << 20, ms(50), t), 2 << 20);
+        assert_eq!(
+            budget_after_answer(MAX_APPEND_BYTES, MAX_APPEND_BYTES, ms(1), t),
+            MAX_APPEND_BYTES
+        );
+        // A small frame says nothing about what a full one would take.
+        assert_eq!(budget_after_answer(1 << 20, 1000, ms(1), t), 1 << 20);
+        // In between: kept.
+        assert_eq!(budget_after_answer(1 << 20, 1 << 20, ms(150), t), 1 << 20);
+        // Slow or lost: halved, down to the floor.
+        assert_eq!(budget_after_answer(1 << 20, 1 << 20, ms(250), t), 512 << 10);
+        assert_eq!(budget_after_loss(1 << 20), 512 << 10);
+        assert_eq!(budget_after_loss(MIN_APPEND_BYTES), MIN_APPEND_BYTES);
+    }
+
+    #[test]
+    fn a_dropped_append_halves_the_budget() {
+        let budget = Arc::new(AtomicUsize::new(4 << 20));
+        drop(InFlight {
+            budget: budget.clone(),
+            answered: false,
+        });
+        assert_eq!(budget.load(Ordering::Relaxed), 2 << 20);
+        drop(InFlight {
+            budget: budget.clone(),
+            answered: true,
+        });
+        assert_eq!(budget.load(Ordering::Relaxed), 2 << 20);
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub struct PublishOp {
     /// Custom headers.
     pub headers: Vec<(String, String)>,
     /// The payload.
+    #[serde(with = "crate::bytes")]
     pub payload: Vec<u8>,
     /// Milliseconds since the Unix epoch when the node accepted the publish.
     pub time_ms: u64,
@@ -56,6 +57,7 @@ pub struct StoredEvent {
     /// Custom headers.
     pub headers: Vec<(String, String)>,
     /// The payload.
+    #[serde(with = "crate::bytes")]
     pub payload: Vec<u8>,
 }
 

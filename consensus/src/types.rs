@@ -60,6 +60,7 @@ pub enum Op {
         /// The key.
         key: String,
         /// The value.
+        #[serde(with = "crate::bytes")]
         value: Vec<u8>,
     },
     /// Removes `key`.
