@@ -410,11 +410,20 @@ async fn start_all(
         .collect();
     let deadline = std::time::Instant::now() + opts.timeout;
     let mut last_report = usize::MAX;
+    // A node just spawned can briefly fail the "is it our node" check (its /proc entry is
+    // read while it starts): only a node missing on several looks in a row has died.
+    let mut missing_looks = 0;
     let result: anyhow::Result<()> = loop {
         let alive = list(&opts.dir).iter().filter(|n| n.pid.is_some()).count();
         if alive < n {
-            break Err(anyhow!("only {alive} of {n} nodes are running"));
+            missing_looks += 1;
+            if missing_looks >= 3 {
+                break Err(anyhow!("only {alive} of {n} nodes are running"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
         }
+        missing_looks = 0;
         let mut complete = 0;
         for api in &apis {
             if let Ok(p) = api.get::<Peers>("/v1/peers").await
