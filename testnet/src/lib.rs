@@ -653,3 +653,21 @@ impl Api {
             .sum())
     }
 }
+
+#[cfg(test)]
+mod fast_raft_tests {
+    use super::*;
+
+    #[test]
+    fn fast_raft_is_added_unless_a_timeout_is_named() {
+        let mut args = vec!["node".to_string()];
+        add_fast_raft(&mut args);
+        assert_eq!(args, ["node", "--raft-election-timeout-ms", "200"]);
+        let mut named = vec!["--raft-election-timeout-ms=900".to_string()];
+        add_fast_raft(&mut named);
+        assert_eq!(named, ["--raft-election-timeout-ms=900"]);
+        let mut alias = vec!["--raft-election-timeout".to_string(), "900".to_string()];
+        add_fast_raft(&mut alias);
+        assert_eq!(alias.len(), 2);
+    }
+}

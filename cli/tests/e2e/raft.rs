@@ -659,6 +659,15 @@ async fn a_follower_killed_during_big_events_comes_back_and_catches_up() {
     // append frame may carry, so the leader must send it in batches bounded in bytes.
     const EVENTS: usize = 40;
     let mut net = cluster(3, &[]).await;
+    // Nodes that talk directly get the fast timings (200 ms elections, 133 ms RPC timeout),
+    // the tightest a big batch must fit.
+    let timeout = net
+        .api(0)
+        .unwrap()
+        .metric_sum("canal_raft_rpc_timeout_milliseconds")
+        .await
+        .unwrap();
+    assert_eq!(timeout, 133.0);
     let topic = "big/blobs";
     let (status, body) = net
         .api(0)
