@@ -55,8 +55,17 @@ pub(crate) struct NodeArgs {
     /// Build a Raft snapshot after this many entries [default: 5000].
     #[arg(long, env = "CANAL_RAFT_SNAPSHOT_EVERY")]
     raft_snapshot_every: Option<u64>,
-    /// Shortest Raft election timeout in ms; the longest is twice it [default: 200].
-    #[arg(long, env = "CANAL_RAFT_ELECTION_TIMEOUT_MS")]
+    /// Shortest Raft election timeout in ms [default: 600]. A follower that hears no leader
+    /// for 1-2x this stands for election; a leader waits 2/3 of it for each follower's
+    /// answer (the RPC timeout), so it must be well above the round trip to every Raft
+    /// member: 600 suits round trips up to ~300 ms (edge to cloud); 200 gives failover under
+    /// a second where members are close (one LAN). Raise it if the node warns that a
+    /// member's round trip is close to the RPC timeout. Heartbeats go every 50 ms either way.
+    #[arg(
+        long,
+        alias = "raft-election-timeout",
+        env = "CANAL_RAFT_ELECTION_TIMEOUT_MS"
+    )]
     raft_election_timeout_ms: Option<u64>,
     /// Run without a cluster key on addresses other hosts can reach: any peer that connects
     /// joins the cluster and gets a copy of its data. For trusted networks only; a node

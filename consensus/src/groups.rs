@@ -7,7 +7,7 @@
 //!                         └─no──> wait for an election (bounded), retry
 //! ```
 
-use crate::network::{Network, Transport, call};
+use crate::network::{MAX_ENTRY_BYTES, Network, Transport, call};
 use crate::rpc::{ClientError, MemberStatus, RpcRequest, RpcResponse};
 use crate::store::{LogStore, RaftDb, StateMachine, StoreError};
 use crate::types::{GroupId, NodeId, Op, RaftNode, Request, Response, TypeConfig};
@@ -16,19 +16,32 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Raft, RaftMetrics, ServerState, SnapshotPolicy};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 /// Timing and log-compaction settings shared by all groups of a node.
+///
+/// openraft 0.9 uses one setting for two jobs: how often a leader sends heartbeats and how
+/// long it waits for any AppendEntries answer. A short heartbeat is what keeps failover fast,
+/// but as a timeout it cuts off every follower further away than it, and nothing commits. So
+/// they are kept apart here: openraft's heartbeat interval is set to [`Settings::rpc_timeout`],
+/// and a driver of canal's own sends heartbeats every [`Settings::heartbeat`] (and at once when
+/// the leader's applied index moves, so followers learn of commits without waiting).
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Leader heartbeat interval.
+    /// How often the leader of a group sends heartbeats to its followers.
     pub heartbeat: Duration,
+    /// How long a leader waits for one AppendEntries (or read-index) answer before it counts
+    /// the follower as not answering. Must exceed the round trip to every member, and be
+    /// below the shortest election timeout.
+    pub rpc_timeout: Duration,
     /// Election timeout range: a follower that hears no leader for a random time in this range
     /// stands for election.
     pub election_timeout: (Duration, Duration),
@@ -44,20 +57,162 @@ pub struct Settings {
     pub clock_offset_ms: i64,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
+/// The shortest election timeout of [`Settings::default`]: safe for members up to about
+/// 300 ms of round trip apart (the RPC timeout it gives is 400 ms).
+pub const SAFE_ELECTION_TIMEOUT: Duration = Duration::from_millis(600);
+
+impl Settings {
+    /// The timings that follow from a shortest election timeout `min`: elections after
+    /// `min`..`2 * min` without a leader, an RPC timeout of two thirds of `min` (room for a
+    /// reply before a follower would stand), heartbeats every 50 ms (or `min / 4` if that is
+    /// shorter). The rest as [`Settings::default`].
+    pub fn with_election_timeout(min: Duration) -> Settings {
         Settings {
-            // openraft waits out a leader lease (the election timeout's maximum) on top of the
-            // election timeout before it votes again, so a failover takes about 2-3x the
-            // timeout: these keep it under a second.
-            heartbeat: Duration::from_millis(50),
-            election_timeout: (Duration::from_millis(200), Duration::from_millis(400)),
+            heartbeat: Duration::from_millis(50).min(min / 4),
+            rpc_timeout: Duration::from_millis((min.as_millis() * 2 / 3) as u64),
+            election_timeout: (min, min * 2),
             snapshot_every: 5000,
             keep_behind_snapshot: 1000,
             client_timeout: Duration::from_secs(10),
             clock_offset_ms: 0,
         }
     }
+
+    /// Checks the timings fit together (openraft needs an RPC timeout below the election
+    /// timeout; heartbeats must come faster than elections).
+    pub fn check(&self) -> Result<(), String> {
+        let (min, max) = self.election_timeout;
+        if self.heartbeat.is_zero() || self.heartbeat >= min {
+            return Err(format!(
+                "heartbeat {:?} must be above zero and below the shortest election timeout {min:?}",
+                self.heartbeat
+            ));
+        }
+        if self.rpc_timeout.as_millis() == 0 || self.rpc_timeout >= min {
+            return Err(format!(
+                "RPC timeout {:?} must be at least 1 ms and below the shortest election timeout {min:?}",
+                self.rpc_timeout
+            ));
+        }
+        if max <= min {
+            return Err(format!(
+                "the election timeout range {min:?}..{max:?} is empty: the longest must exceed the shortest"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for Settings {
+    /// Safe for members up to ~300 ms of round trip apart (edge to cloud). openraft waits out
+    /// a leader lease on top of the election timeout before it votes again, so a failover
+    /// takes about 2-3x the timeout: about 2-3 s here; close peers can use
+    /// `with_election_timeout(200 ms)` for failover under a second.
+    fn default() -> Self {
+        Settings::with_election_timeout(SAFE_ELECTION_TIMEOUT)
+    }
+}
+
+/// What [`Consensus::handle`] did with a request from a peer.
+#[derive(Debug)]
+pub struct Handled {
+    /// The answer to send back.
+    pub answer: Vec<u8>,
+    /// What the peer did wrong, if the request was refused.
+    pub offence: Option<Offence>,
+}
+
+/// A request a peer should not have sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offence {
+    /// The kind of request (`append`, `vote`, `snapshot`, `write`, ...), or `decode` for
+    /// bytes that are no request.
+    pub kind: &'static str,
+    /// What was wrong.
+    pub detail: String,
+    /// Whether no honest peer could have sent it (undecodable bytes, a leader or candidate
+    /// named that is not the sender), so the node may ban the peer. "Not a member" is not:
+    /// a lagging follower legitimately hears from a leader it does not know yet.
+    pub ban_worthy: bool,
+}
+
+/// The kind of a request, as named in refusals and the refused-RPC metric.
+fn kind_of(req: &RpcRequest) -> &'static str {
+    match req {
+        RpcRequest::Append(..) => "append",
+        RpcRequest::Vote(..) => "vote",
+        RpcRequest::Snapshot(..) => "snapshot",
+        RpcRequest::Write(..) => "write",
+        RpcRequest::Read(..) => "read",
+        RpcRequest::AddLearner(..) => "add_learner",
+        RpcRequest::SetVoters(..) => "set_voters",
+        RpcRequest::Remove(..) => "remove",
+        RpcRequest::Status(..) => "status",
+    }
+}
+
+fn group_of(req: &RpcRequest) -> GroupId {
+    match req {
+        RpcRequest::Append(g, _)
+        | RpcRequest::Vote(g, _)
+        | RpcRequest::Snapshot(g, _)
+        | RpcRequest::Write(g, _)
+        | RpcRequest::Read(g, _)
+        | RpcRequest::AddLearner(g, ..)
+        | RpcRequest::SetVoters(g, _)
+        | RpcRequest::Remove(g, _)
+        | RpcRequest::Status(g) => *g,
+    }
+}
+
+/// Whether `from` may send `req`, judged against this node's membership of the request's
+/// group: `sender_is_member` is `None` while the group has no membership here (not formed,
+/// or waiting to be added), when anyone may speak Raft to it (the node's admission rules
+/// decide who may connect at all).
+///
+/// - Append and InstallSnapshot only from the leader they name, Vote only from the
+///   candidate it names (anything else is forged: ban-worthy), and only from a member.
+/// - Forwarded client operations only from members.
+pub fn admit(
+    req: &RpcRequest,
+    from: NodeId,
+    sender_is_member: Option<bool>,
+) -> Result<(), Offence> {
+    let kind = kind_of(req);
+    let named = match req {
+        RpcRequest::Append(_, r) => Some(r.vote.leader_id().voted_for()),
+        RpcRequest::Snapshot(_, r) => Some(r.vote.leader_id().voted_for()),
+        RpcRequest::Vote(_, r) => Some(r.vote.leader_id().voted_for()),
+        _ => None,
+    };
+    if let Some(named) = named
+        && named != Some(from)
+    {
+        let role = if kind == "vote" {
+            "candidate"
+        } else {
+            "leader"
+        };
+        return Err(Offence {
+            kind,
+            detail: format!(
+                "the {kind} names {role} {} but was sent by node {from}: a {kind} is accepted only from the {role} it names",
+                named.map_or_else(|| "none".to_string(), |n| format!("node {n}"))
+            ),
+            ban_worthy: true,
+        });
+    }
+    if sender_is_member == Some(false) {
+        return Err(Offence {
+            kind,
+            detail: format!(
+                "node {from} is not a member (voter or learner) of group {} here: only members may send a {kind}",
+                group_of(req)
+            ),
+            ban_worthy: false,
+        });
+    }
+    Ok(())
 }
 
 /// Why the groups could not start.
@@ -88,6 +243,8 @@ struct Metrics {
     proposals: Family<Vec<(String, String)>, Counter>,
     elections: Family<Vec<(String, String)>, Counter>,
     snapshots: Family<Vec<(String, String)>, Counter>,
+    refused: Family<Vec<(String, String)>, Counter>,
+    stopped: Family<Vec<(String, String)>, Gauge>,
 }
 
 fn group_label(g: GroupId) -> Vec<(String, String)> {
@@ -109,6 +266,10 @@ struct Inner<T> {
     metrics: Metrics,
     watermark: Arc<crate::store::Watermark>,
     watermark_task: tokio::task::JoinHandle<()>,
+    /// Set by [`Consensus::shutdown`]: a stopped group is then expected, not a fault.
+    shutting_down: AtomicBool,
+    /// When a refusal was last logged, per sender and kind (logged at most once a minute).
+    refusals_logged: std::sync::Mutex<std::collections::HashMap<(NodeId, &'static str), Instant>>,
     /// Where [`Consensus::write_batched`] queues requests, per group.
     batchers: BTreeMap<GroupId, mpsc::Sender<Pending>>,
     batch_tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -130,15 +291,29 @@ const BATCHES_IN_FLIGHT: usize = 4;
 /// Raft round trip, one log flush and one forward carry hundreds of writes.
 async fn batch_loop<T: Transport>(c: Consensus<T>, g: GroupId, mut rx: mpsc::Receiver<Pending>) {
     let inflight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
+    // A request that would have taken its batch over the byte limit starts the next one, so
+    // a batch is never over MAX_BATCH_BYTES unless it is one request alone.
+    let mut carried: Option<Pending> = None;
+    loop {
+        let first = match carried.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
         let Ok(permit) = inflight.clone().acquire_owned().await else {
             return;
         };
         // Gathered after the permit: what arrives while batches are in flight joins this one.
         let mut bytes = first.0.weight();
         let mut items = vec![first];
-        while items.len() < MAX_BATCH_REQUESTS && bytes < MAX_BATCH_BYTES {
+        while items.len() < MAX_BATCH_REQUESTS {
             match rx.try_recv() {
+                Ok(p) if bytes + p.0.weight() > MAX_BATCH_BYTES => {
+                    carried = Some(p);
+                    break;
+                }
                 Ok(p) => {
                     bytes += p.0.weight();
                     items.push(p);
@@ -228,7 +403,13 @@ impl<T: Transport> Consensus<T> {
             proposals: Family::default(),
             elections: Family::default(),
             snapshots: Family::default(),
+            refused: Family::default(),
+            stopped: Family::default(),
         };
+        settings.check().map_err(|reason| ConsensusError::Start {
+            group: GroupId::METADATA,
+            reason,
+        })?;
         registry.register(
             "canal_raft_commit_seconds",
             "Time from a client write reaching this node to its commit and apply",
@@ -249,9 +430,24 @@ impl<T: Transport> Consensus<T> {
             "Snapshots built or installed on this node",
             metrics.snapshots.clone(),
         );
+        registry.register(
+            "canal_raft_refused_rpcs",
+            "Raft RPCs and forwarded operations refused because of who sent them (or undecodable), by group and kind",
+            metrics.refused.clone(),
+        );
+        registry.register(
+            "canal_raft_group_stopped",
+            "1 while a Raft group has stopped (a fatal error) though the node is not shutting down",
+            metrics.stopped.clone(),
+        );
+        let rpc_timeout_ms = settings.rpc_timeout.as_millis() as u64;
         let config = openraft::Config {
             cluster_name: "canal".into(),
-            heartbeat_interval: settings.heartbeat.as_millis() as u64,
+            // openraft times out every AppendEntries after its "heartbeat interval": it is the
+            // RPC timeout here; heartbeats come from `heartbeat_loop`.
+            heartbeat_interval: rpc_timeout_ms,
+            // A snapshot chunk takes longer than an append; give it a few round trips' time.
+            install_snapshot_timeout: (rpc_timeout_ms * 5).max(2000),
             election_timeout_min: settings.election_timeout.0.as_millis() as u64,
             election_timeout_max: settings.election_timeout.1.as_millis() as u64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
@@ -259,6 +455,7 @@ impl<T: Transport> Consensus<T> {
             ..Default::default()
         };
         let mut map = BTreeMap::new();
+        let mut heartbeats = Vec::new();
         for &group in groups {
             let config =
                 Arc::new(
@@ -282,6 +479,11 @@ impl<T: Transport> Consensus<T> {
                     reason: e.to_string(),
                 })?;
             watch_metrics(group, raft.metrics(), metrics.clone());
+            heartbeats.push(tokio::spawn(heartbeat_loop(
+                group,
+                raft.clone(),
+                settings.heartbeat,
+            )));
             map.insert(group, Group { raft, sm, log });
         }
         // Record the durable marks a moment after the entries they cover were flushed.
@@ -318,6 +520,8 @@ impl<T: Transport> Consensus<T> {
                 metrics,
                 watermark,
                 watermark_task,
+                shutting_down: AtomicBool::new(false),
+                refusals_logged: std::sync::Mutex::new(std::collections::HashMap::new()),
                 batchers,
                 batch_tasks: std::sync::Mutex::new(Vec::new()),
             }),
@@ -325,6 +529,7 @@ impl<T: Transport> Consensus<T> {
         let tasks = queues
             .into_iter()
             .map(|(g, rx)| tokio::spawn(batch_loop(c.clone(), g, rx)))
+            .chain(heartbeats)
             .collect();
         *c.inner
             .batch_tasks
@@ -402,13 +607,148 @@ impl<T: Transport> Consensus<T> {
         Ok(())
     }
 
-    /// Answers a request from another peer (bytes in, bytes out).
-    pub async fn handle(&self, body: &[u8]) -> Vec<u8> {
-        let response = match wire::decode::<RpcRequest>(body) {
-            Ok(req) => self.serve(req).await,
-            Err(e) => RpcResponse::Status(Err(other(format!("undecodable request: {e}")))),
+    /// Answers a request from peer `from` (its Raft node id, derived from the authenticated
+    /// peer id the request came over): bytes in, bytes out, and what the peer did wrong if
+    /// it was refused. Only members speak Raft, and only as themselves (see [`admit`]);
+    /// everything refused is answered with an error naming the rule and counted in
+    /// `canal_raft_refused_rpcs_total{group,kind}`.
+    pub async fn handle(&self, from: NodeId, body: &[u8]) -> Handled {
+        let req = match wire::decode::<RpcRequest>(body) {
+            Ok(req) => req,
+            Err(e) => {
+                let offence = Offence {
+                    kind: "decode",
+                    detail: format!("undecodable Raft request of {} bytes: {e}", body.len()),
+                    ban_worthy: true,
+                };
+                return self.refuse(from, "unknown", None, offence);
+            }
         };
-        wire::encode(&response).unwrap_or_default()
+        let g = group_of(&req);
+        if let Some(group) = self.inner.groups.get(&g) {
+            let sender_is_member = {
+                let m = group.raft.metrics();
+                let m = m.borrow();
+                let mut nodes = m.membership_config.membership().nodes().peekable();
+                nodes
+                    .peek()
+                    .is_some()
+                    .then(|| nodes.any(|(id, _)| *id == from))
+            };
+            if let Err(offence) = admit(&req, from, sender_is_member) {
+                return self.refuse(from, &g.to_string(), Some(&req), offence);
+            }
+        }
+        let response = self.serve(req).await;
+        Handled {
+            answer: wire::encode(&response).unwrap_or_default(),
+            offence: None,
+        }
+    }
+
+    /// Counts, logs (at most once a minute per sender and kind) and answers a refusal.
+    fn refuse(
+        &self,
+        from: NodeId,
+        group: &str,
+        req: Option<&RpcRequest>,
+        offence: Offence,
+    ) -> Handled {
+        self.inner
+            .metrics
+            .refused
+            .get_or_create(&vec![
+                ("group".to_string(), group.to_string()),
+                ("kind".to_string(), offence.kind.to_string()),
+            ])
+            .inc();
+        let log_now = {
+            let mut logged = self
+                .inner
+                .refusals_logged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            // Bounded: a flood from many ids must not grow it without end.
+            if logged.len() > 4096 {
+                logged.retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+            }
+            match logged.get(&(from, offence.kind)) {
+                Some(at) if now.duration_since(*at) < Duration::from_secs(60) => false,
+                _ => {
+                    logged.insert((from, offence.kind), now);
+                    true
+                }
+            }
+        };
+        if log_now {
+            warn!(
+                node = from,
+                group,
+                kind = offence.kind,
+                ban_worthy = offence.ban_worthy,
+                "refused a Raft request: {}",
+                offence.detail
+            );
+        } else {
+            debug!(
+                node = from,
+                group,
+                kind = offence.kind,
+                "refused a Raft request: {}",
+                offence.detail
+            );
+        }
+        let e = match req {
+            Some(r) => ClientError::Refused {
+                group: group_of(r),
+                kind: offence.kind.to_string(),
+                rule: offence.detail.clone(),
+            },
+            None => other(&offence.detail),
+        };
+        let response = match req {
+            Some(RpcRequest::Write(..)) => RpcResponse::Write(Err(e)),
+            Some(RpcRequest::Read(..)) => RpcResponse::Read(Err(e)),
+            Some(
+                RpcRequest::AddLearner(..) | RpcRequest::SetVoters(..) | RpcRequest::Remove(..),
+            ) => RpcResponse::Membership(Err(e)),
+            _ => RpcResponse::Status(Err(e)),
+        };
+        Handled {
+            answer: wire::encode(&response).unwrap_or_default(),
+            offence: Some(offence),
+        }
+    }
+
+    /// Whether every group is running: a group whose Raft stopped (a fatal error, e.g. in
+    /// storage) while the node is not shutting down no longer replicates, and the node must
+    /// not report itself healthy. The error names the groups and why.
+    pub fn health(&self) -> Result<(), String> {
+        if self.inner.shutting_down.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut bad = Vec::new();
+        for (g, group) in &self.inner.groups {
+            let m = group.raft.metrics();
+            let m = m.borrow();
+            let why = match (&m.running_state, m.state) {
+                (Err(fatal), _) => Some(format!("group {g} stopped: {fatal}")),
+                (Ok(()), ServerState::Shutdown) => Some(format!("group {g} has shut down")),
+                _ => None,
+            };
+            self.inner
+                .metrics
+                .stopped
+                .get_or_create(&group_label(*g))
+                .set(i64::from(why.is_some()));
+            bad.extend(why);
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(bad.join("; "))
+        }
     }
 
     async fn serve(&self, req: RpcRequest) -> RpcResponse {
@@ -425,7 +765,10 @@ impl<T: Transport> Consensus<T> {
                 Ok(group) => RpcResponse::Snapshot(group.raft.install_snapshot(r).await),
                 Err(e) => RpcResponse::Status(Err(e)),
             },
-            RpcRequest::Write(g, r) => RpcResponse::Write(self.local_write(g, r).await),
+            RpcRequest::Write(g, r) => RpcResponse::Write(match check_entry_size(&r) {
+                Ok(()) => self.local_write(g, r).await,
+                Err(e) => Err(e),
+            }),
             RpcRequest::Read(g, key) => RpcResponse::Read(self.local_read(g, &key).await),
             RpcRequest::AddLearner(g, id, node) => {
                 RpcResponse::Membership(self.local_add_learner(g, id, node).await)
@@ -673,6 +1016,7 @@ impl<T: Transport> Consensus<T> {
 
     /// Writes through the group's leader; the answer comes after commit and apply.
     pub async fn write(&self, g: GroupId, req: Request) -> Result<Response, ClientError> {
+        check_entry_size(&req)?;
         let started = Instant::now();
         self.inner
             .metrics
@@ -702,6 +1046,7 @@ impl<T: Transport> Consensus<T> {
     /// queued for the group at the same moment (group commit): for the many small writes of
     /// publishers, whose throughput is bounded by Raft round trips and log flushes.
     pub async fn write_batched(&self, g: GroupId, req: Request) -> Result<Response, ClientError> {
+        check_entry_size(&req)?;
         let queue = self
             .inner
             .batchers
@@ -762,6 +1107,7 @@ impl<T: Transport> Consensus<T> {
 
     /// Stops every group.
     pub async fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::Relaxed);
         for (g, group) in &self.inner.groups {
             if let Err(e) = group.raft.shutdown().await {
                 warn!(group = %g, error = %e, "Raft group did not stop cleanly");
@@ -779,6 +1125,48 @@ impl<T: Transport> Consensus<T> {
         }
         if let Err(e) = self.inner.watermark.write(false) {
             warn!(error = %e, "cannot write the Raft watermark");
+        }
+    }
+}
+
+/// Refuses a request too large to be one Raft entry: it could never be replicated (see
+/// [`crate::network::MAX_ENTRY_BYTES`]).
+fn check_entry_size(req: &Request) -> Result<(), ClientError> {
+    let bytes = req.weight();
+    if bytes > MAX_ENTRY_BYTES {
+        return Err(ClientError::TooLarge {
+            what: "the request".into(),
+            bytes,
+            limit: MAX_ENTRY_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// Sends the group's heartbeats while this node leads it: every `every`, and at once when
+/// the applied index moves (a commit), so followers learn of it without waiting for the
+/// next beat. openraft's own beat runs only at the RPC timeout (see [`Settings`]).
+async fn heartbeat_loop(group: GroupId, raft: Raft<TypeConfig>, every: Duration) {
+    let mut rx = raft.metrics();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut applied = rx.borrow().last_applied;
+    loop {
+        let beat = tokio::select! {
+            _ = tick.tick() => rx.borrow().state == ServerState::Leader,
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let m = rx.borrow_and_update();
+                let moved = m.last_applied != applied;
+                applied = m.last_applied;
+                moved && m.state == ServerState::Leader
+            }
+        };
+        if beat && let Err(e) = raft.trigger().heartbeat().await {
+            debug!(group = %group, error = %e, "heartbeat driver stops: the group stopped");
+            return;
         }
     }
 }
@@ -851,4 +1239,318 @@ fn watch_metrics(
             }
         }
     });
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use openraft::Vote;
+    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    /// Nodes of an in-memory cluster, by peer id; a call carries the caller's node id as
+    /// the authenticated sender, as the mesh does.
+    type Registry_ = Arc<Mutex<HashMap<String, Consensus<MemTransport>>>>;
+
+    #[derive(Clone)]
+    struct MemTransport {
+        me: NodeId,
+        nodes: Registry_,
+    }
+
+    impl Transport for MemTransport {
+        async fn call(&self, target: &RaftNode, body: Vec<u8>) -> Result<Vec<u8>, String> {
+            let c = self
+                .nodes
+                .lock()
+                .unwrap()
+                .get(&target.peer_id)
+                .cloned()
+                .ok_or_else(|| format!("{} is not running", target.peer_id))?;
+            Ok(c.handle(self.me, &body).await.answer)
+        }
+    }
+
+    fn node(id: NodeId) -> RaftNode {
+        RaftNode {
+            peer_id: format!("n{id}"),
+            addrs: vec![],
+        }
+    }
+
+    fn put(key: &str, value: &[u8]) -> Request {
+        Request {
+            id: None,
+            op: Op::Put {
+                key: key.into(),
+                value: value.to_vec(),
+            },
+        }
+    }
+
+    struct Net {
+        _dirs: Vec<tempfile::TempDir>,
+        nodes: Registry_,
+    }
+
+    impl Net {
+        fn get(&self, id: NodeId) -> Consensus<MemTransport> {
+            self.nodes.lock().unwrap()[&node(id).peer_id].clone()
+        }
+    }
+
+    /// Starts nodes `ids` in memory, with fast timings; none is formed.
+    async fn start(ids: &[NodeId]) -> Net {
+        let nodes: Registry_ = Arc::default();
+        let mut dirs = Vec::new();
+        for &id in ids {
+            let dir = tempfile::tempdir().unwrap();
+            let db = RaftDb::open(&dir.path().join("raft")).unwrap();
+            let c = Consensus::start(
+                &db,
+                id,
+                node(id),
+                &[GroupId::METADATA],
+                Settings::with_election_timeout(Duration::from_millis(200)),
+                MemTransport {
+                    me: id,
+                    nodes: nodes.clone(),
+                },
+                &mut Registry::default(),
+            )
+            .await
+            .unwrap();
+            nodes.lock().unwrap().insert(node(id).peer_id, c);
+            dirs.push(dir);
+        }
+        Net { _dirs: dirs, nodes }
+    }
+
+    async fn formed(ids: &[NodeId], outsiders: &[NodeId]) -> Net {
+        let all: Vec<NodeId> = ids.iter().chain(outsiders).copied().collect();
+        let net = start(&all).await;
+        let members: BTreeMap<NodeId, RaftNode> = ids.iter().map(|&i| (i, node(i))).collect();
+        net.get(ids[0]).initialize(members).await.unwrap();
+        net
+    }
+
+    async fn leader_of(net: &Net, via: NodeId) -> NodeId {
+        let c = net.get(via);
+        let mut rx = c.group(GroupId::METADATA).unwrap().raft.metrics();
+        let m = tokio::time::timeout(
+            Duration::from_secs(10),
+            rx.wait_for(|m| m.current_leader.is_some()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        m.current_leader.unwrap()
+    }
+
+    fn append(term: u64, leader: NodeId) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(term, leader),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: vec![],
+        }
+    }
+
+    fn refused(h: &Handled) -> ClientError {
+        match wire::decode::<RpcResponse>(&h.answer).unwrap() {
+            RpcResponse::Status(Err(e))
+            | RpcResponse::Write(Err(e))
+            | RpcResponse::Read(Err(e))
+            | RpcResponse::Membership(Err(e)) => e,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn admit_follows_the_rules() {
+        let g = GroupId::METADATA;
+        // Anyone may speak Raft to a group with no membership yet, but only as itself.
+        assert!(admit(&RpcRequest::Append(g, append(1, 7)), 7, None).is_ok());
+        let forged = admit(&RpcRequest::Append(g, append(1, 7)), 8, None).unwrap_err();
+        assert!(forged.ban_worthy, "{forged:?}");
+        // A member naming another leader is forged.
+        let e = admit(&RpcRequest::Append(g, append(1, 7)), 8, Some(true)).unwrap_err();
+        assert_eq!(e.kind, "append");
+        assert!(
+            e.ban_worthy && e.detail.contains("names leader node 7"),
+            "{e:?}"
+        );
+        let vote = VoteRequest::new(Vote::new(2, 7), None);
+        let e = admit(&RpcRequest::Vote(g, vote.clone()), 8, Some(true)).unwrap_err();
+        assert!(e.ban_worthy && e.detail.contains("candidate"), "{e:?}");
+        assert!(admit(&RpcRequest::Vote(g, vote.clone()), 7, Some(true)).is_ok());
+        // A non-member is refused, but not banned: it may be a leader we do not know yet.
+        for req in [
+            RpcRequest::Append(g, append(1, 7)),
+            RpcRequest::Vote(g, vote),
+            RpcRequest::Write(g, put("k", b"v")),
+            RpcRequest::Read(g, "k".into()),
+            RpcRequest::Remove(g, 1),
+            RpcRequest::Status(g),
+        ] {
+            let kind = kind_of(&req);
+            let e = admit(&req, 7, Some(false)).unwrap_err();
+            assert!(!e.ban_worthy, "{e:?}");
+            assert_eq!(e.kind, kind);
+            assert!(e.detail.contains("not a member"), "{e:?}");
+            assert!(admit(&req, 7, Some(true)).is_ok(), "{kind}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_members_speak_raft_and_a_legit_cluster_replicates() {
+        let net = formed(&[1, 2, 3], &[9]).await;
+        let leader = leader_of(&net, 1).await;
+        let follower = [1, 2, 3].into_iter().find(|i| *i != leader).unwrap();
+        for i in [1, 2, 3] {
+            assert_eq!(leader_of(&net, i).await, leader);
+        }
+
+        // A legit cluster replicates, writes forwarded through a follower included.
+        net.get(follower)
+            .write(GroupId::METADATA, put("a", b"1"))
+            .await
+            .unwrap();
+        for i in [1, 2, 3] {
+            let sm = net.get(i).state_machine(GroupId::METADATA).unwrap();
+            wait(|| sm.get("a").unwrap() == Some(b"1".to_vec())).await;
+        }
+
+        let l = net.get(leader);
+        let f = net.get(follower);
+        let term = l.metrics(GroupId::METADATA).unwrap().current_term;
+        let g = GroupId::METADATA;
+        let body = |r: &RpcRequest| wire::encode(r).unwrap();
+
+        // A non-member's write, append and vote are refused, counted, not ban-worthy.
+        let h = l
+            .handle(9, &body(&RpcRequest::Write(g, put("evil", b"x"))))
+            .await;
+        assert!(matches!(refused(&h), ClientError::Refused { .. }), "{h:?}");
+        assert!(!h.offence.as_ref().unwrap().ban_worthy);
+        let h = f
+            .handle(9, &body(&RpcRequest::Append(g, append(term + 5, 9))))
+            .await;
+        assert!(refused(&h).to_string().contains("not a member"), "{h:?}");
+        let h = f
+            .handle(
+                9,
+                &body(&RpcRequest::Vote(
+                    g,
+                    VoteRequest::new(Vote::new(term + 5, 9), None),
+                )),
+            )
+            .await;
+        assert_eq!(h.offence.as_ref().unwrap().kind, "vote");
+        // The outsider's own forwarding reaches the leader and is refused the same way.
+        let outsider = net.get(9);
+        let e = call(
+            &outsider.inner.transport,
+            &node(leader),
+            &RpcRequest::Write(g, put("evil", b"y")),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            e,
+            RpcResponse::Write(Err(ClientError::Refused { .. }))
+        ));
+
+        // A member that names another node as the leader is forged: ban-worthy.
+        let h = f
+            .handle(
+                follower,
+                &body(&RpcRequest::Append(g, append(term, leader))),
+            )
+            .await;
+        let o = h.offence.clone().unwrap();
+        assert!(o.ban_worthy && o.kind == "append", "{o:?}");
+        // Bytes that are no request are ban-worthy too.
+        let h = f.handle(leader, b"\x01\xff\xff\xff\xff\xff").await;
+        assert_eq!(
+            h.offence.as_ref().map(|o| (o.kind, o.ban_worthy)),
+            Some(("decode", true))
+        );
+
+        // Nothing of that changed the term, the leader or the data.
+        let m = f.metrics(g).unwrap();
+        assert_eq!(m.current_leader, Some(leader));
+        assert_eq!(m.current_term, term);
+        for i in [1, 2, 3] {
+            let sm = net.get(i).state_machine(g).unwrap();
+            assert_eq!(sm.get("evil").unwrap(), None);
+        }
+        // And the cluster still commits.
+        net.get(follower).write(g, put("b", b"2")).await.unwrap();
+        assert!(l.health().is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_too_large_for_one_entry_is_refused_before_it_is_proposed() {
+        let net = formed(&[1], &[]).await;
+        leader_of(&net, 1).await;
+        let c = net.get(1);
+        let e = c
+            .write(GroupId::METADATA, put("big", &vec![0; MAX_ENTRY_BYTES + 1]))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::TooLarge { .. }), "{e}");
+        assert!(e.to_string().contains("MAX_ENTRY_BYTES"), "{e}");
+        let e = c
+            .write_batched(GroupId::METADATA, put("big", &vec![0; MAX_ENTRY_BYTES + 1]))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::TooLarge { .. }), "{e}");
+        c.write(GroupId::METADATA, put("ok", b"1")).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_group_is_unhealthy_unless_the_node_shuts_down() {
+        let net = formed(&[1], &[]).await;
+        leader_of(&net, 1).await;
+        let c = net.get(1);
+        assert!(c.health().is_ok());
+        c.group(GroupId::METADATA)
+            .unwrap()
+            .raft
+            .shutdown()
+            .await
+            .unwrap();
+        let e = c.health().unwrap_err();
+        assert!(e.contains("metadata"), "{e}");
+        c.shutdown().await;
+        assert!(c.health().is_ok());
+    }
+
+    #[test]
+    fn timings_derive_from_the_election_timeout() {
+        let d = Settings::default();
+        assert_eq!(d.rpc_timeout, Duration::from_millis(400));
+        assert_eq!(
+            d.election_timeout,
+            (Duration::from_millis(600), Duration::from_millis(1200))
+        );
+        assert_eq!(d.heartbeat, Duration::from_millis(50));
+        let fast = Settings::with_election_timeout(Duration::from_millis(200));
+        assert_eq!(fast.rpc_timeout, Duration::from_millis(133));
+        assert!(fast.check().is_ok() && d.check().is_ok());
+        let mut bad = d.clone();
+        bad.rpc_timeout = Duration::from_millis(600);
+        assert!(bad.check().unwrap_err().contains("RPC timeout"));
+    }
+
+    async fn wait(mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ok() {
+            assert!(Instant::now() < deadline, "condition not met within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }

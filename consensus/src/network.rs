@@ -6,14 +6,20 @@ use crate::types::{GroupId, NodeId, RaftNode, TypeConfig};
 use canal_proto::wire;
 use openraft::AnyError;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{Entry, EntryPayload};
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tracing::{debug, error};
 
 /// Carries bytes to another member and brings back its answer. Implementations must not
 /// retry on their own: Raft and the forwarding logic decide what to repeat.
@@ -24,6 +30,85 @@ pub trait Transport: Clone + Send + Sync + 'static {
         target: &RaftNode,
         body: Vec<u8>,
     ) -> impl Future<Output = Result<Vec<u8>, String>> + Send;
+}
+
+/// The most bytes one AppendEntries frame may carry. A larger batch is answered with
+/// `PayloadTooLarge`, so openraft sends fewer entries: a frame over the transport's limit
+/// (`canal_dht::rpc::MAX_RPC_BYTES`, 64 MiB; the node asserts this is below it) would
+/// otherwise be refused as `Unreachable` and the same batch retried forever.
+pub const MAX_APPEND_BYTES: usize = 16 << 20;
+
+/// The largest client request a group accepts as one entry (checked where entries are
+/// proposed): an entry cannot be split across frames, so it must fit in
+/// [`MAX_APPEND_BYTES`] with room for the frame's own fields.
+pub const MAX_ENTRY_BYTES: usize = 12 << 20;
+
+/// Where a connection's append budget starts: 1 MiB, one large event.
+pub const START_APPEND_BYTES: usize = 1 << 20;
+/// The smallest append budget: a link that cannot carry this within the RPC timeout is
+/// too slow for Raft at these settings anyway.
+pub const MIN_APPEND_BYTES: usize = 64 << 10;
+
+/// The next append budget of a connection after a frame of `sent` bytes was answered in
+/// `took` of the RPC `timeout`. openraft drops every answer later than the timeout, so a
+/// batch must be small enough to cross the link, be written and be answered in time: the
+/// budget halves when an answer used more than half the timeout, and doubles (up to
+/// [`MAX_APPEND_BYTES`]) when a frame that used most of the budget was answered within a
+/// quarter of it.
+pub fn budget_after_answer(budget: usize, sent: usize, took: Duration, timeout: Duration) -> usize {
+    if took > timeout / 2 {
+        (budget / 2).max(MIN_APPEND_BYTES)
+    } else if took < timeout / 4 && sent.saturating_mul(2) > budget {
+        budget.saturating_mul(2).min(MAX_APPEND_BYTES)
+    } else {
+        budget
+    }
+}
+
+/// The next append budget after a frame with entries got no answer in time.
+pub fn budget_after_loss(budget: usize) -> usize {
+    (budget / 2).max(MIN_APPEND_BYTES)
+}
+
+/// Halves the connection's budget if the append it watches is dropped unanswered (openraft
+/// dropped it at its timeout).
+struct InFlight {
+    budget: Arc<AtomicUsize>,
+    answered: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.answered {
+            let b = self.budget.load(Ordering::Relaxed);
+            self.budget.store(budget_after_loss(b), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Roughly how many bytes an entry takes on the wire: what a batch is cut by before it is
+/// encoded (encoding a batch that is then refused would be wasted work).
+pub fn entry_weight(e: &Entry<TypeConfig>) -> usize {
+    64 + match &e.payload {
+        EntryPayload::Blank => 0,
+        EntryPayload::Normal(r) => r.request.weight(),
+        EntryPayload::Membership(m) => 256 * m.nodes().count(),
+    }
+}
+
+/// How many leading entries of the given sizes fit in `budget` bytes: at least one (a
+/// single entry goes alone, whatever its size), at most all of them.
+pub fn entries_that_fit(sizes: impl IntoIterator<Item = usize>, budget: usize) -> usize {
+    let mut total = 0usize;
+    let mut n = 0usize;
+    for size in sizes {
+        total = total.saturating_add(size);
+        if n > 0 && total > budget {
+            break;
+        }
+        n += 1;
+    }
+    n.max(1)
 }
 
 /// Sends one request and decodes the answer.
@@ -52,6 +137,9 @@ pub struct Connection<T> {
     transport: T,
     target: NodeId,
     node: RaftNode,
+    /// How many bytes an append to this member may carry now (see
+    /// [`budget_after_answer`]); never over [`MAX_APPEND_BYTES`].
+    budget: Arc<AtomicUsize>,
 }
 
 impl<T: Transport> RaftNetworkFactory<TypeConfig> for Network<T> {
@@ -63,6 +151,7 @@ impl<T: Transport> RaftNetworkFactory<TypeConfig> for Network<T> {
             transport: self.transport.clone(),
             target,
             node: node.clone(),
+            budget: Arc::new(AtomicUsize::new(START_APPEND_BYTES)),
         }
     }
 }
@@ -72,9 +161,73 @@ impl<T: Transport> Connection<T> {
         &self,
         req: RpcRequest,
     ) -> Result<RpcResponse, RPCError<NodeId, RaftNode, E>> {
-        call(&self.transport, &self.node, &req)
+        let body = wire::encode(&req)
+            .map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e))))?;
+        self.send_encoded(body).await
+    }
+
+    async fn send_encoded<E: std::error::Error>(
+        &self,
+        body: Vec<u8>,
+    ) -> Result<RpcResponse, RPCError<NodeId, RaftNode, E>> {
+        let answer = self
+            .transport
+            .call(&self.node, body)
             .await
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&AnyError::error(e))))
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&AnyError::error(e))))?;
+        wire::decode(&answer).map_err(|e| {
+            RPCError::Network(NetworkError::new(&AnyError::error(format!(
+                "bad answer from {}: {e}",
+                self.node.peer_id
+            ))))
+        })
+    }
+
+    /// Encodes an AppendEntries once, or says how many of its entries to send instead.
+    // The error is openraft's own, handed straight back to it.
+    #[allow(clippy::result_large_err)]
+    fn encode_append(
+        &self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+    ) -> Result<Vec<u8>, RPCError<NodeId, RaftNode, RaftError<NodeId>>> {
+        let n = rpc.entries.len();
+        let budget = self
+            .budget
+            .load(Ordering::Relaxed)
+            .clamp(MIN_APPEND_BYTES, MAX_APPEND_BYTES);
+        // Cut by estimate first: cheap, and right for the entries canal proposes.
+        let fit = entries_that_fit(rpc.entries.iter().map(entry_weight), budget);
+        if fit < n {
+            debug!(target = %self.node.peer_id, entries = n, fit, budget, "append batch over this link's budget: asking openraft for fewer entries");
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(fit as u64),
+            ));
+        }
+        let weights: Vec<usize> = rpc.entries.iter().map(entry_weight).collect();
+        let body = wire::encode(&RpcRequest::Append(self.group, rpc))
+            .map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e))))?;
+        if body.len() <= budget || (n == 1 && body.len() <= MAX_APPEND_BYTES) {
+            return Ok(body);
+        }
+        if n > 1 {
+            // The estimate was low: scale it to the real size and cut again.
+            let estimated: usize = weights.iter().sum::<usize>().max(1);
+            let budget = (budget as u128 * estimated as u128 / body.len() as u128)
+                .min(usize::MAX as u128) as usize;
+            let fit = entries_that_fit(weights, budget).min(n - 1);
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(fit as u64),
+            ));
+        }
+        // One entry that does not fit cannot be shrunk; proposers refuse such entries, so
+        // this is a bug or a foreign entry. Back off instead of retrying at once forever.
+        error!(target = %self.node.peer_id, bytes = body.len(), limit = MAX_APPEND_BYTES, "one Raft entry is larger than an append frame may be: it cannot be replicated");
+        Err(RPCError::Unreachable(Unreachable::new(&AnyError::error(
+            format!(
+                "one entry makes an append frame of {} bytes: the limit is {MAX_APPEND_BYTES} (MAX_APPEND_BYTES)",
+                body.len()
+            ),
+        ))))
     }
 
     fn unexpected<E: std::error::Error>(&self, got: &RpcResponse) -> RPCError<NodeId, RaftNode, E> {
@@ -89,9 +242,28 @@ impl<T: Transport> RaftNetwork<TypeConfig> for Connection<T> {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, RaftNode, RaftError<NodeId>>> {
-        match self.send(RpcRequest::Append(self.group, rpc)).await? {
+        let carries_entries = !rpc.entries.is_empty();
+        let body = self.encode_append(rpc)?;
+        let sent = body.len();
+        let started = Instant::now();
+        let mut watch = InFlight {
+            budget: self.budget.clone(),
+            // Heartbeats to a member that is down time out too; only batches teach.
+            answered: !carries_entries,
+        };
+        let answer = self.send_encoded(body).await;
+        watch.answered = true;
+        if carries_entries && answer.is_ok() {
+            let b = self.budget.load(Ordering::Relaxed);
+            let next = budget_after_answer(b, sent, started.elapsed(), option.hard_ttl());
+            if next != b {
+                debug!(target = %self.node.peer_id, from = b, to = next, took = ?started.elapsed(), "append budget changed");
+            }
+            self.budget.store(next, Ordering::Relaxed);
+        }
+        match answer? {
             RpcResponse::Append(r) => r.map_err(|e| {
                 RPCError::RemoteError(RemoteError::new_with_node(
                     self.target,
@@ -138,5 +310,205 @@ impl<T: Transport> RaftNetwork<TypeConfig> for Connection<T> {
             }),
             other => Err(self.unexpected(&other)),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::rpc::ClientError;
+    use crate::types::{GroupId, Op, Request};
+    use openraft::{CommittedLeaderId, LogId, Vote};
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngSeed, TestRunner};
+
+    #[test]
+    fn entries_that_fit_keeps_a_prefix_within_the_budget_and_never_none() {
+        assert_eq!(entries_that_fit([10, 10, 10], 30), 3);
+        assert_eq!(entries_that_fit([10, 10, 10], 29), 2);
+        assert_eq!(entries_that_fit([10, 10, 10], 10), 1);
+        // One entry over the budget still goes alone: openraft cannot send less.
+        assert_eq!(entries_that_fit([50, 10], 30), 1);
+        assert_eq!(entries_that_fit([], 30), 1);
+        assert_eq!(entries_that_fit([usize::MAX, usize::MAX], 30), 1);
+        // 40 entries of 1 MiB: 15 fit in 16 MiB with their overhead.
+        let mib = entry_weight(&entry(1, vec![0; 1 << 20]));
+        assert_eq!(entries_that_fit(vec![mib; 40], MAX_APPEND_BYTES), 15);
+    }
+
+    #[test]
+    fn the_budget_follows_how_fast_the_link_answers() {
+        let t = Duration::from_millis(400);
+        let ms = Duration::from_millis;
+        // A full frame answered fast: the budget doubles, up to the frame limit.
+        assert_eq!(budget_after_answer(1 << 20, 1 << 20, ms(50), t), 2 << 20);
+        assert_eq!(
+            budget_after_answer(MAX_APPEND_BYTES, MAX_APPEND_BYTES, ms(1), t),
+            MAX_APPEND_BYTES
+        );
+        // A small frame says nothing about what a full one would take.
+        assert_eq!(budget_after_answer(1 << 20, 1000, ms(1), t), 1 << 20);
+        // In between: kept.
+        assert_eq!(budget_after_answer(1 << 20, 1 << 20, ms(150), t), 1 << 20);
+        // Slow or lost: halved, down to the floor.
+        assert_eq!(budget_after_answer(1 << 20, 1 << 20, ms(250), t), 512 << 10);
+        assert_eq!(budget_after_loss(1 << 20), 512 << 10);
+        assert_eq!(budget_after_loss(MIN_APPEND_BYTES), MIN_APPEND_BYTES);
+    }
+
+    #[test]
+    fn a_dropped_append_halves_the_budget() {
+        let budget = Arc::new(AtomicUsize::new(4 << 20));
+        drop(InFlight {
+            budget: budget.clone(),
+            answered: false,
+        });
+        assert_eq!(budget.load(Ordering::Relaxed), 2 << 20);
+        drop(InFlight {
+            budget: budget.clone(),
+            answered: true,
+        });
+        assert_eq!(budget.load(Ordering::Relaxed), 2 << 20);
+    }
+
+    #[test]
+    fn the_entry_limit_fits_in_one_append_frame() {
+        let big = entry(1, vec![0; MAX_ENTRY_BYTES - 200]);
+        let req = RpcRequest::Append(
+            GroupId(1),
+            AppendEntriesRequest {
+                vote: Vote::new_committed(1, 1),
+                prev_log_id: None,
+                leader_commit: None,
+                entries: vec![big],
+            },
+        );
+        assert!(wire::encode(&req).unwrap().len() < MAX_APPEND_BYTES);
+    }
+
+    fn entry(index: u64, value: Vec<u8>) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(crate::types::Proposal {
+                time_ms: 0,
+                request: Request {
+                    id: Some(format!("w{index}")),
+                    op: Op::Put {
+                        key: format!("k{index}"),
+                        value,
+                    },
+                },
+            }),
+        }
+    }
+
+    /// Valid messages of every shape, to mutate.
+    fn samples() -> Vec<Vec<u8>> {
+        let g = GroupId(1);
+        let append = AppendEntriesRequest {
+            vote: Vote::new_committed(3, 7),
+            prev_log_id: Some(LogId::new(CommittedLeaderId::new(3, 7), 9)),
+            leader_commit: Some(LogId::new(CommittedLeaderId::new(3, 7), 8)),
+            entries: vec![entry(10, b"hello".to_vec()), entry(11, vec![1, 2, 3])],
+        };
+        let reqs = [
+            RpcRequest::Append(g, append),
+            RpcRequest::Vote(g, openraft::raft::VoteRequest::new(Vote::new(4, 7), None)),
+            RpcRequest::Write(
+                g,
+                Request {
+                    id: Some("x".into()),
+                    op: Op::Delete { key: "k".into() },
+                },
+            ),
+            RpcRequest::Read(g, "key".into()),
+            RpcRequest::SetVoters(g, vec![1, 2, 3]),
+            RpcRequest::Status(g),
+        ];
+        let resps = [
+            RpcResponse::Write(Err(ClientError::NotLeader {
+                group: g,
+                leader: None,
+            })),
+            RpcResponse::Read(Ok(Some(b"v".to_vec()))),
+            RpcResponse::Membership(Err(ClientError::Refused {
+                group: g,
+                kind: "write".into(),
+                rule: "not a member".into(),
+            })),
+            RpcResponse::Vote(Ok(openraft::raft::VoteResponse::new(
+                Vote::new(4, 7),
+                None,
+                true,
+            ))),
+        ];
+        reqs.iter()
+            .map(|r| wire::encode(r).unwrap())
+            .chain(resps.iter().map(|r| wire::encode(r).unwrap()))
+            .collect()
+    }
+
+    fn runner() -> TestRunner {
+        TestRunner::new(Config {
+            cases: 3000,
+            rng_seed: RngSeed::Fixed(0x00ca_0a11),
+            failure_persistence: None,
+            ..Config::default()
+        })
+    }
+
+    #[test]
+    fn rpc_decoders_never_panic_on_random_bytes() {
+        runner()
+            .run(&proptest::collection::vec(any::<u8>(), 0..512), |bytes| {
+                let _ = wire::decode::<RpcRequest>(&bytes);
+                let _ = wire::decode::<RpcResponse>(&bytes);
+                let mut versioned = vec![wire::WIRE_VERSION];
+                versioned.extend(&bytes);
+                let _ = wire::decode::<RpcRequest>(&versioned);
+                let _ = wire::decode::<RpcResponse>(&versioned);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    // Fails (aborts the process on a 2^48-byte allocation) until `wire::decode` is bounded:
+    // issue 11 point 1, done by helper "wire". Un-ignore when that is merged.
+    #[test]
+    fn rpc_decoders_never_panic_on_mutated_messages() {
+        let samples = samples();
+        for s in &samples {
+            assert!(
+                wire::decode::<RpcRequest>(s).is_ok() || wire::decode::<RpcResponse>(s).is_ok()
+            );
+        }
+        let strategy = (
+            0..samples.len(),
+            proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..4), 1..8),
+        );
+        runner()
+            .run(&strategy, |(which, edits)| {
+                let mut bytes = samples[which].clone();
+                for (at, value, how) in edits {
+                    if bytes.is_empty() {
+                        break;
+                    }
+                    let i = at.index(bytes.len());
+                    match how {
+                        0 => bytes[i] = value,
+                        1 => bytes.truncate(i),
+                        2 => bytes.insert(i, value),
+                        // A length prefix turned huge: varint 0xfd + u64.
+                        _ => {
+                            bytes.splice(i..i, [0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0]);
+                        }
+                    }
+                }
+                let _ = wire::decode::<RpcRequest>(&bytes);
+                let _ = wire::decode::<RpcResponse>(&bytes);
+                Ok(())
+            })
+            .unwrap();
     }
 }

@@ -84,4 +84,26 @@ pub enum ClientError {
     /// Anything else (storage, a refused membership change).
     #[error("{0}")]
     Other(String),
+    /// The request is larger than one Raft entry may be: it could never be replicated.
+    #[error(
+        "{what} is {bytes} bytes: one Raft entry carries at most {limit} bytes (MAX_ENTRY_BYTES)"
+    )]
+    TooLarge {
+        /// What was too large.
+        what: String,
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The sender may not send this to the group (see [`crate::groups::Consensus::handle`]).
+    #[error("refused {kind} for group {group}: {rule}")]
+    Refused {
+        /// The group.
+        group: GroupId,
+        /// The kind of request (`append`, `vote`, `write`, ...).
+        kind: String,
+        /// The rule the request broke.
+        rule: String,
+    },
 }

@@ -149,7 +149,8 @@ pub fn router(state: ApiState) -> Router {
 }
 
 async fn health(State(st): State<ApiState>) -> Response {
-    let readiness = st.dht.readiness();
+    // A Raft group that stopped no longer replicates: the node must not pass as healthy.
+    let readiness = st.dht.readiness().and_then(|()| st.consensus.health());
     let body = Health {
         peer_id: st.dht.local_peer_id().to_base58(),
         version: canal_proto::VERSION.to_string(),
@@ -417,6 +418,8 @@ impl From<ClientError> for ApiError {
             }
             ClientError::UnknownGroup(_) => (StatusCode::NOT_FOUND, "not_found"),
             ClientError::Other(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ClientError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ClientError::Refused { .. } => (StatusCode::FORBIDDEN, "refused"),
         };
         ApiError {
             status,

@@ -101,7 +101,12 @@ pub const FORM_CHANNEL: u8 = b'F';
 /// Answers requests from other peers, each in a task of its own (a slow snapshot install must
 /// not hold up heartbeats): Raft messages go to the groups, formation requests to
 /// [`Formation`].
+/// A forged or undecodable Raft request, and a request on no known channel, count against
+/// the peer that sent it ([`DhtHandle::report_bad`]: counted, disconnected, banned when
+/// repeated); a Raft request refused only because its sender is no member does not, since a
+/// lagging member legitimately meets a leader it does not know yet.
 pub fn serve(
+    dht: DhtHandle,
     consensus: Consensus<MeshTransport>,
     formation: Arc<Formation>,
     mut inbound: mpsc::Receiver<InboundRpc>,
@@ -111,10 +116,19 @@ pub fn serve(
             match rpc.body.split_first() {
                 Some((&RAFT_CHANNEL, body)) => {
                     let c = consensus.clone();
+                    let dht = dht.clone();
                     let body = body.to_vec();
                     tokio::spawn(async move {
-                        let answer = c.handle(&body).await;
-                        let _ = rpc.reply.send(answer);
+                        // The sender is the authenticated peer the request came over: only
+                        // members speak Raft, and only as themselves.
+                        let peer = rpc.peer;
+                        let handled = c.handle(node_id(&peer), &body).await;
+                        let _ = rpc.reply.send(handled.answer);
+                        if let Some(o) = handled.offence
+                            && o.ban_worthy
+                        {
+                            dht.report_bad(peer, raft_kind(o.kind), o.detail);
+                        }
                     });
                 }
                 Some((&FORM_CHANNEL, body)) => {
@@ -123,10 +137,24 @@ pub fn serve(
                         .reply
                         .send(canal_proto::wire::encode(&answer).unwrap_or_default());
                 }
-                _ => debug!(peer = %rpc.peer, "RPC on an unknown channel dropped"),
+                Some((&channel, _)) => dht.report_bad(
+                    rpc.peer,
+                    "rpc-channel",
+                    format!("RPC on unknown channel {channel:#04x}: canal speaks R (Raft) and F (formation)"),
+                ),
+                None => dht.report_bad(rpc.peer, "rpc-channel", "empty RPC request".into()),
             }
         }
     });
+}
+
+/// The metric label of a ban-worthy Raft offence: bytes that do not decode, or a request
+/// naming another node as its leader or candidate.
+fn raft_kind(kind: &str) -> &'static str {
+    match kind {
+        "decode" => "raft-decode",
+        _ => "raft-forged",
+    }
 }
 
 /// What the membership job needs.

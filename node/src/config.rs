@@ -46,8 +46,10 @@ pub struct NodeConfig {
     pub voters: usize,
     /// Build a Raft snapshot (and compact the log) after this many entries.
     pub raft_snapshot_every: u64,
-    /// The shortest Raft election timeout, in milliseconds; the longest is twice it, the
-    /// leader heartbeat a quarter of it.
+    /// The shortest Raft election timeout, in milliseconds; the longest is twice it, and the
+    /// RPC timeout (how long a leader waits for a follower's answer) two thirds of it, so it
+    /// must exceed the round trip to every member by a margin. The default (600) suits round
+    /// trips up to ~300 ms; peers on one LAN can use 200 for failover under a second.
     pub raft_election_timeout_ms: u64,
     /// Test only: milliseconds added to this node's wall clock where it stamps Raft entries
     /// and decides what to trim (negative: behind), to test a cluster with a skewed clock.
@@ -77,7 +79,8 @@ impl Default for NodeConfig {
             shards: canal_dht::topology::DEFAULT_SHARDS,
             voters: 3,
             raft_snapshot_every: 5000,
-            raft_election_timeout_ms: 200,
+            raft_election_timeout_ms: canal_consensus::groups::SAFE_ELECTION_TIMEOUT.as_millis()
+                as u64,
             clock_offset_ms: 0,
             insecure_open: false,
             max_subscribers: 10_000,

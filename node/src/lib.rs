@@ -39,6 +39,7 @@ pub mod functions;
 pub mod identity;
 pub mod placer;
 pub mod pubsub;
+pub mod raft_links;
 
 use crate::api::ApiState;
 use crate::caps::{LoadCounters, Measurer};
@@ -190,14 +191,10 @@ impl Node {
         let settings = Settings {
             snapshot_every: config.raft_snapshot_every,
             keep_behind_snapshot: (config.raft_snapshot_every / 5).max(10),
-            heartbeat: config.raft_election_timeout / 4,
-            election_timeout: (
-                config.raft_election_timeout,
-                config.raft_election_timeout * 2,
-            ),
             clock_offset_ms: config.clock_offset_ms,
-            ..Settings::default()
+            ..Settings::with_election_timeout(config.raft_election_timeout)
         };
+        let rpc_timeout = settings.rpc_timeout;
         // One metadata group and, on a small cluster, one data group for all shards; the
         // code keys everything by group id, so more data groups only need placement.
         let consensus = Consensus::start(
@@ -212,12 +209,18 @@ impl Node {
             &mut registry,
         )
         .await?;
+        let raft_links = raft_links::RaftLinks::register(&mut registry, rpc_timeout);
         let qos0 = pubsub::Qos0Hub::new(live.clone());
         let formation = Arc::new(cluster::Formation::open(
             data_dir.path().join("formation-promise.json"),
         ));
         if let Some(inbound) = dht.take_inbound() {
-            cluster::serve(consensus.clone(), formation.clone(), inbound);
+            cluster::serve(
+                handle.clone(),
+                consensus.clone(),
+                formation.clone(),
+                inbound,
+            );
         }
         if let Some(inbound) = dht.take_qos0_inbound() {
             let not_members = prometheus_client::metrics::counter::Counter::default();
@@ -273,6 +276,7 @@ impl Node {
         .spawn(closing.clone());
         let trimmer = pubsub::spawn_trimmer(consensus.clone(), closing.clone());
         let placer = placer::spawn(functions.clone(), handle.clone(), closing.clone());
+        let _raft_links = raft_links.spawn(consensus.clone(), handle.clone(), closing.clone());
         let state = ApiState {
             dht: handle.clone(),
             consensus: consensus.clone(),

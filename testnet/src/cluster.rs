@@ -240,12 +240,32 @@ fn spawn_detached(bin: &Path, node_dir: &Path) -> anyhow::Result<u32> {
 }
 
 /// Starts a testnet in `opts.dir` and waits until every node sees every other; `progress`
-/// is told what is happening. Returns the nodes.
+/// is told what is happening. Returns the nodes. If it fails after starting anything, it
+/// stops what it started (nodes and relays) before returning the error.
 pub async fn up(
     bin: &Path,
     opts: &UpOptions,
-    mut progress: impl FnMut(&str),
+    progress: impl FnMut(&str),
 ) -> anyhow::Result<Vec<ClusterNode>> {
+    check_free(opts)?;
+    match start_all(bin, opts, progress).await {
+        Ok(nodes) => Ok(nodes),
+        Err(e) => {
+            let dir = opts.dir.display();
+            match down(&opts.dir, Duration::from_secs(5), false).await {
+                Ok(_) => Err(anyhow!(
+                    "{e}\nstopped the nodes and relays this `up` started; their logs stay in {dir}"
+                )),
+                Err(stop) => Err(anyhow!(
+                    "{e}\ncould not stop everything this `up` started ({stop}): run `canal testnet down --dir {dir}`"
+                )),
+            }
+        }
+    }
+}
+
+/// Refuses to start over a testnet that is already running in the directory.
+fn check_free(opts: &UpOptions) -> anyhow::Result<()> {
     let running: Vec<ClusterNode> = list(&opts.dir)
         .into_iter()
         .filter(|n| n.pid.is_some())
@@ -263,6 +283,14 @@ pub async fn up(
             opts.dir.display()
         );
     }
+    Ok(())
+}
+
+async fn start_all(
+    bin: &Path,
+    opts: &UpOptions,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<Vec<ClusterNode>> {
     let n: usize = opts.tiers.iter().map(|(_, c)| c).sum();
     if n == 0 {
         bail!("a testnet needs at least one node");
@@ -355,10 +383,13 @@ pub async fn up(
         // The first (up to) three form the Raft cluster; later ones join it as learners.
         args.extend(["--bootstrap-expect".into(), n.min(3).to_string()]);
         if opts.links.is_some() {
+            // Behind the relays the links may be slow: Raft keeps its safe timings.
             args.extend([
                 "--advertise".into(),
                 format!("/ip4/127.0.0.1/tcp/{}", reach[i]),
             ]);
+        } else {
+            crate::add_fast_raft(&mut args);
         }
         // Every node knows every other's address, so any of them can restart alone.
         for (j, p) in reach.iter().enumerate() {
@@ -383,11 +414,20 @@ pub async fn up(
         .collect();
     let deadline = std::time::Instant::now() + opts.timeout;
     let mut last_report = usize::MAX;
+    // A node just spawned can briefly fail the "is it our node" check (its /proc entry is
+    // read while it starts): only a node missing on several looks in a row has died.
+    let mut missing_looks = 0;
     let result: anyhow::Result<()> = loop {
         let alive = list(&opts.dir).iter().filter(|n| n.pid.is_some()).count();
         if alive < n {
-            break Err(anyhow!("only {alive} of {n} nodes are running"));
+            missing_looks += 1;
+            if missing_looks >= 3 {
+                break Err(anyhow!("only {alive} of {n} nodes are running"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
         }
+        missing_looks = 0;
         let mut complete = 0;
         for api in &apis {
             if let Ok(p) = api.get::<Peers>("/v1/peers").await

@@ -614,3 +614,98 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// Publishes event `i` of 1 MiB on `topic` through the given nodes in turn until one
+/// acknowledges it (same message id on retries, so it is stored once).
+async fn publish_big(apis: &[Api], topic: &str, i: usize) {
+    let payload = vec![(i % 251) as u8; 1 << 20];
+    let mut attempt = 0usize;
+    wait_for(
+        &format!("1 MiB event {i} to be acknowledged"),
+        Duration::from_secs(90),
+        || {
+            let api = &apis[(i + attempt) % apis.len()];
+            attempt += 1;
+            let payload = payload.clone();
+            async move {
+                let resp = reqwest::Client::new()
+                    .post(format!("{}/v1/topics/{topic}/events", api.base()))
+                    .header("canal-id", format!("big-{i}"))
+                    .body(payload)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let status = resp.status();
+                let text = resp.text().await.unwrap_or_default();
+                assert!(
+                    status.is_success() || status.is_server_error(),
+                    "event {i} refused: {status} {text}"
+                );
+                if status.is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("{status} {text}"))
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_killed_during_big_events_comes_back_and_catches_up() {
+    // 40 events of 1 MiB while a follower is down: its catch-up is 40 MiB, more than one
+    // append frame may carry, so the leader must send it in batches bounded in bytes.
+    const EVENTS: usize = 40;
+    let mut net = cluster(3, &[]).await;
+    // Nodes that talk directly get the fast timings (200 ms elections, 133 ms RPC timeout),
+    // the tightest a big batch must fit.
+    let timeout = net
+        .api(0)
+        .unwrap()
+        .metric_sum("canal_raft_rpc_timeout_milliseconds")
+        .await
+        .unwrap();
+    assert_eq!(timeout, 133.0);
+    let topic = "big/blobs";
+    let (status, body) = net
+        .api(0)
+        .unwrap()
+        .send(
+            Method::PUT,
+            &format!("/v1/topics/{topic}/settings"),
+            br#"{"max_payload": "1MiB", "retain_events": 1000}"#.to_vec(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let lead = leader(&net, 0, "data-1").await;
+    let victim = (lead + 1) % 3;
+    let apis: Vec<Api> = (0..3)
+        .filter(|i| *i != victim)
+        .map(|i| net.api(i).unwrap())
+        .collect();
+    // Killed while the events are being published, not before.
+    for i in 0..EVENTS / 4 {
+        publish_big(&apis, topic, i).await;
+    }
+    net.kill(victim).await.unwrap();
+    for i in EVENTS / 4..EVENTS {
+        publish_big(&apis, topic, i).await;
+    }
+    net.restart(victim).await.unwrap();
+
+    // Its applied index and state equal the leader's within a deadline.
+    let digest = wait_converged(&net).await;
+    let api = net.api(victim).unwrap();
+    let s: ClusterStatus = api.get("/v1/cluster/status").await.unwrap();
+    let data = s.groups.iter().find(|g| g.group == "data-1").unwrap();
+    let me = data.members[0].status.as_ref().unwrap();
+    assert_eq!(me.applied_index, digest.applied_index, "{me:?}");
+    // Its own copy holds every event (digest of the data group, where topics live).
+    let log: canal_proto::api::TopicLog =
+        api.get(&format!("/v1/topics/{topic}/log")).await.unwrap();
+    assert_eq!(log.next, EVENTS as u64, "{log:?}");
+}

@@ -198,3 +198,140 @@ async fn testnet_links_partition_and_heal() {
     let o = canal(&["testnet", "heal", "--dir", &d]).await;
     assert_clear_error(&o, 1, "no testnet");
 }
+
+/// Stops the persistent testnet in `dir` when dropped, so a failing test leaves no node.
+struct Down(String);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(BIN)
+            .args(["testnet", "down", "--dir", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_voters_on_both_tiers_commit_and_run_the_iot_scenario() {
+    // Every node forms the cluster (--bootstrap-expect 3 on all three), so the voters are
+    // two edge nodes (30 ms one way) and the cloud node (1 ms): each round trip between the
+    // tiers is 60+ ms, more than the fast Raft timings would carry.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tn");
+    let d = dir.display().to_string();
+    let _down = Down(d.clone());
+    let o = canal(&[
+        "testnet",
+        "up",
+        "--dir",
+        &d,
+        "--tiers",
+        "edge=2,cloud=1",
+        "--json",
+        "--timeout",
+        "120",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("links: edge 30ms, cloud 1ms"),
+        "{}",
+        stderr(&o)
+    );
+    let nodes: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let api = |i: usize| Api::new(nodes[i]["api"].as_str().unwrap());
+
+    // The voters span both tiers.
+    let s: canal_proto::api::ClusterStatus = api(0).get("/v1/cluster/status").await.unwrap();
+    for g in &s.groups {
+        let me = g.members[0].status.as_ref().unwrap();
+        assert_eq!(me.voters.len(), 3, "{g:?}");
+    }
+    // Nodes behind relays keep the safe timings.
+    let timeout = api(0)
+        .metric_sum("canal_raft_rpc_timeout_milliseconds")
+        .await
+        .unwrap();
+    assert_eq!(timeout, 400.0);
+
+    // Writes commit, through an edge node and the cloud node.
+    for (i, node) in [0usize, 2].into_iter().enumerate() {
+        let (status, body) = api(node)
+            .send(
+                reqwest::Method::PUT,
+                &format!("/v1/kv/tiers-{i}"),
+                b"v".to_vec(),
+                Some(&format!("tiers-{i}")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "write through node{node}: {body}");
+    }
+
+    let wasm = canal_testnet::guests::path("threshold").unwrap();
+    let o = canal(&[
+        "testnet",
+        "scenario",
+        "iot",
+        "--dir",
+        &d,
+        "--wasm",
+        &wasm.display().to_string(),
+        "--events",
+        "60",
+    ])
+    .await;
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(&o)
+    );
+    // No Raft member's round trip came near the RPC timeout.
+    for i in 0..3 {
+        let slow = api(i).metric_sum("canal_raft_slow_members").await.unwrap();
+        assert_eq!(slow, 0.0, "node{i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_testnet_up_stops_what_it_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tn");
+    let d = dir.display().to_string();
+    let _down = Down(d.clone());
+    // Forming takes longer than a second (peers must be seen stable for 3 s), so this fails
+    // after every node has started (without relays, whose start the timeout also bounds).
+    let o = canal(&[
+        "testnet",
+        "up",
+        "--dir",
+        &d,
+        "--nodes",
+        "3",
+        "--timeout",
+        "1",
+    ])
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("stopped the nodes and relays this `up` started"),
+        "{}",
+        stderr(&o)
+    );
+    let pids: Vec<u32> = (0..3)
+        .filter_map(|i| std::fs::read_to_string(dir.join(format!("node{i}/pid"))).ok())
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 3, "every node should have been started");
+    assert!(
+        pids.iter().all(|p| !alive(*p)),
+        "nodes left running: {pids:?}"
+    );
+    let relay = std::fs::read_to_string(dir.join("relay.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    assert!(
+        relay.is_none_or(|p| !alive(p)),
+        "the relay outlived the failed up"
+    );
+}
