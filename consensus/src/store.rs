@@ -986,6 +986,27 @@ fn apply_op(w: &mut Writes<'_>, now: u64, op: crate::types::Op) -> Result<Applie
             {
                 return refuse(why);
             }
+            // An ack of an offset the topic never had would let a cursor run ahead of the
+            // log and skip events published later.
+            let end = match w.get(&crate::topics::meta_key(&topic))? {
+                Some(b) => {
+                    dec::<crate::topics::TopicMeta>(&b)
+                        .map_err(|e| e.to_string())?
+                        .next
+                }
+                None => 0,
+            };
+            if offset >= end {
+                return refuse(match end {
+                    0 => format!(
+                        "offset {offset} is beyond the end of topic {topic}: it has no events"
+                    ),
+                    n => format!(
+                        "offset {offset} is beyond the end of topic {topic}: its last offset is {}",
+                        n - 1
+                    ),
+                });
+            }
             let key = crate::topics::cursor_key(&subscription, &topic);
             let current = w.get(&key)?.and_then(|b| dec::<u64>(&b).ok()).unwrap_or(0);
             let next = current.max(offset.saturating_add(1));

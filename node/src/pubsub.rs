@@ -1202,6 +1202,9 @@ pub async fn ack(st: &ApiState, name: &str, q: &HashMap<String, String>) -> Resu
             },
         )
         .await?;
+    if let Some(why) = r.refused {
+        return Err(ApiError::bad_request("invalid_ack", why));
+    }
     Ok(r.offset.unwrap_or(offset + 1))
 }
 

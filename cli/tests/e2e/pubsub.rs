@@ -408,6 +408,24 @@ async fn a_durable_subscriber_resumes_after_its_last_ack_on_another_node() {
         (resumed..N).collect::<Vec<_>>(),
         "gap or disorder after resuming"
     );
+
+    // An ack past the end of the topic is refused, and moves nothing.
+    let ack = |offset: u64| {
+        let api = apis[2].clone();
+        async move {
+            let path =
+                format!("/v1/subscriptions/line-watch/ack?topic=plant%2Fline1&offset={offset}");
+            api.send(Method::POST, &path, Vec::new(), None).await
+        }
+    };
+    let (status, body) = ack(N + 5).await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains(&format!("its last offset is {}", N - 1)),
+        "{body}"
+    );
+    let (status, body) = ack(N - 1).await.unwrap();
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
