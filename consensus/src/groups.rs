@@ -64,11 +64,13 @@ pub const SAFE_ELECTION_TIMEOUT: Duration = Duration::from_millis(600);
 impl Settings {
     /// The timings that follow from a shortest election timeout `min`: elections after
     /// `min`..`2 * min` without a leader, an RPC timeout of two thirds of `min` (room for a
-    /// reply before a follower would stand), heartbeats every 50 ms (or `min / 4` if that is
-    /// shorter). The rest as [`Settings::default`].
+    /// reply before a follower would stand), idle heartbeats every `min / 4` (a follower's
+    /// timer is reset four times before it could stand; more often would only queue
+    /// heartbeats before the appends on a link to a far member, since openraft sends one
+    /// RPC at a time to each). The rest as [`Settings::default`].
     pub fn with_election_timeout(min: Duration) -> Settings {
         Settings {
-            heartbeat: Duration::from_millis(50).min(min / 4),
+            heartbeat: min / 4,
             rpc_timeout: Duration::from_millis((min.as_millis() * 2 / 3) as u64),
             election_timeout: (min, min * 2),
             snapshot_every: 5000,
@@ -1164,9 +1166,13 @@ async fn heartbeat_loop(group: GroupId, raft: Raft<TypeConfig>, every: Duration)
                 moved && m.state == ServerState::Leader
             }
         };
-        if beat && let Err(e) = raft.trigger().heartbeat().await {
-            debug!(group = %group, error = %e, "heartbeat driver stops: the group stopped");
-            return;
+        if beat {
+            // A beat for a commit counts as the idle one too.
+            tick.reset();
+            if let Err(e) = raft.trigger().heartbeat().await {
+                debug!(group = %group, error = %e, "heartbeat driver stops: the group stopped");
+                return;
+            }
         }
     }
 }
@@ -1537,9 +1543,10 @@ mod tests {
             d.election_timeout,
             (Duration::from_millis(600), Duration::from_millis(1200))
         );
-        assert_eq!(d.heartbeat, Duration::from_millis(50));
+        assert_eq!(d.heartbeat, Duration::from_millis(150));
         let fast = Settings::with_election_timeout(Duration::from_millis(200));
         assert_eq!(fast.rpc_timeout, Duration::from_millis(133));
+        assert_eq!(fast.heartbeat, Duration::from_millis(50));
         assert!(fast.check().is_ok() && d.check().is_ok());
         let mut bad = d.clone();
         bad.rpc_timeout = Duration::from_millis(600);
