@@ -10,7 +10,7 @@
 
 use canal_consensus::rpc::RpcRequest;
 use canal_consensus::types::{GroupId, Op, Request, TypeConfig, node_id_of};
-use canal_proto::api::{ClusterStatus, StateDigest};
+use canal_proto::api::ClusterStatus;
 use canal_testnet::{Api, NodeOptions, Testnet, wait_for};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::core::transport::upgrade::Version;
@@ -524,28 +524,9 @@ async fn survived(net: &Testnet, term_before: u64) {
         "the cluster followed a forged term ({term})"
     );
     // Every replica of both groups converges on one state.
+    let all: Vec<usize> = (0..net.len()).collect();
     for group in [0, 1] {
-        let apis: Vec<Api> = (0..net.len()).map(|i| net.api(i).unwrap()).collect();
-        wait_for("the replicas to agree", Duration::from_secs(30), || {
-            let apis = apis.clone();
-            async move {
-                let mut seen = std::collections::BTreeSet::new();
-                for api in &apis {
-                    let d: StateDigest = api
-                        .get(&format!("/v1/cluster/digest?group={group}"))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    seen.insert((d.digest, d.applied_index));
-                }
-                if seen.len() == 1 {
-                    Ok(())
-                } else {
-                    Err(format!("{seen:?}"))
-                }
-            }
-        })
-        .await
-        .unwrap();
+        crate::raft::wait_same_digest(net, &all, group).await;
     }
     let api = net.api(0).unwrap();
     let bad = api

@@ -1,7 +1,7 @@
 //! Publish and subscribe: QoS 1 delivery exactly once and in order across a leader kill,
 //! publisher dedup, QoS 0, and bad input.
 
-use crate::raft::{cluster, leader};
+use crate::raft::{cluster, leader, wait_same_digest};
 use crate::{BIN, assert_clear_error, canal};
 use canal_testnet::{Api, wait_for};
 use reqwest::Method;
@@ -703,44 +703,6 @@ async fn publish_answered(api: &Api, topic: &str, id: &str, payload: &str) -> bo
         &format!("publish {id} to {topic} to be answered"),
         Duration::from_secs(60),
         || publish_once(&http, api, topic, id, payload),
-    )
-    .await
-    .unwrap()
-}
-
-/// Waits until every node in `nodes` applied group `group` to the same state, then returns
-/// its digest.
-async fn wait_same_digest(
-    net: &canal_testnet::Testnet,
-    nodes: &[usize],
-    group: u32,
-) -> canal_proto::api::StateDigest {
-    let apis: Vec<Api> = nodes.iter().map(|i| net.api(*i).unwrap()).collect();
-    wait_for(
-        &format!("every replica of group {group} to hold the same state"),
-        Duration::from_secs(120),
-        || {
-            let apis = apis.clone();
-            async move {
-                let mut digests = Vec::new();
-                for a in &apis {
-                    let d: canal_proto::api::StateDigest = a
-                        .get(&format!("/v1/cluster/digest?group={group}"))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    digests.push(d);
-                }
-                let first = &digests[0];
-                if digests
-                    .iter()
-                    .all(|d| d.digest == first.digest && d.applied_index == first.applied_index)
-                {
-                    Ok(first.clone())
-                } else {
-                    Err(format!("{digests:?}"))
-                }
-            }
-        },
     )
     .await
     .unwrap()

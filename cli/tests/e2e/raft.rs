@@ -164,15 +164,18 @@ async fn wait_acked(acked: &AtomicUsize, n: usize) {
     .unwrap();
 }
 
-/// Waits until every running node applied the same state, and returns its digest.
+/// Waits until every running node applied the same state of data group 1, and returns its
+/// digest.
 async fn wait_converged(net: &Testnet) -> StateDigest {
-    let apis: Vec<Api> = net
-        .running()
-        .into_iter()
-        .map(|i| net.api(i).unwrap())
-        .collect();
+    wait_same_digest(net, &net.running(), 1).await
+}
+
+/// Waits until every node in `nodes` applied group `group` to the same state (digest and
+/// applied index), then returns its digest.
+pub(crate) async fn wait_same_digest(net: &Testnet, nodes: &[usize], group: u32) -> StateDigest {
+    let apis: Vec<Api> = nodes.iter().map(|i| net.api(*i).unwrap()).collect();
     wait_for(
-        "every node to hold the same state",
+        &format!("every replica of group {group} to hold the same state"),
         Duration::from_secs(120),
         || {
             let apis = apis.clone();
@@ -180,7 +183,7 @@ async fn wait_converged(net: &Testnet) -> StateDigest {
                 let mut digests = Vec::new();
                 for a in &apis {
                     let d: StateDigest = a
-                        .get("/v1/cluster/digest")
+                        .get(&format!("/v1/cluster/digest?group={group}"))
                         .await
                         .map_err(|e| e.to_string())?;
                     digests.push(d);
