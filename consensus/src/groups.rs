@@ -812,6 +812,15 @@ impl<T: Transport> Consensus<T> {
                         leader: f.leader_node,
                     }
                 }
+                // One round of heartbeats that a majority did not answer in time (a busy
+                // machine, a dial still under way) is not an answer for the client: it is
+                // "no leader confirmed now", which the caller retries until its deadline.
+                RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(q)) => {
+                    ClientError::NoLeader {
+                        group: g,
+                        reason: format!("the leader could not confirm its lead with a quorum: {q}"),
+                    }
+                }
                 other_err => other(other_err),
             })?;
         // ensure_linearizable waits for the read index to be applied here.
