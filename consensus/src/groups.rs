@@ -253,6 +253,20 @@ fn group_label(g: GroupId) -> Vec<(String, String)> {
     vec![("group".to_string(), g.to_string())]
 }
 
+/// A group as one member sees it locally ([`Consensus::describe`]): where its data is and
+/// who serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupView {
+    /// The group.
+    pub group: GroupId,
+    /// Its leader, if this member knows one now.
+    pub leader: Option<RaftNode>,
+    /// Its voters, in node id order.
+    pub voters: Vec<RaftNode>,
+    /// Its learners (replicas that do not vote yet), in node id order.
+    pub learners: Vec<RaftNode>,
+}
+
 /// A node's Raft groups. Cheap to clone.
 #[derive(Clone)]
 pub struct Consensus<T: Transport> {
@@ -588,6 +602,37 @@ impl<T: Transport> Consensus<T> {
     /// The latest Raft metrics of a group on this node.
     pub fn metrics(&self, g: GroupId) -> Result<RaftMetrics<NodeId, RaftNode>, ClientError> {
         Ok(self.group(g)?.raft.metrics().borrow().clone())
+    }
+
+    /// Whether this node leads group `g` now, as its local Raft metrics say (no RPC): what
+    /// jobs that only the leader runs (membership, placement, trimming) check each round.
+    /// An unknown group is not led.
+    pub fn is_leader(&self, g: GroupId) -> bool {
+        self.group(g)
+            .map(|group| group.raft.metrics().borrow().current_leader == Some(self.inner.me))
+            .unwrap_or(false)
+    }
+
+    /// Group `g` as this node sees it from its local Raft metrics (no RPC, so cheap enough
+    /// for every `locate`): its leader, if one is known, and its voters and learners.
+    pub fn describe(&self, g: GroupId) -> Result<GroupView, ClientError> {
+        let group = self.group(g)?;
+        let m = group.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        Ok(GroupView {
+            group: g,
+            leader: m
+                .current_leader
+                .and_then(|l| membership.get_node(&l).cloned()),
+            voters: membership
+                .voter_ids()
+                .filter_map(|id| membership.get_node(&id).cloned())
+                .collect(),
+            learners: membership
+                .learner_ids()
+                .filter_map(|id| membership.get_node(&id).cloned())
+                .collect(),
+        })
     }
 
     /// The state machine of a group on this node, for local reads.
@@ -1560,6 +1605,33 @@ mod tests {
         let mut bad = d.clone();
         bad.rpc_timeout = Duration::from_millis(600);
         assert!(bad.check().unwrap_err().contains("RPC timeout"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn describe_and_is_leader_agree_with_the_elected_leader() {
+        let net = formed(&[1, 2, 3], &[9]).await;
+        let leader = leader_of(&net, 1).await;
+        let g = GroupId::METADATA;
+        // Every member learns the leader; only the leader says it leads.
+        for i in [1, 2, 3] {
+            let c = net.get(i);
+            wait(|| c.describe(g).is_ok_and(|v| v.leader.is_some())).await;
+            let view = c.describe(g).unwrap();
+            assert_eq!(view.group, g);
+            assert_eq!(view.leader, Some(node(leader)));
+            assert_eq!(view.voters, vec![node(1), node(2), node(3)]);
+            assert!(view.learners.is_empty());
+            assert_eq!(c.is_leader(g), i == leader, "member {i}");
+        }
+        // An outsider knows no leader and leads nothing; an unknown group is not described.
+        let outsider = net.get(9);
+        assert!(!outsider.is_leader(g));
+        assert_eq!(outsider.describe(g).unwrap().leader, None);
+        assert!(!net.get(leader).is_leader(GroupId(7)));
+        assert!(matches!(
+            net.get(leader).describe(GroupId(7)),
+            Err(ClientError::UnknownGroup(GroupId(7)))
+        ));
     }
 
     async fn wait(mut ok: impl FnMut() -> bool) {

@@ -27,13 +27,15 @@
 pub mod functions;
 pub mod groups;
 pub mod network;
+pub mod routing;
 pub mod rpc;
 pub mod store;
 pub mod topics;
 pub mod types;
 
-pub use groups::{Consensus, ConsensusError, Settings};
+pub use groups::{Consensus, ConsensusError, GroupView, Settings};
 pub use network::Transport;
+pub use routing::{DATA_GROUPS, group_of, group_of_function, group_of_subscription};
 pub use rpc::{ClientError, MemberStatus};
 pub use store::{LogStore, RaftDb, StateMachine, StoreError};
 pub use types::{

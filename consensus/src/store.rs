@@ -1440,7 +1440,7 @@ mod tests {
             let db =
                 RaftDb::open(&dir.path().join("raft")).map_err(|e| StorageIOError::write(&e))?;
             let (log, sm) = db
-                .group(GroupId(1))
+                .group(crate::routing::DEFAULT_GROUP)
                 .map_err(|e| StorageIOError::write(&e))?;
             Ok((dir, log, sm))
         }
@@ -1477,7 +1477,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("raft");
         let db = RaftDb::open(&path).unwrap();
-        db.group(GroupId(1)).unwrap();
+        db.group(crate::group_of("t")).unwrap();
         drop(db);
         // The mark says entry 5 of group 1 was durable, but the log is empty.
         std::fs::write(
@@ -1525,7 +1525,7 @@ mod tests {
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let db = RaftDb::open(dir.path()).unwrap();
-            let (_, mut sm) = db.group(GroupId(1)).unwrap();
+            let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
             let publish = |i: u64, id: &str, t: u64| {
                 entry_at(
                     i,
@@ -1567,7 +1567,7 @@ mod tests {
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let db = RaftDb::open(dir.path()).unwrap();
-            let (_, mut sm) = db.group(GroupId(1)).unwrap();
+            let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
             let publish = |i: u64, t: u64, size: usize, retention: Retention| {
                 entry_at(
                     i,
@@ -1629,7 +1629,7 @@ mod tests {
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let db = RaftDb::open(dir.path()).unwrap();
-            let (_, mut sm) = db.group(GroupId(1)).unwrap();
+            let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
             let add = |id: &str| Request {
                 id: Some(id.into()),
                 op: Op::Add {
@@ -1670,7 +1670,7 @@ mod tests {
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let db = RaftDb::open(dir.path()).unwrap();
-            let (_, mut sm) = db.group(GroupId(1)).unwrap();
+            let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
             let put = |v: &str| Request {
                 id: Some("w1".into()),
                 op: crate::types::Op::Put {

@@ -324,10 +324,10 @@ impl Membership {
     /// On the leader: adds live peers that may join and are not members as learners, then
     /// promotes caught-up learners while the group has fewer voters than wanted.
     async fn grow(&self, g: GroupId) -> Result<(), String> {
-        let m = self.consensus.metrics(g).map_err(|e| e.to_string())?;
-        if m.current_leader != Some(self.consensus.node_id()) {
+        if !self.consensus.is_leader(g) {
             return Ok(());
         }
+        let m = self.consensus.metrics(g).map_err(|e| e.to_string())?;
         let membership = m.membership_config.membership().clone();
         let known: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
         for p in self.dht.peers() {

@@ -16,7 +16,7 @@
 //! started. A crash before the commit re-runs the batch; a crash after it finds the cursor
 //! moved. Which node executes is [`Functions::runs_here`]'s decision alone.
 
-use crate::functions::{Functions, STATE_GROUP};
+use crate::functions::Functions;
 use crate::pubsub::{Qos0Hub, Qos0Message};
 use canal_consensus::functions::{CursorMove, Effects, cursor_key};
 use canal_consensus::topics::PublishOp;
@@ -337,7 +337,8 @@ impl Executor {
 
     /// One QoS 1 trigger: batches from the committed log, while this node is its executor.
     async fn run_trigger(self: Arc<Self>, spec: TriggerSpec) {
-        let Ok(sm) = self.functions.consensus.state_machine(STATE_GROUP) else {
+        let group = canal_consensus::group_of_function(&spec.function);
+        let Ok(sm) = self.functions.consensus.state_machine(group) else {
             return;
         };
         let mut applied = sm.watch_applied();
@@ -503,7 +504,10 @@ impl Executor {
             let r = self
                 .functions
                 .consensus
-                .write_op(STATE_GROUP, Op::Effects(fx))
+                .write_op(
+                    canal_consensus::group_of_function(&function.name),
+                    Op::Effects(fx),
+                )
                 .await
                 .map_err(|e| e.to_string())?;
             // The next batch starts from this replica's cursor: wait until it has applied
@@ -770,7 +774,10 @@ impl Executor {
             };
             self.functions
                 .consensus
-                .write_op(STATE_GROUP, Op::Effects(fx))
+                .write_op(
+                    canal_consensus::group_of_function(&function.name),
+                    Op::Effects(fx),
+                )
                 .await
                 .map_err(|e| e.to_string())?;
         }

@@ -29,9 +29,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-/// The data group that holds trigger cursors and function state (with the topic logs).
-pub const STATE_GROUP: GroupId = crate::pubsub::TOPIC_GROUP;
-
 /// The functions side of a node: the WebAssembly runtime and what reads the stored specs.
 pub struct Functions {
     /// The runtime.
@@ -121,14 +118,18 @@ impl Functions {
     /// A view of `function`'s state on this node's replica.
     pub fn state_view(&self, function: &str) -> Result<ReplicaState, ApiError> {
         Ok(ReplicaState {
-            sm: self.consensus.state_machine(STATE_GROUP)?,
+            sm: self
+                .consensus
+                .state_machine(canal_consensus::group_of_function(function))?,
             function: function.to_string(),
         })
     }
 
     /// The function's state version on this node's replica.
     pub fn state_version(&self, function: &str) -> Result<u64, ApiError> {
-        let sm = self.consensus.state_machine(STATE_GROUP)?;
+        let sm = self
+            .consensus
+            .state_machine(canal_consensus::group_of_function(function))?;
         match sm.get(&version_key(function)).map_err(internal)? {
             Some(b) => wire::decode(&b).map_err(internal),
             None => Ok(0),
@@ -588,7 +589,11 @@ pub async fn state_get(
     check_function_name(name).map_err(bad("invalid_name"))?;
     Ok(st
         .consensus
-        .read(STATE_GROUP, &state_key(name, key), !local)
+        .read(
+            canal_consensus::group_of_function(name),
+            &state_key(name, key),
+            !local,
+        )
         .await?)
 }
 

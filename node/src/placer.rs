@@ -11,7 +11,7 @@
 //! The decider is the data group's leader because that is where QoS 1 events enter the
 //! function's path (the log), so the round trips it measures are the ones events pay.
 
-use crate::functions::{Functions, STATE_GROUP};
+use crate::functions::Functions;
 use canal_consensus::functions::{decision_key, measurement_prefix};
 use canal_consensus::{GroupId, Op, Request};
 use canal_dht::DhtHandle;
@@ -194,12 +194,10 @@ pub fn spawn(
             if tick.is_multiple_of(2) {
                 report(&functions, &mut reported).await;
             }
-            let leads = functions
-                .consensus
-                .metrics(STATE_GROUP)
-                .map(|m| m.current_leader == Some(functions.consensus.node_id()))
-                .unwrap_or(false);
-            if leads {
+            if canal_consensus::DATA_GROUPS
+                .iter()
+                .any(|&g| functions.consensus.is_leader(g))
+            {
                 place_all(&functions, &dht).await;
             }
         }
@@ -294,6 +292,13 @@ pub async fn commit(
 /// Decides every function's placement and commits the ones whose choice changed.
 async fn place_all(functions: &Functions, dht: &DhtHandle) {
     for spec in functions.functions().unwrap_or_default() {
+        // The leader of the group its executions commit to places a function.
+        if !functions
+            .consensus
+            .is_leader(canal_consensus::group_of_function(&spec.name))
+        {
+            continue;
+        }
         let previous = placed(functions, &spec.name);
         let next = decide_now(functions, dht, &spec);
         if previous

@@ -297,7 +297,10 @@ fn rpc_attacks(
         ),
         (
             "a forwarded write from a non-member",
-            raft(&RpcRequest::Write(GroupId(1), put("forged-write"))),
+            raft(&RpcRequest::Write(
+                canal_consensus::routing::DEFAULT_GROUP,
+                put("forged-write"),
+            )),
         ),
         (
             "a forwarded write to the metadata group's internal keys",
