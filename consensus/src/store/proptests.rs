@@ -2,11 +2,16 @@
 //! into `apply` calls hold the same state; time comes from the entries and never goes back;
 //! internal keys stay internal; the decoders of stored bytes fail cleanly on any input.
 
+use super::snapshot::{SnapshotData, decode_snapshot};
 use super::*;
 use crate::functions::{CursorMove, Effects};
 use crate::topics::PublishOp;
 use crate::types::InternalKey;
+use crate::types::{GroupId, Op, Request, Response, TypeConfig};
 use canal_proto::settings::Retention;
+use openraft::Entry;
+use openraft::RaftSnapshotBuilder;
+use openraft::storage::RaftStateMachine;
 use proptest::prelude::any;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
