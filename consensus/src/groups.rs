@@ -7,6 +7,7 @@
 //!                         └─no──> wait for an election (bounded), retry
 //! ```
 
+use crate::keys::{Codec, Shape, Table, UserKey};
 use crate::network::{MAX_ENTRY_BYTES, Network, Transport, call};
 use crate::rpc::{ClientError, MemberStatus, RpcRequest, RpcResponse};
 use crate::store::{LogStore, RaftDb, StateMachine, StoreError};
@@ -870,7 +871,7 @@ impl<T: Transport> Consensus<T> {
             })?;
         // ensure_linearizable waits for the read index to be applied here.
         debug!(group = %g, read_index = ?read_log_id, "linearizable read");
-        group.sm.get(key).map_err(other)
+        group.sm.get_raw(key).map_err(other)
     }
 
     async fn local_add_learner(
@@ -1117,21 +1118,50 @@ impl<T: Transport> Consensus<T> {
             .map_err(|_| other("the group shut down before the write was answered"))?
     }
 
-    /// Reads `key`: linearizably through the leader's read index, or from this node's state
-    /// machine (which may lag) when `linearizable` is false.
+    /// Reads client key `key`: linearizably through the leader's read index, or from this
+    /// node's state machine (which may lag) when `linearizable` is false.
     pub async fn read(
         &self,
         g: GroupId,
-        key: &str,
+        key: &UserKey,
+        linearizable: bool,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        self.read_key(g, key.as_str().to_string(), linearizable)
+            .await
+    }
+
+    /// Reads the record of `table` named by `parts`, decoded: linearizably through the
+    /// leader's read index, or from this node's state machine (which may lag) when
+    /// `linearizable` is false.
+    pub async fn read_record<S: Shape, C: Codec>(
+        &self,
+        g: GroupId,
+        table: &Table<S, C>,
+        parts: S::Ref<'_>,
+        linearizable: bool,
+    ) -> Result<Option<C::Value>, ClientError> {
+        let key = table.key(parts);
+        match self.read_key(g, key.clone(), linearizable).await? {
+            Some(b) => table.decode(&b).map(Some).map_err(|e| {
+                other(format!(
+                    "the stored {} under {key:?} does not decode: {e}",
+                    table.what()
+                ))
+            }),
+            None => Ok(None),
+        }
+    }
+
+    async fn read_key(
+        &self,
+        g: GroupId,
+        key: String,
         linearizable: bool,
     ) -> Result<Option<Vec<u8>>, ClientError> {
         if !linearizable {
-            return self.group(g)?.sm.get(key).map_err(other);
+            return self.group(g)?.sm.get_raw(&key).map_err(other);
         }
-        match self
-            .on_leader(g, RpcRequest::Read(g, key.to_string()))
-            .await?
-        {
+        match self.on_leader(g, RpcRequest::Read(g, key)).await? {
             RpcResponse::Read(r) => r,
             other_answer => Err(other(format!("unexpected answer {other_answer:?}"))),
         }
@@ -1480,7 +1510,7 @@ mod tests {
             .unwrap();
         for i in [1, 2, 3] {
             let sm = net.get(i).state_machine(GroupId::METADATA).unwrap();
-            wait(|| sm.get("a").unwrap() == Some(b"1".to_vec())).await;
+            wait(|| sm.get(&UserKey::new("a").unwrap()).unwrap() == Some(b"1".to_vec())).await;
         }
 
         let l = net.get(leader);
@@ -1545,7 +1575,7 @@ mod tests {
         assert_eq!(m.current_term, term);
         for i in [1, 2, 3] {
             let sm = net.get(i).state_machine(g).unwrap();
-            assert_eq!(sm.get("evil").unwrap(), None);
+            assert_eq!(sm.get(&UserKey::new("evil").unwrap()).unwrap(), None);
         }
         // And the cluster still commits.
         net.get(follower).write(g, put("b", b"2")).await.unwrap();

@@ -26,6 +26,7 @@
 
 pub mod functions;
 pub mod groups;
+pub mod keys;
 pub mod network;
 pub mod routing;
 pub mod rpc;
@@ -34,10 +35,11 @@ pub mod topics;
 pub mod types;
 
 pub use groups::{Consensus, ConsensusError, GroupView, Settings};
+pub use keys::UserKey;
 pub use network::Transport;
 pub use routing::{DATA_GROUPS, group_of, group_of_function, group_of_subscription};
 pub use rpc::{ClientError, MemberStatus};
-pub use store::{LogStore, RaftDb, StateMachine, StoreError};
+pub use store::{LogStore, RaftDb, ReadError, StateMachine, StoreError};
 pub use types::{
     GroupId, InternalKey, NodeId, Op, Proposal, RaftNode, Request, Response, TypeConfig,
 };

@@ -478,13 +478,13 @@ async fn cluster_digest(
         group: g.to_string(),
         digest: sm.digest().map_err(internal)?,
         applied_index: sm.applied().map_err(internal)?.map(|l| l.index),
-        keys: sm.scan("").map_err(internal)?.len(),
+        keys: sm.key_count().map_err(internal)?,
     }))
 }
 
 /// The storage error type of the state machine, named once.
 mod openraft_error {
-    pub(super) type E = canal_consensus::store::StorageErrorOf;
+    pub(super) type E = canal_consensus::ReadError;
 }
 
 fn parse_peer(peer: &str) -> Result<libp2p::PeerId, ApiError> {
@@ -695,7 +695,9 @@ async fn kv_get(
     } else {
         "local"
     };
-    match st.consensus.read(g, &key, linearizable).await? {
+    let user_key = canal_consensus::UserKey::new(key.as_str())
+        .map_err(|e| ApiError::bad_request("invalid_key", e.to_string()))?;
+    match st.consensus.read(g, &user_key, linearizable).await? {
         Some(v) => Ok(([("canal-read", mode)], v).into_response()),
         None => Err(ApiError::not_found(format!("no key {key:?} in group {g}"))),
     }

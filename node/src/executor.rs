@@ -18,14 +18,14 @@
 
 use crate::functions::Functions;
 use crate::pubsub::{Qos0Hub, Qos0Message};
-use canal_consensus::functions::{CursorMove, Effects, cursor_key};
+use canal_consensus::functions::{CursorMove, Effects};
 use canal_consensus::topics::PublishOp;
 use canal_consensus::{GroupId, Op, StateMachine};
 use canal_dht::DhtHandle;
+use canal_proto::Topic;
 use canal_proto::TopicFilter;
 use canal_proto::function::{FunctionSpec, Limits, Output, TriggerSpec, state_write_cost};
 use canal_proto::settings::{TopicSettings, settings_for};
-use canal_proto::{Topic, wire};
 use canal_triggers::runtime::EventIn;
 use canal_triggers::{Failure, Invocation, Prepared, StateView, rules};
 use prometheus_client::metrics::counter::Counter;
@@ -381,13 +381,9 @@ impl Executor {
             if !spec.filter.matches(&t) || t == dead_letter {
                 continue;
             }
-            let stored: Option<u64> = match sm
-                .get(&cursor_key(&spec.uid, &topic))
-                .map_err(|e| e.to_string())?
-            {
-                Some(b) => Some(wire::decode(&b).map_err(|e| e.to_string())?),
-                None => None,
-            };
+            let stored = sm
+                .trigger_cursor(&spec.uid, &topic)
+                .map_err(|e| e.to_string())?;
             let created_at = match stored {
                 Some(_) => 0,
                 None => sm
@@ -976,7 +972,7 @@ mod tests {
                 id: Some(g.text(300)),
                 op: Op::Effects(fx),
             };
-            let encoded = wire::encode(&req).unwrap().len() as u64;
+            let encoded = canal_proto::wire::encode(&req).unwrap().len() as u64;
             assert!(
                 encoded <= budget.used(),
                 "case {case}: {encoded} bytes encoded, counted {}",

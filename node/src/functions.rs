@@ -11,10 +11,7 @@
 use crate::api::{ApiError, ApiState};
 use crate::cluster::MeshTransport;
 use axum::http::{HeaderMap, StatusCode};
-use canal_consensus::functions::{
-    FUNCTION_PREFIX, TRIGGER_PREFIX, function_key, module_key, state_key, state_prefix,
-    trigger_key, version_key,
-};
+use canal_consensus::keys;
 use canal_consensus::{Consensus, GroupId, Op, Request, StateMachine};
 use canal_proto::function::{
     Deployed, FunctionSpec, InvokeResult, Limits, MAX_MODULE_BYTES, Requirements, TriggerRequest,
@@ -56,36 +53,27 @@ impl Functions {
 
     /// Every function, from this node's replica of the metadata group.
     pub fn functions(&self) -> Result<Vec<FunctionSpec>, ApiError> {
-        decode_all(&self.metadata()?, FUNCTION_PREFIX)
+        values(&self.metadata()?, &keys::FUNCTIONS)
     }
 
     /// Every trigger, from this node's replica of the metadata group.
     pub fn triggers(&self) -> Result<Vec<TriggerSpec>, ApiError> {
-        decode_all(&self.metadata()?, TRIGGER_PREFIX)
+        values(&self.metadata()?, &keys::TRIGGERS)
     }
 
     /// One function, from this node's replica.
     pub fn function(&self, name: &str) -> Result<Option<FunctionSpec>, ApiError> {
-        match self
-            .metadata()?
-            .get(&function_key(name))
-            .map_err(internal)?
-        {
-            Some(b) => Ok(Some(wire::decode(&b).map_err(internal)?)),
-            None => Ok(None),
-        }
+        self.metadata()?
+            .record(&keys::FUNCTIONS, name)
+            .map_err(internal)
     }
 
     /// One function, read through the leader: sees every write acknowledged before.
     pub async fn function_now(&self, name: &str) -> Result<Option<FunctionSpec>, ApiError> {
-        match self
+        Ok(self
             .consensus
-            .read(GroupId::METADATA, &function_key(name), true)
-            .await?
-        {
-            Some(b) => Ok(Some(wire::decode(&b).map_err(internal)?)),
-            None => Ok(None),
-        }
+            .read_record(GroupId::METADATA, &keys::FUNCTIONS, name, true)
+            .await?)
     }
 
     /// The function's module, ready to run: prepared already, or read from the replica by
@@ -96,7 +84,7 @@ impl Functions {
         }
         let bytes = self
             .metadata()?
-            .get(&module_key(&spec.hash))
+            .record(&keys::MODULES, &spec.hash)
             .map_err(internal)?
             .ok_or_else(|| {
                 ApiError::new(
@@ -130,10 +118,10 @@ impl Functions {
         let sm = self
             .consensus
             .state_machine(canal_consensus::group_of_function(function))?;
-        match sm.get(&version_key(function)).map_err(internal)? {
-            Some(b) => wire::decode(&b).map_err(internal),
-            None => Ok(0),
-        }
+        Ok(sm
+            .record(&keys::STATE_VERSIONS, function)
+            .map_err(internal)?
+            .unwrap_or(0))
     }
 
     /// Whether this node runs `function` now: the first peer of its committed placement. A
@@ -211,15 +199,17 @@ pub async fn run_in_slot<T: Send + 'static>(
     .map_err(|e| format!("the invocation task failed: {e}"))
 }
 
-fn decode_all<T: serde::de::DeserializeOwned>(
+/// Every record of `table` on this replica, without their keys.
+fn values<S: keys::Shape, C: keys::Codec>(
     sm: &StateMachine,
-    prefix: &str,
-) -> Result<Vec<T>, ApiError> {
-    sm.scan(prefix)
+    table: &keys::Table<S, C>,
+) -> Result<Vec<C::Value>, ApiError> {
+    Ok(sm
+        .scan_table(table)
         .map_err(internal)?
         .into_iter()
-        .map(|(_, v)| wire::decode(&v).map_err(internal))
-        .collect()
+        .map(|(_, v)| v)
+        .collect())
 }
 
 /// A function's state as this node's replica of the data group holds it.
@@ -231,19 +221,17 @@ pub struct ReplicaState {
 impl StateView for ReplicaState {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
         self.sm
-            .get(&state_key(&self.function, key))
+            .record(&keys::STATE, (&self.function, key))
             .map_err(|e| e.to_string())
     }
 
     fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
-        let full = state_prefix(&self.function);
         Ok(self
             .sm
-            .scan(&format!("{full}{prefix}"))
+            .scan_group(&keys::STATE, &self.function, prefix, limit)
             .map_err(|e| e.to_string())?
             .into_iter()
-            .filter_map(|(k, _)| k.strip_prefix(&full).map(str::to_string))
-            .take(limit)
+            .map(|((_, key), _)| key)
             .collect())
     }
 }
@@ -589,9 +577,10 @@ pub async fn state_get(
     check_function_name(name).map_err(bad("invalid_name"))?;
     Ok(st
         .consensus
-        .read(
+        .read_record(
             canal_consensus::group_of_function(name),
-            &state_key(name, key),
+            &keys::STATE,
+            (name, key),
             !local,
         )
         .await?)
@@ -683,7 +672,7 @@ pub async fn trigger_add(
     }
     if st
         .consensus
-        .read(GroupId::METADATA, &trigger_key(name), true)
+        .read_record(GroupId::METADATA, &keys::TRIGGERS, name, true)
         .await?
         .is_some()
     {
@@ -713,7 +702,7 @@ pub async fn trigger_remove(st: &ApiState, name: &str) -> Result<(), ApiError> {
     check_trigger_name(name).map_err(bad("invalid_name"))?;
     if st
         .consensus
-        .read(GroupId::METADATA, &trigger_key(name), true)
+        .read_record(GroupId::METADATA, &keys::TRIGGERS, name, true)
         .await?
         .is_none()
     {

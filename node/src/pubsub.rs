@@ -308,20 +308,14 @@ pub fn all_settings(
     let sm = consensus.state_machine(GroupId::METADATA)?;
     let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
     let mut out = Vec::new();
-    for (k, v) in sm
-        .scan(canal_consensus::topics::SETTINGS_PREFIX)
+    for (filter, settings) in sm
+        .scan_table(&canal_consensus::keys::SETTINGS)
         .map_err(|e| internal(e.to_string()))?
     {
-        let Some(filter) = k.strip_prefix(canal_consensus::topics::SETTINGS_PREFIX) else {
+        let Ok(filter) = TopicFilter::new(&filter) else {
             continue;
         };
-        let Ok(filter) = TopicFilter::new(filter) else {
-            continue;
-        };
-        out.push((
-            filter,
-            wire::decode(&v).map_err(|e| internal(e.to_string()))?,
-        ));
+        out.push((filter, settings));
     }
     Ok(out)
 }
@@ -982,7 +976,7 @@ async fn stream_qos1(
             // A durable subscription continues after its last acknowledged event.
             let acked = durable
                 .as_ref()
-                .and_then(|d| sm.cursor(&d.name, &topic).ok().flatten());
+                .and_then(|d| sm.subscription_cursor(&d.name, &topic).ok().flatten());
             let cursor = cursors
                 .entry(topic.clone())
                 .or_insert_with(|| match (acked, from) {
@@ -1112,7 +1106,7 @@ async fn durable_start(
     name: &str,
     from: From,
 ) -> Result<From, ApiError> {
-    let key = canal_consensus::topics::subscription_key(name);
+    let starts = &canal_consensus::keys::SUBSCRIPTION_STARTS;
     let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
     let decode = |b: &[u8]| -> Option<From> {
         let s = std::str::from_utf8(b).ok()?;
@@ -1123,7 +1117,10 @@ async fn durable_start(
             _ => None,
         }
     };
-    if let Some(b) = sm.get(&key).map_err(|e| internal(e.to_string()))? {
+    if let Some(b) = sm
+        .record(starts, name)
+        .map_err(|e| internal(e.to_string()))?
+    {
         return decode(&b)
             .ok_or_else(|| internal(format!("durable subscription {name} has a damaged start")));
     }
@@ -1146,7 +1143,9 @@ async fn durable_start(
             },
         )
         .await?;
-    let stored = sm.get(&key).map_err(|e| internal(e.to_string()))?;
+    let stored = sm
+        .record(starts, name)
+        .map_err(|e| internal(e.to_string()))?;
     Ok(stored.as_deref().and_then(decode).unwrap_or(from))
 }
 

@@ -304,7 +304,10 @@ fn rpc_attacks(
         ),
         (
             "a forwarded write to the metadata group's internal keys",
-            raft(&RpcRequest::Write(GroupId::METADATA, put("\u{1}A/forged"))),
+            raft(&RpcRequest::Write(
+                GroupId::METADATA,
+                put(&canal_consensus::keys::ADMITTED.key("forged")),
+            )),
         ),
         (
             "the old QoS 0 channel byte on the RPC lane",

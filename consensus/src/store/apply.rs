@@ -3,6 +3,9 @@
 use super::overlay::Writes;
 use super::state::StateMachine;
 use super::*;
+use crate::functions::Effects;
+use crate::keys;
+use crate::topics::{PublishOp, StoredEvent, TopicMeta};
 use crate::types::{Op, Proposal, Request, Response, TypeConfig};
 use openraft::{Entry, EntryPayload, StorageIOError, StoredMembership};
 
@@ -52,10 +55,11 @@ fn apply_request(
     }
     let (previous, refused, offset) = apply_op(w, now, op)?;
     if let (Some(window), Some(id)) = (dedup_window, &id) {
-        w.set(
-            crate::topics::dedup_key(now.saturating_add(window), id),
-            Some(Vec::new()),
-        );
+        w.set_record(
+            &keys::DEDUP,
+            (now.saturating_add(window), id.as_str()),
+            Some(&Vec::new()),
+        )?;
     }
     let reply = Response {
         index,
@@ -87,7 +91,7 @@ type Applied = (Option<Vec<u8>>, Option<String>, Option<u64>);
 /// Why a client key operation may not touch `key`: the internal keyspace is written only by
 /// the operations that own it.
 fn internal_refusal(key: &str) -> Option<String> {
-    crate::types::is_internal(key).then(|| {
+    keys::is_internal(key).then(|| {
         format!(
             "key {key:?} is in the internal keyspace (it starts with U+0001): only the operations that own internal records write them"
         )
@@ -165,14 +169,7 @@ fn apply_op(w: &mut Writes<'_>, now: u64, op: crate::types::Op) -> Result<Applie
             }
             // An ack of an offset the topic never had would let a cursor run ahead of the
             // log and skip events published later.
-            let end = match w.get(&crate::topics::meta_key(&topic))? {
-                Some(b) => {
-                    dec::<crate::topics::TopicMeta>(&b)
-                        .map_err(|e| e.to_string())?
-                        .next
-                }
-                None => 0,
-            };
+            let end = w.record(&keys::TOPIC_META, &topic)?.map_or(0, |m| m.next);
             if offset >= end {
                 return refuse(match end {
                     0 => format!(
@@ -184,10 +181,15 @@ fn apply_op(w: &mut Writes<'_>, now: u64, op: crate::types::Op) -> Result<Applie
                     ),
                 });
             }
-            let key = crate::topics::cursor_key(&subscription, &topic);
-            let current = w.get(&key)?.and_then(|b| dec::<u64>(&b).ok()).unwrap_or(0);
+            let cursors = &keys::SUBSCRIPTION_CURSORS;
+            let parts = (subscription.as_str(), topic.as_str());
+            // A damaged cursor counts as none: the ack moves it to a good value.
+            let current = w
+                .get(&cursors.key(parts))?
+                .and_then(|b| cursors.decode(&b).ok())
+                .unwrap_or(0);
             let next = current.max(offset.saturating_add(1));
-            w.set(key, Some(enc(&next).map_err(|e| e.to_string())?));
+            w.set_record(cursors, parts, Some(&next))?;
             Ok((None, None, Some(next)))
         }
         Op::Publish(event) => {
@@ -216,12 +218,14 @@ const FORGET_PER_PUBLISH: usize = 64;
 /// Forgets (up to [`FORGET_PER_PUBLISH`]) the publish ids whose dedup window ended at or
 /// before `now`, earliest expiry first.
 fn forget_old_ids(w: &mut Writes<'_>, now: u64) -> Result<(), String> {
-    let start = data_key(crate::topics::DEDUP_PREFIX);
-    let end = data_key(&crate::topics::dedup_key(now.saturating_add(1), ""));
+    // The keys sort by expiry, so the ones due by `now` are those before the first key of
+    // `now + 1`.
+    let start = data_key(keys::DEDUP.prefix());
+    let end = data_key(&keys::DEDUP.key((now.saturating_add(1), "")));
     for raw in w.keys_in(&start, &end, FORGET_PER_PUBLISH)? {
         let key = String::from_utf8_lossy(&raw[2..]).into_owned();
-        if let Some((_, id)) = key.split_once('\u{0}') {
-            w.raw_set(request_key(id), None);
+        if let Some((_, id)) = keys::DEDUP.parse(&key) {
+            w.raw_set(request_key(&id), None);
         }
         w.raw_set(raw, None);
     }
@@ -230,32 +234,23 @@ fn forget_old_ids(w: &mut Writes<'_>, now: u64) -> Result<(), String> {
 
 /// Appends an event to its topic's log at time `now`, applying the topic's retention;
 /// returns its offset.
-fn append_event(
-    w: &mut Writes<'_>,
-    event: crate::topics::PublishOp,
-    now: u64,
-) -> Result<u64, String> {
-    let meta_key = crate::topics::meta_key(&event.topic);
-    let mut meta: crate::topics::TopicMeta = match w.get(&meta_key)? {
-        Some(b) => dec(&b).map_err(|e| e.to_string())?,
-        None => crate::topics::TopicMeta::default(),
-    };
+fn append_event(w: &mut Writes<'_>, event: PublishOp, now: u64) -> Result<u64, String> {
+    let mut meta = w
+        .record(&keys::TOPIC_META, &event.topic)?
+        .unwrap_or_default();
     let offset = meta.next;
     meta.bytes += event.payload.len() as u64;
-    let stored = crate::topics::StoredEvent {
+    let stored = StoredEvent {
         offset,
         time_ms: now,
         id: event.id,
         headers: event.headers,
         payload: event.payload,
     };
-    w.set(
-        crate::topics::event_key(&event.topic, offset),
-        Some(enc(&stored).map_err(|e| e.to_string())?),
-    );
+    w.set_record(&keys::EVENTS, (&event.topic, offset), Some(&stored))?;
     meta.next += 1;
     trim(w, &event.topic, &mut meta, &event.retention, now)?;
-    w.set(meta_key, Some(enc(&meta).map_err(|e| e.to_string())?));
+    w.set_record(&keys::TOPIC_META, &event.topic, Some(&meta))?;
     Ok(offset)
 }
 
@@ -265,16 +260,12 @@ fn append_event(
 fn trim(
     w: &mut Writes<'_>,
     topic: &str,
-    meta: &mut crate::topics::TopicMeta,
+    meta: &mut TopicMeta,
     retention: &canal_proto::settings::Retention,
     now_ms: u64,
 ) -> Result<(), String> {
     while meta.next - meta.first > 1 {
-        let key = crate::topics::event_key(topic, meta.first);
-        let oldest: Option<crate::topics::StoredEvent> = match w.get(&key)? {
-            Some(b) => Some(dec(&b).map_err(|e| e.to_string())?),
-            None => None,
-        };
+        let oldest = w.record(&keys::EVENTS, (topic, meta.first))?;
         let (size, time) = oldest
             .as_ref()
             .map(|e| (e.payload.len() as u64, e.time_ms))
@@ -285,7 +276,7 @@ fn trim(
         if !over {
             break;
         }
-        w.set(key, None);
+        w.set_record(&keys::EVENTS, (topic, meta.first), None)?;
         meta.bytes = meta.bytes.saturating_sub(size);
         meta.first += 1;
     }
@@ -299,27 +290,20 @@ fn apply_trim(
     retention: &canal_proto::settings::Retention,
     now_ms: u64,
 ) -> Result<Applied, String> {
-    let meta_key = crate::topics::meta_key(topic);
-    let Some(b) = w.get(&meta_key)? else {
+    let Some(mut meta) = w.record(&keys::TOPIC_META, topic)? else {
         return Ok((None, None, None));
     };
-    let mut meta: crate::topics::TopicMeta = dec(&b).map_err(|e| e.to_string())?;
     let first = meta.first;
     trim(w, topic, &mut meta, retention, now_ms)?;
     if meta.first != first {
-        w.set(meta_key, Some(enc(&meta).map_err(|e| e.to_string())?));
+        w.set_record(&keys::TOPIC_META, topic, Some(&meta))?;
     }
     Ok((None, None, Some(meta.first)))
 }
 
 /// Applies an execution's effects at time `now` if its cursor and state version still hold;
 /// otherwise refuses, changing nothing.
-fn apply_effects(
-    w: &mut Writes<'_>,
-    fx: crate::functions::Effects,
-    now: u64,
-) -> Result<Applied, String> {
-    use crate::functions::{cursor_key, state_key, version_key};
+fn apply_effects(w: &mut Writes<'_>, fx: Effects, now: u64) -> Result<Applied, String> {
     let refusal = name_refusal("function", &fx.function)
         .or_else(|| {
             fx.cursor.as_ref().and_then(|c| {
@@ -330,14 +314,8 @@ fn apply_effects(
     if let Some(why) = refusal {
         return Ok((None, Some(why), None));
     }
-    let read_u64 = |w: &Writes<'_>, key: &str| -> Result<Option<u64>, String> {
-        match w.get(key)? {
-            Some(b) => dec::<u64>(&b).map(Some).map_err(|e| e.to_string()),
-            None => Ok(None),
-        }
-    };
     if let Some(c) = &fx.cursor {
-        let now = read_u64(w, &cursor_key(&c.trigger_uid, &c.topic))?;
+        let now = w.record(&keys::TRIGGER_CURSORS, (&c.trigger_uid, &c.topic))?;
         if now != c.expected {
             return Ok((
                 None,
@@ -349,7 +327,7 @@ fn apply_effects(
             ));
         }
     }
-    let version = read_u64(w, &version_key(&fx.function))?.unwrap_or(0);
+    let version = w.record(&keys::STATE_VERSIONS, &fx.function)?.unwrap_or(0);
     if let Some(expected) = fx.state_version
         && expected != version
     {
@@ -364,22 +342,20 @@ fn apply_effects(
     }
     if !fx.state.is_empty() {
         for (k, v) in fx.state {
-            w.set(state_key(&fx.function, &k), v);
+            w.set_record(&keys::STATE, (&fx.function, &k), v.as_ref())?;
         }
-        w.set(
-            version_key(&fx.function),
-            Some(enc(&(version + 1)).map_err(|e| e.to_string())?),
-        );
+        w.set_record(&keys::STATE_VERSIONS, &fx.function, Some(&(version + 1)))?;
     }
     let mut last = None;
     for out in fx.outputs {
         last = Some(append_event(w, out, now)?);
     }
     if let Some(c) = fx.cursor {
-        w.set(
-            cursor_key(&c.trigger_uid, &c.topic),
-            Some(enc(&c.next).map_err(|e| e.to_string())?),
-        );
+        w.set_record(
+            &keys::TRIGGER_CURSORS,
+            (&c.trigger_uid, &c.topic),
+            Some(&c.next),
+        )?;
     }
     Ok((None, None, last))
 }

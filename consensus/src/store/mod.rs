@@ -59,9 +59,6 @@ pub use state::StateMachine;
 
 type SErr = StorageError<NodeId>;
 
-/// The error type of storage reads (openraft's `StorageError`), for callers that name it.
-pub type StorageErrorOf = SErr;
-
 /// Why the Raft database cannot be opened. Each names the path.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -92,6 +89,61 @@ pub enum StoreError {
         /// What failed.
         reason: String,
     },
+}
+
+/// Why a read of a group's state failed; each names what was read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// sled could not read.
+    #[error("reading {what} from the state machine failed: {reason}")]
+    Io {
+        /// What was read.
+        what: String,
+        /// sled's reason.
+        reason: String,
+    },
+    /// A stored value does not decode: the database is damaged or was written by another
+    /// format.
+    #[error("the stored {what} under key {key:?} does not decode: {reason}")]
+    Damaged {
+        /// What kind of record it is.
+        what: String,
+        /// Its key.
+        key: String,
+        /// The decoder's reason.
+        reason: String,
+    },
+    /// A key under a table's prefix is not one of the table's keys: the database is damaged.
+    #[error("key {key:?} is under the prefix of {what} but is not one of its keys")]
+    ForeignKey {
+        /// The table.
+        what: &'static str,
+        /// The key.
+        key: String,
+    },
+}
+
+impl ReadError {
+    fn io(what: &str, e: sled::Error) -> ReadError {
+        ReadError::Io {
+            what: what.to_string(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn damaged(what: &str, key: &str, e: wire::WireError) -> ReadError {
+        ReadError::Damaged {
+            what: what.to_string(),
+            key: key.to_string(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+impl From<ReadError> for StorageError<NodeId> {
+    fn from(e: ReadError) -> Self {
+        openraft::StorageIOError::read_state_machine(&e).into()
+    }
 }
 
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, wire::WireError> {

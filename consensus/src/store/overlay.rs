@@ -1,6 +1,7 @@
 //! The sorted overlay of one `apply` call's writes.
 
 use super::*;
+use crate::keys::{Codec, Shape, Table};
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
@@ -42,6 +43,41 @@ impl<'a> Writes<'a> {
 
     pub(super) fn set(&mut self, key: String, value: Option<Vec<u8>>) {
         self.raw_set(data_key(&key), value);
+    }
+
+    /// The record of `table` named by `parts`, as it stands after this call's writes.
+    pub(super) fn record<S: Shape, C: Codec>(
+        &self,
+        table: &Table<S, C>,
+        parts: S::Ref<'_>,
+    ) -> Result<Option<C::Value>, String> {
+        let key = table.key(parts);
+        match self.get(&key)? {
+            Some(b) => table
+                .decode(&b)
+                .map(Some)
+                .map_err(|e| format!("the stored {} under {key:?}: {e}", table.what())),
+            None => Ok(None),
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) the record of `table` named by `parts`.
+    pub(super) fn set_record<S: Shape, C: Codec>(
+        &mut self,
+        table: &Table<S, C>,
+        parts: S::Ref<'_>,
+        value: Option<&C::Value>,
+    ) -> Result<(), String> {
+        let bytes = match value {
+            Some(v) => Some(
+                table
+                    .encode(v)
+                    .map_err(|e| format!("a record of {}: {e}", table.what()))?,
+            ),
+            None => None,
+        };
+        self.set(table.key(parts), bytes);
+        Ok(())
     }
 
     /// Up to `limit` raw keys in `start..end`, in order, as they stand after this call's

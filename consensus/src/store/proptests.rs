@@ -250,7 +250,7 @@ fn request(n: usize, s: &Step) -> Request {
             id: Some(format!("put-{n}")),
             op: Op::Put {
                 key: if *internal {
-                    crate::functions::function_key(&format!("forged{key}"))
+                    crate::keys::FUNCTIONS.key(&format!("forged{key}"))
                 } else {
                     format!("k/{key}")
                 },
@@ -507,7 +507,10 @@ fn client_key_operations_cannot_touch_internal_keys() {
         };
         use super::tests::entry;
         sm.apply(vec![entry(1, set)]).await.unwrap();
-        assert_eq!(sm.get(&removed.key()).unwrap(), Some(b"removed".to_vec()));
+        assert_eq!(
+            sm.record(&crate::keys::REMOVED, "12D3KooWPeer").unwrap(),
+            Some(b"removed".to_vec())
+        );
         let forged = [
             Op::Put {
                 key: removed.key(),
@@ -515,11 +518,11 @@ fn client_key_operations_cannot_touch_internal_keys() {
             },
             Op::Delete { key: removed.key() },
             Op::Add {
-                key: crate::topics::meta_key("t"),
+                key: crate::keys::TOPIC_META.key("t"),
                 delta: 1,
             },
             Op::Put {
-                key: crate::functions::module_key("h"),
+                key: crate::keys::MODULES.key("h"),
                 value: b"\0asm".to_vec(),
             },
             // Names that would reach into other records' keys.
@@ -562,7 +565,10 @@ fn client_key_operations_cannot_touch_internal_keys() {
                 "{shown}: {why:?}"
             );
         }
-        assert_eq!(sm.get(&removed.key()).unwrap(), Some(b"removed".to_vec()));
+        assert_eq!(
+            sm.record(&crate::keys::REMOVED, "12D3KooWPeer").unwrap(),
+            Some(b"removed".to_vec())
+        );
         // Nothing but the applied index moved.
         assert_eq!(before, sm.digest().unwrap());
         // A plain key is fine.
@@ -581,7 +587,7 @@ fn client_key_operations_cannot_touch_internal_keys() {
             .unwrap();
         assert_eq!(r[0].refused, None);
         // The tombstone is not where a client key could be.
-        assert!(crate::types::is_internal(&removed.key()));
+        assert!(crate::keys::is_internal(&removed.key()));
     });
 }
 

@@ -2,6 +2,8 @@
 
 use super::snapshot::{SnapshotBuilder, SnapshotData};
 use super::*;
+use crate::keys::{self, Codec, Grouped, Records, Shape, Table, UserKey};
+use crate::topics::{StoredEvent, TopicMeta};
 use crate::types::{NodeId, RaftNode, Response, TypeConfig};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{Entry, LogId, OptionalSend, SnapshotMeta, StorageIOError, StoredMembership};
@@ -22,6 +24,7 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
+    /// A value under a raw sled key (`m/…`), for the Raft storage traits.
     pub(super) fn read<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, SErr> {
         match self
             .sm
@@ -35,21 +38,98 @@ impl StateMachine {
         }
     }
 
-    /// The value of `key`, as applied on this node (which may lag the leader).
-    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, SErr> {
+    /// The bytes under a key of the data map, internal or not.
+    fn raw(&self, key: &str, what: &str) -> Result<Option<Vec<u8>>, ReadError> {
         Ok(self
             .sm
-            .get(format!("d/{key}"))
-            .map_err(|e| StorageIOError::read_state_machine(&e))?
+            .get(data_key(key))
+            .map_err(|e| ReadError::io(what, e))?
             .map(|v| v.to_vec()))
     }
 
-    /// Every key and value whose key starts with `prefix`, in key order.
-    pub fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, SErr> {
+    /// The value of client key `key`, as applied on this node (which may lag the leader).
+    pub fn get(&self, key: &UserKey) -> Result<Option<Vec<u8>>, ReadError> {
+        self.raw(key.as_str(), "a client key")
+    }
+
+    /// The bytes under any key of the data map: what a member asks the leader for with a
+    /// linearizable read (a client key, or a key a [`Table`] built).
+    pub(crate) fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>, ReadError> {
+        self.raw(key, "a key")
+    }
+
+    /// How many keys the data map holds, client and internal ones together.
+    pub fn key_count(&self) -> Result<usize, ReadError> {
+        let mut n = 0;
+        for item in self.sm.scan_prefix(b"d/").keys() {
+            item.map_err(|e| ReadError::io("the key count", e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The record of `table` named by `parts`, if there is one.
+    pub fn record<S: Shape, C: Codec>(
+        &self,
+        table: &Table<S, C>,
+        parts: S::Ref<'_>,
+    ) -> Result<Option<C::Value>, ReadError> {
+        let key = table.key(parts);
+        match self.raw(&key, table.what())? {
+            Some(b) => Ok(Some(
+                table
+                    .decode(&b)
+                    .map_err(|e| ReadError::damaged(table.what(), &key, e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Every record of `table`, in key order, with the parts of its key.
+    pub fn scan_table<S: Shape, C: Codec>(
+        &self,
+        table: &Table<S, C>,
+    ) -> Result<Records<S, C>, ReadError> {
+        self.scan_records(table, table.prefix(), usize::MAX)
+    }
+
+    /// Up to `limit` records of `table` whose key starts with `first` (one function's state,
+    /// one topic's events) and then `tail`, in key order.
+    pub fn scan_group<S: Grouped, C: Codec>(
+        &self,
+        table: &Table<S, C>,
+        first: &str,
+        tail: &str,
+        limit: usize,
+    ) -> Result<Records<S, C>, ReadError> {
+        let prefix = format!("{}{tail}", table.prefix_of(first));
+        self.scan_records(table, &prefix, limit)
+    }
+
+    /// Up to `limit` records of `table` whose key starts with `prefix` (a prefix inside the
+    /// table's), decoded: a key there that is not the table's, or a value that does not
+    /// decode, is an error naming it.
+    fn scan_records<S: Shape, C: Codec>(
+        &self,
+        table: &Table<S, C>,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Records<S, C>, ReadError> {
         let mut out = Vec::new();
-        for item in self.sm.scan_prefix(format!("d/{prefix}")) {
-            let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
-            out.push((String::from_utf8_lossy(&k[2..]).into_owned(), v.to_vec()));
+        for item in self.sm.scan_prefix(data_key(prefix)) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| ReadError::io(table.what(), e))?;
+            let raw = String::from_utf8_lossy(&k[2..]);
+            let parts = table.parse(&raw).ok_or_else(|| ReadError::ForeignKey {
+                what: table.what(),
+                key: raw.to_string(),
+            })?;
+            let value = table
+                .decode(&v)
+                .map_err(|e| ReadError::damaged(table.what(), &raw, e))?;
+            out.push((parts, value));
         }
         Ok(out)
     }
@@ -60,21 +140,13 @@ impl StateMachine {
     }
 
     /// Every topic with a log, and where its log starts and ends.
-    pub fn topics(&self) -> Result<Vec<(String, crate::topics::TopicMeta)>, SErr> {
-        let prefix = format!("d/{}", crate::topics::META_PREFIX);
-        let mut out = Vec::new();
-        for item in self.sm.scan_prefix(prefix.as_bytes()) {
-            let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
-            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            let meta = dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?;
-            out.push((name, meta));
-        }
-        Ok(out)
+    pub fn topics(&self) -> Result<Vec<(String, TopicMeta)>, ReadError> {
+        self.scan_table(&keys::TOPIC_META)
     }
 
     /// Where one topic's log starts and ends, if the topic has one.
-    pub fn topic_meta(&self, topic: &str) -> Result<Option<crate::topics::TopicMeta>, SErr> {
-        self.read(format!("d/{}", crate::topics::meta_key(topic)).as_bytes())
+    pub fn topic_meta(&self, topic: &str) -> Result<Option<TopicMeta>, ReadError> {
+        self.record(&keys::TOPIC_META, topic)
     }
 
     /// Up to `limit` events of `topic` from offset `from` on, in offset order.
@@ -83,56 +155,73 @@ impl StateMachine {
         topic: &str,
         from: u64,
         limit: usize,
-    ) -> Result<Vec<crate::topics::StoredEvent>, SErr> {
-        let start = format!("d/{}", crate::topics::event_key(topic, from));
-        let prefix = format!("d/{}", crate::topics::event_prefix(topic));
+    ) -> Result<Vec<StoredEvent>, ReadError> {
+        let table = &keys::EVENTS;
+        let start = data_key(&table.key((topic, from)));
+        let prefix = data_key(&table.prefix_of(topic));
         let mut out = Vec::new();
-        for item in self.sm.range(start.as_bytes()..) {
-            let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
-            if !k.starts_with(prefix.as_bytes()) || out.len() >= limit {
+        for item in self.sm.range(start..) {
+            let (k, v) = item.map_err(|e| ReadError::io(table.what(), e))?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
                 break;
             }
-            out.push(dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?);
+            out.push(table.decode(&v).map_err(|e| {
+                ReadError::damaged(table.what(), &String::from_utf8_lossy(&k[2..]), e)
+            })?);
         }
         Ok(out)
     }
 
     /// The offset of the first event of `topic` accepted at or after `time_ms` (the end of
     /// the log if none was).
-    pub fn offset_at(&self, topic: &str, time_ms: u64) -> Result<u64, SErr> {
+    pub fn offset_at(&self, topic: &str, time_ms: u64) -> Result<u64, ReadError> {
         let Some(meta) = self.topic_meta(topic)? else {
             return Ok(0);
         };
         let mut from = meta.first;
         loop {
             let batch = self.events(topic, from, 1024)?;
-            if batch.is_empty() {
+            let Some(last) = batch.last() else {
                 return Ok(meta.next);
-            }
+            };
             if let Some(e) = batch.iter().find(|e| e.time_ms >= time_ms) {
                 return Ok(e.offset);
             }
-            from = batch[batch.len() - 1].offset + 1;
+            from = last.offset + 1;
         }
     }
 
     /// Where durable subscription `name` continues on `topic`: the offset after its last
     /// acknowledged one, if it acknowledged any.
-    pub fn cursor(&self, name: &str, topic: &str) -> Result<Option<u64>, SErr> {
-        self.read(format!("d/{}", crate::topics::cursor_key(name, topic)).as_bytes())
+    pub fn subscription_cursor(&self, name: &str, topic: &str) -> Result<Option<u64>, ReadError> {
+        self.record(&keys::SUBSCRIPTION_CURSORS, (name, topic))
+    }
+
+    /// Where the trigger with uid `trigger_uid` continues on `topic`, if it committed
+    /// anything there.
+    pub fn trigger_cursor(&self, trigger_uid: &str, topic: &str) -> Result<Option<u64>, ReadError> {
+        self.record(&keys::TRIGGER_CURSORS, (trigger_uid, topic))
     }
 
     /// The last log id applied on this node.
-    pub fn applied(&self) -> Result<Option<LogId<NodeId>>, SErr> {
-        Ok(self.read::<Option<LogId<NodeId>>>(b"m/applied")?.flatten())
+    pub fn applied(&self) -> Result<Option<LogId<NodeId>>, ReadError> {
+        match self
+            .sm
+            .get(b"m/applied")
+            .map_err(|e| ReadError::io("the applied index", e))?
+        {
+            Some(v) => Ok(dec::<Option<LogId<NodeId>>>(&v)
+                .map_err(|e| ReadError::damaged("applied index", "m/applied", e))?),
+            None => Ok(None),
+        }
     }
 
     /// A SHA-256 digest of the key-value data, the applied request ids and the clock, in key
     /// order: equal on two nodes exactly when they hold the same state.
-    pub fn digest(&self) -> Result<String, SErr> {
+    pub fn digest(&self) -> Result<String, ReadError> {
         let mut h = Sha256::new();
         for item in self.sm.iter() {
-            let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
+            let (k, v) = item.map_err(|e| ReadError::io("the digest", e))?;
             if k.starts_with(b"d/") || k.starts_with(b"r/") || k.as_ref() == CLOCK_KEY {
                 h.update((k.len() as u64).to_be_bytes());
                 h.update(&k);

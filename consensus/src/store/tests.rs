@@ -74,6 +74,11 @@ fn a_log_shorter_than_its_watermark_is_refused() {
     assert!(RaftDb::open(&path).is_ok());
 }
 
+/// A client key.
+fn user(key: &str) -> crate::UserKey {
+    crate::UserKey::new(key).unwrap()
+}
+
 pub(super) fn entry(index: u64, req: Request) -> Entry<TypeConfig> {
     entry_at(index, 0, req)
 }
@@ -224,14 +229,14 @@ fn a_batch_answers_each_request_and_keeps_their_ids() {
             .await
             .unwrap();
         assert!(r[0].batch[0].duplicate && !r[0].batch[1].duplicate);
-        assert_eq!(sm.get("n").unwrap(), Some(b"3".to_vec()));
+        assert_eq!(sm.get(&user("n")).unwrap(), Some(b"3".to_vec()));
         // A batch inside a batch is refused, changing nothing.
         let r = sm
             .apply(vec![entry(3, batch(vec![batch(vec![add("d")])]))])
             .await
             .unwrap();
         assert!(r[0].batch[0].refused.is_some());
-        assert_eq!(sm.get("n").unwrap(), Some(b"3".to_vec()));
+        assert_eq!(sm.get(&user("n")).unwrap(), Some(b"3".to_vec()));
     });
 }
 
@@ -257,7 +262,7 @@ fn a_request_id_is_applied_once() {
         assert!(!r[0].duplicate && r[1].duplicate && r[1].index == 1);
         let r = sm.apply(vec![entry(3, put("c"))]).await.unwrap();
         assert!(r[0].duplicate);
-        assert_eq!(sm.get("k").unwrap(), Some(b"a".to_vec()));
+        assert_eq!(sm.get(&user("k")).unwrap(), Some(b"a".to_vec()));
         assert_eq!(sm.applied().unwrap().map(|l| l.index), Some(3));
     });
 }
