@@ -1653,6 +1653,42 @@ mod tests {
             assert!(view.learners.is_empty());
             assert_eq!(c.is_leader(g), i == leader, "member {i}");
         }
+        // Typed reads of internal records and reads of client keys, through the leader from
+        // a follower.
+        let follower = net.get([1, 2, 3].into_iter().find(|i| *i != leader).unwrap());
+        let settings = canal_proto::settings::TopicSettings {
+            max_payload_bytes: 9,
+            ..Default::default()
+        };
+        follower
+            .write_op(
+                g,
+                Op::Internal {
+                    key: crate::InternalKey::Settings("t".into()),
+                    value: Some(crate::keys::SETTINGS.encode(&settings).unwrap()),
+                },
+            )
+            .await
+            .unwrap();
+        follower
+            .write_op(g, UserKey::new("k").unwrap().put(b"v".to_vec()))
+            .await
+            .unwrap();
+        let read = follower
+            .read_record(g, &crate::keys::SETTINGS, "t", true)
+            .await
+            .unwrap();
+        assert_eq!(read, Some(settings));
+        let missing = follower
+            .read_record(g, &crate::keys::SETTINGS, "u", true)
+            .await
+            .unwrap();
+        assert_eq!(missing, None);
+        let v = follower
+            .read(g, &UserKey::new("k").unwrap(), true)
+            .await
+            .unwrap();
+        assert_eq!(v, Some(b"v".to_vec()));
         // An outsider knows no leader and leads nothing; an unknown group is not described.
         let outsider = net.get(9);
         assert!(!outsider.is_leader(g));

@@ -266,3 +266,121 @@ fn a_request_id_is_applied_once() {
         assert_eq!(sm.applied().unwrap().map(|l| l.index), Some(3));
     });
 }
+
+#[test]
+fn typed_reads_see_only_their_own_records() {
+    use crate::functions::Effects;
+    use crate::keys;
+    use crate::topics::PublishOp;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RaftDb::open(dir.path()).unwrap();
+        let (_, mut sm) = db.group(crate::group_of("a")).unwrap();
+        let publish = |topic: &str| Request {
+            id: None,
+            op: Op::Publish(PublishOp {
+                topic: topic.into(),
+                id: None,
+                headers: Vec::new(),
+                payload: topic.as_bytes().to_vec(),
+                retention: Default::default(),
+            }),
+        };
+        let effects = |function: &str, key: &str| Request {
+            id: None,
+            op: Op::Effects(Effects {
+                function: function.into(),
+                cursor: None,
+                state_version: None,
+                state: vec![(key.into(), Some(function.as_bytes().to_vec()))],
+                outputs: Vec::new(),
+            }),
+        };
+        let settings = canal_proto::settings::TopicSettings {
+            max_payload_bytes: 77,
+            ..Default::default()
+        };
+        let reqs = vec![
+            publish("a"),
+            publish("a/b"),
+            publish("ab"),
+            publish("a"),
+            effects("f", "k1"),
+            effects("f", "x/k2"),
+            effects("f2", "k1"),
+            effects("f/g", "k1"),
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: crate::InternalKey::Settings("a/#".into()),
+                    value: Some(keys::SETTINGS.encode(&settings).unwrap()),
+                },
+            },
+            Request {
+                id: None,
+                op: user("k").put(b"v".to_vec()),
+            },
+        ];
+        let entries: Vec<_> = reqs
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| entry(i as u64 + 1, r))
+            .collect();
+        sm.apply(entries).await.unwrap();
+
+        // One topic's events never include a topic whose name extends it.
+        let events = sm.events("a", 0, 10).unwrap();
+        assert_eq!(events.iter().map(|e| e.offset).collect::<Vec<_>>(), [0, 1]);
+        assert!(events.iter().all(|e| e.payload == b"a"));
+        assert_eq!(sm.events("a/b", 0, 10).unwrap().len(), 1);
+        let topics: Vec<String> = sm.topics().unwrap().into_iter().map(|(t, _)| t).collect();
+        assert_eq!(topics, ["a", "a/b", "ab"]);
+
+        // One function's state, under a prefix of its keys or all of it.
+        let state = |f: &str, tail: &str| -> Vec<String> {
+            sm.scan_group(&keys::STATE, f, tail, 10)
+                .unwrap()
+                .into_iter()
+                .map(|((function, key), value)| {
+                    assert_eq!(function, f);
+                    assert_eq!(value, f.as_bytes());
+                    key
+                })
+                .collect()
+        };
+        assert_eq!(state("f", ""), ["k1", "x/k2"]);
+        assert_eq!(state("f", "x/"), ["x/k2"]);
+        assert_eq!(state("f2", ""), ["k1"]);
+        assert_eq!(sm.scan_group(&keys::STATE, "f", "", 1).unwrap().len(), 1);
+        assert_eq!(sm.record(&keys::STATE_VERSIONS, "f").unwrap(), Some(2));
+        assert_eq!(sm.record(&keys::STATE_VERSIONS, "nobody").unwrap(), None);
+
+        // Settings decode as settings; the client key is a client key.
+        assert_eq!(
+            sm.scan_table(&keys::SETTINGS).unwrap(),
+            vec![("a/#".to_string(), settings)]
+        );
+        assert_eq!(sm.get(&user("k")).unwrap(), Some(b"v".to_vec()));
+        assert!(sm.scan_table(&keys::FUNCTIONS).unwrap().is_empty());
+        // 4 events, 3 topics, 4 state entries, 3 versions, settings, the client key.
+        assert_eq!(sm.key_count().unwrap(), 16);
+
+        // A damaged record, or a key under a table's prefix that is not its own, is an error
+        // that names it, never skipped or misread.
+        sm.sm
+            .insert(data_key(&keys::SETTINGS.key("b")), b"junk".to_vec())
+            .unwrap();
+        let e = sm.scan_table(&keys::SETTINGS).unwrap_err();
+        assert!(
+            matches!(&e, ReadError::Damaged { key, .. } if key == &keys::SETTINGS.key("b")),
+            "{e}"
+        );
+        sm.sm
+            .insert(data_key("\u{1}t/a\u{0}junk"), Vec::new())
+            .unwrap();
+        let e = sm.topics().unwrap_err();
+        assert!(matches!(e, ReadError::ForeignKey { .. }), "{e}");
+        assert!(e.to_string().contains("topic metadata"), "{e}");
+    });
+}
