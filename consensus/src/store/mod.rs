@@ -1,5 +1,11 @@
 //! Raft storage on sled: one database per node, trees per group.
 //!
+//! - `db`: the [`RaftDb`], its format marker and the durable-index [`Watermark`].
+//! - `log`: a group's [`LogStore`] (entries, vote, committed index, purges).
+//! - `state`: a group's [`StateMachine`] and its reads (typed through [`crate::keys`]).
+//! - `apply`: the deterministic apply of operations, on `overlay` (one call's writes).
+//! - `snapshot`: what a snapshot holds, and how it is built, stored and installed.
+//!
 //! ```text
 //!   canal            format marker ("canal-raft/3")
 //!   g{N}.log         log index (u64, big-endian) -> entry
