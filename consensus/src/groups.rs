@@ -7,6 +7,7 @@
 //!                         └─no──> wait for an election (bounded), retry
 //! ```
 
+use crate::keys::{Codec, Shape, Table, UserKey};
 use crate::network::{MAX_ENTRY_BYTES, Network, Transport, call};
 use crate::rpc::{ClientError, MemberStatus, RpcRequest, RpcResponse};
 use crate::store::{LogStore, RaftDb, StateMachine, StoreError};
@@ -251,6 +252,20 @@ struct Metrics {
 
 fn group_label(g: GroupId) -> Vec<(String, String)> {
     vec![("group".to_string(), g.to_string())]
+}
+
+/// A group as one member sees it locally ([`Consensus::describe`]): where its data is and
+/// who serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupView {
+    /// The group.
+    pub group: GroupId,
+    /// Its leader, if this member knows one now.
+    pub leader: Option<RaftNode>,
+    /// Its voters, in node id order.
+    pub voters: Vec<RaftNode>,
+    /// Its learners (replicas that do not vote yet), in node id order.
+    pub learners: Vec<RaftNode>,
 }
 
 /// A node's Raft groups. Cheap to clone.
@@ -590,6 +605,37 @@ impl<T: Transport> Consensus<T> {
         Ok(self.group(g)?.raft.metrics().borrow().clone())
     }
 
+    /// Whether this node leads group `g` now, as its local Raft metrics say (no RPC): what
+    /// jobs that only the leader runs (membership, placement, trimming) check each round.
+    /// An unknown group is not led.
+    pub fn is_leader(&self, g: GroupId) -> bool {
+        self.group(g)
+            .map(|group| group.raft.metrics().borrow().current_leader == Some(self.inner.me))
+            .unwrap_or(false)
+    }
+
+    /// Group `g` as this node sees it from its local Raft metrics (no RPC, so cheap enough
+    /// for every `locate`): its leader, if one is known, and its voters and learners.
+    pub fn describe(&self, g: GroupId) -> Result<GroupView, ClientError> {
+        let group = self.group(g)?;
+        let m = group.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        Ok(GroupView {
+            group: g,
+            leader: m
+                .current_leader
+                .and_then(|l| membership.get_node(&l).cloned()),
+            voters: membership
+                .voter_ids()
+                .filter_map(|id| membership.get_node(&id).cloned())
+                .collect(),
+            learners: membership
+                .learner_ids()
+                .filter_map(|id| membership.get_node(&id).cloned())
+                .collect(),
+        })
+    }
+
     /// The state machine of a group on this node, for local reads.
     pub fn state_machine(&self, g: GroupId) -> Result<StateMachine, ClientError> {
         Ok(self.group(g)?.sm.clone())
@@ -825,7 +871,7 @@ impl<T: Transport> Consensus<T> {
             })?;
         // ensure_linearizable waits for the read index to be applied here.
         debug!(group = %g, read_index = ?read_log_id, "linearizable read");
-        group.sm.get(key).map_err(other)
+        group.sm.get_raw(key).map_err(other)
     }
 
     async fn local_add_learner(
@@ -1072,21 +1118,50 @@ impl<T: Transport> Consensus<T> {
             .map_err(|_| other("the group shut down before the write was answered"))?
     }
 
-    /// Reads `key`: linearizably through the leader's read index, or from this node's state
-    /// machine (which may lag) when `linearizable` is false.
+    /// Reads client key `key`: linearizably through the leader's read index, or from this
+    /// node's state machine (which may lag) when `linearizable` is false.
     pub async fn read(
         &self,
         g: GroupId,
-        key: &str,
+        key: &UserKey,
+        linearizable: bool,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        self.read_key(g, key.as_str().to_string(), linearizable)
+            .await
+    }
+
+    /// Reads the record of `table` named by `parts`, decoded: linearizably through the
+    /// leader's read index, or from this node's state machine (which may lag) when
+    /// `linearizable` is false.
+    pub async fn read_record<S: Shape, C: Codec>(
+        &self,
+        g: GroupId,
+        table: &Table<S, C>,
+        parts: S::Ref<'_>,
+        linearizable: bool,
+    ) -> Result<Option<C::Value>, ClientError> {
+        let key = table.key(parts);
+        match self.read_key(g, key.clone(), linearizable).await? {
+            Some(b) => table.decode(&b).map(Some).map_err(|e| {
+                other(format!(
+                    "the stored {} under {key:?} does not decode: {e}",
+                    table.what()
+                ))
+            }),
+            None => Ok(None),
+        }
+    }
+
+    async fn read_key(
+        &self,
+        g: GroupId,
+        key: String,
         linearizable: bool,
     ) -> Result<Option<Vec<u8>>, ClientError> {
         if !linearizable {
-            return self.group(g)?.sm.get(key).map_err(other);
+            return self.group(g)?.sm.get_raw(&key).map_err(other);
         }
-        match self
-            .on_leader(g, RpcRequest::Read(g, key.to_string()))
-            .await?
-        {
+        match self.on_leader(g, RpcRequest::Read(g, key)).await? {
             RpcResponse::Read(r) => r,
             other_answer => Err(other(format!("unexpected answer {other_answer:?}"))),
         }
@@ -1435,7 +1510,7 @@ mod tests {
             .unwrap();
         for i in [1, 2, 3] {
             let sm = net.get(i).state_machine(GroupId::METADATA).unwrap();
-            wait(|| sm.get("a").unwrap() == Some(b"1".to_vec())).await;
+            wait(|| sm.get(&UserKey::new("a").unwrap()).unwrap() == Some(b"1".to_vec())).await;
         }
 
         let l = net.get(leader);
@@ -1500,7 +1575,7 @@ mod tests {
         assert_eq!(m.current_term, term);
         for i in [1, 2, 3] {
             let sm = net.get(i).state_machine(g).unwrap();
-            assert_eq!(sm.get("evil").unwrap(), None);
+            assert_eq!(sm.get(&UserKey::new("evil").unwrap()).unwrap(), None);
         }
         // And the cluster still commits.
         net.get(follower).write(g, put("b", b"2")).await.unwrap();
@@ -1560,6 +1635,69 @@ mod tests {
         let mut bad = d.clone();
         bad.rpc_timeout = Duration::from_millis(600);
         assert!(bad.check().unwrap_err().contains("RPC timeout"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn describe_and_is_leader_agree_with_the_elected_leader() {
+        let net = formed(&[1, 2, 3], &[9]).await;
+        let leader = leader_of(&net, 1).await;
+        let g = GroupId::METADATA;
+        // Every member learns the leader; only the leader says it leads.
+        for i in [1, 2, 3] {
+            let c = net.get(i);
+            wait(|| c.describe(g).is_ok_and(|v| v.leader.is_some())).await;
+            let view = c.describe(g).unwrap();
+            assert_eq!(view.group, g);
+            assert_eq!(view.leader, Some(node(leader)));
+            assert_eq!(view.voters, vec![node(1), node(2), node(3)]);
+            assert!(view.learners.is_empty());
+            assert_eq!(c.is_leader(g), i == leader, "member {i}");
+        }
+        // Typed reads of internal records and reads of client keys, through the leader from
+        // a follower.
+        let follower = net.get([1, 2, 3].into_iter().find(|i| *i != leader).unwrap());
+        let settings = canal_proto::settings::TopicSettings {
+            max_payload_bytes: 9,
+            ..Default::default()
+        };
+        follower
+            .write_op(
+                g,
+                Op::Internal {
+                    key: crate::InternalKey::Settings("t".into()),
+                    value: Some(crate::keys::SETTINGS.encode(&settings).unwrap()),
+                },
+            )
+            .await
+            .unwrap();
+        follower
+            .write_op(g, UserKey::new("k").unwrap().put(b"v".to_vec()))
+            .await
+            .unwrap();
+        let read = follower
+            .read_record(g, &crate::keys::SETTINGS, "t", true)
+            .await
+            .unwrap();
+        assert_eq!(read, Some(settings));
+        let missing = follower
+            .read_record(g, &crate::keys::SETTINGS, "u", true)
+            .await
+            .unwrap();
+        assert_eq!(missing, None);
+        let v = follower
+            .read(g, &UserKey::new("k").unwrap(), true)
+            .await
+            .unwrap();
+        assert_eq!(v, Some(b"v".to_vec()));
+        // An outsider knows no leader and leads nothing; an unknown group is not described.
+        let outsider = net.get(9);
+        assert!(!outsider.is_leader(g));
+        assert_eq!(outsider.describe(g).unwrap().leader, None);
+        assert!(!net.get(leader).is_leader(GroupId(7)));
+        assert!(matches!(
+            net.get(leader).describe(GroupId(7)),
+            Err(ClientError::UnknownGroup(GroupId(7)))
+        ));
     }
 
     async fn wait(mut ok: impl FnMut() -> bool) {

@@ -9,15 +9,22 @@
 //!
 //! - [`types`]: the openraft type configuration ([`TypeConfig`]), group ids, node ids and
 //!   the requests and responses a group replicates.
+//! - [`routing`]: which group holds what ([`group_of`] a topic, [`group_of_function`] a
+//!   function's state and cursors, [`DATA_GROUPS`] the data groups a node starts): the one
+//!   place that issue 14 (shard groups) changes.
+//! - [`keys`]: every key of every group's state machine, as typed tables that build, parse
+//!   and decode them, and [`UserKey`], the client keys that can never name an internal one.
 //! - [`network`]: openraft's network over a [`Transport`] the node provides (libp2p).
 //! - [`rpc`]: the messages between members, each tagged with its group.
 //! - [`groups`]: [`Consensus`], the groups of a node and the client operations on them
-//!   (writes and linearizable reads forwarded to the leader, membership, status).
-//! - [`topics`]: durable topic logs kept in a data group's state machine.
-//! - [`functions`]: functions, triggers, function state and the atomic [`functions::Effects`]
-//!   of executions.
-//! - [`store`]: the sled database ([`RaftDb`]), with its format marker, and per group the
-//!   log store ([`LogStore`]) and the state machine ([`StateMachine`]), snapshots included.
+//!   (writes and linearizable reads forwarded to the leader, typed reads of internal
+//!   records, membership, status, [`Consensus::is_leader`] and [`Consensus::describe`]).
+//! - [`topics`]: what a topic log holds (publishes, events, where a log starts and ends).
+//! - [`functions`]: the atomic [`functions::Effects`] of executions of functions.
+//! - [`store`]: Raft storage on sled, one file per concern: `db` (the [`RaftDb`] and its
+//!   format marker), `log` ([`LogStore`]), `state` ([`StateMachine`] and its reads, which
+//!   fail with [`ReadError`]), `apply` (the deterministic apply of operations: the clock,
+//!   dedup, topic logs, effects) over `overlay` (one apply call's writes), and `snapshot`.
 //!
 //! ```text
 //!   client write ─> Raft (openraft) ─> LogStore::append ─> sled tree g{N}.log (flushed)
@@ -26,16 +33,20 @@
 
 pub mod functions;
 pub mod groups;
+pub mod keys;
 pub mod network;
+pub mod routing;
 pub mod rpc;
 pub mod store;
 pub mod topics;
 pub mod types;
 
-pub use groups::{Consensus, ConsensusError, Settings};
+pub use groups::{Consensus, ConsensusError, GroupView, Settings};
+pub use keys::UserKey;
 pub use network::Transport;
+pub use routing::{DATA_GROUPS, group_of, group_of_function, group_of_subscription};
 pub use rpc::{ClientError, MemberStatus};
-pub use store::{LogStore, RaftDb, StateMachine, StoreError};
+pub use store::{LogStore, RaftDb, ReadError, StateMachine, StoreError};
 pub use types::{
     GroupId, InternalKey, NodeId, Op, Proposal, RaftNode, Request, Response, TypeConfig,
 };

@@ -318,7 +318,7 @@ impl<T: Transport> RaftNetwork<TypeConfig> for Connection<T> {
 mod tests {
     use super::*;
     use crate::rpc::ClientError;
-    use crate::types::{GroupId, Op, Request};
+    use crate::types::{Op, Request};
     use openraft::{CommittedLeaderId, LogId, Vote};
     use proptest::prelude::*;
     use proptest::test_runner::{Config, RngSeed, TestRunner};
@@ -376,7 +376,7 @@ mod tests {
     fn the_entry_limit_fits_in_one_append_frame() {
         let big = entry(1, vec![0; MAX_ENTRY_BYTES - 200]);
         let req = RpcRequest::Append(
-            GroupId(1),
+            crate::routing::DEFAULT_GROUP,
             AppendEntriesRequest {
                 vote: Vote::new_committed(1, 1),
                 prev_log_id: None,
@@ -405,7 +405,7 @@ mod tests {
 
     /// Valid messages of every shape, to mutate.
     fn samples() -> Vec<Vec<u8>> {
-        let g = GroupId(1);
+        let g = crate::routing::DEFAULT_GROUP;
         let append = AppendEntriesRequest {
             vote: Vote::new_committed(3, 7),
             prev_log_id: Some(LogId::new(CommittedLeaderId::new(3, 7), 9)),

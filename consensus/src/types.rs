@@ -113,15 +113,6 @@ pub enum Op {
     },
 }
 
-/// The first character of every internal key. Client keys and topic names may not contain
-/// control characters, so they cannot collide with internal keys.
-pub const INTERNAL_PREFIX: char = '\u{1}';
-
-/// Whether `key` is in the internal keyspace, which only typed operations write.
-pub fn is_internal(key: &str) -> bool {
-    key.starts_with(INTERNAL_PREFIX)
-}
-
 /// An internal record that a request may write by name ([`Op::Internal`]). Topic logs,
 /// cursors, function state and dedup records are written only by the operations that own
 /// them (publish, ack, effects) and have no variant here.
@@ -155,20 +146,21 @@ pub enum InternalKey {
 }
 
 impl InternalKey {
-    /// The record's key in the state machine: the only place these strings are built.
+    /// The record's key in the state machine, built by its [`crate::keys`] table.
     pub fn key(&self) -> String {
+        use crate::keys;
         match self {
-            InternalKey::Function(name) => format!("\u{1}F/{name}"),
-            InternalKey::Module(hash) => format!("\u{1}B/{hash}"),
-            InternalKey::Trigger(name) => format!("\u{1}T/{name}"),
-            InternalKey::Placement(function) => format!("\u{1}P/{function}"),
+            InternalKey::Function(name) => keys::FUNCTIONS.key(name),
+            InternalKey::Module(hash) => keys::MODULES.key(hash),
+            InternalKey::Trigger(name) => keys::TRIGGERS.key(name),
+            InternalKey::Placement(function) => keys::placements::<()>().key(function),
             InternalKey::Measurement { function, peer } => {
-                format!("{}{function}\u{0}{peer}", MEASUREMENT_PREFIX)
+                keys::measurements::<()>().key((function, peer))
             }
-            InternalKey::Settings(filter) => format!("{SETTINGS_PREFIX}{filter}"),
-            InternalKey::Subscription(name) => format!("\u{1}s/{name}"),
-            InternalKey::Removed(peer) => format!("{REMOVED_PREFIX}{peer}"),
-            InternalKey::Admitted(peer) => format!("\u{1}A/{peer}"),
+            InternalKey::Settings(filter) => keys::SETTINGS.key(filter),
+            InternalKey::Subscription(name) => keys::SUBSCRIPTION_STARTS.key(name),
+            InternalKey::Removed(peer) => keys::REMOVED.key(peer),
+            InternalKey::Admitted(peer) => keys::ADMITTED.key(peer),
         }
     }
 
@@ -207,15 +199,6 @@ impl InternalKey {
 
 /// The longest name an [`InternalKey`] is built from.
 pub const MAX_INTERNAL_NAME_BYTES: usize = 1024;
-
-/// The prefix of every measurement key.
-pub const MEASUREMENT_PREFIX: &str = "\u{1}M/";
-
-/// The prefix of every settings key.
-pub const SETTINGS_PREFIX: &str = "\u{1}S/";
-
-/// The prefix of every removed-peer tombstone.
-pub const REMOVED_PREFIX: &str = "\u{1}R/";
 
 impl fmt::Display for InternalKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

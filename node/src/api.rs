@@ -219,7 +219,9 @@ async fn topic_get(
     if let Some(topic) = rest.strip_suffix("/log") {
         let topic =
             Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
-        let sm = st.consensus.state_machine(crate::pubsub::TOPIC_GROUP)?;
+        let sm = st
+            .consensus
+            .state_machine(canal_consensus::group_of(topic.as_str()))?;
         let meta = sm
             .topic_meta(topic.as_str())
             .map_err(|e| {
@@ -465,7 +467,7 @@ async fn cluster_digest(
     State(st): State<ApiState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<StateDigest>, ApiError> {
-    let g = parse_group(q.get("group"), GroupId(1))?;
+    let g = parse_group(q.get("group"), canal_consensus::routing::DEFAULT_GROUP)?;
     let sm = st.consensus.state_machine(g)?;
     let internal = |e: openraft_error::E| ApiError {
         status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -476,13 +478,13 @@ async fn cluster_digest(
         group: g.to_string(),
         digest: sm.digest().map_err(internal)?,
         applied_index: sm.applied().map_err(internal)?.map(|l| l.index),
-        keys: sm.scan("").map_err(internal)?.len(),
+        keys: sm.key_count().map_err(internal)?,
     }))
 }
 
 /// The storage error type of the state machine, named once.
 mod openraft_error {
-    pub(super) type E = canal_consensus::store::StorageErrorOf;
+    pub(super) type E = canal_consensus::ReadError;
 }
 
 fn parse_peer(peer: &str) -> Result<libp2p::PeerId, ApiError> {
@@ -607,7 +609,7 @@ async fn kv_add(
     headers: HeaderMap,
 ) -> Result<axum::Json<KvWritten>, ApiError> {
     check_key(&key)?;
-    let g = parse_group(q.get("group"), GroupId(1))?;
+    let g = parse_group(q.get("group"), canal_consensus::routing::DEFAULT_GROUP)?;
     let delta: i64 = q
         .get("add")
         .ok_or_else(|| {
@@ -635,7 +637,7 @@ async fn kv_put(
 ) -> Result<axum::Json<KvWritten>, ApiError> {
     let body = body.map_err(too_large)?;
     check_key(&key)?;
-    let g = parse_group(q.get("group"), GroupId(1))?;
+    let g = parse_group(q.get("group"), canal_consensus::routing::DEFAULT_GROUP)?;
     if body.len() > MAX_VALUE_BYTES {
         return Err(ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -686,14 +688,16 @@ async fn kv_get(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     check_key(&key)?;
-    let g = parse_group(q.get("group"), GroupId(1))?;
+    let g = parse_group(q.get("group"), canal_consensus::routing::DEFAULT_GROUP)?;
     let linearizable = linearizable(&q)?;
     let mode = if linearizable {
         "linearizable"
     } else {
         "local"
     };
-    match st.consensus.read(g, &key, linearizable).await? {
+    let user_key = canal_consensus::UserKey::new(key.as_str())
+        .map_err(|e| ApiError::bad_request("invalid_key", e.to_string()))?;
+    match st.consensus.read(g, &user_key, linearizable).await? {
         Some(v) => Ok(([("canal-read", mode)], v).into_response()),
         None => Err(ApiError::not_found(format!("no key {key:?} in group {g}"))),
     }

@@ -17,6 +17,7 @@
 //!        └── all granted? ──> initialize(members) ──┘
 //! ```
 
+use canal_consensus::keys;
 use canal_consensus::types::node_id_of;
 use canal_consensus::{Consensus, GroupId, NodeId, RaftNode, Transport};
 use canal_dht::{DhtHandle, InboundRpc};
@@ -70,18 +71,6 @@ impl Transport for MeshTransport {
             .await
             .map_err(|e| e.to_string())
     }
-}
-
-/// The metadata key that marks a peer as removed from the cluster for good: internal, so
-/// only `POST /v1/cluster/remove/{peer}` (through [`canal_consensus::InternalKey::Removed`])
-/// writes it, never a KV write.
-pub fn removed_key(peer: &PeerId) -> String {
-    canal_consensus::InternalKey::Removed(peer.to_base58()).key()
-}
-
-/// The metadata key that marks a peer as admitted by hand (`canal cluster admit`).
-pub fn admitted_key(peer: &PeerId) -> String {
-    canal_consensus::InternalKey::Admitted(peer.to_base58()).key()
 }
 
 /// The Raft node id of a peer.
@@ -305,29 +294,31 @@ impl Membership {
 
     /// Whether `peer` may join the cluster without an operator's word.
     fn may_join(&self, peer: &PeerId) -> bool {
-        let recorded = |key: String| {
+        // Both marks are internal records (written by `POST /v1/cluster/remove|admit/{peer}`
+        // through `InternalKey::Removed|Admitted`), never client keys.
+        let recorded = |table: &keys::Table<keys::Name, keys::Raw>| {
             self.consensus
                 .state_machine(GroupId::METADATA)
                 .ok()
-                .and_then(|sm| sm.get(&key).ok().flatten())
+                .and_then(|sm| sm.record(table, &peer.to_base58()).ok().flatten())
                 .is_some()
         };
-        if recorded(removed_key(peer)) {
+        if recorded(&keys::REMOVED) {
             return false;
         }
         match self.admission {
             Admission::Keyed | Admission::Open => true,
-            Admission::ByHand => recorded(admitted_key(peer)),
+            Admission::ByHand => recorded(&keys::ADMITTED),
         }
     }
 
     /// On the leader: adds live peers that may join and are not members as learners, then
     /// promotes caught-up learners while the group has fewer voters than wanted.
     async fn grow(&self, g: GroupId) -> Result<(), String> {
-        let m = self.consensus.metrics(g).map_err(|e| e.to_string())?;
-        if m.current_leader != Some(self.consensus.node_id()) {
+        if !self.consensus.is_leader(g) {
             return Ok(());
         }
+        let m = self.consensus.metrics(g).map_err(|e| e.to_string())?;
         let membership = m.membership_config.membership().clone();
         let known: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
         for p in self.dht.peers() {

@@ -16,16 +16,16 @@
 //! started. A crash before the commit re-runs the batch; a crash after it finds the cursor
 //! moved. Which node executes is [`Functions::runs_here`]'s decision alone.
 
-use crate::functions::{Functions, STATE_GROUP};
+use crate::functions::Functions;
 use crate::pubsub::{Qos0Hub, Qos0Message};
-use canal_consensus::functions::{CursorMove, Effects, cursor_key};
+use canal_consensus::functions::{CursorMove, Effects};
 use canal_consensus::topics::PublishOp;
 use canal_consensus::{GroupId, Op, StateMachine};
 use canal_dht::DhtHandle;
+use canal_proto::Topic;
 use canal_proto::TopicFilter;
 use canal_proto::function::{FunctionSpec, Limits, Output, TriggerSpec, state_write_cost};
 use canal_proto::settings::{TopicSettings, settings_for};
-use canal_proto::{Topic, wire};
 use canal_triggers::runtime::EventIn;
 use canal_triggers::{Failure, Invocation, Prepared, StateView, rules};
 use prometheus_client::metrics::counter::Counter;
@@ -337,7 +337,8 @@ impl Executor {
 
     /// One QoS 1 trigger: batches from the committed log, while this node is its executor.
     async fn run_trigger(self: Arc<Self>, spec: TriggerSpec) {
-        let Ok(sm) = self.functions.consensus.state_machine(STATE_GROUP) else {
+        let group = canal_consensus::group_of_function(&spec.function);
+        let Ok(sm) = self.functions.consensus.state_machine(group) else {
             return;
         };
         let mut applied = sm.watch_applied();
@@ -380,13 +381,9 @@ impl Executor {
             if !spec.filter.matches(&t) || t == dead_letter {
                 continue;
             }
-            let stored: Option<u64> = match sm
-                .get(&cursor_key(&spec.uid, &topic))
-                .map_err(|e| e.to_string())?
-            {
-                Some(b) => Some(wire::decode(&b).map_err(|e| e.to_string())?),
-                None => None,
-            };
+            let stored = sm
+                .trigger_cursor(&spec.uid, &topic)
+                .map_err(|e| e.to_string())?;
             let created_at = match stored {
                 Some(_) => 0,
                 None => sm
@@ -503,7 +500,10 @@ impl Executor {
             let r = self
                 .functions
                 .consensus
-                .write_op(STATE_GROUP, Op::Effects(fx))
+                .write_op(
+                    canal_consensus::group_of_function(&function.name),
+                    Op::Effects(fx),
+                )
                 .await
                 .map_err(|e| e.to_string())?;
             // The next batch starts from this replica's cursor: wait until it has applied
@@ -770,7 +770,10 @@ impl Executor {
             };
             self.functions
                 .consensus
-                .write_op(STATE_GROUP, Op::Effects(fx))
+                .write_op(
+                    canal_consensus::group_of_function(&function.name),
+                    Op::Effects(fx),
+                )
                 .await
                 .map_err(|e| e.to_string())?;
         }
@@ -969,7 +972,7 @@ mod tests {
                 id: Some(g.text(300)),
                 op: Op::Effects(fx),
             };
-            let encoded = wire::encode(&req).unwrap().len() as u64;
+            let encoded = canal_proto::wire::encode(&req).unwrap().len() as u64;
             assert!(
                 encoded <= budget.used(),
                 "case {case}: {encoded} bytes encoded, counted {}",

@@ -11,10 +11,7 @@
 use crate::api::{ApiError, ApiState};
 use crate::cluster::MeshTransport;
 use axum::http::{HeaderMap, StatusCode};
-use canal_consensus::functions::{
-    FUNCTION_PREFIX, TRIGGER_PREFIX, function_key, module_key, state_key, state_prefix,
-    trigger_key, version_key,
-};
+use canal_consensus::keys;
 use canal_consensus::{Consensus, GroupId, Op, Request, StateMachine};
 use canal_proto::function::{
     Deployed, FunctionSpec, InvokeResult, Limits, MAX_MODULE_BYTES, Requirements, TriggerRequest,
@@ -28,9 +25,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
-
-/// The data group that holds trigger cursors and function state (with the topic logs).
-pub const STATE_GROUP: GroupId = crate::pubsub::TOPIC_GROUP;
 
 /// The functions side of a node: the WebAssembly runtime and what reads the stored specs.
 pub struct Functions {
@@ -59,36 +53,27 @@ impl Functions {
 
     /// Every function, from this node's replica of the metadata group.
     pub fn functions(&self) -> Result<Vec<FunctionSpec>, ApiError> {
-        decode_all(&self.metadata()?, FUNCTION_PREFIX)
+        values(&self.metadata()?, &keys::FUNCTIONS)
     }
 
     /// Every trigger, from this node's replica of the metadata group.
     pub fn triggers(&self) -> Result<Vec<TriggerSpec>, ApiError> {
-        decode_all(&self.metadata()?, TRIGGER_PREFIX)
+        values(&self.metadata()?, &keys::TRIGGERS)
     }
 
     /// One function, from this node's replica.
     pub fn function(&self, name: &str) -> Result<Option<FunctionSpec>, ApiError> {
-        match self
-            .metadata()?
-            .get(&function_key(name))
-            .map_err(internal)?
-        {
-            Some(b) => Ok(Some(wire::decode(&b).map_err(internal)?)),
-            None => Ok(None),
-        }
+        self.metadata()?
+            .record(&keys::FUNCTIONS, name)
+            .map_err(internal)
     }
 
     /// One function, read through the leader: sees every write acknowledged before.
     pub async fn function_now(&self, name: &str) -> Result<Option<FunctionSpec>, ApiError> {
-        match self
+        Ok(self
             .consensus
-            .read(GroupId::METADATA, &function_key(name), true)
-            .await?
-        {
-            Some(b) => Ok(Some(wire::decode(&b).map_err(internal)?)),
-            None => Ok(None),
-        }
+            .read_record(GroupId::METADATA, &keys::FUNCTIONS, name, true)
+            .await?)
     }
 
     /// The function's module, ready to run: prepared already, or read from the replica by
@@ -99,7 +84,7 @@ impl Functions {
         }
         let bytes = self
             .metadata()?
-            .get(&module_key(&spec.hash))
+            .record(&keys::MODULES, &spec.hash)
             .map_err(internal)?
             .ok_or_else(|| {
                 ApiError::new(
@@ -121,18 +106,22 @@ impl Functions {
     /// A view of `function`'s state on this node's replica.
     pub fn state_view(&self, function: &str) -> Result<ReplicaState, ApiError> {
         Ok(ReplicaState {
-            sm: self.consensus.state_machine(STATE_GROUP)?,
+            sm: self
+                .consensus
+                .state_machine(canal_consensus::group_of_function(function))?,
             function: function.to_string(),
         })
     }
 
     /// The function's state version on this node's replica.
     pub fn state_version(&self, function: &str) -> Result<u64, ApiError> {
-        let sm = self.consensus.state_machine(STATE_GROUP)?;
-        match sm.get(&version_key(function)).map_err(internal)? {
-            Some(b) => wire::decode(&b).map_err(internal),
-            None => Ok(0),
-        }
+        let sm = self
+            .consensus
+            .state_machine(canal_consensus::group_of_function(function))?;
+        Ok(sm
+            .record(&keys::STATE_VERSIONS, function)
+            .map_err(internal)?
+            .unwrap_or(0))
     }
 
     /// Whether this node runs `function` now: the first peer of its committed placement. A
@@ -210,15 +199,17 @@ pub async fn run_in_slot<T: Send + 'static>(
     .map_err(|e| format!("the invocation task failed: {e}"))
 }
 
-fn decode_all<T: serde::de::DeserializeOwned>(
+/// Every record of `table` on this replica, without their keys.
+fn values<S: keys::Shape, C: keys::Codec>(
     sm: &StateMachine,
-    prefix: &str,
-) -> Result<Vec<T>, ApiError> {
-    sm.scan(prefix)
+    table: &keys::Table<S, C>,
+) -> Result<Vec<C::Value>, ApiError> {
+    Ok(sm
+        .scan_table(table)
         .map_err(internal)?
         .into_iter()
-        .map(|(_, v)| wire::decode(&v).map_err(internal))
-        .collect()
+        .map(|(_, v)| v)
+        .collect())
 }
 
 /// A function's state as this node's replica of the data group holds it.
@@ -230,19 +221,17 @@ pub struct ReplicaState {
 impl StateView for ReplicaState {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
         self.sm
-            .get(&state_key(&self.function, key))
+            .record(&keys::STATE, (&self.function, key))
             .map_err(|e| e.to_string())
     }
 
     fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
-        let full = state_prefix(&self.function);
         Ok(self
             .sm
-            .scan(&format!("{full}{prefix}"))
+            .scan_group(&keys::STATE, &self.function, prefix, limit)
             .map_err(|e| e.to_string())?
             .into_iter()
-            .filter_map(|(k, _)| k.strip_prefix(&full).map(str::to_string))
-            .take(limit)
+            .map(|((_, key), _)| key)
             .collect())
     }
 }
@@ -588,7 +577,12 @@ pub async fn state_get(
     check_function_name(name).map_err(bad("invalid_name"))?;
     Ok(st
         .consensus
-        .read(STATE_GROUP, &state_key(name, key), !local)
+        .read_record(
+            canal_consensus::group_of_function(name),
+            &keys::STATE,
+            (name, key),
+            !local,
+        )
         .await?)
 }
 
@@ -678,7 +672,7 @@ pub async fn trigger_add(
     }
     if st
         .consensus
-        .read(GroupId::METADATA, &trigger_key(name), true)
+        .read_record(GroupId::METADATA, &keys::TRIGGERS, name, true)
         .await?
         .is_some()
     {
@@ -708,7 +702,7 @@ pub async fn trigger_remove(st: &ApiState, name: &str) -> Result<(), ApiError> {
     check_trigger_name(name).map_err(bad("invalid_name"))?;
     if st
         .consensus
-        .read(GroupId::METADATA, &trigger_key(name), true)
+        .read_record(GroupId::METADATA, &keys::TRIGGERS, name, true)
         .await?
         .is_none()
     {

@@ -47,7 +47,7 @@ use crate::cluster::{Membership, MeshTransport};
 use crate::config::{ConfigError, ValidConfig};
 use crate::datadir::{DataDir, DataDirError};
 use crate::identity::IdentityError;
-use canal_consensus::{Consensus, GroupId, RaftDb, RaftNode, Settings};
+use canal_consensus::{Consensus, RaftDb, RaftNode, Settings};
 use canal_dht::{Dht, DhtConfig, DhtError, TopicSpace};
 use libp2p::metrics::Registry;
 use std::net::SocketAddr;
@@ -201,7 +201,7 @@ impl Node {
             &raft_db,
             cluster::node_id(&handle.local_peer_id()),
             me,
-            &[GroupId::METADATA, GroupId(1)],
+            &canal_consensus::routing::groups_to_start(),
             settings,
             MeshTransport {
                 dht: handle.clone(),

@@ -11,8 +11,8 @@
 //! The decider is the data group's leader because that is where QoS 1 events enter the
 //! function's path (the log), so the round trips it measures are the ones events pay.
 
-use crate::functions::{Functions, STATE_GROUP};
-use canal_consensus::functions::{decision_key, measurement_prefix};
+use crate::functions::Functions;
+use canal_consensus::keys;
 use canal_consensus::{GroupId, Op, Request};
 use canal_dht::DhtHandle;
 use canal_dht::topology::{distance, peer_key, topic_key};
@@ -63,7 +63,7 @@ pub struct PlacementAnswer {
 
 /// The key of a function in the Kademlia keyspace: topology ranks peers by their distance
 /// to it.
-fn function_key(name: &str) -> Option<canal_dht::topology::Key> {
+fn function_dht_key(name: &str) -> Option<canal_dht::topology::Key> {
     Topic::new(&format!("fn/{name}"))
         .ok()
         .map(|t| topic_key(&t))
@@ -72,8 +72,7 @@ fn function_key(name: &str) -> Option<canal_dht::topology::Key> {
 /// The committed placement of `function`, from this node's replica.
 pub fn placed(functions: &Functions, function: &str) -> Option<Placed> {
     let sm = functions.consensus.state_machine(GroupId::METADATA).ok()?;
-    let b = sm.get(&decision_key(function)).ok()??;
-    wire::decode(&b).ok()
+    sm.record(&keys::placements::<Placed>(), function).ok()?
 }
 
 /// Every stored measurement, as estimates.
@@ -82,16 +81,11 @@ fn estimates(functions: &Functions) -> Estimates {
     let Ok(sm) = functions.consensus.state_machine(GroupId::METADATA) else {
         return est;
     };
-    for (k, v) in sm.scan(measurement_prefix()).unwrap_or_default() {
-        let Some(rest) = k.strip_prefix(measurement_prefix()) else {
-            continue;
-        };
-        let Some((function, peer)) = rest.split_once('\u{0}') else {
-            continue;
-        };
-        if let Ok(m) = wire::decode::<Measurement>(&v) {
-            est.observe(function, peer, m.exec_ms);
-        }
+    let measurements = sm
+        .scan_table(&keys::measurements::<Measurement>())
+        .unwrap_or_default();
+    for ((function, peer), m) in measurements {
+        est.observe(&function, &peer, m.exec_ms);
     }
     est
 }
@@ -104,7 +98,7 @@ pub fn candidates(
     spec: &FunctionSpec,
     previous: Option<&Decision>,
 ) -> Vec<Candidate> {
-    let key = function_key(&spec.name);
+    let key = function_dht_key(&spec.name);
     let mut peers = dht.peers();
     peers.sort_by_key(|p| key.map(|k| distance(&k, &peer_key(&p.peer_id))));
     let mut out: Vec<Candidate> = peers
@@ -194,12 +188,10 @@ pub fn spawn(
             if tick.is_multiple_of(2) {
                 report(&functions, &mut reported).await;
             }
-            let leads = functions
-                .consensus
-                .metrics(STATE_GROUP)
-                .map(|m| m.current_leader == Some(functions.consensus.node_id()))
-                .unwrap_or(false);
-            if leads {
+            if canal_consensus::DATA_GROUPS
+                .iter()
+                .any(|&g| functions.consensus.is_leader(g))
+            {
                 place_all(&functions, &dht).await;
             }
         }
@@ -294,6 +286,13 @@ pub async fn commit(
 /// Decides every function's placement and commits the ones whose choice changed.
 async fn place_all(functions: &Functions, dht: &DhtHandle) {
     for spec in functions.functions().unwrap_or_default() {
+        // The leader of the group its executions commit to places a function.
+        if !functions
+            .consensus
+            .is_leader(canal_consensus::group_of_function(&spec.name))
+        {
+            continue;
+        }
         let previous = placed(functions, &spec.name);
         let next = decide_now(functions, dht, &spec);
         if previous

@@ -28,9 +28,6 @@ use tokio::sync::{broadcast, mpsc};
 
 /// The largest payload accepted (a topic's settings may lower it).
 pub const MAX_PAYLOAD_BYTES: usize = canal_proto::settings::MAX_PAYLOAD_BYTES as usize;
-/// The data group that holds every topic log on a small cluster.
-pub const TOPIC_GROUP: GroupId = GroupId(1);
-
 /// A QoS 0 event as sent between peers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Qos0Message {
@@ -283,7 +280,7 @@ pub async fn publish(
     let r = st
         .consensus
         .write_batched(
-            TOPIC_GROUP,
+            canal_consensus::group_of(topic.as_str()),
             Request {
                 id: Some(request_id),
                 op: Op::Publish(PublishOp {
@@ -311,20 +308,14 @@ pub fn all_settings(
     let sm = consensus.state_machine(GroupId::METADATA)?;
     let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
     let mut out = Vec::new();
-    for (k, v) in sm
-        .scan(canal_consensus::topics::SETTINGS_PREFIX)
+    for (filter, settings) in sm
+        .scan_table(&canal_consensus::keys::SETTINGS)
         .map_err(|e| internal(e.to_string()))?
     {
-        let Some(filter) = k.strip_prefix(canal_consensus::topics::SETTINGS_PREFIX) else {
+        let Ok(filter) = TopicFilter::new(&filter) else {
             continue;
         };
-        let Ok(filter) = TopicFilter::new(filter) else {
-            continue;
-        };
-        out.push((
-            filter,
-            wire::decode(&v).map_err(|e| internal(e.to_string()))?,
-        ));
+        out.push((filter, settings));
     }
     Ok(out)
 }
@@ -448,45 +439,41 @@ pub fn spawn_trimmer(
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                 _ = closing.wait_for(|c| *c) => return,
             }
-            let leads = consensus
-                .metrics(TOPIC_GROUP)
-                .map(|m| m.current_leader == Some(consensus.node_id()))
-                .unwrap_or(false);
-            if !leads {
-                continue;
-            }
-            let (Ok(all), Ok(sm)) = (
-                all_settings(&consensus),
-                consensus.state_machine(TOPIC_GROUP),
-            ) else {
-                continue;
-            };
-            if all.iter().all(|(_, s)| s.retention.max_age_ms == 0) {
-                continue;
-            }
-            // The clock the leader stamps entries with, so the trims it proposes are the
-            // ones its entries will find due.
-            let now = consensus.now_ms();
-            for (topic, meta) in sm.topics().unwrap_or_default() {
-                let Ok(t) = Topic::new(&topic) else { continue };
-                let retention = canal_proto::settings::settings_for(&t, &all).retention;
-                if retention.max_age_ms == 0 || meta.next - meta.first <= 1 {
+            for &group in canal_consensus::DATA_GROUPS {
+                if !consensus.is_leader(group) {
                     continue;
                 }
-                let oldest = sm
-                    .events(&topic, meta.first, 1)
-                    .ok()
-                    .and_then(|e| e.first().map(|e| e.time_ms));
-                if oldest.is_some_and(|t| t.saturating_add(retention.max_age_ms) < now) {
-                    let trim = Request {
-                        id: None,
-                        op: Op::Trim {
-                            topic: topic.clone(),
-                            retention,
-                        },
-                    };
-                    if let Err(e) = consensus.write(TOPIC_GROUP, trim).await {
-                        tracing::debug!(%topic, error = %e, "trim not committed; next round");
+                let (Ok(all), Ok(sm)) = (all_settings(&consensus), consensus.state_machine(group))
+                else {
+                    continue;
+                };
+                if all.iter().all(|(_, s)| s.retention.max_age_ms == 0) {
+                    continue;
+                }
+                // The clock the leader stamps entries with, so the trims it proposes are the
+                // ones its entries will find due.
+                let now = consensus.now_ms();
+                for (topic, meta) in sm.topics().unwrap_or_default() {
+                    let Ok(t) = Topic::new(&topic) else { continue };
+                    let retention = canal_proto::settings::settings_for(&t, &all).retention;
+                    if retention.max_age_ms == 0 || meta.next - meta.first <= 1 {
+                        continue;
+                    }
+                    let oldest = sm
+                        .events(&topic, meta.first, 1)
+                        .ok()
+                        .and_then(|e| e.first().map(|e| e.time_ms));
+                    if oldest.is_some_and(|t| t.saturating_add(retention.max_age_ms) < now) {
+                        let trim = Request {
+                            id: None,
+                            op: Op::Trim {
+                                topic: topic.clone(),
+                                retention,
+                            },
+                        };
+                        if let Err(e) = consensus.write(group, trim).await {
+                            tracing::debug!(%topic, error = %e, "trim not committed; next round");
+                        }
                     }
                 }
             }
@@ -846,7 +833,9 @@ async fn start(
             }
         });
     } else {
-        let sm = st.consensus.state_machine(TOPIC_GROUP)?;
+        let sm = st
+            .consensus
+            .state_machine(canal_consensus::group_of(filter.as_str()))?;
         // A durable subscription keeps the start it was created with, for topics it has not
         // acknowledged anything on yet.
         let from = match &durable {
@@ -987,7 +976,7 @@ async fn stream_qos1(
             // A durable subscription continues after its last acknowledged event.
             let acked = durable
                 .as_ref()
-                .and_then(|d| sm.cursor(&d.name, &topic).ok().flatten());
+                .and_then(|d| sm.subscription_cursor(&d.name, &topic).ok().flatten());
             let cursor = cursors
                 .entry(topic.clone())
                 .or_insert_with(|| match (acked, from) {
@@ -1035,7 +1024,11 @@ async fn stream_qos1(
                                     offset: floor,
                                 },
                             };
-                            match d.consensus.write_batched(TOPIC_GROUP, ack).await {
+                            match d
+                                .consensus
+                                .write_batched(canal_consensus::group_of(&topic), ack)
+                                .await
+                            {
                                 Ok(_) => track.given_up = Some(floor),
                                 Err(e) => {
                                     tracing::debug!(error = %e, "giving up on an event not committed; later")
@@ -1113,7 +1106,7 @@ async fn durable_start(
     name: &str,
     from: From,
 ) -> Result<From, ApiError> {
-    let key = canal_consensus::topics::subscription_key(name);
+    let starts = &canal_consensus::keys::SUBSCRIPTION_STARTS;
     let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
     let decode = |b: &[u8]| -> Option<From> {
         let s = std::str::from_utf8(b).ok()?;
@@ -1124,7 +1117,10 @@ async fn durable_start(
             _ => None,
         }
     };
-    if let Some(b) = sm.get(&key).map_err(|e| internal(e.to_string()))? {
+    if let Some(b) = sm
+        .record(starts, name)
+        .map_err(|e| internal(e.to_string()))?
+    {
         return decode(&b)
             .ok_or_else(|| internal(format!("durable subscription {name} has a damaged start")));
     }
@@ -1137,7 +1133,7 @@ async fn durable_start(
     // The request id makes the first creation win if two race.
     st.consensus
         .write(
-            TOPIC_GROUP,
+            canal_consensus::group_of_subscription(name),
             Request {
                 id: Some(format!("durable-start/{name}")),
                 op: Op::Internal {
@@ -1147,7 +1143,9 @@ async fn durable_start(
             },
         )
         .await?;
-    let stored = sm.get(&key).map_err(|e| internal(e.to_string()))?;
+    let stored = sm
+        .record(starts, name)
+        .map_err(|e| internal(e.to_string()))?;
     Ok(stored.as_deref().and_then(decode).unwrap_or(from))
 }
 
@@ -1190,7 +1188,7 @@ pub async fn ack(st: &ApiState, name: &str, q: &HashMap<String, String>) -> Resu
     let r = st
         .consensus
         .write_batched(
-            TOPIC_GROUP,
+            canal_consensus::group_of(topic.as_str()),
             Request {
                 // Acks are idempotent (a cursor only moves forward), so need no id.
                 id: None,

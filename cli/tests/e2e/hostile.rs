@@ -297,11 +297,17 @@ fn rpc_attacks(
         ),
         (
             "a forwarded write from a non-member",
-            raft(&RpcRequest::Write(GroupId(1), put("forged-write"))),
+            raft(&RpcRequest::Write(
+                canal_consensus::routing::DEFAULT_GROUP,
+                put("forged-write"),
+            )),
         ),
         (
             "a forwarded write to the metadata group's internal keys",
-            raft(&RpcRequest::Write(GroupId::METADATA, put("\u{1}A/forged"))),
+            raft(&RpcRequest::Write(
+                GroupId::METADATA,
+                put(&canal_consensus::keys::ADMITTED.key("forged")),
+            )),
         ),
         (
             "the old QoS 0 channel byte on the RPC lane",

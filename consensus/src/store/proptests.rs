@@ -2,11 +2,16 @@
 //! into `apply` calls hold the same state; time comes from the entries and never goes back;
 //! internal keys stay internal; the decoders of stored bytes fail cleanly on any input.
 
+use super::snapshot::{SnapshotData, decode_snapshot};
 use super::*;
 use crate::functions::{CursorMove, Effects};
 use crate::topics::PublishOp;
 use crate::types::InternalKey;
+use crate::types::{GroupId, Op, Request, Response, TypeConfig};
 use canal_proto::settings::Retention;
+use openraft::Entry;
+use openraft::RaftSnapshotBuilder;
+use openraft::storage::RaftStateMachine;
 use proptest::prelude::any;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
@@ -245,7 +250,7 @@ fn request(n: usize, s: &Step) -> Request {
             id: Some(format!("put-{n}")),
             op: Op::Put {
                 key: if *internal {
-                    crate::functions::function_key(&format!("forged{key}"))
+                    crate::keys::FUNCTIONS.key(&format!("forged{key}"))
                 } else {
                     format!("k/{key}")
                 },
@@ -311,7 +316,7 @@ fn apply_grouped(
 ) -> (Vec<Response>, String, StateMachine, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let db = RaftDb::open(dir.path()).unwrap();
-    let (_, mut sm) = db.group(GroupId(1)).unwrap();
+    let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
     let mut replies = Vec::new();
     let mut rest = entries;
     let mut i = 0;
@@ -420,7 +425,7 @@ fn time_comes_from_the_entries_never_goes_back_and_survives_a_snapshot() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let db = RaftDb::open(dir.path()).unwrap();
-        let (_, mut sm) = db.group(GroupId(1)).unwrap();
+        let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
         let publish = |id: &str| Request {
             id: Some(format!("pub/t/{id}")),
             op: Op::Publish(PublishOp {
@@ -459,7 +464,7 @@ fn time_comes_from_the_entries_never_goes_back_and_survives_a_snapshot() {
         let snap = builder.build_snapshot().await.unwrap();
         let dir2 = tempfile::tempdir().unwrap();
         let db2 = RaftDb::open(dir2.path()).unwrap();
-        let (_, mut sm2) = db2.group(GroupId(1)).unwrap();
+        let (_, mut sm2) = db2.group(crate::group_of("t")).unwrap();
         sm2.install_snapshot(&snap.meta, snap.snapshot)
             .await
             .unwrap();
@@ -502,7 +507,10 @@ fn client_key_operations_cannot_touch_internal_keys() {
         };
         use super::tests::entry;
         sm.apply(vec![entry(1, set)]).await.unwrap();
-        assert_eq!(sm.get(&removed.key()).unwrap(), Some(b"removed".to_vec()));
+        assert_eq!(
+            sm.record(&crate::keys::REMOVED, "12D3KooWPeer").unwrap(),
+            Some(b"removed".to_vec())
+        );
         let forged = [
             Op::Put {
                 key: removed.key(),
@@ -510,11 +518,11 @@ fn client_key_operations_cannot_touch_internal_keys() {
             },
             Op::Delete { key: removed.key() },
             Op::Add {
-                key: crate::topics::meta_key("t"),
+                key: crate::keys::TOPIC_META.key("t"),
                 delta: 1,
             },
             Op::Put {
-                key: crate::functions::module_key("h"),
+                key: crate::keys::MODULES.key("h"),
                 value: b"\0asm".to_vec(),
             },
             // Names that would reach into other records' keys.
@@ -557,7 +565,10 @@ fn client_key_operations_cannot_touch_internal_keys() {
                 "{shown}: {why:?}"
             );
         }
-        assert_eq!(sm.get(&removed.key()).unwrap(), Some(b"removed".to_vec()));
+        assert_eq!(
+            sm.record(&crate::keys::REMOVED, "12D3KooWPeer").unwrap(),
+            Some(b"removed".to_vec())
+        );
         // Nothing but the applied index moved.
         assert_eq!(before, sm.digest().unwrap());
         // A plain key is fine.
@@ -576,7 +587,7 @@ fn client_key_operations_cannot_touch_internal_keys() {
             .unwrap();
         assert_eq!(r[0].refused, None);
         // The tombstone is not where a client key could be.
-        assert!(crate::types::is_internal(&removed.key()));
+        assert!(crate::keys::is_internal(&removed.key()));
     });
 }
 

@@ -1,0 +1,244 @@
+//! The sled database, its format marker and the durable-index watermark.
+
+use super::log::LogStore;
+use super::state::StateMachine;
+use super::*;
+use crate::types::GroupId;
+use serde::Deserialize;
+use std::fmt::Debug;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+// 3: entries carry the leader's stamp (Proposal), internal records moved (the removed-peer
+// tombstone), dedup keys hold expiries. Older databases are refused, naming both formats.
+const FORMAT: &[u8] = b"canal-raft/3";
+
+/// The node's Raft database: every group's log and state machine.
+#[derive(Clone)]
+pub struct RaftDb {
+    db: sled::Db,
+    path: PathBuf,
+    watermark: Arc<Watermark>,
+}
+
+/// Per group, a log index known durable; see the module docs.
+#[derive(Debug)]
+pub struct Watermark {
+    path: PathBuf,
+    durable: std::sync::Mutex<std::collections::BTreeMap<u32, u64>>,
+    written: std::sync::Mutex<std::collections::BTreeMap<u32, u64>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WatermarkFile {
+    version: u32,
+    groups: std::collections::BTreeMap<u32, u64>,
+}
+
+impl Watermark {
+    fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn raise(&self, group: GroupId, index: u64) {
+        let mut d = Self::lock(&self.durable);
+        let e = d.entry(group.0).or_insert(0);
+        *e = (*e).max(index);
+    }
+
+    /// Lowers a group's mark and writes the file at once, before a truncation makes the log
+    /// shorter than the mark.
+    pub(super) fn lower(&self, group: GroupId, index: u64) -> std::io::Result<()> {
+        {
+            let mut d = Self::lock(&self.durable);
+            let e = d.entry(group.0).or_insert(0);
+            *e = (*e).min(index);
+        }
+        self.write(true)
+    }
+
+    /// Writes the file if the marks changed (or always, with `force`), atomically and synced.
+    pub fn write(&self, force: bool) -> std::io::Result<()> {
+        let current = Self::lock(&self.durable).clone();
+        let mut written = Self::lock(&self.written);
+        if !force && *written == current {
+            return Ok(());
+        }
+        let text = serde_json::to_vec(&WatermarkFile {
+            version: 1,
+            groups: current.clone(),
+        })
+        .map_err(std::io::Error::other)?;
+        let tmp = self.path.with_extension("json.tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        *written = current;
+        Ok(())
+    }
+}
+
+impl RaftDb {
+    /// Opens (or creates) the database at `path`. A directory that exists and has files but
+    /// no canal format marker is refused, never silently started empty.
+    pub fn open(path: &Path) -> Result<RaftDb, StoreError> {
+        let existed = std::fs::read_dir(path)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        // No background flusher: every durable write flushes itself, and without the thread
+        // the directory's lock is released as soon as the database is dropped.
+        let db = open_sled(path)?;
+        let io = |e: sled::Error| StoreError::Io {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let marker = db.open_tree("canal").map_err(io)?;
+        match marker.get("format").map_err(io)? {
+            Some(v) if v.as_ref() == FORMAT => {}
+            Some(v) => {
+                return Err(StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "format marker is {:?}, this build reads {:?}",
+                        String::from_utf8_lossy(&v),
+                        String::from_utf8_lossy(FORMAT)
+                    ),
+                });
+            }
+            None if existed => {
+                return Err(StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: "its format marker is missing".into(),
+                });
+            }
+            None => {
+                marker.insert("format", FORMAT).map_err(io)?;
+                db.flush().map_err(io)?;
+            }
+        }
+        let watermark_path = path.join("watermark.json");
+        let marks = match std::fs::read(&watermark_path) {
+            Ok(bytes) => {
+                serde_json::from_slice::<WatermarkFile>(&bytes)
+                    .map_err(|e| StoreError::Corrupt {
+                        path: path.to_path_buf(),
+                        reason: format!("watermark.json does not read: {e}"),
+                    })?
+                    .groups
+            }
+            Err(_) => Default::default(),
+        };
+        let raft = RaftDb {
+            db,
+            path: path.to_path_buf(),
+            watermark: Arc::new(Watermark {
+                path: watermark_path,
+                durable: std::sync::Mutex::new(marks.clone()),
+                written: std::sync::Mutex::new(marks.clone()),
+            }),
+        };
+        for (g, mark) in marks {
+            let (log, _) = raft.group(GroupId(g))?;
+            let last = log.durable_end().map_err(|e| StoreError::Io {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+            if last < mark {
+                return Err(StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "the log of group {} ends at index {last}, but index {mark} was known durable: the database was truncated",
+                        GroupId(g)
+                    ),
+                });
+            }
+        }
+        Ok(raft)
+    }
+
+    /// The durable-index marks, for the task that writes them to disk now and then.
+    pub fn watermark(&self) -> Arc<Watermark> {
+        self.watermark.clone()
+    }
+
+    /// The database directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The log store and state machine of `group`, created empty if the group is new.
+    pub fn group(&self, group: GroupId) -> Result<(LogStore, StateMachine), StoreError> {
+        let tree = |suffix: &str| {
+            self.db
+                .open_tree(format!("g{}.{suffix}", group.0))
+                .map_err(|e| StoreError::Io {
+                    path: self.path.clone(),
+                    reason: e.to_string(),
+                })
+        };
+        let log = LogStore {
+            group,
+            log: tree("log")?,
+            meta: tree("meta")?,
+            watermark: self.watermark.clone(),
+        };
+        let sm = StateMachine {
+            sm: tree("sm")?,
+            snap: tree("snap")?,
+            snapshot_seq: Arc::new(AtomicU64::new(0)),
+            applied_tx: Arc::new(tokio::sync::watch::Sender::new(0)),
+        };
+        Ok((log, sm))
+    }
+
+    /// The groups that have stored anything on this node.
+    pub fn groups(&self) -> Vec<GroupId> {
+        let mut out: Vec<GroupId> = self
+            .db
+            .tree_names()
+            .iter()
+            .filter_map(|n| {
+                let n = std::str::from_utf8(n).ok()?;
+                let id = n.strip_prefix('g')?.strip_suffix(".log")?;
+                id.parse().ok().map(GroupId)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+/// Opens sled, turning a panic in its recovery (it panics on some damaged files) into an
+/// error naming the path.
+fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
+    let config = sled::Config::new().path(path).flush_every_ms(None);
+    // The default hook would print the panic as if canal had crashed; this is an error with
+    // a message of its own instead.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+    std::panic::set_hook(hook);
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(StoreError::Open {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown failure".into());
+            Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("sled cannot recover it: {what}"),
+            })
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Raft storage on sled: one database per node, trees per group.
+//!
+//! - `db`: the [`RaftDb`], its format marker and the durable-index [`Watermark`].
+//! - `log`: a group's [`LogStore`] (entries, vote, committed index, purges).
+//! - `state`: a group's [`StateMachine`] and its reads (typed through [`crate::keys`]).
+//! - `apply`: the deterministic apply of operations, on `overlay` (one call's writes).
+//! - `snapshot`: what a snapshot holds, and how it is built, stored and installed.
+//!
+//! ```text
+//!   canal            format marker ("canal-raft/3")
+//!   g{N}.log         log index (u64, big-endian) -> entry
+//!   g{N}.meta        "vote", "committed", "purged"
+//!   g{N}.sm          "d/{key}" -> value, "r/{request id}" -> response,
+//!                    "m/applied", "m/membership", "m/clock"
+//!   g{N}.snap        "meta", "data": the current snapshot
+//! ```
+//!
+//! Beside sled's files, `watermark.json` records, per group, a log index known durable (it
+//! is written a moment after the entries it covers were flushed, and lowered before a
+//! truncation). A database whose log ends below its watermark was truncated behind canal's
+//! back (a damaged or partly restored `db` file), and is refused instead of silently
+//! starting with acknowledged entries missing.
+//!
+//! The state machine is deterministic: every replica that applies the same entries holds
+//! the same state, however openraft groups the entries into `apply` calls (the leader and
+//! the followers group them differently). Each call's writes are kept in a sorted overlay
+//! that every read of the call, point or range, goes through; and the only clock is the
+//! leader's stamp on each entry ([`crate::types::Proposal`]), raised to the last one applied
+//! so it never goes back, and stored under [`CLOCK_KEY`] (in digests and snapshots too) so
+//! snapshots and restarts keep it.
+//! Client key operations (`Put`, `Delete`, `Add`) are refused on the internal keyspace
+//! (keys starting with U+0001); internal records are written by the operations that own
+//! them.
+//!
+//! Every value is written with `canal_proto::wire` (a version byte and bincode) and read
+//! back with length prefixes limited by the bytes there are, so a damaged value is an error
+//! and a snapshot of any size reads. Log appends,
+//! votes, truncation and purges are flushed before they are reported done, so nothing the
+//! log store acknowledged is lost to a `kill -9`. The state machine applies each batch of
+//! entries as one atomic sled batch (its data, its applied log id and its membership
+//! together), and is flushed before a snapshot is taken, so the log is never purged past what
+//! the state machine holds durably.
+
+// openraft's storage traits fix the error type, StorageError, which is large; the helpers
+// here return it too rather than converting back and forth.
+#![allow(clippy::result_large_err)]
+
+use crate::types::NodeId;
+use canal_proto::wire;
+use openraft::StorageError;
+use serde::{Serialize, de::DeserializeOwned};
+use std::path::PathBuf;
+
+mod apply;
+mod db;
+mod log;
+mod overlay;
+mod snapshot;
+mod state;
+
+pub use db::{RaftDb, Watermark};
+pub use log::LogStore;
+pub use snapshot::SnapshotBuilder;
+pub use state::StateMachine;
+
+type SErr = StorageError<NodeId>;
+
+/// Why the Raft database cannot be opened. Each names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled refused to open the directory (damaged files, permissions, a lock).
+    #[error("Raft database {path} cannot be opened: {reason}")]
+    Open {
+        /// The database directory.
+        path: PathBuf,
+        /// sled's reason.
+        reason: String,
+    },
+    /// The directory holds data that is not a canal Raft database, or is missing its
+    /// format marker: it was truncated or damaged. canal refuses to start empty over it.
+    #[error(
+        "Raft database {path} is damaged or not canal's ({reason}); restore it from a backup, or move it away to rejoin the cluster as a new, empty member"
+    )]
+    Corrupt {
+        /// The database directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Reading or writing failed.
+    #[error("Raft database {path}: {reason}")]
+    Io {
+        /// The database directory.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Why a read of a group's state failed; each names what was read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// sled could not read.
+    #[error("reading {what} from the state machine failed: {reason}")]
+    Io {
+        /// What was read.
+        what: String,
+        /// sled's reason.
+        reason: String,
+    },
+    /// A stored value does not decode: the database is damaged or was written by another
+    /// format.
+    #[error("the stored {what} under key {key:?} does not decode: {reason}")]
+    Damaged {
+        /// What kind of record it is.
+        what: String,
+        /// Its key.
+        key: String,
+        /// The decoder's reason.
+        reason: String,
+    },
+    /// A key under a table's prefix is not one of the table's keys: the database is damaged.
+    #[error("key {key:?} is under the prefix of {what} but is not one of its keys")]
+    ForeignKey {
+        /// The table.
+        what: &'static str,
+        /// The key.
+        key: String,
+    },
+}
+
+impl ReadError {
+    fn io(what: &str, e: sled::Error) -> ReadError {
+        ReadError::Io {
+            what: what.to_string(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn damaged(what: &str, key: &str, e: wire::WireError) -> ReadError {
+        ReadError::Damaged {
+            what: what.to_string(),
+            key: key.to_string(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+impl From<ReadError> for StorageError<NodeId> {
+    fn from(e: ReadError) -> Self {
+        openraft::StorageIOError::read_state_machine(&e).into()
+    }
+}
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, wire::WireError> {
+    wire::encode(v)
+}
+
+/// Decodes a value read from the database. No length cap (a snapshot may be far larger than
+/// a message), but claims are still bounded by the bytes present: a damaged value is an
+/// error, never a huge allocation.
+fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T, wire::WireError> {
+    wire::decode_with_limit(b, usize::MAX)
+}
+
+fn any(e: &impl std::fmt::Display) -> openraft::AnyError {
+    openraft::AnyError::error(e.to_string())
+}
+
+/// The sled key of the state machine's clock: the latest entry stamp applied (u64, ms since
+/// the Unix epoch). Beside the data, like the applied index, so client key counts do not
+/// see it; snapshots and digests carry it.
+pub const CLOCK_KEY: &[u8] = b"m/clock";
+
+/// The sled key of a client key's value.
+fn data_key(key: &str) -> Vec<u8> {
+    format!("d/{key}").into_bytes()
+}
+
+/// The sled key of an applied request's response.
+fn request_key(id: &str) -> Vec<u8> {
+    format!("r/{id}").into_bytes()
+}
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;

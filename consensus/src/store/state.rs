@@ -1,0 +1,292 @@
+//! A group's state machine and its reads.
+
+use super::snapshot::{SnapshotBuilder, SnapshotData};
+use super::*;
+use crate::keys::{self, Codec, Grouped, Records, Shape, Table, UserKey};
+use crate::topics::{StoredEvent, TopicMeta};
+use crate::types::{NodeId, RaftNode, Response, TypeConfig};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{Entry, LogId, OptionalSend, SnapshotMeta, StorageIOError, StoredMembership};
+use sha2::{Digest, Sha256};
+use std::io::Cursor;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+/// A group's replicated state: a key-value map, the responses of applied requests (for
+/// dedup), the applied log id and the membership. Cheap to clone; clones read the same data.
+#[derive(Clone)]
+pub struct StateMachine {
+    pub(super) sm: sled::Tree,
+    pub(super) snap: sled::Tree,
+    pub(super) snapshot_seq: Arc<AtomicU64>,
+    /// The last applied index, for readers that wait for new entries (subscribers).
+    pub(super) applied_tx: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl StateMachine {
+    /// A value under a raw sled key (`m/…`), for the Raft storage traits.
+    pub(super) fn read<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, SErr> {
+        match self
+            .sm
+            .get(key)
+            .map_err(|e| StorageIOError::read_state_machine(&e))?
+        {
+            Some(v) => Ok(Some(
+                dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The bytes under a key of the data map, internal or not.
+    fn raw(&self, key: &str, what: &str) -> Result<Option<Vec<u8>>, ReadError> {
+        Ok(self
+            .sm
+            .get(data_key(key))
+            .map_err(|e| ReadError::io(what, e))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// The value of client key `key`, as applied on this node (which may lag the leader).
+    pub fn get(&self, key: &UserKey) -> Result<Option<Vec<u8>>, ReadError> {
+        self.raw(key.as_str(), "a client key")
+    }
+
+    /// The bytes under any key of the data map: what a member asks the leader for with a
+    /// linearizable read (a client key, or a key a [`Table`] built).
+    pub(crate) fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>, ReadError> {
+        self.raw(key, "a key")
+    }
+
+    /// How many keys the data map holds, client and internal ones together.
+    pub fn key_count(&self) -> Result<usize, ReadError> {
+        let mut n = 0;
+        for item in self.sm.scan_prefix(b"d/").keys() {
+            item.map_err(|e| ReadError::io("the key count", e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The record of `table` named by `parts`, if there is one.
+    pub fn record<S: Shape, C: Codec>(
+        &self,
+        table: &Table<S, C>,
+        parts: S::Ref<'_>,
+    ) -> Result<Option<C::Value>, ReadError> {
+        let key = table.key(parts);
+        match self.raw(&key, table.what())? {
+            Some(b) => Ok(Some(
+                table
+                    .decode(&b)
+                    .map_err(|e| ReadError::damaged(table.what(), &key, e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Every record of `table`, in key order, with the parts of its key.
+    pub fn scan_table<S: Shape, C: Codec>(
+        &self,
+        table: &Table<S, C>,
+    ) -> Result<Records<S, C>, ReadError> {
+        self.scan_records(table, table.prefix(), usize::MAX)
+    }
+
+    /// Up to `limit` records of `table` whose key starts with `first` (one function's state,
+    /// one topic's events) and then `tail`, in key order.
+    pub fn scan_group<S: Grouped, C: Codec>(
+        &self,
+        table: &Table<S, C>,
+        first: &str,
+        tail: &str,
+        limit: usize,
+    ) -> Result<Records<S, C>, ReadError> {
+        let prefix = format!("{}{tail}", table.prefix_of(first));
+        self.scan_records(table, &prefix, limit)
+    }
+
+    /// Up to `limit` records of `table` whose key starts with `prefix` (a prefix inside the
+    /// table's), decoded: a key there that is not the table's, or a value that does not
+    /// decode, is an error naming it.
+    fn scan_records<S: Shape, C: Codec>(
+        &self,
+        table: &Table<S, C>,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Records<S, C>, ReadError> {
+        let mut out = Vec::new();
+        for item in self.sm.scan_prefix(data_key(prefix)) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| ReadError::io(table.what(), e))?;
+            let raw = String::from_utf8_lossy(&k[2..]);
+            let parts = table.parse(&raw).ok_or_else(|| ReadError::ForeignKey {
+                what: table.what(),
+                key: raw.to_string(),
+            })?;
+            let value = table
+                .decode(&v)
+                .map_err(|e| ReadError::damaged(table.what(), &raw, e))?;
+            out.push((parts, value));
+        }
+        Ok(out)
+    }
+
+    /// Wakes whenever entries are applied (the value is the applied index).
+    pub fn watch_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied_tx.subscribe()
+    }
+
+    /// Every topic with a log, and where its log starts and ends.
+    pub fn topics(&self) -> Result<Vec<(String, TopicMeta)>, ReadError> {
+        self.scan_table(&keys::TOPIC_META)
+    }
+
+    /// Where one topic's log starts and ends, if the topic has one.
+    pub fn topic_meta(&self, topic: &str) -> Result<Option<TopicMeta>, ReadError> {
+        self.record(&keys::TOPIC_META, topic)
+    }
+
+    /// Up to `limit` events of `topic` from offset `from` on, in offset order.
+    pub fn events(
+        &self,
+        topic: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, ReadError> {
+        let table = &keys::EVENTS;
+        let start = data_key(&table.key((topic, from)));
+        let prefix = data_key(&table.prefix_of(topic));
+        let mut out = Vec::new();
+        for item in self.sm.range(start..) {
+            let (k, v) = item.map_err(|e| ReadError::io(table.what(), e))?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(table.decode(&v).map_err(|e| {
+                ReadError::damaged(table.what(), &String::from_utf8_lossy(&k[2..]), e)
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// The offset of the first event of `topic` accepted at or after `time_ms` (the end of
+    /// the log if none was).
+    pub fn offset_at(&self, topic: &str, time_ms: u64) -> Result<u64, ReadError> {
+        let Some(meta) = self.topic_meta(topic)? else {
+            return Ok(0);
+        };
+        let mut from = meta.first;
+        loop {
+            let batch = self.events(topic, from, 1024)?;
+            let Some(last) = batch.last() else {
+                return Ok(meta.next);
+            };
+            if let Some(e) = batch.iter().find(|e| e.time_ms >= time_ms) {
+                return Ok(e.offset);
+            }
+            from = last.offset + 1;
+        }
+    }
+
+    /// Where durable subscription `name` continues on `topic`: the offset after its last
+    /// acknowledged one, if it acknowledged any.
+    pub fn subscription_cursor(&self, name: &str, topic: &str) -> Result<Option<u64>, ReadError> {
+        self.record(&keys::SUBSCRIPTION_CURSORS, (name, topic))
+    }
+
+    /// Where the trigger with uid `trigger_uid` continues on `topic`, if it committed
+    /// anything there.
+    pub fn trigger_cursor(&self, trigger_uid: &str, topic: &str) -> Result<Option<u64>, ReadError> {
+        self.record(&keys::TRIGGER_CURSORS, (trigger_uid, topic))
+    }
+
+    /// The last log id applied on this node.
+    pub fn applied(&self) -> Result<Option<LogId<NodeId>>, ReadError> {
+        match self
+            .sm
+            .get(b"m/applied")
+            .map_err(|e| ReadError::io("the applied index", e))?
+        {
+            Some(v) => Ok(dec::<Option<LogId<NodeId>>>(&v)
+                .map_err(|e| ReadError::damaged("applied index", "m/applied", e))?),
+            None => Ok(None),
+        }
+    }
+
+    /// A SHA-256 digest of the key-value data, the applied request ids and the clock, in key
+    /// order: equal on two nodes exactly when they hold the same state.
+    pub fn digest(&self) -> Result<String, ReadError> {
+        let mut h = Sha256::new();
+        for item in self.sm.iter() {
+            let (k, v) = item.map_err(|e| ReadError::io("the digest", e))?;
+            if k.starts_with(b"d/") || k.starts_with(b"r/") || k.as_ref() == CLOCK_KEY {
+                h.update((k.len() as u64).to_be_bytes());
+                h.update(&k);
+                h.update((v.len() as u64).to_be_bytes());
+                h.update(&v);
+            }
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+
+    pub(super) fn snapshot_data(&self) -> Result<SnapshotData, SErr> {
+        let mut out = SnapshotData::default();
+        for item in self.sm.iter() {
+            let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
+            if let Some(key) = k.strip_prefix(b"d/") {
+                out.data
+                    .push((String::from_utf8_lossy(key).into_owned(), v.to_vec()));
+            } else if let Some(id) = k.strip_prefix(b"r/") {
+                let r: Response = dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?;
+                out.requests
+                    .push((String::from_utf8_lossy(id).into_owned(), r));
+            } else if k.as_ref() == CLOCK_KEY {
+                out.clock = dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, RaftNode>), SErr> {
+        let applied = self.applied()?;
+        let membership = self.read(b"m/membership")?.unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        super::apply::apply_entries(self, entries)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        super::snapshot::builder(self)
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, RaftNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), SErr> {
+        super::snapshot::install(self, meta, snapshot.into_inner()).await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
+        super::snapshot::current(self)
+    }
+}

@@ -1,0 +1,386 @@
+use super::*;
+use crate::types::{GroupId, Op, Proposal, Request, TypeConfig};
+use openraft::storage::RaftStateMachine;
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{Entry, EntryPayload, LogId, StorageIOError};
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), SErr> {
+        let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
+        let db = RaftDb::open(&dir.path().join("raft")).map_err(|e| StorageIOError::write(&e))?;
+        let (log, sm) = db
+            .group(crate::routing::DEFAULT_GROUP)
+            .map_err(|e| StorageIOError::write(&e))?;
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn passes_the_openraft_storage_suite() {
+    Suite::test_all(Builder).unwrap();
+}
+
+#[test]
+fn refuses_a_damaged_or_foreign_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft");
+    drop(RaftDb::open(&path).unwrap());
+    // Reopening is fine.
+    let db = RaftDb::open(&path).unwrap();
+    db.group(GroupId(3)).unwrap();
+    assert_eq!(db.groups(), vec![GroupId(3)]);
+    drop(db);
+    // A directory with files but no marker is refused, naming the path.
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("junk"), b"not sled").unwrap();
+    let e = RaftDb::open(&foreign)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains(&foreign.display().to_string()), "{e}");
+}
+
+#[test]
+fn a_log_shorter_than_its_watermark_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft");
+    let db = RaftDb::open(&path).unwrap();
+    db.group(crate::group_of("t")).unwrap();
+    drop(db);
+    // The mark says entry 5 of group 1 was durable, but the log is empty.
+    std::fs::write(
+        path.join("watermark.json"),
+        r#"{"version":1,"groups":{"1":5}}"#,
+    )
+    .unwrap();
+    let e = RaftDb::open(&path)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("truncated") && e.contains(&path.display().to_string()),
+        "{e}"
+    );
+    std::fs::write(path.join("watermark.json"), "{").unwrap();
+    assert!(RaftDb::open(&path).is_err());
+    std::fs::write(
+        path.join("watermark.json"),
+        r#"{"version":1,"groups":{"1":0}}"#,
+    )
+    .unwrap();
+    assert!(RaftDb::open(&path).is_ok());
+}
+
+/// A client key.
+fn user(key: &str) -> crate::UserKey {
+    crate::UserKey::new(key).unwrap()
+}
+
+pub(super) fn entry(index: u64, req: Request) -> Entry<TypeConfig> {
+    entry_at(index, 0, req)
+}
+
+/// An entry the leader stamped at `time_ms`.
+pub(super) fn entry_at(index: u64, time_ms: u64, req: Request) -> Entry<TypeConfig> {
+    Entry {
+        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Proposal {
+            time_ms,
+            request: req,
+        }),
+    }
+}
+
+#[test]
+fn publish_ids_are_remembered_for_the_dedup_window() {
+    use crate::topics::DEDUP_WINDOW_MS;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RaftDb::open(dir.path()).unwrap();
+        let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
+        let publish = |i: u64, id: &str, t: u64| {
+            entry_at(
+                i,
+                t,
+                Request {
+                    id: Some(format!("pub/t/{id}")),
+                    op: Op::Publish(crate::topics::PublishOp {
+                        topic: "t".into(),
+                        id: Some(id.into()),
+                        headers: Vec::new(),
+                        payload: b"x".to_vec(),
+                        retention: Default::default(),
+                    }),
+                },
+            )
+        };
+        let r = sm.apply(vec![publish(1, "a", 1_000)]).await.unwrap();
+        assert!(!r[0].duplicate);
+        // Within the window: the same id is the same event.
+        let r = sm
+            .apply(vec![publish(2, "a", 1_000 + DEDUP_WINDOW_MS - 1)])
+            .await
+            .unwrap();
+        assert!(r[0].duplicate && r[0].offset == Some(0));
+        // Past it, another publish makes the node forget `a`; `a` again is a new event.
+        let later = 1_000 + DEDUP_WINDOW_MS + 1;
+        sm.apply(vec![publish(3, "b", later)]).await.unwrap();
+        let r = sm.apply(vec![publish(4, "a", later)]).await.unwrap();
+        assert!(!r[0].duplicate);
+        assert_eq!(r[0].offset, Some(2));
+        assert_eq!(sm.topic_meta("t").unwrap().unwrap().next, 3);
+    });
+}
+
+#[test]
+fn retention_drops_the_oldest_by_count_bytes_and_age() {
+    use canal_proto::settings::Retention;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RaftDb::open(dir.path()).unwrap();
+        let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
+        let publish = |i: u64, t: u64, size: usize, retention: Retention| {
+            entry_at(
+                i,
+                t,
+                Request {
+                    id: None,
+                    op: Op::Publish(crate::topics::PublishOp {
+                        topic: "t".into(),
+                        id: None,
+                        headers: Vec::new(),
+                        payload: vec![b'x'; size],
+                        retention,
+                    }),
+                },
+            )
+        };
+        let by_bytes = Retention {
+            max_events: 100,
+            max_bytes: 250,
+            max_age_ms: 0,
+            ..Retention::default()
+        };
+        let mut i = 0;
+        for t in 0..5 {
+            i += 1;
+            sm.apply(vec![publish(i, t, 100, by_bytes)]).await.unwrap();
+        }
+        let meta = sm.topic_meta("t").unwrap().unwrap();
+        assert_eq!((meta.first, meta.next, meta.bytes), (3, 5, 200));
+        // Age: at t=1000 with a 500 ms limit, everything but the new event goes.
+        let by_age = Retention {
+            max_events: 100,
+            max_bytes: 0,
+            max_age_ms: 500,
+            ..Retention::default()
+        };
+        i += 1;
+        sm.apply(vec![publish(i, 1000, 10, by_age)]).await.unwrap();
+        let meta = sm.topic_meta("t").unwrap().unwrap();
+        assert_eq!((meta.first, meta.next, meta.bytes), (5, 6, 10));
+        // A trim on a quiet topic never drops the newest event.
+        i += 1;
+        let trim = Request {
+            id: None,
+            op: Op::Trim {
+                topic: "t".into(),
+                retention: by_age,
+            },
+        };
+        sm.apply(vec![entry_at(i, 10_000, trim)]).await.unwrap();
+        assert_eq!(sm.topic_meta("t").unwrap().unwrap().first, 5);
+        assert_eq!(sm.events("t", 0, 10).unwrap().len(), 1);
+    });
+}
+
+#[test]
+fn a_batch_answers_each_request_and_keeps_their_ids() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RaftDb::open(dir.path()).unwrap();
+        let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
+        let add = |id: &str| Request {
+            id: Some(id.into()),
+            op: Op::Add {
+                key: "n".into(),
+                delta: 1,
+            },
+        };
+        let batch = |reqs: Vec<Request>| Request {
+            id: None,
+            op: Op::Batch(reqs),
+        };
+        let r = sm
+            .apply(vec![entry(1, batch(vec![add("a"), add("b"), add("a")]))])
+            .await
+            .unwrap();
+        let answers: Vec<bool> = r[0].batch.iter().map(|a| a.duplicate).collect();
+        assert_eq!(answers, [false, false, true]);
+        // A retried batch applies only what is new.
+        let r = sm
+            .apply(vec![entry(2, batch(vec![add("b"), add("c")]))])
+            .await
+            .unwrap();
+        assert!(r[0].batch[0].duplicate && !r[0].batch[1].duplicate);
+        assert_eq!(sm.get(&user("n")).unwrap(), Some(b"3".to_vec()));
+        // A batch inside a batch is refused, changing nothing.
+        let r = sm
+            .apply(vec![entry(3, batch(vec![batch(vec![add("d")])]))])
+            .await
+            .unwrap();
+        assert!(r[0].batch[0].refused.is_some());
+        assert_eq!(sm.get(&user("n")).unwrap(), Some(b"3".to_vec()));
+    });
+}
+
+#[test]
+fn a_request_id_is_applied_once() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RaftDb::open(dir.path()).unwrap();
+        let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
+        let put = |v: &str| Request {
+            id: Some("w1".into()),
+            op: crate::types::Op::Put {
+                key: "k".into(),
+                value: v.as_bytes().to_vec(),
+            },
+        };
+        // Twice in one batch, and again in a later one.
+        let r = sm
+            .apply(vec![entry(1, put("a")), entry(2, put("b"))])
+            .await
+            .unwrap();
+        assert!(!r[0].duplicate && r[1].duplicate && r[1].index == 1);
+        let r = sm.apply(vec![entry(3, put("c"))]).await.unwrap();
+        assert!(r[0].duplicate);
+        assert_eq!(sm.get(&user("k")).unwrap(), Some(b"a".to_vec()));
+        assert_eq!(sm.applied().unwrap().map(|l| l.index), Some(3));
+    });
+}
+
+#[test]
+fn typed_reads_see_only_their_own_records() {
+    use crate::functions::Effects;
+    use crate::keys;
+    use crate::topics::PublishOp;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RaftDb::open(dir.path()).unwrap();
+        let (_, mut sm) = db.group(crate::group_of("a")).unwrap();
+        let publish = |topic: &str| Request {
+            id: None,
+            op: Op::Publish(PublishOp {
+                topic: topic.into(),
+                id: None,
+                headers: Vec::new(),
+                payload: topic.as_bytes().to_vec(),
+                retention: Default::default(),
+            }),
+        };
+        let effects = |function: &str, key: &str| Request {
+            id: None,
+            op: Op::Effects(Effects {
+                function: function.into(),
+                cursor: None,
+                state_version: None,
+                state: vec![(key.into(), Some(function.as_bytes().to_vec()))],
+                outputs: Vec::new(),
+            }),
+        };
+        let settings = canal_proto::settings::TopicSettings {
+            max_payload_bytes: 77,
+            ..Default::default()
+        };
+        let reqs = vec![
+            publish("a"),
+            publish("a/b"),
+            publish("ab"),
+            publish("a"),
+            effects("f", "k1"),
+            effects("f", "x/k2"),
+            effects("f2", "k1"),
+            effects("f/g", "k1"),
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: crate::InternalKey::Settings("a/#".into()),
+                    value: Some(keys::SETTINGS.encode(&settings).unwrap()),
+                },
+            },
+            Request {
+                id: None,
+                op: user("k").put(b"v".to_vec()),
+            },
+        ];
+        let entries: Vec<_> = reqs
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| entry(i as u64 + 1, r))
+            .collect();
+        sm.apply(entries).await.unwrap();
+
+        // One topic's events never include a topic whose name extends it.
+        let events = sm.events("a", 0, 10).unwrap();
+        assert_eq!(events.iter().map(|e| e.offset).collect::<Vec<_>>(), [0, 1]);
+        assert!(events.iter().all(|e| e.payload == b"a"));
+        assert_eq!(sm.events("a/b", 0, 10).unwrap().len(), 1);
+        let topics: Vec<String> = sm.topics().unwrap().into_iter().map(|(t, _)| t).collect();
+        assert_eq!(topics, ["a", "a/b", "ab"]);
+
+        // One function's state, under a prefix of its keys or all of it.
+        let state = |f: &str, tail: &str| -> Vec<String> {
+            sm.scan_group(&keys::STATE, f, tail, 10)
+                .unwrap()
+                .into_iter()
+                .map(|((function, key), value)| {
+                    assert_eq!(function, f);
+                    assert_eq!(value, f.as_bytes());
+                    key
+                })
+                .collect()
+        };
+        assert_eq!(state("f", ""), ["k1", "x/k2"]);
+        assert_eq!(state("f", "x/"), ["x/k2"]);
+        assert_eq!(state("f2", ""), ["k1"]);
+        assert_eq!(sm.scan_group(&keys::STATE, "f", "", 1).unwrap().len(), 1);
+        assert_eq!(sm.record(&keys::STATE_VERSIONS, "f").unwrap(), Some(2));
+        assert_eq!(sm.record(&keys::STATE_VERSIONS, "nobody").unwrap(), None);
+
+        // Settings decode as settings; the client key is a client key.
+        assert_eq!(
+            sm.scan_table(&keys::SETTINGS).unwrap(),
+            vec![("a/#".to_string(), settings)]
+        );
+        assert_eq!(sm.get(&user("k")).unwrap(), Some(b"v".to_vec()));
+        assert!(sm.scan_table(&keys::FUNCTIONS).unwrap().is_empty());
+        // 4 events, 3 topics, 4 state entries, 3 versions, settings, the client key.
+        assert_eq!(sm.key_count().unwrap(), 16);
+
+        // A damaged record, or a key under a table's prefix that is not its own, is an error
+        // that names it, never skipped or misread.
+        sm.sm
+            .insert(data_key(&keys::SETTINGS.key("b")), b"junk".to_vec())
+            .unwrap();
+        let e = sm.scan_table(&keys::SETTINGS).unwrap_err();
+        assert!(
+            matches!(&e, ReadError::Damaged { key, .. } if key == &keys::SETTINGS.key("b")),
+            "{e}"
+        );
+        sm.sm
+            .insert(data_key("\u{1}t/a\u{0}junk"), Vec::new())
+            .unwrap();
+        let e = sm.topics().unwrap_err();
+        assert!(matches!(e, ReadError::ForeignKey { .. }), "{e}");
+        assert!(e.to_string().contains("topic metadata"), "{e}");
+    });
+}
