@@ -37,6 +37,7 @@ pub mod feed;
 pub mod functions;
 pub mod http;
 pub mod identity;
+pub mod ids;
 pub mod placer;
 pub mod pubsub;
 pub mod raft_links;
@@ -109,14 +110,23 @@ pub enum NodeError {
     },
 }
 
+/// The transport the node's Raft groups speak: the peer mesh. Named here, the composition
+/// root, alone; the services are generic over [`canal_consensus::Transport`].
+pub type NodeTransport = MeshTransport;
+
+/// How long shutdown waits for a background job's work in hand (a placement commit, a
+/// trigger's batch) before it aborts the job.
+const JOB_SHUTDOWN: Duration = Duration::from_secs(10);
+
 /// A running node.
 pub struct Node {
     dht: Dht,
-    consensus: Consensus<MeshTransport>,
-    membership: tokio::task::JoinHandle<()>,
-    executor: tokio::task::JoinHandle<()>,
+    consensus: Consensus<NodeTransport>,
+    membership: canal_worker::WorkerHandle,
+    executor: executor::ExecutorHandle,
     trimmer: tokio::task::JoinHandle<()>,
-    placer: tokio::task::JoinHandle<()>,
+    placer: canal_worker::WorkerHandle,
+    raft_links: canal_worker::WorkerHandle,
     api_addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
     stop_api: tokio::sync::watch::Sender<bool>,
@@ -250,6 +260,7 @@ impl Node {
             slots: Arc::new(tokio::sync::Semaphore::new(WASM_INSTANCES as usize)),
             estimates: std::sync::Mutex::new(canal_placement::Estimates::new()),
             live: live.clone(),
+            peers: Arc::new(handle.clone()),
         });
         let exec_metrics = executor::ExecMetrics::register(&mut registry);
         let membership = Membership {
@@ -273,10 +284,10 @@ impl Node {
             metrics: exec_metrics,
             backlog: Default::default(),
         })
-        .spawn(closing.clone());
+        .spawn();
         let trimmer = pubsub::spawn_trimmer(consensus.clone(), closing.clone());
-        let placer = placer::spawn(functions.clone(), handle.clone(), closing.clone());
-        let _raft_links = raft_links.spawn(consensus.clone(), handle.clone(), closing.clone());
+        let placer = placer::spawn(functions.clone());
+        let raft_links = raft_links.spawn(consensus.clone(), handle.clone());
         let state = ApiState {
             dht: handle.clone(),
             consensus: consensus.clone(),
@@ -314,6 +325,7 @@ impl Node {
             executor,
             trimmer,
             placer,
+            raft_links,
             api_addr,
             server,
             stop_api,
@@ -344,10 +356,20 @@ impl Node {
             tracing::warn!("API requests still open after 10 s; closing them");
             server.abort();
         }
-        self.membership.abort();
-        self.executor.abort();
+        // The jobs finish the work in hand (a trigger's batch commits or not, never half-way)
+        // while the groups still run.
+        let (mut aborted, executor) = tokio::join!(
+            canal_worker::shutdown_all(
+                vec![self.membership, self.placer, self.raft_links],
+                JOB_SHUTDOWN
+            ),
+            self.executor.shutdown(JOB_SHUTDOWN)
+        );
+        aborted.extend(executor);
+        if !aborted.is_empty() {
+            tracing::warn!(jobs = ?aborted, "background jobs aborted at the shutdown deadline");
+        }
         self.trimmer.abort();
-        self.placer.abort();
         self.consensus.shutdown().await;
         self.dht.shutdown().await;
         let _ = std::fs::remove_file(self.data_dir.path().join(RUNTIME_FILE));

@@ -11,11 +11,11 @@
 //! The decider is the data group's leader because that is where QoS 1 events enter the
 //! function's path (the log), so the round trips it measures are the ones events pay.
 
-use crate::functions::{Functions, STATE_GROUP};
+use crate::functions::{Functions, FunctionsError, STATE_GROUP};
 use canal_consensus::functions::{decision_key, measurement_prefix};
-use canal_consensus::{GroupId, Op, Request};
-use canal_dht::DhtHandle;
+use canal_consensus::{GroupId, Op, Request, Transport};
 use canal_dht::topology::{distance, peer_key, topic_key};
+use canal_dht::{DhtHandle, PeerView};
 use canal_placement::{Candidate, Decision, Estimates, Policy};
 use canal_proto::function::FunctionSpec;
 use canal_proto::{Capabilities, Topic, wire};
@@ -24,8 +24,20 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 use tracing::{debug, info};
+
+/// Where placement reads the peers it chooses from: the mesh's peer table on a node, a list
+/// of its own in a test.
+pub trait PeerSource: Send + Sync + 'static {
+    /// Every peer known alive, this node included.
+    fn peers(&self) -> Vec<PeerView>;
+}
+
+impl PeerSource for DhtHandle {
+    fn peers(&self) -> Vec<PeerView> {
+        DhtHandle::peers(self)
+    }
+}
 
 /// A peer's execution-time measurement of a function, as stored in the metadata group.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -70,14 +82,14 @@ fn function_key(name: &str) -> Option<canal_dht::topology::Key> {
 }
 
 /// The committed placement of `function`, from this node's replica.
-pub fn placed(functions: &Functions, function: &str) -> Option<Placed> {
+pub fn placed<T: Transport>(functions: &Functions<T>, function: &str) -> Option<Placed> {
     let sm = functions.consensus.state_machine(GroupId::METADATA).ok()?;
     let b = sm.get(&decision_key(function)).ok()??;
     wire::decode(&b).ok()
 }
 
 /// Every stored measurement, as estimates.
-fn estimates(functions: &Functions) -> Estimates {
+fn estimates<T: Transport>(functions: &Functions<T>) -> Estimates {
     let mut est = Estimates::new();
     let Ok(sm) = functions.consensus.state_machine(GroupId::METADATA) else {
         return est;
@@ -100,12 +112,11 @@ fn estimates(functions: &Functions) -> Estimates {
 /// function's key, with the round trip from this node; peers chosen before that are gone
 /// from the table appear as not alive, so the explanation says what became of them.
 pub fn candidates(
-    dht: &DhtHandle,
+    mut peers: Vec<PeerView>,
     spec: &FunctionSpec,
     previous: Option<&Decision>,
 ) -> Vec<Candidate> {
     let key = function_key(&spec.name);
-    let mut peers = dht.peers();
     peers.sort_by_key(|p| key.map(|k| distance(&k, &peer_key(&p.peer_id))));
     let mut out: Vec<Candidate> = peers
         .into_iter()
@@ -147,9 +158,9 @@ pub fn policy_of(spec: &FunctionSpec) -> Policy {
 }
 
 /// What placement would decide for `spec` now, from this node's view.
-pub fn decide_now(functions: &Functions, dht: &DhtHandle, spec: &FunctionSpec) -> Decision {
+pub fn decide_now<T: Transport>(functions: &Functions<T>, spec: &FunctionSpec) -> Decision {
     let previous = placed(functions, &spec.name).map(|p| p.decision);
-    let cands = candidates(dht, spec, previous.as_ref());
+    let cands = candidates(functions.peers.peers(), spec, previous.as_ref());
     canal_placement::decide(
         &spec.requirements,
         policy_of(spec),
@@ -175,40 +186,66 @@ fn same_choice(a: &Decision, b: &Decision) -> bool {
         && a.fallback == b.fallback
 }
 
+/// How often the placement job looks at the peers and the measurements.
+pub const PLACE_EVERY: Duration = Duration::from_secs(1);
+
+/// The placement job, a [`canal_worker::Worker`]: every [`PLACE_EVERY`] it decides while this
+/// node leads the data group, and every other round it reports this node's measurements.
+pub struct Placer<T: Transport> {
+    functions: Arc<Functions<T>>,
+    reported: HashMap<String, f64>,
+    round: u64,
+    tick: tokio::time::Interval,
+}
+
+impl<T: Transport> Placer<T> {
+    /// The job for `functions`, not started yet ([`spawn`] starts it).
+    pub fn new(functions: Arc<Functions<T>>) -> Self {
+        Placer {
+            functions,
+            reported: HashMap::new(),
+            round: 0,
+            tick: canal_worker::ticker(PLACE_EVERY),
+        }
+    }
+}
+
+impl<T: Transport> canal_worker::Worker for Placer<T> {
+    fn name(&self) -> &'static str {
+        "placer"
+    }
+
+    async fn wait(&mut self) {
+        self.tick.tick().await;
+    }
+
+    async fn work(&mut self) -> canal_worker::Flow {
+        self.round += 1;
+        if self.round.is_multiple_of(2) {
+            report(&self.functions, &mut self.reported).await;
+        }
+        let leads = self
+            .functions
+            .consensus
+            .metrics(STATE_GROUP)
+            .map(|m| m.current_leader == Some(self.functions.consensus.node_id()))
+            .unwrap_or(false);
+        if leads {
+            place_all(&self.functions).await;
+        }
+        canal_worker::Flow::Continue
+    }
+}
+
 /// Starts the placement job: reporting this node's measurements, and deciding while this
 /// node leads the data group.
-pub fn spawn(
-    functions: Arc<Functions>,
-    dht: DhtHandle,
-    mut closing: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut reported: HashMap<String, f64> = HashMap::new();
-        let mut tick = 0u64;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = closing.wait_for(|c| *c) => return,
-            }
-            tick += 1;
-            if tick.is_multiple_of(2) {
-                report(&functions, &mut reported).await;
-            }
-            let leads = functions
-                .consensus
-                .metrics(STATE_GROUP)
-                .map(|m| m.current_leader == Some(functions.consensus.node_id()))
-                .unwrap_or(false);
-            if leads {
-                place_all(&functions, &dht).await;
-            }
-        }
-    })
+pub fn spawn<T: Transport>(functions: Arc<Functions<T>>) -> canal_worker::WorkerHandle {
+    canal_worker::spawn(Placer::new(functions))
 }
 
 /// Writes this node's execution-time estimates that moved by more than 10% since the last
 /// report.
-async fn report(functions: &Functions, reported: &mut HashMap<String, f64>) {
+async fn report<T: Transport>(functions: &Functions<T>, reported: &mut HashMap<String, f64>) {
     let mine: Vec<(String, f64, u64)> = {
         let est = functions
             .estimates
@@ -255,11 +292,11 @@ async fn report(functions: &Functions, reported: &mut HashMap<String, f64>) {
 }
 
 /// Commits `decision` as `spec`'s placement.
-pub async fn commit(
-    functions: &Functions,
+pub async fn commit<T: Transport>(
+    functions: &Functions<T>,
     spec: &FunctionSpec,
     decision: Decision,
-) -> Result<(), crate::http::ApiError> {
+) -> Result<(), FunctionsError> {
     info!(
         function = %spec.name,
         policy = %decision.policy,
@@ -271,13 +308,7 @@ pub async fn commit(
         decision,
         decided_ms: now_ms(),
     })
-    .map_err(|e| {
-        crate::http::ApiError::new(
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            e.to_string(),
-        )
-    })?;
+    .map_err(|e| FunctionsError::Internal(format!("cannot encode the placement: {e}")))?;
     functions
         .consensus
         .write_op(
@@ -292,10 +323,10 @@ pub async fn commit(
 }
 
 /// Decides every function's placement and commits the ones whose choice changed.
-async fn place_all(functions: &Functions, dht: &DhtHandle) {
+async fn place_all<T: Transport>(functions: &Functions<T>) {
     for spec in functions.functions().unwrap_or_default() {
         let previous = placed(functions, &spec.name);
-        let next = decide_now(functions, dht, &spec);
+        let next = decide_now(functions, &spec);
         if previous
             .as_ref()
             .is_some_and(|p| same_choice(&p.decision, &next))

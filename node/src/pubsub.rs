@@ -305,8 +305,8 @@ pub async fn publish(
 }
 
 /// Every topic and filter setting, from this node's replica of the metadata group.
-pub fn all_settings(
-    consensus: &canal_consensus::Consensus<crate::cluster::MeshTransport>,
+pub fn all_settings<T: canal_consensus::Transport>(
+    consensus: &canal_consensus::Consensus<T>,
 ) -> Result<Vec<(TopicFilter, TopicSettings)>, ApiError> {
     let sm = consensus.state_machine(GroupId::METADATA)?;
     let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);

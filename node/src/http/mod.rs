@@ -21,7 +21,7 @@ pub use kv::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use parse::fresh_id;
 pub use topics::locate;
 
-use crate::cluster::MeshTransport;
+use crate::NodeTransport;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
@@ -46,11 +46,11 @@ pub struct ApiState {
     /// The peer mesh.
     pub dht: DhtHandle,
     /// The Raft groups.
-    pub consensus: Consensus<MeshTransport>,
+    pub consensus: Consensus<NodeTransport>,
     /// This node's QoS 0 subscribers.
     pub qos0: crate::pubsub::Qos0Hub,
     /// Functions and triggers.
-    pub functions: Arc<crate::functions::Functions>,
+    pub functions: Arc<crate::functions::Functions<NodeTransport>>,
     /// Prometheus metrics of every part of the node.
     pub registry: Arc<Registry>,
     /// When the node started.
