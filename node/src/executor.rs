@@ -1229,4 +1229,201 @@ mod tests {
                 .any(|(k, v)| k == "canal-error" && v.ends_with("hops: 17"))
         );
     }
+
+    /// A mesh of one peer, for the executor's QoS 0 outputs (the QoS 1 path does not use it).
+    async fn lone_mesh() -> canal_dht::Dht {
+        struct Plain;
+        impl canal_dht::LocalRecord for Plain {
+            fn measure(&mut self) -> canal_proto::Capabilities {
+                canal_proto::Capabilities::default()
+            }
+        }
+        let config = canal_dht::DhtConfig::new(
+            libp2p::identity::Keypair::generate_ed25519(),
+            vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        );
+        canal_dht::Dht::start(config, Box::new(Plain), &mut Registry::default())
+            .await
+            .unwrap()
+    }
+
+    fn executor<T: Transport>(functions: Arc<Functions<T>>, dht: &canal_dht::Dht) -> Executor<T> {
+        Executor {
+            qos0: Qos0Hub::new(functions.live.clone()),
+            functions,
+            dht: dht.handle(),
+            metrics: ExecMetrics::register(&mut Registry::default()),
+            backlog: Default::default(),
+        }
+    }
+
+    async fn publish<T: Transport>(f: &Functions<T>, topic: &str, payload: &str) {
+        f.consensus
+            .write_op(
+                STATE_GROUP,
+                Op::Publish(PublishOp {
+                    topic: topic.to_string(),
+                    id: None,
+                    headers: vec![("k".into(), "v".into())],
+                    payload: payload.as_bytes().to_vec(),
+                    retention: canal_proto::settings::Retention::default(),
+                }),
+            )
+            .await
+            .unwrap();
+    }
+
+    fn payloads(sm: &StateMachine, topic: &str) -> Vec<String> {
+        sm.events(topic, 0, 1000)
+            .unwrap()
+            .into_iter()
+            .map(|e| String::from_utf8(e.payload).unwrap())
+            .collect()
+    }
+
+    fn cursor(sm: &StateMachine, uid: &str, topic: &str) -> Option<u64> {
+        sm.get(&cursor_key(uid, topic))
+            .unwrap()
+            .map(|b| wire::decode(&b).unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_qos1_trigger_runs_each_event_once_and_a_rerun_applies_nothing_twice() {
+        use crate::testkit::{self, Cluster, FixedPeers};
+        let cluster = Cluster::formed(1).await;
+        let m = &cluster.members[0];
+        let f = testkit::functions(m, FixedPeers::of(&[m.peer]));
+        testkit::deploy(&f, "up", "uppercase").await;
+        let spec = f
+            .trigger_add(
+                "shout",
+                canal_proto::function::TriggerRequest {
+                    on: "in/#".into(),
+                    function: "up".into(),
+                    out: Some("out/loud".into()),
+                    qos: Some(1),
+                    retries: Some(0),
+                    dead_letter: None,
+                },
+            )
+            .await
+            .unwrap();
+        let sm = m.consensus.state_machine(STATE_GROUP).unwrap();
+        for i in 0..5 {
+            publish(&f, "in/a", &format!("hello {i}")).await;
+        }
+        let dht = lone_mesh().await;
+        let running = Arc::new(executor(f.clone(), &dht)).spawn();
+        let want: Vec<String> = (0..5).map(|i| format!("HELLO {i}")).collect();
+        testkit::until("five outputs", Duration::from_secs(20), || {
+            payloads(&sm, "out/loud").len() >= 5
+        })
+        .await;
+        // Each event once, in order; the cursor stands past the last event its outputs came
+        // from.
+        assert_eq!(payloads(&sm, "out/loud"), want);
+        assert_eq!(cursor(&sm, &spec.uid, "in/a"), Some(5));
+        assert!(running.triggers_running() == 1);
+        // Events published while it runs are picked up too.
+        publish(&f, "in/a", "hello 5").await;
+        testkit::until("the sixth output", Duration::from_secs(20), || {
+            payloads(&sm, "out/loud").len() >= 6
+        })
+        .await;
+        let aborted = running.shutdown(Duration::from_secs(10)).await;
+        assert!(aborted.is_empty(), "jobs aborted at shutdown: {aborted:?}");
+        assert_eq!(cursor(&sm, &spec.uid, "in/a"), Some(6));
+
+        // A crash between the commit and the executor hearing of it: the batch runs again
+        // from where it started. Its effects are refused, as the cursor moved.
+        let rerun = Effects {
+            function: "up".into(),
+            cursor: Some(CursorMove {
+                trigger_uid: spec.uid.clone(),
+                topic: "in/a".into(),
+                expected: None,
+                next: 5,
+            }),
+            state_version: Some(0),
+            state: Vec::new(),
+            outputs: vec![PublishOp {
+                topic: "out/loud".into(),
+                id: Some(rules::output_id(&spec.uid, "in/a", 0, 0)),
+                headers: Vec::new(),
+                payload: b"HELLO 0".to_vec(),
+                retention: canal_proto::settings::Retention::default(),
+            }],
+        };
+        let r = f
+            .consensus
+            .write_op(STATE_GROUP, Op::Effects(rerun))
+            .await
+            .unwrap();
+        assert!(
+            r.refused.is_some(),
+            "a re-run's effects were applied: {r:?}"
+        );
+
+        // A restarted executor on the same replica goes on from the cursor: nothing twice.
+        publish(&f, "in/a", "hello 6").await;
+        let again = Arc::new(executor(f.clone(), &dht)).spawn();
+        testkit::until("the seventh output", Duration::from_secs(20), || {
+            payloads(&sm, "out/loud").len() >= 7
+        })
+        .await;
+        let aborted = again.shutdown(Duration::from_secs(10)).await;
+        assert!(aborted.is_empty(), "{aborted:?}");
+        let all: Vec<String> = (0..7).map(|i| format!("HELLO {i}")).collect();
+        assert_eq!(payloads(&sm, "out/loud"), all);
+        assert_eq!(cursor(&sm, &spec.uid, "in/a"), Some(7));
+        dht.shutdown().await;
+        cluster.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_lets_a_batch_in_flight_commit() {
+        use crate::testkit::{self, Cluster, FixedPeers};
+        let cluster = Cluster::formed(1).await;
+        let m = &cluster.members[0];
+        let f = testkit::functions(m, FixedPeers::of(&[m.peer]));
+        testkit::deploy(&f, "up", "uppercase").await;
+        let spec = f
+            .trigger_add(
+                "shout",
+                canal_proto::function::TriggerRequest {
+                    on: "in/#".into(),
+                    function: "up".into(),
+                    out: Some("out/loud".into()),
+                    qos: Some(1),
+                    retries: Some(0),
+                    dead_letter: None,
+                },
+            )
+            .await
+            .unwrap();
+        let sm = m.consensus.state_machine(STATE_GROUP).unwrap();
+        let dht = lone_mesh().await;
+        let running = Arc::new(executor(f.clone(), &dht)).spawn();
+        testkit::until("the trigger's job", Duration::from_secs(10), || {
+            running.triggers_running() == 1
+        })
+        .await;
+        for i in 0..40 {
+            publish(&f, "in/b", &format!("e{i}")).await;
+        }
+        // Stop as soon as the first batch has started to produce: whatever was committed
+        // is whole (cursor and outputs together), nothing is cut half-way.
+        testkit::until("a batch to start", Duration::from_secs(20), || {
+            f.live.running_invocations.load(Ordering::Relaxed) > 0
+                || !payloads(&sm, "out/loud").is_empty()
+        })
+        .await;
+        let aborted = running.shutdown(Duration::from_secs(10)).await;
+        assert!(aborted.is_empty(), "{aborted:?}");
+        let done = cursor(&sm, &spec.uid, "in/b").unwrap_or(0);
+        assert_eq!(payloads(&sm, "out/loud").len() as u64, done);
+        assert!(done >= 1, "the batch in flight was not committed");
+        dht.shutdown().await;
+        cluster.shutdown().await;
+    }
 }

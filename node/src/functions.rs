@@ -737,4 +737,128 @@ mod tests {
         assert_eq!(slots.available_permits(), 1);
         assert_eq!(live.running_invocations.load(Ordering::Relaxed), 0);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_on_a_follower_are_forwarded_to_the_leader() {
+        use crate::testkit::{self, Cluster, FixedPeers};
+        let cluster = Cluster::formed(3).await;
+        let leader = cluster.leader(GroupId::METADATA).await;
+        let follower = (leader + 1) % 3;
+        let on_follower = testkit::functions(
+            &cluster.members[follower],
+            FixedPeers::of(&[cluster.members[follower].peer]),
+        );
+        let on_leader = testkit::functions(
+            &cluster.members[leader],
+            FixedPeers::of(&[cluster.members[leader].peer]),
+        );
+        testkit::deploy(&on_follower, "up", "uppercase").await;
+        let t = on_follower
+            .trigger_add(
+                "shout",
+                TriggerRequest {
+                    on: "in/#".into(),
+                    function: "up".into(),
+                    out: None,
+                    qos: None,
+                    retries: None,
+                    dead_letter: None,
+                },
+            )
+            .await
+            .unwrap();
+        // Read through the leader: both writes were committed there.
+        assert!(on_leader.function_now("up").await.unwrap().is_some());
+        let again = on_leader
+            .trigger_add(
+                "shout",
+                TriggerRequest {
+                    on: "in/#".into(),
+                    function: "up".into(),
+                    out: None,
+                    qos: None,
+                    retries: None,
+                    dead_letter: None,
+                },
+            )
+            .await;
+        assert!(
+            matches!(&again, Err(FunctionsError::TriggerExists(n)) if n == "shout"),
+            "{again:?}"
+        );
+        // A removal from the follower is refused while the trigger runs the function (as its
+        // replica knows once it has applied the trigger).
+        testkit::until(
+            "the follower's replica to hold the trigger",
+            std::time::Duration::from_secs(10),
+            || on_follower.triggers().is_ok_and(|t| t.len() == 1),
+        )
+        .await;
+        let busy = on_follower.remove("up").await;
+        assert!(
+            matches!(&busy, Err(FunctionsError::InUse { triggers, .. }) if triggers == &vec![t.name.clone()]),
+            "{busy:?}"
+        );
+        on_follower.trigger_remove("shout").await.unwrap();
+        // The check reads the follower's replica: once it has applied the removal, the
+        // function may go.
+        testkit::until(
+            "the follower's replica to drop the trigger",
+            std::time::Duration::from_secs(10),
+            || on_follower.triggers().is_ok_and(|t| t.is_empty()),
+        )
+        .await;
+        on_follower.remove("up").await.unwrap();
+        assert!(on_leader.function_now("up").await.unwrap().is_none());
+        cluster.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_batched_writes_share_entries_and_each_is_answered() {
+        use crate::testkit::Cluster;
+        let cluster = Cluster::formed(3).await;
+        let leader = cluster.leader(STATE_GROUP).await;
+        let follower = cluster.members[(leader + 1) % 3].consensus.clone();
+        const N: usize = 64;
+        let writes = (0..N).map(|i| {
+            let c = follower.clone();
+            tokio::spawn(async move {
+                c.write_batched(
+                    STATE_GROUP,
+                    Request {
+                        id: Some(format!("w{i}")),
+                        op: Op::Add {
+                            key: "sum".into(),
+                            delta: i as i64,
+                        },
+                    },
+                )
+                .await
+            })
+        });
+        let answers: Vec<canal_consensus::Response> = futures::future::join_all(writes)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().unwrap())
+            .collect();
+        assert!(answers.iter().all(|r| r.refused.is_none() && !r.duplicate));
+        let entries: std::collections::BTreeSet<u64> = answers.iter().map(|r| r.index).collect();
+        assert!(
+            entries.len() < N,
+            "{N} concurrent writes took {} entries: none was batched",
+            entries.len()
+        );
+        // Each applied once.
+        let sum = cluster.members[leader]
+            .consensus
+            .read(STATE_GROUP, "sum", true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(sum).unwrap(),
+            ((N * (N - 1)) / 2).to_string()
+        );
+        cluster.shutdown().await;
+    }
 }

@@ -41,6 +41,8 @@ pub mod ids;
 pub mod placer;
 pub mod pubsub;
 pub mod raft_links;
+#[cfg(test)]
+mod testkit;
 
 use crate::caps::{LoadCounters, Measurer};
 use crate::cluster::{Membership, MeshTransport};

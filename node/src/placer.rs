@@ -338,3 +338,76 @@ async fn place_all<T: Transport>(functions: &Functions<T>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{self, Cluster, FixedPeers};
+    use libp2p::PeerId;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_placer_commits_a_decision_and_re_decides_when_its_peer_goes() {
+        let cluster = Cluster::formed(1).await;
+        let me = cluster.members[0].peer;
+        let all: Vec<PeerId> = std::iter::once(me)
+            .chain((0..3).map(|_| PeerId::random()))
+            .collect();
+        let peers = FixedPeers::of(&all);
+        let f = testkit::functions(&cluster.members[0], peers.clone());
+        testkit::deploy(&f, "up", "uppercase").await;
+        // The deploy committed the first decision: one of the four, alive.
+        let first = placed(&f, "up").expect("the deploy commits a placement");
+        assert_eq!(first.decision.chosen.len(), 1, "{first:?}");
+        let gone = first.decision.chosen[0].clone();
+        assert!(all.iter().any(|p| p.to_base58() == gone));
+        // Nothing changed: the job leaves the decision as it is.
+        let job = spawn(f.clone());
+        tokio::time::sleep(PLACE_EVERY * 2).await;
+        assert_eq!(
+            placed(&f, "up").map(|p| p.decided_ms),
+            Some(first.decided_ms)
+        );
+        // Its peer leaves the table: the job (this node leads the data group) moves it.
+        peers.remove(&gone);
+        testkit::until("the placement to move", Duration::from_secs(10), || {
+            placed(&f, "up").is_some_and(|p| p.decision.chosen.first() != Some(&gone))
+        })
+        .await;
+        let now = placed(&f, "up").expect("a placement");
+        assert_eq!(now.decision.chosen.len(), 1, "{now:?}");
+        assert!(
+            all.iter()
+                .any(|p| p.to_base58() == now.decision.chosen[0] && p.to_base58() != gone)
+        );
+        assert!(
+            job.shutdown(Duration::from_secs(5)).await,
+            "the placer did not stop within its deadline"
+        );
+        cluster.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_does_not_place() {
+        let cluster = Cluster::formed(3).await;
+        let leader = cluster.leader(STATE_GROUP).await;
+        let follower = (leader + 1) % 3;
+        let peers = FixedPeers::of(&[cluster.members[follower].peer]);
+        let f = testkit::functions(&cluster.members[follower], peers.clone());
+        // A deploy on a follower is forwarded to the leader, and commits a first placement.
+        testkit::deploy(&f, "up", "uppercase").await;
+        testkit::until(
+            "the follower's replica to hold the placement",
+            Duration::from_secs(10),
+            || placed(&f, "up").is_some(),
+        )
+        .await;
+        let first = placed(&f, "up").expect("the deploy commits a placement");
+        let job = spawn(f.clone());
+        peers.remove(&first.decision.chosen[0]);
+        tokio::time::sleep(PLACE_EVERY * 3).await;
+        // Only the data group's leader decides: the follower's job changed nothing.
+        assert_eq!(placed(&f, "up"), Some(first));
+        assert!(job.shutdown(Duration::from_secs(5)).await);
+        cluster.shutdown().await;
+    }
+}
