@@ -9,7 +9,7 @@
 //! under its name; every node reads both from its replica and compiles (or loads from its
 //! artifact cache) before the function's first event.
 
-use crate::placer::PeerSource;
+use crate::placement::{PeerSource, PlacementError};
 use canal_consensus::functions::{
     FUNCTION_PREFIX, TRIGGER_PREFIX, function_key, module_key, state_key, state_prefix,
     trigger_key, version_key,
@@ -109,10 +109,23 @@ pub enum FunctionsError {
     /// The Raft groups could not answer.
     #[error(transparent)]
     Consensus(#[from] ClientError),
+    /// The first placement was not committed.
+    #[error(transparent)]
+    Placement(PlacementError),
     /// Something that should not fail did: a stored value that does not decode, a failed
     /// task.
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<PlacementError> for FunctionsError {
+    fn from(e: PlacementError) -> Self {
+        match e {
+            // A Raft error is the same answer whichever write met it.
+            PlacementError::Consensus(c) => FunctionsError::Consensus(c),
+            other => FunctionsError::Placement(other),
+        }
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> FunctionsError {
@@ -171,7 +184,10 @@ pub struct InvokeRequest {
 }
 
 /// The data group that holds trigger cursors and function state (with the topic logs).
-pub const STATE_GROUP: GroupId = crate::pubsub::TOPIC_GROUP;
+/// It is the group of the topic logs (`pubsub::TOPIC_GROUP`, checked where both are
+/// composed, in lib.rs), so that a trigger's cursor, its outputs and its state commit in one
+/// entry.
+pub const STATE_GROUP: GroupId = GroupId(1);
 
 /// The functions side of a node: the WebAssembly runtime and what reads the stored specs.
 pub struct Functions<T: Transport> {
@@ -272,7 +288,7 @@ impl<T: Transport> Functions<T> {
     /// function without a placement yet (deploy commits the first one), or one placement
     /// found no peer for, runs nowhere: its QoS 1 events wait in the log.
     pub fn runs_here(&self, function: &FunctionSpec) -> bool {
-        crate::placer::placed(self, &function.name)
+        crate::placement::placed(&self.consensus, &function.name)
             .is_some_and(|p| p.decision.chosen.first() == Some(&self.peer_id))
     }
 
@@ -462,7 +478,8 @@ impl<T: Transport> Functions<T> {
             .await?;
         // The first placement at once, so the function's first events need not wait for the
         // placement job's next round (which refines it from the data group's leader).
-        crate::placer::commit(self, &spec, crate::placer::decide_now(self, &spec)).await?;
+        let first = crate::placement::decide_now(&self.consensus, &*self.peers, &spec);
+        crate::placement::commit(&self.consensus, &spec, first).await?;
         let replaced = r
             .previous
             .and_then(|b| wire::decode::<FunctionSpec>(&b).ok())

@@ -38,6 +38,7 @@ pub mod functions;
 pub mod http;
 pub mod identity;
 pub mod ids;
+pub mod placement;
 pub mod placer;
 pub mod pubsub;
 pub mod raft_links;
@@ -62,6 +63,13 @@ use tracing::info;
 
 pub use canal_proto::api::RuntimeInfo;
 pub use config::NodeConfig;
+
+// A trigger's Effects entry holds its cursor, its outputs and its state: the functions'
+// state must live in the group of the topic logs.
+const _: () = assert!(
+    functions::STATE_GROUP.0 == pubsub::TOPIC_GROUP.0,
+    "function state and topic logs must share a group"
+);
 
 /// The runtime file ([`RuntimeInfo`]) a running node writes into its data directory, so that tools (the
 /// testnet, scripts) find its ephemeral ports.
@@ -301,16 +309,7 @@ impl Node {
             subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_subscribers)),
             max_subscribers: config.max_subscribers,
         };
-        let app = http::router(state);
-        let server = tokio::spawn(async move {
-            let mut stopped = closing;
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|c| *c).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "API server failed");
-            }
-        });
+        let server = http::serve(listener, state, closing);
         info!(api = %api_addr, peer_id = %handle.local_peer_id(), "client API listening");
 
         let info = RuntimeInfo {

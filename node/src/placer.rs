@@ -1,5 +1,5 @@
-//! Placement on a running node: feeding [`canal_placement`] the peer table, topology and
-//! measurements, and committing its decisions.
+//! The placement job on a running node: feeding [`canal_placement`] the peer table, topology
+//! and measurements ([`crate::placement`]), and committing its decisions.
 //!
 //! ```text
 //!   every node:   invocations ─> local EWMA ─(every 2 s, when changed)─> metadata \x01M/...
@@ -11,180 +11,16 @@
 //! The decider is the data group's leader because that is where QoS 1 events enter the
 //! function's path (the log), so the round trips it measures are the ones events pay.
 
-use crate::functions::{Functions, FunctionsError, STATE_GROUP};
-use canal_consensus::functions::{decision_key, measurement_prefix};
+use crate::functions::{Functions, STATE_GROUP};
+use crate::placement::{commit, decide_now, placed, same_choice};
 use canal_consensus::{GroupId, Op, Request, Transport};
-use canal_dht::topology::{distance, peer_key, topic_key};
-use canal_dht::{DhtHandle, PeerView};
-use canal_placement::{Candidate, Decision, Estimates, Policy};
-use canal_proto::function::FunctionSpec;
-use canal_proto::{Capabilities, Topic, wire};
-use serde::{Deserialize, Serialize};
+use canal_proto::wire;
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{debug, info};
+use tracing::debug;
 
-/// Where placement reads the peers it chooses from: the mesh's peer table on a node, a list
-/// of its own in a test.
-pub trait PeerSource: Send + Sync + 'static {
-    /// Every peer known alive, this node included.
-    fn peers(&self) -> Vec<PeerView>;
-}
-
-impl PeerSource for DhtHandle {
-    fn peers(&self) -> Vec<PeerView> {
-        DhtHandle::peers(self)
-    }
-}
-
-/// A peer's execution-time measurement of a function, as stored in the metadata group.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Measurement {
-    /// The EWMA of the execution time, in milliseconds.
-    pub exec_ms: f64,
-    /// How many invocations it summarises.
-    pub samples: u64,
-}
-
-/// A function's committed placement.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Placed {
-    /// The decision, with the explanation it was made with.
-    pub decision: Decision,
-    /// When it was made, ms since the Unix epoch.
-    pub decided_ms: u64,
-}
-
-/// What `GET /v1/functions/{name}/placement` answers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PlacementAnswer {
-    /// The function.
-    pub function: String,
-    /// Its policy.
-    pub policy: String,
-    /// The decision in force (what executors follow), if one was made.
-    pub committed: Option<Placed>,
-    /// What placement would decide now, from the answering node's view, with a verdict for
-    /// every candidate.
-    pub live: Decision,
-    /// The peer that answered (its round trips are the ones in `live`).
-    pub answered_by: String,
-}
-
-/// The key of a function in the Kademlia keyspace: topology ranks peers by their distance
-/// to it.
-fn function_key(name: &str) -> Option<canal_dht::topology::Key> {
-    Topic::new(&format!("fn/{name}"))
-        .ok()
-        .map(|t| topic_key(&t))
-}
-
-/// The committed placement of `function`, from this node's replica.
-pub fn placed<T: Transport>(functions: &Functions<T>, function: &str) -> Option<Placed> {
-    let sm = functions.consensus.state_machine(GroupId::METADATA).ok()?;
-    let b = sm.get(&decision_key(function)).ok()??;
-    wire::decode(&b).ok()
-}
-
-/// Every stored measurement, as estimates.
-fn estimates<T: Transport>(functions: &Functions<T>) -> Estimates {
-    let mut est = Estimates::new();
-    let Ok(sm) = functions.consensus.state_machine(GroupId::METADATA) else {
-        return est;
-    };
-    for (k, v) in sm.scan(measurement_prefix()).unwrap_or_default() {
-        let Some(rest) = k.strip_prefix(measurement_prefix()) else {
-            continue;
-        };
-        let Some((function, peer)) = rest.split_once('\u{0}') else {
-            continue;
-        };
-        if let Ok(m) = wire::decode::<Measurement>(&v) {
-            est.observe(function, peer, m.exec_ms);
-        }
-    }
-    est
-}
-
-/// The candidates for `spec`: every peer in the table, ranked by distance to the
-/// function's key, with the round trip from this node; peers chosen before that are gone
-/// from the table appear as not alive, so the explanation says what became of them.
-pub fn candidates(
-    mut peers: Vec<PeerView>,
-    spec: &FunctionSpec,
-    previous: Option<&Decision>,
-) -> Vec<Candidate> {
-    let key = function_key(&spec.name);
-    peers.sort_by_key(|p| key.map(|k| distance(&k, &peer_key(&p.peer_id))));
-    let mut out: Vec<Candidate> = peers
-        .into_iter()
-        .enumerate()
-        .map(|(rank, p)| Candidate {
-            peer_id: p.peer_id.to_base58(),
-            rtt_ms: if p.is_self {
-                Some(0.0)
-            } else {
-                p.rtt.map(|d| d.as_secs_f64() * 1000.0)
-            },
-            caps: p.caps,
-            alive: true,
-            distance_rank: rank,
-        })
-        .collect();
-    if let Some(prev) = previous {
-        for gone in prev.chosen.iter() {
-            if !out.iter().any(|c| &c.peer_id == gone) {
-                out.push(Candidate {
-                    peer_id: gone.clone(),
-                    caps: Capabilities {
-                        peer_id: gone.clone(),
-                        ..Capabilities::default()
-                    },
-                    alive: false,
-                    distance_rank: usize::MAX,
-                    rtt_ms: None,
-                });
-            }
-        }
-    }
-    out
-}
-
-/// The policy a function asked for (a stored name this build does not know: topology).
-pub fn policy_of(spec: &FunctionSpec) -> Policy {
-    Policy::from_str(&spec.policy).unwrap_or_default()
-}
-
-/// What placement would decide for `spec` now, from this node's view.
-pub fn decide_now<T: Transport>(functions: &Functions<T>, spec: &FunctionSpec) -> Decision {
-    let previous = placed(functions, &spec.name).map(|p| p.decision);
-    let cands = candidates(functions.peers.peers(), spec, previous.as_ref());
-    canal_placement::decide(
-        &spec.requirements,
-        policy_of(spec),
-        &spec.name,
-        &cands,
-        &estimates(functions),
-        previous.as_ref(),
-    )
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Whether two decisions choose the same thing (the explanations may differ).
-fn same_choice(a: &Decision, b: &Decision) -> bool {
-    a.policy == b.policy
-        && a.chosen == b.chosen
-        && a.unplaceable == b.unplaceable
-        && a.fallback == b.fallback
-}
+pub use crate::placement::{Measurement, Placed, PlacementAnswer};
 
 /// How often the placement job looks at the peers and the measurements.
 pub const PLACE_EVERY: Duration = Duration::from_secs(1);
@@ -291,49 +127,18 @@ async fn report<T: Transport>(functions: &Functions<T>, reported: &mut HashMap<S
     }
 }
 
-/// Commits `decision` as `spec`'s placement.
-pub async fn commit<T: Transport>(
-    functions: &Functions<T>,
-    spec: &FunctionSpec,
-    decision: Decision,
-) -> Result<(), FunctionsError> {
-    info!(
-        function = %spec.name,
-        policy = %decision.policy,
-        chosen = ?decision.chosen,
-        unplaceable = ?decision.unplaceable,
-        "placement changed"
-    );
-    let value = wire::encode(&Placed {
-        decision,
-        decided_ms: now_ms(),
-    })
-    .map_err(|e| FunctionsError::Internal(format!("cannot encode the placement: {e}")))?;
-    functions
-        .consensus
-        .write_op(
-            GroupId::METADATA,
-            Op::Internal {
-                key: canal_consensus::InternalKey::Placement(spec.name.clone()),
-                value: Some(value),
-            },
-        )
-        .await?;
-    Ok(())
-}
-
 /// Decides every function's placement and commits the ones whose choice changed.
 async fn place_all<T: Transport>(functions: &Functions<T>) {
     for spec in functions.functions().unwrap_or_default() {
-        let previous = placed(functions, &spec.name);
-        let next = decide_now(functions, &spec);
+        let previous = placed(&functions.consensus, &spec.name);
+        let next = decide_now(&functions.consensus, &*functions.peers, &spec);
         if previous
             .as_ref()
             .is_some_and(|p| same_choice(&p.decision, &next))
         {
             continue;
         }
-        if let Err(e) = commit(functions, &spec, next).await {
+        if let Err(e) = commit(&functions.consensus, &spec, next).await {
             debug!(function = %spec.name, error = ?e, "placement not committed; next round");
         }
     }
@@ -356,7 +161,7 @@ mod tests {
         let f = testkit::functions(&cluster.members[0], peers.clone());
         testkit::deploy(&f, "up", "uppercase").await;
         // The deploy committed the first decision: one of the four, alive.
-        let first = placed(&f, "up").expect("the deploy commits a placement");
+        let first = placed(&f.consensus, "up").expect("the deploy commits a placement");
         assert_eq!(first.decision.chosen.len(), 1, "{first:?}");
         let gone = first.decision.chosen[0].clone();
         assert!(all.iter().any(|p| p.to_base58() == gone));
@@ -364,16 +169,16 @@ mod tests {
         let job = spawn(f.clone());
         tokio::time::sleep(PLACE_EVERY * 2).await;
         assert_eq!(
-            placed(&f, "up").map(|p| p.decided_ms),
+            placed(&f.consensus, "up").map(|p| p.decided_ms),
             Some(first.decided_ms)
         );
         // Its peer leaves the table: the job (this node leads the data group) moves it.
         peers.remove(&gone);
         testkit::until("the placement to move", Duration::from_secs(10), || {
-            placed(&f, "up").is_some_and(|p| p.decision.chosen.first() != Some(&gone))
+            placed(&f.consensus, "up").is_some_and(|p| p.decision.chosen.first() != Some(&gone))
         })
         .await;
-        let now = placed(&f, "up").expect("a placement");
+        let now = placed(&f.consensus, "up").expect("a placement");
         assert_eq!(now.decision.chosen.len(), 1, "{now:?}");
         assert!(
             all.iter()
@@ -398,15 +203,15 @@ mod tests {
         testkit::until(
             "the follower's replica to hold the placement",
             Duration::from_secs(10),
-            || placed(&f, "up").is_some(),
+            || placed(&f.consensus, "up").is_some(),
         )
         .await;
-        let first = placed(&f, "up").expect("the deploy commits a placement");
+        let first = placed(&f.consensus, "up").expect("the deploy commits a placement");
         let job = spawn(f.clone());
         peers.remove(&first.decision.chosen[0]);
         tokio::time::sleep(PLACE_EVERY * 3).await;
         // Only the data group's leader decides: the follower's job changed nothing.
-        assert_eq!(placed(&f, "up"), Some(first));
+        assert_eq!(placed(&f.consensus, "up"), Some(first));
         assert!(job.shutdown(Duration::from_secs(5)).await);
         cluster.shutdown().await;
     }

@@ -7,7 +7,7 @@
 
 use crate::caps::LoadCounters;
 use crate::functions::{DeployRequest, DeploySettings, Functions};
-use crate::placer::PeerSource;
+use crate::placement::PeerSource;
 use canal_consensus::{Consensus, GroupId, NodeId, RaftDb, RaftNode, Settings, Transport};
 use canal_dht::PeerView;
 use canal_proto::Capabilities;

@@ -111,7 +111,7 @@ impl From<crate::functions::FunctionsError> for ApiError {
             E::InvalidTopic(_) => (StatusCode::BAD_REQUEST, "invalid_topic"),
             E::UnknownFunction(_) => (StatusCode::BAD_REQUEST, "unknown_function"),
             E::TriggerExists(_) => (StatusCode::CONFLICT, "exists"),
-            E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            E::Placement(_) | E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         ApiError::new(status, kind, e.to_string())
     }

@@ -111,16 +111,16 @@ pub(super) async fn fn_invoke(
 pub(super) async fn fn_placement(
     State(st): State<ApiState>,
     Path(name): Path<String>,
-) -> Result<axum::Json<crate::placer::PlacementAnswer>, ApiError> {
+) -> Result<axum::Json<crate::placement::PlacementAnswer>, ApiError> {
     let spec = st
         .functions
         .function(&name)?
         .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
-    Ok(axum::Json(crate::placer::PlacementAnswer {
+    Ok(axum::Json(crate::placement::PlacementAnswer {
         function: spec.name.clone(),
-        policy: crate::placer::policy_of(&spec).to_string(),
-        committed: crate::placer::placed(&st.functions, &spec.name),
-        live: crate::placer::decide_now(&st.functions, &spec),
+        policy: crate::placement::policy_of(&spec).to_string(),
+        committed: crate::placement::placed(&st.consensus, &spec.name),
+        live: crate::placement::decide_now(&st.consensus, &st.dht, &spec),
         answered_by: st.functions.peer_id.clone(),
     }))
 }

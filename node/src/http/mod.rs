@@ -117,3 +117,22 @@ pub fn router(state: ApiState) -> Router {
         })
         .with_state(state)
 }
+
+/// Serves the API on `listener` until `closing` turns true; requests in flight are finished
+/// then (the caller bounds how long it waits for that).
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    closing: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let app = router(state);
+    tokio::spawn(async move {
+        let mut stopped = closing;
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|c| *c).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "API server failed");
+        }
+    })
+}
