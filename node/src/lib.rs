@@ -6,26 +6,41 @@
 //!
 //! ## Layout
 //!
-//! - [`config`]: the TOML/flag configuration and its validation.
-//! - [`datadir`]: the locked data directory.
-//! - [`identity`]: the persistent ed25519 peer identity.
-//! - [`caps`]: measuring the capability record (CPU, memory, GPUs through NVML, load).
-//! - [`cluster`]: Raft over the mesh, and the job that forms and grows the cluster.
-//! - [`pubsub`]: publish (QoS 0 and 1) and subscribe (Server-Sent Events).
-//! - [`feed`]: a subscriber's queue, bounded in bytes, holding one of the node's subscriber
-//!   slots.
-//! - [`functions`]: deploy, list, remove and invoke functions; triggers; function state.
-//! - [`placer`]: placement decisions (which peers run a function) and the measurements
-//!   they are made from.
-//! - [`executor`]: runs triggers' functions on their events, with exactly-once effects for
-//!   QoS 1 triggers.
-//! - [`api`]: the axum router of the client API.
-//! - [`Node`]: start, run, stop.
+//! Modules import one way: [`http`] on top, the services below it, the crates below them.
+//! Nothing below [`http`] names an HTTP type; the services are generic over
+//! [`canal_consensus::Transport`], and only this module pins it ([`NodeTransport`], the mesh),
+//! so their logic is tested over in-memory Raft groups without processes.
+//!
+//! - [`http`]: the client API on top: the axum router and the state its handlers share,
+//!   [`http::ApiError`] with a `From` for each service's error, request parsing (headers and
+//!   query into typed requests), one file of handlers per area.
+//! - Services:
+//!   - [`functions`]: the functions service: deploy, list, remove and invoke functions;
+//!     triggers; function state. Typed requests in, [`functions::FunctionsError`] out.
+//!   - [`executor`]: runs triggers' functions on their events, with exactly-once effects
+//!     for QoS 1 triggers.
+//!   - [`placement`]: placement decisions as the metadata group holds them (read, decide,
+//!     commit) and the peers they are made from ([`placement::PeerSource`]).
+//!   - [`placer`]: the placement job (decides on the data group's leader, reports
+//!     measurements).
+//!   - [`pubsub`]: publish (QoS 0 and 1) and subscribe (Server-Sent Events, WebSocket).
+//!   - [`feed`]: a subscriber's queue, bounded in bytes, holding one of the node's
+//!     subscriber slots.
+//!   - [`cluster`]: Raft over the mesh, and the job that forms and grows the cluster.
+//!   - [`raft_links`]: the watch on the round trips to Raft members.
+//! - Below the services: [`config`] (the TOML/flag configuration and its validation),
+//!   [`datadir`] (the locked data directory), [`identity`] (the persistent ed25519 peer
+//!   identity), [`caps`] (measuring the capability record: CPU, memory, GPUs through NVML,
+//!   load), [`ids`] (the ids this node makes).
+//! - [`Node`]: start, run, stop. The background jobs (membership, executor, placer, Raft
+//!   link watch) are [`canal_worker`] workers; [`Node::shutdown`] lets each finish the work
+//!   in hand (a trigger's batch commits or not, never half-way) within a deadline.
 //!
 //! ```text
 //!   config ─> data dir (lock) ─> identity ─> API listener ─> peer mesh ─> node.json
 //!                                                 │               │
-//!                                         HTTP handlers <── peer table, topic space
+//!   http (router, ApiError, parsing) ──> services (functions, executor, placer, pubsub,
+//!                                        cluster) ──> consensus, triggers, placement, dht
 //! ```
 
 pub mod caps;
