@@ -174,7 +174,7 @@ async fn end_to_end(count: usize, publishers: usize) -> anyhow::Result<Vec<serde
         if q == 0 {
             // The executor must be known to want the trigger's input, the subscriber's node
             // its output.
-            let placed: canal_node::placer::PlacementAnswer =
+            let placed: canal_proto::api::PlacementAnswer =
                 apis[0].get("/v1/functions/upper/placement").await?;
             let executor = placed
                 .committed

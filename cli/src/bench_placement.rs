@@ -135,7 +135,7 @@ pub(crate) async fn run(events: usize, publishers: usize, json: bool) -> anyhow:
             let api = base.clone();
             let fname = fname.clone();
             async move {
-                let a: canal_node::placer::PlacementAnswer = api
+                let a: canal_proto::api::PlacementAnswer = api
                     .get(&format!("/v1/functions/{fname}/placement"))
                     .await
                     .map_err(|e| e.to_string())?;

@@ -19,15 +19,9 @@ pub(crate) fn parse_filter(s: &str) -> Result<TopicFilter, String> {
     TopicFilter::new(s).map_err(|e| e.to_string())
 }
 
-/// Parses `--qos`: 0 or 1.
-pub(crate) fn parse_qos(s: &str) -> Result<u8, String> {
-    match s {
-        "0" => Ok(0),
-        "1" => Ok(1),
-        _ => Err(format!(
-            "{s:?} is not a QoS: use 0 (at most once) or 1 (committed before the answer)"
-        )),
-    }
+/// Parses `--qos`: 0 or 1, as the node does ([`canal_proto::Qos`]).
+pub(crate) fn parse_qos(s: &str) -> Result<u8, canal_proto::QosError> {
+    s.parse::<canal_proto::Qos>().map(u8::from)
 }
 
 /// Parses `--header KEY=VALUE`; the key is lowercased.

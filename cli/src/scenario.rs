@@ -28,12 +28,13 @@ use crate::client::{Client, encode_path, encode_segment};
 use anyhow::{Context, anyhow, bail};
 use canal_proto::api::{Event, Published};
 use canal_proto::function::{Deployed, FunctionSpec, TriggerRequest, TriggerSpec};
+use canal_proto::time::now_ms;
 use clap::{Args, Subcommand};
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Where the guest workspace puts the threshold function.
@@ -329,13 +330,6 @@ fn testnet_nodes(dir: &Path) -> anyhow::Result<Nodes> {
         );
     }
     Ok(nodes)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// `1 sensor`, `4 sensors`.

@@ -761,12 +761,12 @@ async fn fn_invoke(
 async fn fn_placement(
     State(st): State<ApiState>,
     Path(name): Path<String>,
-) -> Result<axum::Json<crate::placer::PlacementAnswer>, ApiError> {
+) -> Result<axum::Json<canal_proto::api::PlacementAnswer>, ApiError> {
     let spec = st
         .functions
         .function(&name)?
         .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
-    Ok(axum::Json(crate::placer::PlacementAnswer {
+    Ok(axum::Json(canal_proto::api::PlacementAnswer {
         function: spec.name.clone(),
         policy: crate::placer::policy_of(&spec).to_string(),
         committed: crate::placer::placed(&st.functions, &spec.name),
@@ -793,7 +793,7 @@ async fn fn_state_list(
     State(st): State<ApiState>,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<axum::Json<crate::functions::StateList>, ApiError> {
+) -> Result<axum::Json<canal_proto::api::StateList>, ApiError> {
     let prefix = q.get("prefix").map(String::as_str).unwrap_or("");
     Ok(axum::Json(crate::functions::state_list(
         &st, &name, prefix,

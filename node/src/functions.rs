@@ -16,14 +16,15 @@ use canal_consensus::functions::{
     trigger_key, version_key,
 };
 use canal_consensus::{Consensus, GroupId, Op, Request, StateMachine};
+use canal_proto::api::{StateEntry, StateList};
 use canal_proto::function::{
     Deployed, FunctionSpec, InvokeResult, Limits, MAX_MODULE_BYTES, Requirements, TriggerRequest,
     TriggerSpec, check_function_name, check_trigger_name,
 };
+use canal_proto::time::now_ms;
 use canal_proto::{Topic, TopicFilter, wire};
 use canal_triggers::runtime::{EventIn, module_hash};
 use canal_triggers::{DeployError, Invocation, Prepared, Runtime, StateView};
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -339,7 +340,7 @@ fn deploy_settings(
     }
     if let Some(labels) = q.get("labels").filter(|l| !l.is_empty()) {
         for pair in labels.split(',') {
-            let (k, v) = crate::config::parse_label(pair)
+            let (k, v) = canal_proto::parse_label(pair)
                 .map_err(|e| ApiError::bad_request("invalid_requirements", e))?;
             req.labels.insert(k, v);
         }
@@ -373,13 +374,6 @@ fn deploy_settings(
         })?,
     };
     Ok((limits, req, policy))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// `PUT /v1/functions/{name}`: body = the component.
@@ -590,26 +584,6 @@ pub async fn state_get(
         .consensus
         .read(STATE_GROUP, &state_key(name, key), !local)
         .await?)
-}
-
-/// One entry of a function's state, as `GET /v1/functions/{name}/state` lists it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StateEntry {
-    /// The key.
-    pub key: String,
-    /// The value, when it is UTF-8 text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<String>,
-    /// The value in base64, when it is not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value_base64: Option<String>,
-}
-
-/// What `GET /v1/functions/{name}/state` answers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StateList {
-    /// The entries, in key order.
-    pub entries: Vec<StateEntry>,
 }
 
 /// `GET /v1/functions/{name}/state?prefix=P`: the function's state on this node's replica.

@@ -17,49 +17,16 @@ use canal_consensus::{GroupId, Op, Request};
 use canal_dht::DhtHandle;
 use canal_dht::topology::{distance, peer_key, topic_key};
 use canal_placement::{Candidate, Decision, Estimates, Policy};
+use canal_proto::api::{Measurement, Placed};
 use canal_proto::function::FunctionSpec;
+use canal_proto::time::now_ms;
 use canal_proto::{Capabilities, Topic, wire};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{debug, info};
-
-/// A peer's execution-time measurement of a function, as stored in the metadata group.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Measurement {
-    /// The EWMA of the execution time, in milliseconds.
-    pub exec_ms: f64,
-    /// How many invocations it summarises.
-    pub samples: u64,
-}
-
-/// A function's committed placement.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Placed {
-    /// The decision, with the explanation it was made with.
-    pub decision: Decision,
-    /// When it was made, ms since the Unix epoch.
-    pub decided_ms: u64,
-}
-
-/// What `GET /v1/functions/{name}/placement` answers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PlacementAnswer {
-    /// The function.
-    pub function: String,
-    /// Its policy.
-    pub policy: String,
-    /// The decision in force (what executors follow), if one was made.
-    pub committed: Option<Placed>,
-    /// What placement would decide now, from the answering node's view, with a verdict for
-    /// every candidate.
-    pub live: Decision,
-    /// The peer that answered (its round trips are the ones in `live`).
-    pub answered_by: String,
-}
 
 /// The key of a function in the Kademlia keyspace: topology ranks peers by their distance
 /// to it.
@@ -158,13 +125,6 @@ pub fn decide_now(functions: &Functions, dht: &DhtHandle, spec: &FunctionSpec) -
         &estimates(functions),
         previous.as_ref(),
     )
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Whether two decisions choose the same thing (the explanations may differ).
