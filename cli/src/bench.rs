@@ -7,6 +7,7 @@
 
 use crate::bench_nats::RunStats;
 use anyhow::{Context, bail};
+use canal_client::{Client, Method, api_error, encode_segment};
 use canal_proto::api::ClusterStatus;
 use canal_testnet::{Api, NodeOptions, Testnet};
 use clap::{Args, Subcommand};
@@ -163,15 +164,11 @@ async fn pubsub(
     {
         // The subscriber on node 2, publishers on all three.
         let filter = format!("bench/{run}/#");
-        let url = format!(
-            "{}/v1/subscribe?filter={}&qos={q}&from=earliest",
-            apis[2].base(),
-            filter.replace('/', "%2F").replace('#', "%23")
+        let path = format!(
+            "/v1/subscribe?filter={}&qos={q}&from=earliest",
+            encode_segment(&filter)
         );
-        let resp = reqwest::Client::new().get(&url).send().await?;
-        if !resp.status().is_success() {
-            bail!("subscribe failed: {}", resp.status());
-        }
+        let resp = subscribe(&apis[2], &path).await?;
         let sub = collect_latencies(resp, count);
         // QoS 0 goes only to peers that advertise interest: wait until every node knows the
         // subscriber's node wants these events.
@@ -221,7 +218,7 @@ async fn pubsub(
 /// publish time, ns since the epoch) arrived or 10 s pass without one; returns each event's
 /// publish-to-delivery latency and when the last one came.
 pub(crate) fn collect_latencies(
-    resp: reqwest::Response,
+    resp: canal_client::Response,
     count: usize,
 ) -> tokio::task::JoinHandle<(Vec<Duration>, Instant)> {
     let events = collect_events(resp, count);
@@ -235,39 +232,41 @@ pub(crate) fn collect_latencies(
 
 /// Like [`collect_latencies`], with each event.
 pub(crate) fn collect_events(
-    resp: reqwest::Response,
+    resp: canal_client::Response,
     count: usize,
 ) -> tokio::task::JoinHandle<(Vec<(Duration, canal_proto::api::Event)>, Instant)> {
     use futures::StreamExt;
     tokio::spawn(async move {
         let mut got = Vec::new();
         let mut last = Instant::now();
-        let mut body = resp.bytes_stream();
-        let mut buf = Vec::new();
+        let mut events = std::pin::pin!(canal_client::sse_events(resp));
         while got.len() < count {
-            let Ok(Some(Ok(chunk))) =
-                tokio::time::timeout(Duration::from_secs(10), body.next()).await
+            let Ok(Some(Ok(ev))) =
+                tokio::time::timeout(Duration::from_secs(10), events.next()).await
             else {
                 break;
             };
-            buf.extend_from_slice(&chunk);
-            while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
-                let frame: Vec<u8> = buf.drain(..pos + 2).collect();
-                let text = String::from_utf8_lossy(&frame);
-                let Some(data) = text.lines().find_map(|l| l.strip_prefix("data:")) else {
-                    continue;
-                };
-                let Ok(e) = serde_json::from_str::<canal_proto::api::Event>(data.trim()) else {
-                    continue;
-                };
-                if let Some(t) = e.headers.get("t").and_then(|t| t.parse::<u128>().ok()) {
-                    got.push((Duration::from_nanos(now_ns().saturating_sub(t) as u64), e));
-                    last = Instant::now();
-                }
+            // Only events: a `lagged` notice is not one.
+            let Ok(e) = serde_json::from_str::<canal_proto::api::Event>(&ev.data) else {
+                continue;
+            };
+            if let Some(t) = e.headers.get("t").and_then(|t| t.parse::<u128>().ok()) {
+                got.push((Duration::from_nanos(now_ns().saturating_sub(t) as u64), e));
+                last = Instant::now();
             }
         }
         (got, last)
     })
+}
+
+/// Subscribes through `api` to `path` (a `/v1/subscribe?...`), with no time limit on the
+/// stream; fails with the node's error if it refuses.
+pub(crate) async fn subscribe(api: &Api, path: &str) -> anyhow::Result<canal_client::Response> {
+    let client = Client::streaming(api.base(), None)?;
+    client
+        .stream(path)
+        .await
+        .with_context(|| format!("cannot subscribe on {}", api.base()))
 }
 
 /// Waits until every node of `apis` has heard that `peer` wants QoS 0 events of `filter`
@@ -312,9 +311,13 @@ pub(crate) async fn publish_many(
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..publishers {
-        let (apis, next, payload) = (apis.to_vec(), next.clone(), payload.clone());
+        let (next, payload) = (next.clone(), payload.clone());
         let (topic, id_prefix) = (topic.clone(), id_prefix.to_string());
-        let http = reqwest::Client::new();
+        // A client (and so a connection pool) per publisher, as a real client would have.
+        let clients = apis
+            .iter()
+            .map(|a| Client::new(a.base(), None))
+            .collect::<Result<Vec<_>, _>>()?;
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -322,22 +325,22 @@ pub(crate) async fn publish_many(
                     return Ok::<_, anyhow::Error>(());
                 }
                 let t = now_ns().to_string();
-                let path = topic(i).replace('/', "%2F");
+                let path = format!("/v1/topics/{}/events", encode_segment(&topic(i)));
+                let headers = [
+                    ("canal-qos".to_string(), q.to_string()),
+                    ("canal-id".to_string(), format!("{id_prefix}-{i}")),
+                    ("canal-header-t".to_string(), t),
+                ];
                 let mut attempt = 0usize;
                 loop {
-                    let api = &apis[(i + attempt) % apis.len()];
-                    let resp = http
-                        .post(format!("{}/v1/topics/{path}/events", api.base()))
-                        .header("canal-qos", q.to_string())
-                        .header("canal-id", format!("{id_prefix}-{i}"))
-                        .header("canal-header-t", t.clone())
-                        .body(payload.clone())
-                        .send()
+                    let client = &clients[(i + attempt) % clients.len()];
+                    let resp = client
+                        .raw(Method::POST, &path, payload.clone(), &headers)
                         .await;
                     match resp {
-                        Ok(r) if r.status().is_success() => break,
-                        Ok(r) if r.status().is_client_error() => {
-                            bail!("publish refused: {}", r.status())
+                        Ok((status, _)) if status.is_success() => break,
+                        Ok((status, body)) if status.is_client_error() => {
+                            bail!("publish refused: {}", api_error(status, &body))
                         }
                         _ if attempt >= 20 => bail!("publish {i} failed 20 times"),
                         _ => attempt += 1,
@@ -428,7 +431,7 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
                     let t = Instant::now();
                     let (status, body) = apis[i % apis.len()]
                         .send(
-                            reqwest::Method::PUT,
+                            canal_client::Method::PUT,
                             &format!("/v1/kv/bench-{run}-{i}"),
                             value.clone(),
                             None,
@@ -477,7 +480,7 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
         loop {
             let (status, _) = survivors[i % 2]
                 .send(
-                    reqwest::Method::PUT,
+                    canal_client::Method::PUT,
                     &format!("/v1/kv/failover-{k}"),
                     b"1".to_vec(),
                     Some(&format!("failover-{k}")),

@@ -6,15 +6,15 @@
 //! Then on a local 3-node cluster: publish -> function (`uppercase`) -> output ->
 //! subscriber latency, for a QoS 1 and a QoS 0 trigger.
 
-use crate::bench::{collect_latencies, local_cluster, ms, pct, publish_many};
+use crate::bench::{collect_latencies, local_cluster, ms, pct, publish_many, subscribe};
 use anyhow::{Context, bail};
+use canal_client::Method;
 use canal_proto::Topic;
 use canal_proto::function::Limits;
 use canal_testnet::Api;
 use canal_triggers::host::EmptyState;
 use canal_triggers::runtime::EventIn;
 use canal_triggers::{Runtime, RuntimeConfig};
-use reqwest::Method;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -158,18 +158,8 @@ async fn end_to_end(count: usize, publishers: usize) -> anyhow::Result<Vec<serde
             },
         )
         .await?;
-        let url = format!(
-            "{}/v1/subscribe?filter=bench-fn%2Fout{q}&qos={q}&from=earliest",
-            apis[2].base()
-        );
-        let resp = reqwest::Client::new()
-            .get(&url)
-            .send()
-            .await
-            .context("subscribe")?;
-        if !resp.status().is_success() {
-            bail!("subscribe failed: {}", resp.status());
-        }
+        let path = format!("/v1/subscribe?filter=bench-fn%2Fout{q}&qos={q}&from=earliest");
+        let resp = subscribe(&apis[2], &path).await?;
         let sub = collect_latencies(resp, count);
         if q == 0 {
             // The executor must be known to want the trigger's input, the subscriber's node

@@ -10,10 +10,10 @@
 //! each policy ran on the oracle (placement accuracy), and publish -> output -> subscriber
 //! latency p50/p99.
 
-use crate::bench::{collect_events, ms, pct, publish_many};
+use crate::bench::{collect_events, ms, pct, publish_many, subscribe};
 use anyhow::{Context, bail};
+use canal_client::Method;
 use canal_testnet::{Api, LinkSettings, NodeOptions, Testnet, wait_for};
-use reqwest::Method;
 use std::time::{Duration, Instant};
 
 const EDGE: Duration = Duration::from_millis(30);
@@ -146,14 +146,8 @@ pub(crate) async fn run(events: usize, publishers: usize, json: bool) -> anyhow:
             }
         })
         .await?;
-        let url = format!(
-            "{}/v1/subscribe?filter=bench-place%2Fout-{policy}&from=earliest",
-            apis[2].base()
-        );
-        let resp = reqwest::Client::new().get(&url).send().await?;
-        if !resp.status().is_success() {
-            bail!("subscribe failed: {}", resp.status());
-        }
+        let path = format!("/v1/subscribe?filter=bench-place%2Fout-{policy}&from=earliest");
+        let resp = subscribe(&apis[2], &path).await?;
         let sub = collect_events(resp, events);
         let started = Instant::now();
         let topic = move |i: usize| format!("bench-place/{policy}/s{}", i % 4);

@@ -26,12 +26,12 @@
 
 use crate::client::{Client, encode_path, encode_segment};
 use anyhow::{Context, anyhow, bail};
+use canal_client::{Method, StatusCode};
 use canal_proto::api::{Event, Published};
 use canal_proto::function::{Deployed, FunctionSpec, TriggerRequest, TriggerSpec};
 use canal_proto::time::now_ms;
 use clap::{Args, Subcommand};
 use futures::StreamExt;
-use reqwest::{Method, StatusCode};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -439,44 +439,6 @@ enum Sub {
     Broken(String),
 }
 
-/// Reads Server-Sent Events from a byte stream: `event:` and `data:` lines, a blank line
-/// ending each.
-#[derive(Default)]
-struct SseReader {
-    buf: Vec<u8>,
-    event: String,
-    data: String,
-}
-
-impl SseReader {
-    /// Takes a chunk; returns the (event, data) pairs it completed.
-    fn push(&mut self, chunk: &[u8]) -> Vec<(String, String)> {
-        self.buf.extend_from_slice(chunk);
-        let mut out = Vec::new();
-        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=pos).collect();
-            let line = String::from_utf8_lossy(&line);
-            let line = line.trim_end_matches(['\n', '\r']);
-            if let Some(v) = line.strip_prefix("event:") {
-                self.event = v.trim().to_string();
-            } else if let Some(v) = line.strip_prefix("data:") {
-                self.data.push_str(v.strip_prefix(' ').unwrap_or(v));
-            } else if line.is_empty() && !self.data.is_empty() {
-                let event = std::mem::take(&mut self.event);
-                out.push((
-                    if event.is_empty() {
-                        "message".into()
-                    } else {
-                        event
-                    },
-                    std::mem::take(&mut self.data),
-                ));
-            }
-        }
-        out
-    }
-}
-
 /// Subscribes to `OUT` on `base` from now on; returns once the node answered with the
 /// stream, and hands each event to `tx` from a task of its own.
 async fn subscribe(
@@ -496,31 +458,29 @@ async fn subscribe(
         .map_err(|_| anyhow!("{base} did not answer the subscription to {OUT} in time"))?
         .with_context(|| format!("cannot subscribe to {OUT} on {base}"))?;
     Ok(tokio::spawn(async move {
-        let mut body = resp.bytes_stream();
-        let mut sse = SseReader::default();
-        while let Some(chunk) = body.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
+        let mut events = std::pin::pin!(canal_client::sse_events(resp));
+        while let Some(ev) = events.next().await {
+            let ev = match ev {
+                Ok(ev) => ev,
                 Err(e) => {
                     let _ = tx.send(Sub::Broken(format!("the subscription stream broke: {e}")));
                     return;
                 }
             };
             let at = Instant::now();
-            for (event, data) in sse.push(&chunk) {
-                if event != "message" {
-                    let _ = tx.send(Sub::Broken(format!(
-                        "the subscription reported {event}: {data}"
-                    )));
-                    continue;
+            let (event, data) = (ev.event, ev.data);
+            if event != "message" {
+                let _ = tx.send(Sub::Broken(format!(
+                    "the subscription reported {event}: {data}"
+                )));
+                continue;
+            }
+            match serde_json::from_str::<Event>(&data) {
+                Ok(e) => {
+                    let _ = tx.send(Sub::Event(at, Box::new(e)));
                 }
-                match serde_json::from_str::<Event>(&data) {
-                    Ok(e) => {
-                        let _ = tx.send(Sub::Event(at, Box::new(e)));
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Sub::Broken(format!("a bad event ({e}): {data}")));
-                    }
+                Err(e) => {
+                    let _ = tx.send(Sub::Broken(format!("a bad event ({e}): {data}")));
                 }
             }
         }
@@ -604,18 +564,18 @@ async fn iot(a: IotArgs, dir: &Path, json: bool) -> anyhow::Result<()> {
         .edge
         .iter()
         .map(|u| Client::new(u, token))
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<Result<_, _>>()?;
     let clouds: Vec<Client> = nodes
         .cloud
         .iter()
         .map(|u| Client::new(u, token))
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<Result<_, _>>()?;
     let all: Vec<Client> = nodes
         .edge
         .iter()
         .chain(&nodes.cloud)
         .map(|u| Client::new(u, token))
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<Result<_, _>>()?;
     eprintln!(
         "iot scenario {run}: {} ({}), {} ({})",
         count(nodes.edge.len(), "edge node"),
@@ -1297,7 +1257,7 @@ mod tests {
     }
 
     #[test]
-    fn sources_tiers_and_sse() {
+    fn sources_and_tiers() {
         assert_eq!(
             parse_source("sensors/r-1/temp:17"),
             Some(("sensors/r-1/temp", 17))
@@ -1311,21 +1271,6 @@ mod tests {
         assert_eq!(tier_of(&args[..2]), None);
         assert_eq!(count(1, "cloud node"), "1 cloud node");
         assert_eq!(count(3, "edge node"), "3 edge nodes");
-
-        let mut sse = SseReader::default();
-        assert!(
-            sse.push(b"event: message\nid: a:1\ndata: {\"x\"")
-                .is_empty()
-        );
-        let got = sse.push(b":1}\n\n: keep-alive\n\ndata: 2\r\n\r\nevent: lagged\ndata: 3\n\n");
-        assert_eq!(
-            got,
-            [
-                ("message".to_string(), "{\"x\":1}".to_string()),
-                ("message".to_string(), "2".to_string()),
-                ("lagged".to_string(), "3".to_string()),
-            ]
-        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use sse::{SseError, SseEvent, SseParser};
 use std::collections::VecDeque;
 use std::time::Duration;
 
-pub use reqwest::{Method, StatusCode};
+pub use reqwest::{Method, Response, StatusCode};
 
 /// How long a request may take in all, unless the client was built otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -22,7 +22,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What went wrong talking to a node.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     /// The base URL is not an HTTP one.
     #[error(

@@ -18,7 +18,7 @@ pub enum Qos {
 
 /// A QoS that is neither `0` nor `1`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("QoS {value:?} is not known: use 0 (at most once) or 1 (committed before the answer)")]
+#[error("{value:?} is not a QoS: use 0 (at most once) or 1 (committed before the answer)")]
 pub struct QosError {
     /// What was given.
     pub value: String,
@@ -87,7 +87,7 @@ mod tests {
             assert_eq!(
                 e.to_string(),
                 format!(
-                    "QoS {bad:?} is not known: use 0 (at most once) or 1 (committed before the answer)"
+                    "{bad:?} is not a QoS: use 0 (at most once) or 1 (committed before the answer)"
                 )
             );
         }
