@@ -372,19 +372,25 @@ pub fn locate(dht: &DhtHandle, topic: &Topic) -> Locate {
     }
 }
 
-async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiError> {
+/// `GET /metrics`: OpenMetrics to scrapers that ask for it (Prometheus does), the
+/// Prometheus text format to everyone else (`promtool check metrics`, `curl`).
+async fn metrics(State(st): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    use crate::metrics_text::{
+        OPENMETRICS_TEXT, PROMETHEUS_TEXT, to_prometheus_text, wants_openmetrics,
+    };
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &st.registry).map_err(|e| ApiError {
         status: StatusCode::INTERNAL_SERVER_ERROR,
         kind: "internal",
         message: format!("cannot encode metrics: {e}"),
     })?;
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    if wants_openmetrics(accept) {
+        return Ok(([(header::CONTENT_TYPE, OPENMETRICS_TEXT)], text).into_response());
+    }
     Ok((
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
+        [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+        to_prometheus_text(&text),
     )
         .into_response())
 }

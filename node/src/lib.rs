@@ -37,6 +37,7 @@ pub mod executor;
 pub mod feed;
 pub mod functions;
 pub mod identity;
+mod metrics_text;
 pub mod placer;
 pub mod pubsub;
 pub mod raft_links;
