@@ -104,12 +104,12 @@ pub(crate) struct DeployArgs {
     /// How placement picks peers: topology (closest to the function's key), spread,
     /// least-loaded, or latency (lowest predicted queueing + execution + round trip).
     #[arg(long, value_parser = parse_policy)]
-    policy: Option<canal_placement::Policy>,
+    policy: Option<canal_proto::placement::Policy>,
 }
 
-fn parse_policy(s: &str) -> Result<canal_placement::Policy, String> {
+fn parse_policy(s: &str) -> Result<canal_proto::placement::Policy, String> {
     s.parse()
-        .map_err(|e: canal_placement::PolicyError| e.to_string())
+        .map_err(|e: canal_proto::placement::PolicyError| e.to_string())
 }
 
 /// `canal fn invoke`.

@@ -21,9 +21,6 @@
 //! Exit codes: 0 success, 1 the request failed, 2 bad usage.
 
 mod bench;
-mod bench_fn;
-mod bench_nats;
-mod bench_placement;
 mod client;
 mod fn_cmd;
 mod node_cmd;

@@ -6,7 +6,7 @@
 //! Then on a local 3-node cluster: publish -> function (`uppercase`) -> output ->
 //! subscriber latency, for a QoS 1 and a QoS 0 trigger.
 
-use crate::bench::{collect_latencies, local_cluster, ms, pct, publish_many, subscribe};
+use crate::{collect_latencies, local_cluster, ms, pct, publish_many, subscribe};
 use anyhow::{Context, bail};
 use canal_client::Method;
 use canal_proto::Topic;
@@ -170,9 +170,8 @@ async fn end_to_end(count: usize, publishers: usize) -> anyhow::Result<Vec<serde
                 .committed
                 .and_then(|p| p.decision.chosen.first().cloned())
                 .context("the function is not placed")?;
-            crate::bench::wait_interest(&apis, &executor, "bench-fn/in0/+").await?;
-            crate::bench::wait_interest(&apis, &net.node(2).info()?.peer_id, "bench-fn/out0")
-                .await?;
+            crate::wait_interest(&apis, &executor, "bench-fn/in0/+").await?;
+            crate::wait_interest(&apis, &net.node(2).info()?.peer_id, "bench-fn/out0").await?;
         }
         let started = Instant::now();
         let topic = move |i: usize| format!("bench-fn/in{q}/s{}", i % 4);
@@ -204,13 +203,8 @@ async fn end_to_end(count: usize, publishers: usize) -> anyhow::Result<Vec<serde
     Ok(results)
 }
 
-/// `canal bench fn`.
-pub(crate) async fn run(
-    count: usize,
-    events: usize,
-    publishers: usize,
-    json: bool,
-) -> anyhow::Result<()> {
+/// `canal bench fn`: the per-event overhead of a no-op function in this process (`count` invocations), the first event after a deploy and after a restart, and publish -> function -> subscriber latency of `events` events with `publishers` in flight on a local cluster.
+pub async fn run(count: usize, events: usize, publishers: usize, json: bool) -> anyhow::Result<()> {
     if count == 0 || publishers == 0 {
         bail!("--count and --publishers must be at least 1");
     }

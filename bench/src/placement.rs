@@ -10,7 +10,7 @@
 //! each policy ran on the oracle (placement accuracy), and publish -> output -> subscriber
 //! latency p50/p99.
 
-use crate::bench::{collect_events, ms, pct, publish_many, subscribe};
+use crate::{collect_events, ms, pct, publish_many, subscribe};
 use anyhow::{Context, bail};
 use canal_client::Method;
 use canal_testnet::{Api, LinkSettings, NodeOptions, Testnet, wait_for};
@@ -51,7 +51,7 @@ async fn tiers() -> anyhow::Result<Testnet> {
         "the cluster to elect a leader",
         Duration::from_secs(60),
         || async move {
-            match crate::bench::leader(netr).await {
+            match crate::leader(netr).await {
                 Ok(Some(_)) => Ok(()),
                 Ok(None) => Err("no leader yet".to_string()),
                 Err(e) => Err(e.to_string()),
@@ -101,8 +101,8 @@ async fn tiers() -> anyhow::Result<Testnet> {
     Ok(net)
 }
 
-/// `canal bench placement`.
-pub(crate) async fn run(events: usize, publishers: usize, json: bool) -> anyhow::Result<()> {
+/// `canal bench placement`: `events` events per policy with `publishers` in flight on emulated tiers; how often the latency policy runs them on the best peer, and end-to-end latency, against topology.
+pub async fn run(events: usize, publishers: usize, json: bool) -> anyhow::Result<()> {
     if events == 0 || publishers == 0 {
         bail!("--events and --publishers must be at least 1");
     }
