@@ -6,19 +6,20 @@ use crate::pubsub_cmd::{parse_filter, parse_header, parse_qos, parse_topic};
 use crate::show;
 use anyhow::{Context, bail};
 use base64::Engine;
-use canal_node::config::parse_label;
+use canal_proto::api::{PlacementAnswer, StateList};
 use canal_proto::function::{
     Deployed, FunctionList, InvokeResult, Limits, MAX_MODULE_BYTES, MAX_RETRIES, MAX_TIMEOUT_MS,
     Requirements, TriggerList, TriggerRequest, TriggerSpec, check_function_name,
     check_trigger_name,
 };
+use canal_proto::parse_label;
 use canal_proto::size::{format_bytes, parse_bytes};
+use canal_proto::time::now_ms;
 use canal_proto::{Topic, TopicFilter};
 use clap::{Args, Subcommand};
-use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// How long a deploy may take in all: the upload, then validating and compiling on the node.
 const DEPLOY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -103,12 +104,12 @@ pub(crate) struct DeployArgs {
     /// How placement picks peers: topology (closest to the function's key), spread,
     /// least-loaded, or latency (lowest predicted queueing + execution + round trip).
     #[arg(long, value_parser = parse_policy)]
-    policy: Option<canal_placement::Policy>,
+    policy: Option<canal_proto::placement::Policy>,
 }
 
-fn parse_policy(s: &str) -> Result<canal_placement::Policy, String> {
+fn parse_policy(s: &str) -> Result<canal_proto::placement::Policy, String> {
     s.parse()
-        .map_err(|e: canal_placement::PolicyError| e.to_string())
+        .map_err(|e: canal_proto::placement::PolicyError| e.to_string())
 }
 
 /// `canal fn invoke`.
@@ -190,23 +191,6 @@ pub(crate) enum StateCommand {
         #[arg(long)]
         prefix: Option<String>,
     },
-}
-
-/// What `GET /v1/functions/{name}/state` answers.
-#[derive(Debug, Serialize, Deserialize)]
-struct StateEntries {
-    /// Every entry, by key.
-    entries: Vec<StateEntry>,
-}
-
-/// One stored value: UTF-8 text under `value`, other bytes as base64 under `value_base64`.
-#[derive(Debug, Serialize, Deserialize)]
-struct StateEntry {
-    key: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    value: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    value_base64: Option<String>,
 }
 
 fn parse_function_name(s: &str) -> Result<String, String> {
@@ -392,13 +376,6 @@ fn age(now_ms: u64, then_ms: u64) -> String {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Where a function may run, in one line: `gpu=16GiB tier=edge zone=eu replicas=2 preferred`.
 fn requirements_summary(r: &Requirements) -> String {
     let mut parts: Vec<String> = Vec::new();
@@ -499,7 +476,7 @@ pub(crate) async fn function(
         FnCommand::Invoke(a) => invoke(api, token, a, json).await,
         FnCommand::Placement { name } => {
             let client = Client::new(api, token)?;
-            let answer: canal_node::placer::PlacementAnswer = client
+            let answer: PlacementAnswer = client
                 .get(&format!(
                     "/v1/functions/{}/placement",
                     encode_segment(&name)
@@ -515,7 +492,7 @@ pub(crate) async fn function(
 }
 
 /// A placement for people: what is in force, then every candidate and why.
-fn print_placement(a: &canal_node::placer::PlacementAnswer) {
+fn print_placement(a: &PlacementAnswer) {
     println!("{}: policy {}", a.function, a.policy);
     match &a.committed {
         None => println!("  in force: nothing decided yet (it runs on the data group's leader)"),
@@ -823,7 +800,7 @@ pub(crate) async fn state(
             if let Some(p) = &prefix {
                 path.push_str(&format!("?prefix={}", encode_segment(p)));
             }
-            let entries: StateEntries = client.get(&path).await?;
+            let entries: StateList = client.get(&path).await?;
             if json {
                 return show::json(&entries);
             }

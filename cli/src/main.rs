@@ -21,9 +21,6 @@
 //! Exit codes: 0 success, 1 the request failed, 2 bad usage.
 
 mod bench;
-mod bench_fn;
-mod bench_nats;
-mod bench_placement;
 mod client;
 mod fn_cmd;
 mod node_cmd;
@@ -212,6 +209,10 @@ fn main() -> ExitCode {
                 c.is::<canal_node::config::ConfigError>()
                     || c.is::<client::UsageError>()
                     || matches!(
+                        c.downcast_ref::<canal_client::ClientError>(),
+                        Some(canal_client::ClientError::BadUrl { .. })
+                    )
+                    || matches!(
                         c.downcast_ref::<canal_node::NodeError>(),
                         Some(canal_node::NodeError::Config(_))
                     )
@@ -351,7 +352,7 @@ async fn health(api: &str, json: bool) -> anyhow::Result<()> {
     use anyhow::Context;
     let client = client::Client::with_timeout(api, None, std::time::Duration::from_secs(5))?;
     let (status, body) = client
-        .raw(reqwest::Method::GET, "/v1/health", Vec::new(), &[])
+        .raw(canal_client::Method::GET, "/v1/health", Vec::new(), &[])
         .await?;
     let h: canal_proto::api::Health = serde_json::from_slice(&body).with_context(|| {
         format!(

@@ -2,8 +2,8 @@
 //! the environment, which wins over the file), then run the node until SIGINT or SIGTERM.
 
 use anyhow::Context;
-use canal_node::config::parse_label;
 use canal_node::{Node, NodeConfig};
+use canal_proto::parse_label;
 use clap::Args;
 use std::path::PathBuf;
 use tracing_subscriber::EnvFilter;

@@ -19,15 +19,9 @@ pub(crate) fn parse_filter(s: &str) -> Result<TopicFilter, String> {
     TopicFilter::new(s).map_err(|e| e.to_string())
 }
 
-/// Parses `--qos`: 0 or 1.
-pub(crate) fn parse_qos(s: &str) -> Result<u8, String> {
-    match s {
-        "0" => Ok(0),
-        "1" => Ok(1),
-        _ => Err(format!(
-            "{s:?} is not a QoS: use 0 (at most once) or 1 (committed before the answer)"
-        )),
-    }
+/// Parses `--qos`: 0 or 1, as the node does ([`canal_proto::Qos`]).
+pub(crate) fn parse_qos(s: &str) -> Result<u8, canal_proto::QosError> {
+    s.parse::<canal_proto::Qos>().map(u8::from)
 }
 
 /// Parses `--header KEY=VALUE`; the key is lowercased.
@@ -176,54 +170,38 @@ pub(crate) async fn subscribe(
         path.push_str(&format!("&durable={}", encode_segment(d)));
     }
     let acker = Client::new(api, token)?;
-    let resp = client.stream(&path).await?;
-    let mut body = resp.bytes_stream();
-    let mut buf: Vec<u8> = Vec::new();
-    let (mut event, mut data) = (String::new(), String::new());
+    let events = client.events(&path).await?;
+    let mut events = std::pin::pin!(events);
     let mut seen = 0u64;
     if a.count == Some(0) {
         return Ok(());
     }
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.context("the subscription stream broke")?;
-        buf.extend_from_slice(&chunk);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            let line = String::from_utf8_lossy(&line)
-                .trim_end_matches(['\n', '\r'])
-                .to_string();
-            if let Some(v) = line.strip_prefix("event:") {
-                event = v.trim().to_string();
-            } else if let Some(v) = line.strip_prefix("data:") {
-                data.push_str(v.strip_prefix(' ').unwrap_or(v));
-            } else if line.is_empty() && !data.is_empty() {
-                if event == "lagged" {
-                    eprintln!("warning: events were dropped before they could be read: {data}");
-                } else {
-                    let e: Event = serde_json::from_str(&data)
-                        .with_context(|| format!("bad event from the node: {data}"))?;
-                    print_event(&e, json)?;
-                    if let (Some(name), Some(offset)) = (&a.durable, e.offset) {
-                        // At least once: printed, then acknowledged; a crash in between
-                        // prints the event again next time.
-                        let ack = format!(
-                            "/v1/subscriptions/{}/ack?topic={}&offset={offset}",
-                            encode_segment(name),
-                            encode_segment(&e.topic)
-                        );
-                        acker
-                            .post(&ack)
-                            .await
-                            .context("cannot acknowledge the event")?;
-                    }
-                    seen += 1;
-                    if a.count.is_some_and(|c| seen >= c) {
-                        return Ok(());
-                    }
-                }
-                event.clear();
-                data.clear();
-            }
+    while let Some(ev) = events.next().await {
+        let ev = ev?;
+        let data = &ev.data;
+        if ev.event == "lagged" {
+            eprintln!("warning: events were dropped before they could be read: {data}");
+            continue;
+        }
+        let e: Event = serde_json::from_str(data)
+            .with_context(|| format!("bad event from the node: {data}"))?;
+        print_event(&e, json)?;
+        if let (Some(name), Some(offset)) = (&a.durable, e.offset) {
+            // At least once: printed, then acknowledged; a crash in between prints the
+            // event again next time.
+            let ack = format!(
+                "/v1/subscriptions/{}/ack?topic={}&offset={offset}",
+                encode_segment(name),
+                encode_segment(&e.topic)
+            );
+            acker
+                .post(&ack)
+                .await
+                .context("cannot acknowledge the event")?;
+        }
+        seen += 1;
+        if a.count.is_some_and(|c| seen >= c) {
+            return Ok(());
         }
     }
     match a.count {

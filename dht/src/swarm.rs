@@ -8,6 +8,7 @@ use crate::rpc::{
 };
 use crate::topology::{Placement, TopicSpace};
 use crate::{CAPS_TOPIC, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+use canal_proto::time::now_ms;
 use canal_proto::{Capabilities, Topic, wire};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -31,7 +32,7 @@ use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -252,13 +253,6 @@ struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
     rpc: request_response::Behaviour<BytesCodec>,
     qos0: request_response::Behaviour<BytesCodec>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn setup_err(e: impl std::fmt::Display) -> DhtError {

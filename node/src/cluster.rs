@@ -21,6 +21,9 @@ use canal_consensus::keys;
 use canal_consensus::types::node_id_of;
 use canal_consensus::{Consensus, GroupId, NodeId, RaftNode, Transport};
 use canal_dht::{DhtHandle, InboundRpc};
+use canal_proto::PeerChannel;
+use canal_proto::peer::{FormAnswer, FormRequest};
+use canal_proto::time::now_ms;
 use libp2p::{Multiaddr, PeerId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -63,9 +66,7 @@ impl Transport for MeshTransport {
             })
             .unwrap_or_default();
         addrs.extend(target.addrs.iter().filter_map(|a| a.parse().ok()));
-        let mut framed = Vec::with_capacity(body.len() + 1);
-        framed.push(RAFT_CHANNEL);
-        framed.extend(body);
+        let framed = PeerChannel::Raft.frame(&body);
         self.dht
             .request(peer, addrs, framed)
             .await
@@ -77,15 +78,6 @@ impl Transport for MeshTransport {
 pub fn node_id(peer: &PeerId) -> NodeId {
     node_id_of(&peer.to_bytes())
 }
-
-/// The first byte of an RPC that carries a Raft message (QoS 0 events have a lane of their
-/// own, the mesh's QoS 0 protocol: [`DhtHandle::send_qos0`]).
-/// (Distinct from any wire format version byte, so a message framed wrongly is refused rather
-/// than misread.)
-pub const RAFT_CHANNEL: u8 = b'R';
-
-/// The first byte of an RPC that asks a peer to confirm a cluster formation.
-pub const FORM_CHANNEL: u8 = b'F';
 
 /// Answers requests from other peers, each in a task of its own (a slow snapshot install must
 /// not hold up heartbeats): Raft messages go to the groups, formation requests to
@@ -102,8 +94,8 @@ pub fn serve<T: Transport>(
 ) {
     tokio::spawn(async move {
         while let Some(rpc) = inbound.recv().await {
-            match rpc.body.split_first() {
-                Some((&RAFT_CHANNEL, body)) => {
+            match PeerChannel::split(&rpc.body) {
+                Ok(Some((PeerChannel::Raft, body))) => {
                     let c = consensus.clone();
                     let dht = dht.clone();
                     let body = body.to_vec();
@@ -120,18 +112,18 @@ pub fn serve<T: Transport>(
                         }
                     });
                 }
-                Some((&FORM_CHANNEL, body)) => {
+                Ok(Some((PeerChannel::Formation, body))) => {
                     let answer = formation.answer(&consensus, rpc.peer, body);
                     let _ = rpc
                         .reply
                         .send(canal_proto::wire::encode(&answer).unwrap_or_default());
                 }
-                Some((&channel, _)) => dht.report_bad(
+                Err(channel) => dht.report_bad(
                     rpc.peer,
                     "rpc-channel",
                     format!("RPC on unknown channel {channel:#04x}: canal speaks R (Raft) and F (formation)"),
                 ),
-                None => dht.report_bad(rpc.peer, "rpc-channel", "empty RPC request".into()),
+                Ok(None) => dht.report_bad(rpc.peer, "rpc-channel", "empty RPC request".into()),
             }
         }
     });
@@ -293,8 +285,8 @@ impl<T: Transport> Membership<T> {
         let req = FormRequest {
             members: members.values().map(|m| m.peer_id.clone()).collect(),
         };
-        let mut body = vec![FORM_CHANNEL];
-        body.extend(canal_proto::wire::encode(&req).map_err(|e| e.to_string())?);
+        let body = PeerChannel::Formation
+            .frame(&canal_proto::wire::encode(&req).map_err(|e| e.to_string())?);
         let addrs = peer
             .caps
             .listen_addrs
@@ -406,22 +398,6 @@ impl Default for View {
     }
 }
 
-/// A forming peer's request to confirm the members of the first cluster.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FormRequest {
-    /// The peer ids of every voter of the cluster to be formed, the initiator included.
-    pub members: Vec<String>,
-}
-
-/// The answer to a [`FormRequest`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FormAnswer {
-    /// This peer takes part, and promises no other initiator for a while.
-    Granted,
-    /// This peer does not take part, and why.
-    Refused(String),
-}
-
 /// How long a promise to an initiator holds: far longer than the initiator takes from the
 /// last grant to initializing (one RPC round), so a promise cannot lapse while the
 /// formation it granted is still under way.
@@ -444,13 +420,6 @@ pub struct Formation {
     promise: std::sync::Mutex<Option<Promise>>,
 }
 
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Formation {
     /// The promise kept in `path` (a file in the data dir), if one is there and readable.
     pub fn open(path: PathBuf) -> Formation {
@@ -471,7 +440,7 @@ impl Formation {
     /// formation, unless a live promise to another initiator stands. Written to disk before
     /// it counts.
     fn promise(&self, me: PeerId, initiator: PeerId) -> Result<(), String> {
-        let now = wall_ms();
+        let now = now_ms();
         let mut current = self.lock();
         if let Some(p) = current.as_ref()
             && p.until_ms > now

@@ -411,16 +411,6 @@ impl NodeConfig {
     }
 }
 
-/// Parses a `KEY=VALUE` label as given on the command line.
-pub fn parse_label(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!(
-            "{s:?} is not KEY=VALUE: write, for example, zone=eu-1"
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,12 +581,5 @@ mod tests {
             };
             assert!(c.validate().is_ok(), "{addr} is loopback");
         }
-    }
-
-    #[test]
-    fn labels_parse() {
-        assert_eq!(parse_label("zone=eu-1"), Ok(("zone".into(), "eu-1".into())));
-        assert!(parse_label("zone").is_err());
-        assert!(parse_label("=x").is_err());
     }
 }

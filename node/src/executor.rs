@@ -17,7 +17,7 @@
 //! moved. Which node executes is [`Functions::runs_here`]'s decision alone.
 
 use crate::functions::{Functions, FunctionsError};
-use crate::pubsub::{Qos0Hub, Qos0Message};
+use crate::pubsub::Qos0Hub;
 use canal_consensus::functions::{CursorMove, Effects};
 use canal_consensus::topics::PublishOp;
 use canal_consensus::{ClientError, GroupId, Op, StateMachine, Transport};
@@ -25,7 +25,9 @@ use canal_dht::DhtHandle;
 use canal_proto::Topic;
 use canal_proto::TopicFilter;
 use canal_proto::function::{FunctionSpec, Limits, Output, TriggerSpec, state_write_cost};
+use canal_proto::peer::Qos0Message;
 use canal_proto::settings::{TopicSettings, settings_for};
+use canal_proto::time::now_ms;
 use canal_triggers::runtime::EventIn;
 use canal_triggers::{Failure, Invocation, Prepared, StateView, rules};
 use canal_worker::{Flow, Worker, WorkerHandle};
@@ -286,13 +288,6 @@ pub struct Executor<T: Transport> {
     pub metrics: ExecMetrics,
     /// Each QoS 1 trigger's events waiting here, by trigger uid.
     pub backlog: std::sync::Mutex<HashMap<String, u64>>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn log_lines(function: &str, inv: &Invocation) {

@@ -12,14 +12,15 @@
 use crate::placement::{PeerSource, PlacementError};
 use canal_consensus::keys;
 use canal_consensus::{ClientError, Consensus, GroupId, Op, Request, StateMachine, Transport};
+use canal_proto::api::{StateEntry, StateList};
 use canal_proto::function::{
     Deployed, FunctionSpec, InvokeResult, Limits, MAX_MODULE_BYTES, Requirements, TriggerRequest,
     TriggerSpec, check_function_name, check_trigger_name,
 };
+use canal_proto::time::now_ms;
 use canal_proto::{Topic, TopicFilter, wire};
 use canal_triggers::runtime::{EventIn, module_hash};
 use canal_triggers::{DeployError, Invocation, Prepared, Runtime, StateView};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -382,13 +383,6 @@ impl StateView for ReplicaState {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn invalid_name(e: canal_proto::function::SpecError) -> FunctionsError {
     FunctionsError::InvalidName(e.0)
 }
@@ -692,26 +686,6 @@ impl<T: Transport> Functions<T> {
             .await?;
         Ok(())
     }
-}
-
-/// One entry of a function's state, as `GET /v1/functions/{name}/state` lists it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StateEntry {
-    /// The key.
-    pub key: String,
-    /// The value, when it is UTF-8 text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<String>,
-    /// The value in base64, when it is not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value_base64: Option<String>,
-}
-
-/// What `GET /v1/functions/{name}/state` answers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StateList {
-    /// The entries, in key order.
-    pub entries: Vec<StateEntry>,
 }
 
 #[cfg(test)]

@@ -9,9 +9,10 @@ use canal_consensus::{ClientError, Consensus, GroupId, Op, Transport};
 use canal_dht::topology::{distance, peer_key, topic_key};
 use canal_dht::{DhtHandle, PeerView};
 use canal_placement::{Candidate, Decision, Estimates, Policy};
+use canal_proto::api::{Measurement, Placed};
 use canal_proto::function::FunctionSpec;
+use canal_proto::time::now_ms;
 use canal_proto::{Capabilities, Topic, wire};
-use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 use tracing::info;
 
@@ -37,40 +38,6 @@ impl PeerSource for DhtHandle {
     fn peers(&self) -> Vec<PeerView> {
         DhtHandle::peers(self)
     }
-}
-
-/// A peer's execution-time measurement of a function, as stored in the metadata group.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Measurement {
-    /// The EWMA of the execution time, in milliseconds.
-    pub exec_ms: f64,
-    /// How many invocations it summarises.
-    pub samples: u64,
-}
-
-/// A function's committed placement.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Placed {
-    /// The decision, with the explanation it was made with.
-    pub decision: Decision,
-    /// When it was made, ms since the Unix epoch.
-    pub decided_ms: u64,
-}
-
-/// What `GET /v1/functions/{name}/placement` answers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PlacementAnswer {
-    /// The function.
-    pub function: String,
-    /// Its policy.
-    pub policy: String,
-    /// The decision in force (what executors follow), if one was made.
-    pub committed: Option<Placed>,
-    /// What placement would decide now, from the answering node's view, with a verdict for
-    /// every candidate.
-    pub live: Decision,
-    /// The peer that answered (its round trips are the ones in `live`).
-    pub answered_by: String,
 }
 
 /// The key of a function in the Kademlia keyspace: topology ranks peers by their distance
@@ -167,13 +134,6 @@ pub fn decide_now<T: Transport>(
         &estimates(consensus),
         previous.as_ref(),
     )
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Whether two decisions choose the same thing (the explanations may differ).

@@ -14,13 +14,12 @@
 use crate::functions::Functions;
 use crate::placement::{commit, decide_now, placed, same_choice};
 use canal_consensus::{GroupId, Op, Request, Transport};
+use canal_proto::api::Measurement;
 use canal_proto::wire;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::debug;
-
-pub use crate::placement::{Measurement, Placed, PlacementAnswer};
 
 /// How often the placement job looks at the peers and the measurements.
 pub const PLACE_EVERY: Duration = Duration::from_secs(1);

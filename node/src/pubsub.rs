@@ -16,35 +16,20 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use base64::Engine;
 use canal_consensus::topics::{PublishOp, StoredEvent};
 use canal_consensus::{GroupId, Op, Request};
+use canal_proto::api::WsAck;
 use canal_proto::api::{Event, Lagged, Published};
+use canal_proto::peer::Qos0Message;
 use canal_proto::settings::{SettingsAnswer, SettingsRequest, TopicSettings};
-use canal_proto::{Topic, TopicFilter, wire};
-use serde::{Deserialize, Serialize};
+use canal_proto::time::now_ms;
+use canal_proto::{Qos, Topic, TopicFilter, wire};
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 use tokio::sync::{broadcast, mpsc};
 
 /// The largest payload accepted (a topic's settings may lower it).
 pub const MAX_PAYLOAD_BYTES: usize = canal_proto::settings::MAX_PAYLOAD_BYTES as usize;
-/// A QoS 0 event as sent between peers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Qos0Message {
-    /// The event.
-    pub topic: String,
-    /// Message id.
-    pub id: String,
-    /// The node that accepted it.
-    pub source: String,
-    /// Accepted at, ms since the epoch.
-    pub time_ms: u64,
-    /// Headers.
-    pub headers: Vec<(String, String)>,
-    /// Payload (read and written as one slice; the same bytes as a plain `Vec<u8>`).
-    #[serde(with = "canal_proto::wire::bytes")]
-    pub payload: Vec<u8>,
-}
 
 /// The node's QoS 0 fan-out point: its local QoS 0 subscribers listen here, and say what
 /// they listen to, which the node advertises so publishers send it only what it wants.
@@ -120,13 +105,6 @@ impl Qos0Hub {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
@@ -185,16 +163,11 @@ type PublishHeaders = (u8, Option<String>, Vec<(String, String)>);
 /// Reads the publish headers: `canal-qos`, `canal-id`, `canal-header-*`.
 fn publish_headers(headers: &HeaderMap) -> Result<PublishHeaders, ApiError> {
     let qos = match headers.get("canal-qos").map(|v| v.to_str().unwrap_or("?")) {
-        None | Some("1") => 1,
-        Some("0") => 0,
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                "invalid_qos",
-                format!(
-                    "QoS {other:?} is not known: use 0 (at most once) or 1 (committed before the answer)"
-                ),
-            ));
-        }
+        None => 1,
+        Some(v) => v
+            .parse::<Qos>()
+            .map_err(|e| ApiError::bad_request("invalid_qos", e.to_string()))?
+            .as_u8(),
     };
     let id = match headers.get("canal-id") {
         None => None,
@@ -707,18 +680,6 @@ pub async fn subscribe_ws(
     }))
 }
 
-/// An acknowledgement sent over a WebSocket by a durable subscriber.
-#[derive(Debug, Deserialize)]
-struct WsAck {
-    ack: WsAckBody,
-}
-
-#[derive(Debug, Deserialize)]
-struct WsAckBody {
-    topic: String,
-    offset: u64,
-}
-
 async fn ws_ack(st: &ApiState, durable: Option<&str>, text: &str) -> Result<(), String> {
     let Some(name) = durable else {
         return Err("acks are for durable subscriptions: subscribe with ?durable=NAME".into());
@@ -762,15 +723,12 @@ async fn start(
     })?;
     let filter = TopicFilter::new(filter)
         .map_err(|e| ApiError::bad_request("invalid_filter", e.to_string()))?;
-    let qos = match q.get("qos").map(String::as_str) {
-        None | Some("1") => 1,
-        Some("0") => 0,
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                "invalid_qos",
-                format!("QoS {other:?} is not known: use 0 or 1"),
-            ));
-        }
+    let qos = match q.get("qos") {
+        None => 1,
+        Some(v) => v
+            .parse::<Qos>()
+            .map_err(|e| ApiError::bad_request("invalid_qos", e.to_string()))?
+            .as_u8(),
     };
     let from = parse_from(q.get("from"))?;
     let durable = match q.get("durable") {

@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 use tracing::warn;
 
@@ -29,25 +30,26 @@ const CHECK_EVERY: Duration = Duration::from_secs(5);
 /// The watcher's metrics and settings; [`RaftLinks::spawn`] starts it.
 pub struct RaftLinks {
     rpc_timeout: Duration,
-    rtt_ms: Family<Vec<(String, String)>, Gauge>,
+    rtt: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
     slow: Gauge,
 }
 
 impl RaftLinks {
-    /// Registers `canal_raft_member_rtt_milliseconds{peer}`, `canal_raft_slow_members` and
-    /// `canal_raft_rpc_timeout_milliseconds`.
+    /// Registers `canal_raft_member_rtt_seconds{peer}`, `canal_raft_slow_members` and
+    /// `canal_raft_rpc_timeout_seconds` (seconds, Prometheus' base unit, so that
+    /// `promtool check metrics` passes).
     pub fn register(registry: &mut Registry, rpc_timeout: Duration) -> RaftLinks {
         let links = RaftLinks {
             rpc_timeout,
-            rtt_ms: Family::default(),
+            rtt: Family::default(),
             slow: Gauge::default(),
         };
-        let timeout = Gauge::<i64>::default();
-        timeout.set(rpc_timeout.as_millis() as i64);
+        let timeout = Gauge::<f64, AtomicU64>::default();
+        timeout.set(rpc_timeout.as_secs_f64());
         registry.register(
-            "canal_raft_member_rtt_milliseconds",
+            "canal_raft_member_rtt_seconds",
             "Measured ping round trip to each Raft member of this node's groups",
-            links.rtt_ms.clone(),
+            links.rtt.clone(),
         );
         registry.register(
             "canal_raft_slow_members",
@@ -55,7 +57,7 @@ impl RaftLinks {
             links.slow.clone(),
         );
         registry.register(
-            "canal_raft_rpc_timeout_milliseconds",
+            "canal_raft_rpc_timeout_seconds",
             "How long a Raft leader waits for a follower's answer (2/3 of --raft-election-timeout-ms)",
             timeout,
         );
@@ -117,9 +119,9 @@ impl<T: Transport> canal_worker::Worker for LinkWatch<T> {
         for peer in members.keys() {
             let Some(rtt) = rtts.get(peer) else { continue };
             self.links
-                .rtt_ms
+                .rtt
                 .get_or_create(&vec![("peer".to_string(), peer.clone())])
-                .set(rtt.as_millis() as i64);
+                .set(rtt.as_secs_f64());
             if !is_slow(*rtt, self.links.rpc_timeout) {
                 continue;
             }

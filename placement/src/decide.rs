@@ -3,10 +3,10 @@
 
 use crate::constraint::{Constraint, headline};
 use crate::estimates::Estimates;
-use crate::policy::Policy;
 use crate::score::{Prediction, load_score, unknown_rtt_ms};
 use canal_proto::caps::Capabilities;
 use canal_proto::function::Requirements;
+use canal_proto::placement::{Decision, Policy, Verdict};
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -36,48 +36,6 @@ pub struct Candidate {
     /// Measured round trip, in ms, from the event source (the node where events enter) to
     /// this peer; `None` (or a value that is not a finite, non-negative number) if unknown.
     pub rtt_ms: Option<f64>,
-}
-
-/// What the engine made of one candidate, for people.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Verdict {
-    /// The candidate's peer id.
-    pub peer_id: String,
-    /// Whether it is in [`Decision::chosen`].
-    pub chosen: bool,
-    /// Whether it could not be chosen at all (not reachable, a hard constraint unmet, a
-    /// duplicate record).
-    pub rejected: bool,
-    /// Why: `chosen: closest to the key (rank 0)`, `rejected: no GPU`,
-    /// `not chosen: predicted 42.1 ms, chosen peer 3.2 ms`.
-    pub reason: String,
-    /// The latency policy's predicted response time, in ms (latency policy, not rejected).
-    pub predicted_ms: Option<f64>,
-    /// What the policy ranked by, lower is better (rank, load score or predicted ms); `None`
-    /// when rejected.
-    pub score: Option<f64>,
-    /// The preferred constraints this peer does not meet (`tier edge`), relaxed ones left out.
-    pub unmet: Vec<String>,
-}
-
-/// Where a function or shard runs, and why.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Decision {
-    /// The policy that ranked the candidates.
-    pub policy: Policy,
-    /// How many peers were wanted (`Requirements::replicas`, at least 1).
-    pub replicas: usize,
-    /// The chosen peers, in order (the first is the primary); at most `replicas`.
-    pub chosen: Vec<String>,
-    /// Why no peer could be chosen (a hard constraint nobody meets, or no live peer).
-    pub unplaceable: Option<String>,
-    /// Which preferred constraints were relaxed or missed, when some were.
-    pub fallback: Option<String>,
-    /// Why fewer than `replicas` peers were chosen, when so.
-    pub shortfall: Option<String>,
-    /// One per candidate: chosen first (in order), then the others that fit (best first),
-    /// then the rejected ones (by peer id).
-    pub verdicts: Vec<Verdict>,
 }
 
 /// One candidate as checked and scored.

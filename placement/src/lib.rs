@@ -51,7 +51,6 @@
 mod constraint;
 mod decide;
 mod estimates;
-mod policy;
 mod score;
 
 #[cfg(test)]
@@ -60,9 +59,11 @@ mod proptests;
 mod tests;
 
 pub use decide::{
-    Candidate, Decision, LATENCY_MARGIN_MS, LATENCY_MARGIN_RATIO, LOAD_MARGIN_POINTS,
-    LOAD_MARGIN_RATIO, Verdict, decide, should_replace,
+    Candidate, LATENCY_MARGIN_MS, LATENCY_MARGIN_RATIO, LOAD_MARGIN_POINTS, LOAD_MARGIN_RATIO,
+    decide, should_replace,
 };
 pub use estimates::{DEFAULT_EXEC_MS, EWMA_ALPHA, Estimates};
-pub use policy::{Policy, PolicyError};
+// The decision and the policies are API data, so they live in proto; the engine's callers
+// keep naming them through this crate.
+pub use canal_proto::placement::{Decision, Policy, PolicyError, Verdict};
 pub use score::{LOAD_EVENT_WEIGHT, UNKNOWN_RTT_PENALTY_MS, load_score};

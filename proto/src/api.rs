@@ -2,6 +2,7 @@
 //! the CLI that reads them, so the two cannot drift apart.
 
 use crate::caps::Capabilities;
+use crate::placement::Decision;
 use serde::{Deserialize, Serialize};
 
 /// `GET /v1/health`.
@@ -265,4 +266,106 @@ pub struct TopicLog {
     pub first: u64,
     /// The offset the next event gets (the number of events ever published).
     pub next: u64,
+}
+
+/// A peer's execution-time measurement of a function, as stored in the metadata group and
+/// reported by placement.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Measurement {
+    /// The EWMA of the execution time, in milliseconds.
+    pub exec_ms: f64,
+    /// How many invocations it summarises.
+    pub samples: u64,
+}
+
+/// A function's committed placement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Placed {
+    /// The decision, with the explanation it was made with.
+    pub decision: Decision,
+    /// When it was made, ms since the Unix epoch.
+    pub decided_ms: u64,
+}
+
+/// What `GET /v1/functions/{name}/placement` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlacementAnswer {
+    /// The function.
+    pub function: String,
+    /// Its policy.
+    pub policy: String,
+    /// The decision in force (what executors follow), if one was made.
+    pub committed: Option<Placed>,
+    /// What placement would decide now, from the answering node's view, with a verdict for
+    /// every candidate.
+    pub live: Decision,
+    /// The peer that answered (its round trips are the ones in `live`).
+    pub answered_by: String,
+}
+
+/// One entry of a function's state, as `GET /v1/functions/{name}/state` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateEntry {
+    /// The key.
+    pub key: String,
+    /// The value, when it is UTF-8 text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// The value in base64, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_base64: Option<String>,
+}
+
+/// What `GET /v1/functions/{name}/state` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateList {
+    /// The entries, in key order.
+    pub entries: Vec<StateEntry>,
+}
+
+/// An acknowledgement a durable subscriber sends over its WebSocket:
+/// `{"ack": {"topic": TOPIC, "offset": N}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WsAck {
+    /// What is acknowledged.
+    pub ack: WsAckBody,
+}
+
+/// The body of a [`WsAck`]: every event of `topic` up to and including `offset` is done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WsAckBody {
+    /// The topic.
+    pub topic: String,
+    /// The offset acknowledged.
+    pub offset: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_websocket_ack_has_the_documented_shape() {
+        let a: WsAck = serde_json::from_str(r#"{"ack": {"topic": "a/b", "offset": 7}}"#)
+            .expect("the documented ack parses");
+        assert_eq!(a.ack.topic, "a/b");
+        assert_eq!(a.ack.offset, 7);
+        assert_eq!(
+            serde_json::to_string(&a).expect("an ack serializes"),
+            r#"{"ack":{"topic":"a/b","offset":7}}"#
+        );
+    }
+
+    #[test]
+    fn state_entries_leave_out_the_absent_value() {
+        let e = StateEntry {
+            key: "k".into(),
+            value: Some("v".into()),
+            value_base64: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).expect("an entry serializes"),
+            r#"{"key":"k","value":"v"}"#
+        );
+    }
 }

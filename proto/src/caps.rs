@@ -323,9 +323,29 @@ fn cut_filter(filter: &str, levels: usize) -> String {
     kept.join("/")
 }
 
+/// Parses a `KEY=VALUE` label (`zone=eu-1`), as written in the node's config, its
+/// `--label` flag and `canal fn deploy --label`: the key must not be empty, the value may be.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!(
+            "{s:?} is not KEY=VALUE: write, for example, zone=eu-1"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_key_equals_value() {
+        assert_eq!(parse_label("zone=eu-1"), Ok(("zone".into(), "eu-1".into())));
+        assert_eq!(parse_label("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(parse_label("k="), Ok(("k".into(), String::new())));
+        assert!(parse_label("zone").is_err());
+        assert!(parse_label("=x").is_err());
+    }
 
     #[test]
     fn parses_gpu_declarations() {

@@ -15,16 +15,27 @@
 //! - [`size`]: byte sizes written by people (`80GiB`, `512MiB`).
 //! - [`api`]: the JSON bodies of the HTTP client API, shared by the node and the CLI.
 //! - [`wire`]: the versioned binary envelope (bincode) for peer-to-peer messages.
+//! - [`peer`]: the peer messages outside the log: the channel byte of peer RPCs
+//!   ([`PeerChannel`]), formation requests and answers, QoS 0 events.
+//! - [`placement`]: placement policies and decisions, as the API reports them.
+//! - [`qos`]: QoS 0 and 1, as written in headers, queries and flags.
+//! - [`time`]: the wall clock (`now_ms`), never used inside a state machine.
 
 pub mod api;
 pub mod caps;
 pub mod function;
+pub mod peer;
+pub mod placement;
+pub mod qos;
 pub mod settings;
 pub mod size;
+pub mod time;
 pub mod topic;
 pub mod wire;
 
-pub use caps::{Capabilities, Gpu, GpuSource, Load};
+pub use caps::{Capabilities, Gpu, GpuSource, Load, parse_label};
+pub use peer::PeerChannel;
+pub use qos::{Qos, QosError};
 pub use topic::{Topic, TopicError, TopicFilter};
 
 /// The version of canal this crate belongs to, reported by `/v1/health` and in capability

@@ -26,6 +26,7 @@
 //! node behind.
 
 use anyhow::{Context, anyhow, bail};
+use canal_client::{Client, ClientError, Method};
 use canal_proto::api::RuntimeInfo;
 use serde::de::DeserializeOwned;
 use std::future::Future;
@@ -629,11 +630,13 @@ pub(crate) async fn wait_runtime(
     }
 }
 
-/// A small JSON client of one node's HTTP API.
+/// A small JSON client of one node's HTTP API, for tests: answers come back whatever their
+/// status, as `(status, body)`, so a test can check refusals. Built on [`canal_client`].
 #[derive(Clone)]
 pub struct Api {
     base: String,
-    http: reqwest::Client,
+    /// The client, or why none could be built for this base (reported by every call).
+    client: Result<Client, ClientError>,
 }
 
 impl Api {
@@ -641,10 +644,7 @@ impl Api {
     pub fn new(base: &str) -> Api {
         Api {
             base: base.trim_end_matches('/').to_string(),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap_or_default(),
+            client: Client::new(base, None),
         }
     }
 
@@ -653,40 +653,35 @@ impl Api {
         &self.base
     }
 
+    /// The shared client underneath, for what this small one does not offer (streams).
+    pub fn client(&self) -> anyhow::Result<&Client> {
+        self.client.as_ref().map_err(|e| anyhow!("{e}"))
+    }
+
     /// GETs `path` and returns the status and the body.
     pub async fn get_raw(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .with_context(|| format!("GET {}{path}", self.base))?;
-        let status = resp.status().as_u16();
-        Ok((status, resp.text().await?))
+        self.send(Method::GET, path, Vec::new(), None).await
     }
 
     /// Sends `method` to `path` with `body` and, if given, a `canal-request-id` header;
     /// returns the status and the body.
     pub async fn send(
         &self,
-        method: reqwest::Method,
+        method: Method,
         path: &str,
         body: Vec<u8>,
         request_id: Option<&str>,
     ) -> anyhow::Result<(u16, String)> {
-        let mut req = self
-            .http
-            .request(method.clone(), format!("{}{path}", self.base))
-            .body(body);
-        if let Some(id) = request_id {
-            req = req.header("canal-request-id", id);
-        }
-        let resp = req
-            .send()
+        let headers: Vec<(String, String)> = request_id
+            .map(|id| ("canal-request-id".to_string(), id.to_string()))
+            .into_iter()
+            .collect();
+        let (status, body) = self
+            .client()?
+            .raw(method.clone(), path, body, &headers)
             .await
             .with_context(|| format!("{method} {}{path}", self.base))?;
-        let status = resp.status().as_u16();
-        Ok((status, resp.text().await?))
+        Ok((status.as_u16(), String::from_utf8_lossy(&body).into_owned()))
     }
 
     /// GETs `path` and decodes a successful JSON answer.

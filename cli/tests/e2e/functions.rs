@@ -710,13 +710,13 @@ async fn wait_placement(
     api: &Api,
     function: &str,
     what: &str,
-    ok: impl Fn(&canal_node::placer::Placed) -> bool,
-) -> canal_node::placer::PlacementAnswer {
+    ok: impl Fn(&canal_proto::api::Placed) -> bool,
+) -> canal_proto::api::PlacementAnswer {
     wait_for(what, Duration::from_secs(60), || {
         let api = api.clone();
         let ok = &ok;
         async move {
-            let a: canal_node::placer::PlacementAnswer = api
+            let a: canal_proto::api::PlacementAnswer = api
                 .get(&format!("/v1/functions/{function}/placement"))
                 .await
                 .map_err(|e| e.to_string())?;

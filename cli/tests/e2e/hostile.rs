@@ -327,7 +327,7 @@ fn frame(body: &[u8]) -> Vec<u8> {
 
 /// Everything the hostile peer sends on the QoS 0 lane.
 fn qos0_attacks(target: PeerId) -> Vec<(&'static str, Vec<u8>)> {
-    let forged = canal_proto::wire::encode(&canal_node::pubsub::Qos0Message {
+    let forged = canal_proto::wire::encode(&canal_proto::peer::Qos0Message {
         topic: "sensors/forged".into(),
         id: "forged".into(),
         source: target.to_base58(),

@@ -502,3 +502,102 @@ async fn peers_meet_over_quic() {
         "no QUIC connection in the metrics"
     );
 }
+
+/// `/metrics` of a node that has served a publish and a subscription passes `promtool check
+/// metrics` (Prometheus' own lint), and a scraper that asks for OpenMetrics gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_after_a_publish_and_a_subscription() {
+    use futures::StreamExt;
+    // Three voters, so the per-member Raft metrics have samples too.
+    let net = crate::raft::cluster(3, &[]).await;
+    let api = net.api(0).unwrap();
+    let sub = canal_client::Client::streaming(net.api(2).unwrap().base(), None).unwrap();
+    let events = sub
+        .events("/v1/subscribe?filter=metrics%2F%23&qos=1&from=earliest")
+        .await
+        .unwrap();
+    let mut events = std::pin::pin!(events);
+    let (status, body) = api
+        .send(
+            reqwest::Method::POST,
+            "/v1/topics/metrics%2Fa/events",
+            b"hello".to_vec(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let got = tokio::time::timeout(Duration::from_secs(30), events.next())
+        .await
+        .expect("the event within 30 s")
+        .expect("the stream open")
+        .unwrap();
+    let e: canal_proto::api::Event = serde_json::from_str(&got.data).unwrap();
+    assert_eq!(e.data.as_deref(), Some("hello"));
+
+    // Round trips to the other members are measured every few seconds.
+    wait_for(
+        "node 0 to export its Raft members' round trips",
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                let (_, m) = api.get_raw("/metrics").await.map_err(|e| e.to_string())?;
+                if m.contains("canal_raft_member_rtt_seconds{") {
+                    Ok(())
+                } else {
+                    Err("no round trips yet".to_string())
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let (status, text) = api.get_raw("/metrics").await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    // Counters are named after their samples, as the Prometheus text format has them.
+    assert!(
+        text.contains("# TYPE canal_capability_records_received_total counter\n"),
+        "{text}"
+    );
+    assert!(!text.contains("# EOF"), "{text}");
+    // A missing promtool fails the test: CI installs it (.ci/run), as should a developer
+    // (Debian's `prometheus` package).
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run promtool ({e}): install it (apt-get install prometheus)")
+        });
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Prometheus asks for OpenMetrics, and gets it.
+    let resp = reqwest::Client::new()
+        .get(format!("{}/metrics", api.base()))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+    let om = resp.text().await.unwrap();
+    assert!(om.trim_end().ends_with("# EOF"), "{om}");
+}

@@ -111,12 +111,12 @@ pub(super) async fn fn_invoke(
 pub(super) async fn fn_placement(
     State(st): State<ApiState>,
     Path(name): Path<String>,
-) -> Result<axum::Json<crate::placement::PlacementAnswer>, ApiError> {
+) -> Result<axum::Json<canal_proto::api::PlacementAnswer>, ApiError> {
     let spec = st
         .functions
         .function(&name)?
         .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
-    Ok(axum::Json(crate::placement::PlacementAnswer {
+    Ok(axum::Json(canal_proto::api::PlacementAnswer {
         function: spec.name.clone(),
         policy: crate::placement::policy_of(&spec).to_string(),
         committed: crate::placement::placed(&st.consensus, &spec.name),
@@ -143,7 +143,7 @@ pub(super) async fn fn_state_list(
     State(st): State<ApiState>,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<axum::Json<crate::functions::StateList>, ApiError> {
+) -> Result<axum::Json<canal_proto::api::StateList>, ApiError> {
     let prefix = q.get("prefix").map(String::as_str).unwrap_or("");
     Ok(axum::Json(st.functions.state_list(&name, prefix)?))
 }
@@ -275,7 +275,7 @@ pub(super) fn deploy_settings(
     if let Some(labels) = q.get("labels").filter(|l| !l.is_empty()) {
         for pair in labels.split(',') {
             let (k, v) =
-                crate::config::parse_label(pair).map_err(FunctionsError::InvalidRequirements)?;
+                canal_proto::parse_label(pair).map_err(FunctionsError::InvalidRequirements)?;
             req.labels.insert(k, v);
         }
     }

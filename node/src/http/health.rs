@@ -2,7 +2,7 @@
 
 use super::{ApiError, ApiState};
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use canal_proto::api::{Health, PeerInfo, Peers};
 
@@ -52,7 +52,15 @@ pub(super) async fn peers(State(st): State<ApiState>) -> axum::Json<Peers> {
     })
 }
 
-pub(super) async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiError> {
+/// `GET /metrics`: OpenMetrics to scrapers that ask for it (Prometheus does), the
+/// Prometheus text format to everyone else (`promtool check metrics`, `curl`).
+pub(super) async fn metrics(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    use super::metrics_text::{
+        OPENMETRICS_TEXT, PROMETHEUS_TEXT, to_prometheus_text, wants_openmetrics,
+    };
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &st.registry).map_err(|e| {
         ApiError::new(
@@ -61,12 +69,13 @@ pub(super) async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiE
             format!("cannot encode metrics: {e}"),
         )
     })?;
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    if wants_openmetrics(accept) {
+        return Ok(([(header::CONTENT_TYPE, OPENMETRICS_TEXT)], text).into_response());
+    }
     Ok((
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
+        [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+        to_prometheus_text(&text),
     )
         .into_response())
 }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod functions;
 pub mod health;
 pub mod kv;
+mod metrics_text;
 pub mod parse;
 pub mod topics;
 

@@ -1,4 +1,6 @@
-//! The placement policies, by name.
+//! The vocabulary of placement that crosses the API: the policies by name, and the decision
+//! with its explanation (`GET /v1/functions/{name}/placement`). The engine that makes
+//! decisions is the `canal-placement` crate; these are only its inputs and outputs as data.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -14,7 +16,7 @@ pub enum Policy {
     Topology,
     /// Round-robin across tiers (anti-affinity), closest to the key within a tier.
     Spread,
-    /// Lowest advertised load first (see [`crate::load_score`]).
+    /// Lowest advertised load first (see `canal_placement::load_score`).
     LeastLoaded,
     /// Lowest predicted response time first: queueing + execution + network round trip.
     Latency,
@@ -71,6 +73,48 @@ impl FromStr for Policy {
                 name: s.to_string(),
             })
     }
+}
+
+/// What the engine made of one candidate, for people.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// The candidate's peer id.
+    pub peer_id: String,
+    /// Whether it is in [`Decision::chosen`].
+    pub chosen: bool,
+    /// Whether it could not be chosen at all (not reachable, a hard constraint unmet, a
+    /// duplicate record).
+    pub rejected: bool,
+    /// Why: `chosen: closest to the key (rank 0)`, `rejected: no GPU`,
+    /// `not chosen: predicted 42.1 ms, chosen peer 3.2 ms`.
+    pub reason: String,
+    /// The latency policy's predicted response time, in ms (latency policy, not rejected).
+    pub predicted_ms: Option<f64>,
+    /// What the policy ranked by, lower is better (rank, load score or predicted ms); `None`
+    /// when rejected.
+    pub score: Option<f64>,
+    /// The preferred constraints this peer does not meet (`tier edge`), relaxed ones left out.
+    pub unmet: Vec<String>,
+}
+
+/// Where a function or shard runs, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The policy that ranked the candidates.
+    pub policy: Policy,
+    /// How many peers were wanted (`Requirements::replicas`, at least 1).
+    pub replicas: usize,
+    /// The chosen peers, in order (the first is the primary); at most `replicas`.
+    pub chosen: Vec<String>,
+    /// Why no peer could be chosen (a hard constraint nobody meets, or no live peer).
+    pub unplaceable: Option<String>,
+    /// Which preferred constraints were relaxed or missed, when some were.
+    pub fallback: Option<String>,
+    /// Why fewer than `replicas` peers were chosen, when so.
+    pub shortfall: Option<String>,
+    /// One per candidate: chosen first (in order), then the others that fit (best first),
+    /// then the rejected ones (by peer id).
+    pub verdicts: Vec<Verdict>,
 }
 
 #[cfg(test)]

@@ -6,15 +6,15 @@
 //! Then on a local 3-node cluster: publish -> function (`uppercase`) -> output ->
 //! subscriber latency, for a QoS 1 and a QoS 0 trigger.
 
-use crate::bench::{collect_latencies, local_cluster, ms, pct, publish_many};
+use crate::{collect_latencies, local_cluster, ms, pct, publish_many, subscribe};
 use anyhow::{Context, bail};
+use canal_client::Method;
 use canal_proto::Topic;
 use canal_proto::function::Limits;
 use canal_testnet::Api;
 use canal_triggers::host::EmptyState;
 use canal_triggers::runtime::EventIn;
 use canal_triggers::{Runtime, RuntimeConfig};
-use reqwest::Method;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -158,31 +158,20 @@ async fn end_to_end(count: usize, publishers: usize) -> anyhow::Result<Vec<serde
             },
         )
         .await?;
-        let url = format!(
-            "{}/v1/subscribe?filter=bench-fn%2Fout{q}&qos={q}&from=earliest",
-            apis[2].base()
-        );
-        let resp = reqwest::Client::new()
-            .get(&url)
-            .send()
-            .await
-            .context("subscribe")?;
-        if !resp.status().is_success() {
-            bail!("subscribe failed: {}", resp.status());
-        }
+        let path = format!("/v1/subscribe?filter=bench-fn%2Fout{q}&qos={q}&from=earliest");
+        let resp = subscribe(&apis[2], &path).await?;
         let sub = collect_latencies(resp, count);
         if q == 0 {
             // The executor must be known to want the trigger's input, the subscriber's node
             // its output.
-            let placed: canal_node::placer::PlacementAnswer =
+            let placed: canal_proto::api::PlacementAnswer =
                 apis[0].get("/v1/functions/upper/placement").await?;
             let executor = placed
                 .committed
                 .and_then(|p| p.decision.chosen.first().cloned())
                 .context("the function is not placed")?;
-            crate::bench::wait_interest(&apis, &executor, "bench-fn/in0/+").await?;
-            crate::bench::wait_interest(&apis, &net.node(2).info()?.peer_id, "bench-fn/out0")
-                .await?;
+            crate::wait_interest(&apis, &executor, "bench-fn/in0/+").await?;
+            crate::wait_interest(&apis, &net.node(2).info()?.peer_id, "bench-fn/out0").await?;
         }
         let started = Instant::now();
         let topic = move |i: usize| format!("bench-fn/in{q}/s{}", i % 4);
@@ -214,13 +203,8 @@ async fn end_to_end(count: usize, publishers: usize) -> anyhow::Result<Vec<serde
     Ok(results)
 }
 
-/// `canal bench fn`.
-pub(crate) async fn run(
-    count: usize,
-    events: usize,
-    publishers: usize,
-    json: bool,
-) -> anyhow::Result<()> {
+/// `canal bench fn`: the per-event overhead of a no-op function in this process (`count` invocations), the first event after a deploy and after a restart, and publish -> function -> subscriber latency of `events` events with `publishers` in flight on a local cluster.
+pub async fn run(count: usize, events: usize, publishers: usize, json: bool) -> anyhow::Result<()> {
     if count == 0 || publishers == 0 {
         bail!("--count and --publishers must be at least 1");
     }

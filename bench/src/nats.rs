@@ -18,7 +18,7 @@
 //!   control, no acks) on the stream, filtered to `bench.{run}.>`, from the first message:
 //!   like canal's QoS 1 subscription it sees an event only once the stream committed it.
 
-use crate::bench::{ms, now_ns, pct};
+use crate::{ms, now_ns, pct};
 use anyhow::{Context, bail};
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::push::OrderedConfig, stream};
 use async_nats::{Client, HeaderMap};
@@ -631,7 +631,7 @@ pub(crate) fn report(
         return Ok(());
     }
     let show_ratio = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}"));
-    let mut t = crate::show::table(&["RUN", "", "CANAL", "NATS", "CANAL/NATS"]);
+    let mut t = table(&["RUN", "", "CANAL", "NATS", "CANAL/NATS"]);
     for (c, n) in canal.iter().zip(nats) {
         let run = format!("QoS {}, {} B", c.qos, c.bytes);
         t.add_row(vec![
@@ -665,4 +665,12 @@ pub(crate) fn report(
     println!("canal vs {nats_version} (3 local servers; delivered/s with the count delivered)");
     println!("{t}");
     Ok(())
+}
+
+/// A table without borders, like the CLI's.
+fn table(header: &[&str]) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_header(header.to_vec());
+    t
 }

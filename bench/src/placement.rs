@@ -10,10 +10,10 @@
 //! each policy ran on the oracle (placement accuracy), and publish -> output -> subscriber
 //! latency p50/p99.
 
-use crate::bench::{collect_events, ms, pct, publish_many};
+use crate::{collect_events, ms, pct, publish_many, subscribe};
 use anyhow::{Context, bail};
+use canal_client::Method;
 use canal_testnet::{Api, LinkSettings, NodeOptions, Testnet, wait_for};
-use reqwest::Method;
 use std::time::{Duration, Instant};
 
 const EDGE: Duration = Duration::from_millis(30);
@@ -51,7 +51,7 @@ async fn tiers() -> anyhow::Result<Testnet> {
         "the cluster to elect a leader",
         Duration::from_secs(60),
         || async move {
-            match crate::bench::leader(netr).await {
+            match crate::leader(netr).await {
                 Ok(Some(_)) => Ok(()),
                 Ok(None) => Err("no leader yet".to_string()),
                 Err(e) => Err(e.to_string()),
@@ -101,8 +101,8 @@ async fn tiers() -> anyhow::Result<Testnet> {
     Ok(net)
 }
 
-/// `canal bench placement`.
-pub(crate) async fn run(events: usize, publishers: usize, json: bool) -> anyhow::Result<()> {
+/// `canal bench placement`: `events` events per policy with `publishers` in flight on emulated tiers; how often the latency policy runs them on the best peer, and end-to-end latency, against topology.
+pub async fn run(events: usize, publishers: usize, json: bool) -> anyhow::Result<()> {
     if events == 0 || publishers == 0 {
         bail!("--events and --publishers must be at least 1");
     }
@@ -135,7 +135,7 @@ pub(crate) async fn run(events: usize, publishers: usize, json: bool) -> anyhow:
             let api = base.clone();
             let fname = fname.clone();
             async move {
-                let a: canal_node::placer::PlacementAnswer = api
+                let a: canal_proto::api::PlacementAnswer = api
                     .get(&format!("/v1/functions/{fname}/placement"))
                     .await
                     .map_err(|e| e.to_string())?;
@@ -146,14 +146,8 @@ pub(crate) async fn run(events: usize, publishers: usize, json: bool) -> anyhow:
             }
         })
         .await?;
-        let url = format!(
-            "{}/v1/subscribe?filter=bench-place%2Fout-{policy}&from=earliest",
-            apis[2].base()
-        );
-        let resp = reqwest::Client::new().get(&url).send().await?;
-        if !resp.status().is_success() {
-            bail!("subscribe failed: {}", resp.status());
-        }
+        let path = format!("/v1/subscribe?filter=bench-place%2Fout-{policy}&from=earliest");
+        let resp = subscribe(&apis[2], &path).await?;
         let sub = collect_events(resp, events);
         let started = Instant::now();
         let topic = move |i: usize| format!("bench-place/{policy}/s{}", i % 4);
