@@ -439,12 +439,7 @@ pub async fn raft(
                     .get("/v1/cluster/status")
                     .await
                     .map_err(|e| e.to_string())?;
-                let led = s.groups.iter().all(|g| {
-                    g.members
-                        .first()
-                        .and_then(|m| m.status.as_ref())
-                        .is_some_and(|m| m.leader.is_some())
-                });
+                let led = s.every_group_led();
                 if led {
                     Ok(())
                 } else {

@@ -171,6 +171,19 @@ pub struct ClusterStatus {
     pub groups: Vec<GroupStatus>,
 }
 
+impl ClusterStatus {
+    /// Whether every group the answering node hosts knows its leader (its own view: the
+    /// first member listed is the answering node).
+    pub fn every_group_led(&self) -> bool {
+        self.groups.iter().all(|g| {
+            g.members
+                .first()
+                .and_then(|m| m.status.as_ref())
+                .is_some_and(|m| m.leader.is_some())
+        })
+    }
+}
+
 /// The answer to `PUT /v1/kv/{key}`: where the write was committed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KvWritten {

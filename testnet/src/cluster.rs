@@ -463,12 +463,7 @@ async fn start_all(
                             .get("/v1/cluster/status")
                             .await
                             .map_err(|e| e.to_string())?;
-                        let led = s.groups.iter().all(|g| {
-                            g.members
-                                .first()
-                                .and_then(|m| m.status.as_ref())
-                                .is_some_and(|m| m.leader.is_some())
-                        });
+                        let led = s.every_group_led();
                         if !led {
                             return Err(format!(
                                 "{} has no leader for every group yet",
