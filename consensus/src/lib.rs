@@ -16,6 +16,8 @@
 //! - [`topics`]: durable topic logs kept in a data group's state machine.
 //! - [`functions`]: functions, triggers, function state and the atomic [`functions::Effects`]
 //!   of executions.
+//! - `mem` (tests, feature `mem-transport`): an in-memory [`Transport`] for clusters
+//!   without sockets.
 //! - [`store`]: the sled database ([`RaftDb`]), with its format marker, and per group the
 //!   log store ([`LogStore`]) and the state machine ([`StateMachine`]), snapshots included.
 //!
@@ -26,6 +28,8 @@
 
 pub mod functions;
 pub mod groups;
+#[cfg(any(test, feature = "mem-transport"))]
+pub mod mem;
 pub mod network;
 pub mod rpc;
 pub mod store;
