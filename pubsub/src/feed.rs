@@ -1,0 +1,118 @@
+//! A subscriber's queue between the task that reads events for it and the connection that
+//! writes them: bounded in deliveries and in bytes, so a slow or stalled client costs the
+//! node at most [`MAX_BUFFERED_BYTES`] of memory, and the reader waits (backpressure)
+//! instead of buffering more or dropping. The receiving end holds one of the node's
+//! subscriber slots, given back when the subscription ends.
+//!
+//! ```text
+//!   reader task ── send(d): wait for len(d) bytes of budget ──> queue ──> recv() ──> client
+//!                                                              budget returned on recv
+//! ```
+
+use std::sync::Arc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+/// The most bytes of events waiting for one subscriber's connection.
+pub const MAX_BUFFERED_BYTES: usize = 8 << 20;
+/// The most deliveries waiting for one subscriber's connection.
+const MAX_BUFFERED: usize = 256;
+
+/// Something that can be queued: how many bytes it holds.
+pub trait Weighed {
+    /// The bytes it costs while queued.
+    fn weight(&self) -> usize;
+}
+
+/// The sending end of a subscriber's queue.
+pub struct FeedTx<T> {
+    tx: mpsc::Sender<(T, OwnedSemaphorePermit)>,
+    budget: Arc<Semaphore>,
+}
+
+/// The receiving end of a subscriber's queue; it holds the subscriber's slot.
+pub struct FeedRx<T> {
+    rx: mpsc::Receiver<(T, OwnedSemaphorePermit)>,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// A queue for a subscriber that holds `slot`.
+pub fn feed<T: Weighed>(slot: OwnedSemaphorePermit) -> (FeedTx<T>, FeedRx<T>) {
+    let (tx, rx) = mpsc::channel(MAX_BUFFERED);
+    (
+        FeedTx {
+            tx,
+            budget: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES)),
+        },
+        FeedRx { rx, _slot: slot },
+    )
+}
+
+impl<T: Weighed> FeedTx<T> {
+    /// Queues `item`, waiting while the queue is full; `Err` if the subscriber is gone.
+    /// One item larger than the whole budget takes all of it, so it still goes through.
+    pub async fn send(&self, item: T) -> Result<(), T> {
+        let cost = item.weight().clamp(1, MAX_BUFFERED_BYTES) as u32;
+        let permit = tokio::select! {
+            p = self.budget.clone().acquire_many_owned(cost) => match p {
+                Ok(p) => p,
+                Err(_) => return Err(item),
+            },
+            _ = self.tx.closed() => return Err(item),
+        };
+        self.tx.send((item, permit)).await.map_err(|e| e.0.0)
+    }
+
+    /// Resolves when the subscriber is gone.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
+impl<T> FeedRx<T> {
+    /// The next item; `None` when the reader has stopped.
+    pub async fn recv(&mut self) -> Option<T> {
+        self.rx.recv().await.map(|(item, _budget)| item)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    impl Weighed for Vec<u8> {
+        fn weight(&self) -> usize {
+            self.len()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_holds_back_its_reader_at_the_byte_budget() {
+        let slots = Arc::new(Semaphore::new(1));
+        let slot = slots
+            .clone()
+            .try_acquire_owned()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (tx, mut rx) = feed::<Vec<u8>>(slot);
+        // No second subscriber while this one lives.
+        assert!(slots.clone().try_acquire_owned().is_err());
+        let chunk = MAX_BUFFERED_BYTES / 4;
+        for _ in 0..4 {
+            assert!(tx.send(vec![0; chunk]).await.is_ok());
+        }
+        // The budget is spent: the fifth waits until the client takes one.
+        let fifth = tokio::time::timeout(Duration::from_millis(200), tx.send(vec![0; chunk])).await;
+        assert!(fifth.is_err(), "the reader must wait, not buffer more");
+        assert_eq!(rx.recv().await.map(|v| v.len()), Some(chunk));
+        assert!(tx.send(vec![0; chunk]).await.is_ok());
+        // A single item over the budget still goes through, alone.
+        for _ in 0..4 {
+            let _ = rx.recv().await;
+        }
+        assert!(tx.send(vec![0; MAX_BUFFERED_BYTES * 2]).await.is_ok());
+        drop(rx);
+        assert!(tx.send(vec![1]).await.is_err());
+        // The slot came back with the receiver.
+        assert!(slots.try_acquire_owned().is_ok());
+    }
+}
