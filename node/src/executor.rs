@@ -363,7 +363,7 @@ impl Executor {
     /// Processes the next batch of every matching topic; says whether anything was
     /// committed or refused (then the caller goes again at once).
     async fn step(&self, sm: &StateMachine, spec: &TriggerSpec) -> Result<bool, String> {
-        let e = |e: crate::api::ApiError| format!("{e:?}");
+        let e = |e: crate::http::ApiError| format!("{e:?}");
         let Some(function) = self.functions.function(&spec.function).map_err(e)? else {
             return Ok(false);
         };
@@ -689,7 +689,7 @@ impl Executor {
     }
 
     async fn run_qos0(&self, spec: &TriggerSpec, m: &Qos0Message) -> Result<(), String> {
-        let e = |e: crate::api::ApiError| format!("{e:?}");
+        let e = |e: crate::http::ApiError| format!("{e:?}");
         let Some(function) = self.functions.function(&spec.function).map_err(e)? else {
             return Ok(());
         };

@@ -8,8 +8,8 @@
 //! under its name; every node reads both from its replica and compiles (or loads from its
 //! artifact cache) before the function's first event.
 
-use crate::api::{ApiError, ApiState};
 use crate::cluster::MeshTransport;
+use crate::http::{ApiError, ApiState};
 use axum::http::{HeaderMap, StatusCode};
 use canal_consensus::functions::{
     FUNCTION_PREFIX, TRIGGER_PREFIX, function_key, module_key, state_key, state_prefix,
@@ -438,7 +438,7 @@ pub async fn deploy(
         .write(
             GroupId::METADATA,
             Request {
-                id: Some(crate::api::fresh_id(st)),
+                id: Some(crate::http::fresh_id(st)),
                 op: Op::Internal {
                     key: canal_consensus::InternalKey::Function(name.to_string()),
                     value: Some(wire::encode(&spec).map_err(internal)?),
@@ -543,7 +543,7 @@ pub async fn invoke(
     let out = Topic::new(&format!("invoke/{name}/out")).map_err(internal)?;
     let event = EventIn {
         topic: topic.to_string(),
-        id: crate::api::fresh_id(st),
+        id: crate::http::fresh_id(st),
         offset: None,
         time_ms: now_ms(),
         headers: custom,
@@ -655,7 +655,7 @@ pub async fn trigger_add(
     };
     let spec = TriggerSpec {
         name: name.to_string(),
-        uid: crate::api::fresh_id(st),
+        uid: crate::http::fresh_id(st),
         filter,
         function: req.function.clone(),
         out: topic("output topic", &req.out)?,

@@ -28,7 +28,6 @@
 //!                                         HTTP handlers <── peer table, topic space
 //! ```
 
-pub mod api;
 pub mod caps;
 pub mod cluster;
 pub mod config;
@@ -36,16 +35,17 @@ pub mod datadir;
 pub mod executor;
 pub mod feed;
 pub mod functions;
+pub mod http;
 pub mod identity;
 pub mod placer;
 pub mod pubsub;
 pub mod raft_links;
 
-use crate::api::ApiState;
 use crate::caps::{LoadCounters, Measurer};
 use crate::cluster::{Membership, MeshTransport};
 use crate::config::{ConfigError, ValidConfig};
 use crate::datadir::{DataDir, DataDirError};
+use crate::http::ApiState;
 use crate::identity::IdentityError;
 use canal_consensus::{Consensus, GroupId, RaftDb, RaftNode, Settings};
 use canal_dht::{Dht, DhtConfig, DhtError, TopicSpace};
@@ -288,7 +288,7 @@ impl Node {
             subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_subscribers)),
             max_subscribers: config.max_subscribers,
         };
-        let app = api::router(state);
+        let app = http::router(state);
         let server = tokio::spawn(async move {
             let mut stopped = closing;
             let serve = axum::serve(listener, app).with_graceful_shutdown(async move {

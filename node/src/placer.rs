@@ -259,7 +259,7 @@ pub async fn commit(
     functions: &Functions,
     spec: &FunctionSpec,
     decision: Decision,
-) -> Result<(), crate::api::ApiError> {
+) -> Result<(), crate::http::ApiError> {
     info!(
         function = %spec.name,
         policy = %decision.policy,
@@ -272,7 +272,7 @@ pub async fn commit(
         decided_ms: now_ms(),
     })
     .map_err(|e| {
-        crate::api::ApiError::new(
+        crate::http::ApiError::new(
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             e.to_string(),

@@ -10,7 +10,7 @@
 //! QoS 0: never touches Raft; the accepting node hands the event to its own QoS 0
 //! subscribers and sends it to every other live peer, which do the same. At most once.
 
-use crate::api::{ApiError, ApiState};
+use crate::http::{ApiError, ApiState};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use base64::Engine;
@@ -261,7 +261,7 @@ pub async fn publish(
     if qos == 0 {
         let m = Qos0Message {
             topic: topic.to_string(),
-            id: id.unwrap_or_else(|| crate::api::fresh_id(st)),
+            id: id.unwrap_or_else(|| crate::http::fresh_id(st)),
             source: format!("canal://{}", st.dht.local_peer_id()),
             time_ms,
             headers: custom,
@@ -278,7 +278,7 @@ pub async fn publish(
     // The message id is the Raft request id, so a retried publish is stored once.
     let request_id = match &id {
         Some(id) => format!("pub/{topic}/{id}"),
-        None => crate::api::fresh_id(st),
+        None => crate::http::fresh_id(st),
     };
     let r = st
         .consensus

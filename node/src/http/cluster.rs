@@ -1,0 +1,107 @@
+//! `/v1/cluster/*`: status, digest, admit, remove.
+
+use super::parse::{parse_group, parse_peer};
+use super::{ApiError, ApiState};
+use crate::cluster::node_id;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use canal_consensus::{GroupId, Op};
+use canal_proto::api::{ClusterStatus, GroupStatus, MemberReport, StateDigest};
+use std::collections::HashMap;
+
+pub(super) async fn cluster_status(
+    State(st): State<ApiState>,
+) -> Result<axum::Json<ClusterStatus>, ApiError> {
+    let mut groups = Vec::new();
+    for g in st.consensus.groups() {
+        let members = st
+            .consensus
+            .status(g)
+            .await?
+            .into_iter()
+            .map(|(id, r)| match r {
+                Ok(s) => MemberReport {
+                    node_id: id,
+                    status: Some(s),
+                    error: None,
+                },
+                Err(e) => MemberReport {
+                    node_id: id,
+                    status: None,
+                    error: Some(e),
+                },
+            })
+            .collect();
+        groups.push(GroupStatus {
+            group: g.to_string(),
+            members,
+        });
+    }
+    Ok(axum::Json(ClusterStatus {
+        node_id: st.consensus.node_id(),
+        groups,
+    }))
+}
+
+pub(super) async fn cluster_digest(
+    State(st): State<ApiState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<axum::Json<StateDigest>, ApiError> {
+    let g = parse_group(q.get("group"), GroupId(1))?;
+    let sm = st.consensus.state_machine(g)?;
+    let internal = |e: openraft_error::E| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    };
+    Ok(axum::Json(StateDigest {
+        group: g.to_string(),
+        digest: sm.digest().map_err(internal)?,
+        applied_index: sm.applied().map_err(internal)?.map(|l| l.index),
+        keys: sm.scan("").map_err(internal)?.len(),
+    }))
+}
+
+/// The storage error type of the state machine, named once.
+mod openraft_error {
+    pub(super) type E = canal_consensus::store::StorageErrorOf;
+}
+
+/// Records that a peer may join (meshes without a cluster key admit nobody on their own);
+/// the membership job of the metadata leader adds it as a learner once it is seen.
+pub(super) async fn cluster_admit(
+    State(st): State<ApiState>,
+    Path(peer): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let peer = parse_peer(&peer)?;
+    st.consensus
+        .write_op(
+            GroupId::METADATA,
+            Op::Internal {
+                key: canal_consensus::InternalKey::Admitted(peer.to_base58()),
+                value: Some(b"admitted".to_vec()),
+            },
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn cluster_remove(
+    State(st): State<ApiState>,
+    Path(peer): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let peer = parse_peer(&peer)?;
+    let id = node_id(&peer);
+    // First the tombstone, so the membership job never adds the peer back as a learner.
+    st.consensus
+        .write_op(
+            GroupId::METADATA,
+            Op::Internal {
+                key: canal_consensus::InternalKey::Removed(peer.to_base58()),
+                value: Some(b"removed".to_vec()),
+            },
+        )
+        .await?;
+    for g in st.consensus.groups() {
+        st.consensus.remove(g, id).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

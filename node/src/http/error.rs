@@ -1,0 +1,88 @@
+//! The error answer of the client API: JSON `{ "error": "...", "kind": "..." }` with a fitting
+//! status code, and how each service's error becomes one.
+
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use canal_consensus::ClientError;
+use canal_proto::api::ErrorBody;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// An answer with the given status, kind and message.
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// A 400 answer of the given kind.
+    pub fn bad_request(kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// A 404 answer.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "not_found",
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: self.message,
+            kind: self.kind.to_string(),
+        };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> Self {
+        let (status, kind) = match &e {
+            ClientError::NotInitialized(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_formed"),
+            ClientError::NoLeader { .. } | ClientError::NotLeader { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "no_leader")
+            }
+            ClientError::UnknownGroup(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ClientError::Other(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ClientError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ClientError::Refused { .. } => (StatusCode::FORBIDDEN, "refused"),
+        };
+        ApiError {
+            status,
+            kind,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A body that could not be read: almost always one over the size limit.
+pub(super) fn too_large(r: BytesRejection) -> ApiError {
+    ApiError::new(
+        r.status(),
+        "too_large",
+        format!(
+            "the request body was refused ({}): payloads and values may be at most {} bytes",
+            r.body_text(),
+            crate::pubsub::MAX_PAYLOAD_BYTES
+        ),
+    )
+}

@@ -1,0 +1,119 @@
+//! The HTTP client API, on top of the node's services: the axum router, the state its
+//! handlers share, request parsing and the error answer. Nothing below this module names an
+//! HTTP type.
+//!
+//! Every error answer is JSON `{ "error": "...", "kind": "..." }` with a fitting status code.
+//!
+//! - [`error`]: [`ApiError`] and how each service's error maps to a status and kind.
+//! - [`parse`]: headers and query parameters into typed values.
+//! - [`health`], [`cluster`], [`kv`], [`functions`], [`topics`]: the handlers, by area.
+
+pub mod cluster;
+pub mod error;
+pub mod functions;
+pub mod health;
+pub mod kv;
+pub mod parse;
+pub mod topics;
+
+pub use error::ApiError;
+pub use kv::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+pub use parse::fresh_id;
+pub use topics::locate;
+
+use crate::cluster::MeshTransport;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::get;
+use canal_consensus::Consensus;
+use canal_dht::DhtHandle;
+use cluster::{cluster_admit, cluster_digest, cluster_remove, cluster_status};
+use functions::{
+    fn_deploy, fn_get, fn_invoke, fn_list, fn_placement, fn_remove, fn_state_get, fn_state_list,
+    trigger_delete, trigger_get, trigger_list, trigger_put,
+};
+use health::{health, metrics, peers};
+use kv::{kv_add, kv_get, kv_put};
+use libp2p::metrics::Registry;
+use std::sync::Arc;
+use std::time::Instant;
+use topics::{ack, subscribe, topic_delete, topic_get, topic_post, topic_put};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The peer mesh.
+    pub dht: DhtHandle,
+    /// The Raft groups.
+    pub consensus: Consensus<MeshTransport>,
+    /// This node's QoS 0 subscribers.
+    pub qos0: crate::pubsub::Qos0Hub,
+    /// Functions and triggers.
+    pub functions: Arc<crate::functions::Functions>,
+    /// Prometheus metrics of every part of the node.
+    pub registry: Arc<Registry>,
+    /// When the node started.
+    pub started: Instant,
+    /// Becomes true when the node shuts down; long-lived streams end then.
+    pub closing: tokio::sync::watch::Receiver<bool>,
+    /// One permit per subscriber this node may serve at once (SSE and WebSocket).
+    pub subscribers: Arc<tokio::sync::Semaphore>,
+    /// How many that is, for the error that says so.
+    pub max_subscribers: usize,
+}
+
+/// Builds the router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/peers", get(peers))
+        .route(
+            "/v1/topics/{*rest}",
+            get(topic_get)
+                .post(topic_post)
+                .put(topic_put)
+                .delete(topic_delete),
+        )
+        .route("/v1/subscribe", get(subscribe))
+        .route("/v1/subscriptions/{name}/ack", axum::routing::post(ack))
+        .route("/v1/cluster/status", get(cluster_status))
+        .route("/v1/cluster/digest", get(cluster_digest))
+        .route("/v1/cluster/remove/{peer}", axum::routing::post(cluster_remove))
+        .route("/v1/cluster/admit/{peer}", axum::routing::post(cluster_admit))
+        .route("/v1/kv/{*key}", get(kv_get).put(kv_put).post(kv_add))
+        .route("/metrics", get(metrics))
+        .route("/v1/functions", get(fn_list))
+        .route(
+            "/v1/functions/{name}",
+            get(fn_get)
+                .put(fn_deploy)
+                .delete(fn_remove)
+                .layer(DefaultBodyLimit::max(
+                    canal_proto::function::MAX_MODULE_BYTES + 1024,
+                )),
+        )
+        .route("/v1/functions/{name}/invoke", axum::routing::post(fn_invoke))
+        .route("/v1/functions/{name}/placement", get(fn_placement))
+        .route("/v1/functions/{name}/state", get(fn_state_list))
+        .route("/v1/functions/{name}/state/{*key}", get(fn_state_get))
+        .route("/v1/triggers", get(trigger_list))
+        .route(
+            "/v1/triggers/{name}",
+            get(trigger_get).put(trigger_put).delete(trigger_delete),
+        )
+        .layer(DefaultBodyLimit::max(MAX_VALUE_BYTES + 1024))
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method: see the API list in README.md",
+            )
+        })
+        .fallback(|| async {
+            ApiError::not_found(
+                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/admit/{peer}, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}] and /metrics",
+            )
+        })
+        .with_state(state)
+}

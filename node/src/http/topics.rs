@@ -1,0 +1,179 @@
+//! `/v1/topics/*`, `/v1/subscribe` and `/v1/subscriptions/{name}/ack`: what the client API
+//! says about topics, publishing and subscribing; the work is [`crate::pubsub`]'s.
+
+use super::error::too_large;
+use super::{ApiError, ApiState};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use canal_dht::DhtHandle;
+use canal_proto::Topic;
+use canal_proto::api::{HomePeer, Locate};
+use std::collections::HashMap;
+
+/// `/v1/topics/{topic}/{action}`: the topic may contain `/` (raw, or percent-encoded as
+/// `%2F`), so the action is taken from the end of the path.
+pub(super) async fn topic_get(
+    State(st): State<ApiState>,
+    rest: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(rest) = rest.map_err(|e| {
+        ApiError::bad_request(
+            "invalid_topic",
+            format!("the topic in the path does not read: {e}"),
+        )
+    })?;
+    // `/v1/topics/locate` names an empty topic.
+    let rest = if rest == "locate" {
+        "/locate".to_string()
+    } else {
+        rest
+    };
+    if let Some(filter) = rest.strip_suffix("/settings") {
+        let filter = settings_filter(filter)?;
+        return Ok(axum::Json(crate::pubsub::get_settings(&st, &filter)?).into_response());
+    }
+    if let Some(topic) = rest.strip_suffix("/log") {
+        let topic =
+            Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
+        let sm = st.consensus.state_machine(crate::pubsub::TOPIC_GROUP)?;
+        let meta = sm
+            .topic_meta(topic.as_str())
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?
+            .unwrap_or_default();
+        return Ok(axum::Json(canal_proto::api::TopicLog {
+            topic: topic.to_string(),
+            first: meta.first,
+            next: meta.next,
+        })
+        .into_response());
+    }
+    let Some(topic) = rest.strip_suffix("/locate") else {
+        return Err(ApiError::not_found(format!(
+            "no such topic endpoint {rest:?}: use /v1/topics/{{topic}}/locate, /v1/topics/{{topic}}/log or /v1/topics/{{topic-or-filter}}/settings"
+        )));
+    };
+    let topic =
+        Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
+    Ok(axum::Json(locate(&st.dht, &topic)).into_response())
+}
+
+pub(super) fn settings_filter(s: &str) -> Result<canal_proto::TopicFilter, ApiError> {
+    canal_proto::TopicFilter::new(s)
+        .map_err(|e| ApiError::bad_request("invalid_filter", e.to_string()))
+}
+
+pub(super) fn no_topic_endpoint(rest: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "no such topic endpoint {rest:?}: PUT and DELETE take /v1/topics/{{topic-or-filter}}/settings"
+    ))
+}
+
+/// `PUT /v1/topics/{topic-or-filter}/settings`.
+pub(super) async fn topic_put(
+    State(st): State<ApiState>,
+    Path(rest): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(too_large)?;
+    let filter = settings_filter(
+        rest.strip_suffix("/settings")
+            .ok_or_else(|| no_topic_endpoint(&rest))?,
+    )?;
+    let req: canal_proto::settings::SettingsRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_settings",
+            format!("the settings are not JSON of the expected shape ({e}): send {{\"retain_events\"?: N, \"retain_bytes\"?: SIZE, \"retain_age\"?: DURATION, \"max_payload\"?: SIZE}}"),
+        )
+    })?;
+    Ok(axum::Json(crate::pubsub::put_settings(&st, &filter, req).await?).into_response())
+}
+
+/// `DELETE /v1/topics/{topic-or-filter}/settings`.
+pub(super) async fn topic_delete(
+    State(st): State<ApiState>,
+    Path(rest): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let filter = settings_filter(
+        rest.strip_suffix("/settings")
+            .ok_or_else(|| no_topic_endpoint(&rest))?,
+    )?;
+    crate::pubsub::delete_settings(&st, &filter).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/topics/{topic}/events`: publish.
+pub(super) async fn topic_post(
+    State(st): State<ApiState>,
+    Path(rest): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::Json<canal_proto::api::Published>, ApiError> {
+    let body = body.map_err(too_large)?;
+    let Some(topic) = rest.strip_suffix("/events") else {
+        return Err(ApiError::not_found(format!(
+            "no such topic endpoint {rest:?}: publish with POST /v1/topics/{{topic}}/events"
+        )));
+    };
+    Ok(axum::Json(
+        crate::pubsub::publish(&st, topic, &headers, &body).await?,
+    ))
+}
+
+pub(super) async fn ack(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let next = crate::pubsub::ack(&st, &name, &q).await?;
+    Ok(axum::Json(
+        serde_json::json!({ "subscription": name, "next_offset": next }),
+    ))
+}
+
+pub(super) async fn subscribe(
+    State(st): State<ApiState>,
+    Query(q): Query<HashMap<String, String>>,
+    ws: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> Result<Response, ApiError> {
+    match ws {
+        // A WebSocket upgrade request gets a WebSocket; anything else Server-Sent Events.
+        Ok(ws) => crate::pubsub::subscribe_ws(st, q, ws).await,
+        Err(_) => Ok(crate::pubsub::subscribe(st, q).await?.into_response()),
+    }
+}
+
+/// The locate answer for `topic`, from the peers this node knows alive.
+pub fn locate(dht: &DhtHandle, topic: &Topic) -> Locate {
+    let space = dht.topic_space();
+    let (placement, members) = dht.locate(topic);
+    let home: Vec<HomePeer> = placement
+        .home
+        .iter()
+        .map(|(p, d)| HomePeer {
+            peer_id: p.to_base58(),
+            distance: hex::encode(d),
+        })
+        .collect();
+    Locate {
+        topic: topic.to_string(),
+        key: hex::encode(placement.key),
+        shard: placement.shard,
+        shards: space.shards,
+        shard_key: hex::encode(placement.shard_key),
+        replication_factor: space.replication,
+        // Until a placement decision is committed for the shard, the `topology` policy
+        // (the DHT's own answer) decides, so the replicas are the home peers.
+        replicas: home.iter().map(|h| h.peer_id.clone()).collect(),
+        policy: "topology".to_string(),
+        home,
+        members,
+    }
+}
