@@ -372,7 +372,8 @@ impl Executor {
         }
         let module = self.functions.module(&function).await.map_err(e)?;
         let dead_letter = spec.dead_letter_topic().map_err(|e| e.0)?;
-        let settings = crate::pubsub::all_settings(&self.functions.consensus).map_err(e)?;
+        let settings =
+            crate::pubsub::all_settings(&self.functions.consensus).map_err(|e| e.to_string())?;
         let mut progressed = false;
         let mut backlog = 0u64;
         for (topic, meta) in sm.topics().map_err(|e| e.to_string())? {

@@ -30,7 +30,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// The data group that holds trigger cursors and function state (with the topic logs).
-pub const STATE_GROUP: GroupId = crate::pubsub::TOPIC_GROUP;
+pub const STATE_GROUP: GroupId = GroupId(1);
 
 /// The functions side of a node: the WebAssembly runtime and what reads the stored specs.
 pub struct Functions {
@@ -537,7 +537,7 @@ pub async fn invoke(
             .map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?,
         None => Topic::new(&format!("invoke/{name}")).map_err(internal)?,
     };
-    let custom = crate::pubsub::custom_headers(headers)?;
+    let custom = crate::http::parse::custom_headers(headers)?;
     let module = st.functions.module(&spec).await?;
     let state: Arc<dyn StateView> = Arc::new(st.functions.state_view(name)?);
     let out = Topic::new(&format!("invoke/{name}/out")).map_err(internal)?;

@@ -11,9 +11,8 @@
 //! - [`identity`]: the persistent ed25519 peer identity.
 //! - [`caps`]: measuring the capability record (CPU, memory, GPUs through NVML, load).
 //! - [`cluster`]: Raft over the mesh, and the job that forms and grows the cluster.
-//! - [`pubsub`]: publish (QoS 0 and 1) and subscribe (Server-Sent Events).
-//! - [`feed`]: a subscriber's queue, bounded in bytes, holding one of the node's subscriber
-//!   slots.
+//! - [`pubsub`]: the node's side of [`canal_pubsub`] (publish, subscribe, settings,
+//!   retention): QoS 0 over the mesh.
 //! - [`functions`]: deploy, list, remove and invoke functions; triggers; function state.
 //! - [`placer`]: placement decisions (which peers run a function) and the measurements
 //!   they are made from.
@@ -33,7 +32,6 @@ pub mod cluster;
 pub mod config;
 pub mod datadir;
 pub mod executor;
-pub mod feed;
 pub mod functions;
 pub mod http;
 pub mod identity;
@@ -115,7 +113,7 @@ pub struct Node {
     consensus: Consensus<MeshTransport>,
     membership: tokio::task::JoinHandle<()>,
     executor: tokio::task::JoinHandle<()>,
-    trimmer: tokio::task::JoinHandle<()>,
+    trimmer: canal_worker::WorkerHandle,
     placer: tokio::task::JoinHandle<()>,
     api_addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
@@ -210,7 +208,7 @@ impl Node {
         )
         .await?;
         let raft_links = raft_links::RaftLinks::register(&mut registry, rpc_timeout);
-        let qos0 = pubsub::Qos0Hub::new(live.clone());
+        let qos0 = pubsub::Qos0Hub::new(live.qos0.clone());
         let formation = Arc::new(cluster::Formation::open(
             data_dir.path().join("formation-promise.json"),
         ));
@@ -274,19 +272,29 @@ impl Node {
             backlog: Default::default(),
         })
         .spawn(closing.clone());
-        let trimmer = pubsub::spawn_trimmer(consensus.clone(), closing.clone());
+        let trimmer = canal_worker::spawn(canal_pubsub::trim::Trimmer::new(consensus.clone()));
         let placer = placer::spawn(functions.clone(), handle.clone(), closing.clone());
         let _raft_links = raft_links.spawn(consensus.clone(), handle.clone(), closing.clone());
         let state = ApiState {
             dht: handle.clone(),
             consensus: consensus.clone(),
-            qos0,
+            pubsub: pubsub::PubSub::new(
+                consensus.clone(),
+                qos0,
+                Arc::new(pubsub::MeshQos0 {
+                    dht: handle.clone(),
+                }),
+                canal_pubsub::NodeContext {
+                    local_peer: handle.local_peer_id().to_base58(),
+                    subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_subscribers)),
+                    max_subscribers: config.max_subscribers,
+                    closing: closing.clone(),
+                },
+            ),
             functions,
             registry: Arc::new(registry),
             started: Instant::now(),
             closing: closing.clone(),
-            subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_subscribers)),
-            max_subscribers: config.max_subscribers,
         };
         let app = http::router(state);
         let server = tokio::spawn(async move {
@@ -346,7 +354,8 @@ impl Node {
         }
         self.membership.abort();
         self.executor.abort();
-        self.trimmer.abort();
+        // A trim in flight is answered (or times out) before the groups stop.
+        self.trimmer.shutdown(Duration::from_secs(5)).await;
         self.placer.abort();
         self.consensus.shutdown().await;
         self.dht.shutdown().await;

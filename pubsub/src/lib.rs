@@ -122,6 +122,11 @@ pub struct PublishRequest {
     pub payload: Vec<u8>,
 }
 
+/// Checks a topic name.
+pub fn check_topic(topic: &str) -> Result<Topic, PubSubError> {
+    Topic::new(topic).map_err(|e| PubSubError::InvalidTopic(e.to_string()))
+}
+
 /// Checks a publisher's message id: 1 to [`MAX_ID_LEN`] characters.
 pub fn check_id(id: Option<&str>) -> Result<String, PubSubError> {
     id.filter(|v| !v.is_empty() && v.len() <= MAX_ID_LEN)
@@ -193,7 +198,7 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
     /// `POST /v1/topics/{topic}/events`: checks the publish against the topic's settings;
     /// QoS 1 is answered after commit with the event's offset, QoS 0 once handed on.
     pub async fn publish(&self, req: PublishRequest) -> Result<Published, PubSubError> {
-        let topic = Topic::new(&req.topic).map_err(|e| PubSubError::InvalidTopic(e.to_string()))?;
+        let topic = check_topic(&req.topic)?;
         if let Some(id) = &req.id {
             check_id(Some(id))?;
         }
@@ -320,7 +325,7 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
         let topic = topic.ok_or_else(|| {
             PubSubError::InvalidAck("topic is missing: add ?topic=T&offset=N".into())
         })?;
-        let topic = Topic::new(topic).map_err(|e| PubSubError::InvalidTopic(e.to_string()))?;
+        let topic = check_topic(topic)?;
         let offset: u64 = offset.and_then(|o| o.parse().ok()).ok_or_else(|| {
             PubSubError::InvalidAck("offset must be a whole number: add ?topic=T&offset=N".into())
         })?;

@@ -74,6 +74,32 @@ impl From<ClientError> for ApiError {
     }
 }
 
+impl From<canal_pubsub::PubSubError> for ApiError {
+    fn from(e: canal_pubsub::PubSubError) -> Self {
+        use canal_pubsub::PubSubError as E;
+        let status = match &e {
+            E::Consensus(c) => return ApiError::from(c.clone()),
+            E::InvalidTopic(_)
+            | E::InvalidFilter(_)
+            | E::InvalidQos(_)
+            | E::InvalidId(_)
+            | E::InvalidHeader(_)
+            | E::InvalidFrom(_)
+            | E::InvalidDurable(_)
+            | E::InvalidAck(_)
+            | E::InvalidSettings(_) => StatusCode::BAD_REQUEST,
+            E::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            E::TooManySubscribers { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            E::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError {
+            status,
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
+}
+
 /// A body that could not be read: almost always one over the size limit.
 pub(super) fn too_large(r: BytesRejection) -> ApiError {
     ApiError::new(
