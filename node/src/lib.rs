@@ -250,6 +250,7 @@ impl Node {
             live: live.clone(),
         });
         let exec_metrics = executor::ExecMetrics::register(&mut registry);
+        let pubsub_metrics = canal_pubsub::PubSubMetrics::register(&mut registry);
         let membership = Membership {
             consensus: consensus.clone(),
             dht: handle.clone(),
@@ -289,6 +290,7 @@ impl Node {
                     subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_subscribers)),
                     max_subscribers: config.max_subscribers,
                     closing: closing.clone(),
+                    metrics: pubsub_metrics,
                 },
             ),
             functions,

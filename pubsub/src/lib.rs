@@ -13,6 +13,7 @@
 //! - [`consumer`]: a subscription's position as pure state ([`ConsumerState`]), and
 //!   [`subscribe`], the drivers that turn it into deliveries.
 //! - [`feed`]: the bounded queue between a subscription's driver and its connection.
+//! - [`metrics`]: what subscriptions count (redeliveries, give-ups, events missed).
 //!
 //! ```text
 //!   QoS 1 publish ─> check topic, payload vs settings ─> write_batched(group_of(topic), Publish)
@@ -25,6 +26,7 @@ pub mod consumer;
 pub mod error;
 pub mod event;
 pub mod feed;
+pub mod metrics;
 pub mod qos0;
 pub mod settings;
 pub mod subscribe;
@@ -33,6 +35,7 @@ pub mod trim;
 pub use consumer::{Action, ConsumerState, LogView, Redelivery, Start};
 pub use error::PubSubError;
 pub use event::Delivery;
+pub use metrics::PubSubMetrics;
 pub use qos0::{Qos0Hub, Qos0Interest, Qos0Link, Qos0Message, publish_qos0};
 pub use subscribe::SubscribeRequest;
 
@@ -148,6 +151,8 @@ pub struct NodeContext {
     pub max_subscribers: usize,
     /// Becomes true when the node shuts down; subscriptions end then.
     pub closing: watch::Receiver<bool>,
+    /// What durable subscriptions count.
+    pub metrics: PubSubMetrics,
 }
 
 /// Publishing and subscribing on one node. Cheap to clone.
@@ -303,9 +308,10 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
             name,
             consensus: self.consensus.clone(),
         });
+        let metrics = self.node.metrics.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = subscribe::drive_qos1(sm, sub.filter, state, durable, tx) => {}
+                _ = subscribe::drive_qos1(sm, sub.filter, state, durable, metrics, tx) => {}
                 _ = closing.wait_for(|c| *c) => {}
             }
         });

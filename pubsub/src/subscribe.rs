@@ -259,6 +259,7 @@ pub(crate) async fn drive_qos1<T: Transport>(
     filter: TopicFilter,
     mut state: ConsumerState,
     durable: Option<Durable<T>>,
+    metrics: crate::PubSubMetrics,
     tx: FeedTx<Delivery>,
 ) {
     let mut applied = sm.watch_applied();
@@ -285,6 +286,7 @@ pub(crate) async fn drive_qos1<T: Transport>(
             for a in actions {
                 let ok = match a {
                     Action::Gap { from, to } => {
+                        metrics.lagged_events.inc_by(to - from);
                         let gap = Lagged {
                             topic: topic.clone(),
                             from,
@@ -297,10 +299,15 @@ pub(crate) async fn drive_qos1<T: Transport>(
                     }
                     Action::Redeliver { from } => {
                         tracing::debug!(%topic, from, "redelivering from the ack floor");
+                        metrics.redeliveries.inc();
                         true
                     }
                     Action::GiveUp { offset, deliveries } => match &durable {
-                        Some(d) => give_up(&mut state, d, &topic, offset, deliveries, &tx).await,
+                        Some(d) => {
+                            let ok = give_up(&mut state, d, &topic, offset, deliveries, &tx).await;
+                            metrics.given_up.inc();
+                            ok
+                        }
                         None => true,
                     },
                     Action::Send { from, to } => {

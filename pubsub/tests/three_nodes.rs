@@ -10,7 +10,8 @@ use canal_consensus::{Consensus, GroupId, NodeId, RaftDb, RaftNode, Settings};
 use canal_proto::api::Event;
 use canal_pubsub::feed::FeedRx;
 use canal_pubsub::{
-    Delivery, NodeContext, PubSub, PublishRequest, Qos, Qos0Hub, Qos0Link, SubscribeRequest,
+    Delivery, NodeContext, PubSub, PubSubMetrics, PublishRequest, Qos, Qos0Hub, Qos0Link,
+    SubscribeRequest,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,6 +37,7 @@ type Node = PubSub<MemTransport, NoPeers>;
 struct Cluster {
     net: MemNet,
     nodes: BTreeMap<NodeId, Node>,
+    metrics: BTreeMap<NodeId, PubSubMetrics>,
     _closing: watch::Sender<bool>,
     _dirs: Vec<tempfile::TempDir>,
 }
@@ -52,6 +54,7 @@ async fn cluster() -> Cluster {
     let (closing_tx, closing) = watch::channel(false);
     let mut nodes = BTreeMap::new();
     let mut dirs = Vec::new();
+    let mut metrics: BTreeMap<NodeId, PubSubMetrics> = BTreeMap::new();
     for id in [1, 2, 3] {
         let dir = tempfile::tempdir().unwrap();
         let db = RaftDb::open(&dir.path().join("raft")).unwrap();
@@ -76,6 +79,7 @@ async fn cluster() -> Cluster {
                 subscribers: Arc::new(Semaphore::new(16)),
                 max_subscribers: 16,
                 closing: closing.clone(),
+                metrics: metrics.entry(id).or_default().clone(),
             },
         );
         nodes.insert(id, ps);
@@ -86,6 +90,7 @@ async fn cluster() -> Cluster {
     let c = Cluster {
         net,
         nodes,
+        metrics,
         _closing: closing_tx,
         _dirs: dirs,
     };
@@ -276,4 +281,6 @@ async fn an_unacknowledged_event_is_redelivered_then_given_up_on() {
         sm.cursor("billing", TOPIC).unwrap() == Some(2)
     })
     .await;
+    let m = &c.metrics[&leader];
+    assert_eq!((m.redeliveries.get(), m.given_up.get()), (1, 1));
 }
