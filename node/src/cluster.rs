@@ -90,7 +90,7 @@ pub fn node_id(peer: &PeerId) -> NodeId {
 }
 
 /// The first byte of an RPC that carries a Raft message (QoS 0 events have a lane of their
-/// own, [`crate::pubsub::serve_qos0`]).
+/// own, the mesh's QoS 0 protocol: [`DhtHandle::send_qos0`]).
 /// (Distinct from any wire format version byte, so a message framed wrongly is refused rather
 /// than misread.)
 pub const RAFT_CHANNEL: u8 = b'R';
@@ -105,9 +105,9 @@ pub const FORM_CHANNEL: u8 = b'F';
 /// the peer that sent it ([`DhtHandle::report_bad`]: counted, disconnected, banned when
 /// repeated); a Raft request refused only because its sender is no member does not, since a
 /// lagging member legitimately meets a leader it does not know yet.
-pub fn serve(
+pub fn serve<T: Transport>(
     dht: DhtHandle,
-    consensus: Consensus<MeshTransport>,
+    consensus: Consensus<T>,
     formation: Arc<Formation>,
     mut inbound: mpsc::Receiver<InboundRpc>,
 ) {
@@ -158,9 +158,9 @@ fn raft_kind(kind: &str) -> &'static str {
 }
 
 /// What the membership job needs.
-pub struct Membership {
+pub struct Membership<T: Transport> {
     /// The groups.
-    pub consensus: Consensus<MeshTransport>,
+    pub consensus: Consensus<T>,
     /// The mesh.
     pub dht: DhtHandle,
     /// How many peers form the first cluster; `None`: this node never forms one, it waits
@@ -180,16 +180,39 @@ pub struct Membership {
 /// that every peer started with it has been heard (records are gossiped every 2 s).
 const STABLE_VIEW: Duration = Duration::from_secs(3);
 
-impl Membership {
-    /// Runs the job until the task is dropped.
-    pub fn spawn(self) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
-            let mut view = View::default();
-            loop {
-                tick.tick().await;
-                self.step(&mut view).await;
-            }
+/// How often the membership job looks at the peers and the groups.
+const MEMBERSHIP_EVERY: Duration = Duration::from_millis(500);
+
+/// The membership job as a [`canal_worker::Worker`]: a step every [`MEMBERSHIP_EVERY`]; a
+/// step in hand (a formation, a learner being added) finishes before it stops.
+struct MembershipJob<T: Transport> {
+    membership: Membership<T>,
+    view: View,
+    tick: tokio::time::Interval,
+}
+
+impl<T: Transport> canal_worker::Worker for MembershipJob<T> {
+    fn name(&self) -> &'static str {
+        "membership"
+    }
+
+    async fn wait(&mut self) {
+        self.tick.tick().await;
+    }
+
+    async fn work(&mut self) -> canal_worker::Flow {
+        self.membership.step(&mut self.view).await;
+        canal_worker::Flow::Continue
+    }
+}
+
+impl<T: Transport> Membership<T> {
+    /// Starts the job; the first step comes at once.
+    pub fn spawn(self) -> canal_worker::WorkerHandle {
+        canal_worker::spawn(MembershipJob {
+            membership: self,
+            view: View::default(),
+            tick: tokio::time::interval(MEMBERSHIP_EVERY),
         })
     }
 

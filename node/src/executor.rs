@@ -16,11 +16,11 @@
 //! started. A crash before the commit re-runs the batch; a crash after it finds the cursor
 //! moved. Which node executes is [`Functions::runs_here`]'s decision alone.
 
-use crate::functions::{Functions, STATE_GROUP};
+use crate::functions::{Functions, FunctionsError, STATE_GROUP};
 use crate::pubsub::{Qos0Hub, Qos0Message};
 use canal_consensus::functions::{CursorMove, Effects, cursor_key};
 use canal_consensus::topics::PublishOp;
-use canal_consensus::{GroupId, Op, StateMachine};
+use canal_consensus::{ClientError, GroupId, Op, StateMachine, Transport};
 use canal_dht::DhtHandle;
 use canal_proto::TopicFilter;
 use canal_proto::function::{FunctionSpec, Limits, Output, TriggerSpec, state_write_cost};
@@ -28,6 +28,7 @@ use canal_proto::settings::{TopicSettings, settings_for};
 use canal_proto::{Topic, wire};
 use canal_triggers::runtime::EventIn;
 use canal_triggers::{Failure, Invocation, Prepared, StateView, rules};
+use canal_worker::{Flow, Worker, WorkerHandle};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -238,10 +239,45 @@ impl ExecMetrics {
     }
 }
 
+/// Why a trigger's step or a QoS 0 run did not happen; the trigger tries again.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The functions service could not answer (a function, its module, its state).
+    #[error(transparent)]
+    Functions(#[from] FunctionsError),
+    /// The Raft groups could not answer or commit.
+    #[error(transparent)]
+    Consensus(#[from] ClientError),
+    /// This node's replica could not be read, or holds a value that does not decode.
+    #[error("reading this node's replica: {0}")]
+    Replica(String),
+    /// The trigger's spec names a topic that does not read.
+    #[error("trigger {trigger}: {why}")]
+    Trigger {
+        /// The trigger.
+        trigger: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The topic settings could not be read.
+    #[error("reading the topic settings: {0}")]
+    Settings(String),
+}
+
+fn replica(e: impl std::fmt::Display) -> ExecError {
+    ExecError::Replica(e.to_string())
+}
+
+/// How long a QoS 1 trigger with nothing to do waits before it looks again (a change of
+/// leader or of placement shows no new applied entry).
+const TRIGGER_IDLE: Duration = Duration::from_millis(250);
+/// How long the supervisor waits for a metadata change before it looks again.
+const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
+
 /// What the executor shares between its tasks.
-pub struct Executor {
+pub struct Executor<T: Transport> {
     /// The functions service.
-    pub functions: Arc<Functions>,
+    pub functions: Arc<Functions<T>>,
     /// The mesh, for QoS 0 outputs.
     pub dht: DhtHandle,
     /// The node's QoS 0 hub.
@@ -265,134 +301,313 @@ fn log_lines(function: &str, inv: &Invocation) {
     }
 }
 
-impl Executor {
-    /// Starts the supervisor; it stops when `closing` becomes true.
-    pub fn spawn(self: Arc<Self>, closing: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move { self.supervise(closing).await })
+/// The executor's jobs: its supervisor, one job per QoS 1 trigger and the QoS 0 loop, each a
+/// [`canal_worker::Worker`]. [`ExecutorHandle::shutdown`] stops the supervisor first (so no
+/// trigger starts after), then the rest; a batch being run finishes and commits, or is not
+/// committed at all (its Raft write is never cut short).
+pub struct ExecutorHandle {
+    supervisor: WorkerHandle,
+    jobs: Arc<std::sync::Mutex<Jobs>>,
+}
+
+/// The jobs the supervisor started: by trigger uid, and the QoS 0 loop.
+#[derive(Default)]
+struct Jobs {
+    triggers: HashMap<String, WorkerHandle>,
+    qos0: Option<WorkerHandle>,
+}
+
+impl ExecutorHandle {
+    /// Stops the executor: the supervisor, then every trigger job and the QoS 0 loop, each
+    /// within `deadline`. The names of the jobs that had to be aborted.
+    pub async fn shutdown(self, deadline: Duration) -> Vec<&'static str> {
+        let mut aborted = Vec::new();
+        if !self.supervisor.shutdown(deadline).await {
+            aborted.push("executor");
+        }
+        let handles: Vec<WorkerHandle> = {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut h: Vec<WorkerHandle> = jobs.triggers.drain().map(|(_, h)| h).collect();
+            h.extend(jobs.qos0.take());
+            h
+        };
+        aborted.extend(canal_worker::shutdown_all(handles, deadline).await);
+        aborted
     }
 
-    async fn supervise(self: Arc<Self>, mut closing: watch::Receiver<bool>) {
-        let Ok(meta) = self.functions.consensus.state_machine(GroupId::METADATA) else {
-            warn!("no metadata group: functions cannot run");
+    /// How many QoS 1 trigger jobs run now.
+    pub fn triggers_running(&self) -> usize {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .triggers
+            .values()
+            .filter(|h| !h.is_finished())
+            .count()
+    }
+}
+
+/// The supervisor: starts and stops the trigger jobs as the metadata group's triggers change.
+struct Supervisor<T: Transport> {
+    exec: Arc<Executor<T>>,
+    /// The metadata group's applied index; `None` when this node has no metadata group.
+    applied: Option<watch::Receiver<u64>>,
+    qos0: watch::Sender<Arc<Vec<TriggerSpec>>>,
+    jobs: Arc<std::sync::Mutex<Jobs>>,
+    first: bool,
+    closed: bool,
+}
+
+impl<T: Transport> Worker for Supervisor<T> {
+    fn name(&self) -> &'static str {
+        "executor"
+    }
+
+    async fn wait(&mut self) {
+        if std::mem::take(&mut self.first) {
+            return;
+        }
+        let Some(applied) = self.applied.as_mut() else {
             return;
         };
-        let mut applied = meta.watch_applied();
-        let mut tasks: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-        let (qos0_tx, qos0_rx) = watch::channel(Arc::new(Vec::<TriggerSpec>::new()));
-        let qos0_task = tokio::spawn(self.clone().qos0_loop(qos0_rx));
-        loop {
-            applied.borrow_and_update();
-            match (self.functions.functions(), self.functions.triggers()) {
-                (Ok(functions), Ok(triggers)) => {
-                    // Compile what is new before its first event arrives.
-                    for f in &functions {
-                        if self.functions.runtime.get(&f.hash).is_none()
-                            && let Err(e) = self.functions.module(f).await
-                        {
-                            debug!(function = %f.name, error = ?e, "module not ready yet");
-                        }
+        tokio::select! {
+            r = applied.changed() => if r.is_err() { self.closed = true },
+            _ = tokio::time::sleep(SUPERVISE_EVERY) => {}
+        }
+    }
+
+    async fn work(&mut self) -> Flow {
+        let Some(applied) = self.applied.as_mut() else {
+            warn!("no metadata group: functions cannot run");
+            return Flow::Stop;
+        };
+        if self.closed {
+            return Flow::Stop;
+        }
+        applied.borrow_and_update();
+        let exec = &self.exec;
+        match (exec.functions.functions(), exec.functions.triggers()) {
+            (Ok(functions), Ok(triggers)) => {
+                // Compile what is new before its first event arrives.
+                for f in &functions {
+                    if exec.functions.runtime.get(&f.hash).is_none()
+                        && let Err(e) = exec.functions.module(f).await
+                    {
+                        debug!(function = %f.name, error = ?e, "module not ready yet");
                     }
-                    tasks.retain(|uid, task| {
-                        let keep = triggers.iter().any(|t| &t.uid == uid) && !task.is_finished();
+                }
+                {
+                    let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                    jobs.triggers.retain(|uid, job| {
+                        let keep = triggers.iter().any(|t| &t.uid == uid) && !job.is_finished();
                         if !keep {
-                            task.abort();
+                            // It ends after the batch in hand, if any: never half-way.
+                            job.stop();
                         }
                         keep
                     });
                     for t in triggers.iter().filter(|t| t.qos == 1) {
-                        if !tasks.contains_key(&t.uid) {
-                            let task = tokio::spawn(self.clone().run_trigger(t.clone()));
-                            tasks.insert(t.uid.clone(), task);
+                        if !jobs.triggers.contains_key(&t.uid)
+                            && let Some(job) = TriggerJob::new(exec.clone(), t.clone())
+                        {
+                            jobs.triggers
+                                .insert(t.uid.clone(), canal_worker::spawn(job));
                         }
                     }
-                    let qos0: Vec<TriggerSpec> =
-                        triggers.into_iter().filter(|t| t.qos == 0).collect();
-                    // Advertise what the QoS 0 triggers executed here listen to, so
-                    // publishers send those events here.
-                    let here: Vec<String> = qos0
-                        .iter()
-                        .filter(|t| {
-                            functions
-                                .iter()
-                                .any(|f| f.name == t.function && self.functions.runs_here(f))
-                        })
-                        .map(|t| t.filter.to_string())
-                        .collect();
-                    self.qos0.set_trigger_filters(here);
-                    qos0_tx.send_replace(Arc::new(qos0));
                 }
-                (Err(e), _) | (_, Err(e)) => warn!(error = ?e, "cannot read functions"),
+                let qos0: Vec<TriggerSpec> = triggers.into_iter().filter(|t| t.qos == 0).collect();
+                // Advertise what the QoS 0 triggers executed here listen to, so
+                // publishers send those events here.
+                let here: Vec<String> = qos0
+                    .iter()
+                    .filter(|t| {
+                        functions
+                            .iter()
+                            .any(|f| f.name == t.function && exec.functions.runs_here(f))
+                    })
+                    .map(|t| t.filter.to_string())
+                    .collect();
+                exec.qos0.set_trigger_filters(here);
+                self.qos0.send_replace(Arc::new(qos0));
             }
-            tokio::select! {
-                r = applied.changed() => if r.is_err() { break },
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = closing.wait_for(|c| *c) => break,
-            }
+            (Err(e), _) | (_, Err(e)) => warn!(error = ?e, "cannot read functions"),
         }
-        for (_, t) in tasks {
-            t.abort();
-        }
-        qos0_task.abort();
+        Flow::Continue
+    }
+}
+
+/// One QoS 1 trigger: batches from the committed log, while this node is its executor.
+struct TriggerJob<T: Transport> {
+    exec: Arc<Executor<T>>,
+    spec: TriggerSpec,
+    sm: StateMachine,
+    applied: watch::Receiver<u64>,
+    /// Whether the last step committed or was refused: then the next goes at once.
+    progressed: bool,
+    closed: bool,
+}
+
+impl<T: Transport> TriggerJob<T> {
+    fn new(exec: Arc<Executor<T>>, spec: TriggerSpec) -> Option<Self> {
+        let sm = exec.functions.consensus.state_machine(STATE_GROUP).ok()?;
+        let applied = sm.watch_applied();
+        Some(TriggerJob {
+            exec,
+            spec,
+            sm,
+            applied,
+            progressed: true,
+            closed: false,
+        })
+    }
+}
+
+impl<T: Transport> Worker for TriggerJob<T> {
+    fn name(&self) -> &'static str {
+        "trigger"
     }
 
-    /// One QoS 1 trigger: batches from the committed log, while this node is its executor.
-    async fn run_trigger(self: Arc<Self>, spec: TriggerSpec) {
-        let Ok(sm) = self.functions.consensus.state_machine(STATE_GROUP) else {
+    async fn wait(&mut self) {
+        if self.progressed {
             return;
-        };
-        let mut applied = sm.watch_applied();
-        loop {
-            applied.borrow_and_update();
-            let progressed = match self.step(&sm, &spec).await {
-                Ok(p) => p,
-                Err(e) => {
-                    warn!(trigger = %spec.name, error = %e, "trigger step failed; trying again");
-                    false
-                }
-            };
-            if !progressed {
-                // New events, or a change of leader (which the timeout notices).
-                tokio::select! {
-                    r = applied.changed() => if r.is_err() { return },
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                }
-            }
         }
+        // New events, or a change of leader (which the timeout notices).
+        tokio::select! {
+            r = self.applied.changed() => if r.is_err() { self.closed = true },
+            _ = tokio::time::sleep(TRIGGER_IDLE) => {}
+        }
+    }
+
+    async fn work(&mut self) -> Flow {
+        if self.closed {
+            return Flow::Stop;
+        }
+        self.applied.borrow_and_update();
+        self.progressed = match self.exec.step(&self.sm, &self.spec).await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(trigger = %self.spec.name, error = %e, "trigger step failed; trying again");
+                false
+            }
+        };
+        Flow::Continue
+    }
+}
+
+/// QoS 0 triggers: each event that passes this node's hub, run once if this node executes the
+/// function; outputs go out at QoS 0, state changes are committed after.
+struct Qos0Job<T: Transport> {
+    exec: Arc<Executor<T>>,
+    rx: broadcast::Receiver<Arc<Qos0Message>>,
+    triggers: watch::Receiver<Arc<Vec<TriggerSpec>>>,
+    next: Option<Result<Arc<Qos0Message>, broadcast::error::RecvError>>,
+}
+
+impl<T: Transport> Worker for Qos0Job<T> {
+    fn name(&self) -> &'static str {
+        "qos0-triggers"
+    }
+
+    async fn wait(&mut self) {
+        // Cancel-safe: a message not taken stays in the channel.
+        self.next = Some(self.rx.recv().await);
+    }
+
+    async fn work(&mut self) -> Flow {
+        let m = match self.next.take() {
+            Some(Ok(m)) => m,
+            Some(Err(broadcast::error::RecvError::Lagged(n))) => {
+                warn!(
+                    dropped = n,
+                    "QoS 0 triggers fell behind; events skipped (at most once)"
+                );
+                return Flow::Continue;
+            }
+            Some(Err(broadcast::error::RecvError::Closed)) => return Flow::Stop,
+            None => return Flow::Continue,
+        };
+        let list = self.triggers.borrow().clone();
+        if list.is_empty() {
+            return Flow::Continue;
+        }
+        let Ok(topic) = Topic::new(&m.topic) else {
+            return Flow::Continue;
+        };
+        for spec in rules::matching(&list, &topic, 0) {
+            let this = self.exec.clone();
+            let spec = spec.clone();
+            let m = m.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.run_qos0(&spec, &m).await {
+                    debug!(trigger = %spec.name, error = %e, "QoS 0 trigger did not run");
+                }
+            });
+        }
+        Flow::Continue
+    }
+}
+
+impl<T: Transport> Executor<T> {
+    /// Starts the supervisor, which starts the trigger jobs and the QoS 0 loop.
+    pub fn spawn(self: Arc<Self>) -> ExecutorHandle {
+        let applied = self
+            .functions
+            .consensus
+            .state_machine(GroupId::METADATA)
+            .ok()
+            .map(|m| m.watch_applied());
+        let (qos0_tx, qos0_rx) = watch::channel(Arc::new(Vec::<TriggerSpec>::new()));
+        let jobs = Arc::new(std::sync::Mutex::new(Jobs {
+            triggers: HashMap::new(),
+            qos0: Some(canal_worker::spawn(Qos0Job {
+                exec: self.clone(),
+                rx: self.qos0.subscribe(),
+                triggers: qos0_rx,
+                next: None,
+            })),
+        }));
+        let supervisor = canal_worker::spawn(Supervisor {
+            exec: self,
+            applied,
+            qos0: qos0_tx,
+            jobs: jobs.clone(),
+            first: true,
+            closed: false,
+        });
+        ExecutorHandle { supervisor, jobs }
     }
 
     /// Processes the next batch of every matching topic; says whether anything was
     /// committed or refused (then the caller goes again at once).
-    async fn step(&self, sm: &StateMachine, spec: &TriggerSpec) -> Result<bool, String> {
-        let e = |e: crate::http::ApiError| format!("{e:?}");
-        let Some(function) = self.functions.function(&spec.function).map_err(e)? else {
+    async fn step(&self, sm: &StateMachine, spec: &TriggerSpec) -> Result<bool, ExecError> {
+        let Some(function) = self.functions.function(&spec.function)? else {
             return Ok(false);
         };
         if !self.functions.runs_here(&function) {
             return Ok(false);
         }
-        let module = self.functions.module(&function).await.map_err(e)?;
-        let dead_letter = spec.dead_letter_topic().map_err(|e| e.0)?;
-        let settings =
-            crate::pubsub::all_settings(&self.functions.consensus).map_err(|e| e.to_string())?;
+        let module = self.functions.module(&function).await?;
+        let dead_letter = spec.dead_letter_topic().map_err(|e| ExecError::Trigger {
+            trigger: spec.name.clone(),
+            why: e.0,
+        })?;
+        let settings = canal_pubsub::settings::all_settings(&self.functions.consensus)
+            .map_err(|e| ExecError::Settings(e.to_string()))?;
         let mut progressed = false;
         let mut backlog = 0u64;
-        for (topic, meta) in sm.topics().map_err(|e| e.to_string())? {
+        for (topic, meta) in sm.topics().map_err(replica)? {
             let Ok(t) = Topic::new(&topic) else { continue };
             if !spec.filter.matches(&t) || t == dead_letter {
                 continue;
             }
-            let stored: Option<u64> = match sm
-                .get(&cursor_key(&spec.uid, &topic))
-                .map_err(|e| e.to_string())?
-            {
-                Some(b) => Some(wire::decode(&b).map_err(|e| e.to_string())?),
-                None => None,
-            };
+            let stored: Option<u64> =
+                match sm.get(&cursor_key(&spec.uid, &topic)).map_err(replica)? {
+                    Some(b) => Some(wire::decode(&b).map_err(replica)?),
+                    None => None,
+                };
             let created_at = match stored {
                 Some(_) => 0,
-                None => sm
-                    .offset_at(&topic, spec.created_ms)
-                    .map_err(|e| e.to_string())?,
+                None => sm.offset_at(&topic, spec.created_ms).map_err(replica)?,
             };
             let start = rules::start(stored, meta.first, meta.next, created_at);
             if let Some((from, to)) = start.skipped {
@@ -406,10 +621,9 @@ impl Executor {
             let end = rules::batch_end(start.offset, meta.next, BATCH_EVENTS);
             let events = sm
                 .events(&topic, start.offset, (end - start.offset) as usize)
-                .map_err(|e| e.to_string())?;
-            let version = self.functions.state_version(&function.name).map_err(e)?;
-            let base: Arc<dyn StateView> =
-                Arc::new(self.functions.state_view(&function.name).map_err(e)?);
+                .map_err(replica)?;
+            let version = self.functions.state_version(&function.name)?;
+            let base: Arc<dyn StateView> = Arc::new(self.functions.state_view(&function.name)?);
             let mut changes = BTreeMap::new();
             let mut outputs = Vec::new();
             let mut budget = EntryBudget::default();
@@ -505,8 +719,7 @@ impl Executor {
                 .functions
                 .consensus
                 .write_op(STATE_GROUP, Op::Effects(fx))
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             // The next batch starts from this replica's cursor: wait until it has applied
             // this entry, or an executor away from the leader would re-run the batch it just
             // committed (and be refused) until its replica caught up.
@@ -653,53 +866,15 @@ impl Executor {
         provenance(&self.functions.peer_id, spec, topic, offset, hops, headers)
     }
 
-    /// QoS 0 triggers: each event that passes this node's hub, run once if this node
-    /// executes the function; outputs go out at QoS 0, state changes are committed after.
-    async fn qos0_loop(self: Arc<Self>, triggers: watch::Receiver<Arc<Vec<TriggerSpec>>>) {
-        let mut rx = self.qos0.subscribe();
-        loop {
-            let m = match rx.recv().await {
-                Ok(m) => m,
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    warn!(
-                        dropped = n,
-                        "QoS 0 triggers fell behind; events skipped (at most once)"
-                    );
-                    continue;
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            let list = triggers.borrow().clone();
-            if list.is_empty() {
-                continue;
-            }
-            let Ok(topic) = Topic::new(&m.topic) else {
-                continue;
-            };
-            for spec in rules::matching(&list, &topic, 0) {
-                let this = self.clone();
-                let spec = spec.clone();
-                let m = m.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = this.run_qos0(&spec, &m).await {
-                        debug!(trigger = %spec.name, error = %e, "QoS 0 trigger did not run");
-                    }
-                });
-            }
-        }
-    }
-
-    async fn run_qos0(&self, spec: &TriggerSpec, m: &Qos0Message) -> Result<(), String> {
-        let e = |e: crate::http::ApiError| format!("{e:?}");
-        let Some(function) = self.functions.function(&spec.function).map_err(e)? else {
+    async fn run_qos0(&self, spec: &TriggerSpec, m: &Qos0Message) -> Result<(), ExecError> {
+        let Some(function) = self.functions.function(&spec.function)? else {
             return Ok(());
         };
         if !self.functions.runs_here(&function) {
             return Ok(());
         }
-        let module = self.functions.module(&function).await.map_err(e)?;
-        let base: Arc<dyn StateView> =
-            Arc::new(self.functions.state_view(&function.name).map_err(e)?);
+        let module = self.functions.module(&function).await?;
+        let base: Arc<dyn StateView> = Arc::new(self.functions.state_view(&function.name)?);
         let event = EventIn {
             topic: m.topic.clone(),
             id: m.id.clone(),
@@ -739,7 +914,10 @@ impl Executor {
                     .inc();
                 let mut headers = m.headers.clone();
                 headers.extend(dead_letter_headers(spec, &m.topic, None, failure));
-                let dl = spec.dead_letter_topic().map_err(|e| e.0)?;
+                let dl = spec.dead_letter_topic().map_err(|e| ExecError::Trigger {
+                    trigger: spec.name.clone(),
+                    why: e.0,
+                })?;
                 vec![Output {
                     topic: dl.to_string(),
                     headers,
@@ -772,8 +950,7 @@ impl Executor {
             self.functions
                 .consensus
                 .write_op(STATE_GROUP, Op::Effects(fx))
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
         }
         Ok(())
     }
@@ -1050,5 +1227,202 @@ mod tests {
             h.iter()
                 .any(|(k, v)| k == "canal-error" && v.ends_with("hops: 17"))
         );
+    }
+
+    /// A mesh of one peer, for the executor's QoS 0 outputs (the QoS 1 path does not use it).
+    async fn lone_mesh() -> canal_dht::Dht {
+        struct Plain;
+        impl canal_dht::LocalRecord for Plain {
+            fn measure(&mut self) -> canal_proto::Capabilities {
+                canal_proto::Capabilities::default()
+            }
+        }
+        let config = canal_dht::DhtConfig::new(
+            libp2p::identity::Keypair::generate_ed25519(),
+            vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        );
+        canal_dht::Dht::start(config, Box::new(Plain), &mut Registry::default())
+            .await
+            .unwrap()
+    }
+
+    fn executor<T: Transport>(functions: Arc<Functions<T>>, dht: &canal_dht::Dht) -> Executor<T> {
+        Executor {
+            qos0: Qos0Hub::new(functions.live.qos0.clone()),
+            functions,
+            dht: dht.handle(),
+            metrics: ExecMetrics::register(&mut Registry::default()),
+            backlog: Default::default(),
+        }
+    }
+
+    async fn publish<T: Transport>(f: &Functions<T>, topic: &str, payload: &str) {
+        f.consensus
+            .write_op(
+                STATE_GROUP,
+                Op::Publish(PublishOp {
+                    topic: topic.to_string(),
+                    id: None,
+                    headers: vec![("k".into(), "v".into())],
+                    payload: payload.as_bytes().to_vec(),
+                    retention: canal_proto::settings::Retention::default(),
+                }),
+            )
+            .await
+            .unwrap();
+    }
+
+    fn payloads(sm: &StateMachine, topic: &str) -> Vec<String> {
+        sm.events(topic, 0, 1000)
+            .unwrap()
+            .into_iter()
+            .map(|e| String::from_utf8(e.payload).unwrap())
+            .collect()
+    }
+
+    fn cursor(sm: &StateMachine, uid: &str, topic: &str) -> Option<u64> {
+        sm.get(&cursor_key(uid, topic))
+            .unwrap()
+            .map(|b| wire::decode(&b).unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_qos1_trigger_runs_each_event_once_and_a_rerun_applies_nothing_twice() {
+        use crate::testkit::{self, Cluster, FixedPeers};
+        let cluster = Cluster::formed(1).await;
+        let m = &cluster.members[0];
+        let f = testkit::functions(m, FixedPeers::of(&[m.peer]));
+        testkit::deploy(&f, "up", "uppercase").await;
+        let spec = f
+            .trigger_add(
+                "shout",
+                canal_proto::function::TriggerRequest {
+                    on: "in/#".into(),
+                    function: "up".into(),
+                    out: Some("out/loud".into()),
+                    qos: Some(1),
+                    retries: Some(0),
+                    dead_letter: None,
+                },
+            )
+            .await
+            .unwrap();
+        let sm = m.consensus.state_machine(STATE_GROUP).unwrap();
+        for i in 0..5 {
+            publish(&f, "in/a", &format!("hello {i}")).await;
+        }
+        let dht = lone_mesh().await;
+        let running = Arc::new(executor(f.clone(), &dht)).spawn();
+        let want: Vec<String> = (0..5).map(|i| format!("HELLO {i}")).collect();
+        testkit::until("five outputs", Duration::from_secs(20), || {
+            payloads(&sm, "out/loud").len() >= 5
+        })
+        .await;
+        // Each event once, in order; the cursor stands past the last event its outputs came
+        // from.
+        assert_eq!(payloads(&sm, "out/loud"), want);
+        assert_eq!(cursor(&sm, &spec.uid, "in/a"), Some(5));
+        assert!(running.triggers_running() == 1);
+        // Events published while it runs are picked up too.
+        publish(&f, "in/a", "hello 5").await;
+        testkit::until("the sixth output", Duration::from_secs(20), || {
+            payloads(&sm, "out/loud").len() >= 6
+        })
+        .await;
+        let aborted = running.shutdown(Duration::from_secs(10)).await;
+        assert!(aborted.is_empty(), "jobs aborted at shutdown: {aborted:?}");
+        assert_eq!(cursor(&sm, &spec.uid, "in/a"), Some(6));
+
+        // A crash between the commit and the executor hearing of it: the batch runs again
+        // from where it started. Its effects are refused, as the cursor moved.
+        let rerun = Effects {
+            function: "up".into(),
+            cursor: Some(CursorMove {
+                trigger_uid: spec.uid.clone(),
+                topic: "in/a".into(),
+                expected: None,
+                next: 5,
+            }),
+            state_version: Some(0),
+            state: Vec::new(),
+            outputs: vec![PublishOp {
+                topic: "out/loud".into(),
+                id: Some(rules::output_id(&spec.uid, "in/a", 0, 0)),
+                headers: Vec::new(),
+                payload: b"HELLO 0".to_vec(),
+                retention: canal_proto::settings::Retention::default(),
+            }],
+        };
+        let r = f
+            .consensus
+            .write_op(STATE_GROUP, Op::Effects(rerun))
+            .await
+            .unwrap();
+        assert!(
+            r.refused.is_some(),
+            "a re-run's effects were applied: {r:?}"
+        );
+
+        // A restarted executor on the same replica goes on from the cursor: nothing twice.
+        publish(&f, "in/a", "hello 6").await;
+        let again = Arc::new(executor(f.clone(), &dht)).spawn();
+        testkit::until("the seventh output", Duration::from_secs(20), || {
+            payloads(&sm, "out/loud").len() >= 7
+        })
+        .await;
+        let aborted = again.shutdown(Duration::from_secs(10)).await;
+        assert!(aborted.is_empty(), "{aborted:?}");
+        let all: Vec<String> = (0..7).map(|i| format!("HELLO {i}")).collect();
+        assert_eq!(payloads(&sm, "out/loud"), all);
+        assert_eq!(cursor(&sm, &spec.uid, "in/a"), Some(7));
+        dht.shutdown().await;
+        cluster.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_lets_a_batch_in_flight_commit() {
+        use crate::testkit::{self, Cluster, FixedPeers};
+        let cluster = Cluster::formed(1).await;
+        let m = &cluster.members[0];
+        let f = testkit::functions(m, FixedPeers::of(&[m.peer]));
+        testkit::deploy(&f, "up", "uppercase").await;
+        let spec = f
+            .trigger_add(
+                "shout",
+                canal_proto::function::TriggerRequest {
+                    on: "in/#".into(),
+                    function: "up".into(),
+                    out: Some("out/loud".into()),
+                    qos: Some(1),
+                    retries: Some(0),
+                    dead_letter: None,
+                },
+            )
+            .await
+            .unwrap();
+        let sm = m.consensus.state_machine(STATE_GROUP).unwrap();
+        let dht = lone_mesh().await;
+        let running = Arc::new(executor(f.clone(), &dht)).spawn();
+        testkit::until("the trigger's job", Duration::from_secs(10), || {
+            running.triggers_running() == 1
+        })
+        .await;
+        for i in 0..40 {
+            publish(&f, "in/b", &format!("e{i}")).await;
+        }
+        // Stop as soon as the first batch has started to produce: whatever was committed
+        // is whole (cursor and outputs together), nothing is cut half-way.
+        testkit::until("a batch to start", Duration::from_secs(20), || {
+            f.live.running_invocations.load(Ordering::Relaxed) > 0
+                || !payloads(&sm, "out/loud").is_empty()
+        })
+        .await;
+        let aborted = running.shutdown(Duration::from_secs(10)).await;
+        assert!(aborted.is_empty(), "{aborted:?}");
+        let done = cursor(&sm, &spec.uid, "in/b").unwrap_or(0);
+        assert_eq!(payloads(&sm, "out/loud").len() as u64, done);
+        assert!(done >= 1, "the batch in flight was not committed");
+        dht.shutdown().await;
+        cluster.shutdown().await;
     }
 }

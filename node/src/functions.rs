@@ -1,5 +1,6 @@
-//! Functions and triggers over the client API: deploy, list, remove, invoke, state; and the
-//! [`Functions`] service the executor shares with the handlers.
+//! The functions service: deploy, list, remove and invoke functions; triggers; function
+//! state. The client API ([`crate::http`]) and the executor share it; it knows nothing of HTTP
+//! and answers [`FunctionsError`].
 //!
 //! A deploy is validated and compiled on the node that takes it before anything is stored:
 //! a module that is not a component, does not compile, imports what canal does not provide
@@ -8,14 +9,12 @@
 //! under its name; every node reads both from its replica and compiles (or loads from its
 //! artifact cache) before the function's first event.
 
-use crate::cluster::MeshTransport;
-use crate::http::{ApiError, ApiState};
-use axum::http::{HeaderMap, StatusCode};
+use crate::placement::{PeerSource, PlacementError};
 use canal_consensus::functions::{
     FUNCTION_PREFIX, TRIGGER_PREFIX, function_key, module_key, state_key, state_prefix,
     trigger_key, version_key,
 };
-use canal_consensus::{Consensus, GroupId, Op, Request, StateMachine};
+use canal_consensus::{ClientError, Consensus, GroupId, Op, Request, StateMachine, Transport};
 use canal_proto::function::{
     Deployed, FunctionSpec, InvokeResult, Limits, MAX_MODULE_BYTES, Requirements, TriggerRequest,
     TriggerSpec, check_function_name, check_trigger_name,
@@ -24,20 +23,178 @@ use canal_proto::{Topic, TopicFilter, wire};
 use canal_triggers::runtime::{EventIn, module_hash};
 use canal_triggers::{DeployError, Invocation, Prepared, Runtime, StateView};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+/// Why the functions service refused or failed a request. Each variant's text names what was
+/// wrong and what is allowed; [`crate::http::error`] gives each its status and `kind`.
+#[derive(Debug, thiserror::Error)]
+pub enum FunctionsError {
+    /// A function or trigger name that is not allowed.
+    #[error("{0}")]
+    InvalidName(String),
+    /// A deploy setting this node does not know.
+    #[error("{name:?} is not a deploy setting: use {known}")]
+    UnknownSetting {
+        /// The setting given.
+        name: String,
+        /// The settings there are, comma-separated.
+        known: String,
+    },
+    /// Limits that do not read or are out of range.
+    #[error("{0}")]
+    InvalidLimits(String),
+    /// Placement requirements that do not read or are out of range.
+    #[error("{0}")]
+    InvalidRequirements(String),
+    /// A placement policy this build does not know.
+    #[error("{0}")]
+    InvalidPolicy(String),
+    /// A module over [`MAX_MODULE_BYTES`].
+    #[error("the module is {size} bytes: at most {limit} are allowed")]
+    ModuleTooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit, [`MAX_MODULE_BYTES`].
+        limit: usize,
+    },
+    /// A module that is no component, does not compile, or imports or exports the wrong
+    /// things.
+    #[error("{0}")]
+    InvalidModule(String),
+    /// This node's replica does not hold the module a function names yet.
+    #[error(
+        "this node has not received module {hash} of {function} yet: it is replicated with the metadata group"
+    )]
+    ModuleMissing {
+        /// The module's hash.
+        hash: String,
+        /// The function.
+        function: String,
+    },
+    /// No function by that name.
+    #[error("no function named {0}")]
+    NoFunction(String),
+    /// No trigger by that name.
+    #[error("no trigger named {0}")]
+    NoTrigger(String),
+    /// A function that triggers still run cannot be removed.
+    #[error(
+        "function {function} is run by trigger(s) {}: remove them first with `canal trigger rm`",
+        .triggers.join(", ")
+    )]
+    InUse {
+        /// The function.
+        function: String,
+        /// The triggers that run it.
+        triggers: Vec<String>,
+    },
+    /// A trigger that does not validate.
+    #[error("{0}")]
+    InvalidTrigger(String),
+    /// A trigger's filter that does not read.
+    #[error("{0}")]
+    InvalidFilter(String),
+    /// A topic (a trigger's output or dead-letter topic) that does not read.
+    #[error("{0}")]
+    InvalidTopic(String),
+    /// A trigger names a function that is not deployed.
+    #[error("no function named {0}: deploy it first with `canal fn deploy`")]
+    UnknownFunction(String),
+    /// A trigger by that name exists already.
+    #[error("trigger {0} exists: remove it first with `canal trigger rm {0}`")]
+    TriggerExists(String),
+    /// The Raft groups could not answer.
+    #[error(transparent)]
+    Consensus(#[from] ClientError),
+    /// The first placement was not committed.
+    #[error(transparent)]
+    Placement(PlacementError),
+    /// Something that should not fail did: a stored value that does not decode, a failed
+    /// task.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<PlacementError> for FunctionsError {
+    fn from(e: PlacementError) -> Self {
+        match e {
+            // A Raft error is the same answer whichever write met it.
+            PlacementError::Consensus(c) => FunctionsError::Consensus(c),
+            other => FunctionsError::Placement(other),
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> FunctionsError {
+    FunctionsError::Internal(e.to_string())
+}
+
+/// What a deploy is asked to store, its settings read already.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploySettings {
+    /// The per-invocation limits.
+    pub limits: Limits,
+    /// What a peer must have to run the function.
+    pub requirements: Requirements,
+    /// How placement chooses among the peers that may.
+    pub policy: canal_placement::Policy,
+}
+
+impl Default for DeploySettings {
+    /// What a deploy without settings gets: the default limits, one replica that must meet
+    /// the requirements, the default policy.
+    fn default() -> Self {
+        DeploySettings {
+            limits: Limits::default(),
+            requirements: Requirements {
+                replicas: 1,
+                hard: true,
+                ..Requirements::default()
+            },
+            policy: canal_placement::Policy::default(),
+        }
+    }
+}
+
+/// A deploy: the function's name, its settings and its component.
+#[derive(Debug, Clone)]
+pub struct DeployRequest {
+    /// The function's name.
+    pub name: String,
+    /// Its settings.
+    pub settings: DeploySettings,
+    /// The component's bytes.
+    pub module: Vec<u8>,
+}
+
+/// One invocation by hand: nothing it does is committed.
+#[derive(Debug, Clone)]
+pub struct InvokeRequest {
+    /// The function.
+    pub function: String,
+    /// The topic the event claims to come from; `invoke/{function}` when none.
+    pub topic: Option<Topic>,
+    /// The event's custom headers.
+    pub headers: Vec<(String, String)>,
+    /// Its payload.
+    pub payload: Vec<u8>,
+}
+
 /// The data group that holds trigger cursors and function state (with the topic logs).
+/// It is the group of the topic logs (`canal_pubsub::group_of`, checked where both are
+/// composed, in lib.rs), so that a trigger's cursor, its outputs and its state commit in one
+/// entry.
 pub const STATE_GROUP: GroupId = GroupId(1);
 
 /// The functions side of a node: the WebAssembly runtime and what reads the stored specs.
-pub struct Functions {
+pub struct Functions<T: Transport> {
     /// The runtime.
     pub runtime: Arc<Runtime>,
     /// The Raft groups.
-    pub consensus: Consensus<MeshTransport>,
+    pub consensus: Consensus<T>,
     /// This node's peer id, base58: the executor header of what it runs.
     pub peer_id: String,
     /// Bounds the invocations in flight to the instance pool's size.
@@ -46,29 +203,27 @@ pub struct Functions {
     pub estimates: std::sync::Mutex<canal_placement::Estimates>,
     /// The load counters this node advertises.
     pub live: Arc<crate::caps::LoadCounters>,
+    /// The peers placement chooses from (the mesh's peer table).
+    pub peers: Arc<dyn PeerSource>,
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-}
-
-impl Functions {
-    fn metadata(&self) -> Result<StateMachine, ApiError> {
+impl<T: Transport> Functions<T> {
+    fn metadata(&self) -> Result<StateMachine, FunctionsError> {
         Ok(self.consensus.state_machine(GroupId::METADATA)?)
     }
 
     /// Every function, from this node's replica of the metadata group.
-    pub fn functions(&self) -> Result<Vec<FunctionSpec>, ApiError> {
+    pub fn functions(&self) -> Result<Vec<FunctionSpec>, FunctionsError> {
         decode_all(&self.metadata()?, FUNCTION_PREFIX)
     }
 
     /// Every trigger, from this node's replica of the metadata group.
-    pub fn triggers(&self) -> Result<Vec<TriggerSpec>, ApiError> {
+    pub fn triggers(&self) -> Result<Vec<TriggerSpec>, FunctionsError> {
         decode_all(&self.metadata()?, TRIGGER_PREFIX)
     }
 
     /// One function, from this node's replica.
-    pub fn function(&self, name: &str) -> Result<Option<FunctionSpec>, ApiError> {
+    pub fn function(&self, name: &str) -> Result<Option<FunctionSpec>, FunctionsError> {
         match self
             .metadata()?
             .get(&function_key(name))
@@ -80,7 +235,7 @@ impl Functions {
     }
 
     /// One function, read through the leader: sees every write acknowledged before.
-    pub async fn function_now(&self, name: &str) -> Result<Option<FunctionSpec>, ApiError> {
+    pub async fn function_now(&self, name: &str) -> Result<Option<FunctionSpec>, FunctionsError> {
         match self
             .consensus
             .read(GroupId::METADATA, &function_key(name), true)
@@ -93,7 +248,7 @@ impl Functions {
 
     /// The function's module, ready to run: prepared already, or read from the replica by
     /// hash and prepared now (compiled, or loaded from the artifact cache).
-    pub async fn module(&self, spec: &FunctionSpec) -> Result<Arc<Prepared>, ApiError> {
+    pub async fn module(&self, spec: &FunctionSpec) -> Result<Arc<Prepared>, FunctionsError> {
         if let Some(p) = self.runtime.get(&spec.hash) {
             return Ok(p);
         }
@@ -101,25 +256,19 @@ impl Functions {
             .metadata()?
             .get(&module_key(&spec.hash))
             .map_err(internal)?
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "module_missing",
-                    format!(
-                        "this node has not received module {} of {} yet: it is replicated with the metadata group",
-                        spec.hash, spec.name
-                    ),
-                )
+            .ok_or_else(|| FunctionsError::ModuleMissing {
+                hash: spec.hash.clone(),
+                function: spec.name.clone(),
             })?;
         let rt = self.runtime.clone();
         tokio::task::spawn_blocking(move || rt.prepare(&bytes))
             .await
             .map_err(internal)?
-            .map_err(|e| ApiError::bad_request("invalid_module", e.to_string()))
+            .map_err(|e| FunctionsError::InvalidModule(e.to_string()))
     }
 
     /// A view of `function`'s state on this node's replica.
-    pub fn state_view(&self, function: &str) -> Result<ReplicaState, ApiError> {
+    pub fn state_view(&self, function: &str) -> Result<ReplicaState, FunctionsError> {
         Ok(ReplicaState {
             sm: self.consensus.state_machine(STATE_GROUP)?,
             function: function.to_string(),
@@ -127,7 +276,7 @@ impl Functions {
     }
 
     /// The function's state version on this node's replica.
-    pub fn state_version(&self, function: &str) -> Result<u64, ApiError> {
+    pub fn state_version(&self, function: &str) -> Result<u64, FunctionsError> {
         let sm = self.consensus.state_machine(STATE_GROUP)?;
         match sm.get(&version_key(function)).map_err(internal)? {
             Some(b) => wire::decode(&b).map_err(internal),
@@ -139,7 +288,7 @@ impl Functions {
     /// function without a placement yet (deploy commits the first one), or one placement
     /// found no peer for, runs nowhere: its QoS 1 events wait in the log.
     pub fn runs_here(&self, function: &FunctionSpec) -> bool {
-        crate::placer::placed(self, &function.name)
+        crate::placement::placed(&self.consensus, &function.name)
             .is_some_and(|p| p.decision.chosen.first() == Some(&self.peer_id))
     }
 
@@ -213,7 +362,7 @@ pub async fn run_in_slot<T: Send + 'static>(
 fn decode_all<T: serde::de::DeserializeOwned>(
     sm: &StateMachine,
     prefix: &str,
-) -> Result<Vec<T>, ApiError> {
+) -> Result<Vec<T>, FunctionsError> {
     sm.scan(prefix)
         .map_err(internal)?
         .into_iter()
@@ -247,134 +396,6 @@ impl StateView for ReplicaState {
     }
 }
 
-fn bad(kind: &'static str) -> impl Fn(canal_proto::function::SpecError) -> ApiError {
-    move |e| ApiError::bad_request(kind, e.0)
-}
-
-/// Reads limits and requirements from the deploy's query.
-fn deploy_settings(
-    q: &HashMap<String, String>,
-) -> Result<(Limits, Requirements, canal_placement::Policy), ApiError> {
-    const KNOWN: [&str; 12] = [
-        "memory",
-        "timeout",
-        "fuel",
-        "max-outputs",
-        "max-output-bytes",
-        "max-state-bytes",
-        "gpu",
-        "tier",
-        "labels",
-        "replicas",
-        "hard",
-        "policy",
-    ];
-    if let Some(k) = q.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(ApiError::bad_request(
-            "invalid_setting",
-            format!("{k:?} is not a deploy setting: use {}", KNOWN.join(", ")),
-        ));
-    }
-    let mut limits = Limits::default();
-    if let Some(m) = q.get("memory") {
-        limits.memory_bytes = canal_proto::size::parse_bytes(m)
-            .map_err(|e| ApiError::bad_request("invalid_limits", format!("memory: {e}")))?;
-    }
-    if let Some(t) = q.get("timeout") {
-        let d = humantime::parse_duration(t).map_err(|e| {
-            ApiError::bad_request(
-                "invalid_limits",
-                format!("timeout {t:?} is not a duration ({e}): write 500ms, 2s or 1m"),
-            )
-        })?;
-        limits.timeout_ms = d.as_millis().min(u64::MAX as u128) as u64;
-    }
-    if let Some(f) = q.get("fuel") {
-        limits.fuel = Some(f.parse().map_err(|_| {
-            ApiError::bad_request(
-                "invalid_limits",
-                format!("fuel {f:?} is not a whole number of instructions"),
-            )
-        })?);
-    }
-    if let Some(n) = q.get("max-outputs") {
-        limits.max_outputs = n.trim().parse().map_err(|_| {
-            ApiError::bad_request(
-                "invalid_limits",
-                format!(
-                    "max-outputs {n:?} is not a whole number: use 0 to {}",
-                    canal_proto::function::MAX_MAX_OUTPUTS
-                ),
-            )
-        })?;
-    }
-    for (key, field) in [
-        ("max-output-bytes", &mut limits.max_output_bytes),
-        ("max-state-bytes", &mut limits.max_state_bytes),
-    ] {
-        if let Some(v) = q.get(key) {
-            *field = canal_proto::size::parse_bytes(v)
-                .map_err(|e| ApiError::bad_request("invalid_limits", format!("{key}: {e}")))?;
-        }
-    }
-    limits.validate().map_err(bad("invalid_limits"))?;
-    let mut req = Requirements {
-        replicas: 1,
-        hard: true,
-        ..Requirements::default()
-    };
-    match q.get("gpu").map(String::as_str) {
-        None | Some("false") => {}
-        Some("true") | Some("") => req.gpu = true,
-        Some(mem) => {
-            req.gpu = true;
-            req.gpu_memory_bytes =
-                Some(canal_proto::size::parse_bytes(mem).map_err(|e| {
-                    ApiError::bad_request("invalid_requirements", format!("gpu: {e}"))
-                })?);
-        }
-    }
-    if let Some(t) = q.get("tier") {
-        req.tier = Some(t.clone());
-    }
-    if let Some(labels) = q.get("labels").filter(|l| !l.is_empty()) {
-        for pair in labels.split(',') {
-            let (k, v) = crate::config::parse_label(pair)
-                .map_err(|e| ApiError::bad_request("invalid_requirements", e))?;
-            req.labels.insert(k, v);
-        }
-    }
-    if let Some(r) = q.get("replicas") {
-        req.replicas = r
-            .parse()
-            .ok()
-            .filter(|n| (1..=16).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_requirements",
-                    format!("replicas {r:?} is not allowed: use 1 to 16"),
-                )
-            })?;
-    }
-    match q.get("hard").map(String::as_str) {
-        None | Some("true") => {}
-        Some("false") => req.hard = false,
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                "invalid_requirements",
-                format!("hard={other:?}: use true (fail if unmet) or false (prefer)"),
-            ));
-        }
-    }
-    let policy = match q.get("policy") {
-        None => canal_placement::Policy::default(),
-        Some(p) => p.parse().map_err(|e: canal_placement::PolicyError| {
-            ApiError::bad_request("invalid_policy", e.to_string())
-        })?,
-    };
-    Ok((limits, req, policy))
-}
-
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -382,214 +403,304 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// `PUT /v1/functions/{name}`: body = the component.
-pub async fn deploy(
-    st: &ApiState,
-    name: &str,
-    q: &HashMap<String, String>,
-    body: &[u8],
-) -> Result<(StatusCode, Deployed), ApiError> {
-    check_function_name(name).map_err(bad("invalid_name"))?;
-    let (limits, requirements, policy) = deploy_settings(q)?;
-    if body.len() > MAX_MODULE_BYTES {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!(
-                "the module is {} bytes: at most {MAX_MODULE_BYTES} are allowed",
-                body.len()
-            ),
-        ));
+fn invalid_name(e: canal_proto::function::SpecError) -> FunctionsError {
+    FunctionsError::InvalidName(e.0)
+}
+
+impl<T: Transport> Functions<T> {
+    /// A new id no other of any node has, for what this node creates (requests, triggers,
+    /// events of invocations by hand).
+    pub fn fresh_id(&self) -> String {
+        crate::ids::fresh_id(&self.peer_id)
     }
-    let started = Instant::now();
-    let rt = st.functions.runtime.clone();
-    let bytes = body.to_vec();
-    let prepared = tokio::task::spawn_blocking(move || rt.prepare(&bytes))
-        .await
-        .map_err(internal)?
-        .map_err(|e: DeployError| ApiError::bad_request("invalid_module", e.to_string()))?;
-    let compile_ms = started.elapsed().as_secs_f64() * 1000.0;
-    debug_assert_eq!(prepared.hash, module_hash(body));
-    // The module first, so a spec never names a module the cluster does not have; the
-    // request id makes storing the same module twice one write.
-    st.consensus
-        .write(
-            GroupId::METADATA,
-            Request {
-                id: Some(format!("module/{}", prepared.hash)),
-                op: Op::Internal {
-                    key: canal_consensus::InternalKey::Module(prepared.hash.clone()),
-                    value: Some(body.to_vec()),
+
+    /// Deploys a function: checks and compiles the module, stores it and the function's
+    /// spec, and commits its first placement. The answer says which module it replaced, if
+    /// any.
+    pub async fn deploy(&self, req: DeployRequest) -> Result<Deployed, FunctionsError> {
+        let DeployRequest {
+            name,
+            settings,
+            module: body,
+        } = req;
+        check_function_name(&name).map_err(invalid_name)?;
+        if body.len() > MAX_MODULE_BYTES {
+            return Err(FunctionsError::ModuleTooLarge {
+                size: body.len(),
+                limit: MAX_MODULE_BYTES,
+            });
+        }
+        let started = Instant::now();
+        let rt = self.runtime.clone();
+        let bytes = body.clone();
+        let prepared = tokio::task::spawn_blocking(move || rt.prepare(&bytes))
+            .await
+            .map_err(internal)?
+            .map_err(|e: DeployError| FunctionsError::InvalidModule(e.to_string()))?;
+        let compile_ms = started.elapsed().as_secs_f64() * 1000.0;
+        debug_assert_eq!(prepared.hash, module_hash(&body));
+        let size = body.len() as u64;
+        // The module first, so a spec never names a module the cluster does not have; the
+        // request id makes storing the same module twice one write.
+        self.consensus
+            .write(
+                GroupId::METADATA,
+                Request {
+                    id: Some(format!("module/{}", prepared.hash)),
+                    op: Op::Internal {
+                        key: canal_consensus::InternalKey::Module(prepared.hash.clone()),
+                        value: Some(body),
+                    },
                 },
-            },
-        )
-        .await?;
-    let spec = FunctionSpec {
-        name: name.to_string(),
-        hash: prepared.hash.clone(),
-        size: body.len() as u64,
-        limits,
-        requirements,
-        policy: policy.to_string(),
-        deployed_ms: now_ms(),
-    };
-    let r = st
-        .consensus
-        .write(
-            GroupId::METADATA,
-            Request {
-                id: Some(crate::http::fresh_id(st)),
-                op: Op::Internal {
-                    key: canal_consensus::InternalKey::Function(name.to_string()),
-                    value: Some(wire::encode(&spec).map_err(internal)?),
+            )
+            .await?;
+        let spec = FunctionSpec {
+            name: name.clone(),
+            hash: prepared.hash.clone(),
+            size,
+            limits: settings.limits,
+            requirements: settings.requirements,
+            policy: settings.policy.to_string(),
+            deployed_ms: now_ms(),
+        };
+        let r = self
+            .consensus
+            .write(
+                GroupId::METADATA,
+                Request {
+                    id: Some(self.fresh_id()),
+                    op: Op::Internal {
+                        key: canal_consensus::InternalKey::Function(name),
+                        value: Some(wire::encode(&spec).map_err(internal)?),
+                    },
                 },
-            },
-        )
-        .await?;
-    // The first placement at once, so the function's first events need not wait for the
-    // placement job's next round (which refines it from the data group's leader).
-    crate::placer::commit(
-        &st.functions,
-        &spec,
-        crate::placer::decide_now(&st.functions, &st.dht, &spec),
-    )
-    .await?;
-    let replaced = r
-        .previous
-        .and_then(|b| wire::decode::<FunctionSpec>(&b).ok())
-        .map(|old| old.hash);
-    let status = if replaced.is_some() {
-        StatusCode::OK
-    } else {
-        StatusCode::CREATED
-    };
-    Ok((
-        status,
-        Deployed {
+            )
+            .await?;
+        // The first placement at once, so the function's first events need not wait for the
+        // placement job's next round (which refines it from the data group's leader).
+        let first = crate::placement::decide_now(&self.consensus, &*self.peers, &spec);
+        crate::placement::commit(&self.consensus, &spec, first).await?;
+        let replaced = r
+            .previous
+            .and_then(|b| wire::decode::<FunctionSpec>(&b).ok())
+            .map(|old| old.hash);
+        Ok(Deployed {
             function: spec,
             replaced,
             compile_ms,
-        },
-    ))
-}
-
-/// `DELETE /v1/functions/{name}`: refused while a trigger runs it.
-pub async fn remove(st: &ApiState, name: &str) -> Result<(), ApiError> {
-    check_function_name(name).map_err(bad("invalid_name"))?;
-    if st.functions.function_now(name).await?.is_none() {
-        return Err(ApiError::not_found(format!("no function named {name}")));
+        })
     }
-    let users: Vec<String> = st
-        .functions
-        .triggers()?
-        .into_iter()
-        .filter(|t| t.function == name)
-        .map(|t| t.name)
-        .collect();
-    if !users.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "in_use",
-            format!(
-                "function {name} is run by trigger(s) {}: remove them first with `canal trigger rm`",
-                users.join(", ")
-            ),
-        ));
-    }
-    st.consensus
-        .write_op(
-            GroupId::METADATA,
-            Op::Internal {
-                key: canal_consensus::InternalKey::Function(name.to_string()),
-                value: None,
-            },
-        )
-        .await?;
-    // Its placement goes with it (its module stays: another function may share it).
-    st.consensus
-        .write_op(
-            GroupId::METADATA,
-            Op::Internal {
-                key: canal_consensus::InternalKey::Placement(name.to_string()),
-                value: None,
-            },
-        )
-        .await?;
-    Ok(())
-}
 
-/// `POST /v1/functions/{name}/invoke`: runs the function once on this node with the body as
-/// the payload and reports what it did. Nothing is committed.
-pub async fn invoke(
-    st: &ApiState,
-    name: &str,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<InvokeResult, ApiError> {
-    check_function_name(name).map_err(bad("invalid_name"))?;
-    let spec = st
-        .functions
-        .function_now(name)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
-    let topic = match headers.get("canal-topic") {
-        Some(v) => Topic::new(v.to_str().unwrap_or("\u{0}"))
-            .map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?,
-        None => Topic::new(&format!("invoke/{name}")).map_err(internal)?,
-    };
-    let custom = crate::http::parse::custom_headers(headers)?;
-    let module = st.functions.module(&spec).await?;
-    let state: Arc<dyn StateView> = Arc::new(st.functions.state_view(name)?);
-    let out = Topic::new(&format!("invoke/{name}/out")).map_err(internal)?;
-    let event = EventIn {
-        topic: topic.to_string(),
-        id: crate::http::fresh_id(st),
-        offset: None,
-        time_ms: now_ms(),
-        headers: custom,
-        payload: body.to_vec(),
-    };
-    // The run owns its slot: a client that goes away does not free it while the guest runs.
-    let r = st
-        .functions
-        .run(
-            module,
-            event,
-            state,
-            BTreeMap::new(),
-            Some(out),
-            spec.limits,
-        )
-        .await
-        .map_err(internal)?;
-    Ok(InvokeResult {
-        function: name.to_string(),
-        executor: st.functions.peer_id.clone(),
-        result: r.result.map_err(|e| e.to_string()),
-        outputs: r.outputs,
-        state: r
-            .state
+    /// Removes a function and its placement; refused while a trigger runs it.
+    pub async fn remove(&self, name: &str) -> Result<(), FunctionsError> {
+        check_function_name(name).map_err(invalid_name)?;
+        if self.function_now(name).await?.is_none() {
+            return Err(FunctionsError::NoFunction(name.to_string()));
+        }
+        let users: Vec<String> = self
+            .triggers()?
             .into_iter()
-            .map(|(k, v)| (k, v.map(|b| String::from_utf8_lossy(&b).into_owned())))
-            .collect(),
-        logs: r.logs,
-        micros: r.elapsed.as_micros() as u64,
-    })
-}
+            .filter(|t| t.function == name)
+            .map(|t| t.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(FunctionsError::InUse {
+                function: name.to_string(),
+                triggers: users,
+            });
+        }
+        self.consensus
+            .write_op(
+                GroupId::METADATA,
+                Op::Internal {
+                    key: canal_consensus::InternalKey::Function(name.to_string()),
+                    value: None,
+                },
+            )
+            .await?;
+        // Its placement goes with it (its module stays: another function may share it).
+        self.consensus
+            .write_op(
+                GroupId::METADATA,
+                Op::Internal {
+                    key: canal_consensus::InternalKey::Placement(name.to_string()),
+                    value: None,
+                },
+            )
+            .await?;
+        Ok(())
+    }
 
-/// `GET /v1/functions/{name}/state/{key}`: one value, read linearizably unless
-/// `?read=local`.
-pub async fn state_get(
-    st: &ApiState,
-    name: &str,
-    key: &str,
-    local: bool,
-) -> Result<Option<Vec<u8>>, ApiError> {
-    check_function_name(name).map_err(bad("invalid_name"))?;
-    Ok(st
-        .consensus
-        .read(STATE_GROUP, &state_key(name, key), !local)
-        .await?)
+    /// Runs the function once on this node with the request's payload and reports what it
+    /// did. Nothing is committed.
+    pub async fn invoke(&self, req: InvokeRequest) -> Result<InvokeResult, FunctionsError> {
+        let name = req.function.as_str();
+        check_function_name(name).map_err(invalid_name)?;
+        let spec = self
+            .function_now(name)
+            .await?
+            .ok_or_else(|| FunctionsError::NoFunction(name.to_string()))?;
+        let topic = match req.topic {
+            Some(t) => t,
+            None => Topic::new(&format!("invoke/{name}")).map_err(internal)?,
+        };
+        let module = self.module(&spec).await?;
+        let state: Arc<dyn StateView> = Arc::new(self.state_view(name)?);
+        let out = Topic::new(&format!("invoke/{name}/out")).map_err(internal)?;
+        let event = EventIn {
+            topic: topic.to_string(),
+            id: self.fresh_id(),
+            offset: None,
+            time_ms: now_ms(),
+            headers: req.headers,
+            payload: req.payload,
+        };
+        // The run owns its slot: a caller that goes away does not free it while the guest
+        // runs.
+        let r = self
+            .run(
+                module,
+                event,
+                state,
+                BTreeMap::new(),
+                Some(out),
+                spec.limits,
+            )
+            .await
+            .map_err(FunctionsError::Internal)?;
+        Ok(InvokeResult {
+            function: name.to_string(),
+            executor: self.peer_id.clone(),
+            result: r.result.map_err(|e| e.to_string()),
+            outputs: r.outputs,
+            state: r
+                .state
+                .into_iter()
+                .map(|(k, v)| (k, v.map(|b| String::from_utf8_lossy(&b).into_owned())))
+                .collect(),
+            logs: r.logs,
+            micros: r.elapsed.as_micros() as u64,
+        })
+    }
+
+    /// One value of a function's state: read through the leader when `linearizable`, else
+    /// from this node's replica.
+    pub async fn state_get(
+        &self,
+        name: &str,
+        key: &str,
+        linearizable: bool,
+    ) -> Result<Option<Vec<u8>>, FunctionsError> {
+        check_function_name(name).map_err(invalid_name)?;
+        Ok(self
+            .consensus
+            .read(STATE_GROUP, &state_key(name, key), linearizable)
+            .await?)
+    }
+
+    /// A function's state under `prefix` on this node's replica.
+    pub fn state_list(&self, name: &str, prefix: &str) -> Result<StateList, FunctionsError> {
+        use base64::Engine;
+        check_function_name(name).map_err(invalid_name)?;
+        let view = self.state_view(name)?;
+        let mut entries = Vec::new();
+        for key in view.keys(prefix, 10_000).map_err(internal)? {
+            let v = view.get(&key).map_err(internal)?.unwrap_or_default();
+            let (value, value_base64) = match String::from_utf8(v) {
+                Ok(s) => (Some(s), None),
+                Err(e) => (
+                    None,
+                    Some(base64::engine::general_purpose::STANDARD.encode(e.as_bytes())),
+                ),
+            };
+            entries.push(StateEntry {
+                key,
+                value,
+                value_base64,
+            });
+        }
+        Ok(StateList { entries })
+    }
+
+    /// Adds a trigger: checks it, that its function exists and that no trigger has its name.
+    pub async fn trigger_add(
+        &self,
+        name: &str,
+        req: TriggerRequest,
+    ) -> Result<TriggerSpec, FunctionsError> {
+        check_trigger_name(name).map_err(invalid_name)?;
+        let filter =
+            TopicFilter::new(&req.on).map_err(|e| FunctionsError::InvalidFilter(e.to_string()))?;
+        let topic = |what: &str, t: &Option<String>| -> Result<Option<Topic>, FunctionsError> {
+            t.as_deref()
+                .map(|t| {
+                    Topic::new(t).map_err(|e| FunctionsError::InvalidTopic(format!("{what}: {e}")))
+                })
+                .transpose()
+        };
+        let spec = TriggerSpec {
+            name: name.to_string(),
+            uid: self.fresh_id(),
+            filter,
+            function: req.function.clone(),
+            out: topic("output topic", &req.out)?,
+            qos: req.qos.unwrap_or(1),
+            retries: req
+                .retries
+                .unwrap_or(canal_proto::function::DEFAULT_RETRIES),
+            dead_letter: topic("dead-letter topic", &req.dead_letter)?,
+            created_ms: now_ms(),
+        };
+        spec.validate()
+            .map_err(|e| FunctionsError::InvalidTrigger(e.0))?;
+        if self.function_now(&spec.function).await?.is_none() {
+            return Err(FunctionsError::UnknownFunction(spec.function));
+        }
+        if self
+            .consensus
+            .read(GroupId::METADATA, &trigger_key(name), true)
+            .await?
+            .is_some()
+        {
+            return Err(FunctionsError::TriggerExists(name.to_string()));
+        }
+        self.consensus
+            .write(
+                GroupId::METADATA,
+                Request {
+                    id: Some(format!("trigger/{}", spec.uid)),
+                    op: Op::Internal {
+                        key: canal_consensus::InternalKey::Trigger(name.to_string()),
+                        value: Some(wire::encode(&spec).map_err(internal)?),
+                    },
+                },
+            )
+            .await?;
+        Ok(spec)
+    }
+
+    /// Removes a trigger.
+    pub async fn trigger_remove(&self, name: &str) -> Result<(), FunctionsError> {
+        check_trigger_name(name).map_err(invalid_name)?;
+        if self
+            .consensus
+            .read(GroupId::METADATA, &trigger_key(name), true)
+            .await?
+            .is_none()
+        {
+            return Err(FunctionsError::NoTrigger(name.to_string()));
+        }
+        self.consensus
+            .write_op(
+                GroupId::METADATA,
+                Op::Internal {
+                    key: canal_consensus::InternalKey::Trigger(name.to_string()),
+                    value: None,
+                },
+            )
+            .await?;
+        Ok(())
+    }
 }
 
 /// One entry of a function's state, as `GET /v1/functions/{name}/state` lists it.
@@ -612,130 +723,9 @@ pub struct StateList {
     pub entries: Vec<StateEntry>,
 }
 
-/// `GET /v1/functions/{name}/state?prefix=P`: the function's state on this node's replica.
-pub fn state_list(st: &ApiState, name: &str, prefix: &str) -> Result<StateList, ApiError> {
-    use base64::Engine;
-    check_function_name(name).map_err(bad("invalid_name"))?;
-    let view = st.functions.state_view(name)?;
-    let mut entries = Vec::new();
-    for key in view.keys(prefix, 10_000).map_err(internal)? {
-        let v = view.get(&key).map_err(internal)?.unwrap_or_default();
-        let (value, value_base64) = match String::from_utf8(v) {
-            Ok(s) => (Some(s), None),
-            Err(e) => (
-                None,
-                Some(base64::engine::general_purpose::STANDARD.encode(e.as_bytes())),
-            ),
-        };
-        entries.push(StateEntry {
-            key,
-            value,
-            value_base64,
-        });
-    }
-    Ok(StateList { entries })
-}
-
-/// `PUT /v1/triggers/{name}`: body = [`TriggerRequest`].
-pub async fn trigger_add(
-    st: &ApiState,
-    name: &str,
-    req: TriggerRequest,
-) -> Result<TriggerSpec, ApiError> {
-    check_trigger_name(name).map_err(bad("invalid_name"))?;
-    let filter = TopicFilter::new(&req.on)
-        .map_err(|e| ApiError::bad_request("invalid_filter", e.to_string()))?;
-    let topic = |what: &str, t: &Option<String>| -> Result<Option<Topic>, ApiError> {
-        t.as_deref()
-            .map(|t| {
-                Topic::new(t)
-                    .map_err(|e| ApiError::bad_request("invalid_topic", format!("{what}: {e}")))
-            })
-            .transpose()
-    };
-    let spec = TriggerSpec {
-        name: name.to_string(),
-        uid: crate::http::fresh_id(st),
-        filter,
-        function: req.function.clone(),
-        out: topic("output topic", &req.out)?,
-        qos: req.qos.unwrap_or(1),
-        retries: req
-            .retries
-            .unwrap_or(canal_proto::function::DEFAULT_RETRIES),
-        dead_letter: topic("dead-letter topic", &req.dead_letter)?,
-        created_ms: now_ms(),
-    };
-    spec.validate().map_err(bad("invalid_trigger"))?;
-    if st.functions.function_now(&spec.function).await?.is_none() {
-        return Err(ApiError::bad_request(
-            "unknown_function",
-            format!(
-                "no function named {}: deploy it first with `canal fn deploy`",
-                spec.function
-            ),
-        ));
-    }
-    if st
-        .consensus
-        .read(GroupId::METADATA, &trigger_key(name), true)
-        .await?
-        .is_some()
-    {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "exists",
-            format!("trigger {name} exists: remove it first with `canal trigger rm {name}`"),
-        ));
-    }
-    st.consensus
-        .write(
-            GroupId::METADATA,
-            Request {
-                id: Some(format!("trigger/{}", spec.uid)),
-                op: Op::Internal {
-                    key: canal_consensus::InternalKey::Trigger(name.to_string()),
-                    value: Some(wire::encode(&spec).map_err(internal)?),
-                },
-            },
-        )
-        .await?;
-    Ok(spec)
-}
-
-/// `DELETE /v1/triggers/{name}`.
-pub async fn trigger_remove(st: &ApiState, name: &str) -> Result<(), ApiError> {
-    check_trigger_name(name).map_err(bad("invalid_name"))?;
-    if st
-        .consensus
-        .read(GroupId::METADATA, &trigger_key(name), true)
-        .await?
-        .is_none()
-    {
-        return Err(ApiError::not_found(format!("no trigger named {name}")));
-    }
-    st.consensus
-        .write_op(
-            GroupId::METADATA,
-            Op::Internal {
-                key: canal_consensus::InternalKey::Trigger(name.to_string()),
-                value: None,
-            },
-        )
-        .await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn q(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_run_keeps_its_slot_when_its_caller_goes_away() {
@@ -765,53 +755,127 @@ mod tests {
         assert_eq!(live.running_invocations.load(Ordering::Relaxed), 0);
     }
 
-    #[test]
-    fn deploy_settings_are_read_and_checked() {
-        let (l, r, p) = deploy_settings(&q(&[
-            ("memory", "32MiB"),
-            ("timeout", "250ms"),
-            ("fuel", "1000000"),
-            ("max-outputs", "10"),
-            ("max-output-bytes", "64KiB"),
-            ("max-state-bytes", "0"),
-            ("gpu", "16GiB"),
-            ("tier", "edge"),
-            ("labels", "zone=eu,rack=2"),
-            ("replicas", "2"),
-            ("hard", "false"),
-            ("policy", "latency"),
-        ]))
-        .unwrap();
-        assert_eq!(p, canal_placement::Policy::Latency);
-        assert_eq!(l.memory_bytes, 32 << 20);
-        assert_eq!(l.timeout_ms, 250);
-        assert_eq!(l.fuel, Some(1_000_000));
-        assert_eq!(
-            (l.max_outputs, l.max_output_bytes, l.max_state_bytes),
-            (10, 64 << 10, 0)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_on_a_follower_are_forwarded_to_the_leader() {
+        use crate::testkit::{self, Cluster, FixedPeers};
+        let cluster = Cluster::formed(3).await;
+        let leader = cluster.leader(GroupId::METADATA).await;
+        let follower = (leader + 1) % 3;
+        let on_follower = testkit::functions(
+            &cluster.members[follower],
+            FixedPeers::of(&[cluster.members[follower].peer]),
         );
-        let (d, _, _) = deploy_settings(&q(&[])).unwrap();
-        assert_eq!(d, Limits::default());
-        assert!(r.gpu && r.gpu_memory_bytes == Some(16 << 30));
-        assert_eq!(r.tier.as_deref(), Some("edge"));
-        assert_eq!(r.labels.len(), 2);
-        assert_eq!(r.replicas, 2);
-        assert!(!r.hard);
-        for bad in [
-            q(&[("memory", "lots")]),
-            q(&[("memory", "10GiB")]),
-            q(&[("timeout", "soon")]),
-            q(&[("fuel", "-1")]),
-            q(&[("max-outputs", "1001")]),
-            q(&[("max-outputs", "many")]),
-            q(&[("max-output-bytes", "5MiB")]),
-            q(&[("max-state-bytes", "lots")]),
-            q(&[("replicas", "0")]),
-            q(&[("labels", "novalue")]),
-            q(&[("colour", "red")]),
-            q(&[("policy", "fastest")]),
-        ] {
-            assert!(deploy_settings(&bad).is_err(), "{bad:?}");
-        }
+        let on_leader = testkit::functions(
+            &cluster.members[leader],
+            FixedPeers::of(&[cluster.members[leader].peer]),
+        );
+        testkit::deploy(&on_follower, "up", "uppercase").await;
+        let t = on_follower
+            .trigger_add(
+                "shout",
+                TriggerRequest {
+                    on: "in/#".into(),
+                    function: "up".into(),
+                    out: None,
+                    qos: None,
+                    retries: None,
+                    dead_letter: None,
+                },
+            )
+            .await
+            .unwrap();
+        // Read through the leader: both writes were committed there.
+        assert!(on_leader.function_now("up").await.unwrap().is_some());
+        let again = on_leader
+            .trigger_add(
+                "shout",
+                TriggerRequest {
+                    on: "in/#".into(),
+                    function: "up".into(),
+                    out: None,
+                    qos: None,
+                    retries: None,
+                    dead_letter: None,
+                },
+            )
+            .await;
+        assert!(
+            matches!(&again, Err(FunctionsError::TriggerExists(n)) if n == "shout"),
+            "{again:?}"
+        );
+        // A removal from the follower is refused while the trigger runs the function (as its
+        // replica knows once it has applied the trigger).
+        testkit::until(
+            "the follower's replica to hold the trigger",
+            std::time::Duration::from_secs(10),
+            || on_follower.triggers().is_ok_and(|t| t.len() == 1),
+        )
+        .await;
+        let busy = on_follower.remove("up").await;
+        assert!(
+            matches!(&busy, Err(FunctionsError::InUse { triggers, .. }) if triggers == &vec![t.name.clone()]),
+            "{busy:?}"
+        );
+        on_follower.trigger_remove("shout").await.unwrap();
+        // The check reads the follower's replica: once it has applied the removal, the
+        // function may go.
+        testkit::until(
+            "the follower's replica to drop the trigger",
+            std::time::Duration::from_secs(10),
+            || on_follower.triggers().is_ok_and(|t| t.is_empty()),
+        )
+        .await;
+        on_follower.remove("up").await.unwrap();
+        assert!(on_leader.function_now("up").await.unwrap().is_none());
+        cluster.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_batched_writes_share_entries_and_each_is_answered() {
+        use crate::testkit::Cluster;
+        let cluster = Cluster::formed(3).await;
+        let leader = cluster.leader(STATE_GROUP).await;
+        let follower = cluster.members[(leader + 1) % 3].consensus.clone();
+        const N: usize = 64;
+        let writes = (0..N).map(|i| {
+            let c = follower.clone();
+            tokio::spawn(async move {
+                c.write_batched(
+                    STATE_GROUP,
+                    Request {
+                        id: Some(format!("w{i}")),
+                        op: Op::Add {
+                            key: "sum".into(),
+                            delta: i as i64,
+                        },
+                    },
+                )
+                .await
+            })
+        });
+        let answers: Vec<canal_consensus::Response> = futures::future::join_all(writes)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().unwrap())
+            .collect();
+        assert!(answers.iter().all(|r| r.refused.is_none() && !r.duplicate));
+        let entries: std::collections::BTreeSet<u64> = answers.iter().map(|r| r.index).collect();
+        assert!(
+            entries.len() < N,
+            "{N} concurrent writes took {} entries: none was batched",
+            entries.len()
+        );
+        // Each applied once.
+        let sum = cluster.members[leader]
+            .consensus
+            .read(STATE_GROUP, "sum", true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(sum).unwrap(),
+            ((N * (N - 1)) / 2).to_string()
+        );
+        cluster.shutdown().await;
     }
 }

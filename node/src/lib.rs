@@ -6,25 +6,40 @@
 //!
 //! ## Layout
 //!
-//! - [`config`]: the TOML/flag configuration and its validation.
-//! - [`datadir`]: the locked data directory.
-//! - [`identity`]: the persistent ed25519 peer identity.
-//! - [`caps`]: measuring the capability record (CPU, memory, GPUs through NVML, load).
-//! - [`cluster`]: Raft over the mesh, and the job that forms and grows the cluster.
-//! - [`pubsub`]: the node's side of [`canal_pubsub`] (publish, subscribe, settings,
-//!   retention): QoS 0 over the mesh.
-//! - [`functions`]: deploy, list, remove and invoke functions; triggers; function state.
-//! - [`placer`]: placement decisions (which peers run a function) and the measurements
-//!   they are made from.
-//! - [`executor`]: runs triggers' functions on their events, with exactly-once effects for
-//!   QoS 1 triggers.
-//! - [`api`]: the axum router of the client API.
-//! - [`Node`]: start, run, stop.
+//! Modules import one way: [`http`] on top, the services below it, the crates below them.
+//! Nothing below [`http`] names an HTTP type; the services are generic over
+//! [`canal_consensus::Transport`], and only this module pins it ([`NodeTransport`], the mesh),
+//! so their logic is tested over in-memory Raft groups without processes.
+//!
+//! - [`http`]: the client API on top: the axum router and the state its handlers share,
+//!   [`http::ApiError`] with a `From` for each service's error, request parsing (headers and
+//!   query into typed requests), one file of handlers per area.
+//! - Services:
+//!   - [`functions`]: the functions service: deploy, list, remove and invoke functions;
+//!     triggers; function state. Typed requests in, [`functions::FunctionsError`] out.
+//!   - [`executor`]: runs triggers' functions on their events, with exactly-once effects
+//!     for QoS 1 triggers.
+//!   - [`placement`]: placement decisions as the metadata group holds them (read, decide,
+//!     commit) and the peers they are made from ([`placement::PeerSource`]).
+//!   - [`placer`]: the placement job (decides on the data group's leader, reports
+//!     measurements).
+//!   - [`pubsub`]: the node's side of [`canal_pubsub`] (publish, subscribe, settings,
+//!     retention, durable consumers): QoS 0 over the mesh.
+//!   - [`cluster`]: Raft over the mesh, and the job that forms and grows the cluster.
+//!   - [`raft_links`]: the watch on the round trips to Raft members.
+//! - Below the services: [`config`] (the TOML/flag configuration and its validation),
+//!   [`datadir`] (the locked data directory), [`identity`] (the persistent ed25519 peer
+//!   identity), [`caps`] (measuring the capability record: CPU, memory, GPUs through NVML,
+//!   load), [`ids`] (the ids this node makes).
+//! - [`Node`]: start, run, stop. The background jobs (membership, executor, placer, Raft
+//!   link watch) are [`canal_worker`] workers; [`Node::shutdown`] lets each finish the work
+//!   in hand (a trigger's batch commits or not, never half-way) within a deadline.
 //!
 //! ```text
 //!   config ─> data dir (lock) ─> identity ─> API listener ─> peer mesh ─> node.json
 //!                                                 │               │
-//!                                         HTTP handlers <── peer table, topic space
+//!   http (router, ApiError, parsing) ──> services (functions, executor, placer, pubsub,
+//!                                        cluster) ──> consensus, triggers, placement, dht
 //! ```
 
 pub mod caps;
@@ -35,9 +50,13 @@ pub mod executor;
 pub mod functions;
 pub mod http;
 pub mod identity;
+pub mod ids;
+pub mod placement;
 pub mod placer;
 pub mod pubsub;
 pub mod raft_links;
+#[cfg(test)]
+mod testkit;
 
 use crate::caps::{LoadCounters, Measurer};
 use crate::cluster::{Membership, MeshTransport};
@@ -57,6 +76,13 @@ use tracing::info;
 
 pub use canal_proto::api::RuntimeInfo;
 pub use config::NodeConfig;
+
+// A trigger's Effects entry holds its cursor, its outputs and its state: the functions'
+// state must live in the group of the topic logs.
+const _: () = assert!(
+    functions::STATE_GROUP.0 == canal_pubsub::group_of("").0,
+    "function state and topic logs must share a group"
+);
 
 /// The runtime file ([`RuntimeInfo`]) a running node writes into its data directory, so that tools (the
 /// testnet, scripts) find its ephemeral ports.
@@ -107,14 +133,23 @@ pub enum NodeError {
     },
 }
 
+/// The transport the node's Raft groups speak: the peer mesh. Named here, the composition
+/// root, alone; the services are generic over [`canal_consensus::Transport`].
+pub type NodeTransport = MeshTransport;
+
+/// How long shutdown waits for a background job's work in hand (a placement commit, a
+/// trigger's batch) before it aborts the job.
+const JOB_SHUTDOWN: Duration = Duration::from_secs(10);
+
 /// A running node.
 pub struct Node {
     dht: Dht,
-    consensus: Consensus<MeshTransport>,
-    membership: tokio::task::JoinHandle<()>,
-    executor: tokio::task::JoinHandle<()>,
+    consensus: Consensus<NodeTransport>,
+    membership: canal_worker::WorkerHandle,
+    executor: executor::ExecutorHandle,
     trimmer: canal_worker::WorkerHandle,
-    placer: tokio::task::JoinHandle<()>,
+    placer: canal_worker::WorkerHandle,
+    raft_links: canal_worker::WorkerHandle,
     api_addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
     stop_api: tokio::sync::watch::Sender<bool>,
@@ -248,6 +283,7 @@ impl Node {
             slots: Arc::new(tokio::sync::Semaphore::new(WASM_INSTANCES as usize)),
             estimates: std::sync::Mutex::new(canal_placement::Estimates::new()),
             live: live.clone(),
+            peers: Arc::new(handle.clone()),
         });
         let exec_metrics = executor::ExecMetrics::register(&mut registry);
         let pubsub_metrics = canal_pubsub::PubSubMetrics::register(&mut registry);
@@ -272,10 +308,10 @@ impl Node {
             metrics: exec_metrics,
             backlog: Default::default(),
         })
-        .spawn(closing.clone());
+        .spawn();
         let trimmer = canal_worker::spawn(canal_pubsub::trim::Trimmer::new(consensus.clone()));
-        let placer = placer::spawn(functions.clone(), handle.clone(), closing.clone());
-        let _raft_links = raft_links.spawn(consensus.clone(), handle.clone(), closing.clone());
+        let placer = placer::spawn(functions.clone());
+        let raft_links = raft_links.spawn(consensus.clone(), handle.clone());
         let state = ApiState {
             dht: handle.clone(),
             consensus: consensus.clone(),
@@ -298,16 +334,7 @@ impl Node {
             started: Instant::now(),
             closing: closing.clone(),
         };
-        let app = http::router(state);
-        let server = tokio::spawn(async move {
-            let mut stopped = closing;
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|c| *c).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "API server failed");
-            }
-        });
+        let server = http::serve(listener, state, closing);
         info!(api = %api_addr, peer_id = %handle.local_peer_id(), "client API listening");
 
         let info = RuntimeInfo {
@@ -324,6 +351,7 @@ impl Node {
             executor,
             trimmer,
             placer,
+            raft_links,
             api_addr,
             server,
             stop_api,
@@ -354,11 +382,19 @@ impl Node {
             tracing::warn!("API requests still open after 10 s; closing them");
             server.abort();
         }
-        self.membership.abort();
-        self.executor.abort();
-        // A trim in flight is answered (or times out) before the groups stop.
-        self.trimmer.shutdown(Duration::from_secs(5)).await;
-        self.placer.abort();
+        // The jobs finish the work in hand (a trigger's batch commits or not, never half-way)
+        // while the groups still run.
+        let (mut aborted, executor) = tokio::join!(
+            canal_worker::shutdown_all(
+                vec![self.membership, self.placer, self.raft_links, self.trimmer],
+                JOB_SHUTDOWN
+            ),
+            self.executor.shutdown(JOB_SHUTDOWN)
+        );
+        aborted.extend(executor);
+        if !aborted.is_empty() {
+            tracing::warn!(jobs = ?aborted, "background jobs aborted at the shutdown deadline");
+        }
         self.consensus.shutdown().await;
         self.dht.shutdown().await;
         let _ = std::fs::remove_file(self.data_dir.path().join(RUNTIME_FILE));

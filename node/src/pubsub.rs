@@ -2,17 +2,15 @@
 //! inbound lane), and the service the HTTP layer publishes and subscribes through. Nothing
 //! here names an HTTP type; the topic logic is the crate's.
 
-use crate::cluster::MeshTransport;
+use crate::NodeTransport;
 use canal_consensus::Consensus;
 use canal_dht::DhtHandle;
-use canal_proto::TopicFilter;
-use canal_proto::settings::TopicSettings;
 use tokio::sync::mpsc;
 
 pub use canal_pubsub::{MAX_PAYLOAD_BYTES, PubSubError, Qos0Hub, Qos0Message};
 
 /// Publishing and subscribing on this node.
-pub type PubSub = canal_pubsub::PubSub<MeshTransport, MeshQos0>;
+pub type PubSub = canal_pubsub::PubSub<NodeTransport, MeshQos0>;
 
 /// QoS 0 over the mesh: each peer's copy goes on the mesh's QoS 0 lane (its own protocol and
 /// a bounded queue per peer, apart from Raft's RPCs); a full queue drops the copy and counts
@@ -46,13 +44,6 @@ pub fn publish_qos0(dht: &DhtHandle, hub: &Qos0Hub, m: Qos0Message) {
     canal_pubsub::publish_qos0(&MeshQos0 { dht: dht.clone() }, hub, m)
 }
 
-/// Every topic and filter setting, from this node's replica of the metadata group.
-pub fn all_settings(
-    consensus: &Consensus<MeshTransport>,
-) -> Result<Vec<(TopicFilter, TopicSettings)>, PubSubError> {
-    canal_pubsub::settings::all_settings(consensus)
-}
-
 /// Hands the QoS 0 events other peers send on the QoS 0 lane to this node's subscribers; a
 /// message that does not decode or claims another source is refused and reported against the
 /// peer that sent it.
@@ -63,7 +54,7 @@ pub fn all_settings(
 pub fn serve_qos0(
     dht: DhtHandle,
     hub: Qos0Hub,
-    consensus: Consensus<MeshTransport>,
+    consensus: Consensus<NodeTransport>,
     not_members: prometheus_client::metrics::counter::Counter,
     mut inbound: mpsc::Receiver<canal_dht::InboundQos0>,
 ) {

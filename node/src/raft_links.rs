@@ -3,8 +3,7 @@
 //! timeout), so the node says so, once per member every few minutes, naming the flag to
 //! raise, and exports the round trips it compares.
 
-use crate::cluster::MeshTransport;
-use canal_consensus::Consensus;
+use canal_consensus::{Consensus, Transport};
 use canal_dht::DhtHandle;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -63,60 +62,85 @@ impl RaftLinks {
         links
     }
 
-    /// Checks the members' round trips every few seconds until `closing` turns true.
-    pub fn spawn(
+    /// Starts the watcher: it checks the members' round trips every few seconds.
+    pub fn spawn<T: Transport>(
         self,
-        consensus: Consensus<MeshTransport>,
+        consensus: Consensus<T>,
         dht: DhtHandle,
-        mut closing: tokio::sync::watch::Receiver<bool>,
-    ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            let mut warned: HashMap<String, Instant> = HashMap::new();
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(CHECK_EVERY) => {}
-                    _ = closing.wait_for(|c| *c) => return,
-                }
-                let mut members = BTreeMap::new();
-                for g in consensus.groups() {
-                    if let Ok(m) = consensus.metrics(g) {
-                        for (id, node) in m.membership_config.membership().nodes() {
-                            if *id != consensus.node_id() {
-                                members.insert(node.peer_id.clone(), *id);
-                            }
-                        }
-                    }
-                }
-                let rtts: HashMap<String, Duration> = dht
-                    .peers()
-                    .into_iter()
-                    .filter_map(|p| Some((p.peer_id.to_base58(), p.rtt?)))
-                    .collect();
-                let mut slow = 0;
-                for peer in members.keys() {
-                    let Some(rtt) = rtts.get(peer) else { continue };
-                    self.rtt_ms
-                        .get_or_create(&vec![("peer".to_string(), peer.clone())])
-                        .set(rtt.as_millis() as i64);
-                    if !is_slow(*rtt, self.rpc_timeout) {
-                        continue;
-                    }
-                    slow += 1;
-                    let due = warned.get(peer).is_none_or(|at| at.elapsed() >= WARN_EVERY);
-                    if due {
-                        warned.insert(peer.clone(), Instant::now());
-                        warn!(
-                            peer = %peer,
-                            rtt_ms = rtt.as_millis() as u64,
-                            rpc_timeout_ms = self.rpc_timeout.as_millis() as u64,
-                            "the round trip to Raft member {peer} is over 80% of the Raft RPC timeout: replication to it will time out and writes may stop committing; raise --raft-election-timeout-ms on every node (the RPC timeout is 2/3 of it) above 1.5x the longest round trip between members"
-                        );
-                    }
-                }
-                warned.retain(|p, _| members.contains_key(p));
-                self.slow.set(slow);
-            }
+    ) -> canal_worker::WorkerHandle {
+        canal_worker::spawn(LinkWatch {
+            links: self,
+            consensus,
+            dht,
+            warned: HashMap::new(),
+            tick: canal_worker::ticker(CHECK_EVERY),
         })
+    }
+}
+
+/// The watcher, a [`canal_worker::Worker`].
+struct LinkWatch<T: Transport> {
+    links: RaftLinks,
+    consensus: Consensus<T>,
+    dht: DhtHandle,
+    warned: HashMap<String, Instant>,
+    tick: tokio::time::Interval,
+}
+
+impl<T: Transport> canal_worker::Worker for LinkWatch<T> {
+    fn name(&self) -> &'static str {
+        "raft-links"
+    }
+
+    async fn wait(&mut self) {
+        self.tick.tick().await;
+    }
+
+    async fn work(&mut self) -> canal_worker::Flow {
+        let mut members = BTreeMap::new();
+        for g in self.consensus.groups() {
+            if let Ok(m) = self.consensus.metrics(g) {
+                for (id, node) in m.membership_config.membership().nodes() {
+                    if *id != self.consensus.node_id() {
+                        members.insert(node.peer_id.clone(), *id);
+                    }
+                }
+            }
+        }
+        let rtts: HashMap<String, Duration> = self
+            .dht
+            .peers()
+            .into_iter()
+            .filter_map(|p| Some((p.peer_id.to_base58(), p.rtt?)))
+            .collect();
+        let mut slow = 0;
+        for peer in members.keys() {
+            let Some(rtt) = rtts.get(peer) else { continue };
+            self.links
+                .rtt_ms
+                .get_or_create(&vec![("peer".to_string(), peer.clone())])
+                .set(rtt.as_millis() as i64);
+            if !is_slow(*rtt, self.links.rpc_timeout) {
+                continue;
+            }
+            slow += 1;
+            let due = self
+                .warned
+                .get(peer)
+                .is_none_or(|at| at.elapsed() >= WARN_EVERY);
+            if due {
+                self.warned.insert(peer.clone(), Instant::now());
+                warn!(
+                    peer = %peer,
+                    rtt_ms = rtt.as_millis() as u64,
+                    rpc_timeout_ms = self.links.rpc_timeout.as_millis() as u64,
+                    "the round trip to Raft member {peer} is over 80% of the Raft RPC timeout: replication to it will time out and writes may stop committing; raise --raft-election-timeout-ms on every node (the RPC timeout is 2/3 of it) above 1.5x the longest round trip between members"
+                );
+            }
+        }
+        self.warned.retain(|p, _| members.contains_key(p));
+        self.links.slow.set(slow);
+        canal_worker::Flow::Continue
     }
 }
 

@@ -112,3 +112,33 @@ pub(super) fn too_large(r: BytesRejection) -> ApiError {
         ),
     )
 }
+
+impl From<crate::functions::FunctionsError> for ApiError {
+    fn from(e: crate::functions::FunctionsError) -> Self {
+        use crate::functions::FunctionsError as E;
+        let e = match e {
+            E::Consensus(c) => return ApiError::from(c),
+            other => other,
+        };
+        let (status, kind) = match &e {
+            E::Consensus(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            E::InvalidName(_) => (StatusCode::BAD_REQUEST, "invalid_name"),
+            E::UnknownSetting { .. } => (StatusCode::BAD_REQUEST, "invalid_setting"),
+            E::InvalidLimits(_) => (StatusCode::BAD_REQUEST, "invalid_limits"),
+            E::InvalidRequirements(_) => (StatusCode::BAD_REQUEST, "invalid_requirements"),
+            E::InvalidPolicy(_) => (StatusCode::BAD_REQUEST, "invalid_policy"),
+            E::ModuleTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            E::InvalidModule(_) => (StatusCode::BAD_REQUEST, "invalid_module"),
+            E::ModuleMissing { .. } => (StatusCode::SERVICE_UNAVAILABLE, "module_missing"),
+            E::NoFunction(_) | E::NoTrigger(_) => (StatusCode::NOT_FOUND, "not_found"),
+            E::InUse { .. } => (StatusCode::CONFLICT, "in_use"),
+            E::InvalidTrigger(_) => (StatusCode::BAD_REQUEST, "invalid_trigger"),
+            E::InvalidFilter(_) => (StatusCode::BAD_REQUEST, "invalid_filter"),
+            E::InvalidTopic(_) => (StatusCode::BAD_REQUEST, "invalid_topic"),
+            E::UnknownFunction(_) => (StatusCode::BAD_REQUEST, "unknown_function"),
+            E::TriggerExists(_) => (StatusCode::CONFLICT, "exists"),
+            E::Placement(_) | E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError::new(status, kind, e.to_string())
+    }
+}

@@ -23,7 +23,7 @@ pub use kv::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use parse::fresh_id;
 pub use topics::locate;
 
-use crate::cluster::MeshTransport;
+use crate::NodeTransport;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
@@ -49,11 +49,11 @@ pub struct ApiState {
     /// The peer mesh.
     pub dht: DhtHandle,
     /// The Raft groups.
-    pub consensus: Consensus<MeshTransport>,
+    pub consensus: Consensus<NodeTransport>,
     /// Publishing and subscribing (QoS 0 through this node's hub).
     pub pubsub: crate::pubsub::PubSub,
     /// Functions and triggers.
-    pub functions: Arc<crate::functions::Functions>,
+    pub functions: Arc<crate::functions::Functions<NodeTransport>>,
     /// Prometheus metrics of every part of the node.
     pub registry: Arc<Registry>,
     /// When the node started.
@@ -115,4 +115,23 @@ pub fn router(state: ApiState) -> Router {
             )
         })
         .with_state(state)
+}
+
+/// Serves the API on `listener` until `closing` turns true; requests in flight are finished
+/// then (the caller bounds how long it waits for that).
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    closing: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let app = router(state);
+    tokio::spawn(async move {
+        let mut stopped = closing;
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|c| *c).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "API server failed");
+        }
+    })
 }

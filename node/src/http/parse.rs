@@ -5,7 +5,6 @@ use super::{ApiError, ApiState, MAX_KEY_BYTES};
 use axum::http::HeaderMap;
 use canal_consensus::GroupId;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 pub(super) fn parse_group(s: Option<&String>, default: GroupId) -> Result<GroupId, ApiError> {
     let Some(s) = s else { return Ok(default) };
@@ -56,8 +55,6 @@ pub(super) fn linearizable(q: &HashMap<String, String>) -> Result<bool, ApiError
     }
 }
 
-static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
-
 /// The write's request id: the client's `canal-request-id` header, or a fresh one. Every write
 /// carries an id, so that the forwarding layer may retry it safely; a client that retries
 /// itself gives its own.
@@ -84,15 +81,7 @@ pub(super) fn request_id(st: &ApiState, headers: &HeaderMap) -> Result<String, A
 
 /// A request id no other request of any node has: peer id, time, sequence.
 pub fn fresh_id(st: &ApiState) -> String {
-    format!(
-        "{}-{}-{}",
-        st.dht.local_peer_id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-        REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)
-    )
+    crate::ids::fresh_id(&st.dht.local_peer_id().to_base58())
 }
 
 /// The custom headers of a request: `canal-header-NAME: VALUE`, each.

@@ -4,7 +4,7 @@
 
 use super::error::too_large;
 use super::{ApiError, ApiState};
-use crate::cluster::MeshTransport;
+use crate::NodeTransport;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
@@ -152,7 +152,7 @@ pub(super) async fn ack(
 /// The locate answer for `topic`: the DHT home peers of its shard, from the peers this node
 /// knows alive, and the Raft group that holds its events with that group's leader and
 /// members as this node's replica knows them (empty where this node hosts no such group).
-pub fn locate(dht: &DhtHandle, consensus: &Consensus<MeshTransport>, topic: &Topic) -> Locate {
+pub fn locate(dht: &DhtHandle, consensus: &Consensus<NodeTransport>, topic: &Topic) -> Locate {
     let group = canal_pubsub::group_of(topic.as_str());
     let raft = consensus.local_status(group).ok();
     let peer_of = |id: u64| {
