@@ -142,3 +142,60 @@ impl From<crate::functions::FunctionsError> for ApiError {
         ApiError::new(status, kind, e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use canal_consensus::GroupId;
+    use canal_pubsub::PubSubError as E;
+
+    /// The status codes and kinds clients have always seen for pubsub refusals.
+    #[test]
+    fn pubsub_errors_keep_their_status_and_kind() {
+        let cases = [
+            (E::InvalidTopic("t".into()), 400, "invalid_topic"),
+            (E::InvalidFilter("f".into()), 400, "invalid_filter"),
+            (E::InvalidQos("q".into()), 400, "invalid_qos"),
+            (E::InvalidId("i".into()), 400, "invalid_id"),
+            (E::InvalidHeader("h".into()), 400, "invalid_header"),
+            (E::InvalidFrom("f".into()), 400, "invalid_from"),
+            (E::InvalidDurable("d".into()), 400, "invalid_durable"),
+            (E::InvalidAck("a".into()), 400, "invalid_ack"),
+            (E::InvalidSettings("s".into()), 400, "invalid_settings"),
+            (
+                E::TooLarge {
+                    topic: "t".into(),
+                    bytes: 2,
+                    limit: 1,
+                },
+                413,
+                "too_large",
+            ),
+            (
+                E::TooManySubscribers { limit: 1 },
+                503,
+                "too_many_subscribers",
+            ),
+            (
+                E::Consensus(ClientError::NotInitialized(GroupId(1))),
+                503,
+                "not_formed",
+            ),
+            (
+                E::Consensus(ClientError::NoLeader {
+                    group: GroupId(1),
+                    reason: "r".into(),
+                }),
+                503,
+                "no_leader",
+            ),
+            (E::Internal("x".into()), 500, "internal"),
+        ];
+        for (e, status, kind) in cases {
+            let text = e.to_string();
+            let a = ApiError::from(e);
+            assert_eq!((a.status.as_u16(), a.kind), (status, kind), "{text}");
+            assert_eq!(a.message, text);
+        }
+    }
+}
