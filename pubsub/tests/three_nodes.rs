@@ -284,3 +284,87 @@ async fn an_unacknowledged_event_is_redelivered_then_given_up_on() {
     let m = &c.metrics[&leader];
     assert_eq!((m.redeliveries.get(), m.given_up.get()), (1, 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_are_checked_against_the_topic_settings_and_qos0_stays_off_the_log() {
+    let c = cluster().await;
+    let via = &c.nodes[&c.leader().await];
+    let req = canal_proto::settings::SettingsRequest {
+        max_payload: Some("4".into()),
+        ..Default::default()
+    };
+    let filter = canal_proto::TopicFilter::new("orders/#").unwrap();
+    let set = canal_pubsub::settings::put_settings(via.consensus(), &filter, &req)
+        .await
+        .unwrap();
+    assert_eq!(set.settings.max_payload_bytes, 4);
+    let publish = |topic: &str, qos, id: Option<&str>, payload: &[u8]| PublishRequest {
+        topic: topic.into(),
+        qos,
+        id: id.map(str::to_string),
+        headers: vec![("k".into(), "v".into())],
+        payload: payload.to_vec(),
+    };
+    // Every node reads the settings from its own replica of the metadata group.
+    for n in c.nodes.values() {
+        wait("the settings to reach every replica", || {
+            canal_pubsub::settings::get_settings(n.consensus(), &filter)
+                .map(|a| a.settings.max_payload_bytes == 4)
+                .unwrap_or(false)
+        })
+        .await;
+    }
+    let e = via
+        .publish(publish(TOPIC, Qos::AtLeastOnce, None, b"12345"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "too_large");
+    assert!(e.to_string().contains("at most 4"), "{e}");
+    let e = via
+        .publish(publish("orders/+", Qos::AtLeastOnce, None, b"1"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "invalid_topic");
+    let e = via
+        .publish(publish(TOPIC, Qos::AtLeastOnce, Some(""), b"1"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "invalid_id");
+    // Another topic is not bound by the filter.
+    let p = via
+        .publish(publish("logs/x", Qos::AtLeastOnce, Some("a"), b"12345"))
+        .await
+        .unwrap();
+    assert_eq!((p.offset, p.duplicate), (Some(0), false));
+    // The same id again is the same event.
+    let p = via
+        .publish(publish("logs/x", Qos::AtLeastOnce, Some("a"), b"12345"))
+        .await
+        .unwrap();
+    assert_eq!((p.offset, p.duplicate), (Some(0), true));
+
+    // QoS 0: a local QoS 0 subscriber gets it, the log never sees it.
+    let sub = SubscribeRequest {
+        filter: Some("orders/#".into()),
+        qos: Some("0".into()),
+        ..SubscribeRequest::default()
+    };
+    let mut rx = via.subscribe(&sub).await.unwrap();
+    let p = via
+        .publish(publish(TOPIC, Qos::AtMostOnce, None, b"hi"))
+        .await
+        .unwrap();
+    assert_eq!((p.qos, p.offset), (0, None));
+    let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Delivery::Message { id: None, json } = d else {
+        panic!("not a QoS 0 event: {d:?}")
+    };
+    let e: Event = serde_json::from_str(&json).unwrap();
+    assert_eq!((e.qos, e.data.as_deref()), (0, Some("hi")));
+    assert_eq!(e.headers.get("k").map(String::as_str), Some("v"));
+    let sm = via.consensus().state_machine(DATA).unwrap();
+    assert_eq!(sm.topic_meta(TOPIC).unwrap(), None);
+}
