@@ -146,6 +146,145 @@ impl From<crate::functions::FunctionsError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::functions::FunctionsError as E;
+
+    fn answer(e: E) -> (StatusCode, &'static str, String) {
+        let a = ApiError::from(e);
+        (a.status, a.kind, a.message)
+    }
+
+    #[test]
+    fn each_functions_error_keeps_its_status_kind_and_text() {
+        let cases = [
+            (
+                E::InUse {
+                    function: "f".into(),
+                    triggers: vec!["a".into(), "b".into()],
+                },
+                StatusCode::CONFLICT,
+                "in_use",
+                "function f is run by trigger(s) a, b: remove them first with `canal trigger rm`",
+            ),
+            (
+                E::NoFunction("f".into()),
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no function named f",
+            ),
+            (
+                E::NoTrigger("t".into()),
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no trigger named t",
+            ),
+            (
+                E::TriggerExists("t".into()),
+                StatusCode::CONFLICT,
+                "exists",
+                "trigger t exists: remove it first with `canal trigger rm t`",
+            ),
+            (
+                E::UnknownFunction("f".into()),
+                StatusCode::BAD_REQUEST,
+                "unknown_function",
+                "no function named f: deploy it first with `canal fn deploy`",
+            ),
+            (
+                E::UnknownSetting {
+                    name: "colour".into(),
+                    known: "memory, timeout".into(),
+                },
+                StatusCode::BAD_REQUEST,
+                "invalid_setting",
+                "\"colour\" is not a deploy setting: use memory, timeout",
+            ),
+            (
+                E::ModuleTooLarge { size: 9, limit: 8 },
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "the module is 9 bytes: at most 8 are allowed",
+            ),
+            (
+                E::ModuleMissing {
+                    hash: "h".into(),
+                    function: "f".into(),
+                },
+                StatusCode::SERVICE_UNAVAILABLE,
+                "module_missing",
+                "this node has not received module h of f yet: it is replicated with the metadata group",
+            ),
+            (
+                E::InvalidModule("m".into()),
+                StatusCode::BAD_REQUEST,
+                "invalid_module",
+                "m",
+            ),
+            (
+                E::InvalidName("n".into()),
+                StatusCode::BAD_REQUEST,
+                "invalid_name",
+                "n",
+            ),
+            (
+                E::InvalidLimits("l".into()),
+                StatusCode::BAD_REQUEST,
+                "invalid_limits",
+                "l",
+            ),
+            (
+                E::InvalidRequirements("r".into()),
+                StatusCode::BAD_REQUEST,
+                "invalid_requirements",
+                "r",
+            ),
+            (
+                E::InvalidPolicy("p".into()),
+                StatusCode::BAD_REQUEST,
+                "invalid_policy",
+                "p",
+            ),
+            (
+                E::InvalidTrigger("t".into()),
+                StatusCode::BAD_REQUEST,
+                "invalid_trigger",
+                "t",
+            ),
+            (
+                E::InvalidFilter("f".into()),
+                StatusCode::BAD_REQUEST,
+                "invalid_filter",
+                "f",
+            ),
+            (
+                E::InvalidTopic("t".into()),
+                StatusCode::BAD_REQUEST,
+                "invalid_topic",
+                "t",
+            ),
+            (
+                E::Internal("x".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "x",
+            ),
+        ];
+        for (e, status, kind, text) in cases {
+            assert_eq!(answer(e), (status, kind, text.to_string()));
+        }
+        // A Raft error answers as it does from any other handler.
+        let raft = ClientError::Other("down".into());
+        let direct = ApiError::from(ClientError::Other("down".into()));
+        let (status, kind, text) = answer(E::Consensus(raft));
+        assert_eq!(
+            (status, kind, text),
+            (direct.status, direct.kind, direct.message)
+        );
+    }
+}
+
+#[cfg(test)]
+mod pubsub_tests {
+    use super::*;
     use canal_consensus::GroupId;
     use canal_pubsub::PubSubError as E;
 
