@@ -94,14 +94,14 @@ pub enum Qos {
     /// QoS 0: at most once, never stored.
     AtMostOnce,
     /// QoS 1: committed to the topic's log before the answer.
-    AtLeastOnce,
+    Committed,
 }
 
 impl Qos {
     /// Reads a publish's QoS (`1` if not given).
     pub fn for_publish(s: Option<&str>) -> Result<Qos, PubSubError> {
         match s {
-            None | Some("1") => Ok(Qos::AtLeastOnce),
+            None | Some("1") => Ok(Qos::Committed),
             Some("0") => Ok(Qos::AtMostOnce),
             Some(other) => Err(PubSubError::InvalidQos(format!(
                 "QoS {other:?} is not known: use 0 (at most once) or 1 (committed before the answer)"

@@ -140,7 +140,7 @@ impl Cluster {
         for i in first_id..first_id + n {
             let req = PublishRequest {
                 topic: TOPIC.into(),
-                qos: Qos::AtLeastOnce,
+                qos: Qos::Committed,
                 id: Some(format!("e{i}")),
                 headers: vec![],
                 payload: format!("event {i}").into_bytes(),
@@ -315,30 +315,30 @@ async fn publishes_are_checked_against_the_topic_settings_and_qos0_stays_off_the
         .await;
     }
     let e = via
-        .publish(publish(TOPIC, Qos::AtLeastOnce, None, b"12345"))
+        .publish(publish(TOPIC, Qos::Committed, None, b"12345"))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), "too_large");
     assert!(e.to_string().contains("at most 4"), "{e}");
     let e = via
-        .publish(publish("orders/+", Qos::AtLeastOnce, None, b"1"))
+        .publish(publish("orders/+", Qos::Committed, None, b"1"))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), "invalid_topic");
     let e = via
-        .publish(publish(TOPIC, Qos::AtLeastOnce, Some(""), b"1"))
+        .publish(publish(TOPIC, Qos::Committed, Some(""), b"1"))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), "invalid_id");
     // Another topic is not bound by the filter.
     let p = via
-        .publish(publish("logs/x", Qos::AtLeastOnce, Some("a"), b"12345"))
+        .publish(publish("logs/x", Qos::Committed, Some("a"), b"12345"))
         .await
         .unwrap();
     assert_eq!((p.offset, p.duplicate), (Some(0), false));
     // The same id again is the same event.
     let p = via
-        .publish(publish("logs/x", Qos::AtLeastOnce, Some("a"), b"12345"))
+        .publish(publish("logs/x", Qos::Committed, Some("a"), b"12345"))
         .await
         .unwrap();
     assert_eq!((p.offset, p.duplicate), (Some(0), true));
