@@ -124,6 +124,24 @@ pub(crate) fn locate(l: &Locate, as_json: bool) -> anyhow::Result<()> {
         t.add_row(vec![r.clone(), "-".into(), "yes (placed)".into()]);
     }
     println!("{t}");
+    // Where the events are: the Raft group that holds the topic's log, as the answering
+    // node's replica knows it (a node that hosts no such group knows no members).
+    if !l.group.is_empty() {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        println!(
+            "group     {} (leader {})",
+            l.group,
+            l.leader.as_deref().unwrap_or("none known")
+        );
+        println!("voters    {}", list(&l.voters));
+        println!("learners  {}", list(&l.learners));
+    }
     Ok(())
 }
 

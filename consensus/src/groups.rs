@@ -1335,33 +1335,9 @@ fn watch_metrics(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::mem::{MemNet, MemTransport};
     use openraft::Vote;
     use openraft::raft::{AppendEntriesRequest, VoteRequest};
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-
-    /// Nodes of an in-memory cluster, by peer id; a call carries the caller's node id as
-    /// the authenticated sender, as the mesh does.
-    type Registry_ = Arc<Mutex<HashMap<String, Consensus<MemTransport>>>>;
-
-    #[derive(Clone)]
-    struct MemTransport {
-        me: NodeId,
-        nodes: Registry_,
-    }
-
-    impl Transport for MemTransport {
-        async fn call(&self, target: &RaftNode, body: Vec<u8>) -> Result<Vec<u8>, String> {
-            let c = self
-                .nodes
-                .lock()
-                .unwrap()
-                .get(&target.peer_id)
-                .cloned()
-                .ok_or_else(|| format!("{} is not running", target.peer_id))?;
-            Ok(c.handle(self.me, &body).await.answer)
-        }
-    }
 
     fn node(id: NodeId) -> RaftNode {
         RaftNode {
@@ -1382,18 +1358,18 @@ mod tests {
 
     struct Net {
         _dirs: Vec<tempfile::TempDir>,
-        nodes: Registry_,
+        nodes: MemNet,
     }
 
     impl Net {
         fn get(&self, id: NodeId) -> Consensus<MemTransport> {
-            self.nodes.lock().unwrap()[&node(id).peer_id].clone()
+            self.nodes.get(&node(id).peer_id).unwrap()
         }
     }
 
     /// Starts nodes `ids` in memory, with fast timings; none is formed.
     async fn start(ids: &[NodeId]) -> Net {
-        let nodes: Registry_ = Arc::default();
+        let nodes = MemNet::default();
         let mut dirs = Vec::new();
         for &id in ids {
             let dir = tempfile::tempdir().unwrap();
@@ -1404,15 +1380,12 @@ mod tests {
                 node(id),
                 &[GroupId::METADATA],
                 Settings::with_election_timeout(Duration::from_millis(200)),
-                MemTransport {
-                    me: id,
-                    nodes: nodes.clone(),
-                },
+                nodes.transport(id),
                 &mut Registry::default(),
             )
             .await
             .unwrap();
-            nodes.lock().unwrap().insert(node(id).peer_id, c);
+            nodes.insert(&node(id).peer_id, c);
             dirs.push(dir);
         }
         Net { _dirs: dirs, nodes }

@@ -25,6 +25,8 @@
 //!   format marker), `log` ([`LogStore`]), `state` ([`StateMachine`] and its reads, which
 //!   fail with [`ReadError`]), `apply` (the deterministic apply of operations: the clock,
 //!   dedup, topic logs, effects) over `overlay` (one apply call's writes), and `snapshot`.
+//! - `mem` (tests, feature `mem-transport`): an in-memory [`Transport`] for clusters
+//!   without sockets.
 //!
 //! ```text
 //!   client write ─> Raft (openraft) ─> LogStore::append ─> sled tree g{N}.log (flushed)
@@ -34,6 +36,8 @@
 pub mod functions;
 pub mod groups;
 pub mod keys;
+#[cfg(any(test, feature = "mem-transport"))]
+pub mod mem;
 pub mod network;
 pub mod routing;
 pub mod rpc;

@@ -20,10 +20,8 @@ pub struct LoadCounters {
     pub running_invocations: AtomicU64,
     /// Whether this node is a member of the cluster's Raft groups.
     pub raft_member: std::sync::atomic::AtomicBool,
-    /// The filters of this node's QoS 0 subscribers, each with how many subscribe with it.
-    pub subscribed: std::sync::Mutex<BTreeMap<String, usize>>,
-    /// The filters of the QoS 0 triggers this node executes.
-    pub trigger_filters: std::sync::Mutex<Vec<String>>,
+    /// The filters of this node's QoS 0 subscribers and triggers.
+    pub qos0: Arc<canal_pubsub::Qos0Interest>,
 }
 
 impl LoadCounters {
@@ -31,21 +29,7 @@ impl LoadCounters {
     /// summarised when there are too many for a capability record
     /// ([`canal_proto::caps::summarise_interest`]: wider filters, never narrower ones).
     pub fn interest(&self) -> Vec<String> {
-        let mut all: std::collections::BTreeSet<String> = self
-            .subscribed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        all.extend(
-            self.trigger_filters
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .cloned(),
-        );
-        canal_proto::caps::summarise_interest(all)
+        canal_proto::caps::summarise_interest(self.qos0.filters())
     }
 }
 
@@ -195,16 +179,14 @@ mod tests {
     #[test]
     fn interest_is_summarised_to_fit_the_record() {
         let load = LoadCounters::default();
-        {
-            let mut subs = load.subscribed.lock().unwrap_or_else(|p| p.into_inner());
-            for i in 0..1000 {
-                subs.insert(format!("devices/{}/sensor{i}", i % 4), 1);
-            }
-        }
-        *load
-            .trigger_filters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = vec!["alerts/#".into()];
+        let hub = canal_pubsub::Qos0Hub::new(load.qos0.clone());
+        let _subscribers: Vec<_> = (0..1000)
+            .filter_map(|i| {
+                canal_proto::TopicFilter::new(&format!("devices/{}/sensor{i}", i % 4)).ok()
+            })
+            .map(|f| hub.register(&f))
+            .collect();
+        hub.set_trigger_filters(vec!["alerts/#".into()]);
         let interest = load.interest();
         assert!(interest.len() <= canal_proto::caps::MAX_INTEREST_FILTERS);
         assert!(interest.contains(&"alerts/#".to_string()), "{interest:?}");

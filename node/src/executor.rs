@@ -587,9 +587,8 @@ impl<T: Transport> Executor<T> {
             trigger: spec.name.clone(),
             why: e.0,
         })?;
-        // The pubsub service's error is an HTTP answer still; its text is what is kept.
-        let settings = crate::pubsub::all_settings(&self.functions.consensus)
-            .map_err(|e| ExecError::Settings(format!("{e:?}")))?;
+        let settings = canal_pubsub::settings::all_settings(&self.functions.consensus)
+            .map_err(|e| ExecError::Settings(e.to_string()))?;
         let mut progressed = false;
         let mut backlog = 0u64;
         for (topic, meta) in sm.topics().map_err(replica)? {
@@ -1247,7 +1246,7 @@ mod tests {
 
     fn executor<T: Transport>(functions: Arc<Functions<T>>, dht: &canal_dht::Dht) -> Executor<T> {
         Executor {
-            qos0: Qos0Hub::new(functions.live.clone()),
+            qos0: Qos0Hub::new(functions.live.qos0.clone()),
             functions,
             dht: dht.handle(),
             metrics: ExecMetrics::register(&mut Registry::default()),

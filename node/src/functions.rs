@@ -391,7 +391,7 @@ impl<T: Transport> Functions<T> {
     /// A new id no other of any node has, for what this node creates (requests, triggers,
     /// events of invocations by hand).
     pub fn fresh_id(&self) -> String {
-        crate::ids::fresh_id(&self.peer_id)
+        canal_proto::time::fresh_id(&self.peer_id)
     }
 
     /// Deploys a function: checks and compiles the module, stores it and the function's

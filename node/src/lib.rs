@@ -23,15 +23,14 @@
 //!     commit) and the peers they are made from ([`placement::PeerSource`]).
 //!   - [`placer`]: the placement job (decides on the data group's leader, reports
 //!     measurements).
-//!   - [`pubsub`]: publish (QoS 0 and 1) and subscribe (Server-Sent Events, WebSocket).
-//!   - [`feed`]: a subscriber's queue, bounded in bytes, holding one of the node's
-//!     subscriber slots.
+//!   - [`pubsub`]: the node's side of [`canal_pubsub`] (publish, subscribe, settings,
+//!     retention, durable consumers): QoS 0 over the mesh.
 //!   - [`cluster`]: Raft over the mesh, and the job that forms and grows the cluster.
 //!   - [`raft_links`]: the watch on the round trips to Raft members.
 //! - Below the services: [`config`] (the TOML/flag configuration and its validation),
 //!   [`datadir`] (the locked data directory), [`identity`] (the persistent ed25519 peer
 //!   identity), [`caps`] (measuring the capability record: CPU, memory, GPUs through NVML,
-//!   load), [`ids`] (the ids this node makes).
+//!   load).
 //! - [`Node`]: start, run, stop. The background jobs (membership, executor, placer, Raft
 //!   link watch) are [`canal_worker`] workers; [`Node::shutdown`] lets each finish the work
 //!   in hand (a trigger's batch commits or not, never half-way) within a deadline.
@@ -48,11 +47,9 @@ pub mod cluster;
 pub mod config;
 pub mod datadir;
 pub mod executor;
-pub mod feed;
 pub mod functions;
 pub mod http;
 pub mod identity;
-pub mod ids;
 pub mod placement;
 pub mod placer;
 pub mod pubsub;
@@ -142,7 +139,7 @@ pub struct Node {
     consensus: Consensus<NodeTransport>,
     membership: canal_worker::WorkerHandle,
     executor: executor::ExecutorHandle,
-    trimmer: tokio::task::JoinHandle<()>,
+    trimmer: canal_worker::WorkerHandle,
     placer: canal_worker::WorkerHandle,
     raft_links: canal_worker::WorkerHandle,
     api_addr: SocketAddr,
@@ -238,7 +235,7 @@ impl Node {
         )
         .await?;
         let raft_links = raft_links::RaftLinks::register(&mut registry, rpc_timeout);
-        let qos0 = pubsub::Qos0Hub::new(live.clone());
+        let qos0 = pubsub::Qos0Hub::new(live.qos0.clone());
         let formation = Arc::new(cluster::Formation::open(
             data_dir.path().join("formation-promise.json"),
         ));
@@ -281,6 +278,7 @@ impl Node {
             peers: Arc::new(handle.clone()),
         });
         let exec_metrics = executor::ExecMetrics::register(&mut registry);
+        let pubsub_metrics = canal_pubsub::PubSubMetrics::register(&mut registry);
         let membership = Membership {
             consensus: consensus.clone(),
             dht: handle.clone(),
@@ -303,19 +301,30 @@ impl Node {
             backlog: Default::default(),
         })
         .spawn();
-        let trimmer = pubsub::spawn_trimmer(consensus.clone(), closing.clone());
+        let trimmer = canal_worker::spawn(canal_pubsub::trim::Trimmer::new(consensus.clone()));
         let placer = placer::spawn(functions.clone());
         let raft_links = raft_links.spawn(consensus.clone(), handle.clone());
         let state = ApiState {
             dht: handle.clone(),
             consensus: consensus.clone(),
-            qos0,
+            pubsub: pubsub::PubSub::new(
+                consensus.clone(),
+                qos0,
+                Arc::new(pubsub::MeshQos0 {
+                    dht: handle.clone(),
+                }),
+                canal_pubsub::NodeContext {
+                    local_peer: handle.local_peer_id().to_base58(),
+                    subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_subscribers)),
+                    max_subscribers: config.max_subscribers,
+                    closing: closing.clone(),
+                    metrics: pubsub_metrics,
+                },
+            ),
             functions,
             registry: Arc::new(registry),
             started: Instant::now(),
             closing: closing.clone(),
-            subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_subscribers)),
-            max_subscribers: config.max_subscribers,
         };
         let server = http::serve(listener, state, closing);
         info!(api = %api_addr, peer_id = %handle.local_peer_id(), "client API listening");
@@ -369,7 +378,7 @@ impl Node {
         // while the groups still run.
         let (mut aborted, executor) = tokio::join!(
             canal_worker::shutdown_all(
-                vec![self.membership, self.placer, self.raft_links],
+                vec![self.membership, self.placer, self.raft_links, self.trimmer],
                 JOB_SHUTDOWN
             ),
             self.executor.shutdown(JOB_SHUTDOWN)
@@ -378,7 +387,6 @@ impl Node {
         if !aborted.is_empty() {
             tracing::warn!(jobs = ?aborted, "background jobs aborted at the shutdown deadline");
         }
-        self.trimmer.abort();
         self.consensus.shutdown().await;
         self.dht.shutdown().await;
         let _ = std::fs::remove_file(self.data_dir.path().join(RUNTIME_FILE));

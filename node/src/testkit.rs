@@ -2,41 +2,21 @@
 //! processes, no sockets), a fixed peer table for placement, and the functions service on
 //! them with the example guests.
 //!
-//! The transport is the one of consensus's own tests; once `canal_consensus::mem` is merged
-//! (feature `mem-transport`), this copy gives way to it.
+//! The transport is the one of consensus's own tests (`canal_consensus::mem`, feature
+//! `mem-transport`).
 
 use crate::caps::LoadCounters;
 use crate::functions::{DeployRequest, DeploySettings, Functions};
 use crate::placement::PeerSource;
+use canal_consensus::mem::MemNet;
+pub(crate) use canal_consensus::mem::MemTransport;
 use canal_consensus::{Consensus, GroupId, NodeId, RaftDb, RaftNode, Settings, Transport};
 use canal_dht::PeerView;
 use canal_proto::Capabilities;
 use libp2p::PeerId;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-type Nodes = Arc<Mutex<HashMap<String, Consensus<MemTransport>>>>;
-
-/// Carries Raft messages between groups in one process: a call is the target's `handle`.
-#[derive(Clone)]
-pub(crate) struct MemTransport {
-    me: NodeId,
-    nodes: Nodes,
-}
-
-impl Transport for MemTransport {
-    async fn call(&self, target: &RaftNode, body: Vec<u8>) -> Result<Vec<u8>, String> {
-        let c = self
-            .nodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&target.peer_id)
-            .cloned()
-            .ok_or_else(|| format!("{} is not running", target.peer_id))?;
-        Ok(c.handle(self.me, &body).await.answer)
-    }
-}
 
 /// One member of a [`Cluster`].
 pub(crate) struct Member {
@@ -50,14 +30,14 @@ pub(crate) struct Member {
 pub(crate) struct Cluster {
     /// The members, in the order they were started.
     pub(crate) members: Vec<Member>,
-    nodes: Nodes,
+    nodes: MemNet,
     _dirs: Vec<tempfile::TempDir>,
 }
 
 impl Cluster {
     /// Starts `n` members with fast timings and forms every group out of all of them.
     pub(crate) async fn formed(n: usize) -> Cluster {
-        let nodes: Nodes = Arc::default();
+        let nodes = MemNet::default();
         let mut members = Vec::new();
         let mut dirs = Vec::new();
         for _ in 0..n {
@@ -75,18 +55,12 @@ impl Cluster {
                 node.clone(),
                 &canal_consensus::routing::groups_to_start(),
                 Settings::with_election_timeout(Duration::from_millis(200)),
-                MemTransport {
-                    me: id,
-                    nodes: nodes.clone(),
-                },
+                nodes.transport(id),
                 &mut prometheus_client::registry::Registry::default(),
             )
             .await
             .expect("the groups start");
-            nodes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(node.peer_id, consensus.clone());
+            nodes.insert(&node.peer_id, consensus.clone());
             members.push(Member { peer, consensus });
             dirs.push(dir);
         }
@@ -143,7 +117,9 @@ impl Cluster {
 
     /// Stops every member.
     pub(crate) async fn shutdown(self) {
-        self.nodes.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        for m in &self.members {
+            self.nodes.remove(&m.peer.to_base58());
+        }
         for m in self.members {
             m.consensus.shutdown().await;
         }

@@ -86,6 +86,18 @@ pub struct Locate {
     pub policy: String,
     /// How many peers the answer was computed from.
     pub members: usize,
+    /// The Raft group that holds the topic's events (`data-1`).
+    #[serde(default)]
+    pub group: String,
+    /// That group's leader, as the answering node knows it (peer id).
+    #[serde(default)]
+    pub leader: Option<String>,
+    /// That group's voters (peer ids): the replicas that hold the events and vote.
+    #[serde(default)]
+    pub voters: Vec<String>,
+    /// That group's learners (peer ids): replicas that hold the events without voting.
+    #[serde(default)]
+    pub learners: Vec<String>,
 }
 
 /// The body of every error answer: `{ "error": "...", "kind": "..." }`.

@@ -74,6 +74,32 @@ impl From<ClientError> for ApiError {
     }
 }
 
+impl From<canal_pubsub::PubSubError> for ApiError {
+    fn from(e: canal_pubsub::PubSubError) -> Self {
+        use canal_pubsub::PubSubError as E;
+        let status = match &e {
+            E::Consensus(c) => return ApiError::from(c.clone()),
+            E::InvalidTopic(_)
+            | E::InvalidFilter(_)
+            | E::InvalidQos(_)
+            | E::InvalidId(_)
+            | E::InvalidHeader(_)
+            | E::InvalidFrom(_)
+            | E::InvalidDurable(_)
+            | E::InvalidAck(_)
+            | E::InvalidSettings(_) => StatusCode::BAD_REQUEST,
+            E::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            E::TooManySubscribers { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            E::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError {
+            status,
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
+}
+
 /// A body that could not be read: almost always one over the size limit.
 pub(super) fn too_large(r: BytesRejection) -> ApiError {
     ApiError::new(
@@ -253,5 +279,62 @@ mod tests {
             (status, kind, text),
             (direct.status, direct.kind, direct.message)
         );
+    }
+}
+
+#[cfg(test)]
+mod pubsub_tests {
+    use super::*;
+    use canal_consensus::GroupId;
+    use canal_pubsub::PubSubError as E;
+
+    /// The status codes and kinds clients have always seen for pubsub refusals.
+    #[test]
+    fn pubsub_errors_keep_their_status_and_kind() {
+        let cases = [
+            (E::InvalidTopic("t".into()), 400, "invalid_topic"),
+            (E::InvalidFilter("f".into()), 400, "invalid_filter"),
+            (E::InvalidQos("q".into()), 400, "invalid_qos"),
+            (E::InvalidId("i".into()), 400, "invalid_id"),
+            (E::InvalidHeader("h".into()), 400, "invalid_header"),
+            (E::InvalidFrom("f".into()), 400, "invalid_from"),
+            (E::InvalidDurable("d".into()), 400, "invalid_durable"),
+            (E::InvalidAck("a".into()), 400, "invalid_ack"),
+            (E::InvalidSettings("s".into()), 400, "invalid_settings"),
+            (
+                E::TooLarge {
+                    topic: "t".into(),
+                    bytes: 2,
+                    limit: 1,
+                },
+                413,
+                "too_large",
+            ),
+            (
+                E::TooManySubscribers { limit: 1 },
+                503,
+                "too_many_subscribers",
+            ),
+            (
+                E::Consensus(ClientError::NotInitialized(GroupId(1))),
+                503,
+                "not_formed",
+            ),
+            (
+                E::Consensus(ClientError::NoLeader {
+                    group: GroupId(1),
+                    reason: "r".into(),
+                }),
+                503,
+                "no_leader",
+            ),
+            (E::Internal("x".into()), 500, "internal"),
+        ];
+        for (e, status, kind) in cases {
+            let text = e.to_string();
+            let a = ApiError::from(e);
+            assert_eq!((a.status.as_u16(), a.kind), (status, kind), "{text}");
+            assert_eq!(a.message, text);
+        }
     }
 }

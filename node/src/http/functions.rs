@@ -95,7 +95,7 @@ pub(super) async fn fn_invoke(
         ),
         None => None,
     };
-    let custom = crate::pubsub::custom_headers(&headers)?;
+    let custom = super::parse::custom_headers(&headers)?;
     Ok(axum::Json(
         st.functions
             .invoke(InvokeRequest {

@@ -6,7 +6,8 @@
 //!
 //! - [`error`]: [`ApiError`] and how each service's error maps to a status and kind.
 //! - [`parse`]: headers and query parameters into typed values.
-//! - [`health`], [`cluster`], [`kv`], [`functions`], [`topics`]: the handlers, by area.
+//! - [`health`], [`cluster`], [`kv`], [`functions`], [`topics`], [`subscribe`]: the handlers,
+//!   by area.
 
 pub mod cluster;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod health;
 pub mod kv;
 mod metrics_text;
 pub mod parse;
+pub mod subscribe;
 pub mod topics;
 
 pub use error::ApiError;
@@ -39,7 +41,8 @@ use kv::{kv_add, kv_get, kv_put};
 use libp2p::metrics::Registry;
 use std::sync::Arc;
 use std::time::Instant;
-use topics::{ack, subscribe, topic_delete, topic_get, topic_post, topic_put};
+use subscribe::subscribe;
+use topics::{ack, topic_delete, topic_get, topic_post, topic_put};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -48,8 +51,8 @@ pub struct ApiState {
     pub dht: DhtHandle,
     /// The Raft groups.
     pub consensus: Consensus<NodeTransport>,
-    /// This node's QoS 0 subscribers.
-    pub qos0: crate::pubsub::Qos0Hub,
+    /// Publishing and subscribing (QoS 0 through this node's hub).
+    pub pubsub: crate::pubsub::PubSub,
     /// Functions and triggers.
     pub functions: Arc<crate::functions::Functions<NodeTransport>>,
     /// Prometheus metrics of every part of the node.
@@ -58,10 +61,6 @@ pub struct ApiState {
     pub started: Instant,
     /// Becomes true when the node shuts down; long-lived streams end then.
     pub closing: tokio::sync::watch::Receiver<bool>,
-    /// One permit per subscriber this node may serve at once (SSE and WebSocket).
-    pub subscribers: Arc<tokio::sync::Semaphore>,
-    /// How many that is, for the error that says so.
-    pub max_subscribers: usize,
 }
 
 /// Builds the router.

@@ -81,5 +81,57 @@ pub(super) fn request_id(st: &ApiState, headers: &HeaderMap) -> Result<String, A
 
 /// A request id no other request of any node has: peer id, time, sequence.
 pub fn fresh_id(st: &ApiState) -> String {
-    crate::ids::fresh_id(&st.dht.local_peer_id().to_base58())
+    canal_proto::time::fresh_id(&st.dht.local_peer_id().to_base58())
+}
+
+/// The custom headers of a request: `canal-header-NAME: VALUE`, each.
+pub fn custom_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
+    let mut custom = Vec::new();
+    for (k, v) in headers {
+        if let Some(name) = k.as_str().strip_prefix("canal-header-") {
+            let v = v.to_str().map_err(|_| {
+                ApiError::from(canal_pubsub::PubSubError::InvalidHeader(format!(
+                    "header {name:?} must be printable ASCII"
+                )))
+            })?;
+            custom.push((name.to_string(), v.to_string()));
+        }
+    }
+    Ok(custom)
+}
+
+/// A publish to `topic` from its headers (`canal-qos`, `canal-id`, `canal-header-*`) and
+/// body, checked in the order clients are told: the topic, the QoS, the id, the headers.
+pub(super) fn publish_request(
+    topic: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<canal_pubsub::PublishRequest, ApiError> {
+    let topic = canal_pubsub::check_topic(topic)?;
+    let qos = canal_pubsub::parse_qos(headers.get("canal-qos").map(|v| v.to_str().unwrap_or("?")))?;
+    let id = match headers.get("canal-id") {
+        None => None,
+        // Bytes that are no text are refused the way an empty id is.
+        Some(v) => Some(canal_pubsub::check_id(v.to_str().ok())?),
+    };
+    Ok(canal_pubsub::PublishRequest {
+        topic: topic.to_string(),
+        qos,
+        id,
+        headers: custom_headers(headers)?,
+        payload: body.to_vec(),
+    })
+}
+
+/// A subscription from its query parameters.
+pub(super) fn subscribe_request(q: &HashMap<String, String>) -> canal_pubsub::SubscribeRequest {
+    canal_pubsub::SubscribeRequest {
+        filter: q.get("filter").cloned(),
+        qos: q.get("qos").cloned(),
+        from: q.get("from").cloned(),
+        durable: q.get("durable").cloned(),
+        ack_timeout: q.get("ack_timeout").cloned(),
+        max_deliveries: q.get("max_deliveries").cloned(),
+        max_pending: q.get("max_pending").cloned(),
+    }
 }

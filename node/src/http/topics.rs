@@ -1,13 +1,16 @@
-//! `/v1/topics/*`, `/v1/subscribe` and `/v1/subscriptions/{name}/ack`: what the client API
-//! says about topics, publishing and subscribing; the work is [`crate::pubsub`]'s.
+//! `/v1/topics/*` and `/v1/subscriptions/{name}/ack`: what the client API says about topics,
+//! publishing and acknowledging; the work is [`canal_pubsub`]'s (subscribing is in
+//! [`super::subscribe`]).
 
 use super::error::too_large;
 use super::{ApiError, ApiState};
+use crate::NodeTransport;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use canal_consensus::Consensus;
 use canal_dht::DhtHandle;
 use canal_proto::Topic;
 use canal_proto::api::{HomePeer, Locate};
@@ -33,7 +36,8 @@ pub(super) async fn topic_get(
     };
     if let Some(filter) = rest.strip_suffix("/settings") {
         let filter = settings_filter(filter)?;
-        return Ok(axum::Json(crate::pubsub::get_settings(&st, &filter)?).into_response());
+        let answer = canal_pubsub::settings::get_settings(&st.consensus, &filter)?;
+        return Ok(axum::Json(answer).into_response());
     }
     if let Some(topic) = rest.strip_suffix("/log") {
         let topic =
@@ -61,7 +65,7 @@ pub(super) async fn topic_get(
     };
     let topic =
         Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
-    Ok(axum::Json(locate(&st.dht, &topic)).into_response())
+    Ok(axum::Json(locate(&st.dht, &st.consensus, &topic)).into_response())
 }
 
 pub(super) fn settings_filter(s: &str) -> Result<canal_proto::TopicFilter, ApiError> {
@@ -92,7 +96,8 @@ pub(super) async fn topic_put(
             format!("the settings are not JSON of the expected shape ({e}): send {{\"retain_events\"?: N, \"retain_bytes\"?: SIZE, \"retain_age\"?: DURATION, \"max_payload\"?: SIZE}}"),
         )
     })?;
-    Ok(axum::Json(crate::pubsub::put_settings(&st, &filter, req).await?).into_response())
+    let answer = canal_pubsub::settings::put_settings(&st.consensus, &filter, &req).await?;
+    Ok(axum::Json(answer).into_response())
 }
 
 /// `DELETE /v1/topics/{topic-or-filter}/settings`.
@@ -104,7 +109,7 @@ pub(super) async fn topic_delete(
         rest.strip_suffix("/settings")
             .ok_or_else(|| no_topic_endpoint(&rest))?,
     )?;
-    crate::pubsub::delete_settings(&st, &filter).await?;
+    canal_pubsub::settings::delete_settings(&st.consensus, &filter).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -121,39 +126,41 @@ pub(super) async fn topic_post(
             "no such topic endpoint {rest:?}: publish with POST /v1/topics/{{topic}}/events"
         )));
     };
-    Ok(axum::Json(
-        crate::pubsub::publish(&st, topic, &headers, &body).await?,
-    ))
+    let req = super::parse::publish_request(topic, &headers, &body)?;
+    Ok(axum::Json(st.pubsub.publish(req).await?))
 }
 
+/// `POST /v1/subscriptions/{name}/ack?topic=T&offset=N`.
 pub(super) async fn ack(
     State(st): State<ApiState>,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let next = crate::pubsub::ack(&st, &name, &q).await?;
+    let next = st
+        .pubsub
+        .ack(
+            &name,
+            q.get("topic").map(String::as_str),
+            q.get("offset").map(String::as_str),
+        )
+        .await?;
     Ok(axum::Json(
         serde_json::json!({ "subscription": name, "next_offset": next }),
     ))
 }
 
-pub(super) async fn subscribe(
-    State(st): State<ApiState>,
-    Query(q): Query<HashMap<String, String>>,
-    ws: Result<
-        axum::extract::ws::WebSocketUpgrade,
-        axum::extract::ws::rejection::WebSocketUpgradeRejection,
-    >,
-) -> Result<Response, ApiError> {
-    match ws {
-        // A WebSocket upgrade request gets a WebSocket; anything else Server-Sent Events.
-        Ok(ws) => crate::pubsub::subscribe_ws(st, q, ws).await,
-        Err(_) => Ok(crate::pubsub::subscribe(st, q).await?.into_response()),
-    }
-}
-
-/// The locate answer for `topic`, from the peers this node knows alive.
-pub fn locate(dht: &DhtHandle, topic: &Topic) -> Locate {
+/// The locate answer for `topic`: the DHT home peers of its shard, from the peers this node
+/// knows alive, and the Raft group that holds its events with that group's leader and
+/// members as this node's replica knows them (empty where this node hosts no such group).
+pub fn locate(dht: &DhtHandle, consensus: &Consensus<NodeTransport>, topic: &Topic) -> Locate {
+    let group = canal_consensus::group_of(topic.as_str());
+    let raft = consensus.local_status(group).ok();
+    let peer_of = |id: u64| {
+        raft.as_ref()
+            .and_then(|s| s.nodes.iter().find(|(n, _)| *n == id))
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| format!("node {id}"))
+    };
     let space = dht.topic_space();
     let (placement, members) = dht.locate(topic);
     let home: Vec<HomePeer> = placement
@@ -177,5 +184,15 @@ pub fn locate(dht: &DhtHandle, topic: &Topic) -> Locate {
         policy: "topology".to_string(),
         home,
         members,
+        group: group.to_string(),
+        leader: raft.as_ref().and_then(|s| s.leader).map(peer_of),
+        voters: raft
+            .as_ref()
+            .map(|s| s.voters.iter().map(|v| peer_of(*v)).collect())
+            .unwrap_or_default(),
+        learners: raft
+            .as_ref()
+            .map(|s| s.learners.iter().map(|v| peer_of(*v)).collect())
+            .unwrap_or_default(),
     }
 }

@@ -1,0 +1,103 @@
+//! `GET /v1/subscribe`: a subscription's deliveries as Server-Sent Events, or as WebSocket
+//! frames with acknowledgements coming back on the same socket. What is delivered is
+//! [`canal_pubsub`]'s; this is only the framing.
+
+use super::{ApiError, ApiState};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use canal_pubsub::Delivery;
+use canal_pubsub::feed::FeedRx;
+use std::collections::HashMap;
+use std::convert::Infallible;
+
+/// `GET /v1/subscribe?filter=F&qos=0|1&from=...&durable=NAME`: a WebSocket upgrade gets a
+/// WebSocket, anything else Server-Sent Events.
+pub(super) async fn subscribe(
+    State(st): State<ApiState>,
+    Query(q): Query<HashMap<String, String>>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    // Everything is checked before answering, so bad input is a plain HTTP error.
+    let req = super::parse::subscribe_request(&q);
+    let rx = st.pubsub.subscribe(&req).await?;
+    Ok(match ws {
+        Ok(ws) => {
+            let durable = req.durable;
+            ws.on_upgrade(move |socket| websocket(st, rx, durable, socket))
+        }
+        Err(_) => sse(rx).into_response(),
+    })
+}
+
+/// Server-Sent Events: one `message` event per event (data: the event's JSON, id:
+/// `topic:offset` for QoS 1), `lagged` for events missed.
+fn sse(rx: FeedRx<Delivery>) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let d = rx.recv().await?;
+        let sse = match d {
+            Delivery::Message { id, json } => {
+                let e = SseEvent::default().event("message").data(json);
+                match id {
+                    Some(id) => e.id(id),
+                    None => e,
+                }
+            }
+            Delivery::Lagged(json) => SseEvent::default().event("lagged").data(json),
+        };
+        Some((Ok(sse), rx))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// A WebSocket: each event is a text frame holding its JSON, missed events a text frame
+/// `{"lagged": ...}`. A durable subscriber acknowledges with text frames
+/// `{"ack": {"topic": T, "offset": N}}`; a refused one is answered `{"error": "..."}`.
+async fn websocket(
+    st: ApiState,
+    mut rx: FeedRx<Delivery>,
+    durable: Option<String>,
+    mut socket: WebSocket,
+) {
+    loop {
+        tokio::select! {
+            d = rx.recv() => {
+                let text = match d {
+                    Some(Delivery::Message { json, .. }) => json,
+                    Some(Delivery::Lagged(json)) => format!("{{\"lagged\":{json}}}"),
+                    None => break,
+                };
+                if socket.send(Message::Text(text.into())).await.is_err() {
+                    break;
+                }
+            }
+            m = socket.recv() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    if let Err(e) = ws_ack(&st, durable.as_deref(), t.as_str()).await {
+                        let body = serde_json::json!({"error": e}).to_string();
+                        if socket.send(Message::Text(body.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+async fn ws_ack(st: &ApiState, durable: Option<&str>, text: &str) -> Result<(), String> {
+    let Some(name) = durable else {
+        return Err("acks are for durable subscriptions: subscribe with ?durable=NAME".into());
+    };
+    let a: canal_proto::api::WsAck = serde_json::from_str(text)
+        .map_err(|e| format!("{e}: send {{\"ack\": {{\"topic\": TOPIC, \"offset\": N}}}}"))?;
+    let offset = a.ack.offset.to_string();
+    st.pubsub
+        .ack(name, Some(&a.ack.topic), Some(&offset))
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("{:?}", ApiError::from(e)))
+}

@@ -1,0 +1,39 @@
+//! What subscriptions count, for `/metrics`.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+
+/// Counters of this node's subscriptions. Cheap to clone; clones count together.
+#[derive(Debug, Clone, Default)]
+pub struct PubSubMetrics {
+    /// Times a durable subscription went back to its ack floor because the event there was
+    /// not acknowledged within `ack_timeout`.
+    pub redeliveries: Counter,
+    /// Events given up on after `max_deliveries` deliveries (acknowledged for the client).
+    pub given_up: Counter,
+    /// Events subscribers missed because retention dropped them before they were read.
+    pub lagged_events: Counter,
+}
+
+impl PubSubMetrics {
+    /// Counters registered in `registry`.
+    pub fn register(registry: &mut Registry) -> PubSubMetrics {
+        let m = PubSubMetrics::default();
+        registry.register(
+            "canal_pubsub_redeliveries",
+            "Durable subscriptions sent again from their ack floor after ack_timeout",
+            m.redeliveries.clone(),
+        );
+        registry.register(
+            "canal_pubsub_given_up",
+            "Events given up on after max_deliveries deliveries, acknowledged for the client",
+            m.given_up.clone(),
+        );
+        registry.register(
+            "canal_pubsub_lagged_events",
+            "Events subscribers missed because retention dropped them before they were read",
+            m.lagged_events.clone(),
+        );
+        m
+    }
+}

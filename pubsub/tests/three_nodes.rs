@@ -1,0 +1,370 @@
+//! Three nodes in one process over the in-memory transport: QoS 1 events published,
+//! subscribed to durably, partly acknowledged; a member is killed (the data group's leader,
+//! or the node the subscriber was on); the subscriber, reconnecting on a surviving node,
+//! gets every unacknowledged event and none it acknowledged, in order.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use canal_consensus::mem::{MemNet, MemTransport};
+use canal_consensus::{Consensus, GroupId, NodeId, RaftDb, RaftNode, Settings};
+use canal_proto::api::Event;
+use canal_pubsub::feed::FeedRx;
+use canal_pubsub::{
+    Delivery, NodeContext, PubSub, PubSubMetrics, PublishRequest, Qos, Qos0Hub, Qos0Link,
+    SubscribeRequest,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, watch};
+
+const DATA: GroupId = GroupId(1);
+const TOPIC: &str = "orders/eu";
+
+/// No peers: QoS 0 stays on the node (these tests are about QoS 1).
+struct NoPeers;
+
+impl Qos0Link for NoPeers {
+    type Peer = ();
+    fn peers(&self) -> Vec<((), Vec<String>)> {
+        Vec::new()
+    }
+    fn send(&self, _: (), _: Vec<u8>) {}
+}
+
+type Node = PubSub<MemTransport, NoPeers>;
+
+struct Cluster {
+    net: MemNet,
+    nodes: BTreeMap<NodeId, Node>,
+    metrics: BTreeMap<NodeId, PubSubMetrics>,
+    _closing: watch::Sender<bool>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+fn raft_node(id: NodeId) -> RaftNode {
+    RaftNode {
+        peer_id: format!("n{id}"),
+        addrs: vec![],
+    }
+}
+
+async fn cluster() -> Cluster {
+    let net = MemNet::default();
+    let (closing_tx, closing) = watch::channel(false);
+    let mut nodes = BTreeMap::new();
+    let mut dirs = Vec::new();
+    let mut metrics: BTreeMap<NodeId, PubSubMetrics> = BTreeMap::new();
+    for id in [1, 2, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RaftDb::open(&dir.path().join("raft")).unwrap();
+        let c = Consensus::start(
+            &db,
+            id,
+            raft_node(id),
+            &[GroupId::METADATA, DATA],
+            Settings::with_election_timeout(Duration::from_millis(200)),
+            net.transport(id),
+            &mut prometheus_client::registry::Registry::default(),
+        )
+        .await
+        .unwrap();
+        net.insert(&raft_node(id).peer_id, c.clone());
+        let ps = PubSub::new(
+            c,
+            Qos0Hub::new(Arc::default()),
+            Arc::new(NoPeers),
+            NodeContext {
+                local_peer: raft_node(id).peer_id,
+                subscribers: Arc::new(Semaphore::new(16)),
+                max_subscribers: 16,
+                closing: closing.clone(),
+                metrics: metrics.entry(id).or_default().clone(),
+            },
+        );
+        nodes.insert(id, ps);
+        dirs.push(dir);
+    }
+    let members = [1, 2, 3].into_iter().map(|i| (i, raft_node(i))).collect();
+    nodes[&1].consensus().initialize(members).await.unwrap();
+    let c = Cluster {
+        net,
+        nodes,
+        metrics,
+        _closing: closing_tx,
+        _dirs: dirs,
+    };
+    c.leader().await;
+    c
+}
+
+async fn wait(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}: not within 20 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Cluster {
+    /// The data group's leader, as every running node sees it.
+    async fn leader(&self) -> NodeId {
+        let mut leader = None;
+        wait("one leader of the data group", || {
+            let seen: Vec<Option<NodeId>> = self
+                .nodes
+                .values()
+                .map(|n| {
+                    n.consensus()
+                        .metrics(DATA)
+                        .ok()
+                        .and_then(|m| m.current_leader)
+                })
+                .collect();
+            leader = seen[0].filter(|l| self.nodes.contains_key(l));
+            leader.is_some() && seen.iter().all(|s| *s == leader)
+        })
+        .await;
+        leader.unwrap()
+    }
+
+    /// Crashes node `id`: unreachable, and its groups stopped.
+    async fn kill(&mut self, id: NodeId) {
+        let node = self.nodes.remove(&id).unwrap();
+        self.net.remove(&raft_node(id).peer_id);
+        node.consensus().shutdown().await;
+    }
+
+    /// Publishes `n` QoS 1 events through node `via`, retried while a new leader is elected.
+    async fn publish(&self, via: NodeId, n: usize, first_id: usize) {
+        for i in first_id..first_id + n {
+            let req = PublishRequest {
+                topic: TOPIC.into(),
+                qos: Qos::Committed,
+                id: Some(format!("e{i}")),
+                headers: vec![],
+                payload: format!("event {i}").into_bytes(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match self.nodes[&via].publish(req.clone()).await {
+                    Ok(p) => {
+                        assert_eq!(p.offset, Some(i as u64), "{p:?}");
+                        break;
+                    }
+                    Err(e) => {
+                        assert!(Instant::now() < deadline, "publish {i}: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn durable() -> SubscribeRequest {
+    SubscribeRequest {
+        filter: Some("orders/+".into()),
+        from: Some("earliest".into()),
+        durable: Some("billing".into()),
+        ..SubscribeRequest::default()
+    }
+}
+
+/// The offsets of the next `n` events, failing on anything else or a stall.
+async fn offsets(rx: &mut FeedRx<Delivery>, n: usize) -> Vec<u64> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let d = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {out:?} within 20 s"))
+            .expect("the subscription ended");
+        match d {
+            Delivery::Message { id, json } => {
+                let e: Event = serde_json::from_str(&json).unwrap();
+                let offset = e.offset.unwrap();
+                assert_eq!(id, Some(format!("{TOPIC}:{offset}")));
+                assert_eq!(e.data, Some(format!("event {offset}")));
+                out.push(offset);
+            }
+            Delivery::Lagged(json) => panic!("nothing was trimmed or given up, got {json}"),
+        }
+    }
+    out
+}
+
+/// Publishes 10 events, reads them durably on `sub_on`, acknowledges 0..=3, kills `victim`,
+/// publishes 5 more and reconnects on `again_on`: 4..15, in order, each once.
+async fn survives_the_loss_of(victim: impl Fn(NodeId, NodeId) -> NodeId) {
+    let mut c = cluster().await;
+    let leader = c.leader().await;
+    let follower = [1, 2, 3].into_iter().find(|i| *i != leader).unwrap();
+    c.publish(follower, 10, 0).await;
+
+    let sub_on = follower;
+    let mut rx = c.nodes[&sub_on].subscribe(&durable()).await.unwrap();
+    assert_eq!(offsets(&mut rx, 10).await, (0..10).collect::<Vec<_>>());
+    let next = c.nodes[&sub_on]
+        .ack("billing", Some(TOPIC), Some("3"))
+        .await
+        .unwrap();
+    assert_eq!(next, 4);
+    drop(rx);
+
+    let victim = victim(leader, sub_on);
+    c.kill(victim).await;
+    let again_on = *c.nodes.keys().next().unwrap();
+    c.leader().await;
+    c.publish(again_on, 5, 10).await;
+
+    // The reconnecting node has applied the acknowledgement and the events.
+    let sm = c.nodes[&again_on].consensus().state_machine(DATA).unwrap();
+    wait(
+        "the surviving replica to apply the ack and the events",
+        || {
+            sm.subscription_cursor("billing", TOPIC).unwrap() == Some(4)
+                && sm.topic_meta(TOPIC).unwrap().map(|m| m.next) == Some(15)
+        },
+    )
+    .await;
+    let mut rx = c.nodes[&again_on].subscribe(&durable()).await.unwrap();
+    assert_eq!(offsets(&mut rx, 11).await, (4..15).collect::<Vec<_>>());
+    // And nothing more: no event twice.
+    let extra = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+    assert!(
+        extra.is_err(),
+        "more than the unacknowledged events: {extra:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_subscriber_survives_the_loss_of_the_leader() {
+    survives_the_loss_of(|leader, _| leader).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_subscriber_survives_the_loss_of_its_node() {
+    survives_the_loss_of(|_, sub_on| sub_on).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacknowledged_event_is_redelivered_then_given_up_on() {
+    let c = cluster().await;
+    let leader = c.leader().await;
+    c.publish(leader, 2, 0).await;
+    let req = SubscribeRequest {
+        ack_timeout: Some("200ms".into()),
+        max_deliveries: Some("2".into()),
+        ..durable()
+    };
+    let mut rx = c.nodes[&leader].subscribe(&req).await.unwrap();
+    assert_eq!(offsets(&mut rx, 2).await, vec![0, 1]);
+    c.nodes[&leader]
+        .ack("billing", Some(TOPIC), Some("0"))
+        .await
+        .unwrap();
+    // 1 is not acknowledged: sent again, then given up on and acknowledged for the client.
+    assert_eq!(offsets(&mut rx, 1).await, vec![1]);
+    let notice = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Delivery::Lagged(json) = notice else {
+        panic!("not a give-up notice: {notice:?}")
+    };
+    assert!(
+        json.contains("not acknowledged after 2 deliveries"),
+        "{json}"
+    );
+    let sm = c.nodes[&leader].consensus().state_machine(DATA).unwrap();
+    wait("the give-up to be acknowledged", || {
+        sm.subscription_cursor("billing", TOPIC).unwrap() == Some(2)
+    })
+    .await;
+    let m = &c.metrics[&leader];
+    assert_eq!((m.redeliveries.get(), m.given_up.get()), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_are_checked_against_the_topic_settings_and_qos0_stays_off_the_log() {
+    let c = cluster().await;
+    let via = &c.nodes[&c.leader().await];
+    let req = canal_proto::settings::SettingsRequest {
+        max_payload: Some("4".into()),
+        ..Default::default()
+    };
+    let filter = canal_proto::TopicFilter::new("orders/#").unwrap();
+    let set = canal_pubsub::settings::put_settings(via.consensus(), &filter, &req)
+        .await
+        .unwrap();
+    assert_eq!(set.settings.max_payload_bytes, 4);
+    let publish = |topic: &str, qos, id: Option<&str>, payload: &[u8]| PublishRequest {
+        topic: topic.into(),
+        qos,
+        id: id.map(str::to_string),
+        headers: vec![("k".into(), "v".into())],
+        payload: payload.to_vec(),
+    };
+    // Every node reads the settings from its own replica of the metadata group.
+    for n in c.nodes.values() {
+        wait("the settings to reach every replica", || {
+            canal_pubsub::settings::get_settings(n.consensus(), &filter)
+                .map(|a| a.settings.max_payload_bytes == 4)
+                .unwrap_or(false)
+        })
+        .await;
+    }
+    let e = via
+        .publish(publish(TOPIC, Qos::Committed, None, b"12345"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "too_large");
+    assert!(e.to_string().contains("at most 4"), "{e}");
+    let e = via
+        .publish(publish("orders/+", Qos::Committed, None, b"1"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "invalid_topic");
+    let e = via
+        .publish(publish(TOPIC, Qos::Committed, Some(""), b"1"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "invalid_id");
+    // Another topic is not bound by the filter.
+    let p = via
+        .publish(publish("logs/x", Qos::Committed, Some("a"), b"12345"))
+        .await
+        .unwrap();
+    assert_eq!((p.offset, p.duplicate), (Some(0), false));
+    // The same id again is the same event.
+    let p = via
+        .publish(publish("logs/x", Qos::Committed, Some("a"), b"12345"))
+        .await
+        .unwrap();
+    assert_eq!((p.offset, p.duplicate), (Some(0), true));
+
+    // QoS 0: a local QoS 0 subscriber gets it, the log never sees it.
+    let sub = SubscribeRequest {
+        filter: Some("orders/#".into()),
+        qos: Some("0".into()),
+        ..SubscribeRequest::default()
+    };
+    let mut rx = via.subscribe(&sub).await.unwrap();
+    let p = via
+        .publish(publish(TOPIC, Qos::AtMostOnce, None, b"hi"))
+        .await
+        .unwrap();
+    assert_eq!((p.qos, p.offset), (0, None));
+    let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Delivery::Message { id: None, json } = d else {
+        panic!("not a QoS 0 event: {d:?}")
+    };
+    let e: Event = serde_json::from_str(&json).unwrap();
+    assert_eq!((e.qos, e.data.as_deref()), (0, Some("hi")));
+    assert_eq!(e.headers.get("k").map(String::as_str), Some("v"));
+    let sm = via.consensus().state_machine(DATA).unwrap();
+    assert_eq!(sm.topic_meta(TOPIC).unwrap(), None);
+}
