@@ -43,8 +43,15 @@ pub(crate) fn ms(d: Duration) -> String {
 
 /// Starts a local 3-node cluster and waits for its leaders.
 pub(crate) async fn local_cluster() -> anyhow::Result<Testnet> {
-    let bin = std::env::current_exe().context("cannot find the canal binary to run nodes with")?;
-    eprintln!("starting 3 local nodes ...");
+    // `CANAL_BENCH_NODE_BIN` runs the nodes from another build, so two builds of the node
+    // can be measured with the same load generator.
+    let bin = match std::env::var_os("CANAL_BENCH_NODE_BIN") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => {
+            std::env::current_exe().context("cannot find the canal binary to run nodes with")?
+        }
+    };
+    eprintln!("starting 3 local nodes ({}) ...", bin.display());
     let net = Testnet::start(&bin, 3, |_| NodeOptions {
         extra_args: vec![
             "--bootstrap-expect".into(),
