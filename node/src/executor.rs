@@ -1282,8 +1282,14 @@ mod tests {
         sm.trigger_cursor(uid, topic).unwrap()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_qos1_trigger_runs_each_event_once_and_a_rerun_applies_nothing_twice() {
+    /// A one-node cluster with `up` (uppercase.wasm) deployed and QoS 1 trigger `shout` from
+    /// `in/#` to `out/loud`; the functions service, the trigger and the data group's replica.
+    async fn one_node_with_a_trigger() -> (
+        crate::testkit::Cluster,
+        Arc<Functions<canal_consensus::mem::MemTransport>>,
+        TriggerSpec,
+        StateMachine,
+    ) {
         use crate::testkit::{self, Cluster, FixedPeers};
         let cluster = Cluster::formed(1).await;
         let m = &cluster.members[0];
@@ -1307,6 +1313,13 @@ mod tests {
             .consensus
             .state_machine(canal_consensus::group_of_function("up"))
             .unwrap();
+        (cluster, f, spec, sm)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_qos1_trigger_runs_each_event_once_and_a_rerun_applies_nothing_twice() {
+        use crate::testkit;
+        let (cluster, f, spec, sm) = one_node_with_a_trigger().await;
         for i in 0..5 {
             publish(&f, "in/a", &format!("hello {i}")).await;
         }
@@ -1380,29 +1393,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shutdown_lets_a_batch_in_flight_commit() {
-        use crate::testkit::{self, Cluster, FixedPeers};
-        let cluster = Cluster::formed(1).await;
-        let m = &cluster.members[0];
-        let f = testkit::functions(m, FixedPeers::of(&[m.peer]));
-        testkit::deploy(&f, "up", "uppercase").await;
-        let spec = f
-            .trigger_add(
-                "shout",
-                canal_proto::function::TriggerRequest {
-                    on: "in/#".into(),
-                    function: "up".into(),
-                    out: Some("out/loud".into()),
-                    qos: Some(1),
-                    retries: Some(0),
-                    dead_letter: None,
-                },
-            )
-            .await
-            .unwrap();
-        let sm = m
-            .consensus
-            .state_machine(canal_consensus::group_of_function("up"))
-            .unwrap();
+        use crate::testkit;
+        let (cluster, f, spec, sm) = one_node_with_a_trigger().await;
         let dht = lone_mesh().await;
         let running = Arc::new(executor(f.clone(), &dht)).spawn();
         testkit::until("the trigger's job", Duration::from_secs(10), || {

@@ -641,12 +641,7 @@ impl<T: Transport> Functions<T> {
         if self.function_now(&spec.function).await?.is_none() {
             return Err(FunctionsError::UnknownFunction(spec.function));
         }
-        if self
-            .consensus
-            .read_record(GroupId::METADATA, &keys::TRIGGERS, name, true)
-            .await?
-            .is_some()
-        {
+        if self.trigger_now(name).await?.is_some() {
             return Err(FunctionsError::TriggerExists(name.to_string()));
         }
         self.consensus
@@ -664,15 +659,18 @@ impl<T: Transport> Functions<T> {
         Ok(spec)
     }
 
+    /// One trigger, read through the leader: sees every write acknowledged before.
+    async fn trigger_now(&self, name: &str) -> Result<Option<TriggerSpec>, FunctionsError> {
+        Ok(self
+            .consensus
+            .read_record(GroupId::METADATA, &keys::TRIGGERS, name, true)
+            .await?)
+    }
+
     /// Removes a trigger.
     pub async fn trigger_remove(&self, name: &str) -> Result<(), FunctionsError> {
         check_trigger_name(name).map_err(invalid_name)?;
-        if self
-            .consensus
-            .read_record(GroupId::METADATA, &keys::TRIGGERS, name, true)
-            .await?
-            .is_none()
-        {
+        if self.trigger_now(name).await?.is_none() {
             return Err(FunctionsError::NoTrigger(name.to_string()));
         }
         self.consensus
