@@ -40,7 +40,7 @@ enum TestnetCommand {
         /// Tiers and their node counts, such as edge=3,cloud=2.
         #[arg(long, value_parser = |s: &str| parse_tiers(s).map(Tiers))]
         tiers: Option<Tiers>,
-        /// A tier's link, TIER=LATENCY[±JITTER][/LOSS%] such as edge=30ms±5ms/1% (`+-` for
+        /// A tier's link, `TIER=LATENCY[±JITTER][/LOSS%]` such as edge=30ms±5ms/1% (`+-` for
         /// `±`); repeatable. With --tiers or --link, every node is behind a delay relay; a
         /// tier without --link gets edge 30ms, cloud 1ms, any other none.
         #[arg(long = "link", value_parser = parse_link)]

@@ -14,7 +14,7 @@
 //! ```
 //!
 //! With links (`--tiers` or `--link`), every node is behind a delay relay, run by one more
-//! detached process (see [`relayd`](crate::relayd) for its files): each node listens on its
+//! detached process (see [`relayd`] for its files): each node listens on its
 //! own port but announces its relay's (`--advertise`), and bootstraps from the others'
 //! relays, so every connection between nodes crosses the relays, which delay it and can cut
 //! it ([`partition`], [`heal`]).

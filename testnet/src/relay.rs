@@ -439,8 +439,8 @@ impl Fabric {
     }
 
     /// Cuts the nodes in `cut` off from the others (replacing any earlier partition): open
-    /// connections between the two sides are reset, new ones refused, until [`heal`]
-    /// (Self::heal). An empty set heals.
+    /// connections between the two sides are reset, new ones refused, until
+    /// [`heal`](Self::heal). An empty set heals.
     pub fn partition(&self, cut: &[usize]) {
         self.inner().lock().cut = cut.iter().copied().collect();
         self.inner().bump();

@@ -48,7 +48,7 @@ pub struct RelayPlanNode {
 /// `DIR/relays.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RelayPlan {
-    /// [`FORMAT`].
+    /// The file format's version (`FORMAT`).
     pub version: u32,
     /// The nodes, in index order.
     pub nodes: Vec<RelayPlanNode>,
@@ -57,7 +57,7 @@ pub struct RelayPlan {
 /// `DIR/partition.json`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Control {
-    /// [`FORMAT`].
+    /// The file format's version (`FORMAT`).
     pub version: u32,
     /// Bumped on every write, so the process can say which it applied.
     pub generation: u64,
@@ -68,7 +68,7 @@ pub struct Control {
 /// `DIR/relay-state.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RelayState {
-    /// [`FORMAT`].
+    /// The file format's version (`FORMAT`).
     pub version: u32,
     /// The relay process.
     pub pid: u32,
