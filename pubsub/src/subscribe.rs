@@ -272,6 +272,7 @@ pub(crate) async fn drive_qos1<T: Transport>(
         let now = Instant::now();
         let mut todo: BTreeSet<String> = match wake {
             Wake::Everything => {
+                metrics.rescans.inc();
                 let Ok(topics) = sm.topics() else { return };
                 topics
                     .into_iter()
