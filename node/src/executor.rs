@@ -1484,4 +1484,25 @@ mod tests {
         dht.shutdown().await;
         cluster.shutdown().await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_trigger_job_wakes_for_its_filters_topics_only() {
+        let (cluster, f, spec, _sm) = one_node_with_a_trigger().await;
+        let dht = lone_mesh().await;
+        let exec = Arc::new(executor(f.clone(), &dht));
+        let mut job = TriggerJob::new(exec, spec).unwrap();
+        assert_eq!(job.next, Next::All, "a job starts with a full pass");
+        job.next = Next::Wait;
+        // Applied before the job waits, so their notices are queued: the ones on other
+        // topics (and the trigger's own outputs' topic) pass it by, the one on `in/#` wakes it.
+        for i in 0..20 {
+            publish(&f, &format!("elsewhere/{i}"), "x").await;
+        }
+        publish(&f, "out/loud", "not an input").await;
+        publish(&f, "in/a", "hello").await;
+        job.wait().await;
+        assert_eq!(job.next, Next::Topics(BTreeSet::from(["in/a".to_string()])));
+        dht.shutdown().await;
+        cluster.shutdown().await;
+    }
 }
