@@ -50,7 +50,9 @@ pub use keys::UserKey;
 pub use network::Transport;
 pub use routing::{DATA_GROUPS, group_of, group_of_function, group_of_subscription};
 pub use rpc::{ClientError, MemberStatus};
-pub use store::{LogStore, RaftDb, ReadError, StateMachine, StoreError};
+pub use store::{
+    ChangeWatch, Changed, LogStore, RaftDb, ReadError, StateMachine, StoreError, Wake,
+};
 pub use types::{
     GroupId, InternalKey, NodeId, Op, Proposal, RaftNode, Request, Response, TypeConfig,
 };

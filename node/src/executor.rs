@@ -20,7 +20,7 @@ use crate::functions::{Functions, FunctionsError};
 use crate::pubsub::Qos0Hub;
 use canal_consensus::functions::{CursorMove, Effects};
 use canal_consensus::topics::PublishOp;
-use canal_consensus::{ClientError, GroupId, Op, StateMachine, Transport};
+use canal_consensus::{ChangeWatch, ClientError, GroupId, Op, StateMachine, Transport, Wake};
 use canal_dht::DhtHandle;
 use canal_proto::Topic;
 use canal_proto::TopicFilter;
@@ -35,7 +35,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -436,23 +436,38 @@ struct TriggerJob<T: Transport> {
     exec: Arc<Executor<T>>,
     spec: TriggerSpec,
     sm: StateMachine,
-    applied: watch::Receiver<u64>,
-    /// Whether the last step committed or was refused: then the next goes at once.
-    progressed: bool,
+    /// The topics each apply changed: the job wakes for those its filter matches only.
+    changes: ChangeWatch,
+    /// What the next step looks at.
+    next: Next,
     closed: bool,
+}
+
+/// What a trigger job's next step looks at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Next {
+    /// Every matching topic: at the start, after a failed step or an idle wait (a change of
+    /// leader or placement shows in no topic), or when the change notices were missed.
+    All,
+    /// These matching topics: they changed, or their last step committed a batch (there
+    /// may be more).
+    Topics(BTreeSet<String>),
+    /// Nothing until a matching topic changes or the idle wait ends.
+    Wait,
 }
 
 impl<T: Transport> TriggerJob<T> {
     fn new(exec: Arc<Executor<T>>, spec: TriggerSpec) -> Option<Self> {
         let group = canal_consensus::group_of_function(&spec.function);
         let sm = exec.functions.consensus.state_machine(group).ok()?;
-        let applied = sm.watch_applied();
+        // Before the first read, so nothing applied after it goes unnoticed.
+        let changes = sm.watch_changes();
         Some(TriggerJob {
             exec,
             spec,
             sm,
-            applied,
-            progressed: true,
+            changes,
+            next: Next::All,
             closed: false,
         })
     }
@@ -464,13 +479,40 @@ impl<T: Transport> Worker for TriggerJob<T> {
     }
 
     async fn wait(&mut self) {
-        if self.progressed {
+        if self.next != Next::Wait {
             return;
         }
-        // New events, or a change of leader (which the timeout notices).
-        tokio::select! {
-            r = self.applied.changed() => if r.is_err() { self.closed = true },
-            _ = tokio::time::sleep(TRIGGER_IDLE) => {}
+        // New events on a matching topic, or a change of leader or placement (which the
+        // timeout notices).
+        let idle = tokio::time::sleep(TRIGGER_IDLE);
+        tokio::pin!(idle);
+        loop {
+            tokio::select! {
+                w = self.changes.next() => match w {
+                    None => {
+                        self.closed = true;
+                        return;
+                    }
+                    Some(Wake::Everything) => {
+                        self.next = Next::All;
+                        return;
+                    }
+                    Some(Wake::Topics(changed)) => {
+                        let mine: BTreeSet<String> = changed
+                            .into_iter()
+                            .filter(|t| Topic::new(t).is_ok_and(|t| self.spec.filter.matches(&t)))
+                            .collect();
+                        if !mine.is_empty() {
+                            self.next = Next::Topics(mine);
+                            return;
+                        }
+                    }
+                },
+                _ = &mut idle => {
+                    self.next = Next::All;
+                    return;
+                }
+            }
         }
     }
 
@@ -478,12 +520,18 @@ impl<T: Transport> Worker for TriggerJob<T> {
         if self.closed {
             return Flow::Stop;
         }
-        self.applied.borrow_and_update();
-        self.progressed = match self.exec.step(&self.sm, &self.spec).await {
-            Ok(p) => p,
+        let only = match std::mem::replace(&mut self.next, Next::Wait) {
+            Next::All => None,
+            Next::Topics(t) => Some(t),
+            Next::Wait => return Flow::Continue,
+        };
+        self.next = match self.exec.step(&self.sm, &self.spec, only.as_ref()).await {
+            // What committed may have more: the same topics again at once.
+            Ok(true) => only.map_or(Next::All, Next::Topics),
+            Ok(false) => Next::Wait,
             Err(e) => {
                 warn!(trigger = %self.spec.name, error = %e, "trigger step failed; trying again");
-                false
+                Next::Wait
             }
         };
         Flow::Continue
@@ -573,9 +621,14 @@ impl<T: Transport> Executor<T> {
         ExecutorHandle { supervisor, jobs }
     }
 
-    /// Processes the next batch of every matching topic; says whether anything was
-    /// committed or refused (then the caller goes again at once).
-    async fn step(&self, sm: &StateMachine, spec: &TriggerSpec) -> Result<bool, ExecError> {
+    /// Processes the next batch of every matching topic (of those in `only`, if given);
+    /// says whether anything was committed or refused (then the caller goes again at once).
+    async fn step(
+        &self,
+        sm: &StateMachine,
+        spec: &TriggerSpec,
+        only: Option<&BTreeSet<String>>,
+    ) -> Result<bool, ExecError> {
         let Some(function) = self.functions.function(&spec.function)? else {
             return Ok(false);
         };
@@ -591,7 +644,19 @@ impl<T: Transport> Executor<T> {
             .map_err(|e| ExecError::Settings(e.to_string()))?;
         let mut progressed = false;
         let mut backlog = 0u64;
-        for (topic, meta) in sm.topics().map_err(replica)? {
+        let topics = match only {
+            None => sm.topics().map_err(replica)?,
+            Some(only) => {
+                let mut metas = Vec::with_capacity(only.len());
+                for topic in only {
+                    if let Some(meta) = sm.topic_meta(topic).map_err(replica)? {
+                        metas.push((topic.clone(), meta));
+                    }
+                }
+                metas
+            }
+        };
+        for (topic, meta) in topics {
             let Ok(t) = Topic::new(&topic) else { continue };
             if !spec.filter.matches(&t) || t == dead_letter {
                 continue;
@@ -1416,6 +1481,27 @@ mod tests {
         let done = cursor(&sm, &spec.uid, "in/b").unwrap_or(0);
         assert_eq!(payloads(&sm, "out/loud").len() as u64, done);
         assert!(done >= 1, "the batch in flight was not committed");
+        dht.shutdown().await;
+        cluster.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_trigger_job_wakes_for_its_filters_topics_only() {
+        let (cluster, f, spec, _sm) = one_node_with_a_trigger().await;
+        let dht = lone_mesh().await;
+        let exec = Arc::new(executor(f.clone(), &dht));
+        let mut job = TriggerJob::new(exec, spec).unwrap();
+        assert_eq!(job.next, Next::All, "a job starts with a full pass");
+        job.next = Next::Wait;
+        // Applied before the job waits, so their notices are queued: the ones on other
+        // topics (and the trigger's own outputs' topic) pass it by, the one on `in/#` wakes it.
+        for i in 0..20 {
+            publish(&f, &format!("elsewhere/{i}"), "x").await;
+        }
+        publish(&f, "out/loud", "not an input").await;
+        publish(&f, "in/a", "hello").await;
+        job.wait().await;
+        assert_eq!(job.next, Next::Topics(BTreeSet::from(["in/a".to_string()])));
         dht.shutdown().await;
         cluster.shutdown().await;
     }

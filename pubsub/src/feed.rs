@@ -73,6 +73,17 @@ impl<T> FeedRx<T> {
     pub async fn recv(&mut self) -> Option<T> {
         self.rx.recv().await.map(|(item, _budget)| item)
     }
+
+    /// The next item and, with it, those already waiting (at most `max` in all, at least
+    /// one), in order: under load a writer sends them as one write instead of one each.
+    /// `None` when the reader has stopped.
+    pub async fn recv_many(&mut self, max: usize) -> Option<Vec<T>> {
+        let mut buf = Vec::new();
+        if self.rx.recv_many(&mut buf, max.max(1)).await == 0 {
+            return None;
+        }
+        Some(buf.into_iter().map(|(item, _budget)| item).collect())
+    }
 }
 
 #[cfg(test)]
@@ -114,5 +125,26 @@ mod tests {
         assert!(tx.send(vec![1]).await.is_err());
         // The slot came back with the receiver.
         assert!(slots.try_acquire_owned().is_ok());
+    }
+
+    #[tokio::test]
+    async fn what_is_waiting_is_taken_together_in_order() {
+        let slots = Arc::new(Semaphore::new(1));
+        let slot = slots
+            .clone()
+            .try_acquire_owned()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (tx, mut rx) = feed::<Vec<u8>>(slot);
+        for i in 0..5u8 {
+            assert!(tx.send(vec![i]).await.is_ok());
+        }
+        assert_eq!(rx.recv_many(3).await, Some(vec![vec![0], vec![1], vec![2]]));
+        assert_eq!(rx.recv_many(64).await, Some(vec![vec![3], vec![4]]));
+        // Nothing waiting: it waits for the next one, and takes it alone.
+        let (got, sent) = tokio::join!(rx.recv_many(64), tx.send(vec![5]));
+        assert!(sent.is_ok());
+        assert_eq!(got, Some(vec![vec![5]]));
+        drop(tx);
+        assert_eq!(rx.recv_many(64).await, None);
     }
 }

@@ -13,6 +13,12 @@ pub struct PubSubMetrics {
     pub given_up: Counter,
     /// Events subscribers missed because retention dropped them before they were read.
     pub lagged_events: Counter,
+    /// Topic logs QoS 1 subscriptions looked at (read the meta of, and stepped): one per
+    /// changed topic a subscription reads, not one per topic the node has.
+    pub topic_reads: Counter,
+    /// Full passes of QoS 1 subscriptions over every topic: one at each start, and one each
+    /// time a subscription fell behind the change notices (or a snapshot was installed).
+    pub rescans: Counter,
 }
 
 impl PubSubMetrics {
@@ -33,6 +39,16 @@ impl PubSubMetrics {
             "canal_pubsub_lagged_events",
             "Events subscribers missed because retention dropped them before they were read",
             m.lagged_events.clone(),
+        );
+        registry.register(
+            "canal_pubsub_subscription_topic_reads",
+            "Topic logs QoS 1 subscriptions looked at after a change notice or a redelivery timer",
+            m.topic_reads.clone(),
+        );
+        registry.register(
+            "canal_pubsub_subscription_rescans",
+            "Full passes of QoS 1 subscriptions over every topic: at start, and after falling behind the change notices",
+            m.rescans.clone(),
         );
         m
     }

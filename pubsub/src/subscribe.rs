@@ -1,8 +1,8 @@
 //! Subscriptions: checking what a subscriber asks for, and the drivers that feed it.
 //!
 //! QoS 1: a subscriber reads its node's replica of the logs from a cursor per topic
-//! (earliest, latest, an offset or a time) and is woken whenever entries are applied, so it
-//! gets every event once, in offset order, and a slow subscriber only slows its own stream
+//! (earliest, latest, an offset or a time) and is woken when an apply changes a topic it
+//! reads (the state machine's change notices), so it gets every event once, in offset order, and a slow subscriber only slows its own stream
 //! (the log is the buffer; nothing is skipped unless retention dropped it first, which the
 //! subscriber is told as a `lagged` notice with the gap). A durable subscription also has
 //! what it acknowledged in the log, and is redelivered what it did not acknowledge in time
@@ -15,9 +15,11 @@ use crate::consumer::{Action, ConsumerState, LogView, Redelivery, Start};
 use crate::error::PubSubError;
 use crate::event::{Delivery, EventParts, message, stored_event, to_event};
 use crate::feed::FeedTx;
-use canal_consensus::{Consensus, InternalKey, Op, Request, StateMachine, Transport};
+use canal_consensus::topics::TopicMeta;
+use canal_consensus::{Consensus, InternalKey, Op, Request, StateMachine, Transport, Wake};
 use canal_proto::api::Lagged;
 use canal_proto::{Topic, TopicFilter};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 use tokio::sync::broadcast;
 
@@ -246,6 +248,13 @@ pub(crate) struct Durable<T: Transport> {
 }
 
 /// Feeds a QoS 1 subscription from `sm` until its client goes away or the log is gone.
+///
+/// It reads all topics once, at the start (and again only when the change notices say
+/// anything may have changed: a snapshot, or this subscription fell behind the notices).
+/// After that it steps only the topics an apply changed that match its filter (a new topic
+/// that matches joins then), and those whose redelivery timer is due: what one publish costs
+/// a subscription does not grow with the number of topics, and a subscription on other
+/// topics only matches the changed names against its filter.
 pub(crate) async fn drive_qos1<T: Transport>(
     sm: StateMachine,
     filter: TopicFilter,
@@ -254,76 +263,131 @@ pub(crate) async fn drive_qos1<T: Transport>(
     metrics: crate::PubSubMetrics,
     tx: FeedTx<Delivery>,
 ) {
-    let mut applied = sm.watch_applied();
+    // Before the first read, so nothing applied after it goes unnoticed.
+    let mut changes = sm.watch_changes();
+    // When each topic's redelivery is due (only topics with something unacknowledged).
+    let mut timers: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut wake = Wake::Everything;
     loop {
-        applied.borrow_and_update();
-        let Ok(topics) = sm.topics() else { return };
-        let mut wake: Option<Instant> = None;
-        for (topic, meta) in topics {
-            let Ok(t) = Topic::new(&topic) else { continue };
-            if !filter.matches(&t) {
-                continue;
+        let now = Instant::now();
+        let mut todo: BTreeSet<String> = match wake {
+            Wake::Everything => {
+                metrics.rescans.inc();
+                let Ok(topics) = sm.topics() else { return };
+                topics
+                    .into_iter()
+                    .map(|(t, _)| t)
+                    .filter(|t| matches(&filter, t))
+                    .collect()
             }
-            let acked = durable
-                .as_ref()
-                .and_then(|d| sm.subscription_cursor(&d.name, &topic).ok().flatten());
-            let log = LogView {
-                first: meta.first,
-                next: meta.next,
-                acked,
+            Wake::Topics(changed) => changed
+                .into_iter()
+                .filter(|t| matches(&filter, t))
+                .collect(),
+        };
+        todo.extend(
+            timers
+                .iter()
+                .filter(|(_, at)| **at <= now)
+                .map(|(t, _)| t.clone()),
+        );
+        for topic in todo {
+            metrics.topic_reads.inc();
+            let Ok(meta) = sm.topic_meta(&topic) else {
+                return;
             };
-            let actions = state.step(Instant::now(), &topic, log, |ms| {
-                sm.offset_at(&topic, ms).unwrap_or(meta.next)
-            });
-            for a in actions {
-                let ok = match a {
-                    Action::Gap { from, to } => {
-                        metrics.lagged_events.inc_by(to - from);
-                        let gap = Lagged {
-                            topic: topic.clone(),
-                            from,
-                            to,
-                        };
-                        let Ok(json) = serde_json::to_string(&gap) else {
-                            return;
-                        };
-                        tx.send(Delivery::Lagged(json)).await.is_ok()
-                    }
-                    Action::Redeliver { from } => {
-                        tracing::debug!(%topic, from, "redelivering from the ack floor");
-                        metrics.redeliveries.inc();
-                        true
-                    }
-                    Action::GiveUp { offset, deliveries } => match &durable {
-                        Some(d) => {
-                            let ok = give_up(&mut state, d, &topic, offset, deliveries, &tx).await;
-                            metrics.given_up.inc();
-                            ok
-                        }
-                        None => true,
-                    },
-                    Action::Send { from, to } => {
-                        send_range(&sm, &mut state, &topic, from, to, &tx).await
-                    }
-                    Action::WaitUntil(at) => {
-                        wake = Some(wake.map_or(at, |w| w.min(at)));
-                        true
-                    }
-                };
-                if !ok {
-                    return;
+            let Some(meta) = meta else { continue };
+            timers.remove(&topic);
+            match step_topic(&sm, &mut state, &topic, meta, &durable, &metrics, &tx).await {
+                Some(Some(at)) => {
+                    timers.insert(topic, at);
                 }
+                Some(None) => {}
+                None => return,
             }
         }
         state.pass_done();
         // Redelivery needs a clock; a subscription with nothing unacknowledged does not.
-        let wake = wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        tokio::select! {
-            changed = applied.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep_until(wake.into()) => {}
+        let next_timer = timers
+            .values()
+            .min()
+            .copied()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        wake = tokio::select! {
+            changed = changes.next() => match changed {
+                Some(w) => w,
+                None => return,
+            },
+            _ = tokio::time::sleep_until(next_timer.into()) => Wake::Topics(BTreeSet::new()),
             _ = tx.closed() => return,
+        };
+    }
+}
+
+/// Whether `topic` (a name from the log) is one `filter` reads.
+fn matches(filter: &TopicFilter, topic: &str) -> bool {
+    Topic::new(topic).is_ok_and(|t| filter.matches(&t))
+}
+
+/// Steps one topic and does what its consumer state says: `Some` with when to look again
+/// for redelivery (if ever), `None` when the subscriber is gone or the log cannot be read.
+async fn step_topic<T: Transport>(
+    sm: &StateMachine,
+    state: &mut ConsumerState,
+    topic: &str,
+    meta: TopicMeta,
+    durable: &Option<Durable<T>>,
+    metrics: &crate::PubSubMetrics,
+    tx: &FeedTx<Delivery>,
+) -> Option<Option<Instant>> {
+    let acked = durable
+        .as_ref()
+        .and_then(|d| sm.subscription_cursor(&d.name, topic).ok().flatten());
+    let log = LogView {
+        first: meta.first,
+        next: meta.next,
+        acked,
+    };
+    let actions = state.step(Instant::now(), topic, log, |ms| {
+        sm.offset_at(topic, ms).unwrap_or(meta.next)
+    });
+    let mut wake: Option<Instant> = None;
+    for a in actions {
+        let ok = match a {
+            Action::Gap { from, to } => {
+                metrics.lagged_events.inc_by(to - from);
+                let gap = Lagged {
+                    topic: topic.to_string(),
+                    from,
+                    to,
+                };
+                let json = serde_json::to_string(&gap).ok()?;
+                tx.send(Delivery::Lagged(json)).await.is_ok()
+            }
+            Action::Redeliver { from } => {
+                tracing::debug!(%topic, from, "redelivering from the ack floor");
+                metrics.redeliveries.inc();
+                true
+            }
+            Action::GiveUp { offset, deliveries } => match durable {
+                Some(d) => {
+                    let ok = give_up(state, d, topic, offset, deliveries, tx).await;
+                    metrics.given_up.inc();
+                    ok
+                }
+                None => true,
+            },
+            Action::Send { from, to } => send_range(sm, state, topic, from, to, tx).await,
+            Action::WaitUntil(at) => {
+                wake = Some(wake.map_or(at, |w| w.min(at)));
+                true
+            }
+        };
+        if !ok {
+            return None;
         }
     }
+    Some(wake)
 }
 
 /// Sends `topic`'s events `from..to`; false when the subscriber is gone or the log cannot

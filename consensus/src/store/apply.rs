@@ -8,6 +8,7 @@ use crate::keys;
 use crate::topics::{PublishOp, StoredEvent, TopicMeta};
 use crate::types::{Op, Proposal, Request, Response, TypeConfig};
 use openraft::{Entry, EntryPayload, StorageIOError, StoredMembership};
+use std::sync::Arc;
 
 /// Moves the state machine's clock to `stamp` unless it already stands later, and returns
 /// it: time inside the state machine never goes backwards, even when leadership moves to a
@@ -190,6 +191,7 @@ fn apply_op(w: &mut Writes<'_>, now: u64, op: crate::types::Op) -> Result<Applie
                 .unwrap_or(0);
             let next = current.max(offset.saturating_add(1));
             w.set_record(cursors, parts, Some(&next))?;
+            w.touch(&topic);
             Ok((None, None, Some(next)))
         }
         Op::Publish(event) => {
@@ -251,6 +253,7 @@ fn append_event(w: &mut Writes<'_>, event: PublishOp, now: u64) -> Result<u64, S
     meta.next += 1;
     trim(w, &event.topic, &mut meta, &event.retention, now)?;
     w.set_record(&keys::TOPIC_META, &event.topic, Some(&meta))?;
+    w.touch(&event.topic);
     Ok(offset)
 }
 
@@ -297,6 +300,7 @@ fn apply_trim(
     trim(w, topic, &mut meta, retention, now_ms)?;
     if meta.first != first {
         w.set_record(&keys::TOPIC_META, topic, Some(&meta))?;
+        w.touch(topic);
     }
     Ok((None, None, Some(meta.first)))
 }
@@ -356,6 +360,7 @@ fn apply_effects(w: &mut Writes<'_>, fx: Effects, now: u64) -> Result<Applied, S
             (&c.trigger_uid, &c.topic),
             Some(&c.next),
         )?;
+        w.touch(&c.topic);
     }
     Ok((None, None, last))
 }
@@ -437,10 +442,16 @@ where
             Some(enc(&m).map_err(|e| werr(e.to_string()))?),
         );
     }
+    let changed: Option<Arc<[String]>> =
+        (!w.changed().is_empty()).then(|| w.changed().iter().cloned().collect());
     sm.sm
         .apply_batch(w.into_batch())
         .map_err(|e| werr(e.to_string()))?;
     if let Some(last) = last {
+        // The topic notice first: a waiter woken by the index may look for it.
+        if let Some(topics) = changed {
+            sm.notify_changes(last.index, Some(topics));
+        }
         sm.applied_tx.send_replace(last.index);
     }
     Ok(replies)

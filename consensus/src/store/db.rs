@@ -192,6 +192,7 @@ impl RaftDb {
             snap: tree("snap")?,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             applied_tx: Arc::new(tokio::sync::watch::Sender::new(0)),
+            changes_tx: Arc::new(tokio::sync::broadcast::Sender::new(super::CHANGE_NOTICES)),
         };
         Ok((log, sm))
     }

@@ -4,6 +4,7 @@
 //! - `log`: a group's [`LogStore`] (entries, vote, committed index, purges).
 //! - `state`: a group's [`StateMachine`] and its reads (typed through [`crate::keys`]).
 //! - `apply`: the deterministic apply of operations, on `overlay` (one call's writes).
+//! - `changes`: notices of the topics each apply changed, for subscribers and executors.
 //! - `snapshot`: what a snapshot holds, and how it is built, stored and installed.
 //!
 //! ```text
@@ -52,12 +53,14 @@ use serde::{Serialize, de::DeserializeOwned};
 use std::path::PathBuf;
 
 mod apply;
+mod changes;
 mod db;
 mod log;
 mod overlay;
 mod snapshot;
 mod state;
 
+pub use changes::{CHANGE_NOTICES, ChangeWatch, Changed, Wake};
 pub use db::{RaftDb, Watermark};
 pub use log::LogStore;
 pub use snapshot::SnapshotBuilder;

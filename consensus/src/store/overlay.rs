@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::keys::{Codec, Shape, Table};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 /// The writes of one `apply` call, on top of the tree: every read (point or range) sees the
@@ -12,6 +12,8 @@ pub(super) struct Writes<'a> {
     tree: &'a sled::Tree,
     /// Raw sled keys (`d/…`, `r/…`, `m/…`) to their new value (`None`: removed).
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The topics this call changed, for the change notice sent after it (not stored).
+    changed: BTreeSet<String>,
 }
 
 impl<'a> Writes<'a> {
@@ -19,7 +21,20 @@ impl<'a> Writes<'a> {
         Writes {
             tree,
             pending: BTreeMap::new(),
+            changed: BTreeSet::new(),
         }
+    }
+
+    /// Notes that this call changed `topic`'s log or a cursor on it.
+    pub(super) fn touch(&mut self, topic: &str) {
+        if !self.changed.contains(topic) {
+            self.changed.insert(topic.to_string());
+        }
+    }
+
+    /// The topics this call changed, sorted.
+    pub(super) fn changed(&self) -> &BTreeSet<String> {
+        &self.changed
     }
 
     pub(super) fn raw_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String> {

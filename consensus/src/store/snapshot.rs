@@ -128,6 +128,7 @@ pub(super) async fn install(
     store_snapshot(sm, meta, &bytes).await?;
     if let Some(l) = meta.last_log_id {
         sm.applied_tx.send_replace(l.index);
+        sm.notify_changes(l.index, None);
     }
     Ok(())
 }

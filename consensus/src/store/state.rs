@@ -21,6 +21,8 @@ pub struct StateMachine {
     pub(super) snapshot_seq: Arc<AtomicU64>,
     /// The last applied index, for readers that wait for new entries (subscribers).
     pub(super) applied_tx: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The topics each apply changed, for readers that wait on some topics only.
+    pub(super) changes_tx: Arc<tokio::sync::broadcast::Sender<super::Changed>>,
 }
 
 impl StateMachine {
@@ -137,6 +139,19 @@ impl StateMachine {
     /// Wakes whenever entries are applied (the value is the applied index).
     pub fn watch_applied(&self) -> tokio::sync::watch::Receiver<u64> {
         self.applied_tx.subscribe()
+    }
+
+    /// Tells of the topics each later apply changes (appended to, trimmed, or moved a
+    /// subscription's or trigger's cursor on). Subscribe before reading the state the
+    /// notices are about, so nothing applied in between goes unnoticed.
+    pub fn watch_changes(&self) -> super::ChangeWatch {
+        super::ChangeWatch::new(self.changes_tx.subscribe())
+    }
+
+    /// Tells the change waiters of what an apply changed; never waits, and having no
+    /// waiter is fine.
+    pub(super) fn notify_changes(&self, index: u64, topics: Option<Arc<[String]>>) {
+        let _ = self.changes_tx.send(super::Changed { index, topics });
     }
 
     /// Every topic with a log, and where its log starts and ends.

@@ -384,3 +384,63 @@ fn typed_reads_see_only_their_own_records() {
         assert!(e.to_string().contains("topic metadata"), "{e}");
     });
 }
+
+#[test]
+fn an_apply_tells_waiters_the_topics_it_changed() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RaftDb::open(dir.path()).unwrap();
+        let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
+        let mut changes = sm.watch_changes();
+        let publish = |topic: &str| Request {
+            id: None,
+            op: Op::Publish(crate::topics::PublishOp {
+                topic: topic.into(),
+                id: None,
+                headers: Vec::new(),
+                payload: b"x".to_vec(),
+                retention: Default::default(),
+            }),
+        };
+        let topics =
+            |names: &[&str]| Some(Wake::Topics(names.iter().map(|n| n.to_string()).collect()));
+        // One call, two entries, a batch inside one: one notice, each topic once, sorted.
+        let batch = Request {
+            id: None,
+            op: Op::Batch(vec![publish("b"), publish("a")]),
+        };
+        sm.apply(vec![entry(1, publish("b")), entry(2, batch)])
+            .await
+            .unwrap();
+        assert_eq!(changes.next().await, topics(&["a", "b"]));
+        // A client key changes no topic: no notice (the applied index still moves).
+        let put = Request {
+            id: None,
+            op: Op::Put {
+                key: "k".into(),
+                value: b"v".to_vec(),
+            },
+        };
+        sm.apply(vec![entry(3, put)]).await.unwrap();
+        assert_eq!(*sm.watch_applied().borrow(), 3);
+        // A refused ack changes nothing; an accepted one moves a cursor on its topic.
+        let ack = |topic: &str, offset| Request {
+            id: None,
+            op: Op::Ack {
+                subscription: "s".into(),
+                topic: topic.into(),
+                offset,
+            },
+        };
+        sm.apply(vec![entry(4, ack("a", 9)), entry(5, ack("b", 0))])
+            .await
+            .unwrap();
+        assert_eq!(changes.next().await, topics(&["b"]));
+        // Notices never wait for a waiter: one that fell behind is told to rescan.
+        for i in 0..(CHANGE_NOTICES as u64 + 1) {
+            sm.apply(vec![entry(6 + i, publish("c"))]).await.unwrap();
+        }
+        assert_eq!(changes.next().await, Some(Wake::Everything));
+    });
+}

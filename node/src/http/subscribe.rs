@@ -62,13 +62,11 @@ async fn websocket(
 ) {
     loop {
         tokio::select! {
-            d = rx.recv() => {
-                let text = match d {
-                    Some(Delivery::Message { json, .. }) => json,
-                    Some(Delivery::Lagged(json)) => format!("{{\"lagged\":{json}}}"),
-                    None => break,
-                };
-                if socket.send(Message::Text(text.into())).await.is_err() {
+            ds = rx.recv_many(WS_BATCH) => {
+                let Some(ds) = ds else { break };
+                // Under load what is waiting goes out together: one frame each, as before,
+                // flushed once.
+                if send_all(&mut socket, ds).await.is_err() {
                     break;
                 }
             }
@@ -86,6 +84,22 @@ async fn websocket(
             },
         }
     }
+}
+
+/// How many deliveries a WebSocket writes before it flushes.
+const WS_BATCH: usize = 64;
+
+/// Writes `ds` as text frames, in order, and flushes once.
+async fn send_all(socket: &mut WebSocket, ds: Vec<Delivery>) -> Result<(), axum::Error> {
+    use futures::SinkExt;
+    for d in ds {
+        let text = match d {
+            Delivery::Message { json, .. } => json,
+            Delivery::Lagged(json) => format!("{{\"lagged\":{json}}}"),
+        };
+        socket.feed(Message::Text(text.into())).await?;
+    }
+    socket.flush().await
 }
 
 async fn ws_ack(st: &ApiState, durable: Option<&str>, text: &str) -> Result<(), String> {
