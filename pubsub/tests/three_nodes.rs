@@ -368,3 +368,38 @@ async fn publishes_are_checked_against_the_topic_settings_and_qos0_stays_off_the
     let sm = via.consensus().state_machine(DATA).unwrap();
     assert_eq!(sm.topic_meta(TOPIC).unwrap(), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_stored_in_order_or_refused_whole() {
+    let c = cluster().await;
+    let via = &c.nodes[&c.leader().await];
+    let publish = |i: usize, id: &str| PublishRequest {
+        topic: TOPIC.into(),
+        qos: Qos::Committed,
+        id: Some(id.to_string()),
+        headers: vec![],
+        payload: format!("event {i}").into_bytes(),
+    };
+    // Line 3 is bad, so nothing of the batch is stored.
+    let bad = vec![publish(0, "b0"), publish(1, "b1"), publish(2, "")];
+    let e = via.publish_many(bad).await.unwrap_err();
+    assert_eq!(e.kind(), "invalid_id");
+    assert!(e.to_string().starts_with("line 3: "), "{e}");
+    let batch: Vec<PublishRequest> = (0..200).map(|i| publish(i, &format!("b{i}"))).collect();
+    let answers = via.publish_many(batch.clone()).await.unwrap();
+    let offsets: Vec<Option<u64>> = answers.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, (0..200).map(Some).collect::<Vec<_>>());
+    assert!(answers.iter().all(|p| !p.duplicate));
+    // The same batch again stores nothing new.
+    let again = via.publish_many(batch).await.unwrap();
+    assert!(again.iter().all(|p| p.duplicate), "{again:?}");
+    let e = via
+        .publish_many(
+            (0..canal_pubsub::MAX_BATCH_EVENTS + 1)
+                .map(|i| publish(i, "x"))
+                .collect(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "too_many_events");
+}

@@ -42,7 +42,7 @@ use libp2p::metrics::Registry;
 use std::sync::Arc;
 use std::time::Instant;
 use subscribe::subscribe;
-use topics::{ack, topic_delete, topic_get, topic_post, topic_put};
+use topics::{ack, events_post, topic_delete, topic_get, topic_post, topic_put};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -75,6 +75,7 @@ pub fn router(state: ApiState) -> Router {
                 .put(topic_put)
                 .delete(topic_delete),
         )
+        .route("/v1/events", axum::routing::post(events_post))
         .route("/v1/subscribe", get(subscribe))
         .route("/v1/subscriptions/{name}/ack", axum::routing::post(ack))
         .route("/v1/cluster/status", get(cluster_status))
@@ -112,7 +113,7 @@ pub fn router(state: ApiState) -> Router {
         })
         .fallback(|| async {
             ApiError::not_found(
-                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/admit/{peer}, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}] and /metrics",
+                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, POST /v1/events, /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/admit/{peer}, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}] and /metrics",
             )
         })
         .with_state(state)
