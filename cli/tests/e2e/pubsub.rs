@@ -996,3 +996,182 @@ async fn a_qos0_flood_does_not_cause_elections_while_qos1_writes_go_on() {
         );
     }
 }
+
+/// Publishes every message of `pending` (index to id `m-{i}`) over one publish stream to
+/// `api`, reading acks meanwhile; answers the indexes acknowledged without error. Asserts the
+/// acks come in seq order. `on_first_ack` runs once, after the stream's first ack.
+async fn stream_round(
+    api: &str,
+    topic: &str,
+    pending: &BTreeSet<usize>,
+    mut on_first_ack: impl AsyncFnMut(),
+) -> BTreeSet<usize> {
+    use futures::StreamExt;
+    let mut acked = BTreeSet::new();
+    let Ok(stream) = canal_client::PublishStream::connect(api, None).await else {
+        return acked;
+    };
+    let (mut tx, mut acks) = stream.split();
+    let order: Vec<usize> = pending.iter().copied().collect();
+    let to_send = order.clone();
+    let topic = topic.to_string();
+    // The sender gives its half back, so the socket stays open until the acks are read.
+    let sender = tokio::spawn(async move {
+        for i in to_send {
+            let line = canal_proto::api::PublishLine {
+                topic: Some(topic.clone()),
+                payload: Some(format!("e{i}")),
+                id: Some(format!("m-{i}")),
+                ..Default::default()
+            };
+            if tx.send(line, Some(1)).await.is_err() {
+                break;
+            }
+        }
+        tx
+    });
+    let mut next_seq = 0u64;
+    let mut first = true;
+    while (next_seq as usize) < order.len() {
+        let Ok(Some(Ok(ack))) = tokio::time::timeout(Duration::from_secs(30), acks.next()).await
+        else {
+            break;
+        };
+        assert_eq!(ack.seq, Some(next_seq), "acks out of seq order: {ack:?}");
+        if ack.error.is_none() {
+            assert!(ack.offset.is_some(), "{ack:?}");
+            acked.insert(order[next_seq as usize]);
+        }
+        next_seq += 1;
+        if first {
+            first = false;
+            on_first_ack().await;
+        }
+    }
+    sender.abort();
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_stream_resent_after_a_leader_kill_stores_each_message_once() {
+    const N: usize = 1000;
+    const TOPIC: &str = "stream/orders";
+    let mut net = cluster(3, &[]).await;
+    let lead = leader(&net, 0, "data-1").await;
+    let apis: Vec<String> = (0..3)
+        .map(|i| net.api(i).unwrap().base().to_string())
+        .collect();
+    let mut pending: BTreeSet<usize> = (0..N).collect();
+    let mut killed = false;
+    // The first stream goes to the leader, which is killed while the stream is in flight;
+    // later ones go to the others in turn, resending what has no ack.
+    let mut round = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while !pending.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} messages still unacknowledged after 180 s",
+            pending.len()
+        );
+        let via = if round == 0 {
+            lead
+        } else {
+            let others: Vec<usize> = (0..3).filter(|i| *i != lead).collect();
+            others[round % others.len()]
+        };
+        round += 1;
+        let acked = if killed {
+            stream_round(&apis[via], TOPIC, &pending, async || {}).await
+        } else {
+            let net = &mut net;
+            let a = stream_round(&apis[via], TOPIC, &pending, async || {
+                net.kill(lead).await.unwrap();
+            })
+            .await;
+            killed = true;
+            a
+        };
+        pending.retain(|i| !acked.contains(i));
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert!(
+        killed && round >= 2,
+        "the leader was killed and the rest resent"
+    );
+    let survivor = (0..3).find(|i| *i != lead).unwrap();
+    let child = sub(&apis[survivor], TOPIC, N);
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("the subscriber did not get 1000 events in time")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut ids = BTreeMap::<String, usize>::new();
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        *ids.entry(v["id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    let want: BTreeMap<String, usize> = (0..N).map(|i| (format!("m-{i}"), 1)).collect();
+    assert_eq!(ids, want, "each message once");
+    // Nothing past the 1000: the log ends there.
+    let log: canal_proto::api::TopicLog = net
+        .api(survivor)
+        .unwrap()
+        .get(&format!("/v1/topics/{}/log", TOPIC.replace('/', "%2F")))
+        .await
+        .unwrap();
+    assert_eq!(log.next - log.first, N as u64, "{log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_batch_line_is_refused_by_number_and_nothing_is_stored() {
+    let net = cluster(1, &[]).await;
+    let api = net.api(0).unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/topics/batch%2Ft/events", api.base());
+    let body = "{\"payload\": \"a\", \"id\": \"b-1\"}\n{\"payload\": \"b\"}\n{\"payload\": \"c\", \"id\": \"\"}\n";
+    let resp = http
+        .post(&url)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let e: canal_proto::api::ErrorBody = resp.json().await.unwrap();
+    assert_eq!(e.kind, "invalid_id");
+    assert!(e.error.starts_with("line 3: "), "{}", e.error);
+    let log: canal_proto::api::TopicLog = api.get("/v1/topics/batch%2Ft/log").await.unwrap();
+    assert_eq!((log.first, log.next), (0, 0), "nothing stored");
+    // The good lines alone are stored, answered in line order; on /v1/events too.
+    let body = "{\"payload\": \"a\", \"id\": \"b-1\"}\n{\"payload_base64\": \"AAE=\"}\n";
+    let resp = http
+        .post(&url)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let p: Vec<canal_proto::api::Published> = resp.json().await.unwrap();
+    let offsets: Vec<Option<u64>> = p.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, vec![Some(0), Some(1)]);
+    let resp = http
+        .post(format!("{}/v1/events", api.base()))
+        .header("content-type", "application/x-ndjson")
+        .body("{\"topic\": \"batch/t\", \"payload\": \"c\"}\n{\"payload\": \"no topic\"}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let e: canal_proto::api::ErrorBody = resp.json().await.unwrap();
+    assert!(e.error.starts_with("line 2: "), "{}", e.error);
+    let log: canal_proto::api::TopicLog = api.get("/v1/topics/batch%2Ft/log").await.unwrap();
+    assert_eq!((log.first, log.next), (0, 2));
+}
