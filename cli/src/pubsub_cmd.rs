@@ -191,7 +191,7 @@ async fn publish_stdin(
             tx.send(publish, Some(a.qos)).await?;
             n += 1;
         }
-        tx.close().await?;
+        tx.finish();
         anyhow::Ok(n)
     };
     let reader = async {

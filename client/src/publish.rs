@@ -6,8 +6,11 @@
 use crate::{ClientError, StatusCode, api_error};
 use canal_proto::api::{PublishLine, StreamAck, StreamPublish};
 use futures::stream::{SplitSink, SplitStream};
+use futures::task::AtomicWaker;
 use futures::{SinkExt, Stream, StreamExt};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -26,13 +29,25 @@ pub struct PublishSender {
     sink: SplitSink<Ws, Message>,
     next_seq: u64,
     url: String,
+    shared: Arc<Shared>,
 }
 
-/// The acks of a [`PublishStream`], in the order the publishes were sent; ends when the node
-/// closes the stream.
+/// The acks of a [`PublishStream`], in the order the publishes were sent; ends once
+/// [`PublishSender::finish`] was called and every publish sent has its ack, or when the
+/// connection ends.
 pub struct PublishAcks {
     stream: SplitStream<Ws>,
     url: String,
+    shared: Arc<Shared>,
+    received: u64,
+}
+
+/// What the two halves share: how many were sent, and whether more come.
+#[derive(Default)]
+struct Shared {
+    sent: AtomicU64,
+    finished: AtomicBool,
+    waker: AtomicWaker,
 }
 
 impl PublishStream {
@@ -75,13 +90,20 @@ impl PublishStream {
                 },
             })?;
         let (sink, stream) = ws.split();
+        let shared = Arc::new(Shared::default());
         Ok(PublishStream {
             sender: PublishSender {
                 sink,
                 next_seq: 0,
                 url: url.clone(),
+                shared: shared.clone(),
             },
-            acks: PublishAcks { stream, url },
+            acks: PublishAcks {
+                stream,
+                url,
+                shared,
+                received: 0,
+            },
         })
     }
 
@@ -120,18 +142,23 @@ impl PublishSender {
                 cause: e.to_string(),
             })?;
         self.next_seq += 1;
+        self.shared.sent.store(self.next_seq, Ordering::SeqCst);
         Ok(seq)
     }
 
-    /// Says no more publishes come; the node answers those in flight, then closes.
-    pub async fn close(&mut self) -> Result<(), ClientError> {
-        self.sink
-            .send(Message::Close(None))
-            .await
-            .map_err(|e| ClientError::Stream {
-                url: self.url.clone(),
-                cause: e.to_string(),
-            })
+    /// Says no more publishes come, so the acks end after the last one sent. (A WebSocket
+    /// close would end the stream at once, with acks still owed, so none is sent.)
+    pub fn finish(&mut self) {
+        self.shared.finished.store(true, Ordering::SeqCst);
+        self.shared.waker.wake();
+    }
+
+    /// Closes the connection: for after the last ack, or to give up on those owed.
+    pub async fn close(mut self) -> Result<(), ClientError> {
+        self.sink.close().await.map_err(|e| ClientError::Stream {
+            url: self.url.clone(),
+            cause: e.to_string(),
+        })
     }
 }
 
@@ -140,12 +167,21 @@ impl Stream for PublishAcks {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
+            self.shared.waker.register(cx.waker());
+            if self.shared.finished.load(Ordering::SeqCst)
+                && self.received >= self.shared.sent.load(Ordering::SeqCst)
+            {
+                return Poll::Ready(None);
+            }
             let m = match self.stream.poll_next_unpin(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Ready(Some(m)) => m,
             };
             let url = self.url.clone();
+            if matches!(m, Ok(Message::Text(_))) {
+                self.received += 1;
+            }
             return Poll::Ready(match m {
                 Ok(Message::Text(t)) => {
                     Some(

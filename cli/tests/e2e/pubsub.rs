@@ -1174,4 +1174,57 @@ async fn a_bad_batch_line_is_refused_by_number_and_nothing_is_stored() {
     assert!(e.error.starts_with("line 2: "), "{}", e.error);
     let log: canal_proto::api::TopicLog = api.get("/v1/topics/batch%2Ft/log").await.unwrap();
     assert_eq!((log.first, log.next), (0, 2));
+
+    // `canal pub --stdin`: a line a message, over one publish stream, acks as they come;
+    // the same ids again are duplicates.
+    for dup in [false, true] {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new(BIN)
+            .args([
+                "--api",
+                api.base(),
+                "pub",
+                "batch/s",
+                "--stdin",
+                "--id",
+                "s",
+                "--json",
+            ])
+            .env_remove("CANAL_API")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"one\ntwo\nthree\n").await.unwrap();
+        drop(stdin);
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("canal pub --stdin did not end")
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let acks: Vec<canal_proto::api::StreamAck> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<(Option<u64>, Option<u64>, bool)> = acks
+            .iter()
+            .map(|a| (a.seq, a.offset, a.duplicate))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some(0), Some(0), dup),
+                (Some(1), Some(1), dup),
+                (Some(2), Some(2), dup)
+            ]
+        );
+    }
 }
