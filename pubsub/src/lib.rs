@@ -160,6 +160,11 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
         &self.consensus
     }
 
+    /// What this node's publishes and subscriptions count.
+    pub fn metrics(&self) -> &PubSubMetrics {
+        &self.node.metrics
+    }
+
     /// The node's QoS 0 hub.
     pub fn hub(&self) -> &Qos0Hub {
         &self.hub
@@ -181,6 +186,7 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
         reqs: Vec<PublishRequest>,
     ) -> Result<Vec<Published>, PubSubError> {
         if reqs.len() > MAX_BATCH_EVENTS {
+            self.node.metrics.batches_refused.inc();
             return Err(PubSubError::TooManyEvents {
                 events: reqs.len(),
                 limit: MAX_BATCH_EVENTS,
@@ -188,9 +194,12 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
         }
         let mut checked = Vec::with_capacity(reqs.len());
         for (i, req) in reqs.into_iter().enumerate() {
-            checked.push(self.check(req).map_err(|e| PubSubError::BatchLine {
-                line: i + 1,
-                source: Box::new(e),
+            checked.push(self.check(req).map_err(|e| {
+                self.node.metrics.batches_refused.inc();
+                PubSubError::BatchLine {
+                    line: i + 1,
+                    source: Box::new(e),
+                }
             })?);
         }
         // Every write is first polled in line order, so each group's batcher queues them in

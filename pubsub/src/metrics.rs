@@ -1,6 +1,7 @@
 //! What subscriptions count, for `/metrics`.
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Counters of this node's subscriptions. Cheap to clone; clones count together.
@@ -13,6 +14,12 @@ pub struct PubSubMetrics {
     pub given_up: Counter,
     /// Events subscribers missed because retention dropped them before they were read.
     pub lagged_events: Counter,
+    /// Publish streams (`GET /v1/publish`) open on this node.
+    pub publish_streams: Gauge,
+    /// Publish streams refused because the node served its `max_publish_streams`.
+    pub publish_streams_refused: Counter,
+    /// Batch publishes refused whole for a bad line or past `MAX_BATCH_EVENTS`.
+    pub batches_refused: Counter,
 }
 
 impl PubSubMetrics {
@@ -33,6 +40,21 @@ impl PubSubMetrics {
             "canal_pubsub_lagged_events",
             "Events subscribers missed because retention dropped them before they were read",
             m.lagged_events.clone(),
+        );
+        registry.register(
+            "canal_pubsub_publish_streams",
+            "Publish streams (GET /v1/publish) open on this node",
+            m.publish_streams.clone(),
+        );
+        registry.register(
+            "canal_pubsub_publish_streams_refused",
+            "Publish streams refused at the node's max_publish_streams",
+            m.publish_streams_refused.clone(),
+        );
+        registry.register(
+            "canal_pubsub_batches_refused",
+            "Batch publishes refused whole, for a bad line or past MAX_BATCH_EVENTS",
+            m.batches_refused.clone(),
         );
         m
     }

@@ -1174,6 +1174,25 @@ async fn a_bad_batch_line_is_refused_by_number_and_nothing_is_stored() {
     assert!(e.error.starts_with("line 2: "), "{}", e.error);
     let log: canal_proto::api::TopicLog = api.get("/v1/topics/batch%2Ft/log").await.unwrap();
     assert_eq!((log.first, log.next), (0, 2));
+    let metrics = http
+        .get(format!("{}/metrics", api.base()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "canal_pubsub_batches_refused_total 2"),
+        "both refusals counted: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("batches_refused"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 
     // `canal pub --stdin`: a line a message, over one publish stream, acks as they come;
     // the same ids again are duplicates.

@@ -38,6 +38,7 @@ pub(super) async fn publish_stream(
         .clone()
         .try_acquire_owned()
         .map_err(|_| {
+            st.pubsub.metrics().publish_streams_refused.inc();
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too_many_streams",
@@ -49,7 +50,10 @@ pub(super) async fn publish_stream(
         })?;
     Ok(ws.on_upgrade(move |socket| async move {
         let _slot = slot;
+        let open = st.pubsub.metrics().publish_streams.clone();
+        open.inc();
         websocket(st, socket).await;
+        open.dec();
     }))
 }
 

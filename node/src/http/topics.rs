@@ -128,7 +128,9 @@ pub(super) async fn topic_post(
         )));
     };
     if super::parse::is_ndjson(&headers) {
-        let reqs = super::parse::publish_batch(Some(topic), &headers, &body)?;
+        let reqs = super::parse::publish_batch(Some(topic), &headers, &body).inspect_err(|_| {
+            st.pubsub.metrics().batches_refused.inc();
+        })?;
         return Ok(axum::Json(st.pubsub.publish_many(reqs).await?).into_response());
     }
     let req = super::parse::publish_request(topic, &headers, &body)?;
@@ -143,7 +145,9 @@ pub(super) async fn events_post(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<axum::Json<Vec<canal_proto::api::Published>>, ApiError> {
     let body = body.map_err(too_large)?;
-    let reqs = super::parse::publish_batch(None, &headers, &body)?;
+    let reqs = super::parse::publish_batch(None, &headers, &body).inspect_err(|_| {
+        st.pubsub.metrics().batches_refused.inc();
+    })?;
     Ok(axum::Json(st.pubsub.publish_many(reqs).await?))
 }
 
