@@ -1131,7 +1131,7 @@ async fn a_publish_stream_resent_after_a_leader_kill_stores_each_message_once() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_batch_line_is_refused_by_number_and_nothing_is_stored() {
-    let net = cluster(1, &[]).await;
+    let net = cluster(1, &["--max-publish-streams", "1"]).await;
     let api = net.api(0).unwrap();
     let http = reqwest::Client::new();
     let url = format!("{}/v1/topics/batch%2Ft/events", api.base());
@@ -1246,4 +1246,75 @@ async fn a_bad_batch_line_is_refused_by_number_and_nothing_is_stored() {
             ]
         );
     }
+
+    // A refused line fails `canal pub --stdin`, after every line was tried.
+    let resp = http
+        .put(format!("{}/v1/topics/batch%2Fbig/settings", api.base()))
+        .body(r#"{"max_payload": "4"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let stdin_pub = |input: &'static [u8]| {
+        let api = api.base().to_string();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let mut child = tokio::process::Command::new(BIN)
+                .args(["--api", &api, "pub", "batch/big", "--stdin"])
+                .env_remove("CANAL_API")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(input).await.unwrap();
+            drop(stdin);
+            tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+                .await
+                .expect("canal pub --stdin did not end")
+                .unwrap()
+        }
+    };
+    let out = stdin_pub(b"12345\nok\n").await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("line 1: ") && stderr.contains("(too_large)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("1 of 2 publishes failed"), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "batch/big 0");
+
+    // One publish stream is this node's limit: a second is refused, by name.
+    let held = Arc::new(std::sync::Mutex::new(None));
+    wait_for(
+        "the earlier streams' slots to come back",
+        Duration::from_secs(30),
+        || {
+            let base = api.base().to_string();
+            let held = held.clone();
+            async move {
+                match canal_client::PublishStream::connect(&base, None).await {
+                    Ok(s) => {
+                        *held.lock().unwrap() = Some(s);
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let e = canal_client::PublishStream::connect(api.base(), None)
+        .await
+        .err()
+        .expect("a second stream past max_publish_streams 1");
+    assert_eq!(e.status().map(|s| s.as_u16()), Some(503), "{e}");
+    assert!(e.to_string().contains("max_publish_streams"), "{e}");
+    let out = stdin_pub(b"x\n").await;
+    assert!(!out.status.success());
+    drop(held);
 }
