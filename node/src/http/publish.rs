@@ -261,6 +261,28 @@ mod tests {
         assert!(message.contains("\"seq\": N"), "{message}");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 4000, rng_seed: proptest::test_runner::RngSeed::Fixed(14), ..proptest::prelude::ProptestConfig::default() })]
+
+        /// Any text is a publish or an `invalid_frame` ack that says what a frame is, never
+        /// a panic; a frame that reads keeps its seq.
+        #[test]
+        fn any_frame_decodes_or_is_answered(
+            text in proptest::prelude::any::<String>(),
+            seq in proptest::prelude::any::<u64>(),
+            payload in "[ -~]{0,40}",
+        ) {
+            if let Err(ack) = decode(&text) {
+                let e = ack.error.expect("an error ack");
+                proptest::prop_assert_eq!(e.kind, "invalid_frame");
+                proptest::prop_assert!(e.message.contains("\"seq\": N"));
+            }
+            let good = serde_json::json!({"seq": seq, "topic": "a", "payload": payload}).to_string();
+            let f = decode(&good).map_err(|a| format!("{a:?}"));
+            proptest::prop_assert_eq!(f.map(|f| f.seq), Ok(seq));
+        }
+    }
+
     #[tokio::test]
     async fn no_more_than_the_window_is_in_flight() {
         let now = Arc::new(AtomicUsize::new(0));
