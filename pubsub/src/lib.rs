@@ -180,7 +180,8 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
     /// A batch publish (NDJSON): every request is checked first, and the whole batch is
     /// refused, nothing stored, if any is bad ([`PubSubError::BatchLine`] names the 1-based
     /// line). Then the QoS 1 ones go to their groups at once, so that they share Raft
-    /// entries; the answers come in the order of the requests.
+    /// entries; the answers come in the order of the requests (their offsets need not:
+    /// a large batch spans entries).
     pub async fn publish_many(
         &self,
         reqs: Vec<PublishRequest>,
@@ -202,9 +203,9 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
                 }
             })?);
         }
-        // Every write is first polled in line order, so each group's batcher queues them in
-        // that order and stores them at consecutive offsets; tokio's cooperative budget
-        // would otherwise turn a send away part-way through a large batch.
+        // All the writes are queued at once, so they share Raft entries (tokio's cooperative
+        // budget would otherwise stall a large batch's sends part-way). The answers come in
+        // line order; the offsets need not, as a batch may span entries.
         tokio::task::unconstrained(futures::future::try_join_all(
             checked.into_iter().map(|c| self.commit(c)),
         ))
