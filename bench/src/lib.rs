@@ -129,7 +129,7 @@ pub async fn pubsub(
         let payload = vec![b'x'; size];
         let started = Instant::now();
         let topic = move |i: usize| format!("bench/{run}/t{}", i % 8);
-        publish_many(
+        publish_streams(
             &apis,
             topic,
             q,
@@ -298,6 +298,113 @@ pub(crate) async fn publish_many(
                     }
                 }
             }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+/// Like [`publish_many`], over publish streams (`GET /v1/publish`): one stream per node,
+/// `publishers` publishes in flight in all, shared among them. A publish answered with an
+/// error (an election under load) is retried over HTTP with the same message id, so it is
+/// stored once.
+pub(crate) async fn publish_streams(
+    apis: &[Api],
+    topic: impl Fn(usize) -> String + Clone + Send + 'static,
+    q: u8,
+    count: usize,
+    publishers: usize,
+    payload: Vec<u8>,
+    id_prefix: &str,
+) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let payload = String::from_utf8(payload).context("bench payloads are text")?;
+    let mut tasks = Vec::new();
+    let streams = apis.len().min(publishers).max(1);
+    for (n, api) in apis.iter().take(streams).enumerate() {
+        // The in-flight publishes, split as evenly as they go.
+        let window = publishers / streams + usize::from(n < publishers % streams);
+        let stream = canal_client::PublishStream::connect(api.base(), None).await?;
+        let (mut tx, mut acks) = stream.split();
+        let client = Client::new(api.base(), None)?;
+        let (next, payload) = (next.clone(), payload.clone());
+        let (topic, id_prefix) = (topic.clone(), id_prefix.to_string());
+        let room = Arc::new(tokio::sync::Semaphore::new(window));
+        let sent = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let (room2, sent2, topic2, id2, payload2) = (
+            room.clone(),
+            sent.clone(),
+            topic.clone(),
+            id_prefix.clone(),
+            payload.clone(),
+        );
+        let sender = tokio::spawn(async move {
+            loop {
+                room2.acquire().await?.forget();
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    break;
+                }
+                if let Ok(mut s) = sent2.lock() {
+                    s.push_back(i);
+                }
+                let mut headers = std::collections::BTreeMap::new();
+                headers.insert("t".to_string(), now_ns().to_string());
+                let line = canal_proto::api::PublishLine {
+                    topic: Some(topic2(i)),
+                    payload: Some(payload2.clone()),
+                    payload_base64: None,
+                    id: Some(format!("{id2}-{i}")),
+                    headers,
+                };
+                tx.send(line, Some(q)).await?;
+            }
+            tx.finish();
+            Ok::<_, anyhow::Error>(())
+        });
+        tasks.push(tokio::spawn(async move {
+            use futures::StreamExt;
+            while let Some(ack) = acks.next().await {
+                let ack = ack?;
+                let i = sent.lock().ok().and_then(|mut s| s.pop_front());
+                room.add_permits(1);
+                if let (Some(e), Some(i)) = (&ack.error, i) {
+                    let path = format!("/v1/topics/{}/events", encode_segment(&topic(i)));
+                    let headers = [
+                        ("canal-qos".to_string(), q.to_string()),
+                        ("canal-id".to_string(), format!("{id_prefix}-{i}")),
+                        ("canal-header-t".to_string(), now_ns().to_string()),
+                    ];
+                    let mut attempt = 0usize;
+                    loop {
+                        match client
+                            .raw(Method::POST, &path, payload.clone().into_bytes(), &headers)
+                            .await
+                        {
+                            Ok((status, _)) if status.is_success() => break,
+                            Ok((status, body)) if status.is_client_error() => {
+                                bail!("publish refused: {}", api_error(status, &body))
+                            }
+                            _ if attempt >= 20 => {
+                                bail!(
+                                    "publish {i} failed 20 times, first on the stream: {}",
+                                    e.message
+                                )
+                            }
+                            _ => attempt += 1,
+                        }
+                    }
+                }
+            }
+            let left = sent.lock().map(|s| s.len()).unwrap_or(0);
+            if left > 0 {
+                sender.abort();
+                bail!("the publish stream closed with {left} publishes unanswered");
+            }
+            sender.await??;
+            Ok(())
         }));
     }
     for t in tasks {

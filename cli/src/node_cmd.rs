@@ -76,6 +76,10 @@ pub(crate) struct NodeArgs {
     /// [default: 10000].
     #[arg(long, env = "CANAL_MAX_SUBSCRIBERS")]
     max_subscribers: Option<usize>,
+    /// How many publish streams (`GET /v1/publish`) the node serves at once; more get a 503
+    /// [default: 1000].
+    #[arg(long, env = "CANAL_MAX_PUBLISH_STREAMS")]
+    max_publish_streams: Option<usize>,
     /// Test only: add this many ms to the node's clock (negative: behind) where it stamps
     /// Raft entries, to test a skewed clock. Never set it on a real node.
     #[arg(
@@ -151,6 +155,9 @@ impl NodeArgs {
         }
         if let Some(v) = self.max_subscribers {
             c.max_subscribers = v;
+        }
+        if let Some(v) = self.max_publish_streams {
+            c.max_publish_streams = v;
         }
         Ok(c)
     }

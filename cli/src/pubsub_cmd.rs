@@ -64,6 +64,11 @@ pub(crate) struct PubArgs {
     /// At most this many publishes per second.
     #[arg(long)]
     rate: Option<f64>,
+    /// Publish every line of standard input as one message, over one publish stream
+    /// (`GET /v1/publish`) with many in flight; acks are printed as they come, and the exit
+    /// status is non-zero if any publish failed. With --id, the ids are ID-0, ID-1, ...
+    #[arg(long, conflicts_with_all = ["message", "count", "rate"])]
+    stdin: bool,
 }
 
 /// `canal sub`.
@@ -101,6 +106,9 @@ pub(crate) async fn publish(
         && !(r > 0.0 && r.is_finite())
     {
         bail!("--rate {r} is not a rate: give a number of publishes per second above 0");
+    }
+    if a.stdin {
+        return publish_stdin(api, token, a, json).await;
     }
     let client = Client::new(api, token)?;
     let path = format!("/v1/topics/{}/events", encode_segment(a.topic.as_str()));
@@ -149,6 +157,76 @@ pub(crate) async fn publish(
             n += 1;
             let _ = i;
         }
+    }
+    Ok(())
+}
+
+/// `canal pub --stdin`: one publish stream, the sender and the ack reader at once.
+async fn publish_stdin(
+    api: &str,
+    token: Option<&str>,
+    a: PubArgs,
+    json: bool,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let stream = canal_client::PublishStream::connect(api, token).await?;
+    let (mut tx, mut acks) = stream.split();
+    let headers: std::collections::BTreeMap<String, String> = a.headers.iter().cloned().collect();
+    let topic = a.topic.to_string();
+    let sender = async {
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        let mut n = 0u64;
+        while let Some(line) = lines
+            .next_line()
+            .await
+            .context("cannot read messages from standard input")?
+        {
+            let publish = canal_proto::api::PublishLine {
+                topic: Some(topic.clone()),
+                payload: Some(line),
+                payload_base64: None,
+                id: a.id.as_ref().map(|id| format!("{id}-{n}")),
+                headers: headers.clone(),
+            };
+            tx.send(publish, Some(a.qos)).await?;
+            n += 1;
+        }
+        tx.finish();
+        anyhow::Ok(n)
+    };
+    let reader = async {
+        let (mut got, mut failed) = (0u64, 0u64);
+        while let Some(ack) = acks.next().await {
+            let ack = ack?;
+            got += 1;
+            if json {
+                println!("{}", serde_json::to_string(&ack)?);
+            }
+            match (&ack.error, ack.offset) {
+                (Some(e), _) => {
+                    failed += 1;
+                    let line = ack
+                        .seq
+                        .map(|s| (s + 1).to_string())
+                        .unwrap_or_else(|| "-".into());
+                    eprintln!("line {line}: {} ({})", e.message, e.kind);
+                }
+                (None, Some(offset)) if !json => println!(
+                    "{} {offset}{}",
+                    ack.topic.as_deref().unwrap_or(&topic),
+                    if ack.duplicate { " (duplicate)" } else { "" }
+                ),
+                _ => {}
+            }
+        }
+        anyhow::Ok((got, failed))
+    };
+    let (sent, (got, failed)) = tokio::try_join!(sender, reader)?;
+    if got < sent {
+        bail!("the node closed the publish stream after {got} of {sent} acks");
+    }
+    if failed > 0 {
+        bail!("{failed} of {sent} publishes failed");
     }
     Ok(())
 }

@@ -5,10 +5,12 @@
 //! [`ErrorBody`] message, path segment encoding, JSON bodies and Server-Sent Event streams
 //! ([`sse`]). It does no retries and has no opinion on what a status means beyond success.
 
+pub mod publish;
 pub mod sse;
 
 use canal_proto::api::ErrorBody;
 use futures::{Stream, StreamExt};
+pub use publish::{PublishAcks, PublishSender, PublishStream};
 use serde::de::DeserializeOwned;
 use sse::{SseError, SseEvent, SseParser};
 use std::collections::VecDeque;

@@ -59,6 +59,9 @@ pub struct NodeConfig {
     pub insecure_open: bool,
     /// How many subscribers (SSE and WebSocket) this node serves at once; more get a 503.
     pub max_subscribers: usize,
+    /// How many publish streams (`GET /v1/publish`) this node serves at once; more get a
+    /// 503 `too_many_streams`.
+    pub max_publish_streams: usize,
 }
 
 impl Default for NodeConfig {
@@ -84,6 +87,7 @@ impl Default for NodeConfig {
             clock_offset_ms: 0,
             insecure_open: false,
             max_subscribers: 10_000,
+            max_publish_streams: 1000,
         }
     }
 }
@@ -150,6 +154,8 @@ pub struct ValidConfig {
     pub admission: Admission,
     /// The most subscribers served at once.
     pub max_subscribers: usize,
+    /// The most publish streams served at once.
+    pub max_publish_streams: usize,
 }
 
 /// Which peers the cluster takes in as learners (and later voters) on its own.
@@ -372,6 +378,12 @@ impl NodeConfig {
                 format!("{} is out of range: 1 to 1000000", self.max_subscribers),
             ));
         }
+        if !(1..=1_000_000).contains(&self.max_publish_streams) {
+            return Err(invalid(
+                "max_publish_streams",
+                format!("{} is out of range: 1 to 1000000", self.max_publish_streams),
+            ));
+        }
         let admission = match (&cluster_key, self.insecure_open) {
             (Some(_), _) => Admission::Keyed,
             (None, true) => Admission::Open,
@@ -407,6 +419,7 @@ impl NodeConfig {
             clock_offset_ms: self.clock_offset_ms,
             admission,
             max_subscribers: self.max_subscribers,
+            max_publish_streams: self.max_publish_streams,
         })
     }
 }

@@ -325,6 +325,8 @@ impl Node {
             registry: Arc::new(registry),
             started: Instant::now(),
             closing: closing.clone(),
+            publish_streams: Arc::new(tokio::sync::Semaphore::new(config.max_publish_streams)),
+            max_publish_streams: config.max_publish_streams,
         };
         let server = http::serve(listener, state, closing);
         info!(api = %api_addr, peer_id = %handle.local_peer_id(), "client API listening");

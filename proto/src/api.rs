@@ -365,6 +365,79 @@ pub struct WsAckBody {
     pub offset: u64,
 }
 
+/// One line of an NDJSON batch publish (`POST /v1/topics/{topic}/events` or
+/// `POST /v1/events` with `Content-Type: application/x-ndjson`), and the body of a publish
+/// stream's frame (`GET /v1/publish`, which adds `seq` and `qos`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishLine {
+    /// The topic: required on `POST /v1/events` and on a stream, taken from the path on
+    /// `POST /v1/topics/{topic}/events` (where it may be left out, or must match).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// The payload as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// The payload as standard base64, for bytes that are not text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+    /// The publisher's message id: a retry with the same id is stored once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Custom headers.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// The most lines one batch publish may hold.
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+
+/// A frame a client sends on a publish stream (`GET /v1/publish`): a publish numbered by the
+/// client, answered by a [`StreamAck`] with the same `seq`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamPublish {
+    /// The client's number for this publish; acks come back in the order frames were sent.
+    pub seq: u64,
+    /// QoS 0 or 1 (1 if left out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<u8>,
+    /// The publish.
+    #[serde(flatten)]
+    pub line: PublishLine,
+}
+
+/// Why a publish on a stream was refused: the same `kind` and message a single publish
+/// would get.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamError {
+    /// The error's stable name (`invalid_topic`, `too_large`, `no_leader`, ...).
+    pub kind: String,
+    /// What was wrong and what is allowed.
+    pub message: String,
+}
+
+/// The node's answer to one [`StreamPublish`]: `{"seq", "topic", "offset"?, "duplicate"}`
+/// or `{"seq", "error": {kind, message}}`. `seq` is absent only for a frame that did not
+/// decode far enough to have one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamAck {
+    /// The `seq` of the frame answered.
+    pub seq: Option<u64>,
+    /// The topic published to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// The event's offset (QoS 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// Whether the message id had been published before (nothing new stored).
+    #[serde(default)]
+    pub duplicate: bool,
+    /// Why the publish was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<StreamError>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,5 +465,23 @@ mod tests {
             serde_json::to_string(&e).expect("an entry serializes"),
             r#"{"key":"k","value":"v"}"#
         );
+    }
+
+    #[test]
+    fn a_stream_frame_reads_with_its_line_flattened() {
+        let f: StreamPublish = serde_json::from_str(
+            r#"{"seq": 3, "topic": "a", "payload": "hi", "id": "m-3", "qos": 1}"#,
+        )
+        .expect("the documented frame parses");
+        assert_eq!(f.seq, 3);
+        assert_eq!(f.qos, Some(1));
+        assert_eq!(f.line.topic.as_deref(), Some("a"));
+        assert_eq!(f.line.payload.as_deref(), Some("hi"));
+        assert_eq!(f.line.id.as_deref(), Some("m-3"));
+    }
+
+    #[test]
+    fn a_batch_line_refuses_unknown_fields() {
+        assert!(serde_json::from_str::<PublishLine>(r#"{"payload": "x", "paylod": "y"}"#).is_err());
     }
 }

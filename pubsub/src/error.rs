@@ -52,6 +52,22 @@ pub enum PubSubError {
         /// The node's `max_subscribers`.
         limit: usize,
     },
+    /// A line of a batch publish was refused, so the whole batch was.
+    #[error("line {line}: {source} (the whole batch was refused; nothing was stored)")]
+    BatchLine {
+        /// The line, counted from 1.
+        line: usize,
+        /// What was wrong with it.
+        source: Box<PubSubError>,
+    },
+    /// A batch publish holds more events than allowed.
+    #[error("the batch holds {events} events: at most {limit} are allowed (MAX_BATCH_EVENTS)")]
+    TooManyEvents {
+        /// How many it holds.
+        events: usize,
+        /// [`crate::MAX_BATCH_EVENTS`].
+        limit: usize,
+    },
     /// The Raft groups refused or could not do the operation.
     #[error(transparent)]
     Consensus(#[from] ClientError),
@@ -83,6 +99,8 @@ impl PubSubError {
                 ClientError::TooLarge { .. } => "too_large",
                 ClientError::Refused { .. } => "refused",
             },
+            PubSubError::BatchLine { source, .. } => source.kind(),
+            PubSubError::TooManyEvents { .. } => "too_many_events",
             PubSubError::Internal(_) => "internal",
         }
     }

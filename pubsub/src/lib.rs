@@ -49,6 +49,9 @@ use tokio::sync::{Semaphore, watch};
 /// The largest payload accepted (a topic's settings may lower it).
 pub const MAX_PAYLOAD_BYTES: usize = canal_proto::settings::MAX_PAYLOAD_BYTES as usize;
 
+/// The most publishes one batch may hold.
+pub const MAX_BATCH_EVENTS: usize = canal_proto::api::MAX_BATCH_EVENTS;
+
 /// The longest message id a publisher may give.
 pub const MAX_ID_LEN: usize = 256;
 
@@ -78,6 +81,13 @@ pub struct PublishRequest {
     pub headers: Vec<(String, String)>,
     /// The payload.
     pub payload: Vec<u8>,
+}
+
+/// A publish that passed its checks, with what its topic's settings add to it.
+struct Checked {
+    topic: Topic,
+    retention: canal_proto::settings::Retention,
+    req: PublishRequest,
 }
 
 /// Checks a topic name.
@@ -150,6 +160,11 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
         &self.consensus
     }
 
+    /// What this node's publishes and subscriptions count.
+    pub fn metrics(&self) -> &PubSubMetrics {
+        &self.node.metrics
+    }
+
     /// The node's QoS 0 hub.
     pub fn hub(&self) -> &Qos0Hub {
         &self.hub
@@ -158,6 +173,47 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
     /// `POST /v1/topics/{topic}/events`: checks the publish against the topic's settings;
     /// QoS 1 is answered after commit with the event's offset, QoS 0 once handed on.
     pub async fn publish(&self, req: PublishRequest) -> Result<Published, PubSubError> {
+        let checked = self.check(req)?;
+        self.commit(checked).await
+    }
+
+    /// A batch publish (NDJSON): every request is checked first, and the whole batch is
+    /// refused, nothing stored, if any is bad ([`PubSubError::BatchLine`] names the 1-based
+    /// line). Then the QoS 1 ones go to their groups at once, so that they share Raft
+    /// entries; the answers come in the order of the requests (their offsets need not:
+    /// a large batch spans entries).
+    pub async fn publish_many(
+        &self,
+        reqs: Vec<PublishRequest>,
+    ) -> Result<Vec<Published>, PubSubError> {
+        if reqs.len() > MAX_BATCH_EVENTS {
+            self.node.metrics.batches_refused.inc();
+            return Err(PubSubError::TooManyEvents {
+                events: reqs.len(),
+                limit: MAX_BATCH_EVENTS,
+            });
+        }
+        let mut checked = Vec::with_capacity(reqs.len());
+        for (i, req) in reqs.into_iter().enumerate() {
+            checked.push(self.check(req).map_err(|e| {
+                self.node.metrics.batches_refused.inc();
+                PubSubError::BatchLine {
+                    line: i + 1,
+                    source: Box::new(e),
+                }
+            })?);
+        }
+        // All the writes are queued at once, so they share Raft entries (tokio's cooperative
+        // budget would otherwise stall a large batch's sends part-way). The answers come in
+        // line order; the offsets need not, as a batch may span entries.
+        tokio::task::unconstrained(futures::future::try_join_all(
+            checked.into_iter().map(|c| self.commit(c)),
+        ))
+        .await
+    }
+
+    /// Checks a publish against its topic's settings, without storing anything.
+    fn check(&self, req: PublishRequest) -> Result<Checked, PubSubError> {
         let topic = check_topic(&req.topic)?;
         if let Some(id) = &req.id {
             check_id(Some(id))?;
@@ -170,6 +226,20 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
                 limit: settings.max_payload_bytes,
             });
         }
+        Ok(Checked {
+            topic,
+            retention: settings.retention,
+            req,
+        })
+    }
+
+    /// Stores (QoS 1) or hands on (QoS 0) a checked publish.
+    async fn commit(&self, c: Checked) -> Result<Published, PubSubError> {
+        let Checked {
+            topic,
+            retention,
+            req,
+        } = c;
         if req.qos == Qos::AtMostOnce {
             let m = Qos0Message {
                 topic: topic.to_string(),
@@ -203,7 +273,7 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
                         id: req.id,
                         headers: req.headers,
                         payload: req.payload,
-                        retention: settings.retention,
+                        retention,
                     }),
                 },
             )

@@ -1,6 +1,7 @@
 //! What subscriptions count, for `/metrics`.
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Counters of this node's subscriptions. Cheap to clone; clones count together.
@@ -19,6 +20,12 @@ pub struct PubSubMetrics {
     /// Full passes of QoS 1 subscriptions over every topic: one at each start, and one each
     /// time a subscription fell behind the change notices (or a snapshot was installed).
     pub rescans: Counter,
+    /// Publish streams (`GET /v1/publish`) open on this node.
+    pub publish_streams: Gauge,
+    /// Publish streams refused because the node served its `max_publish_streams`.
+    pub publish_streams_refused: Counter,
+    /// Batch publishes refused whole for a bad line or past `MAX_BATCH_EVENTS`.
+    pub batches_refused: Counter,
 }
 
 impl PubSubMetrics {
@@ -49,6 +56,21 @@ impl PubSubMetrics {
             "canal_pubsub_subscription_rescans",
             "Full passes of QoS 1 subscriptions over every topic: at start, and after falling behind the change notices",
             m.rescans.clone(),
+        );
+        registry.register(
+            "canal_pubsub_publish_streams",
+            "Publish streams (GET /v1/publish) open on this node",
+            m.publish_streams.clone(),
+        );
+        registry.register(
+            "canal_pubsub_publish_streams_refused",
+            "Publish streams refused at the node's max_publish_streams",
+            m.publish_streams_refused.clone(),
+        );
+        registry.register(
+            "canal_pubsub_batches_refused",
+            "Batch publishes refused whole, for a bad line or past MAX_BATCH_EVENTS",
+            m.batches_refused.clone(),
         );
         m
     }

@@ -505,3 +505,65 @@ async fn a_subscriber_behind_the_change_notices_rescans_and_misses_nothing() {
         "the subscriber never fell behind the notices: the test shows nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_stored_whole_or_refused_whole() {
+    let c = cluster().await;
+    let via = &c.nodes[&c.leader().await];
+    let publish = |i: usize, id: &str| PublishRequest {
+        topic: TOPIC.into(),
+        qos: Qos::Committed,
+        id: Some(id.to_string()),
+        headers: vec![],
+        payload: format!("event {i}").into_bytes(),
+    };
+    // Line 3 is bad, so nothing of the batch is stored.
+    let bad = vec![publish(0, "b0"), publish(1, "b1"), publish(2, "")];
+    let e = via.publish_many(bad).await.unwrap_err();
+    assert_eq!(e.kind(), "invalid_id");
+    assert!(e.to_string().starts_with("line 3: "), "{e}");
+    let batch: Vec<PublishRequest> = (0..200).map(|i| publish(i, &format!("b{i}"))).collect();
+    let (answers, retried) = publish_many_retried(via, batch.clone()).await;
+    // One answer a line, each its own event: the batch's writes may span Raft entries that
+    // the group commits in any order, so the offsets are 0..200 in some order.
+    assert_eq!(answers.len(), 200);
+    let mut offsets: Vec<Option<u64>> = answers.iter().map(|p| p.offset).collect();
+    offsets.sort();
+    assert_eq!(offsets, (0..200).map(Some).collect::<Vec<_>>());
+    if !retried {
+        assert!(answers.iter().all(|p| !p.duplicate));
+    }
+    // The same batch again stores nothing new.
+    let (again, _) = publish_many_retried(via, batch).await;
+    assert!(again.iter().all(|p| p.duplicate), "{again:?}");
+    let e = via
+        .publish_many(
+            (0..canal_pubsub::MAX_BATCH_EVENTS + 1)
+                .map(|i| publish(i, "x"))
+                .collect(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "too_many_events");
+}
+
+/// A batch through `via`, retried while the Raft groups fail it (an election on a loaded
+/// machine): the ids make a retry the same events. Also answers whether it was retried.
+async fn publish_many_retried(
+    via: &Node,
+    batch: Vec<PublishRequest>,
+) -> (Vec<canal_proto::api::Published>, bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut retried = false;
+    loop {
+        match via.publish_many(batch.clone()).await {
+            Ok(a) => return (a, retried),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "the batch: {e}");
+                assert!(matches!(e, canal_pubsub::PubSubError::Consensus(_)), "{e}");
+                retried = true;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -996,3 +996,322 @@ async fn a_qos0_flood_does_not_cause_elections_while_qos1_writes_go_on() {
         );
     }
 }
+
+/// Publishes every message of `pending` (index to id `m-{i}`) over one publish stream to
+/// `api`, reading acks meanwhile; answers the indexes acknowledged without error. Asserts the
+/// acks come in seq order. `on_first_ack` runs once, after the stream's first ack.
+async fn stream_round(
+    api: &str,
+    topic: &str,
+    pending: &BTreeSet<usize>,
+    mut on_first_ack: impl AsyncFnMut(),
+) -> BTreeSet<usize> {
+    use futures::StreamExt;
+    let mut acked = BTreeSet::new();
+    let Ok(stream) = canal_client::PublishStream::connect(api, None).await else {
+        return acked;
+    };
+    let (mut tx, mut acks) = stream.split();
+    let order: Vec<usize> = pending.iter().copied().collect();
+    let to_send = order.clone();
+    let topic = topic.to_string();
+    // The sender gives its half back, so the socket stays open until the acks are read.
+    let sender = tokio::spawn(async move {
+        for i in to_send {
+            let line = canal_proto::api::PublishLine {
+                topic: Some(topic.clone()),
+                payload: Some(format!("e{i}")),
+                id: Some(format!("m-{i}")),
+                ..Default::default()
+            };
+            if tx.send(line, Some(1)).await.is_err() {
+                break;
+            }
+        }
+        tx
+    });
+    let mut next_seq = 0u64;
+    let mut first = true;
+    while (next_seq as usize) < order.len() {
+        let Ok(Some(Ok(ack))) = tokio::time::timeout(Duration::from_secs(30), acks.next()).await
+        else {
+            break;
+        };
+        assert_eq!(ack.seq, Some(next_seq), "acks out of seq order: {ack:?}");
+        if ack.error.is_none() {
+            assert!(ack.offset.is_some(), "{ack:?}");
+            acked.insert(order[next_seq as usize]);
+        }
+        next_seq += 1;
+        if first {
+            first = false;
+            on_first_ack().await;
+        }
+    }
+    sender.abort();
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_stream_resent_after_a_leader_kill_stores_each_message_once() {
+    const N: usize = 1000;
+    const TOPIC: &str = "stream/orders";
+    let mut net = cluster(3, &[]).await;
+    let lead = leader(&net, 0, "data-1").await;
+    let apis: Vec<String> = (0..3)
+        .map(|i| net.api(i).unwrap().base().to_string())
+        .collect();
+    let mut pending: BTreeSet<usize> = (0..N).collect();
+    let mut killed = false;
+    // The first stream goes to the leader, which is killed while the stream is in flight;
+    // later ones go to the others in turn, resending what has no ack.
+    let mut round = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while !pending.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} messages still unacknowledged after 180 s",
+            pending.len()
+        );
+        let via = if round == 0 {
+            lead
+        } else {
+            let others: Vec<usize> = (0..3).filter(|i| *i != lead).collect();
+            others[round % others.len()]
+        };
+        round += 1;
+        let acked = if killed {
+            stream_round(&apis[via], TOPIC, &pending, async || {}).await
+        } else {
+            let net = &mut net;
+            let a = stream_round(&apis[via], TOPIC, &pending, async || {
+                net.kill(lead).await.unwrap();
+            })
+            .await;
+            killed = true;
+            a
+        };
+        pending.retain(|i| !acked.contains(i));
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert!(
+        killed && round >= 2,
+        "the leader was killed and the rest resent"
+    );
+    let survivor = (0..3).find(|i| *i != lead).unwrap();
+    let child = sub(&apis[survivor], TOPIC, N);
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("the subscriber did not get 1000 events in time")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut ids = BTreeMap::<String, usize>::new();
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        *ids.entry(v["id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    let want: BTreeMap<String, usize> = (0..N).map(|i| (format!("m-{i}"), 1)).collect();
+    assert_eq!(ids, want, "each message once");
+    // Nothing past the 1000: the log ends there.
+    let log: canal_proto::api::TopicLog = net
+        .api(survivor)
+        .unwrap()
+        .get(&format!("/v1/topics/{}/log", TOPIC.replace('/', "%2F")))
+        .await
+        .unwrap();
+    assert_eq!(log.next - log.first, N as u64, "{log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_batch_line_is_refused_by_number_and_nothing_is_stored() {
+    let net = cluster(1, &["--max-publish-streams", "1"]).await;
+    let api = net.api(0).unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/topics/batch%2Ft/events", api.base());
+    let body = "{\"payload\": \"a\", \"id\": \"b-1\"}\n{\"payload\": \"b\"}\n{\"payload\": \"c\", \"id\": \"\"}\n";
+    let resp = http
+        .post(&url)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let e: canal_proto::api::ErrorBody = resp.json().await.unwrap();
+    assert_eq!(e.kind, "invalid_id");
+    assert!(e.error.starts_with("line 3: "), "{}", e.error);
+    let log: canal_proto::api::TopicLog = api.get("/v1/topics/batch%2Ft/log").await.unwrap();
+    assert_eq!((log.first, log.next), (0, 0), "nothing stored");
+    // The good lines alone are stored, an answer a line; on /v1/events too.
+    let body = "{\"payload\": \"a\", \"id\": \"b-1\"}\n{\"payload_base64\": \"AAE=\"}\n";
+    let resp = http
+        .post(&url)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let p: Vec<canal_proto::api::Published> = resp.json().await.unwrap();
+    // An answer a line; the two may be stored in either order.
+    let mut offsets: Vec<Option<u64>> = p.iter().map(|p| p.offset).collect();
+    offsets.sort();
+    assert_eq!(offsets, vec![Some(0), Some(1)]);
+    let resp = http
+        .post(format!("{}/v1/events", api.base()))
+        .header("content-type", "application/x-ndjson")
+        .body("{\"topic\": \"batch/t\", \"payload\": \"c\"}\n{\"payload\": \"no topic\"}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let e: canal_proto::api::ErrorBody = resp.json().await.unwrap();
+    assert!(e.error.starts_with("line 2: "), "{}", e.error);
+    let log: canal_proto::api::TopicLog = api.get("/v1/topics/batch%2Ft/log").await.unwrap();
+    assert_eq!((log.first, log.next), (0, 2));
+    let metrics = http
+        .get(format!("{}/metrics", api.base()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "canal_pubsub_batches_refused_total 2"),
+        "both refusals counted: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("batches_refused"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // `canal pub --stdin`: a line a message, over one publish stream, acks as they come;
+    // the same ids again are duplicates.
+    for dup in [false, true] {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new(BIN)
+            .args([
+                "--api",
+                api.base(),
+                "pub",
+                "batch/s",
+                "--stdin",
+                "--id",
+                "s",
+                "--json",
+            ])
+            .env_remove("CANAL_API")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"one\ntwo\nthree\n").await.unwrap();
+        drop(stdin);
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("canal pub --stdin did not end")
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let acks: Vec<canal_proto::api::StreamAck> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        // Acks in seq order; the pipelined publishes may take their offsets in any order.
+        let seqs: Vec<Option<u64>> = acks.iter().map(|a| a.seq).collect();
+        assert_eq!(seqs, vec![Some(0), Some(1), Some(2)]);
+        let mut offsets: Vec<Option<u64>> = acks.iter().map(|a| a.offset).collect();
+        offsets.sort();
+        assert_eq!(offsets, vec![Some(0), Some(1), Some(2)]);
+        assert!(acks.iter().all(|a| a.duplicate == dup), "{acks:?}");
+    }
+
+    // A refused line fails `canal pub --stdin`, after every line was tried.
+    let resp = http
+        .put(format!("{}/v1/topics/batch%2Fbig/settings", api.base()))
+        .body(r#"{"max_payload": "4"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let stdin_pub = |input: &'static [u8]| {
+        let api = api.base().to_string();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let mut child = tokio::process::Command::new(BIN)
+                .args(["--api", &api, "pub", "batch/big", "--stdin"])
+                .env_remove("CANAL_API")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(input).await.unwrap();
+            drop(stdin);
+            tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+                .await
+                .expect("canal pub --stdin did not end")
+                .unwrap()
+        }
+    };
+    let out = stdin_pub(b"12345\nok\n").await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("line 1: ") && stderr.contains("(too_large)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("1 of 2 publishes failed"), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "batch/big 0");
+
+    // One publish stream is this node's limit: a second is refused, by name.
+    let held = Arc::new(std::sync::Mutex::new(None));
+    wait_for(
+        "the earlier streams' slots to come back",
+        Duration::from_secs(30),
+        || {
+            let base = api.base().to_string();
+            let held = held.clone();
+            async move {
+                match canal_client::PublishStream::connect(&base, None).await {
+                    Ok(s) => {
+                        *held.lock().unwrap() = Some(s);
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let e = canal_client::PublishStream::connect(api.base(), None)
+        .await
+        .err()
+        .expect("a second stream past max_publish_streams 1");
+    assert_eq!(e.status().map(|s| s.as_u16()), Some(503), "{e}");
+    assert!(e.to_string().contains("max_publish_streams"), "{e}");
+    let out = stdin_pub(b"x\n").await;
+    assert!(!out.status.success());
+    drop(held);
+}

@@ -34,6 +34,21 @@ impl ApiError {
         }
     }
 
+    /// The error's stable name, as clients see it.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// What was wrong and what is allowed.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The status code answered.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
     /// A 404 answer.
     pub fn not_found(message: impl Into<String>) -> Self {
         ApiError {
@@ -76,27 +91,32 @@ impl From<ClientError> for ApiError {
 
 impl From<canal_pubsub::PubSubError> for ApiError {
     fn from(e: canal_pubsub::PubSubError) -> Self {
-        use canal_pubsub::PubSubError as E;
-        let status = match &e {
-            E::Consensus(c) => return ApiError::from(c.clone()),
-            E::InvalidTopic(_)
-            | E::InvalidFilter(_)
-            | E::InvalidQos(_)
-            | E::InvalidId(_)
-            | E::InvalidHeader(_)
-            | E::InvalidFrom(_)
-            | E::InvalidDurable(_)
-            | E::InvalidAck(_)
-            | E::InvalidSettings(_) => StatusCode::BAD_REQUEST,
-            E::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            E::TooManySubscribers { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            E::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
         ApiError {
-            status,
+            status: pubsub_status(&e),
             kind: e.kind(),
             message: e.to_string(),
         }
+    }
+}
+
+/// The status code of a pubsub error; a refused batch line answers as that line alone would.
+fn pubsub_status(e: &canal_pubsub::PubSubError) -> StatusCode {
+    use canal_pubsub::PubSubError as E;
+    match e {
+        E::Consensus(c) => ApiError::from(c.clone()).status,
+        E::BatchLine { source, .. } => pubsub_status(source),
+        E::InvalidTopic(_)
+        | E::InvalidFilter(_)
+        | E::InvalidQos(_)
+        | E::InvalidId(_)
+        | E::InvalidHeader(_)
+        | E::InvalidFrom(_)
+        | E::InvalidDurable(_)
+        | E::InvalidAck(_)
+        | E::InvalidSettings(_) => StatusCode::BAD_REQUEST,
+        E::TooLarge { .. } | E::TooManyEvents { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        E::TooManySubscribers { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        E::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

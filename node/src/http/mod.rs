@@ -6,7 +6,7 @@
 //!
 //! - [`error`]: [`ApiError`] and how each service's error maps to a status and kind.
 //! - [`parse`]: headers and query parameters into typed values.
-//! - [`health`], [`cluster`], [`kv`], [`functions`], [`topics`], [`subscribe`]: the handlers,
+//! - [`health`], [`cluster`], [`kv`], [`functions`], [`topics`], [`publish`], [`subscribe`]: the handlers,
 //!   by area.
 
 pub mod cluster;
@@ -16,6 +16,7 @@ pub mod health;
 pub mod kv;
 mod metrics_text;
 pub mod parse;
+pub mod publish;
 pub mod subscribe;
 pub mod topics;
 
@@ -42,7 +43,7 @@ use libp2p::metrics::Registry;
 use std::sync::Arc;
 use std::time::Instant;
 use subscribe::subscribe;
-use topics::{ack, topic_delete, topic_get, topic_post, topic_put};
+use topics::{ack, events_post, topic_delete, topic_get, topic_post, topic_put};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -61,6 +62,10 @@ pub struct ApiState {
     pub started: Instant,
     /// Becomes true when the node shuts down; long-lived streams end then.
     pub closing: tokio::sync::watch::Receiver<bool>,
+    /// One permit per publish stream this node may serve at once.
+    pub publish_streams: Arc<tokio::sync::Semaphore>,
+    /// How many that is (`max_publish_streams`), for the error that says so.
+    pub max_publish_streams: usize,
 }
 
 /// Builds the router.
@@ -75,6 +80,8 @@ pub fn router(state: ApiState) -> Router {
                 .put(topic_put)
                 .delete(topic_delete),
         )
+        .route("/v1/events", axum::routing::post(events_post))
+        .route("/v1/publish", get(publish::publish_stream))
         .route("/v1/subscribe", get(subscribe))
         .route("/v1/subscriptions/{name}/ack", axum::routing::post(ack))
         .route("/v1/cluster/status", get(cluster_status))
@@ -112,7 +119,7 @@ pub fn router(state: ApiState) -> Router {
         })
         .fallback(|| async {
             ApiError::not_found(
-                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/admit/{peer}, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}] and /metrics",
+                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, POST /v1/events, /v1/publish (WebSocket), /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/admit/{peer}, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}] and /metrics",
             )
         })
         .with_state(state)

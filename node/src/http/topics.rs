@@ -113,21 +113,42 @@ pub(super) async fn topic_delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /v1/topics/{topic}/events`: publish.
+/// `POST /v1/topics/{topic}/events`: publish; with `Content-Type: application/x-ndjson`,
+/// a batch (one publish per line), answered with a JSON array of `Published` in line order.
 pub(super) async fn topic_post(
     State(st): State<ApiState>,
     Path(rest): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<axum::Json<canal_proto::api::Published>, ApiError> {
+) -> Result<Response, ApiError> {
     let body = body.map_err(too_large)?;
     let Some(topic) = rest.strip_suffix("/events") else {
         return Err(ApiError::not_found(format!(
             "no such topic endpoint {rest:?}: publish with POST /v1/topics/{{topic}}/events"
         )));
     };
+    if super::parse::is_ndjson(&headers) {
+        let reqs = super::parse::publish_batch(Some(topic), &headers, &body).inspect_err(|_| {
+            st.pubsub.metrics().batches_refused.inc();
+        })?;
+        return Ok(axum::Json(st.pubsub.publish_many(reqs).await?).into_response());
+    }
     let req = super::parse::publish_request(topic, &headers, &body)?;
-    Ok(axum::Json(st.pubsub.publish(req).await?))
+    Ok(axum::Json(st.pubsub.publish(req).await?).into_response())
+}
+
+/// `POST /v1/events`: a batch publish to any topics (NDJSON, each line naming its
+/// `"topic"`), answered with a JSON array of `Published` in line order.
+pub(super) async fn events_post(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::Json<Vec<canal_proto::api::Published>>, ApiError> {
+    let body = body.map_err(too_large)?;
+    let reqs = super::parse::publish_batch(None, &headers, &body).inspect_err(|_| {
+        st.pubsub.metrics().batches_refused.inc();
+    })?;
+    Ok(axum::Json(st.pubsub.publish_many(reqs).await?))
 }
 
 /// `POST /v1/subscriptions/{name}/ack?topic=T&offset=N`.
