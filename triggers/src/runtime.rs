@@ -21,8 +21,8 @@ use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimitsBuilder,
     Trap,
 };
-use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
 /// Bindings generated from `wit/canal.wit`.
 #[allow(missing_docs, unreachable_pub)]
@@ -46,6 +46,9 @@ use bindings::{Handler, HandlerPre};
 const TICK: Duration = Duration::from_millis(2);
 /// How much a guest may print to stdout and stderr per invocation (kept as log lines).
 const MAX_PRINTED_BYTES: usize = 16 << 10;
+/// How much of a slot's memory and tables is zeroed in place when an instance ends, rather
+/// than released to the kernel (which costs a page fault per page the next instance touches).
+const KEEP_RESIDENT_BYTES: usize = 64 << 10;
 
 /// How a node's runtime is set up.
 #[derive(Debug, Clone)]
@@ -202,7 +205,79 @@ pub struct Runtime {
     cache_dir: Option<PathBuf>,
     compat: u64,
     prepared: Mutex<HashMap<String, Arc<Prepared>>>,
+    /// WASI contexts of finished invocations, kept for the next: building one seeds two
+    /// random generators (twice, as `WasiCtxBuilder::build` makes a fresh builder), which
+    /// cost more than the rest of a no-op invocation's host side. At most `slots` are kept.
+    contexts: Mutex<Vec<Context>>,
+    slots: usize,
     stop_ticker: Arc<AtomicBool>,
+}
+
+/// A WASI context for one invocation at a time, with the pipes its stdout and stderr write to.
+/// Nothing a guest can change is in it but the random generators' positions: no files, no
+/// environment, no sockets.
+struct Context {
+    wasi: WasiCtx,
+    stdout: Capture,
+    stderr: Capture,
+}
+
+impl Context {
+    fn new() -> Context {
+        let stdout = Capture::default();
+        let stderr = Capture::default();
+        let wasi = WasiCtxBuilder::new()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .build();
+        Context {
+            wasi,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+/// An output stream whose destination is swapped per invocation, so that a context can be
+/// reused while each invocation still sees only what it printed itself.
+#[derive(Clone)]
+struct Capture(Arc<Mutex<MemoryOutputPipe>>);
+
+impl Default for Capture {
+    fn default() -> Self {
+        Capture(Arc::new(Mutex::new(MemoryOutputPipe::new(
+            MAX_PRINTED_BYTES,
+        ))))
+    }
+}
+
+impl Capture {
+    fn current(&self) -> std::sync::MutexGuard<'_, MemoryOutputPipe> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a new invocation's output; returns the pipe it goes to.
+    fn fresh(&self) -> MemoryOutputPipe {
+        let pipe = MemoryOutputPipe::new(MAX_PRINTED_BYTES);
+        *self.current() = pipe.clone();
+        pipe
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for Capture {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for Capture {
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        Box::new(self.current().clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.current().clone())
+    }
 }
 
 /// The SHA-256 of a module's bytes, hex: its name in the cluster.
@@ -223,9 +298,19 @@ impl Runtime {
             .max_core_instances_per_component(32)
             .max_memories_per_component(2)
             .max_tables_per_component(16)
-            .max_memory_size(config.max_memory_bytes as usize);
+            .max_memory_size(config.max_memory_bytes as usize)
+            // A slot's memory is reset by zeroing its first pages in place, not by handing
+            // them back to the kernel and faulting them in again on the next instance.
+            .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
+            .table_keep_resident(KEEP_RESIDENT_BYTES)
+            // Reuse the slot that last held the same module: its image is mapped already.
+            .max_unused_warm_slots(slots);
         let mut wasm = Config::new();
         wasm.wasm_component_model(true)
+            // Data segments are mapped copy-on-write and tables filled on first use, so a
+            // new instance copies nothing up front.
+            .memory_init_cow(true)
+            .table_lazy_init(true)
             .epoch_interruption(true)
             .consume_fuel(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
@@ -260,6 +345,8 @@ impl Runtime {
             cache_dir: config.cache_dir.clone(),
             compat,
             prepared: Mutex::new(HashMap::new()),
+            contexts: Mutex::new(Vec::new()),
+            slots: slots as usize,
             stop_ticker,
         })
     }
@@ -358,12 +445,19 @@ impl Runtime {
         limits: &Limits,
     ) -> Invocation {
         let started = Instant::now();
-        let stdout = MemoryOutputPipe::new(MAX_PRINTED_BYTES);
-        let stderr = MemoryOutputPipe::new(MAX_PRINTED_BYTES);
-        let wasi = WasiCtxBuilder::new()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .build();
+        let context = self
+            .contexts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_else(Context::new);
+        let Context {
+            wasi,
+            stdout: stdout_capture,
+            stderr: stderr_capture,
+        } = context;
+        let stdout = stdout_capture.fresh();
+        let stderr = stderr_capture.fresh();
         let limits_store = StoreLimitsBuilder::new()
             .memory_size(limits.memory_bytes as usize)
             .instances(64)
@@ -441,14 +535,23 @@ impl Runtime {
                 message: format!("{n} more log lines were dropped"),
             });
         }
-        Invocation {
+        let invocation = Invocation {
             result,
             outputs: host.outputs,
             state: host.state.changes,
             logs: host.logs,
             elapsed: started.elapsed(),
             fuel_used,
+        };
+        let mut contexts = self.contexts.lock().unwrap_or_else(|p| p.into_inner());
+        if contexts.len() < self.slots {
+            contexts.push(Context {
+                wasi: host.wasi,
+                stdout: stdout_capture,
+                stderr: stderr_capture,
+            });
         }
+        invocation
     }
 }
 
@@ -711,6 +814,41 @@ mod tests {
     }
 
     #[test]
+    fn a_reused_context_shows_each_invocation_only_its_own_output() {
+        use wasmtime_wasi::cli::StdoutStream;
+        let capture = Capture::default();
+        let first = capture.fresh();
+        let mut stream = capture.p2_stream();
+        stream
+            .write(bytes::Bytes::from_static(b"from the first\n"))
+            .unwrap();
+        assert_eq!(&first.contents()[..], b"from the first\n");
+        // The next invocation's stream writes to its own pipe, and the first's is untouched.
+        let second = capture.fresh();
+        assert!(second.contents().is_empty());
+        capture
+            .p2_stream()
+            .write(bytes::Bytes::from_static(b"from the second\n"))
+            .unwrap();
+        assert_eq!(&second.contents()[..], b"from the second\n");
+        assert_eq!(&first.contents()[..], b"from the first\n");
+    }
+
+    #[test]
+    fn contexts_are_reused_and_bounded_by_the_pool() {
+        let rt = runtime();
+        for _ in 0..10 {
+            assert_eq!(
+                run(&rt, "uppercase", "hi", &Limits::default()).result,
+                Ok(())
+            );
+        }
+        let kept = rt.contexts.lock().unwrap().len();
+        // One at a time: the one context made is the one reused.
+        assert_eq!(kept, 1);
+    }
+
+    #[test]
     fn the_artifact_cache_survives_a_new_runtime() {
         let dir = tempfile::tempdir().unwrap();
         let config = RuntimeConfig {
@@ -724,5 +862,53 @@ mod tests {
         let again = Runtime::new(&config).unwrap().prepare(&bytes).unwrap();
         assert!(again.from_cache);
         assert_eq!(first.hash, again.hash);
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// Not a test of behaviour: prints the per-event cost of the no-op guest. Run with
+    /// `cargo test -p canal-triggers --lib -- --ignored --nocapture per_event_cost`.
+    #[test]
+    #[ignore]
+    fn per_event_cost() {
+        let rt = Runtime::new(&RuntimeConfig::default()).unwrap();
+        let bytes = canal_testnet::guests::bytes("noop").unwrap();
+        let m = rt.prepare(&bytes).unwrap();
+        let c = Component::new(&rt.engine, &bytes).unwrap();
+        for (name, _) in c.component_type().imports(&rt.engine) {
+            println!("import {name}");
+        }
+        let mut lat = Vec::new();
+        for i in 0..5200 {
+            let t = Instant::now();
+            let r = rt.invoke(
+                &m,
+                EventIn {
+                    topic: "bench/in".into(),
+                    id: "e".into(),
+                    offset: Some(0),
+                    time_ms: 0,
+                    headers: Vec::new(),
+                    payload: b"21.5".to_vec(),
+                },
+                Arc::new(crate::host::EmptyState),
+                BTreeMap::new(),
+                None,
+                &Limits::default(),
+            );
+            assert_eq!(r.result, Ok(()));
+            if i >= 200 {
+                lat.push(t.elapsed());
+            }
+        }
+        lat.sort();
+        println!(
+            "p50 {:?} p99 {:?}",
+            lat[lat.len() / 2],
+            lat[lat.len() * 99 / 100]
+        );
     }
 }
