@@ -201,7 +201,6 @@ impl std::fmt::Debug for Prepared {
 /// The node's WebAssembly runtime. Cheap to share behind an `Arc`.
 pub struct Runtime {
     engine: Engine,
-    linker: Linker<Host>,
     cache_dir: Option<PathBuf>,
     compat: u64,
     prepared: Mutex<HashMap<String, Arc<Prepared>>>,
@@ -286,7 +285,7 @@ pub fn module_hash(bytes: &[u8]) -> String {
 }
 
 impl Runtime {
-    /// Builds the engine and the linker, and starts the epoch ticker.
+    /// Builds the engine and starts the epoch ticker.
     pub fn new(config: &RuntimeConfig) -> Result<Runtime, DeployError> {
         let engine_err = |e: wasmtime::Error| DeployError::Engine(format!("{e:#}"));
         let slots = config.instances.max(1);
@@ -315,10 +314,6 @@ impl Runtime {
             .consume_fuel(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm).map_err(engine_err)?;
-        let mut linker = Linker::<Host>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
-        Handler::add_to_linker::<Host, wasmtime::component::HasSelf<Host>>(&mut linker, |h| h)
-            .map_err(engine_err)?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let compat = hasher.finish();
@@ -341,7 +336,6 @@ impl Runtime {
             .map_err(|e| DeployError::Engine(format!("cannot start the epoch ticker: {e}")))?;
         Ok(Runtime {
             engine,
-            linker,
             cache_dir: config.cache_dir.clone(),
             compat,
             prepared: Mutex::new(HashMap::new()),
@@ -377,8 +371,7 @@ impl Runtime {
         check_header(bytes)?;
         let started = Instant::now();
         let (component, from_cache) = self.compile(&hash, bytes)?;
-        let pre = self
-            .linker
+        let pre = linker_for(&self.engine, &component)?
             .instantiate_pre(&component)
             .map_err(|e| DeployError::Imports(format!("{e:#}")))?;
         let pre = HandlerPre::new(pre).map_err(|e| DeployError::Exports(format!("{e:#}")))?;
@@ -559,6 +552,112 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         self.stop_ticker.store(true, Ordering::Relaxed);
     }
+}
+
+/// Adds one WASI interface to a linker.
+type AddInterface = fn(&mut Linker<Host>) -> wasmtime::Result<()>;
+
+/// The WASI interfaces canal provides, by name without version: standard streams,
+/// environment (empty), exit, clocks and random. Not files, not sockets: a component that
+/// imports those is refused at deploy, naming the import.
+const WASI_INTERFACES: &[(&str, AddInterface)] = {
+    use wasmtime_wasi::cli::{WasiCli, WasiCliView};
+    use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
+    use wasmtime_wasi::p2::bindings::{cli, clocks, random, sync::io};
+    use wasmtime_wasi::random::{WasiRandom, WasiRandomView};
+    &[
+        ("wasi:io/error", |l| {
+            io::error::add_to_linker::<Host, IoTable>(l, table)
+        }),
+        ("wasi:io/poll", |l| {
+            io::poll::add_to_linker::<Host, IoTable>(l, table)
+        }),
+        ("wasi:io/streams", |l| {
+            io::streams::add_to_linker::<Host, IoTable>(l, table)
+        }),
+        ("wasi:cli/environment", |l| {
+            cli::environment::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/exit", |l| {
+            cli::exit::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/stdin", |l| {
+            cli::stdin::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/stdout", |l| {
+            cli::stdout::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/stderr", |l| {
+            cli::stderr::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/terminal-input", |l| {
+            cli::terminal_input::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/terminal-output", |l| {
+            cli::terminal_output::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/terminal-stdin", |l| {
+            cli::terminal_stdin::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/terminal-stdout", |l| {
+            cli::terminal_stdout::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/terminal-stderr", |l| {
+            cli::terminal_stderr::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:clocks/wall-clock", |l| {
+            clocks::wall_clock::add_to_linker::<Host, WasiClocks>(
+                l,
+                <Host as WasiClocksView>::clocks,
+            )
+        }),
+        ("wasi:clocks/monotonic-clock", |l| {
+            clocks::monotonic_clock::add_to_linker::<Host, WasiClocks>(
+                l,
+                <Host as WasiClocksView>::clocks,
+            )
+        }),
+        ("wasi:random/random", |l| {
+            random::random::add_to_linker::<Host, WasiRandom>(l, <Host as WasiRandomView>::random)
+        }),
+        ("wasi:random/insecure", |l| {
+            random::insecure::add_to_linker::<Host, WasiRandom>(l, <Host as WasiRandomView>::random)
+        }),
+        ("wasi:random/insecure-seed", |l| {
+            random::insecure_seed::add_to_linker::<Host, WasiRandom>(
+                l,
+                <Host as WasiRandomView>::random,
+            )
+        }),
+    ]
+};
+
+/// The view of the host the `wasi:io` interfaces need: its resource table.
+struct IoTable;
+
+impl wasmtime::component::HasData for IoTable {
+    type Data<'a> = &'a mut ResourceTable;
+}
+
+fn table(h: &mut Host) -> &mut ResourceTable {
+    &mut h.table
+}
+
+/// A linker with canal's own interfaces and just the WASI interfaces `component` imports,
+/// so that a module's instances carry nothing it does not use. An import canal does not
+/// provide is left out, and `instantiate_pre` then refuses the module, naming it.
+fn linker_for(engine: &Engine, component: &Component) -> Result<Linker<Host>, DeployError> {
+    let engine_err = |e: wasmtime::Error| DeployError::Engine(format!("{e:#}"));
+    let mut linker = Linker::<Host>::new(engine);
+    Handler::add_to_linker::<Host, wasmtime::component::HasSelf<Host>>(&mut linker, |h| h)
+        .map_err(engine_err)?;
+    for (name, _) in component.component_type().imports(engine) {
+        let unversioned = name.split('@').next().unwrap_or(name);
+        if let Some((_, add)) = WASI_INTERFACES.iter().find(|(n, _)| *n == unversioned) {
+            add(&mut linker).map_err(engine_err)?;
+        }
+    }
+    Ok(linker)
 }
 
 fn classify(e: wasmtime::Error, store: &Store<Host>, limits: &Limits, starting: bool) -> Failure {
@@ -811,6 +910,69 @@ mod tests {
         assert_eq!(r.outputs[0].topic, "loop/in");
         let why = limit_of(&at(crate::rules::MAX_HOPS));
         assert!(why.contains("hop limit") && why.contains("17"), "{why}");
+    }
+
+    /// A canal function written by hand: it imports nothing at all and returns `ok`.
+    const IMPORTS_NOTHING: &str = r#"(component
+        (type $event' (record
+            (field "topic" string) (field "id" string) (field "offset" (option u64))
+            (field "time-ms" u64) (field "headers" (list (tuple string string)))
+            (field "payload" (list u8))))
+        (export $event "event" (type $event'))
+        (core module $m
+            (memory (export "memory") 1)
+            (global $next (mut i32) (i32.const 1024))
+            (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+                (local $at i32)
+                (local.set $at (global.get $next))
+                (global.set $next (i32.add (local.get $at) (i32.and
+                    (i32.add (local.get 3) (i32.const 7)) (i32.const -8))))
+                (local.get $at))
+            (func (export "handle")
+                (param i32 i32 i32 i32 i32 i64 i64 i32 i32 i32 i32) (result i32)
+                (i32.store8 (i32.const 16) (i32.const 0))
+                (i32.const 16)))
+        (core instance $i (instantiate $m))
+        (alias core export $i "memory" (core memory $mem))
+        (alias core export $i "realloc" (core func $realloc))
+        (alias core export $i "handle" (core func $handle))
+        (func $h (param "event" $event) (result (result (error string)))
+            (canon lift (core func $handle) (memory $mem) (realloc $realloc)))
+        (export "handle" (func $h)))"#;
+
+    #[test]
+    fn a_component_that_imports_nothing_runs_with_nothing_linked() {
+        let rt = runtime();
+        let m = rt
+            .prepare(&wat::parse_str(IMPORTS_NOTHING).unwrap())
+            .unwrap();
+        let r = rt.invoke(
+            &m,
+            event("a/b", "x"),
+            Arc::new(crate::host::EmptyState),
+            BTreeMap::new(),
+            None,
+            &Limits::default(),
+        );
+        assert_eq!(r.result, Ok(()), "{:?}", r.logs);
+        assert!(r.outputs.is_empty() && r.logs.is_empty());
+    }
+
+    #[test]
+    fn wasi_files_and_sockets_are_refused_at_deploy_naming_the_import() {
+        let rt = runtime();
+        for import in ["wasi:filesystem/preopens@0.2.6", "wasi:sockets/tcp@0.2.6"] {
+            let bytes = wat::parse_str(format!(
+                r#"(component (import "{import}" (instance (export "f" (func)))))"#
+            ))
+            .unwrap();
+            let e = rt.prepare(&bytes).unwrap_err();
+            assert!(matches!(e, DeployError::Imports(_)), "{e}");
+            assert!(e.to_string().contains(import), "{e}");
+        }
+        // What a Rust guest imports is all provided, stdout included.
+        let m = rt.prepare(&canal_testnet::guests::bytes("noop").unwrap());
+        assert!(m.is_ok(), "{m:?}");
     }
 
     #[test]
