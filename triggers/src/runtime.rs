@@ -82,7 +82,7 @@ pub enum DeployError {
     Invalid(String),
     /// It imports something canal does not provide.
     #[error(
-        "the component imports something canal does not provide: {0} (canal provides canal:functions/host, canal:functions/state and the wasi:cli 0.2 imports, without files or network)"
+        "the component imports something canal does not provide: {0} (canal provides canal:functions/host, canal:functions/state and the WASI 0.2 interfaces wasi:io, wasi:cli, wasi:clocks and wasi:random; no wasi:filesystem or wasi:sockets)"
     )]
     Imports(String),
     /// It does not export `handle` with the right type.
