@@ -383,9 +383,12 @@ impl<T: Transport> Worker for Supervisor<T> {
         let exec = &self.exec;
         match (exec.functions.functions(), exec.functions.triggers()) {
             (Ok(functions), Ok(triggers)) => {
-                // Compile what is new before its first event arrives.
+                // Compile what is placed here before its first event arrives (the node
+                // that took the deploy has it prepared already); a node placement did not
+                // name compiles nothing until it is named.
                 for f in &functions {
                     if exec.functions.runtime.get(&f.hash).is_none()
+                        && exec.functions.placed_here(f)
                         && let Err(e) = exec.functions.module(f).await
                     {
                         debug!(function = %f.name, error = ?e, "module not ready yet");

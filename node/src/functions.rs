@@ -279,6 +279,14 @@ impl<T: Transport> Functions<T> {
             .is_some_and(|p| p.decision.chosen.first() == Some(&self.peer_id))
     }
 
+    /// Whether the committed placement of `function` names this node at all (its executor or
+    /// a standby): then its module is compiled here as soon as the placement applies, not at
+    /// its first event.
+    pub fn placed_here(&self, function: &FunctionSpec) -> bool {
+        crate::placement::placed(&self.consensus, &function.name)
+            .is_some_and(|p| p.decision.chosen.contains(&self.peer_id))
+    }
+
     /// Runs one invocation on the blocking pool in one of the node's instance slots; see
     /// [`run_in_slot`].
     pub async fn run(

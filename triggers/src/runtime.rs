@@ -21,8 +21,8 @@ use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimitsBuilder,
     Trap,
 };
-use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
 /// Bindings generated from `wit/canal.wit`.
 #[allow(missing_docs, unreachable_pub)]
@@ -46,6 +46,9 @@ use bindings::{Handler, HandlerPre};
 const TICK: Duration = Duration::from_millis(2);
 /// How much a guest may print to stdout and stderr per invocation (kept as log lines).
 const MAX_PRINTED_BYTES: usize = 16 << 10;
+/// How much of a slot's memory and tables is zeroed in place when an instance ends, rather
+/// than released to the kernel (which costs a page fault per page the next instance touches).
+const KEEP_RESIDENT_BYTES: usize = 64 << 10;
 
 /// How a node's runtime is set up.
 #[derive(Debug, Clone)]
@@ -79,7 +82,7 @@ pub enum DeployError {
     Invalid(String),
     /// It imports something canal does not provide.
     #[error(
-        "the component imports something canal does not provide: {0} (canal provides canal:functions/host, canal:functions/state and the wasi:cli 0.2 imports, without files or network)"
+        "the component imports something canal does not provide: {0} (canal provides canal:functions/host, canal:functions/state and the WASI 0.2 interfaces wasi:io, wasi:cli, wasi:clocks and wasi:random; no wasi:filesystem or wasi:sockets)"
     )]
     Imports(String),
     /// It does not export `handle` with the right type.
@@ -198,11 +201,82 @@ impl std::fmt::Debug for Prepared {
 /// The node's WebAssembly runtime. Cheap to share behind an `Arc`.
 pub struct Runtime {
     engine: Engine,
-    linker: Linker<Host>,
     cache_dir: Option<PathBuf>,
     compat: u64,
     prepared: Mutex<HashMap<String, Arc<Prepared>>>,
+    /// WASI contexts of finished invocations, kept for the next: building one seeds two
+    /// random generators (twice, as `WasiCtxBuilder::build` makes a fresh builder), which
+    /// cost more than the rest of a no-op invocation's host side. At most `slots` are kept.
+    contexts: Mutex<Vec<Context>>,
+    slots: usize,
     stop_ticker: Arc<AtomicBool>,
+}
+
+/// A WASI context for one invocation at a time, with the pipes its stdout and stderr write to.
+/// Nothing a guest can change is in it but the random generators' positions: no files, no
+/// environment, no sockets.
+struct Context {
+    wasi: WasiCtx,
+    stdout: Capture,
+    stderr: Capture,
+}
+
+impl Context {
+    fn new() -> Context {
+        let stdout = Capture::default();
+        let stderr = Capture::default();
+        let wasi = WasiCtxBuilder::new()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .build();
+        Context {
+            wasi,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+/// An output stream whose destination is swapped per invocation, so that a context can be
+/// reused while each invocation still sees only what it printed itself.
+#[derive(Clone)]
+struct Capture(Arc<Mutex<MemoryOutputPipe>>);
+
+impl Default for Capture {
+    fn default() -> Self {
+        Capture(Arc::new(Mutex::new(MemoryOutputPipe::new(
+            MAX_PRINTED_BYTES,
+        ))))
+    }
+}
+
+impl Capture {
+    fn current(&self) -> std::sync::MutexGuard<'_, MemoryOutputPipe> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a new invocation's output; returns the pipe it goes to.
+    fn fresh(&self) -> MemoryOutputPipe {
+        let pipe = MemoryOutputPipe::new(MAX_PRINTED_BYTES);
+        *self.current() = pipe.clone();
+        pipe
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for Capture {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for Capture {
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        Box::new(self.current().clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.current().clone())
+    }
 }
 
 /// The SHA-256 of a module's bytes, hex: its name in the cluster.
@@ -211,7 +285,7 @@ pub fn module_hash(bytes: &[u8]) -> String {
 }
 
 impl Runtime {
-    /// Builds the engine and the linker, and starts the epoch ticker.
+    /// Builds the engine and starts the epoch ticker.
     pub fn new(config: &RuntimeConfig) -> Result<Runtime, DeployError> {
         let engine_err = |e: wasmtime::Error| DeployError::Engine(format!("{e:#}"));
         let slots = config.instances.max(1);
@@ -223,17 +297,23 @@ impl Runtime {
             .max_core_instances_per_component(32)
             .max_memories_per_component(2)
             .max_tables_per_component(16)
-            .max_memory_size(config.max_memory_bytes as usize);
+            .max_memory_size(config.max_memory_bytes as usize)
+            // A slot's memory is reset by zeroing its first pages in place, not by handing
+            // them back to the kernel and faulting them in again on the next instance.
+            .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
+            .table_keep_resident(KEEP_RESIDENT_BYTES)
+            // Reuse the slot that last held the same module: its image is mapped already.
+            .max_unused_warm_slots(slots);
         let mut wasm = Config::new();
         wasm.wasm_component_model(true)
+            // Data segments are mapped copy-on-write and tables filled on first use, so a
+            // new instance copies nothing up front.
+            .memory_init_cow(true)
+            .table_lazy_init(true)
             .epoch_interruption(true)
             .consume_fuel(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm).map_err(engine_err)?;
-        let mut linker = Linker::<Host>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
-        Handler::add_to_linker::<Host, wasmtime::component::HasSelf<Host>>(&mut linker, |h| h)
-            .map_err(engine_err)?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let compat = hasher.finish();
@@ -256,10 +336,11 @@ impl Runtime {
             .map_err(|e| DeployError::Engine(format!("cannot start the epoch ticker: {e}")))?;
         Ok(Runtime {
             engine,
-            linker,
             cache_dir: config.cache_dir.clone(),
             compat,
             prepared: Mutex::new(HashMap::new()),
+            contexts: Mutex::new(Vec::new()),
+            slots: slots as usize,
             stop_ticker,
         })
     }
@@ -290,8 +371,7 @@ impl Runtime {
         check_header(bytes)?;
         let started = Instant::now();
         let (component, from_cache) = self.compile(&hash, bytes)?;
-        let pre = self
-            .linker
+        let pre = linker_for(&self.engine, &component)?
             .instantiate_pre(&component)
             .map_err(|e| DeployError::Imports(format!("{e:#}")))?;
         let pre = HandlerPre::new(pre).map_err(|e| DeployError::Exports(format!("{e:#}")))?;
@@ -358,12 +438,19 @@ impl Runtime {
         limits: &Limits,
     ) -> Invocation {
         let started = Instant::now();
-        let stdout = MemoryOutputPipe::new(MAX_PRINTED_BYTES);
-        let stderr = MemoryOutputPipe::new(MAX_PRINTED_BYTES);
-        let wasi = WasiCtxBuilder::new()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .build();
+        let context = self
+            .contexts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_else(Context::new);
+        let Context {
+            wasi,
+            stdout: stdout_capture,
+            stderr: stderr_capture,
+        } = context;
+        let stdout = stdout_capture.fresh();
+        let stderr = stderr_capture.fresh();
         let limits_store = StoreLimitsBuilder::new()
             .memory_size(limits.memory_bytes as usize)
             .instances(64)
@@ -441,14 +528,23 @@ impl Runtime {
                 message: format!("{n} more log lines were dropped"),
             });
         }
-        Invocation {
+        let invocation = Invocation {
             result,
             outputs: host.outputs,
             state: host.state.changes,
             logs: host.logs,
             elapsed: started.elapsed(),
             fuel_used,
+        };
+        let mut contexts = self.contexts.lock().unwrap_or_else(|p| p.into_inner());
+        if contexts.len() < self.slots {
+            contexts.push(Context {
+                wasi: host.wasi,
+                stdout: stdout_capture,
+                stderr: stderr_capture,
+            });
         }
+        invocation
     }
 }
 
@@ -456,6 +552,112 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         self.stop_ticker.store(true, Ordering::Relaxed);
     }
+}
+
+/// Adds one WASI interface to a linker.
+type AddInterface = fn(&mut Linker<Host>) -> wasmtime::Result<()>;
+
+/// The WASI interfaces canal provides, by name without version: standard streams,
+/// environment (empty), exit, clocks and random. Not files, not sockets: a component that
+/// imports those is refused at deploy, naming the import.
+const WASI_INTERFACES: &[(&str, AddInterface)] = {
+    use wasmtime_wasi::cli::{WasiCli, WasiCliView};
+    use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
+    use wasmtime_wasi::p2::bindings::{cli, clocks, random, sync::io};
+    use wasmtime_wasi::random::{WasiRandom, WasiRandomView};
+    &[
+        ("wasi:io/error", |l| {
+            io::error::add_to_linker::<Host, IoTable>(l, table)
+        }),
+        ("wasi:io/poll", |l| {
+            io::poll::add_to_linker::<Host, IoTable>(l, table)
+        }),
+        ("wasi:io/streams", |l| {
+            io::streams::add_to_linker::<Host, IoTable>(l, table)
+        }),
+        ("wasi:cli/environment", |l| {
+            cli::environment::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/exit", |l| {
+            cli::exit::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/stdin", |l| {
+            cli::stdin::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/stdout", |l| {
+            cli::stdout::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/stderr", |l| {
+            cli::stderr::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/terminal-input", |l| {
+            cli::terminal_input::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/terminal-output", |l| {
+            cli::terminal_output::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/terminal-stdin", |l| {
+            cli::terminal_stdin::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/terminal-stdout", |l| {
+            cli::terminal_stdout::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:cli/terminal-stderr", |l| {
+            cli::terminal_stderr::add_to_linker::<Host, WasiCli>(l, <Host as WasiCliView>::cli)
+        }),
+        ("wasi:clocks/wall-clock", |l| {
+            clocks::wall_clock::add_to_linker::<Host, WasiClocks>(
+                l,
+                <Host as WasiClocksView>::clocks,
+            )
+        }),
+        ("wasi:clocks/monotonic-clock", |l| {
+            clocks::monotonic_clock::add_to_linker::<Host, WasiClocks>(
+                l,
+                <Host as WasiClocksView>::clocks,
+            )
+        }),
+        ("wasi:random/random", |l| {
+            random::random::add_to_linker::<Host, WasiRandom>(l, <Host as WasiRandomView>::random)
+        }),
+        ("wasi:random/insecure", |l| {
+            random::insecure::add_to_linker::<Host, WasiRandom>(l, <Host as WasiRandomView>::random)
+        }),
+        ("wasi:random/insecure-seed", |l| {
+            random::insecure_seed::add_to_linker::<Host, WasiRandom>(
+                l,
+                <Host as WasiRandomView>::random,
+            )
+        }),
+    ]
+};
+
+/// The view of the host the `wasi:io` interfaces need: its resource table.
+struct IoTable;
+
+impl wasmtime::component::HasData for IoTable {
+    type Data<'a> = &'a mut ResourceTable;
+}
+
+fn table(h: &mut Host) -> &mut ResourceTable {
+    &mut h.table
+}
+
+/// A linker with canal's own interfaces and just the WASI interfaces `component` imports,
+/// so that a module's instances carry nothing it does not use. An import canal does not
+/// provide is left out, and `instantiate_pre` then refuses the module, naming it.
+fn linker_for(engine: &Engine, component: &Component) -> Result<Linker<Host>, DeployError> {
+    let engine_err = |e: wasmtime::Error| DeployError::Engine(format!("{e:#}"));
+    let mut linker = Linker::<Host>::new(engine);
+    Handler::add_to_linker::<Host, wasmtime::component::HasSelf<Host>>(&mut linker, |h| h)
+        .map_err(engine_err)?;
+    for (name, _) in component.component_type().imports(engine) {
+        let unversioned = name.split('@').next().unwrap_or(name);
+        if let Some((_, add)) = WASI_INTERFACES.iter().find(|(n, _)| *n == unversioned) {
+            add(&mut linker).map_err(engine_err)?;
+        }
+    }
+    Ok(linker)
 }
 
 fn classify(e: wasmtime::Error, store: &Store<Host>, limits: &Limits, starting: bool) -> Failure {
@@ -710,6 +912,104 @@ mod tests {
         assert!(why.contains("hop limit") && why.contains("17"), "{why}");
     }
 
+    /// A canal function written by hand: it imports nothing at all and returns `ok`.
+    const IMPORTS_NOTHING: &str = r#"(component
+        (type $event' (record
+            (field "topic" string) (field "id" string) (field "offset" (option u64))
+            (field "time-ms" u64) (field "headers" (list (tuple string string)))
+            (field "payload" (list u8))))
+        (export $event "event" (type $event'))
+        (core module $m
+            (memory (export "memory") 1)
+            (global $next (mut i32) (i32.const 1024))
+            (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+                (local $at i32)
+                (local.set $at (global.get $next))
+                (global.set $next (i32.add (local.get $at) (i32.and
+                    (i32.add (local.get 3) (i32.const 7)) (i32.const -8))))
+                (local.get $at))
+            (func (export "handle")
+                (param i32 i32 i32 i32 i32 i64 i64 i32 i32 i32 i32) (result i32)
+                (i32.store8 (i32.const 16) (i32.const 0))
+                (i32.const 16)))
+        (core instance $i (instantiate $m))
+        (alias core export $i "memory" (core memory $mem))
+        (alias core export $i "realloc" (core func $realloc))
+        (alias core export $i "handle" (core func $handle))
+        (func $h (param "event" $event) (result (result (error string)))
+            (canon lift (core func $handle) (memory $mem) (realloc $realloc)))
+        (export "handle" (func $h)))"#;
+
+    #[test]
+    fn a_component_that_imports_nothing_runs_with_nothing_linked() {
+        let rt = runtime();
+        let m = rt
+            .prepare(&wat::parse_str(IMPORTS_NOTHING).unwrap())
+            .unwrap();
+        let r = rt.invoke(
+            &m,
+            event("a/b", "x"),
+            Arc::new(crate::host::EmptyState),
+            BTreeMap::new(),
+            None,
+            &Limits::default(),
+        );
+        assert_eq!(r.result, Ok(()), "{:?}", r.logs);
+        assert!(r.outputs.is_empty() && r.logs.is_empty());
+    }
+
+    #[test]
+    fn wasi_files_and_sockets_are_refused_at_deploy_naming_the_import() {
+        let rt = runtime();
+        for import in ["wasi:filesystem/preopens@0.2.6", "wasi:sockets/tcp@0.2.6"] {
+            let bytes = wat::parse_str(format!(
+                r#"(component (import "{import}" (instance (export "f" (func)))))"#
+            ))
+            .unwrap();
+            let e = rt.prepare(&bytes).unwrap_err();
+            assert!(matches!(e, DeployError::Imports(_)), "{e}");
+            assert!(e.to_string().contains(import), "{e}");
+        }
+        // What a Rust guest imports is all provided, stdout included.
+        let m = rt.prepare(&canal_testnet::guests::bytes("noop").unwrap());
+        assert!(m.is_ok(), "{m:?}");
+    }
+
+    #[test]
+    fn a_reused_context_shows_each_invocation_only_its_own_output() {
+        use wasmtime_wasi::cli::StdoutStream;
+        let capture = Capture::default();
+        let first = capture.fresh();
+        let mut stream = capture.p2_stream();
+        stream
+            .write(bytes::Bytes::from_static(b"from the first\n"))
+            .unwrap();
+        assert_eq!(&first.contents()[..], b"from the first\n");
+        // The next invocation's stream writes to its own pipe, and the first's is untouched.
+        let second = capture.fresh();
+        assert!(second.contents().is_empty());
+        capture
+            .p2_stream()
+            .write(bytes::Bytes::from_static(b"from the second\n"))
+            .unwrap();
+        assert_eq!(&second.contents()[..], b"from the second\n");
+        assert_eq!(&first.contents()[..], b"from the first\n");
+    }
+
+    #[test]
+    fn contexts_are_reused_and_bounded_by_the_pool() {
+        let rt = runtime();
+        for _ in 0..10 {
+            assert_eq!(
+                run(&rt, "uppercase", "hi", &Limits::default()).result,
+                Ok(())
+            );
+        }
+        let kept = rt.contexts.lock().unwrap().len();
+        // One at a time: the one context made is the one reused.
+        assert_eq!(kept, 1);
+    }
+
     #[test]
     fn the_artifact_cache_survives_a_new_runtime() {
         let dir = tempfile::tempdir().unwrap();
@@ -724,5 +1024,53 @@ mod tests {
         let again = Runtime::new(&config).unwrap().prepare(&bytes).unwrap();
         assert!(again.from_cache);
         assert_eq!(first.hash, again.hash);
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// Not a test of behaviour: prints the per-event cost of the no-op guest. Run with
+    /// `cargo test -p canal-triggers --lib -- --ignored --nocapture per_event_cost`.
+    #[test]
+    #[ignore]
+    fn per_event_cost() {
+        let rt = Runtime::new(&RuntimeConfig::default()).unwrap();
+        let bytes = canal_testnet::guests::bytes("noop").unwrap();
+        let m = rt.prepare(&bytes).unwrap();
+        let c = Component::new(&rt.engine, &bytes).unwrap();
+        for (name, _) in c.component_type().imports(&rt.engine) {
+            println!("import {name}");
+        }
+        let mut lat = Vec::new();
+        for i in 0..5200 {
+            let t = Instant::now();
+            let r = rt.invoke(
+                &m,
+                EventIn {
+                    topic: "bench/in".into(),
+                    id: "e".into(),
+                    offset: Some(0),
+                    time_ms: 0,
+                    headers: Vec::new(),
+                    payload: b"21.5".to_vec(),
+                },
+                Arc::new(crate::host::EmptyState),
+                BTreeMap::new(),
+                None,
+                &Limits::default(),
+            );
+            assert_eq!(r.result, Ok(()));
+            if i >= 200 {
+                lat.push(t.elapsed());
+            }
+        }
+        lat.sort();
+        println!(
+            "p50 {:?} p99 {:?}",
+            lat[lat.len() / 2],
+            lat[lat.len() * 99 / 100]
+        );
     }
 }
