@@ -1129,6 +1129,16 @@ async fn a_publish_stream_resent_after_a_leader_kill_stores_each_message_once() 
     assert_eq!(log.next - log.first, N as u64, "{log:?}");
 }
 
+/// POSTs `body` to `url` as NDJSON (a batch publish).
+async fn post_ndjson(http: &reqwest::Client, url: &str, body: &'static str) -> reqwest::Response {
+    http.post(url)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_batch_line_is_refused_by_number_and_nothing_is_stored() {
     let net = cluster(1, &["--max-publish-streams", "1"]).await;
@@ -1136,13 +1146,7 @@ async fn a_bad_batch_line_is_refused_by_number_and_nothing_is_stored() {
     let http = reqwest::Client::new();
     let url = format!("{}/v1/topics/batch%2Ft/events", api.base());
     let body = "{\"payload\": \"a\", \"id\": \"b-1\"}\n{\"payload\": \"b\"}\n{\"payload\": \"c\", \"id\": \"\"}\n";
-    let resp = http
-        .post(&url)
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let resp = post_ndjson(&http, &url, body).await;
     assert_eq!(resp.status(), 400);
     let e: canal_proto::api::ErrorBody = resp.json().await.unwrap();
     assert_eq!(e.kind, "invalid_id");
@@ -1151,13 +1155,7 @@ async fn a_bad_batch_line_is_refused_by_number_and_nothing_is_stored() {
     assert_eq!((log.first, log.next), (0, 0), "nothing stored");
     // The good lines alone are stored, an answer a line; on /v1/events too.
     let body = "{\"payload\": \"a\", \"id\": \"b-1\"}\n{\"payload_base64\": \"AAE=\"}\n";
-    let resp = http
-        .post(&url)
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let resp = post_ndjson(&http, &url, body).await;
     assert_eq!(resp.status(), 200);
     let p: Vec<canal_proto::api::Published> = resp.json().await.unwrap();
     // An answer a line; the two may be stored in either order.
