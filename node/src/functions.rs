@@ -497,24 +497,10 @@ impl<T: Transport> Functions<T> {
                 triggers: users,
             });
         }
-        self.consensus
-            .write_op(
-                GroupId::METADATA,
-                Op::Internal {
-                    key: canal_consensus::InternalKey::Function(name.to_string()),
-                    value: None,
-                },
-            )
+        self.forget(canal_consensus::InternalKey::Function(name.to_string()))
             .await?;
         // Its placement goes with it (its module stays: another function may share it).
-        self.consensus
-            .write_op(
-                GroupId::METADATA,
-                Op::Internal {
-                    key: canal_consensus::InternalKey::Placement(name.to_string()),
-                    value: None,
-                },
-            )
+        self.forget(canal_consensus::InternalKey::Placement(name.to_string()))
             .await?;
         Ok(())
     }
@@ -667,6 +653,14 @@ impl<T: Transport> Functions<T> {
         Ok(spec)
     }
 
+    /// Deletes internal record `key` of the metadata group.
+    async fn forget(&self, key: canal_consensus::InternalKey) -> Result<(), FunctionsError> {
+        self.consensus
+            .write_op(GroupId::METADATA, Op::Internal { key, value: None })
+            .await?;
+        Ok(())
+    }
+
     /// One trigger, read through the leader: sees every write acknowledged before.
     async fn trigger_now(&self, name: &str) -> Result<Option<TriggerSpec>, FunctionsError> {
         Ok(self
@@ -681,14 +675,7 @@ impl<T: Transport> Functions<T> {
         if self.trigger_now(name).await?.is_none() {
             return Err(FunctionsError::NoTrigger(name.to_string()));
         }
-        self.consensus
-            .write_op(
-                GroupId::METADATA,
-                Op::Internal {
-                    key: canal_consensus::InternalKey::Trigger(name.to_string()),
-                    value: None,
-                },
-            )
+        self.forget(canal_consensus::InternalKey::Trigger(name.to_string()))
             .await?;
         Ok(())
     }
