@@ -11,8 +11,8 @@
 //! [`STATE_VERSIONS`](crate::keys::STATE_VERSIONS).
 //!
 //! An [`Effects`] entry is how an execution lands: the function's outputs, its state changes
-//! and the trigger's cursor move, applied together or not at all. It is refused unless the
-//! cursor stands where the executor started and the function's state version is the one it
+//! and the trigger's cursor moves (one per input topic of the step), applied together or not at
+//! all. It is refused unless every cursor stands where the executor started and the function's state version is the one it
 //! read, so a re-run after a crash, or a second executor racing the first, cannot apply an
 //! event's effects twice, and concurrent read-modify-writes of one function's state cannot
 //! lose an update.
@@ -38,8 +38,9 @@ pub struct CursorMove {
 pub struct Effects {
     /// The function whose state changes.
     pub function: String,
-    /// The cursor move this commits (QoS 1 triggers); `None` for effects with no cursor.
-    pub cursor: Option<CursorMove>,
+    /// The cursor moves this commits (a QoS 1 trigger's step: one per input topic it ran,
+    /// each topic at most once); empty for effects with no cursor (QoS 0).
+    pub cursors: Vec<CursorMove>,
     /// The state version the executor read; `None` applies without the check (QoS 0).
     pub state_version: Option<u64>,
     /// State changes (`None`: delete).

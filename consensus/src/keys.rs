@@ -27,7 +27,7 @@
 //!   ADMITTED              \x01A/{peer}                     (marker)           metadata
 //! ```
 //!
-//! The byte layout is the on-disk format (`canal-raft/3`): changing a prefix or a separator
+//! The byte layout is the on-disk format (`canal-raft/4`): changing a prefix or a separator
 //! here changes what existing databases mean, so it needs a new format marker.
 //!
 //! Offsets and expiries are written as 20 decimal digits, so keys sort by them. The parts

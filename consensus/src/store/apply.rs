@@ -305,20 +305,32 @@ fn apply_trim(
     Ok((None, None, Some(meta.first)))
 }
 
-/// Applies an execution's effects at time `now` if its cursor and state version still hold;
-/// otherwise refuses, changing nothing.
+/// Applies an execution's effects at time `now` if all its cursors and its state version
+/// still hold; otherwise refuses, changing nothing.
 fn apply_effects(w: &mut Writes<'_>, fx: Effects, now: u64) -> Result<Applied, String> {
     let refusal = name_refusal("function", &fx.function)
         .or_else(|| {
-            fx.cursor.as_ref().and_then(|c| {
+            fx.cursors.iter().find_map(|c| {
                 name_refusal("trigger uid", &c.trigger_uid).or_else(|| topic_refusal(&c.topic))
+            })
+        })
+        .or_else(|| {
+            // Two moves of one cursor would make the entry's outcome depend on their order.
+            let mut seen = std::collections::BTreeSet::new();
+            fx.cursors.iter().find_map(|c| {
+                (!seen.insert((&c.trigger_uid, &c.topic))).then(|| {
+                    format!(
+                        "the effects move the cursor of trigger {} on {} twice: one move per topic is allowed",
+                        c.trigger_uid, c.topic
+                    )
+                })
             })
         })
         .or_else(|| fx.outputs.iter().find_map(|o| topic_refusal(&o.topic)));
     if let Some(why) = refusal {
         return Ok((None, Some(why), None));
     }
-    if let Some(c) = &fx.cursor {
+    for c in &fx.cursors {
         let now = w.record(&keys::TRIGGER_CURSORS, (&c.trigger_uid, &c.topic))?;
         if now != c.expected {
             return Ok((
@@ -354,7 +366,7 @@ fn apply_effects(w: &mut Writes<'_>, fx: Effects, now: u64) -> Result<Applied, S
     for out in fx.outputs {
         last = Some(append_event(w, out, now)?);
     }
-    if let Some(c) = fx.cursor {
+    for c in fx.cursors {
         w.set_record(
             &keys::TRIGGER_CURSORS,
             (&c.trigger_uid, &c.topic),

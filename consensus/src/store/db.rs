@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicU64;
 
 // 3: entries carry the leader's stamp (Proposal), internal records moved (the removed-peer
 // tombstone), dedup keys hold expiries. Older databases are refused, naming both formats.
-const FORMAT: &[u8] = b"canal-raft/3";
+const FORMAT: &[u8] = b"canal-raft/4";
 
 /// The node's Raft database: every group's log and state machine.
 #[derive(Clone)]

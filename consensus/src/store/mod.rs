@@ -8,7 +8,7 @@
 //! - `snapshot`: what a snapshot holds, and how it is built, stored and installed.
 //!
 //! ```text
-//!   canal            format marker ("canal-raft/3")
+//!   canal            format marker ("canal-raft/4")
 //!   g{N}.log         log index (u64, big-endian) -> entry
 //!   g{N}.meta        "vote", "committed", "purged"
 //!   g{N}.sm          "d/{key}" -> value, "r/{request id}" -> response,

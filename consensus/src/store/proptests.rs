@@ -226,12 +226,12 @@ fn request(n: usize, s: &Step) -> Request {
             id: Some(format!("fx-{n}")),
             op: Op::Effects(Effects {
                 function: "f".into(),
-                cursor: Some(CursorMove {
+                cursors: vec![CursorMove {
                     trigger_uid: "u".into(),
                     topic: topic(*t),
                     expected: expected.map(u64::from),
                     next: expected.map_or(1, |e| u64::from(e) + 1),
-                }),
+                }],
                 state_version: None,
                 state: vec![(format!("k{key}"), Some(vec![*key]))],
                 outputs: vec![PublishOp {

@@ -291,7 +291,7 @@ fn typed_reads_see_only_their_own_records() {
             id: None,
             op: Op::Effects(Effects {
                 function: function.into(),
-                cursor: None,
+                cursors: Vec::new(),
                 state_version: None,
                 state: vec![(key.into(), Some(function.as_bytes().to_vec()))],
                 outputs: Vec::new(),
@@ -442,5 +442,73 @@ fn an_apply_tells_waiters_the_topics_it_changed() {
             sm.apply(vec![entry(6 + i, publish("c"))]).await.unwrap();
         }
         assert_eq!(changes.next().await, Some(Wake::Everything));
+    });
+}
+
+#[test]
+fn effects_over_several_topics_apply_whole_or_not_at_all() {
+    use crate::functions::{CursorMove, Effects};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RaftDb::open(dir.path()).unwrap();
+        let (_, mut sm) = db.group(crate::group_of_function("f")).unwrap();
+        let step = |i: u64, moves: &[(&str, Option<u64>, u64)]| {
+            entry(
+                i,
+                Request {
+                    id: None,
+                    op: Op::Effects(Effects {
+                        function: "f".into(),
+                        cursors: moves
+                            .iter()
+                            .map(|(topic, expected, next)| CursorMove {
+                                trigger_uid: "u".into(),
+                                topic: (*topic).into(),
+                                expected: *expected,
+                                next: *next,
+                            })
+                            .collect(),
+                        state_version: None,
+                        state: vec![("k".into(), Some(vec![i as u8]))],
+                        outputs: vec![crate::topics::PublishOp {
+                            topic: "out".into(),
+                            id: None,
+                            headers: Vec::new(),
+                            payload: vec![i as u8],
+                            retention: Default::default(),
+                        }],
+                    }),
+                },
+            )
+        };
+        let r = sm
+            .apply(vec![step(1, &[("a", None, 3), ("b", None, 2)])])
+            .await
+            .unwrap();
+        assert_eq!(r[0].refused, None);
+        assert_eq!(sm.trigger_cursor("u", "a").unwrap(), Some(3));
+        assert_eq!(sm.trigger_cursor("u", "b").unwrap(), Some(2));
+        // One cursor that moved already refuses the whole step: no cursor, state or output.
+        let r = sm
+            .apply(vec![step(2, &[("a", Some(3), 5), ("b", None, 4)])])
+            .await
+            .unwrap();
+        let why = r[0].refused.clone().unwrap_or_default();
+        assert!(why.contains("cursor on b"), "{why}");
+        assert_eq!(sm.trigger_cursor("u", "a").unwrap(), Some(3));
+        assert_eq!(
+            sm.record(&crate::keys::STATE, ("f", "k")).unwrap(),
+            Some(vec![1])
+        );
+        assert_eq!(sm.topic_meta("out").unwrap().unwrap().next, 1);
+        // A step that moves one cursor twice is refused, naming the topic.
+        let r = sm
+            .apply(vec![step(3, &[("a", Some(3), 4), ("a", Some(4), 5)])])
+            .await
+            .unwrap();
+        let why = r[0].refused.clone().unwrap_or_default();
+        assert!(why.contains("twice"), "{why}");
+        assert_eq!(sm.trigger_cursor("u", "a").unwrap(), Some(3));
     });
 }
