@@ -3,14 +3,16 @@
 //! [`canal_pubsub`]'s; this is only the framing.
 
 use super::{ApiError, ApiState};
+use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use canal_pubsub::Delivery;
-use canal_pubsub::feed::FeedRx;
+use canal_pubsub::feed::{FeedRx, Weighed};
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::time::Duration;
 
 /// `GET /v1/subscribe?filter=F&qos=0|1&from=...&durable=NAME`: a WebSocket upgrade gets a
 /// WebSocket, anything else Server-Sent Events.
@@ -27,28 +29,65 @@ pub(super) async fn subscribe(
             let durable = req.durable;
             ws.on_upgrade(move |socket| websocket(st, rx, durable, socket))
         }
-        Err(_) => sse(rx).into_response(),
+        Err(_) => sse(rx),
     })
 }
 
 /// Server-Sent Events: one `message` event per event (data: the event's JSON, id:
-/// `topic:offset` for QoS 1), `lagged` for events missed.
-fn sse(rx: FeedRx<Delivery>) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
+/// `topic:offset` for QoS 1), `lagged` for events missed. Under load the deliveries waiting
+/// go out in one write (at most [`SSE_BATCH`]); an idle stream sends a comment every
+/// [`SSE_KEEP_ALIVE`] so that proxies and clients see it is alive.
+fn sse(rx: FeedRx<Delivery>) -> Response {
     let stream = futures::stream::unfold(rx, |mut rx| async move {
-        let d = rx.recv().await?;
-        let sse = match d {
-            Delivery::Message { id, json } => {
-                let e = SseEvent::default().event("message").data(json);
-                match id {
-                    Some(id) => e.id(id),
-                    None => e,
-                }
-            }
-            Delivery::Lagged(json) => SseEvent::default().event("lagged").data(json),
+        // Cancel-safe: what the timeout cuts short stays queued.
+        let ds = match tokio::time::timeout(SSE_KEEP_ALIVE, rx.recv_many(SSE_BATCH)).await {
+            Ok(Some(ds)) => ds,
+            Ok(None) => return None,
+            Err(_) => return Some((Ok::<_, Infallible>(Bytes::from_static(b":\n\n")), rx)),
         };
-        Some((Ok(sse), rx))
+        let mut out = String::with_capacity(ds.iter().map(|d| d.weight() + 32).sum());
+        for d in ds {
+            sse_frame(&mut out, d);
+        }
+        Some((Ok(Bytes::from(out)), rx))
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// How many deliveries one SSE write carries at most.
+const SSE_BATCH: usize = 64;
+/// How long an SSE stream may be silent before it sends a keep-alive comment.
+const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Appends `d` to `out` as one SSE event. A line break in the data would end the field
+/// early, so each line goes in a `data:` field of its own (clients join them with `\n`).
+fn sse_frame(out: &mut String, d: Delivery) {
+    let (event, id, data) = match d {
+        Delivery::Message { id, json } => ("message", id, json),
+        Delivery::Lagged(json) => ("lagged", None, json),
+    };
+    out.push_str("event: ");
+    out.push_str(event);
+    out.push('\n');
+    for line in data.split('\n') {
+        out.push_str("data: ");
+        out.push_str(line.trim_end_matches('\r'));
+        out.push('\n');
+    }
+    if let Some(id) = id {
+        out.push_str("id: ");
+        // An id is `topic:offset`, and topics hold no line breaks; kept on one line anyway.
+        out.extend(id.chars().filter(|c| *c != '\n' && *c != '\r'));
+        out.push('\n');
+    }
+    out.push('\n');
 }
 
 /// A WebSocket: each event is a text frame holding its JSON, missed events a text frame
@@ -114,4 +153,62 @@ async fn ws_ack(st: &ApiState, durable: Option<&str>, text: &str) -> Result<(), 
         .await
         .map(|_| ())
         .map_err(|e| format!("{:?}", ApiError::from(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(ds: Vec<Delivery>) -> String {
+        let mut out = String::new();
+        for d in ds {
+            sse_frame(&mut out, d);
+        }
+        out
+    }
+
+    #[test]
+    fn deliveries_are_written_as_sse_events_a_client_reads_back() {
+        let text = frames(vec![
+            Delivery::Message {
+                id: Some("a/b:7".into()),
+                json: r#"{"data":"x"}"#.into(),
+            },
+            Delivery::Lagged(r#"{"dropped":3}"#.into()),
+            Delivery::Message {
+                id: Some("bad\nid".into()),
+                json: "two\nlines\r".into(),
+            },
+        ]);
+        assert_eq!(
+            text,
+            "event: message\ndata: {\"data\":\"x\"}\nid: a/b:7\n\n\
+             event: lagged\ndata: {\"dropped\":3}\n\n\
+             event: message\ndata: two\ndata: lines\nid: badid\n\n"
+        );
+        // What canal's own client parses out of it.
+        let mut parser = canal_client::sse::SseParser::new();
+        let events = parser.push(text.as_bytes()).unwrap();
+        let got: Vec<(String, String, Option<String>)> = events
+            .into_iter()
+            .map(|e| (e.event, e.data, e.id))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "message".into(),
+                    r#"{"data":"x"}"#.into(),
+                    Some("a/b:7".into())
+                ),
+                // The id carries over, as in a browser.
+                (
+                    "lagged".into(),
+                    r#"{"dropped":3}"#.into(),
+                    Some("a/b:7".into())
+                ),
+                ("message".into(), "two\nlines".into(), Some("badid".into())),
+            ]
+        );
+    }
 }
