@@ -18,7 +18,7 @@ pub mod scenario;
 pub use fn_bench::run as functions;
 pub use placement::run as placement;
 
-use crate::nats::RunStats;
+use crate::nats::{RunStats, Shape};
 use anyhow::{Context, bail};
 use canal_client::{Client, Method, api_error, encode_segment};
 use canal_proto::api::ClusterStatus;
@@ -105,14 +105,12 @@ pub async fn pubsub(
         Some(cmd) => Some(crate::nats::locate_server(cmd).await?),
         None => None,
     };
+    let shapes = shapes(count, &sizes, &qos, publishers);
     let mut net = local_cluster().await?;
     let apis: Vec<Api> = (0..3).map(|i| net.api(i)).collect::<anyhow::Result<_>>()?;
     let mut results = Vec::new();
-    for (run, (&q, &size)) in qos
-        .iter()
-        .flat_map(|q| sizes.iter().map(move |s| (q, s)))
-        .enumerate()
-    {
+    for (run, shape) in shapes.iter().copied().enumerate() {
+        let (q, size, count) = (shape.qos, shape.bytes, shape.count);
         // The subscriber on node 2, publishers on all three.
         let filter = format!("bench/{run}/#");
         let path = format!(
@@ -130,18 +128,18 @@ pub async fn pubsub(
         let started = Instant::now();
         let topic = move |i: usize| format!("bench/{run}/t{}", i % 8);
         publish_streams(
-            &apis,
+            &apis[..shape.publishing(apis.len())],
             topic,
             q,
             count,
-            publishers,
+            shape.publishers,
             payload,
             &format!("b{run}"),
         )
         .await?;
         let published = started.elapsed();
         let (lat, done) = sub.await?;
-        let stats = RunStats::new(q, size, count, published, lat, done.duration_since(started));
+        let stats = RunStats::new(shape, count, published, lat, done.duration_since(started));
         eprintln!("{stats}");
         results.push(stats);
     }
@@ -151,8 +149,7 @@ pub async fn pubsub(
             net.kill(i).await?;
         }
         drop(net);
-        let runs: Vec<(u8, usize)> = results.iter().map(|r| (r.qos, r.bytes)).collect();
-        let nats = crate::nats::run_all(&server, &runs, count, publishers).await?;
+        let nats = crate::nats::run_all(&server, &shapes).await?;
         return crate::nats::report(&results, &nats, &version, json);
     }
     if json {
@@ -163,6 +160,48 @@ pub async fn pubsub(
         );
     }
     Ok(())
+}
+
+/// The most events of a one-publisher run: one publish at a time takes long.
+const ONE_PUBLISHER_EVENTS: usize = 500;
+
+/// The runs of `canal bench pubsub`: each QoS and size with `publishers` in flight through
+/// every node; then, for each QoS at the first size, one publisher and `publishers` in
+/// flight from the first node only (every event crosses to the subscriber's node).
+fn shapes(count: usize, sizes: &[usize], qos: &[u8], publishers: usize) -> Vec<Shape> {
+    let mut out: Vec<Shape> = qos
+        .iter()
+        .flat_map(|&qos| {
+            sizes.iter().map(move |&bytes| Shape {
+                qos,
+                bytes,
+                publishers,
+                count,
+                spread: true,
+            })
+        })
+        .collect();
+    if let Some(&bytes) = sizes.first() {
+        for &qos in qos {
+            out.push(Shape {
+                qos,
+                bytes,
+                publishers: 1,
+                count: count.min(ONE_PUBLISHER_EVENTS),
+                spread: false,
+            });
+            if publishers > 1 {
+                out.push(Shape {
+                    qos,
+                    bytes,
+                    publishers,
+                    count,
+                    spread: false,
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Reads a subscription's Server-Sent Events until `count` events carrying a `t` header (the
@@ -581,4 +620,36 @@ pub async fn raft(
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod shape_tests {
+    use super::*;
+
+    #[test]
+    fn the_runs_add_one_publisher_and_cross_node_rows_per_qos() {
+        let s = shapes(5000, &[64, 4096], &[0, 1], 64);
+        let labels: Vec<String> = s.iter().map(Shape::label).collect();
+        assert_eq!(
+            labels,
+            [
+                "QoS 0, 64 B, 64 in flight",
+                "QoS 0, 4096 B, 64 in flight",
+                "QoS 1, 64 B, 64 in flight",
+                "QoS 1, 4096 B, 64 in flight",
+                "QoS 0, 64 B, one publisher, node 1 -> node 3",
+                "QoS 0, 64 B, 64 in flight, node 1 -> node 3",
+                "QoS 1, 64 B, one publisher, node 1 -> node 3",
+                "QoS 1, 64 B, 64 in flight, node 1 -> node 3",
+            ]
+        );
+        assert!(
+            s.iter()
+                .all(|r| r.count == if r.publishers == 1 { 500 } else { 5000 })
+        );
+        assert_eq!(s[4].publishing(3), 1);
+        assert_eq!(s[0].publishing(3), 3);
+        // With one publisher asked for, no second row of the same.
+        assert_eq!(shapes(100, &[64], &[1], 1).len(), 2);
+    }
 }

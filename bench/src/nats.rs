@@ -37,13 +37,51 @@ const STREAM: &str = "BENCH";
 /// How long the subscriber waits for the next event before it gives up on the rest.
 const IDLE: Duration = Duration::from_secs(10);
 
-/// The figures of one run (one QoS and payload size), canal's or NATS's.
-#[derive(Debug, Clone)]
-pub(crate) struct RunStats {
+/// What one run does, the same for canal and NATS: a QoS, a payload size, how many
+/// publishes are in flight, and where the publishers are (the subscriber is always on the
+/// third node or server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shape {
     /// QoS level, 0 or 1.
     pub(crate) qos: u8,
     /// Payload bytes per event.
     pub(crate) bytes: usize,
+    /// Publishes in flight.
+    pub(crate) publishers: usize,
+    /// Events published.
+    pub(crate) count: usize,
+    /// Publishers on every node in turn (`false`: on the first node only, so every event
+    /// crosses from one node to the subscriber's).
+    pub(crate) spread: bool,
+}
+
+impl Shape {
+    /// How the run is named in the table: `QoS 1, 64 B, 64 in flight` and, for a run from the
+    /// first node only, `node 1 -> node 3`.
+    pub(crate) fn label(&self) -> String {
+        let from = if self.spread {
+            String::new()
+        } else {
+            ", node 1 -> node 3".to_string()
+        };
+        let flight = match self.publishers {
+            1 => "one publisher".to_string(),
+            n => format!("{n} in flight"),
+        };
+        format!("QoS {}, {} B, {flight}{from}", self.qos, self.bytes)
+    }
+
+    /// How many of `n` nodes or servers publish.
+    pub(crate) fn publishing(&self, n: usize) -> usize {
+        if self.spread { n } else { n.min(1) }
+    }
+}
+
+/// The figures of one run, canal's or NATS's.
+#[derive(Debug, Clone)]
+pub(crate) struct RunStats {
+    /// What the run did.
+    pub(crate) shape: Shape,
     /// Events published.
     pub(crate) published: usize,
     /// Events published per second of the publish phase.
@@ -64,8 +102,7 @@ impl RunStats {
     /// The figures of a run that published `published` events in `publish_time` and delivered
     /// one event per entry of `lat` (its latency), the last `delivered_in` after the start.
     pub(crate) fn new(
-        qos: u8,
-        bytes: usize,
+        shape: Shape,
         published: usize,
         publish_time: Duration,
         mut lat: Vec<Duration>,
@@ -73,8 +110,7 @@ impl RunStats {
     ) -> RunStats {
         lat.sort();
         RunStats {
-            qos,
-            bytes,
+            shape,
             published,
             published_per_s: published as f64 / publish_time.as_secs_f64(),
             delivered: lat.len(),
@@ -88,7 +124,9 @@ impl RunStats {
     /// The figures as the JSON object `canal bench pubsub --json` prints for a run.
     pub(crate) fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
-            "qos": self.qos, "bytes": self.bytes, "published": self.published,
+            "qos": self.shape.qos, "bytes": self.shape.bytes,
+            "publishers": self.shape.publishers, "spread": self.shape.spread,
+            "published": self.published,
             "published_per_s": self.published_per_s,
             "delivered": self.delivered, "delivered_per_s": self.delivered_per_s,
             "p50_ms": millis(self.p50), "p99_ms": millis(self.p99), "p999_ms": millis(self.p999),
@@ -100,9 +138,8 @@ impl std::fmt::Display for RunStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "QoS {}, {} B: published {} at {:.0}/s; delivered {} at {:.0}/s; latency p50 {} p99 {} p999 {}",
-            self.qos,
-            self.bytes,
+            "{}: published {} at {:.0}/s; delivered {} at {:.0}/s; latency p50 {} p99 {} p999 {}",
+            self.shape.label(),
             self.published,
             self.published_per_s,
             self.delivered,
@@ -338,14 +375,8 @@ async fn create_stream(js: &jetstream::Context, timeout: Duration) -> anyhow::Re
     .await
 }
 
-/// Starts the NATS cluster, makes the runs of `runs` (QoS, payload size) in order with
-/// `count` events and `publishers` publishes in flight each, and stops the cluster.
-pub(crate) async fn run_all(
-    server: &Path,
-    runs: &[(u8, usize)],
-    count: usize,
-    publishers: usize,
-) -> anyhow::Result<Vec<RunStats>> {
+/// Starts the NATS cluster, makes `runs` in order, and stops the cluster.
+pub(crate) async fn run_all(server: &Path, runs: &[Shape]) -> anyhow::Result<Vec<RunStats>> {
     eprintln!("starting 3 local nats-server processes ...");
     let mut cluster = NatsCluster::start(server)?;
     let result = async {
@@ -360,12 +391,12 @@ pub(crate) async fn run_all(
                 )
             })?;
         let mut stats = Vec::new();
-        for (run, &(q, size)) in runs.iter().enumerate() {
-            let s = match q {
-                0 => core_run(&clients, run, count, publishers, size).await,
-                _ => jetstream_run(&clients, &js, run, count, publishers, size).await,
+        for (run, shape) in runs.iter().enumerate() {
+            let s = match shape.qos {
+                0 => core_run(&clients, run, *shape).await,
+                _ => jetstream_run(&clients, &js, run, *shape).await,
             }
-            .with_context(|| format!("NATS run QoS {q}, {size} B"))?;
+            .with_context(|| format!("NATS run {}", shape.label()))?;
             eprintln!("NATS {s}");
             stats.push(s);
         }
@@ -472,13 +503,8 @@ async fn await_interest(
 }
 
 /// A QoS 0 run: core NATS publishes, a core subscription on the third server.
-async fn core_run(
-    clients: &[Client],
-    run: usize,
-    count: usize,
-    publishers: usize,
-    size: usize,
-) -> anyhow::Result<RunStats> {
+async fn core_run(clients: &[Client], run: usize, shape: Shape) -> anyhow::Result<RunStats> {
+    let (count, publishers, size) = (shape.count, shape.publishers, shape.bytes);
     let filter = format!("core.{run}.>");
     let mut sub = clients[2]
         .subscribe(filter.clone())
@@ -488,7 +514,7 @@ async fn core_run(
     let collector = collect_latencies(sub.map(|m| publish_time(&m)), count);
     let payload = vec![b'x'; size];
     let started = Instant::now();
-    let all = clients.to_vec();
+    let all = clients[..shape.publishing(clients.len())].to_vec();
     publish_all(count, publishers, move |i, t| {
         let (client, payload) = (all[i % all.len()].clone(), payload.clone());
         async move {
@@ -509,8 +535,7 @@ async fn core_run(
     let published = started.elapsed();
     let (lat, done) = collector.await.context("the subscriber task failed")?;
     Ok(RunStats::new(
-        0,
-        size,
+        shape,
         count,
         published,
         lat,
@@ -524,10 +549,9 @@ async fn jetstream_run(
     clients: &[Client],
     js: &[jetstream::Context],
     run: usize,
-    count: usize,
-    publishers: usize,
-    size: usize,
+    shape: Shape,
 ) -> anyhow::Result<RunStats> {
+    let (count, publishers, size) = (shape.count, shape.publishers, shape.bytes);
     let filter = format!("bench.{run}.>");
     let stream = js[2]
         .get_stream(STREAM)
@@ -553,7 +577,7 @@ async fn jetstream_run(
     );
     let payload = vec![b'x'; size];
     let started = Instant::now();
-    let all = js.to_vec();
+    let all = js[..shape.publishing(js.len())].to_vec();
     publish_all(count, publishers, move |i, t| {
         let (all, payload) = (all.clone(), payload.clone());
         async move {
@@ -587,8 +611,7 @@ async fn jetstream_run(
     let published = started.elapsed();
     let (lat, done) = collector.await.context("the subscriber task failed")?;
     Ok(RunStats::new(
-        1,
-        size,
+        shape,
         count,
         published,
         lat,
@@ -633,7 +656,7 @@ pub(crate) fn report(
     let show_ratio = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}"));
     let mut t = table(&["RUN", "", "CANAL", "NATS", "CANAL/NATS"]);
     for (c, n) in canal.iter().zip(nats) {
-        let run = format!("QoS {}, {} B", c.qos, c.bytes);
+        let run = c.shape.label();
         t.add_row(vec![
             run,
             "published/s".into(),
