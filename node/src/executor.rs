@@ -164,6 +164,7 @@ pub struct ExecMetrics {
     dead_letters: Family<Labels, Counter>,
     limits: Family<Labels, Counter>,
     entry_full: Family<Labels, Counter>,
+    qos0_skipped: Counter,
 }
 
 impl ExecMetrics {
@@ -172,7 +173,9 @@ impl ExecMetrics {
     /// `canal_trigger_refused_commits{trigger}`, `canal_trigger_dead_letters{trigger}`,
     /// `canal_fn_limit_exceeded{function,limit}` (invocations stopped by a per-invocation
     /// limit, by its name) and `canal_trigger_entry_full{trigger}` (batches cut short to keep
-    /// their entry under [`MAX_EFFECTS_BYTES`]).
+    /// their entry under [`MAX_EFFECTS_BYTES`]) and `canal_trigger_qos0_skipped` (events QoS 0
+    /// triggers missed because this node's executor fell behind them: at most once, so
+    /// they are counted, not waited for).
     pub fn register(registry: &mut Registry) -> ExecMetrics {
         let m = ExecMetrics {
             invocations: Family::default(),
@@ -184,6 +187,7 @@ impl ExecMetrics {
             dead_letters: Family::default(),
             limits: Family::default(),
             entry_full: Family::default(),
+            qos0_skipped: Counter::default(),
         };
         registry.register(
             "canal_fn_invocations",
@@ -219,6 +223,11 @@ impl ExecMetrics {
             "canal_trigger_entry_full",
             "Batches of a QoS 1 trigger cut short so their Effects entry stays under the entry limit",
             m.entry_full.clone(),
+        );
+        registry.register(
+            "canal_trigger_qos0_skipped",
+            "Events QoS 0 triggers missed because this node's executor fell behind (at most once)",
+            m.qos0_skipped.clone(),
         );
         m
     }
@@ -363,6 +372,11 @@ impl Committing {
             .map_err(|e| ExecError::Replica(format!("the commit task failed: {e}")))??)
     }
 }
+
+/// How many QoS 0 trigger runs a node has in progress at most: enough to keep its cores
+/// busy while some wait on a commit of their state, few enough that a flood queues in the
+/// hub's bounded channel rather than in tasks.
+const QOS0_RUNS: usize = 64;
 
 /// How long a QoS 1 trigger with nothing to do waits before it looks again (a change of
 /// leader or of placement shows no new applied entry).
@@ -636,9 +650,13 @@ impl<T: Transport> Worker for TriggerJob<T> {
 }
 
 /// QoS 0 triggers: each event that passes this node's hub, run once if this node executes the
-/// function; outputs go out at QoS 0, state changes are committed after.
+/// function; outputs go out at QoS 0, state changes are committed after. At most
+/// [`QOS0_RUNS`] run at once: past that the job stops taking events, and what the hub's
+/// channel cannot hold meanwhile is skipped and counted.
 struct Qos0Job<T: Transport> {
     exec: Arc<Executor<T>>,
+    /// One permit per run in progress.
+    runs: Arc<tokio::sync::Semaphore>,
     rx: broadcast::Receiver<Arc<Qos0Message>>,
     triggers: watch::Receiver<Arc<Vec<TriggerSpec>>>,
     next: Option<Result<Arc<Qos0Message>, broadcast::error::RecvError>>,
@@ -658,6 +676,7 @@ impl<T: Transport> Worker for Qos0Job<T> {
         let m = match self.next.take() {
             Some(Ok(m)) => m,
             Some(Err(broadcast::error::RecvError::Lagged(n))) => {
+                self.exec.metrics.qos0_skipped.inc_by(n);
                 warn!(
                     dropped = n,
                     "QoS 0 triggers fell behind; events skipped (at most once)"
@@ -675,10 +694,16 @@ impl<T: Transport> Worker for Qos0Job<T> {
             return Flow::Continue;
         };
         for spec in rules::matching(&list, &topic, 0) {
+            // Backpressure: a flood waits here (and the hub's channel holds the events)
+            // instead of growing one task per event.
+            let Ok(permit) = self.runs.clone().acquire_owned().await else {
+                return Flow::Stop;
+            };
             let this = self.exec.clone();
             let spec = spec.clone();
             let m = m.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 if let Err(e) = this.run_qos0(&spec, &m).await {
                     debug!(trigger = %spec.name, error = %e, "QoS 0 trigger did not run");
                 }
@@ -702,6 +727,7 @@ impl<T: Transport> Executor<T> {
             triggers: HashMap::new(),
             qos0: Some(canal_worker::spawn(Qos0Job {
                 exec: self.clone(),
+                runs: Arc::new(tokio::sync::Semaphore::new(QOS0_RUNS)),
                 rx: self.qos0.subscribe(),
                 triggers: qos0_rx,
                 next: None,
@@ -1791,6 +1817,38 @@ mod tests {
         assert!(counts.iter().any(|c| *c > 1000), "{counts:?}");
         let after = counts.iter().filter(|c| **c > 1000).count() as u64;
         assert_eq!(stored, 1000 + after, "{counts:?}");
+        dht.shutdown().await;
+        cluster.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn qos0_events_a_busy_executor_misses_are_counted() {
+        let (cluster, f, _spec, _sm) = one_node_with_a_trigger().await;
+        let dht = lone_mesh().await;
+        let exec = Arc::new(executor(f.clone(), &dht));
+        let (_tx, triggers) = watch::channel(Arc::new(Vec::<TriggerSpec>::new()));
+        let mut job = Qos0Job {
+            exec: exec.clone(),
+            runs: Arc::new(tokio::sync::Semaphore::new(QOS0_RUNS)),
+            rx: exec.qos0.subscribe(),
+            triggers,
+            next: None,
+        };
+        // More than the hub holds arrive before the job takes one.
+        let extra = 10;
+        for i in 0..canal_pubsub::qos0::QOS0_HUB_CAPACITY + extra {
+            exec.qos0.deliver(Qos0Message {
+                topic: "in/a".into(),
+                id: format!("e{i}"),
+                source: "test".into(),
+                time_ms: 0,
+                headers: Vec::new(),
+                payload: Vec::new(),
+            });
+        }
+        job.wait().await;
+        assert_eq!(job.work().await, Flow::Continue);
+        assert_eq!(exec.metrics.qos0_skipped.get(), extra as u64);
         dht.shutdown().await;
         cluster.shutdown().await;
     }
