@@ -1000,7 +1000,8 @@ impl<T: Transport> Executor<T> {
                     headers: out.headers,
                     payload: out.payload,
                 },
-            );
+            )
+            .await;
         }
         if inv.result.is_ok() && !inv.state.is_empty() {
             let fx = Effects {
