@@ -203,6 +203,9 @@ pub(crate) struct DropLabels {
 /// links stop reading (backpressure to the senders' queues).
 pub const QOS0_INBOUND_QUEUE: usize = 4096;
 
+/// The longest [`DhtHandle::request`] waits for an answer, queueing included.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How many inbound requests may wait for the node to take them; past that the RPC links stop
 /// reading (backpressure).
 pub const RPC_INBOUND_QUEUE: usize = 1024;
@@ -1055,15 +1058,23 @@ impl DhtHandle {
         (self.shared.topic_space.locate(topic, members), n)
     }
 
-    /// Sends `body` to `peer` on the RPC lane and waits for its answer. `addrs` are
-    /// addresses to try besides those the mesh already knows, should the peer need dialling.
+    /// Sends `body` to `peer` on the RPC lane and waits for its answer, at most
+    /// [`RPC_TIMEOUT`] (callers bound it tighter: openraft's RPC timeout, the client
+    /// timeout). `addrs` are addresses to try besides those the mesh already knows, should
+    /// the peer need dialling.
     pub async fn request(
         &self,
         peer: PeerId,
         addrs: Vec<Multiaddr>,
         body: Vec<u8>,
     ) -> Result<Vec<u8>, RpcError> {
-        self.start_request(peer, addrs, body).await?.await
+        let answer = async { self.start_request(peer, addrs, body).await?.await };
+        tokio::time::timeout(RPC_TIMEOUT, answer)
+            .await
+            .map_err(|_| RpcError::Failed {
+                peer: peer.to_base58(),
+                reason: format!("no answer within {RPC_TIMEOUT:?} (RPC_TIMEOUT)"),
+            })?
     }
 
     /// Queues `body` for `peer` on its RPC link, waiting for queue space (backpressure), and
