@@ -568,14 +568,16 @@ impl Dht {
         self.handle.clone()
     }
 
-    /// The requests other peers send on the RPC channel; taken once by whoever answers them.
-    /// Until it is taken (or after it is dropped), requests are answered with nothing.
+    /// The requests other peers send on the RPC lane; taken once by whoever answers them.
+    /// Up to [`RPC_INBOUND_QUEUE`] wait in it; past that the links stop reading until it is
+    /// read (backpressure). Once it is dropped, requests are answered with "no answer".
     pub fn take_inbound(&mut self) -> Option<mpsc::Receiver<InboundRpc>> {
         self.inbound.take()
     }
 
     /// The QoS 0 events other peers send on the QoS 0 lane; taken once by whoever delivers
-    /// them. Until it is taken (or after it is dropped), they are dropped and counted.
+    /// them. Up to [`QOS0_INBOUND_QUEUE`] wait in it; past that the links stop reading
+    /// (backpressure). Once it is dropped, events are dropped and counted (`no-receiver`).
     pub fn take_qos0_inbound(&mut self) -> Option<mpsc::Receiver<InboundQos0>> {
         self.qos0_inbound.take()
     }

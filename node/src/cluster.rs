@@ -37,7 +37,7 @@ use crate::config::Admission;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-/// Carries Raft messages over the mesh's RPC channel.
+/// Carries Raft messages over the mesh's RPC lane (one link per peer).
 #[derive(Clone)]
 pub struct MeshTransport {
     /// The mesh.
