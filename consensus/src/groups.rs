@@ -304,7 +304,7 @@ const BATCHES_IN_FLIGHT: usize = 4;
 
 /// Group commit: takes the requests queued for a group, as many as are waiting (up to the
 /// limits), and proposes them as one entry; up to [`BATCHES_IN_FLIGHT`] entries commit at
-/// once. Under light load a batch is one request and adds no wait; under heavy load one
+/// once, proposed in queue order ([`Consensus::start_write`]). Under light load a batch is one request and adds no wait; under heavy load one
 /// Raft round trip, one log flush and one forward carry hundreds of writes.
 async fn batch_loop<T: Transport>(c: Consensus<T>, g: GroupId, mut rx: mpsc::Receiver<Pending>) {
     let inflight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
@@ -338,27 +338,33 @@ async fn batch_loop<T: Transport>(c: Consensus<T>, g: GroupId, mut rx: mpsc::Rec
                 Err(_) => break,
             }
         }
-        let c = c.clone();
+        // Proposed here, in the loop, before the next batch is gathered: batches reach the
+        // leader's log in the order their requests were queued (only their answers are
+        // awaited concurrently), so one publisher's events get offsets in send order.
+        if items.len() == 1 {
+            if let Some((req, tx)) = items.pop() {
+                let answer = c.start_write(g, req).await;
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let _ = tx.send(answer.await);
+                });
+            }
+            continue;
+        }
+        let n = items.len();
+        let (reqs, txs): (Vec<Request>, Vec<_>) = items.into_iter().unzip();
+        let answer = c
+            .start_write(
+                g,
+                Request {
+                    id: None,
+                    op: Op::Batch(reqs),
+                },
+            )
+            .await;
         tokio::spawn(async move {
             let _permit = permit;
-            if items.len() == 1 {
-                if let Some((req, tx)) = items.pop() {
-                    let _ = tx.send(c.write(g, req).await);
-                }
-                return;
-            }
-            let n = items.len();
-            let (reqs, txs): (Vec<Request>, Vec<_>) = items.into_iter().unzip();
-            let answer = c
-                .write(
-                    g,
-                    Request {
-                        id: None,
-                        op: Op::Batch(reqs),
-                    },
-                )
-                .await;
-            match answer {
+            match answer.await {
                 Ok(r) if r.batch.len() == n => {
                     for (tx, r) in txs.into_iter().zip(r.batch) {
                         let _ = tx.send(Ok(r));
@@ -661,6 +667,22 @@ impl<T: Transport> Consensus<T> {
     /// everything refused is answered with an error naming the rule and counted in
     /// `canal_raft_refused_rpcs_total{group,kind}`.
     pub async fn handle(&self, from: NodeId, body: &[u8]) -> Handled {
+        self.dispatch(from, body).await.await
+    }
+
+    /// [`Consensus::handle`] in two steps, for a caller that takes a peer's requests in the
+    /// order they came: the returned future is ready once the request is decoded, admitted
+    /// and, for a forwarded write, proposed; it yields the answer to await. Writes
+    /// dispatched one after another are proposed in that order (so a follower's forwarded
+    /// batches keep the order it sent them in).
+    pub async fn dispatch(
+        &self,
+        from: NodeId,
+        body: &[u8],
+    ) -> futures::future::BoxFuture<'static, Handled> {
+        let ready = |h: Handled| -> futures::future::BoxFuture<'static, Handled> {
+            Box::pin(futures::future::ready(h))
+        };
         let req = match wire::decode::<RpcRequest>(body) {
             Ok(req) => req,
             Err(e) => {
@@ -669,7 +691,7 @@ impl<T: Transport> Consensus<T> {
                     detail: format!("undecodable Raft request of {} bytes: {e}", body.len()),
                     ban_worthy: true,
                 };
-                return self.refuse(from, "unknown", None, offence);
+                return ready(self.refuse(from, "unknown", None, offence));
             }
         };
         let g = group_of(&req);
@@ -684,14 +706,27 @@ impl<T: Transport> Consensus<T> {
                     .then(|| nodes.any(|(id, _)| *id == from))
             };
             if let Err(offence) = admit(&req, from, sender_is_member) {
-                return self.refuse(from, &g.to_string(), Some(&req), offence);
+                return ready(self.refuse(from, &g.to_string(), Some(&req), offence));
             }
         }
-        let response = self.serve(req).await;
-        Handled {
+        let answer = |response: RpcResponse| Handled {
             answer: wire::encode(&response).unwrap_or_default(),
             offence: None,
+        };
+        if let RpcRequest::Write(g, r) = req {
+            let proposed = match check_entry_size(&r) {
+                Ok(()) => self.propose(g, r).await,
+                Err(e) => Err(e),
+            };
+            return match proposed {
+                Ok(committed) => {
+                    Box::pin(async move { answer(RpcResponse::Write(committed.await)) })
+                }
+                Err(e) => ready(answer(RpcResponse::Write(Err(e)))),
+            };
         }
+        let c = self.clone();
+        Box::pin(async move { answer(c.serve(req).await) })
     }
 
     /// Counts, logs (at most once a minute per sender and kind) and answers a refusal.
@@ -830,6 +865,18 @@ impl<T: Transport> Consensus<T> {
     }
 
     async fn local_write(&self, g: GroupId, req: Request) -> Result<Response, ClientError> {
+        self.propose(g, req).await?.await
+    }
+
+    /// Hands `req` to this node's Raft for group `g` and returns the answer to await (after
+    /// commit and apply; `NotLeader` if this node does not lead). Proposals handed over one
+    /// after another are in the log in that order.
+    async fn propose(
+        &self,
+        g: GroupId,
+        req: Request,
+    ) -> Result<impl Future<Output = Result<Response, ClientError>> + Send + 'static, ClientError>
+    {
         let group = self.group(g)?;
         // Stamped here, on the leader, just before proposing: the state machine's clock is
         // the leader's, whichever node accepted the request.
@@ -837,12 +884,111 @@ impl<T: Transport> Consensus<T> {
             time_ms: self.now_ms(),
             request: req,
         };
-        let r = group
+        let rx = group
             .raft
-            .client_write(proposal)
+            .client_write_ff(proposal)
             .await
-            .map_err(|e| write_error(g, e))?;
-        Ok(r.data)
+            .map_err(|e| write_error(g, RaftError::Fatal(e)))?;
+        Ok(async move {
+            match rx.await {
+                Ok(Ok(r)) => Ok(r.data),
+                Ok(Err(e)) => Err(write_error(g, RaftError::APIError(e))),
+                Err(_) => Err(other(format!(
+                    "group {g} stopped before the write was answered"
+                ))),
+            }
+        })
+    }
+
+    /// Starts a write through the group's leader and returns its answer to await. The
+    /// proposal is under way when this returns: handed to this node's Raft if it leads, or
+    /// queued on the link to the leader (which proposes forwarded writes in the order they
+    /// came), so writes started one after another are proposed in that order while the
+    /// leader stays. When the first try cannot be made or the leader moved, the answer
+    /// comes from [`Consensus::write`]'s retries instead (order is then not kept).
+    pub async fn start_write(
+        &self,
+        g: GroupId,
+        req: Request,
+    ) -> futures::future::BoxFuture<'static, Result<Response, ClientError>> {
+        let c = self.clone();
+        let retry = move |req: Request| -> futures::future::BoxFuture<'static, Result<Response, ClientError>> {
+            Box::pin(async move { c.write(g, req).await })
+        };
+        let Ok(group) = self.group(g) else {
+            return retry(req);
+        };
+        if check_entry_size(&req).is_err() {
+            return retry(req);
+        }
+        let (leader, node) = {
+            let m = group.raft.metrics();
+            let m = m.borrow();
+            let leader = m.current_leader;
+            let node = leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+            (leader, node)
+        };
+        let timeout = self.inner.settings.client_timeout;
+        let started = Instant::now();
+        let metrics = self.inner.metrics.clone();
+        let done = move |r: &Result<Response, ClientError>| {
+            metrics.proposals.get_or_create(&group_label(g)).inc();
+            if r.is_ok() {
+                metrics
+                    .commit_seconds
+                    .get_or_create(&group_label(g))
+                    .observe(started.elapsed().as_secs_f64());
+            }
+        };
+        let no_quorum = move || ClientError::NoLeader {
+            group: g,
+            reason: format!(
+                "not committed within {timeout:?}: no quorum answered (the write may still commit later)"
+            ),
+        };
+        match (leader, node) {
+            (Some(l), _) if l == self.inner.me => match self.propose(g, req.clone()).await {
+                Ok(committed) => Box::pin(async move {
+                    match tokio::time::timeout(timeout, committed).await {
+                        Ok(Err(ClientError::NotLeader { .. })) => retry(req).await,
+                        Ok(r) => {
+                            done(&r);
+                            r
+                        }
+                        Err(_) => Err(no_quorum()),
+                    }
+                }),
+                Err(_) => retry(req),
+            },
+            (Some(_), Some(node)) => {
+                let Ok(body) = wire::encode(&RpcRequest::Write(g, req.clone())) else {
+                    return retry(req);
+                };
+                match self.inner.transport.start(&node, body).await {
+                    Ok(answer) => Box::pin(async move {
+                        let bytes = match tokio::time::timeout(timeout, answer).await {
+                            Ok(Ok(bytes)) => bytes,
+                            Ok(Err(_)) => return retry(req).await,
+                            Err(_) => return Err(no_quorum()),
+                        };
+                        match wire::decode::<RpcResponse>(&bytes) {
+                            Ok(a) if not_leader(&a).is_none() => match a {
+                                RpcResponse::Write(r) => {
+                                    done(&r);
+                                    r
+                                }
+                                other_answer => {
+                                    Err(other(format!("unexpected answer {other_answer:?}")))
+                                }
+                            },
+                            _ => retry(req).await,
+                        }
+                    }),
+                    Err(_) => retry(req),
+                }
+            }
+            _ => retry(req),
+        }
     }
 
     async fn local_read(&self, g: GroupId, key: &str) -> Result<Option<Vec<u8>>, ClientError> {

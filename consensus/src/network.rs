@@ -21,6 +21,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tracing::{debug, error};
 
+/// The answer to a message already sent with [`Transport::start`]: await it.
+pub type PendingAnswer = futures::future::BoxFuture<'static, Result<Vec<u8>, String>>;
+
 /// Carries bytes to another member and brings back its answer. Implementations must not
 /// retry on their own: Raft and the forwarding logic decide what to repeat.
 pub trait Transport: Clone + Send + Sync + 'static {
@@ -30,6 +33,24 @@ pub trait Transport: Clone + Send + Sync + 'static {
         target: &RaftNode,
         body: Vec<u8>,
     ) -> impl Future<Output = Result<Vec<u8>, String>> + Send;
+
+    /// Sends `body` to `target` in two steps: the returned future is ready once the message
+    /// is on its way (queued on the link to `target`), and yields the answer to await.
+    /// Messages one caller starts one after another reach `target` in that order, which
+    /// forwarded writes rely on to keep a publisher's order. The default starts nothing
+    /// before the answer is awaited, so it orders nothing: ordered transports override it.
+    fn start(
+        &self,
+        target: &RaftNode,
+        body: Vec<u8>,
+    ) -> impl Future<Output = Result<PendingAnswer, String>> + Send {
+        let this = self.clone();
+        let target = target.clone();
+        async move {
+            let answer: PendingAnswer = Box::pin(async move { this.call(&target, body).await });
+            Ok(answer)
+        }
+    }
 }
 
 /// The most bytes one AppendEntries frame may carry. A larger batch is answered with

@@ -10,7 +10,10 @@
 //! - [`topology`]: pure functions from a topic to its key, shard and home peers.
 //! - [`peers`]: the table of live peers and their capability records (pure state).
 //! - [`rpc`]: a request-response channel of opaque bytes for the layers above, and the QoS 0
-//!   lane (one-way, its own protocol and bounded queue per peer).
+//!   lane (one-way), with their limits.
+//! - [`link`]: one long-lived stream per peer and lane carrying both, with bounded queues
+//!   (backpressure), batched writes, and requests matched to answers by id.
+//! - [`frame`]: the versioned, length-bounded frames on a link.
 //! - [`guard`]: bad-message accounting per peer (log, disconnect, ban), pure state.
 //! - [`swarm`]: the transports and behaviours, and the one event loop that drives them.
 //! - [`Dht`] / [`DhtHandle`]: the boundary the node uses: start, read the tables, stop.
@@ -22,13 +25,16 @@
 //!   commands ──────┘
 //! ```
 
+pub mod frame;
 pub mod guard;
+pub mod link;
 pub mod peers;
 pub mod rpc;
 pub mod swarm;
 pub mod topology;
 
 pub use guard::{GuardConfig, PeerGuard, Verdict};
+pub use link::{Lane, Reply};
 pub use rpc::{InboundQos0, InboundRpc, RpcError};
 pub use swarm::{Dht, DhtConfig, DhtError, DhtHandle, LocalRecord, PeerView};
 pub use topology::{Placement, TopicSpace};

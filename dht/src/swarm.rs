@@ -1,24 +1,21 @@
 //! The swarm: transports, behaviours and the event loop.
 
 use crate::guard::{GuardConfig, PeerGuard};
+use crate::link::{Lane, LinkMetrics, Links, Reply, SharedCounters};
 use crate::peers::{Applied, PeerTable};
-use crate::rpc::{
-    BytesCodec, Frame, InboundQos0, InboundRpc, MAX_QOS0_BYTES, MAX_RPC_BYTES, QOS0_PROTOCOL,
-    RPC_PROTOCOL, RpcError,
-};
+use crate::rpc::{InboundQos0, InboundRpc, RpcError};
 use crate::topology::{Placement, TopicSpace};
 use crate::{CAPS_TOPIC, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 use canal_proto::time::now_ms;
 use canal_proto::{Capabilities, Topic, wire};
 use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use libp2p::core::transport::upgrade::Version;
 use libp2p::core::{Transport, muxing::StreamMuxerBox};
 use libp2p::metrics::{Metrics, Recorder, Registry};
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, gossipsub, identify, identity, kad,
@@ -155,8 +152,7 @@ struct Shared {
     running: AtomicBool,
     /// Whether the loop ended because it was told to.
     stopped: AtomicBool,
-    labels: PeerLabels,
-    qos0_dropped: Family<DropLabels, Counter>,
+    labels: Arc<PeerLabels>,
 }
 
 /// Clears [`Shared::running`] when dropped: at the end of the event loop task, however it ends.
@@ -174,10 +170,11 @@ const MAX_LABELLED_PEERS: usize = 256;
 
 /// Which peers have their own metric label.
 #[derive(Default)]
-struct PeerLabels(Mutex<HashSet<PeerId>>);
+pub(crate) struct PeerLabels(Mutex<HashSet<PeerId>>);
 
 impl PeerLabels {
-    fn of(&self, peer: &PeerId) -> String {
+    /// The label of `peer`: its id, or `other` past the cap.
+    pub(crate) fn of(&self, peer: &PeerId) -> String {
         let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if set.contains(peer) || set.len() < MAX_LABELLED_PEERS {
             set.insert(*peer);
@@ -197,27 +194,28 @@ struct BadLabels {
 
 /// Labels of `canal_qos0_dropped_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DropLabels {
-    peer: String,
-    reason: String,
+pub(crate) struct DropLabels {
+    pub(crate) peer: String,
+    pub(crate) reason: String,
 }
 
-/// How many QoS 0 events may wait for one peer (sent, not yet answered); more are dropped and
-/// counted. Raft does not share this queue.
-pub const QOS0_PEER_QUEUE: usize = 256;
-
-/// How many QoS 0 events may wait between the node and the event loop, all peers together.
-pub const QOS0_SEND_QUEUE: usize = 8192;
-
-/// How many inbound QoS 0 events may wait for the node to take them.
+/// How many inbound QoS 0 events may wait for the node to take them; past that the QoS 0
+/// links stop reading (backpressure to the senders' queues).
 pub const QOS0_INBOUND_QUEUE: usize = 4096;
+
+/// The longest [`DhtHandle::request`] waits for an answer, queueing included.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many inbound requests may wait for the node to take them; past that the RPC links stop
+/// reading (backpressure).
+pub const RPC_INBOUND_QUEUE: usize = 1024;
 
 /// A cheap, cloneable handle to a running swarm.
 #[derive(Clone)]
 pub struct DhtHandle {
     shared: Arc<Shared>,
     commands: mpsc::Sender<Command>,
-    qos0: mpsc::Sender<(PeerId, Vec<u8>)>,
+    links: Arc<Links>,
 }
 
 /// The running swarm: its handle and its task.
@@ -226,15 +224,19 @@ pub struct Dht {
     task: JoinHandle<()>,
     inbound: Option<mpsc::Receiver<InboundRpc>>,
     qos0_inbound: Option<mpsc::Receiver<InboundQos0>>,
+    /// The tasks that accept the streams peers open, one per lane.
+    acceptors: Vec<JoinHandle<()>>,
 }
 
-enum Command {
+/// What the handle and the links ask of the event loop.
+pub(crate) enum Command {
     Shutdown(oneshot::Sender<()>),
-    Request {
+    /// Dial `peer` (at `addrs` and wherever the mesh knows) unless connected or dialling;
+    /// `done` is answered once the dial is under way.
+    Dial {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
-        body: Vec<u8>,
-        reply: oneshot::Sender<Result<Vec<u8>, RpcError>>,
+        done: oneshot::Sender<()>,
     },
     ReportBad {
         peer: PeerId,
@@ -251,8 +253,8 @@ struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     gossipsub: gossipsub::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
-    rpc: request_response::Behaviour<BytesCodec>,
-    qos0: request_response::Behaviour<BytesCodec>,
+    /// The peer links' streams (`/canal/rpc/2.0.0`, `/canal/qos0/2.0.0`).
+    stream: libp2p_stream::Behaviour,
 }
 
 fn setup_err(e: impl std::fmt::Display) -> DhtError {
@@ -304,32 +306,9 @@ fn build_behaviour(
     } else {
         None
     };
-    let rpc = request_response::Behaviour::with_codec(
-        BytesCodec { max: MAX_RPC_BYTES },
-        [(
-            StreamProtocol::new(RPC_PROTOCOL),
-            request_response::ProtocolSupport::Full,
-        )],
-        request_response::Config::default()
-            .with_request_timeout(Duration::from_secs(10))
-            .with_max_concurrent_streams(1024),
-    );
-    let qos0 = request_response::Behaviour::with_codec(
-        BytesCodec {
-            max: MAX_QOS0_BYTES,
-        },
-        [(
-            StreamProtocol::new(QOS0_PROTOCOL),
-            request_response::ProtocolSupport::Full,
-        )],
-        request_response::Config::default()
-            .with_request_timeout(Duration::from_secs(5))
-            .with_max_concurrent_streams(QOS0_PEER_QUEUE),
-    );
     Ok(Behaviour {
         blocked: allow_block_list::Behaviour::default(),
-        rpc,
-        qos0,
+        stream: libp2p_stream::Behaviour::new(),
         identify,
         ping,
         kad,
@@ -396,6 +375,7 @@ struct CanalMetrics {
     qos0_dropped: Family<DropLabels, Counter>,
     qos0_sent: Counter,
     qos0_received: Counter,
+    links: LinkMetrics,
 }
 
 impl CanalMetrics {
@@ -410,6 +390,7 @@ impl CanalMetrics {
             qos0_dropped: Family::default(),
             qos0_sent: Counter::default(),
             qos0_received: Counter::default(),
+            links: LinkMetrics::register(registry),
         };
         // prometheus-client appends `_total` to counters.
         registry.register(
@@ -424,7 +405,7 @@ impl CanalMetrics {
         );
         registry.register(
             "canal_qos0_dropped",
-            "QoS 0 events dropped (at most once) because a queue was full or the send failed, by peer and reason",
+            "QoS 0 events dropped (at most once): the link was down, the wait for queue space ran out, or nobody took it, by peer and reason",
             m.qos0_dropped.clone(),
         );
         registry.register(
@@ -516,13 +497,38 @@ impl Dht {
             state: RwLock::new(State::default()),
             running: AtomicBool::new(true),
             stopped: AtomicBool::new(false),
-            labels: PeerLabels::default(),
-            qos0_dropped: canal_metrics.qos0_dropped.clone(),
+            labels: Arc::new(PeerLabels::default()),
         });
         let (tx, rx) = mpsc::channel(1024);
-        let (inbound_tx, inbound_rx) = mpsc::channel(1024);
-        let (qos0_tx, qos0_rx) = mpsc::channel(QOS0_SEND_QUEUE);
+        let (inbound_tx, inbound_rx) = mpsc::channel(RPC_INBOUND_QUEUE);
         let (qos0_in_tx, qos0_in_rx) = mpsc::channel(QOS0_INBOUND_QUEUE);
+        let mut control = swarm.behaviour().stream.new_control();
+        let links = Links::new(
+            local,
+            control.clone(),
+            tx.clone(),
+            inbound_tx,
+            qos0_in_tx,
+            canal_metrics.links.clone(),
+            SharedCounters {
+                qos0_dropped: canal_metrics.qos0_dropped.clone(),
+                qos0_sent: canal_metrics.qos0_sent.clone(),
+                qos0_received: canal_metrics.qos0_received.clone(),
+                labels: shared.labels.clone(),
+            },
+        );
+        let mut acceptors = Vec::new();
+        for lane in [Lane::Rpc, Lane::Qos0] {
+            let mut incoming = control
+                .accept(lane.protocol())
+                .map_err(|e| DhtError::Setup(format!("{}: {e}", lane.protocol())))?;
+            let links = links.clone();
+            acceptors.push(tokio::spawn(async move {
+                while let Some((peer, stream)) = incoming.next().await {
+                    links.accept(peer, lane, stream);
+                }
+            }));
+        }
         let event_loop = EventLoop {
             swarm,
             shared: shared.clone(),
@@ -535,14 +541,7 @@ impl Dht {
             peer_ttl: config.peer_ttl,
             seq: 0,
             caps_topic: gossipsub::IdentTopic::new(CAPS_TOPIC),
-            inbound: inbound_tx,
-            pending: HashMap::new(),
-            answering: FuturesUnordered::new(),
             guard: PeerGuard::new(GuardConfig::default()),
-            qos0_out: qos0_rx,
-            qos0_inbound: qos0_in_tx,
-            qos0_in_flight: HashMap::new(),
-            qos0_pending: HashMap::new(),
             warned_invalid_record: false,
         };
         let running = Running(shared.clone());
@@ -555,11 +554,12 @@ impl Dht {
             handle: DhtHandle {
                 shared,
                 commands: tx,
-                qos0: qos0_tx,
+                links,
             },
             task,
             inbound: Some(inbound_rx),
             qos0_inbound: Some(qos0_in_rx),
+            acceptors,
         })
     }
 
@@ -568,20 +568,26 @@ impl Dht {
         self.handle.clone()
     }
 
-    /// The requests other peers send on the RPC channel; taken once by whoever answers them.
-    /// Until it is taken (or after it is dropped), requests are answered with nothing.
+    /// The requests other peers send on the RPC lane; taken once by whoever answers them.
+    /// Up to [`RPC_INBOUND_QUEUE`] wait in it; past that the links stop reading until it is
+    /// read (backpressure). Once it is dropped, requests are answered with "no answer".
     pub fn take_inbound(&mut self) -> Option<mpsc::Receiver<InboundRpc>> {
         self.inbound.take()
     }
 
     /// The QoS 0 events other peers send on the QoS 0 lane; taken once by whoever delivers
-    /// them. Until it is taken (or after it is dropped), they are dropped and counted.
+    /// them. Up to [`QOS0_INBOUND_QUEUE`] wait in it; past that the links stop reading
+    /// (backpressure). Once it is dropped, events are dropped and counted (`no-receiver`).
     pub fn take_qos0_inbound(&mut self) -> Option<mpsc::Receiver<InboundQos0>> {
         self.qos0_inbound.take()
     }
 
     /// Stops the event loop, closing every connection, and waits for it to end.
     pub async fn shutdown(self) {
+        for a in &self.acceptors {
+            a.abort();
+        }
+        self.handle.links.close();
         let (tx, rx) = oneshot::channel();
         if self
             .handle
@@ -631,21 +637,9 @@ struct EventLoop {
     peer_ttl: Duration,
     seq: u64,
     caps_topic: gossipsub::IdentTopic,
-    inbound: mpsc::Sender<InboundRpc>,
-    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RpcError>>>,
-    answering: FuturesUnordered<Answer>,
     guard: PeerGuard<PeerId>,
-    qos0_out: mpsc::Receiver<(PeerId, Vec<u8>)>,
-    qos0_inbound: mpsc::Sender<InboundQos0>,
-    /// QoS 0 events sent to each peer and not yet answered: the per-peer queue.
-    qos0_in_flight: HashMap<PeerId, usize>,
-    qos0_pending: HashMap<OutboundRequestId, PeerId>,
     warned_invalid_record: bool,
 }
-
-type Answer = std::pin::Pin<
-    Box<dyn std::future::Future<Output = (ResponseChannel<Vec<u8>>, Option<Vec<u8>>)> + Send>,
->;
 
 impl EventLoop {
     async fn run(mut self) {
@@ -662,20 +656,24 @@ impl EventLoop {
                 _ = sweep.tick() => self.sweep(),
                 _ = rejoin.tick() => self.rejoin(),
                 _ = kad_refresh.tick() => { let _ = self.swarm.behaviour_mut().kad.bootstrap(); }
-                Some((channel, answer)) = self.answering.next(), if !self.answering.is_empty() => {
-                    if let Some(body) = answer {
-                        let _ = self.swarm.behaviour_mut().rpc.send_response(channel, body);
-                    }
-                }
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Shutdown(done)) => {
                         self.shared.stopped.store(true, Ordering::SeqCst);
                         let _ = done.send(());
                         break;
                     }
-                    Some(Command::Request { peer, addrs, body, reply }) => {
-                        let id = self.swarm.behaviour_mut().rpc.send_request_with_addresses(&peer, Frame::Bytes(body), addrs);
-                        self.pending.insert(id, reply);
+                    Some(Command::Dial { peer, addrs, done }) => {
+                        if !self.swarm.is_connected(&peer) {
+                            let opts = DialOpts::peer_id(peer)
+                                .addresses(addrs)
+                                .extend_addresses_through_behaviour()
+                                .condition(PeerCondition::DisconnectedAndNotDialing)
+                                .build();
+                            if let Err(e) = self.swarm.dial(opts) {
+                                debug!(%peer, error = %e, "dial for a link failed");
+                            }
+                        }
+                        let _ = done.send(());
                     }
                     Some(Command::ReportBad { peer, kind, detail }) => self.offence(peer, kind, &detail),
                     None => {
@@ -683,7 +681,6 @@ impl EventLoop {
                         break;
                     }
                 },
-                Some((peer, body)) = self.qos0_out.recv() => self.send_qos0(peer, body),
             }
         }
         info!("peer mesh stopped");
@@ -715,110 +712,6 @@ impl EventLoop {
             let _ = self.swarm.disconnect_peer_id(peer);
         }
         self.canal_metrics.banned.set(self.guard.banned(now) as i64);
-    }
-
-    fn qos0_drop(&self, peer: &PeerId, reason: &str) {
-        self.canal_metrics
-            .qos0_dropped
-            .get_or_create(&DropLabels {
-                peer: self.shared.labels.of(peer),
-                reason: reason.to_string(),
-            })
-            .inc();
-    }
-
-    /// Sends a QoS 0 event unless the peer's queue is full (then it is dropped and counted).
-    fn send_qos0(&mut self, peer: PeerId, body: Vec<u8>) {
-        let queued = self.qos0_in_flight.entry(peer).or_insert(0);
-        if *queued >= QOS0_PEER_QUEUE {
-            self.qos0_drop(&peer, "peer-queue-full");
-            return;
-        }
-        *queued += 1;
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .qos0
-            .send_request(&peer, Frame::Bytes(body));
-        self.qos0_pending.insert(id, peer);
-        self.canal_metrics.qos0_sent.inc();
-    }
-
-    fn qos0_done(&mut self, id: &OutboundRequestId) {
-        if let Some(peer) = self.qos0_pending.remove(id)
-            && let Some(n) = self.qos0_in_flight.get_mut(&peer)
-        {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.qos0_in_flight.remove(&peer);
-            }
-        }
-    }
-
-    fn on_qos0(&mut self, event: request_response::Event<Frame, Vec<u8>>) {
-        match event {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request: Frame::Refused(why),
-                    ..
-                } => self.offence(peer, "qos0-frame", &why),
-                request_response::Message::Request {
-                    request: Frame::Bytes(request),
-                    channel,
-                    ..
-                } => {
-                    // One way: the answer only closes the stream.
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .qos0
-                        .send_response(channel, Vec::new());
-                    self.canal_metrics.qos0_received.inc();
-                    let event = InboundQos0 {
-                        peer,
-                        body: request,
-                    };
-                    if self.qos0_inbound.try_send(event).is_err() {
-                        self.qos0_drop(&peer, "inbound-queue-full");
-                    }
-                }
-                request_response::Message::Response { request_id, .. } => {
-                    self.qos0_done(&request_id)
-                }
-            },
-            request_response::Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                debug!(%peer, %error, "QoS 0 event not delivered");
-                self.qos0_done(&request_id);
-                self.qos0_drop(&peer, "send-failed");
-            }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                self.on_inbound_failure(peer, "qos0-frame", error);
-            }
-            request_response::Event::ResponseSent { .. } => {}
-        }
-    }
-
-    /// An inbound stream failed: an oversized frame is the peer's offence; a closed or timed
-    /// out stream is not.
-    fn on_inbound_failure(
-        &mut self,
-        peer: PeerId,
-        kind: &'static str,
-        error: request_response::InboundFailure,
-    ) {
-        match error {
-            request_response::InboundFailure::Io(e)
-                if e.kind() == std::io::ErrorKind::InvalidData =>
-            {
-                self.offence(peer, kind, &e.to_string());
-            }
-            error => debug!(%peer, %error, "inbound stream failed"),
-        }
     }
 
     fn state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
@@ -987,8 +880,7 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Kad(ev) => self.metrics.record(&ev),
-            BehaviourEvent::Rpc(ev) => self.on_rpc(ev),
-            BehaviourEvent::Qos0(ev) => self.on_qos0(ev),
+            BehaviourEvent::Stream(()) => {}
             BehaviourEvent::Blocked(ev) => match ev {},
             BehaviourEvent::Gossipsub(ev) => {
                 self.metrics.record(&ev);
@@ -1030,62 +922,6 @@ impl EventLoop {
                     }
                 }
             }
-        }
-    }
-
-    fn on_rpc(&mut self, event: request_response::Event<Frame, Vec<u8>>) {
-        match event {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request: Frame::Refused(why),
-                    ..
-                } => self.offence(peer, "rpc-frame", &why),
-                request_response::Message::Request {
-                    request: Frame::Bytes(request),
-                    channel,
-                    ..
-                } => {
-                    let (tx, rx) = oneshot::channel();
-                    let rpc = InboundRpc {
-                        peer,
-                        body: request,
-                        reply: tx,
-                    };
-                    // A full or closed handler queue answers with nothing: the caller retries
-                    // (backpressure, not a silent drop of an acknowledged write).
-                    if self.inbound.try_send(rpc).is_err() {
-                        debug!(%peer, "RPC handler busy or absent; request refused");
-                        return;
-                    }
-                    self.answering
-                        .push(Box::pin(async move { (channel, rx.await.ok()) }));
-                }
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    if let Some(reply) = self.pending.remove(&request_id) {
-                        let _ = reply.send(Ok(response));
-                    }
-                }
-            },
-            request_response::Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if let Some(reply) = self.pending.remove(&request_id) {
-                    let _ = reply.send(Err(RpcError::Failed {
-                        peer: peer.to_base58(),
-                        reason: error.to_string(),
-                    }));
-                }
-            }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                self.on_inbound_failure(peer, "rpc-frame", error);
-            }
-            request_response::Event::ResponseSent { .. } => {}
         }
     }
 
@@ -1224,25 +1060,39 @@ impl DhtHandle {
         (self.shared.topic_space.locate(topic, members), n)
     }
 
-    /// Sends `body` to `peer` on the RPC channel and waits for its answer. `addrs` are
-    /// addresses to try besides those the mesh already knows.
+    /// Sends `body` to `peer` on the RPC lane and waits for its answer, at most
+    /// [`RPC_TIMEOUT`] (callers bound it tighter: openraft's RPC timeout, the client
+    /// timeout). `addrs` are addresses to try besides those the mesh already knows, should
+    /// the peer need dialling.
     pub async fn request(
         &self,
         peer: PeerId,
         addrs: Vec<Multiaddr>,
         body: Vec<u8>,
     ) -> Result<Vec<u8>, RpcError> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Request {
-                peer,
-                addrs,
-                body,
-                reply,
-            })
+        let answer = async { self.start_request(peer, addrs, body).await?.await };
+        tokio::time::timeout(RPC_TIMEOUT, answer)
             .await
-            .map_err(|_| RpcError::Closed)?;
-        rx.await.map_err(|_| RpcError::Closed)?
+            .map_err(|_| RpcError::Failed {
+                peer: peer.to_base58(),
+                reason: format!("no answer within {RPC_TIMEOUT:?} (RPC_TIMEOUT)"),
+            })?
+    }
+
+    /// Queues `body` for `peer` on its RPC link, waiting for queue space (backpressure), and
+    /// returns the answer to await. Requests queued one after another by one caller reach
+    /// the peer, and its handler, in that order. A link that dies fails every request
+    /// waiting on it at once.
+    pub async fn start_request(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        body: Vec<u8>,
+    ) -> Result<Reply, RpcError> {
+        if !self.is_running() {
+            return Err(RpcError::Closed);
+        }
+        self.links.request(peer, addrs, body).await
     }
 
     /// The shape of the topic space.
@@ -1268,27 +1118,17 @@ impl DhtHandle {
             .try_send(Command::ReportBad { peer, kind, detail });
     }
 
-    /// Queues a QoS 0 event for `peer` on the QoS 0 lane, apart from the RPC channel, and
-    /// never waits: when the queue is full the event is dropped, counted in
-    /// `canal_qos0_dropped_total{peer,reason}` (at most once), and `false` is returned.
-    pub fn send_qos0(&self, peer: PeerId, body: Vec<u8>) -> bool {
-        match self.qos0.try_send((peer, body)) {
-            Ok(()) => true,
-            Err(e) => {
-                let reason = match e {
-                    mpsc::error::TrySendError::Full(_) => "queue-full",
-                    mpsc::error::TrySendError::Closed(_) => "mesh-closed",
-                };
-                self.shared
-                    .qos0_dropped
-                    .get_or_create(&DropLabels {
-                        peer: self.shared.labels.of(&peer),
-                        reason: reason.to_string(),
-                    })
-                    .inc();
-                false
-            }
+    /// Queues a QoS 0 event for `peer` on its QoS 0 link, apart from the RPC lane, waiting
+    /// at most [`crate::link::QOS0_WAIT`] for queue space. `false` when it is dropped
+    /// instead: the link is down, the wait ran out, or the event is over
+    /// [`crate::rpc::MAX_QOS0_BYTES`]; every drop is counted in
+    /// `canal_qos0_dropped_total{peer,reason}`.
+    pub async fn send_qos0(&self, peer: PeerId, body: Vec<u8>) -> bool {
+        if !self.is_running() {
+            self.links.qos0_drop(&peer, "mesh-closed");
+            return false;
         }
+        self.links.send_qos0(peer, body).await
     }
 }
 
@@ -1306,8 +1146,7 @@ mod tests {
             state: RwLock::new(State::default()),
             running: AtomicBool::new(true),
             stopped: AtomicBool::new(false),
-            labels: PeerLabels::default(),
-            qos0_dropped: Family::default(),
+            labels: Arc::new(PeerLabels::default()),
         })
     }
 

@@ -254,64 +254,16 @@ async fn a_stranger_with_bad_records_is_refused_counted_disconnected_and_banned(
     Ok(())
 }
 
-/// Writes a frame header claiming `claim` bytes, then a few bytes, on whichever protocol.
-#[derive(Clone)]
-struct LyingCodec {
-    claim: u32,
-}
-
-impl libp2p::request_response::Codec for LyingCodec {
-    type Protocol = libp2p::StreamProtocol;
-    type Request = ();
-    type Response = ();
-
-    async fn read_request<T: futures::AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &Self::Protocol,
-        _: &mut T,
-    ) -> std::io::Result<()> {
-        Ok(())
-    }
-
-    async fn read_response<T: futures::AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &Self::Protocol,
-        _: &mut T,
-    ) -> std::io::Result<()> {
-        Ok(())
-    }
-
-    async fn write_request<T: futures::AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &Self::Protocol,
-        io: &mut T,
-        _: (),
-    ) -> std::io::Result<()> {
-        use futures::AsyncWriteExt;
-        io.write_all(&self.claim.to_be_bytes()).await?;
-        io.write_all(b"garbage").await?;
-        io.close().await
-    }
-
-    async fn write_response<T: futures::AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &Self::Protocol,
-        _: &mut T,
-        _: (),
-    ) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Opens a stream on `protocol` to `target` and sends a frame claiming `claim` bytes; returns
-/// once the target closed the connection.
+/// Opens a link stream on `protocol` to `target` and writes a frame header of `kind` claiming
+/// `claim` bytes, then a few bytes; returns once the target closed the connection.
 async fn send_oversized_frame(
     target: &Multiaddr,
     target_id: PeerId,
     protocol: &'static str,
+    kind: u8,
     claim: u32,
 ) -> Result<(), String> {
-    use libp2p::request_response::{self, ProtocolSupport};
+    use futures::AsyncWriteExt;
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -320,18 +272,26 @@ async fn send_oversized_frame(
             yamux::Config::default,
         )
         .map_err(|e| e.to_string())?
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                LyingCodec { claim },
-                [(libp2p::StreamProtocol::new(protocol), ProtocolSupport::Full)],
-                request_response::Config::default(),
-            )
-        })
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
         .map_err(|e| e.to_string())?
         .build();
-    swarm
-        .behaviour_mut()
-        .send_request_with_addresses(&target_id, (), vec![target.clone()]);
+    swarm.dial(target.clone()).map_err(|e| e.to_string())?;
+    let mut control = swarm.behaviour().new_control();
+    let writer = tokio::spawn(async move {
+        let mut s = control
+            .open_stream(target_id, libp2p::StreamProtocol::new(protocol))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut header = vec![canal_dht::frame::FRAME_VERSION, kind];
+        header.extend(7u64.to_be_bytes());
+        header.extend(claim.to_be_bytes());
+        s.write_all(&header).await.map_err(|e| e.to_string())?;
+        s.write_all(b"garbage").await.map_err(|e| e.to_string())?;
+        s.flush().await.map_err(|e| e.to_string())?;
+        // Held open: the target must close it, not the end of the stream.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Ok::<_, String>(s)
+    });
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         let ev = tokio::time::timeout(Duration::from_millis(200), swarm.select_next_some()).await;
@@ -339,9 +299,11 @@ async fn send_oversized_frame(
             num_established: 0, ..
         }) = ev
         {
+            writer.abort();
             return Ok(());
         }
     }
+    writer.abort();
     Err(format!(
         "not disconnected after an oversized frame on {protocol}"
     ))
@@ -357,12 +319,26 @@ async fn oversized_frames_on_rpc_and_qos0_are_offences() -> Result<(), String> {
         .into_iter()
         .next()
         .ok_or("node A does not listen")?;
-    send_oversized_frame(&addr_a, ha.local_peer_id(), "/canal/rpc/1.0.0", u32::MAX).await?;
+    send_oversized_frame(
+        &addr_a,
+        ha.local_peer_id(),
+        canal_dht::rpc::RPC_PROTOCOL,
+        canal_dht::frame::Kind::Request.byte(),
+        u32::MAX,
+    )
+    .await?;
     wait_until("the RPC frame offence to be counted", || {
         metrics(&reg_a).contains("kind=\"rpc-frame\"} 1")
     })
     .await?;
-    send_oversized_frame(&addr_a, ha.local_peer_id(), "/canal/qos0/1.0.0", 3 << 20).await?;
+    send_oversized_frame(
+        &addr_a,
+        ha.local_peer_id(),
+        canal_dht::rpc::QOS0_PROTOCOL,
+        canal_dht::frame::Kind::Event.byte(),
+        3 << 20,
+    )
+    .await?;
     wait_until("the QoS 0 frame offence to be counted", || {
         metrics(&reg_a).contains("kind=\"qos0-frame\"} 1")
     })

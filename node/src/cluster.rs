@@ -37,15 +37,16 @@ use crate::config::Admission;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-/// Carries Raft messages over the mesh's RPC channel.
+/// Carries Raft messages over the mesh's RPC lane (one link per peer).
 #[derive(Clone)]
 pub struct MeshTransport {
     /// The mesh.
     pub dht: DhtHandle,
 }
 
-impl Transport for MeshTransport {
-    async fn call(&self, target: &RaftNode, body: Vec<u8>) -> Result<Vec<u8>, String> {
+impl MeshTransport {
+    /// The peer of `target` and the addresses to reach it at, should it need dialling.
+    fn route(&self, target: &RaftNode) -> Result<(PeerId, Vec<Multiaddr>), String> {
         let peer: PeerId = target
             .peer_id
             .parse()
@@ -66,11 +67,36 @@ impl Transport for MeshTransport {
             })
             .unwrap_or_default();
         addrs.extend(target.addrs.iter().filter_map(|a| a.parse().ok()));
+        Ok((peer, addrs))
+    }
+}
+
+impl Transport for MeshTransport {
+    async fn call(&self, target: &RaftNode, body: Vec<u8>) -> Result<Vec<u8>, String> {
+        let (peer, addrs) = self.route(target)?;
         let framed = PeerChannel::Raft.frame(&body);
         self.dht
             .request(peer, addrs, framed)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    // Queued on the peer's one RPC link, whose frames arrive in the order they were queued.
+    async fn start(
+        &self,
+        target: &RaftNode,
+        body: Vec<u8>,
+    ) -> Result<canal_consensus::network::PendingAnswer, String> {
+        let (peer, addrs) = self.route(target)?;
+        let framed = PeerChannel::Raft.frame(&body);
+        let reply = self
+            .dht
+            .start_request(peer, addrs, framed)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Box::pin(
+            async move { reply.await.map_err(|e| e.to_string()) },
+        ))
     }
 }
 
@@ -81,7 +107,9 @@ pub fn node_id(peer: &PeerId) -> NodeId {
 
 /// Answers requests from other peers, each in a task of its own (a slow snapshot install must
 /// not hold up heartbeats): Raft messages go to the groups, formation requests to
-/// [`Formation`].
+/// [`Formation`]. Each is dispatched here, in the order the links delivered them, before its
+/// task starts ([`Consensus::dispatch`]), so forwarded writes are proposed in the order
+/// their senders sent them.
 /// A forged or undecodable Raft request, and a request on no known channel, count against
 /// the peer that sent it ([`DhtHandle::report_bad`]: counted, disconnected, banned when
 /// repeated); a Raft request refused only because its sender is no member does not, since a
@@ -96,14 +124,13 @@ pub fn serve<T: Transport>(
         while let Some(rpc) = inbound.recv().await {
             match PeerChannel::split(&rpc.body) {
                 Ok(Some((PeerChannel::Raft, body))) => {
-                    let c = consensus.clone();
                     let dht = dht.clone();
-                    let body = body.to_vec();
+                    // The sender is the authenticated peer the request came over: only
+                    // members speak Raft, and only as themselves.
+                    let peer = rpc.peer;
+                    let handling = consensus.dispatch(node_id(&peer), body).await;
                     tokio::spawn(async move {
-                        // The sender is the authenticated peer the request came over: only
-                        // members speak Raft, and only as themselves.
-                        let peer = rpc.peer;
-                        let handled = c.handle(node_id(&peer), &body).await;
+                        let handled = handling.await;
                         let _ = rpc.reply.send(handled.answer);
                         if let Some(o) = handled.offence
                             && o.ban_worthy

@@ -1208,7 +1208,8 @@ impl<T: Transport> Executor<T> {
                     headers: out.headers,
                     payload: out.payload,
                 },
-            );
+            )
+            .await;
         }
         if inv.result.is_ok() && !inv.state.is_empty() {
             let fx = Effects {

@@ -12,9 +12,10 @@ pub use canal_pubsub::{MAX_PAYLOAD_BYTES, PubSubError, Qos0Hub, Qos0Message};
 /// Publishing and subscribing on this node.
 pub type PubSub = canal_pubsub::PubSub<NodeTransport, MeshQos0>;
 
-/// QoS 0 over the mesh: each peer's copy goes on the mesh's QoS 0 lane (its own protocol and
-/// a bounded queue per peer, apart from Raft's RPCs); a full queue drops the copy and counts
-/// it (`canal_qos0_dropped_total`), as at-most-once allows.
+/// QoS 0 over the mesh: each peer's copy goes on the peer's QoS 0 link (its own stream and
+/// bounded queue, apart from Raft's RPCs). A publisher waits a bounded time for room in the
+/// queue; a copy is dropped, and counted (`canal_qos0_dropped_total{peer,reason}`), only when
+/// the link is down or that wait runs out, as at-most-once allows.
 #[derive(Clone)]
 pub struct MeshQos0 {
     /// The mesh.
@@ -33,15 +34,15 @@ impl canal_pubsub::Qos0Link for MeshQos0 {
             .collect()
     }
 
-    fn send(&self, peer: libp2p::PeerId, bytes: Vec<u8>) {
-        self.dht.send_qos0(peer, bytes);
+    async fn send(&self, peer: libp2p::PeerId, bytes: Vec<u8>) {
+        self.dht.send_qos0(peer, bytes).await;
     }
 }
 
 /// Publishes a QoS 0 event from this node: to its own subscribers and to every other live
-/// peer that wants it, once, without waiting.
-pub fn publish_qos0(dht: &DhtHandle, hub: &Qos0Hub, m: Qos0Message) {
-    canal_pubsub::publish_qos0(&MeshQos0 { dht: dht.clone() }, hub, m)
+/// peer that wants it, once; waits only (a bounded time) for room on the peers' links.
+pub async fn publish_qos0(dht: &DhtHandle, hub: &Qos0Hub, m: Qos0Message) {
+    canal_pubsub::publish_qos0(&MeshQos0 { dht: dht.clone() }, hub, m).await
 }
 
 /// Hands the QoS 0 events other peers send on the QoS 0 lane to this node's subscribers; a

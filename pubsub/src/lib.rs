@@ -249,7 +249,7 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
                 headers: req.headers,
                 payload: req.payload,
             };
-            publish_qos0(&*self.link, &self.hub, m);
+            publish_qos0(&*self.link, &self.hub, m).await;
             return Ok(Published {
                 topic: topic.to_string(),
                 qos: 0,

@@ -24,8 +24,10 @@ pub trait Qos0Link: Send + Sync + 'static {
     /// Every other live peer and the filters it advertises interest in.
     fn peers(&self) -> Vec<(Self::Peer, Vec<String>)>;
 
-    /// Sends one encoded [`Qos0Message`] to `peer` without waiting; a full queue drops it.
-    fn send(&self, peer: Self::Peer, bytes: Vec<u8>);
+    /// Sends one encoded [`Qos0Message`] to `peer`: waits a bounded time for room on the
+    /// link (backpressure on the publisher), and drops it, counted, when the link is down
+    /// or the wait runs out.
+    fn send(&self, peer: Self::Peer, bytes: Vec<u8>) -> impl Future<Output = ()> + Send;
 }
 
 /// The peers of `link` whose advertised interest matches `topic`.
@@ -137,11 +139,11 @@ impl Qos0Hub {
 }
 
 /// Publishes a QoS 0 event from this node: to its own subscribers and to every other live
-/// peer that wants it, once, without waiting.
-pub fn publish_qos0<L: Qos0Link>(link: &L, hub: &Qos0Hub, m: Qos0Message) {
+/// peer that wants it, once; waits only (a bounded time) for room on the peers' links.
+pub async fn publish_qos0<L: Qos0Link>(link: &L, hub: &Qos0Hub, m: Qos0Message) {
     if let (Ok(body), Ok(topic)) = (wire::encode(&m), Topic::new(&m.topic)) {
         for p in interested_peers(link, &topic) {
-            link.send(p, body.clone());
+            link.send(p, body.clone()).await;
         }
     }
     hub.deliver(m);
@@ -254,7 +256,7 @@ mod tests {
         fn peers(&self) -> Vec<(u8, Vec<String>)> {
             self.0.clone()
         }
-        fn send(&self, peer: u8, bytes: Vec<u8>) {
+        async fn send(&self, peer: u8, bytes: Vec<u8>) {
             lock(&self.1).push((peer, bytes.len()));
         }
     }
@@ -271,7 +273,7 @@ mod tests {
         );
         let hub = Qos0Hub::new(Arc::default());
         let mut rx = hub.subscribe();
-        publish_qos0(&link, &hub, event("canal://me".into()));
+        publish_qos0(&link, &hub, event("canal://me".into())).await;
         let sent: Vec<u8> = lock(&link.1).iter().map(|(p, _)| *p).collect();
         assert_eq!(sent, vec![1, 3]);
         assert_eq!(rx.recv().await.unwrap().topic, "a/b");

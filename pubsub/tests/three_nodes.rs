@@ -29,7 +29,7 @@ impl Qos0Link for NoPeers {
     fn peers(&self) -> Vec<((), Vec<String>)> {
         Vec::new()
     }
-    fn send(&self, _: (), _: Vec<u8>) {}
+    async fn send(&self, _: (), _: Vec<u8>) {}
 }
 
 type Node = PubSub<MemTransport, NoPeers>;

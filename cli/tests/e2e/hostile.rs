@@ -12,81 +12,30 @@ use canal_consensus::rpc::RpcRequest;
 use canal_consensus::types::{GroupId, Op, Request, TypeConfig, node_id_of};
 use canal_proto::api::ClusterStatus;
 use canal_testnet::{Api, NodeOptions, Testnet, wait_for};
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::core::transport::upgrade::Version;
 use libp2p::core::{Transport, muxing::StreamMuxerBox};
 use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identity, noise, tcp, yamux};
 use openraft::{Entry, EntryPayload, LeaderId, LogId, Vote};
-use std::io;
 use std::time::Duration;
 
 use crate::BIN;
 
-const RPC: &str = "/canal/rpc/1.0.0";
-const QOS0: &str = "/canal/qos0/1.0.0";
+const RPC: &str = "/canal/rpc/2.0.0";
+const QOS0: &str = "/canal/qos0/2.0.0";
+/// The link frame's version and kinds, written out here rather than taken from the node.
+const FRAME_VERSION: u8 = 1;
+const REQUEST: u8 = 1;
+const RESPONSE: u8 = 2;
+const EVENT: u8 = 4;
 const CAPS_TOPIC: &str = "canal/caps/v1";
-
-/// Writes requests exactly as given (no length prefix added), so a request can lie about
-/// its own length; reads answers as the node frames them.
-#[derive(Clone, Default)]
-struct RawCodec;
-
-impl request_response::Codec for RawCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = Vec<u8>;
-
-    async fn read_request<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        _: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        Err(io::Error::other("the hostile peer serves nothing"))
-    }
-
-    async fn read_response<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        let mut len = [0u8; 4];
-        io.read_exact(&mut len).await?;
-        let len = u32::from_be_bytes(len) as usize;
-        let mut buf = Vec::new();
-        io.take(len.min(16 << 20) as u64)
-            .read_to_end(&mut buf)
-            .await?;
-        Ok(buf)
-    }
-
-    async fn write_request<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> io::Result<()> {
-        io.write_all(&req).await?;
-        io.close().await
-    }
-
-    async fn write_response<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        _: &mut T,
-        _: Vec<u8>,
-    ) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 #[derive(NetworkBehaviour)]
 struct Hostile {
     gossipsub: gossipsub::Behaviour,
-    rpc: request_response::Behaviour<RawCodec>,
-    qos0: request_response::Behaviour<RawCodec>,
+    stream: libp2p_stream::Behaviour,
 }
 
 fn swarm(key: Option<PreSharedKey>) -> Swarm<Hostile> {
@@ -104,20 +53,9 @@ fn swarm(key: Option<PreSharedKey>) -> Swarm<Hostile> {
         gossipsub
             .subscribe(&gossipsub::IdentTopic::new(CAPS_TOPIC))
             .unwrap();
-        let rpc = request_response::Behaviour::with_codec(
-            RawCodec,
-            [(StreamProtocol::new(RPC), ProtocolSupport::Outbound)],
-            request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
-        );
-        let qos0 = request_response::Behaviour::with_codec(
-            RawCodec,
-            [(StreamProtocol::new(QOS0), ProtocolSupport::Outbound)],
-            request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
-        );
         Hostile {
             gossipsub,
-            rpc,
-            qos0,
+            stream: libp2p_stream::Behaviour::new(),
         }
     };
     let builder = libp2p::SwarmBuilder::with_new_identity().with_tokio();
@@ -164,19 +102,57 @@ async fn drive(swarm: &mut Swarm<Hostile>, timeout: Duration) -> Vec<String> {
     }
 }
 
-/// Whether the request just sent gets an answer (within 10 s) rather than a failure.
-async fn answered(swarm: &mut Swarm<Hostile>) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+/// Opens a stream on `protocol` to `target`, writes `bytes` exactly as given (so a frame can
+/// lie about its own length) and, unless `answer` is false, reads one frame back. Drives the
+/// swarm meanwhile, for at most `wait`; returns the kind and body of the answer, if one came.
+async fn send_raw(
+    swarm: &mut Swarm<Hostile>,
+    target: PeerId,
+    protocol: &'static str,
+    bytes: Vec<u8>,
+    answer: bool,
+    wait: Duration,
+) -> Option<(u8, Vec<u8>)> {
+    let mut control = swarm.behaviour().stream.new_control();
+    let io = tokio::spawn(async move {
+        let mut s = control
+            .open_stream(target, StreamProtocol::new(protocol))
+            .await
+            .ok()?;
+        s.write_all(&bytes).await.ok()?;
+        s.flush().await.ok()?;
+        if !answer {
+            let _ = s.close().await;
+            return None;
+        }
+        let mut head = [0u8; 14];
+        s.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes([head[10], head[11], head[12], head[13]]) as usize;
+        let mut body = Vec::new();
+        (&mut s)
+            .take(len.min(16 << 20) as u64)
+            .read_to_end(&mut body)
+            .await
+            .ok()?;
+        Some((head[1], body))
+    });
+    let deadline = tokio::time::Instant::now() + wait;
+    tokio::pin!(io);
     loop {
         tokio::select! {
-            ev = swarm.select_next_some() => match ev {
-                SwarmEvent::Behaviour(HostileEvent::Rpc(request_response::Event::Message { .. })) => return true,
-                SwarmEvent::Behaviour(HostileEvent::Rpc(request_response::Event::OutboundFailure { .. })) => return false,
-                _ => {}
-            },
-            _ = tokio::time::sleep_until(deadline) => return false,
+            _ = swarm.select_next_some() => {}
+            r = &mut io => return r.ok().flatten(),
+            _ = tokio::time::sleep_until(deadline) => return None,
         }
     }
+}
+
+/// Whether a request on the RPC lane gets an answer (within 10 s) rather than nothing.
+async fn answered(swarm: &mut Swarm<Hostile>, target: PeerId, bytes: Vec<u8>) -> bool {
+    matches!(
+        send_raw(swarm, target, RPC, bytes, true, Duration::from_secs(10)).await,
+        Some((RESPONSE, _))
+    )
 }
 
 /// Dials `addr` and waits for the connection (or its failure).
@@ -205,11 +181,19 @@ fn one_tebibyte_string() -> Vec<u8> {
     m
 }
 
+/// A link frame header of `kind` with id 1, claiming `len` body bytes.
+fn header(kind: u8, len: u32) -> Vec<u8> {
+    let mut out = vec![FRAME_VERSION, kind];
+    out.extend(1u64.to_be_bytes());
+    out.extend(len.to_be_bytes());
+    out
+}
+
+/// A request frame on the RPC lane: the channel byte, then `body`.
 fn framed(channel: u8, body: &[u8]) -> Vec<u8> {
-    let mut inner = vec![channel];
-    inner.extend(body);
-    let mut out = (inner.len() as u32).to_be_bytes().to_vec();
-    out.extend(inner);
+    let mut out = header(REQUEST, body.len() as u32 + 1);
+    out.push(channel);
+    out.extend(body);
     out
 }
 
@@ -256,9 +240,9 @@ fn rpc_attacks(
             },
         )
     };
-    let mut huge_len = u32::MAX.to_be_bytes().to_vec();
+    let mut huge_len = header(REQUEST, u32::MAX);
     huge_len.extend([b'R'; 64]);
-    let mut truncated = 1000u32.to_be_bytes().to_vec();
+    let mut truncated = header(REQUEST, 1000);
     truncated.extend([b'R', 1, 2, 3]);
     vec![
         ("a frame claiming 4 GiB", huge_len),
@@ -315,12 +299,20 @@ fn rpc_attacks(
         ),
         ("a formation request to a member", framed(b'F', &[1, 1, 0])),
         ("an unknown channel", framed(b'Z', b"hello")),
-        ("an empty frame", 0u32.to_be_bytes().to_vec()),
+        ("an empty frame", header(REQUEST, 0)),
+        ("a frame of an unknown kind", header(9, 0)),
+        ("a frame of another version", {
+            let mut h = header(REQUEST, 0);
+            h[0] = 7;
+            h
+        }),
+        ("an event on the RPC lane", header(EVENT, 0)),
     ]
 }
 
+/// An event frame on the QoS 0 lane.
 fn frame(body: &[u8]) -> Vec<u8> {
-    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    let mut out = header(EVENT, body.len() as u32);
     out.extend(body);
     out
 }
@@ -336,10 +328,11 @@ fn qos0_attacks(target: PeerId) -> Vec<(&'static str, Vec<u8>)> {
         payload: b"forged".to_vec(),
     })
     .unwrap();
-    let mut huge_len = u32::MAX.to_be_bytes().to_vec();
+    let mut huge_len = header(EVENT, u32::MAX);
     huge_len.extend([0u8; 64]);
     vec![
         ("a QoS 0 frame claiming 4 GiB", huge_len),
+        ("a request on the QoS 0 lane", header(REQUEST, 0)),
         ("garbage on the QoS 0 lane", frame(&[0xfe; 300])),
         (
             "a QoS 0 event whose string claims 1 TiB",
@@ -418,28 +411,40 @@ async fn attack(net: &Testnet, key: Option<PreSharedKey>) {
     drop(probe);
     for (what, bytes) in rpc_attacks(me, leader, term, last) {
         let (mut swarm, target) = fresh(net, &key).await;
-        swarm.behaviour_mut().rpc.send_request(&target, bytes);
         eprintln!("hostile rpc: {what}");
+        send_raw(
+            &mut swarm,
+            target,
+            RPC,
+            bytes,
+            false,
+            Duration::from_secs(2),
+        )
+        .await;
         drive(&mut swarm, Duration::from_millis(400)).await;
     }
     let (swarm, target) = fresh(net, &key).await;
     drop(swarm);
     for (what, bytes) in qos0_attacks(target) {
         let (mut swarm, target) = fresh(net, &key).await;
-        swarm.behaviour_mut().qos0.send_request(&target, bytes);
         eprintln!("hostile qos0: {what}");
+        send_raw(
+            &mut swarm,
+            target,
+            QOS0,
+            bytes,
+            false,
+            Duration::from_secs(2),
+        )
+        .await;
         drive(&mut swarm, Duration::from_millis(400)).await;
     }
     // A harmless request of a stranger is answered (refused, with the reason), so the
     // check below can tell...
     let status = raft(&RpcRequest::Status(GroupId::METADATA));
     let (mut swarm, target) = fresh(net, &key).await;
-    swarm
-        .behaviour_mut()
-        .rpc
-        .send_request(&target, status.clone());
     assert!(
-        answered(&mut swarm).await,
+        answered(&mut swarm, target, status.clone()).await,
         "a stranger's status request got no answer"
     );
     drop(swarm);
@@ -447,10 +452,16 @@ async fn attack(net: &Testnet, key: Option<PreSharedKey>) {
     let (mut swarm, target) = fresh(net, &key).await;
     for _ in 0..4 {
         let _ = swarm.dial(node0_addr(net));
-        swarm
-            .behaviour_mut()
-            .rpc
-            .send_request(&target, framed(b'R', &[0xff; 64]));
+        let garbage = framed(b'R', &[0xff; 64]);
+        send_raw(
+            &mut swarm,
+            target,
+            RPC,
+            garbage,
+            false,
+            Duration::from_secs(2),
+        )
+        .await;
         drive(&mut swarm, Duration::from_millis(400)).await;
     }
     wait_for("the offender to be banned", Duration::from_secs(20), || {
@@ -471,8 +482,10 @@ async fn attack(net: &Testnet, key: Option<PreSharedKey>) {
     .unwrap();
     // Its new connections are closed as they open: no request of it is answered.
     let _ = swarm.dial(node0_addr(net));
-    swarm.behaviour_mut().rpc.send_request(&target, status);
-    assert!(!answered(&mut swarm).await, "a banned peer was answered");
+    assert!(
+        !answered(&mut swarm, target, status).await,
+        "a banned peer was answered"
+    );
     drop(swarm);
     survived(net, term).await;
 }

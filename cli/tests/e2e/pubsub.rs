@@ -1313,3 +1313,61 @@ async fn a_bad_batch_line_is_refused_by_number_and_nothing_is_stored() {
     assert!(!out.status.success());
     drop(held);
 }
+
+/// One publisher's events get offsets in the order it sent them, even through a node that
+/// does not lead the topic's group: the follower's group commit proposes its batches in queue
+/// order and forwards them on its one link to the leader, which proposes forwarded writes in
+/// the order they came (with 1,000 in flight, many batches are in flight at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_stream_through_a_follower_gets_offsets_in_send_order() {
+    use futures::StreamExt;
+    const N: usize = 1000;
+    const TOPIC: &str = "stream/ordered";
+    let net = cluster(3, &[]).await;
+    let group = canal_consensus::group_of(TOPIC).to_string();
+    let lead = leader(&net, 0, &group).await;
+    let via = (0..3).find(|i| *i != lead).unwrap();
+    let api = net.api(via).unwrap().base().to_string();
+    let stream = canal_client::PublishStream::connect(&api, None)
+        .await
+        .unwrap();
+    let (mut tx, mut acks) = stream.split();
+    // All 1,000 go out without waiting for acks (the node's window is larger).
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            let line = canal_proto::api::PublishLine {
+                topic: Some(TOPIC.to_string()),
+                payload: Some(format!("e{i}")),
+                id: Some(format!("o-{i}")),
+                ..Default::default()
+            };
+            tx.send(line, Some(1)).await.unwrap();
+        }
+        tx
+    });
+    let mut offsets = Vec::with_capacity(N);
+    while offsets.len() < N {
+        let ack = tokio::time::timeout(Duration::from_secs(60), acks.next())
+            .await
+            .expect("an ack within 60 s")
+            .expect("the stream stays open")
+            .unwrap();
+        assert_eq!(ack.seq, Some(offsets.len() as u64), "{ack:?}");
+        assert!(ack.error.is_none(), "{ack:?}");
+        offsets.push(ack.offset.unwrap());
+    }
+    let _tx = sender.await.unwrap();
+    // Order is promised while the leader stays: it did.
+    assert_eq!(leader(&net, 0, &group).await, lead, "the leader changed");
+    let out_of_order: Vec<(usize, u64, u64)> = offsets
+        .windows(2)
+        .enumerate()
+        .filter(|(_, w)| w[0] >= w[1])
+        .map(|(i, w)| (i, w[0], w[1]))
+        .collect();
+    assert!(
+        out_of_order.is_empty(),
+        "offsets out of send order at (seq, offset, next offset): {:?}",
+        &out_of_order[..out_of_order.len().min(10)]
+    );
+}
