@@ -474,11 +474,14 @@ pub fn compute(
         .collect();
     let zone_total = apportion(total, &zone_weight, &zone_caps, &zone_prev);
     let all_weight: u64 = zone_weight.iter().sum();
+    // A zone whose peers carry a replica or more per unit of weight above or below the
+    // cluster's is the spread's doing: say so.
+    let per_weight = total as f64 / all_weight.max(1) as f64;
     for z in 0..zn {
-        let share = total as f64 * zone_weight[z] as f64 / all_weight.max(1) as f64;
-        if (zone_total[z] as f64 - share).abs() >= 1.0 {
+        let here = zone_total[z] as f64 / zone_weight[z].max(1) as f64;
+        if (here - per_weight).abs() >= 1.0 {
             sv.notes.push(format!(
-                "{} holds {} replicas, its weight's share is {share:.0}: at most {} replica{} of a shard in one zone",
+                "{} holds {} replicas, {here:.1} per unit of weight against {per_weight:.1} in the cluster: at most {} replica{} of a shard in one zone",
                 show_zone(&zone_names[z]),
                 zone_total[z],
                 m[z],
@@ -920,8 +923,7 @@ fn choose_leaders(sv: &mut Solver<'_>) -> Vec<Option<usize>> {
         if leader[s].is_some() || options[s].is_empty() {
             continue;
         }
-        let mut seen = vec![false; np];
-        if !augment(s, &options, &cap, &mut count, &mut leader, &mut seen)
+        if !augment(s, &options, &cap, &mut count, &mut leader)
             && let Some(&p) = options[s]
                 .iter()
                 .min_by_key(|&&p| (count[p] as i64 - cap[p] as i64, p))
@@ -938,39 +940,49 @@ fn choose_leaders(sv: &mut Solver<'_>) -> Vec<Option<usize>> {
     leader
 }
 
-/// Kuhn's augmenting path for shard `s`: a replica with room takes it, or a replica's other
-/// shard moves to one of its own replicas with room, and so on.
+/// The shortest augmenting path for shard `s` (breadth first, so the fewest shards change
+/// leader): a replica with room takes it, or a replica hands one of the shards it leads to
+/// one of that shard's replicas with room, and so on.
 fn augment(
     s: usize,
     options: &[Vec<usize>],
     cap: &[u64],
     count: &mut [u64],
     leader: &mut [Option<usize>],
-    seen: &mut [bool],
 ) -> bool {
+    let np = cap.len();
+    // parent[q] = (the shard q would lead, the peer it takes it from).
+    let mut parent: Vec<Option<(usize, Option<usize>)>> = vec![None; np];
+    let mut queue = std::collections::VecDeque::new();
     for &p in &options[s] {
-        if seen[p] {
-            continue;
+        if parent[p].is_none() {
+            parent[p] = Some((s, None));
+            queue.push_back(p);
         }
-        seen[p] = true;
+    }
+    while let Some(p) = queue.pop_front() {
         if count[p] < cap[p] {
-            leader[s] = Some(p);
-            count[p] += 1;
+            let mut cur = p;
+            while let Some((sh, from)) = parent[cur] {
+                leader[sh] = Some(cur);
+                count[cur] += 1;
+                match from {
+                    None => break,
+                    Some(q) => {
+                        count[q] -= 1;
+                        cur = q;
+                    }
+                }
+            }
             return true;
         }
-        let led: Vec<usize> = (0..leader.len())
-            .filter(|&s2| s2 != s && leader[s2] == Some(p))
-            .collect();
-        for s2 in led {
-            leader[s2] = None;
-            count[p] -= 1;
-            if augment(s2, options, cap, count, leader, seen) {
-                leader[s] = Some(p);
-                count[p] += 1;
-                return true;
+        for s2 in (0..leader.len()).filter(|&s2| s2 != s && leader[s2] == Some(p)) {
+            for &q in &options[s2] {
+                if parent[q].is_none() {
+                    parent[q] = Some((s2, Some(p)));
+                    queue.push_back(q);
+                }
             }
-            leader[s2] = Some(p);
-            count[p] += 1;
         }
     }
     false

@@ -119,6 +119,75 @@ pub(super) fn violations(
     out
 }
 
+/// Balance: a peer holds its target unless a note names it; with no spread and every peer
+/// on its own host, the target is within one of the weighted share; leaders are within one
+/// of their share unless a note says some lead more. Returns what is off.
+fn unbalanced(policy: &ShardPolicy, peers: &[ShardPeer], plan: &ShardPlan) -> Vec<String> {
+    let mut out = Vec::new();
+    let held: Vec<&PeerShare> = plan.peers.iter().filter(|s| s.excluded.is_none()).collect();
+    let over_note = plan
+        .map
+        .notes
+        .iter()
+        .find(|n| n.contains("more replicas than their target"));
+    for s in &held {
+        if s.replicas > s.target && !over_note.is_some_and(|n| n.contains(&s.peer_id)) {
+            out.push(format!(
+                "{} holds {} for {} and no note says why",
+                s.peer_id, s.replicas, s.target
+            ));
+        }
+    }
+    let weight = |id: &str| {
+        peers
+            .iter()
+            .find(|p| p.peer_id == id)
+            .map(|p| u64::from(p.weight))
+            .unwrap_or(0)
+    };
+    let own_hosts = held.iter().map(|s| &s.host).collect::<BTreeSet<_>>().len() == held.len();
+    let total: usize = held.iter().map(|s| s.replicas).sum();
+    let w: u64 = held.iter().map(|s| weight(&s.peer_id)).sum();
+    let shards = policy.shards as usize;
+    let share = |s: &PeerShare, of: usize| of as f64 * weight(&s.peer_id) as f64 / w.max(1) as f64;
+    if policy.spread.is_none() && own_hosts && held.iter().all(|s| share(s, total) <= shards as f64)
+    {
+        for s in &held {
+            let fair = share(s, total);
+            if (s.target as f64 - fair).abs() >= 1.0 {
+                out.push(format!(
+                    "{}: target {} for a share of {fair:.2}",
+                    s.peer_id, s.target
+                ));
+            }
+        }
+    }
+    let placed = plan
+        .map
+        .assignments
+        .iter()
+        .filter(|a| !a.replicas.is_empty())
+        .count();
+    let leader_note = plan
+        .map
+        .notes
+        .iter()
+        .any(|n| n.contains("lead more shards"));
+    let holders: Vec<&&PeerShare> = held.iter().filter(|s| s.replicas > 0).collect();
+    let hw: u64 = holders.iter().map(|s| weight(&s.peer_id)).sum();
+    for s in holders {
+        let fair =
+            (placed as f64 * weight(&s.peer_id) as f64 / hw.max(1) as f64).min(s.replicas as f64);
+        if s.leaders as f64 >= fair + 1.0 && !leader_note {
+            out.push(format!(
+                "{} leads {} for a share of {fair:.2}",
+                s.peer_id, s.leaders
+            ));
+        }
+    }
+    out
+}
+
 fn loads(map: &ShardMap) -> BTreeMap<String, (usize, usize)> {
     let mut out: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for a in &map.assignments {
@@ -362,6 +431,10 @@ fn a_join_moves_about_one_nth_of_the_replicas() {
     assert_eq!(m.added, new_load);
     assert_eq!(m.added, m.lower_bound);
     assert!(m.added <= 2 * total / 31, "{m:?}");
+    // The newcomer leads its share (256 / 31, about 8) and few other leaders change.
+    let new_leads = loads(&after.map).get("peer-new").map(|l| l.1).unwrap_or(0);
+    assert!((8..=9).contains(&new_leads), "newcomer leads {new_leads}");
+    assert!(m.leader_changes <= 3 * new_leads, "{m:?}");
     assert_eq!(after.map.epoch, 2);
     check_moves(&before.map, &after.map).unwrap_or_else(|e| panic!("{e}"));
 }
@@ -379,9 +452,10 @@ fn a_leave_moves_only_the_leaving_peers_replicas() {
         .collect();
     let after = plan(&p, &left, Some(&before.map));
     assert_eq!(violations(&p, &left, &after), Vec::<String>::new());
-    let held = loads(&before.map)[gone].0;
+    let (held, led) = loads(&before.map)[gone];
     let m = movement(&before.map, &after.map);
     assert_eq!(m.added, held, "{m:?}");
+    assert!(m.leader_changes <= 3 * led, "{m:?}, it led {led}");
     assert_eq!(m.lower_bound, held);
     for (a, b) in before.map.assignments.iter().zip(&after.map.assignments) {
         for r in a.replicas.iter().filter(|r| *r != gone) {
@@ -493,10 +567,9 @@ fn an_uneven_zone_is_loaded_as_the_spread_demands_and_a_note_says_why() {
         "one zone a replica of every shard"
     );
     assert!(
-        out.map
-            .notes
-            .iter()
-            .any(|n| n.starts_with("zone a holds 40 replicas")),
+        out.map.notes.iter().any(
+            |n| n.starts_with("zone a holds 40 replicas, 40.0 per unit of weight against 10.9")
+        ),
         "{:?}",
         out.map.notes
     );
@@ -637,6 +710,8 @@ proptest! {
         let out = plan(&p, &peers, None);
         let v = violations(&p, &peers, &out);
         prop_assert!(v.is_empty(), "{v:?}");
+        let b = unbalanced(&p, &peers, &out);
+        prop_assert!(b.is_empty(), "{b:?}");
         // Shuffled input, same map.
         let mut rev = peers.clone();
         rev.reverse();
