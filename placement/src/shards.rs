@@ -495,6 +495,9 @@ pub fn compute(
         .map(|s| (0..zn).map(|z| sv.in_zone(s, z)).collect())
         .collect();
     let mut used: Vec<u64> = zone_prev.clone();
+    let mut reserve: Vec<u64> = (0..zn)
+        .map(|z| zone_total[z].saturating_sub(used[z]))
+        .collect();
     for z in 0..zn {
         if used[z] <= zone_total[z] {
             continue;
@@ -505,13 +508,34 @@ pub fn compute(
             .map(|(s, p)| (sv.dist(p, s), s, p))
             .collect();
         held.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        for (_, s, p) in held {
-            if used[z] <= zone_total[z] {
-                break;
+        // Units leave from the peers the zone's new total puts over their target first, so
+        // that the peers do not have to even out afterwards.
+        let mut excess = vec![0i64; sv.peers.len()];
+        for (p, t) in zone_targets(&sv, z, zone_total[z], shards as u64) {
+            excess[p] = load(&sv, p) as i64 - t as i64;
+        }
+        // And from shards that can take the unit in a zone with room, so that no other
+        // shard has to move to make room for them.
+        for pass in 0..4 {
+            for &(_, s, p) in &held {
+                if used[z] <= zone_total[z] {
+                    break;
+                }
+                if !sv.rep[s].contains(&p) || (pass % 2 == 0 && excess[p] <= 0) {
+                    continue;
+                }
+                let to = (0..zn).find(|&b| b != z && n[s][b] < m[b] && reserve[b] > 0);
+                if pass < 2 && to.is_none() {
+                    continue;
+                }
+                if let Some(b) = to {
+                    reserve[b] -= 1;
+                }
+                sv.rep[s].retain(|&q| q != p);
+                excess[p] -= 1;
+                n[s][z] -= 1;
+                used[z] -= 1;
             }
-            sv.rep[s].retain(|&q| q != p);
-            n[s][z] -= 1;
-            used[z] -= 1;
         }
     }
     let zone_best: Vec<Vec<Key>> = (0..shards)
@@ -581,6 +605,7 @@ pub fn compute(
                 .filter(|&z| n[s][z] < m[z])
                 .min_by_key(|&z| (used[z] as i64 - zone_total[z] as i64, z))
             else {
+                // No zone may take another replica of this shard.
                 break;
             };
             n[s][z] += 1;
@@ -715,20 +740,13 @@ fn load(sv: &Solver<'_>, p: usize) -> u64 {
     sv.rep.iter().filter(|r| r.contains(&p)).count() as u64
 }
 
-/// Places zone `z`'s replicas on its peers: targets, keep, fill, swap, overflow. Returns
-/// whether some peer went over its target.
-fn place_zone(
-    sv: &mut Solver<'_>,
-    z: usize,
-    n: &[Vec<usize>],
-    total: u64,
-    target: &mut [u64],
-) -> bool {
-    let shards = sv.rep.len();
+/// The targets of zone `z`'s peers for `total` replicas, none over `cap`: split by host
+/// weight, then within a host by peer weight, ties to where the replicas were.
+fn zone_targets(sv: &Solver<'_>, z: usize, total: u64, cap: u64) -> Vec<(usize, u64)> {
     let members: Vec<usize> = (0..sv.peers.len())
         .filter(|&p| sv.peers[p].zone == z)
         .collect();
-    let wanted = (0..shards).filter(|&s| n[s][z] > 0).count() as u64;
+    let mut out = Vec::with_capacity(members.len());
     // Previous loads, so that rounding keeps replicas where they are.
     let mut prev_load = vec![0u64; sv.peers.len()];
     for r in &sv.prev {
@@ -762,7 +780,7 @@ fn place_zone(
                 .sum()
         })
         .collect();
-    let host_total = apportion(total, &host_weight, &vec![wanted; hosts.len()], &host_prev);
+    let host_total = apportion(total, &host_weight, &vec![cap; hosts.len()], &host_prev);
     for (hi, &h) in hosts.iter().enumerate() {
         let on: Vec<usize> = members
             .iter()
@@ -771,10 +789,28 @@ fn place_zone(
             .collect();
         let w: Vec<u64> = on.iter().map(|&p| sv.peers[p].weight).collect();
         let pr: Vec<u64> = on.iter().map(|&p| prev_load[p]).collect();
-        let t = apportion(host_total[hi], &w, &vec![wanted; on.len()], &pr);
-        for (j, &p) in on.iter().enumerate() {
-            target[p] = t[j];
-        }
+        let t = apportion(host_total[hi], &w, &vec![cap; on.len()], &pr);
+        out.extend(on.iter().copied().zip(t));
+    }
+    out
+}
+
+/// Places zone `z`'s replicas on its peers: targets, keep, fill, swap, overflow. Returns
+/// whether some peer went over its target.
+fn place_zone(
+    sv: &mut Solver<'_>,
+    z: usize,
+    n: &[Vec<usize>],
+    total: u64,
+    target: &mut [u64],
+) -> bool {
+    let shards = sv.rep.len();
+    let members: Vec<usize> = (0..sv.peers.len())
+        .filter(|&p| sv.peers[p].zone == z)
+        .collect();
+    let wanted = (0..shards).filter(|&s| n[s][z] > 0).count() as u64;
+    for (p, t) in zone_targets(sv, z, total, wanted) {
+        target[p] = t;
     }
 
     // A peer over its target gives up its kept replicas farthest from their shard keys.
