@@ -565,8 +565,22 @@ pub fn compute(
                 used[z] += 1;
                 continue;
             }
-            // A zone this shard may still use is full: move another shard's unit from it
-            // to a zone with room, preferring a unit no kept replica stands on.
+            // A zone this shard may still use is full: free a place by moving units added
+            // in this fill (no kept replica stands on them, so moving them costs nothing)
+            // along the shortest chain of zones that ends in one with room.
+            if let Some(path) = zone_chain(&sv, s, &n, &m, &used, &zone_total) {
+                if let Some(&(_, room, _)) = path.first() {
+                    used[room] += 1;
+                }
+                for (x, to, from) in path {
+                    n[x][to] += 1;
+                    if let Some(a) = from {
+                        n[x][a] -= 1;
+                    }
+                }
+                continue;
+            }
+            // Else move another shard's unit, kept or not, from such a zone to one with room.
             let mut swap = None;
             'search: for pass in 0..2 {
                 for a in (0..zn).filter(|&a| n[s][a] < m[a]) {
@@ -726,6 +740,54 @@ pub fn compute(
         },
         peers: shares,
     })
+}
+
+/// The shortest chain of zones that frees a place for one more unit of shard `s`, as
+/// `(shard, zone it gains, zone it gives up)` steps: the first gains in the zone with room,
+/// the last is `s` itself (giving up nothing). Only units no kept replica stands on move;
+/// `None` if there is no such chain.
+fn zone_chain(
+    sv: &Solver<'_>,
+    s: usize,
+    n: &[Vec<usize>],
+    m: &[usize],
+    used: &[u64],
+    total: &[u64],
+) -> Option<Vec<(usize, usize, Option<usize>)>> {
+    let zn = m.len();
+    // parent[b] = (the shard that would gain a unit in b, the zone it gives up).
+    let mut parent: Vec<Option<(usize, Option<usize>)>> = vec![None; zn];
+    let mut queue = std::collections::VecDeque::new();
+    for a in (0..zn).filter(|&a| n[s][a] < m[a]) {
+        parent[a] = Some((s, None));
+        queue.push_back(a);
+    }
+    let found = loop {
+        let a = queue.pop_front()?;
+        if used[a] < total[a] {
+            break a;
+        }
+        for s2 in (0..n.len()).filter(|&s2| s2 != s && n[s2][a] > sv.in_zone(s2, a)) {
+            for b in 0..zn {
+                if parent[b].is_none() && n[s2][b] < m[b] {
+                    parent[b] = Some((s2, Some(a)));
+                    queue.push_back(b);
+                }
+            }
+        }
+    };
+    let mut path = Vec::new();
+    let mut cur = found;
+    while let Some((x, from)) = parent[cur] {
+        path.push((x, cur, from));
+        match from {
+            None => break,
+            Some(a) => cur = a,
+        }
+    }
+    // A shard twice on the chain could break its own spread: not worth the risk.
+    let shards: BTreeSet<usize> = path.iter().map(|p| p.0).collect();
+    (shards.len() == path.len()).then_some(path)
 }
 
 fn show_zone(z: &str) -> String {
