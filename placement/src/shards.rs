@@ -491,146 +491,7 @@ pub fn compute(
     }
 
     // Level 1: how many replicas of each shard each zone holds.
-    let mut n: Vec<Vec<usize>> = (0..shards)
-        .map(|s| (0..zn).map(|z| sv.in_zone(s, z)).collect())
-        .collect();
-    let mut used: Vec<u64> = zone_prev.clone();
-    let mut reserve: Vec<u64> = (0..zn)
-        .map(|z| zone_total[z].saturating_sub(used[z]))
-        .collect();
-    for z in 0..zn {
-        if used[z] <= zone_total[z] {
-            continue;
-        }
-        let mut held: Vec<(Key, usize, usize)> = (0..shards)
-            .flat_map(|s| sv.rep[s].iter().map(move |&p| (s, p)))
-            .filter(|&(_, p)| sv.peers[p].zone == z)
-            .map(|(s, p)| (sv.dist(p, s), s, p))
-            .collect();
-        held.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        // Units leave from the peers the zone's new total puts over their target first, so
-        // that the peers do not have to even out afterwards.
-        let mut excess = vec![0i64; sv.peers.len()];
-        for (p, t) in zone_targets(&sv, z, zone_total[z], shards as u64) {
-            excess[p] = load(&sv, p) as i64 - t as i64;
-        }
-        // And from shards that can take the unit in a zone with room, so that no other
-        // shard has to move to make room for them.
-        for pass in 0..4 {
-            for &(_, s, p) in &held {
-                if used[z] <= zone_total[z] {
-                    break;
-                }
-                if !sv.rep[s].contains(&p) || (pass % 2 == 0 && excess[p] <= 0) {
-                    continue;
-                }
-                let to = (0..zn).find(|&b| b != z && n[s][b] < m[b] && reserve[b] > 0);
-                if pass < 2 && to.is_none() {
-                    continue;
-                }
-                if let Some(b) = to {
-                    reserve[b] -= 1;
-                }
-                sv.rep[s].retain(|&q| q != p);
-                excess[p] -= 1;
-                n[s][z] -= 1;
-                used[z] -= 1;
-            }
-        }
-    }
-    let zone_best: Vec<Vec<Key>> = (0..shards)
-        .map(|s| {
-            let mut best = vec![[0xff; 32]; zn];
-            for (p, peer) in sv.peers.iter().enumerate() {
-                let d = sv.dist(p, s);
-                if d < best[peer.zone] {
-                    best[peer.zone] = d;
-                }
-            }
-            best
-        })
-        .collect();
-    let mut zone_overflow = false;
-    for s in 0..shards {
-        while n[s].iter().sum::<usize>() < k_eff {
-            let open = (0..zn)
-                .filter(|&z| n[s][z] < m[z] && used[z] < zone_total[z])
-                .min_by(|&a, &b| {
-                    n[s][a]
-                        .cmp(&n[s][b])
-                        .then(zone_best[s][a].cmp(&zone_best[s][b]))
-                });
-            if let Some(z) = open {
-                n[s][z] += 1;
-                used[z] += 1;
-                continue;
-            }
-            // A zone this shard may still use is full: free a place by moving units added
-            // in this fill (no kept replica stands on them, so moving them costs nothing)
-            // along the shortest chain of zones that ends in one with room.
-            if let Some(path) = zone_chain(&sv, s, &n, &m, &used, &zone_total) {
-                if let Some(&(_, room, _)) = path.first() {
-                    used[room] += 1;
-                }
-                for (x, to, from) in path {
-                    n[x][to] += 1;
-                    if let Some(a) = from {
-                        n[x][a] -= 1;
-                    }
-                }
-                continue;
-            }
-            // Else move another shard's unit, kept or not, from such a zone to one with room.
-            let mut swap = None;
-            'search: for pass in 0..2 {
-                for a in (0..zn).filter(|&a| n[s][a] < m[a]) {
-                    for s2 in (0..shards).filter(|&s2| s2 != s && n[s2][a] > 0) {
-                        let kept = sv.in_zone(s2, a);
-                        if pass == 0 && n[s2][a] <= kept {
-                            continue;
-                        }
-                        if let Some(b) =
-                            (0..zn).find(|&b| b != a && n[s2][b] < m[b] && used[b] < zone_total[b])
-                        {
-                            swap = Some((a, s2, b));
-                            break 'search;
-                        }
-                    }
-                }
-            }
-            if let Some((a, s2, b)) = swap {
-                if n[s2][a] <= sv.in_zone(s2, a) {
-                    // The unit was a kept replica: drop the farthest one.
-                    if let Some(&p) = sv.rep[s2]
-                        .iter()
-                        .filter(|&&p| sv.peers[p].zone == a)
-                        .max_by_key(|&&p| sv.dist(p, s2))
-                    {
-                        sv.rep[s2].retain(|&q| q != p);
-                    }
-                }
-                n[s2][a] -= 1;
-                n[s2][b] += 1;
-                used[b] += 1;
-                n[s][a] += 1;
-                continue;
-            }
-            let Some(z) = (0..zn)
-                .filter(|&z| n[s][z] < m[z])
-                .min_by_key(|&z| (used[z] as i64 - zone_total[z] as i64, z))
-            else {
-                // No zone may take another replica of this shard.
-                break;
-            };
-            n[s][z] += 1;
-            used[z] += 1;
-            zone_overflow = true;
-        }
-    }
-    if zone_overflow {
-        sv.notes
-            .push("some zones hold more than their total: the spread left no other choice".into());
-    }
+    let (n, used) = spread_over_zones(&mut sv, &m, &zone_total, &zone_prev, k_eff);
 
     // Level 2: which peers of each zone.
     let mut target = vec![0u64; sv.peers.len()];
@@ -740,6 +601,162 @@ pub fn compute(
         },
         peers: shares,
     })
+}
+
+/// Level 1 of [`compute`]: how many replicas of each shard each zone holds (`n[shard][zone]`,
+/// at most `m[zone]`, `k_eff` per shard), and each zone's count (`used`, its total unless a
+/// note says the spread left no choice). Drops kept replicas a zone has no room for.
+fn spread_over_zones(
+    sv: &mut Solver<'_>,
+    m: &[usize],
+    zone_total: &[u64],
+    zone_prev: &[u64],
+    k_eff: usize,
+) -> (Vec<Vec<usize>>, Vec<u64>) {
+    let shards = sv.rep.len();
+    let zn = m.len();
+    let mut n: Vec<Vec<usize>> = (0..shards)
+        .map(|s| (0..zn).map(|z| sv.in_zone(s, z)).collect())
+        .collect();
+    let mut used: Vec<u64> = zone_prev.to_vec();
+    let mut reserve: Vec<u64> = (0..zn)
+        .map(|z| zone_total[z].saturating_sub(used[z]))
+        .collect();
+    for z in 0..zn {
+        if used[z] <= zone_total[z] {
+            continue;
+        }
+        let mut held: Vec<(Key, usize, usize)> = (0..shards)
+            .flat_map(|s| sv.rep[s].iter().map(move |&p| (s, p)))
+            .filter(|&(_, p)| sv.peers[p].zone == z)
+            .map(|(s, p)| (sv.dist(p, s), s, p))
+            .collect();
+        held.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        // Units leave from the peers the zone's new total puts over their target first, so
+        // that the peers do not have to even out afterwards.
+        let mut excess = vec![0i64; sv.peers.len()];
+        for (p, t) in zone_targets(sv, z, zone_total[z], shards as u64) {
+            excess[p] = load(sv, p) as i64 - t as i64;
+        }
+        // And from shards that can take the unit in a zone with room, so that no other
+        // shard has to move to make room for them.
+        for pass in 0..4 {
+            for &(_, s, p) in &held {
+                if used[z] <= zone_total[z] {
+                    break;
+                }
+                if !sv.rep[s].contains(&p) || (pass % 2 == 0 && excess[p] <= 0) {
+                    continue;
+                }
+                let to = (0..zn).find(|&b| b != z && n[s][b] < m[b] && reserve[b] > 0);
+                if pass < 2 && to.is_none() {
+                    continue;
+                }
+                if let Some(b) = to {
+                    reserve[b] -= 1;
+                }
+                sv.rep[s].retain(|&q| q != p);
+                excess[p] -= 1;
+                n[s][z] -= 1;
+                used[z] -= 1;
+            }
+        }
+    }
+    let zone_best: Vec<Vec<Key>> = (0..shards)
+        .map(|s| {
+            let mut best = vec![[0xff; 32]; zn];
+            for (p, peer) in sv.peers.iter().enumerate() {
+                let d = sv.dist(p, s);
+                if d < best[peer.zone] {
+                    best[peer.zone] = d;
+                }
+            }
+            best
+        })
+        .collect();
+    let mut zone_overflow = false;
+    for s in 0..shards {
+        while n[s].iter().sum::<usize>() < k_eff {
+            let open = (0..zn)
+                .filter(|&z| n[s][z] < m[z] && used[z] < zone_total[z])
+                .min_by(|&a, &b| {
+                    n[s][a]
+                        .cmp(&n[s][b])
+                        .then(zone_best[s][a].cmp(&zone_best[s][b]))
+                });
+            if let Some(z) = open {
+                n[s][z] += 1;
+                used[z] += 1;
+                continue;
+            }
+            // A zone this shard may still use is full: free a place by moving units added
+            // in this fill (no kept replica stands on them, so moving them costs nothing)
+            // along the shortest chain of zones that ends in one with room.
+            if let Some(path) = zone_chain(sv, s, &n, m, &used, zone_total) {
+                if let Some(&(_, room, _)) = path.first() {
+                    used[room] += 1;
+                }
+                for (x, to, from) in path {
+                    n[x][to] += 1;
+                    if let Some(a) = from {
+                        n[x][a] -= 1;
+                    }
+                }
+                continue;
+            }
+            // Else move another shard's unit, kept or not, from such a zone to one with room.
+            let mut swap = None;
+            'search: for pass in 0..2 {
+                for a in (0..zn).filter(|&a| n[s][a] < m[a]) {
+                    for s2 in (0..shards).filter(|&s2| s2 != s && n[s2][a] > 0) {
+                        let kept = sv.in_zone(s2, a);
+                        if pass == 0 && n[s2][a] <= kept {
+                            continue;
+                        }
+                        if let Some(b) =
+                            (0..zn).find(|&b| b != a && n[s2][b] < m[b] && used[b] < zone_total[b])
+                        {
+                            swap = Some((a, s2, b));
+                            break 'search;
+                        }
+                    }
+                }
+            }
+            if let Some((a, s2, b)) = swap {
+                if n[s2][a] <= sv.in_zone(s2, a) {
+                    // The unit was a kept replica: drop the farthest one.
+                    if let Some(&p) = sv.rep[s2]
+                        .iter()
+                        .filter(|&&p| sv.peers[p].zone == a)
+                        .max_by_key(|&&p| sv.dist(p, s2))
+                    {
+                        sv.rep[s2].retain(|&q| q != p);
+                    }
+                }
+                n[s2][a] -= 1;
+                n[s2][b] += 1;
+                used[b] += 1;
+                n[s][a] += 1;
+                continue;
+            }
+            let Some(z) = (0..zn)
+                .filter(|&z| n[s][z] < m[z])
+                .min_by_key(|&z| (used[z] as i64 - zone_total[z] as i64, z))
+            else {
+                // No zone may take another replica of this shard.
+                break;
+            };
+            n[s][z] += 1;
+            used[z] += 1;
+            zone_overflow = true;
+        }
+    }
+    if zone_overflow {
+        sv.notes
+            .push("some zones hold more than their total: the spread left no other choice".into());
+    }
+
+    (n, used)
 }
 
 /// The shortest chain of zones that frees a place for one more unit of shard `s`, as
