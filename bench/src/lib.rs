@@ -4,6 +4,7 @@
 //! run end to end. The `canal` binary owns their command line and calls in here; they talk
 //! to nodes only through [`canal_client`] and [`canal_testnet`].
 //!
+//! [`shards`] computes the shard map of simulated peers in this process (no nodes, no I/O).
 //! [`raft`], [`pubsub`], [`functions`] and [`placement`] start their own cluster of local
 //! nodes (the running binary, which must be `canal`), so the numbers are reproducible with
 //! one command: for `raft`, committed writes/s and commit latency with 1 and with 64
@@ -14,9 +15,11 @@ mod fn_bench;
 mod nats;
 mod placement;
 pub mod scenario;
+mod shard_map;
 
 pub use fn_bench::run as functions;
 pub use placement::run as placement;
+pub use shard_map::{ShardsBench, run as shards};
 
 use crate::nats::{RunStats, Shape};
 use anyhow::{Context, bail};

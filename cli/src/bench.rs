@@ -57,6 +57,32 @@ enum BenchCommand {
         #[arg(long, default_value_t = 8)]
         publishers: usize,
     },
+    /// The shard map at scale, simulated in this process (no nodes): replicas and leaders per
+    /// peer, replicas moved when one peer joins and when one leaves against the minimum, and
+    /// the time to compute each map.
+    Shards {
+        /// Simulated peers.
+        #[arg(long, default_value_t = 100)]
+        peers: usize,
+        /// Shards.
+        #[arg(long, default_value_t = 1000)]
+        shards: u32,
+        /// K, replicas per shard.
+        #[arg(long, default_value_t = 3)]
+        replication: usize,
+        /// Zones the peers are spread over (the `zone` label); 0 spreads over none.
+        #[arg(long, default_value_t = 3)]
+        zones: usize,
+        /// Tiers given to the peers round-robin, comma-separated.
+        #[arg(long, default_value = "cloud,edge,core", value_delimiter = ',')]
+        tiers: Vec<String>,
+        /// Only peers of this tier hold replicas.
+        #[arg(long)]
+        tier: Option<String>,
+        /// Peers per host (no two replicas of a shard share a host).
+        #[arg(long, default_value_t = 1)]
+        peers_per_host: usize,
+    },
     /// Replicated writes on a local 3-node cluster: throughput, commit latency, failover time.
     Raft {
         /// Writes per run.
@@ -99,6 +125,26 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
             events,
             publishers,
         } => canal_bench::functions(count, events, publishers, json).await,
+        BenchCommand::Shards {
+            peers,
+            shards,
+            replication,
+            zones,
+            tiers,
+            tier,
+            peers_per_host,
+        } => canal_bench::shards(
+            canal_bench::ShardsBench {
+                peers,
+                shards,
+                replication,
+                zones,
+                tiers,
+                tier,
+                peers_per_host,
+            },
+            json,
+        ),
         BenchCommand::Placement { events, publishers } => {
             canal_bench::placement(events, publishers, json).await
         }

@@ -9,15 +9,11 @@
 use canal_proto::Topic;
 use libp2p::PeerId;
 use libp2p::kad::KBucketKey;
-use sha2::{Digest, Sha256};
 
-/// A 256-bit key in the Kademlia keyspace.
-pub type Key = [u8; 32];
-
-/// The default number of shards in the topic space.
-pub const DEFAULT_SHARDS: u32 = 64;
-/// The default replication factor K: how many home peers each shard has.
-pub const DEFAULT_REPLICATION: usize = 3;
+// The keyspace has one definition, in proto, shared with the placement crate's shard map.
+pub use canal_proto::keyspace::{
+    DEFAULT_REPLICATION, DEFAULT_SHARDS, Key, distance, shard_key, shard_of, topic_key,
+};
 
 /// The shape of the topic space: how many shards and how many home peers a shard has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,36 +46,10 @@ pub struct Placement {
     pub home: Vec<(PeerId, Key)>,
 }
 
-/// The key of a topic: SHA-256 of its name.
-pub fn topic_key(topic: &Topic) -> Key {
-    Sha256::digest(topic.as_str().as_bytes()).into()
-}
-
-/// The shard a key falls in, for a topic space of `shards` shards.
-pub fn shard_of(key: &Key, shards: u32) -> u32 {
-    let mut head = [0u8; 8];
-    head.copy_from_slice(&key[..8]);
-    (u64::from_be_bytes(head) % u64::from(shards.max(1))) as u32
-}
-
-/// The key of a shard: SHA-256 of `canal/shard/v1/{shard}`.
-pub fn shard_key(shard: u32) -> Key {
-    Sha256::digest(format!("canal/shard/v1/{shard}").as_bytes()).into()
-}
-
 /// The Kademlia key of a peer, exactly as libp2p's Kademlia computes it.
 pub fn peer_key(peer: &PeerId) -> Key {
     let mut out = [0u8; 32];
     out.copy_from_slice(KBucketKey::from(*peer).hashed_bytes());
-    out
-}
-
-/// The XOR distance between two keys; comparing the arrays compares the distances.
-pub fn distance(a: &Key, b: &Key) -> Key {
-    let mut out = [0u8; 32];
-    for (o, (x, y)) in out.iter_mut().zip(a.iter().zip(b.iter())) {
-        *o = x ^ y;
-    }
     out
 }
 
@@ -118,6 +88,7 @@ impl TopicSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     fn peers(n: usize) -> Vec<PeerId> {
         (0..n).map(|_| PeerId::random()).collect()
@@ -185,5 +156,9 @@ mod tests {
         let ours = distance(&peer_key(&a), &peer_key(&b));
         let theirs = KBucketKey::from(a).distance(&KBucketKey::from(b));
         assert_eq!(ours, theirs.0.to_big_endian());
+        assert_eq!(
+            peer_key(&a),
+            canal_proto::keyspace::peer_key_of_bytes(&a.to_bytes())
+        );
     }
 }

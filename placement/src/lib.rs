@@ -15,6 +15,9 @@
 //! - `estimates` — [`Estimates`]: an EWMA of each function's execution time on each peer,
 //!   fed back from real invocations, and the queueing delay derived from a peer's load.
 //! - `score` — [`load_score`] and the latency policy's predicted response time.
+//! - [`shards`] — the shard map: every shard's K replicas under the same constraints, spread
+//!   over a failure-domain label, balanced, moved as little as possible ([`shards::compute`],
+//!   [`shards::plan_moves`], [`shards::movement`]). Groups do not use it yet.
 //! - `decide` — [`Candidate`], [`decide`], [`should_replace`] (the hysteresis), and the
 //!   explanations.
 //!
@@ -52,6 +55,7 @@ mod constraint;
 mod decide;
 mod estimates;
 mod score;
+pub mod shards;
 
 #[cfg(test)]
 mod proptests;

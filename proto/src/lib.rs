@@ -13,6 +13,10 @@
 //!   settings, and what an invocation returns.
 //! - [`settings`]: per-topic retention and payload limits, set on topics or filters.
 //! - [`size`]: byte sizes written by people (`80GiB`, `512MiB`).
+//! - [`keyspace`]: topic -> key -> shard, shard keys and the XOR distance (one definition,
+//!   used by the DHT and by placement).
+//! - [`shards`]: the shard map (every shard's replicas, first the preferred leader), as
+//!   the metadata group stores it, with its bounded decoder.
 //! - [`api`]: the JSON bodies of the HTTP client API, shared by the node and the CLI.
 //! - [`wire`]: the versioned binary envelope (bincode) for peer-to-peer messages.
 //! - [`peer`]: the peer messages outside the log: the channel byte of peer RPCs
@@ -24,10 +28,12 @@
 pub mod api;
 pub mod caps;
 pub mod function;
+pub mod keyspace;
 pub mod peer;
 pub mod placement;
 pub mod qos;
 pub mod settings;
+pub mod shards;
 pub mod size;
 pub mod time;
 pub mod topic;
