@@ -213,7 +213,7 @@ pub(crate) fn collect_events(
 /// Subscribes through `api` to `path` (a `/v1/subscribe?...`), with no time limit on the
 /// stream; fails with the node's error if it refuses.
 pub(crate) async fn subscribe(api: &Api, path: &str) -> anyhow::Result<canal_client::Response> {
-    let client = Client::streaming(api.base(), None)?;
+    let client = Client::streaming(api.base(), Some(canal_testnet::admin_token()))?;
     client
         .stream(path)
         .await
@@ -267,7 +267,7 @@ pub(crate) async fn publish_many(
         // A client (and so a connection pool) per publisher, as a real client would have.
         let clients = apis
             .iter()
-            .map(|a| Client::new(a.base(), None))
+            .map(|a| Client::new(a.base(), Some(canal_testnet::admin_token())))
             .collect::<Result<Vec<_>, _>>()?;
         tasks.push(tokio::spawn(async move {
             loop {
@@ -326,9 +326,11 @@ pub(crate) async fn publish_streams(
     for (n, api) in apis.iter().take(streams).enumerate() {
         // The in-flight publishes, split as evenly as they go.
         let window = publishers / streams + usize::from(n < publishers % streams);
-        let stream = canal_client::PublishStream::connect(api.base(), None).await?;
+        let stream =
+            canal_client::PublishStream::connect(api.base(), Some(canal_testnet::admin_token()))
+                .await?;
         let (mut tx, mut acks) = stream.split();
-        let client = Client::new(api.base(), None)?;
+        let client = Client::new(api.base(), Some(canal_testnet::admin_token()))?;
         let (next, payload) = (next.clone(), payload.clone());
         let (topic, id_prefix) = (topic.clone(), id_prefix.to_string());
         let room = Arc::new(tokio::sync::Semaphore::new(window));

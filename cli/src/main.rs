@@ -16,6 +16,7 @@
 //!   the NATS side of `canal bench pubsub --compare-nats`; `bench_placement`: `canal bench
 //!   placement`.
 //! - `testnet_cmd`: `canal testnet`, a mesh of node processes on this machine.
+//! - `token_cmd`: `canal token`: issue, list, revoke; key files; offline minting.
 //! - `scenario`: `canal testnet scenario`, the README's demos run end to end and checked.
 //!
 //! Exit codes: 0 success, 1 the request failed, 2 bad usage.
@@ -28,6 +29,7 @@ mod pubsub_cmd;
 mod scenario;
 mod show;
 mod testnet_cmd;
+mod token_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -44,7 +46,8 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     api: String,
-    /// Token for nodes that ask for one.
+    /// The token requests carry (`Authorization: Bearer`): the admin token a founding node
+    /// printed, or one from `canal token create`.
     #[arg(long, global = true, env = "CANAL_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Print JSON for scripts instead of tables for people.
@@ -94,6 +97,11 @@ enum Command {
     State {
         #[command(subcommand)]
         command: fn_cmd::StateCommand,
+    },
+    /// Tokens: create, list, revoke; token key files.
+    Token {
+        #[command(subcommand)]
+        command: token_cmd::TokenCommand,
     },
 }
 
@@ -342,6 +350,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::State { command } => {
             fn_cmd::state(&cli.api, cli.token.as_deref(), command, cli.json).await
+        }
+        Command::Token { command } => {
+            token_cmd::run(&cli.api, cli.token.as_deref(), command, cli.json).await
         }
     }
 }

@@ -89,6 +89,14 @@ pub(crate) struct NodeArgs {
         allow_hyphen_values = true
     )]
     clock_offset_ms: Option<i64>,
+    /// How the API checks callers: `tokens` (every request but /v1/health carries a token;
+    /// the default) or `none` (no checks; loopback API addresses only, for local development).
+    #[arg(long, env = "CANAL_AUTH", value_parser = ["tokens", "none"])]
+    auth: Option<String>,
+    /// The cluster's token signing key (`canal token keygen FILE`), for a node that issues
+    /// tokens. Without it the founding node makes one in its data directory at formation.
+    #[arg(long, env = "CANAL_TOKEN_KEY")]
+    token_key: Option<PathBuf>,
     /// Home peers per shard (K).
     #[arg(long, env = "CANAL_REPLICATION_FACTOR")]
     replication_factor: Option<usize>,
@@ -158,6 +166,12 @@ impl NodeArgs {
         }
         if let Some(v) = self.max_publish_streams {
             c.max_publish_streams = v;
+        }
+        if let Some(v) = &self.auth {
+            c.auth = v.clone();
+        }
+        if self.token_key.is_some() {
+            c.token_key = self.token_key.clone();
         }
         Ok(c)
     }

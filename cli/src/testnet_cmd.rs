@@ -48,6 +48,10 @@ enum TestnetCommand {
         /// How long to wait for the mesh to form, in seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// The token key file the nodes get (copied into the testnet's directory); default:
+        /// one made there on first `up` (`DIR/token.key`) and kept.
+        #[arg(long)]
+        token_key: Option<std::path::PathBuf>,
     },
     /// Each node: running or not, its peer id, API address and readiness.
     Status,
@@ -99,6 +103,7 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
             tiers,
             links,
             timeout,
+            token_key,
         } => {
             canal_proto::Gpu::parse_declared(&gpu)?;
             let relayed = tiers.is_some() || !links.is_empty();
@@ -125,19 +130,21 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
                 gpu,
                 timeout: Duration::from_secs(timeout),
                 links,
+                token_key,
             };
-            let nodes = cluster::up(&bin, &opts, |msg| eprintln!("{msg}")).await?;
+            let (nodes, token) = cluster::up(&bin, &opts, |msg| eprintln!("{msg}")).await?;
             show(&nodes, json).await?;
             if let Some(api) = nodes
                 .first()
                 .and_then(|n| n.info.as_ref())
                 .map(|i| i.api.clone())
             {
-                // With --json, stdout is one JSON document; the line to paste goes to stderr.
+                // With --json, stdout is one JSON document; the lines to paste go to stderr.
+                let lines = format!("export CANAL_API={api}\nexport CANAL_TOKEN={token}");
                 if json {
-                    eprintln!("export CANAL_API={api}");
+                    eprintln!("{lines}");
                 } else {
-                    println!("export CANAL_API={api}");
+                    println!("{lines}");
                 }
             }
             Ok(())

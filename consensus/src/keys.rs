@@ -25,6 +25,9 @@
 //!   measurements()        \x01M/{function}\x00{peer}       measurement        metadata
 //!   REMOVED               \x01R/{peer}                     (marker)           metadata
 //!   ADMITTED              \x01A/{peer}                     (marker)           metadata
+//!   TOKEN_KEY             \x01K/{algorithm}                public token key   metadata
+//!   TOKENS                \x01I/{token id}                 issued token       metadata
+//!   REVOKED_TOKENS        \x01X/{token id}                 expiry (u64)       metadata
 //! ```
 //!
 //! The byte layout is the on-disk format (`canal-raft/3`): changing a prefix or a separator
@@ -305,6 +308,15 @@ pub const TRIGGERS: Table<Name, Wire<TriggerSpec>> = Table::new("\u{1}T/", "trig
 pub const REMOVED: Table<Name, Raw> = Table::new("\u{1}R/", "removed peers");
 /// A peer admitted by hand (metadata group).
 pub const ADMITTED: Table<Name, Raw> = Table::new("\u{1}A/", "admitted peers");
+/// The public half of the cluster's token signing key, by algorithm (metadata group); set
+/// once, by the node that founds the cluster (the apply refuses to change it).
+pub const TOKEN_KEY: Table<Name, Raw> = Table::new("\u{1}K/", "token keys");
+/// What an issued token says (its claims, never the token itself), by token id (metadata
+/// group); the auth layer owns the value's format.
+pub const TOKENS: Table<Name, Raw> = Table::new("\u{1}I/", "issued tokens");
+/// A revoked token id, with the token's expiry (ms), after which the record may go
+/// (metadata group).
+pub const REVOKED_TOKENS: Table<Name, Wire<u64>> = Table::new("\u{1}X/", "revoked tokens");
 
 /// A function's committed placement (metadata group); the placer owns the value's type.
 pub const fn placements<V>() -> Table<Name, Wire<V>> {
@@ -414,6 +426,9 @@ mod tests {
             p(TRIGGERS),
             p(REMOVED),
             p(ADMITTED),
+            p(TOKEN_KEY),
+            p(TOKENS),
+            p(REVOKED_TOKENS),
             p(placements::<u64>()),
             p(measurements::<u64>()),
         ]

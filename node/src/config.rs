@@ -62,6 +62,14 @@ pub struct NodeConfig {
     /// How many publish streams (`GET /v1/publish`) this node serves at once; more get a
     /// 503 `too_many_streams`.
     pub max_publish_streams: usize,
+    /// How the client API checks callers: `tokens` (every request but `/v1/health` carries a
+    /// token signed by the cluster's token key) or `none` (anyone who reaches the API may do
+    /// anything; loopback API addresses only, for local development).
+    pub auth: String,
+    /// The cluster's token signing key (`canal token keygen FILE`), held by the operator and
+    /// given to the nodes that issue tokens. Without it, the founding node creates one in its
+    /// data directory (`token-key`) at formation. See docs/auth.md.
+    pub token_key: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -88,6 +96,8 @@ impl Default for NodeConfig {
             insecure_open: false,
             max_subscribers: 10_000,
             max_publish_streams: 1000,
+            auth: "tokens".into(),
+            token_key: None,
         }
     }
 }
@@ -156,6 +166,19 @@ pub struct ValidConfig {
     pub max_subscribers: usize,
     /// The most publish streams served at once.
     pub max_publish_streams: usize,
+    /// Whether the API checks tokens.
+    pub auth: AuthMode,
+    /// The operator-held token key file, if one was given.
+    pub token_key: Option<PathBuf>,
+}
+
+/// How the client API checks callers (`auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Every request but `/v1/health` carries a valid token holding the right it needs.
+    Tokens,
+    /// No checks (`--auth none`): loopback API addresses only.
+    None,
 }
 
 /// Which peers the cluster takes in as learners (and later voters) on its own.
@@ -399,6 +422,24 @@ impl NodeConfig {
                 Admission::ByHand
             }
         };
+        let auth = match self.auth.as_str() {
+            "tokens" => AuthMode::Tokens,
+            "none" if !api_listen.ip().is_loopback() => {
+                return Err(invalid(
+                    "auth",
+                    format!(
+                        "`none` lets anyone who reaches the API deploy code and read or write every topic, so it is refused with the API on {api_listen}, which other hosts can reach: listen on 127.0.0.1, or use tokens (the default)"
+                    ),
+                ));
+            }
+            "none" => AuthMode::None,
+            other => {
+                return Err(invalid(
+                    "auth",
+                    format!("{other:?} is not an auth mode: use `tokens` (the default) or `none`"),
+                ));
+            }
+        };
         Ok(ValidConfig {
             data_dir: self.data_dir.clone(),
             listen,
@@ -420,6 +461,8 @@ impl NodeConfig {
             admission,
             max_subscribers: self.max_subscribers,
             max_publish_streams: self.max_publish_streams,
+            auth,
+            token_key: self.token_key.clone(),
         })
     }
 }

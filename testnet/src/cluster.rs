@@ -44,6 +44,9 @@ pub struct UpOptions {
     pub timeout: Duration,
     /// Each tier's link; `None`: no relays (nodes talk directly). Use [`tier_links`].
     pub links: Option<Vec<(String, LinkSettings)>>,
+    /// The token key file to give the nodes (copied to `DIR/token.key` if none is there);
+    /// `None`: one made there on first `up`.
+    pub token_key: Option<PathBuf>,
 }
 
 /// The link a tier gets when `--link` names none: 30 ms for `edge`, 1 ms for `cloud`, no
@@ -240,13 +243,14 @@ fn spawn_detached(bin: &Path, node_dir: &Path) -> anyhow::Result<u32> {
 }
 
 /// Starts a testnet in `opts.dir` and waits until every node sees every other; `progress`
-/// is told what is happening. Returns the nodes. If it fails after starting anything, it
-/// stops what it started (nodes and relays) before returning the error.
+/// is told what is happening. Returns the nodes and an admin token for them (also in
+/// `DIR/admin-token`). If it fails after starting anything, it stops what it started (nodes
+/// and relays) before returning the error.
 pub async fn up(
     bin: &Path,
     opts: &UpOptions,
     progress: impl FnMut(&str),
-) -> anyhow::Result<Vec<ClusterNode>> {
+) -> anyhow::Result<(Vec<ClusterNode>, String)> {
     check_free(opts)?;
     match start_all(bin, opts, progress).await {
         Ok(nodes) => Ok(nodes),
@@ -290,7 +294,7 @@ async fn start_all(
     bin: &Path,
     opts: &UpOptions,
     mut progress: impl FnMut(&str),
-) -> anyhow::Result<Vec<ClusterNode>> {
+) -> anyhow::Result<(Vec<ClusterNode>, String)> {
     let n: usize = opts.tiers.iter().map(|(_, c)| c).sum();
     if n == 0 {
         bail!("a testnet needs at least one node");
@@ -357,6 +361,16 @@ async fn start_all(
     // One key for the whole testnet, kept with it so restarted nodes still hold it.
     let key = std::fs::canonicalize(&opts.dir)?.join("swarm.key");
     crate::ensure_cluster_key(bin, &key)?;
+    // And one token key, likewise kept; the admin token is minted from it.
+    let token_key = std::fs::canonicalize(&opts.dir)?.join(crate::auth::TOKEN_KEY_FILE);
+    if let Some(given) = &opts.token_key
+        && !token_key.exists()
+    {
+        let text = std::fs::read_to_string(given)
+            .with_context(|| format!("cannot read --token-key {}", given.display()))?;
+        crate::auth::write_private(&token_key, &text)?;
+    }
+    let admin = crate::auth::persistent_credentials(&opts.dir)?;
     let mut pids = Vec::new();
     for i in 0..n {
         let node_dir = std::fs::canonicalize(&opts.dir)?.join(format!("node{i}"));
@@ -380,6 +394,7 @@ async fn start_all(
                 *a = format!("127.0.0.1:{}", ports[i].1);
             }
         }
+        args.extend(["--token-key".into(), token_key.display().to_string()]);
         // The first (up to) three form the Raft cluster; later ones join it as learners.
         args.extend(["--bootstrap-expect".into(), n.min(3).to_string()]);
         if opts.links.is_some() {
@@ -410,7 +425,7 @@ async fn start_all(
     }
     let apis: Vec<Api> = ports
         .iter()
-        .map(|(_, a)| Api::new(&format!("http://127.0.0.1:{a}")))
+        .map(|(_, a)| Api::with_token(&format!("http://127.0.0.1:{a}"), Some(&admin)))
         .collect();
     let deadline = std::time::Instant::now() + opts.timeout;
     let mut last_report = usize::MAX;
@@ -492,7 +507,7 @@ async fn start_all(
             .collect();
         return Err(anyhow!("{e}\n{}", tails.join("\n")));
     }
-    Ok(list(&opts.dir))
+    Ok((list(&opts.dir), admin))
 }
 
 fn signal(pid: u32, sig: i32) {

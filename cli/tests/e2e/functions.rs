@@ -553,6 +553,7 @@ async fn a_chain_of_three_functions_and_a_qos0_trigger() {
     )
     .await;
     let mut child = tokio::process::Command::new(crate::BIN)
+        .env("CANAL_TOKEN", canal_testnet::admin_token())
         .args([
             "--api",
             net.api(1).unwrap().base(),
@@ -567,7 +568,7 @@ async fn a_chain_of_three_functions_and_a_qos0_trigger() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let http = reqwest::Client::new();
+    let http = canal_testnet::http_client();
     let base = net.api(2).unwrap().base().to_string();
     // At most once: publish until one gets through the subscriber's start-up.
     wait_for("a QoS 0 output to arrive", Duration::from_secs(30), || {

@@ -9,6 +9,7 @@
 //! - [`health`], [`cluster`], [`kv`], [`functions`], [`topics`], [`publish`], [`subscribe`]: the handlers,
 //!   by area.
 
+pub mod auth;
 pub mod cluster;
 pub mod error;
 pub mod functions;
@@ -66,10 +67,13 @@ pub struct ApiState {
     pub publish_streams: Arc<tokio::sync::Semaphore>,
     /// How many that is (`max_publish_streams`), for the error that says so.
     pub max_publish_streams: usize,
+    /// Tokens: the gate every request passes, issuing and revoking.
+    pub tokens: Arc<crate::tokens::Tokens<NodeTransport>>,
 }
 
 /// Builds the router.
 pub fn router(state: ApiState) -> Router {
+    let gate = axum::middleware::from_fn_with_state(state.clone(), auth::authenticate);
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/peers", get(peers))
@@ -104,6 +108,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/functions/{name}/placement", get(fn_placement))
         .route("/v1/functions/{name}/state", get(fn_state_list))
         .route("/v1/functions/{name}/state/{*key}", get(fn_state_get))
+        .route(
+            "/v1/tokens",
+            get(auth::token_list).post(auth::token_create),
+        )
+        .route(
+            "/v1/tokens/{id}",
+            axum::routing::delete(auth::token_revoke),
+        )
         .route("/v1/triggers", get(trigger_list))
         .route(
             "/v1/triggers/{name}",
@@ -119,9 +131,10 @@ pub fn router(state: ApiState) -> Router {
         })
         .fallback(|| async {
             ApiError::not_found(
-                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, POST /v1/events, /v1/publish (WebSocket), /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/admit/{peer}, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}] and /metrics",
+                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, POST /v1/events, /v1/publish (WebSocket), /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/admit/{peer}, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}], /v1/tokens[/{id}] and /metrics",
             )
         })
+        .layer(gate)
         .with_state(state)
 }
 
