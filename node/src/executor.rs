@@ -639,6 +639,7 @@ impl<T: Transport> Executor<T> {
             return Ok(false);
         }
         let module = self.functions.module(&function).await?;
+        let owner = self.functions.trigger_owner(&spec.uid)?;
         let dead_letter = spec.dead_letter_topic().map_err(|e| ExecError::Trigger {
             trigger: spec.name.clone(),
             why: e.0,
@@ -719,6 +720,7 @@ impl<T: Transport> Executor<T> {
                 match self
                     .run_with_retries(spec, &function, &module, event, &base, &changes)
                     .await
+                    .and_then(|inv| denied(owner.as_ref(), &inv.outputs).map_or(Ok(inv), Err))
                 {
                     Ok(inv) => {
                         changes = inv.state;
@@ -956,7 +958,12 @@ impl<T: Transport> Executor<T> {
                 spec.out.clone(),
             )
             .await;
-        let outputs: Vec<Output> = match &inv.result {
+        let owner = self.functions.trigger_owner(&spec.uid)?;
+        let verdict = match (&inv.result, denied(owner.as_ref(), &inv.outputs)) {
+            (Ok(()), Some(refused)) => Err(refused),
+            (r, _) => r.clone(),
+        };
+        let outputs: Vec<Output> = match &verdict {
             Ok(()) => inv
                 .outputs
                 .iter()
@@ -1002,7 +1009,7 @@ impl<T: Transport> Executor<T> {
                 },
             );
         }
-        if inv.result.is_ok() && !inv.state.is_empty() {
+        if verdict.is_ok() && !inv.state.is_empty() {
             let fx = Effects {
                 function: function.name.clone(),
                 cursor: None,
@@ -1084,6 +1091,22 @@ fn cut(text: String, max: usize) -> String {
     let mut t = text[..end].to_string();
     t.push('…');
     t
+}
+
+/// Why an invocation's outputs are refused: one goes where the trigger's owner may not
+/// publish (no owner: a trigger created without a token, unchecked).
+fn denied(
+    owner: Option<&canal_proto::function::TriggerOwner>,
+    outputs: &[Output],
+) -> Option<Failure> {
+    let owner = owner?;
+    outputs.iter().find_map(|o| match Topic::new(&o.topic) {
+        Ok(t) if owner.may_publish(&t) => None,
+        _ => Some(Failure::Denied(format!(
+            "the trigger's owner {:?} may not publish to {:?}: no publish allow filter of its token matches it, or a deny filter does",
+            owner.subject, o.topic
+        ))),
+    })
 }
 
 fn dead_letter_headers(

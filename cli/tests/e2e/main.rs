@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod admission;
+mod auth;
 mod functions;
 mod hostile;
 mod mesh;
