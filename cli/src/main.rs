@@ -50,6 +50,10 @@ struct Cli {
     /// printed, or one from `canal token create`.
     #[arg(long, global = true, env = "CANAL_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// PEM CA certificates to verify an `https://` node's certificate with (instead of the
+    /// system's roots); a certificate that does not chain to them is refused.
+    #[arg(long, global = true, env = "CANAL_CA")]
+    ca: Option<std::path::PathBuf>,
     /// Print JSON for scripts instead of tables for people.
     #[arg(long, global = true)]
     json: bool,
@@ -231,6 +235,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(ca) = &cli.ca {
+        canal_client::tls::set_ca_file(ca).map_err(client::UsageError)?;
+    }
     match cli.command {
         Command::Node(args) => node_cmd::run(*args).await,
         Command::Bench(args) => bench::run(args, cli.json).await,

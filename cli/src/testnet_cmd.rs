@@ -52,6 +52,10 @@ enum TestnetCommand {
         /// one made there on first `up` (`DIR/token.key`) and kept.
         #[arg(long)]
         token_key: Option<std::path::PathBuf>,
+        /// Serve the APIs over HTTPS, with certificates of a local CA made in DIR/tls/ (it
+        /// prints `export CANAL_CA=...` for the CLI).
+        #[arg(long)]
+        tls: bool,
     },
     /// Each node: running or not, its peer id, API address and readiness.
     Status,
@@ -95,6 +99,11 @@ struct Tiers(Vec<(String, usize)>);
 pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
     let bin = std::env::current_exe().context("cannot find the canal binary to run nodes with")?;
     let dir = args.dir;
+    // A testnet up with --tls keeps its CA with it; this process trusts it unless --ca said.
+    let local_ca = dir.join("tls").join("ca.pem");
+    if local_ca.exists() {
+        let _ = canal_client::tls::set_ca_file(&local_ca);
+    }
     match args.command {
         TestnetCommand::Up {
             nodes,
@@ -104,6 +113,7 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
             links,
             timeout,
             token_key,
+            tls,
         } => {
             canal_proto::Gpu::parse_declared(&gpu)?;
             let relayed = tiers.is_some() || !links.is_empty();
@@ -131,6 +141,7 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
                 timeout: Duration::from_secs(timeout),
                 links,
                 token_key,
+                tls,
             };
             let (nodes, token) = cluster::up(&bin, &opts, |msg| eprintln!("{msg}")).await?;
             show(&nodes, json).await?;
@@ -140,7 +151,11 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
                 .map(|i| i.api.clone())
             {
                 // With --json, stdout is one JSON document; the lines to paste go to stderr.
-                let lines = format!("export CANAL_API={api}\nexport CANAL_TOKEN={token}");
+                let mut lines = format!("export CANAL_API={api}\nexport CANAL_TOKEN={token}");
+                if tls {
+                    let ca = std::fs::canonicalize(&dir)?.join("tls").join("ca.pem");
+                    lines.push_str(&format!("\nexport CANAL_CA={}", ca.display()));
+                }
                 if json {
                     eprintln!("{lines}");
                 } else {

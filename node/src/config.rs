@@ -70,6 +70,13 @@ pub struct NodeConfig {
     /// given to the nodes that issue tokens. Without it, the founding node creates one in its
     /// data directory (`token-key`) at formation. See docs/auth.md.
     pub token_key: Option<PathBuf>,
+    /// PEM certificate chain of the API's TLS (with `tls_key`): the API then speaks HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the API's TLS certificate.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates that client certificates must chain to (mutual TLS): clients
+    /// without one are refused in the handshake.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -98,6 +105,9 @@ impl Default for NodeConfig {
             max_publish_streams: 1000,
             auth: "tokens".into(),
             token_key: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -170,6 +180,19 @@ pub struct ValidConfig {
     pub auth: AuthMode,
     /// The operator-held token key file, if one was given.
     pub token_key: Option<PathBuf>,
+    /// The API's TLS files; `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The files of the API's TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CAs of client certificates (mutual TLS), if required.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// How the client API checks callers (`auth`).
@@ -440,6 +463,26 @@ impl NodeConfig {
                 ));
             }
         };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            (None, None) if self.tls_client_ca.is_some() => {
+                return Err(invalid(
+                    "tls_client_ca",
+                    "mutual TLS needs the API's own TLS: give tls_cert and tls_key too",
+                ));
+            }
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "tls_cert",
+                    "tls_cert and tls_key go together: give both (PEM files) or neither",
+                ));
+            }
+        };
         Ok(ValidConfig {
             data_dir: self.data_dir.clone(),
             listen,
@@ -463,6 +506,7 @@ impl NodeConfig {
             max_publish_streams: self.max_publish_streams,
             auth,
             token_key: self.token_key.clone(),
+            tls,
         })
     }
 }

@@ -119,6 +119,9 @@ pub enum NodeError {
     /// The token key cannot be read or used.
     #[error("token key: {0}")]
     TokenKey(#[from] canal_auth::KeyError),
+    /// The API's TLS cannot be set up.
+    #[error(transparent)]
+    Tls(#[from] http::tls::TlsError),
     /// The runtime file cannot be written.
     #[error("cannot write {path}: {source}")]
     Runtime {
@@ -172,6 +175,11 @@ impl Node {
         }
         let data_dir = DataDir::open(&config.data_dir)?;
         let keypair = identity::load_or_create(data_dir.path())?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(http::tls::server_config)
+            .transpose()?;
         let gate = Arc::new(tokens::Gate::new(
             config.auth,
             tokens::load_key(config.token_key.as_deref(), data_dir.path())?,
@@ -355,13 +363,18 @@ impl Node {
             max_publish_streams: config.max_publish_streams,
             tokens,
         };
-        let server = http::serve(listener, state, closing);
-        info!(api = %api_addr, peer_id = %handle.local_peer_id(), "client API listening");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let server =
+            http::serve(listener, tls, state, closing).map_err(|source| NodeError::ApiListen {
+                addr: api_addr,
+                source,
+            })?;
+        info!(api = %api_addr, %scheme, peer_id = %handle.local_peer_id(), "client API listening");
 
         let info = RuntimeInfo {
             pid: std::process::id(),
             peer_id: handle.local_peer_id().to_base58(),
-            api: format!("http://{api_addr}"),
+            api: format!("{scheme}://{api_addr}"),
             listen_addrs: listen_addrs.iter().map(|a| a.to_string()).collect(),
         };
         write_runtime(data_dir.path(), &info)?;

@@ -107,6 +107,7 @@ pub fn persistent_credentials(dir: &Path) -> anyhow::Result<String> {
 
 /// An HTTP client that sends the admin token with every request, for tests' own requests.
 pub fn http_client() -> reqwest::Client {
+    canal_client::tls::install_provider();
     let mut headers = reqwest::header::HeaderMap::new();
     if let Ok(v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", admin_token())) {
         headers.insert(reqwest::header::AUTHORIZATION, v);

@@ -47,6 +47,8 @@ pub struct UpOptions {
     /// The token key file to give the nodes (copied to `DIR/token.key` if none is there);
     /// `None`: one made there on first `up`.
     pub token_key: Option<PathBuf>,
+    /// Serve the APIs over TLS with certificates of a local CA made in `DIR/tls/`.
+    pub tls: bool,
 }
 
 /// The link a tier gets when `--link` names none: 30 ms for `edge`, 1 ms for `cloud`, no
@@ -371,6 +373,18 @@ async fn start_all(
         crate::auth::write_private(&token_key, &text)?;
     }
     let admin = crate::auth::persistent_credentials(&opts.dir)?;
+    let tls = if opts.tls {
+        let files = crate::tls::ensure_local_ca(&std::fs::canonicalize(&opts.dir)?.join("tls"))?;
+        canal_client::tls::set_ca_file(&files.ca).map_err(|e| anyhow!(e))?;
+        progress(&format!(
+            "the APIs speak HTTPS with certificates of the local CA {}",
+            files.ca.display()
+        ));
+        Some(files)
+    } else {
+        None
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let mut pids = Vec::new();
     for i in 0..n {
         let node_dir = std::fs::canonicalize(&opts.dir)?.join(format!("node{i}"));
@@ -395,6 +409,14 @@ async fn start_all(
             }
         }
         args.extend(["--token-key".into(), token_key.display().to_string()]);
+        if let Some(t) = &tls {
+            args.extend([
+                "--tls-cert".into(),
+                t.cert.display().to_string(),
+                "--tls-key".into(),
+                t.key.display().to_string(),
+            ]);
+        }
         // The first (up to) three form the Raft cluster; later ones join it as learners.
         args.extend(["--bootstrap-expect".into(), n.min(3).to_string()]);
         if opts.links.is_some() {
@@ -418,14 +440,14 @@ async fn start_all(
         )?;
         let pid = spawn_detached(bin, &node_dir)?;
         progress(&format!(
-            "started node{i} ({}, pid {pid}, api http://127.0.0.1:{})",
+            "started node{i} ({}, pid {pid}, api {scheme}://127.0.0.1:{})",
             tiers[i], ports[i].1
         ));
         pids.push(pid);
     }
     let apis: Vec<Api> = ports
         .iter()
-        .map(|(_, a)| Api::with_token(&format!("http://127.0.0.1:{a}"), Some(&admin)))
+        .map(|(_, a)| Api::with_token(&format!("{scheme}://127.0.0.1:{a}"), Some(&admin)))
         .collect();
     let deadline = std::time::Instant::now() + opts.timeout;
     let mut last_report = usize::MAX;

@@ -21,6 +21,7 @@
 //!   behind one; see [`Testnet::partition`], [`Testnet::heal`], [`Testnet::set_link`].
 //! - [`relayd`]: the relay process of the persistent testnet, which outlives `canal testnet
 //!   up` as its nodes do, and takes partitions through a control file.
+//! - [`tls`]: a local CA and node certificates for `canal testnet up --tls` and TLS tests.
 //! - [`compose`]: the compose files of a mesh in containers (Docker for real hosts, podman
 //!   in CI), generated from one description.
 //!
@@ -43,6 +44,7 @@ pub mod compose;
 pub mod guests;
 pub mod relay;
 pub mod relayd;
+pub mod tls;
 
 pub use auth::{admin_token, http_client};
 pub use relay::{Fabric, LinkSettings};
@@ -468,7 +470,11 @@ impl Testnet {
                         .find(|a| a.starts_with("/ip4/127.0.0.1/tcp/"))
                         .and_then(|a| a.split("/p2p/").next())
                         .map(str::to_string);
-                    let api = info.api.trim_start_matches("http://").to_string();
+                    let api = info
+                        .api
+                        .trim_start_matches("http://")
+                        .trim_start_matches("https://")
+                        .to_string();
                     node.ports = listen.map(|l| (l, api));
                 }
                 node.info = Some(info);

@@ -330,6 +330,7 @@ async fn topic_rights_hold_on_publish_sse_and_websocket() {
         ],
     )
     .await;
+    canal_client::tls::install_provider();
     let http = reqwest::Client::new();
     let get = |path: String, token: &str| {
         http.get(format!("{base}{path}"))
@@ -639,4 +640,57 @@ async fn auth_none_serves_anyone_on_loopback_only_and_says_so() {
     .await;
     assert_clear_error(&o, 2, "auth");
     assert!(stderr(&o).contains("0.0.0.0"), "{}", stderr(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_talks_to_a_tls_node_with_ca_and_refuses_a_certificate_it_cannot_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = canal_testnet::tls::ensure_local_ca(&dir.path().join("tls")).unwrap();
+    let net = Testnet::start(BIN, 1, |_| NodeOptions {
+        extra_args: vec![
+            "--bootstrap-expect".into(),
+            "1".into(),
+            "--tls-cert".into(),
+            files.cert.display().to_string(),
+            "--tls-key".into(),
+            files.key.display().to_string(),
+        ],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let api = net.node(0).info().unwrap().api.clone();
+    assert!(api.starts_with("https://127.0.0.1:"), "{api}");
+    let ca = files.ca.display().to_string();
+    // With the CA: the CLI verifies the node and talks to it.
+    wait_for("the TLS node to answer", Duration::from_secs(60), || {
+        let (api, ca) = (api.clone(), ca.clone());
+        async move {
+            let o = canal(&["--api", &api, "--ca", &ca, "cluster", "status"]).await;
+            if o.status.success() {
+                Ok(())
+            } else {
+                Err(stderr(&o))
+            }
+        }
+    })
+    .await
+    .unwrap();
+    // Without it (the system's roots) and with another CA, the certificate is refused.
+    let o = canal(&["--api", &api, "peers"]).await;
+    assert_clear_error(&o, 1, "certificate");
+    let other = canal_testnet::tls::ensure_local_ca(&dir.path().join("other")).unwrap();
+    let o = canal(&[
+        "--api",
+        &api,
+        "--ca",
+        &other.ca.display().to_string(),
+        "peers",
+    ])
+    .await;
+    assert_clear_error(&o, 1, "certificate");
+    // Plain HTTP to the TLS port gets no answer.
+    let plain = api.replace("https://", "http://");
+    let o = canal(&["--api", &plain, "peers"]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
 }

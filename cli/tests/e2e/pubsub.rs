@@ -449,8 +449,9 @@ async fn a_websocket_subscriber_gets_events_and_acks_a_durable_subscription() {
         .await;
     }
     let url = format!(
-        "{}/v1/subscribe?filter=ws%2F%23&from=earliest&durable=wsd",
-        api.base().replace("http://", "ws://")
+        "{}/v1/subscribe?filter=ws%2F%23&from=earliest&durable=wsd&token={}",
+        api.base().replace("http://", "ws://"),
+        canal_testnet::admin_token()
     );
     let next_event = |m: Option<Result<Message, _>>| -> serde_json::Value {
         match m {
@@ -511,8 +512,9 @@ async fn a_websocket_subscriber_gets_events_and_acks_a_durable_subscription() {
     assert_eq!(resumed["data"], "e3");
     // Bad input is refused before the upgrade, as a plain HTTP error.
     let bad = format!(
-        "{}/v1/subscribe?filter=ws%2F%2Bx",
-        api.base().replace("http://", "ws://")
+        "{}/v1/subscribe?filter=ws%2F%2Bx&token={}",
+        api.base().replace("http://", "ws://"),
+        canal_testnet::admin_token()
     );
     let err = tokio_tungstenite::connect_async(&bad).await.unwrap_err();
     assert!(err.to_string().contains("400"), "{err}");
@@ -628,8 +630,9 @@ async fn unacknowledged_events_are_redelivered_then_given_up_on() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("durable"), "{body}");
     let url = format!(
-        "{}/v1/subscribe?filter=rd%2Ft&from=earliest&durable=rd&ack_timeout=300ms&max_deliveries=2",
-        api.base().replace("http://", "ws://")
+        "{}/v1/subscribe?filter=rd%2Ft&from=earliest&durable=rd&ack_timeout=300ms&max_deliveries=2&token={}",
+        api.base().replace("http://", "ws://"),
+        canal_testnet::admin_token()
     );
     let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
     // Never acknowledged: each event comes twice (go-back-N, in order), then is given up on

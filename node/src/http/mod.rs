@@ -19,6 +19,7 @@ mod metrics_text;
 pub mod parse;
 pub mod publish;
 pub mod subscribe;
+pub mod tls;
 pub mod topics;
 
 pub use error::ApiError;
@@ -138,21 +139,34 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `closing` turns true; requests in flight are finished
-/// then (the caller bounds how long it waits for that).
+/// Serves the API on `listener` (over TLS when `tls` is given) until `closing` turns true;
+/// requests in flight are finished then (the caller bounds how long it waits for that).
 pub fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     state: ApiState,
     closing: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let app = router(state);
-    tokio::spawn(async move {
-        let mut stopped = closing;
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stopped.wait_for(|c| *c).await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "API server failed");
+    let mut stopped = closing.clone();
+    let shutdown = async move {
+        let _ = stopped.wait_for(|c| *c).await;
+    };
+    Ok(match tls {
+        Some(config) => {
+            let listener = tls::TlsListener::new(listener, config, closing)?;
+            tokio::spawn(async move {
+                let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "API server failed");
+                }
+            })
         }
+        None => tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "API server failed");
+            }
+        }),
     })
 }
