@@ -24,6 +24,9 @@ pub(crate) enum TokenCommand {
     Keygen {
         /// Where to write the key; refused if the file exists.
         file: PathBuf,
+        /// Keep FILE if it exists already (exit 0): for containers that share one key.
+        #[arg(long)]
+        if_missing: bool,
     },
     /// Sign a token offline with a token key file (the operator's key), no node needed.
     Mint {
@@ -140,7 +143,11 @@ pub(crate) async fn run(
             eprintln!("revoked token {id} on every node");
             Ok(())
         }
-        TokenCommand::Keygen { file } => {
+        TokenCommand::Keygen { file, if_missing } => {
+            if if_missing && file.exists() {
+                eprintln!("{} exists: keeping it", file.display());
+                return Ok(());
+            }
             let key = canal_auth::SigningKey::generate()?;
             canal_node::tokens::write_private_file(&file, &key.to_text())
                 .with_context(|| format!("cannot write {} (it must not exist)", file.display()))?;

@@ -32,6 +32,10 @@ pub const KEY_VOLUME: &str = "cluster-key";
 /// The service that writes the key (`canal cluster keygen --if-missing`) before the nodes
 /// start.
 pub const KEYGEN: &str = "keygen";
+/// The token key every node is given (`--token-key`), in the key volume beside the cluster
+/// key: written once by [`KEYGEN`], so admin tokens can be minted from it on the host
+/// (`canal token mint --key /key/token.key ...` in a one-off container; see docs/auth.md).
+pub const TOKEN_KEY_FILE: &str = "/key/token.key";
 /// `--bootstrap-expect`: how many nodes form the Raft cluster (as voters).
 ///
 /// Every node gets the flag, as with `canal testnet up`: the services start together, and the
@@ -132,6 +136,10 @@ impl Compose {
                 "    docker compose -f testnet/docker-compose.yml up --build -d".into(),
                 "    export CANAL_API=http://127.0.0.1:7071      # edge1; 7072-7075 are the others"
                     .into(),
+                "    export CANAL_TOKEN=$(docker compose -f testnet/docker-compose.yml run --rm --entrypoint canal keygen \\"
+                    .into(),
+                "        token mint --key /key/token.key --sub admin --admin --pub '#' --sub-filter '#')"
+                    .into(),
                 "    docker compose -f testnet/docker-compose.yml down -v   # -v: the data too"
                     .into(),
             ],
@@ -177,6 +185,8 @@ impl Compose {
             n.tier.clone(),
             "--cluster-key".into(),
             KEY_FILE.into(),
+            "--token-key".into(),
+            TOKEN_KEY_FILE.into(),
         ];
         if let Some(g) = &n.gpu {
             args.extend(["--gpu".into(), g.clone()]);
@@ -225,9 +235,15 @@ impl Compose {
         y.push_str("\nservices:\n");
         let _ = writeln!(y, "  {KEYGEN}:");
         self.render_image(&mut y);
-        let keygen: Vec<String> = ["cluster", "keygen", KEY_FILE, "--if-missing"]
-            .map(String::from)
-            .into();
+        // Both keys in one one-shot run (the image's entrypoint is canal; it has a shell).
+        let keygen: Vec<String> = [
+            "-c".to_string(),
+            format!(
+                "canal cluster keygen {KEY_FILE} --if-missing && canal token keygen {TOKEN_KEY_FILE} --if-missing"
+            ),
+        ]
+        .into();
+        let _ = writeln!(y, "    entrypoint: {}", flow(&["/bin/sh".to_string()]));
         let _ = writeln!(y, "    command: {}", flow(&keygen));
         y.push_str("    volumes:\n");
         let key_dir = KEY_FILE.rsplit_once('/').map_or("/", |(d, _)| d);
