@@ -51,14 +51,27 @@ pub(crate) async fn local_cluster() -> anyhow::Result<Testnet> {
             std::env::current_exe().context("cannot find the canal binary to run nodes with")?
         }
     };
-    eprintln!("starting 3 local nodes ({}) ...", bin.display());
+    // `CANAL_BENCH_NODE_ARGS` adds flags to every node (`--auth none` measures what checking
+    // tokens costs).
+    let more: Vec<String> = std::env::var("CANAL_BENCH_NODE_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    eprintln!(
+        "starting 3 local nodes ({} {}) ...",
+        bin.display(),
+        more.join(" ")
+    );
+    let mut extra_args: Vec<String> = vec![
+        "--bootstrap-expect".into(),
+        "3".into(),
+        "--log".into(),
+        "warn".into(),
+    ];
+    extra_args.extend(more);
     let net = Testnet::start(&bin, 3, |_| NodeOptions {
-        extra_args: vec![
-            "--bootstrap-expect".into(),
-            "3".into(),
-            "--log".into(),
-            "warn".into(),
-        ],
+        extra_args: extra_args.clone(),
         ..Default::default()
     })
     .await?;

@@ -34,6 +34,12 @@ fn routes() -> Vec<(Method, &'static str, &'static [u8])> {
             b"{\"retain_events\": 1}",
         ),
         (Method::DELETE, "/v1/topics/a/settings", b""),
+        // A settings change whose `/settings` is percent-encoded is one too.
+        (
+            Method::PUT,
+            "/v1/topics/a%2Fsettings",
+            b"{\"retain_events\": 1}",
+        ),
         (Method::POST, "/v1/topics/a/events", b"x"),
         (
             Method::POST,

@@ -47,11 +47,17 @@ pub fn needs_admin(method: &Method, path: &str) -> bool {
     if path == "/v1/health" {
         return false;
     }
-    if let Some(rest) = path.strip_prefix("/v1/topics/") {
-        return rest.ends_with("/settings") && method != Method::GET;
+    // Decided on the method, not on the path's end: the topic part is percent-decoded only
+    // by the handler, so `/v1/topics/a%2Fsettings` is a settings change too. Only settings
+    // take PUT and DELETE there; GET and POST are checked per topic by the handlers.
+    if path.starts_with("/v1/topics/") {
+        return method != Method::GET && method != Method::POST;
     }
-    !matches!(path, "/v1/events" | "/v1/publish" | "/v1/subscribe")
-        && !path.starts_with("/v1/subscriptions/")
+    let topic_route = matches!(
+        (method, path),
+        (&Method::POST, "/v1/events") | (&Method::GET, "/v1/publish" | "/v1/subscribe")
+    ) || (method == Method::POST && path.starts_with("/v1/subscriptions/"));
+    !topic_route
 }
 
 /// The 401 answer for `e`.
@@ -217,6 +223,8 @@ mod tests {
             (Method::POST, "/v1/tokens"),
             (Method::PUT, "/v1/topics/a/#/settings"),
             (Method::DELETE, "/v1/topics/a/settings"),
+            (Method::PUT, "/v1/topics/a%2Fsettings"),
+            (Method::GET, "/v1/events"),
             (Method::GET, "/v1/no-such-route"),
         ] {
             assert!(needs_admin(&m, p), "{m} {p}");
