@@ -176,10 +176,12 @@ impl Client {
         }
         tls::install_provider();
         let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
-        if base.starts_with("https://") {
-            let config = tls::client_config().map_err(|cause| ClientError::Build { cause })?;
-            builder = builder.tls_backend_preconfigured(config);
-        }
+        // Always our own rustls settings: reqwest's default would look for the system's
+        // roots even for an http:// base, and fail where there are none (a FROM scratch
+        // image).
+        let config = tls::client_config(base.starts_with("https://"))
+            .map_err(|cause| ClientError::Build { cause })?;
+        builder = builder.tls_backend_preconfigured(config);
         if let Some(t) = timeout {
             builder = builder.timeout(t);
         }
