@@ -84,6 +84,10 @@ enum TestnetCommand {
     },
     /// End the partition: every node can reach every other again.
     Heal,
+    /// Make a local CA and a node certificate (localhost, 127.0.0.1) in DIR/tls/ (ca.pem,
+    /// node.pem, node-key.pem), kept if they are there: what `up --tls` and the compose
+    /// files serve the APIs with.
+    Certs,
     /// Run the testnet's delay relays until SIGTERM (started by `up`).
     #[command(hide = true)]
     Relay,
@@ -230,6 +234,16 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
                 }
             })
             .await
+        }
+        TestnetCommand::Certs => {
+            let files = canal_testnet::tls::ensure_local_ca(&dir.join("tls"))?;
+            eprintln!(
+                "local CA {}, node certificate {} and key {}",
+                files.ca.display(),
+                files.cert.display(),
+                files.key.display()
+            );
+            Ok(())
         }
         TestnetCommand::Scenario(args) => crate::scenario::run(args, &dir, json).await,
     }
