@@ -634,6 +634,57 @@ mod tests {
     }
 
     #[test]
+    fn auth_none_is_for_loopback_apis_only_and_tokens_are_the_default() {
+        let mode = |c: NodeConfig| c.validate().map(|v| v.auth).map_err(|e| e.to_string());
+        assert_eq!(mode(NodeConfig::default()), Ok(AuthMode::Tokens));
+        let none = NodeConfig {
+            auth: "none".into(),
+            ..Default::default()
+        };
+        assert_eq!(mode(none.clone()), Ok(AuthMode::None));
+        let reachable = NodeConfig {
+            api_listen: "0.0.0.0:7070".into(),
+            ..none
+        };
+        let msg = mode(reachable).err().unwrap_or_default();
+        assert!(
+            msg.starts_with("auth") && msg.contains("0.0.0.0:7070"),
+            "{msg}"
+        );
+        let other = NodeConfig {
+            auth: "basic".into(),
+            ..Default::default()
+        };
+        let msg = mode(other).err().unwrap_or_default();
+        assert!(msg.contains("\"basic\"") && msg.contains("tokens"), "{msg}");
+    }
+
+    #[test]
+    fn tls_files_go_together() {
+        let tls = |cert: Option<&str>, key: Option<&str>, ca: Option<&str>| {
+            NodeConfig {
+                tls_cert: cert.map(PathBuf::from),
+                tls_key: key.map(PathBuf::from),
+                tls_client_ca: ca.map(PathBuf::from),
+                ..Default::default()
+            }
+            .validate()
+            .map(|v| v.tls)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(tls(None, None, None), Ok(None));
+        let both = tls(Some("c.pem"), Some("k.pem"), Some("ca.pem"));
+        assert!(both.is_ok_and(|t| t.is_some_and(|t| t.client_ca.is_some())));
+        let half = tls(Some("c.pem"), None, None).err().unwrap_or_default();
+        assert!(
+            half.starts_with("tls_cert") && half.contains("both"),
+            "{half}"
+        );
+        let ca_alone = tls(None, None, Some("ca.pem")).err().unwrap_or_default();
+        assert!(ca_alone.starts_with("tls_client_ca"), "{ca_alone}");
+    }
+
+    #[test]
     fn reachable_addresses_need_a_key_or_insecure_open() {
         let open = NodeConfig {
             listen: vec!["/ip4/0.0.0.0/tcp/7000".into()],
