@@ -529,3 +529,116 @@ impl<T: Transport> canal_worker::Worker for TokenJob<T> {
         canal_worker::Flow::Continue
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{Cluster, until};
+
+    fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+        r.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Founding on the metadata leader, issuing there, and a revocation in force on every
+    /// member of an in-memory cluster, each learning the key from its replica alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_leader_founds_the_key_and_revocations_reach_every_member() {
+        let cluster = Cluster::formed(3).await;
+        let leader = cluster.leader(GroupId::METADATA).await;
+        let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| ok(tempfile::tempdir())).collect();
+        let tokens: Vec<Arc<Tokens<_>>> = cluster
+            .members
+            .iter()
+            .zip(&dirs)
+            .map(|(m, d)| {
+                Arc::new(Tokens {
+                    consensus: m.consensus.clone(),
+                    gate: Arc::new(ok(Gate::new(AuthMode::Tokens, None))),
+                    data_dir: d.path().to_path_buf(),
+                })
+            })
+            .collect();
+        // Before the key exists, every token is refused for want of it.
+        assert_eq!(
+            tokens[0].gate.check(Some("canal1.x")).err(),
+            Some(Unauthorized::NoKey)
+        );
+        tokens[leader].step().await;
+        let admin = ok(std::fs::read_to_string(
+            dirs[leader].path().join(ADMIN_TOKEN_FILE),
+        ));
+        let admin = admin.trim().to_string();
+        for t in &tokens {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                t.step().await;
+                if t.gate.check(Some(&admin)).is_ok() {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a member did not learn the key"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        // Only the founder holds the signing key.
+        let other = (leader + 1) % 3;
+        let req = TokenRequest {
+            subject: "room1".into(),
+            publish: vec!["sensors/room1/#".into()],
+            ttl_s: 60,
+            ..TokenRequest::default()
+        };
+        assert!(matches!(
+            tokens[other].issue(&req).await,
+            Err(TokenError::NoSigningKey)
+        ));
+        let issued = ok(tokens[leader].issue(&req).await);
+        assert_eq!(issued.info.publish, ["sensors/room1/#"]);
+        let caller = ok(tokens[other].gate.check(Some(&issued.token)));
+        let room2 = ok(canal_proto::Topic::new("sensors/room2/t"));
+        assert!(caller.may_publish(&room2).is_err());
+        assert!(caller.may_admin().is_err());
+        // Revoked through a follower; every member refuses it once its replica has it.
+        ok(tokens[other].revoke(&issued.info.id).await);
+        for t in &tokens {
+            until(
+                "every member to refuse the revoked token",
+                Duration::from_secs(10),
+                || {
+                    t.refresh_revoked();
+                    matches!(
+                        t.gate.check(Some(&issued.token)),
+                        Err(Unauthorized::Revoked { .. })
+                    )
+                },
+            )
+            .await;
+        }
+        let listed = ok(tokens[other].list());
+        assert!(listed.iter().any(|i| i.id == issued.info.id && i.revoked));
+        assert!(listed.iter().any(|i| i.subject == "admin" && !i.revoked));
+        // Bad requests name what is wrong.
+        let bad = TokenRequest {
+            publish: vec!["a/#/b".into()],
+            ..req.clone()
+        };
+        let e = tokens[leader]
+            .issue(&bad)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|e| e.contains("a/#/b")), "{e:?}");
+        let e = tokens[leader]
+            .revoke("not an id")
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains("not an id")),
+            "{e:?}"
+        );
+        cluster.shutdown().await;
+    }
+}
