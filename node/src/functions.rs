@@ -708,10 +708,14 @@ impl<T: Transport> Functions<T> {
     /// Removes a trigger.
     pub async fn trigger_remove(&self, name: &str) -> Result<(), FunctionsError> {
         check_trigger_name(name).map_err(invalid_name)?;
-        if self.trigger_now(name).await?.is_none() {
+        let Some(spec) = self.trigger_now(name).await? else {
             return Err(FunctionsError::NoTrigger(name.to_string()));
-        }
+        };
         self.forget(canal_consensus::InternalKey::Trigger(name.to_string()))
+            .await?;
+        // Its owner goes after it (a trigger never runs without the owner it was made with);
+        // one left behind by a failure here is keyed by a uid no trigger has again.
+        self.forget(canal_consensus::InternalKey::TriggerOwner(spec.uid))
             .await?;
         Ok(())
     }
