@@ -54,14 +54,27 @@ pub(crate) async fn local_cluster() -> anyhow::Result<Testnet> {
             std::env::current_exe().context("cannot find the canal binary to run nodes with")?
         }
     };
-    eprintln!("starting 3 local nodes ({}) ...", bin.display());
+    // `CANAL_BENCH_NODE_ARGS` adds flags to every node (`--auth none` measures what checking
+    // tokens costs).
+    let more: Vec<String> = std::env::var("CANAL_BENCH_NODE_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    eprintln!(
+        "starting 3 local nodes ({} {}) ...",
+        bin.display(),
+        more.join(" ")
+    );
+    let mut extra_args: Vec<String> = vec![
+        "--bootstrap-expect".into(),
+        "3".into(),
+        "--log".into(),
+        "warn".into(),
+    ];
+    extra_args.extend(more);
     let net = Testnet::start(&bin, 3, |_| NodeOptions {
-        extra_args: vec![
-            "--bootstrap-expect".into(),
-            "3".into(),
-            "--log".into(),
-            "warn".into(),
-        ],
+        extra_args: extra_args.clone(),
         ..Default::default()
     })
     .await?;
@@ -255,7 +268,7 @@ pub(crate) fn collect_events(
 /// Subscribes through `api` to `path` (a `/v1/subscribe?...`), with no time limit on the
 /// stream; fails with the node's error if it refuses.
 pub(crate) async fn subscribe(api: &Api, path: &str) -> anyhow::Result<canal_client::Response> {
-    let client = Client::streaming(api.base(), None)?;
+    let client = Client::streaming(api.base(), Some(canal_testnet::admin_token()))?;
     client
         .stream(path)
         .await
@@ -309,7 +322,7 @@ pub(crate) async fn publish_many(
         // A client (and so a connection pool) per publisher, as a real client would have.
         let clients = apis
             .iter()
-            .map(|a| Client::new(a.base(), None))
+            .map(|a| Client::new(a.base(), Some(canal_testnet::admin_token())))
             .collect::<Result<Vec<_>, _>>()?;
         tasks.push(tokio::spawn(async move {
             loop {
@@ -368,9 +381,11 @@ pub(crate) async fn publish_streams(
     for (n, api) in apis.iter().take(streams).enumerate() {
         // The in-flight publishes, split as evenly as they go.
         let window = publishers / streams + usize::from(n < publishers % streams);
-        let stream = canal_client::PublishStream::connect(api.base(), None).await?;
+        let stream =
+            canal_client::PublishStream::connect(api.base(), Some(canal_testnet::admin_token()))
+                .await?;
         let (mut tx, mut acks) = stream.split();
-        let client = Client::new(api.base(), None)?;
+        let client = Client::new(api.base(), Some(canal_testnet::admin_token()))?;
         let (next, payload) = (next.clone(), payload.clone());
         let (topic, id_prefix) = (topic.clone(), id_prefix.to_string());
         let room = Arc::new(tokio::sync::Semaphore::new(window));

@@ -474,7 +474,13 @@ fn classify(
 pub async fn iot(a: IotOptions, dir: &Path, json: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     let step = Duration::from_secs(a.timeout);
-    let token = std::env::var("CANAL_TOKEN").ok();
+    // A persistent testnet keeps its admin token with it (`canal testnet up` wrote it).
+    let token = std::env::var("CANAL_TOKEN").ok().or_else(|| {
+        let kept = dir.join(canal_testnet::auth::ADMIN_TOKEN_FILE);
+        std::fs::read_to_string(kept)
+            .ok()
+            .map(|t| t.trim().to_string())
+    });
     let token = token.as_deref();
     let nodes = if a.api_edge.is_empty() {
         testnet_nodes(dir)?

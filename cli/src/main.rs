@@ -16,6 +16,7 @@
 //!   the NATS side of `canal bench pubsub --compare-nats`; `bench_placement`: `canal bench
 //!   placement`.
 //! - `testnet_cmd`: `canal testnet`, a mesh of node processes on this machine.
+//! - `token_cmd`: `canal token`: issue, list, revoke; key files; offline minting.
 //! - `scenario`: `canal testnet scenario`, the README's demos run end to end and checked.
 //!
 //! Exit codes: 0 success, 1 the request failed, 2 bad usage.
@@ -28,6 +29,7 @@ mod pubsub_cmd;
 mod scenario;
 mod show;
 mod testnet_cmd;
+mod token_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -44,9 +46,14 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     api: String,
-    /// Token for nodes that ask for one.
+    /// The token requests carry (`Authorization: Bearer`): the admin token a founding node
+    /// printed, or one from `canal token create`.
     #[arg(long, global = true, env = "CANAL_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// PEM CA certificates to verify an `https://` node's certificate with (instead of the
+    /// system's roots); a certificate that does not chain to them is refused.
+    #[arg(long, global = true, env = "CANAL_CA")]
+    ca: Option<std::path::PathBuf>,
     /// Print JSON for scripts instead of tables for people.
     #[arg(long, global = true)]
     json: bool,
@@ -94,6 +101,11 @@ enum Command {
     State {
         #[command(subcommand)]
         command: fn_cmd::StateCommand,
+    },
+    /// Tokens: create, list, revoke; token key files.
+    Token {
+        #[command(subcommand)]
+        command: token_cmd::TokenCommand,
     },
 }
 
@@ -223,6 +235,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(ca) = &cli.ca {
+        canal_client::tls::set_ca_file(ca).map_err(client::UsageError)?;
+    }
     match cli.command {
         Command::Node(args) => node_cmd::run(*args).await,
         Command::Bench(args) => bench::run(args, cli.json).await,
@@ -342,6 +357,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::State { command } => {
             fn_cmd::state(&cli.api, cli.token.as_deref(), command, cli.json).await
+        }
+        Command::Token { command } => {
+            token_cmd::run(&cli.api, cli.token.as_deref(), command, cli.json).await
         }
     }
 }

@@ -89,6 +89,23 @@ pub(crate) struct NodeArgs {
         allow_hyphen_values = true
     )]
     clock_offset_ms: Option<i64>,
+    /// How the API checks callers: `tokens` (every request but /v1/health carries a token;
+    /// the default) or `none` (no checks; loopback API addresses only, for local development).
+    #[arg(long, env = "CANAL_AUTH", value_parser = ["tokens", "none"])]
+    auth: Option<String>,
+    /// The cluster's token signing key (`canal token keygen FILE`), for a node that issues
+    /// tokens. Without it the founding node makes one in its data directory at formation.
+    #[arg(long, env = "CANAL_TOKEN_KEY")]
+    token_key: Option<PathBuf>,
+    /// PEM certificate chain for the API: with --tls-key, the API speaks HTTPS only.
+    #[arg(long, env = "CANAL_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "CANAL_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates client certificates must chain to (mutual TLS).
+    #[arg(long, env = "CANAL_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
     /// Home peers per shard (K).
     #[arg(long, env = "CANAL_REPLICATION_FACTOR")]
     replication_factor: Option<usize>,
@@ -158,6 +175,21 @@ impl NodeArgs {
         }
         if let Some(v) = self.max_publish_streams {
             c.max_publish_streams = v;
+        }
+        if let Some(v) = &self.auth {
+            c.auth = v.clone();
+        }
+        if self.token_key.is_some() {
+            c.token_key = self.token_key.clone();
+        }
+        if self.tls_cert.is_some() {
+            c.tls_cert = self.tls_cert.clone();
+        }
+        if self.tls_key.is_some() {
+            c.tls_key = self.tls_key.clone();
+        }
+        if self.tls_client_ca.is_some() {
+            c.tls_client_ca = self.tls_client_ca.clone();
         }
         Ok(c)
     }

@@ -48,6 +48,14 @@ enum TestnetCommand {
         /// How long to wait for the mesh to form, in seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// The token key file the nodes get (copied into the testnet's directory); default:
+        /// one made there on first `up` (`DIR/token.key`) and kept.
+        #[arg(long)]
+        token_key: Option<std::path::PathBuf>,
+        /// Serve the APIs over HTTPS, with certificates of a local CA made in DIR/tls/ (it
+        /// prints `export CANAL_CA=...` for the CLI).
+        #[arg(long)]
+        tls: bool,
     },
     /// Each node: running or not, its peer id, API address and readiness.
     Status,
@@ -76,6 +84,10 @@ enum TestnetCommand {
     },
     /// End the partition: every node can reach every other again.
     Heal,
+    /// Make a local CA and a node certificate (localhost, 127.0.0.1) in DIR/tls/ (ca.pem,
+    /// node.pem, node-key.pem), kept if they are there: what `up --tls` and the compose
+    /// files serve the APIs with.
+    Certs,
     /// Run the testnet's delay relays until SIGTERM (started by `up`).
     #[command(hide = true)]
     Relay,
@@ -91,6 +103,11 @@ struct Tiers(Vec<(String, usize)>);
 pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
     let bin = std::env::current_exe().context("cannot find the canal binary to run nodes with")?;
     let dir = args.dir;
+    // A testnet up with --tls keeps its CA with it; this process trusts it unless --ca said.
+    let local_ca = dir.join("tls").join("ca.pem");
+    if local_ca.exists() {
+        let _ = canal_client::tls::set_ca_file(&local_ca);
+    }
     match args.command {
         TestnetCommand::Up {
             nodes,
@@ -99,6 +116,8 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
             tiers,
             links,
             timeout,
+            token_key,
+            tls,
         } => {
             canal_proto::Gpu::parse_declared(&gpu)?;
             let relayed = tiers.is_some() || !links.is_empty();
@@ -125,19 +144,26 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
                 gpu,
                 timeout: Duration::from_secs(timeout),
                 links,
+                token_key,
+                tls,
             };
-            let nodes = cluster::up(&bin, &opts, |msg| eprintln!("{msg}")).await?;
+            let (nodes, token) = cluster::up(&bin, &opts, |msg| eprintln!("{msg}")).await?;
             show(&nodes, json).await?;
             if let Some(api) = nodes
                 .first()
                 .and_then(|n| n.info.as_ref())
                 .map(|i| i.api.clone())
             {
-                // With --json, stdout is one JSON document; the line to paste goes to stderr.
+                // With --json, stdout is one JSON document; the lines to paste go to stderr.
+                let mut lines = format!("export CANAL_API={api}\nexport CANAL_TOKEN={token}");
+                if tls {
+                    let ca = std::fs::canonicalize(&dir)?.join("tls").join("ca.pem");
+                    lines.push_str(&format!("\nexport CANAL_CA={}", ca.display()));
+                }
                 if json {
-                    eprintln!("export CANAL_API={api}");
+                    eprintln!("{lines}");
                 } else {
-                    println!("export CANAL_API={api}");
+                    println!("{lines}");
                 }
             }
             Ok(())
@@ -208,6 +234,16 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
                 }
             })
             .await
+        }
+        TestnetCommand::Certs => {
+            let files = canal_testnet::tls::ensure_local_ca(&dir.join("tls"))?;
+            eprintln!(
+                "local CA {}, node certificate {} and key {}",
+                files.ca.display(),
+                files.cert.display(),
+                files.key.display()
+            );
+            Ok(())
         }
         TestnetCommand::Scenario(args) => crate::scenario::run(args, &dir, json).await,
     }

@@ -10,6 +10,7 @@ pub mod sse;
 
 use canal_proto::api::ErrorBody;
 use futures::{Stream, StreamExt};
+pub mod tls;
 pub use publish::{PublishAcks, PublishSender, PublishStream};
 use serde::de::DeserializeOwned;
 use sse::{SseError, SseEvent, SseParser};
@@ -173,7 +174,14 @@ impl Client {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(ClientError::BadUrl { base });
         }
+        tls::install_provider();
         let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+        // Always our own rustls settings: reqwest's default would look for the system's
+        // roots even for an http:// base, and fail where there are none (a FROM scratch
+        // image).
+        let config = tls::client_config(base.starts_with("https://"))
+            .map_err(|cause| ClientError::Build { cause })?;
+        builder = builder.tls_backend_preconfigured(config);
         if let Some(t) = timeout {
             builder = builder.timeout(t);
         }

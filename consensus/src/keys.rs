@@ -25,6 +25,10 @@
 //!   measurements()        \x01M/{function}\x00{peer}       measurement        metadata
 //!   REMOVED               \x01R/{peer}                     (marker)           metadata
 //!   ADMITTED              \x01A/{peer}                     (marker)           metadata
+//!   TRIGGER_OWNERS        \x01O/{trigger uid}              TriggerOwner       metadata
+//!   TOKEN_KEY             \x01K/{algorithm}                public token key   metadata
+//!   TOKENS                \x01I/{token id}                 issued token       metadata
+//!   REVOKED_TOKENS        \x01X/{token id}                 expiry (u64)       metadata
 //! ```
 //!
 //! The byte layout is the on-disk format (`canal-raft/4`): changing a prefix or a separator
@@ -305,6 +309,18 @@ pub const TRIGGERS: Table<Name, Wire<TriggerSpec>> = Table::new("\u{1}T/", "trig
 pub const REMOVED: Table<Name, Raw> = Table::new("\u{1}R/", "removed peers");
 /// A peer admitted by hand (metadata group).
 pub const ADMITTED: Table<Name, Raw> = Table::new("\u{1}A/", "admitted peers");
+/// Whose publish rights a trigger's function has, by trigger uid (metadata group).
+pub const TRIGGER_OWNERS: Table<Name, Wire<canal_proto::function::TriggerOwner>> =
+    Table::new("\u{1}O/", "trigger owners");
+/// The public half of the cluster's token signing key, by algorithm (metadata group); set
+/// once, by the node that founds the cluster (the apply refuses to change it).
+pub const TOKEN_KEY: Table<Name, Raw> = Table::new("\u{1}K/", "token keys");
+/// What an issued token says (its claims, never the token itself), by token id (metadata
+/// group); the auth layer owns the value's format.
+pub const TOKENS: Table<Name, Raw> = Table::new("\u{1}I/", "issued tokens");
+/// A revoked token id, with the token's expiry (ms), after which the record may go
+/// (metadata group).
+pub const REVOKED_TOKENS: Table<Name, Wire<u64>> = Table::new("\u{1}X/", "revoked tokens");
 
 /// A function's committed placement (metadata group); the placer owns the value's type.
 pub const fn placements<V>() -> Table<Name, Wire<V>> {
@@ -414,6 +430,10 @@ mod tests {
             p(TRIGGERS),
             p(REMOVED),
             p(ADMITTED),
+            p(TRIGGER_OWNERS),
+            p(TOKEN_KEY),
+            p(TOKENS),
+            p(REVOKED_TOKENS),
             p(placements::<u64>()),
             p(measurements::<u64>()),
         ]

@@ -143,6 +143,14 @@ pub enum InternalKey {
     /// A peer admitted by hand (`canal cluster admit`, metadata group): on a mesh without a
     /// cluster key, only such peers join.
     Admitted(String),
+    /// Whose publish rights a trigger's function has, by trigger uid (metadata group).
+    TriggerOwner(String),
+    /// The public half of the cluster's token key, by algorithm (metadata group): set once.
+    TokenKey(String),
+    /// What an issued token says, by token id (metadata group).
+    Token(String),
+    /// A revoked token, by id (metadata group).
+    RevokedToken(String),
 }
 
 impl InternalKey {
@@ -161,6 +169,10 @@ impl InternalKey {
             InternalKey::Subscription(name) => keys::SUBSCRIPTION_STARTS.key(name),
             InternalKey::Removed(peer) => keys::REMOVED.key(peer),
             InternalKey::Admitted(peer) => keys::ADMITTED.key(peer),
+            InternalKey::TriggerOwner(uid) => keys::TRIGGER_OWNERS.key(uid),
+            InternalKey::TokenKey(alg) => keys::TOKEN_KEY.key(alg),
+            InternalKey::Token(id) => keys::TOKENS.key(id),
+            InternalKey::RevokedToken(id) => keys::REVOKED_TOKENS.key(id),
         }
     }
 
@@ -174,7 +186,11 @@ impl InternalKey {
             | InternalKey::Settings(s)
             | InternalKey::Subscription(s)
             | InternalKey::Removed(s)
-            | InternalKey::Admitted(s) => vec![s.as_str()],
+            | InternalKey::Admitted(s)
+            | InternalKey::TriggerOwner(s)
+            | InternalKey::TokenKey(s)
+            | InternalKey::Token(s)
+            | InternalKey::RevokedToken(s) => vec![s.as_str()],
             InternalKey::Measurement { function, peer } => vec![function, peer],
         }
     }
@@ -214,6 +230,10 @@ impl fmt::Display for InternalKey {
             InternalKey::Subscription(n) => write!(f, "start of durable subscription {n}"),
             InternalKey::Removed(p) => write!(f, "removal of peer {p}"),
             InternalKey::Admitted(p) => write!(f, "admission of peer {p}"),
+            InternalKey::TriggerOwner(u) => write!(f, "owner of trigger {u}"),
+            InternalKey::TokenKey(a) => write!(f, "{a} token key"),
+            InternalKey::Token(id) => write!(f, "token {id}"),
+            InternalKey::RevokedToken(id) => write!(f, "revocation of token {id}"),
         }
     }
 }

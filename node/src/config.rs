@@ -62,6 +62,21 @@ pub struct NodeConfig {
     /// How many publish streams (`GET /v1/publish`) this node serves at once; more get a
     /// 503 `too_many_streams`.
     pub max_publish_streams: usize,
+    /// How the client API checks callers: `tokens` (every request but `/v1/health` carries a
+    /// token signed by the cluster's token key) or `none` (anyone who reaches the API may do
+    /// anything; loopback API addresses only, for local development).
+    pub auth: String,
+    /// The cluster's token signing key (`canal token keygen FILE`), held by the operator and
+    /// given to the nodes that issue tokens. Without it, the founding node creates one in its
+    /// data directory (`token-key`) at formation. See docs/auth.md.
+    pub token_key: Option<PathBuf>,
+    /// PEM certificate chain of the API's TLS (with `tls_key`): the API then speaks HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the API's TLS certificate.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates that client certificates must chain to (mutual TLS): clients
+    /// without one are refused in the handshake.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -88,6 +103,11 @@ impl Default for NodeConfig {
             insecure_open: false,
             max_subscribers: 10_000,
             max_publish_streams: 1000,
+            auth: "tokens".into(),
+            token_key: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -156,6 +176,32 @@ pub struct ValidConfig {
     pub max_subscribers: usize,
     /// The most publish streams served at once.
     pub max_publish_streams: usize,
+    /// Whether the API checks tokens.
+    pub auth: AuthMode,
+    /// The operator-held token key file, if one was given.
+    pub token_key: Option<PathBuf>,
+    /// The API's TLS files; `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The files of the API's TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CAs of client certificates (mutual TLS), if required.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// How the client API checks callers (`auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Every request but `/v1/health` carries a valid token holding the right it needs.
+    Tokens,
+    /// No checks (`--auth none`): loopback API addresses only.
+    None,
 }
 
 /// Which peers the cluster takes in as learners (and later voters) on its own.
@@ -399,6 +445,44 @@ impl NodeConfig {
                 Admission::ByHand
             }
         };
+        let auth = match self.auth.as_str() {
+            "tokens" => AuthMode::Tokens,
+            "none" if !api_listen.ip().is_loopback() => {
+                return Err(invalid(
+                    "auth",
+                    format!(
+                        "`none` lets anyone who reaches the API deploy code and read or write every topic, so it is refused with the API on {api_listen}, which other hosts can reach: listen on 127.0.0.1, or use tokens (the default)"
+                    ),
+                ));
+            }
+            "none" => AuthMode::None,
+            other => {
+                return Err(invalid(
+                    "auth",
+                    format!("{other:?} is not an auth mode: use `tokens` (the default) or `none`"),
+                ));
+            }
+        };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            (None, None) if self.tls_client_ca.is_some() => {
+                return Err(invalid(
+                    "tls_client_ca",
+                    "mutual TLS needs the API's own TLS: give tls_cert and tls_key too",
+                ));
+            }
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "tls_cert",
+                    "tls_cert and tls_key go together: give both (PEM files) or neither",
+                ));
+            }
+        };
         Ok(ValidConfig {
             data_dir: self.data_dir.clone(),
             listen,
@@ -420,6 +504,9 @@ impl NodeConfig {
             admission,
             max_subscribers: self.max_subscribers,
             max_publish_streams: self.max_publish_streams,
+            auth,
+            token_key: self.token_key.clone(),
+            tls,
         })
     }
 }
@@ -544,6 +631,57 @@ mod tests {
         let _ = std::fs::write(&path, "garbage");
         assert!(read_cluster_key(&path).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn auth_none_is_for_loopback_apis_only_and_tokens_are_the_default() {
+        let mode = |c: NodeConfig| c.validate().map(|v| v.auth).map_err(|e| e.to_string());
+        assert_eq!(mode(NodeConfig::default()), Ok(AuthMode::Tokens));
+        let none = NodeConfig {
+            auth: "none".into(),
+            ..Default::default()
+        };
+        assert_eq!(mode(none.clone()), Ok(AuthMode::None));
+        let reachable = NodeConfig {
+            api_listen: "0.0.0.0:7070".into(),
+            ..none
+        };
+        let msg = mode(reachable).err().unwrap_or_default();
+        assert!(
+            msg.starts_with("auth") && msg.contains("0.0.0.0:7070"),
+            "{msg}"
+        );
+        let other = NodeConfig {
+            auth: "basic".into(),
+            ..Default::default()
+        };
+        let msg = mode(other).err().unwrap_or_default();
+        assert!(msg.contains("\"basic\"") && msg.contains("tokens"), "{msg}");
+    }
+
+    #[test]
+    fn tls_files_go_together() {
+        let tls = |cert: Option<&str>, key: Option<&str>, ca: Option<&str>| {
+            NodeConfig {
+                tls_cert: cert.map(PathBuf::from),
+                tls_key: key.map(PathBuf::from),
+                tls_client_ca: ca.map(PathBuf::from),
+                ..Default::default()
+            }
+            .validate()
+            .map(|v| v.tls)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(tls(None, None, None), Ok(None));
+        let both = tls(Some("c.pem"), Some("k.pem"), Some("ca.pem"));
+        assert!(both.is_ok_and(|t| t.is_some_and(|t| t.client_ca.is_some())));
+        let half = tls(Some("c.pem"), None, None).err().unwrap_or_default();
+        assert!(
+            half.starts_with("tls_cert") && half.contains("both"),
+            "{half}"
+        );
+        let ca_alone = tls(None, None, Some("ca.pem")).err().unwrap_or_default();
+        assert!(ca_alone.starts_with("tls_client_ca"), "{ca_alone}");
     }
 
     #[test]

@@ -299,6 +299,8 @@ struct Run<'a> {
     spec: &'a TriggerSpec,
     function: FunctionSpec,
     module: Arc<Prepared>,
+    /// Who made the trigger: its function's outputs must stay within their rights.
+    owner: Option<canal_proto::function::TriggerOwner>,
     dead_letter: Topic,
     settings: Vec<(TopicFilter, TopicSettings)>,
 }
@@ -768,6 +770,7 @@ impl<T: Transport> Executor<T> {
         let run = Run {
             spec,
             module: self.functions.module(&function).await?,
+            owner: self.functions.trigger_owner(&spec.uid)?,
             dead_letter: spec.dead_letter_topic().map_err(|e| ExecError::Trigger {
                 trigger: spec.name.clone(),
                 why: e.0,
@@ -953,6 +956,7 @@ impl<T: Transport> Executor<T> {
                 match self
                     .run_with_retries(spec, &run.function, &run.module, event, &base, &changes)
                     .await
+                    .and_then(|inv| denied(run.owner.as_ref(), &inv.outputs).map_or(Ok(inv), Err))
                 {
                     Ok(inv) => {
                         changes = inv.state;
@@ -1164,7 +1168,12 @@ impl<T: Transport> Executor<T> {
                 spec.out.clone(),
             )
             .await;
-        let outputs: Vec<Output> = match &inv.result {
+        let owner = self.functions.trigger_owner(&spec.uid)?;
+        let verdict = match (&inv.result, denied(owner.as_ref(), &inv.outputs)) {
+            (Ok(()), Some(refused)) => Err(refused),
+            (r, _) => r.clone(),
+        };
+        let outputs: Vec<Output> = match &verdict {
             Ok(()) => inv
                 .outputs
                 .iter()
@@ -1211,7 +1220,7 @@ impl<T: Transport> Executor<T> {
             )
             .await;
         }
-        if inv.result.is_ok() && !inv.state.is_empty() {
+        if verdict.is_ok() && !inv.state.is_empty() {
             let fx = Effects {
                 function: function.name.clone(),
                 cursors: Vec::new(),
@@ -1293,6 +1302,22 @@ fn cut(text: String, max: usize) -> String {
     let mut t = text[..end].to_string();
     t.push('…');
     t
+}
+
+/// Why an invocation's outputs are refused: one goes where the trigger's owner may not
+/// publish (no owner: a trigger created without a token, unchecked).
+fn denied(
+    owner: Option<&canal_proto::function::TriggerOwner>,
+    outputs: &[Output],
+) -> Option<Failure> {
+    let owner = owner?;
+    outputs.iter().find_map(|o| match Topic::new(&o.topic) {
+        Ok(t) if owner.may_publish(&t) => None,
+        _ => Some(Failure::Denied(format!(
+            "the trigger's owner {:?} may not publish to {:?}: no publish allow filter of its token matches it, or a deny filter does",
+            owner.subject, o.topic
+        ))),
+    })
 }
 
 fn dead_letter_headers(

@@ -204,6 +204,17 @@ impl<T: Transport> Functions<T> {
         Ok(self.consensus.state_machine(GroupId::METADATA)?)
     }
 
+    /// Whose publish rights trigger `uid`'s function has, from this node's replica; `None`
+    /// for a trigger created without a token (`--auth none`, or before tokens).
+    pub fn trigger_owner(
+        &self,
+        uid: &str,
+    ) -> Result<Option<canal_proto::function::TriggerOwner>, FunctionsError> {
+        self.metadata()?
+            .record(&keys::TRIGGER_OWNERS, uid)
+            .map_err(|e| internal(e.to_string()))
+    }
+
     /// Every function, from this node's replica of the metadata group.
     pub fn functions(&self) -> Result<Vec<FunctionSpec>, FunctionsError> {
         values(&self.metadata()?, &keys::FUNCTIONS)
@@ -607,6 +618,18 @@ impl<T: Transport> Functions<T> {
         name: &str,
         req: TriggerRequest,
     ) -> Result<TriggerSpec, FunctionsError> {
+        self.trigger_add_owned(name, req, None).await
+    }
+
+    /// Like [`Functions::trigger_add`], recording `owner` (whose publish rights the
+    /// function's outputs are checked against) in the same entry; `None`: unchecked
+    /// (`--auth none`).
+    pub async fn trigger_add_owned(
+        &self,
+        name: &str,
+        req: TriggerRequest,
+        owner: Option<canal_proto::function::TriggerOwner>,
+    ) -> Result<TriggerSpec, FunctionsError> {
         check_trigger_name(name).map_err(invalid_name)?;
         let filter =
             TopicFilter::new(&req.on).map_err(|e| FunctionsError::InvalidFilter(e.to_string()))?;
@@ -638,18 +661,31 @@ impl<T: Transport> Functions<T> {
         if self.trigger_now(name).await?.is_some() {
             return Err(FunctionsError::TriggerExists(name.to_string()));
         }
-        self.consensus
-            .write(
-                GroupId::METADATA,
-                Request {
-                    id: Some(format!("trigger/{}", spec.uid)),
-                    op: Op::Internal {
-                        key: canal_consensus::InternalKey::Trigger(name.to_string()),
-                        value: Some(wire::encode(&spec).map_err(internal)?),
+        let trigger = Request {
+            id: Some(format!("trigger/{}", spec.uid)),
+            op: Op::Internal {
+                key: canal_consensus::InternalKey::Trigger(name.to_string()),
+                value: Some(wire::encode(&spec).map_err(internal)?),
+            },
+        };
+        let req = match owner {
+            None => trigger,
+            // One entry, so a trigger never runs without the owner it was created with.
+            Some(owner) => Request {
+                id: None,
+                op: Op::Batch(vec![
+                    Request {
+                        id: None,
+                        op: Op::Internal {
+                            key: canal_consensus::InternalKey::TriggerOwner(spec.uid.clone()),
+                            value: Some(keys::TRIGGER_OWNERS.encode(&owner).map_err(internal)?),
+                        },
                     },
-                },
-            )
-            .await?;
+                    trigger,
+                ]),
+            },
+        };
+        self.consensus.write(GroupId::METADATA, req).await?;
         Ok(spec)
     }
 
@@ -672,10 +708,14 @@ impl<T: Transport> Functions<T> {
     /// Removes a trigger.
     pub async fn trigger_remove(&self, name: &str) -> Result<(), FunctionsError> {
         check_trigger_name(name).map_err(invalid_name)?;
-        if self.trigger_now(name).await?.is_none() {
+        let Some(spec) = self.trigger_now(name).await? else {
             return Err(FunctionsError::NoTrigger(name.to_string()));
-        }
+        };
         self.forget(canal_consensus::InternalKey::Trigger(name.to_string()))
+            .await?;
+        // Its owner goes after it (a trigger never runs without the owner it was made with);
+        // one left behind by a failure here is keyed by a uid no trigger has again.
+        self.forget(canal_consensus::InternalKey::TriggerOwner(spec.uid))
             .await?;
         Ok(())
     }

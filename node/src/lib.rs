@@ -56,6 +56,7 @@ pub mod pubsub;
 pub mod raft_links;
 #[cfg(test)]
 mod testkit;
+pub mod tokens;
 
 use crate::caps::{LoadCounters, Measurer};
 use crate::cluster::{Membership, MeshTransport};
@@ -115,6 +116,12 @@ pub enum NodeError {
     /// The WebAssembly runtime cannot start.
     #[error("cannot start the WebAssembly runtime: {0}")]
     Wasm(String),
+    /// The token key cannot be read or used.
+    #[error("token key: {0}")]
+    TokenKey(#[from] canal_auth::KeyError),
+    /// The API's TLS cannot be set up.
+    #[error(transparent)]
+    Tls(#[from] http::tls::TlsError),
     /// The runtime file cannot be written.
     #[error("cannot write {path}: {source}")]
     Runtime {
@@ -142,6 +149,7 @@ pub struct Node {
     trimmer: canal_worker::WorkerHandle,
     placer: canal_worker::WorkerHandle,
     raft_links: canal_worker::WorkerHandle,
+    token_job: canal_worker::WorkerHandle,
     api_addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
     stop_api: tokio::sync::watch::Sender<bool>,
@@ -159,8 +167,23 @@ impl Node {
                 "--insecure-open: no cluster key, so any peer that can connect joins the cluster, gets a copy of its data and takes part in its decisions; use it only on a network you trust"
             );
         }
+        if config.auth == config::AuthMode::None {
+            tracing::warn!(
+                api = %config.api_listen,
+                "--auth none: the API checks no tokens, so anyone who reaches it may deploy code, change settings and read or write every topic; for local development only"
+            );
+        }
         let data_dir = DataDir::open(&config.data_dir)?;
         let keypair = identity::load_or_create(data_dir.path())?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(http::tls::server_config)
+            .transpose()?;
+        let gate = Arc::new(tokens::Gate::new(
+            config.auth,
+            tokens::load_key(config.token_key.as_deref(), data_dir.path())?,
+        )?);
         let listener = TcpListener::bind(config.api_listen)
             .await
             .map_err(|source| NodeError::ApiListen {
@@ -304,6 +327,17 @@ impl Node {
         let trimmer = canal_worker::spawn(canal_pubsub::trim::Trimmer::new(consensus.clone()));
         let placer = placer::spawn(functions.clone());
         let raft_links = raft_links.spawn(consensus.clone(), handle.clone());
+        registry.register(
+            "canal_auth_refused",
+            "API requests refused by the token check, by reason (401: missing, malformed, bad_signature, foreign_cluster, expired, revoked, no_key; 403: publish, subscribe, admin)",
+            gate.refused.clone(),
+        );
+        let tokens = Arc::new(tokens::Tokens {
+            consensus: consensus.clone(),
+            gate: gate.clone(),
+            data_dir: data_dir.path().to_path_buf(),
+        });
+        let token_job = canal_worker::spawn(tokens::TokenJob::new(tokens.clone()));
         let state = ApiState {
             dht: handle.clone(),
             consensus: consensus.clone(),
@@ -327,14 +361,20 @@ impl Node {
             closing: closing.clone(),
             publish_streams: Arc::new(tokio::sync::Semaphore::new(config.max_publish_streams)),
             max_publish_streams: config.max_publish_streams,
+            tokens,
         };
-        let server = http::serve(listener, state, closing);
-        info!(api = %api_addr, peer_id = %handle.local_peer_id(), "client API listening");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let server =
+            http::serve(listener, tls, state, closing).map_err(|source| NodeError::ApiListen {
+                addr: api_addr,
+                source,
+            })?;
+        info!(api = %api_addr, %scheme, peer_id = %handle.local_peer_id(), "client API listening");
 
         let info = RuntimeInfo {
             pid: std::process::id(),
             peer_id: handle.local_peer_id().to_base58(),
-            api: format!("http://{api_addr}"),
+            api: format!("{scheme}://{api_addr}"),
             listen_addrs: listen_addrs.iter().map(|a| a.to_string()).collect(),
         };
         write_runtime(data_dir.path(), &info)?;
@@ -346,6 +386,7 @@ impl Node {
             trimmer,
             placer,
             raft_links,
+            token_job,
             api_addr,
             server,
             stop_api,
@@ -380,7 +421,13 @@ impl Node {
         // while the groups still run.
         let (mut aborted, executor) = tokio::join!(
             canal_worker::shutdown_all(
-                vec![self.membership, self.placer, self.raft_links, self.trimmer],
+                vec![
+                    self.membership,
+                    self.placer,
+                    self.raft_links,
+                    self.trimmer,
+                    self.token_job
+                ],
                 JOB_SHUTDOWN
             ),
             self.executor.shutdown(JOB_SHUTDOWN)

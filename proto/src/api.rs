@@ -485,3 +485,61 @@ mod tests {
         assert!(serde_json::from_str::<PublishLine>(r#"{"payload": "x", "paylod": "y"}"#).is_err());
     }
 }
+
+/// `POST /v1/tokens`: the token to issue (admin only).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// Who will hold it.
+    pub subject: String,
+    /// Topic filters it may publish to.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Topic filters it may not publish to, whatever `publish` says.
+    #[serde(default)]
+    pub publish_deny: Vec<String>,
+    /// Topic filters it may subscribe with.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    /// Topic filters it may not subscribe to, whatever `subscribe` says.
+    #[serde(default)]
+    pub subscribe_deny: Vec<String>,
+    /// Whether it holds admin rights.
+    #[serde(default)]
+    pub admin: bool,
+    /// How long it is valid, in seconds.
+    pub ttl_s: u64,
+}
+
+/// What a token says, as `GET /v1/tokens` lists it (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// The token's id (what `canal token revoke` takes).
+    pub id: String,
+    /// Who holds it.
+    pub subject: String,
+    /// When it was issued, ms since the Unix epoch.
+    pub issued_ms: u64,
+    /// When it expires, ms since the Unix epoch.
+    pub expires_ms: u64,
+    /// Topic filters it may publish to.
+    pub publish: Vec<String>,
+    /// Topic filters it may not publish to.
+    pub publish_deny: Vec<String>,
+    /// Topic filters it may subscribe with.
+    pub subscribe: Vec<String>,
+    /// Topic filters it may not subscribe to.
+    pub subscribe_deny: Vec<String>,
+    /// Whether it holds admin rights.
+    pub admin: bool,
+    /// Whether it was revoked.
+    pub revoked: bool,
+}
+
+/// `POST /v1/tokens`' answer: the token, shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenIssued {
+    /// The token (`Authorization: Bearer` it).
+    pub token: String,
+    /// What it says.
+    pub info: TokenInfo,
+}

@@ -241,6 +241,27 @@ pub struct TriggerSpec {
     pub created_ms: u64,
 }
 
+/// Whose rights a trigger's function publishes with: the subject of the token that created
+/// the trigger and that token's publish filters (kept beside the trigger, by its uid, in the
+/// metadata group's `\x01O/` table), checked against every output at run time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TriggerOwner {
+    /// The token's subject.
+    pub subject: String,
+    /// The token's publish allow filters.
+    pub publish_allow: Vec<TopicFilter>,
+    /// The token's publish deny filters (deny wins).
+    pub publish_deny: Vec<TopicFilter>,
+}
+
+impl TriggerOwner {
+    /// Whether the owner may publish to `topic`: some allow filter matches and no deny does.
+    pub fn may_publish(&self, topic: &Topic) -> bool {
+        !self.publish_deny.iter().any(|d| d.matches(topic))
+            && self.publish_allow.iter().any(|a| a.matches(topic))
+    }
+}
+
 impl TriggerSpec {
     /// The topic failed events go to.
     pub fn dead_letter_topic(&self) -> Result<Topic, SpecError> {

@@ -61,7 +61,7 @@ fi
 compose() { podman-compose -p "$project" -f "$compose_file" "$@"; }
 # The container of a service.
 container() { podman ps -a --filter "label=io.podman.compose.project=$project" --filter "label=com.docker.compose.service=$1" --format '{{.Names}}' | head -1; }
-# The nodes: every service but the one-shot keygen (it writes the cluster key and exits).
+# The nodes: every service but the one-shot keygen (it writes the keys and exits).
 services=$(sed -n 's/^  \([a-z][a-z0-9-]*\):$/\1/p' "$compose_file" | grep -v -e '-data$' -e '^keygen$' || true)
 [[ -n $services ]] || die "no services in $compose_file"
 
@@ -136,7 +136,21 @@ key_volume=${project}_cluster-key
 podman volume create "$key_volume" >/dev/null
 podman run --rm -v "$key_volume:/key" "$image" cluster keygen /key/swarm.key --if-missing >/dev/null 2>&1 ||
 	die "cannot write the cluster key into volume $key_volume"
-phase "cluster key in volume $key_volume"
+podman run --rm -v "$key_volume:/key" "$image" token keygen /key/token.key --if-missing >/dev/null 2>&1 ||
+	die "cannot write the token key into volume $key_volume"
+podman run --rm -v "$key_volume:/key" "$image" testnet certs --dir /key >/dev/null 2>&1 ||
+	die "cannot write the local CA and the API certificate into volume $key_volume"
+# The APIs speak HTTPS: the host verifies them with the local CA, read out of the volume.
+ca_file=$work/ca.pem
+cp "$(podman volume inspect -f '{{.Mountpoint}}' "$key_volume")/tls/ca.pem" "$ca_file" ||
+	die "cannot read the local CA out of volume $key_volume"
+export CANAL_CA=$ca_file
+# The scenario's admin token, minted from the token key the nodes are given.
+CANAL_TOKEN=$(podman run --rm -v "$key_volume:/key" "$image" token mint --key /key/token.key \
+	--sub ci --admin --pub '#' --sub-filter '#' --ttl 1d 2>/dev/null) ||
+	die "cannot mint an admin token from volume $key_volume"
+export CANAL_TOKEN
+phase "cluster key, token key and local CA in volume $key_volume"
 # podman-compose and podman talk a lot here (volumes it looks for before making them, no
 # systemd to schedule health checks: step 4 runs them); the log is shown if this fails.
 compose up -d >"$work/compose-up.log" 2>&1 || {
@@ -164,7 +178,7 @@ url() {
 	local hp
 	hp=$(podman port "$(container "$1")" 7070 | head -1)
 	[[ -n $hp ]] || die "the API port of $1 is not published"
-	echo "http://$hp"
+	echo "https://$hp"
 }
 edge=() cloud=()
 for s in $services; do

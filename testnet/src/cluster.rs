@@ -44,6 +44,11 @@ pub struct UpOptions {
     pub timeout: Duration,
     /// Each tier's link; `None`: no relays (nodes talk directly). Use [`tier_links`].
     pub links: Option<Vec<(String, LinkSettings)>>,
+    /// The token key file to give the nodes (copied to `DIR/token.key` if none is there);
+    /// `None`: one made there on first `up`.
+    pub token_key: Option<PathBuf>,
+    /// Serve the APIs over TLS with certificates of a local CA made in `DIR/tls/`.
+    pub tls: bool,
 }
 
 /// The link a tier gets when `--link` names none: 30 ms for `edge`, 1 ms for `cloud`, no
@@ -240,13 +245,14 @@ fn spawn_detached(bin: &Path, node_dir: &Path) -> anyhow::Result<u32> {
 }
 
 /// Starts a testnet in `opts.dir` and waits until every node sees every other; `progress`
-/// is told what is happening. Returns the nodes. If it fails after starting anything, it
-/// stops what it started (nodes and relays) before returning the error.
+/// is told what is happening. Returns the nodes and an admin token for them (also in
+/// `DIR/admin-token`). If it fails after starting anything, it stops what it started (nodes
+/// and relays) before returning the error.
 pub async fn up(
     bin: &Path,
     opts: &UpOptions,
     progress: impl FnMut(&str),
-) -> anyhow::Result<Vec<ClusterNode>> {
+) -> anyhow::Result<(Vec<ClusterNode>, String)> {
     check_free(opts)?;
     match start_all(bin, opts, progress).await {
         Ok(nodes) => Ok(nodes),
@@ -290,7 +296,7 @@ async fn start_all(
     bin: &Path,
     opts: &UpOptions,
     mut progress: impl FnMut(&str),
-) -> anyhow::Result<Vec<ClusterNode>> {
+) -> anyhow::Result<(Vec<ClusterNode>, String)> {
     let n: usize = opts.tiers.iter().map(|(_, c)| c).sum();
     if n == 0 {
         bail!("a testnet needs at least one node");
@@ -357,6 +363,28 @@ async fn start_all(
     // One key for the whole testnet, kept with it so restarted nodes still hold it.
     let key = std::fs::canonicalize(&opts.dir)?.join("swarm.key");
     crate::ensure_cluster_key(bin, &key)?;
+    // And one token key, likewise kept; the admin token is minted from it.
+    let token_key = std::fs::canonicalize(&opts.dir)?.join(crate::auth::TOKEN_KEY_FILE);
+    if let Some(given) = &opts.token_key
+        && !token_key.exists()
+    {
+        let text = std::fs::read_to_string(given)
+            .with_context(|| format!("cannot read --token-key {}", given.display()))?;
+        crate::auth::write_private(&token_key, &text)?;
+    }
+    let admin = crate::auth::persistent_credentials(&opts.dir)?;
+    let tls = if opts.tls {
+        let files = crate::tls::ensure_local_ca(&std::fs::canonicalize(&opts.dir)?.join("tls"))?;
+        canal_client::tls::set_ca_file(&files.ca).map_err(|e| anyhow!(e))?;
+        progress(&format!(
+            "the APIs speak HTTPS with certificates of the local CA {}",
+            files.ca.display()
+        ));
+        Some(files)
+    } else {
+        None
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let mut pids = Vec::new();
     for i in 0..n {
         let node_dir = std::fs::canonicalize(&opts.dir)?.join(format!("node{i}"));
@@ -379,6 +407,15 @@ async fn start_all(
             } else if a == "127.0.0.1:0" {
                 *a = format!("127.0.0.1:{}", ports[i].1);
             }
+        }
+        args.extend(["--token-key".into(), token_key.display().to_string()]);
+        if let Some(t) = &tls {
+            args.extend([
+                "--tls-cert".into(),
+                t.cert.display().to_string(),
+                "--tls-key".into(),
+                t.key.display().to_string(),
+            ]);
         }
         // The first (up to) three form the Raft cluster; later ones join it as learners.
         args.extend(["--bootstrap-expect".into(), n.min(3).to_string()]);
@@ -403,14 +440,14 @@ async fn start_all(
         )?;
         let pid = spawn_detached(bin, &node_dir)?;
         progress(&format!(
-            "started node{i} ({}, pid {pid}, api http://127.0.0.1:{})",
+            "started node{i} ({}, pid {pid}, api {scheme}://127.0.0.1:{})",
             tiers[i], ports[i].1
         ));
         pids.push(pid);
     }
     let apis: Vec<Api> = ports
         .iter()
-        .map(|(_, a)| Api::new(&format!("http://127.0.0.1:{a}")))
+        .map(|(_, a)| Api::with_token(&format!("{scheme}://127.0.0.1:{a}"), Some(&admin)))
         .collect();
     let deadline = std::time::Instant::now() + opts.timeout;
     let mut last_report = usize::MAX;
@@ -492,7 +529,7 @@ async fn start_all(
             .collect();
         return Err(anyhow!("{e}\n{}", tails.join("\n")));
     }
-    Ok(list(&opts.dir))
+    Ok((list(&opts.dir), admin))
 }
 
 fn signal(pid: u32, sig: i32) {

@@ -32,6 +32,16 @@ pub const KEY_VOLUME: &str = "cluster-key";
 /// The service that writes the key (`canal cluster keygen --if-missing`) before the nodes
 /// start.
 pub const KEYGEN: &str = "keygen";
+/// The token key every node is given (`--token-key`), in the key volume beside the cluster
+/// key: written once by [`KEYGEN`], so admin tokens can be minted from it on the host
+/// (`canal token mint --key /key/token.key ...` in a one-off container; see docs/auth.md).
+pub const TOKEN_KEY_FILE: &str = "/key/token.key";
+/// Where the keygen service puts the local CA and the nodes' API certificate (`canal testnet
+/// certs --dir /key`): every API speaks HTTPS, verified with [`CA_FILE`].
+pub const TLS_DIR: &str = "/key/tls";
+/// The local CA's certificate, for `canal --ca` (the health check, and the host: see
+/// docs/auth.md for copying it out of the volume).
+pub const CA_FILE: &str = "/key/tls/ca.pem";
 /// `--bootstrap-expect`: how many nodes form the Raft cluster (as voters).
 ///
 /// Every node gets the flag, as with `canal testnet up`: the services start together, and the
@@ -130,7 +140,15 @@ impl Compose {
                 "last declaring a GPU. From the repository root:".into(),
                 String::new(),
                 "    docker compose -f testnet/docker-compose.yml up --build -d".into(),
-                "    export CANAL_API=http://127.0.0.1:7071      # edge1; 7072-7075 are the others"
+                "    export CANAL_API=https://127.0.0.1:7071     # edge1; 7072-7075 are the others"
+                    .into(),
+                "    export CANAL_TOKEN=$(docker compose -f testnet/docker-compose.yml run --rm --entrypoint canal keygen \\"
+                    .into(),
+                "        token mint --key /key/token.key --sub admin --admin --pub '#' --sub-filter '#')"
+                    .into(),
+                "    docker compose -f testnet/docker-compose.yml run --rm --entrypoint cat keygen /key/tls/ca.pem > canal-ca.pem"
+                    .into(),
+                "    export CANAL_CA=$PWD/canal-ca.pem           # the APIs speak HTTPS with the local CA's certificates"
                     .into(),
                 "    docker compose -f testnet/docker-compose.yml down -v   # -v: the data too"
                     .into(),
@@ -177,6 +195,12 @@ impl Compose {
             n.tier.clone(),
             "--cluster-key".into(),
             KEY_FILE.into(),
+            "--token-key".into(),
+            TOKEN_KEY_FILE.into(),
+            "--tls-cert".into(),
+            format!("{TLS_DIR}/node.pem"),
+            "--tls-key".into(),
+            format!("{TLS_DIR}/node-key.pem"),
         ];
         if let Some(g) = &n.gpu {
             args.extend(["--gpu".into(), g.clone()]);
@@ -204,7 +228,9 @@ impl Compose {
             "canal".into(),
             "health".into(),
             "--api".into(),
-            format!("http://127.0.0.1:{API_PORT}"),
+            format!("https://127.0.0.1:{API_PORT}"),
+            "--ca".into(),
+            CA_FILE.into(),
         ]
     }
 
@@ -225,9 +251,15 @@ impl Compose {
         y.push_str("\nservices:\n");
         let _ = writeln!(y, "  {KEYGEN}:");
         self.render_image(&mut y);
-        let keygen: Vec<String> = ["cluster", "keygen", KEY_FILE, "--if-missing"]
-            .map(String::from)
-            .into();
+        // Both keys in one one-shot run (the image's entrypoint is canal; it has a shell).
+        let keygen: Vec<String> = [
+            "-c".to_string(),
+            format!(
+                "canal cluster keygen {KEY_FILE} --if-missing && canal token keygen {TOKEN_KEY_FILE} --if-missing && canal testnet certs --dir /key"
+            ),
+        ]
+        .into();
+        let _ = writeln!(y, "    entrypoint: {}", flow(&["/bin/sh".to_string()]));
         let _ = writeln!(y, "    command: {}", flow(&keygen));
         y.push_str("    volumes:\n");
         let key_dir = KEY_FILE.rsplit_once('/').map_or("/", |(d, _)| d);

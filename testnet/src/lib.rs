@@ -10,7 +10,9 @@
 //! - [`NodeOptions`]: per-node settings (tier, labels, GPUs, cluster key, extra flags).
 //! - [`wait_for`]: poll a condition until it holds or a deadline passes, with a message
 //!   saying what was awaited.
-//! - [`Api`]: a small JSON client of one node's HTTP API.
+//! - [`Api`]: a small JSON client of one node's HTTP API, carrying the admin token.
+//! - [`auth`]: the token key every node of the process's testnets gets, and its admin
+//!   token ([`admin_token`]), so tests run with tokens checked.
 //! - [`guests`]: the example guest functions, built for `wasm32-wasip2` on first use.
 //! - [`cluster`]: the persistent testnet of `canal testnet up/status/down/kill/restart`,
 //!   whose nodes outlive the command that started them.
@@ -19,6 +21,7 @@
 //!   behind one; see [`Testnet::partition`], [`Testnet::heal`], [`Testnet::set_link`].
 //! - [`relayd`]: the relay process of the persistent testnet, which outlives `canal testnet
 //!   up` as its nodes do, and takes partitions through a control file.
+//! - [`tls`]: a local CA and node certificates for `canal testnet up --tls` and TLS tests.
 //! - [`compose`]: the compose files of a mesh in containers (Docker for real hosts, podman
 //!   in CI), generated from one description.
 //!
@@ -35,12 +38,15 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
+pub mod auth;
 pub mod cluster;
 pub mod compose;
 pub mod guests;
 pub mod relay;
 pub mod relayd;
+pub mod tls;
 
+pub use auth::{admin_token, http_client};
 pub use relay::{Fabric, LinkSettings};
 
 /// Settings of one node of a testnet.
@@ -60,6 +66,10 @@ pub struct NodeOptions {
     pub keyless: bool,
     /// Whether to bootstrap from node 0 (true for every node but node 0 unless changed).
     pub bootstrap_from_first: bool,
+    /// Starts the node without the testnet's token key (`--token-key`): as a founding node,
+    /// it makes one of its own at formation; otherwise it learns the cluster's. Tokens
+    /// signed with the process's key ([`admin_token`]) are then refused by it.
+    pub own_token_key: bool,
     /// Any further flags.
     pub extra_args: Vec<String>,
     /// Puts the node behind a delay-and-loss relay with this link (see [`relay`]). If any
@@ -345,6 +355,7 @@ impl Testnet {
         if options.cluster_key.is_none() && !options.keyless {
             self.cluster_key()?;
         }
+        auth::write_process_key(&self.dir.join(auth::TOKEN_KEY_FILE))?;
         self.nodes.push(TestNode {
             name: format!("node{i}"),
             data_dir: self.dir.join(format!("node{i}")),
@@ -379,6 +390,17 @@ impl Testnet {
             && let Some(k) = &self.key
         {
             args.extend(["--cluster-key".into(), k.display().to_string()]);
+        }
+        let own_auth = n
+            .options
+            .extra_args
+            .iter()
+            .any(|a| a.starts_with("--auth") || a.starts_with("--token-key"));
+        if !n.options.own_token_key && !own_auth {
+            args.extend([
+                "--token-key".into(),
+                self.dir.join(auth::TOKEN_KEY_FILE).display().to_string(),
+            ]);
         }
         if let Some((listen, api)) = &n.ports {
             for a in args.iter_mut() {
@@ -448,7 +470,11 @@ impl Testnet {
                         .find(|a| a.starts_with("/ip4/127.0.0.1/tcp/"))
                         .and_then(|a| a.split("/p2p/").next())
                         .map(str::to_string);
-                    let api = info.api.trim_start_matches("http://").to_string();
+                    let api = info
+                        .api
+                        .trim_start_matches("http://")
+                        .trim_start_matches("https://")
+                        .to_string();
                     node.ports = listen.map(|l| (l, api));
                 }
                 node.info = Some(info);
@@ -640,11 +666,16 @@ pub struct Api {
 }
 
 impl Api {
-    /// A client of the API at `base` (`http://127.0.0.1:PORT`).
+    /// A client of the API at `base` (`http://127.0.0.1:PORT`) carrying the admin token.
     pub fn new(base: &str) -> Api {
+        Api::with_token(base, Some(admin_token()))
+    }
+
+    /// A client of the API at `base` carrying `token` (none: no `Authorization` header).
+    pub fn with_token(base: &str, token: Option<&str>) -> Api {
         Api {
             base: base.trim_end_matches('/').to_string(),
-            client: Client::new(base, None),
+            client: Client::new(base, token),
         }
     }
 

@@ -125,11 +125,15 @@ pub enum Failure {
         /// What happened, naming the limit and the value.
         detail: String,
     },
+    /// It published where the owner of its trigger may not (the token that created the
+    /// trigger holds no publish right there); its outputs and state changes are dropped.
+    #[error("the function's output was refused: {0}")]
+    Denied(String),
 }
 
 impl Failure {
     /// A short name for headers and metrics: `error`, `trap`, `timeout`, `memory`, `fuel`,
-    /// `start`, `limit`.
+    /// `start`, `limit`, `denied`.
     pub fn kind(&self) -> &'static str {
         match self {
             Failure::Error(_) => "error",
@@ -139,6 +143,7 @@ impl Failure {
             Failure::Fuel(_) => "fuel",
             Failure::Start(_) => "start",
             Failure::Limit { .. } => "limit",
+            Failure::Denied(_) => "denied",
         }
     }
 }

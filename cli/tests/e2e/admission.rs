@@ -99,6 +99,7 @@ async fn a_reachable_node_needs_a_key_or_insecure_open() {
 
     // With --insecure-open it starts, and says what that gives up.
     let mut child = tokio::process::Command::new(BIN)
+        .env("CANAL_TOKEN", canal_testnet::admin_token())
         .args(args)
         .arg("--insecure-open")
         .stderr(std::process::Stdio::piped())
@@ -136,7 +137,7 @@ async fn a_node_serves_a_bounded_number_of_subscribers() {
     .await
     .unwrap();
     let base = net.api(0).unwrap().base().to_string();
-    let http = reqwest::Client::new();
+    let http = canal_testnet::http_client();
     let open = || {
         let http = http.clone();
         let url = format!("{base}/v1/subscribe?filter=a/%23&qos=0");

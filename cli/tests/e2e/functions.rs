@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// Deploys example function `guest` as `name` through `api`, with deploy query `query`.
-async fn deploy(api: &Api, name: &str, guest: &str, query: &str) {
+pub(crate) async fn deploy(api: &Api, name: &str, guest: &str, query: &str) {
     let bytes = guests::bytes(guest).unwrap();
     let (status, body) = api
         .send(
@@ -45,7 +45,7 @@ async fn trigger(api: &Api, name: &str, json: serde_json::Value) {
 }
 
 /// The log of `topic` on `api`'s replica.
-async fn log(api: &Api, topic: &str) -> TopicLog {
+pub(crate) async fn log(api: &Api, topic: &str) -> TopicLog {
     api.get(&format!("/v1/topics/{}/log", topic.replace('/', "%2F")))
         .await
         .unwrap()
@@ -76,7 +76,7 @@ async fn wait_log_len(net: &Testnet, topic: &str, n: u64) {
 }
 
 /// Reads every event of `topic` from `api` (QoS 1, from the earliest) through the CLI.
-async fn read_all(api: &Api, topic: &str, n: u64) -> Vec<serde_json::Value> {
+pub(crate) async fn read_all(api: &Api, topic: &str, n: u64) -> Vec<serde_json::Value> {
     if n == 0 {
         return Vec::new();
     }
@@ -553,6 +553,7 @@ async fn a_chain_of_three_functions_and_a_qos0_trigger() {
     )
     .await;
     let mut child = tokio::process::Command::new(crate::BIN)
+        .env("CANAL_TOKEN", canal_testnet::admin_token())
         .args([
             "--api",
             net.api(1).unwrap().base(),
@@ -567,7 +568,7 @@ async fn a_chain_of_three_functions_and_a_qos0_trigger() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let http = reqwest::Client::new();
+    let http = canal_testnet::http_client();
     let base = net.api(2).unwrap().base().to_string();
     // At most once: publish until one gets through the subscriber's start-up.
     wait_for("a QoS 0 output to arrive", Duration::from_secs(30), || {
@@ -892,7 +893,7 @@ async fn the_latency_policy_moves_a_function_to_the_faster_peer() {
 }
 
 /// The dead letters of `topic`, `n` of them, with their `canal-error-kind` and `canal-error`.
-async fn dead_letters(api: &Api, topic: &str, n: u64) -> Vec<(String, String, String)> {
+pub(crate) async fn dead_letters(api: &Api, topic: &str, n: u64) -> Vec<(String, String, String)> {
     read_all(api, topic, n)
         .await
         .iter()

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod admission;
+mod auth;
 mod functions;
 mod hostile;
 mod mesh;
@@ -20,11 +21,19 @@ use std::time::Duration;
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_canal");
 
-/// Runs the `canal` CLI and returns its output.
+/// Runs the `canal` CLI and returns its output. It carries the harness's admin token
+/// (`CANAL_TOKEN`), and a `canal testnet up` gets the harness's token key, so that the
+/// persistent testnet accepts that token too.
 pub(crate) async fn canal(args: &[&str]) -> Output {
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    if args.len() >= 2 && args[0] == "testnet" && args[1] == "up" {
+        let key = canal_testnet::auth::process_key_file().unwrap();
+        args.extend(["--token-key".into(), key.display().to_string()]);
+    }
     tokio::process::Command::new(BIN)
-        .args(args)
+        .args(&args)
         .env_remove("CANAL_API")
+        .env("CANAL_TOKEN", canal_testnet::admin_token())
         .kill_on_drop(true)
         .output()
         .await

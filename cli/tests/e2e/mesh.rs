@@ -422,6 +422,7 @@ async fn down_stops_what_an_interrupted_up_left() {
     let dir = tmp.path().join("tn");
     let d = dir.display().to_string();
     let mut up = tokio::process::Command::new(BIN)
+        .env("CANAL_TOKEN", canal_testnet::admin_token())
         .args(["testnet", "up", "--dir", &d, "--nodes", "3"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -511,7 +512,11 @@ async fn metrics_pass_promtool_after_a_publish_and_a_subscription() {
     // Three voters, so the per-member Raft metrics have samples too.
     let net = crate::raft::cluster(3, &[]).await;
     let api = net.api(0).unwrap();
-    let sub = canal_client::Client::streaming(net.api(2).unwrap().base(), None).unwrap();
+    let sub = canal_client::Client::streaming(
+        net.api(2).unwrap().base(),
+        Some(canal_testnet::admin_token()),
+    )
+    .unwrap();
     let events = sub
         .events("/v1/subscribe?filter=metrics%2F%23&qos=1&from=earliest")
         .await
@@ -587,7 +592,7 @@ async fn metrics_pass_promtool_after_a_publish_and_a_subscription() {
     );
 
     // Prometheus asks for OpenMetrics, and gets it.
-    let resp = reqwest::Client::new()
+    let resp = canal_testnet::http_client()
         .get(format!("{}/metrics", api.base()))
         .header(
             "accept",

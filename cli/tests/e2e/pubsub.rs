@@ -14,6 +14,7 @@ use std::time::Duration;
 /// Starts `canal sub FILTER --from earliest --json --count N` against `api`.
 pub(crate) fn sub(api: &str, filter: &str, count: usize) -> tokio::process::Child {
     tokio::process::Command::new(BIN)
+        .env("CANAL_TOKEN", canal_testnet::admin_token())
         .args([
             "--api",
             api,
@@ -60,7 +61,7 @@ pub(crate) async fn publish_until_acked(
     payload: Vec<u8>,
 ) {
     let path = format!("/v1/topics/{}/events", topic.replace('/', "%2F"));
-    let http = reqwest::Client::new();
+    let http = canal_testnet::http_client();
     let mut attempt = 0usize;
     wait_for(
         &format!("publish {id} to be acknowledged"),
@@ -236,6 +237,7 @@ async fn a_message_id_is_stored_once_and_qos0_reaches_other_nodes() {
     // QoS 0: a live subscriber on another node sees an event published after it subscribed.
     let c = net.node(2).info().unwrap().api.clone();
     let mut live = tokio::process::Command::new(BIN)
+        .env("CANAL_TOKEN", canal_testnet::admin_token())
         .args(["--api", &c, "sub", "live/#", "--qos", "0", "--count", "1"])
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -303,7 +305,7 @@ async fn bad_publishes_and_subscriptions_are_refused_clearly() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"offset\":0"), "{body}");
     // A subscriber that goes away does not hurt the node.
-    let resp = reqwest::Client::new()
+    let resp = canal_testnet::http_client()
         .get(format!("{api_url}/v1/subscribe?filter=a&from=earliest"))
         .send()
         .await
@@ -319,7 +321,7 @@ async fn bad_publishes_and_subscriptions_are_refused_clearly() {
     assert_eq!(status, 200);
 
     // SIGTERM with a subscriber still connected is a clean, prompt shutdown.
-    let open = reqwest::Client::new()
+    let open = canal_testnet::http_client()
         .get(format!("{api_url}/v1/subscribe?filter=a&from=earliest"))
         .send()
         .await
@@ -372,6 +374,7 @@ async fn a_durable_subscriber_resumes_after_its_last_ack_on_another_node() {
     }
     let start = |node: usize| {
         tokio::process::Command::new(BIN)
+            .env("CANAL_TOKEN", canal_testnet::admin_token())
             .args([
                 "--api",
                 &net.node(node).info().unwrap().api,
@@ -446,8 +449,9 @@ async fn a_websocket_subscriber_gets_events_and_acks_a_durable_subscription() {
         .await;
     }
     let url = format!(
-        "{}/v1/subscribe?filter=ws%2F%23&from=earliest&durable=wsd",
-        api.base().replace("http://", "ws://")
+        "{}/v1/subscribe?filter=ws%2F%23&from=earliest&durable=wsd&token={}",
+        api.base().replace("http://", "ws://"),
+        canal_testnet::admin_token()
     );
     let next_event = |m: Option<Result<Message, _>>| -> serde_json::Value {
         match m {
@@ -508,8 +512,9 @@ async fn a_websocket_subscriber_gets_events_and_acks_a_durable_subscription() {
     assert_eq!(resumed["data"], "e3");
     // Bad input is refused before the upgrade, as a plain HTTP error.
     let bad = format!(
-        "{}/v1/subscribe?filter=ws%2F%2Bx",
-        api.base().replace("http://", "ws://")
+        "{}/v1/subscribe?filter=ws%2F%2Bx&token={}",
+        api.base().replace("http://", "ws://"),
+        canal_testnet::admin_token()
     );
     let err = tokio_tungstenite::connect_async(&bad).await.unwrap_err();
     assert!(err.to_string().contains("400"), "{err}");
@@ -625,8 +630,9 @@ async fn unacknowledged_events_are_redelivered_then_given_up_on() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("durable"), "{body}");
     let url = format!(
-        "{}/v1/subscribe?filter=rd%2Ft&from=earliest&durable=rd&ack_timeout=300ms&max_deliveries=2",
-        api.base().replace("http://", "ws://")
+        "{}/v1/subscribe?filter=rd%2Ft&from=earliest&durable=rd&ack_timeout=300ms&max_deliveries=2&token={}",
+        api.base().replace("http://", "ws://"),
+        canal_testnet::admin_token()
     );
     let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
     // Never acknowledged: each event comes twice (go-back-N, in order), then is given up on
@@ -698,7 +704,7 @@ async fn publish_once(
 
 /// Publishes through `api` until a node answers; returns whether the id was a duplicate.
 async fn publish_answered(api: &Api, topic: &str, id: &str, payload: &str) -> bool {
-    let http = reqwest::Client::new();
+    let http = canal_testnet::http_client();
     wait_for(
         &format!("publish {id} to {topic} to be answered"),
         Duration::from_secs(60),
@@ -818,7 +824,7 @@ async fn replicas_stay_identical_under_load_id_reuse_and_a_skewed_clock() {
     // Many publishes with ids from every node at once (group commit puts hundreds into an
     // entry, and followers apply many entries per call), each id twice, on topics whose ids
     // are forgotten after 2 s.
-    let http = reqwest::Client::new();
+    let http = canal_testnet::http_client();
     let mut tasks = Vec::new();
     for (node, node_api) in apis.iter().enumerate() {
         for worker in 0..32 {
@@ -910,6 +916,7 @@ async fn a_qos0_flood_does_not_cause_elections_while_qos1_writes_go_on() {
     let mut subs: Vec<_> = (1..3)
         .map(|i| {
             tokio::process::Command::new(BIN)
+                .env("CANAL_TOKEN", canal_testnet::admin_token())
                 .args([
                     "--api",
                     apis[i].base(),
@@ -926,7 +933,7 @@ async fn a_qos0_flood_does_not_cause_elections_while_qos1_writes_go_on() {
                 .unwrap()
         })
         .collect();
-    let http = reqwest::Client::new();
+    let http = canal_testnet::http_client();
     let publish_qos0 = |payload: Vec<u8>| {
         http.post(format!("{}/v1/topics/flood%2Fx/events", apis[0].base()))
             .header("canal-qos", "0")
@@ -1008,7 +1015,9 @@ async fn stream_round(
 ) -> BTreeSet<usize> {
     use futures::StreamExt;
     let mut acked = BTreeSet::new();
-    let Ok(stream) = canal_client::PublishStream::connect(api, None).await else {
+    let Ok(stream) =
+        canal_client::PublishStream::connect(api, Some(canal_testnet::admin_token())).await
+    else {
         return acked;
     };
     let (mut tx, mut acks) = stream.split();
@@ -1143,7 +1152,7 @@ async fn post_ndjson(http: &reqwest::Client, url: &str, body: &'static str) -> r
 async fn a_bad_batch_line_is_refused_by_number_and_nothing_is_stored() {
     let net = cluster(1, &["--max-publish-streams", "1"]).await;
     let api = net.api(0).unwrap();
-    let http = reqwest::Client::new();
+    let http = canal_testnet::http_client();
     let url = format!("{}/v1/topics/batch%2Ft/events", api.base());
     let body = "{\"payload\": \"a\", \"id\": \"b-1\"}\n{\"payload\": \"b\"}\n{\"payload\": \"c\", \"id\": \"\"}\n";
     let resp = post_ndjson(&http, &url, body).await;
@@ -1199,6 +1208,7 @@ async fn a_bad_batch_line_is_refused_by_number_and_nothing_is_stored() {
     for dup in [false, true] {
         use tokio::io::AsyncWriteExt;
         let mut child = tokio::process::Command::new(BIN)
+            .env("CANAL_TOKEN", canal_testnet::admin_token())
             .args([
                 "--api",
                 api.base(),
@@ -1255,6 +1265,7 @@ async fn a_bad_batch_line_is_refused_by_number_and_nothing_is_stored() {
         async move {
             use tokio::io::AsyncWriteExt;
             let mut child = tokio::process::Command::new(BIN)
+                .env("CANAL_TOKEN", canal_testnet::admin_token())
                 .args(["--api", &api, "pub", "batch/big", "--stdin"])
                 .env_remove("CANAL_API")
                 .stdin(Stdio::piped())
@@ -1291,7 +1302,12 @@ async fn a_bad_batch_line_is_refused_by_number_and_nothing_is_stored() {
             let base = api.base().to_string();
             let held = held.clone();
             async move {
-                match canal_client::PublishStream::connect(&base, None).await {
+                match canal_client::PublishStream::connect(
+                    &base,
+                    Some(canal_testnet::admin_token()),
+                )
+                .await
+                {
                     Ok(s) => {
                         *held.lock().unwrap() = Some(s);
                         Ok(())
@@ -1303,7 +1319,7 @@ async fn a_bad_batch_line_is_refused_by_number_and_nothing_is_stored() {
     )
     .await
     .unwrap();
-    let e = canal_client::PublishStream::connect(api.base(), None)
+    let e = canal_client::PublishStream::connect(api.base(), Some(canal_testnet::admin_token()))
         .await
         .err()
         .expect("a second stream past max_publish_streams 1");

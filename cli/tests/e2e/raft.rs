@@ -631,7 +631,7 @@ async fn publish_big(apis: &[Api], topic: &str, i: usize) {
             attempt += 1;
             let payload = payload.clone();
             async move {
-                let resp = reqwest::Client::new()
+                let resp = canal_testnet::http_client()
                     .post(format!("{}/v1/topics/{topic}/events", api.base()))
                     .header("canal-id", format!("big-{i}"))
                     .body(payload)

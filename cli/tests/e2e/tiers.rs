@@ -205,6 +205,7 @@ struct Down(String);
 impl Drop for Down {
     fn drop(&mut self) {
         let _ = std::process::Command::new(BIN)
+            .env("CANAL_TOKEN", canal_testnet::admin_token())
             .args(["testnet", "down", "--dir", &self.0])
             .output();
     }

@@ -6,7 +6,7 @@ use super::*;
 use crate::functions::Effects;
 use crate::keys;
 use crate::topics::{PublishOp, StoredEvent, TopicMeta};
-use crate::types::{Op, Proposal, Request, Response, TypeConfig};
+use crate::types::{InternalKey, Op, Proposal, Request, Response, TypeConfig};
 use openraft::{Entry, EntryPayload, StorageIOError, StoredMembership};
 use std::sync::Arc;
 
@@ -153,8 +153,21 @@ fn apply_op(w: &mut Writes<'_>, now: u64, op: crate::types::Op) -> Result<Applie
             if let Err(why) = key.check() {
                 return refuse(why);
             }
+            let set_once = matches!(key, InternalKey::TokenKey(_));
+            let what = key.to_string();
             let key = key.key();
             let previous = w.get(&key)?;
+            // Tokens in circulation are signed by the key first recorded; replacing it
+            // would void every one of them, so no entry may.
+            if set_once && previous.is_some() && previous != value {
+                return Ok((
+                    previous,
+                    Some(format!(
+                        "the cluster's {what} is already set: it is set once, at formation"
+                    )),
+                    None,
+                ));
+            }
             w.set(key, value);
             Ok((previous, None, None))
         }

@@ -512,3 +512,35 @@ fn effects_over_several_topics_apply_whole_or_not_at_all() {
         assert_eq!(sm.trigger_cursor("u", "a").unwrap(), Some(3));
     });
 }
+
+#[test]
+fn the_token_key_is_set_once() {
+    use crate::InternalKey;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RaftDb::open(dir.path()).unwrap();
+        let (_, mut sm) = db.group(crate::GroupId(0)).unwrap();
+        let set = |value: Option<&[u8]>| Request {
+            id: None,
+            op: Op::Internal {
+                key: InternalKey::TokenKey("ed25519".into()),
+                value: value.map(<[u8]>::to_vec),
+            },
+        };
+        let r = sm.apply(vec![entry(1, set(Some(b"first")))]).await.unwrap();
+        assert!(r[0].refused.is_none());
+        // Setting the same value again is no change, so it is no refusal either.
+        let r = sm.apply(vec![entry(2, set(Some(b"first")))]).await.unwrap();
+        assert!(r[0].refused.is_none());
+        for (i, v) in [Some(&b"second"[..]), None].into_iter().enumerate() {
+            let r = sm.apply(vec![entry(3 + i as u64, set(v))]).await.unwrap();
+            let why = r[0].refused.as_deref().unwrap_or_default();
+            assert!(why.contains("set once"), "{why}");
+        }
+        assert_eq!(
+            sm.record(&crate::keys::TOKEN_KEY, "ed25519").unwrap(),
+            Some(b"first".to_vec())
+        );
+    });
+}

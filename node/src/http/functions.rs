@@ -170,6 +170,7 @@ pub(super) async fn trigger_get(
 
 pub(super) async fn trigger_put(
     State(st): State<ApiState>,
+    axum::Extension(caller): axum::Extension<crate::tokens::Caller>,
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -181,7 +182,19 @@ pub(super) async fn trigger_put(
             format!("the trigger is not JSON of the expected shape ({e}): send {{\"on\": FILTER, \"fn\": FUNCTION, \"out\"?: TOPIC, \"qos\"?: 0|1, \"retries\"?: N, \"dead_letter\"?: TOPIC}}"),
         )
     })?;
-    let spec = st.functions.trigger_add(&name, req).await?;
+    // The trigger's function publishes with its creator's rights, checked at run time; an
+    // output topic the creator may not publish to is refused now.
+    let owner = caller
+        .publish_rights()
+        .map(|p| canal_proto::function::TriggerOwner {
+            subject: caller.subject().unwrap_or_default().to_string(),
+            publish_allow: p.allow.clone(),
+            publish_deny: p.deny.clone(),
+        });
+    if let Some(out) = &req.out {
+        super::auth::check_publish(&st, &caller, out)?;
+    }
+    let spec = st.functions.trigger_add_owned(&name, req, owner).await?;
     Ok((StatusCode::CREATED, axum::Json(spec)).into_response())
 }
 

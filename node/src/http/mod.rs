@@ -9,6 +9,7 @@
 //! - [`health`], [`cluster`], [`kv`], [`functions`], [`topics`], [`publish`], [`subscribe`]: the handlers,
 //!   by area.
 
+pub mod auth;
 pub mod cluster;
 pub mod error;
 pub mod functions;
@@ -18,6 +19,7 @@ mod metrics_text;
 pub mod parse;
 pub mod publish;
 pub mod subscribe;
+pub mod tls;
 pub mod topics;
 
 pub use error::ApiError;
@@ -66,10 +68,13 @@ pub struct ApiState {
     pub publish_streams: Arc<tokio::sync::Semaphore>,
     /// How many that is (`max_publish_streams`), for the error that says so.
     pub max_publish_streams: usize,
+    /// Tokens: the gate every request passes, issuing and revoking.
+    pub tokens: Arc<crate::tokens::Tokens<NodeTransport>>,
 }
 
 /// Builds the router.
 pub fn router(state: ApiState) -> Router {
+    let gate = axum::middleware::from_fn_with_state(state.clone(), auth::authenticate);
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/peers", get(peers))
@@ -104,6 +109,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/functions/{name}/placement", get(fn_placement))
         .route("/v1/functions/{name}/state", get(fn_state_list))
         .route("/v1/functions/{name}/state/{*key}", get(fn_state_get))
+        .route(
+            "/v1/tokens",
+            get(auth::token_list).post(auth::token_create),
+        )
+        .route(
+            "/v1/tokens/{id}",
+            axum::routing::delete(auth::token_revoke),
+        )
         .route("/v1/triggers", get(trigger_list))
         .route(
             "/v1/triggers/{name}",
@@ -119,27 +132,41 @@ pub fn router(state: ApiState) -> Router {
         })
         .fallback(|| async {
             ApiError::not_found(
-                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, POST /v1/events, /v1/publish (WebSocket), /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/admit/{peer}, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}] and /metrics",
+                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, POST /v1/events, /v1/publish (WebSocket), /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/admit/{peer}, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}], /v1/tokens[/{id}] and /metrics",
             )
         })
+        .layer(gate)
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `closing` turns true; requests in flight are finished
-/// then (the caller bounds how long it waits for that).
+/// Serves the API on `listener` (over TLS when `tls` is given) until `closing` turns true;
+/// requests in flight are finished then (the caller bounds how long it waits for that).
 pub fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     state: ApiState,
     closing: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let app = router(state);
-    tokio::spawn(async move {
-        let mut stopped = closing;
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stopped.wait_for(|c| *c).await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "API server failed");
+    let mut stopped = closing.clone();
+    let shutdown = async move {
+        let _ = stopped.wait_for(|c| *c).await;
+    };
+    Ok(match tls {
+        Some(config) => {
+            let listener = tls::TlsListener::new(listener, config, closing)?;
+            tokio::spawn(async move {
+                let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "API server failed");
+                }
+            })
         }
+        None => tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "API server failed");
+            }
+        }),
     })
 }

@@ -6,6 +6,8 @@
 //! [`canal_pubsub`]'s; this is the framing and the pipelining.
 
 use super::{ApiError, ApiState};
+use crate::tokens::Caller;
+use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::StatusCode;
@@ -25,6 +27,7 @@ const FRAME_SHAPE: &str = r#"{"seq": N, "topic": T, "payload": TEXT | "payload_b
 /// `max_publish_streams` (else 503 `too_many_streams`).
 pub(super) async fn publish_stream(
     State(st): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let ws = ws.map_err(|e| {
@@ -52,13 +55,13 @@ pub(super) async fn publish_stream(
         let _slot = slot;
         let open = st.pubsub.metrics().publish_streams.clone();
         open.inc();
-        websocket(st, socket).await;
+        websocket(st, caller, socket).await;
         open.dec();
     }))
 }
 
 /// Serves one publish stream until the client closes it or the node shuts down.
-async fn websocket(st: ApiState, socket: WebSocket) {
+async fn websocket(st: ApiState, caller: Caller, socket: WebSocket) {
     let (sink, stream) = socket.split();
     // Control frames are tungstenite's; a binary frame is answered, not taken.
     let frames = stream
@@ -78,9 +81,18 @@ async fn websocket(st: ApiState, socket: WebSocket) {
         futures::future::ready(Ok::<_, axum::Error>(Message::Text(text.into())))
     });
     let pubsub = st.pubsub.clone();
+    let check = st.clone();
     let publish = move |f: StreamPublish| -> BoxFuture<'static, StreamAck> {
         let pubsub = pubsub.clone();
-        async move { publish_frame(&pubsub, f).await }.boxed()
+        let check = check.clone();
+        let caller = caller.clone();
+        async move {
+            publish_frame(&pubsub, f, |topic| {
+                super::auth::check_publish(&check, &caller, topic)
+            })
+            .await
+        }
+        .boxed()
     };
     let mut closing = st.closing.clone();
     tokio::select! {
@@ -90,11 +102,17 @@ async fn websocket(st: ApiState, socket: WebSocket) {
 }
 
 /// One decoded frame, published: its ack or its error.
-async fn publish_frame(pubsub: &crate::pubsub::PubSub, f: StreamPublish) -> StreamAck {
+/// A frame the token may not publish is answered 403's way (`forbidden`), stored nowhere.
+async fn publish_frame(
+    pubsub: &crate::pubsub::PubSub,
+    f: StreamPublish,
+    allowed: impl Fn(&str) -> Result<(), ApiError>,
+) -> StreamAck {
     let seq = f.seq;
     let req = canal_pubsub::parse_qos(f.qos.map(|q| q.to_string()).as_deref())
         .map_err(ApiError::from)
-        .and_then(|qos| super::parse::publish_line(None, qos, f.line));
+        .and_then(|qos| super::parse::publish_line(None, qos, f.line))
+        .and_then(|req| allowed(&req.topic).map(|()| req));
     let answer = match req {
         Ok(req) => pubsub.publish(req).await.map_err(ApiError::from),
         Err(e) => Err(e),

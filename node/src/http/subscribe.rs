@@ -3,6 +3,8 @@
 //! [`canal_pubsub`]'s; this is only the framing.
 
 use super::{ApiError, ApiState};
+use crate::tokens::Caller;
+use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
@@ -18,16 +20,21 @@ use std::time::Duration;
 /// WebSocket, anything else Server-Sent Events.
 pub(super) async fn subscribe(
     State(st): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    // Everything is checked before answering, so bad input is a plain HTTP error.
+    // Everything is checked before answering, so bad input is a plain HTTP error. A filter
+    // wider than the token's is refused whole (see canal_auth::claims).
+    if let Some(filter) = q.get("filter") {
+        super::auth::check_subscribe(&st, &caller, filter)?;
+    }
     let req = super::parse::subscribe_request(&q);
     let rx = st.pubsub.subscribe(&req).await?;
     Ok(match ws {
         Ok(ws) => {
             let durable = req.durable;
-            ws.on_upgrade(move |socket| websocket(st, rx, durable, socket))
+            ws.on_upgrade(move |socket| websocket(st, caller, rx, durable, socket))
         }
         Err(_) => sse(rx),
     })
@@ -95,6 +102,7 @@ fn sse_frame(out: &mut String, d: Delivery) {
 /// `{"ack": {"topic": T, "offset": N}}`; a refused one is answered `{"error": "..."}`.
 async fn websocket(
     st: ApiState,
+    caller: Caller,
     mut rx: FeedRx<Delivery>,
     durable: Option<String>,
     mut socket: WebSocket,
@@ -111,7 +119,7 @@ async fn websocket(
             }
             m = socket.recv() => match m {
                 Some(Ok(Message::Text(t))) => {
-                    if let Err(e) = ws_ack(&st, durable.as_deref(), t.as_str()).await {
+                    if let Err(e) = ws_ack(&st, &caller, durable.as_deref(), t.as_str()).await {
                         let body = serde_json::json!({"error": e}).to_string();
                         if socket.send(Message::Text(body.into())).await.is_err() {
                             break;
@@ -141,12 +149,18 @@ async fn send_all(socket: &mut WebSocket, ds: Vec<Delivery>) -> Result<(), axum:
     socket.flush().await
 }
 
-async fn ws_ack(st: &ApiState, durable: Option<&str>, text: &str) -> Result<(), String> {
+async fn ws_ack(
+    st: &ApiState,
+    caller: &Caller,
+    durable: Option<&str>,
+    text: &str,
+) -> Result<(), String> {
     let Some(name) = durable else {
         return Err("acks are for durable subscriptions: subscribe with ?durable=NAME".into());
     };
     let a: canal_proto::api::WsAck = serde_json::from_str(text)
         .map_err(|e| format!("{e}: send {{\"ack\": {{\"topic\": TOPIC, \"offset\": N}}}}"))?;
+    super::auth::check_read(st, caller, &a.ack.topic).map_err(|e| e.message().to_string())?;
     let offset = a.ack.offset.to_string();
     st.pubsub
         .ack(name, Some(&a.ack.topic), Some(&offset))

@@ -2,9 +2,12 @@
 //! publishing and acknowledging; the work is [`canal_pubsub`]'s (subscribing is in
 //! [`super::subscribe`]).
 
+use super::auth::{check_publish, check_read};
 use super::error::too_large;
 use super::{ApiError, ApiState};
 use crate::NodeTransport;
+use crate::tokens::Caller;
+use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
@@ -20,6 +23,7 @@ use std::collections::HashMap;
 /// `%2F`), so the action is taken from the end of the path.
 pub(super) async fn topic_get(
     State(st): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     rest: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Response, ApiError> {
     let Path(rest) = rest.map_err(|e| {
@@ -42,6 +46,7 @@ pub(super) async fn topic_get(
     if let Some(topic) = rest.strip_suffix("/log") {
         let topic =
             Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
+        check_read(&st, &caller, topic.as_str())?;
         let sm = st
             .consensus
             .state_machine(canal_consensus::group_of(topic.as_str()))?;
@@ -117,6 +122,7 @@ pub(super) async fn topic_delete(
 /// a batch (one publish per line), answered with a JSON array of `Published` in line order.
 pub(super) async fn topic_post(
     State(st): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(rest): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -131,9 +137,14 @@ pub(super) async fn topic_post(
         let reqs = super::parse::publish_batch(Some(topic), &headers, &body).inspect_err(|_| {
             st.pubsub.metrics().batches_refused.inc();
         })?;
+        // Every line is checked before any is published: a refusal stores nothing.
+        for r in &reqs {
+            check_publish(&st, &caller, &r.topic)?;
+        }
         return Ok(axum::Json(st.pubsub.publish_many(reqs).await?).into_response());
     }
     let req = super::parse::publish_request(topic, &headers, &body)?;
+    check_publish(&st, &caller, &req.topic)?;
     Ok(axum::Json(st.pubsub.publish(req).await?).into_response())
 }
 
@@ -141,6 +152,7 @@ pub(super) async fn topic_post(
 /// `"topic"`), answered with a JSON array of `Published` in line order.
 pub(super) async fn events_post(
     State(st): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<axum::Json<Vec<canal_proto::api::Published>>, ApiError> {
@@ -148,15 +160,22 @@ pub(super) async fn events_post(
     let reqs = super::parse::publish_batch(None, &headers, &body).inspect_err(|_| {
         st.pubsub.metrics().batches_refused.inc();
     })?;
+    for r in &reqs {
+        check_publish(&st, &caller, &r.topic)?;
+    }
     Ok(axum::Json(st.pubsub.publish_many(reqs).await?))
 }
 
 /// `POST /v1/subscriptions/{name}/ack?topic=T&offset=N`.
 pub(super) async fn ack(
     State(st): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    if let Some(topic) = q.get("topic") {
+        check_read(&st, &caller, topic)?;
+    }
     let next = st
         .pubsub
         .ack(
