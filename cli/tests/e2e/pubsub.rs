@@ -1344,7 +1344,7 @@ async fn a_publish_stream_through_a_follower_gets_offsets_in_send_order() {
     let lead = leader(&net, 0, &group).await;
     let via = (0..3).find(|i| *i != lead).unwrap();
     let api = net.api(via).unwrap().base().to_string();
-    let stream = canal_client::PublishStream::connect(&api, None)
+    let stream = canal_client::PublishStream::connect(&api, Some(canal_testnet::admin_token()))
         .await
         .unwrap();
     let (mut tx, mut acks) = stream.split();
