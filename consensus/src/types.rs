@@ -143,6 +143,10 @@ pub enum InternalKey {
     /// A peer admitted by hand (`canal cluster admit`, metadata group): on a mesh without a
     /// cluster key, only such peers join.
     Admitted(String),
+    /// A topic's MQTT retained message (data group of the topic).
+    Retained(String),
+    /// A persistent MQTT session, by client id (data group of its subscriptions).
+    MqttSession(String),
 }
 
 impl InternalKey {
@@ -161,6 +165,8 @@ impl InternalKey {
             InternalKey::Subscription(name) => keys::SUBSCRIPTION_STARTS.key(name),
             InternalKey::Removed(peer) => keys::REMOVED.key(peer),
             InternalKey::Admitted(peer) => keys::ADMITTED.key(peer),
+            InternalKey::Retained(topic) => keys::RETAINED.key(topic),
+            InternalKey::MqttSession(client) => keys::MQTT_SESSIONS.key(client),
         }
     }
 
@@ -174,7 +180,9 @@ impl InternalKey {
             | InternalKey::Settings(s)
             | InternalKey::Subscription(s)
             | InternalKey::Removed(s)
-            | InternalKey::Admitted(s) => vec![s.as_str()],
+            | InternalKey::Admitted(s)
+            | InternalKey::Retained(s)
+            | InternalKey::MqttSession(s) => vec![s.as_str()],
             InternalKey::Measurement { function, peer } => vec![function, peer],
         }
     }
@@ -214,6 +222,8 @@ impl fmt::Display for InternalKey {
             InternalKey::Subscription(n) => write!(f, "start of durable subscription {n}"),
             InternalKey::Removed(p) => write!(f, "removal of peer {p}"),
             InternalKey::Admitted(p) => write!(f, "admission of peer {p}"),
+            InternalKey::Retained(t) => write!(f, "retained message of {t}"),
+            InternalKey::MqttSession(c) => write!(f, "MQTT session of {c}"),
         }
     }
 }

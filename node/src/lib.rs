@@ -98,6 +98,16 @@ pub enum NodeError {
     /// The peer mesh cannot start.
     #[error(transparent)]
     Dht(#[from] DhtError),
+    /// The MQTT address cannot be bound.
+    #[error(
+        "cannot listen for MQTT on {addr}: {source} (set --mqtt-listen to another address, or none)"
+    )]
+    MqttListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The API address cannot be bound.
     #[error("cannot listen for the API on {addr}: {source}")]
     ApiListen {
@@ -143,6 +153,7 @@ pub struct Node {
     placer: canal_worker::WorkerHandle,
     raft_links: canal_worker::WorkerHandle,
     api_addr: SocketAddr,
+    mqtt_addr: Option<SocketAddr>,
     server: tokio::task::JoinHandle<()>,
     stop_api: tokio::sync::watch::Sender<bool>,
     data_dir: DataDir,
@@ -174,6 +185,16 @@ impl Node {
                 source,
             })?;
 
+        let mqtt_listener = match config.mqtt_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| NodeError::MqttListen { addr, source })?,
+            ),
+            None => None,
+        };
+        let mqtt_addr = mqtt_listener.as_ref().and_then(|l| l.local_addr().ok());
+
         let raft_db = RaftDb::open(&data_dir.path().join("raft"))?;
 
         let mut registry = Registry::default();
@@ -183,6 +204,7 @@ impl Node {
             config.labels.clone(),
             config.gpus.clone(),
             Some(api_addr.to_string()),
+            mqtt_addr.map(|a| a.to_string()),
             live.clone(),
         )
         .forming(config.bootstrap_expect.is_some());
@@ -279,6 +301,7 @@ impl Node {
         });
         let exec_metrics = executor::ExecMetrics::register(&mut registry);
         let pubsub_metrics = canal_pubsub::PubSubMetrics::register(&mut registry);
+        let mqtt_metrics = canal_mqtt::MqttMetrics::register(&mut registry);
         let membership = Membership {
             consensus: consensus.clone(),
             dht: handle.clone(),
@@ -304,23 +327,38 @@ impl Node {
         let trimmer = canal_worker::spawn(canal_pubsub::trim::Trimmer::new(consensus.clone()));
         let placer = placer::spawn(functions.clone());
         let raft_links = raft_links.spawn(consensus.clone(), handle.clone());
+        let pubsub = pubsub::PubSub::new(
+            consensus.clone(),
+            qos0,
+            Arc::new(pubsub::MeshQos0 {
+                dht: handle.clone(),
+            }),
+            canal_pubsub::NodeContext {
+                local_peer: handle.local_peer_id().to_base58(),
+                subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_subscribers)),
+                max_subscribers: config.max_subscribers,
+                closing: closing.clone(),
+                metrics: pubsub_metrics,
+            },
+        );
+        // Tokens are checked here once the auth crate is wired in: `AcceptAll` is the one
+        // place to replace.
+        let mqtt = canal_mqtt::Mqtt::new(
+            pubsub.clone(),
+            canal_mqtt::MqttConfig::default(),
+            Arc::new(canal_mqtt::AcceptAll),
+            mqtt_metrics,
+            closing.clone(),
+        );
+        if let Some(l) = mqtt_listener {
+            tokio::spawn(mqtt.clone().serve(l));
+        }
         let state = ApiState {
             dht: handle.clone(),
             consensus: consensus.clone(),
-            pubsub: pubsub::PubSub::new(
-                consensus.clone(),
-                qos0,
-                Arc::new(pubsub::MeshQos0 {
-                    dht: handle.clone(),
-                }),
-                canal_pubsub::NodeContext {
-                    local_peer: handle.local_peer_id().to_base58(),
-                    subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_subscribers)),
-                    max_subscribers: config.max_subscribers,
-                    closing: closing.clone(),
-                    metrics: pubsub_metrics,
-                },
-            ),
+            pubsub,
+            mqtt,
+            mqtt_addr,
             functions,
             registry: Arc::new(registry),
             started: Instant::now(),
@@ -330,11 +368,15 @@ impl Node {
         };
         let server = http::serve(listener, state, closing);
         info!(api = %api_addr, peer_id = %handle.local_peer_id(), "client API listening");
+        if let Some(a) = mqtt_addr {
+            info!(mqtt = %a, "MQTT listening");
+        }
 
         let info = RuntimeInfo {
             pid: std::process::id(),
             peer_id: handle.local_peer_id().to_base58(),
             api: format!("http://{api_addr}"),
+            mqtt: mqtt_addr.map(|a| a.to_string()),
             listen_addrs: listen_addrs.iter().map(|a| a.to_string()).collect(),
         };
         write_runtime(data_dir.path(), &info)?;
@@ -347,6 +389,7 @@ impl Node {
             placer,
             raft_links,
             api_addr,
+            mqtt_addr,
             server,
             stop_api,
             data_dir,
@@ -357,6 +400,11 @@ impl Node {
     /// The address the API is bound to.
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// The address MQTT over TCP is bound to, if it is on.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_addr
     }
 
     /// What `node.json` says.

@@ -12,6 +12,9 @@ pub use canal_pubsub::{MAX_PAYLOAD_BYTES, PubSubError, Qos0Hub, Qos0Message};
 /// Publishing and subscribing on this node.
 pub type PubSub = canal_pubsub::PubSub<NodeTransport, MeshQos0>;
 
+/// MQTT on this node, over the same service.
+pub type Mqtt = canal_mqtt::Mqtt<NodeTransport, MeshQos0>;
+
 /// QoS 0 over the mesh: each peer's copy goes on the mesh's QoS 0 lane (its own protocol and
 /// a bounded queue per peer, apart from Raft's RPCs); a full queue drops the copy and counts
 /// it (`canal_qos0_dropped_total`), as at-most-once allows.

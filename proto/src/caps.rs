@@ -92,6 +92,8 @@ pub struct Capabilities {
     pub listen_addrs: Vec<String>,
     /// The address of the peer's HTTP client API, if it has one.
     pub api_addr: Option<String>,
+    /// The address of the peer's MQTT listener (TCP), if it has one.
+    pub mqtt_addr: Option<String>,
     /// The peer's tier (`edge`, `cloud`, ...), as configured.
     pub tier: String,
     /// Operator labels (`zone=eu-1`).
@@ -144,6 +146,9 @@ impl Capabilities {
         }
         if let Some(a) = &self.api_addr {
             text("api_addr", a, MAX_ADDR_BYTES)?;
+        }
+        if let Some(a) = &self.mqtt_addr {
+            text("mqtt_addr", a, MAX_ADDR_BYTES)?;
         }
         text("tier", &self.tier, MAX_NAME_BYTES)?;
         count("labels", self.labels.len(), MAX_LABELS)?;
@@ -402,6 +407,10 @@ mod tests {
                 Box::new(|c| c.listen_addrs = vec!["a".repeat(257)]),
             ),
             ("api_addr", Box::new(|c| c.api_addr = Some("a".repeat(257)))),
+            (
+                "mqtt_addr",
+                Box::new(|c| c.mqtt_addr = Some("a".repeat(257))),
+            ),
             ("tier", Box::new(|c| c.tier = "t".repeat(65))),
             (
                 "labels",
@@ -496,6 +505,7 @@ mod tests {
             version: "v".repeat(MAX_NAME_BYTES),
             listen_addrs: vec!["a".repeat(MAX_ADDR_BYTES); MAX_LISTEN_ADDRS],
             api_addr: Some("a".repeat(MAX_ADDR_BYTES)),
+            mqtt_addr: Some("a".repeat(MAX_ADDR_BYTES)),
             tier: "t".repeat(MAX_NAME_BYTES),
             labels: (0..MAX_LABELS)
                 .map(|i| (format!("{i:0>64}"), "v".repeat(MAX_LABEL_VALUE_BYTES)))

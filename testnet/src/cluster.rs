@@ -303,8 +303,8 @@ async fn start_all(
     }
     std::fs::create_dir_all(&opts.dir)
         .with_context(|| format!("cannot create {}", opts.dir.display()))?;
-    let ports: Vec<(u16, u16)> = (0..n)
-        .map(|_| Ok((free_port()?, free_port()?)))
+    let ports: Vec<(u16, u16, u16)> = (0..n)
+        .map(|_| Ok((free_port()?, free_port()?, free_port()?)))
         .collect::<anyhow::Result<_>>()?;
     let tiers: Vec<&str> = opts
         .tiers
@@ -352,7 +352,7 @@ async fn start_all(
             ));
             relay_ports
         }
-        None => ports.iter().map(|(p, _)| *p).collect(),
+        None => ports.iter().map(|(p, _, _)| *p).collect(),
     };
     // One key for the whole testnet, kept with it so restarted nodes still hold it.
     let key = std::fs::canonicalize(&opts.dir)?.join("swarm.key");
@@ -373,12 +373,17 @@ async fn start_all(
         };
         let mut args = options.args(&node_dir, None);
         // Fixed ports, so a restarted node is found where it was.
+        let mut prev = String::new();
         for a in args.iter_mut() {
+            let was = a.clone();
             if a == "/ip4/127.0.0.1/tcp/0" {
                 *a = format!("/ip4/127.0.0.1/tcp/{}", ports[i].0);
+            } else if a == "127.0.0.1:0" && prev == "--mqtt-listen" {
+                *a = format!("127.0.0.1:{}", ports[i].2);
             } else if a == "127.0.0.1:0" {
                 *a = format!("127.0.0.1:{}", ports[i].1);
             }
+            prev = was;
         }
         // The first (up to) three form the Raft cluster; later ones join it as learners.
         args.extend(["--bootstrap-expect".into(), n.min(3).to_string()]);
@@ -403,14 +408,14 @@ async fn start_all(
         )?;
         let pid = spawn_detached(bin, &node_dir)?;
         progress(&format!(
-            "started node{i} ({}, pid {pid}, api http://127.0.0.1:{})",
-            tiers[i], ports[i].1
+            "started node{i} ({}, pid {pid}, api http://127.0.0.1:{}, mqtt 127.0.0.1:{})",
+            tiers[i], ports[i].1, ports[i].2
         ));
         pids.push(pid);
     }
     let apis: Vec<Api> = ports
         .iter()
-        .map(|(_, a)| Api::new(&format!("http://127.0.0.1:{a}")))
+        .map(|(_, a, _)| Api::new(&format!("http://127.0.0.1:{a}")))
         .collect();
     let deadline = std::time::Instant::now() + opts.timeout;
     let mut last_report = usize::MAX;

@@ -8,6 +8,7 @@ mod admission;
 mod functions;
 mod hostile;
 mod mesh;
+mod mqtt;
 mod pubsub;
 mod raft;
 mod tiers;

@@ -1,0 +1,1217 @@
+//! One MQTT connection: CONNECT, then one loop over packets in, deliveries out and the
+//! acknowledgements of publishes committed.
+//!
+//! ```text
+//!   read CONNECT (deadline) ─> auth ─> session (new / resumed) ─> CONNACK ─> resubscribe
+//!   loop select:
+//!     socket bytes ─> frame ─> decode ─> handle (publish, subscribe, puback, ...)
+//!     deliveries (one queue for all the connection's subscriptions, bounded in bytes),
+//!         taken only while fewer than the send window are unacknowledged
+//!     publishes committed, in the order they came ─> PUBACK
+//!     keep-alive deadline, a takeover, the node closing
+//!   end ─> will (abnormal end), session record (disconnected at), subscriptions dropped
+//! ```
+
+use crate::codec::{self, Inbound, Outbound, Publish, ServerLimits, Version, Will};
+use crate::records::{self, Retained, Session, SessionSub};
+use crate::{Credentials, Mqtt, topics};
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use canal_consensus::keys::{MQTT_SESSIONS, RETAINED};
+use canal_consensus::{InternalKey, Op, Request, Transport};
+use canal_proto::TopicFilter;
+use canal_proto::api::Event;
+use canal_proto::time::now_ms;
+use canal_pubsub::feed::{self, FeedRx, FeedTx, Weighed};
+use canal_pubsub::{Delivery, PubSubError, PublishRequest, Qos, Qos0Link, SubscribeRequest};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+/// The header that carries a 5.0 Message Expiry Interval (seconds) with an event.
+pub const EXPIRY_HEADER: &str = "mqtt-message-expiry";
+/// The header that names the MQTT client that published an event (for No Local).
+pub const FROM_HEADER: &str = "mqtt-client";
+/// The header that marks an event published with the retain flag (for Retain As Published).
+pub const RETAIN_HEADER: &str = "mqtt-retain";
+/// The header that carries a 5.0 content type.
+pub const CONTENT_TYPE_HEADER: &str = "mqtt-content-type";
+
+/// The longest client id accepted, bytes.
+pub const MAX_CLIENT_ID_BYTES: usize = 256;
+
+/// A message on its way to the client.
+struct Msg {
+    topic: String,
+    payload: Bytes,
+    qos: u8,
+    retain: bool,
+    headers: Vec<(String, String)>,
+    time_ms: u64,
+    offset: Option<u64>,
+    sub: Arc<SubInfo>,
+}
+
+impl Weighed for Msg {
+    fn weight(&self) -> usize {
+        64 + self.topic.len() + self.payload.len()
+    }
+}
+
+/// What a delivery needs to know of the subscription it came through.
+#[derive(Debug)]
+struct SubInfo {
+    rec: SessionSub,
+    filter: TopicFilter,
+    durable: Option<String>,
+}
+
+/// A running subscription: the tasks that forward its canal subscriptions.
+struct Sub {
+    rec: SessionSub,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// DISCONNECT 0: no will.
+    Normal,
+    /// DISCONNECT 4: with will.
+    WithWill,
+    /// Anything else (socket closed, error, keep-alive, takeover): the will is sent.
+    Abnormal,
+}
+
+/// What one inbound packet leads to.
+enum Next {
+    Go,
+    /// Close, sending a 5.0 DISCONNECT with this reason first (unless `None`).
+    Close(Option<u8>, End),
+}
+
+struct Conn<T: Transport, L: Qos0Link> {
+    mqtt: Mqtt<T, L>,
+    version: Version,
+    client_id: String,
+    session: Option<Session>,
+    will: Option<Will>,
+    out: BytesMut,
+    subs: BTreeMap<String, Sub>,
+    tx: Arc<FeedTx<Msg>>,
+    inflight_out: HashMap<u16, Option<(String, String, u64)>>,
+    next_pkid: u16,
+    window: usize,
+    client_max_packet: Option<u32>,
+    aliases: HashMap<u16, String>,
+    publishes: FuturesOrdered<BoxFuture<'static, (u16, u8)>>,
+    keep_alive: Option<Duration>,
+    rx: Option<FeedRx<Msg>>,
+}
+
+/// Serves one connection until it ends.
+pub(crate) async fn run<T, L, S>(mqtt: Mqtt<T, L>, io: S, peer: String)
+where
+    T: Transport,
+    L: Qos0Link,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let mut buf = BytesMut::with_capacity(4096);
+    let cfg = mqtt.config.clone();
+    let first = tokio::time::timeout(
+        cfg.connect_timeout,
+        read_connect(&mut rd, &mut buf, cfg.max_packet_bytes),
+    )
+    .await;
+    let (version, connect) = match first {
+        Err(_) => {
+            mqtt.metrics.refuse("connect_timeout");
+            tracing::debug!(%peer, "MQTT connection sent no CONNECT in time");
+            return;
+        }
+        Ok(Err(e)) => {
+            let reason = match &e {
+                codec::DecodeError::Protocol { .. } => "protocol",
+                codec::DecodeError::TooLarge { .. } => "too_large",
+                codec::DecodeError::NotConnect(_) => "not_connect",
+                _ => "malformed",
+            };
+            mqtt.metrics.refuse(reason);
+            tracing::info!(%peer, error = %e, "MQTT connection refused before CONNECT");
+            if let codec::DecodeError::Protocol { level, .. } = e {
+                // Told in the version it asked for where there is one; else 3.1.1's code.
+                let v = if level == 5 {
+                    Version::V5
+                } else {
+                    Version::V311
+                };
+                let mut out = BytesMut::new();
+                let _ = codec::encode(v, &connack(false, 0x84, ServerLimits::default()), &mut out);
+                let _ = wr.write_all(&out).await;
+            }
+            return;
+        }
+        Ok(Ok(c)) => c,
+    };
+    mqtt.metrics.packet("connect", true);
+    let Some(mut conn) = accept(&mqtt, version, *connect, &mut wr, &peer).await else {
+        return;
+    };
+    let (conn_id, mut taken_over) = {
+        let mut l = mqtt.lock();
+        l.next += 1;
+        let id = l.next;
+        let (stop, taken) = watch::channel(false);
+        if let Some((_, old)) = l.conns.insert(conn.client_id.clone(), (id, stop)) {
+            let _ = old.send(true);
+        }
+        if let Some(will) = l.wills.remove(&conn.client_id) {
+            will.abort();
+        }
+        (id, taken)
+    };
+    mqtt.metrics.connections.inc();
+    let end = conn.serve(&mut rd, &mut wr, buf, &mut taken_over).await;
+    mqtt.metrics.connections.dec();
+    {
+        let mut l = mqtt.lock();
+        if l.conns
+            .get(&conn.client_id)
+            .is_some_and(|(id, _)| *id == conn_id)
+        {
+            l.conns.remove(&conn.client_id);
+        }
+    }
+    conn.finish(end).await;
+}
+
+async fn read_connect<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    limit: usize,
+) -> Result<(Version, Box<codec::Connect>), codec::DecodeError> {
+    loop {
+        if let Some(f) = codec::frame(buf, limit)? {
+            let v = codec::connect_version(&f, buf)?;
+            return match codec::decode(v, &f, buf)? {
+                Inbound::Connect(c) => Ok((v, c)),
+                _ => Err(codec::DecodeError::NotConnect(f.kind)),
+            };
+        }
+        match rd.read_buf(buf).await {
+            Ok(0) | Err(_) => {
+                return Err(codec::DecodeError::Malformed {
+                    what: "CONNECT",
+                    why: "the connection closed before a whole CONNECT came".into(),
+                });
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+fn connack(session_present: bool, code: u8, limits: ServerLimits) -> Outbound {
+    Outbound::ConnAck {
+        session_present,
+        code,
+        limits: Box::new(limits),
+    }
+}
+
+/// Checks a CONNECT, sets up the session and answers CONNACK; `None` if refused.
+async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
+    mqtt: &Mqtt<T, L>,
+    version: Version,
+    c: codec::Connect,
+    wr: &mut W,
+    peer: &str,
+) -> Option<Conn<T, L>> {
+    let cfg = mqtt.config.clone();
+    let refuse = |code: u8, reason: &str, why: String| {
+        mqtt.metrics.refuse(reason);
+        tracing::info!(%peer, client = %c.client_id, code, "MQTT CONNECT refused: {why}");
+        let mut out = BytesMut::new();
+        let _ = codec::encode(
+            version,
+            &connack(false, code, ServerLimits::default()),
+            &mut out,
+        );
+        mqtt.metrics.packet("connack", false);
+        out
+    };
+    let refused = match check_connect(mqtt, &c) {
+        Ok(()) => None,
+        Err((code, reason, why)) => Some(refuse(code, reason, why)),
+    };
+    if let Some(out) = refused {
+        let _ = wr.write_all(&out).await;
+        return None;
+    }
+    let mut assigned = None;
+    let client_id = if c.client_id.is_empty() {
+        let id = canal_proto::time::fresh_id("mqtt");
+        assigned = Some(id.clone());
+        id
+    } else {
+        c.client_id.clone()
+    };
+    let persistent = c.session_expiry_s > 0;
+    let consensus = mqtt.pubsub.consensus();
+    let group = canal_consensus::group_of_subscription(&client_id);
+    // Through the leader: the session may have been written on another node just now.
+    let stored: Option<Session> = match consensus
+        .read_record(group, &MQTT_SESSIONS, &client_id, true)
+        .await
+    {
+        Ok(b) => b.and_then(|b| records::decode(&b).ok()),
+        Err(e) => {
+            let out = refuse(0x88, "no_leader", format!("cannot read the session: {e}"));
+            let _ = wr.write_all(&out).await;
+            return None;
+        }
+    };
+    let had_record = stored.is_some();
+    let now = now_ms();
+    let resumed = match stored {
+        Some(s) if !c.clean_start && persistent && !s.expired(now) => Some(s),
+        _ => None,
+    };
+    let session_present = resumed.is_some();
+    let session = if persistent {
+        let mut s = resumed.unwrap_or_else(|| Session {
+            epoch: canal_proto::time::fresh_id("s"),
+            subs: Vec::new(),
+            expiry_s: c.session_expiry_s,
+            disconnected_ms: None,
+        });
+        s.expiry_s = c.session_expiry_s;
+        s.disconnected_ms = None;
+        if let Err(e) = write_session(mqtt, &client_id, Some(&s)).await {
+            let out = refuse(0x88, "no_leader", format!("cannot store the session: {e}"));
+            let _ = wr.write_all(&out).await;
+            return None;
+        }
+        Some(s)
+    } else {
+        // A clean, non-persistent session ends any stored one.
+        if had_record {
+            let _ = write_session(mqtt, &client_id, None).await;
+        }
+        None
+    };
+    let window = usize::from(c.receive_maximum.min(cfg.max_inflight_out).max(1));
+    let slot = match Arc::new(Semaphore::new(1)).try_acquire_owned() {
+        Ok(s) => s,
+        Err(_) => return None,
+    };
+    let (tx, rx) = feed::feed::<Msg>(slot);
+    let mut conn = Conn {
+        mqtt: mqtt.clone(),
+        version,
+        client_id,
+        session,
+        will: c.will,
+        out: BytesMut::with_capacity(8192),
+        subs: BTreeMap::new(),
+        tx: Arc::new(tx),
+        inflight_out: HashMap::new(),
+        next_pkid: 0,
+        window,
+        client_max_packet: c.max_packet_size,
+        aliases: HashMap::new(),
+        publishes: FuturesOrdered::new(),
+        keep_alive: (c.keep_alive > 0)
+            .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
+        rx: None,
+    };
+    let limits = ServerLimits {
+        receive_maximum: cfg.max_inflight_in,
+        max_packet_size: u32::try_from(cfg.max_packet_bytes).unwrap_or(u32::MAX),
+        topic_alias_max: cfg.topic_alias_max,
+        assigned_client_id: assigned,
+        session_expiry_s: None,
+    };
+    conn.push(connack(session_present, 0, limits));
+    if let Some(s) = conn.session.clone() {
+        for rec in s.subs {
+            if let Err(code) = conn.start_sub(rec.clone(), false).await {
+                tracing::warn!(client = %conn.client_id, filter = %rec.filter, code, "a persistent session's subscription did not resume");
+            }
+        }
+    }
+    conn.rx = Some(rx);
+    Some(conn)
+}
+
+/// The checks of a CONNECT before anything is stored: `(5.0 code, refusal reason, why)`.
+fn check_connect<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    c: &codec::Connect,
+) -> Result<(), (u8, &'static str, String)> {
+    if c.client_id.is_empty() && !c.clean_start && c.version == Version::V311 {
+        return Err((
+            0x85,
+            "client_id",
+            "an empty client id needs clean session = 1".into(),
+        ));
+    }
+    if c.client_id.len() > MAX_CLIENT_ID_BYTES
+        || c.client_id.chars().any(char::is_control)
+        || c.client_id.starts_with('$')
+    {
+        return Err((
+            0x85,
+            "client_id",
+            format!(
+                "client id {:?} is not allowed: at most {MAX_CLIENT_ID_BYTES} bytes, no control characters, not starting with `$`",
+                c.client_id
+            ),
+        ));
+    }
+    if let Some(w) = &c.will {
+        if let Err(e) = topics::topic(&w.topic) {
+            return Err((0x90, "topic_invalid", format!("will topic: {e}")));
+        }
+        if w.qos > 1 && c.version == Version::V5 {
+            return Err((0x9B, "qos2", "a will of QoS 2: the most is QoS 1".into()));
+        }
+    }
+    mqtt.auth
+        .check(Credentials {
+            client_id: &c.client_id,
+            username: c.username.as_deref(),
+            password: c.password.as_deref(),
+        })
+        .map_err(|e| match e {
+            crate::AuthRefused::BadCredentials(_) => (0x86, "not_authorized", e.to_string()),
+            crate::AuthRefused::NotAuthorized(_) => (0x87, "not_authorized", e.to_string()),
+        })
+}
+
+/// Writes (or with `None` removes) `client`'s session record.
+async fn write_session<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    client: &str,
+    s: Option<&Session>,
+) -> Result<(), String> {
+    let value = match s {
+        Some(s) => Some(records::encode(s).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    mqtt.pubsub
+        .consensus()
+        .write(
+            canal_consensus::group_of_subscription(client),
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: InternalKey::MqttSession(client.to_string()),
+                    value,
+                },
+            },
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Writes (or with an empty payload clears) `topic`'s retained message.
+async fn write_retained<T: Transport, L: Qos0Link>(
+    pubsub: &canal_pubsub::PubSub<T, L>,
+    topic: &str,
+    r: Retained,
+) -> Result<(), String> {
+    let value = if r.payload.is_empty() {
+        None
+    } else {
+        Some(records::encode(&r).map_err(|e| e.to_string())?)
+    };
+    pubsub
+        .consensus()
+        .write_batched(
+            canal_consensus::group_of(topic),
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: InternalKey::Retained(topic.to_string()),
+                    value,
+                },
+            },
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The 5.0 PUBACK reason for a publish canal refused.
+fn puback_reason(e: &PubSubError) -> u8 {
+    match e.kind() {
+        "invalid_topic" => 0x90,
+        "too_large" => 0x97,
+        "too_many_subscribers" => 0x97,
+        _ => 0x80,
+    }
+}
+
+/// The 5.0 SUBACK reason for a subscription canal refused.
+fn suback_reason(e: &PubSubError) -> u8 {
+    match e.kind() {
+        "invalid_filter" => 0x8F,
+        "too_many_subscribers" => 0x97,
+        _ => 0x80,
+    }
+}
+
+fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn parse_time(s: &str) -> u64 {
+    humantime::parse_rfc3339_weak(s)
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Forwards one canal subscription's deliveries to the connection's queue.
+async fn forward(mut rx: FeedRx<Delivery>, info: Arc<SubInfo>, tx: Arc<FeedTx<Msg>>) {
+    while let Some(d) = rx.recv().await {
+        let Delivery::Message { json, .. } = d else {
+            continue;
+        };
+        let Ok(e) = serde_json::from_str::<Event>(&json) else {
+            continue;
+        };
+        let Ok(topic) = canal_proto::Topic::new(&e.topic) else {
+            continue;
+        };
+        if !topics::matches(&info.filter, &topic) {
+            continue;
+        }
+        let payload = match (e.data, e.data_base64) {
+            (Some(text), _) => Bytes::from(text.into_bytes()),
+            (None, Some(b)) => match base64::engine::general_purpose::STANDARD.decode(b) {
+                Ok(b) => Bytes::from(b),
+                Err(_) => continue,
+            },
+            (None, None) => Bytes::new(),
+        };
+        let m = Msg {
+            topic: e.topic,
+            payload,
+            qos: e.qos.min(info.rec.qos),
+            retain: false,
+            headers: e.headers.into_iter().collect(),
+            time_ms: parse_time(&e.time),
+            offset: e.offset,
+            sub: info.clone(),
+        };
+        if tx.send(m).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl<T: Transport, L: Qos0Link> Conn<T, L> {
+    fn push(&mut self, p: Outbound) {
+        self.mqtt.metrics.packet(p.kind(), false);
+        if let Err(e) = codec::encode(self.version, &p, &mut self.out) {
+            tracing::warn!(client = %self.client_id, error = %e, "MQTT packet not written");
+        }
+    }
+
+    fn persistent(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// Starts subscription `rec` (replacing one on the same filter): `Err` with the 5.0
+    /// reason code if refused. Retained messages are sent unless `retained` is false.
+    async fn start_sub(&mut self, rec: SessionSub, retained: bool) -> Result<u8, u8> {
+        let f = topics::filter(&rec.filter).map_err(|e| {
+            tracing::warn!(client = %self.client_id, filter = %rec.filter, "MQTT subscription refused: {e}");
+            0x8F
+        })?;
+        if f.share.is_some() {
+            tracing::warn!(client = %self.client_id, filter = %rec.filter, "MQTT shared subscription refused: not supported yet");
+            return Err(0x9E);
+        }
+        let replaced = self.subs.remove(&rec.filter).is_some();
+        let durable = match &self.session {
+            Some(s) if rec.qos == 1 => Some(records::durable_name(
+                &self.client_id,
+                &s.epoch,
+                &rec.filter,
+            )),
+            _ => None,
+        };
+        let info = Arc::new(SubInfo {
+            rec: rec.clone(),
+            filter: f.filter.clone(),
+            durable: durable.clone(),
+        });
+        let now = rfc3339_ms(now_ms());
+        let hub = SubscribeRequest {
+            filter: Some(f.filter.to_string()),
+            qos: Some("0".into()),
+            ..SubscribeRequest::default()
+        };
+        let log = SubscribeRequest {
+            filter: Some(f.filter.to_string()),
+            qos: Some("1".into()),
+            // From now, not `latest`: a publish right after SUBACK must not be missed while
+            // the subscription's first read is still to come.
+            from: Some(now),
+            ack_timeout: durable.as_ref().map(|_| "1h".to_string()),
+            durable,
+            ..SubscribeRequest::default()
+        };
+        let hub_rx = self.mqtt.pubsub.subscribe(&hub).await.map_err(|e| {
+            tracing::warn!(client = %self.client_id, filter = %rec.filter, "MQTT subscription refused: {e}");
+            suback_reason(&e)
+        })?;
+        let log_rx = self.mqtt.pubsub.subscribe(&log).await.map_err(|e| {
+            tracing::warn!(client = %self.client_id, filter = %rec.filter, "MQTT subscription refused: {e}");
+            suback_reason(&e)
+        })?;
+        let mut tasks = vec![
+            tokio::spawn(forward(hub_rx, info.clone(), self.tx.clone())),
+            tokio::spawn(forward(log_rx, info.clone(), self.tx.clone())),
+        ];
+        let send_retained =
+            retained && (rec.retain_handling == 0 || (rec.retain_handling == 1 && !replaced));
+        if send_retained {
+            tasks.push(tokio::spawn(send_retained_msgs(
+                self.mqtt.pubsub.consensus().clone(),
+                info.clone(),
+                self.tx.clone(),
+                format!("$barrier/{}", self.client_id),
+            )));
+        }
+        self.subs.insert(rec.filter.clone(), Sub { rec, tasks });
+        Ok(info.rec.qos)
+    }
+
+    async fn save_session(&mut self) {
+        let Some(s) = &mut self.session else { return };
+        s.subs = self.subs.values().map(|s| s.rec.clone()).collect();
+        let s = s.clone();
+        if let Err(e) = write_session(&self.mqtt, &self.client_id, Some(&s)).await {
+            tracing::warn!(client = %self.client_id, error = %e, "MQTT session not stored");
+        }
+    }
+
+    /// The main loop; returns how the connection ended.
+    async fn serve<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        &mut self,
+        rd: &mut R,
+        wr: &mut W,
+        mut buf: BytesMut,
+        taken_over: &mut watch::Receiver<bool>,
+    ) -> End {
+        let mut rx = match self.rx.take() {
+            Some(rx) => rx,
+            None => return End::Abnormal,
+        };
+        let mut closing = self.mqtt.closing.clone();
+        let mut last_in = Instant::now();
+        // Whatever came after CONNECT in the same read.
+        let first = self.handle_buffer(&mut buf).await;
+        if let Next::Close(reason, end) = first {
+            self.close(wr, reason).await;
+            return end;
+        }
+        loop {
+            if !self.out.is_empty() {
+                if wr.write_all(&self.out).await.is_err() {
+                    return End::Abnormal;
+                }
+                self.out.clear();
+            }
+            let can_send = self.inflight_out.len() < self.window;
+            let can_read = self.publishes.len() < usize::from(self.mqtt.config.max_inflight_in);
+            let deadline = self.keep_alive.map(|k| last_in + k);
+            tokio::select! {
+                r = rd.read_buf(&mut buf), if can_read => {
+                    match r {
+                        Ok(0) | Err(_) => return End::Abnormal,
+                        Ok(_) => {}
+                    }
+                    last_in = Instant::now();
+                    if let Next::Close(reason, end) = self.handle_buffer(&mut buf).await {
+                        self.close(wr, reason).await;
+                        return end;
+                    }
+                }
+                m = rx.recv_many(64), if can_send => {
+                    let Some(ms) = m else { return End::Abnormal };
+                    for m in ms {
+                        self.deliver(m);
+                    }
+                }
+                Some((pkid, reason)) = self.publishes.next(), if !self.publishes.is_empty() => {
+                    self.push(Outbound::PubAck { pkid, reason });
+                    if self.version == Version::V311 && reason != 0 {
+                        // 3.1.1 has no way to say a publish failed but to close.
+                        self.mqtt.metrics.refuse("publish_failed");
+                        self.close(wr, None).await;
+                        return End::Abnormal;
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    self.mqtt.metrics.refuse("keep_alive");
+                    tracing::info!(client = %self.client_id, "MQTT keep-alive passed without a packet; closing");
+                    self.close(wr, Some(0x8D)).await;
+                    return End::Abnormal;
+                }
+                _ = crate::until_true(taken_over) => {
+                    self.close(wr, Some(0x8E)).await;
+                    return End::Abnormal;
+                }
+                _ = crate::until_true(&mut closing) => {
+                    self.close(wr, Some(0x8B)).await;
+                    return End::Abnormal;
+                }
+            }
+        }
+    }
+
+    async fn close<W: AsyncWrite + Unpin>(&mut self, wr: &mut W, reason: Option<u8>) {
+        if let Some(reason) = reason {
+            self.push(Outbound::Disconnect { reason });
+        }
+        let _ = wr.write_all(&self.out).await;
+        self.out.clear();
+        let _ = wr.shutdown().await;
+    }
+
+    /// Handles every whole packet in `buf`.
+    async fn handle_buffer(&mut self, buf: &mut BytesMut) -> Next {
+        loop {
+            let f = match codec::frame(buf, self.mqtt.config.max_packet_bytes) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Next::Go,
+                Err(e) => {
+                    let (reason, code) = match e {
+                        codec::DecodeError::TooLarge { .. } => ("too_large", 0x95),
+                        _ => ("malformed", 0x81),
+                    };
+                    self.mqtt.metrics.refuse(reason);
+                    tracing::info!(client = %self.client_id, "MQTT packet refused: {e}");
+                    return Next::Close(Some(code), End::Abnormal);
+                }
+            };
+            let p = match codec::decode(self.version, &f, buf) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.mqtt.metrics.refuse("malformed");
+                    tracing::info!(client = %self.client_id, "MQTT packet refused: {e}");
+                    return Next::Close(Some(0x81), End::Abnormal);
+                }
+            };
+            self.mqtt.metrics.packet(p.kind(), true);
+            if let Next::Close(r, e) = self.handle(p).await {
+                return Next::Close(r, e);
+            }
+        }
+    }
+
+    async fn handle(&mut self, p: Inbound) -> Next {
+        match p {
+            Inbound::Connect(_) => {
+                self.mqtt.metrics.refuse("connect_twice");
+                tracing::info!(client = %self.client_id, "MQTT CONNECT sent twice; closing");
+                Next::Close(Some(0x82), End::Abnormal)
+            }
+            Inbound::Publish(p) => self.publish(p).await,
+            Inbound::PubAck(pkid) => {
+                if let Some(Some((name, topic, offset))) = self.inflight_out.remove(&pkid) {
+                    let pubsub = self.mqtt.pubsub.clone();
+                    let acks = self.mqtt.metrics.acks.clone();
+                    tokio::spawn(async move {
+                        let off = offset.to_string();
+                        match pubsub.ack(&name, Some(&topic), Some(&off)).await {
+                            Ok(_) => {
+                                acks.inc();
+                            }
+                            Err(e) => tracing::debug!(error = %e, "MQTT PUBACK not recorded"),
+                        }
+                    });
+                }
+                Next::Go
+            }
+            Inbound::Qos2(kind) => {
+                self.mqtt.metrics.refuse("qos2");
+                tracing::info!(client = %self.client_id, kind, "MQTT QoS 2 is not offered; closing");
+                Next::Close(Some(0x9B), End::Abnormal)
+            }
+            Inbound::Subscribe { pkid, filters, id } => {
+                let mut codes = Vec::with_capacity(filters.len());
+                for s in filters {
+                    if self.subs.len() >= self.mqtt.config.max_subscriptions
+                        && !self.subs.contains_key(&s.filter)
+                    {
+                        self.mqtt.metrics.refuse("subscriptions_limit");
+                        codes.push(0x97);
+                        continue;
+                    }
+                    let rec = SessionSub {
+                        filter: s.filter,
+                        qos: s.qos.min(1),
+                        no_local: s.no_local,
+                        retain_as_published: s.retain_as_published,
+                        id,
+                        retain_handling: s.retain_handling,
+                    };
+                    match self.start_sub(rec, true).await {
+                        Ok(q) => codes.push(q),
+                        Err(code) => {
+                            self.mqtt.metrics.refuse("filter_invalid");
+                            codes.push(code)
+                        }
+                    }
+                }
+                if self.persistent() {
+                    self.save_session().await;
+                }
+                // 3.1.1 cannot say why a filter was refused; its SUBACK says 0x80.
+                self.push(Outbound::SubAck { pkid, codes });
+                Next::Go
+            }
+            Inbound::Unsubscribe { pkid, filters } => {
+                let codes = filters
+                    .iter()
+                    .map(|f| {
+                        if self.subs.remove(f).is_some() {
+                            0
+                        } else {
+                            0x11
+                        }
+                    })
+                    .collect();
+                if self.persistent() {
+                    self.save_session().await;
+                }
+                self.push(Outbound::UnsubAck { pkid, codes });
+                Next::Go
+            }
+            Inbound::PingReq => {
+                self.push(Outbound::PingResp);
+                Next::Go
+            }
+            Inbound::Disconnect {
+                reason,
+                session_expiry_s,
+            } => {
+                if let (Some(e), Some(s)) = (session_expiry_s, &mut self.session) {
+                    s.expiry_s = e;
+                }
+                let end = if reason == 0x04 {
+                    End::WithWill
+                } else {
+                    End::Normal
+                };
+                Next::Close(None, end)
+            }
+            Inbound::Unexpected(kind) => {
+                self.mqtt.metrics.refuse("protocol");
+                tracing::info!(client = %self.client_id, kind, "MQTT packet a client may not send; closing");
+                Next::Close(Some(0x82), End::Abnormal)
+            }
+        }
+    }
+
+    async fn publish(&mut self, mut p: Publish) -> Next {
+        if let Some(a) = p.topic_alias {
+            if a == 0 || a > self.mqtt.config.topic_alias_max {
+                self.mqtt.metrics.refuse("topic_alias");
+                tracing::info!(client = %self.client_id, alias = a, max = self.mqtt.config.topic_alias_max, "MQTT topic alias out of range; closing");
+                return Next::Close(Some(0x94), End::Abnormal);
+            }
+            if p.topic.is_empty() {
+                match self.aliases.get(&a) {
+                    Some(t) => p.topic = t.clone(),
+                    None => {
+                        self.mqtt.metrics.refuse("topic_alias");
+                        return Next::Close(Some(0x82), End::Abnormal);
+                    }
+                }
+            } else {
+                self.aliases.insert(a, p.topic.clone());
+            }
+        }
+        if p.qos > 1 {
+            self.mqtt.metrics.refuse("qos2");
+            tracing::info!(client = %self.client_id, topic = %p.topic, "MQTT QoS 2 publish refused: the most is QoS 1; closing");
+            return Next::Close(Some(0x9B), End::Abnormal);
+        }
+        if let Err(e) = topics::topic(&p.topic) {
+            self.mqtt.metrics.refuse("topic_invalid");
+            tracing::warn!(client = %self.client_id, topic = %p.topic, "MQTT publish refused: canal cannot store this topic: {e}");
+            if self.version == Version::V5 && p.qos == 1 {
+                self.push(Outbound::PubAck {
+                    pkid: p.pkid,
+                    reason: 0x90,
+                });
+                return Next::Go;
+            }
+            return Next::Close(Some(0x90), End::Abnormal);
+        }
+        if self.version == Version::V5
+            && p.qos == 1
+            && self.publishes.len() >= usize::from(self.mqtt.config.max_inflight_in)
+        {
+            self.mqtt.metrics.refuse("inflight_limit");
+            tracing::info!(client = %self.client_id, limit = self.mqtt.config.max_inflight_in, "MQTT client passed Receive Maximum (max_inflight_in); closing");
+            return Next::Close(Some(0x93), End::Abnormal);
+        }
+        let mut headers = p.user_properties.clone();
+        headers.push((FROM_HEADER.into(), self.client_id.clone()));
+        if let Some(e) = p.expiry_s {
+            headers.push((EXPIRY_HEADER.into(), e.to_string()));
+        }
+        if let Some(ct) = &p.content_type {
+            headers.push((CONTENT_TYPE_HEADER.into(), ct.clone()));
+        }
+        if p.retain {
+            headers.push((RETAIN_HEADER.into(), "1".into()));
+        }
+        let req = PublishRequest {
+            topic: p.topic.clone(),
+            qos: if p.qos == 1 {
+                Qos::Committed
+            } else {
+                Qos::AtMostOnce
+            },
+            id: None,
+            headers,
+            payload: p.payload.to_vec(),
+        };
+        let retained = p.retain.then(|| Retained {
+            qos: p.qos,
+            payload: p.payload.to_vec(),
+            user_properties: p.user_properties.clone(),
+            time_ms: now_ms(),
+            expiry_s: p.expiry_s,
+        });
+        let pubsub = self.mqtt.pubsub.clone();
+        let client = self.client_id.clone();
+        let topic = p.topic.clone();
+        let work = async move {
+            if let Some(r) = retained
+                && let Err(e) = write_retained(&pubsub, &topic, r).await
+            {
+                tracing::warn!(%client, %topic, error = %e, "MQTT retained message not stored");
+                return 0x80;
+            }
+            match pubsub.publish(req).await {
+                Ok(_) => 0,
+                Err(e) => {
+                    tracing::warn!(%client, %topic, error = %e, "MQTT publish refused");
+                    puback_reason(&e)
+                }
+            }
+        };
+        if p.qos == 1 {
+            let pkid = p.pkid;
+            self.publishes
+                .push_back(Box::pin(async move { (pkid, work.await) }));
+        } else {
+            tokio::spawn(work);
+        }
+        Next::Go
+    }
+
+    /// Sends `m` to the client, if it is still to be sent.
+    fn deliver(&mut self, m: Msg) {
+        let header = |k: &str| {
+            m.headers
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+        };
+        let ack_now = |conn: &mut Self| {
+            // Never sent, so acknowledged for the client: it must not block the cursor.
+            if let (Some(name), Some(offset)) = (&m.sub.durable, m.offset) {
+                let pubsub = conn.mqtt.pubsub.clone();
+                let (name, topic) = (name.clone(), m.topic.clone());
+                tokio::spawn(async move {
+                    let off = offset.to_string();
+                    let _ = pubsub.ack(&name, Some(&topic), Some(&off)).await;
+                });
+            }
+        };
+        if m.sub.rec.no_local && header(FROM_HEADER) == Some(self.client_id.as_str()) {
+            ack_now(self);
+            return;
+        }
+        let expiry_s = match header(EXPIRY_HEADER).and_then(|e| e.parse::<u64>().ok()) {
+            Some(e) => {
+                let age_s = now_ms().saturating_sub(m.time_ms) / 1000;
+                if age_s >= e {
+                    ack_now(self);
+                    return;
+                }
+                Some(u32::try_from(e - age_s).unwrap_or(u32::MAX))
+            }
+            None => None,
+        };
+        let retain =
+            m.retain || (m.sub.rec.retain_as_published && header(RETAIN_HEADER) == Some("1"));
+        let content_type = header(CONTENT_TYPE_HEADER).map(str::to_string);
+        let user_properties = m
+            .headers
+            .iter()
+            .filter(|(k, _)| {
+                ![
+                    FROM_HEADER,
+                    EXPIRY_HEADER,
+                    RETAIN_HEADER,
+                    CONTENT_TYPE_HEADER,
+                ]
+                .contains(&k.as_str())
+            })
+            .cloned()
+            .collect();
+        let pkid = if m.qos == 1 { self.next_pkid() } else { 0 };
+        let p = Publish {
+            topic: m.topic.clone(),
+            qos: m.qos,
+            retain,
+            dup: false,
+            pkid,
+            payload: m.payload.clone(),
+            user_properties,
+            expiry_s,
+            topic_alias: None,
+            subscription_ids: m.sub.rec.id.into_iter().collect(),
+            content_type,
+        };
+        if let Some(max) = self.client_max_packet {
+            let mut probe = BytesMut::new();
+            if codec::encode(self.version, &Outbound::Publish(p.clone()), &mut probe).is_ok()
+                && probe.len() > max as usize
+            {
+                // The client cannot take it (Maximum Packet Size): it is dropped, as 5.0 says.
+                self.mqtt.metrics.refuse("client_max_packet");
+                ack_now(self);
+                return;
+            }
+        }
+        if m.qos == 1 {
+            let target = match (&m.sub.durable, m.offset) {
+                (Some(name), Some(off)) => Some((name.clone(), m.topic.clone(), off)),
+                _ => None,
+            };
+            self.inflight_out.insert(pkid, target);
+        }
+        self.push(Outbound::Publish(p));
+    }
+
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1);
+            if self.next_pkid != 0 && !self.inflight_out.contains_key(&self.next_pkid) {
+                return self.next_pkid;
+            }
+        }
+    }
+
+    /// After the connection: the will, the session record, the subscriptions.
+    async fn finish(mut self, end: End) {
+        self.subs.clear();
+        if let Some(s) = &mut self.session {
+            s.disconnected_ms = Some(now_ms());
+            let s = s.clone();
+            if let Err(e) = write_session(&self.mqtt, &self.client_id, Some(&s)).await {
+                tracing::warn!(client = %self.client_id, error = %e, "MQTT session end not stored");
+            }
+            if s.expiry_s != u32::MAX {
+                spawn_expiry(self.mqtt.clone(), self.client_id.clone(), s);
+            }
+        }
+        let will = match end {
+            End::Normal => None,
+            End::WithWill | End::Abnormal => self.will.take(),
+        };
+        if let Some(w) = will {
+            let delay = match &self.session {
+                Some(s) => w.delay_s.min(s.expiry_s),
+                None => 0,
+            };
+            let mqtt = self.mqtt.clone();
+            let client = self.client_id.clone();
+            let task = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+                send_will(&mqtt, &client, w).await;
+            });
+            self.mqtt
+                .lock()
+                .wills
+                .insert(self.client_id.clone(), task.abort_handle());
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => futures::future::pending().await,
+    }
+}
+
+/// Publishes `client`'s will.
+async fn send_will<T: Transport, L: Qos0Link>(mqtt: &Mqtt<T, L>, client: &str, w: Will) {
+    mqtt.lock().wills.remove(client);
+    let mut headers = w.user_properties.clone();
+    headers.push((FROM_HEADER.into(), client.to_string()));
+    if let Some(e) = w.expiry_s {
+        headers.push((EXPIRY_HEADER.into(), e.to_string()));
+    }
+    if w.retain {
+        headers.push((RETAIN_HEADER.into(), "1".into()));
+        let r = Retained {
+            qos: w.qos.min(1),
+            payload: w.payload.to_vec(),
+            user_properties: w.user_properties.clone(),
+            time_ms: now_ms(),
+            expiry_s: w.expiry_s,
+        };
+        if let Err(e) = write_retained(&mqtt.pubsub, &w.topic, r).await {
+            tracing::warn!(%client, error = %e, "MQTT retained will not stored");
+        }
+    }
+    let req = PublishRequest {
+        topic: w.topic.clone(),
+        qos: if w.qos >= 1 {
+            Qos::Committed
+        } else {
+            Qos::AtMostOnce
+        },
+        id: None,
+        headers,
+        payload: w.payload.to_vec(),
+    };
+    match mqtt.pubsub.publish(req).await {
+        Ok(_) => tracing::info!(%client, topic = %w.topic, "MQTT will sent"),
+        Err(e) => tracing::warn!(%client, topic = %w.topic, error = %e, "MQTT will not sent"),
+    }
+}
+
+/// Removes `client`'s session record once it has expired, unless the client came back.
+fn spawn_expiry<T: Transport, L: Qos0Link>(mqtt: Mqtt<T, L>, client: String, s: Session) {
+    tokio::spawn(async move {
+        let mut closing = mqtt.closing.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(u64::from(s.expiry_s))) => {}
+            _ = crate::until_true(&mut closing) => return,
+        }
+        let group = canal_consensus::group_of_subscription(&client);
+        let now: Option<Session> = mqtt
+            .pubsub
+            .consensus()
+            .state_machine(group)
+            .ok()
+            .and_then(|sm| sm.record(&MQTT_SESSIONS, &client).ok().flatten())
+            .and_then(|b| records::decode(&b).ok());
+        if now.as_ref() == Some(&s) {
+            match write_session(&mqtt, &client, None).await {
+                Ok(()) => tracing::info!(%client, "MQTT session expired"),
+                Err(e) => tracing::debug!(%client, error = %e, "MQTT session expiry not stored"),
+            }
+        }
+    });
+}
+
+/// Sends the retained messages that `info`'s filter matches.
+///
+/// They are read from this node's replica once it has applied everything committed before
+/// the subscription: a no-op write (removing the record `barrier`, which no client id can
+/// name) gives the log index to wait for, so a retained message set or cleared on another
+/// node just before is seen as it is now.
+async fn send_retained_msgs<T: Transport>(
+    consensus: canal_consensus::Consensus<T>,
+    info: Arc<SubInfo>,
+    tx: Arc<FeedTx<Msg>>,
+    barrier: String,
+) {
+    let group = canal_consensus::group_of(info.filter.as_str());
+    let Ok(sm) = consensus.state_machine(group) else {
+        return;
+    };
+    let noop = Request {
+        id: None,
+        op: Op::Internal {
+            key: InternalKey::MqttSession(barrier),
+            value: None,
+        },
+    };
+    match consensus.write_batched(group, noop).await {
+        Ok(r) => {
+            let mut applied = sm.watch_applied();
+            let caught_up =
+                tokio::time::timeout(Duration::from_secs(10), applied.wait_for(|i| *i >= r.index))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+            if !caught_up {
+                tracing::debug!(
+                    index = r.index,
+                    "retained messages read before this replica caught up"
+                );
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "retained messages read from this replica as it is"),
+    }
+    let Ok(all) = sm.scan_table(&RETAINED) else {
+        return;
+    };
+    let now = now_ms();
+    for (topic, bytes) in all {
+        let Ok(t) = canal_proto::Topic::new(&topic) else {
+            continue;
+        };
+        if !topics::matches(&info.filter, &t) {
+            continue;
+        }
+        let Ok(r) = records::decode::<Retained>(&bytes) else {
+            continue;
+        };
+        if let Some(e) = r.expiry_s
+            && now.saturating_sub(r.time_ms) / 1000 >= u64::from(e)
+        {
+            continue;
+        }
+        let mut headers = r.user_properties;
+        if let Some(e) = r.expiry_s {
+            headers.push((EXPIRY_HEADER.into(), e.to_string()));
+        }
+        let m = Msg {
+            topic,
+            payload: Bytes::from(r.payload),
+            qos: r.qos.min(info.rec.qos),
+            retain: true,
+            headers,
+            time_ms: r.time_ms,
+            offset: None,
+            sub: info.clone(),
+        };
+        if tx.send(m).await.is_err() {
+            return;
+        }
+    }
+}
