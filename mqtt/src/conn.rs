@@ -70,18 +70,25 @@ struct SubInfo {
     rec: SessionSub,
     filter: TopicFilter,
     durable: Option<String>,
+    /// For `$share/G/F`: the members' record prefix and this client's id.
+    share: Option<(String, String)>,
 }
 
 /// A running subscription: the tasks that forward its canal subscriptions.
 struct Sub {
     rec: SessionSub,
     tasks: Vec<JoinHandle<()>>,
+    /// What ending it takes besides the tasks (leaving a share group).
+    on_drop: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Drop for Sub {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some(f) = self.on_drop.take() {
+            f();
         }
     }
 }
@@ -430,6 +437,58 @@ async fn write_session<T: Transport, L: Qos0Link>(
         .map_err(|e| e.to_string())
 }
 
+/// Joins (renews) or leaves a share group: the member record named `key`.
+async fn write_member<T: Transport>(
+    consensus: &canal_consensus::Consensus<T>,
+    prefix: &str,
+    me: &str,
+    join: bool,
+) -> Result<(), String> {
+    let key = format!("{prefix}{me}");
+    let value = if join {
+        let m = crate::share::Member {
+            lease_until_ms: now_ms() + crate::share::LEASE_MS,
+        };
+        Some(records::encode(&m).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    consensus
+        .write_batched(
+            canal_consensus::group_of_subscription(prefix),
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: InternalKey::MqttSession(key),
+                    value,
+                },
+            },
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The live members of the share group whose records start with `prefix`, as this replica
+/// has them.
+fn read_members<T: Transport>(
+    consensus: &canal_consensus::Consensus<T>,
+    prefix: &str,
+) -> Vec<String> {
+    let group = canal_consensus::group_of_subscription(prefix);
+    let Ok(sm) = consensus.state_machine(group) else {
+        return Vec::new();
+    };
+    let Ok(all) = sm.scan_table(&MQTT_SESSIONS) else {
+        return Vec::new();
+    };
+    let records: Vec<(String, Vec<u8>)> = all
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(prefix))
+        .collect();
+    crate::share::live(&records, prefix, now_ms())
+}
+
 /// Writes (or with an empty payload clears) `topic`'s retained message.
 async fn write_retained<T: Transport, L: Qos0Link>(
     pubsub: &canal_pubsub::PubSub<T, L>,
@@ -490,7 +549,16 @@ fn parse_time(s: &str) -> u64 {
 }
 
 /// Forwards one canal subscription's deliveries to the connection's queue.
-async fn forward(mut rx: FeedRx<Delivery>, info: Arc<SubInfo>, tx: Arc<FeedTx<Msg>>) {
+async fn forward<T: Transport>(
+    mut rx: FeedRx<Delivery>,
+    info: Arc<SubInfo>,
+    tx: Arc<FeedTx<Msg>>,
+    consensus: canal_consensus::Consensus<T>,
+) {
+    // A shared subscription's members, read again at most this often.
+    const MEMBERS_EVERY: Duration = Duration::from_millis(500);
+    let mut members: Vec<String> = Vec::new();
+    let mut members_at: Option<Instant> = None;
     while let Some(d) = rx.recv().await {
         let Delivery::Message { json, .. } = d else {
             continue;
@@ -503,6 +571,20 @@ async fn forward(mut rx: FeedRx<Delivery>, info: Arc<SubInfo>, tx: Arc<FeedTx<Ms
         };
         if !topics::matches(&info.filter, &topic) {
             continue;
+        }
+        if let Some((prefix, me)) = &info.share {
+            if members_at.is_none_or(|at| at.elapsed() >= MEMBERS_EVERY) {
+                members = read_members(&consensus, prefix);
+                members_at = Some(Instant::now());
+            }
+            let offset = e.offset.map(u64::to_be_bytes);
+            let key: Vec<&[u8]> = match &offset {
+                Some(o) => vec![e.topic.as_bytes(), o],
+                None => vec![e.id.as_bytes()],
+            };
+            if !crate::share::mine(&members, me, &key) {
+                continue;
+            }
         }
         let payload = match (e.data, e.data_base64) {
             (Some(text), _) => Bytes::from(text.into_bytes()),
@@ -547,13 +629,23 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             tracing::warn!(client = %self.client_id, filter = %rec.filter, "MQTT subscription refused: {e}");
             0x8F
         })?;
-        if f.share.is_some() {
-            tracing::warn!(client = %self.client_id, filter = %rec.filter, "MQTT shared subscription refused: not supported yet");
-            return Err(0x9E);
-        }
         let replaced = self.subs.remove(&rec.filter).is_some();
+        let share = f.share.as_ref().map(|g| {
+            (
+                crate::share::prefix(g, f.filter.as_str()),
+                self.client_id.clone(),
+            )
+        });
+        if let Some((prefix, me)) = &share
+            && let Err(e) = write_member(self.mqtt.pubsub.consensus(), prefix, me, true).await
+        {
+            tracing::warn!(client = %self.client_id, filter = %rec.filter, error = %e, "MQTT shared subscription refused: membership not stored");
+            return Err(0x80);
+        }
+        // A shared subscription is read from now on by whichever members are connected; it
+        // keeps no cursor of its own.
         let durable = match &self.session {
-            Some(s) if rec.qos == 1 => Some(records::durable_name(
+            Some(s) if rec.qos == 1 && share.is_none() => Some(records::durable_name(
                 &self.client_id,
                 &s.epoch,
                 &rec.filter,
@@ -564,6 +656,7 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             rec: rec.clone(),
             filter: f.filter.clone(),
             durable: durable.clone(),
+            share: share.clone(),
         });
         let now = rfc3339_ms(now_ms());
         let hub = SubscribeRequest {
@@ -589,10 +682,40 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             tracing::warn!(client = %self.client_id, filter = %rec.filter, "MQTT subscription refused: {e}");
             suback_reason(&e)
         })?;
+        let consensus = self.mqtt.pubsub.consensus().clone();
         let mut tasks = vec![
-            tokio::spawn(forward(hub_rx, info.clone(), self.tx.clone())),
-            tokio::spawn(forward(log_rx, info.clone(), self.tx.clone())),
+            tokio::spawn(forward(
+                hub_rx,
+                info.clone(),
+                self.tx.clone(),
+                consensus.clone(),
+            )),
+            tokio::spawn(forward(
+                log_rx,
+                info.clone(),
+                self.tx.clone(),
+                consensus.clone(),
+            )),
         ];
+        let mut on_drop: Option<Box<dyn FnOnce() + Send>> = None;
+        if let Some((prefix, me)) = share.clone() {
+            let (c, p, m) = (consensus.clone(), prefix.clone(), me.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(crate::share::RENEW_MS)).await;
+                    if let Err(e) = write_member(&c, &p, &m, true).await {
+                        tracing::debug!(error = %e, "shared subscription lease not renewed");
+                    }
+                }
+            }));
+            on_drop = Some(Box::new(move || {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let _ = write_member(&consensus, &prefix, &me, false).await;
+                    });
+                }
+            }));
+        }
         let send_retained =
             retained && (rec.retain_handling == 0 || (rec.retain_handling == 1 && !replaced));
         if send_retained {
@@ -603,7 +726,14 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
                 format!("$barrier/{}", self.client_id),
             )));
         }
-        self.subs.insert(rec.filter.clone(), Sub { rec, tasks });
+        self.subs.insert(
+            rec.filter.clone(),
+            Sub {
+                rec,
+                tasks,
+                on_drop,
+            },
+        );
         Ok(info.rec.qos)
     }
 

@@ -12,6 +12,7 @@
 //!   a small decoder of our own), as one [`codec::Inbound`] and [`codec::Outbound`].
 //! - [`topics`]: MQTT's topic rules at canal's edge (`$` topics, `$share/G/F`).
 //! - [`records`]: the replicated records: retained messages and persistent sessions.
+//! - [`share`]: shared subscriptions: replicated members with leases, a message to one.
 //! - [`conn`]: one connection: CONNECT, then packets in and deliveries out.
 //! - [`metrics`]: `canal_mqtt_*` counters.
 //! - [`Mqtt`]: the service a node runs; [`Mqtt::serve`] accepts TCP connections,
@@ -28,6 +29,7 @@ pub mod codec;
 pub mod conn;
 pub mod metrics;
 pub mod records;
+pub mod share;
 pub mod topics;
 
 pub use metrics::MqttMetrics;

@@ -3,7 +3,7 @@
 //! persistent session resumed on another node after kill -9, and bad input refused while
 //! another session goes on.
 
-use crate::raft::cluster;
+use crate::raft::{cluster, wait_same_digest};
 use canal_testnet::{Api, Testnet, wait_for};
 use reqwest::Method;
 use rumqttc::v5::mqttbytes::v5 as p5;
@@ -413,7 +413,7 @@ async fn mqtt_clients_of_both_versions_meet_each_other_and_http_across_nodes() {
     assert_eq!(
         text(&first.payload),
         "shut",
-        "a cleared retained message is not sent"
+        "a cleared retained message is not sent: {first:?}"
     );
 
     // A will is sent when its client goes away without DISCONNECT.
@@ -440,6 +440,52 @@ async fn mqtt_clients_of_both_versions_meet_each_other_and_http_across_nodes() {
     drop(w);
     let got = wsub.publish("the will").await;
     assert_eq!(text(&got.payload), "gone");
+
+    // A shared subscription: two members on two nodes, each message to one of them.
+    let mut m1 = v4(v4_opts("worker-1", mqtt_addr(&net, 1)));
+    let mut m2 = v5("worker-2", mqtt_addr(&net, 2));
+    m1.client
+        .subscribe("$share/workers/jobs/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    m1.suback().await;
+    m2.client
+        .subscribe(
+            "$share/workers/jobs/#",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    m2.next("SUBACK", |p| {
+        matches!(p, p5::Packet::SubAck(_)).then_some(())
+    })
+    .await;
+    // Both members' records are on every replica before the first job.
+    wait_same_digest(&net, &[0, 1, 2], 1).await;
+    const JOBS: usize = 30;
+    for i in 0..JOBS {
+        http_publish(&api0, &format!("jobs/j{}", i % 3), &format!("job{i}")).await;
+    }
+    let mut got: Vec<String> = Vec::new();
+    let (mut n1, mut n2) = (0, 0);
+    while got.len() < JOBS {
+        tokio::select! {
+            p = m1.publish("a job") => { got.push(text(&p.payload)); n1 += 1; }
+            p = m2.publish("a job") => { got.push(text(&p.payload)); n2 += 1; }
+        }
+    }
+    got.sort();
+    let mut want: Vec<String> = (0..JOBS).map(|i| format!("job{i}")).collect();
+    want.sort();
+    assert_eq!(got, want, "every job once");
+    assert!(n1 > 0 && n2 > 0, "both members got jobs: {n1} and {n2}");
+    // And no job twice: nothing more comes to either.
+    http_publish(&api0, "jobs/last", "last").await;
+    let last = tokio::select! {
+        p = m1.publish("the last job") => text(&p.payload),
+        p = m2.publish("the last job") => text(&p.payload),
+    };
+    assert_eq!(last, "last", "no job was sent twice");
 
     // QoS 2 is refused the 5.0 way: the server says Maximum QoS 1 and a QoS 2 publish ends
     // the connection with 0x9B.
