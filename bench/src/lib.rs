@@ -11,11 +11,13 @@
 //! write, repeated.
 
 mod fn_bench;
+mod mqtt;
 mod nats;
 mod placement;
 pub mod scenario;
 
 pub use fn_bench::run as functions;
+pub use mqtt::run as mqtt;
 pub use placement::run as placement;
 
 use crate::nats::RunStats;
