@@ -243,8 +243,9 @@ async fn show(nodes: &[ClusterNode], json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut t = Table::new();
-    t.load_preset(NOTHING)
-        .set_header(vec!["NODE", "STATE", "PID", "PEERS", "API", "MQTT", "PEER ID"]);
+    t.load_preset(NOTHING).set_header(vec![
+        "NODE", "STATE", "PID", "PEERS", "API", "MQTT", "PEER ID",
+    ]);
     for (n, h) in rows {
         let state = match (&n.pid, &h) {
             (None, _) => "stopped",

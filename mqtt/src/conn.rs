@@ -355,6 +355,16 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
     };
     conn.push(connack(session_present, 0, limits));
     if let Some(s) = conn.session.clone() {
+        if !s.subs.is_empty() {
+            catch_up(
+                mqtt.pubsub.consensus(),
+                &conn.client_id,
+                s.subs
+                    .iter()
+                    .filter_map(|r| topics::filter(&r.filter).ok().map(|f| f.filter.to_string())),
+            )
+            .await;
+        }
         for rec in s.subs {
             if let Err(code) = conn.start_sub(rec.clone(), false).await {
                 tracing::warn!(client = %conn.client_id, filter = %rec.filter, code, "a persistent session's subscription did not resume");
@@ -723,7 +733,6 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
                 self.mqtt.pubsub.consensus().clone(),
                 info.clone(),
                 self.tx.clone(),
-                format!("$barrier/{}", self.client_id),
             )));
         }
         self.subs.insert(
@@ -891,6 +900,14 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
                 Next::Close(Some(0x9B), End::Abnormal)
             }
             Inbound::Subscribe { pkid, filters, id } => {
+                catch_up(
+                    self.mqtt.pubsub.consensus(),
+                    &self.client_id,
+                    filters.iter().filter_map(|s| {
+                        topics::filter(&s.filter).ok().map(|f| f.filter.to_string())
+                    }),
+                )
+                .await;
                 let mut codes = Vec::with_capacity(filters.len());
                 for s in filters {
                     if self.subs.len() >= self.mqtt.config.max_subscriptions
@@ -1268,45 +1285,61 @@ fn spawn_expiry<T: Transport, L: Qos0Link>(mqtt: Mqtt<T, L>, client: String, s: 
     });
 }
 
+/// Waits until this node's replica of the groups of `filters` has applied everything
+/// committed before now: a no-op write (removing the record `$barrier/{client}`, which no
+/// client id can name) gives the log index to wait for. A subscription that starts after
+/// it resolves "from now" and reads retained messages against an up-to-date log, so an
+/// event or a retained message committed on another node just before is not taken for a
+/// new one (or missed). Best effort: past 10 s, or without a leader, it goes on.
+async fn catch_up<T: Transport>(
+    consensus: &canal_consensus::Consensus<T>,
+    client: &str,
+    filters: impl Iterator<Item = String>,
+) {
+    let groups: std::collections::BTreeSet<_> =
+        filters.map(|f| canal_consensus::group_of(&f)).collect();
+    for group in groups {
+        let Ok(sm) = consensus.state_machine(group) else {
+            continue;
+        };
+        let noop = Request {
+            id: None,
+            op: Op::Internal {
+                key: InternalKey::MqttSession(format!("$barrier/{client}")),
+                value: None,
+            },
+        };
+        match consensus.write_batched(group, noop).await {
+            Ok(r) => {
+                let mut applied = sm.watch_applied();
+                let caught_up = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    applied.wait_for(|i| *i >= r.index),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok());
+                if !caught_up {
+                    tracing::debug!(index = r.index, "subscribing before this replica caught up");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "subscribing on this replica as it is"),
+        }
+    }
+}
+
 /// Sends the retained messages that `info`'s filter matches.
 ///
-/// They are read from this node's replica once it has applied everything committed before
-/// the subscription: a no-op write (removing the record `barrier`, which no client id can
-/// name) gives the log index to wait for, so a retained message set or cleared on another
-/// node just before is seen as it is now.
+/// They are read from this node's replica, which [`catch_up`] brought up to date before the
+/// subscription started.
 async fn send_retained_msgs<T: Transport>(
     consensus: canal_consensus::Consensus<T>,
     info: Arc<SubInfo>,
     tx: Arc<FeedTx<Msg>>,
-    barrier: String,
 ) {
     let group = canal_consensus::group_of(info.filter.as_str());
     let Ok(sm) = consensus.state_machine(group) else {
         return;
     };
-    let noop = Request {
-        id: None,
-        op: Op::Internal {
-            key: InternalKey::MqttSession(barrier),
-            value: None,
-        },
-    };
-    match consensus.write_batched(group, noop).await {
-        Ok(r) => {
-            let mut applied = sm.watch_applied();
-            let caught_up =
-                tokio::time::timeout(Duration::from_secs(10), applied.wait_for(|i| *i >= r.index))
-                    .await
-                    .is_ok_and(|r| r.is_ok());
-            if !caught_up {
-                tracing::debug!(
-                    index = r.index,
-                    "retained messages read before this replica caught up"
-                );
-            }
-        }
-        Err(e) => tracing::debug!(error = %e, "retained messages read from this replica as it is"),
-    }
     let Ok(all) = sm.scan_table(&RETAINED) else {
         return;
     };
