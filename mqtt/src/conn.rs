@@ -34,14 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
-/// The header that carries a 5.0 Message Expiry Interval (seconds) with an event.
-pub const EXPIRY_HEADER: &str = "mqtt-message-expiry";
-/// The header that names the MQTT client that published an event (for No Local).
-pub const FROM_HEADER: &str = "mqtt-client";
-/// The header that marks an event published with the retain flag (for Retain As Published).
-pub const RETAIN_HEADER: &str = "mqtt-retain";
-/// The header that carries a 5.0 content type.
-pub const CONTENT_TYPE_HEADER: &str = "mqtt-content-type";
+pub use crate::session::{CONTENT_TYPE_HEADER, EXPIRY_HEADER, FROM_HEADER, RETAIN_HEADER};
 
 /// The longest client id accepted, bytes.
 pub const MAX_CLIENT_ID_BYTES: usize = 256;
@@ -124,7 +117,7 @@ struct Conn<T: Transport, L: Qos0Link> {
     next_pkid: u16,
     window: usize,
     client_max_packet: Option<u32>,
-    aliases: HashMap<u16, String>,
+    aliases: crate::session::Aliases,
     publishes: FuturesOrdered<BoxFuture<'static, (u16, u8)>>,
     keep_alive: Option<Duration>,
     rx: Option<FeedRx<Msg>>,
@@ -340,7 +333,7 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
         next_pkid: 0,
         window,
         client_max_packet: c.max_packet_size,
-        aliases: HashMap::new(),
+        aliases: crate::session::Aliases::new(cfg.topic_alias_max),
         publishes: FuturesOrdered::new(),
         keep_alive: (c.keep_alive > 0)
             .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
@@ -984,24 +977,17 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
     }
 
     async fn publish(&mut self, mut p: Publish) -> Next {
-        if let Some(a) = p.topic_alias {
-            if a == 0 || a > self.mqtt.config.topic_alias_max {
+        p.topic = match self
+            .aliases
+            .resolve(std::mem::take(&mut p.topic), p.topic_alias)
+        {
+            Ok(t) => t,
+            Err(e) => {
                 self.mqtt.metrics.refuse("topic_alias");
-                tracing::info!(client = %self.client_id, alias = a, max = self.mqtt.config.topic_alias_max, "MQTT topic alias out of range; closing");
-                return Next::Close(Some(0x94), End::Abnormal);
+                tracing::info!(client = %self.client_id, "MQTT topic alias refused: {e}; closing");
+                return Next::Close(Some(e.code()), End::Abnormal);
             }
-            if p.topic.is_empty() {
-                match self.aliases.get(&a) {
-                    Some(t) => p.topic = t.clone(),
-                    None => {
-                        self.mqtt.metrics.refuse("topic_alias");
-                        return Next::Close(Some(0x82), End::Abnormal);
-                    }
-                }
-            } else {
-                self.aliases.insert(a, p.topic.clone());
-            }
-        }
+        };
         if p.qos > 1 {
             self.mqtt.metrics.refuse("qos2");
             tracing::info!(client = %self.client_id, topic = %p.topic, "MQTT QoS 2 publish refused: the most is QoS 1; closing");
@@ -1027,17 +1013,7 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             tracing::info!(client = %self.client_id, limit = self.mqtt.config.max_inflight_in, "MQTT client passed Receive Maximum (max_inflight_in); closing");
             return Next::Close(Some(0x93), End::Abnormal);
         }
-        let mut headers = p.user_properties.clone();
-        headers.push((FROM_HEADER.into(), self.client_id.clone()));
-        if let Some(e) = p.expiry_s {
-            headers.push((EXPIRY_HEADER.into(), e.to_string()));
-        }
-        if let Some(ct) = &p.content_type {
-            headers.push((CONTENT_TYPE_HEADER.into(), ct.clone()));
-        }
-        if p.retain {
-            headers.push((RETAIN_HEADER.into(), "1".into()));
-        }
+        let headers = crate::session::publish_headers(&p, &self.client_id);
         let req = PublishRequest {
             topic: p.topic.clone(),
             qos: if p.qos == 1 {
@@ -1086,68 +1062,21 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
 
     /// Sends `m` to the client, if it is still to be sent.
     fn deliver(&mut self, m: Msg) {
-        let header = |k: &str| {
-            m.headers
-                .iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.as_str())
-        };
-        let ack_now = |conn: &mut Self| {
-            // Never sent, so acknowledged for the client: it must not block the cursor.
-            if let (Some(name), Some(offset)) = (&m.sub.durable, m.offset) {
-                let pubsub = conn.mqtt.pubsub.clone();
-                let (name, topic) = (name.clone(), m.topic.clone());
-                tokio::spawn(async move {
-                    let off = offset.to_string();
-                    let _ = pubsub.ack(&name, Some(&topic), Some(&off)).await;
-                });
-            }
-        };
-        if m.sub.rec.no_local && header(FROM_HEADER) == Some(self.client_id.as_str()) {
-            ack_now(self);
-            return;
-        }
-        let expiry_s = match header(EXPIRY_HEADER).and_then(|e| e.parse::<u64>().ok()) {
-            Some(e) => {
-                let age_s = now_ms().saturating_sub(m.time_ms) / 1000;
-                if age_s >= e {
-                    ack_now(self);
-                    return;
-                }
-                Some(u32::try_from(e - age_s).unwrap_or(u32::MAX))
-            }
-            None => None,
-        };
-        let retain =
-            m.retain || (m.sub.rec.retain_as_published && header(RETAIN_HEADER) == Some("1"));
-        let content_type = header(CONTENT_TYPE_HEADER).map(str::to_string);
-        let user_properties = m
-            .headers
-            .iter()
-            .filter(|(k, _)| {
-                ![
-                    FROM_HEADER,
-                    EXPIRY_HEADER,
-                    RETAIN_HEADER,
-                    CONTENT_TYPE_HEADER,
-                ]
-                .contains(&k.as_str())
-            })
-            .cloned()
-            .collect();
-        let pkid = if m.qos == 1 { self.next_pkid() } else { 0 };
-        let p = Publish {
-            topic: m.topic.clone(),
+        let d = crate::session::Delivery {
+            topic: &m.topic,
+            payload: &m.payload,
             qos: m.qos,
-            retain,
-            dup: false,
-            pkid,
-            payload: m.payload.clone(),
-            user_properties,
-            expiry_s,
-            topic_alias: None,
-            subscription_ids: m.sub.rec.id.into_iter().collect(),
-            content_type,
+            retained: m.retain,
+            headers: &m.headers,
+            time_ms: m.time_ms,
+            sub: &m.sub.rec,
+        };
+        let mut p = match crate::session::outgoing(&d, &self.client_id, now_ms()) {
+            crate::session::Verdict::Send(p) => p,
+            crate::session::Verdict::Skip(_) => {
+                self.ack_unsent(&m);
+                return;
+            }
         };
         if let Some(max) = self.client_max_packet {
             let mut probe = BytesMut::new();
@@ -1156,18 +1085,33 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             {
                 // The client cannot take it (Maximum Packet Size): it is dropped, as 5.0 says.
                 self.mqtt.metrics.refuse("client_max_packet");
-                ack_now(self);
+                self.ack_unsent(&m);
                 return;
             }
         }
         if m.qos == 1 {
+            p.pkid = self.next_pkid();
             let target = match (&m.sub.durable, m.offset) {
                 (Some(name), Some(off)) => Some((name.clone(), m.topic.clone(), off)),
                 _ => None,
             };
-            self.inflight_out.insert(pkid, target);
+            self.inflight_out.insert(p.pkid, target);
         }
         self.push(Outbound::Publish(p));
+    }
+
+    /// Acknowledges for the client a message of a persistent session that is not sent to
+    /// it (expired, its own under No Local, too large for it), so it does not hold the
+    /// cursor back.
+    fn ack_unsent(&self, m: &Msg) {
+        if let (Some(name), Some(offset)) = (&m.sub.durable, m.offset) {
+            let pubsub = self.mqtt.pubsub.clone();
+            let (name, topic) = (name.clone(), m.topic.clone());
+            tokio::spawn(async move {
+                let off = offset.to_string();
+                let _ = pubsub.ack(&name, Some(&topic), Some(&off)).await;
+            });
+        }
     }
 
     fn next_pkid(&mut self) -> u16 {

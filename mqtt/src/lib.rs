@@ -12,6 +12,8 @@
 //!   a small decoder of our own), as one [`codec::Inbound`] and [`codec::Outbound`].
 //! - [`topics`]: MQTT's topic rules at canal's edge (`$` topics, `$share/G/F`).
 //! - [`records`]: the replicated records: retained messages and persistent sessions.
+//! - [`session`]: a session's decisions without I/O: headers of a publish, what a delivery
+//!   becomes for a client, topic aliases.
 //! - [`share`]: shared subscriptions: replicated members with leases, a message to one.
 //! - [`conn`]: one connection: CONNECT, then packets in and deliveries out.
 //! - [`metrics`]: `canal_mqtt_*` counters.
@@ -29,6 +31,7 @@ pub mod codec;
 pub mod conn;
 pub mod metrics;
 pub mod records;
+pub mod session;
 pub mod share;
 pub mod topics;
 
