@@ -790,3 +790,71 @@ async fn bad_mqtt_input_is_refused_while_another_session_goes_on() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_see_mqtt_publishes_and_their_outputs_reach_mqtt() {
+    let net = cluster(1, &[]).await;
+    let api = net.api(0).unwrap();
+    let addr = mqtt_addr(&net, 0);
+    let (status, body) = api
+        .send(
+            Method::PUT,
+            "/v1/functions/threshold",
+            canal_testnet::guests::bytes("threshold").unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!((200..300).contains(&status), "deploy: {status} {body}");
+    let spec = serde_json::json!({"on": "sensors/+/temp", "fn": "threshold", "out": "alerts/temp"});
+    let (status, body) = api
+        .send(
+            Method::PUT,
+            "/v1/triggers/alerts",
+            serde_json::to_vec(&spec).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "trigger: {body}");
+    let mut alerts = v5("alert-watch", addr);
+    alerts
+        .client
+        .subscribe("alerts/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    alerts
+        .next("SUBACK", |p| {
+            matches!(p, p5::Packet::SubAck(_)).then_some(())
+        })
+        .await;
+    // A 3.1.1 reading over the default threshold (30) runs the function; its alert comes
+    // back over MQTT.
+    let mut p = v4(v4_opts("sensor", addr));
+    p.client
+        .publish("sensors/r1/temp", rumqttc::QoS::AtLeastOnce, false, "35")
+        .await
+        .unwrap();
+    let a = alerts.publish("the function's alert").await;
+    assert!(text(&a.payload).contains("35"), "{}", text(&a.payload));
+    // A 5.0 user property is a header the function reads: threshold 10 makes 20 an alert.
+    let mut p5c = v5("sensor-5", addr);
+    let props = p5::PublishProperties {
+        user_properties: vec![("threshold".into(), "10".into())],
+        ..Default::default()
+    };
+    p5c.client
+        .publish_with_properties(
+            "sensors/r2/temp",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "20",
+            props,
+        )
+        .await
+        .unwrap();
+    let a = alerts
+        .publish("the alert of a user-property threshold")
+        .await;
+    assert!(text(&a.payload).contains("20"), "{}", text(&a.payload));
+}
