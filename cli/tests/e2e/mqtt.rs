@@ -830,7 +830,7 @@ async fn functions_see_mqtt_publishes_and_their_outputs_reach_mqtt() {
         .await;
     // A 3.1.1 reading over the default threshold (30) runs the function; its alert comes
     // back over MQTT.
-    let mut p = v4(v4_opts("sensor", addr));
+    let p = v4(v4_opts("sensor", addr));
     p.client
         .publish("sensors/r1/temp", rumqttc::QoS::AtLeastOnce, false, "35")
         .await
@@ -838,7 +838,7 @@ async fn functions_see_mqtt_publishes_and_their_outputs_reach_mqtt() {
     let a = alerts.publish("the function's alert").await;
     assert!(text(&a.payload).contains("35"), "{}", text(&a.payload));
     // A 5.0 user property is a header the function reads: threshold 10 makes 20 an alert.
-    let mut p5c = v5("sensor-5", addr);
+    let p5c = v5("sensor-5", addr);
     let props = p5::PublishProperties {
         user_properties: vec![("threshold".into(), "10".into())],
         ..Default::default()
