@@ -551,20 +551,41 @@ fn parse_time(s: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// How many messages a canal `lagged` notice says were missed: `{"dropped":N}` (QoS 0) or a
+/// gap `{"from":F,"to":T}` (QoS 1); 1 for a notice of another shape.
+fn missed_count(notice: &str) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(notice).unwrap_or_default();
+    if let Some(n) = v.get("dropped").and_then(|n| n.as_u64()) {
+        return n;
+    }
+    match (
+        v.get("from").and_then(|n| n.as_u64()),
+        v.get("to").and_then(|n| n.as_u64()),
+    ) {
+        (Some(f), Some(t)) => t.saturating_sub(f),
+        _ => 1,
+    }
+}
+
 /// Forwards one canal subscription's deliveries to the connection's queue.
 async fn forward<T: Transport>(
     mut rx: FeedRx<Delivery>,
     info: Arc<SubInfo>,
     tx: Arc<FeedTx<Msg>>,
     consensus: canal_consensus::Consensus<T>,
+    missed: prometheus_client::metrics::counter::Counter,
 ) {
     // A shared subscription's members, read again at most this often.
     const MEMBERS_EVERY: Duration = Duration::from_millis(500);
     let mut members: Vec<String> = Vec::new();
     let mut members_at: Option<Instant> = None;
     while let Some(d) = rx.recv().await {
-        let Delivery::Message { json, .. } = d else {
-            continue;
+        let json = match d {
+            Delivery::Message { json, .. } => json,
+            Delivery::Lagged(notice) => {
+                missed.inc_by(missed_count(&notice));
+                continue;
+            }
         };
         let Ok(e) = serde_json::from_str::<Event>(&json) else {
             continue;
@@ -692,12 +713,14 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
                 info.clone(),
                 self.tx.clone(),
                 consensus.clone(),
+                self.mqtt.metrics.missed.clone(),
             )),
             tokio::spawn(forward(
                 log_rx,
                 info.clone(),
                 self.tx.clone(),
                 consensus.clone(),
+                self.mqtt.metrics.missed.clone(),
             )),
         ];
         let mut on_drop: Option<Box<dyn FnOnce() + Send>> = None;
@@ -1320,5 +1343,17 @@ async fn send_retained_msgs<T: Transport>(
         if tx.send(m).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missed_notices_are_counted() {
+        assert_eq!(missed_count(r#"{"dropped":7}"#), 7);
+        assert_eq!(missed_count(r#"{"topic":"a","from":3,"to":10}"#), 7);
+        assert_eq!(missed_count("not json"), 1);
     }
 }

@@ -35,6 +35,9 @@ pub struct MqttMetrics {
     pub refused: Family<RefusedLabels, Counter>,
     /// PUBACKs of persistent sessions' QoS 1 deliveries committed as durable acks.
     pub acks: Counter,
+    /// Messages MQTT subscribers missed: QoS 0 ones dropped while the subscriber was behind
+    /// (MQTT has no way to tell the client), QoS 1 ones retention removed before they were read.
+    pub missed: Counter,
 }
 
 impl MqttMetrics {
@@ -60,6 +63,11 @@ impl MqttMetrics {
             "canal_mqtt_acks_recorded",
             "PUBACKs of persistent sessions' QoS 1 deliveries committed as durable subscription acks",
             m.acks.clone(),
+        );
+        registry.register(
+            "canal_mqtt_missed",
+            "Messages MQTT subscribers missed: QoS 0 dropped while they were behind, QoS 1 removed by retention before they were read",
+            m.missed.clone(),
         );
         m
     }
