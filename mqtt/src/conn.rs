@@ -93,8 +93,11 @@ enum End {
     Normal,
     /// DISCONNECT 4: with will.
     WithWill,
-    /// Anything else (socket closed, error, keep-alive, takeover): the will is sent.
+    /// Anything else (socket closed, error, keep-alive, the node closing): the will is sent.
     Abnormal,
+    /// A newer connection of the same client took the session over: it carries on with
+    /// the session (and the will), so this one leaves both alone.
+    TakenOver,
 }
 
 /// What one inbound packet leads to.
@@ -121,6 +124,9 @@ struct Conn<T: Transport, L: Qos0Link> {
     publishes: FuturesOrdered<BoxFuture<'static, (u16, u8)>>,
     keep_alive: Option<Duration>,
     rx: Option<FeedRx<Msg>>,
+    /// This connection's number among the node's, and the signal that a newer connection
+    /// of the same client took over (taken by [`run`]).
+    takeover: Option<(u64, watch::Receiver<bool>)>,
 }
 
 /// Serves one connection until it ends.
@@ -172,31 +178,14 @@ where
     let Some(mut conn) = accept(&mqtt, version, *connect, &mut wr, &peer).await else {
         return;
     };
-    let (conn_id, mut taken_over) = {
-        let mut l = mqtt.lock();
-        l.next += 1;
-        let id = l.next;
-        let (stop, taken) = watch::channel(false);
-        if let Some((_, old)) = l.conns.insert(conn.client_id.clone(), (id, stop)) {
-            let _ = old.send(true);
-        }
-        if let Some(will) = l.wills.remove(&conn.client_id) {
-            will.abort();
-        }
-        (id, taken)
+    let (conn_id, mut taken_over) = match conn.takeover.take() {
+        Some(t) => t,
+        None => return,
     };
     mqtt.metrics.connections.inc();
     let end = conn.serve(&mut rd, &mut wr, buf, &mut taken_over).await;
     mqtt.metrics.connections.dec();
-    {
-        let mut l = mqtt.lock();
-        if l.conns
-            .get(&conn.client_id)
-            .is_some_and(|(id, _)| *id == conn_id)
-        {
-            l.conns.remove(&conn.client_id);
-        }
-    }
+    forget(&mqtt, &conn.client_id, conn_id);
     conn.finish(end).await;
 }
 
@@ -222,6 +211,14 @@ async fn read_connect<R: AsyncRead + Unpin>(
             }
             Ok(_) => {}
         }
+    }
+}
+
+/// Forgets connection `id` of `client` (refused after it was registered).
+fn forget<T: Transport, L: Qos0Link>(mqtt: &Mqtt<T, L>, client: &str, id: u64) {
+    let mut l = mqtt.lock();
+    if l.conns.get(client).is_some_and(|(i, _)| *i == id) {
+        l.conns.remove(client);
     }
 }
 
@@ -270,6 +267,21 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
     } else {
         c.client_id.clone()
     };
+    // An older connection of this client on this node ends now, before the session is
+    // read, and its pending will with it.
+    let takeover = {
+        let mut l = mqtt.lock();
+        l.next += 1;
+        let id = l.next;
+        let (stop, taken) = watch::channel(false);
+        if let Some((_, old)) = l.conns.insert(client_id.clone(), (id, stop)) {
+            let _ = old.send(true);
+        }
+        if let Some(will) = l.wills.remove(&client_id) {
+            will.abort();
+        }
+        (id, taken)
+    };
     let persistent = c.session_expiry_s > 0;
     let consensus = mqtt.pubsub.consensus();
     let group = canal_consensus::group_of_subscription(&client_id);
@@ -282,6 +294,7 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
         Err(e) => {
             let out = refuse(0x88, "no_leader", format!("cannot read the session: {e}"));
             let _ = wr.write_all(&out).await;
+            forget(mqtt, &client_id, takeover.0);
             return None;
         }
     };
@@ -304,6 +317,7 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
         if let Err(e) = write_session(mqtt, &client_id, Some(&s)).await {
             let out = refuse(0x88, "no_leader", format!("cannot store the session: {e}"));
             let _ = wr.write_all(&out).await;
+            forget(mqtt, &client_id, takeover.0);
             return None;
         }
         Some(s)
@@ -317,7 +331,10 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
     let window = usize::from(c.receive_maximum.min(cfg.max_inflight_out).max(1));
     let slot = match Arc::new(Semaphore::new(1)).try_acquire_owned() {
         Ok(s) => s,
-        Err(_) => return None,
+        Err(_) => {
+            forget(mqtt, &client_id, takeover.0);
+            return None;
+        }
     };
     let (tx, rx) = feed::feed::<Msg>(slot);
     let mut conn = Conn {
@@ -338,6 +355,7 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
         keep_alive: (c.keep_alive > 0)
             .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
         rx: None,
+        takeover: Some(takeover),
     };
     let limits = ServerLimits {
         receive_maximum: cfg.max_inflight_in,
@@ -836,7 +854,7 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
                 }
                 _ = crate::until_true(taken_over) => {
                     self.close(wr, Some(0x8E)).await;
-                    return End::Abnormal;
+                    return End::TakenOver;
                 }
                 _ = crate::until_true(&mut closing) => {
                     self.close(wr, Some(0x8B)).await;
@@ -1149,6 +1167,9 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
     /// After the connection: the will, the session record, the subscriptions.
     async fn finish(mut self, end: End) {
         self.subs.clear();
+        if end == End::TakenOver {
+            return;
+        }
         if let Some(s) = &mut self.session {
             s.disconnected_ms = Some(now_ms());
             let s = s.clone();
@@ -1162,6 +1183,7 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
         let will = match end {
             End::Normal => None,
             End::WithWill | End::Abnormal => self.will.take(),
+            End::TakenOver => None,
         };
         if let Some(w) = will {
             let delay = match &self.session {

@@ -728,6 +728,13 @@ async fn bad_mqtt_input_is_refused_while_another_session_goes_on() {
         .unwrap();
     assert!(bad4.ended().await, "3.1.1: a bad topic ends the connection");
 
+    // A second connection with the same client id takes the session over.
+    let mut older = v4(v4_opts("twin", addr));
+    older.connack().await;
+    let mut newer = v4(v4_opts("twin", addr));
+    newer.connack().await;
+    assert!(older.ended().await, "the older connection is closed");
+
     // Through all of it the steady session goes on.
     good.client
         .publish("steady/ok", rumqttc::QoS::AtLeastOnce, false, "still here")
