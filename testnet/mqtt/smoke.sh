@@ -19,7 +19,10 @@ if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/nul
 fi
 if ! python3 -c 'import paho.mqtt' 2>/dev/null; then
 	echo "installing paho-mqtt"
-	python3 -m pip install -q paho-mqtt 2>/dev/null || python3 -m pip install -q --break-system-packages paho-mqtt
+	python3 -m pip install -q paho-mqtt 2>/dev/null ||
+		python3 -m pip install -q --break-system-packages paho-mqtt 2>/dev/null ||
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-paho-mqtt >/dev/null; }
+	python3 -c 'import paho.mqtt' || { echo "error: cannot install paho-mqtt" >&2; exit 1; }
 fi
 
 dir=$(mktemp -d /tmp/canal-mqtt-smoke.XXXXXX)
