@@ -654,7 +654,10 @@ async fn forward<T: Transport>(
 
 impl<T: Transport, L: Qos0Link> Conn<T, L> {
     fn push(&mut self, p: Outbound) {
-        self.mqtt.metrics.packet(p.kind(), false);
+        // 3.1.1 has no server DISCONNECT: the connection is just closed.
+        if !(self.version == Version::V311 && matches!(p, Outbound::Disconnect { .. })) {
+            self.mqtt.metrics.packet(p.kind(), false);
+        }
         if let Err(e) = codec::encode(self.version, &p, &mut self.out) {
             tracing::warn!(client = %self.client_id, error = %e, "MQTT packet not written");
         }

@@ -19,8 +19,8 @@ pub struct PacketLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RefusedLabels {
     /// `malformed`, `too_large`, `protocol`, `connect_twice`, `topic_invalid`,
-    /// `filter_invalid`, `qos2`, `not_authorized`, `inflight_limit`, `queued_bytes_limit`,
-    /// `keep_alive`, ...
+    /// `filter_invalid`, `qos2`, `not_authorized`, `inflight_limit`, `subscriptions_limit`,
+    /// `keep_alive`, ... (docs/mqtt.md lists them all).
     pub reason: String,
 }
 
@@ -56,7 +56,7 @@ impl MqttMetrics {
         );
         registry.register(
             "canal_mqtt_refused",
-            "MQTT packets, connections and subscriptions refused, by reason (limits are named: inflight_limit, queued_bytes_limit, too_large)",
+            "MQTT packets, connections and subscriptions refused, by reason (limits are named: inflight_limit, subscriptions_limit, too_large)",
             m.refused.clone(),
         );
         registry.register(
