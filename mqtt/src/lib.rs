@@ -56,8 +56,8 @@ pub struct MqttConfig {
     /// QoS 1 messages the node sends a client before waiting for its PUBACKs (or fewer, as
     /// the client's Receive Maximum says).
     pub max_inflight_out: u16,
-    /// Bytes of deliveries waiting for one connection; past it the subscriptions wait.
-    pub max_queued_bytes: usize,
+    // Deliveries waiting for one connection are bounded by the subscriber queue's
+    // `canal_pubsub::feed::MAX_BUFFERED_BYTES`: past it the subscriptions wait.
     /// Subscriptions one connection may hold.
     pub max_subscriptions: usize,
     /// Topic aliases a 5.0 client may use.
@@ -72,7 +72,6 @@ impl Default for MqttConfig {
             max_packet_bytes: canal_pubsub::MAX_PAYLOAD_BYTES + (64 << 10),
             max_inflight_in: 256,
             max_inflight_out: 256,
-            max_queued_bytes: 8 << 20,
             max_subscriptions: 100,
             topic_alias_max: 64,
             connect_timeout: Duration::from_secs(10),
