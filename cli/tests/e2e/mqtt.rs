@@ -865,3 +865,80 @@ async fn functions_see_mqtt_publishes_and_their_outputs_reach_mqtt() {
         .await;
     assert!(text(&a.payload).contains("20"), "{}", text(&a.payload));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_options_no_local_subscription_ids_topic_aliases_and_retain_as_published() {
+    let net = cluster(1, &[]).await;
+    let addr = mqtt_addr(&net, 0);
+    let q1 = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+    let mut a = v5("opts-a", addr);
+    let filter = |path: &str, nolocal: bool, rap: bool| p5::Filter {
+        path: path.into(),
+        qos: q1,
+        nolocal,
+        preserve_retain: rap,
+        retain_forward_rule: p5::RetainForwardRule::OnEverySubscribe,
+    };
+    a.client
+        .subscribe_many_with_properties(
+            [filter("own/#", true, false)],
+            p5::SubscribeProperties {
+                id: Some(5),
+                user_properties: Vec::new(),
+            },
+        )
+        .await
+        .unwrap();
+    a.next("SUBACK", |p| {
+        matches!(p, p5::Packet::SubAck(_)).then_some(())
+    })
+    .await;
+    a.client
+        .subscribe_many([filter("kept/#", false, true)])
+        .await
+        .unwrap();
+    a.next("SUBACK", |p| {
+        matches!(p, p5::Packet::SubAck(_)).then_some(())
+    })
+    .await;
+    // No Local: its own publish does not come back; another client's does, with the
+    // subscription identifier.
+    a.client.publish("own/x", q1, false, "mine").await.unwrap();
+    a.next("PUBACK", |p| {
+        matches!(p, p5::Packet::PubAck(_)).then_some(())
+    })
+    .await;
+    let b = v5("opts-b", addr);
+    // A topic alias set with a topic, then used with an empty one.
+    let alias = |n| p5::PublishProperties {
+        topic_alias: Some(n),
+        ..Default::default()
+    };
+    b.client
+        .publish_with_properties("own/x", q1, false, "theirs", alias(1))
+        .await
+        .unwrap();
+    b.client
+        .publish_with_properties("", q1, false, "by-alias", alias(1))
+        .await
+        .unwrap();
+    let got = a.publish("another client's publish").await;
+    assert_eq!(text(&got.payload), "theirs", "its own publish came back");
+    assert_eq!(
+        got.properties.map(|p| p.subscription_identifiers),
+        Some(vec![5])
+    );
+    let got = a.publish("the publish by topic alias").await;
+    assert_eq!(
+        (text(&got.payload).as_str(), &got.topic[..]),
+        ("by-alias", &b"own/x"[..])
+    );
+    // Retain As Published: a live retained message keeps its flag for that subscription.
+    b.client
+        .publish("kept/door", q1, true, "open")
+        .await
+        .unwrap();
+    let got = a.publish("the retained publish").await;
+    assert!(got.retain, "retain as published");
+    assert_eq!(text(&got.payload), "open");
+}
