@@ -92,8 +92,6 @@ pub struct Capabilities {
     pub listen_addrs: Vec<String>,
     /// The address of the peer's HTTP client API, if it has one.
     pub api_addr: Option<String>,
-    /// The address of the peer's MQTT listener (TCP), if it has one.
-    pub mqtt_addr: Option<String>,
     /// The peer's tier (`edge`, `cloud`, ...), as configured.
     pub tier: String,
     /// Operator labels (`zone=eu-1`).
@@ -125,6 +123,10 @@ pub struct Capabilities {
     pub seq: u64,
     /// Milliseconds since the Unix epoch when the record was measured.
     pub measured_at_ms: u64,
+    /// The address of the peer's MQTT listener (TCP), if it has one. Last, so a peer of a
+    /// build without it refuses the record (trailing bytes) instead of misreading it.
+    #[serde(default)]
+    pub mqtt_addr: Option<String>,
 }
 
 impl Capabilities {
