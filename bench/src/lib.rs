@@ -12,12 +12,14 @@
 //! write, repeated.
 
 mod fn_bench;
+mod mqtt;
 mod nats;
 mod placement;
 pub mod scenario;
 mod shard_map;
 
 pub use fn_bench::run as functions;
+pub use mqtt::run as mqtt;
 pub use placement::run as placement;
 pub use shard_map::{ShardsBench, run as shards};
 

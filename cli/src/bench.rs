@@ -34,6 +34,29 @@ enum BenchCommand {
         #[arg(long, default_value = "nats-server")]
         nats_server: PathBuf,
     },
+    /// MQTT on a local 3-node cluster: many publishers, one connection each, one subscriber;
+    /// messages/s published and delivered, latency percentiles, for each QoS.
+    Mqtt {
+        /// Messages per run.
+        #[arg(long, default_value_t = 20_000)]
+        count: usize,
+        /// QoS levels, comma-separated.
+        #[arg(long, default_value = "0,1", value_delimiter = ',')]
+        qos: Vec<u8>,
+        /// Publishing clients, one connection each.
+        #[arg(long, default_value_t = 16)]
+        publishers: usize,
+        /// Payload size in bytes (at least 16: the publish time rides in it).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// After canal's runs, make the same runs on a local mosquitto (one process, in
+        /// memory) and print both side by side with the ratio.
+        #[arg(long)]
+        compare_mosquitto: bool,
+        /// The mosquitto binary for --compare-mosquitto.
+        #[arg(long, default_value = "mosquitto")]
+        mosquitto: PathBuf,
+    },
     /// Functions: per-event overhead of a no-op function, the first event after a deploy and
     /// after a restart, and publish -> function -> subscriber latency on a local cluster.
     Fn {
@@ -119,6 +142,17 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
         } => {
             let nats_server = compare_nats.then_some(nats_server);
             canal_bench::pubsub(count, sizes, qos, publishers, nats_server, json).await
+        }
+        BenchCommand::Mqtt {
+            count,
+            qos,
+            publishers,
+            size,
+            compare_mosquitto,
+            mosquitto,
+        } => {
+            let mosquitto = compare_mosquitto.then_some(mosquitto);
+            canal_bench::mqtt(count, qos, publishers, size, mosquitto, json).await
         }
         BenchCommand::Fn {
             count,

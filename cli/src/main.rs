@@ -382,13 +382,14 @@ async fn health(api: &str, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&h)?);
     } else {
         println!(
-            "{} {} (canal {}, up {} s, {} peers, {} connections)",
+            "{} {} (canal {}, up {} s, {} peers, {} connections, mqtt {})",
             h.peer_id,
             if h.ready { "ready" } else { "not ready" },
             h.version,
             h.uptime_s,
             h.peers,
-            h.connections
+            h.connections,
+            h.mqtt_addr.as_deref().unwrap_or("off")
         );
     }
     if !h.ready {

@@ -23,6 +23,9 @@ pub(crate) struct NodeArgs {
     /// Address of the HTTP client API [default: 127.0.0.1:7070].
     #[arg(long, env = "CANAL_API_LISTEN")]
     api_listen: Option<String>,
+    /// Address of the MQTT listener (TCP), or `none` [default: 127.0.0.1:1883].
+    #[arg(long, env = "CANAL_MQTT_LISTEN")]
+    mqtt_listen: Option<String>,
     /// Multiaddr of a peer to join through; repeatable.
     #[arg(long, env = "CANAL_BOOTSTRAP", value_delimiter = ',')]
     bootstrap: Vec<String>,
@@ -129,6 +132,9 @@ impl NodeArgs {
         }
         if let Some(v) = &self.api_listen {
             c.api_listen = v.clone();
+        }
+        if let Some(v) = &self.mqtt_listen {
+            c.mqtt_listen = v.clone();
         }
         if !self.bootstrap.is_empty() {
             c.bootstrap = self.bootstrap.clone();

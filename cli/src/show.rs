@@ -40,6 +40,7 @@ pub(crate) fn peers(p: &Peers, as_json: bool) -> anyhow::Result<()> {
         "LOAD",
         "RTT",
         "SEEN",
+        "MQTT",
         "ADDRESSES",
     ]);
     for peer in &p.peers {
@@ -82,6 +83,7 @@ pub(crate) fn peers(p: &Peers, as_json: bool) -> anyhow::Result<()> {
             } else {
                 ago(peer.last_seen_ms)
             },
+            c.mqtt_addr.clone().unwrap_or_else(|| "-".into()),
             c.listen_addrs.join(" "),
         ]);
     }

@@ -269,6 +269,7 @@ async fn show(nodes: &[ClusterNode], json: bool) -> anyhow::Result<()> {
                     "data_dir": n.dir,
                     "peer_id": n.info.as_ref().map(|i| i.peer_id.clone()),
                     "api": n.info.as_ref().map(|i| i.api.clone()),
+                    "mqtt": n.info.as_ref().and_then(|i| i.mqtt.clone()),
                     "ready": h.as_ref().map(|h| h.ready),
                     "peers": h.as_ref().map(|h| h.peers),
                 })
@@ -278,8 +279,9 @@ async fn show(nodes: &[ClusterNode], json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut t = Table::new();
-    t.load_preset(NOTHING)
-        .set_header(vec!["NODE", "STATE", "PID", "PEERS", "API", "PEER ID"]);
+    t.load_preset(NOTHING).set_header(vec![
+        "NODE", "STATE", "PID", "PEERS", "API", "MQTT", "PEER ID",
+    ]);
     for (n, h) in rows {
         let state = match (&n.pid, &h) {
             (None, _) => "stopped",
@@ -296,6 +298,10 @@ async fn show(nodes: &[ClusterNode], json: bool) -> anyhow::Result<()> {
             n.info
                 .as_ref()
                 .map(|i| i.api.clone())
+                .unwrap_or_else(|| "-".into()),
+            n.info
+                .as_ref()
+                .and_then(|i| i.mqtt.clone())
                 .unwrap_or_else(|| "-".into()),
             n.info
                 .as_ref()

@@ -15,6 +15,8 @@
 //!   SUBSCRIPTION_STARTS   \x01s/{name}                     start (text)       data
 //!   DEDUP                 \x01w/{expiry:020}\x00{id}       (empty)            data
 //!   TRIGGER_CURSORS       \x01x/{trigger uid}\x00{topic}   next offset (u64)  data
+//!   RETAINED              \x01r/{topic}                    retained message   data
+//!   MQTT_SESSIONS         \x01m/{client id}                MQTT session       data
 //!   STATE                 \x01f/{function}\x00{key}        state value        data
 //!   STATE_VERSIONS        \x01v/{function}                 version (u64)      data
 //!   SETTINGS              \x01S/{filter}                   TopicSettings      metadata
@@ -293,6 +295,12 @@ pub const SUBSCRIPTION_STARTS: Table<Name, Raw> =
 pub const DEDUP: Table<Expiry, Raw> = Table::new("\u{1}w/", "publish dedup ids");
 /// The next offset of a trigger on a topic, by trigger uid and topic (data group).
 pub const TRIGGER_CURSORS: Table<Pair, Wire<u64>> = Table::new("\u{1}x/", "trigger cursors");
+/// A topic's MQTT retained message, by topic (data group; the value is the MQTT layer's
+/// own versioned encoding).
+pub const RETAINED: Table<Name, Raw> = Table::new("\u{1}r/", "retained messages");
+/// A persistent MQTT session, by client id (data group; the value is the MQTT layer's own
+/// versioned encoding).
+pub const MQTT_SESSIONS: Table<Name, Raw> = Table::new("\u{1}m/", "MQTT sessions");
 /// One entry of a function's state, by function and key (data group).
 pub const STATE: Table<Pair, Raw> = Table::new("\u{1}f/", "function state");
 /// The version of a function's state, raised by every change (data group).
@@ -422,6 +430,8 @@ mod tests {
             p(SUBSCRIPTION_STARTS),
             p(DEDUP),
             p(TRIGGER_CURSORS),
+            p(RETAINED),
+            p(MQTT_SESSIONS),
             p(STATE),
             p(STATE_VERSIONS),
             p(SETTINGS),
@@ -539,6 +549,8 @@ mod tests {
                 one!(TRIGGERS, &a, a.clone());
                 one!(REMOVED, &a, a.clone());
                 one!(ADMITTED, &a, a.clone());
+                one!(RETAINED, &a, a.clone());
+                one!(MQTT_SESSIONS, &a, a.clone());
                 one!(placements::<u64>(), &a, a.clone());
                 one!(EVENTS, (&a, n), (a.clone(), n));
                 one!(SUBSCRIPTION_CURSORS, (&a, &b), (a.clone(), b.clone()));

@@ -151,6 +151,10 @@ pub enum InternalKey {
     Token(String),
     /// A revoked token, by id (metadata group).
     RevokedToken(String),
+    /// A topic's MQTT retained message (data group of the topic).
+    Retained(String),
+    /// A persistent MQTT session, by client id (data group of its subscriptions).
+    MqttSession(String),
 }
 
 impl InternalKey {
@@ -173,6 +177,8 @@ impl InternalKey {
             InternalKey::TokenKey(alg) => keys::TOKEN_KEY.key(alg),
             InternalKey::Token(id) => keys::TOKENS.key(id),
             InternalKey::RevokedToken(id) => keys::REVOKED_TOKENS.key(id),
+            InternalKey::Retained(topic) => keys::RETAINED.key(topic),
+            InternalKey::MqttSession(client) => keys::MQTT_SESSIONS.key(client),
         }
     }
 
@@ -191,6 +197,7 @@ impl InternalKey {
             | InternalKey::TokenKey(s)
             | InternalKey::Token(s)
             | InternalKey::RevokedToken(s) => vec![s.as_str()],
+            InternalKey::Retained(s) | InternalKey::MqttSession(s) => vec![s.as_str()],
             InternalKey::Measurement { function, peer } => vec![function, peer],
         }
     }
@@ -234,6 +241,8 @@ impl fmt::Display for InternalKey {
             InternalKey::TokenKey(a) => write!(f, "{a} token key"),
             InternalKey::Token(id) => write!(f, "token {id}"),
             InternalKey::RevokedToken(id) => write!(f, "revocation of token {id}"),
+            InternalKey::Retained(t) => write!(f, "retained message of {t}"),
+            InternalKey::MqttSession(c) => write!(f, "MQTT session of {c}"),
         }
     }
 }

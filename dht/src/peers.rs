@@ -112,6 +112,7 @@ mod tests {
             version: "0".into(),
             listen_addrs: vec![],
             api_addr: None,
+            mqtt_addr: None,
             tier: "edge".into(),
             labels: Default::default(),
             cpu_cores: 1,

@@ -81,6 +81,7 @@ impl Measurer {
         labels: BTreeMap<String, String>,
         declared: Vec<Gpu>,
         api_addr: Option<String>,
+        mqtt_addr: Option<String>,
         load: Arc<LoadCounters>,
     ) -> Measurer {
         let detected = match detect_gpus() {
@@ -110,6 +111,7 @@ impl Measurer {
                 version: canal_proto::VERSION.to_string(),
                 listen_addrs: Vec::new(),
                 api_addr,
+                mqtt_addr,
                 tier,
                 labels,
                 cpu_cores: cores,
@@ -162,7 +164,14 @@ mod tests {
         let load = Arc::new(LoadCounters::default());
         load.queue_len.store(3, Ordering::Relaxed);
         let declared = vec![Gpu::parse_declared("H100:80GiB").unwrap()];
-        let mut m = Measurer::new("edge".into(), BTreeMap::new(), declared.clone(), None, load);
+        let mut m = Measurer::new(
+            "edge".into(),
+            BTreeMap::new(),
+            declared.clone(),
+            None,
+            None,
+            load,
+        );
         let caps = m.measure();
         assert!(caps.cpu_cores >= 1);
         assert!(caps.memory_total_bytes > 0);
@@ -198,6 +207,7 @@ mod tests {
             "edge".into(),
             BTreeMap::new(),
             Vec::new(),
+            None,
             None,
             Arc::new(load),
         );

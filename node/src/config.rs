@@ -20,6 +20,8 @@ pub struct NodeConfig {
     pub listen: Vec<String>,
     /// Address of the HTTP client API.
     pub api_listen: String,
+    /// Address of the MQTT listener (TCP), or `none` for no MQTT over TCP.
+    pub mqtt_listen: String,
     /// Multiaddrs of peers to join the mesh through.
     pub bootstrap: Vec<String>,
     /// Multiaddrs other peers should reach this one at, when not the listen addresses (a
@@ -85,6 +87,7 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from("./canal-data"),
             listen: vec!["/ip4/127.0.0.1/tcp/7000".into()],
             api_listen: "127.0.0.1:7070".into(),
+            mqtt_listen: "127.0.0.1:1883".into(),
             bootstrap: Vec::new(),
             advertise: Vec::new(),
             bootstrap_expect: None,
@@ -142,6 +145,8 @@ pub struct ValidConfig {
     pub listen: Vec<Multiaddr>,
     /// The API address.
     pub api_listen: SocketAddr,
+    /// The MQTT address (`None`: MQTT over TCP is off).
+    pub mqtt_listen: Option<SocketAddr>,
     /// Bootstrap addresses.
     pub bootstrap: Vec<Multiaddr>,
     /// Announced addresses (empty: the listen addresses are announced).
@@ -325,6 +330,17 @@ impl NodeConfig {
                 ),
             )
         })?;
+        let mqtt_listen = match self.mqtt_listen.as_str() {
+            "none" => None,
+            s => Some(s.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "mqtt_listen",
+                    format!(
+                        "{s:?} is not an IP address and port: write, for example, 127.0.0.1:1883, or none to turn MQTT over TCP off"
+                    ),
+                )
+            })?),
+        };
         if let Some(n) = self.bootstrap_expect
             && !(1..=7).contains(&n)
         {
@@ -487,6 +503,7 @@ impl NodeConfig {
             data_dir: self.data_dir.clone(),
             listen,
             api_listen,
+            mqtt_listen,
             bootstrap,
             advertise,
             bootstrap_expect: self.bootstrap_expect,
@@ -535,6 +552,9 @@ mod tests {
         assert_eq!(c.tier, "edge");
         assert_eq!(c.labels.get("zone").map(String::as_str), Some("a"));
         assert_eq!(c.api_listen, "127.0.0.1:7070");
+        assert_eq!(c.mqtt_listen, "127.0.0.1:1883");
+        let off: NodeConfig = toml::from_str("mqtt_listen = \"none\"").unwrap_or_default();
+        assert_eq!(off.validate().map(|v| v.mqtt_listen).ok(), Some(None));
         let bad: Result<NodeConfig, _> = toml::from_str("tierr = \"edge\"");
         assert!(bad.is_err());
     }
@@ -562,6 +582,13 @@ mod tests {
                     ..Default::default()
                 },
                 "advertise",
+            ),
+            (
+                NodeConfig {
+                    mqtt_listen: "localhost:1883".into(),
+                    ..Default::default()
+                },
+                "mqtt_listen",
             ),
             (
                 NodeConfig {

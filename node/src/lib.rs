@@ -99,6 +99,16 @@ pub enum NodeError {
     /// The peer mesh cannot start.
     #[error(transparent)]
     Dht(#[from] DhtError),
+    /// The MQTT address cannot be bound.
+    #[error(
+        "cannot listen for MQTT on {addr}: {source} (set --mqtt-listen to another address, or none)"
+    )]
+    MqttListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The API address cannot be bound.
     #[error("cannot listen for the API on {addr}: {source}")]
     ApiListen {
@@ -151,6 +161,7 @@ pub struct Node {
     raft_links: canal_worker::WorkerHandle,
     token_job: canal_worker::WorkerHandle,
     api_addr: SocketAddr,
+    mqtt_addr: Option<SocketAddr>,
     server: tokio::task::JoinHandle<()>,
     stop_api: tokio::sync::watch::Sender<bool>,
     data_dir: DataDir,
@@ -197,6 +208,16 @@ impl Node {
                 source,
             })?;
 
+        let mqtt_listener = match config.mqtt_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| NodeError::MqttListen { addr, source })?,
+            ),
+            None => None,
+        };
+        let mqtt_addr = mqtt_listener.as_ref().and_then(|l| l.local_addr().ok());
+
         let raft_db = RaftDb::open(&data_dir.path().join("raft"))?;
 
         let mut registry = Registry::default();
@@ -206,6 +227,7 @@ impl Node {
             config.labels.clone(),
             config.gpus.clone(),
             Some(api_addr.to_string()),
+            mqtt_addr.map(|a| a.to_string()),
             live.clone(),
         )
         .forming(config.bootstrap_expect.is_some());
@@ -302,6 +324,7 @@ impl Node {
         });
         let exec_metrics = executor::ExecMetrics::register(&mut registry);
         let pubsub_metrics = canal_pubsub::PubSubMetrics::register(&mut registry);
+        let mqtt_metrics = canal_mqtt::MqttMetrics::register(&mut registry);
         let membership = Membership {
             consensus: consensus.clone(),
             dht: handle.clone(),
@@ -338,23 +361,36 @@ impl Node {
             data_dir: data_dir.path().to_path_buf(),
         });
         let token_job = canal_worker::spawn(tokens::TokenJob::new(tokens.clone()));
+        let pubsub = pubsub::PubSub::new(
+            consensus.clone(),
+            qos0,
+            Arc::new(pubsub::MeshQos0 {
+                dht: handle.clone(),
+            }),
+            canal_pubsub::NodeContext {
+                local_peer: handle.local_peer_id().to_base58(),
+                subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_subscribers)),
+                max_subscribers: config.max_subscribers,
+                closing: closing.clone(),
+                metrics: pubsub_metrics,
+            },
+        );
+        let mqtt = canal_mqtt::Mqtt::new(
+            pubsub.clone(),
+            canal_mqtt::MqttConfig::default(),
+            Arc::new(tokens::MqttTokens { gate: gate.clone() }),
+            mqtt_metrics,
+            closing.clone(),
+        );
+        if let Some(l) = mqtt_listener {
+            tokio::spawn(mqtt.clone().serve(l));
+        }
         let state = ApiState {
             dht: handle.clone(),
             consensus: consensus.clone(),
-            pubsub: pubsub::PubSub::new(
-                consensus.clone(),
-                qos0,
-                Arc::new(pubsub::MeshQos0 {
-                    dht: handle.clone(),
-                }),
-                canal_pubsub::NodeContext {
-                    local_peer: handle.local_peer_id().to_base58(),
-                    subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_subscribers)),
-                    max_subscribers: config.max_subscribers,
-                    closing: closing.clone(),
-                    metrics: pubsub_metrics,
-                },
-            ),
+            pubsub,
+            mqtt,
+            mqtt_addr,
             functions,
             registry: Arc::new(registry),
             started: Instant::now(),
@@ -370,11 +406,15 @@ impl Node {
                 source,
             })?;
         info!(api = %api_addr, %scheme, peer_id = %handle.local_peer_id(), "client API listening");
+        if let Some(a) = mqtt_addr {
+            info!(mqtt = %a, "MQTT listening");
+        }
 
         let info = RuntimeInfo {
             pid: std::process::id(),
             peer_id: handle.local_peer_id().to_base58(),
             api: format!("{scheme}://{api_addr}"),
+            mqtt: mqtt_addr.map(|a| a.to_string()),
             listen_addrs: listen_addrs.iter().map(|a| a.to_string()).collect(),
         };
         write_runtime(data_dir.path(), &info)?;
@@ -388,6 +428,7 @@ impl Node {
             raft_links,
             token_job,
             api_addr,
+            mqtt_addr,
             server,
             stop_api,
             data_dir,
@@ -398,6 +439,11 @@ impl Node {
     /// The address the API is bound to.
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// The address MQTT over TCP is bound to, if it is on.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_addr
     }
 
     /// What `node.json` says.

@@ -12,6 +12,9 @@ pub use canal_pubsub::{MAX_PAYLOAD_BYTES, PubSubError, Qos0Hub, Qos0Message};
 /// Publishing and subscribing on this node.
 pub type PubSub = canal_pubsub::PubSub<NodeTransport, MeshQos0>;
 
+/// MQTT on this node, over the same service.
+pub type Mqtt = canal_mqtt::Mqtt<NodeTransport, MeshQos0>;
+
 /// QoS 0 over the mesh: each peer's copy goes on the peer's QoS 0 link (its own stream and
 /// bounded queue, apart from Raft's RPCs). A publisher waits a bounded time for room in the
 /// queue; a copy is dropped, and counted (`canal_qos0_dropped_total{peer,reason}`), only when

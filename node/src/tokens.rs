@@ -530,6 +530,55 @@ impl<T: Transport> canal_worker::Worker for TokenJob<T> {
     }
 }
 
+/// The MQTT listener's token check: the CONNECT password is the token (the user name is not
+/// looked at), and the connection then publishes and subscribes within its rights.
+pub struct MqttTokens {
+    /// The node's token gate.
+    pub gate: Arc<Gate>,
+}
+
+impl canal_mqtt::ConnectAuth for MqttTokens {
+    fn check(
+        &self,
+        c: canal_mqtt::Credentials<'_>,
+    ) -> Result<Arc<dyn canal_mqtt::Rights>, canal_mqtt::AuthRefused> {
+        match self.gate.check(c.password) {
+            Ok(caller) => Ok(Arc::new(MqttRights {
+                caller,
+                gate: self.gate.clone(),
+            })),
+            Err(e) => {
+                self.gate.count_refusal(e.kind());
+                Err(canal_mqtt::AuthRefused::NotAuthorized(format!(
+                    "{e} (MQTT: the token goes in the CONNECT password)"
+                )))
+            }
+        }
+    }
+}
+
+/// A connected MQTT client's rights: its token's.
+struct MqttRights {
+    caller: Caller,
+    gate: Arc<Gate>,
+}
+
+impl canal_mqtt::Rights for MqttRights {
+    fn may_publish(&self, topic: &canal_proto::Topic) -> Result<(), String> {
+        self.caller.may_publish(topic).map_err(|f| {
+            self.gate.count_refusal(f.right.as_str());
+            f.to_string()
+        })
+    }
+
+    fn may_subscribe(&self, filter: &TopicFilter) -> Result<(), String> {
+        self.caller.may_subscribe(filter).map_err(|f| {
+            self.gate.count_refusal(f.right.as_str());
+            f.to_string()
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,7 @@ pub(crate) fn caps(peer: &str, tier: &str, gpus_gib: &[u64]) -> Capabilities {
         version: "0.1.0".into(),
         listen_addrs: Vec::new(),
         api_addr: None,
+        mqtt_addr: None,
         tier: tier.into(),
         labels: BTreeMap::new(),
         cpu_cores: 1,

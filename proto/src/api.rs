@@ -26,6 +26,9 @@ pub struct Health {
     pub peers: usize,
     /// Open peer connections.
     pub connections: usize,
+    /// The node's MQTT address (`host:port`), when MQTT over TCP is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_addr: Option<String>,
 }
 
 /// One row of `GET /v1/peers`.
@@ -121,6 +124,9 @@ pub struct RuntimeInfo {
     pub api: String,
     /// Its peer listen addresses, each ending in `/p2p/PEER_ID`.
     pub listen_addrs: Vec<String>,
+    /// Its MQTT address (`host:port`), when MQTT over TCP is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<String>,
 }
 
 /// One member's own view of a Raft group (`canal cluster status`).

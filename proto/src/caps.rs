@@ -123,6 +123,10 @@ pub struct Capabilities {
     pub seq: u64,
     /// Milliseconds since the Unix epoch when the record was measured.
     pub measured_at_ms: u64,
+    /// The address of the peer's MQTT listener (TCP), if it has one. Last, so a peer of a
+    /// build without it refuses the record (trailing bytes) instead of misreading it.
+    #[serde(default)]
+    pub mqtt_addr: Option<String>,
 }
 
 impl Capabilities {
@@ -144,6 +148,9 @@ impl Capabilities {
         }
         if let Some(a) = &self.api_addr {
             text("api_addr", a, MAX_ADDR_BYTES)?;
+        }
+        if let Some(a) = &self.mqtt_addr {
+            text("mqtt_addr", a, MAX_ADDR_BYTES)?;
         }
         text("tier", &self.tier, MAX_NAME_BYTES)?;
         count("labels", self.labels.len(), MAX_LABELS)?;
@@ -402,6 +409,10 @@ mod tests {
                 Box::new(|c| c.listen_addrs = vec!["a".repeat(257)]),
             ),
             ("api_addr", Box::new(|c| c.api_addr = Some("a".repeat(257)))),
+            (
+                "mqtt_addr",
+                Box::new(|c| c.mqtt_addr = Some("a".repeat(257))),
+            ),
             ("tier", Box::new(|c| c.tier = "t".repeat(65))),
             (
                 "labels",
@@ -496,6 +507,7 @@ mod tests {
             version: "v".repeat(MAX_NAME_BYTES),
             listen_addrs: vec!["a".repeat(MAX_ADDR_BYTES); MAX_LISTEN_ADDRS],
             api_addr: Some("a".repeat(MAX_ADDR_BYTES)),
+            mqtt_addr: Some("a".repeat(MAX_ADDR_BYTES)),
             tier: "t".repeat(MAX_NAME_BYTES),
             labels: (0..MAX_LABELS)
                 .map(|i| (format!("{i:0>64}"), "v".repeat(MAX_LABEL_VALUE_BYTES)))

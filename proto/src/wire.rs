@@ -520,6 +520,7 @@ mod tests {
             version: "0.1.0".into(),
             listen_addrs: vec!["/ip4/127.0.0.1/tcp/7000".into()],
             api_addr: Some("127.0.0.1:7070".into()),
+            mqtt_addr: None,
             tier: "edge".into(),
             labels: [("zone".to_string(), "a".to_string())].into(),
             cpu_cores: 2,

@@ -126,6 +126,7 @@ fn caps_samples() -> Vec<Capabilities> {
             "/ip4/10.0.0.1/udp/7000/quic-v1".into(),
         ],
         api_addr: Some("127.0.0.1:7070".into()),
+        mqtt_addr: None,
         tier: "edge".into(),
         labels: [("zone".to_string(), "eu-1".to_string())].into(),
         cpu_cores: 16,

@@ -19,7 +19,7 @@ pub use canal_proto::peer::Qos0Message;
 /// over nothing at all.
 pub trait Qos0Link: Send + Sync + 'static {
     /// How a peer is named on the link.
-    type Peer;
+    type Peer: Send;
 
     /// Every other live peer and the filters it advertises interest in.
     fn peers(&self) -> Vec<(Self::Peer, Vec<String>)>;

@@ -309,8 +309,8 @@ async fn start_all(
     }
     std::fs::create_dir_all(&opts.dir)
         .with_context(|| format!("cannot create {}", opts.dir.display()))?;
-    let ports: Vec<(u16, u16)> = (0..n)
-        .map(|_| Ok((free_port()?, free_port()?)))
+    let ports: Vec<(u16, u16, u16)> = (0..n)
+        .map(|_| Ok((free_port()?, free_port()?, free_port()?)))
         .collect::<anyhow::Result<_>>()?;
     let tiers: Vec<&str> = opts
         .tiers
@@ -358,7 +358,7 @@ async fn start_all(
             ));
             relay_ports
         }
-        None => ports.iter().map(|(p, _)| *p).collect(),
+        None => ports.iter().map(|(p, _, _)| *p).collect(),
     };
     // One key for the whole testnet, kept with it so restarted nodes still hold it.
     let key = std::fs::canonicalize(&opts.dir)?.join("swarm.key");
@@ -401,12 +401,17 @@ async fn start_all(
         };
         let mut args = options.args(&node_dir, None);
         // Fixed ports, so a restarted node is found where it was.
+        let mut prev = String::new();
         for a in args.iter_mut() {
+            let was = a.clone();
             if a == "/ip4/127.0.0.1/tcp/0" {
                 *a = format!("/ip4/127.0.0.1/tcp/{}", ports[i].0);
+            } else if a == "127.0.0.1:0" && prev == "--mqtt-listen" {
+                *a = format!("127.0.0.1:{}", ports[i].2);
             } else if a == "127.0.0.1:0" {
                 *a = format!("127.0.0.1:{}", ports[i].1);
             }
+            prev = was;
         }
         args.extend(["--token-key".into(), token_key.display().to_string()]);
         if let Some(t) = &tls {
@@ -440,14 +445,14 @@ async fn start_all(
         )?;
         let pid = spawn_detached(bin, &node_dir)?;
         progress(&format!(
-            "started node{i} ({}, pid {pid}, api {scheme}://127.0.0.1:{})",
-            tiers[i], ports[i].1
+            "started node{i} ({}, pid {pid}, api {scheme}://127.0.0.1:{}, mqtt 127.0.0.1:{})",
+            tiers[i], ports[i].1, ports[i].2
         ));
         pids.push(pid);
     }
     let apis: Vec<Api> = ports
         .iter()
-        .map(|(_, a)| Api::with_token(&format!("{scheme}://127.0.0.1:{a}"), Some(&admin)))
+        .map(|(_, a, _)| Api::with_token(&format!("{scheme}://127.0.0.1:{a}"), Some(&admin)))
         .collect();
     let deadline = std::time::Instant::now() + opts.timeout;
     let mut last_report = usize::MAX;

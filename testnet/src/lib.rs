@@ -90,6 +90,8 @@ impl NodeOptions {
             "/ip4/127.0.0.1/tcp/0".into(),
             "--api-listen".into(),
             "127.0.0.1:0".into(),
+            "--mqtt-listen".into(),
+            "127.0.0.1:0".into(),
         ];
         if let Some(b) = bootstrap {
             args.extend(["--bootstrap".into(), b.to_string()]);
@@ -140,8 +142,8 @@ pub struct TestNode {
     child: Option<Child>,
     info: Option<RuntimeInfo>,
     /// The ports of the first start, reused on restart so that peers and clients find the
-    /// node where it was: (peer listen multiaddr without /p2p, API address).
-    ports: Option<(String, String)>,
+    /// node where it was: (peer listen multiaddr without /p2p, API address, MQTT address).
+    ports: Option<(String, String, Option<String>)>,
 }
 
 impl TestNode {
@@ -160,6 +162,16 @@ impl TestNode {
         self.info
             .as_ref()
             .ok_or_else(|| anyhow!("{} is not running", self.name))
+    }
+
+    /// Where its MQTT listener is (from `node.json` of its last start).
+    pub fn mqtt_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        let info = self.info()?;
+        info.mqtt
+            .as_deref()
+            .ok_or_else(|| anyhow!("{} reports no MQTT listener", self.name))?
+            .parse()
+            .with_context(|| format!("{}'s MQTT address {:?}", self.name, info.mqtt))
     }
 
     /// Whether its process is running (as far as this harness knows).
@@ -402,13 +414,21 @@ impl Testnet {
                 self.dir.join(auth::TOKEN_KEY_FILE).display().to_string(),
             ]);
         }
-        if let Some((listen, api)) = &n.ports {
+        if let Some((listen, api, mqtt)) = &n.ports {
+            let mut prev = String::new();
             for a in args.iter_mut() {
+                let was = a.clone();
                 if a == "/ip4/127.0.0.1/tcp/0" {
                     *a = listen.clone();
-                } else if a == "127.0.0.1:0" {
+                } else if a == "127.0.0.1:0" && prev == "--api-listen" {
                     *a = api.clone();
+                } else if a == "127.0.0.1:0"
+                    && prev == "--mqtt-listen"
+                    && let Some(m) = mqtt
+                {
+                    *a = m.clone();
                 }
+                prev = was;
             }
         }
         match &self.fabric {
@@ -475,14 +495,14 @@ impl Testnet {
                         .trim_start_matches("http://")
                         .trim_start_matches("https://")
                         .to_string();
-                    node.ports = listen.map(|l| (l, api));
+                    node.ports = listen.map(|l| (l, api, info.mqtt.clone()));
                 }
                 node.info = Some(info);
                 if let Some(f) = &self.fabric {
                     let listen = node
                         .ports
                         .as_ref()
-                        .and_then(|(l, _)| l.rsplit('/').next()?.parse::<u16>().ok())
+                        .and_then(|(l, _, _)| l.rsplit('/').next()?.parse::<u16>().ok())
                         .ok_or_else(|| anyhow!("{name} reports no 127.0.0.1 listen port"))?;
                     f.set_target(i, std::net::SocketAddr::from(([127, 0, 0, 1], listen)));
                 }

@@ -13,7 +13,7 @@ use reqwest::Method;
 use std::time::Duration;
 
 /// Issues a token through `api` (admin) from `canal token create` arguments.
-async fn create(api: &Api, args: &[&str]) -> TokenIssued {
+pub(crate) async fn create(api: &Api, args: &[&str]) -> TokenIssued {
     let mut all = vec!["--api", api.base(), "--json", "token", "create"];
     all.extend_from_slice(args);
     let o = canal(&all).await;

@@ -9,6 +9,7 @@ mod auth;
 mod functions;
 mod hostile;
 mod mesh;
+mod mqtt;
 mod pubsub;
 mod raft;
 mod tiers;

@@ -193,6 +193,9 @@ async fn bad_input_gets_a_clear_error_and_no_panic() {
         "/ip4/127.0.0.1/tcp/0",
         "--api-listen",
         "127.0.0.1:0",
+        // Tests run at once: none may take the default MQTT port.
+        "--mqtt-listen",
+        "127.0.0.1:0",
     ];
     let node = |extra: &[&str]| {
         let mut v: Vec<String> = vec!["node".into()];

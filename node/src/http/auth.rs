@@ -5,11 +5,14 @@
 //! set headers), a `token` query parameter; lets the holder in or answers 401 naming why;
 //! answers 403 for an admin route the token holds no admin rights for; and hands the
 //! [`Caller`] to the handlers, which check per-topic rights themselves (only they know the
-//! topics: a batch's lines, a stream's frames). Only `GET /v1/health` is open, for probes.
+//! topics: a batch's lines, a stream's frames). Only `GET /v1/health` is open, for probes,
+//! and `/mqtt`, whose MQTT CONNECT carries the token as its password (browsers cannot set
+//! headers on a WebSocket; the MQTT layer checks it and every topic after).
 //!
 //! | routes                                                        | right          |
 //! |---------------------------------------------------------------|----------------|
 //! | `/v1/health`                                                   | none           |
+//! | `/mqtt` (MQTT over WebSocket)                                  | checked by MQTT's CONNECT |
 //! | `POST /v1/topics/{t}/events`, `POST /v1/events`, `/v1/publish` | publish on t   |
 //! | `/v1/subscribe?filter=F`                                       | subscribe to F |
 //! | `/v1/subscriptions/{name}/ack?topic=T`, `GET /v1/topics/{t}/log` | read t       |
@@ -44,7 +47,7 @@ pub fn request_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Opti
 
 /// Whether `method` on `path` needs admin rights (see the module's table).
 pub fn needs_admin(method: &Method, path: &str) -> bool {
-    if path == "/v1/health" {
+    if path == "/v1/health" || path == "/mqtt" {
         return false;
     }
     // Decided on the method, not on the path's end: the topic part is percent-decoded only
@@ -76,7 +79,7 @@ pub(super) async fn authenticate(
     mut req: Request,
     next: Next,
 ) -> Response {
-    if req.uri().path() == "/v1/health" {
+    if matches!(req.uri().path(), "/v1/health" | "/mqtt") {
         return next.run(req).await;
     }
     let gate = &st.tokens.gate;

@@ -16,6 +16,7 @@ pub mod functions;
 pub mod health;
 pub mod kv;
 mod metrics_text;
+mod mqtt_ws;
 pub mod parse;
 pub mod publish;
 pub mod subscribe;
@@ -56,6 +57,10 @@ pub struct ApiState {
     pub consensus: Consensus<NodeTransport>,
     /// Publishing and subscribing (QoS 0 through this node's hub).
     pub pubsub: crate::pubsub::PubSub,
+    /// MQTT over WebSocket (`/mqtt`), on the same service as the MQTT listener.
+    pub mqtt: crate::pubsub::Mqtt,
+    /// The MQTT listener's address, if MQTT over TCP is on.
+    pub mqtt_addr: Option<std::net::SocketAddr>,
     /// Functions and triggers.
     pub functions: Arc<crate::functions::Functions<NodeTransport>>,
     /// Prometheus metrics of every part of the node.
@@ -88,6 +93,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/events", axum::routing::post(events_post))
         .route("/v1/publish", get(publish::publish_stream))
         .route("/v1/subscribe", get(subscribe))
+        .route("/mqtt", get(mqtt_ws::mqtt_ws))
         .route("/v1/subscriptions/{name}/ack", axum::routing::post(ack))
         .route("/v1/cluster/status", get(cluster_status))
         .route("/v1/cluster/digest", get(cluster_digest))
@@ -132,7 +138,7 @@ pub fn router(state: ApiState) -> Router {
         })
         .fallback(|| async {
             ApiError::not_found(
-                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, POST /v1/events, /v1/publish (WebSocket), /v1/subscribe, /v1/cluster/status, /v1/cluster/digest, /v1/cluster/admit/{peer}, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}], /v1/tokens[/{id}] and /metrics",
+                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, POST /v1/events, /v1/publish (WebSocket), /v1/subscribe, /mqtt (MQTT over WebSocket), /v1/cluster/status, /v1/cluster/digest, /v1/cluster/admit/{peer}, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}], /v1/tokens[/{id}] and /metrics",
             )
         })
         .layer(gate)

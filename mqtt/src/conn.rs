@@ -1,0 +1,1433 @@
+//! One MQTT connection: CONNECT, then one loop over packets in, deliveries out and the
+//! acknowledgements of publishes committed.
+//!
+//! ```text
+//!   read CONNECT (deadline) ─> auth ─> session (new / resumed) ─> CONNACK ─> resubscribe
+//!   loop select:
+//!     socket bytes ─> frame ─> decode ─> handle (publish, subscribe, puback, ...)
+//!     deliveries (one queue for all the connection's subscriptions, bounded in bytes),
+//!         taken only while fewer than the send window are unacknowledged
+//!     publishes committed, in the order they came ─> PUBACK
+//!     keep-alive deadline, a takeover, the node closing
+//!   end ─> will (abnormal end), session record (disconnected at), subscriptions dropped
+//! ```
+
+use crate::codec::{self, Inbound, Outbound, Publish, ServerLimits, Version, Will};
+use crate::records::{self, Retained, Session, SessionSub};
+use crate::{Credentials, Mqtt, topics};
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use canal_consensus::keys::{MQTT_SESSIONS, RETAINED};
+use canal_consensus::{InternalKey, Op, Request, Transport};
+use canal_proto::TopicFilter;
+use canal_proto::api::Event;
+use canal_proto::time::now_ms;
+use canal_pubsub::feed::{self, FeedRx, FeedTx, Weighed};
+use canal_pubsub::{Delivery, PubSubError, PublishRequest, Qos, Qos0Link, SubscribeRequest};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+pub use crate::session::{CONTENT_TYPE_HEADER, EXPIRY_HEADER, FROM_HEADER, RETAIN_HEADER};
+
+/// The longest client id accepted, bytes.
+pub const MAX_CLIENT_ID_BYTES: usize = 256;
+
+/// A message on its way to the client.
+struct Msg {
+    topic: String,
+    payload: Bytes,
+    qos: u8,
+    retain: bool,
+    headers: Vec<(String, String)>,
+    time_ms: u64,
+    offset: Option<u64>,
+    sub: Arc<SubInfo>,
+}
+
+impl Weighed for Msg {
+    fn weight(&self) -> usize {
+        64 + self.topic.len() + self.payload.len()
+    }
+}
+
+/// What a delivery needs to know of the subscription it came through.
+#[derive(Debug)]
+struct SubInfo {
+    rec: SessionSub,
+    filter: TopicFilter,
+    durable: Option<String>,
+    /// For `$share/G/F`: the members' record prefix and this client's id.
+    share: Option<(String, String)>,
+}
+
+/// A running subscription: the tasks that forward its canal subscriptions.
+struct Sub {
+    rec: SessionSub,
+    tasks: Vec<JoinHandle<()>>,
+    /// What ending it takes besides the tasks (leaving a share group).
+    on_drop: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(f) = self.on_drop.take() {
+            f();
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// DISCONNECT 0: no will.
+    Normal,
+    /// DISCONNECT 4: with will.
+    WithWill,
+    /// Anything else (socket closed, error, keep-alive, the node closing): the will is sent.
+    Abnormal,
+    /// A newer connection of the same client took the session over: it carries on with
+    /// the session (and the will), so this one leaves both alone.
+    TakenOver,
+}
+
+/// What one inbound packet leads to.
+enum Next {
+    Go,
+    /// Close, sending a 5.0 DISCONNECT with this reason first (unless `None`).
+    Close(Option<u8>, End),
+}
+
+struct Conn<T: Transport, L: Qos0Link> {
+    mqtt: Mqtt<T, L>,
+    version: Version,
+    client_id: String,
+    session: Option<Session>,
+    will: Option<Will>,
+    out: BytesMut,
+    subs: BTreeMap<String, Sub>,
+    tx: Arc<FeedTx<Msg>>,
+    inflight_out: HashMap<u16, Option<(String, String, u64)>>,
+    next_pkid: u16,
+    window: usize,
+    client_max_packet: Option<u32>,
+    aliases: crate::session::Aliases,
+    publishes: FuturesOrdered<BoxFuture<'static, (u16, u8)>>,
+    keep_alive: Option<Duration>,
+    rx: Option<FeedRx<Msg>>,
+    /// This connection's number among the node's, and the signal that a newer connection
+    /// of the same client took over (taken by [`run`]).
+    takeover: Option<(u64, watch::Receiver<bool>)>,
+    /// What the client may publish and subscribe to (decided at CONNECT).
+    rights: Arc<dyn crate::Rights>,
+}
+
+/// Serves one connection until it ends.
+pub(crate) async fn run<T, L, S>(mqtt: Mqtt<T, L>, io: S, peer: String)
+where
+    T: Transport,
+    L: Qos0Link,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let mut buf = BytesMut::with_capacity(4096);
+    let cfg = mqtt.config.clone();
+    let first = tokio::time::timeout(
+        cfg.connect_timeout,
+        read_connect(&mut rd, &mut buf, cfg.max_packet_bytes),
+    )
+    .await;
+    let (version, connect) = match first {
+        Err(_) => {
+            mqtt.metrics.refuse("connect_timeout");
+            tracing::debug!(%peer, "MQTT connection sent no CONNECT in time");
+            return;
+        }
+        Ok(Err(e)) => {
+            let reason = match &e {
+                codec::DecodeError::Protocol { .. } => "protocol",
+                codec::DecodeError::TooLarge { .. } => "too_large",
+                codec::DecodeError::NotConnect(_) => "not_connect",
+                _ => "malformed",
+            };
+            mqtt.metrics.refuse(reason);
+            tracing::info!(%peer, error = %e, "MQTT connection refused before CONNECT");
+            if let codec::DecodeError::Protocol { level, .. } = e {
+                // Told in the version it asked for where there is one; else 3.1.1's code.
+                let v = if level == 5 {
+                    Version::V5
+                } else {
+                    Version::V311
+                };
+                let mut out = BytesMut::new();
+                let _ = codec::encode(v, &connack(false, 0x84, ServerLimits::default()), &mut out);
+                let _ = wr.write_all(&out).await;
+            }
+            return;
+        }
+        Ok(Ok(c)) => c,
+    };
+    mqtt.metrics.packet("connect", true);
+    let Some(mut conn) = accept(&mqtt, version, *connect, &mut wr, &peer).await else {
+        return;
+    };
+    let (conn_id, mut taken_over) = match conn.takeover.take() {
+        Some(t) => t,
+        None => return,
+    };
+    mqtt.metrics.connections.inc();
+    let end = conn.serve(&mut rd, &mut wr, buf, &mut taken_over).await;
+    mqtt.metrics.connections.dec();
+    forget(&mqtt, &conn.client_id, conn_id);
+    conn.finish(end).await;
+}
+
+async fn read_connect<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    limit: usize,
+) -> Result<(Version, Box<codec::Connect>), codec::DecodeError> {
+    loop {
+        if let Some(f) = codec::frame(buf, limit)? {
+            let v = codec::connect_version(&f, buf)?;
+            return match codec::decode(v, &f, buf)? {
+                Inbound::Connect(c) => Ok((v, c)),
+                _ => Err(codec::DecodeError::NotConnect(f.kind)),
+            };
+        }
+        match rd.read_buf(buf).await {
+            Ok(0) | Err(_) => {
+                return Err(codec::DecodeError::Malformed {
+                    what: "CONNECT",
+                    why: "the connection closed before a whole CONNECT came".into(),
+                });
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Forgets connection `id` of `client` (refused after it was registered).
+fn forget<T: Transport, L: Qos0Link>(mqtt: &Mqtt<T, L>, client: &str, id: u64) {
+    let mut l = mqtt.lock();
+    if l.conns.get(client).is_some_and(|(i, _)| *i == id) {
+        l.conns.remove(client);
+    }
+}
+
+fn connack(session_present: bool, code: u8, limits: ServerLimits) -> Outbound {
+    Outbound::ConnAck {
+        session_present,
+        code,
+        limits: Box::new(limits),
+    }
+}
+
+/// Checks a CONNECT, sets up the session and answers CONNACK; `None` if refused.
+async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
+    mqtt: &Mqtt<T, L>,
+    version: Version,
+    c: codec::Connect,
+    wr: &mut W,
+    peer: &str,
+) -> Option<Conn<T, L>> {
+    let cfg = mqtt.config.clone();
+    let refuse = |code: u8, reason: &str, why: String| {
+        mqtt.metrics.refuse(reason);
+        tracing::info!(%peer, client = %c.client_id, code, "MQTT CONNECT refused: {why}");
+        let mut out = BytesMut::new();
+        let _ = codec::encode(
+            version,
+            &connack(false, code, ServerLimits::default()),
+            &mut out,
+        );
+        mqtt.metrics.packet("connack", false);
+        out
+    };
+    let rights = match check_connect(mqtt, &c) {
+        Ok(r) => r,
+        Err((code, reason, why)) => {
+            let out = refuse(code, reason, why);
+            let _ = wr.write_all(&out).await;
+            return None;
+        }
+    };
+    let mut assigned = None;
+    let client_id = if c.client_id.is_empty() {
+        let id = canal_proto::time::fresh_id("mqtt");
+        assigned = Some(id.clone());
+        id
+    } else {
+        c.client_id.clone()
+    };
+    // An older connection of this client on this node ends now, before the session is
+    // read, and its pending will with it.
+    let takeover = {
+        let mut l = mqtt.lock();
+        l.next += 1;
+        let id = l.next;
+        let (stop, taken) = watch::channel(false);
+        if let Some((_, old)) = l.conns.insert(client_id.clone(), (id, stop)) {
+            let _ = old.send(true);
+        }
+        if let Some(will) = l.wills.remove(&client_id) {
+            will.abort();
+        }
+        (id, taken)
+    };
+    let persistent = c.session_expiry_s > 0;
+    let consensus = mqtt.pubsub.consensus();
+    let group = canal_consensus::group_of_subscription(&client_id);
+    // Through the leader: the session may have been written on another node just now.
+    let stored: Option<Session> = match consensus
+        .read_record(group, &MQTT_SESSIONS, &client_id, true)
+        .await
+    {
+        Ok(b) => b.and_then(|b| records::decode(&b).ok()),
+        Err(e) => {
+            let out = refuse(0x88, "no_leader", format!("cannot read the session: {e}"));
+            let _ = wr.write_all(&out).await;
+            forget(mqtt, &client_id, takeover.0);
+            return None;
+        }
+    };
+    let had_record = stored.is_some();
+    let now = now_ms();
+    let resumed = match stored {
+        Some(s) if !c.clean_start && persistent && !s.expired(now) => Some(s),
+        _ => None,
+    };
+    let session_present = resumed.is_some();
+    let session = if persistent {
+        let mut s = resumed.unwrap_or_else(|| Session {
+            epoch: canal_proto::time::fresh_id("s"),
+            subs: Vec::new(),
+            expiry_s: c.session_expiry_s,
+            disconnected_ms: None,
+        });
+        s.expiry_s = c.session_expiry_s;
+        s.disconnected_ms = None;
+        if let Err(e) = write_session(mqtt, &client_id, Some(&s)).await {
+            let out = refuse(0x88, "no_leader", format!("cannot store the session: {e}"));
+            let _ = wr.write_all(&out).await;
+            forget(mqtt, &client_id, takeover.0);
+            return None;
+        }
+        Some(s)
+    } else {
+        // A clean, non-persistent session ends any stored one.
+        if had_record {
+            let _ = write_session(mqtt, &client_id, None).await;
+        }
+        None
+    };
+    let window = usize::from(c.receive_maximum.min(cfg.max_inflight_out).max(1));
+    let slot = match Arc::new(Semaphore::new(1)).try_acquire_owned() {
+        Ok(s) => s,
+        Err(_) => {
+            forget(mqtt, &client_id, takeover.0);
+            return None;
+        }
+    };
+    let (tx, rx) = feed::feed::<Msg>(slot);
+    let mut conn = Conn {
+        mqtt: mqtt.clone(),
+        version,
+        client_id,
+        session,
+        will: c.will,
+        out: BytesMut::with_capacity(8192),
+        subs: BTreeMap::new(),
+        tx: Arc::new(tx),
+        inflight_out: HashMap::new(),
+        next_pkid: 0,
+        window,
+        client_max_packet: c.max_packet_size,
+        aliases: crate::session::Aliases::new(cfg.topic_alias_max),
+        publishes: FuturesOrdered::new(),
+        keep_alive: (c.keep_alive > 0)
+            .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
+        rx: None,
+        takeover: Some(takeover),
+        rights,
+    };
+    let limits = ServerLimits {
+        receive_maximum: cfg.max_inflight_in,
+        max_packet_size: u32::try_from(cfg.max_packet_bytes).unwrap_or(u32::MAX),
+        topic_alias_max: cfg.topic_alias_max,
+        assigned_client_id: assigned,
+        session_expiry_s: None,
+    };
+    conn.push(connack(session_present, 0, limits));
+    if let Some(s) = conn.session.clone() {
+        if !s.subs.is_empty() {
+            catch_up(
+                mqtt.pubsub.consensus(),
+                &conn.client_id,
+                s.subs
+                    .iter()
+                    .filter_map(|r| topics::filter(&r.filter).ok().map(|f| f.filter.to_string())),
+            )
+            .await;
+        }
+        for rec in s.subs {
+            // The session may have been made under a token with more rights than this one.
+            if let Ok(f) = topics::filter(&rec.filter)
+                && let Err(why) = conn.rights.may_subscribe(&f.filter)
+            {
+                mqtt.metrics.refuse("not_authorized");
+                tracing::warn!(client = %conn.client_id, filter = %rec.filter, "a persistent session's subscription is not resumed: {why}");
+                continue;
+            }
+            if let Err(code) = conn.start_sub(rec.clone(), false).await {
+                tracing::warn!(client = %conn.client_id, filter = %rec.filter, code, "a persistent session's subscription did not resume");
+            }
+        }
+    }
+    conn.rx = Some(rx);
+    Some(conn)
+}
+
+/// The checks of a CONNECT before anything is stored: `(5.0 code, refusal reason, why)`.
+fn check_connect<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    c: &codec::Connect,
+) -> Result<Arc<dyn crate::Rights>, (u8, &'static str, String)> {
+    if c.client_id.is_empty() && !c.clean_start && c.version == Version::V311 {
+        return Err((
+            0x85,
+            "client_id",
+            "an empty client id needs clean session = 1".into(),
+        ));
+    }
+    if c.client_id.len() > MAX_CLIENT_ID_BYTES
+        || c.client_id.chars().any(char::is_control)
+        || c.client_id.starts_with('$')
+    {
+        return Err((
+            0x85,
+            "client_id",
+            format!(
+                "client id {:?} is not allowed: at most {MAX_CLIENT_ID_BYTES} bytes, no control characters, not starting with `$`",
+                c.client_id
+            ),
+        ));
+    }
+    if let Some(w) = &c.will {
+        if let Err(e) = topics::topic(&w.topic) {
+            return Err((0x90, "topic_invalid", format!("will topic: {e}")));
+        }
+        if w.qos > 1 && c.version == Version::V5 {
+            return Err((0x9B, "qos2", "a will of QoS 2: the most is QoS 1".into()));
+        }
+    }
+    let rights = mqtt
+        .auth
+        .check(Credentials {
+            client_id: &c.client_id,
+            username: c.username.as_deref(),
+            password: c.password.as_deref(),
+        })
+        .map_err(|e| match e {
+            crate::AuthRefused::BadCredentials(_) => (0x86, "not_authorized", e.to_string()),
+            crate::AuthRefused::NotAuthorized(_) => (0x87, "not_authorized", e.to_string()),
+        })?;
+    // A will is a publish the client leaves behind: it needs the same right.
+    if let Some(w) = &c.will
+        && let Ok(t) = topics::topic(&w.topic)
+        && let Err(why) = rights.may_publish(&t)
+    {
+        return Err((0x87, "not_authorized", format!("will topic: {why}")));
+    }
+    Ok(rights)
+}
+
+/// Writes (or with `None` removes) `client`'s session record.
+async fn write_session<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    client: &str,
+    s: Option<&Session>,
+) -> Result<(), String> {
+    let value = match s {
+        Some(s) => Some(records::encode(s).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    mqtt.pubsub
+        .consensus()
+        .write(
+            canal_consensus::group_of_subscription(client),
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: InternalKey::MqttSession(client.to_string()),
+                    value,
+                },
+            },
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Joins (renews) or leaves a share group: the member record named `key`.
+async fn write_member<T: Transport>(
+    consensus: &canal_consensus::Consensus<T>,
+    prefix: &str,
+    me: &str,
+    join: bool,
+) -> Result<(), String> {
+    let key = format!("{prefix}{me}");
+    let value = if join {
+        let m = crate::share::Member {
+            lease_until_ms: now_ms() + crate::share::LEASE_MS,
+        };
+        Some(records::encode(&m).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    consensus
+        .write_batched(
+            canal_consensus::group_of_subscription(prefix),
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: InternalKey::MqttSession(key),
+                    value,
+                },
+            },
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The live members of the share group whose records start with `prefix`, as this replica
+/// has them.
+fn read_members<T: Transport>(
+    consensus: &canal_consensus::Consensus<T>,
+    prefix: &str,
+) -> Vec<String> {
+    let group = canal_consensus::group_of_subscription(prefix);
+    let Ok(sm) = consensus.state_machine(group) else {
+        return Vec::new();
+    };
+    let Ok(all) = sm.scan_table(&MQTT_SESSIONS) else {
+        return Vec::new();
+    };
+    let records: Vec<(String, Vec<u8>)> = all
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(prefix))
+        .collect();
+    crate::share::live(&records, prefix, now_ms())
+}
+
+/// Writes (or with an empty payload clears) `topic`'s retained message.
+async fn write_retained<T: Transport, L: Qos0Link>(
+    pubsub: &canal_pubsub::PubSub<T, L>,
+    topic: &str,
+    r: Retained,
+) -> Result<(), String> {
+    let value = if r.payload.is_empty() {
+        None
+    } else {
+        Some(records::encode(&r).map_err(|e| e.to_string())?)
+    };
+    pubsub
+        .consensus()
+        .write_batched(
+            canal_consensus::group_of(topic),
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: InternalKey::Retained(topic.to_string()),
+                    value,
+                },
+            },
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The 5.0 PUBACK reason for a publish canal refused.
+fn puback_reason(e: &PubSubError) -> u8 {
+    match e.kind() {
+        "invalid_topic" => 0x90,
+        "too_large" => 0x97,
+        "too_many_subscribers" => 0x97,
+        _ => 0x80,
+    }
+}
+
+/// The 5.0 SUBACK reason for a subscription canal refused.
+fn suback_reason(e: &PubSubError) -> u8 {
+    match e.kind() {
+        "invalid_filter" => 0x8F,
+        "too_many_subscribers" => 0x97,
+        _ => 0x80,
+    }
+}
+
+fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn parse_time(s: &str) -> u64 {
+    humantime::parse_rfc3339_weak(s)
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How many messages a canal `lagged` notice says were missed: `{"dropped":N}` (QoS 0) or a
+/// gap `{"from":F,"to":T}` (QoS 1); 1 for a notice of another shape.
+fn missed_count(notice: &str) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(notice).unwrap_or_default();
+    if let Some(n) = v.get("dropped").and_then(|n| n.as_u64()) {
+        return n;
+    }
+    match (
+        v.get("from").and_then(|n| n.as_u64()),
+        v.get("to").and_then(|n| n.as_u64()),
+    ) {
+        (Some(f), Some(t)) => t.saturating_sub(f),
+        _ => 1,
+    }
+}
+
+/// Forwards one canal subscription's deliveries to the connection's queue.
+async fn forward<T: Transport>(
+    mut rx: FeedRx<Delivery>,
+    info: Arc<SubInfo>,
+    tx: Arc<FeedTx<Msg>>,
+    consensus: canal_consensus::Consensus<T>,
+    missed: prometheus_client::metrics::counter::Counter,
+) {
+    // A shared subscription's members, read again at most this often.
+    const MEMBERS_EVERY: Duration = Duration::from_millis(500);
+    let mut members: Vec<String> = Vec::new();
+    let mut members_at: Option<Instant> = None;
+    while let Some(d) = rx.recv().await {
+        let json = match d {
+            Delivery::Message { json, .. } => json,
+            Delivery::Lagged(notice) => {
+                missed.inc_by(missed_count(&notice));
+                continue;
+            }
+        };
+        let Ok(e) = serde_json::from_str::<Event>(&json) else {
+            continue;
+        };
+        let Ok(topic) = canal_proto::Topic::new(&e.topic) else {
+            continue;
+        };
+        if !topics::matches(&info.filter, &topic) {
+            continue;
+        }
+        if let Some((prefix, me)) = &info.share {
+            if members_at.is_none_or(|at| at.elapsed() >= MEMBERS_EVERY) {
+                members = read_members(&consensus, prefix);
+                members_at = Some(Instant::now());
+            }
+            let offset = e.offset.map(u64::to_be_bytes);
+            let key: Vec<&[u8]> = match &offset {
+                Some(o) => vec![e.topic.as_bytes(), o],
+                None => vec![e.id.as_bytes()],
+            };
+            if !crate::share::mine(&members, me, &key) {
+                continue;
+            }
+        }
+        let payload = match (e.data, e.data_base64) {
+            (Some(text), _) => Bytes::from(text.into_bytes()),
+            (None, Some(b)) => match base64::engine::general_purpose::STANDARD.decode(b) {
+                Ok(b) => Bytes::from(b),
+                Err(_) => continue,
+            },
+            (None, None) => Bytes::new(),
+        };
+        let m = Msg {
+            topic: e.topic,
+            payload,
+            qos: e.qos.min(info.rec.qos),
+            retain: false,
+            headers: e.headers.into_iter().collect(),
+            time_ms: parse_time(&e.time),
+            offset: e.offset,
+            sub: info.clone(),
+        };
+        if tx.send(m).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl<T: Transport, L: Qos0Link> Conn<T, L> {
+    fn push(&mut self, p: Outbound) {
+        // 3.1.1 has no server DISCONNECT: the connection is just closed.
+        if !(self.version == Version::V311 && matches!(p, Outbound::Disconnect { .. })) {
+            self.mqtt.metrics.packet(p.kind(), false);
+        }
+        if let Err(e) = codec::encode(self.version, &p, &mut self.out) {
+            tracing::warn!(client = %self.client_id, error = %e, "MQTT packet not written");
+        }
+    }
+
+    fn persistent(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// Starts subscription `rec` (replacing one on the same filter): `Err` with the 5.0
+    /// reason code if refused. Retained messages are sent unless `retained` is false.
+    async fn start_sub(&mut self, rec: SessionSub, retained: bool) -> Result<u8, u8> {
+        let f = topics::filter(&rec.filter).map_err(|e| {
+            tracing::warn!(client = %self.client_id, filter = %rec.filter, "MQTT subscription refused: {e}");
+            0x8F
+        })?;
+        let replaced = self.subs.remove(&rec.filter).is_some();
+        let share = f.share.as_ref().map(|g| {
+            (
+                crate::share::prefix(g, f.filter.as_str()),
+                self.client_id.clone(),
+            )
+        });
+        if let Some((prefix, me)) = &share
+            && let Err(e) = write_member(self.mqtt.pubsub.consensus(), prefix, me, true).await
+        {
+            tracing::warn!(client = %self.client_id, filter = %rec.filter, error = %e, "MQTT shared subscription refused: membership not stored");
+            return Err(0x80);
+        }
+        // A shared subscription is read from now on by whichever members are connected; it
+        // keeps no cursor of its own.
+        let durable = match &self.session {
+            Some(s) if rec.qos == 1 && share.is_none() => Some(records::durable_name(
+                &self.client_id,
+                &s.epoch,
+                &rec.filter,
+            )),
+            _ => None,
+        };
+        let info = Arc::new(SubInfo {
+            rec: rec.clone(),
+            filter: f.filter.clone(),
+            durable: durable.clone(),
+            share: share.clone(),
+        });
+        let now = rfc3339_ms(now_ms());
+        let hub = SubscribeRequest {
+            filter: Some(f.filter.to_string()),
+            qos: Some("0".into()),
+            ..SubscribeRequest::default()
+        };
+        let log = SubscribeRequest {
+            filter: Some(f.filter.to_string()),
+            qos: Some("1".into()),
+            // From now, not `latest`: a publish right after SUBACK must not be missed while
+            // the subscription's first read is still to come.
+            from: Some(now),
+            ack_timeout: durable.as_ref().map(|_| "1h".to_string()),
+            durable,
+            ..SubscribeRequest::default()
+        };
+        let hub_rx = self.mqtt.pubsub.subscribe(&hub).await.map_err(|e| {
+            tracing::warn!(client = %self.client_id, filter = %rec.filter, "MQTT subscription refused: {e}");
+            suback_reason(&e)
+        })?;
+        let log_rx = self.mqtt.pubsub.subscribe(&log).await.map_err(|e| {
+            tracing::warn!(client = %self.client_id, filter = %rec.filter, "MQTT subscription refused: {e}");
+            suback_reason(&e)
+        })?;
+        let consensus = self.mqtt.pubsub.consensus().clone();
+        let mut tasks = vec![
+            tokio::spawn(forward(
+                hub_rx,
+                info.clone(),
+                self.tx.clone(),
+                consensus.clone(),
+                self.mqtt.metrics.missed.clone(),
+            )),
+            tokio::spawn(forward(
+                log_rx,
+                info.clone(),
+                self.tx.clone(),
+                consensus.clone(),
+                self.mqtt.metrics.missed.clone(),
+            )),
+        ];
+        let mut on_drop: Option<Box<dyn FnOnce() + Send>> = None;
+        if let Some((prefix, me)) = share.clone() {
+            let (c, p, m) = (consensus.clone(), prefix.clone(), me.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(crate::share::RENEW_MS)).await;
+                    if let Err(e) = write_member(&c, &p, &m, true).await {
+                        tracing::debug!(error = %e, "shared subscription lease not renewed");
+                    }
+                }
+            }));
+            on_drop = Some(Box::new(move || {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let _ = write_member(&consensus, &prefix, &me, false).await;
+                    });
+                }
+            }));
+        }
+        let send_retained =
+            retained && (rec.retain_handling == 0 || (rec.retain_handling == 1 && !replaced));
+        if send_retained {
+            tasks.push(tokio::spawn(send_retained_msgs(
+                self.mqtt.pubsub.consensus().clone(),
+                info.clone(),
+                self.tx.clone(),
+            )));
+        }
+        self.subs.insert(
+            rec.filter.clone(),
+            Sub {
+                rec,
+                tasks,
+                on_drop,
+            },
+        );
+        Ok(info.rec.qos)
+    }
+
+    async fn save_session(&mut self) {
+        let Some(s) = &mut self.session else { return };
+        s.subs = self.subs.values().map(|s| s.rec.clone()).collect();
+        let s = s.clone();
+        if let Err(e) = write_session(&self.mqtt, &self.client_id, Some(&s)).await {
+            tracing::warn!(client = %self.client_id, error = %e, "MQTT session not stored");
+        }
+    }
+
+    /// The main loop; returns how the connection ended.
+    async fn serve<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        &mut self,
+        rd: &mut R,
+        wr: &mut W,
+        mut buf: BytesMut,
+        taken_over: &mut watch::Receiver<bool>,
+    ) -> End {
+        let mut rx = match self.rx.take() {
+            Some(rx) => rx,
+            None => return End::Abnormal,
+        };
+        let mut closing = self.mqtt.closing.clone();
+        let mut last_in = Instant::now();
+        // Whatever came after CONNECT in the same read.
+        let first = self.handle_buffer(&mut buf).await;
+        if let Next::Close(reason, end) = first {
+            self.close(wr, reason).await;
+            return end;
+        }
+        loop {
+            if !self.out.is_empty() {
+                if wr.write_all(&self.out).await.is_err() {
+                    return End::Abnormal;
+                }
+                self.out.clear();
+            }
+            let can_send = self.inflight_out.len() < self.window;
+            let can_read = self.publishes.len() < usize::from(self.mqtt.config.max_inflight_in);
+            let deadline = self.keep_alive.map(|k| last_in + k);
+            tokio::select! {
+                r = rd.read_buf(&mut buf), if can_read => {
+                    match r {
+                        Ok(0) | Err(_) => return End::Abnormal,
+                        Ok(_) => {}
+                    }
+                    last_in = Instant::now();
+                    if let Next::Close(reason, end) = self.handle_buffer(&mut buf).await {
+                        self.close(wr, reason).await;
+                        return end;
+                    }
+                }
+                m = rx.recv_many(64), if can_send => {
+                    let Some(ms) = m else { return End::Abnormal };
+                    for m in ms {
+                        self.deliver(m);
+                    }
+                }
+                Some((pkid, reason)) = self.publishes.next(), if !self.publishes.is_empty() => {
+                    self.push(Outbound::PubAck { pkid, reason });
+                    if self.version == Version::V311 && reason != 0 {
+                        // 3.1.1 has no way to say a publish failed but to close.
+                        self.mqtt.metrics.refuse("publish_failed");
+                        self.close(wr, None).await;
+                        return End::Abnormal;
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    self.mqtt.metrics.refuse("keep_alive");
+                    tracing::info!(client = %self.client_id, "MQTT keep-alive passed without a packet; closing");
+                    self.close(wr, Some(0x8D)).await;
+                    return End::Abnormal;
+                }
+                _ = crate::until_true(taken_over) => {
+                    self.close(wr, Some(0x8E)).await;
+                    return End::TakenOver;
+                }
+                _ = crate::until_true(&mut closing) => {
+                    self.close(wr, Some(0x8B)).await;
+                    return End::Abnormal;
+                }
+            }
+        }
+    }
+
+    async fn close<W: AsyncWrite + Unpin>(&mut self, wr: &mut W, reason: Option<u8>) {
+        if let Some(reason) = reason {
+            self.push(Outbound::Disconnect { reason });
+        }
+        let _ = wr.write_all(&self.out).await;
+        self.out.clear();
+        let _ = wr.shutdown().await;
+    }
+
+    /// Handles every whole packet in `buf`.
+    async fn handle_buffer(&mut self, buf: &mut BytesMut) -> Next {
+        loop {
+            let f = match codec::frame(buf, self.mqtt.config.max_packet_bytes) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Next::Go,
+                Err(e) => {
+                    let (reason, code) = match e {
+                        codec::DecodeError::TooLarge { .. } => ("too_large", 0x95),
+                        _ => ("malformed", 0x81),
+                    };
+                    self.mqtt.metrics.refuse(reason);
+                    tracing::info!(client = %self.client_id, "MQTT packet refused: {e}");
+                    return Next::Close(Some(code), End::Abnormal);
+                }
+            };
+            let p = match codec::decode(self.version, &f, buf) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.mqtt.metrics.refuse("malformed");
+                    tracing::info!(client = %self.client_id, "MQTT packet refused: {e}");
+                    return Next::Close(Some(0x81), End::Abnormal);
+                }
+            };
+            self.mqtt.metrics.packet(p.kind(), true);
+            if let Next::Close(r, e) = self.handle(p).await {
+                return Next::Close(r, e);
+            }
+        }
+    }
+
+    async fn handle(&mut self, p: Inbound) -> Next {
+        match p {
+            Inbound::Connect(_) => {
+                self.mqtt.metrics.refuse("connect_twice");
+                tracing::info!(client = %self.client_id, "MQTT CONNECT sent twice; closing");
+                Next::Close(Some(0x82), End::Abnormal)
+            }
+            Inbound::Publish(p) => self.publish(p).await,
+            Inbound::PubAck(pkid) => {
+                if let Some(Some((name, topic, offset))) = self.inflight_out.remove(&pkid) {
+                    let pubsub = self.mqtt.pubsub.clone();
+                    let acks = self.mqtt.metrics.acks.clone();
+                    tokio::spawn(async move {
+                        let off = offset.to_string();
+                        match pubsub.ack(&name, Some(&topic), Some(&off)).await {
+                            Ok(_) => {
+                                acks.inc();
+                            }
+                            Err(e) => tracing::debug!(error = %e, "MQTT PUBACK not recorded"),
+                        }
+                    });
+                }
+                Next::Go
+            }
+            Inbound::Qos2(kind) => {
+                self.mqtt.metrics.refuse("qos2");
+                tracing::info!(client = %self.client_id, kind, "MQTT QoS 2 is not offered; closing");
+                Next::Close(Some(0x9B), End::Abnormal)
+            }
+            Inbound::Subscribe { pkid, filters, id } => {
+                catch_up(
+                    self.mqtt.pubsub.consensus(),
+                    &self.client_id,
+                    filters.iter().filter_map(|s| {
+                        topics::filter(&s.filter).ok().map(|f| f.filter.to_string())
+                    }),
+                )
+                .await;
+                let mut codes = Vec::with_capacity(filters.len());
+                for s in filters {
+                    if self.subs.len() >= self.mqtt.config.max_subscriptions
+                        && !self.subs.contains_key(&s.filter)
+                    {
+                        self.mqtt.metrics.refuse("subscriptions_limit");
+                        codes.push(0x97);
+                        continue;
+                    }
+                    if let Ok(f) = topics::filter(&s.filter)
+                        && let Err(why) = self.rights.may_subscribe(&f.filter)
+                    {
+                        self.mqtt.metrics.refuse("not_authorized");
+                        tracing::info!(client = %self.client_id, filter = %s.filter, "MQTT subscription refused: {why}");
+                        // 3.1.1's SUBACK can only say 0x80 (failure).
+                        codes.push(if self.version == Version::V5 {
+                            0x87
+                        } else {
+                            0x80
+                        });
+                        continue;
+                    }
+                    let rec = SessionSub {
+                        filter: s.filter,
+                        qos: s.qos.min(1),
+                        no_local: s.no_local,
+                        retain_as_published: s.retain_as_published,
+                        id,
+                        retain_handling: s.retain_handling,
+                    };
+                    match self.start_sub(rec, true).await {
+                        Ok(q) => codes.push(q),
+                        Err(code) => {
+                            self.mqtt.metrics.refuse("filter_invalid");
+                            codes.push(code)
+                        }
+                    }
+                }
+                if self.persistent() {
+                    self.save_session().await;
+                }
+                // 3.1.1 cannot say why a filter was refused; its SUBACK says 0x80.
+                self.push(Outbound::SubAck { pkid, codes });
+                Next::Go
+            }
+            Inbound::Unsubscribe { pkid, filters } => {
+                let codes = filters
+                    .iter()
+                    .map(|f| {
+                        if self.subs.remove(f).is_some() {
+                            0
+                        } else {
+                            0x11
+                        }
+                    })
+                    .collect();
+                if self.persistent() {
+                    self.save_session().await;
+                }
+                self.push(Outbound::UnsubAck { pkid, codes });
+                Next::Go
+            }
+            Inbound::PingReq => {
+                self.push(Outbound::PingResp);
+                Next::Go
+            }
+            Inbound::Disconnect {
+                reason,
+                session_expiry_s,
+            } => {
+                if let (Some(e), Some(s)) = (session_expiry_s, &mut self.session) {
+                    s.expiry_s = e;
+                }
+                let end = if reason == 0x04 {
+                    End::WithWill
+                } else {
+                    End::Normal
+                };
+                Next::Close(None, end)
+            }
+            Inbound::Unexpected(kind) => {
+                self.mqtt.metrics.refuse("protocol");
+                tracing::info!(client = %self.client_id, kind, "MQTT packet a client may not send; closing");
+                Next::Close(Some(0x82), End::Abnormal)
+            }
+        }
+    }
+
+    async fn publish(&mut self, mut p: Publish) -> Next {
+        p.topic = match self
+            .aliases
+            .resolve(std::mem::take(&mut p.topic), p.topic_alias)
+        {
+            Ok(t) => t,
+            Err(e) => {
+                self.mqtt.metrics.refuse("topic_alias");
+                tracing::info!(client = %self.client_id, "MQTT topic alias refused: {e}; closing");
+                return Next::Close(Some(e.code()), End::Abnormal);
+            }
+        };
+        if p.qos > 1 {
+            self.mqtt.metrics.refuse("qos2");
+            tracing::info!(client = %self.client_id, topic = %p.topic, "MQTT QoS 2 publish refused: the most is QoS 1; closing");
+            return Next::Close(Some(0x9B), End::Abnormal);
+        }
+        let topic = topics::topic(&p.topic).ok();
+        if let Some(t) = &topic
+            && let Err(why) = self.rights.may_publish(t)
+        {
+            self.mqtt.metrics.refuse("not_authorized");
+            tracing::info!(client = %self.client_id, topic = %p.topic, "MQTT publish refused: {why}");
+            if p.qos == 1 {
+                // 3.1.1 cannot say why: its PUBACK only ends the exchange; nothing is stored.
+                let reason = if self.version == Version::V5 { 0x87 } else { 0 };
+                self.push(Outbound::PubAck {
+                    pkid: p.pkid,
+                    reason,
+                });
+            }
+            return Next::Go;
+        }
+        if let Err(e) = topics::topic(&p.topic) {
+            self.mqtt.metrics.refuse("topic_invalid");
+            tracing::warn!(client = %self.client_id, topic = %p.topic, "MQTT publish refused: canal cannot store this topic: {e}");
+            if self.version == Version::V5 && p.qos == 1 {
+                self.push(Outbound::PubAck {
+                    pkid: p.pkid,
+                    reason: 0x90,
+                });
+                return Next::Go;
+            }
+            return Next::Close(Some(0x90), End::Abnormal);
+        }
+        if self.version == Version::V5
+            && p.qos == 1
+            && self.publishes.len() >= usize::from(self.mqtt.config.max_inflight_in)
+        {
+            self.mqtt.metrics.refuse("inflight_limit");
+            tracing::info!(client = %self.client_id, limit = self.mqtt.config.max_inflight_in, "MQTT client passed Receive Maximum (max_inflight_in); closing");
+            return Next::Close(Some(0x93), End::Abnormal);
+        }
+        let headers = crate::session::publish_headers(&p, &self.client_id);
+        let req = PublishRequest {
+            topic: p.topic.clone(),
+            qos: if p.qos == 1 {
+                Qos::Committed
+            } else {
+                Qos::AtMostOnce
+            },
+            id: None,
+            headers,
+            payload: p.payload.to_vec(),
+        };
+        let retained = p.retain.then(|| Retained {
+            qos: p.qos,
+            payload: p.payload.to_vec(),
+            user_properties: p.user_properties.clone(),
+            time_ms: now_ms(),
+            expiry_s: p.expiry_s,
+        });
+        let pubsub = self.mqtt.pubsub.clone();
+        let client = self.client_id.clone();
+        let topic = p.topic.clone();
+        let work = async move {
+            if let Some(r) = retained
+                && let Err(e) = write_retained(&pubsub, &topic, r).await
+            {
+                tracing::warn!(%client, %topic, error = %e, "MQTT retained message not stored");
+                return 0x80;
+            }
+            match pubsub.publish(req).await {
+                Ok(_) => 0,
+                Err(e) => {
+                    tracing::warn!(%client, %topic, error = %e, "MQTT publish refused");
+                    puback_reason(&e)
+                }
+            }
+        };
+        if p.qos == 1 {
+            let pkid = p.pkid;
+            self.publishes
+                .push_back(Box::pin(async move { (pkid, work.await) }));
+        } else {
+            tokio::spawn(work);
+        }
+        Next::Go
+    }
+
+    /// Sends `m` to the client, if it is still to be sent.
+    fn deliver(&mut self, m: Msg) {
+        let d = crate::session::Delivery {
+            topic: &m.topic,
+            payload: &m.payload,
+            qos: m.qos,
+            retained: m.retain,
+            headers: &m.headers,
+            time_ms: m.time_ms,
+            sub: &m.sub.rec,
+        };
+        let mut p = match crate::session::outgoing(&d, &self.client_id, now_ms()) {
+            crate::session::Verdict::Send(p) => p,
+            crate::session::Verdict::Skip(_) => {
+                self.ack_unsent(&m);
+                return;
+            }
+        };
+        if let Some(max) = self.client_max_packet {
+            let mut probe = BytesMut::new();
+            if codec::encode(self.version, &Outbound::Publish(p.clone()), &mut probe).is_ok()
+                && probe.len() > max as usize
+            {
+                // The client cannot take it (Maximum Packet Size): it is dropped, as 5.0 says.
+                self.mqtt.metrics.refuse("client_max_packet");
+                self.ack_unsent(&m);
+                return;
+            }
+        }
+        if m.qos == 1 {
+            p.pkid = self.next_pkid();
+            let target = match (&m.sub.durable, m.offset) {
+                (Some(name), Some(off)) => Some((name.clone(), m.topic.clone(), off)),
+                _ => None,
+            };
+            self.inflight_out.insert(p.pkid, target);
+        }
+        self.push(Outbound::Publish(p));
+    }
+
+    /// Acknowledges for the client a message of a persistent session that is not sent to
+    /// it (expired, its own under No Local, too large for it), so it does not hold the
+    /// cursor back.
+    fn ack_unsent(&self, m: &Msg) {
+        if let (Some(name), Some(offset)) = (&m.sub.durable, m.offset) {
+            let pubsub = self.mqtt.pubsub.clone();
+            let (name, topic) = (name.clone(), m.topic.clone());
+            tokio::spawn(async move {
+                let off = offset.to_string();
+                let _ = pubsub.ack(&name, Some(&topic), Some(&off)).await;
+            });
+        }
+    }
+
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1);
+            if self.next_pkid != 0 && !self.inflight_out.contains_key(&self.next_pkid) {
+                return self.next_pkid;
+            }
+        }
+    }
+
+    /// After the connection: the will, the session record, the subscriptions.
+    async fn finish(mut self, end: End) {
+        self.subs.clear();
+        if end == End::TakenOver {
+            return;
+        }
+        if let Some(s) = &mut self.session {
+            s.disconnected_ms = Some(now_ms());
+            let s = s.clone();
+            if let Err(e) = write_session(&self.mqtt, &self.client_id, Some(&s)).await {
+                tracing::warn!(client = %self.client_id, error = %e, "MQTT session end not stored");
+            }
+            if s.expiry_s != u32::MAX {
+                spawn_expiry(self.mqtt.clone(), self.client_id.clone(), s);
+            }
+        }
+        let will = match end {
+            End::Normal => None,
+            End::WithWill | End::Abnormal => self.will.take(),
+            End::TakenOver => None,
+        };
+        if let Some(w) = will {
+            let delay = match &self.session {
+                Some(s) => w.delay_s.min(s.expiry_s),
+                None => 0,
+            };
+            let mqtt = self.mqtt.clone();
+            let client = self.client_id.clone();
+            let task = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+                send_will(&mqtt, &client, w).await;
+            });
+            self.mqtt
+                .lock()
+                .wills
+                .insert(self.client_id.clone(), task.abort_handle());
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => futures::future::pending().await,
+    }
+}
+
+/// Publishes `client`'s will.
+async fn send_will<T: Transport, L: Qos0Link>(mqtt: &Mqtt<T, L>, client: &str, w: Will) {
+    mqtt.lock().wills.remove(client);
+    let mut headers = w.user_properties.clone();
+    headers.push((FROM_HEADER.into(), client.to_string()));
+    if let Some(e) = w.expiry_s {
+        headers.push((EXPIRY_HEADER.into(), e.to_string()));
+    }
+    if w.retain {
+        headers.push((RETAIN_HEADER.into(), "1".into()));
+        let r = Retained {
+            qos: w.qos.min(1),
+            payload: w.payload.to_vec(),
+            user_properties: w.user_properties.clone(),
+            time_ms: now_ms(),
+            expiry_s: w.expiry_s,
+        };
+        if let Err(e) = write_retained(&mqtt.pubsub, &w.topic, r).await {
+            tracing::warn!(%client, error = %e, "MQTT retained will not stored");
+        }
+    }
+    let req = PublishRequest {
+        topic: w.topic.clone(),
+        qos: if w.qos >= 1 {
+            Qos::Committed
+        } else {
+            Qos::AtMostOnce
+        },
+        id: None,
+        headers,
+        payload: w.payload.to_vec(),
+    };
+    match mqtt.pubsub.publish(req).await {
+        Ok(_) => tracing::info!(%client, topic = %w.topic, "MQTT will sent"),
+        Err(e) => tracing::warn!(%client, topic = %w.topic, error = %e, "MQTT will not sent"),
+    }
+}
+
+/// Removes `client`'s session record once it has expired, unless the client came back.
+fn spawn_expiry<T: Transport, L: Qos0Link>(mqtt: Mqtt<T, L>, client: String, s: Session) {
+    tokio::spawn(async move {
+        let mut closing = mqtt.closing.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(u64::from(s.expiry_s))) => {}
+            _ = crate::until_true(&mut closing) => return,
+        }
+        let group = canal_consensus::group_of_subscription(&client);
+        let now: Option<Session> = mqtt
+            .pubsub
+            .consensus()
+            .state_machine(group)
+            .ok()
+            .and_then(|sm| sm.record(&MQTT_SESSIONS, &client).ok().flatten())
+            .and_then(|b| records::decode(&b).ok());
+        if now.as_ref() == Some(&s) {
+            match write_session(&mqtt, &client, None).await {
+                Ok(()) => tracing::info!(%client, "MQTT session expired"),
+                Err(e) => tracing::debug!(%client, error = %e, "MQTT session expiry not stored"),
+            }
+        }
+    });
+}
+
+/// Waits until this node's replica of the groups of `filters` has applied everything
+/// committed before now: a no-op write (removing the record `$barrier/{client}`, which no
+/// client id can name) gives the log index to wait for. A subscription that starts after
+/// it resolves "from now" and reads retained messages against an up-to-date log, so an
+/// event or a retained message committed on another node just before is not taken for a
+/// new one (or missed). Best effort: past 10 s, or without a leader, it goes on.
+async fn catch_up<T: Transport>(
+    consensus: &canal_consensus::Consensus<T>,
+    client: &str,
+    filters: impl Iterator<Item = String>,
+) {
+    let groups: std::collections::BTreeSet<_> =
+        filters.map(|f| canal_consensus::group_of(&f)).collect();
+    for group in groups {
+        let Ok(sm) = consensus.state_machine(group) else {
+            continue;
+        };
+        let noop = Request {
+            id: None,
+            op: Op::Internal {
+                key: InternalKey::MqttSession(format!("$barrier/{client}")),
+                value: None,
+            },
+        };
+        match consensus.write_batched(group, noop).await {
+            Ok(r) => {
+                let mut applied = sm.watch_applied();
+                let caught_up = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    applied.wait_for(|i| *i >= r.index),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok());
+                if !caught_up {
+                    tracing::debug!(index = r.index, "subscribing before this replica caught up");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "subscribing on this replica as it is"),
+        }
+    }
+}
+
+/// Sends the retained messages that `info`'s filter matches.
+///
+/// They are read from this node's replica, which [`catch_up`] brought up to date before the
+/// subscription started.
+async fn send_retained_msgs<T: Transport>(
+    consensus: canal_consensus::Consensus<T>,
+    info: Arc<SubInfo>,
+    tx: Arc<FeedTx<Msg>>,
+) {
+    let group = canal_consensus::group_of(info.filter.as_str());
+    let Ok(sm) = consensus.state_machine(group) else {
+        return;
+    };
+    let Ok(all) = sm.scan_table(&RETAINED) else {
+        return;
+    };
+    let now = now_ms();
+    for (topic, bytes) in all {
+        let Ok(t) = canal_proto::Topic::new(&topic) else {
+            continue;
+        };
+        if !topics::matches(&info.filter, &t) {
+            continue;
+        }
+        let Ok(r) = records::decode::<Retained>(&bytes) else {
+            continue;
+        };
+        if let Some(e) = r.expiry_s
+            && now.saturating_sub(r.time_ms) / 1000 >= u64::from(e)
+        {
+            continue;
+        }
+        let mut headers = r.user_properties;
+        if let Some(e) = r.expiry_s {
+            headers.push((EXPIRY_HEADER.into(), e.to_string()));
+        }
+        let m = Msg {
+            topic,
+            payload: Bytes::from(r.payload),
+            qos: r.qos.min(info.rec.qos),
+            retain: true,
+            headers,
+            time_ms: r.time_ms,
+            offset: None,
+            sub: info.clone(),
+        };
+        if tx.send(m).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missed_notices_are_counted() {
+        assert_eq!(missed_count(r#"{"dropped":7}"#), 7);
+        assert_eq!(missed_count(r#"{"topic":"a","from":3,"to":10}"#), 7);
+        assert_eq!(missed_count("not json"), 1);
+    }
+}
