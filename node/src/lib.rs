@@ -109,6 +109,16 @@ pub enum NodeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The MQTT-over-TLS address cannot be bound.
+    #[error(
+        "cannot listen for MQTT over TLS on {addr}: {source} (set --mqtts-listen to another address, or none)"
+    )]
+    MqttsListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The API address cannot be bound.
     #[error("cannot listen for the API on {addr}: {source}")]
     ApiListen {
@@ -217,6 +227,19 @@ impl Node {
             None => None,
         };
         let mqtt_addr = mqtt_listener.as_ref().and_then(|l| l.local_addr().ok());
+        // TLS configured is checked by validate(): mqtts_listen is None without it.
+        let mqtts_listener = match (config.mqtts_listen, &tls) {
+            (Some(addr), Some(api_tls)) => Some((
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| NodeError::MqttsListen { addr, source })?,
+                http::tls::mqtt_config(api_tls),
+            )),
+            _ => None,
+        };
+        let mqtts_addr = mqtts_listener
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok());
 
         let raft_db = RaftDb::open(&data_dir.path().join("raft"))?;
 
@@ -385,12 +408,21 @@ impl Node {
         if let Some(l) = mqtt_listener {
             tokio::spawn(mqtt.clone().serve(l));
         }
+        if let Some((l, tls_config)) = mqtts_listener {
+            tokio::spawn(http::tls::serve_mqtts(
+                l,
+                tls_config,
+                mqtt.clone(),
+                closing.clone(),
+            ));
+        }
         let state = ApiState {
             dht: handle.clone(),
             consensus: consensus.clone(),
             pubsub,
             mqtt,
             mqtt_addr,
+            mqtts_addr,
             functions,
             registry: Arc::new(registry),
             started: Instant::now(),
@@ -409,12 +441,16 @@ impl Node {
         if let Some(a) = mqtt_addr {
             info!(mqtt = %a, "MQTT listening");
         }
+        if let Some(a) = mqtts_addr {
+            info!(mqtts = %a, "MQTT over TLS listening");
+        }
 
         let info = RuntimeInfo {
             pid: std::process::id(),
             peer_id: handle.local_peer_id().to_base58(),
             api: format!("{scheme}://{api_addr}"),
             mqtt: mqtt_addr.map(|a| a.to_string()),
+            mqtts: mqtts_addr.map(|a| a.to_string()),
             listen_addrs: listen_addrs.iter().map(|a| a.to_string()).collect(),
         };
         write_runtime(data_dir.path(), &info)?;

@@ -61,6 +61,8 @@ pub struct ApiState {
     pub mqtt: crate::pubsub::Mqtt,
     /// The MQTT listener's address, if MQTT over TCP is on.
     pub mqtt_addr: Option<std::net::SocketAddr>,
+    /// The MQTT-over-TLS listener's address, if it is on.
+    pub mqtts_addr: Option<std::net::SocketAddr>,
     /// Functions and triggers.
     pub functions: Arc<crate::functions::Functions<NodeTransport>>,
     /// Prometheus metrics of every part of the node.

@@ -1,9 +1,10 @@
-//! HTTPS for the client API (`--tls-cert`, `--tls-key`, `--tls-client-ca`), with rustls
-//! (the version and aws-lc-rs provider libp2p already brings in).
+//! HTTPS for the client API (`--tls-cert`, `--tls-key`, `--tls-client-ca`), and MQTT over
+//! TLS with the same settings (`--mqtts-listen`), with rustls (the version and aws-lc-rs
+//! provider libp2p already brings in).
 //!
 //! Handshakes run in tasks of their own, each bounded by [`HANDSHAKE_TIMEOUT`], and only
-//! finished connections reach the server ([`TlsListener`]), so a client that stalls its
-//! handshake holds up no one else.
+//! finished connections reach the server ([`TlsListener`], [`serve_mqtts`]), so a client
+//! that stalls its handshake holds up no one else.
 
 use crate::config::TlsFiles;
 use rustls::pki_types::pem::PemObject;
@@ -161,5 +162,49 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         Ok(self.local)
+    }
+}
+
+/// The settings of MQTT over TLS: the API's certificate, key and client CAs, offering the
+/// `mqtt` ALPN protocol (IANA's name) in place of HTTP's, so that a client naming `mqtt`
+/// is not refused and one naming `http/1.1` does not take the MQTT port for the API.
+pub fn mqtt_config(api: &rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
+    let mut config = api.clone();
+    config.alpn_protocols = vec![b"mqtt".to_vec()];
+    Arc::new(config)
+}
+
+/// Serves MQTT over TLS on `tcp` until `closing` turns true: each connection's handshake
+/// in a task of its own, bounded by [`HANDSHAKE_TIMEOUT`], then its MQTT session there.
+pub async fn serve_mqtts(
+    tcp: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    mqtt: crate::pubsub::Mqtt,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = tcp.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %e, "MQTT over TLS accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = async { let _ = closing.wait_for(|c| *c).await; } => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let mqtt = mqtt.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => mqtt.connection(tls, peer.to_string()).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "MQTT TLS handshake refused"),
+                Err(_) => tracing::debug!(%peer, "MQTT TLS handshake timed out"),
+            }
+        });
     }
 }
