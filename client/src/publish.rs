@@ -97,7 +97,7 @@ impl PublishStream {
                 }
                 other => ClientError::Unreachable {
                     base: base.to_string(),
-                    cause: other.to_string(),
+                    cause: crate::tls_hint(other.to_string()),
                 },
             })?;
         let (sink, stream) = ws.split();
