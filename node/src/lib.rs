@@ -348,6 +348,7 @@ impl Node {
         let exec_metrics = executor::ExecMetrics::register(&mut registry);
         let pubsub_metrics = canal_pubsub::PubSubMetrics::register(&mut registry);
         let mqtt_metrics = canal_mqtt::MqttMetrics::register(&mut registry);
+        let tls_metrics = http::tls::TlsMetrics::register(&mut registry);
         let membership = Membership {
             consensus: consensus.clone(),
             dht: handle.clone(),
@@ -413,6 +414,7 @@ impl Node {
                 l,
                 tls_config,
                 mqtt.clone(),
+                tls_metrics.clone(),
                 closing.clone(),
             ));
         }
@@ -432,11 +434,12 @@ impl Node {
             tokens,
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let server =
-            http::serve(listener, tls, state, closing).map_err(|source| NodeError::ApiListen {
+        let server = http::serve(listener, tls.map(|t| (t, tls_metrics)), state, closing).map_err(
+            |source| NodeError::ApiListen {
                 addr: api_addr,
                 source,
-            })?;
+            },
+        )?;
         info!(api = %api_addr, %scheme, peer_id = %handle.local_peer_id(), "client API listening");
         if let Some(a) = mqtt_addr {
             info!(mqtt = %a, "MQTT listening");

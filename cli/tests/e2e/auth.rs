@@ -807,22 +807,27 @@ async fn pub_stdin_streams_over_wss_to_a_tls_node_and_refuses_an_unknown_certifi
     assert_eq!(log.next, 3, "{log:?}");
 }
 
-/// A TLS connection to `addr` (`127.0.0.1`) trusting only the CA certificate in `ca`.
-async fn tls_connect(
-    addr: std::net::SocketAddr,
-    ca: &std::path::Path,
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+/// rustls client settings trusting only the CA certificate in `ca`.
+fn trusting(ca: &std::path::Path) -> rustls::ClientConfig {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_no_client_auth()
+}
+
+/// A TLS connection to `addr` (`127.0.0.1`) trusting only the CA certificate in `ca`.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let config = trusting(ca);
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
     tokio::time::timeout(
@@ -982,6 +987,30 @@ async fn mqtt_over_tls_takes_the_token_and_refuses_a_client_that_does_not_trust_
         !answer.starts_with(&[0x20]),
         "a CONNACK over plain TCP: {answer:?} ({read:?})"
     );
+    // Both refused handshakes are counted (another CA's client, plain TCP).
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(trusting(&files.ca))
+        .build()
+        .unwrap();
+    let metrics = http
+        .get(format!("{api}/metrics"))
+        .bearer_auth(canal_testnet::admin_token())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("canal_tls_handshake_failures_total")
+                && l.contains("listener=\"mqtt\"")
+                && l.contains("reason=\"refused\"")
+        })
+        .unwrap_or_else(|| panic!("no refused MQTT handshakes counted:\n{metrics}"));
+    let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 2.0, "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

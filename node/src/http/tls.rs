@@ -7,6 +7,8 @@
 //! that stalls its handshake holds up no one else.
 
 use crate::config::TlsFiles;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
@@ -19,6 +21,63 @@ use tokio_rustls::server::TlsStream;
 
 /// How long a client may take over its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Failed TLS handshakes, counted in `canal_tls_handshake_failures_total{listener,reason}`:
+/// `listener` is `api` or `mqtt`, `reason` is `refused` (no shared version or cipher, an
+/// unverifiable or missing client certificate, not TLS at all) or `timeout` (past
+/// [`HANDSHAKE_TIMEOUT`]).
+#[derive(Clone)]
+pub struct TlsMetrics {
+    failures: Family<Vec<(String, String)>, Counter>,
+}
+
+impl TlsMetrics {
+    /// Registers `canal_tls_handshake_failures` in `registry`.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> TlsMetrics {
+        let m = TlsMetrics {
+            failures: Family::default(),
+        };
+        registry.register(
+            "canal_tls_handshake_failures",
+            "TLS handshakes that failed, by listener (api, mqtt) and reason (refused, timeout)",
+            m.failures.clone(),
+        );
+        m
+    }
+
+    fn failed(&self, listener: &str, reason: &str) {
+        self.failures
+            .get_or_create(&vec![
+                ("listener".into(), listener.into()),
+                ("reason".into(), reason.into()),
+            ])
+            .inc();
+    }
+}
+
+/// Runs the handshake of `stream` within [`HANDSHAKE_TIMEOUT`]; a failure is logged and
+/// counted under `listener`.
+async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: &'static str,
+    metrics: &TlsMetrics,
+) -> Option<TlsStream<TcpStream>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, listener, error = %e, "TLS handshake refused");
+            metrics.failed(listener, "refused");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, listener, "TLS handshake timed out");
+            metrics.failed(listener, "timeout");
+            None
+        }
+    }
+}
 /// How many finished handshakes may wait for the server to take them.
 const BACKLOG: usize = 256;
 
@@ -111,6 +170,7 @@ impl TlsListener {
     pub fn new(
         tcp: TcpListener,
         config: Arc<rustls::ServerConfig>,
+        metrics: TlsMetrics,
         mut closing: tokio::sync::watch::Receiver<bool>,
     ) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
@@ -133,13 +193,10 @@ impl TlsListener {
                 };
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
+                let metrics = metrics.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake refused"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    if let Some(tls) = handshake(&acceptor, stream, peer, "api", &metrics).await {
+                        let _ = tx.send((tls, peer)).await;
                     }
                 });
             }
@@ -180,6 +237,7 @@ pub async fn serve_mqtts(
     tcp: TcpListener,
     config: Arc<rustls::ServerConfig>,
     mqtt: crate::pubsub::Mqtt,
+    metrics: TlsMetrics,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -199,11 +257,10 @@ pub async fn serve_mqtts(
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let mqtt = mqtt.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => mqtt.connection(tls, peer.to_string()).await,
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "MQTT TLS handshake refused"),
-                Err(_) => tracing::debug!(%peer, "MQTT TLS handshake timed out"),
+            if let Some(tls) = handshake(&acceptor, stream, peer, "mqtt", &metrics).await {
+                mqtt.connection(tls, peer.to_string()).await;
             }
         });
     }
