@@ -54,6 +54,23 @@ struct Cli {
     /// system's roots); a certificate that does not chain to them is refused.
     #[arg(long, global = true, env = "CANAL_CA")]
     ca: Option<std::path::PathBuf>,
+    /// PEM certificate chain to show a node that asks for one (mutual TLS, a node with
+    /// --tls-client-ca), with --key. Before the command: `token mint --key` is another key.
+    #[arg(
+        long = "cert",
+        id = "client_cert",
+        env = "CANAL_CERT",
+        requires = "client_key"
+    )]
+    cert: Option<std::path::PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(
+        long = "key",
+        id = "client_key",
+        env = "CANAL_KEY",
+        requires = "client_cert"
+    )]
+    key: Option<std::path::PathBuf>,
     /// Print JSON for scripts instead of tables for people.
     #[arg(long, global = true)]
     json: bool,
@@ -238,6 +255,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(ca) = &cli.ca {
         canal_client::tls::set_ca_file(ca).map_err(client::UsageError)?;
     }
+    if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
+        canal_client::tls::set_client_identity(cert, key).map_err(client::UsageError)?;
+    }
     match cli.command {
         Command::Node(args) => node_cmd::run(*args).await,
         Command::Bench(args) => bench::run(args, cli.json).await,
@@ -382,14 +402,18 @@ async fn health(api: &str, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&h)?);
     } else {
         println!(
-            "{} {} (canal {}, up {} s, {} peers, {} connections, mqtt {})",
+            "{} {} (canal {}, up {} s, {} peers, {} connections, mqtt {}{})",
             h.peer_id,
             if h.ready { "ready" } else { "not ready" },
             h.version,
             h.uptime_s,
             h.peers,
             h.connections,
-            h.mqtt_addr.as_deref().unwrap_or("off")
+            h.mqtt_addr.as_deref().unwrap_or("off"),
+            h.mqtts_addr
+                .as_deref()
+                .map(|a| format!(", mqtts {a}"))
+                .unwrap_or_default()
         );
     }
     if !h.ready {

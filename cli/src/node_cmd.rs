@@ -26,6 +26,10 @@ pub(crate) struct NodeArgs {
     /// Address of the MQTT listener (TCP), or `none` [default: 127.0.0.1:1883].
     #[arg(long, env = "CANAL_MQTT_LISTEN")]
     mqtt_listen: Option<String>,
+    /// Address of MQTT over TLS (the API's --tls-cert, --tls-key and --tls-client-ca), or
+    /// `none` [default with TLS: 127.0.0.1:8883]. The plain --mqtt-listen stays on as set.
+    #[arg(long, env = "CANAL_MQTTS_LISTEN")]
+    mqtts_listen: Option<String>,
     /// Multiaddr of a peer to join through; repeatable.
     #[arg(long, env = "CANAL_BOOTSTRAP", value_delimiter = ',')]
     bootstrap: Vec<String>,
@@ -135,6 +139,9 @@ impl NodeArgs {
         }
         if let Some(v) = &self.mqtt_listen {
             c.mqtt_listen = v.clone();
+        }
+        if self.mqtts_listen.is_some() {
+            c.mqtts_listen = self.mqtts_listen.clone();
         }
         if !self.bootstrap.is_empty() {
             c.bootstrap = self.bootstrap.clone();

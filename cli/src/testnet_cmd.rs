@@ -84,9 +84,10 @@ enum TestnetCommand {
     },
     /// End the partition: every node can reach every other again.
     Heal,
-    /// Make a local CA and a node certificate (localhost, 127.0.0.1) in DIR/tls/ (ca.pem,
-    /// node.pem, node-key.pem), kept if they are there: what `up --tls` and the compose
-    /// files serve the APIs with.
+    /// Make a local CA, a node certificate (localhost, 127.0.0.1) and a client certificate
+    /// in DIR/tls/ (ca.pem, node.pem, node-key.pem, client.pem, client-key.pem), kept if they
+    /// are there: what `up --tls` and the compose files serve the APIs with, and what
+    /// `canal --cert --key` shows a node with `--tls-client-ca`.
     Certs,
     /// Run the testnet's delay relays until SIGTERM (started by `up`).
     #[command(hide = true)]
@@ -238,10 +239,12 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
         TestnetCommand::Certs => {
             let files = canal_testnet::tls::ensure_local_ca(&dir.join("tls"))?;
             eprintln!(
-                "local CA {}, node certificate {} and key {}",
+                "local CA {}, node certificate {} and key {}, client certificate {} and key {}",
                 files.ca.display(),
                 files.cert.display(),
-                files.key.display()
+                files.key.display(),
+                files.client_cert.display(),
+                files.client_key.display()
             );
             Ok(())
         }

@@ -438,12 +438,33 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     while let Some(next) = cur.source() {
         cur = next;
     }
-    cur.to_string()
+    tls_hint(cur.to_string())
+}
+
+/// `cause`, with the flag that fixes it when it is a TLS refusal the user can act on
+/// (rustls names them in its messages).
+pub(crate) fn tls_hint(cause: String) -> String {
+    if cause.contains("CertificateRequired") {
+        format!("{cause} (the node asks for a client certificate: give --cert and --key)")
+    } else if cause.contains("UnknownIssuer") {
+        format!("{cause} (give --ca with the CA that signed the node's certificate)")
+    } else {
+        cause
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_refusals_name_the_flag_that_fixes_them() {
+        let hint = tls_hint("received fatal alert: CertificateRequired".into());
+        assert!(hint.contains("--cert and --key"), "{hint}");
+        let hint = tls_hint("invalid peer certificate: UnknownIssuer".into());
+        assert!(hint.contains("--ca"), "{hint}");
+        assert_eq!(tls_hint("connection refused".into()), "connection refused");
+    }
 
     #[test]
     fn encodes_topics_for_paths() {

@@ -51,7 +51,8 @@ struct Shared {
 }
 
 impl PublishStream {
-    /// Opens a publish stream to the node at `base` (`http://127.0.0.1:7070`).
+    /// Opens a publish stream to the node at `base` (`http://127.0.0.1:7070`); an
+    /// `https://` base connects to `wss://`, verified as the HTTP client verifies (`--ca`).
     pub async fn connect(base: &str, token: Option<&str>) -> Result<PublishStream, ClientError> {
         let base = base.trim_end_matches('/');
         let ws_base = if let Some(rest) = base.strip_prefix("http://") {
@@ -76,7 +77,17 @@ impl PublishStream {
                 })?;
             req.headers_mut().insert("authorization", v);
         }
-        let (ws, _) = tokio_tungstenite::connect_async(req)
+        // The HTTP client's rustls settings (`--ca`, else the system's roots) for `wss://`;
+        // `ws://` gets a plain connection whatever the connector.
+        let connector = if ws_base.starts_with("wss://") {
+            crate::tls::install_provider();
+            let config =
+                crate::tls::client_config(true).map_err(|cause| ClientError::Build { cause })?;
+            Some(tokio_tungstenite::Connector::Rustls(Arc::new(config)))
+        } else {
+            Some(tokio_tungstenite::Connector::Plain)
+        };
+        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector)
             .await
             .map_err(|e| match e {
                 tokio_tungstenite::tungstenite::Error::Http(r) => {
@@ -86,7 +97,7 @@ impl PublishStream {
                 }
                 other => ClientError::Unreachable {
                     base: base.to_string(),
-                    cause: other.to_string(),
+                    cause: crate::tls_hint(other.to_string()),
                 },
             })?;
         let (sink, stream) = ws.split();

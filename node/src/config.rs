@@ -10,6 +10,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+/// The port of MQTT over TLS when TLS is configured and `mqtts_listen` is not given (IANA's
+/// `secure-mqtt`).
+pub const DEFAULT_MQTTS_PORT: u16 = 8883;
+
 /// Everything `canal node` can be told, as written in its TOML file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -22,6 +26,9 @@ pub struct NodeConfig {
     pub api_listen: String,
     /// Address of the MQTT listener (TCP), or `none` for no MQTT over TCP.
     pub mqtt_listen: String,
+    /// Address of the MQTT-over-TLS listener, with the API's certificate, key and client
+    /// CA; unset: `127.0.0.1:8883` when TLS is configured; `none`: off.
+    pub mqtts_listen: Option<String>,
     /// Multiaddrs of peers to join the mesh through.
     pub bootstrap: Vec<String>,
     /// Multiaddrs other peers should reach this one at, when not the listen addresses (a
@@ -88,6 +95,7 @@ impl Default for NodeConfig {
             listen: vec!["/ip4/127.0.0.1/tcp/7000".into()],
             api_listen: "127.0.0.1:7070".into(),
             mqtt_listen: "127.0.0.1:1883".into(),
+            mqtts_listen: None,
             bootstrap: Vec::new(),
             advertise: Vec::new(),
             bootstrap_expect: None,
@@ -147,6 +155,8 @@ pub struct ValidConfig {
     pub api_listen: SocketAddr,
     /// The MQTT address (`None`: MQTT over TCP is off).
     pub mqtt_listen: Option<SocketAddr>,
+    /// The MQTT-over-TLS address (`None`: off, always so without TLS).
+    pub mqtts_listen: Option<SocketAddr>,
     /// Bootstrap addresses.
     pub bootstrap: Vec<Multiaddr>,
     /// Announced addresses (empty: the listen addresses are announced).
@@ -499,11 +509,33 @@ impl NodeConfig {
                 ));
             }
         };
+        let mqtts_listen = match (self.mqtts_listen.as_deref(), &tls) {
+            (Some("none"), _) => None,
+            (None, Some(_)) => Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_MQTTS_PORT))),
+            (None, None) => None,
+            (Some(s), None) => {
+                return Err(invalid(
+                    "mqtts_listen",
+                    format!(
+                        "{s:?} needs TLS: give tls_cert and tls_key too, or set mqtts_listen to none"
+                    ),
+                ));
+            }
+            (Some(s), Some(_)) => Some(s.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "mqtts_listen",
+                    format!(
+                        "{s:?} is not an IP address and port: write, for example, 127.0.0.1:8883, or none to turn MQTT over TLS off"
+                    ),
+                )
+            })?),
+        };
         Ok(ValidConfig {
             data_dir: self.data_dir.clone(),
             listen,
             api_listen,
             mqtt_listen,
+            mqtts_listen,
             bootstrap,
             advertise,
             bootstrap_expect: self.bootstrap_expect,
@@ -709,6 +741,44 @@ mod tests {
         );
         let ca_alone = tls(None, None, Some("ca.pem")).err().unwrap_or_default();
         assert!(ca_alone.starts_with("tls_client_ca"), "{ca_alone}");
+    }
+
+    #[test]
+    fn mqtts_is_on_by_default_with_tls_only_and_none_turns_it_off() {
+        let mqtts = |tls: bool, listen: Option<&str>| {
+            let files = tls.then(|| PathBuf::from("f.pem"));
+            NodeConfig {
+                tls_cert: files.clone(),
+                tls_key: files,
+                mqtts_listen: listen.map(str::to_string),
+                ..Default::default()
+            }
+            .validate()
+            .map(|v| v.mqtts_listen.map(|a| a.to_string()))
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(mqtts(false, None), Ok(None));
+        assert_eq!(mqtts(true, None), Ok(Some("127.0.0.1:8883".into())));
+        assert_eq!(mqtts(true, Some("none")), Ok(None));
+        assert_eq!(mqtts(false, Some("none")), Ok(None));
+        assert_eq!(
+            mqtts(true, Some("127.0.0.1:0")),
+            Ok(Some("127.0.0.1:0".into()))
+        );
+        let bad = mqtts(true, Some("localhost:8883"))
+            .err()
+            .unwrap_or_default();
+        assert!(
+            bad.starts_with("mqtts_listen") && bad.contains("127.0.0.1:8883"),
+            "{bad}"
+        );
+        let no_tls = mqtts(false, Some("127.0.0.1:8883"))
+            .err()
+            .unwrap_or_default();
+        assert!(
+            no_tls.starts_with("mqtts_listen") && no_tls.contains("tls_cert"),
+            "{no_tls}"
+        );
     }
 
     #[test]

@@ -109,6 +109,16 @@ pub enum NodeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The MQTT-over-TLS address cannot be bound.
+    #[error(
+        "cannot listen for MQTT over TLS on {addr}: {source} (set --mqtts-listen to another address, or none)"
+    )]
+    MqttsListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The API address cannot be bound.
     #[error("cannot listen for the API on {addr}: {source}")]
     ApiListen {
@@ -217,6 +227,19 @@ impl Node {
             None => None,
         };
         let mqtt_addr = mqtt_listener.as_ref().and_then(|l| l.local_addr().ok());
+        // TLS configured is checked by validate(): mqtts_listen is None without it.
+        let mqtts_listener = match (config.mqtts_listen, &tls) {
+            (Some(addr), Some(api_tls)) => Some((
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| NodeError::MqttsListen { addr, source })?,
+                http::tls::mqtt_config(api_tls),
+            )),
+            _ => None,
+        };
+        let mqtts_addr = mqtts_listener
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok());
 
         let raft_db = RaftDb::open(&data_dir.path().join("raft"))?;
 
@@ -325,6 +348,7 @@ impl Node {
         let exec_metrics = executor::ExecMetrics::register(&mut registry);
         let pubsub_metrics = canal_pubsub::PubSubMetrics::register(&mut registry);
         let mqtt_metrics = canal_mqtt::MqttMetrics::register(&mut registry);
+        let tls_metrics = http::tls::TlsMetrics::register(&mut registry);
         let membership = Membership {
             consensus: consensus.clone(),
             dht: handle.clone(),
@@ -385,12 +409,22 @@ impl Node {
         if let Some(l) = mqtt_listener {
             tokio::spawn(mqtt.clone().serve(l));
         }
+        if let Some((l, tls_config)) = mqtts_listener {
+            tokio::spawn(http::tls::serve_mqtts(
+                l,
+                tls_config,
+                mqtt.clone(),
+                tls_metrics.clone(),
+                closing.clone(),
+            ));
+        }
         let state = ApiState {
             dht: handle.clone(),
             consensus: consensus.clone(),
             pubsub,
             mqtt,
             mqtt_addr,
+            mqtts_addr,
             functions,
             registry: Arc::new(registry),
             started: Instant::now(),
@@ -400,14 +434,18 @@ impl Node {
             tokens,
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let server =
-            http::serve(listener, tls, state, closing).map_err(|source| NodeError::ApiListen {
+        let server = http::serve(listener, tls.map(|t| (t, tls_metrics)), state, closing).map_err(
+            |source| NodeError::ApiListen {
                 addr: api_addr,
                 source,
-            })?;
+            },
+        )?;
         info!(api = %api_addr, %scheme, peer_id = %handle.local_peer_id(), "client API listening");
         if let Some(a) = mqtt_addr {
             info!(mqtt = %a, "MQTT listening");
+        }
+        if let Some(a) = mqtts_addr {
+            info!(mqtts = %a, "MQTT over TLS listening");
         }
 
         let info = RuntimeInfo {
@@ -415,6 +453,7 @@ impl Node {
             peer_id: handle.local_peer_id().to_base58(),
             api: format!("{scheme}://{api_addr}"),
             mqtt: mqtt_addr.map(|a| a.to_string()),
+            mqtts: mqtts_addr.map(|a| a.to_string()),
             listen_addrs: listen_addrs.iter().map(|a| a.to_string()).collect(),
         };
         write_runtime(data_dir.path(), &info)?;

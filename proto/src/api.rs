@@ -29,6 +29,9 @@ pub struct Health {
     /// The node's MQTT address (`host:port`), when MQTT over TCP is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt_addr: Option<String>,
+    /// The node's MQTT-over-TLS address (`host:port`), when it is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtts_addr: Option<String>,
 }
 
 /// One row of `GET /v1/peers`.
@@ -127,6 +130,9 @@ pub struct RuntimeInfo {
     /// Its MQTT address (`host:port`), when MQTT over TCP is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt: Option<String>,
+    /// Its MQTT-over-TLS address (`host:port`), when it is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtts: Option<String>,
 }
 
 /// One member's own view of a Raft group (`canal cluster status`).

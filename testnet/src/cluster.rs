@@ -420,6 +420,10 @@ async fn start_all(
                 t.cert.display().to_string(),
                 "--tls-key".into(),
                 t.key.display().to_string(),
+                // A fixed port of its own (not 8883, which every node would want), kept in
+                // args.json so a restarted node is found where it was.
+                "--mqtts-listen".into(),
+                format!("127.0.0.1:{}", free_port()?),
             ]);
         }
         // The first (up to) three form the Raft cluster; later ones join it as learners.

@@ -109,6 +109,16 @@ impl NodeOptions {
             args.extend(["--cluster-key".into(), k.display().to_string()]);
         }
         args.extend(self.extra_args.iter().cloned());
+        // A TLS node would take 8883 for MQTT over TLS: an ephemeral port, like the others.
+        let tls = self.extra_args.iter().any(|a| a == "--tls-cert");
+        if tls
+            && !self
+                .extra_args
+                .iter()
+                .any(|a| a.starts_with("--mqtts-listen"))
+        {
+            args.extend(["--mqtts-listen".into(), "127.0.0.1:0".into()]);
+        }
         args
     }
 }
@@ -172,6 +182,16 @@ impl TestNode {
             .ok_or_else(|| anyhow!("{} reports no MQTT listener", self.name))?
             .parse()
             .with_context(|| format!("{}'s MQTT address {:?}", self.name, info.mqtt))
+    }
+
+    /// Where its MQTT-over-TLS listener is (from `node.json` of its last start).
+    pub fn mqtts_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        let info = self.info()?;
+        info.mqtts
+            .as_deref()
+            .ok_or_else(|| anyhow!("{} reports no MQTT-over-TLS listener", self.name))?
+            .parse()
+            .with_context(|| format!("{}'s MQTT-over-TLS address {:?}", self.name, info.mqtts))
     }
 
     /// Whether its process is running (as far as this harness knows).

@@ -1,5 +1,6 @@
-//! The local CA of `canal testnet up --tls` (and TLS tests): a CA certificate and one
-//! certificate for every node (`localhost`, `127.0.0.1`), made with rcgen, in PEM files.
+//! The local CA of `canal testnet up --tls` (and TLS tests): a CA certificate, one
+//! certificate for every node (`localhost`, `127.0.0.1`) and one client certificate (for
+//! nodes started with `--tls-client-ca`), made with rcgen, in PEM files.
 
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,10 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// Its private key (`--tls-key`, mode 0600).
     pub key: PathBuf,
+    /// A client certificate, signed by the CA (`canal --cert`).
+    pub client_cert: PathBuf,
+    /// Its private key (`canal --key`, mode 0600).
+    pub client_key: PathBuf,
 }
 
 /// The local CA in `dir`, made there unless it exists already.
@@ -21,14 +26,26 @@ pub fn ensure_local_ca(dir: &Path) -> anyhow::Result<TlsFiles> {
         ca: dir.join("ca.pem"),
         cert: dir.join("node.pem"),
         key: dir.join("node-key.pem"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client-key.pem"),
     };
-    if files.ca.exists() && files.cert.exists() && files.key.exists() {
+    let all = [
+        &files.ca,
+        &files.cert,
+        &files.key,
+        &files.client_cert,
+        &files.client_key,
+    ];
+    // The CA's own key is not kept, so a set without the client files (made before they
+    // were) is made anew, whole.
+    if all.iter().all(|f| f.exists()) {
         return Ok(files);
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let ca = certificate_authority("canal testnet CA")?;
     let (cert, key) = ca.issue(&["localhost", "127.0.0.1"])?;
-    for f in [&files.ca, &files.cert, &files.key] {
+    let (client_cert, client_key) = ca.issue_client("canal client")?;
+    for f in all {
         let _ = std::fs::remove_file(f);
     }
     std::fs::write(&files.ca, &ca.pem)
@@ -36,6 +53,9 @@ pub fn ensure_local_ca(dir: &Path) -> anyhow::Result<TlsFiles> {
     std::fs::write(&files.cert, cert)
         .with_context(|| format!("cannot write {}", files.cert.display()))?;
     crate::auth::write_private(&files.key, &key)?;
+    std::fs::write(&files.client_cert, client_cert)
+        .with_context(|| format!("cannot write {}", files.client_cert.display()))?;
+    crate::auth::write_private(&files.client_key, &client_key)?;
     Ok(files)
 }
 
@@ -81,6 +101,20 @@ impl Authority {
         let cert = params
             .signed_by(&key, &self.issuer, &self.key)
             .context("cannot sign the node certificate")?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A client certificate named `name` (its common name) and its private key, both PEM.
+    pub fn issue_client(&self, name: &str) -> anyhow::Result<(String, String)> {
+        let key = rcgen::KeyPair::generate().context("cannot make a client key")?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params
+            .signed_by(&key, &self.issuer, &self.key)
+            .context("cannot sign the client certificate")?;
         Ok((cert.pem(), key.serialize_pem()))
     }
 }

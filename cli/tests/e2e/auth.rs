@@ -700,3 +700,413 @@ async fn the_cli_talks_to_a_tls_node_with_ca_and_refuses_a_certificate_it_cannot
     let o = canal(&["--api", &plain, "peers"]).await;
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
 }
+
+/// A one-node cluster serving TLS with the local CA's files in `dir/tls`, and `extra` node
+/// arguments besides; answers once the CLI (trusting the CA) gets its cluster status.
+async fn tls_node(
+    dir: &std::path::Path,
+    extra: &[String],
+) -> (Testnet, canal_testnet::tls::TlsFiles, String) {
+    let files = canal_testnet::tls::ensure_local_ca(&dir.join("tls")).unwrap();
+    let mut args = vec![
+        "--bootstrap-expect".to_string(),
+        "1".into(),
+        "--tls-cert".into(),
+        files.cert.display().to_string(),
+        "--tls-key".into(),
+        files.key.display().to_string(),
+    ];
+    args.extend_from_slice(extra);
+    let net = Testnet::start(BIN, 1, |_| NodeOptions {
+        extra_args: args.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let api = net.node(0).info().unwrap().api.clone();
+    assert!(api.starts_with("https://127.0.0.1:"), "{api}");
+    (net, files, api)
+}
+
+/// `canal pub --stdin` over the node's `wss://` publish stream, run with `args` first.
+async fn pub_stdin(args: &[&str], topic: &str, input: &'static [u8]) -> std::process::Output {
+    use std::process::Stdio;
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(BIN)
+        .env("CANAL_TOKEN", canal_testnet::admin_token())
+        .env_remove("CANAL_API")
+        .env_remove("CANAL_CA")
+        .args(args)
+        .args(["--json", "pub", topic, "--stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).await.unwrap();
+    drop(stdin);
+    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("canal pub --stdin did not end")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pub_stdin_streams_over_wss_to_a_tls_node_and_refuses_an_unknown_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_net, files, api) = tls_node(dir.path(), &[]).await;
+    let ca = files.ca.display().to_string();
+    wait_for(
+        "the TLS node to take publishes",
+        Duration::from_secs(60),
+        || {
+            let (api, ca) = (api.clone(), ca.clone());
+            async move {
+                let o = canal(&["--api", &api, "--ca", &ca, "pub", "tls/ready", "x"]).await;
+                if o.status.success() {
+                    Ok(())
+                } else {
+                    Err(stderr(&o))
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let out = pub_stdin(&["--api", &api, "--ca", &ca], "tls/s", b"one\ntwo\nthree\n").await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let acks: Vec<canal_proto::api::StreamAck> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut offsets: Vec<Option<u64>> = acks.iter().map(|a| a.offset).collect();
+    offsets.sort();
+    assert_eq!(offsets, vec![Some(0), Some(1), Some(2)], "{acks:?}");
+    // The node stored the three lines.
+    let o = canal(&[
+        "--api", &api, "--ca", &ca, "--json", "topic", "log", "tls/s",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log: canal_proto::api::TopicLog = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((log.first, log.next), (0, 3), "{log:?}");
+
+    // Another CA's certificate is refused, and nothing is stored.
+    let other = canal_testnet::tls::ensure_local_ca(&dir.path().join("other")).unwrap();
+    let other = other.ca.display().to_string();
+    let out = pub_stdin(&["--api", &api, "--ca", &other], "tls/s", b"four\n").await;
+    assert_clear_error(&out, 1, "certificate");
+    let o = canal(&[
+        "--api", &api, "--ca", &ca, "--json", "topic", "log", "tls/s",
+    ])
+    .await;
+    let log: canal_proto::api::TopicLog = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(log.next, 3, "{log:?}");
+}
+
+/// rustls client settings trusting only the CA certificate in `ca`.
+fn trusting(ca: &std::path::Path) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// A TLS connection to `addr` (`127.0.0.1`) trusting only the CA certificate in `ca`.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let config = trusting(ca);
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("the TLS handshake timed out"))?
+}
+
+/// Writes one MQTT 3.1.1 packet.
+async fn mqtt_send<S: tokio::io::AsyncWrite + Unpin>(io: &mut S, packet: rumqttc::Packet) {
+    use tokio::io::AsyncWriteExt;
+    let mut b = bytes::BytesMut::new();
+    packet.write(&mut b, usize::MAX).unwrap();
+    io.write_all(&b).await.unwrap();
+    io.flush().await.unwrap();
+}
+
+/// Reads the next MQTT 3.1.1 packet, within 10 s.
+async fn mqtt_next<S: tokio::io::AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut bytes::BytesMut,
+) -> rumqttc::Packet {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match rumqttc::Packet::read(buf, 1 << 20) {
+            Ok(p) => return p,
+            Err(rumqttc::Error::InsufficientBytes(_)) => {}
+            Err(e) => panic!("a packet that does not read: {e:?}"),
+        }
+        let n = tokio::time::timeout_at(deadline, io.read_buf(buf))
+            .await
+            .expect("a packet in time")
+            .unwrap();
+        assert!(n > 0, "the connection closed");
+    }
+}
+
+/// CONNECTs as `id` with `token` as the password; answers the CONNACK's code.
+async fn mqtt_login<S>(io: &mut S, buf: &mut bytes::BytesMut, id: &str, token: &str) -> u8
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut c = rumqttc::Connect::new(id);
+    c.set_login("canal", token);
+    mqtt_send(io, rumqttc::Packet::Connect(c)).await;
+    match mqtt_next(io, buf).await {
+        rumqttc::Packet::ConnAck(a) => a.code as u8,
+        other => panic!("CONNACK expected, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls_takes_the_token_and_refuses_a_client_that_does_not_trust_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (net, files, api) = tls_node(dir.path(), &[]).await;
+    let info = net.node(0).info().unwrap().clone();
+    let mqtts = net.node(0).mqtts_addr().unwrap();
+    assert_ne!(info.mqtt, info.mqtts, "{info:?}");
+    // health shows it next to the MQTT address.
+    let ca = files.ca.display().to_string();
+    // (`--json` prints the report whether or not the node is ready yet.)
+    let o = canal(&["--api", &api, "--ca", &ca, "--json", "health"]).await;
+    let h: canal_proto::api::Health =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stderr(&o)));
+    assert_eq!(h.mqtts_addr, Some(mqtts.to_string()), "{h:?}");
+    assert_eq!(h.mqtt_addr, info.mqtt, "{h:?}");
+
+    // A subscriber and a publisher, both over TLS with the admin token, once the node
+    // has formed its cluster (QoS 0 needs no Raft, but the token key needs the record).
+    let sub = wait_for("an MQTT-over-TLS login", Duration::from_secs(60), || {
+        let ca = files.ca.clone();
+        async move {
+            let mut io = tls_connect(mqtts, &ca).await.map_err(|e| e.to_string())?;
+            let mut buf = bytes::BytesMut::new();
+            match mqtt_login(&mut io, &mut buf, "tls-sub", canal_testnet::admin_token()).await {
+                0 => Ok((io, buf)),
+                code => Err(format!("CONNACK code {code}")),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let (mut sub, mut sub_buf) = sub;
+    mqtt_send(
+        &mut sub,
+        rumqttc::Packet::Subscribe(rumqttc::Subscribe::new("tls/#", rumqttc::QoS::AtMostOnce)),
+    )
+    .await;
+    match mqtt_next(&mut sub, &mut sub_buf).await {
+        rumqttc::Packet::SubAck(a) => assert_eq!(
+            a.return_codes,
+            vec![rumqttc::SubscribeReasonCode::Success(
+                rumqttc::QoS::AtMostOnce
+            )]
+        ),
+        other => panic!("SUBACK expected, got {other:?}"),
+    }
+    let mut publ = tls_connect(mqtts, &files.ca).await.unwrap();
+    let mut pub_buf = bytes::BytesMut::new();
+    let code = mqtt_login(
+        &mut publ,
+        &mut pub_buf,
+        "tls-pub",
+        canal_testnet::admin_token(),
+    )
+    .await;
+    assert_eq!(code, 0);
+    mqtt_send(
+        &mut publ,
+        rumqttc::Packet::Publish(rumqttc::Publish::new(
+            "tls/m",
+            rumqttc::QoS::AtMostOnce,
+            "over tls",
+        )),
+    )
+    .await;
+    match mqtt_next(&mut sub, &mut sub_buf).await {
+        rumqttc::Packet::Publish(p) => {
+            assert_eq!(
+                (p.topic.as_str(), &p.payload[..]),
+                ("tls/m", &b"over tls"[..])
+            );
+        }
+        other => panic!("PUBLISH expected, got {other:?}"),
+    }
+
+    // A bad token over TLS is refused as on plain MQTT (3.1.1: 5, not authorized).
+    let mut bad = tls_connect(mqtts, &files.ca).await.unwrap();
+    let code = mqtt_login(
+        &mut bad,
+        &mut bytes::BytesMut::new(),
+        "tls-bad",
+        "canal1.AAAA",
+    )
+    .await;
+    assert_eq!(code, 5);
+    // A client trusting another CA refuses the node's certificate in the handshake.
+    let other = canal_testnet::tls::ensure_local_ca(&dir.path().join("other")).unwrap();
+    let err = tls_connect(mqtts, &other.ca).await.unwrap_err();
+    assert!(err.to_string().contains("certificate"), "{err}");
+    // Plain MQTT on the TLS port gets no CONNACK: the node hangs up.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut plain = tokio::net::TcpStream::connect(mqtts).await.unwrap();
+    let mut b = bytes::BytesMut::new();
+    let mut c = rumqttc::Connect::new("plain");
+    c.set_login("canal", canal_testnet::admin_token());
+    rumqttc::Packet::Connect(c)
+        .write(&mut b, usize::MAX)
+        .unwrap();
+    plain.write_all(&b).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(15), plain.read_to_end(&mut answer)).await;
+    assert!(
+        !answer.starts_with(&[0x20]),
+        "a CONNACK over plain TCP: {answer:?} ({read:?})"
+    );
+    // Both refused handshakes are counted (another CA's client, plain TCP).
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(trusting(&files.ca))
+        .build()
+        .unwrap();
+    let metrics = http
+        .get(format!("{api}/metrics"))
+        .bearer_auth(canal_testnet::admin_token())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("canal_tls_handshake_failures_total")
+                && l.contains("listener=\"mqtt\"")
+                && l.contains("reason=\"refused\"")
+        })
+        .unwrap_or_else(|| panic!("no refused MQTT handshakes counted:\n{metrics}"));
+    let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 2.0, "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_tls_client_ca_serves_the_cli_with_cert_and_key_and_refuses_it_without() {
+    let dir = tempfile::tempdir().unwrap();
+    // The local CA signs both the node's and the client's certificate.
+    let ca_path = dir.path().join("tls").join("ca.pem");
+    let files = canal_testnet::tls::ensure_local_ca(&dir.path().join("tls")).unwrap();
+    assert!(files.client_cert.exists() && files.client_key.exists());
+    let (_net, files, api) = tls_node(
+        dir.path(),
+        &["--tls-client-ca".into(), ca_path.display().to_string()],
+    )
+    .await;
+    let ca = files.ca.display().to_string();
+    let cert = files.client_cert.display().to_string();
+    let key = files.client_key.display().to_string();
+    wait_for(
+        "the mutual-TLS node to answer",
+        Duration::from_secs(60),
+        || {
+            let (api, ca, cert, key) = (api.clone(), ca.clone(), cert.clone(), key.clone());
+            async move {
+                let o = canal(&[
+                    "--api",
+                    &api,
+                    "--ca",
+                    &ca,
+                    "--cert",
+                    &cert,
+                    "--key",
+                    &key,
+                    "pub",
+                    "mtls/ready",
+                    "x",
+                ])
+                .await;
+                if o.status.success() {
+                    Ok(())
+                } else {
+                    Err(stderr(&o))
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    // The publish stream shows the certificate too.
+    let out = pub_stdin(
+        &["--api", &api, "--ca", &ca, "--cert", &cert, "--key", &key],
+        "mtls/s",
+        b"one\ntwo\n",
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Without a certificate the handshake is refused, and so is the publish stream.
+    let o = canal(&["--api", &api, "--ca", &ca, "peers"]).await;
+    assert_clear_error(&o, 1, "give --cert and --key");
+    let out = pub_stdin(&["--api", &api, "--ca", &ca], "mtls/s", b"three\n").await;
+    assert_clear_error(&out, 1, "give --cert and --key");
+    // A certificate of another CA is refused likewise.
+    let other = canal_testnet::tls::ensure_local_ca(&dir.path().join("other")).unwrap();
+    let o = canal(&[
+        "--api",
+        &api,
+        "--ca",
+        &ca,
+        "--cert",
+        &other.client_cert.display().to_string(),
+        "--key",
+        &other.client_key.display().to_string(),
+        "peers",
+    ])
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    // Only the two lines sent with the certificate were stored.
+    let o = canal(&[
+        "--api", &api, "--ca", &ca, "--cert", &cert, "--key", &key, "--json", "topic", "log",
+        "mtls/s",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log: canal_proto::api::TopicLog = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(log.next, 2, "{log:?}");
+    // A key that is not the certificate's is a usage error, named.
+    let o = canal(&[
+        "--api",
+        &api,
+        "--ca",
+        &ca,
+        "--cert",
+        &cert,
+        "--key",
+        &other.client_key.display().to_string(),
+        "peers",
+    ])
+    .await;
+    assert_clear_error(&o, 2, "--key");
+}

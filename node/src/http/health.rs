@@ -24,6 +24,7 @@ pub(super) async fn health(State(st): State<ApiState>) -> Response {
         peers: st.dht.peers().len(),
         connections: st.dht.connections(),
         mqtt_addr: st.mqtt_addr.map(|a| a.to_string()),
+        mqtts_addr: st.mqtts_addr.map(|a| a.to_string()),
     };
     // Load balancers and compose health checks read the status; people read the body.
     let status = if body.ready {

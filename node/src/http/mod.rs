@@ -61,6 +61,8 @@ pub struct ApiState {
     pub mqtt: crate::pubsub::Mqtt,
     /// The MQTT listener's address, if MQTT over TCP is on.
     pub mqtt_addr: Option<std::net::SocketAddr>,
+    /// The MQTT-over-TLS listener's address, if it is on.
+    pub mqtts_addr: Option<std::net::SocketAddr>,
     /// Functions and triggers.
     pub functions: Arc<crate::functions::Functions<NodeTransport>>,
     /// Prometheus metrics of every part of the node.
@@ -149,7 +151,7 @@ pub fn router(state: ApiState) -> Router {
 /// requests in flight are finished then (the caller bounds how long it waits for that).
 pub fn serve(
     listener: tokio::net::TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<(Arc<rustls::ServerConfig>, tls::TlsMetrics)>,
     state: ApiState,
     closing: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
@@ -159,8 +161,8 @@ pub fn serve(
         let _ = stopped.wait_for(|c| *c).await;
     };
     Ok(match tls {
-        Some(config) => {
-            let listener = tls::TlsListener::new(listener, config, closing)?;
+        Some((config, metrics)) => {
+            let listener = tls::TlsListener::new(listener, config, metrics, closing)?;
             tokio::spawn(async move {
                 let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown);
                 if let Err(e) = serve.await {

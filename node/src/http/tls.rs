@@ -1,11 +1,14 @@
-//! HTTPS for the client API (`--tls-cert`, `--tls-key`, `--tls-client-ca`), with rustls
-//! (the version and aws-lc-rs provider libp2p already brings in).
+//! HTTPS for the client API (`--tls-cert`, `--tls-key`, `--tls-client-ca`), and MQTT over
+//! TLS with the same settings (`--mqtts-listen`), with rustls (the version and aws-lc-rs
+//! provider libp2p already brings in).
 //!
 //! Handshakes run in tasks of their own, each bounded by [`HANDSHAKE_TIMEOUT`], and only
-//! finished connections reach the server ([`TlsListener`]), so a client that stalls its
-//! handshake holds up no one else.
+//! finished connections reach the server ([`TlsListener`], [`serve_mqtts`]), so a client
+//! that stalls its handshake holds up no one else.
 
 use crate::config::TlsFiles;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
@@ -18,6 +21,63 @@ use tokio_rustls::server::TlsStream;
 
 /// How long a client may take over its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Failed TLS handshakes, counted in `canal_tls_handshake_failures_total{listener,reason}`:
+/// `listener` is `api` or `mqtt`, `reason` is `refused` (no shared version or cipher, an
+/// unverifiable or missing client certificate, not TLS at all) or `timeout` (past
+/// [`HANDSHAKE_TIMEOUT`]).
+#[derive(Clone)]
+pub struct TlsMetrics {
+    failures: Family<Vec<(String, String)>, Counter>,
+}
+
+impl TlsMetrics {
+    /// Registers `canal_tls_handshake_failures` in `registry`.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> TlsMetrics {
+        let m = TlsMetrics {
+            failures: Family::default(),
+        };
+        registry.register(
+            "canal_tls_handshake_failures",
+            "TLS handshakes that failed, by listener (api, mqtt) and reason (refused, timeout)",
+            m.failures.clone(),
+        );
+        m
+    }
+
+    fn failed(&self, listener: &str, reason: &str) {
+        self.failures
+            .get_or_create(&vec![
+                ("listener".into(), listener.into()),
+                ("reason".into(), reason.into()),
+            ])
+            .inc();
+    }
+}
+
+/// Runs the handshake of `stream` within [`HANDSHAKE_TIMEOUT`]; a failure is logged and
+/// counted under `listener`.
+async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: &'static str,
+    metrics: &TlsMetrics,
+) -> Option<TlsStream<TcpStream>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, listener, error = %e, "TLS handshake refused");
+            metrics.failed(listener, "refused");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, listener, "TLS handshake timed out");
+            metrics.failed(listener, "timeout");
+            None
+        }
+    }
+}
 /// How many finished handshakes may wait for the server to take them.
 const BACKLOG: usize = 256;
 
@@ -110,6 +170,7 @@ impl TlsListener {
     pub fn new(
         tcp: TcpListener,
         config: Arc<rustls::ServerConfig>,
+        metrics: TlsMetrics,
         mut closing: tokio::sync::watch::Receiver<bool>,
     ) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
@@ -132,13 +193,10 @@ impl TlsListener {
                 };
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
+                let metrics = metrics.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake refused"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    if let Some(tls) = handshake(&acceptor, stream, peer, "api", &metrics).await {
+                        let _ = tx.send((tls, peer)).await;
                     }
                 });
             }
@@ -161,5 +219,49 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         Ok(self.local)
+    }
+}
+
+/// The settings of MQTT over TLS: the API's certificate, key and client CAs, offering the
+/// `mqtt` ALPN protocol (IANA's name) in place of HTTP's, so that a client naming `mqtt`
+/// is not refused and one naming `http/1.1` does not take the MQTT port for the API.
+pub fn mqtt_config(api: &rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
+    let mut config = api.clone();
+    config.alpn_protocols = vec![b"mqtt".to_vec()];
+    Arc::new(config)
+}
+
+/// Serves MQTT over TLS on `tcp` until `closing` turns true: each connection's handshake
+/// in a task of its own, bounded by [`HANDSHAKE_TIMEOUT`], then its MQTT session there.
+pub async fn serve_mqtts(
+    tcp: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    mqtt: crate::pubsub::Mqtt,
+    metrics: TlsMetrics,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = tcp.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %e, "MQTT over TLS accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = async { let _ = closing.wait_for(|c| *c).await; } => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let mqtt = mqtt.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Some(tls) = handshake(&acceptor, stream, peer, "mqtt", &metrics).await {
+                mqtt.connection(tls, peer.to_string()).await;
+            }
+        });
     }
 }
