@@ -448,9 +448,29 @@ pub(crate) fn tls_hint(cause: String) -> String {
         format!("{cause} (the node asks for a client certificate: give --cert and --key)")
     } else if cause.contains("UnknownIssuer") {
         format!("{cause} (give --ca with the CA that signed the node's certificate)")
+    } else if tls::ca_configured() && !tls::has_client_identity() && closed_early(&cause) {
+        // With TLS 1.3 a client learns that the server wanted its certificate only after
+        // its own side of the handshake is done: the refusal often arrives as a closed
+        // connection instead of the alert.
+        format!("{cause} (if the node asks for a client certificate: give --cert and --key)")
     } else {
         cause
     }
+}
+
+/// Whether `cause` says the connection ended before an answer came.
+fn closed_early(cause: &str) -> bool {
+    let c = cause.to_ascii_lowercase();
+    [
+        "not ready",
+        "connection closed",
+        "reset by peer",
+        "broken pipe",
+        "unexpected eof",
+        "end of file",
+    ]
+    .iter()
+    .any(|p| c.contains(p))
 }
 
 #[cfg(test)]
@@ -464,6 +484,9 @@ mod tests {
         let hint = tls_hint("invalid peer certificate: UnknownIssuer".into());
         assert!(hint.contains("--ca"), "{hint}");
         assert_eq!(tls_hint("connection refused".into()), "connection refused");
+        assert!(closed_early("connection was not ready"));
+        assert!(closed_early("Connection reset by peer (os error 104)"));
+        assert!(!closed_early("connection refused"));
     }
 
     #[test]

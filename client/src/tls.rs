@@ -74,6 +74,16 @@ pub fn set_client_identity(cert: &Path, key: &Path) -> Result<(), String> {
 }
 
 /// Makes aws-lc-rs (the provider libp2p already brings in) the process's rustls provider,
+/// Whether a CA was given (`--ca`), so requests may go to TLS nodes.
+pub fn ca_configured() -> bool {
+    CA.get().is_some()
+}
+
+/// Whether a client certificate was given (`--cert`, `--key`).
+pub fn has_client_identity() -> bool {
+    IDENTITY.get().is_some()
+}
+
 /// which reqwest asks for even for `http://` clients; a provider installed before is kept.
 pub fn install_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
