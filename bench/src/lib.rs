@@ -332,28 +332,15 @@ pub(crate) async fn publish_many(
                 if i >= count {
                     return Ok::<_, anyhow::Error>(());
                 }
-                let t = now_ns().to_string();
-                let path = format!("/v1/topics/{}/events", encode_segment(&topic(i)));
-                let headers = [
-                    ("canal-qos".to_string(), q.to_string()),
-                    ("canal-id".to_string(), format!("{id_prefix}-{i}")),
-                    ("canal-header-t".to_string(), t),
-                ];
-                let mut attempt = 0usize;
-                loop {
-                    let client = &clients[(i + attempt) % clients.len()];
-                    let resp = client
-                        .raw(Method::POST, &path, payload.clone(), &headers)
-                        .await;
-                    match resp {
-                        Ok((status, _)) if status.is_success() => break,
-                        Ok((status, body)) if status.is_client_error() => {
-                            bail!("publish refused: {}", api_error(status, &body))
-                        }
-                        _ if attempt >= 20 => bail!("publish {i} failed 20 times"),
-                        _ => attempt += 1,
-                    }
-                }
+                post_retrying(
+                    &clients,
+                    i,
+                    &topic(i),
+                    q,
+                    &format!("{id_prefix}-{i}"),
+                    &payload,
+                )
+                .await?;
             }
         }));
     }
@@ -361,6 +348,43 @@ pub(crate) async fn publish_many(
         t.await??;
     }
     Ok(())
+}
+
+/// Publishes event `i` (`payload` to `topic` at QoS `q` with message id `id`, the publish
+/// time in header `t`) over HTTP, through `clients` in turn from `i`, retrying a failure
+/// (an election under load) up to 20 times with the same id, so it is stored once; a
+/// refusal (4xx) is not retried.
+async fn post_retrying(
+    clients: &[Client],
+    i: usize,
+    topic: &str,
+    q: u8,
+    id: &str,
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    if clients.is_empty() {
+        bail!("no node to publish event {i} through");
+    }
+    let path = format!("/v1/topics/{}/events", encode_segment(topic));
+    let headers = [
+        ("canal-qos".to_string(), q.to_string()),
+        ("canal-id".to_string(), id.to_string()),
+        ("canal-header-t".to_string(), now_ns().to_string()),
+    ];
+    for attempt in 0..=20 {
+        let client = &clients[(i + attempt) % clients.len()];
+        match client
+            .raw(Method::POST, &path, payload.to_vec(), &headers)
+            .await
+        {
+            Ok((status, _)) if status.is_success() => return Ok(()),
+            Ok((status, body)) if status.is_client_error() => {
+                bail!("publish refused: {}", api_error(status, &body))
+            }
+            _ => {}
+        }
+    }
+    bail!("publish {i} failed 21 times")
 }
 
 /// Like [`publish_many`], over publish streams (`GET /v1/publish`): one stream per node,
@@ -430,31 +454,16 @@ pub(crate) async fn publish_streams(
                 let i = sent.lock().ok().and_then(|mut s| s.pop_front());
                 room.add_permits(1);
                 if let (Some(e), Some(i)) = (&ack.error, i) {
-                    let path = format!("/v1/topics/{}/events", encode_segment(&topic(i)));
-                    let headers = [
-                        ("canal-qos".to_string(), q.to_string()),
-                        ("canal-id".to_string(), format!("{id_prefix}-{i}")),
-                        ("canal-header-t".to_string(), now_ns().to_string()),
-                    ];
-                    let mut attempt = 0usize;
-                    loop {
-                        match client
-                            .raw(Method::POST, &path, payload.clone().into_bytes(), &headers)
-                            .await
-                        {
-                            Ok((status, _)) if status.is_success() => break,
-                            Ok((status, body)) if status.is_client_error() => {
-                                bail!("publish refused: {}", api_error(status, &body))
-                            }
-                            _ if attempt >= 20 => {
-                                bail!(
-                                    "publish {i} failed 20 times, first on the stream: {}",
-                                    e.message
-                                )
-                            }
-                            _ => attempt += 1,
-                        }
-                    }
+                    post_retrying(
+                        std::slice::from_ref(&client),
+                        i,
+                        &topic(i),
+                        q,
+                        &format!("{id_prefix}-{i}"),
+                        payload.as_bytes(),
+                    )
+                    .await
+                    .with_context(|| format!("first on the stream: {}", e.message))?;
                 }
             }
             let left = sent.lock().map(|s| s.len()).unwrap_or(0);
