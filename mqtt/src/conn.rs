@@ -325,8 +325,9 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
         Some(s)
     } else {
         // A clean, non-persistent session ends any stored one.
-        if had_record {
-            let _ = write_session(mqtt, &client_id, None).await;
+        if had_record && let Err(e) = write_session(mqtt, &client_id, None).await {
+            // Left standing, it would be resumed by a later persistent CONNECT.
+            tracing::warn!(client = %client_id, error = %e, "a clean start could not remove the stored session");
         }
         None
     };
@@ -1202,7 +1203,10 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             let (name, topic) = (name.clone(), m.topic.clone());
             tokio::spawn(async move {
                 let off = offset.to_string();
-                let _ = pubsub.ack(&name, Some(&topic), Some(&off)).await;
+                if let Err(e) = pubsub.ack(&name, Some(&topic), Some(&off)).await {
+                    // At least once: the event comes back and is skipped again.
+                    tracing::debug!(subscription = %name, %topic, offset = %off, error = %e, "a skipped event was not acknowledged");
+                }
             });
         }
     }
