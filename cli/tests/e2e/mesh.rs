@@ -432,16 +432,20 @@ async fn down_stops_what_an_interrupted_up_left() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    // Interrupt `up` once it has started every node, before it has seen the mesh form.
+    // Interrupt `up` once every node it started has its data dir (a pid file is written
+    // at spawn, before the node has created anything), before it has seen the mesh form.
     let dir2 = dir.clone();
-    wait_for("up to start 3 nodes", Duration::from_secs(30), || {
+    wait_for("up to start 3 nodes", Duration::from_secs(60), || {
         let dir = dir2.clone();
         async move {
             let n = pids(&dir, 3).len();
-            if n == 3 {
+            let keys = (0..3)
+                .filter(|i| dir.join(format!("node{i}/identity.key")).exists())
+                .count();
+            if n == 3 && keys == 3 {
                 Ok(())
             } else {
-                Err(format!("{n} started"))
+                Err(format!("{n} started, {keys} with an identity"))
             }
         }
     })
