@@ -39,7 +39,7 @@ use prometheus_client::registry::Registry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
 use tracing::{debug, info, warn};
 
@@ -165,6 +165,7 @@ pub struct ExecMetrics {
     limits: Family<Labels, Counter>,
     entry_full: Family<Labels, Counter>,
     qos0_skipped: Counter,
+    step_seconds: Family<Labels, Histogram>,
 }
 
 impl ExecMetrics {
@@ -175,7 +176,8 @@ impl ExecMetrics {
     /// limit, by its name) and `canal_trigger_entry_full{trigger}` (batches cut short to keep
     /// their entry under [`MAX_EFFECTS_BYTES`]) and `canal_trigger_qos0_skipped` (events QoS 0
     /// triggers missed because this node's executor fell behind them: at most once, so
-    /// they are counted, not waited for).
+    /// they are counted, not waited for) and `canal_trigger_step_seconds{phase}` (where a
+    /// run's time goes: prepare, plan, commit, apply).
     pub fn register(registry: &mut Registry) -> ExecMetrics {
         let m = ExecMetrics {
             invocations: Family::default(),
@@ -188,6 +190,9 @@ impl ExecMetrics {
             limits: Family::default(),
             entry_full: Family::default(),
             qos0_skipped: Counter::default(),
+            step_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_01, 2.0, 18))
+            }),
         };
         registry.register(
             "canal_fn_invocations",
@@ -225,11 +230,22 @@ impl ExecMetrics {
             m.entry_full.clone(),
         );
         registry.register(
+            "canal_trigger_step_seconds",
+            "Where a QoS 1 trigger's run spends its time, by phase: prepare (reading the function, its module, owner and settings), plan (reading events and running the function), commit (waiting for an Effects entry to commit, beyond what planning overlapped), apply (waiting for this replica to apply the run's last commit)",
+            m.step_seconds.clone(),
+        );
+        registry.register(
             "canal_trigger_qos0_skipped",
             "Events QoS 0 triggers missed because this node's executor fell behind (at most once)",
             m.qos0_skipped.clone(),
         );
         m
+    }
+
+    fn phase(&self, phase: &'static str, since: Instant) {
+        self.step_seconds
+            .get_or_create(&vec![("phase".into(), phase.into())])
+            .observe(since.elapsed().as_secs_f64());
     }
 
     fn observe(&self, function: &str, inv: &Invocation) {
@@ -761,6 +777,7 @@ impl<T: Transport> Executor<T> {
         spec: &TriggerSpec,
         only: Option<&BTreeSet<String>>,
     ) -> Result<bool, ExecError> {
+        let began = Instant::now();
         let Some(function) = self.functions.function(&spec.function)? else {
             return Ok(false);
         };
@@ -785,10 +802,15 @@ impl<T: Transport> Executor<T> {
         let mut inflight: Option<Committing> = None;
         let mut progressed = false;
         let mut last_index = None;
+        self.metrics.phase("prepare", began);
         for _ in 0..MAX_RUN_STEPS {
+            let planning = Instant::now();
             let plan = self.plan(sm, &run, topics.as_ref(), &chain).await;
+            self.metrics.phase("plan", planning);
             if let Some(prev) = inflight.take() {
+                let committing = Instant::now();
                 let r = prev.finish().await?;
+                self.metrics.phase("commit", committing);
                 progressed = true;
                 last_index = Some(r.index);
                 if !self.count_answer(spec, &r) {
@@ -808,12 +830,15 @@ impl<T: Transport> Executor<T> {
             }
         }
         if let Some(prev) = inflight.take() {
+            let committing = Instant::now();
             let r = prev.finish().await?;
+            self.metrics.phase("commit", committing);
             progressed = true;
             last_index = Some(r.index);
             self.count_answer(spec, &r);
         }
         if let Some(index) = last_index {
+            let applying = Instant::now();
             // The next run starts from this replica's cursors: wait until it has applied the
             // last commit, or an executor away from the leader would re-run the batch it just
             // committed (and be refused) until its replica caught up. Bounded: a replica that
@@ -825,6 +850,7 @@ impl<T: Transport> Executor<T> {
             {
                 debug!(trigger = %spec.name, index, "this replica has not applied the trigger's commit yet");
             }
+            self.metrics.phase("apply", applying);
         }
         if !progressed {
             self.set_backlog(&spec.uid, 0);
