@@ -424,25 +424,32 @@ pub(crate) async fn publish_streams(
             payload.clone(),
         );
         let sender = tokio::spawn(async move {
-            loop {
+            'send: loop {
+                // What the window has room for goes out in one write.
                 room2.acquire().await?.forget();
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= count {
-                    break;
+                let mut more = true;
+                while more {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        tx.flush().await?;
+                        break 'send;
+                    }
+                    if let Ok(mut s) = sent2.lock() {
+                        s.push_back(i);
+                    }
+                    let mut headers = std::collections::BTreeMap::new();
+                    headers.insert("t".to_string(), now_ns().to_string());
+                    let line = canal_proto::api::PublishLine {
+                        topic: Some(topic2(i)),
+                        payload: Some(payload2.clone()),
+                        payload_base64: None,
+                        id: Some(format!("{id2}-{i}")),
+                        headers,
+                    };
+                    tx.feed(line, Some(q)).await?;
+                    more = room2.try_acquire().map(|p| p.forget()).is_ok();
                 }
-                if let Ok(mut s) = sent2.lock() {
-                    s.push_back(i);
-                }
-                let mut headers = std::collections::BTreeMap::new();
-                headers.insert("t".to_string(), now_ns().to_string());
-                let line = canal_proto::api::PublishLine {
-                    topic: Some(topic2(i)),
-                    payload: Some(payload2.clone()),
-                    payload_base64: None,
-                    id: Some(format!("{id2}-{i}")),
-                    headers,
-                };
-                tx.send(line, Some(q)).await?;
+                tx.flush().await?;
             }
             tx.finish();
             Ok::<_, anyhow::Error>(())

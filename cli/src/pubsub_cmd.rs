@@ -188,9 +188,14 @@ async fn publish_stdin(
                 id: a.id.as_ref().map(|id| format!("{id}-{n}")),
                 headers: headers.clone(),
             };
-            tx.send(publish, Some(a.qos)).await?;
+            tx.feed(publish, Some(a.qos)).await?;
             n += 1;
+            // Lines already read in go out together; a line typed by hand at once.
+            if lines.get_ref().buffer().is_empty() {
+                tx.flush().await?;
+            }
         }
+        tx.flush().await?;
         tx.finish();
         anyhow::Ok(n)
     };

@@ -139,22 +139,37 @@ impl PublishSender {
     /// stream). The node stops reading past its window of unanswered publishes, so this
     /// waits then: read acks meanwhile.
     pub async fn send(&mut self, line: PublishLine, qos: Option<u8>) -> Result<u64, ClientError> {
+        let seq = self.feed(line, qos).await?;
+        self.flush().await?;
+        Ok(seq)
+    }
+
+    /// Queues one publish without flushing the connection, and answers its `seq`: for a
+    /// sender with several publishes at hand, which then [`flush`](Self::flush)es once, so
+    /// they go out in one write. What is queued is sent at the next flush (or `send`).
+    pub async fn feed(&mut self, line: PublishLine, qos: Option<u8>) -> Result<u64, ClientError> {
         let seq = self.next_seq;
         let frame = StreamPublish { seq, qos, line };
-        let text = serde_json::to_string(&frame).map_err(|e| ClientError::Stream {
-            url: self.url.clone(),
-            cause: e.to_string(),
-        })?;
+        let text = serde_json::to_string(&frame).map_err(|e| self.stream_error(e))?;
         self.sink
-            .send(Message::Text(text.into()))
+            .feed(Message::Text(text.into()))
             .await
-            .map_err(|e| ClientError::Stream {
-                url: self.url.clone(),
-                cause: e.to_string(),
-            })?;
+            .map_err(|e| self.stream_error(e))?;
         self.next_seq += 1;
         self.shared.sent.store(self.next_seq, Ordering::SeqCst);
         Ok(seq)
+    }
+
+    /// Sends what [`feed`](Self::feed) queued.
+    pub async fn flush(&mut self) -> Result<(), ClientError> {
+        self.sink.flush().await.map_err(|e| self.stream_error(e))
+    }
+
+    fn stream_error(&self, e: impl std::fmt::Display) -> ClientError {
+        ClientError::Stream {
+            url: self.url.clone(),
+            cause: e.to_string(),
+        }
     }
 
     /// Says no more publishes come, so the acks end after the last one sent. (A WebSocket
@@ -166,10 +181,7 @@ impl PublishSender {
 
     /// Closes the connection: for after the last ack, or to give up on those owed.
     pub async fn close(mut self) -> Result<(), ClientError> {
-        self.sink.close().await.map_err(|e| ClientError::Stream {
-            url: self.url.clone(),
-            cause: e.to_string(),
-        })
+        self.sink.close().await.map_err(|e| self.stream_error(e))
     }
 }
 

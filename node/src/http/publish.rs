@@ -177,14 +177,23 @@ where
             // Acks first: they free the window.
             biased;
             Some(ack) = inflight.next(), if !inflight.is_empty() => {
-                let text = match serde_json::to_string(&ack) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        tracing::error!(error = %e, "a publish ack did not serialize");
+                // Every ack that is ready goes out in one write: a flush per ack is a
+                // syscall (and a TCP segment) per publish.
+                let mut ready = Some(ack);
+                while let Some(ack) = ready.take() {
+                    let text = match serde_json::to_string(&ack) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::error!(error = %e, "a publish ack did not serialize");
+                            return;
+                        }
+                    };
+                    if acks.feed(text).await.is_err() {
                         return;
                     }
-                };
-                if acks.send(text).await.is_err() {
+                    ready = inflight.next().now_or_never().flatten();
+                }
+                if acks.flush().await.is_err() {
                     return;
                 }
             }
