@@ -36,7 +36,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -306,6 +306,9 @@ fn replica(e: impl std::fmt::Display) -> ExecError {
 /// commits and starts again from the replica: it bounds what a run holds in memory and how
 /// long a stop waits for it.
 const MAX_RUN_STEPS: usize = 8;
+/// How many steps of one run may be committing at once (steps that write no state; one
+/// that does is waited for before the next is proposed).
+const STEPS_IN_FLIGHT: usize = 4;
 /// A run also ends once the state writes it chains (not yet applied here) pass this many
 /// bytes.
 const MAX_CHAIN_STATE_BYTES: u64 = 4 << 20;
@@ -768,9 +771,11 @@ impl<T: Transport> Executor<T> {
     /// topic it ran in one entry. Says whether anything was committed or refused (then the
     /// caller goes again at once).
     ///
-    /// A chained step is only proposed after the one before it committed unrefused, and each
-    /// Effects names the cursor and state version it expects, so a step built on a refused
-    /// or lost one is never applied: the chain changes when it runs, never what commits.
+    /// Each Effects names the cursors and the state version it expects. A step is proposed
+    /// while earlier ones commit (up to [`STEPS_IN_FLIGHT`]) only if none of those writes
+    /// state; otherwise, and after any refusal, it waits for their answers. So a step built
+    /// on a refused or lost one never applies: the chain changes when it runs, never what
+    /// commits.
     async fn step(
         &self,
         sm: &StateMachine,
@@ -799,43 +804,80 @@ impl<T: Transport> Executor<T> {
         let group = canal_consensus::group_of_function(&run.function.name);
         let mut chain = Chain::new(self.functions.state_version(&run.function.name)?);
         let mut topics: Option<BTreeSet<String>> = only.cloned();
-        let mut inflight: Option<Committing> = None;
+        // Steps proposed and not answered yet, oldest first, each with whether it writes
+        // state.
+        let mut inflight: VecDeque<(Committing, bool)> = VecDeque::new();
         let mut progressed = false;
         let mut last_index = None;
+        let mut broken = false;
         self.metrics.phase("prepare", began);
         for _ in 0..MAX_RUN_STEPS {
             let planning = Instant::now();
             let plan = self.plan(sm, &run, topics.as_ref(), &chain).await;
             self.metrics.phase("plan", planning);
-            if let Some(prev) = inflight.take() {
+            // Before the next step is proposed, settle what it may not overlap: a step that
+            // writes state (the next one's state version would name the version it makes,
+            // which a rival write could make too if this one were refused), and anything
+            // past the depth. A step that writes no state leaves the version where it was,
+            // and moves each cursor to an offset no refused step leaves it at, so the next
+            // one may go while it commits: whatever this one's fate, the next applies only
+            // on the cursors and the state it was planned on.
+            while let Some((_, stateful)) = inflight.front() {
+                let settle = plan.as_ref().map_or(true, Option::is_none)
+                    || *stateful
+                    || inflight.len() >= STEPS_IN_FLIGHT;
+                if !settle {
+                    break;
+                }
+                let Some((prev, _)) = inflight.pop_front() else {
+                    break;
+                };
                 let committing = Instant::now();
-                let r = prev.finish().await?;
+                let r = prev.finish().await;
                 self.metrics.phase("commit", committing);
+                let r = match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = self.settle(spec, inflight).await;
+                        return Err(e);
+                    }
+                };
                 progressed = true;
                 last_index = Some(r.index);
                 if !self.count_answer(spec, &r) {
                     // The chain broke: what was planned on it would be refused.
+                    broken = true;
                     break;
                 }
             }
-            let Some(plan) = plan? else { break };
+            if broken {
+                break;
+            }
+            let plan = match plan {
+                Ok(Some(plan)) => plan,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = self.settle(spec, inflight).await;
+                    return Err(e);
+                }
+            };
             topics = Some(plan.cursors.iter().map(|c| c.topic.clone()).collect());
+            let stateful = !plan.state.is_empty();
             let op = chain.advance(&run.function.name, plan);
-            let consensus = self.functions.consensus.clone();
-            inflight = Some(Committing(tokio::spawn(async move {
-                consensus.write_op(group, op).await
-            })));
+            // Proposed here, in order: steps in flight reach the log in the order planned.
+            let answer = self
+                .functions
+                .consensus
+                .start_write(group, canal_consensus::Request { id: None, op })
+                .await;
+            inflight.push_back((Committing(tokio::spawn(answer)), stateful));
             if chain.overlay_bytes > MAX_CHAIN_STATE_BYTES {
                 break;
             }
         }
-        if let Some(prev) = inflight.take() {
-            let committing = Instant::now();
-            let r = prev.finish().await?;
-            self.metrics.phase("commit", committing);
+        if let Some(index) = self.settle(spec, inflight).await? {
             progressed = true;
-            last_index = Some(r.index);
-            self.count_answer(spec, &r);
+            last_index = Some(last_index.map_or(index, |i: u64| i.max(index)));
         }
         if let Some(index) = last_index {
             let applying = Instant::now();
@@ -856,6 +898,33 @@ impl<T: Transport> Executor<T> {
             self.set_backlog(&spec.uid, 0);
         }
         Ok(progressed)
+    }
+
+    /// Waits for every step still in flight and counts its answer; returns the log index of
+    /// the last one answered, or the first error (after the rest were waited for).
+    async fn settle(
+        &self,
+        spec: &TriggerSpec,
+        inflight: VecDeque<(Committing, bool)>,
+    ) -> Result<Option<u64>, ExecError> {
+        let mut last = None;
+        let mut failed = None;
+        for (c, _) in inflight {
+            let committing = Instant::now();
+            let r = c.finish().await;
+            self.metrics.phase("commit", committing);
+            match r {
+                Ok(r) => {
+                    last = Some(r.index);
+                    self.count_answer(spec, &r);
+                }
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(last),
+        }
     }
 
     /// Counts a step's answer; true when it was not refused.
@@ -1869,6 +1938,76 @@ mod tests {
         assert!(counts.iter().any(|c| *c > 1000), "{counts:?}");
         let after = counts.iter().filter(|c| **c > 1000).count() as u64;
         assert_eq!(stored, 1000 + after, "{counts:?}");
+        dht.shutdown().await;
+        cluster.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn overlapping_steps_of_two_racing_executors_output_each_event_once_in_order() {
+        use crate::testkit::{self, Cluster, FixedPeers};
+        let cluster = Cluster::formed(1).await;
+        let m = &cluster.members[0];
+        let f = testkit::functions(m, FixedPeers::of(&[m.peer]));
+        testkit::deploy(&f, "upper", "uppercase").await;
+        let spec = f
+            .trigger_add(
+                "shout",
+                canal_proto::function::TriggerRequest {
+                    on: "words/+".into(),
+                    function: "upper".into(),
+                    out: Some("shout/out".into()),
+                    qos: Some(1),
+                    retries: Some(0),
+                    dead_letter: None,
+                },
+            )
+            .await
+            .unwrap();
+        let group = canal_consensus::group_of_function("upper");
+        let sm = m.consensus.state_machine(group).unwrap();
+        let dht = lone_mesh().await;
+        // Two executors of one trigger (as during a placement change): their stateless
+        // steps overlap in flight, and they refuse each other's.
+        let first = Arc::new(executor(f.clone(), &dht)).spawn();
+        let second = Arc::new(executor(f.clone(), &dht)).spawn();
+        const ROUNDS: usize = 40;
+        for round in 0..ROUNDS {
+            let reqs = (0..4)
+                .map(|t| canal_consensus::Request {
+                    id: None,
+                    op: Op::Publish(PublishOp {
+                        topic: format!("words/t{t}"),
+                        id: None,
+                        headers: Vec::new(),
+                        payload: format!("t{t}-{round}").into_bytes(),
+                        retention: canal_proto::settings::Retention::default(),
+                    }),
+                })
+                .collect();
+            f.consensus.write_op(group, Op::Batch(reqs)).await.unwrap();
+        }
+        testkit::until("every word shouted", Duration::from_secs(30), || {
+            (0..4).all(|t| cursor(&sm, &spec.uid, &format!("words/t{t}")) == Some(ROUNDS as u64))
+        })
+        .await;
+        for running in [first, second] {
+            let aborted = running.shutdown(Duration::from_secs(10)).await;
+            assert!(aborted.is_empty(), "{aborted:?}");
+        }
+        let out = payloads(&sm, "shout/out");
+        assert_eq!(out.len(), 4 * ROUNDS, "{out:?}");
+        for t in 0..4 {
+            let rounds: Vec<usize> = out
+                .iter()
+                .filter_map(|p| p.strip_prefix(&format!("T{t}-")))
+                .map(|r| r.parse().unwrap())
+                .collect();
+            assert_eq!(
+                rounds,
+                (0..ROUNDS).collect::<Vec<_>>(),
+                "topic t{t}: {out:?}"
+            );
+        }
         dht.shutdown().await;
         cluster.shutdown().await;
     }
