@@ -611,6 +611,16 @@ impl<T: Transport> Consensus<T> {
         Ok(self.group(g)?.raft.metrics().borrow().clone())
     }
 
+    /// Runs `f` on group `g`'s latest Raft metrics, without copying them: for a check made
+    /// per message, where [`Consensus::metrics`]' copy would cost an allocation each.
+    pub fn with_metrics<R>(
+        &self,
+        g: GroupId,
+        f: impl FnOnce(&RaftMetrics<NodeId, RaftNode>) -> R,
+    ) -> Result<R, ClientError> {
+        Ok(f(&self.group(g)?.raft.metrics().borrow()))
+    }
+
     /// Whether this node leads group `g` now, as its local Raft metrics say (no RPC): what
     /// jobs that only the leader runs (membership, placement, trimming) check each round.
     /// An unknown group is not led.

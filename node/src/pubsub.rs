@@ -63,16 +63,26 @@ pub fn serve_qos0(
     mut inbound: mpsc::Receiver<canal_dht::InboundQos0>,
 ) {
     tokio::spawn(async move {
+        // Each sender's node id and name, worked out once rather than per event (a peer
+        // id's text is a base58 encoding). Bounded: a cluster has far fewer peers.
+        const KNOWN: usize = 4096;
+        let mut known: std::collections::HashMap<
+            libp2p::PeerId,
+            (canal_consensus::NodeId, String),
+        > = std::collections::HashMap::new();
         while let Some(ev) = inbound.recv().await {
-            let id = crate::cluster::node_id(&ev.peer);
-            if !canal_pubsub::qos0::sent_by_member(&consensus, id) {
+            if known.len() >= KNOWN && !known.contains_key(&ev.peer) {
+                known.clear();
+            }
+            let (id, sender) = known
+                .entry(ev.peer)
+                .or_insert_with(|| (crate::cluster::node_id(&ev.peer), ev.peer.to_string()));
+            if !canal_pubsub::qos0::sent_by_member(&consensus, *id) {
                 not_members.inc();
                 tracing::debug!(peer = %ev.peer, "QoS 0 event from a peer that is no member dropped");
                 continue;
             }
-            let sender = ev.peer.to_string();
-            match canal_pubsub::qos0::check_qos0(&sender, &ev.body, canal_dht::rpc::MAX_QOS0_BYTES)
-            {
+            match canal_pubsub::qos0::check_qos0(sender, &ev.body, canal_dht::rpc::MAX_QOS0_BYTES) {
                 Ok(m) => hub.deliver(m),
                 Err(r) => dht.report_bad(ev.peer, r.kind, r.detail),
             }

@@ -165,7 +165,7 @@ pub fn check_qos0(sender: &str, body: &[u8], max_bytes: usize) -> Result<Qos0Mes
     let refused = |kind, detail| Qos0Refused { kind, detail };
     let m: Qos0Message = wire::decode_with_limit(body, max_bytes)
         .map_err(|e| refused("qos0-decode", format!("undecodable QoS 0 event: {e}")))?;
-    if m.source != format!("canal://{sender}") {
+    if m.source.strip_prefix("canal://") != Some(sender) {
         return Err(refused(
             "qos0-forged",
             format!(
@@ -192,14 +192,12 @@ pub fn check_qos0(sender: &str, body: &[u8], max_bytes: usize) -> Result<Qos0Mes
 /// knows it; a node that is no member itself yet takes events from anyone it is connected
 /// to (a peer about to be added may send a few).
 pub fn sent_by_member<T: Transport>(consensus: &Consensus<T>, id: NodeId) -> bool {
-    let Ok(m) = consensus.metrics(GroupId::METADATA) else {
-        return true;
-    };
-    let mut nodes = m.membership_config.nodes().peekable();
-    if nodes.peek().is_none() {
-        return true;
-    }
-    nodes.any(|(n, _)| *n == id)
+    consensus
+        .with_metrics(GroupId::METADATA, |m| {
+            let mut nodes = m.membership_config.nodes().peekable();
+            nodes.peek().is_none() || nodes.any(|(n, _)| *n == id)
+        })
+        .unwrap_or(true)
 }
 
 #[cfg(test)]
