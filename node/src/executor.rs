@@ -572,7 +572,18 @@ struct TriggerJob<T: Transport> {
     changes: ChangeWatch,
     /// What the next step looks at.
     next: Next,
+    /// Where the last run left the trigger, for the next one to start from while this
+    /// replica has not applied it yet.
+    carry: Option<Carried>,
     closed: bool,
+}
+
+/// A run's chain after its last commit (all answered, none refused), and that commit's log
+/// index: the next run starts from it until this replica has applied that index, instead
+/// of waiting for the apply.
+struct Carried {
+    index: u64,
+    chain: Chain,
 }
 
 /// What a trigger job's next step looks at.
@@ -600,6 +611,7 @@ impl<T: Transport> TriggerJob<T> {
             sm,
             changes,
             next: Next::All,
+            carry: None,
             closed: false,
         })
     }
@@ -657,10 +669,21 @@ impl<T: Transport> Worker for TriggerJob<T> {
             Next::Topics(t) => Some(t),
             Next::Wait => return Flow::Continue,
         };
-        self.next = match self.exec.step(&self.sm, &self.spec, only.as_ref()).await {
+        let carry = self.carry.take();
+        let stepped = self
+            .exec
+            .step(&self.sm, &self.spec, only.as_ref(), carry)
+            .await;
+        self.next = match stepped {
             // What committed may have more: the same topics again at once.
-            Ok(true) => only.map_or(Next::All, Next::Topics),
-            Ok(false) => Next::Wait,
+            Ok((true, carry)) => {
+                self.carry = carry;
+                only.map_or(Next::All, Next::Topics)
+            }
+            Ok((false, carry)) => {
+                self.carry = carry;
+                Next::Wait
+            }
             Err(e) => {
                 warn!(trigger = %self.spec.name, error = %e, "trigger step failed; trying again");
                 Next::Wait
@@ -781,13 +804,14 @@ impl<T: Transport> Executor<T> {
         sm: &StateMachine,
         spec: &TriggerSpec,
         only: Option<&BTreeSet<String>>,
-    ) -> Result<bool, ExecError> {
+        carry: Option<Carried>,
+    ) -> Result<(bool, Option<Carried>), ExecError> {
         let began = Instant::now();
         let Some(function) = self.functions.function(&spec.function)? else {
-            return Ok(false);
+            return Ok((false, None));
         };
         if !self.functions.runs_here(&function) {
-            return Ok(false);
+            return Ok((false, None));
         }
         let run = Run {
             spec,
@@ -802,7 +826,16 @@ impl<T: Transport> Executor<T> {
             function,
         };
         let group = canal_consensus::group_of_function(&run.function.name);
-        let mut chain = Chain::new(self.functions.state_version(&run.function.name)?);
+        // The last run's chain while this replica is behind it; the replica once it has
+        // caught up (it then holds the same, and what others committed since).
+        let applied_here = *sm.watch_applied().borrow();
+        let (mut chain, carried_index) = match carry {
+            Some(c) if applied_here < c.index => (c.chain, Some(c.index)),
+            _ => (
+                Chain::new(self.functions.state_version(&run.function.name)?),
+                None,
+            ),
+        };
         let mut topics: Option<BTreeSet<String>> = only.cloned();
         // Steps proposed and not answered yet, oldest first, each with whether it writes
         // state.
@@ -875,9 +908,21 @@ impl<T: Transport> Executor<T> {
                 break;
             }
         }
-        if let Some(index) = self.settle(spec, inflight).await? {
+        let (settled, unrefused) = self.settle(spec, inflight).await?;
+        if let Some(index) = settled {
             progressed = true;
             last_index = Some(last_index.map_or(index, |i: u64| i.max(index)));
+        }
+        if !progressed {
+            self.set_backlog(&spec.uid, 0);
+        }
+        if let Some(index) = last_index.or(carried_index)
+            && !broken
+            && unrefused
+            && chain.overlay_bytes <= MAX_CHAIN_STATE_BYTES
+        {
+            // Everything committed as chained: the next run goes on from the chain.
+            return Ok((progressed, Some(Carried { index, chain })));
         }
         if let Some(index) = last_index {
             let applying = Instant::now();
@@ -894,20 +939,19 @@ impl<T: Transport> Executor<T> {
             }
             self.metrics.phase("apply", applying);
         }
-        if !progressed {
-            self.set_backlog(&spec.uid, 0);
-        }
-        Ok(progressed)
+        Ok((progressed, None))
     }
 
     /// Waits for every step still in flight and counts its answer; returns the log index of
-    /// the last one answered, or the first error (after the rest were waited for).
+    /// the last one answered and whether none was refused, or the first error (after the
+    /// rest were waited for).
     async fn settle(
         &self,
         spec: &TriggerSpec,
         inflight: VecDeque<(Committing, bool)>,
-    ) -> Result<Option<u64>, ExecError> {
+    ) -> Result<(Option<u64>, bool), ExecError> {
         let mut last = None;
+        let mut unrefused = true;
         let mut failed = None;
         for (c, _) in inflight {
             let committing = Instant::now();
@@ -916,14 +960,14 @@ impl<T: Transport> Executor<T> {
             match r {
                 Ok(r) => {
                     last = Some(r.index);
-                    self.count_answer(spec, &r);
+                    unrefused &= self.count_answer(spec, &r);
                 }
                 Err(e) => failed = failed.or(Some(e)),
             }
         }
         match failed {
             Some(e) => Err(e),
-            None => Ok(last),
+            None => Ok((last, unrefused)),
         }
     }
 
