@@ -309,6 +309,9 @@ const MAX_RUN_STEPS: usize = 8;
 /// How many steps of one run may be committing at once (steps that write no state; one
 /// that does is waited for before the next is proposed).
 const STEPS_IN_FLIGHT: usize = 4;
+/// How many times one run looks for events at most (it looks again when a step in flight
+/// answers or the trigger's topics change while it has nothing to plan).
+const MAX_RUN_ROUNDS: usize = 4 * MAX_RUN_STEPS;
 /// A run also ends once the state writes it chains (not yet applied here) pass this many
 /// bytes.
 const MAX_CHAIN_STATE_BYTES: u64 = 4 << 20;
@@ -386,12 +389,25 @@ struct Committing(tokio::task::JoinHandle<Result<canal_consensus::Response, Clie
 impl Committing {
     /// Its answer, or why there is none (then what it did is unknown, and the next step
     /// reads from the replica).
-    async fn finish(self) -> Result<canal_consensus::Response, ExecError> {
-        Ok(self
-            .0
+    async fn finish(mut self) -> Result<canal_consensus::Response, ExecError> {
+        self.answer().await
+    }
+
+    /// [`Committing::finish`] without giving the step up: cancel-safe, for a `select!`
+    /// (once it has answered, it must not be awaited again).
+    async fn answer(&mut self) -> Result<canal_consensus::Response, ExecError> {
+        Ok((&mut self.0)
             .await
             .map_err(|e| ExecError::Replica(format!("the commit task failed: {e}")))??)
     }
+}
+
+/// What a run waiting with nothing to plan got first.
+enum Got {
+    /// The oldest step in flight answered.
+    Answer(Result<canal_consensus::Response, ExecError>),
+    /// The trigger's topics changed (`None`: the state machine is gone).
+    Wake(Option<Wake>),
 }
 
 /// How many QoS 0 trigger runs a node has in progress at most: enough to keep its cores
@@ -672,7 +688,13 @@ impl<T: Transport> Worker for TriggerJob<T> {
         let carry = self.carry.take();
         let stepped = self
             .exec
-            .step(&self.sm, &self.spec, only.as_ref(), carry)
+            .step(
+                &self.sm,
+                &self.spec,
+                only.as_ref(),
+                carry,
+                &mut self.changes,
+            )
             .await;
         self.next = match stepped {
             // What committed may have more: the same topics again at once.
@@ -805,6 +827,7 @@ impl<T: Transport> Executor<T> {
         spec: &TriggerSpec,
         only: Option<&BTreeSet<String>>,
         carry: Option<Carried>,
+        changes: &mut ChangeWatch,
     ) -> Result<(bool, Option<Carried>), ExecError> {
         let began = Instant::now();
         let Some(function) = self.functions.function(&spec.function)? else {
@@ -844,7 +867,9 @@ impl<T: Transport> Executor<T> {
         let mut last_index = None;
         let mut broken = false;
         self.metrics.phase("prepare", began);
-        for _ in 0..MAX_RUN_STEPS {
+        let (mut proposed, mut rounds) = (0, 0);
+        while proposed < MAX_RUN_STEPS && rounds < MAX_RUN_ROUNDS {
+            rounds += 1;
             let planning = Instant::now();
             let plan = self.plan(sm, &run, topics.as_ref(), &chain).await;
             self.metrics.phase("plan", planning);
@@ -856,9 +881,9 @@ impl<T: Transport> Executor<T> {
             // one may go while it commits: whatever this one's fate, the next applies only
             // on the cursors and the state it was planned on.
             while let Some((_, stateful)) = inflight.front() {
-                let settle = plan.as_ref().map_or(true, Option::is_none)
-                    || *stateful
-                    || inflight.len() >= STEPS_IN_FLIGHT;
+                let settle = plan.is_err()
+                    || (matches!(plan, Ok(Some(_)))
+                        && (*stateful || inflight.len() >= STEPS_IN_FLIGHT));
                 if !settle {
                     break;
                 }
@@ -868,19 +893,20 @@ impl<T: Transport> Executor<T> {
                 let committing = Instant::now();
                 let r = prev.finish().await;
                 self.metrics.phase("commit", committing);
-                let r = match r {
-                    Ok(r) => r,
+                match r {
+                    Ok(r) => {
+                        progressed = true;
+                        last_index = Some(r.index);
+                        if !self.count_answer(spec, &r) {
+                            // The chain broke: what was planned on it would be refused.
+                            broken = true;
+                            break;
+                        }
+                    }
                     Err(e) => {
                         let _ = self.settle(spec, inflight).await;
                         return Err(e);
                     }
-                };
-                progressed = true;
-                last_index = Some(r.index);
-                if !self.count_answer(spec, &r) {
-                    // The chain broke: what was planned on it would be refused.
-                    broken = true;
-                    break;
                 }
             }
             if broken {
@@ -888,7 +914,52 @@ impl<T: Transport> Executor<T> {
             }
             let plan = match plan {
                 Ok(Some(plan)) => plan,
-                Ok(None) => break,
+                Ok(None) if inflight.is_empty() => break,
+                Ok(None) => {
+                    // Nothing new yet while steps commit: the oldest one's answer, or new
+                    // events on the trigger's topics (planned at once, while the rest
+                    // commit), whichever comes first; then look again.
+                    let committing = Instant::now();
+                    let got = {
+                        let Some((front, _)) = inflight.front_mut() else {
+                            break;
+                        };
+                        tokio::select! {
+                            r = front.answer() => Got::Answer(r),
+                            w = changes.next() => Got::Wake(w),
+                        }
+                    };
+                    match got {
+                        Got::Answer(r) => {
+                            self.metrics.phase("commit", committing);
+                            inflight.pop_front();
+                            match r {
+                                Ok(r) => {
+                                    progressed = true;
+                                    last_index = Some(r.index);
+                                    if !self.count_answer(spec, &r) {
+                                        broken = true;
+                                        break;
+                                    }
+                                }
+                                Err(e) => {
+                                    let _ = self.settle(spec, inflight).await;
+                                    return Err(e);
+                                }
+                            }
+                        }
+                        Got::Wake(None) => break,
+                        Got::Wake(Some(Wake::Everything)) => topics = None,
+                        Got::Wake(Some(Wake::Topics(changed))) => {
+                            if let Some(topics) = topics.as_mut() {
+                                topics.extend(changed.into_iter().filter(|t| {
+                                    Topic::new(t).is_ok_and(|t| spec.filter.matches(&t))
+                                }));
+                            }
+                        }
+                    }
+                    continue;
+                }
                 Err(e) => {
                     let _ = self.settle(spec, inflight).await;
                     return Err(e);
@@ -904,6 +975,7 @@ impl<T: Transport> Executor<T> {
                 .start_write(group, canal_consensus::Request { id: None, op })
                 .await;
             inflight.push_back((Committing(tokio::spawn(answer)), stateful));
+            proposed += 1;
             if chain.overlay_bytes > MAX_CHAIN_STATE_BYTES {
                 break;
             }
