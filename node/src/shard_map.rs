@@ -5,7 +5,8 @@
 //!
 //! ```text
 //!   metadata leader, every LOOK_EVERY:
-//!     members (voters + learners) + peer table (alive, tier, labels)
+//!     members (voters + learners) + peer table (tier, labels; a member out of it for
+//!     DOWN_AFTER is down)
 //!       ─ unchanged for SETTLE, and MIN_BETWEEN since the last commit? ─>
 //!     compute(policy, peers, committed map) ─ other replicas? ─> commit epoch + 1
 //!   every node: canal_shard_map_epoch, canal_shard_map_moves from its replica's map
@@ -31,7 +32,7 @@ use canal_proto::shards::ShardMap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -48,6 +49,10 @@ pub const MIN_BETWEEN: Duration = Duration::from_secs(5);
 /// to hold every live peer (a record every few seconds; a silent peer leaves it after
 /// 10 s), so a leader that has just started does not take its members for gone.
 pub const WARM_UP: Duration = Duration::from_secs(10);
+/// How long a member must be missing from the peer table before the map counts it down and
+/// places its replicas elsewhere: a restart or a short partition moves nothing (compare
+/// CockroachDB's `server.time_until_store_dead`).
+pub const DOWN_AFTER: Duration = Duration::from_secs(30);
 /// The label replicas of a shard are spread over, when peers carry it.
 pub const SPREAD_LABEL: &str = "zone";
 
@@ -116,20 +121,19 @@ fn placement_caps(caps: &Capabilities) -> Capabilities {
     }
 }
 
-/// The peers the map is computed from: every Raft member of the metadata group, alive while
-/// it is in the peer table, with the tier and labels of its latest record (`seen` keeps them
-/// for a member that has left the table). Sorted by id; a member whose id does not parse is
-/// left out.
+/// The peers the map is computed from: every Raft member of the metadata group, alive unless
+/// it is in `down`, with the tier and labels of its latest record in the peer table (`seen`
+/// keeps them for a member that has left the table). Sorted by id; a member whose id does
+/// not parse is left out.
 pub fn shard_peers(
     members: &[String],
     table: &[PeerView],
+    down: &BTreeSet<String>,
     seen: &mut BTreeMap<String, Capabilities>,
 ) -> Vec<ShardPeer> {
     for v in table {
         seen.insert(v.peer_id.to_base58(), placement_caps(&v.caps));
     }
-    let alive: std::collections::BTreeSet<String> =
-        table.iter().map(|v| v.peer_id.to_base58()).collect();
     // Only members are remembered: a peer removed for good leaves no trace.
     seen.retain(|id, _| members.contains(id));
     let mut out: Vec<ShardPeer> = members
@@ -144,13 +148,39 @@ pub fn shard_peers(
                 id.clone(),
                 peer_key(&peer),
                 caps,
-                alive.contains(id),
+                !down.contains(id),
             ))
         })
         .collect();
     out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
     out.dedup_by(|a, b| a.peer_id == b.peer_id);
     out
+}
+
+/// The members that have been missing from the peer table for `down_after` or longer at
+/// `now`: `present` says when each was last in it, and a member never seen counts from
+/// `started`, when the job began to watch. Updates `present` from `table` and forgets
+/// peers that are no members.
+pub fn down_members(
+    members: &[String],
+    table: &[PeerView],
+    present: &mut BTreeMap<String, Instant>,
+    started: Instant,
+    now: Instant,
+    down_after: Duration,
+) -> BTreeSet<String> {
+    for v in table {
+        present.insert(v.peer_id.to_base58(), now);
+    }
+    present.retain(|id, _| members.contains(id));
+    members
+        .iter()
+        .filter(|id| {
+            let last = present.get(*id).copied().unwrap_or(started);
+            now.saturating_duration_since(last) >= down_after
+        })
+        .cloned()
+        .collect()
 }
 
 /// The policy for `peers`: `shards` shards, K = `replication` or the number of live peers
@@ -289,6 +319,21 @@ pub fn serving_group() -> GroupId {
     canal_consensus::routing::DEFAULT_GROUP
 }
 
+/// Whether a round at `now` may commit a map: the job has run for [`WARM_UP`], its inputs
+/// have not changed since `settled_since` for [`SETTLE`], and its last commit is
+/// [`MIN_BETWEEN`] ago. Inputs that change faster than SETTLE never commit; slower, at most
+/// one map per MIN_BETWEEN.
+pub fn may_commit(
+    now: Instant,
+    started: Instant,
+    settled_since: Instant,
+    last_commit: Option<Instant>,
+) -> bool {
+    now.saturating_duration_since(started) >= WARM_UP
+        && now.saturating_duration_since(settled_since) >= SETTLE
+        && last_commit.is_none_or(|t| now.saturating_duration_since(t) >= MIN_BETWEEN)
+}
+
 /// What the job remembers between rounds.
 struct Seen {
     /// The inputs of the last round, and since when they have not changed.
@@ -298,6 +343,8 @@ struct Seen {
     last_commit: Option<Instant>,
     /// Tier and labels of members, as last seen in the peer table.
     caps: BTreeMap<String, Capabilities>,
+    /// When each member was last in the peer table.
+    present: BTreeMap<String, Instant>,
     /// The epoch the moves gauge was computed for.
     moves_epoch: Option<u64>,
     /// Whether the log said that the cluster's shard count is not this node's `--shards`.
@@ -314,6 +361,8 @@ pub struct ShardMapJob<T: Transport> {
     replication: usize,
     metrics: ShardMapMetrics,
     started: Instant,
+    /// [`DOWN_AFTER`], shorter in tests.
+    down_after: Duration,
     seen: Seen,
     tick: tokio::time::Interval,
 }
@@ -334,11 +383,13 @@ impl<T: Transport> ShardMapJob<T> {
             replication,
             metrics,
             started: Instant::now(),
+            down_after: DOWN_AFTER,
             seen: Seen {
                 inputs: Vec::new(),
                 since: Instant::now(),
                 last_commit: None,
                 caps: BTreeMap::new(),
+                present: BTreeMap::new(),
                 moves_epoch: None,
                 told_shards: false,
             },
@@ -378,19 +429,23 @@ impl<T: Transport> ShardMapJob<T> {
             return;
         };
         let members: Vec<String> = status.nodes.iter().map(|(_, p)| p.clone()).collect();
-        let inputs = shard_peers(&members, &self.peers.peers(), &mut self.seen.caps);
+        let table = self.peers.peers();
         let now = Instant::now();
+        let down = down_members(
+            &members,
+            &table,
+            &mut self.seen.present,
+            self.started,
+            now,
+            self.down_after,
+        );
+        let inputs = shard_peers(&members, &table, &down, &mut self.seen.caps);
         if inputs != self.seen.inputs {
             self.seen.inputs = inputs;
             self.seen.since = now;
             return;
         }
-        if now.duration_since(self.started) < WARM_UP
-            || now.duration_since(self.seen.since) < SETTLE
-            || self
-                .seen
-                .last_commit
-                .is_some_and(|t| now.duration_since(t) < MIN_BETWEEN)
+        if !may_commit(now, self.started, self.seen.since, self.seen.last_commit)
             || !inputs.iter().any(|p| p.alive)
         {
             return;
@@ -500,49 +555,81 @@ mod tests {
     }
 
     #[test]
-    fn peers_are_the_members_alive_while_in_the_table_with_their_last_labels() {
+    fn peers_are_the_members_with_their_last_labels_and_down_only_after_the_grace() {
         let ids: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
         let members: Vec<String> = ids.iter().map(|p| p.to_base58()).collect();
         let mut seen = BTreeMap::new();
+        let mut present = BTreeMap::new();
         let stranger = PeerId::random();
         let table = vec![
             view_of(ids[0], &[("zone", "a")]),
             view_of(ids[1], &[("zone", "b")]),
             view_of(stranger, &[]),
         ];
-        let peers = shard_peers(&members, &table, &mut seen);
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(30);
+        // Member 2 was never in the table: it is down only once the job has watched for
+        // the grace.
+        let down = down_members(&members, &table, &mut present, t0, t0, grace);
+        assert!(down.is_empty(), "{down:?}");
+        assert!(!present.contains_key(&stranger.to_base58()));
+        let later = t0 + grace;
+        let down = down_members(&members, &table, &mut present, t0, later, grace);
+        assert_eq!(down, BTreeSet::from([members[2].clone()]));
+        let peers = shard_peers(&members, &table, &down, &mut seen);
         assert_eq!(peers.len(), 3, "members only: {peers:?}");
         assert!(peers.windows(2).all(|w| w[0].peer_id < w[1].peer_id));
-        let by = |id: &PeerId| {
+        let by = |peers: &[ShardPeer], id: &str| {
             peers
                 .iter()
-                .find(|p| p.peer_id == id.to_base58())
+                .find(|p| p.peer_id == id)
                 .cloned()
                 .unwrap_or_else(|| panic!("{id} is missing"))
         };
-        assert!(by(&ids[0]).alive && by(&ids[1]).alive && !by(&ids[2]).alive);
+        assert!(by(&peers, &members[0]).alive && by(&peers, &members[1]).alive);
+        assert!(!by(&peers, &members[2]).alive);
         // Load is not an input: only the id, tier and labels are kept.
-        assert_eq!(by(&ids[0]).caps.cpu_cores, 0);
-        assert_eq!(by(&ids[0]).caps.labels["zone"], "a");
-        // A member that leaves the table keeps its labels, and is no longer alive.
-        let later = shard_peers(&members, &table[1..], &mut seen);
-        let zero = later
-            .iter()
-            .find(|p| p.peer_id == members[0])
-            .cloned()
-            .unwrap_or_else(|| panic!("member 0 is missing"));
+        assert_eq!(by(&peers, &members[0]).caps.cpu_cores, 0);
+        assert_eq!(by(&peers, &members[0]).caps.labels["zone"], "a");
+        // Member 0 leaves the table: alive for the grace, then down, its labels kept.
+        let t1 = later + Duration::from_secs(1);
+        let gone = &table[1..];
+        let down = down_members(&members, gone, &mut present, t0, t1, grace);
+        assert!(!down.contains(&members[0]));
+        let down = down_members(&members, gone, &mut present, t0, later + grace, grace);
+        assert!(down.contains(&members[0]), "{down:?}");
+        let peers = shard_peers(&members, gone, &down, &mut seen);
+        let zero = by(&peers, &members[0]);
         assert!(!zero.alive);
         assert_eq!(zero.caps.labels["zone"], "a");
         assert!(!seen.contains_key(&stranger.to_base58()));
     }
 
     #[test]
+    fn flapping_inputs_never_commit_and_settled_ones_at_most_every_min_between() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // Warming up, then settled: the first commit.
+        assert!(!may_commit(at(5), t0, t0, None));
+        assert!(may_commit(at(10), t0, t0, None));
+        // Inputs that changed a second ago have not settled.
+        assert!(!may_commit(at(20), t0, at(19), None));
+        // A peer flapping every two seconds: no round of a minute may commit.
+        assert!((20..80).all(|s| !may_commit(at(s), t0, at(s - s % 2), Some(at(10)))));
+        // Settled, but a map was committed two seconds ago.
+        assert!(!may_commit(at(30), t0, at(20), Some(at(28))));
+        assert!(may_commit(at(33), t0, at(20), Some(at(28))));
+    }
+
+    #[test]
     fn k_follows_the_live_peers_and_the_spread_the_zone_label() {
         let ids: Vec<PeerId> = (0..2).map(|_| PeerId::random()).collect();
         let members: Vec<String> = ids.iter().map(|p| p.to_base58()).collect();
+        let none = BTreeSet::new();
         let plain = shard_peers(
             &members,
             &[view_of(ids[0], &[]), view_of(ids[1], &[])],
+            &none,
             &mut BTreeMap::new(),
         );
         let p = policy_for(64, 3, &plain);
@@ -550,6 +637,7 @@ mod tests {
         let zoned = shard_peers(
             &members,
             &[view_of(ids[0], &[("zone", "z1")])],
+            &BTreeSet::from([members[1].clone()]),
             &mut BTreeMap::new(),
         );
         let p = policy_for(64, 3, &zoned);
@@ -562,7 +650,8 @@ mod tests {
         let ids: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
         let members: Vec<String> = ids.iter().map(|p| p.to_base58()).collect();
         let table: Vec<PeerView> = ids.iter().map(|p| view_of(*p, &[])).collect();
-        let three = shard_peers(&members[..3], &table, &mut BTreeMap::new());
+        let none = BTreeSet::new();
+        let three = shard_peers(&members[..3], &table, &none, &mut BTreeMap::new());
         let policy = policy_for(64, 3, &three);
         let first = next_map(&policy, &three, None)
             .expect("computes")
@@ -575,7 +664,7 @@ mod tests {
             None
         );
         // A fourth: the next epoch, with about a quarter of the replicas on it.
-        let four = shard_peers(&members, &table, &mut BTreeMap::new());
+        let four = shard_peers(&members, &table, &none, &mut BTreeMap::new());
         let second = next_map(&policy_for(64, 3, &four), &four, Some(&first))
             .expect("computes")
             .expect("a second map");
@@ -614,6 +703,7 @@ mod tests {
         let mut job = ShardMapJob::new(consensus.clone(), peers.clone(), 16, 3, metrics.clone());
         // No waiting for the peer table in a test: it is fixed.
         job.started = Instant::now() - WARM_UP;
+        job.down_after = Duration::from_secs(1);
         let handle = canal_worker::spawn(job);
         testkit::until("the first map", Duration::from_secs(20), || {
             committed(&consensus).is_some()
@@ -631,8 +721,8 @@ mod tests {
             )
             .await;
         }
-        // A member leaves the peer table: the next epoch leaves it out, K drops to the two
-        // live peers.
+        // A member leaves the peer table: once it has been gone for the grace, the next
+        // epoch leaves it out, K drops to the two live peers.
         let gone = all[(leader + 1) % 3].to_base58();
         peers.remove(&gone);
         testkit::until("the second map", Duration::from_secs(30), || {
