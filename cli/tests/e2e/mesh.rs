@@ -777,6 +777,25 @@ async fn the_shard_map_is_committed_shown_and_moves_when_a_fourth_node_joins() {
         "{:?}",
         second.moves
     );
+    let api_url = net.node(0).info().unwrap().api.clone();
+    let out = canal(&["--api", &api_url, "cluster", "shards", "--moves"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "moves from epoch {}: {} planned",
+            second.epoch - 1,
+            second.moves.len()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("not executed"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("add learner") && l.contains(new_id.as_str())),
+        "{text}"
+    );
+
     // The gauge follows the replica's map within a round of the job.
     let api0 = net.api(0).unwrap();
     let api0 = &api0;
