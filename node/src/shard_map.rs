@@ -248,13 +248,12 @@ fn show_move(m: &Move) -> ShardMove {
     }
 }
 
-/// `GET /v1/cluster/shards` from a committed map, the one it replaced, and the group that
-/// serves every shard today with its leader.
+/// `GET /v1/cluster/shards` from a committed map, the one it replaced, and the leader of a
+/// group as the answering node knows it.
 pub fn view(
     map: Option<&ShardMap>,
     previous: Option<&ShardMap>,
-    served_by: GroupId,
-    group_leader: Option<String>,
+    group_leader: &dyn Fn(GroupId) -> Option<String>,
 ) -> ClusterShards {
     let Some(map) = map else {
         return ClusterShards {
@@ -271,6 +270,8 @@ pub fn view(
             moves: Vec::new(),
         };
     };
+    // Many shards share a group: its leader is asked for once.
+    let mut leaders: BTreeMap<GroupId, Option<String>> = BTreeMap::new();
     let mut loads: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     for a in &map.assignments {
         for (i, p) in a.replicas.iter().enumerate() {
@@ -289,12 +290,18 @@ pub fn view(
         rows: map
             .assignments
             .iter()
-            .map(|a| ShardRow {
-                shard: a.shard,
-                replicas: a.replicas.clone(),
-                shortfall: a.shortfall.clone(),
-                served_by: served_by.to_string(),
-                group_leader: group_leader.clone(),
+            .map(|a| {
+                let group = serving_group(a.shard);
+                ShardRow {
+                    shard: a.shard,
+                    replicas: a.replicas.clone(),
+                    shortfall: a.shortfall.clone(),
+                    served_by: group.to_string(),
+                    group_leader: leaders
+                        .entry(group)
+                        .or_insert_with(|| group_leader(group))
+                        .clone(),
+                }
             })
             .collect(),
         peers: loads
@@ -313,9 +320,11 @@ pub fn view(
     }
 }
 
-/// The group that holds the logs of every shard's topics today: `routing::group_of` answers
-/// one data group for every topic until shard groups land.
-pub fn serving_group() -> GroupId {
+/// The group that holds the logs of `shard`'s topics today: `routing::group_of` answers one
+/// data group for every topic until shard groups land. (A test checks that the two agree,
+/// so a change of routing cannot leave this answer behind.)
+pub fn serving_group(shard: u32) -> GroupId {
+    let _ = shard;
     canal_consensus::routing::DEFAULT_GROUP
 }
 
@@ -497,7 +506,7 @@ impl<T: Transport> ShardMapJob<T> {
                     leader_changes = moved.map_or(0, |m| m.leader_changes),
                     moves,
                     "shard map committed; its moves are planned, not executed: every topic stays in {} until shard groups land",
-                    serving_group()
+                    serving_group(0)
                 );
             }
             Ok(r) => {
@@ -606,6 +615,20 @@ mod tests {
     }
 
     #[test]
+    fn the_serving_group_is_the_group_routing_gives_the_shards_topics() {
+        for i in 0..512 {
+            let topic = canal_proto::Topic::new(&format!("t/{i}")).expect("a topic");
+            let shard =
+                canal_proto::keyspace::shard_of(&canal_proto::keyspace::topic_key(&topic), 64);
+            assert_eq!(
+                serving_group(shard),
+                canal_consensus::group_of(topic.as_str()),
+                "{topic} of shard {shard}"
+            );
+        }
+    }
+
+    #[test]
     fn flapping_inputs_never_commit_and_settled_ones_at_most_every_min_between() {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
@@ -676,9 +699,14 @@ mod tests {
             .count();
         assert_eq!(on_new, 48, "64 × 3 / 4 replicas on the new peer");
         // The shown view: every row served by the one data group, and the planned moves.
-        let v = view(Some(&second), Some(&first), serving_group(), None);
+        let v = view(Some(&second), Some(&first), &|g| {
+            Some(format!("leader of {g}"))
+        });
         assert_eq!((v.epoch, v.rows.len(), v.moves_from), (2, 64, Some(1)));
-        assert!(v.rows.iter().all(|r| r.served_by == "data-1"));
+        assert!(
+            v.rows.iter().all(|r| r.served_by == "data-1"
+                && r.group_leader.as_deref() == Some("leader of data-1"))
+        );
         let adds = v.moves.iter().filter(|m| m.step == "add_learner").count();
         assert_eq!(adds, 48);
         assert!(
@@ -689,7 +717,7 @@ mod tests {
         let load: usize = v.peers.iter().map(|p| p.replicas).sum();
         assert_eq!(load, 192);
         assert_eq!(v.peers.iter().map(|p| p.leaders).sum::<usize>(), 64);
-        assert!(view(None, None, serving_group(), None).rows.is_empty());
+        assert!(view(None, None, &|_| None).rows.is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,8 +47,8 @@ pub(super) async fn cluster_status(
 /// that serves its topics today and that group's leader as this node knows it.
 pub(super) async fn cluster_shards(State(st): State<ApiState>) -> axum::Json<ClusterShards> {
     let c = &st.consensus;
-    let group = crate::shard_map::serving_group();
-    let leader = c.local_status(group).ok().and_then(|s| {
+    let leader_of = |g: GroupId| {
+        let s = c.local_status(g).ok()?;
         let id = s.leader?;
         Some(
             s.nodes
@@ -57,12 +57,11 @@ pub(super) async fn cluster_shards(State(st): State<ApiState>) -> axum::Json<Clu
                 .map(|(_, p)| p.clone())
                 .unwrap_or_else(|| format!("node {id}")),
         )
-    });
+    };
     axum::Json(crate::shard_map::view(
         crate::shard_map::committed(c).as_ref(),
         crate::shard_map::previous(c).as_ref(),
-        group,
-        leader,
+        &leader_of,
     ))
 }
 
