@@ -94,7 +94,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// A multi-node mesh on this machine: up, status, down, kill, restart.
     Testnet(testnet_cmd::TestnetArgs),
-    /// The Raft groups: status, removing a peer for good, making a cluster key.
+    /// The Raft groups and the shard map: status, shards, removing a peer for good, making a
+    /// cluster key.
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
@@ -136,6 +137,14 @@ enum ClusterCommand {
         /// The peer id (from `canal peers` or the joining node's first log line).
         peer: String,
     },
+    /// The shard map committed in the metadata group: every shard's replicas (preferred
+    /// leader first), the group serving it today and that group's leader, each peer's share,
+    /// and the moves planned from the previous map (not executed yet).
+    Shards {
+        /// List every planned move, not only their count.
+        #[arg(long)]
+        moves: bool,
+    },
     /// Remove a peer that left for good from every Raft group.
     Remove {
         /// The peer id (from `canal cluster status` or `canal peers`).
@@ -154,7 +163,8 @@ enum ClusterCommand {
 
 #[derive(Subcommand, Debug)]
 enum TopicCommand {
-    /// The topic's key, shard, DHT home peers and placed replicas.
+    /// The topic's key and shard, the shard's planned replicas in the shard map, its DHT
+    /// home peers, and the Raft group that holds the topic's log today.
     Locate {
         /// A topic name, such as sensors/room1/temp (no wildcards).
         #[arg(value_parser = parse_topic)]
@@ -268,6 +278,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let status: canal_proto::api::ClusterStatus =
                     client.get("/v1/cluster/status").await?;
                 show::cluster(&status, cli.json)
+            }
+            ClusterCommand::Shards { moves } => {
+                let client = client::Client::new(&cli.api, cli.token.as_deref())?;
+                let shards: canal_proto::api::ClusterShards =
+                    client.get("/v1/cluster/shards").await?;
+                show::shards(&shards, moves, cli.json)
             }
             ClusterCommand::Admit { peer } => {
                 let client = client::Client::new(&cli.api, cli.token.as_deref())?;

@@ -116,6 +116,10 @@ pub(crate) struct NodeArgs {
     /// Home peers per shard (K).
     #[arg(long, env = "CANAL_REPLICATION_FACTOR")]
     replication_factor: Option<usize>,
+    /// Shards in the topic space, 1 to 65536, fixed when the cluster is created: a node
+    /// joining a cluster uses the cluster's count [default: 64].
+    #[arg(long, env = "CANAL_SHARDS")]
+    shards: Option<u32>,
     /// Log filter, as RUST_LOG (info, canal_dht=debug, ...).
     #[arg(long, env = "CANAL_LOG", default_value = "info")]
     log: String,
@@ -167,6 +171,9 @@ impl NodeArgs {
         }
         if let Some(v) = self.replication_factor {
             c.replication_factor = v;
+        }
+        if let Some(v) = self.shards {
+            c.shards = v;
         }
         if let Some(v) = self.voters {
             c.voters = v;

@@ -1,6 +1,6 @@
 //! Output: aligned tables with units for people, JSON for scripts.
 
-use canal_proto::api::{ClusterStatus, Locate, Peers};
+use canal_proto::api::{ClusterShards, ClusterStatus, Locate, Peers};
 use canal_proto::size::format_bytes;
 use comfy_table::{Table, presets::NOTHING};
 use serde::Serialize;
@@ -102,6 +102,17 @@ pub(crate) fn locate(l: &Locate, as_json: bool) -> anyhow::Result<()> {
         "shard     {} of {} (key {})",
         l.shard, l.shards, l.shard_key
     );
+    match l.map_epoch {
+        Some(epoch) => println!(
+            "planned   {} (shard map epoch {epoch}, preferred leader first; not serving until shard groups land)",
+            if l.planned_replicas.is_empty() {
+                "no replica".to_string()
+            } else {
+                l.planned_replicas.join(", ")
+            }
+        ),
+        None => println!("planned   - (no shard map committed yet)"),
+    }
     println!("policy    {}", l.policy);
     println!(
         "home      {} closest of {} peers (replication factor {})",
@@ -109,21 +120,46 @@ pub(crate) fn locate(l: &Locate, as_json: bool) -> anyhow::Result<()> {
         l.members,
         l.replication_factor
     );
-    let mut t = table(&["HOME PEER", "XOR DISTANCE", "REPLICA"]);
+    let mut t = table(&["PEER", "XOR DISTANCE", "REPLICA", "PLANNED"]);
+    let planned = |p: &str| {
+        match l.planned_replicas.iter().position(|r| r == p) {
+            Some(0) => "yes (preferred leader)",
+            Some(_) => "yes",
+            None => "no",
+        }
+        .to_string()
+    };
     for h in &l.home {
         let replica = if l.replicas.contains(&h.peer_id) {
             "yes"
         } else {
             "no"
         };
-        t.add_row(vec![h.peer_id.clone(), h.distance.clone(), replica.into()]);
+        t.add_row(vec![
+            h.peer_id.clone(),
+            h.distance.clone(),
+            replica.into(),
+            planned(&h.peer_id),
+        ]);
     }
     for r in l
         .replicas
         .iter()
         .filter(|r| !l.home.iter().any(|h| &h.peer_id == *r))
     {
-        t.add_row(vec![r.clone(), "-".into(), "yes (placed)".into()]);
+        t.add_row(vec![
+            r.clone(),
+            "-".into(),
+            "yes (placed)".into(),
+            planned(r),
+        ]);
+    }
+    for p in l
+        .planned_replicas
+        .iter()
+        .filter(|p| !l.home.iter().any(|h| &h.peer_id == *p) && !l.replicas.contains(p))
+    {
+        t.add_row(vec![p.clone(), "-".into(), "no".into(), planned(p)]);
     }
     println!("{t}");
     // Where the events are: the Raft group that holds the topic's log, as the answering
@@ -137,12 +173,100 @@ pub(crate) fn locate(l: &Locate, as_json: bool) -> anyhow::Result<()> {
             }
         };
         println!(
-            "group     {} (leader {})",
+            "group     {} (leader {}): holds the log",
             l.group,
             l.leader.as_deref().unwrap_or("none known")
         );
         println!("voters    {}", list(&l.voters));
         println!("learners  {}", list(&l.learners));
+    }
+    Ok(())
+}
+
+/// The shard map: a line on the map, a row per shard, a row per peer, the notes and the
+/// planned moves (each one with `moves`).
+pub(crate) fn shards(c: &ClusterShards, moves: bool, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(c);
+    }
+    if c.epoch == 0 {
+        for n in &c.notes {
+            println!("{n}");
+        }
+        return Ok(());
+    }
+    println!(
+        "shard map epoch {}: {} shards, K = {}, {}",
+        c.epoch,
+        c.shards,
+        c.replication,
+        match &c.spread {
+            Some(label) => format!("spread over {label}"),
+            None => "no spread label".to_string(),
+        }
+    );
+    let mut t = table(&[
+        "SHARD",
+        "REPLICAS (PREFERRED LEADER FIRST)",
+        "SERVED BY",
+        "GROUP LEADER",
+    ]);
+    for r in &c.rows {
+        let mut replicas = if r.replicas.is_empty() {
+            "-".to_string()
+        } else {
+            r.replicas.join(", ")
+        };
+        if let Some(why) = &r.shortfall {
+            replicas.push_str(&format!(" ({why})"));
+        }
+        t.add_row(vec![
+            r.shard.to_string(),
+            replicas,
+            format!("{} (all topics until shard groups land)", r.served_by),
+            r.group_leader
+                .clone()
+                .unwrap_or_else(|| "none known".into()),
+        ]);
+    }
+    println!("{t}");
+    let mut p = table(&["PEER", "REPLICAS", "PREFERRED LEADER OF"]);
+    for l in &c.peers {
+        p.add_row(vec![
+            l.peer_id.clone(),
+            l.replicas.to_string(),
+            l.leaders.to_string(),
+        ]);
+    }
+    println!("{p}");
+    for n in &c.notes {
+        println!("note: {n}");
+    }
+    match c.moves_from {
+        None => println!("moves: none (the first map)"),
+        Some(from) => {
+            let count = |step: &str| c.moves.iter().filter(|m| m.step == step).count();
+            println!(
+                "moves from epoch {from}: {} planned ({} add learner, {} promote, {} transfer leader, {} remove), not executed: shard groups have not landed",
+                c.moves.len(),
+                count("add_learner"),
+                count("promote"),
+                count("transfer_leader"),
+                count("remove"),
+            );
+            if moves {
+                let mut m = table(&["SHARD", "STEP", "PEER", "TO"]);
+                for mv in &c.moves {
+                    m.add_row(vec![
+                        mv.shard.to_string(),
+                        mv.step.replace('_', " "),
+                        mv.peer.clone(),
+                        mv.to.clone().unwrap_or_else(|| "-".into()),
+                    ]);
+                }
+                println!("{m}");
+            }
+        }
     }
     Ok(())
 }

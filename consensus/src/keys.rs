@@ -31,6 +31,7 @@
 //!   TOKEN_KEY             \x01K/{algorithm}                public token key   metadata
 //!   TOKENS                \x01I/{token id}                 issued token       metadata
 //!   REVOKED_TOKENS        \x01X/{token id}                 expiry (u64)       metadata
+//!   SHARD_MAP             \x01D/map, \x01D/previous        ShardMap (wire)    metadata
 //! ```
 //!
 //! The byte layout is the on-disk format (`canal-raft/4`): changing a prefix or a separator
@@ -330,6 +331,17 @@ pub const TOKENS: Table<Name, Raw> = Table::new("\u{1}I/", "issued tokens");
 /// (metadata group).
 pub const REVOKED_TOKENS: Table<Name, Wire<u64>> = Table::new("\u{1}X/", "revoked tokens");
 
+/// The cluster's shard map (metadata group): [`SHARD_MAP_CURRENT`] holds the committed
+/// [`canal_proto::shards::ShardMap`] (its bounded [`canal_proto::shards::ShardMap::decode`]
+/// reads it), [`SHARD_MAP_PREVIOUS`] the one it replaced, so every replica can tell the moves
+/// between them. Only [`crate::InternalKey::ShardMap`] writes it, and the apply moves the old
+/// map to `previous` itself.
+pub const SHARD_MAP: Table<Name, Raw> = Table::new("\u{1}D/", "shard maps");
+/// The name of the committed shard map in [`SHARD_MAP`].
+pub const SHARD_MAP_CURRENT: &str = "map";
+/// The name of the shard map the committed one replaced, in [`SHARD_MAP`].
+pub const SHARD_MAP_PREVIOUS: &str = "previous";
+
 /// A function's committed placement (metadata group); the placer owns the value's type.
 pub const fn placements<V>() -> Table<Name, Wire<V>> {
     Table::new("\u{1}P/", "placements")
@@ -444,6 +456,7 @@ mod tests {
             p(TOKEN_KEY),
             p(TOKENS),
             p(REVOKED_TOKENS),
+            p(SHARD_MAP),
             p(placements::<u64>()),
             p(measurements::<u64>()),
         ]
@@ -520,6 +533,8 @@ mod tests {
             (measurements::<u64>().key(("f", "p")), "\u{1}M/f\u{0}p"),
             (REMOVED.key("p"), "\u{1}R/p"),
             (ADMITTED.key("p"), "\u{1}A/p"),
+            (SHARD_MAP.key(SHARD_MAP_CURRENT), "\u{1}D/map"),
+            (SHARD_MAP.key(SHARD_MAP_PREVIOUS), "\u{1}D/previous"),
         ];
         for (built, disk) in layout {
             assert_eq!(built, disk);
@@ -551,6 +566,7 @@ mod tests {
                 one!(ADMITTED, &a, a.clone());
                 one!(RETAINED, &a, a.clone());
                 one!(MQTT_SESSIONS, &a, a.clone());
+                one!(SHARD_MAP, &a, a.clone());
                 one!(placements::<u64>(), &a, a.clone());
                 one!(EVENTS, (&a, n), (a.clone(), n));
                 one!(SUBSCRIPTION_CURSORS, (&a, &b), (a.clone(), b.clone()));

@@ -155,6 +155,11 @@ pub enum InternalKey {
     Retained(String),
     /// A persistent MQTT session, by client id (data group of its subscriptions).
     MqttSession(String),
+    /// The cluster's shard map (metadata group), a wire-encoded
+    /// [`canal_proto::shards::ShardMap`]. The apply takes only a map that decodes and
+    /// validates, keeps the committed shard count and is at the committed epoch + 1 (1 for
+    /// the first), so a stale leader never replaces a newer map; it cannot be removed.
+    ShardMap,
 }
 
 impl InternalKey {
@@ -179,6 +184,7 @@ impl InternalKey {
             InternalKey::RevokedToken(id) => keys::REVOKED_TOKENS.key(id),
             InternalKey::Retained(topic) => keys::RETAINED.key(topic),
             InternalKey::MqttSession(client) => keys::MQTT_SESSIONS.key(client),
+            InternalKey::ShardMap => keys::SHARD_MAP.key(keys::SHARD_MAP_CURRENT),
         }
     }
 
@@ -199,6 +205,7 @@ impl InternalKey {
             | InternalKey::RevokedToken(s) => vec![s.as_str()],
             InternalKey::Retained(s) | InternalKey::MqttSession(s) => vec![s.as_str()],
             InternalKey::Measurement { function, peer } => vec![function, peer],
+            InternalKey::ShardMap => Vec::new(),
         }
     }
 
@@ -243,6 +250,7 @@ impl fmt::Display for InternalKey {
             InternalKey::RevokedToken(id) => write!(f, "revocation of token {id}"),
             InternalKey::Retained(t) => write!(f, "retained message of {t}"),
             InternalKey::MqttSession(c) => write!(f, "MQTT session of {c}"),
+            InternalKey::ShardMap => write!(f, "shard map"),
         }
     }
 }

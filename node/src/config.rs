@@ -49,7 +49,9 @@ pub struct NodeConfig {
     pub mdns: bool,
     /// K: home peers per shard.
     pub replication_factor: usize,
-    /// Shards in the topic space. Every peer of a mesh must use the same value.
+    /// Shards in the topic space, fixed when the cluster is created: the first shard map
+    /// takes the founding leader's value, and a node started later with another one uses
+    /// the cluster's (and says so in its log).
     pub shards: u32,
     /// How many voters each Raft group should have (the rest are learners).
     pub voters: usize,
@@ -402,10 +404,15 @@ impl NodeConfig {
                 format!("{} is out of range: 1 to 16", self.replication_factor),
             ));
         }
-        if !(1..=65536).contains(&self.shards) {
+        if !(1..=canal_proto::shards::MAX_SHARDS).contains(&self.shards) {
             return Err(invalid(
                 "shards",
-                format!("{} is out of range: 1 to 65536", self.shards),
+                format!(
+                    "{} is out of range: a topic space has 1 to {} shards (default {})",
+                    self.shards,
+                    canal_proto::shards::MAX_SHARDS,
+                    canal_dht::topology::DEFAULT_SHARDS
+                ),
             ));
         }
         if !(1..=7).contains(&self.voters) {

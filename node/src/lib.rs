@@ -26,6 +26,8 @@
 //!   - [`pubsub`]: the node's side of [`canal_pubsub`] (publish, subscribe, settings,
 //!     retention, durable consumers): QoS 0 over the mesh.
 //!   - [`cluster`]: Raft over the mesh, and the job that forms and grows the cluster.
+//!   - [`shard_map`]: the shard map job (computes and commits the map on the metadata
+//!     leader) and the map as `/v1/cluster/shards` shows it.
 //!   - [`raft_links`]: the watch on the round trips to Raft members.
 //! - Below the services: [`config`] (the TOML/flag configuration and its validation),
 //!   [`datadir`] (the locked data directory), [`identity`] (the persistent ed25519 peer
@@ -54,6 +56,7 @@ pub mod placement;
 pub mod placer;
 pub mod pubsub;
 pub mod raft_links;
+pub mod shard_map;
 #[cfg(test)]
 mod testkit;
 pub mod tokens;
@@ -168,6 +171,7 @@ pub struct Node {
     executor: executor::ExecutorHandle,
     trimmer: canal_worker::WorkerHandle,
     placer: canal_worker::WorkerHandle,
+    shard_map: canal_worker::WorkerHandle,
     raft_links: canal_worker::WorkerHandle,
     token_job: canal_worker::WorkerHandle,
     api_addr: SocketAddr,
@@ -373,6 +377,13 @@ impl Node {
         .spawn();
         let trimmer = canal_worker::spawn(canal_pubsub::trim::Trimmer::new(consensus.clone()));
         let placer = placer::spawn(functions.clone());
+        let shard_map = canal_worker::spawn(shard_map::ShardMapJob::new(
+            consensus.clone(),
+            Arc::new(handle.clone()),
+            config.shards,
+            config.replication_factor,
+            shard_map::ShardMapMetrics::register(&mut registry),
+        ));
         let raft_links = raft_links.spawn(consensus.clone(), handle.clone());
         registry.register(
             "canal_auth_refused",
@@ -464,6 +475,7 @@ impl Node {
             executor,
             trimmer,
             placer,
+            shard_map,
             raft_links,
             token_job,
             api_addr,
@@ -509,6 +521,7 @@ impl Node {
                 vec![
                     self.membership,
                     self.placer,
+                    self.shard_map,
                     self.raft_links,
                     self.trimmer,
                     self.token_job

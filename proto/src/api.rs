@@ -104,6 +104,86 @@ pub struct Locate {
     /// That group's learners (peer ids): replicas that hold the events without voting.
     #[serde(default)]
     pub learners: Vec<String>,
+    /// The epoch of the committed shard map `planned_replicas` come from; `None` before the
+    /// metadata leader has committed one.
+    #[serde(default)]
+    pub map_epoch: Option<u64>,
+    /// The shard's replicas in the committed shard map, preferred leader first: where the
+    /// shard's own group is to live. Planned only: until shard groups land, the topic's log
+    /// is in `group`, on its `voters` and `learners`.
+    #[serde(default)]
+    pub planned_replicas: Vec<String>,
+}
+
+/// One shard of `GET /v1/cluster/shards`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRow {
+    /// The shard number.
+    pub shard: u32,
+    /// Its replicas in the committed map, the preferred leader first.
+    pub replicas: Vec<String>,
+    /// Why it has fewer than K replicas, naming the constraint; `None` when it has K.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shortfall: Option<String>,
+    /// The Raft group that holds the logs of the shard's topics today (`data-1`).
+    pub served_by: String,
+    /// That group's leader, as the answering node knows it (peer id).
+    pub group_leader: Option<String>,
+}
+
+/// One peer's part in the committed shard map, for `GET /v1/cluster/shards`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardLoad {
+    /// The peer id.
+    pub peer_id: String,
+    /// Shards it holds a replica of.
+    pub replicas: usize,
+    /// Shards it is the preferred leader of.
+    pub leaders: usize,
+}
+
+/// One step of the moves from the previous shard map to the committed one, as the placement
+/// crate plans them (`canal_placement::shards::plan_moves`). Nothing executes them yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardMove {
+    /// The shard.
+    pub shard: u32,
+    /// `add_learner`, `promote`, `transfer_leader` or `remove`.
+    pub step: String,
+    /// The peer the step is about (for `transfer_leader`, the leader now).
+    pub peer: String,
+    /// For `transfer_leader`, the leader after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+}
+
+/// `GET /v1/cluster/shards`: the shard map committed in the metadata group, as the
+/// answering node's replica holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterShards {
+    /// The map's epoch; 0 when no map is committed yet (then `rows` is empty).
+    pub epoch: u64,
+    /// Shards in the topic space, fixed when the cluster was created.
+    pub shards: u32,
+    /// K, the replicas wanted per shard.
+    pub replication: usize,
+    /// The label replicas are spread over (`zone`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<String>,
+    /// Every shard, in order.
+    pub rows: Vec<ShardRow>,
+    /// Every peer that holds replicas, by peer id.
+    pub peers: Vec<ShardLoad>,
+    /// What the map could not do as asked.
+    #[serde(default)]
+    pub notes: Vec<String>,
+    /// The epoch `moves` start from; `None` for the first map.
+    #[serde(default)]
+    pub moves_from: Option<u64>,
+    /// The steps from the previous map to this one, planned and not executed: shard groups
+    /// have not landed, so every topic is served by the group in each row's `served_by`.
+    #[serde(default)]
+    pub moves: Vec<ShardMove>,
 }
 
 /// The body of every error answer: `{ "error": "...", "kind": "..." }`.

@@ -55,6 +55,7 @@ fn routes() -> Vec<(Method, &'static str, &'static [u8])> {
         ),
         (Method::GET, "/v1/cluster/status", b""),
         (Method::GET, "/v1/cluster/digest", b""),
+        (Method::GET, "/v1/cluster/shards", b""),
         (Method::POST, "/v1/cluster/remove/12D3KooWAbc", b""),
         (Method::POST, "/v1/cluster/admit/12D3KooWAbc", b""),
         (Method::GET, "/v1/kv/k", b""),

@@ -2,7 +2,7 @@
 //! input, and `canal testnet`.
 
 use crate::{BIN, assert_clear_error, canal, last_line, stderr, wait_peer_set};
-use canal_proto::api::{Health, Locate, Peers};
+use canal_proto::api::{ClusterShards, Health, Locate, Peers};
 use canal_testnet::{Api, NodeOptions, Testnet, wait_for};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -231,6 +231,16 @@ async fn bad_input_gets_a_clear_error_and_no_panic() {
     std::fs::write(dir.path().join("file"), b"x").unwrap();
     let o = run(node(&["--data-dir", &d("file/sub")])).await;
     assert_clear_error(&o, 1, "file/sub");
+
+    // A shard count out of range is refused, naming the setting and what is allowed.
+    for bad in ["0", "100000"] {
+        let o = run(node(&["--data-dir", &d("s"), "--shards", bad])).await;
+        assert_clear_error(
+            &o,
+            2,
+            &format!("shards: {bad} is out of range: a topic space has 1 to 65536 shards"),
+        );
+    }
 
     // Malformed TOML.
     std::fs::write(dir.path().join("bad.toml"), "tier = [\n").unwrap();
@@ -612,4 +622,228 @@ async fn metrics_pass_promtool_after_a_publish_and_a_subscription() {
     assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
     let om = resp.text().await.unwrap();
     assert!(om.trim_end().ends_with("# EOF"), "{om}");
+}
+
+/// The shard map of node `i` once `ok` holds for it.
+async fn shard_map_where(
+    net: &Testnet,
+    i: usize,
+    what: &str,
+    ok: impl Fn(&ClusterShards) -> bool,
+) -> ClusterShards {
+    let api = net.api(i).unwrap();
+    let ok = &ok;
+    wait_for(what, Duration::from_secs(120), || {
+        let api = api.clone();
+        async move {
+            let m: ClusterShards = api
+                .get("/v1/cluster/shards")
+                .await
+                .map_err(|e| e.to_string())?;
+            if ok(&m) {
+                Ok(m)
+            } else {
+                Err(format!(
+                    "epoch {}, K = {}, peers {:?}",
+                    m.epoch,
+                    m.replication,
+                    m.peers
+                        .iter()
+                        .map(|p| (p.peer_id.as_str(), p.replicas))
+                        .collect::<Vec<_>>()
+                ))
+            }
+        }
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shard_map_is_committed_shown_and_moves_when_a_fourth_node_joins() {
+    let form = |extra: &[&str]| NodeOptions {
+        extra_args: ["--bootstrap-expect", "3"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect(),
+        ..Default::default()
+    };
+    let mut net = Testnet::start(BIN, 3, |_| form(&[])).await.unwrap();
+    let ids: BTreeSet<String> = (0..3)
+        .map(|i| net.node(i).info().unwrap().peer_id.clone())
+        .collect();
+
+    // The metadata leader commits a map of 64 shards, each on all three peers (K = 3).
+    let first = shard_map_where(&net, 0, "a shard map of K = 3", |m| {
+        m.epoch >= 1 && m.replication == 3
+    })
+    .await;
+    assert_eq!((first.shards, first.rows.len()), (64, 64), "{first:?}");
+    for r in &first.rows {
+        let set: BTreeSet<String> = r.replicas.iter().cloned().collect();
+        assert_eq!(set, ids, "shard {}: {:?}", r.shard, r.replicas);
+        assert_eq!(r.served_by, "data-1");
+        assert!(
+            r.group_leader.as_ref().is_some_and(|l| ids.contains(l)),
+            "{r:?}"
+        );
+    }
+    // Every peer leads about a third of the shards.
+    assert_eq!(first.peers.len(), 3);
+    for p in &first.peers {
+        assert_eq!(p.replicas, 64, "{p:?}");
+        assert!((18..=25).contains(&p.leaders), "{p:?}");
+    }
+
+    // `canal cluster shards` lists them, truthfully served by data group 1.
+    let api0 = net.node(0).info().unwrap().api.clone();
+    let out = canal(&["--api", &api0, "cluster", "shards"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "shard map epoch {}: 64 shards, K = 3",
+            first.epoch
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("data-1 (all topics until shard groups land)"),
+        "{text}"
+    );
+    assert!(ids.iter().all(|id| text.contains(id.as_str())), "{text}");
+
+    // `locate` gives the topic's shard, its planned replicas from the map, the DHT home next
+    // to them, and the group that holds its log.
+    let out = canal(&[
+        "--api",
+        &api0,
+        "topic",
+        "locate",
+        "sensors/room1/temp",
+        "--json",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let l: Locate = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(l.shards, 64);
+    let row = &first.rows[l.shard as usize];
+    assert_eq!(l.map_epoch, Some(first.epoch));
+    assert_eq!(l.planned_replicas, row.replicas);
+    assert_eq!(l.home.len(), 3);
+    assert_eq!(l.group, "data-1");
+    let out = canal(&["--api", &api0, "topic", "locate", "sensors/room1/temp"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("not serving until shard groups land"),
+        "{text}"
+    );
+    assert!(text.contains("data-1 (leader "), "{text}");
+
+    // A fourth node joins, started with another shard count: the cluster's stays. The map's
+    // epoch moves, with about a quarter of the 192 replicas on the new peer.
+    let four = net
+        .add_node(NodeOptions {
+            bootstrap_from_first: true,
+            ..form(&["--shards", "32"])
+        })
+        .await
+        .unwrap();
+    let new_id = net.node(four).info().unwrap().peer_id.clone();
+    let second = shard_map_where(&net, 0, "a map with the fourth peer", |m| {
+        m.epoch > first.epoch && m.peers.iter().any(|p| p.peer_id == new_id)
+    })
+    .await;
+    assert_eq!((second.shards, second.replication), (64, 3));
+    assert!(second.rows.iter().all(|r| r.replicas.len() == 3));
+    let on_new = second
+        .peers
+        .iter()
+        .find(|p| p.peer_id == new_id)
+        .map(|p| p.replicas)
+        .unwrap_or_default();
+    assert!(
+        (40..=56).contains(&on_new),
+        "{on_new} of 192 replicas on the new peer"
+    );
+    assert_eq!(second.peers.iter().map(|p| p.replicas).sum::<usize>(), 192);
+    assert_eq!(second.moves_from, Some(second.epoch - 1));
+    assert!(
+        second
+            .moves
+            .iter()
+            .any(|m| m.step == "add_learner" && m.peer == new_id),
+        "{:?}",
+        second.moves
+    );
+    let api_url = net.node(0).info().unwrap().api.clone();
+    let out = canal(&["--api", &api_url, "cluster", "shards", "--moves"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "moves from epoch {}: {} planned",
+            second.epoch - 1,
+            second.moves.len()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("not executed"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("add learner") && l.contains(new_id.as_str())),
+        "{text}"
+    );
+
+    // The gauge follows the replica's map within a round of the job.
+    let api0 = net.api(0).unwrap();
+    let api0 = &api0;
+    wait_for("the epoch gauge", Duration::from_secs(10), || async move {
+        let epoch = api0
+            .metric_sum("canal_shard_map_epoch")
+            .await
+            .map_err(|e| e.to_string())?;
+        if epoch >= second.epoch as f64 {
+            Ok(())
+        } else {
+            Err(format!("canal_shard_map_epoch {epoch}"))
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        api0.metric_sum("canal_shard_map_changes_total")
+            .await
+            .unwrap()
+            <= second.epoch as f64
+    );
+    // The new node uses the cluster's 64 shards, and says so.
+    let on_four = shard_map_where(&net, four, "the new node's replica of the map", |m| {
+        m.epoch >= second.epoch
+    })
+    .await;
+    assert_eq!(on_four.shards, 64);
+    let l: Locate = net
+        .api(four)
+        .unwrap()
+        .get("/v1/topics/sensors/room1/temp/locate")
+        .await
+        .unwrap();
+    assert_eq!((l.shards, l.shard), (64, row.shard));
+    let node = net.node(four);
+    wait_for(
+        "the new node to log the cluster's shard count",
+        Duration::from_secs(20),
+        || async move {
+            let log = node.log_tail(400);
+            if log.contains("started with --shards 32, but the cluster has 64 shards") {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    )
+    .await
+    .unwrap();
 }

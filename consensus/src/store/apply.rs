@@ -153,6 +153,9 @@ fn apply_op(w: &mut Writes<'_>, now: u64, op: crate::types::Op) -> Result<Applie
             if let Err(why) = key.check() {
                 return refuse(why);
             }
+            if key == InternalKey::ShardMap {
+                return apply_shard_map(w, value);
+            }
             let set_once = matches!(key, InternalKey::TokenKey(_));
             let what = key.to_string();
             let key = key.key();
@@ -224,6 +227,57 @@ fn apply_op(w: &mut Writes<'_>, now: u64, op: crate::types::Op) -> Result<Applie
         // A batch is unpacked by `apply`; one inside another is not a thing clients send.
         Op::Batch(_) => refuse("a batch cannot hold a batch".into()),
     }
+}
+
+/// Replaces the committed shard map with `value` if it decodes, validates, keeps the
+/// committed shard count and is at the committed epoch + 1 (1 for the first map); the map it
+/// replaces is kept as [`keys::SHARD_MAP_PREVIOUS`]. Anything else is refused, changing
+/// nothing: a stale leader's map (an epoch already taken) never replaces a newer one. The
+/// answer carries no previous value: a map can be large, and `previous` holds it.
+fn apply_shard_map(w: &mut Writes<'_>, value: Option<Vec<u8>>) -> Result<Applied, String> {
+    use canal_proto::shards::ShardMap;
+    let refuse = |why: String| Ok((None, Some(why), None));
+    let Some(bytes) = value else {
+        return refuse(
+            "the shard map cannot be removed: a new map (the committed epoch + 1) replaces it"
+                .into(),
+        );
+    };
+    let new = match ShardMap::decode(&bytes) {
+        Ok(m) => m,
+        Err(e) => return refuse(format!("the shard map is refused: {e}")),
+    };
+    let key = keys::SHARD_MAP.key(keys::SHARD_MAP_CURRENT);
+    let stored = w.get(&key)?;
+    // A stored map that no longer decodes counts as none (sled checksums its pages, so
+    // this is no expected state): the next map starts again at epoch 1.
+    let current = stored.as_deref().and_then(|b| ShardMap::decode(b).ok());
+    let next = current.as_ref().map_or(1, |c| c.epoch.saturating_add(1));
+    if new.epoch != next {
+        return refuse(match &current {
+            Some(c) => format!(
+                "shard map epoch {} is refused: the committed map is at epoch {}, so only epoch {next} may replace it (a map computed from an older one is stale)",
+                new.epoch, c.epoch
+            ),
+            None => format!(
+                "shard map epoch {} is refused: no map is committed, so the first must be epoch 1",
+                new.epoch
+            ),
+        });
+    }
+    if let Some(c) = &current
+        && c.shards != new.shards
+    {
+        return refuse(format!(
+            "a shard map of {} shards is refused: the cluster has {} shards, fixed when it was created",
+            new.shards, c.shards
+        ));
+    }
+    if stored.is_some() {
+        w.set(keys::SHARD_MAP.key(keys::SHARD_MAP_PREVIOUS), stored);
+    }
+    w.set(key, Some(bytes));
+    Ok((None, None, None))
 }
 
 /// How many expired ids one publish forgets at most: pruning keeps pace with publishing

@@ -544,3 +544,99 @@ fn the_token_key_is_set_once() {
         );
     });
 }
+
+/// A shard map of `shards` shards at `epoch`, each shard on peers `a` and `b`.
+fn shard_map(epoch: u64, shards: u32) -> canal_proto::shards::ShardMap {
+    use canal_proto::shards::{SHARD_MAP_FORMAT, ShardMap, ShardReplicas};
+    ShardMap {
+        format: SHARD_MAP_FORMAT,
+        epoch,
+        shards,
+        replication: 2,
+        spread: None,
+        assignments: (0..shards)
+            .map(|s| ShardReplicas {
+                shard: s,
+                replicas: if epoch.is_multiple_of(2) {
+                    vec!["a".into(), "b".into()]
+                } else {
+                    vec!["b".into(), "a".into()]
+                },
+                shortfall: None,
+            })
+            .collect(),
+        notes: Vec::new(),
+    }
+}
+
+#[test]
+fn a_shard_map_replaces_only_the_committed_epoch_plus_one() {
+    use crate::InternalKey;
+    use crate::keys::{SHARD_MAP, SHARD_MAP_CURRENT, SHARD_MAP_PREVIOUS};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RaftDb::open(dir.path()).unwrap();
+        let (_, mut sm) = db.group(crate::GroupId(0)).unwrap();
+        let set = |value: Option<Vec<u8>>| Request {
+            id: None,
+            op: Op::Internal {
+                key: InternalKey::ShardMap,
+                value,
+            },
+        };
+        let bytes = |epoch: u64, shards: u32| Some(shard_map(epoch, shards).encode().unwrap());
+        let mut index = 0;
+        macro_rules! apply {
+            ($req:expr) => {{
+                index += 1;
+                sm.apply(vec![entry(index, $req)]).await.unwrap().remove(0)
+            }};
+        }
+        let stored = |sm: &StateMachine, name: &str| sm.record(&SHARD_MAP, name).unwrap();
+
+        // The first map must be epoch 1.
+        let r = apply!(set(bytes(2, 4)));
+        let why = r.refused.unwrap_or_default();
+        assert!(why.contains("first must be epoch 1"), "{why}");
+        let r = apply!(set(bytes(1, 4)));
+        assert_eq!(r.refused, None);
+        let first = bytes(1, 4);
+        assert_eq!(stored(&sm, SHARD_MAP_CURRENT), first);
+        assert_eq!(stored(&sm, SHARD_MAP_PREVIOUS), None);
+
+        // Refused, each changing nothing: a stale epoch, a skipped one, another shard count,
+        // bytes that are no map, a map that breaks its invariants, a removal.
+        let mut broken = shard_map(2, 4);
+        broken.assignments[1].shard = 3;
+        let cases: Vec<(Option<Vec<u8>>, &str)> = vec![
+            (bytes(1, 4), "committed map is at epoch 1, so only epoch 2"),
+            (bytes(3, 4), "only epoch 2 may replace it"),
+            (
+                bytes(2, 8),
+                "the cluster has 4 shards, fixed when it was created",
+            ),
+            (Some(b"\x01not a map".to_vec()), "does not decode"),
+            (Some(broken.encode().unwrap()), "assignments[1].shard is 3"),
+            (None, "cannot be removed"),
+        ];
+        for (value, text) in cases {
+            let r = apply!(set(value));
+            let why = r.refused.unwrap_or_default();
+            assert!(why.contains(text), "{why:?} lacks {text:?}");
+            assert_eq!(stored(&sm, SHARD_MAP_CURRENT), first, "after {text}");
+            assert_eq!(stored(&sm, SHARD_MAP_PREVIOUS), None, "after {text}");
+        }
+
+        // The next epoch replaces it, and the map it replaced is kept as the previous one.
+        let r = apply!(set(bytes(2, 4)));
+        assert_eq!(r.refused, None);
+        assert_eq!(stored(&sm, SHARD_MAP_CURRENT), bytes(2, 4));
+        assert_eq!(stored(&sm, SHARD_MAP_PREVIOUS), first);
+        let r = apply!(set(bytes(2, 4)));
+        assert!(r.refused.is_some(), "the same epoch twice is stale");
+        let r = apply!(set(bytes(3, 4)));
+        assert_eq!(r.refused, None);
+        assert_eq!(stored(&sm, SHARD_MAP_PREVIOUS), bytes(2, 4));
+    });
+}

@@ -223,6 +223,7 @@ mod tests {
             (Method::GET, "/v1/peers"),
             (Method::GET, "/v1/kv/k"),
             (Method::GET, "/metrics"),
+            (Method::GET, "/v1/cluster/shards"),
             (Method::POST, "/v1/tokens"),
             (Method::PUT, "/v1/topics/a/#/settings"),
             (Method::DELETE, "/v1/topics/a/settings"),

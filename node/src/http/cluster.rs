@@ -1,4 +1,4 @@
-//! `/v1/cluster/*`: status, digest, admit, remove.
+//! `/v1/cluster/*`: status, digest, shards, admit, remove.
 
 use super::parse::{parse_group, parse_peer};
 use super::{ApiError, ApiState};
@@ -6,7 +6,7 @@ use crate::cluster::node_id;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use canal_consensus::{GroupId, Op};
-use canal_proto::api::{ClusterStatus, GroupStatus, MemberReport, StateDigest};
+use canal_proto::api::{ClusterShards, ClusterStatus, GroupStatus, MemberReport, StateDigest};
 use std::collections::HashMap;
 
 pub(super) async fn cluster_status(
@@ -41,6 +41,28 @@ pub(super) async fn cluster_status(
         node_id: st.consensus.node_id(),
         groups,
     }))
+}
+
+/// The shard map in this node's replica of the metadata group, every shard with the group
+/// that serves its topics today and that group's leader as this node knows it.
+pub(super) async fn cluster_shards(State(st): State<ApiState>) -> axum::Json<ClusterShards> {
+    let c = &st.consensus;
+    let leader_of = |g: GroupId| {
+        let s = c.local_status(g).ok()?;
+        let id = s.leader?;
+        Some(
+            s.nodes
+                .iter()
+                .find(|(n, _)| *n == id)
+                .map(|(_, p)| p.clone())
+                .unwrap_or_else(|| format!("node {id}")),
+        )
+    };
+    axum::Json(crate::shard_map::view(
+        crate::shard_map::committed(c).as_ref(),
+        crate::shard_map::previous(c).as_ref(),
+        &leader_of,
+    ))
 }
 
 pub(super) async fn cluster_digest(

@@ -35,7 +35,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use canal_consensus::Consensus;
 use canal_dht::DhtHandle;
-use cluster::{cluster_admit, cluster_digest, cluster_remove, cluster_status};
+use cluster::{cluster_admit, cluster_digest, cluster_remove, cluster_shards, cluster_status};
 use functions::{
     fn_deploy, fn_get, fn_invoke, fn_list, fn_placement, fn_remove, fn_state_get, fn_state_list,
     trigger_delete, trigger_get, trigger_list, trigger_put,
@@ -99,6 +99,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/subscriptions/{name}/ack", axum::routing::post(ack))
         .route("/v1/cluster/status", get(cluster_status))
         .route("/v1/cluster/digest", get(cluster_digest))
+        .route("/v1/cluster/shards", get(cluster_shards))
         .route("/v1/cluster/remove/{peer}", axum::routing::post(cluster_remove))
         .route("/v1/cluster/admit/{peer}", axum::routing::post(cluster_admit))
         .route("/v1/kv/{*key}", get(kv_get).put(kv_put).post(kv_add))
@@ -140,7 +141,7 @@ pub fn router(state: ApiState) -> Router {
         })
         .fallback(|| async {
             ApiError::not_found(
-                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, POST /v1/events, /v1/publish (WebSocket), /v1/subscribe, /mqtt (MQTT over WebSocket), /v1/cluster/status, /v1/cluster/digest, /v1/cluster/admit/{peer}, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}], /v1/tokens[/{id}] and /metrics",
+                "no such endpoint: the API has /v1/health, /v1/peers, /v1/topics/{topic}/locate, POST /v1/topics/{topic}/events, POST /v1/events, /v1/publish (WebSocket), /v1/subscribe, /mqtt (MQTT over WebSocket), /v1/cluster/status, /v1/cluster/digest, /v1/cluster/shards, /v1/cluster/admit/{peer}, /v1/cluster/remove/{peer}, /v1/kv/{key}, /v1/functions[/{name}[/invoke|/state|/placement]], /v1/triggers[/{name}], /v1/tokens[/{id}] and /metrics",
             )
         })
         .layer(gate)

@@ -189,9 +189,11 @@ pub(super) async fn ack(
     ))
 }
 
-/// The locate answer for `topic`: the DHT home peers of its shard, from the peers this node
-/// knows alive, and the Raft group that holds its events with that group's leader and
-/// members as this node's replica knows them (empty where this node hosts no such group).
+/// The locate answer for `topic`: the shard it falls in (of the committed shard map's
+/// count, else this node's `--shards`), that shard's planned replicas in the committed map,
+/// the DHT home peers of the shard from the peers this node knows alive, and the Raft group
+/// that holds its events today with that group's leader and members as this node's replica
+/// knows them (empty where this node hosts no such group).
 pub fn locate(dht: &DhtHandle, consensus: &Consensus<NodeTransport>, topic: &Topic) -> Locate {
     let group = canal_consensus::group_of(topic.as_str());
     let raft = consensus.local_status(group).ok();
@@ -201,8 +203,16 @@ pub fn locate(dht: &DhtHandle, consensus: &Consensus<NodeTransport>, topic: &Top
             .map(|(_, p)| p.clone())
             .unwrap_or_else(|| format!("node {id}"))
     };
-    let space = dht.topic_space();
-    let (placement, members) = dht.locate(topic);
+    let map = crate::shard_map::committed(consensus);
+    // The committed count wins over this node's flag: every node must agree on a topic's
+    // shard, and the count is fixed when the cluster is created.
+    let space = canal_dht::TopicSpace {
+        shards: map.as_ref().map_or(dht.topic_space().shards, |m| m.shards),
+        ..dht.topic_space()
+    };
+    let alive: Vec<libp2p::PeerId> = dht.peers().iter().map(|p| p.peer_id).collect();
+    let members = alive.len();
+    let placement = space.locate(topic, alive);
     let home: Vec<HomePeer> = placement
         .home
         .iter()
@@ -233,6 +243,11 @@ pub fn locate(dht: &DhtHandle, consensus: &Consensus<NodeTransport>, topic: &Top
         learners: raft
             .as_ref()
             .map(|s| s.learners.iter().map(|v| peer_of(*v)).collect())
+            .unwrap_or_default(),
+        map_epoch: map.as_ref().map(|m| m.epoch),
+        planned_replicas: map
+            .as_ref()
+            .map(|m| m.replicas(placement.shard).to_vec())
             .unwrap_or_default(),
     }
 }
