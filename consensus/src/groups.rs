@@ -2103,6 +2103,12 @@ mod tests {
         let e = admit(&RpcRequest::Vote(g, vote.clone()), 8, Some(true)).unwrap_err();
         assert!(e.ban_worthy && e.detail.contains("candidate"), "{e:?}");
         assert!(admit(&RpcRequest::Vote(g, vote.clone()), 7, Some(true)).is_ok());
+        // Only the leader a quiesce names may send it.
+        let quiesce = RpcRequest::Quiesce(g, Vote::new_committed(2, 7), None);
+        let e = admit(&quiesce, 8, Some(true)).unwrap_err();
+        assert!(e.ban_worthy && e.kind == "quiesce", "{e:?}");
+        assert!(admit(&quiesce, 7, Some(true)).is_ok());
+        assert!(!admit(&quiesce, 7, Some(false)).unwrap_err().ban_worthy);
         // A non-member is refused, but not banned: it may be a leader we do not know yet.
         for req in [
             RpcRequest::Append(g, append(1, 7)),
@@ -2438,6 +2444,60 @@ mod tests {
         net.get(l).write(g, put("k3", b"3")).await.unwrap();
         for i in all {
             wait(|| has(&net, i, g, "k3", b"3") && has(&net, i, g, "k1", b"1")).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_closed_and_reopened_under_writes_loses_no_acknowledged_write() {
+        let all = [1, 2, 3];
+        let net = formed(&all, &[]).await;
+        leader_of(&net, 1).await;
+        let g = GroupId(6);
+        for i in all {
+            net.get(i).open_group(g).await.unwrap();
+        }
+        let members: BTreeMap<NodeId, RaftNode> = all.iter().map(|&i| (i, node(i))).collect();
+        net.get(2).initialize_group(g, members).await.unwrap();
+        let leader = agreed_leader(&net, &all, g).await;
+        let follower = all.into_iter().find(|i| *i != leader).unwrap();
+        // Writes to the group and to the metadata group go on while a follower closes and
+        // reopens the group again and again (the leader's appends keep reaching it closed).
+        let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = {
+            let c = net.get(leader);
+            let acked = acked.clone();
+            tokio::spawn(async move {
+                for n in 0..80 {
+                    let key = format!("k{n}");
+                    if c.write(g, put(&key, b"v")).await.is_ok() {
+                        acked.lock().unwrap().push(key);
+                    }
+                    c.write(GroupId::METADATA, put(&format!("m{n}"), b"v"))
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        let f = net.get(follower);
+        let progress = || acked.lock().unwrap().len();
+        for round in 0..4 {
+            let before = progress();
+            f.close_group(g, false).await.unwrap();
+            assert!(!f.groups().contains(&g));
+            wait(|| progress() >= before + 5 || writer.is_finished()).await;
+            f.open_group(g).await.unwrap();
+            wait(|| progress() >= before + 10 || writer.is_finished()).await;
+            assert!(f.health().is_ok(), "round {round}");
+        }
+        writer.await.unwrap();
+        let acked = acked.lock().unwrap().clone();
+        assert_eq!(acked.len(), 80, "every write commits with 2 of 3 up");
+        for i in all {
+            wait(|| {
+                acked.iter().all(|k| has(&net, i, g, k, b"v"))
+                    && has(&net, i, GroupId::METADATA, "m79", b"v")
+            })
+            .await;
         }
     }
 
