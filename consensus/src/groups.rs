@@ -1041,14 +1041,19 @@ impl<T: Transport> Consensus<T> {
             async move {
                 let answer =
                     tokio::time::timeout(timeout, call(&self.inner.transport, node, req)).await;
-                let yes = matches!(answer, Ok(Ok(RpcResponse::Quiesce(Ok(true)))));
-                if !yes {
+                let a = match &answer {
+                    Ok(Ok(RpcResponse::Quiesce(Ok(true)))) => quiet::Answer::Yes,
+                    Ok(Err(_)) | Err(_) => quiet::Answer::Unreachable,
+                    Ok(Ok(_)) => quiet::Answer::No,
+                };
+                if a != quiet::Answer::Yes {
                     debug!(group = %group.id, member = id, ?answer, "a member did not agree to quiesce");
                 }
-                yes
+                (*id, a)
             }
         });
-        if !futures::future::join_all(asks).await.into_iter().all(|y| y) {
+        let answers = futures::future::join_all(asks).await;
+        if !quiet::answers_quiesce(&offer, &answers) {
             return;
         }
         {
@@ -2608,6 +2613,13 @@ mod tests {
         // It stops hearing its leader, wakes and stands for election (in vain, alone).
         wait(|| !net.get(cut).is_quiescent(g)).await;
         wait(|| net.get(cut).metrics(g).unwrap().current_term > term).await;
+        // The other two go on: a write wakes them, commits with 2 of 3, and the group goes
+        // quiet again without the member that does not answer.
+        let rest: Vec<NodeId> = all.into_iter().filter(|i| *i != cut).collect();
+        net.get(leader).write(g, put("cut", b"1")).await.unwrap();
+        for &i in &rest {
+            wait(|| has(&net, i, g, "cut", b"1") && net.get(i).is_quiescent(g)).await;
+        }
         // Healed, the group has one leader again and everyone, the cut member included,
         // takes new writes.
         net.nodes.cut(cut, false);

@@ -67,15 +67,44 @@ impl Quiet {
 pub(crate) struct QuiesceOffer {
     /// The leader's vote.
     pub(crate) vote: Vote<NodeId>,
-    /// Its last log entry (applied, matched by every member).
+    /// Its last log entry (applied, matched by a majority).
     pub(crate) last: Option<LogId<NodeId>>,
     /// Every member but the leader, voters and learners.
     pub(crate) members: Vec<(NodeId, RaftNode)>,
+    /// The voters, the leader included.
+    pub(crate) voters: std::collections::BTreeSet<NodeId>,
+}
+
+/// How a member answered a [`crate::rpc::RpcRequest::Quiesce`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// It follows quietly now.
+    Yes,
+    /// It differs from the leader (or does not host the group): the group stays active.
+    No,
+    /// No answer (down, or cut off): it gets no heartbeats either way, and when it is back
+    /// its liveness signal, which does not list the group as quiet, wakes the leader.
+    Unreachable,
+}
+
+/// Whether the answers to an offer take the group quiet: nobody said no, and the voters
+/// that said yes, with the leader, are a majority (the others did not answer).
+pub(crate) fn answers_quiesce(offer: &QuiesceOffer, answers: &[(NodeId, Answer)]) -> bool {
+    if answers.iter().any(|(_, a)| *a == Answer::No) {
+        return false;
+    }
+    let yes = answers
+        .iter()
+        .filter(|(id, a)| *a == Answer::Yes && offer.voters.contains(id))
+        .count();
+    // The leader is a voter (checked by `quiesce_offer`).
+    (yes + 1) * 2 > offer.voters.len()
 }
 
 /// Whether leader `me` may offer to quiesce the group its metrics `m` describe: it leads,
 /// its membership is not changing (no joint configuration), it has applied its last entry,
-/// and every other member has matched that entry. The error says what is missing.
+/// and a majority of voters has matched that entry (the others must then not answer, see
+/// [`answers_quiesce`]). The error says what is missing.
 pub(crate) fn quiesce_offer(
     m: &RaftMetrics<NodeId, RaftNode>,
     me: NodeId,
@@ -98,20 +127,22 @@ pub(crate) fn quiesce_offer(
         .filter(|(id, _)| **id != me)
         .map(|(id, n)| (*id, n.clone()))
         .collect();
-    if !members.is_empty() {
-        let Some(replication) = &m.replication else {
-            return Err("no replication progress yet");
-        };
-        for (id, _) in &members {
-            if replication.get(id).copied().flatten() != m.last_applied {
-                return Err("a member has not matched the last entry");
-            }
-        }
+    let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+    let matched = match &m.replication {
+        Some(replication) => voters
+            .iter()
+            .filter(|v| **v != me && replication.get(v).copied().flatten() == m.last_applied)
+            .count(),
+        None => 0,
+    };
+    if (matched + 1) * 2 <= voters.len() {
+        return Err("no majority of voters has matched the last entry");
     }
     Ok(QuiesceOffer {
         vote: m.vote,
         last: m.last_applied,
         members,
+        voters,
     })
 }
 
@@ -212,11 +243,15 @@ mod tests {
             offer.members.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
             vec![2, 3]
         );
+        // One member behind (or down): still offered, its answer decides.
         let mut lagging = m.clone();
         lagging.replication = Some([(2, Some(log_id(7))), (3, Some(log_id(6)))].into());
-        assert!(quiesce_offer(&lagging, 1).unwrap_err().contains("matched"));
+        assert!(quiesce_offer(&lagging, 1).is_ok());
+        let mut two = m.clone();
+        two.replication = Some([(2, Some(log_id(6))), (3, Some(log_id(6)))].into());
+        assert!(quiesce_offer(&two, 1).unwrap_err().contains("majority"));
         let mut missing = m.clone();
-        missing.replication = Some([(2, Some(log_id(7)))].into());
+        missing.replication = None;
         assert!(quiesce_offer(&missing, 1).is_err());
         let mut unapplied = m.clone();
         unapplied.last_log_index = Some(8);
@@ -229,6 +264,28 @@ mod tests {
         follower.state = ServerState::Follower;
         assert!(quiesce_offer(&follower, 1).is_err());
         assert!(quiesce_offer(&m, 2).is_err());
+    }
+
+    #[test]
+    fn a_group_goes_quiet_only_if_nobody_refused_and_a_majority_agreed() {
+        let offer = quiesce_offer(&leader_metrics(), 1).unwrap();
+        use Answer::*;
+        assert!(answers_quiesce(&offer, &[(2, Yes), (3, Yes)]));
+        // A member that is down gets no heartbeats anyway: a majority suffices.
+        assert!(answers_quiesce(&offer, &[(2, Yes), (3, Unreachable)]));
+        assert!(!answers_quiesce(
+            &offer,
+            &[(2, Unreachable), (3, Unreachable)]
+        ));
+        // A member that differs (lagging, another leader, group closed) keeps it active.
+        assert!(!answers_quiesce(&offer, &[(2, Yes), (3, No)]));
+        // Learners do not make a majority.
+        let mut with_learner = offer.clone();
+        with_learner.voters = [1, 2, 3].into();
+        assert!(!answers_quiesce(
+            &with_learner,
+            &[(2, Unreachable), (3, Unreachable), (4, Yes)]
+        ));
     }
 
     #[test]
