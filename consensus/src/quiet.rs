@@ -3,10 +3,11 @@
 //! regions", CockroachDB's "quiesced ranges").
 //!
 //! ```text
-//!   leader, idle for quiesce_after, every member matched and applied the last entry
+//!   leader, idle for quiesce_after, a majority matched its last entry
 //!     ──Quiesce(g, vote, last)──> each member: same leader, vote, last entry applied?
 //!                                   yes: election timer off ("following quietly")
-//!     all said yes (and nothing happened meanwhile): heartbeats and ticks off
+//!     nobody said no, a majority said yes, the rest did not answer (down), and nothing
+//!     happened meanwhile: heartbeats and ticks off
 //!
 //!   every heartbeat interval, one Alive{leading, quiet} per peer pair (not per group)
 //!     follower: its quiet group's leader lists the group as led ─> confirmed
