@@ -1878,7 +1878,12 @@ async fn liveness_loop<T: Transport>(c: Consensus<T>) {
             {
                 let m = group.raft.metrics();
                 let m = m.borrow();
-                if m.current_leader == Some(me) {
+                // A group whose Raft stopped leads nothing, whatever its last metrics say:
+                // its quiet members must wake and elect another leader.
+                if m.current_leader == Some(me)
+                    && m.state == ServerState::Leader
+                    && m.running_state.is_ok()
+                {
                     leading.push(group.id);
                 }
                 for (id, n) in m.membership_config.membership().nodes() {
