@@ -564,8 +564,14 @@ const MAX_EXTRA_GROUPS: u32 = 1024;
 /// The groups a node starts: [`canal_consensus::routing::groups_to_start`], plus the extra
 /// idle groups of [`EXTRA_GROUPS_ENV`] if it is set.
 fn groups_to_start() -> Result<Vec<canal_consensus::GroupId>, ConfigError> {
+    with_extra_groups(std::env::var(EXTRA_GROUPS_ENV).ok().as_deref())
+}
+
+/// [`canal_consensus::routing::groups_to_start`] and, if `extra` names a number, that many
+/// more groups with the next ids.
+fn with_extra_groups(extra: Option<&str>) -> Result<Vec<canal_consensus::GroupId>, ConfigError> {
     let mut groups = canal_consensus::routing::groups_to_start();
-    let Ok(value) = std::env::var(EXTRA_GROUPS_ENV) else {
+    let Some(value) = extra else {
         return Ok(groups);
     };
     let extra = value
@@ -582,4 +588,27 @@ fn groups_to_start() -> Result<Vec<canal_consensus::GroupId>, ConfigError> {
     let first = groups.iter().map(|g| g.0).max().unwrap_or(0) + 1;
     groups.extend((first..first + extra).map(canal_consensus::GroupId));
     Ok(groups)
+}
+
+#[cfg(test)]
+mod extra_groups_tests {
+    use super::*;
+    use canal_consensus::GroupId;
+
+    #[test]
+    fn extra_groups_follow_the_started_ones_and_bad_values_are_named() {
+        let base = canal_consensus::routing::groups_to_start();
+        assert_eq!(with_extra_groups(None).ok(), Some(base.clone()));
+        let more = with_extra_groups(Some("3")).ok().unwrap_or_default();
+        assert_eq!(more.len(), base.len() + 3);
+        assert_eq!(more[base.len()..], [GroupId(2), GroupId(3), GroupId(4)]);
+        for bad in ["x", "-1", "1025"] {
+            let e = with_extra_groups(Some(bad)).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref()
+                    .is_some_and(|e| e.contains(EXTRA_GROUPS_ENV) && e.contains("0 to 1024")),
+                "{bad}: {e:?}"
+            );
+        }
+    }
 }
