@@ -2607,6 +2607,34 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_back_with_the_group_wakes_its_quiet_leader_before_it_would_stand() {
+        let all = [1, 2, 3];
+        let net = formed_quiet(&all).await;
+        let g = GroupId::METADATA;
+        let leader = agreed_leader(&net, &all, g).await;
+        let term = net.get(leader).metrics(g).unwrap().current_term;
+        let back = all.into_iter().find(|i| *i != leader).unwrap();
+        // Closed and reopened (as after a restart): active, its election timer running.
+        let c = net.get(back);
+        c.close_group(g, false).await.unwrap();
+        c.open_group(g).await.unwrap();
+        assert!(!c.is_quiescent(g));
+        // Its liveness signal does not list the group as quiet: the leader wakes and
+        // heartbeats it before its timer runs out, so nobody stands, and all go quiet again.
+        for i in all {
+            wait(|| net.get(i).is_quiescent(g)).await;
+        }
+        for i in all {
+            assert_eq!(
+                net.get(i).metrics(g).unwrap().current_term,
+                term,
+                "member {i}"
+            );
+        }
+        assert_eq!(agreed_leader(&net, &all, g).await, leader);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_partitioned_follower_of_a_quiescent_group_is_not_stuck() {
         let all = [1, 2, 3];
         let net = formed_quiet(&all).await;
