@@ -9,6 +9,7 @@
 
 use crate::keys::{Codec, Shape, Table, UserKey};
 use crate::network::{MAX_ENTRY_BYTES, Network, Transport, call};
+use crate::quiet::{self, Quiet};
 use crate::rpc::{ClientError, MemberStatus, RpcRequest, RpcResponse};
 use crate::store::{LogStore, RaftDb, StateMachine, StoreError};
 use crate::types::{GroupId, NodeId, Op, RaftNode, Request, Response, TypeConfig};
@@ -21,8 +22,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -56,6 +57,10 @@ pub struct Settings {
     /// Test only: added to this node's wall clock where it stamps the entries it proposes
     /// as leader (see [`Consensus::now_ms`]), to test nodes whose clocks are off.
     pub clock_offset_ms: i64,
+    /// A group whose leader proposed nothing for this long, and whose members all have its
+    /// last entry, goes quiet: no heartbeats, no election timers (see [`crate::quiet`]).
+    /// `None`: groups never go quiet.
+    pub quiesce_after: Option<Duration>,
 }
 
 /// The shortest election timeout of [`Settings::default`]: safe for members up to about
@@ -78,6 +83,9 @@ impl Settings {
             keep_behind_snapshot: 1000,
             client_timeout: Duration::from_secs(10),
             clock_offset_ms: 0,
+            // Long enough that a group with any steady traffic never goes quiet between
+            // writes; short enough that idle groups stop costing within seconds.
+            quiesce_after: Some(min * 4),
         }
     }
 
@@ -100,6 +108,14 @@ impl Settings {
         if max <= min {
             return Err(format!(
                 "the election timeout range {min:?}..{max:?} is empty: the longest must exceed the shortest"
+            ));
+        }
+        if let Some(q) = self.quiesce_after
+            && q <= self.heartbeat
+        {
+            return Err(format!(
+                "quiesce_after {q:?} must exceed the heartbeat interval {:?}",
+                self.heartbeat
             ));
         }
         Ok(())
@@ -151,7 +167,17 @@ fn kind_of(req: &RpcRequest) -> &'static str {
         RpcRequest::SetVoters(..) => "set_voters",
         RpcRequest::Remove(..) => "remove",
         RpcRequest::Status(..) => "status",
+        RpcRequest::Quiesce(..) => "quiesce",
+        RpcRequest::Alive { .. } => "alive",
     }
+}
+
+/// The kind of an encoded request (`unknown` if it does not decode), for test transports
+/// that count what is sent.
+pub fn kind_of_body(body: &[u8]) -> &'static str {
+    wire::decode::<RpcRequest>(body)
+        .map(|r| kind_of(&r))
+        .unwrap_or("unknown")
 }
 
 fn group_of(req: &RpcRequest) -> GroupId {
@@ -164,7 +190,11 @@ fn group_of(req: &RpcRequest) -> GroupId {
         | RpcRequest::AddLearner(g, ..)
         | RpcRequest::SetVoters(g, _)
         | RpcRequest::Remove(g, _)
-        | RpcRequest::Status(g) => *g,
+        | RpcRequest::Status(g)
+        | RpcRequest::Quiesce(g, ..) => *g,
+        // Not about one group; `dispatch` answers it before it looks for a group. Named as
+        // the metadata group only where a refusal needs a group to name.
+        RpcRequest::Alive { .. } => GroupId::METADATA,
     }
 }
 
@@ -186,6 +216,7 @@ pub fn admit(
         RpcRequest::Append(_, r) => Some(r.vote.leader_id().voted_for()),
         RpcRequest::Snapshot(_, r) => Some(r.vote.leader_id().voted_for()),
         RpcRequest::Vote(_, r) => Some(r.vote.leader_id().voted_for()),
+        RpcRequest::Quiesce(_, vote, _) => Some(vote.leader_id().voted_for()),
         _ => None,
     };
     if let Some(named) = named
@@ -234,10 +265,51 @@ pub enum ConsensusError {
     },
 }
 
+/// One hosted group: its Raft, storage, write queue, tasks and quiescence.
 struct Group {
+    id: GroupId,
     raft: Raft<TypeConfig>,
     sm: StateMachine,
     log: LogStore,
+    /// Where [`Consensus::write_batched`] queues requests.
+    batcher: mpsc::Sender<Pending>,
+    /// Its batcher, heartbeat driver and metrics watcher: aborted when it closes.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    quiet: Mutex<Quiet>,
+    /// Raised by every wake and every activity: a quiesce round that began under another
+    /// value does not take the group quiet.
+    epoch: AtomicU64,
+    /// Tells the heartbeat driver of a quiet leader that the group woke.
+    woken: tokio::sync::Notify,
+}
+
+impl Group {
+    fn quiet(&self) -> std::sync::MutexGuard<'_, Quiet> {
+        self.quiet.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts the group's timers back as openraft has them; true if it was quiet.
+    fn wake(&self, why: &str) -> bool {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let mut q = self.quiet();
+        let was = std::mem::replace(&mut *q, Quiet::Active);
+        let rc = self.raft.runtime_config();
+        match was {
+            Quiet::Active => return false,
+            Quiet::Leading { .. } => {
+                rc.heartbeat(true);
+                rc.tick(true);
+                self.woken.notify_one();
+            }
+            Quiet::Following { .. } => {
+                rc.tick(true);
+                rc.elect(true);
+            }
+        }
+        drop(q);
+        debug!(group = %self.id, why, "group woke");
+        true
+    }
 }
 
 #[derive(Clone)]
@@ -248,6 +320,8 @@ struct Metrics {
     snapshots: Family<Vec<(String, String)>, Counter>,
     refused: Family<Vec<(String, String)>, Counter>,
     stopped: Family<Vec<(String, String)>, Gauge>,
+    /// Hosted groups by `state`: `active` or `quiescent`.
+    groups: Family<Vec<(String, String)>, Gauge>,
 }
 
 fn group_label(g: GroupId) -> Vec<(String, String)> {
@@ -278,7 +352,11 @@ struct Inner<T> {
     me: NodeId,
     node: RaftNode,
     transport: T,
-    groups: BTreeMap<GroupId, Group>,
+    db: RaftDb,
+    config: Arc<openraft::Config>,
+    groups: RwLock<BTreeMap<GroupId, Arc<Group>>>,
+    /// Held while a group opens or closes, so two calls for one group do not interleave.
+    opening: tokio::sync::Mutex<()>,
     settings: Settings,
     metrics: Metrics,
     watermark: Arc<crate::store::Watermark>,
@@ -287,9 +365,8 @@ struct Inner<T> {
     shutting_down: AtomicBool,
     /// When a refusal was last logged, per sender and kind (logged at most once a minute).
     refusals_logged: std::sync::Mutex<std::collections::HashMap<(NodeId, &'static str), Instant>>,
-    /// Where [`Consensus::write_batched`] queues requests, per group.
-    batchers: BTreeMap<GroupId, mpsc::Sender<Pending>>,
-    batch_tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The per-node liveness task (see [`crate::quiet`]).
+    liveness_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// A request waiting for its batch, and where its answer goes.
@@ -428,6 +505,7 @@ impl<T: Transport> Consensus<T> {
             snapshots: Family::default(),
             refused: Family::default(),
             stopped: Family::default(),
+            groups: Family::default(),
         };
         settings.check().map_err(|reason| ConsensusError::Start {
             group: GroupId::METADATA,
@@ -477,38 +555,15 @@ impl<T: Transport> Consensus<T> {
             max_in_snapshot_log_to_keep: settings.keep_behind_snapshot,
             ..Default::default()
         };
-        let mut map = BTreeMap::new();
-        let mut heartbeats = Vec::new();
-        for &group in groups {
-            let config =
-                Arc::new(
-                    config
-                        .clone()
-                        .validate()
-                        .map_err(|e| ConsensusError::Start {
-                            group,
-                            reason: e.to_string(),
-                        })?,
-                );
-            let (log, sm) = db.group(group)?;
-            let network = Network {
-                group,
-                transport: transport.clone(),
-            };
-            let raft = Raft::new(me, config, network, log.clone(), sm.clone())
-                .await
-                .map_err(|e| ConsensusError::Start {
-                    group,
-                    reason: e.to_string(),
-                })?;
-            watch_metrics(group, raft.metrics(), metrics.clone());
-            heartbeats.push(tokio::spawn(heartbeat_loop(
-                group,
-                raft.clone(),
-                settings.heartbeat,
-            )));
-            map.insert(group, Group { raft, sm, log });
-        }
+        let config = Arc::new(config.validate().map_err(|e| ConsensusError::Start {
+            group: GroupId::METADATA,
+            reason: e.to_string(),
+        })?);
+        registry.register(
+            "canal_raft_groups",
+            "Raft groups hosted on this node, by state: active (heartbeats and election timers run) or quiescent (idle: neither runs)",
+            metrics.groups.clone(),
+        );
         // Record the durable marks a moment after the entries they cover were flushed.
         let watermark = db.watermark();
         let w_task = watermark.clone();
@@ -525,46 +580,185 @@ impl<T: Transport> Consensus<T> {
                 }
             }
         });
-        info!(node_id = me, groups = ?groups, "Raft groups started");
-        let mut batchers = BTreeMap::new();
-        let mut queues = Vec::new();
-        for &g in groups {
-            let (tx, rx) = mpsc::channel(MAX_BATCH_REQUESTS * 4);
-            batchers.insert(g, tx);
-            queues.push((g, rx));
-        }
         let c = Consensus {
             inner: Arc::new(Inner {
                 me,
                 node,
                 transport,
-                groups: map,
+                db: db.clone(),
+                config,
+                groups: RwLock::new(BTreeMap::new()),
+                opening: tokio::sync::Mutex::new(()),
                 settings,
                 metrics,
                 watermark,
                 watermark_task,
                 shutting_down: AtomicBool::new(false),
                 refusals_logged: std::sync::Mutex::new(std::collections::HashMap::new()),
-                batchers,
-                batch_tasks: std::sync::Mutex::new(Vec::new()),
+                liveness_task: Mutex::new(None),
             }),
         };
-        let tasks = queues
-            .into_iter()
-            .map(|(g, rx)| tokio::spawn(batch_loop(c.clone(), g, rx)))
-            .chain(heartbeats)
-            .collect();
+        for &g in groups {
+            if let Err(e) = c.open_group(g).await {
+                c.shutdown().await;
+                return Err(e);
+            }
+        }
+        let liveness = tokio::spawn(liveness_loop(c.clone()));
         *c.inner
-            .batch_tasks
+            .liveness_task
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = tasks;
+            .unwrap_or_else(|p| p.into_inner()) = Some(liveness);
+        info!(node_id = me, groups = ?groups, "Raft groups started");
         Ok(c)
     }
 
-    fn group(&self, g: GroupId) -> Result<&Group, ClientError> {
-        self.inner
-            .groups
+    /// Opens group `g` on this node, now, beside the groups already serving: creates its
+    /// storage if it is new (or opens what an earlier open left), starts its Raft, its write
+    /// batcher and its heartbeat driver. Idempotent: opening a hosted group does nothing.
+    /// A new group has no membership until [`Consensus::initialize_group`] forms it or a
+    /// leader adds this node.
+    pub async fn open_group(&self, g: GroupId) -> Result<(), ConsensusError> {
+        let _one_at_a_time = self.inner.opening.lock().await;
+        if self.inner.shutting_down.load(Ordering::Relaxed) {
+            return Err(ConsensusError::Start {
+                group: g,
+                reason: "the node is shutting down".into(),
+            });
+        }
+        if self.read_groups().contains_key(&g) {
+            return Ok(());
+        }
+        let (log, sm) = self.inner.db.group(g)?;
+        let network = Network {
+            group: g,
+            transport: self.inner.transport.clone(),
+        };
+        let raft = Raft::new(
+            self.inner.me,
+            self.inner.config.clone(),
+            network,
+            log.clone(),
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| ConsensusError::Start {
+            group: g,
+            reason: e.to_string(),
+        })?;
+        let (tx, rx) = mpsc::channel(MAX_BATCH_REQUESTS * 4);
+        let group = Arc::new(Group {
+            id: g,
+            raft: raft.clone(),
+            sm,
+            log,
+            batcher: tx,
+            tasks: Mutex::new(Vec::new()),
+            quiet: Mutex::new(Quiet::Active),
+            epoch: AtomicU64::new(0),
+            woken: tokio::sync::Notify::new(),
+        });
+        let tasks = vec![
+            watch_metrics(g, raft.metrics(), self.inner.metrics.clone()),
+            tokio::spawn(batch_loop(self.clone(), g, rx)),
+            tokio::spawn(heartbeat_loop(self.clone(), group.clone())),
+        ];
+        *group.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        self.write_groups().insert(g, group);
+        self.count_groups();
+        info!(group = %g, "Raft group opened");
+        Ok(())
+    }
+
+    /// Closes group `g` on this node while the others keep serving: stops its Raft and its
+    /// tasks and stops hosting it (its RPCs are then answered "not hosted here", which is no
+    /// offence of the sender). Queued writes fail. With `purge` its log and state are
+    /// deleted too, so a later [`Consensus::open_group`] starts it empty (as a new replica);
+    /// without, a later open resumes from what is stored. Closing a group that is not
+    /// hosted does nothing (but still purges, if asked).
+    pub async fn close_group(&self, g: GroupId, purge: bool) -> Result<(), ConsensusError> {
+        let _one_at_a_time = self.inner.opening.lock().await;
+        let removed = self.write_groups().remove(&g);
+        if let Some(group) = removed {
+            for t in group
+                .tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..)
+            {
+                t.abort();
+            }
+            if let Err(e) = group.raft.shutdown().await {
+                warn!(group = %g, error = %e, "Raft group did not stop cleanly");
+            }
+            self.inner
+                .metrics
+                .stopped
+                .get_or_create(&group_label(g))
+                .set(0);
+            self.count_groups();
+            info!(group = %g, purge, "Raft group closed");
+        }
+        if purge {
+            self.inner.db.purge_group(g)?;
+        }
+        Ok(())
+    }
+
+    fn read_groups(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<GroupId, Arc<Group>>> {
+        // Nothing panics while holding the lock; if something did, the map is still whole.
+        self.inner.groups.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_groups(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<GroupId, Arc<Group>>> {
+        self.inner.groups.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The hosted groups, for a loop over them without holding the map.
+    fn hosted(&self) -> Vec<Arc<Group>> {
+        self.read_groups().values().cloned().collect()
+    }
+
+    /// Sets `canal_raft_groups{state}` from the hosted groups.
+    fn count_groups(&self) {
+        let (mut active, mut quiescent) = (0i64, 0i64);
+        for group in self.hosted() {
+            match group.quiet().label() {
+                "active" => active += 1,
+                _ => quiescent += 1,
+            }
+        }
+        let set = |state: &str, n: i64| {
+            self.inner
+                .metrics
+                .groups
+                .get_or_create(&vec![("state".to_string(), state.to_string())])
+                .set(n);
+        };
+        set("active", active);
+        set("quiescent", quiescent);
+    }
+
+    /// Wakes `group` (see [`crate::quiet`]) and recounts if it was quiet.
+    fn wake(&self, group: &Group, why: &str) {
+        if group.wake(why) {
+            self.count_groups();
+        }
+    }
+
+    /// Whether group `g` is quiescent on this node now (it leads it quietly, or follows it
+    /// with its election timer off): what `canal_raft_groups{state}` counts. A group not
+    /// hosted is not.
+    pub fn is_quiescent(&self, g: GroupId) -> bool {
+        self.group(g)
+            .map(|group| *group.quiet() != Quiet::Active)
+            .unwrap_or(false)
+    }
+
+    fn group(&self, g: GroupId) -> Result<Arc<Group>, ClientError> {
+        self.read_groups()
             .get(&g)
+            .cloned()
             .ok_or(ClientError::UnknownGroup(g))
     }
 
@@ -583,17 +777,15 @@ impl<T: Transport> Consensus<T> {
         self.inner.me
     }
 
-    /// The groups this node hosts.
+    /// The groups this node hosts now (groups open and close at run time).
     pub fn groups(&self) -> Vec<GroupId> {
-        self.inner.groups.keys().copied().collect()
+        self.read_groups().keys().copied().collect()
     }
 
     /// Whether the metadata group has a membership on this node (it was formed, or this node
     /// was added to it).
     pub fn is_member(&self) -> bool {
-        self.inner
-            .groups
-            .get(&GroupId::METADATA)
+        self.group(GroupId::METADATA)
             .map(|g| {
                 g.raft
                     .metrics()
@@ -657,18 +849,32 @@ impl<T: Transport> Consensus<T> {
         Ok(self.group(g)?.sm.clone())
     }
 
-    /// Forms every group with `members` as its voters. Only the first formation succeeds; on
-    /// a node whose groups already have a membership it is an error and changes nothing.
+    /// Forms every hosted group with `members` as its voters. Only the first formation
+    /// succeeds; on a node whose groups already have a membership it is an error and changes
+    /// nothing.
     pub async fn initialize(&self, members: BTreeMap<NodeId, RaftNode>) -> Result<(), ClientError> {
-        for (g, group) in &self.inner.groups {
-            group
-                .raft
-                .initialize(members.clone())
-                .await
-                .map_err(|e| other(format!("group {g}: {e}")))?;
+        for g in self.groups() {
+            self.initialize_group(g, members.clone()).await?;
         }
         info!(members = ?members.values().map(|n| n.peer_id.clone()).collect::<Vec<_>>(), "Raft groups formed");
         Ok(())
+    }
+
+    /// Forms group `g` (opened with [`Consensus::open_group`]) with `members` as its voters:
+    /// on one member only, once; the others learn of it from the first leader. A group that
+    /// already has a membership is an error and is not changed.
+    pub async fn initialize_group(
+        &self,
+        g: GroupId,
+        members: BTreeMap<NodeId, RaftNode>,
+    ) -> Result<(), ClientError> {
+        let group = self.group(g)?;
+        self.wake(&group, "initialize");
+        group
+            .raft
+            .initialize(members)
+            .await
+            .map_err(|e| other(format!("group {g}: {e}")))
     }
 
     /// Answers a request from peer `from` (its Raft node id, derived from the authenticated
@@ -704,8 +910,15 @@ impl<T: Transport> Consensus<T> {
                 return ready(self.refuse(from, "unknown", None, offence));
             }
         };
+        if let RpcRequest::Alive { leading, quiet } = &req {
+            self.heard_alive(from, leading, quiet);
+            return ready(Handled {
+                answer: wire::encode(&RpcResponse::Alive).unwrap_or_default(),
+                offence: None,
+            });
+        }
         let g = group_of(&req);
-        if let Some(group) = self.inner.groups.get(&g) {
+        if let Ok(group) = self.group(g) {
             let sender_is_member = {
                 let m = group.raft.metrics();
                 let m = m.borrow();
@@ -814,6 +1027,177 @@ impl<T: Transport> Consensus<T> {
         }
     }
 
+    /// Offers the members of `group`, which this node leads and which has been idle, to go
+    /// quiet; if every member accepts and nothing happened to the group meanwhile, stops
+    /// its heartbeats and ticks (see [`crate::quiet`]). A refusal leaves it active.
+    async fn try_quiesce(&self, group: &Arc<Group>) {
+        let epoch = group.epoch.load(Ordering::SeqCst);
+        let offer = {
+            let m = group.raft.metrics();
+            let m = m.borrow();
+            quiet::quiesce_offer(&m, self.inner.me)
+        };
+        let offer = match offer {
+            Ok(o) => o,
+            Err(why) => {
+                debug!(group = %group.id, why, "not quiescing the group");
+                return;
+            }
+        };
+        let timeout = self.inner.settings.rpc_timeout;
+        let req = RpcRequest::Quiesce(group.id, offer.vote, offer.last);
+        let asks = offer.members.iter().map(|(id, node)| {
+            let req = &req;
+            async move {
+                let answer =
+                    tokio::time::timeout(timeout, call(&self.inner.transport, node, req)).await;
+                let a = match &answer {
+                    Ok(Ok(RpcResponse::Quiesce(Ok(true)))) => quiet::Answer::Yes,
+                    Ok(Err(_)) | Err(_) => quiet::Answer::Unreachable,
+                    Ok(Ok(_)) => quiet::Answer::No,
+                };
+                if a != quiet::Answer::Yes {
+                    debug!(group = %group.id, member = id, ?answer, "a member did not agree to quiesce");
+                }
+                (*id, a)
+            }
+        });
+        let answers = futures::future::join_all(asks).await;
+        if !quiet::answers_quiesce(&offer, &answers) {
+            return;
+        }
+        {
+            let mut q = group.quiet();
+            if group.epoch.load(Ordering::SeqCst) != epoch || *q != Quiet::Active {
+                return;
+            }
+            let m = group.raft.metrics();
+            let m = m.borrow();
+            if m.vote != offer.vote
+                || m.current_leader != Some(self.inner.me)
+                || m.last_log_index != offer.last.map(|l| l.index)
+            {
+                return;
+            }
+            let rc = group.raft.runtime_config();
+            rc.heartbeat(false);
+            rc.tick(false);
+            *q = Quiet::Leading {
+                since: Instant::now(),
+            };
+        }
+        self.count_groups();
+        debug!(group = %group.id, last = ?offer.last, "group quiescent");
+    }
+
+    /// Answers a leader's [`RpcRequest::Quiesce`]: follows group `g` quietly (election timer
+    /// off) if this member has the same leader, vote and last entry as the leader offers.
+    fn follow_quietly(
+        &self,
+        g: GroupId,
+        vote: openraft::Vote<NodeId>,
+        last: Option<openraft::LogId<NodeId>>,
+    ) -> Result<bool, ClientError> {
+        let group = self.group(g)?;
+        let Some(leader) = vote.leader_id().voted_for() else {
+            return Ok(false);
+        };
+        {
+            let mut q = group.quiet();
+            if matches!(*q, Quiet::Leading { .. }) {
+                return Ok(false);
+            }
+            let ok = {
+                let m = group.raft.metrics();
+                let m = m.borrow();
+                quiet::may_follow_quietly(&m, leader, &vote, last)
+            };
+            if let Err(why) = ok {
+                debug!(group = %g, leader, why, "not following the group quietly");
+                return Ok(false);
+            }
+            let rc = group.raft.runtime_config();
+            rc.elect(false);
+            rc.tick(false);
+            let (min, max) = self.inner.settings.election_timeout;
+            *q = Quiet::Following {
+                leader,
+                vote,
+                confirmed: Instant::now(),
+                // As long as openraft's own follower waits (the leader lease, then an
+                // election timeout), so a busy moment wakes a quiet group no sooner than it
+                // would start an election in an active one.
+                patience: max + quiet::patience(min, max),
+            };
+        }
+        self.count_groups();
+        Ok(true)
+    }
+
+    /// After openraft took an AppendEntries for `group`: entries, or another leader, wake a
+    /// quiet group; a bare heartbeat of the leader followed quietly confirms it.
+    fn after_append(&self, group: &Group, vote: &openraft::Vote<NodeId>, entries: bool) {
+        let wakes = match &mut *group.quiet() {
+            Quiet::Active => false,
+            // Another leader (or an older one) speaks: openraft sorts out who leads.
+            Quiet::Leading { .. } => true,
+            Quiet::Following {
+                vote: quiet_vote,
+                confirmed,
+                ..
+            } => {
+                let wakes = quiet::append_wakes(quiet_vote, vote, entries);
+                if !wakes {
+                    *confirmed = Instant::now();
+                }
+                wakes
+            }
+        };
+        if wakes {
+            self.wake(group, "append");
+        }
+    }
+
+    /// Takes peer `from`'s [`RpcRequest::Alive`]: confirms the groups it leads that this
+    /// node follows quietly, and wakes the groups this node leads quietly that `from` is a
+    /// member of but does not follow quietly (it restarted, reopened the group or woke).
+    fn heard_alive(&self, from: NodeId, leading: &[GroupId], quiet: &[GroupId]) {
+        let now = Instant::now();
+        // An Alive built before `from` agreed to quiesce may arrive after the group went
+        // quiet here: not a reason to wake.
+        let grace = self.inner.settings.rpc_timeout + self.inner.settings.heartbeat * 2;
+        let leading: BTreeSet<GroupId> = leading.iter().copied().collect();
+        let quiet: BTreeSet<GroupId> = quiet.iter().copied().collect();
+        for group in self.hosted() {
+            let wake = match &mut *group.quiet() {
+                Quiet::Following {
+                    leader, confirmed, ..
+                } if *leader == from => {
+                    if leading.contains(&group.id) {
+                        *confirmed = now;
+                    }
+                    false
+                }
+                Quiet::Leading { since }
+                    if now.duration_since(*since) > grace && !quiet.contains(&group.id) =>
+                {
+                    group
+                        .raft
+                        .metrics()
+                        .borrow()
+                        .membership_config
+                        .membership()
+                        .get_node(&from)
+                        .is_some()
+                }
+                _ => false,
+            };
+            if wake {
+                self.wake(&group, "a member is not quiet");
+            }
+        }
+    }
+
     /// Whether every group is running: a group whose Raft stopped (a fatal error, e.g. in
     /// storage) while the node is not shutting down no longer replicates, and the node must
     /// not report itself healthy. The error names the groups and why.
@@ -822,7 +1206,8 @@ impl<T: Transport> Consensus<T> {
             return Ok(());
         }
         let mut bad = Vec::new();
-        for (g, group) in &self.inner.groups {
+        for group in self.hosted() {
+            let g = &group.id;
             let m = group.raft.metrics();
             let m = m.borrow();
             let why = match (&m.running_state, m.state) {
@@ -847,17 +1232,38 @@ impl<T: Transport> Consensus<T> {
     async fn serve(&self, req: RpcRequest) -> RpcResponse {
         match req {
             RpcRequest::Append(g, r) => match self.group(g) {
-                Ok(group) => RpcResponse::Append(group.raft.append_entries(r).await),
+                Ok(group) => {
+                    let (vote, entries) = (r.vote, !r.entries.is_empty());
+                    let answer = group.raft.append_entries(r).await;
+                    // After openraft took it: it has reset the election timer by then, so a
+                    // member woken here does not stand at once.
+                    self.after_append(&group, &vote, entries);
+                    RpcResponse::Append(answer)
+                }
                 Err(e) => RpcResponse::Status(Err(e)),
             },
             RpcRequest::Vote(g, r) => match self.group(g) {
-                Ok(group) => RpcResponse::Vote(group.raft.vote(r).await),
+                Ok(group) => {
+                    let answer = group.raft.vote(r).await;
+                    // Someone stands for election: this member takes part as in any group.
+                    self.wake(&group, "vote request");
+                    RpcResponse::Vote(answer)
+                }
                 Err(e) => RpcResponse::Status(Err(e)),
             },
             RpcRequest::Snapshot(g, r) => match self.group(g) {
-                Ok(group) => RpcResponse::Snapshot(group.raft.install_snapshot(r).await),
+                Ok(group) => {
+                    let answer = group.raft.install_snapshot(r).await;
+                    self.wake(&group, "snapshot");
+                    RpcResponse::Snapshot(answer)
+                }
                 Err(e) => RpcResponse::Status(Err(e)),
             },
+            RpcRequest::Quiesce(g, vote, last) => {
+                RpcResponse::Quiesce(self.follow_quietly(g, vote, last))
+            }
+            // Answered in `dispatch`; here only for completeness.
+            RpcRequest::Alive { .. } => RpcResponse::Alive,
             RpcRequest::Write(g, r) => RpcResponse::Write(match check_entry_size(&r) {
                 Ok(()) => self.local_write(g, r).await,
                 Err(e) => Err(e),
@@ -888,6 +1294,7 @@ impl<T: Transport> Consensus<T> {
     ) -> Result<impl Future<Output = Result<Response, ClientError>> + Send + 'static, ClientError>
     {
         let group = self.group(g)?;
+        self.wake(&group, "write");
         // Stamped here, on the leader, just before proposing: the state machine's clock is
         // the leader's, whichever node accepted the request.
         let proposal = crate::types::Proposal {
@@ -1003,6 +1410,8 @@ impl<T: Transport> Consensus<T> {
 
     async fn local_read(&self, g: GroupId, key: &str) -> Result<Option<Vec<u8>>, ClientError> {
         let group = self.group(g)?;
+        // The read index is confirmed by a round of heartbeats: the group is in use again.
+        self.wake(&group, "linearizable read");
         let read_log_id = group
             .raft
             .ensure_linearizable()
@@ -1037,6 +1446,7 @@ impl<T: Transport> Consensus<T> {
         node: RaftNode,
     ) -> Result<(), ClientError> {
         let group = self.group(g)?;
+        self.wake(&group, "membership change");
         group
             .raft
             .add_learner(id, node, false)
@@ -1047,6 +1457,7 @@ impl<T: Transport> Consensus<T> {
 
     async fn local_set_voters(&self, g: GroupId, voters: Vec<NodeId>) -> Result<(), ClientError> {
         let group = self.group(g)?;
+        self.wake(&group, "membership change");
         let set: BTreeSet<NodeId> = voters.into_iter().collect();
         if set.is_empty() {
             return Err(other("a group needs at least one voter"));
@@ -1073,6 +1484,7 @@ impl<T: Transport> Consensus<T> {
 
     async fn local_remove(&self, g: GroupId, id: NodeId) -> Result<(), ClientError> {
         let group = self.group(g)?;
+        self.wake(&group, "membership change");
         let metrics = group.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -1136,7 +1548,7 @@ impl<T: Transport> Consensus<T> {
     ) -> Result<Vec<(NodeId, Result<MemberStatus, String>)>, ClientError> {
         let mine = self.local_status(g)?;
         let mut out = vec![(self.inner.me, Ok(mine.clone()))];
-        let membership = group_membership(self.group(g)?);
+        let membership = group_membership(&*self.group(g)?);
         let asks = membership
             .into_iter()
             .filter(|(id, _)| *id != self.inner.me)
@@ -1260,11 +1672,7 @@ impl<T: Transport> Consensus<T> {
     /// publishers, whose throughput is bounded by Raft round trips and log flushes.
     pub async fn write_batched(&self, g: GroupId, req: Request) -> Result<Response, ClientError> {
         check_entry_size(&req)?;
-        let queue = self
-            .inner
-            .batchers
-            .get(&g)
-            .ok_or(ClientError::UnknownGroup(g))?;
+        let queue = self.group(g)?.batcher.clone();
         let (tx, rx) = oneshot::channel();
         queue
             .send((req, tx))
@@ -1350,21 +1758,29 @@ impl<T: Transport> Consensus<T> {
     /// Stops every group.
     pub async fn shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::Relaxed);
-        for (g, group) in &self.inner.groups {
-            if let Err(e) = group.raft.shutdown().await {
-                warn!(group = %g, error = %e, "Raft group did not stop cleanly");
-            }
-        }
-        self.inner.watermark_task.abort();
-        for t in self
+        if let Some(t) = self
             .inner
-            .batch_tasks
+            .liveness_task
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
+            .take()
         {
             t.abort();
         }
+        for group in self.hosted() {
+            if let Err(e) = group.raft.shutdown().await {
+                warn!(group = %group.id, error = %e, "Raft group did not stop cleanly");
+            }
+            for t in group
+                .tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..)
+            {
+                t.abort();
+            }
+        }
+        self.inner.watermark_task.abort();
         if let Err(e) = self.inner.watermark.write(false) {
             warn!(error = %e, "cannot write the Raft watermark");
         }
@@ -1385,15 +1801,31 @@ fn check_entry_size(req: &Request) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// Sends the group's heartbeats while this node leads it: every `every`, and at once when
-/// the applied index moves (a commit), so followers learn of it without waiting for the
-/// next beat. openraft's own beat runs only at the RPC timeout (see [`Settings`]).
-async fn heartbeat_loop(group: GroupId, raft: Raft<TypeConfig>, every: Duration) {
-    let mut rx = raft.metrics();
+/// Sends the group's heartbeats while this node leads it and it is active: every
+/// `heartbeat`, and at once when the applied index moves (a commit), so followers learn of
+/// it without waiting for the next beat. openraft's own beat runs only at the RPC timeout
+/// (see [`Settings`]). A group that proposed nothing for [`Settings::quiesce_after`] is
+/// offered to go quiet ([`Consensus::try_quiesce`]); while it is quiet this task sleeps
+/// until it wakes, so a quiet group costs no timer here.
+async fn heartbeat_loop<T: Transport>(c: Consensus<T>, group: Arc<Group>) {
+    let every = c.inner.settings.heartbeat;
+    let quiesce_after = c.inner.settings.quiesce_after;
+    let mut rx = group.raft.metrics();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut applied = rx.borrow().last_applied;
+    let (mut applied, mut last_index) = {
+        let m = rx.borrow();
+        (m.last_applied, m.last_log_index)
+    };
+    let mut busy_at = Instant::now();
+    let mut epoch = group.epoch.load(Ordering::SeqCst);
     loop {
+        if matches!(*group.quiet(), Quiet::Leading { .. }) {
+            group.woken.notified().await;
+            busy_at = Instant::now();
+            tick.reset();
+            continue;
+        }
         let beat = tokio::select! {
             _ = tick.tick() => rx.borrow().state == ServerState::Leader,
             changed = rx.changed() => {
@@ -1403,16 +1835,100 @@ async fn heartbeat_loop(group: GroupId, raft: Raft<TypeConfig>, every: Duration)
                 let m = rx.borrow_and_update();
                 let moved = m.last_applied != applied;
                 applied = m.last_applied;
+                if m.last_log_index != last_index {
+                    last_index = m.last_log_index;
+                    busy_at = Instant::now();
+                }
                 moved && m.state == ServerState::Leader
             }
         };
+        let now_epoch = group.epoch.load(Ordering::SeqCst);
+        if now_epoch != epoch {
+            epoch = now_epoch;
+            busy_at = Instant::now();
+        }
         if beat {
             // A beat for a commit counts as the idle one too.
             tick.reset();
-            if let Err(e) = raft.trigger().heartbeat().await {
-                debug!(group = %group, error = %e, "heartbeat driver stops: the group stopped");
+            if let Err(e) = group.raft.trigger().heartbeat().await {
+                debug!(group = %group.id, error = %e, "heartbeat driver stops: the group stopped");
                 return;
             }
+        }
+        if let Some(after) = quiesce_after
+            && busy_at.elapsed() >= after
+            && rx.borrow().state == ServerState::Leader
+        {
+            // The next offer, if this one is refused, comes no sooner than `after` later.
+            busy_at = Instant::now();
+            c.try_quiesce(&group).await;
+        }
+    }
+}
+
+/// The node's one liveness signal for all its groups (see [`crate::quiet`]): every
+/// heartbeat interval it sends each peer that shares a group with it one
+/// [`RpcRequest::Alive`] naming the groups it leads and those it follows quietly, whatever
+/// their number; and it wakes each group it follows quietly whose leader has not said it
+/// leads it for that group's patience (the leader lease plus a random election timeout), so
+/// elections run as without quiescence.
+async fn liveness_loop<T: Transport>(c: Consensus<T>) {
+    let me = c.inner.me;
+    let rpc_timeout = c.inner.settings.rpc_timeout;
+    let mut tick = tokio::time::interval(c.inner.settings.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let mut leading = Vec::new();
+        let mut quiet = Vec::new();
+        let mut silent = Vec::new();
+        let mut peers: BTreeMap<NodeId, RaftNode> = BTreeMap::new();
+        for group in c.hosted() {
+            {
+                let m = group.raft.metrics();
+                let m = m.borrow();
+                // A group whose Raft stopped leads nothing, whatever its last metrics say:
+                // its quiet members must wake and elect another leader.
+                if m.current_leader == Some(me)
+                    && m.state == ServerState::Leader
+                    && m.running_state.is_ok()
+                {
+                    leading.push(group.id);
+                }
+                for (id, n) in m.membership_config.membership().nodes() {
+                    if *id != me {
+                        peers.entry(*id).or_insert_with(|| n.clone());
+                    }
+                }
+            }
+            if let Quiet::Following {
+                confirmed,
+                patience,
+                leader,
+                ..
+            } = &*group.quiet()
+            {
+                if now.duration_since(*confirmed) > *patience {
+                    silent.push((group.clone(), *leader, now.duration_since(*confirmed)));
+                } else {
+                    quiet.push(group.id);
+                }
+            }
+        }
+        for (group, leader, silence) in silent {
+            info!(group = %group.id, leader, ?silence, "the leader of a quiescent group was not heard leading it: waking it for an election");
+            c.wake(&group, "leader silent");
+        }
+        let Ok(body) = wire::encode(&RpcRequest::Alive { leading, quiet }) else {
+            continue;
+        };
+        for node in peers.into_values() {
+            let transport = c.inner.transport.clone();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(rpc_timeout, transport.call(&node, body)).await;
+            });
         }
     }
 }
@@ -1442,9 +1958,11 @@ fn clone_client(req: &RpcRequest) -> RpcRequest {
         RpcRequest::SetVoters(g, v) => RpcRequest::SetVoters(*g, v.clone()),
         RpcRequest::Status(g) => RpcRequest::Status(*g),
         RpcRequest::Remove(g, id) => RpcRequest::Remove(*g, *id),
-        RpcRequest::Append(g, _) | RpcRequest::Vote(g, _) | RpcRequest::Snapshot(g, _) => {
-            RpcRequest::Status(*g)
-        }
+        RpcRequest::Append(g, _)
+        | RpcRequest::Vote(g, _)
+        | RpcRequest::Snapshot(g, _)
+        | RpcRequest::Quiesce(g, ..) => RpcRequest::Status(*g),
+        RpcRequest::Alive { .. } => RpcRequest::Status(GroupId::METADATA),
     }
 }
 
@@ -1466,7 +1984,7 @@ fn watch_metrics(
     group: GroupId,
     mut rx: tokio::sync::watch::Receiver<RaftMetrics<NodeId, RaftNode>>,
     metrics: Metrics,
-) {
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let (mut term, mut snapshot) = {
             let m = rx.borrow();
@@ -1484,7 +2002,7 @@ fn watch_metrics(
                 snapshot = m.snapshot;
             }
         }
-    });
+    })
 }
 
 #[cfg(test)]
@@ -1605,6 +2123,12 @@ mod tests {
         let e = admit(&RpcRequest::Vote(g, vote.clone()), 8, Some(true)).unwrap_err();
         assert!(e.ban_worthy && e.detail.contains("candidate"), "{e:?}");
         assert!(admit(&RpcRequest::Vote(g, vote.clone()), 7, Some(true)).is_ok());
+        // Only the leader a quiesce names may send it.
+        let quiesce = RpcRequest::Quiesce(g, Vote::new_committed(2, 7), None);
+        let e = admit(&quiesce, 8, Some(true)).unwrap_err();
+        assert!(e.ban_worthy && e.kind == "quiesce", "{e:?}");
+        assert!(admit(&quiesce, 7, Some(true)).is_ok());
+        assert!(!admit(&quiesce, 7, Some(false)).unwrap_err().ban_worthy);
         // A non-member is refused, but not banned: it may be a leader we do not know yet.
         for req in [
             RpcRequest::Append(g, append(1, 7)),
@@ -1827,6 +2351,326 @@ mod tests {
             net.get(leader).describe(GroupId(7)),
             Err(ClientError::UnknownGroup(GroupId(7)))
         ));
+    }
+
+    /// The leader of `g` once every one of `ids` names the same one, within 10 s.
+    async fn agreed_leader(net: &Net, ids: &[NodeId], g: GroupId) -> NodeId {
+        agreed_leader_not(net, ids, g, None).await
+    }
+
+    /// [`agreed_leader`], waiting for one other than `not`.
+    async fn agreed_leader_not(
+        net: &Net,
+        ids: &[NodeId],
+        g: GroupId,
+        not: Option<NodeId>,
+    ) -> NodeId {
+        let mut agreed = None;
+        wait(|| {
+            let leaders: Vec<Option<NodeId>> = ids
+                .iter()
+                .map(|&i| net.get(i).metrics(g).ok().and_then(|m| m.current_leader))
+                .collect();
+            agreed =
+                leaders[0].filter(|l| leaders.iter().all(|x| *x == Some(*l)) && Some(*l) != not);
+            agreed.is_some()
+        })
+        .await;
+        agreed.unwrap()
+    }
+
+    fn has(net: &Net, id: NodeId, g: GroupId, key: &str, value: &[u8]) -> bool {
+        net.get(id)
+            .state_machine(g)
+            .ok()
+            .and_then(|sm| sm.get(&UserKey::new(key).unwrap()).ok().flatten())
+            .as_deref()
+            == Some(value)
+    }
+
+    fn gauge(c: &Consensus<MemTransport>, state: &str) -> i64 {
+        c.inner
+            .metrics
+            .groups
+            .get_or_create(&vec![("state".to_string(), state.to_string())])
+            .get()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_opens_closes_and_reopens_at_run_time_while_others_serve() {
+        let net = formed(&[1, 2, 3], &[]).await;
+        leader_of(&net, 1).await;
+        let g = GroupId(5);
+        let all = [1, 2, 3];
+        for i in all {
+            let c = net.get(i);
+            c.open_group(g).await.unwrap();
+            // Idempotent.
+            c.open_group(g).await.unwrap();
+            assert_eq!(c.groups(), vec![GroupId::METADATA, g]);
+        }
+        let members: BTreeMap<NodeId, RaftNode> = all.iter().map(|&i| (i, node(i))).collect();
+        net.get(1).initialize_group(g, members).await.unwrap();
+        let leader = agreed_leader(&net, &all, g).await;
+        net.get(1).write(g, put("k1", b"1")).await.unwrap();
+        for i in all {
+            wait(|| has(&net, i, g, "k1", b"1")).await;
+        }
+
+        // Close it on its leader: the other two elect, and writes commit with 2 of 3.
+        let closed = net.get(leader);
+        closed.close_group(g, false).await.unwrap();
+        assert_eq!(closed.groups(), vec![GroupId::METADATA]);
+        let rest: Vec<NodeId> = all.into_iter().filter(|i| *i != leader).collect();
+        let new_leader = agreed_leader_not(&net, &rest, g, Some(leader)).await;
+        net.get(rest[0]).write(g, put("k2", b"2")).await.unwrap();
+        // The metadata group kept serving on every member, the closing one included.
+        closed
+            .write(GroupId::METADATA, put("m", b"1"))
+            .await
+            .unwrap();
+
+        // Raft for a closed group is answered "not hosted here", no offence of the sender.
+        let term = net.get(new_leader).metrics(g).unwrap().current_term;
+        let body = wire::encode(&RpcRequest::Append(g, append(term, new_leader))).unwrap();
+        let h = closed.handle(new_leader, &body).await;
+        assert!(h.offence.is_none(), "{h:?}");
+        let e = refused(&h);
+        assert_eq!(e, ClientError::UnknownGroup(g));
+        assert!(e.to_string().contains("not hosted"), "{e}");
+        assert!(matches!(
+            closed.write(g, put("x", b"x")).await,
+            Err(ClientError::UnknownGroup(_))
+        ));
+
+        // Reopened (not purged), it catches up from where it stopped.
+        closed.open_group(g).await.unwrap();
+        wait(|| has(&net, leader, g, "k2", b"2")).await;
+        assert!(has(&net, leader, g, "k1", b"1"));
+        agreed_leader(&net, &all, g).await;
+
+        // Removed from the group, closed and purged, a reopened member starts empty and is
+        // added back as a new replica that catches up.
+        let l = agreed_leader(&net, &all, g).await;
+        let gone = all.into_iter().find(|i| *i != l).unwrap();
+        net.get(l).remove(g, gone).await.unwrap();
+        let c = net.get(gone);
+        c.close_group(g, true).await.unwrap();
+        c.open_group(g).await.unwrap();
+        assert!(!has(&net, gone, g, "k1", b"1"));
+        assert!(c.describe(g).unwrap().voters.is_empty());
+        net.get(l).add_learner(g, gone, node(gone)).await.unwrap();
+        net.get(l).set_voters(g, all.to_vec()).await.unwrap();
+        net.get(l).write(g, put("k3", b"3")).await.unwrap();
+        for i in all {
+            wait(|| has(&net, i, g, "k3", b"3") && has(&net, i, g, "k1", b"1")).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_closed_and_reopened_under_writes_loses_no_acknowledged_write() {
+        let all = [1, 2, 3];
+        let net = formed(&all, &[]).await;
+        leader_of(&net, 1).await;
+        let g = GroupId(6);
+        for i in all {
+            net.get(i).open_group(g).await.unwrap();
+        }
+        let members: BTreeMap<NodeId, RaftNode> = all.iter().map(|&i| (i, node(i))).collect();
+        net.get(2).initialize_group(g, members).await.unwrap();
+        let leader = agreed_leader(&net, &all, g).await;
+        let follower = all.into_iter().find(|i| *i != leader).unwrap();
+        // Writes to the group and to the metadata group go on while a follower closes and
+        // reopens the group again and again (the leader's appends keep reaching it closed).
+        let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = {
+            let c = net.get(leader);
+            let acked = acked.clone();
+            tokio::spawn(async move {
+                for n in 0..80 {
+                    let key = format!("k{n}");
+                    if c.write(g, put(&key, b"v")).await.is_ok() {
+                        acked.lock().unwrap().push(key);
+                    }
+                    c.write(GroupId::METADATA, put(&format!("m{n}"), b"v"))
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        let f = net.get(follower);
+        let progress = || acked.lock().unwrap().len();
+        for round in 0..4 {
+            let before = progress();
+            f.close_group(g, false).await.unwrap();
+            assert!(!f.groups().contains(&g));
+            wait(|| progress() >= before + 5 || writer.is_finished()).await;
+            f.open_group(g).await.unwrap();
+            wait(|| progress() >= before + 10 || writer.is_finished()).await;
+            assert!(f.health().is_ok(), "round {round}");
+        }
+        writer.await.unwrap();
+        let acked = acked.lock().unwrap().clone();
+        assert_eq!(acked.len(), 80, "every write commits with 2 of 3 up");
+        for i in all {
+            wait(|| {
+                acked.iter().all(|k| has(&net, i, g, k, b"v"))
+                    && has(&net, i, GroupId::METADATA, "m79", b"v")
+            })
+            .await;
+        }
+    }
+
+    /// Starts `ids` formed, with every group quiescing after `quiesce_after` of idleness.
+    async fn formed_quiet(ids: &[NodeId]) -> Net {
+        let net = formed(ids, &[]).await;
+        let g = GroupId::METADATA;
+        let leader = agreed_leader(&net, ids, g).await;
+        net.get(leader).write(g, put("warm", b"1")).await.unwrap();
+        for &i in ids {
+            wait(|| net.get(i).is_quiescent(g)).await;
+        }
+        net
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_group_goes_quiet_sends_no_heartbeats_and_wakes_on_a_write() {
+        let all = [1, 2, 3];
+        let net = formed_quiet(&all).await;
+        let g = GroupId::METADATA;
+        let leader = agreed_leader(&net, &all, g).await;
+        for i in all {
+            let c = net.get(i);
+            assert_eq!((gauge(&c, "quiescent"), gauge(&c, "active")), (1, 0));
+        }
+        let term = net.get(leader).metrics(g).unwrap().current_term;
+        // Over a window of several election timeouts: no appends at all, no election, and
+        // the per-peer liveness signal only (3 nodes x 2 peers every 50 ms).
+        let (appends, votes, alive) = (
+            net.nodes.sent("append"),
+            net.nodes.sent("vote"),
+            net.nodes.sent("alive"),
+        );
+        let window = Duration::from_millis(1500);
+        // A measurement window, not a wait for a condition.
+        tokio::time::sleep(window).await;
+        assert_eq!(net.nodes.sent("append") - appends, 0);
+        assert_eq!(net.nodes.sent("vote") - votes, 0);
+        let beats = net.nodes.sent("alive") - alive;
+        assert!(
+            beats > 0 && beats <= 6 * 40,
+            "{beats} liveness messages in {window:?}"
+        );
+        for i in all {
+            assert!(net.get(i).is_quiescent(g), "member {i} woke while idle");
+            assert_eq!(net.get(i).metrics(g).unwrap().current_term, term);
+        }
+
+        // A write through a follower wakes the group and commits on every member; then it
+        // goes quiet again.
+        let follower = all.into_iter().find(|i| *i != leader).unwrap();
+        net.get(follower).write(g, put("a", b"1")).await.unwrap();
+        assert!(!net.get(leader).is_quiescent(g));
+        for i in all {
+            wait(|| has(&net, i, g, "a", b"1")).await;
+        }
+        for i in all {
+            wait(|| net.get(i).is_quiescent(g)).await;
+        }
+        assert_eq!(net.get(leader).metrics(g).unwrap().current_term, term);
+        // A linearizable read on a quiet group works too.
+        let v = net
+            .get(follower)
+            .read(g, &UserKey::new("a").unwrap(), true)
+            .await
+            .unwrap();
+        assert_eq!(v.as_deref(), Some(&b"1"[..]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quiescent_groups_leader_fails_over_within_the_election_bound() {
+        let all = [1, 2, 3];
+        let net = formed_quiet(&all).await;
+        let g = GroupId::METADATA;
+        let leader = agreed_leader(&net, &all, g).await;
+        let rest: Vec<NodeId> = all.into_iter().filter(|i| *i != leader).collect();
+        // Killed: unreachable, and sending nothing any more.
+        let dead = net.nodes.remove(&node(leader).peer_id).unwrap();
+        dead.shutdown().await;
+        let killed = Instant::now();
+        agreed_leader_not(&net, &rest, g, Some(leader)).await;
+        let took = killed.elapsed();
+        // Without quiescence a follower stands after the leader lease (the longest election
+        // timeout) plus its election timeout, seen at openraft's tick; quiescence adds at
+        // most one liveness interval. Doubled for a loaded test machine.
+        let s = Settings::with_election_timeout(Duration::from_millis(200));
+        let bound = s.election_timeout.1 * 2 + s.rpc_timeout * 3 / 2 + s.heartbeat;
+        assert!(
+            took < bound * 2,
+            "failover took {took:?}, the bound is {bound:?}"
+        );
+        eprintln!("quiescent failover took {took:?} (bound {bound:?})");
+        net.get(rest[0]).write(g, put("after", b"1")).await.unwrap();
+        for i in &rest {
+            wait(|| has(&net, *i, g, "after", b"1")).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_back_with_the_group_wakes_its_quiet_leader_before_it_would_stand() {
+        let all = [1, 2, 3];
+        let net = formed_quiet(&all).await;
+        let g = GroupId::METADATA;
+        let leader = agreed_leader(&net, &all, g).await;
+        let term = net.get(leader).metrics(g).unwrap().current_term;
+        let back = all.into_iter().find(|i| *i != leader).unwrap();
+        // Closed and reopened (as after a restart): active, its election timer running.
+        let c = net.get(back);
+        c.close_group(g, false).await.unwrap();
+        c.open_group(g).await.unwrap();
+        assert!(!c.is_quiescent(g));
+        // Its liveness signal does not list the group as quiet: the leader wakes and
+        // heartbeats it before its timer runs out, so nobody stands, and all go quiet again.
+        for i in all {
+            wait(|| net.get(i).is_quiescent(g)).await;
+        }
+        for i in all {
+            assert_eq!(
+                net.get(i).metrics(g).unwrap().current_term,
+                term,
+                "member {i}"
+            );
+        }
+        assert_eq!(agreed_leader(&net, &all, g).await, leader);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partitioned_follower_of_a_quiescent_group_is_not_stuck() {
+        let all = [1, 2, 3];
+        let net = formed_quiet(&all).await;
+        let g = GroupId::METADATA;
+        let leader = agreed_leader(&net, &all, g).await;
+        let cut = all.into_iter().find(|i| *i != leader).unwrap();
+        let term = net.get(cut).metrics(g).unwrap().current_term;
+        net.nodes.cut(cut, true);
+        // It stops hearing its leader, wakes and stands for election (in vain, alone).
+        wait(|| !net.get(cut).is_quiescent(g)).await;
+        wait(|| net.get(cut).metrics(g).unwrap().current_term > term).await;
+        // The other two go on: a write wakes them, commits with 2 of 3, and the group goes
+        // quiet again without the member that does not answer.
+        let rest: Vec<NodeId> = all.into_iter().filter(|i| *i != cut).collect();
+        net.get(leader).write(g, put("cut", b"1")).await.unwrap();
+        for &i in &rest {
+            wait(|| has(&net, i, g, "cut", b"1") && net.get(i).is_quiescent(g)).await;
+        }
+        // Healed, the group has one leader again and everyone, the cut member included,
+        // takes new writes.
+        net.nodes.cut(cut, false);
+        let l = agreed_leader(&net, &all, g).await;
+        net.get(l).write(g, put("healed", b"1")).await.unwrap();
+        for i in all {
+            wait(|| has(&net, i, g, "healed", b"1")).await;
+        }
     }
 
     async fn wait(mut ok: impl FnMut() -> bool) {

@@ -16,7 +16,10 @@
 //!   and decode them, and [`UserKey`], the client keys that can never name an internal one.
 //! - [`network`]: openraft's network over a [`Transport`] the node provides (libp2p).
 //! - [`rpc`]: the messages between members, each tagged with its group.
-//! - [`groups`]: [`Consensus`], the groups of a node and the client operations on them
+//! - [`quiet`]: quiescent groups: an idle group stops heartbeating, its members stop their
+//!   election timers, and one per-peer liveness signal wakes them when a leader goes silent.
+//! - [`groups`]: [`Consensus`], the groups of a node (opened and closed at run time:
+//!   [`Consensus::open_group`], [`Consensus::close_group`]) and the client operations on them
 //!   (writes and linearizable reads forwarded to the leader, typed reads of internal
 //!   records, membership, status, [`Consensus::is_leader`] and [`Consensus::describe`]).
 //! - [`topics`]: what a topic log holds (publishes, events, where a log starts and ends).
@@ -39,6 +42,7 @@ pub mod keys;
 #[cfg(any(test, feature = "mem-transport"))]
 pub mod mem;
 pub mod network;
+pub mod quiet;
 pub mod routing;
 pub mod rpc;
 pub mod store;

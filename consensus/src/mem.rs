@@ -8,13 +8,17 @@
 use crate::groups::Consensus;
 use crate::network::Transport;
 use crate::types::{NodeId, RaftNode};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 /// The nodes of an in-memory cluster, by peer id.
 #[derive(Clone, Default)]
 pub struct MemNet {
     nodes: Arc<Mutex<HashMap<String, Consensus<MemTransport>>>>,
+    /// Nodes cut off from the others: every call to or from them fails.
+    cut: Arc<Mutex<HashSet<NodeId>>>,
+    /// Requests sent, by kind (`append`, `vote`, `alive`, ...), as tests count them.
+    sent: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
 impl MemNet {
@@ -42,6 +46,30 @@ impl MemNet {
         self.lock().get(peer_id).cloned()
     }
 
+    /// Cuts node `id` off (a partition, both ways) or, with `cut` false, heals it.
+    pub fn cut(&self, id: NodeId, cut: bool) {
+        let mut c = self.cut.lock().unwrap_or_else(|p| p.into_inner());
+        if cut {
+            c.insert(id);
+        } else {
+            c.remove(&id);
+        }
+    }
+
+    /// How many requests of `kind` were sent so far (see [`crate::groups::Consensus::handle`]
+    /// for the kinds), delivered or not.
+    pub fn sent(&self, kind: &str) -> u64 {
+        let s = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        s.get(kind).copied().unwrap_or(0)
+    }
+
+    fn is_cut(&self, id: NodeId) -> bool {
+        self.cut
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Consensus<MemTransport>>> {
         // A test that panicked while holding the lock left the map as it was: still usable.
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
@@ -57,10 +85,21 @@ pub struct MemTransport {
 
 impl Transport for MemTransport {
     async fn call(&self, target: &RaftNode, body: Vec<u8>) -> Result<Vec<u8>, String> {
+        let kind = crate::groups::kind_of_body(&body);
+        *self
+            .net
+            .sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kind.to_string())
+            .or_insert(0) += 1;
         let c = self
             .net
             .get(&target.peer_id)
             .ok_or_else(|| format!("{} is not running", target.peer_id))?;
+        if self.net.is_cut(self.me) || self.net.is_cut(c.node_id()) {
+            return Err(format!("{} is cut off", target.peer_id));
+        }
         Ok(c.handle(self.me, &body).await.answer)
     }
 }

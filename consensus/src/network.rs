@@ -252,6 +252,15 @@ impl<T: Transport> Connection<T> {
     }
 
     fn unexpected<E: std::error::Error>(&self, got: &RpcResponse) -> RPCError<NodeId, RaftNode, E> {
+        // A member that closed the group (or has not opened it yet) is, for this group, as
+        // good as down: openraft backs off from an unreachable member instead of retrying
+        // at once.
+        if let RpcResponse::Status(Err(e @ crate::rpc::ClientError::UnknownGroup(_))) = got {
+            return RPCError::Unreachable(Unreachable::new(&AnyError::error(format!(
+                "{}: {e}",
+                self.node.peer_id
+            ))));
+        }
         RPCError::Network(NetworkError::new(&AnyError::error(format!(
             "unexpected answer from {}: {got:?}",
             self.node.peer_id

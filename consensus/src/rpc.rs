@@ -8,6 +8,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{LogId, Vote};
 use serde::{Deserialize, Serialize};
 
 /// One member's own view of a group: the API's type, so what a member reports reaches the
@@ -35,6 +36,19 @@ pub enum RpcRequest {
     Remove(GroupId, NodeId),
     /// This member's view of the group.
     Status(GroupId),
+    /// The leader (at this vote) asks a member to stop its election timer: the group is idle
+    /// and the member has this last entry (see [`crate::quiet`]). Appended last: older
+    /// variants keep their wire tags.
+    Quiesce(GroupId, Vote<NodeId>, Option<LogId<NodeId>>),
+    /// Sent once per heartbeat interval to each peer sharing a group, whatever the number of
+    /// groups: the sender is alive, leads the groups in `leading`, and follows the groups in
+    /// `quiet` with its election timer off.
+    Alive {
+        /// The groups the sender leads.
+        leading: Vec<GroupId>,
+        /// The groups the sender follows quietly.
+        quiet: Vec<GroupId>,
+    },
 }
 
 /// The answer to an [`RpcRequest`], variant for variant.
@@ -54,6 +68,11 @@ pub enum RpcResponse {
     Membership(Result<(), ClientError>),
     /// To `Status`.
     Status(Result<MemberStatus, ClientError>),
+    /// To `Quiesce`: whether the member now follows quietly (`false`: it differs from the
+    /// leader, which stays active and asks again later).
+    Quiesce(Result<bool, ClientError>),
+    /// To `Alive`.
+    Alive,
 }
 
 /// Why a client operation failed, as carried between peers.
@@ -75,8 +94,8 @@ pub enum ClientError {
         /// Why, as far as known.
         reason: String,
     },
-    /// This node hosts no such group.
-    #[error("this node has no Raft group {0}")]
+    /// This node hosts no such group (never opened here, or closed).
+    #[error("group {0} is not hosted on this node (it was never opened here, or was closed)")]
     UnknownGroup(GroupId),
     /// The group has not been formed yet.
     #[error("group {0} has not been formed yet: start the first nodes with --bootstrap-expect N")]

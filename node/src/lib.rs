@@ -291,6 +291,14 @@ impl Node {
             clock_offset_ms: config.clock_offset_ms,
             ..Settings::with_election_timeout(config.raft_election_timeout)
         };
+        let settings = Settings {
+            quiesce_after: if std::env::var_os(NO_QUIESCE_ENV).is_some() {
+                None
+            } else {
+                settings.quiesce_after
+            },
+            ..settings
+        };
         let rpc_timeout = settings.rpc_timeout;
         // One metadata group and, on a small cluster, one data group for all shards; the
         // code keys everything by group id, so more data groups only need placement.
@@ -298,7 +306,7 @@ impl Node {
             &raft_db,
             cluster::node_id(&handle.local_peer_id()),
             me,
-            &canal_consensus::routing::groups_to_start(),
+            &groups_to_start()?,
             settings,
             MeshTransport {
                 dht: handle.clone(),
@@ -551,4 +559,69 @@ fn write_runtime(dir: &Path, info: &RuntimeInfo) -> Result<(), NodeError> {
     let text = serde_json::to_vec_pretty(info).map_err(|e| err(std::io::Error::other(e)))?;
     std::fs::write(&tmp, text).map_err(err)?;
     std::fs::rename(&tmp, &path).map_err(err)
+}
+
+/// Test only: the environment variable naming how many extra data groups (ids 2, 3, ...)
+/// every node opens beside the metadata group and data group 1, all nodes voters, to
+/// measure the idle cost of many groups. Routing still sends every topic to group 1, so the
+/// extra groups stay idle.
+pub const EXTRA_GROUPS_ENV: &str = "CANAL_TEST_EXTRA_GROUPS";
+
+/// Test only: when this environment variable is set, idle Raft groups never go quiescent
+/// (every group heartbeats as before quiescence), to measure what quiescence saves.
+pub const NO_QUIESCE_ENV: &str = "CANAL_TEST_NO_QUIESCE";
+
+/// The most extra groups [`EXTRA_GROUPS_ENV`] may ask for.
+const MAX_EXTRA_GROUPS: u32 = 1024;
+
+/// The groups a node starts: [`canal_consensus::routing::groups_to_start`], plus the extra
+/// idle groups of [`EXTRA_GROUPS_ENV`] if it is set.
+fn groups_to_start() -> Result<Vec<canal_consensus::GroupId>, ConfigError> {
+    with_extra_groups(std::env::var(EXTRA_GROUPS_ENV).ok().as_deref())
+}
+
+/// [`canal_consensus::routing::groups_to_start`] and, if `extra` names a number, that many
+/// more groups with the next ids.
+fn with_extra_groups(extra: Option<&str>) -> Result<Vec<canal_consensus::GroupId>, ConfigError> {
+    let mut groups = canal_consensus::routing::groups_to_start();
+    let Some(value) = extra else {
+        return Ok(groups);
+    };
+    let extra = value
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n <= MAX_EXTRA_GROUPS)
+        .ok_or_else(|| ConfigError::Invalid {
+            key: EXTRA_GROUPS_ENV,
+            message: format!(
+                "{value:?} is not a number of extra Raft groups from 0 to {MAX_EXTRA_GROUPS}"
+            ),
+        })?;
+    let first = groups.iter().map(|g| g.0).max().unwrap_or(0) + 1;
+    groups.extend((first..first + extra).map(canal_consensus::GroupId));
+    Ok(groups)
+}
+
+#[cfg(test)]
+mod extra_groups_tests {
+    use super::*;
+    use canal_consensus::GroupId;
+
+    #[test]
+    fn extra_groups_follow_the_started_ones_and_bad_values_are_named() {
+        let base = canal_consensus::routing::groups_to_start();
+        assert_eq!(with_extra_groups(None).ok(), Some(base.clone()));
+        let more = with_extra_groups(Some("3")).ok().unwrap_or_default();
+        assert_eq!(more.len(), base.len() + 3);
+        assert_eq!(more[base.len()..], [GroupId(2), GroupId(3), GroupId(4)]);
+        for bad in ["x", "-1", "1025"] {
+            let e = with_extra_groups(Some(bad)).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref()
+                    .is_some_and(|e| e.contains(EXTRA_GROUPS_ENV) && e.contains("0 to 1024")),
+                "{bad}: {e:?}"
+            );
+        }
+    }
 }

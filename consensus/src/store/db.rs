@@ -58,6 +58,13 @@ impl Watermark {
         self.write(true)
     }
 
+    /// Drops a group's mark and writes the file at once, before the group's log is deleted
+    /// (a later open would otherwise find the log shorter than the mark).
+    pub(super) fn forget(&self, group: GroupId) -> std::io::Result<()> {
+        Self::lock(&self.durable).remove(&group.0);
+        self.write(true)
+    }
+
     /// Writes the file if the marks changed (or always, with `force`), atomically and synced.
     pub fn write(&self, force: bool) -> std::io::Result<()> {
         let current = Self::lock(&self.durable).clone();
@@ -195,6 +202,28 @@ impl RaftDb {
             changes_tx: Arc::new(tokio::sync::broadcast::Sender::new(super::CHANGE_NOTICES)),
         };
         Ok((log, sm))
+    }
+
+    /// Deletes everything group `group` stored (its log, vote, state machine and snapshot),
+    /// so opening it again starts empty. The group must not be running.
+    pub fn purge_group(&self, group: GroupId) -> Result<(), StoreError> {
+        let io = |reason: String| StoreError::Io {
+            path: self.path.clone(),
+            reason,
+        };
+        self.watermark
+            .forget(group)
+            .map_err(|e| io(format!("cannot write watermark.json: {e}")))?;
+        for suffix in ["log", "meta", "sm", "snap"] {
+            let name = format!("g{}.{suffix}", group.0);
+            self.db
+                .drop_tree(name.as_bytes())
+                .map_err(|e| io(format!("cannot delete tree {name}: {e}")))?;
+        }
+        self.db
+            .flush()
+            .map_err(|e| io(format!("cannot flush after purging group {group}: {e}")))?;
+        Ok(())
     }
 
     /// The groups that have stored anything on this node.
