@@ -15,13 +15,12 @@
 use crate::codec::{self, Inbound, Outbound, Publish, ServerLimits, Version, Will};
 use crate::records::{self, Retained, Session, SessionSub};
 use crate::{Credentials, Mqtt, topics};
-use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use canal_consensus::keys::{MQTT_SESSIONS, RETAINED};
 use canal_consensus::{InternalKey, Op, Request, Transport};
 use canal_proto::TopicFilter;
-use canal_proto::api::Event;
 use canal_proto::time::now_ms;
+use canal_pubsub::event::EventData;
 use canal_pubsub::feed::{self, FeedRx, FeedTx, Weighed};
 use canal_pubsub::{Delivery, PubSubError, PublishRequest, Qos, Qos0Link, SubscribeRequest};
 use futures::StreamExt;
@@ -31,13 +30,26 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use crate::session::{CONTENT_TYPE_HEADER, EXPIRY_HEADER, FROM_HEADER, RETAIN_HEADER};
 
 /// The longest client id accepted, bytes.
 pub const MAX_CLIENT_ID_BYTES: usize = 256;
+
+/// How many QoS 0 publishes of one connection wait to be handed on, in order; past it the
+/// connection reads no more from its socket until one is (backpressure on the client).
+const QOS0_QUEUE: usize = 64;
+
+/// An event's payload as a [`Bytes`] that shares the event's memory instead of copying it.
+struct PayloadOf(Arc<EventData>);
+
+impl AsRef<[u8]> for PayloadOf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.payload
+    }
+}
 
 /// A message on its way to the client.
 struct Msg {
@@ -122,6 +134,8 @@ struct Conn<T: Transport, L: Qos0Link> {
     client_max_packet: Option<u32>,
     aliases: crate::session::Aliases,
     publishes: FuturesOrdered<BoxFuture<'static, (u16, u8)>>,
+    /// QoS 0 publishes on their way, handed on one after another by a task of their own.
+    qos0: mpsc::Sender<BoxFuture<'static, u8>>,
     keep_alive: Option<Duration>,
     rx: Option<FeedRx<Msg>>,
     /// This connection's number among the node's, and the signal that a newer connection
@@ -340,6 +354,13 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
         }
     };
     let (tx, rx) = feed::feed::<Msg>(slot);
+    let (qos0, mut qos0_rx) = mpsc::channel::<BoxFuture<'static, u8>>(QOS0_QUEUE);
+    // In order, as the client sent them; it ends with the connection's sender.
+    tokio::spawn(async move {
+        while let Some(work) = qos0_rx.recv().await {
+            work.await;
+        }
+    });
     let mut conn = Conn {
         mqtt: mqtt.clone(),
         version,
@@ -355,6 +376,7 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
         client_max_packet: c.max_packet_size,
         aliases: crate::session::Aliases::new(cfg.topic_alias_max),
         publishes: FuturesOrdered::new(),
+        qos0,
         keep_alive: (c.keep_alive > 0)
             .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
         rx: None,
@@ -582,14 +604,6 @@ fn rfc3339_ms(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-fn parse_time(s: &str) -> u64 {
-    humantime::parse_rfc3339_weak(s)
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// How many messages a canal `lagged` notice says were missed: `{"dropped":N}` (QoS 0) or a
 /// gap `{"from":F,"to":T}` (QoS 1); 1 for a notice of another shape.
 fn missed_count(notice: &str) -> u64 {
@@ -619,16 +633,14 @@ async fn forward<T: Transport>(
     let mut members: Vec<String> = Vec::new();
     let mut members_at: Option<Instant> = None;
     while let Some(d) = rx.recv().await {
-        let json = match d {
-            Delivery::Message { json, .. } => json,
+        let e = match d {
+            Delivery::Message { event, .. } => event,
             Delivery::Lagged(notice) => {
                 missed.inc_by(missed_count(&notice));
                 continue;
             }
         };
-        let Ok(e) = serde_json::from_str::<Event>(&json) else {
-            continue;
-        };
+        // canal's filter matched already; MQTT's `$` rule is stricter.
         let Ok(topic) = canal_proto::Topic::new(&e.topic) else {
             continue;
         };
@@ -649,23 +661,15 @@ async fn forward<T: Transport>(
                 continue;
             }
         }
-        let payload = match (e.data, e.data_base64) {
-            (Some(text), _) => Bytes::from(text.into_bytes()),
-            (None, Some(b)) => match base64::engine::general_purpose::STANDARD.decode(b) {
-                Ok(b) => Bytes::from(b),
-                Err(_) => continue,
-            },
-            (None, None) => Bytes::new(),
-        };
         let m = Msg {
-            topic: e.topic,
-            payload,
-            qos: e.qos.min(info.rec.qos),
+            topic: e.topic.clone(),
+            qos: e.qos().min(info.rec.qos),
             retain: false,
-            headers: e.headers.into_iter().collect(),
-            time_ms: parse_time(&e.time),
+            headers: e.headers.clone(),
+            time_ms: e.time_ms,
             offset: e.offset,
             sub: info.clone(),
+            payload: Bytes::from_owner(PayloadOf(e)),
         };
         if tx.send(m).await.is_err() {
             return;
@@ -725,12 +729,9 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             share: share.clone(),
         });
         let now = rfc3339_ms(now_ms());
-        let hub = SubscribeRequest {
-            filter: Some(f.filter.to_string()),
-            qos: Some("0".into()),
-            ..SubscribeRequest::default()
-        };
-        let log = SubscribeRequest {
+        // One canal subscription: the committed log (QoS 1 publishes) and, in the same
+        // queue, the node's hub (QoS 0 publishes).
+        let req = SubscribeRequest {
             filter: Some(f.filter.to_string()),
             qos: Some("1".into()),
             // From now, not `latest`: a publish right after SUBACK must not be missed while
@@ -740,31 +741,18 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             durable,
             ..SubscribeRequest::default()
         };
-        let hub_rx = self.mqtt.pubsub.subscribe(&hub).await.map_err(|e| {
-            tracing::warn!(client = %self.client_id, filter = %rec.filter, "MQTT subscription refused: {e}");
-            suback_reason(&e)
-        })?;
-        let log_rx = self.mqtt.pubsub.subscribe(&log).await.map_err(|e| {
+        let rx = self.mqtt.pubsub.subscribe_with_qos0(&req).await.map_err(|e| {
             tracing::warn!(client = %self.client_id, filter = %rec.filter, "MQTT subscription refused: {e}");
             suback_reason(&e)
         })?;
         let consensus = self.mqtt.pubsub.consensus().clone();
-        let mut tasks = vec![
-            tokio::spawn(forward(
-                hub_rx,
-                info.clone(),
-                self.tx.clone(),
-                consensus.clone(),
-                self.mqtt.metrics.missed.clone(),
-            )),
-            tokio::spawn(forward(
-                log_rx,
-                info.clone(),
-                self.tx.clone(),
-                consensus.clone(),
-                self.mqtt.metrics.missed.clone(),
-            )),
-        ];
+        let mut tasks = vec![tokio::spawn(forward(
+            rx,
+            info.clone(),
+            self.tx.clone(),
+            consensus.clone(),
+            self.mqtt.metrics.missed.clone(),
+        ))];
         let mut on_drop: Option<Box<dyn FnOnce() + Send>> = None;
         if let Some((prefix, me)) = share.clone() {
             let (c, p, m) = (consensus.clone(), prefix.clone(), me.clone());
@@ -841,7 +829,10 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
                 self.out.clear();
             }
             let can_send = self.inflight_out.len() < self.window;
-            let can_read = self.publishes.len() < usize::from(self.mqtt.config.max_inflight_in);
+            let qos0_full = self.qos0.capacity() == 0;
+            let qos0 = self.qos0.clone();
+            let can_read =
+                self.publishes.len() < usize::from(self.mqtt.config.max_inflight_in) && !qos0_full;
             let deadline = self.keep_alive.map(|k| last_in + k);
             tokio::select! {
                 r = rd.read_buf(&mut buf), if can_read => {
@@ -870,6 +861,8 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
                         return End::Abnormal;
                     }
                 }
+                // Room for QoS 0 publishes again: the socket is read from again.
+                _ = qos0.reserve(), if qos0_full => {}
                 _ = sleep_until(deadline) => {
                     self.mqtt.metrics.refuse("keep_alive");
                     tracing::info!(client = %self.client_id, "MQTT keep-alive passed without a packet; closing");
@@ -1148,8 +1141,9 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             let pkid = p.pkid;
             self.publishes
                 .push_back(Box::pin(async move { (pkid, work.await) }));
-        } else {
-            tokio::spawn(work);
+        } else if self.qos0.send(Box::pin(work)).await.is_err() {
+            // The task that hands them on is gone only if the runtime is going.
+            return Next::Close(Some(0x80), End::Abnormal);
         }
         Next::Go
     }

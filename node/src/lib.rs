@@ -303,7 +303,13 @@ impl Node {
         )
         .await?;
         let raft_links = raft_links::RaftLinks::register(&mut registry, rpc_timeout);
-        let qos0 = pubsub::Qos0Hub::new(live.qos0.clone());
+        let hub_dropped = prometheus_client::metrics::counter::Counter::default();
+        registry.register(
+            "canal_qos0_hub_dropped",
+            "QoS 0 events dropped for a local subscriber still behind after the hub's wait (QOS0_HUB_WAIT, 250 ms)",
+            hub_dropped.clone(),
+        );
+        let qos0 = pubsub::Qos0Hub::new(live.qos0.clone()).counting_drops_in(hub_dropped);
         let formation = Arc::new(cluster::Formation::open(
             data_dir.path().join("formation-promise.json"),
         ));
