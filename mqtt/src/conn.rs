@@ -42,6 +42,11 @@ pub const MAX_CLIENT_ID_BYTES: usize = 256;
 /// connection reads no more from its socket until one is (backpressure on the client).
 const QOS0_QUEUE: usize = 64;
 
+/// How often at most a connection reads its client id's owner record again (when its
+/// group applied something): the bound on what watching for a takeover costs, and about
+/// the time a takeover from another node takes once applied here.
+const OWNER_CHECK_EVERY: Duration = Duration::from_millis(100);
+
 /// An event's payload as a [`Bytes`] that shares the event's memory instead of copying it.
 struct PayloadOf(Arc<EventData>);
 
@@ -143,6 +148,10 @@ struct Conn<T: Transport, L: Qos0Link> {
     takeover: Option<(u64, watch::Receiver<bool>)>,
     /// What the client may publish and subscribe to (decided at CONNECT).
     rights: Arc<dyn crate::Rights>,
+    /// This connection's id in its client id's owner record, and the log index of the
+    /// write that made it the owner (`None` if that write failed: no takeover from other
+    /// nodes is seen then).
+    owner: Option<(String, u64)>,
 }
 
 /// Serves one connection until it ends.
@@ -199,7 +208,19 @@ where
         None => return,
     };
     mqtt.metrics.connections.inc();
+    let watcher = conn.owner.clone().map(|(tag, index)| {
+        tokio::spawn(watch_owner(
+            mqtt.clone(),
+            conn.client_id.clone(),
+            conn_id,
+            tag,
+            index,
+        ))
+    });
     let end = conn.serve(&mut rd, &mut wr, buf, &mut taken_over).await;
+    if let Some(w) = watcher {
+        w.abort();
+    }
     mqtt.metrics.connections.dec();
     forget(&mqtt, &conn.client_id, conn_id);
     conn.finish(end).await;
@@ -227,6 +248,150 @@ async fn read_connect<R: AsyncRead + Unpin>(
             }
             Ok(_) => {}
         }
+    }
+}
+
+/// Closes connection `id` of `client` once its owner record names another connection: a
+/// CONNECT with the same client id on another node (or this one) took the session over.
+/// It reads the record when the group applied something, at most every
+/// [`OWNER_CHECK_EVERY`], and only after this replica applied the connection's own claim.
+async fn watch_owner<T: Transport, L: Qos0Link>(
+    mqtt: Mqtt<T, L>,
+    client: String,
+    id: u64,
+    tag: String,
+    index: u64,
+) {
+    let group = canal_consensus::group_of_subscription(&client);
+    let Ok(sm) = mqtt.pubsub.consensus().state_machine(group) else {
+        return;
+    };
+    let mut applied = sm.watch_applied();
+    if applied.wait_for(|i| *i >= index).await.is_err() {
+        return;
+    }
+    let key = records::owner_key(&client);
+    loop {
+        let stored = sm.record(&MQTT_SESSIONS, &key).ok().flatten();
+        if records::taken_over(stored.as_deref(), &tag) {
+            tracing::info!(%client, "MQTT session taken over by a newer connection elsewhere; closing");
+            let l = mqtt.lock();
+            if let Some((i, stop)) = l.conns.get(&client)
+                && *i == id
+            {
+                let _ = stop.send(true);
+            }
+            return;
+        }
+        if applied.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(OWNER_CHECK_EVERY).await;
+    }
+}
+
+/// How long a CONNECT waits for the older connection of its client id to write its
+/// session's end (a node that died never does: then the session is taken as it is).
+const SESSION_END_WAIT: Duration = Duration::from_secs(2);
+
+/// `client`'s session once its older connection wrote the end of it (or removed it), read
+/// through the leader; `None` if that did not happen within [`SESSION_END_WAIT`] (or the
+/// session is gone). Waits on the group's applies, not on a timer.
+async fn await_session_end<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    client: &str,
+) -> Option<Session> {
+    let group = canal_consensus::group_of_subscription(client);
+    let consensus = mqtt.pubsub.consensus();
+    let sm = consensus.state_machine(group).ok()?;
+    let mut applied = sm.watch_applied();
+    let deadline = tokio::time::Instant::now() + SESSION_END_WAIT;
+    loop {
+        let local: Option<Session> = sm
+            .record(&MQTT_SESSIONS, client)
+            .ok()
+            .flatten()
+            .and_then(|b| records::decode(&b).ok());
+        if local.as_ref().is_none_or(|s| s.disconnected_ms.is_some()) {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, applied.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return None,
+            Err(_) => {
+                tracing::info!(%client, "MQTT CONNECT goes on without the older connection's session end");
+                return None;
+            }
+        }
+    }
+    consensus
+        .read_record(group, &MQTT_SESSIONS, client, true)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|b| records::decode(&b).ok())
+}
+
+/// Makes connection `tag` the owner of `client` cluster-wide: the log index of the write.
+async fn claim<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    client: &str,
+    tag: &str,
+) -> Result<u64, String> {
+    let owner = records::Owner {
+        conn: tag.to_string(),
+    };
+    let value = records::encode(&owner).map_err(|e| e.to_string())?;
+    mqtt.pubsub
+        .consensus()
+        .write_batched(
+            canal_consensus::group_of_subscription(client),
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: InternalKey::MqttSession(records::owner_key(client)),
+                    value: Some(value),
+                },
+            },
+        )
+        .await
+        .map(|r| r.index)
+        .map_err(|e| e.to_string())
+}
+
+/// Removes `client`'s owner record if this replica still has connection `tag` in it (a
+/// newer connection's claim that comes in between is removed too; its connection then
+/// just sees no takeover, and the next CONNECT claims again).
+async fn release<T: Transport, L: Qos0Link>(mqtt: &Mqtt<T, L>, client: &str, tag: &str) {
+    let group = canal_consensus::group_of_subscription(client);
+    let key = records::owner_key(client);
+    let mine = mqtt
+        .pubsub
+        .consensus()
+        .state_machine(group)
+        .ok()
+        .and_then(|sm| sm.record(&MQTT_SESSIONS, &key).ok().flatten())
+        .and_then(|b| records::decode::<records::Owner>(&b).ok())
+        .is_some_and(|o| o.conn == tag);
+    if !mine {
+        return;
+    }
+    let r = mqtt
+        .pubsub
+        .consensus()
+        .write_batched(
+            group,
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: InternalKey::MqttSession(key),
+                    value: None,
+                },
+            },
+        )
+        .await;
+    if let Err(e) = r {
+        tracing::debug!(%client, error = %e, "MQTT owner record not removed");
     }
 }
 
@@ -298,6 +463,15 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
         }
         (id, taken)
     };
+    // On every node: a connection of this client id elsewhere sees this claim and closes.
+    let tag = canal_proto::time::fresh_id("conn");
+    let owner = match claim(mqtt, &client_id, &tag).await {
+        Ok(index) => Some((tag, index)),
+        Err(e) => {
+            tracing::warn!(client = %client_id, error = %e, "MQTT connection not claimed cluster-wide: an older one on another node stays");
+            None
+        }
+    };
     let persistent = c.session_expiry_s > 0;
     let consensus = mqtt.pubsub.consensus();
     let group = canal_consensus::group_of_subscription(&client_id);
@@ -313,6 +487,15 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
             forget(mqtt, &client_id, takeover.0);
             return None;
         }
+    };
+    // A session still connected is held by an older connection (here or on another node)
+    // that is ending now, having seen the claim: its end is written first, so that it
+    // cannot land on top of what this connection writes (or removes).
+    let stored = match stored {
+        Some(s) if s.disconnected_ms.is_none() => {
+            await_session_end(mqtt, &client_id).await.or(Some(s))
+        }
+        other => other,
     };
     let had_record = stored.is_some();
     let now = now_ms();
@@ -382,6 +565,7 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
         rx: None,
         takeover: Some(takeover),
         rights,
+        owner,
     };
     let limits = ServerLimits {
         receive_maximum: cfg.max_inflight_in,
@@ -1217,18 +1401,44 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
     /// After the connection: the will, the session record, the subscriptions.
     async fn finish(mut self, end: End) {
         self.subs.clear();
-        if end == End::TakenOver {
-            return;
+        let mut taken = end == End::TakenOver;
+        if !taken && let Some((tag, _)) = &self.owner {
+            // Through the leader: a CONNECT elsewhere may have claimed the client id just
+            // before this connection ended; then the will is the newer connection's, as
+            // on a takeover.
+            let group = canal_consensus::group_of_subscription(&self.client_id);
+            let key = records::owner_key(&self.client_id);
+            match self
+                .mqtt
+                .pubsub
+                .consensus()
+                .read_record(group, &MQTT_SESSIONS, &key, true)
+                .await
+            {
+                Ok(b) => taken = records::taken_over(b.as_deref(), tag),
+                Err(e) => {
+                    tracing::debug!(client = %self.client_id, error = %e, "MQTT owner record not read at the end")
+                }
+            }
         }
+        // The session's end is written on a takeover too: the newer connection waits for
+        // it (await_session_end) before it reads the session, so it lands first.
         if let Some(s) = &mut self.session {
             s.disconnected_ms = Some(now_ms());
             let s = s.clone();
             if let Err(e) = write_session(&self.mqtt, &self.client_id, Some(&s)).await {
                 tracing::warn!(client = %self.client_id, error = %e, "MQTT session end not stored");
             }
-            if s.expiry_s != u32::MAX {
+            if !taken && s.expiry_s != u32::MAX {
                 spawn_expiry(self.mqtt.clone(), self.client_id.clone(), s);
             }
+        }
+        if taken {
+            tracing::info!(client = %self.client_id, "MQTT connection ended; a newer one has its session and will");
+            return;
+        }
+        if let Some((tag, _)) = &self.owner {
+            release(&self.mqtt, &self.client_id, tag).await;
         }
         let will = match end {
             End::Normal => None,
