@@ -1,8 +1,9 @@
 //! # canal-mqtt — MQTT 3.1.1 and 5.0 sessions over canal's topics
 //!
 //! Every node speaks MQTT over the same topic space as its HTTP API: an MQTT publish is a
-//! canal publish ([`canal_pubsub::PubSub::publish`]), an MQTT subscription is canal
-//! subscriptions (QoS 0 from the node's hub, QoS 1 from the committed log), a persistent
+//! canal publish ([`canal_pubsub::PubSub::publish`]), an MQTT subscription is one canal
+//! subscription ([`canal_pubsub::PubSub::subscribe_with_qos0`]: QoS 1 from the committed
+//! log, QoS 0 from the node's hub, in one queue), a persistent
 //! session is durable subscriptions named after the client. Nothing here stores topics of
 //! its own; retained messages and sessions are records of the Raft state machine.
 //!
@@ -11,7 +12,8 @@
 //! - [`codec`]: packets in and out for both versions (the `rumqttc` crate's codec, framed by
 //!   a small decoder of our own), as one [`codec::Inbound`] and [`codec::Outbound`].
 //! - [`topics`]: MQTT's topic rules at canal's edge (`$` topics, `$share/G/F`).
-//! - [`records`]: the replicated records: retained messages and persistent sessions.
+//! - [`records`]: the replicated records: retained messages, persistent sessions, and which
+//!   connection holds a client id (so a CONNECT on another node takes the session over).
 //! - [`session`]: a session's decisions without I/O: headers of a publish, what a delivery
 //!   becomes for a client, topic aliases.
 //! - [`share`]: shared subscriptions: replicated members with leases, a message to one.
