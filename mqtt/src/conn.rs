@@ -574,6 +574,14 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
         assigned_client_id: assigned,
         session_expiry_s: None,
     };
+    if let Some((tag, _)) = &conn.owner {
+        // Replicated, so a live node sends it if this one dies.
+        let delay = match (&conn.will, &conn.session) {
+            (Some(w), Some(s)) => w.delay_s.min(s.expiry_s),
+            _ => 0,
+        };
+        store_will(mqtt, &conn.client_id, tag, conn.will.as_ref(), delay).await;
+    }
     conn.push(connack(session_present, 0, limits));
     if let Some(s) = conn.session.clone() {
         if !s.subs.is_empty() {
@@ -1445,6 +1453,11 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             End::WithWill | End::Abnormal => self.will.take(),
             End::TakenOver => None,
         };
+        if will.is_none()
+            && let Some((tag, _)) = &self.owner
+        {
+            remove_will_record(&self.mqtt, &self.client_id, tag).await;
+        }
         if let Some(w) = will {
             let delay = match &self.session {
                 Some(s) => w.delay_s.min(s.expiry_s),
@@ -1452,9 +1465,10 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             };
             let mqtt = self.mqtt.clone();
             let client = self.client_id.clone();
+            let conn = self.owner.as_ref().map(|(tag, _)| tag.clone());
             let task = tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-                send_will(&mqtt, &client, w).await;
+                send_will(&mqtt, &client, w, conn.as_deref(), "connection").await;
             });
             self.mqtt
                 .lock()
@@ -1471,9 +1485,19 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Publishes `client`'s will.
-async fn send_will<T: Transport, L: Qos0Link>(mqtt: &Mqtt<T, L>, client: &str, w: Will) {
-    mqtt.lock().wills.remove(client);
+/// Publishes `client`'s will, sent `by` its connection's node (`connection`) or a keeper
+/// (`keeper`), with message id `will-{conn}` when it is connection `conn`'s (so that two
+/// nodes sending it store a QoS 1 will once), then removes its record.
+async fn send_will<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    client: &str,
+    w: Will,
+    conn: Option<&str>,
+    by: &str,
+) {
+    if by == "connection" {
+        mqtt.lock().wills.remove(client);
+    }
     let mut headers = w.user_properties.clone();
     headers.push((FROM_HEADER.into(), client.to_string()));
     if let Some(e) = w.expiry_s {
@@ -1499,13 +1523,208 @@ async fn send_will<T: Transport, L: Qos0Link>(mqtt: &Mqtt<T, L>, client: &str, w
         } else {
             Qos::AtMostOnce
         },
-        id: None,
+        id: conn.map(|c| format!("will-{c}")),
         headers,
         payload: w.payload.to_vec(),
     };
     match mqtt.pubsub.publish(req).await {
-        Ok(_) => tracing::info!(%client, topic = %w.topic, "MQTT will sent"),
+        Ok(_) => {
+            mqtt.metrics.will_sent(by);
+            tracing::info!(%client, topic = %w.topic, by, "MQTT will sent")
+        }
         Err(e) => tracing::warn!(%client, topic = %w.topic, error = %e, "MQTT will not sent"),
+    }
+    if let Some(c) = conn {
+        remove_will_record(mqtt, client, c).await;
+    }
+}
+
+/// Writes connection `conn`'s will as `client`'s will record, or, with no will, removes
+/// a record an earlier connection left; nothing without [`Mqtt::with_nodes`].
+async fn store_will<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    client: &str,
+    conn: &str,
+    will: Option<&Will>,
+    delay_s: u32,
+) {
+    let Some(nodes) = &mqtt.nodes else { return };
+    let group = canal_consensus::group_of_subscription(client);
+    let key = records::will_key(client);
+    let value = match will {
+        Some(w) => {
+            let stored = records::StoredWill {
+                conn: conn.to_string(),
+                node: nodes.me.clone(),
+                topic: w.topic.clone(),
+                payload: w.payload.to_vec(),
+                qos: w.qos.min(1),
+                retain: w.retain,
+                user_properties: w.user_properties.clone(),
+                expiry_s: w.expiry_s,
+                delay_s,
+            };
+            match records::encode(&stored) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::warn!(%client, error = %e, "MQTT will not stored");
+                    return;
+                }
+            }
+        }
+        None => {
+            let left = mqtt
+                .pubsub
+                .consensus()
+                .state_machine(group)
+                .ok()
+                .and_then(|sm| sm.record(&MQTT_SESSIONS, &key).ok().flatten());
+            if left.is_none() {
+                return;
+            }
+            None
+        }
+    };
+    let r = mqtt
+        .pubsub
+        .consensus()
+        .write_batched(
+            group,
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: InternalKey::MqttSession(key),
+                    value,
+                },
+            },
+        )
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(%client, error = %e, "MQTT will record not written: if this node dies, the will is not sent");
+    }
+}
+
+/// Removes `client`'s will record if it is still connection `conn`'s (as this replica has
+/// it; a newer connection's own write replaces it anyway).
+async fn remove_will_record<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    client: &str,
+    conn: &str,
+) {
+    if mqtt.nodes.is_none() {
+        return;
+    }
+    let group = canal_consensus::group_of_subscription(client);
+    let key = records::will_key(client);
+    let mine = mqtt
+        .pubsub
+        .consensus()
+        .state_machine(group)
+        .ok()
+        .and_then(|sm| sm.record(&MQTT_SESSIONS, &key).ok().flatten())
+        .and_then(|b| records::decode::<records::StoredWill>(&b).ok())
+        .is_some_and(|w| w.conn == conn);
+    if !mine {
+        return;
+    }
+    let r = mqtt
+        .pubsub
+        .consensus()
+        .write_batched(
+            group,
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: InternalKey::MqttSession(key),
+                    value: None,
+                },
+            },
+        )
+        .await;
+    if let Err(e) = r {
+        tracing::debug!(%client, error = %e, "MQTT will record not removed");
+    }
+}
+
+/// This node's will keeper ([`crate::wills`]): every [`crate::wills::SCAN_EVERY`] it reads
+/// the will records, and sends (once, after their delay) those it is to send of nodes that
+/// are gone, until the node closes.
+pub(crate) async fn keep_wills<T: Transport, L: Qos0Link>(mqtt: Mqtt<T, L>) {
+    let Some(nodes) = mqtt.nodes.clone() else {
+        return;
+    };
+    let mut closing = mqtt.closing.clone();
+    // When each orphaned will (by connection) was first seen so, for its delay.
+    let mut orphans: HashMap<String, Instant> = HashMap::new();
+    let mut first_pass = true;
+    loop {
+        let mut live: std::collections::BTreeSet<String> = (nodes.live)().into_iter().collect();
+        live.insert(nodes.me.clone());
+        let mut still = HashMap::new();
+        let groups = canal_consensus::routing::groups_to_start();
+        for group in groups
+            .into_iter()
+            .filter(|g| *g != canal_consensus::GroupId::METADATA)
+        {
+            let Ok(sm) = mqtt.pubsub.consensus().state_machine(group) else {
+                continue;
+            };
+            let Ok(all) = sm.scan_table(&MQTT_SESSIONS) else {
+                continue;
+            };
+            for (key, bytes) in all {
+                let Some(client) = key.strip_prefix("$will/") else {
+                    continue;
+                };
+                let Ok(w) = records::decode::<records::StoredWill>(&bytes) else {
+                    continue;
+                };
+                let here = {
+                    let l = mqtt.lock();
+                    l.conns.contains_key(client) || l.wills.contains_key(client)
+                };
+                let seen = crate::wills::Seen {
+                    me: &nodes.me,
+                    live: &live,
+                    first_pass,
+                    here,
+                };
+                if !crate::wills::orphaned(&w, seen) || !crate::wills::sender(&w, seen) {
+                    continue;
+                }
+                let since = orphans.get(&w.conn).copied().unwrap_or_else(Instant::now);
+                if since.elapsed() < Duration::from_secs(u64::from(w.delay_s)) {
+                    still.insert(w.conn.clone(), since);
+                    continue;
+                }
+                // Through the leader: the client may have come back on another node.
+                let now = mqtt
+                    .pubsub
+                    .consensus()
+                    .read_record(group, &MQTT_SESSIONS, &key, true)
+                    .await;
+                if !matches!(&now, Ok(Some(b)) if *b == bytes) {
+                    continue;
+                }
+                tracing::info!(%client, node = %w.node, "MQTT will of a client whose node is gone: sending it");
+                let will = Will {
+                    topic: w.topic,
+                    payload: Bytes::from(w.payload),
+                    qos: w.qos,
+                    retain: w.retain,
+                    delay_s: w.delay_s,
+                    expiry_s: w.expiry_s,
+                    user_properties: w.user_properties,
+                };
+                send_will(&mqtt, client, will, Some(&w.conn), "keeper").await;
+            }
+        }
+        orphans = still;
+        first_pass = false;
+        tokio::select! {
+            _ = tokio::time::sleep(crate::wills::SCAN_EVERY) => {}
+            _ = crate::until_true(&mut closing) => return,
+        }
     }
 }
 

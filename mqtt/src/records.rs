@@ -86,6 +86,36 @@ pub fn taken_over(stored: Option<&[u8]>, conn: &str) -> bool {
         .is_some_and(|o| o.conn != conn)
 }
 
+/// A connection's will, replicated so that another node sends it if the connection's node
+/// dies (the node itself sends it when the connection ends abnormally, and then removes
+/// the record; a DISCONNECT 0x00 removes it unsent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredWill {
+    /// The connection it belongs to (its [`Owner::conn`]).
+    pub conn: String,
+    /// The node the connection was on (its peer id).
+    pub node: String,
+    /// Its topic.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Its QoS (0 or 1).
+    pub qos: u8,
+    /// Whether it is retained.
+    pub retain: bool,
+    /// Its user properties.
+    pub user_properties: Vec<(String, String)>,
+    /// Its message expiry, seconds.
+    pub expiry_s: Option<u32>,
+    /// Seconds to wait before it is sent: the Will Delay, at most the session's expiry.
+    pub delay_s: u32,
+}
+
+/// The key of `client`'s [`StoredWill`] record.
+pub fn will_key(client: &str) -> String {
+    format!("$will/{client}")
+}
+
 /// The durable subscription that holds the cursors of `client`'s subscription `filter` in
 /// session `epoch`: a name canal accepts (`mqtt-` and 40 hex digits), whatever the client
 /// id holds.

@@ -411,7 +411,18 @@ impl Node {
             Arc::new(tokens::MqttTokens { gate: gate.clone() }),
             mqtt_metrics,
             closing.clone(),
-        );
+        )
+        .with_nodes(handle.local_peer_id().to_base58(), {
+            // The peer table: a node that died leaves it after its TTL.
+            let dht = handle.clone();
+            move || {
+                dht.peers()
+                    .into_iter()
+                    .map(|p| p.peer_id.to_base58())
+                    .collect()
+            }
+        });
+        mqtt.keep_wills();
         if let Some(l) = mqtt_listener {
             tokio::spawn(mqtt.clone().serve(l));
         }

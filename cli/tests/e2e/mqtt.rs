@@ -1106,3 +1106,65 @@ async fn a_client_id_connecting_on_another_node_takes_the_session_over() {
         assert_eq!(text(&p.payload), format!("r{i}"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_is_sent_once_by_another_node_when_the_clients_node_dies() {
+    let mut net = cluster(3, &[]).await;
+    let mut watcher = v4(v4_opts("will-watcher", mqtt_addr(&net, 1)));
+    watcher.connack().await;
+    watcher
+        .client
+        .subscribe("lastwill/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    watcher.suback().await;
+    let mut o = v4_opts("doomed", mqtt_addr(&net, 0));
+    o.set_last_will(rumqttc::LastWill::new(
+        "lastwill/doomed",
+        "gone",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+    ));
+    let mut doomed = v4(o);
+    doomed.connack().await;
+    // The will record is written before CONNACK; a round trip makes sure it is committed.
+    doomed
+        .client
+        .subscribe("nothing/here", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    doomed.suback().await;
+    net.kill(0).await.unwrap();
+    // Node 0's peers drop it from their peer table after its TTL; then one of them sends it.
+    let p = tokio::time::timeout(Duration::from_secs(60), watcher.publish("the will"))
+        .await
+        .expect("no will within 60 s of the node's death");
+    assert_eq!(
+        (p.topic.as_str(), text(&p.payload).as_str()),
+        ("lastwill/doomed", "gone")
+    );
+    drop(doomed);
+    // Once: one node sent it, and what comes next on the topic is what is published next.
+    let (api1, api2) = (net.api(1).unwrap(), net.api(2).unwrap());
+    let sent_by_keepers = || {
+        let (api1, api2) = (api1.clone(), api2.clone());
+        async move {
+            let name = "canal_mqtt_wills_sent_total{by=\"keeper\"}";
+            let a = api1.metric_sum(name).await.map_err(|e| e.to_string())?;
+            let b = api2.metric_sum(name).await.map_err(|e| e.to_string())?;
+            Ok::<f64, String>(a + b)
+        }
+    };
+    wait_for("the keeper's will counted", WAIT, || async {
+        match sent_by_keepers().await? {
+            1.0 => Ok(()),
+            n => Err(format!("{n} wills sent by keepers")),
+        }
+    })
+    .await
+    .unwrap();
+    http_publish(&api2, "lastwill/doomed", "after").await;
+    let p = watcher.publish("the message after the will").await;
+    assert_eq!(text(&p.payload), "after", "the will came twice");
+    assert_eq!(sent_by_keepers().await.unwrap(), 1.0, "sent by one node");
+}
