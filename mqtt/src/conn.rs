@@ -1530,12 +1530,13 @@ async fn send_will<T: Transport, L: Qos0Link>(
     match mqtt.pubsub.publish(req).await {
         Ok(_) => {
             mqtt.metrics.will_sent(by);
-            tracing::info!(%client, topic = %w.topic, by, "MQTT will sent")
+            tracing::info!(%client, topic = %w.topic, by, "MQTT will sent");
+            if let Some(c) = conn {
+                remove_will_record(mqtt, client, c).await;
+            }
         }
+        // The record stays: a keeper tries again once this node is gone.
         Err(e) => tracing::warn!(%client, topic = %w.topic, error = %e, "MQTT will not sent"),
-    }
-    if let Some(c) = conn {
-        remove_will_record(mqtt, client, c).await;
     }
 }
 
