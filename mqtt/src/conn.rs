@@ -1468,7 +1468,7 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             let conn = self.owner.as_ref().map(|(tag, _)| tag.clone());
             let task = tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-                send_will(&mqtt, &client, w, conn.as_deref(), "connection").await;
+                send_will(&mqtt, &client, &w, conn.as_deref(), "connection").await;
             });
             self.mqtt
                 .lock()
@@ -1487,14 +1487,15 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Publishes `client`'s will, sent `by` its connection's node (`connection`) or a keeper
 /// (`keeper`), with message id `will-{conn}` when it is connection `conn`'s (so that two
-/// nodes sending it store a QoS 1 will once), then removes its record.
+/// nodes sending it store a QoS 1 will once), then removes its record; false if the
+/// publish failed.
 async fn send_will<T: Transport, L: Qos0Link>(
     mqtt: &Mqtt<T, L>,
     client: &str,
-    w: Will,
+    w: &Will,
     conn: Option<&str>,
     by: &str,
-) {
+) -> bool {
     if by == "connection" {
         mqtt.lock().wills.remove(client);
     }
@@ -1534,9 +1535,13 @@ async fn send_will<T: Transport, L: Qos0Link>(
             if let Some(c) = conn {
                 remove_will_record(mqtt, client, c).await;
             }
+            true
         }
         // The record stays: a keeper tries again once this node is gone.
-        Err(e) => tracing::warn!(%client, topic = %w.topic, error = %e, "MQTT will not sent"),
+        Err(e) => {
+            tracing::warn!(%client, topic = %w.topic, error = %e, "MQTT will not sent");
+            false
+        }
     }
 }
 
@@ -1647,6 +1652,58 @@ async fn remove_will_record<T: Transport, L: Qos0Link>(
     }
 }
 
+/// How often a keeper tries to publish a will it claimed.
+const WILL_TRIES: usize = 3;
+
+/// Takes the orphaned will record `key` (holding `bytes`, connection `conn`'s will) for
+/// this node to send: it is removed by a write whose request id names the connection, so
+/// of two keepers that try, one removes it and the other's write is a duplicate. False
+/// when another took it, the record changed (the client came back: what was removed is
+/// written back), or the write failed (the next pass tries again).
+async fn claim_will<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    group: canal_consensus::GroupId,
+    key: &str,
+    conn: &str,
+    bytes: &[u8],
+) -> bool {
+    let consensus = mqtt.pubsub.consensus();
+    let take = Request {
+        id: Some(format!("mqtt-will-claim/{conn}")),
+        op: Op::Internal {
+            key: InternalKey::MqttSession(key.to_string()),
+            value: None,
+        },
+    };
+    let r = match consensus.write(group, take).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(%key, error = %e, "MQTT orphaned will not claimed; next pass");
+            return false;
+        }
+    };
+    if r.duplicate {
+        return false;
+    }
+    if r.previous.as_deref() == Some(bytes) {
+        return true;
+    }
+    if let Some(newer) = r.previous {
+        // Not the record this pass read: a newer connection's, put back.
+        let back = Request {
+            id: None,
+            op: Op::Internal {
+                key: InternalKey::MqttSession(key.to_string()),
+                value: Some(newer),
+            },
+        };
+        if let Err(e) = consensus.write(group, back).await {
+            tracing::warn!(%key, error = %e, "a newer MQTT will record removed by a keeper was not put back");
+        }
+    }
+    false
+}
+
 /// This node's will keeper ([`crate::wills`]): every [`crate::wills::SCAN_EVERY`] it reads
 /// the will records, and sends (once, after their delay) those it is to send of nodes that
 /// are gone, until the node closes.
@@ -1698,13 +1755,7 @@ pub(crate) async fn keep_wills<T: Transport, L: Qos0Link>(mqtt: Mqtt<T, L>) {
                     still.insert(w.conn.clone(), since);
                     continue;
                 }
-                // Through the leader: the client may have come back on another node.
-                let now = mqtt
-                    .pubsub
-                    .consensus()
-                    .read_record(group, &MQTT_SESSIONS, &key, true)
-                    .await;
-                if !matches!(&now, Ok(Some(b)) if *b == bytes) {
+                if !claim_will(&mqtt, group, &key, &w.conn, &bytes).await {
                     continue;
                 }
                 tracing::info!(%client, node = %w.node, "MQTT will of a client whose node is gone: sending it");
@@ -1717,7 +1768,14 @@ pub(crate) async fn keep_wills<T: Transport, L: Qos0Link>(mqtt: Mqtt<T, L>) {
                     expiry_s: w.expiry_s,
                     user_properties: w.user_properties,
                 };
-                send_will(&mqtt, client, will, Some(&w.conn), "keeper").await;
+                // Claimed: this node is the one to send it, so it tries a few times (the
+                // same message id each time, so a QoS 1 will is stored once).
+                for _ in 0..WILL_TRIES {
+                    if send_will(&mqtt, client, &will, Some(&w.conn), "keeper").await {
+                        break;
+                    }
+                    tokio::time::sleep(crate::wills::SCAN_EVERY).await;
+                }
             }
         }
         orphans = still;

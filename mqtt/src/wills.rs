@@ -3,10 +3,13 @@
 //! keeper looks at those records every [`SCAN_EVERY`]. A will whose node has left the
 //! node's peer table (it expires a peer not heard from for its TTL) is orphaned; the live
 //! node with the lowest peer id sends it, after its Will Delay counted from when it was
-//! first seen orphaned, and removes the record. A node that restarts sends, on its first
-//! pass, the wills its previous run left. The publish carries the message id
-//! `will-{conn}`, so a QoS 1 will that two nodes send (they disagreed for a moment on who
-//! is alive) is stored once.
+//! first seen orphaned. A node that restarts sends, on its first pass, the wills its
+//! previous run left. Before it sends, the keeper removes the record with a write whose
+//! request id names the connection (`mqtt-will-claim/{conn}`): if two keepers try (their
+//! peer tables disagreed for a moment), one write removes it and the other is a
+//! duplicate, so one node sends it. The publish carries the message id `will-{conn}`, so a
+//! QoS 1 will is stored once even if the connection's own node sends it too (it was
+//! thought gone but was not).
 //!
 //! ```text
 //!   CONNECT with a will ─> $will/ID = {conn, node, will}
