@@ -88,8 +88,10 @@ async fn subscriber(
     Ok((client, task))
 }
 
-/// One publisher: `n` messages to `topic`; done when the last is acknowledged (QoS 1) or
-/// written (QoS 0).
+/// One publisher: `n` messages to `topic`; done when the last is acknowledged (QoS 1) or,
+/// for QoS 0, when the broker closed the connection after the DISCONNECT that follows the
+/// last: it read them all (the client's "sent" only means queued in its own buffers, which
+/// a broker that pushes back leaves full).
 async fn publisher(
     id: String,
     addr: SocketAddr,
@@ -108,20 +110,27 @@ async fn publisher(
                 return;
             }
         }
+        if qos == QoS::AtMostOnce {
+            let _ = client.disconnect().await;
+        }
         // Keeps the client (and so the connection) until the acks are in.
         std::future::pending::<()>().await;
     });
     let mut left = n;
+    let mut disconnecting = false;
     let r = loop {
-        if left == 0 {
+        if left == 0 && qos == QoS::AtLeastOnce {
             break Ok(());
         }
         match el.poll().await {
             Ok(Event::Incoming(Packet::PubAck(_))) if qos == QoS::AtLeastOnce => left -= 1,
             Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_))) if qos == QoS::AtMostOnce => {
-                left -= 1
+                left = left.saturating_sub(1)
             }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => disconnecting = true,
             Ok(_) => {}
+            // The broker closes the connection once it read the DISCONNECT.
+            Err(_) if disconnecting && left == 0 => break Ok(()),
             Err(e) => break Err(anyhow::anyhow!("publisher {id}: {e}")),
         }
     };
@@ -179,6 +188,31 @@ async fn run_once(
         p50: pct(&lat, 50.0),
         p99: pct(&lat, 99.0),
     })
+}
+
+/// The counters of the stages a message passes on its way to an MQTT subscriber (summed
+/// over the nodes after each run, so a loss is seen where it happens): sent to and
+/// received from peers on the QoS 0 lane, dropped on it (`canal_qos0_dropped_total`),
+/// dropped by the subscriber's node's hub for a subscriber behind past its wait
+/// (`canal_qos0_hub_dropped_total`), and missed as MQTT subscribers were told
+/// (`canal_mqtt_missed_total`).
+const STAGES: [&str; 5] = [
+    "canal_qos0_sent_total",
+    "canal_qos0_received_total",
+    "canal_qos0_dropped_total",
+    "canal_qos0_hub_dropped_total",
+    "canal_mqtt_missed_total",
+];
+
+/// [`STAGES`] now, summed over `apis` (0 where a node does not answer).
+async fn stages(apis: &[canal_testnet::Api]) -> Vec<f64> {
+    let mut sums = vec![0.0; STAGES.len()];
+    for api in apis {
+        for (i, name) in STAGES.iter().enumerate() {
+            sums[i] += api.metric_sum(name).await.unwrap_or(0.0);
+        }
+    }
+    sums
 }
 
 /// A local mosquitto on a free loopback port, killed when dropped.
@@ -255,15 +289,24 @@ pub async fn run(
     for (run, &q) in qos.iter().enumerate() {
         eprintln!("canal: QoS {q}, {count} messages of {size} B, {publishers} publishers ...");
         let filter = format!("bench/mqtt/{run}/#");
-        let (apis, peer2) = (apis.clone(), peer2.clone());
+        let (ready_apis, peer2) = (apis.clone(), peer2.clone());
         // QoS 0 reaches other nodes once they know the subscriber's node wants it.
         let ready = async move {
             if q == 0 {
-                crate::wait_interest(&apis, &peer2, &filter).await?;
+                crate::wait_interest(&ready_apis, &peer2, &filter).await?;
             }
             Ok(())
         };
+        let before = stages(&apis).await;
         canal.push(run_once(&addrs, run, q, count, publishers, size, ready).await?);
+        let after = stages(&apis).await;
+        // Where messages went, summed over the nodes: a loss is attributed to a stage.
+        let diff: Vec<String> = STAGES
+            .iter()
+            .zip(before.iter().zip(&after))
+            .map(|(name, (b, a))| format!("{name} {}", a - b))
+            .collect();
+        eprintln!("canal: QoS {q} stages: {}", diff.join(", "));
     }
     drop(net);
     let mut mosq = Vec::new();

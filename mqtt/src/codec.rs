@@ -706,6 +706,7 @@ fn v5_puback_reason(code: u8) -> v5::PubAckReason {
     }
 }
 
+#[cfg(test)]
 fn v5_disconnect_reason(code: u8) -> v5::DisconnectReasonCode {
     use v5::DisconnectReasonCode as D;
     match code {
@@ -774,6 +775,14 @@ pub fn encode(version: Version, p: &Outbound, buf: &mut BytesMut) -> Result<(), 
                 .map_err(|e| err(e.to_string()))
         }
         Version::V5 => {
+            if let Outbound::Disconnect { reason } = p {
+                // Written here, not by the crate's codec: for a reason other than 0 and no
+                // properties it says a remaining length of 1 and then writes 2 bytes (the
+                // reason and a property length), which leaves a stray byte that clients
+                // (the crate's own among them) fail on. Reason, property length 0.
+                buf.extend_from_slice(&[0xE0, 0x02, *reason, 0x00]);
+                return Ok(());
+            }
             let packet = match p {
                 Outbound::ConnAck {
                     session_present,
@@ -846,10 +855,8 @@ pub fn encode(version: Version, p: &Outbound, buf: &mut BytesMut) -> Result<(), 
                     properties: None,
                 }),
                 Outbound::PingResp => v5::Packet::PingResp(v5::PingResp),
-                Outbound::Disconnect { reason } => v5::Packet::Disconnect(v5::Disconnect {
-                    reason_code: v5_disconnect_reason(*reason),
-                    properties: None,
-                }),
+                // Written above.
+                Outbound::Disconnect { .. } => return Ok(()),
             };
             packet
                 .write(buf, None)
@@ -864,6 +871,21 @@ pub fn encode(version: Version, p: &Outbound, buf: &mut BytesMut) -> Result<(), 
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_5_0_disconnect_is_one_whole_packet_clients_read() {
+        for reason in [0x00, 0x8E, 0x9B, 0x82] {
+            let mut b = BytesMut::new();
+            encode(Version::V5, &Outbound::Disconnect { reason }, &mut b).unwrap();
+            assert_eq!(&b[..], &[0xE0, 0x02, reason, 0x00]);
+            let p = v5::Packet::read(&mut b, None).unwrap();
+            let v5::Packet::Disconnect(d) = p else {
+                panic!("{p:?}")
+            };
+            assert_eq!(d.reason_code, v5_disconnect_reason(reason));
+            assert!(b.is_empty(), "nothing left over: {b:?}");
+        }
+    }
 
     fn encode_v4(p: v4::Packet) -> BytesMut {
         let mut b = BytesMut::new();

@@ -15,13 +15,12 @@
 use crate::codec::{self, Inbound, Outbound, Publish, ServerLimits, Version, Will};
 use crate::records::{self, Retained, Session, SessionSub};
 use crate::{Credentials, Mqtt, topics};
-use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use canal_consensus::keys::{MQTT_SESSIONS, RETAINED};
 use canal_consensus::{InternalKey, Op, Request, Transport};
 use canal_proto::TopicFilter;
-use canal_proto::api::Event;
 use canal_proto::time::now_ms;
+use canal_pubsub::event::EventData;
 use canal_pubsub::feed::{self, FeedRx, FeedTx, Weighed};
 use canal_pubsub::{Delivery, PubSubError, PublishRequest, Qos, Qos0Link, SubscribeRequest};
 use futures::StreamExt;
@@ -31,13 +30,31 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use crate::session::{CONTENT_TYPE_HEADER, EXPIRY_HEADER, FROM_HEADER, RETAIN_HEADER};
 
 /// The longest client id accepted, bytes.
 pub const MAX_CLIENT_ID_BYTES: usize = 256;
+
+/// How many QoS 0 publishes of one connection wait to be handed on, in order; past it the
+/// connection reads no more from its socket until one is (backpressure on the client).
+const QOS0_QUEUE: usize = 64;
+
+/// How often at most a connection reads its client id's owner record again (when its
+/// group applied something): the bound on what watching for a takeover costs, and about
+/// the time a takeover from another node takes once applied here.
+const OWNER_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// An event's payload as a [`Bytes`] that shares the event's memory instead of copying it.
+struct PayloadOf(Arc<EventData>);
+
+impl AsRef<[u8]> for PayloadOf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.payload
+    }
+}
 
 /// A message on its way to the client.
 struct Msg {
@@ -122,6 +139,8 @@ struct Conn<T: Transport, L: Qos0Link> {
     client_max_packet: Option<u32>,
     aliases: crate::session::Aliases,
     publishes: FuturesOrdered<BoxFuture<'static, (u16, u8)>>,
+    /// QoS 0 publishes on their way, handed on one after another by a task of their own.
+    qos0: mpsc::Sender<BoxFuture<'static, u8>>,
     keep_alive: Option<Duration>,
     rx: Option<FeedRx<Msg>>,
     /// This connection's number among the node's, and the signal that a newer connection
@@ -129,6 +148,10 @@ struct Conn<T: Transport, L: Qos0Link> {
     takeover: Option<(u64, watch::Receiver<bool>)>,
     /// What the client may publish and subscribe to (decided at CONNECT).
     rights: Arc<dyn crate::Rights>,
+    /// This connection's id in its client id's owner record, and the log index of the
+    /// write that made it the owner (`None` if that write failed: no takeover from other
+    /// nodes is seen then).
+    owner: Option<(String, u64)>,
 }
 
 /// Serves one connection until it ends.
@@ -185,7 +208,19 @@ where
         None => return,
     };
     mqtt.metrics.connections.inc();
+    let watcher = conn.owner.clone().map(|(tag, index)| {
+        tokio::spawn(watch_owner(
+            mqtt.clone(),
+            conn.client_id.clone(),
+            conn_id,
+            tag,
+            index,
+        ))
+    });
     let end = conn.serve(&mut rd, &mut wr, buf, &mut taken_over).await;
+    if let Some(w) = watcher {
+        w.abort();
+    }
     mqtt.metrics.connections.dec();
     forget(&mqtt, &conn.client_id, conn_id);
     conn.finish(end).await;
@@ -213,6 +248,150 @@ async fn read_connect<R: AsyncRead + Unpin>(
             }
             Ok(_) => {}
         }
+    }
+}
+
+/// Closes connection `id` of `client` once its owner record names another connection: a
+/// CONNECT with the same client id on another node (or this one) took the session over.
+/// It reads the record when the group applied something, at most every
+/// [`OWNER_CHECK_EVERY`], and only after this replica applied the connection's own claim.
+async fn watch_owner<T: Transport, L: Qos0Link>(
+    mqtt: Mqtt<T, L>,
+    client: String,
+    id: u64,
+    tag: String,
+    index: u64,
+) {
+    let group = canal_consensus::group_of_subscription(&client);
+    let Ok(sm) = mqtt.pubsub.consensus().state_machine(group) else {
+        return;
+    };
+    let mut applied = sm.watch_applied();
+    if applied.wait_for(|i| *i >= index).await.is_err() {
+        return;
+    }
+    let key = records::owner_key(&client);
+    loop {
+        let stored = sm.record(&MQTT_SESSIONS, &key).ok().flatten();
+        if records::taken_over(stored.as_deref(), &tag) {
+            tracing::info!(%client, "MQTT session taken over by a newer connection elsewhere; closing");
+            let l = mqtt.lock();
+            if let Some((i, stop)) = l.conns.get(&client)
+                && *i == id
+            {
+                let _ = stop.send(true);
+            }
+            return;
+        }
+        if applied.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(OWNER_CHECK_EVERY).await;
+    }
+}
+
+/// How long a CONNECT waits for the older connection of its client id to write its
+/// session's end (a node that died never does: then the session is taken as it is).
+const SESSION_END_WAIT: Duration = Duration::from_secs(2);
+
+/// `client`'s session once its older connection wrote the end of it (or removed it), read
+/// through the leader; `None` if that did not happen within [`SESSION_END_WAIT`] (or the
+/// session is gone). Waits on the group's applies, not on a timer.
+async fn await_session_end<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    client: &str,
+) -> Option<Session> {
+    let group = canal_consensus::group_of_subscription(client);
+    let consensus = mqtt.pubsub.consensus();
+    let sm = consensus.state_machine(group).ok()?;
+    let mut applied = sm.watch_applied();
+    let deadline = tokio::time::Instant::now() + SESSION_END_WAIT;
+    loop {
+        let local: Option<Session> = sm
+            .record(&MQTT_SESSIONS, client)
+            .ok()
+            .flatten()
+            .and_then(|b| records::decode(&b).ok());
+        if local.as_ref().is_none_or(|s| s.disconnected_ms.is_some()) {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, applied.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return None,
+            Err(_) => {
+                tracing::info!(%client, "MQTT CONNECT goes on without the older connection's session end");
+                return None;
+            }
+        }
+    }
+    consensus
+        .read_record(group, &MQTT_SESSIONS, client, true)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|b| records::decode(&b).ok())
+}
+
+/// Makes connection `tag` the owner of `client` cluster-wide: the log index of the write.
+async fn claim<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    client: &str,
+    tag: &str,
+) -> Result<u64, String> {
+    let owner = records::Owner {
+        conn: tag.to_string(),
+    };
+    let value = records::encode(&owner).map_err(|e| e.to_string())?;
+    mqtt.pubsub
+        .consensus()
+        .write_batched(
+            canal_consensus::group_of_subscription(client),
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: InternalKey::MqttSession(records::owner_key(client)),
+                    value: Some(value),
+                },
+            },
+        )
+        .await
+        .map(|r| r.index)
+        .map_err(|e| e.to_string())
+}
+
+/// Removes `client`'s owner record if this replica still has connection `tag` in it (a
+/// newer connection's claim that comes in between is removed too; its connection then
+/// just sees no takeover, and the next CONNECT claims again).
+async fn release<T: Transport, L: Qos0Link>(mqtt: &Mqtt<T, L>, client: &str, tag: &str) {
+    let group = canal_consensus::group_of_subscription(client);
+    let key = records::owner_key(client);
+    let mine = mqtt
+        .pubsub
+        .consensus()
+        .state_machine(group)
+        .ok()
+        .and_then(|sm| sm.record(&MQTT_SESSIONS, &key).ok().flatten())
+        .and_then(|b| records::decode::<records::Owner>(&b).ok())
+        .is_some_and(|o| o.conn == tag);
+    if !mine {
+        return;
+    }
+    let r = mqtt
+        .pubsub
+        .consensus()
+        .write_batched(
+            group,
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: InternalKey::MqttSession(key),
+                    value: None,
+                },
+            },
+        )
+        .await;
+    if let Err(e) = r {
+        tracing::debug!(%client, error = %e, "MQTT owner record not removed");
     }
 }
 
@@ -284,6 +463,15 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
         }
         (id, taken)
     };
+    // On every node: a connection of this client id elsewhere sees this claim and closes.
+    let tag = canal_proto::time::fresh_id("conn");
+    let owner = match claim(mqtt, &client_id, &tag).await {
+        Ok(index) => Some((tag, index)),
+        Err(e) => {
+            tracing::warn!(client = %client_id, error = %e, "MQTT connection not claimed cluster-wide: an older one on another node stays");
+            None
+        }
+    };
     let persistent = c.session_expiry_s > 0;
     let consensus = mqtt.pubsub.consensus();
     let group = canal_consensus::group_of_subscription(&client_id);
@@ -299,6 +487,15 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
             forget(mqtt, &client_id, takeover.0);
             return None;
         }
+    };
+    // A session still connected is held by an older connection (here or on another node)
+    // that is ending now, having seen the claim: its end is written first, so that it
+    // cannot land on top of what this connection writes (or removes).
+    let stored = match stored {
+        Some(s) if s.disconnected_ms.is_none() => {
+            await_session_end(mqtt, &client_id).await.or(Some(s))
+        }
+        other => other,
     };
     let had_record = stored.is_some();
     let now = now_ms();
@@ -340,6 +537,13 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
         }
     };
     let (tx, rx) = feed::feed::<Msg>(slot);
+    let (qos0, mut qos0_rx) = mpsc::channel::<BoxFuture<'static, u8>>(QOS0_QUEUE);
+    // In order, as the client sent them; it ends with the connection's sender.
+    tokio::spawn(async move {
+        while let Some(work) = qos0_rx.recv().await {
+            work.await;
+        }
+    });
     let mut conn = Conn {
         mqtt: mqtt.clone(),
         version,
@@ -355,11 +559,13 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
         client_max_packet: c.max_packet_size,
         aliases: crate::session::Aliases::new(cfg.topic_alias_max),
         publishes: FuturesOrdered::new(),
+        qos0,
         keep_alive: (c.keep_alive > 0)
             .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
         rx: None,
         takeover: Some(takeover),
         rights,
+        owner,
     };
     let limits = ServerLimits {
         receive_maximum: cfg.max_inflight_in,
@@ -368,6 +574,14 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
         assigned_client_id: assigned,
         session_expiry_s: None,
     };
+    if let Some((tag, _)) = &conn.owner {
+        // Replicated, so a live node sends it if this one dies.
+        let delay = match (&conn.will, &conn.session) {
+            (Some(w), Some(s)) => w.delay_s.min(s.expiry_s),
+            _ => 0,
+        };
+        store_will(mqtt, &conn.client_id, tag, conn.will.as_ref(), delay).await;
+    }
     conn.push(connack(session_present, 0, limits));
     if let Some(s) = conn.session.clone() {
         if !s.subs.is_empty() {
@@ -582,14 +796,6 @@ fn rfc3339_ms(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-fn parse_time(s: &str) -> u64 {
-    humantime::parse_rfc3339_weak(s)
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// How many messages a canal `lagged` notice says were missed: `{"dropped":N}` (QoS 0) or a
 /// gap `{"from":F,"to":T}` (QoS 1); 1 for a notice of another shape.
 fn missed_count(notice: &str) -> u64 {
@@ -619,16 +825,14 @@ async fn forward<T: Transport>(
     let mut members: Vec<String> = Vec::new();
     let mut members_at: Option<Instant> = None;
     while let Some(d) = rx.recv().await {
-        let json = match d {
-            Delivery::Message { json, .. } => json,
+        let e = match d {
+            Delivery::Message { event, .. } => event,
             Delivery::Lagged(notice) => {
                 missed.inc_by(missed_count(&notice));
                 continue;
             }
         };
-        let Ok(e) = serde_json::from_str::<Event>(&json) else {
-            continue;
-        };
+        // canal's filter matched already; MQTT's `$` rule is stricter.
         let Ok(topic) = canal_proto::Topic::new(&e.topic) else {
             continue;
         };
@@ -649,23 +853,15 @@ async fn forward<T: Transport>(
                 continue;
             }
         }
-        let payload = match (e.data, e.data_base64) {
-            (Some(text), _) => Bytes::from(text.into_bytes()),
-            (None, Some(b)) => match base64::engine::general_purpose::STANDARD.decode(b) {
-                Ok(b) => Bytes::from(b),
-                Err(_) => continue,
-            },
-            (None, None) => Bytes::new(),
-        };
         let m = Msg {
-            topic: e.topic,
-            payload,
-            qos: e.qos.min(info.rec.qos),
+            topic: e.topic.clone(),
+            qos: e.qos().min(info.rec.qos),
             retain: false,
-            headers: e.headers.into_iter().collect(),
-            time_ms: parse_time(&e.time),
+            headers: e.headers.clone(),
+            time_ms: e.time_ms,
             offset: e.offset,
             sub: info.clone(),
+            payload: Bytes::from_owner(PayloadOf(e)),
         };
         if tx.send(m).await.is_err() {
             return;
@@ -725,12 +921,9 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             share: share.clone(),
         });
         let now = rfc3339_ms(now_ms());
-        let hub = SubscribeRequest {
-            filter: Some(f.filter.to_string()),
-            qos: Some("0".into()),
-            ..SubscribeRequest::default()
-        };
-        let log = SubscribeRequest {
+        // One canal subscription: the committed log (QoS 1 publishes) and, in the same
+        // queue, the node's hub (QoS 0 publishes).
+        let req = SubscribeRequest {
             filter: Some(f.filter.to_string()),
             qos: Some("1".into()),
             // From now, not `latest`: a publish right after SUBACK must not be missed while
@@ -740,31 +933,18 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             durable,
             ..SubscribeRequest::default()
         };
-        let hub_rx = self.mqtt.pubsub.subscribe(&hub).await.map_err(|e| {
-            tracing::warn!(client = %self.client_id, filter = %rec.filter, "MQTT subscription refused: {e}");
-            suback_reason(&e)
-        })?;
-        let log_rx = self.mqtt.pubsub.subscribe(&log).await.map_err(|e| {
+        let rx = self.mqtt.pubsub.subscribe_with_qos0(&req).await.map_err(|e| {
             tracing::warn!(client = %self.client_id, filter = %rec.filter, "MQTT subscription refused: {e}");
             suback_reason(&e)
         })?;
         let consensus = self.mqtt.pubsub.consensus().clone();
-        let mut tasks = vec![
-            tokio::spawn(forward(
-                hub_rx,
-                info.clone(),
-                self.tx.clone(),
-                consensus.clone(),
-                self.mqtt.metrics.missed.clone(),
-            )),
-            tokio::spawn(forward(
-                log_rx,
-                info.clone(),
-                self.tx.clone(),
-                consensus.clone(),
-                self.mqtt.metrics.missed.clone(),
-            )),
-        ];
+        let mut tasks = vec![tokio::spawn(forward(
+            rx,
+            info.clone(),
+            self.tx.clone(),
+            consensus.clone(),
+            self.mqtt.metrics.missed.clone(),
+        ))];
         let mut on_drop: Option<Box<dyn FnOnce() + Send>> = None;
         if let Some((prefix, me)) = share.clone() {
             let (c, p, m) = (consensus.clone(), prefix.clone(), me.clone());
@@ -841,7 +1021,10 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
                 self.out.clear();
             }
             let can_send = self.inflight_out.len() < self.window;
-            let can_read = self.publishes.len() < usize::from(self.mqtt.config.max_inflight_in);
+            let qos0_full = self.qos0.capacity() == 0;
+            let qos0 = self.qos0.clone();
+            let can_read =
+                self.publishes.len() < usize::from(self.mqtt.config.max_inflight_in) && !qos0_full;
             let deadline = self.keep_alive.map(|k| last_in + k);
             tokio::select! {
                 r = rd.read_buf(&mut buf), if can_read => {
@@ -870,6 +1053,8 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
                         return End::Abnormal;
                     }
                 }
+                // Room for QoS 0 publishes again: the socket is read from again.
+                _ = qos0.reserve(), if qos0_full => {}
                 _ = sleep_until(deadline) => {
                     self.mqtt.metrics.refuse("keep_alive");
                     tracing::info!(client = %self.client_id, "MQTT keep-alive passed without a packet; closing");
@@ -1148,8 +1333,9 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             let pkid = p.pkid;
             self.publishes
                 .push_back(Box::pin(async move { (pkid, work.await) }));
-        } else {
-            tokio::spawn(work);
+        } else if self.qos0.send(Box::pin(work)).await.is_err() {
+            // The task that hands them on is gone only if the runtime is going.
+            return Next::Close(Some(0x80), End::Abnormal);
         }
         Next::Go
     }
@@ -1223,24 +1409,55 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
     /// After the connection: the will, the session record, the subscriptions.
     async fn finish(mut self, end: End) {
         self.subs.clear();
-        if end == End::TakenOver {
-            return;
+        let mut taken = end == End::TakenOver;
+        if !taken && let Some((tag, _)) = &self.owner {
+            // Through the leader: a CONNECT elsewhere may have claimed the client id just
+            // before this connection ended; then the will is the newer connection's, as
+            // on a takeover.
+            let group = canal_consensus::group_of_subscription(&self.client_id);
+            let key = records::owner_key(&self.client_id);
+            match self
+                .mqtt
+                .pubsub
+                .consensus()
+                .read_record(group, &MQTT_SESSIONS, &key, true)
+                .await
+            {
+                Ok(b) => taken = records::taken_over(b.as_deref(), tag),
+                Err(e) => {
+                    tracing::debug!(client = %self.client_id, error = %e, "MQTT owner record not read at the end")
+                }
+            }
         }
+        // The session's end is written on a takeover too: the newer connection waits for
+        // it (await_session_end) before it reads the session, so it lands first.
         if let Some(s) = &mut self.session {
             s.disconnected_ms = Some(now_ms());
             let s = s.clone();
             if let Err(e) = write_session(&self.mqtt, &self.client_id, Some(&s)).await {
                 tracing::warn!(client = %self.client_id, error = %e, "MQTT session end not stored");
             }
-            if s.expiry_s != u32::MAX {
+            if !taken && s.expiry_s != u32::MAX {
                 spawn_expiry(self.mqtt.clone(), self.client_id.clone(), s);
             }
+        }
+        if taken {
+            tracing::info!(client = %self.client_id, "MQTT connection ended; a newer one has its session and will");
+            return;
+        }
+        if let Some((tag, _)) = &self.owner {
+            release(&self.mqtt, &self.client_id, tag).await;
         }
         let will = match end {
             End::Normal => None,
             End::WithWill | End::Abnormal => self.will.take(),
             End::TakenOver => None,
         };
+        if will.is_none()
+            && let Some((tag, _)) = &self.owner
+        {
+            remove_will_record(&self.mqtt, &self.client_id, tag).await;
+        }
         if let Some(w) = will {
             let delay = match &self.session {
                 Some(s) => w.delay_s.min(s.expiry_s),
@@ -1248,9 +1465,10 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             };
             let mqtt = self.mqtt.clone();
             let client = self.client_id.clone();
+            let conn = self.owner.as_ref().map(|(tag, _)| tag.clone());
             let task = tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-                send_will(&mqtt, &client, w).await;
+                send_will(&mqtt, &client, &w, conn.as_deref(), "connection").await;
             });
             self.mqtt
                 .lock()
@@ -1267,9 +1485,20 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Publishes `client`'s will.
-async fn send_will<T: Transport, L: Qos0Link>(mqtt: &Mqtt<T, L>, client: &str, w: Will) {
-    mqtt.lock().wills.remove(client);
+/// Publishes `client`'s will, sent `by` its connection's node (`connection`) or a keeper
+/// (`keeper`), with message id `will-{conn}` when it is connection `conn`'s (so that two
+/// nodes sending it store a QoS 1 will once), then removes its record; false if the
+/// publish failed.
+async fn send_will<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    client: &str,
+    w: &Will,
+    conn: Option<&str>,
+    by: &str,
+) -> bool {
+    if by == "connection" {
+        mqtt.lock().wills.remove(client);
+    }
     let mut headers = w.user_properties.clone();
     headers.push((FROM_HEADER.into(), client.to_string()));
     if let Some(e) = w.expiry_s {
@@ -1295,13 +1524,266 @@ async fn send_will<T: Transport, L: Qos0Link>(mqtt: &Mqtt<T, L>, client: &str, w
         } else {
             Qos::AtMostOnce
         },
-        id: None,
+        id: conn.map(|c| format!("will-{c}")),
         headers,
         payload: w.payload.to_vec(),
     };
     match mqtt.pubsub.publish(req).await {
-        Ok(_) => tracing::info!(%client, topic = %w.topic, "MQTT will sent"),
-        Err(e) => tracing::warn!(%client, topic = %w.topic, error = %e, "MQTT will not sent"),
+        Ok(_) => {
+            mqtt.metrics.will_sent(by);
+            tracing::info!(%client, topic = %w.topic, by, "MQTT will sent");
+            if let Some(c) = conn {
+                remove_will_record(mqtt, client, c).await;
+            }
+            true
+        }
+        // The record stays: a keeper tries again once this node is gone.
+        Err(e) => {
+            tracing::warn!(%client, topic = %w.topic, error = %e, "MQTT will not sent");
+            false
+        }
+    }
+}
+
+/// Writes connection `conn`'s will as `client`'s will record, or, with no will, removes
+/// a record an earlier connection left; nothing without [`Mqtt::with_nodes`].
+async fn store_will<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    client: &str,
+    conn: &str,
+    will: Option<&Will>,
+    delay_s: u32,
+) {
+    let Some(nodes) = &mqtt.nodes else { return };
+    let group = canal_consensus::group_of_subscription(client);
+    let key = records::will_key(client);
+    let value = match will {
+        Some(w) => {
+            let stored = records::StoredWill {
+                conn: conn.to_string(),
+                node: nodes.me.clone(),
+                topic: w.topic.clone(),
+                payload: w.payload.to_vec(),
+                qos: w.qos.min(1),
+                retain: w.retain,
+                user_properties: w.user_properties.clone(),
+                expiry_s: w.expiry_s,
+                delay_s,
+            };
+            match records::encode(&stored) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::warn!(%client, error = %e, "MQTT will not stored");
+                    return;
+                }
+            }
+        }
+        None => {
+            let left = mqtt
+                .pubsub
+                .consensus()
+                .state_machine(group)
+                .ok()
+                .and_then(|sm| sm.record(&MQTT_SESSIONS, &key).ok().flatten());
+            if left.is_none() {
+                return;
+            }
+            None
+        }
+    };
+    let r = mqtt
+        .pubsub
+        .consensus()
+        .write_batched(
+            group,
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: InternalKey::MqttSession(key),
+                    value,
+                },
+            },
+        )
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(%client, error = %e, "MQTT will record not written: if this node dies, the will is not sent");
+    }
+}
+
+/// Removes `client`'s will record if it is still connection `conn`'s (as this replica has
+/// it; a newer connection's own write replaces it anyway).
+async fn remove_will_record<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    client: &str,
+    conn: &str,
+) {
+    if mqtt.nodes.is_none() {
+        return;
+    }
+    let group = canal_consensus::group_of_subscription(client);
+    let key = records::will_key(client);
+    let mine = mqtt
+        .pubsub
+        .consensus()
+        .state_machine(group)
+        .ok()
+        .and_then(|sm| sm.record(&MQTT_SESSIONS, &key).ok().flatten())
+        .and_then(|b| records::decode::<records::StoredWill>(&b).ok())
+        .is_some_and(|w| w.conn == conn);
+    if !mine {
+        return;
+    }
+    let r = mqtt
+        .pubsub
+        .consensus()
+        .write_batched(
+            group,
+            Request {
+                id: None,
+                op: Op::Internal {
+                    key: InternalKey::MqttSession(key),
+                    value: None,
+                },
+            },
+        )
+        .await;
+    if let Err(e) = r {
+        tracing::debug!(%client, error = %e, "MQTT will record not removed");
+    }
+}
+
+/// How often a keeper tries to publish a will it claimed.
+const WILL_TRIES: usize = 3;
+
+/// Takes the orphaned will record `key` (holding `bytes`, connection `conn`'s will) for
+/// this node to send: it is removed by a write whose request id names the connection, so
+/// of two keepers that try, one removes it and the other's write is a duplicate. False
+/// when another took it, the record changed (the client came back: what was removed is
+/// written back), or the write failed (the next pass tries again).
+async fn claim_will<T: Transport, L: Qos0Link>(
+    mqtt: &Mqtt<T, L>,
+    group: canal_consensus::GroupId,
+    key: &str,
+    conn: &str,
+    bytes: &[u8],
+) -> bool {
+    let consensus = mqtt.pubsub.consensus();
+    let take = Request {
+        id: Some(format!("mqtt-will-claim/{conn}")),
+        op: Op::Internal {
+            key: InternalKey::MqttSession(key.to_string()),
+            value: None,
+        },
+    };
+    let r = match consensus.write(group, take).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(%key, error = %e, "MQTT orphaned will not claimed; next pass");
+            return false;
+        }
+    };
+    if r.duplicate {
+        return false;
+    }
+    if r.previous.as_deref() == Some(bytes) {
+        return true;
+    }
+    if let Some(newer) = r.previous {
+        // Not the record this pass read: a newer connection's, put back.
+        let back = Request {
+            id: None,
+            op: Op::Internal {
+                key: InternalKey::MqttSession(key.to_string()),
+                value: Some(newer),
+            },
+        };
+        if let Err(e) = consensus.write(group, back).await {
+            tracing::warn!(%key, error = %e, "a newer MQTT will record removed by a keeper was not put back");
+        }
+    }
+    false
+}
+
+/// This node's will keeper ([`crate::wills`]): every [`crate::wills::SCAN_EVERY`] it reads
+/// the will records, and sends (once, after their delay) those it is to send of nodes that
+/// are gone, until the node closes.
+pub(crate) async fn keep_wills<T: Transport, L: Qos0Link>(mqtt: Mqtt<T, L>) {
+    let Some(nodes) = mqtt.nodes.clone() else {
+        return;
+    };
+    let mut closing = mqtt.closing.clone();
+    // When each orphaned will (by connection) was first seen so, for its delay.
+    let mut orphans: HashMap<String, Instant> = HashMap::new();
+    let mut first_pass = true;
+    loop {
+        let mut live: std::collections::BTreeSet<String> = (nodes.live)().into_iter().collect();
+        live.insert(nodes.me.clone());
+        let mut still = HashMap::new();
+        let groups = canal_consensus::routing::groups_to_start();
+        for group in groups
+            .into_iter()
+            .filter(|g| *g != canal_consensus::GroupId::METADATA)
+        {
+            let Ok(sm) = mqtt.pubsub.consensus().state_machine(group) else {
+                continue;
+            };
+            let Ok(all) = sm.scan_table(&MQTT_SESSIONS) else {
+                continue;
+            };
+            for (key, bytes) in all {
+                let Some(client) = key.strip_prefix("$will/") else {
+                    continue;
+                };
+                let Ok(w) = records::decode::<records::StoredWill>(&bytes) else {
+                    continue;
+                };
+                let here = {
+                    let l = mqtt.lock();
+                    l.conns.contains_key(client) || l.wills.contains_key(client)
+                };
+                let seen = crate::wills::Seen {
+                    me: &nodes.me,
+                    live: &live,
+                    first_pass,
+                    here,
+                };
+                if !crate::wills::orphaned(&w, seen) || !crate::wills::sender(&w, seen) {
+                    continue;
+                }
+                let since = orphans.get(&w.conn).copied().unwrap_or_else(Instant::now);
+                if since.elapsed() < Duration::from_secs(u64::from(w.delay_s)) {
+                    still.insert(w.conn.clone(), since);
+                    continue;
+                }
+                if !claim_will(&mqtt, group, &key, &w.conn, &bytes).await {
+                    continue;
+                }
+                tracing::info!(%client, node = %w.node, "MQTT will of a client whose node is gone: sending it");
+                let will = Will {
+                    topic: w.topic,
+                    payload: Bytes::from(w.payload),
+                    qos: w.qos,
+                    retain: w.retain,
+                    delay_s: w.delay_s,
+                    expiry_s: w.expiry_s,
+                    user_properties: w.user_properties,
+                };
+                // Claimed: this node is the one to send it, so it tries a few times (the
+                // same message id each time, so a QoS 1 will is stored once).
+                for _ in 0..WILL_TRIES {
+                    if send_will(&mqtt, client, &will, Some(&w.conn), "keeper").await {
+                        break;
+                    }
+                    tokio::time::sleep(crate::wills::SCAN_EVERY).await;
+                }
+            }
+        }
+        orphans = still;
+        first_pass = false;
+        tokio::select! {
+            _ = tokio::time::sleep(crate::wills::SCAN_EVERY) => {}
+            _ = crate::until_true(&mut closing) => return,
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! # canal-mqtt — MQTT 3.1.1 and 5.0 sessions over canal's topics
 //!
 //! Every node speaks MQTT over the same topic space as its HTTP API: an MQTT publish is a
-//! canal publish ([`canal_pubsub::PubSub::publish`]), an MQTT subscription is canal
-//! subscriptions (QoS 0 from the node's hub, QoS 1 from the committed log), a persistent
+//! canal publish ([`canal_pubsub::PubSub::publish`]), an MQTT subscription is one canal
+//! subscription ([`canal_pubsub::PubSub::subscribe_with_qos0`]: QoS 1 from the committed
+//! log, QoS 0 from the node's hub, in one queue), a persistent
 //! session is durable subscriptions named after the client. Nothing here stores topics of
 //! its own; retained messages and sessions are records of the Raft state machine.
 //!
@@ -11,10 +12,12 @@
 //! - [`codec`]: packets in and out for both versions (the `rumqttc` crate's codec, framed by
 //!   a small decoder of our own), as one [`codec::Inbound`] and [`codec::Outbound`].
 //! - [`topics`]: MQTT's topic rules at canal's edge (`$` topics, `$share/G/F`).
-//! - [`records`]: the replicated records: retained messages and persistent sessions.
+//! - [`records`]: the replicated records: retained messages, persistent sessions, and which
+//!   connection holds a client id (so a CONNECT on another node takes the session over).
 //! - [`session`]: a session's decisions without I/O: headers of a publish, what a delivery
 //!   becomes for a client, topic aliases.
 //! - [`share`]: shared subscriptions: replicated members with leases, a message to one.
+//! - [`wills`]: wills of clients whose node died, sent once by a live node.
 //! - [`conn`]: one connection: CONNECT, then packets in and deliveries out.
 //! - [`metrics`]: `canal_mqtt_*` counters.
 //! - [`Mqtt`]: the service a node runs; [`Mqtt::serve`] accepts TCP connections,
@@ -34,6 +37,7 @@ pub mod records;
 pub mod session;
 pub mod share;
 pub mod topics;
+pub mod wills;
 
 pub use metrics::MqttMetrics;
 
@@ -154,6 +158,13 @@ pub struct Mqtt<T: Transport, L: Qos0Link> {
     pub(crate) metrics: MqttMetrics,
     pub(crate) local: Arc<Mutex<Local>>,
     pub(crate) closing: watch::Receiver<bool>,
+    pub(crate) nodes: Option<Arc<Nodes>>,
+}
+
+/// Which node this is and which nodes are alive: what the will keeper needs.
+pub(crate) struct Nodes {
+    pub(crate) me: String,
+    pub(crate) live: Box<dyn Fn() -> Vec<String> + Send + Sync>,
 }
 
 impl<T: Transport, L: Qos0Link> Clone for Mqtt<T, L> {
@@ -165,6 +176,7 @@ impl<T: Transport, L: Qos0Link> Clone for Mqtt<T, L> {
             metrics: self.metrics.clone(),
             local: self.local.clone(),
             closing: self.closing.clone(),
+            nodes: self.nodes.clone(),
         }
     }
 }
@@ -185,6 +197,31 @@ impl<T: Transport, L: Qos0Link> Mqtt<T, L> {
             metrics,
             local: Arc::default(),
             closing,
+            nodes: None,
+        }
+    }
+
+    /// The same service on node `me` (its peer id), with `live` naming the nodes alive now
+    /// (the peer table, this node among them): connections then keep their wills in
+    /// replicated records, so another node sends a will whose node died
+    /// ([`Mqtt::keep_wills`]). Without it a will lives only in its node's memory.
+    pub fn with_nodes(
+        mut self,
+        me: String,
+        live: impl Fn() -> Vec<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.nodes = Some(Arc::new(Nodes {
+            me,
+            live: Box::new(live),
+        }));
+        self
+    }
+
+    /// Starts this node's will keeper ([`wills`]), until the node closes; nothing without
+    /// [`Mqtt::with_nodes`].
+    pub fn keep_wills(&self) {
+        if self.nodes.is_some() {
+            tokio::spawn(conn::keep_wills(self.clone()));
         }
     }
 

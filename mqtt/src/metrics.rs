@@ -24,6 +24,14 @@ pub struct RefusedLabels {
     pub reason: String,
 }
 
+/// Who sent a will.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct WillLabels {
+    /// `connection`: the node the client was connected to; `keeper`: another node (or a
+    /// restarted one), as the client's node was gone.
+    pub by: String,
+}
+
 /// Counters of the MQTT listener. Cheap to clone; clones count together.
 #[derive(Debug, Clone, Default)]
 pub struct MqttMetrics {
@@ -38,6 +46,8 @@ pub struct MqttMetrics {
     /// Messages MQTT subscribers missed: QoS 0 ones dropped while the subscriber was behind
     /// (MQTT has no way to tell the client), QoS 1 ones retention removed before they were read.
     pub missed: Counter,
+    /// Wills sent, by who sent them.
+    pub wills: Family<WillLabels, Counter>,
 }
 
 impl MqttMetrics {
@@ -69,7 +79,19 @@ impl MqttMetrics {
             "Messages MQTT subscribers missed: QoS 0 dropped while they were behind, QoS 1 removed by retention before they were read",
             m.missed.clone(),
         );
+        registry.register(
+            "canal_mqtt_wills_sent",
+            "MQTT wills sent, by the client's node (connection) or, as it was gone, by another node's keeper (keeper)",
+            m.wills.clone(),
+        );
         m
+    }
+
+    /// Counts one will sent by `by` (`connection` or `keeper`).
+    pub fn will_sent(&self, by: &str) {
+        self.wills
+            .get_or_create(&WillLabels { by: by.to_string() })
+            .inc();
     }
 
     /// Counts one packet.

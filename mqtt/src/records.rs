@@ -63,6 +63,59 @@ impl Session {
     }
 }
 
+/// Which connection holds a client id, cluster-wide: written by every CONNECT, so the
+/// connection it replaces (on any node) sees a record that is not its own and closes, as
+/// one broker would close the older of two connections with the same client id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// The connection: a fresh id made at its CONNECT.
+    pub conn: String,
+}
+
+/// The key of `client`'s [`Owner`] record (next to its session record; no client id
+/// starts with `$`, so none can name it).
+pub fn owner_key(client: &str) -> String {
+    format!("$owner/{client}")
+}
+
+/// Whether the connection `conn` was taken over, as the owner record `stored` says: only
+/// a record naming another connection says so (one removed, or never written, does not).
+pub fn taken_over(stored: Option<&[u8]>, conn: &str) -> bool {
+    stored
+        .and_then(|b| decode::<Owner>(b).ok())
+        .is_some_and(|o| o.conn != conn)
+}
+
+/// A connection's will, replicated so that another node sends it if the connection's node
+/// dies (the node itself sends it when the connection ends abnormally, and then removes
+/// the record; a DISCONNECT 0x00 removes it unsent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredWill {
+    /// The connection it belongs to (its [`Owner::conn`]).
+    pub conn: String,
+    /// The node the connection was on (its peer id).
+    pub node: String,
+    /// Its topic.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Its QoS (0 or 1).
+    pub qos: u8,
+    /// Whether it is retained.
+    pub retain: bool,
+    /// Its user properties.
+    pub user_properties: Vec<(String, String)>,
+    /// Its message expiry, seconds.
+    pub expiry_s: Option<u32>,
+    /// Seconds to wait before it is sent: the Will Delay, at most the session's expiry.
+    pub delay_s: u32,
+}
+
+/// The key of `client`'s [`StoredWill`] record.
+pub fn will_key(client: &str) -> String {
+    format!("$will/{client}")
+}
+
 /// The durable subscription that holds the cursors of `client`'s subscription `filter` in
 /// session `epoch`: a name canal accepts (`mqtt-` and 40 hex digits), whatever the client
 /// id holds.
@@ -107,6 +160,17 @@ mod tests {
         assert!(!s.expired(u64::MAX));
         let back: Session = decode(&encode(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn only_a_record_of_another_connection_is_a_takeover() {
+        let mine = encode(&Owner { conn: "c1".into() }).unwrap();
+        let theirs = encode(&Owner { conn: "c2".into() }).unwrap();
+        assert!(!taken_over(Some(&mine), "c1"));
+        assert!(taken_over(Some(&theirs), "c1"));
+        assert!(!taken_over(None, "c1"), "removed: nobody took it");
+        assert!(!taken_over(Some(b"damaged"), "c1"));
+        assert_eq!(owner_key("a/b"), "$owner/a/b");
     }
 
     #[test]

@@ -315,7 +315,13 @@ impl Node {
         )
         .await?;
         let raft_links = raft_links::RaftLinks::register(&mut registry, rpc_timeout);
-        let qos0 = pubsub::Qos0Hub::new(live.qos0.clone());
+        let hub_dropped = prometheus_client::metrics::counter::Counter::default();
+        registry.register(
+            "canal_qos0_hub_dropped",
+            "QoS 0 events dropped for a local subscriber still behind after the hub's wait (QOS0_HUB_WAIT, 250 ms)",
+            hub_dropped.clone(),
+        );
+        let qos0 = pubsub::Qos0Hub::new(live.qos0.clone()).counting_drops_in(hub_dropped);
         let formation = Arc::new(cluster::Formation::open(
             data_dir.path().join("formation-promise.json"),
         ));
@@ -424,7 +430,18 @@ impl Node {
             Arc::new(tokens::MqttTokens { gate: gate.clone() }),
             mqtt_metrics,
             closing.clone(),
-        );
+        )
+        .with_nodes(handle.local_peer_id().to_base58(), {
+            // The peer table: a node that died leaves it after its TTL.
+            let dht = handle.clone();
+            move || {
+                dht.peers()
+                    .into_iter()
+                    .map(|p| p.peer_id.to_base58())
+                    .collect()
+            }
+        });
+        mqtt.keep_wills();
         if let Some(l) = mqtt_listener {
             tokio::spawn(mqtt.clone().serve(l));
         }

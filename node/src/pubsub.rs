@@ -83,7 +83,8 @@ pub fn serve_qos0(
                 continue;
             }
             match canal_pubsub::qos0::check_qos0(sender, &ev.body, canal_dht::rpc::MAX_QOS0_BYTES) {
-                Ok(m) => hub.deliver(m),
+                // Waiting here holds back the peer's link, so it waits and counts its drops.
+                Ok(m) => hub.deliver_wait(m).await,
                 Err(r) => dht.report_bad(ev.peer, r.kind, r.detail),
             }
         }

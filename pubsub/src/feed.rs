@@ -29,6 +29,15 @@ pub struct FeedTx<T> {
     budget: Arc<Semaphore>,
 }
 
+impl<T> Clone for FeedTx<T> {
+    fn clone(&self) -> Self {
+        FeedTx {
+            tx: self.tx.clone(),
+            budget: self.budget.clone(),
+        }
+    }
+}
+
 /// The receiving end of a subscriber's queue; it holds the subscriber's slot.
 pub struct FeedRx<T> {
     rx: mpsc::Receiver<(T, OwnedSemaphorePermit)>,
@@ -60,6 +69,31 @@ impl<T: Weighed> FeedTx<T> {
             _ = self.tx.closed() => return Err(item),
         };
         self.tx.send((item, permit)).await.map_err(|e| e.0.0)
+    }
+
+    /// Queues `item` if there is room now; `Err` with it if the queue is full or the
+    /// subscriber is gone.
+    pub fn try_send(&self, item: T) -> Result<(), T> {
+        let cost = item.weight().clamp(1, MAX_BUFFERED_BYTES) as u32;
+        let Ok(permit) = self.budget.clone().try_acquire_many_owned(cost) else {
+            return Err(item);
+        };
+        self.tx.try_send((item, permit)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full((item, _)) => item,
+            mpsc::error::TrySendError::Closed((item, _)) => item,
+        })
+    }
+
+    /// Whether at least half the queue is free, in deliveries and in bytes: a subscriber
+    /// that fell behind has caught up this far.
+    pub fn half_free(&self) -> bool {
+        self.tx.capacity() >= MAX_BUFFERED / 2
+            && self.budget.available_permits() >= MAX_BUFFERED_BYTES / 2
+    }
+
+    /// Whether the subscriber is gone.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
     }
 
     /// Resolves when the subscriber is gone.
@@ -125,6 +159,33 @@ mod tests {
         assert!(tx.send(vec![1]).await.is_err());
         // The slot came back with the receiver.
         assert!(slots.try_acquire_owned().is_ok());
+    }
+
+    #[tokio::test]
+    async fn try_send_takes_only_what_fits_now() {
+        let slots = Arc::new(Semaphore::new(1));
+        let slot = slots
+            .clone()
+            .try_acquire_owned()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (tx, mut rx) = feed::<Vec<u8>>(slot);
+        for i in 0..MAX_BUFFERED {
+            assert!(tx.try_send(vec![i as u8]).is_ok(), "{i}");
+            assert_eq!(tx.half_free(), i < MAX_BUFFERED / 2, "{i}");
+        }
+        assert_eq!(tx.try_send(vec![9]), Err(vec![9]), "full in deliveries");
+        for _ in 0..MAX_BUFFERED / 2 {
+            let _ = rx.recv().await;
+        }
+        assert!(tx.half_free());
+        // Full in bytes while there is room in deliveries.
+        // 128 one-byte items are still queued: 72 bytes are left after this one.
+        assert!(tx.try_send(vec![0; MAX_BUFFERED_BYTES - 200]).is_ok());
+        assert!(!tx.half_free());
+        assert!(tx.try_send(vec![0; 100]).is_err());
+        drop(rx);
+        assert!(tx.is_closed());
+        assert!(tx.try_send(vec![1]).is_err());
     }
 
     #[tokio::test]

@@ -292,6 +292,24 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
         &self,
         req: &SubscribeRequest,
     ) -> Result<feed::FeedRx<Delivery>, PubSubError> {
+        self.open(req, false).await
+    }
+
+    /// A QoS 1 subscription that also gets the node's QoS 0 events on its filter, in the
+    /// same queue (QoS 0 ones with no offset): what an MQTT subscription reads, in one of
+    /// the node's subscriber slots. Refused for a QoS 0 request.
+    pub async fn subscribe_with_qos0(
+        &self,
+        req: &SubscribeRequest,
+    ) -> Result<feed::FeedRx<Delivery>, PubSubError> {
+        self.open(req, true).await
+    }
+
+    async fn open(
+        &self,
+        req: &SubscribeRequest,
+        with_qos0: bool,
+    ) -> Result<feed::FeedRx<Delivery>, PubSubError> {
         // A slot first: past the node's limit, nothing else is worth checking.
         let slot = self
             .node
@@ -305,12 +323,18 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
         let (tx, rx) = feed::feed::<Delivery>(slot);
         let mut closing = self.node.closing.clone();
         if sub.qos == 0 {
-            let events = self.hub.subscribe();
-            let interest = self.hub.register(&sub.filter);
+            if with_qos0 {
+                return Err(PubSubError::InvalidQos(
+                    "a subscription with QoS 0 events too reads the log: ask for QoS 1".into(),
+                ));
+            }
+            // The hub puts the events straight into the queue; this task only ends the
+            // subscription when the client goes or the node closes.
+            let attached = self.hub.attach(sub.filter, tx.clone());
             tokio::spawn(async move {
-                let _interest = interest;
+                let _attached = attached;
                 tokio::select! {
-                    _ = subscribe::drive_qos0(events, sub.filter, tx) => {}
+                    _ = tx.closed() => {}
                     _ = closing.wait_for(|c| *c) => {}
                 }
             });
@@ -334,7 +358,9 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
             consensus: self.consensus.clone(),
         });
         let metrics = self.node.metrics.clone();
+        let attached = with_qos0.then(|| self.hub.attach(sub.filter.clone(), tx.clone()));
         tokio::spawn(async move {
+            let _attached = attached;
             tokio::select! {
                 _ = subscribe::drive_qos1(sm, sub.filter, state, durable, metrics, tx) => {}
                 _ = closing.wait_for(|c| *c) => {}

@@ -1,17 +1,41 @@
 //! QoS 0: never touches Raft. The accepting node hands an event to its own QoS 0
 //! subscribers (the [`Qos0Hub`]) and sends one copy to every other live peer whose
 //! advertised interest matches the topic, through a [`Qos0Link`] the node provides (the
-//! mesh's QoS 0 lane). At most once: a full queue anywhere drops the copy.
+//! mesh's QoS 0 lane). At most once, but not at the first hiccup: the hub puts each event
+//! straight into the queue of every local subscriber whose filter matches
+//! ([`crate::feed`]), waiting up to [`QOS0_HUB_WAIT`] for room (backpressure on the
+//! publisher, or on the peer's link for events from other nodes), the same shape as the
+//! mesh's per-peer QoS 0 link. A subscriber still full after the wait is behind: its events
+//! are dropped without waiting, counted (`canal_qos0_hub_dropped_total`) and told to it as
+//! `{"dropped":N}`, until half its queue is free again; so a stalled subscriber costs the
+//! others one wait, not one per event.
+//!
+//! ```text
+//!   deliver_wait(m) ─> EventData (once, shared) ─> each matching subscriber:
+//!        behind? ── half free: no longer behind ── else drop, count
+//!        send, waiting until the event's deadline ── timed out: behind, drop, count
+//!   triggers: a broadcast of every event (QOS0_HUB_CAPACITY), as before
+//! ```
 
+use crate::Delivery;
+use crate::event::EventData;
+use crate::feed::FeedTx;
 use canal_consensus::{Consensus, GroupId, NodeId, Transport};
 use canal_proto::{Topic, TopicFilter, wire};
+use prometheus_client::metrics::counter::Counter;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::sync::broadcast;
 
-/// How many QoS 0 events the hub holds for a slow local subscriber before it starts
-/// dropping them for it (it is told how many, as `{"dropped":N}`).
+/// How many QoS 0 events the hub's broadcast (what triggers listen to) holds for a slow
+/// listener before it starts dropping them for it.
 pub const QOS0_HUB_CAPACITY: usize = 4096;
+
+/// How long a QoS 0 event waits for room in a local subscriber's queue before it is
+/// dropped for that subscriber (as the mesh's QoS 0 link waits for a peer).
+pub const QOS0_HUB_WAIT: Duration = Duration::from_millis(250);
 
 pub use canal_proto::peer::Qos0Message;
 
@@ -75,7 +99,100 @@ impl Qos0Interest {
 #[derive(Clone)]
 pub struct Qos0Hub {
     tx: broadcast::Sender<Arc<Qos0Message>>,
+    subs: Arc<Mutex<Subscribers>>,
     interest: Arc<Qos0Interest>,
+    dropped: Counter,
+}
+
+/// The hub's local subscribers, by the number [`Qos0Hub::attach`] gave them.
+#[derive(Default)]
+struct Subscribers {
+    next: u64,
+    by_id: BTreeMap<u64, Arc<HubSub>>,
+}
+
+/// One local subscriber: its filter, its queue, and whether it is behind.
+struct HubSub {
+    filter: TopicFilter,
+    tx: FeedTx<Delivery>,
+    /// Its queue stayed full past a wait: events are dropped for it without waiting.
+    behind: AtomicBool,
+    /// Events dropped for it that it has not been told of yet.
+    untold: AtomicU64,
+}
+
+impl HubSub {
+    /// Drops one event for this subscriber: counted, and told later.
+    fn drop_one(&self, dropped: &Counter) {
+        self.untold.fetch_add(1, Ordering::Relaxed);
+        dropped.inc();
+    }
+
+    /// The notice of what it missed, if it missed anything, taken to be told now.
+    fn take_notice(&self) -> Option<(u64, Delivery)> {
+        let n = self.untold.swap(0, Ordering::Relaxed);
+        (n > 0).then(|| (n, Delivery::Lagged(format!("{{\"dropped\":{n}}}"))))
+    }
+
+    /// Gives it `ev` without waiting: behind, or the broadcast's synchronous path.
+    fn offer_now(&self, ev: &Arc<EventData>, dropped: &Counter) {
+        if self.behind.load(Ordering::Relaxed) && !self.tx.half_free() {
+            self.drop_one(dropped);
+            return;
+        }
+        if let Some((n, notice)) = self.take_notice()
+            && self.tx.try_send(notice).is_err()
+        {
+            self.untold.fetch_add(n, Ordering::Relaxed);
+            self.behind.store(true, Ordering::Relaxed);
+            self.drop_one(dropped);
+            return;
+        }
+        let d = Delivery::Message {
+            id: None,
+            event: ev.clone(),
+        };
+        if self.tx.try_send(d).is_err() {
+            self.behind.store(true, Ordering::Relaxed);
+            self.drop_one(dropped);
+        } else {
+            self.behind.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Gives it `ev`, waiting until `deadline` for room unless it is behind.
+    async fn offer(&self, ev: &Arc<EventData>, deadline: tokio::time::Instant, dropped: &Counter) {
+        if self.behind.load(Ordering::Relaxed) {
+            if !self.tx.half_free() {
+                self.drop_one(dropped);
+                return;
+            }
+            self.behind.store(false, Ordering::Relaxed);
+        }
+        if let Some((n, notice)) = self.take_notice() {
+            match tokio::time::timeout_at(deadline, self.tx.send(notice)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    self.untold.fetch_add(n, Ordering::Relaxed);
+                    self.behind.store(true, Ordering::Relaxed);
+                    self.drop_one(dropped);
+                    return;
+                }
+            }
+        }
+        let d = Delivery::Message {
+            id: None,
+            event: ev.clone(),
+        };
+        if tokio::time::timeout_at(deadline, self.tx.send(d))
+            .await
+            .is_err()
+        {
+            self.behind.store(true, Ordering::Relaxed);
+            self.drop_one(dropped);
+        }
+    }
 }
 
 /// A QoS 0 subscriber's registered interest; dropping it withdraws the interest.
@@ -96,13 +213,86 @@ impl Drop for Interest {
     }
 }
 
+/// A local subscriber of the hub: dropping it takes the subscriber off the hub and
+/// withdraws its interest.
+pub struct Attached {
+    subs: Arc<Mutex<Subscribers>>,
+    id: u64,
+    _interest: Interest,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        lock(&self.subs).by_id.remove(&self.id);
+    }
+}
+
 impl Qos0Hub {
     /// A hub whose interest is kept in `interest` (which the node advertises).
     pub fn new(interest: Arc<Qos0Interest>) -> Self {
         Qos0Hub {
             tx: broadcast::channel(QOS0_HUB_CAPACITY).0,
+            subs: Arc::default(),
             interest,
+            dropped: Counter::default(),
         }
+    }
+
+    /// The same hub, counting the events it drops for subscribers that are behind in
+    /// `dropped` (the node registers it as `canal_qos0_hub_dropped_total`).
+    pub fn counting_drops_in(mut self, dropped: Counter) -> Self {
+        self.dropped = dropped;
+        self
+    }
+
+    /// Events dropped so far for local subscribers that were behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.get()
+    }
+
+    /// Puts every QoS 0 event that matches `filter` into `tx`, until the guard is dropped
+    /// (the interest in `filter` is advertised as long).
+    pub fn attach(&self, filter: TopicFilter, tx: FeedTx<Delivery>) -> Attached {
+        let interest = self.register(&filter);
+        let mut subs = lock(&self.subs);
+        subs.next += 1;
+        let id = subs.next;
+        subs.by_id.insert(
+            id,
+            Arc::new(HubSub {
+                filter,
+                tx,
+                behind: AtomicBool::new(false),
+                untold: AtomicU64::new(0),
+            }),
+        );
+        Attached {
+            subs: self.subs.clone(),
+            id,
+            _interest: interest,
+        }
+    }
+
+    /// The local subscribers whose filter matches `topic`.
+    fn matching(&self, topic: &str) -> Vec<Arc<HubSub>> {
+        let Ok(t) = Topic::new(topic) else {
+            return Vec::new();
+        };
+        lock(&self.subs)
+            .by_id
+            .values()
+            .filter(|s| s.filter.matches(&t) && !s.tx.is_closed())
+            .cloned()
+            .collect()
+    }
+
+    /// The event for the broadcast (if anyone listens) and for the local subscribers.
+    fn split(&self, m: Qos0Message) -> Arc<EventData> {
+        if self.tx.receiver_count() > 0 {
+            // No receiver is no error: at most once.
+            let _ = self.tx.send(Arc::new(m.clone()));
+        }
+        Arc::new(EventData::qos0(m))
     }
 
     /// What this hub's subscribers and triggers listen to.
@@ -131,10 +321,25 @@ impl Qos0Hub {
         self.tx.subscribe()
     }
 
-    /// Hands an event to this node's QoS 0 subscribers.
+    /// Hands an event to this node's QoS 0 subscribers without waiting: a subscriber with
+    /// no room now misses it (counted, and told). Publishers use [`Qos0Hub::deliver_wait`].
     pub fn deliver(&self, m: Qos0Message) {
-        // No subscriber is no error: at most once.
-        let _ = self.tx.send(Arc::new(m));
+        let subs = self.matching(&m.topic);
+        let ev = self.split(m);
+        for s in subs {
+            s.offer_now(&ev, &self.dropped);
+        }
+    }
+
+    /// Hands an event to this node's QoS 0 subscribers, waiting up to [`QOS0_HUB_WAIT`] in
+    /// all for room in the queues of those not behind.
+    pub async fn deliver_wait(&self, m: Qos0Message) {
+        let subs = self.matching(&m.topic);
+        let ev = self.split(m);
+        let deadline = tokio::time::Instant::now() + QOS0_HUB_WAIT;
+        for s in subs {
+            s.offer(&ev, deadline, &self.dropped).await;
+        }
     }
 }
 
@@ -146,7 +351,7 @@ pub async fn publish_qos0<L: Qos0Link>(link: &L, hub: &Qos0Hub, m: Qos0Message) 
             link.send(p, body.clone()).await;
         }
     }
-    hub.deliver(m);
+    hub.deliver_wait(m).await;
 }
 
 /// Why a QoS 0 message from a peer was refused: a kind for the peer's record and a detail.
@@ -275,6 +480,90 @@ mod tests {
         let sent: Vec<u8> = lock(&link.1).iter().map(|(p, _)| *p).collect();
         assert_eq!(sent, vec![1, 3]);
         assert_eq!(rx.recv().await.unwrap().topic, "a/b");
+    }
+
+    fn feed() -> (FeedTx<Delivery>, crate::feed::FeedRx<Delivery>) {
+        let slot = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap();
+        crate::feed::feed(slot)
+    }
+
+    fn numbered(i: usize) -> Qos0Message {
+        let mut m = event("canal://me".into());
+        m.id = i.to_string();
+        m
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_keeps_up_loses_nothing() {
+        let hub = Qos0Hub::new(Arc::default());
+        let (tx, mut rx) = feed();
+        let _a = hub.attach(TopicFilter::new("a/#").unwrap(), tx);
+        let (other, _other_rx) = feed();
+        let _b = hub.attach(TopicFilter::new("b/#").unwrap(), other);
+        const N: usize = 5000;
+        let reader = tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while ids.len() < N {
+                match rx.recv().await {
+                    Some(Delivery::Message { event, .. }) => ids.push(event.id.clone()),
+                    other => panic!("{other:?}"),
+                }
+            }
+            ids
+        });
+        // Far more than a queue holds: the publisher waits for the reader.
+        for i in 0..N {
+            hub.deliver_wait(numbered(i)).await;
+        }
+        let ids = reader.await.unwrap();
+        assert_eq!(ids, (0..N).map(|i| i.to_string()).collect::<Vec<_>>());
+        assert_eq!(hub.dropped(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_subscriber_costs_one_wait_and_is_told_what_it_missed() {
+        let dropped = Counter::default();
+        let hub = Qos0Hub::new(Arc::default()).counting_drops_in(dropped.clone());
+        let (tx, mut rx) = feed();
+        let attached = hub.attach(TopicFilter::new("a/#").unwrap(), tx);
+        assert_eq!(hub.interest().subscribed().get("a/#"), Some(&1));
+        let started = tokio::time::Instant::now();
+        for i in 0..300 {
+            hub.deliver_wait(numbered(i)).await;
+        }
+        // The queue took 256; the 257th waited once, then the rest went without waiting.
+        let waited = started.elapsed();
+        assert!(
+            waited >= QOS0_HUB_WAIT && waited < QOS0_HUB_WAIT * 8,
+            "{waited:?}"
+        );
+        assert_eq!((hub.dropped(), dropped.get()), (44, 44));
+        for i in 0..256 {
+            match rx.recv().await {
+                Some(Delivery::Message { event, .. }) => assert_eq!(event.id, i.to_string()),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Caught up: the next event comes after the notice of the 44 it missed.
+        hub.deliver_wait(numbered(300)).await;
+        assert_eq!(
+            rx.recv().await,
+            Some(Delivery::Lagged(r#"{"dropped":44}"#.into()))
+        );
+        match rx.recv().await {
+            Some(Delivery::Message { event, .. }) => assert_eq!(event.id, "300"),
+            other => panic!("{other:?}"),
+        }
+        // The synchronous path drops too, without waiting, and counts.
+        for i in 0..257 {
+            hub.deliver(numbered(i));
+        }
+        assert_eq!(hub.dropped(), 45);
+        drop(attached);
+        assert!(hub.interest().subscribed().is_empty());
+        assert!(hub.matching("a/b").is_empty());
     }
 
     #[test]

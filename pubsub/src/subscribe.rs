@@ -8,12 +8,12 @@
 //! what it acknowledged in the log, and is redelivered what it did not acknowledge in time
 //! ([`crate::consumer`]).
 //!
-//! QoS 0: a subscriber listens to the node's [`crate::Qos0Hub`]; one that falls behind loses
-//! events and is told how many.
+//! QoS 0: the node's [`crate::Qos0Hub`] puts the events into the subscriber's queue; one
+//! that stays behind past the hub's wait loses events and is told how many.
 
 use crate::consumer::{Action, ConsumerState, LogView, Redelivery, Start};
 use crate::error::PubSubError;
-use crate::event::{Delivery, EventParts, message, stored_event, to_event};
+use crate::event::{Delivery, EventData, message};
 use crate::feed::FeedTx;
 use canal_consensus::topics::TopicMeta;
 use canal_consensus::{Consensus, InternalKey, Op, Request, StateMachine, Transport, Wake};
@@ -21,7 +21,6 @@ use canal_proto::api::Lagged;
 use canal_proto::{Topic, TopicFilter};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, UNIX_EPOCH};
-use tokio::sync::broadcast;
 
 /// How many events a QoS 1 subscriber reads from the log at once.
 const READ_BATCH: usize = 256;
@@ -408,21 +407,21 @@ async fn send_range(
         if batch.is_empty() {
             break;
         }
-        for e in batch.iter().take_while(|e| e.offset < to) {
-            let Some(d) = message(
-                Some(format!("{topic}:{}", e.offset)),
-                &stored_event(topic, e),
-            ) else {
-                return false;
-            };
+        let last = batch.last().map(|e| e.offset);
+        for e in batch.into_iter().take_while(|e| e.offset < to) {
+            let offset = e.offset;
+            let d = message(
+                Some(format!("{topic}:{offset}")),
+                EventData::stored(topic, e),
+            );
             // Waits while the client is slow: backpressure, not loss.
             if tx.send(d).await.is_err() {
                 return false;
             }
-            state.sent(topic, e.offset, Instant::now());
-            cursor = e.offset + 1;
+            state.sent(topic, offset, Instant::now());
+            cursor = offset + 1;
         }
-        if batch.last().is_some_and(|e| e.offset + 1 >= to) {
+        if last.is_some_and(|o| o + 1 >= to) {
             break;
         }
     }
@@ -463,50 +462,6 @@ async fn give_up<T: Transport>(
         Err(e) => tracing::debug!(error = %e, "giving up on an event not committed; later"),
     }
     true
-}
-
-/// Feeds a QoS 0 subscription from the node's hub until its client goes away.
-pub(crate) async fn drive_qos0(
-    mut events: broadcast::Receiver<std::sync::Arc<crate::Qos0Message>>,
-    filter: TopicFilter,
-    tx: FeedTx<Delivery>,
-) {
-    loop {
-        match events.recv().await {
-            Ok(m) => {
-                let Ok(topic) = Topic::new(&m.topic) else {
-                    continue;
-                };
-                if !filter.matches(&topic) {
-                    continue;
-                }
-                let e = to_event(EventParts {
-                    topic: &m.topic,
-                    id: m.id.clone(),
-                    source: m.source.clone(),
-                    time_ms: m.time_ms,
-                    headers: &m.headers,
-                    payload: &m.payload,
-                    offset: None,
-                });
-                let Some(d) = message(None, &e) else {
-                    continue;
-                };
-                if tx.send(d).await.is_err() {
-                    return;
-                }
-            }
-            // QoS 0 is at most once: a subscriber that falls behind loses events, and is
-            // told how many.
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                let d = Delivery::Lagged(format!("{{\"dropped\":{n}}}"));
-                if tx.send(d).await.is_err() {
-                    return;
-                }
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
-        }
-    }
 }
 
 #[cfg(test)]

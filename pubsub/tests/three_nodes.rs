@@ -180,8 +180,8 @@ async fn offsets(rx: &mut FeedRx<Delivery>, n: usize) -> Vec<u64> {
             .unwrap_or_else(|_| panic!("only {out:?} within 20 s"))
             .expect("the subscription ended");
         match d {
-            Delivery::Message { id, json } => {
-                let e: Event = serde_json::from_str(&json).unwrap();
+            Delivery::Message { id, event } => {
+                let e: Event = serde_json::from_str(event.json()).unwrap();
                 let offset = e.offset.unwrap();
                 assert_eq!(id, Some(format!("{TOPIC}:{offset}")));
                 assert_eq!(e.data, Some(format!("event {offset}")));
@@ -359,10 +359,10 @@ async fn publishes_are_checked_against_the_topic_settings_and_qos0_stays_off_the
         .await
         .unwrap()
         .unwrap();
-    let Delivery::Message { id: None, json } = d else {
+    let Delivery::Message { id: None, event } = d else {
         panic!("not a QoS 0 event: {d:?}")
     };
-    let e: Event = serde_json::from_str(&json).unwrap();
+    let e: Event = serde_json::from_str(event.json()).unwrap();
     assert_eq!((e.qos, e.data.as_deref()), (0, Some("hi")));
     assert_eq!(e.headers.get("k").map(String::as_str), Some("v"));
     let sm = via.consensus().state_machine(DATA).unwrap();
@@ -387,10 +387,10 @@ async fn next_event(rx: &mut FeedRx<Delivery>) -> (String, u64) {
         .await
         .expect("no event within 20 s")
         .expect("the subscription ended");
-    let Delivery::Message { json, .. } = d else {
+    let Delivery::Message { event, .. } = d else {
         panic!("not an event: {d:?}")
     };
-    let e: Event = serde_json::from_str(&json).unwrap();
+    let e: Event = serde_json::from_str(event.json()).unwrap();
     (e.topic, e.offset.unwrap())
 }
 

@@ -1037,3 +1037,134 @@ async fn mqtt_clients_need_a_token_and_act_within_its_rights() {
     }
     assert_eq!(delivered, vec![b"sensors/room1/t".to_vec()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_connecting_on_another_node_takes_the_session_over() {
+    let net = cluster(3, &[]).await;
+    let api2 = net.api(2).unwrap();
+    let connack5 = |p| match p {
+        p5::Packet::ConnAck(c) => Some(c),
+        _ => None,
+    };
+    // 5.0: the older connection, on node 0, is told 0x8E Session taken over.
+    let mut older = v5("roamer-5", mqtt_addr(&net, 0));
+    older.next("CONNACK on node 0", connack5).await;
+    let mut newer = v5("roamer-5", mqtt_addr(&net, 1));
+    newer.next("CONNACK on node 1", connack5).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let why = loop {
+        match tokio::time::timeout_at(deadline, older.rx.recv()).await {
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => break e,
+            Ok(None) => panic!("the older connection's event loop is gone"),
+            Err(_) => panic!("the older connection on node 0 stayed open"),
+        }
+    };
+    assert!(why.contains("SessionTakenOver"), "{why}");
+    // The newer one carries on.
+    newer
+        .client
+        .subscribe("roam/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    newer
+        .next("SUBACK", |p| {
+            matches!(p, p5::Packet::SubAck(_)).then_some(())
+        })
+        .await;
+    http_publish(&api2, "roam/a", "after the takeover").await;
+    assert_eq!(
+        text(&newer.publish("a message after the takeover").await.payload),
+        "after the takeover"
+    );
+
+    // 3.1.1, a persistent session: the older is closed, the newer on node 1 resumes the
+    // session and gets its messages.
+    let mut o = v4_opts("roamer-4", mqtt_addr(&net, 0));
+    o.set_clean_session(false);
+    let mut older = v4(o);
+    older.connack().await;
+    older
+        .client
+        .subscribe("roam4/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    older.suback().await;
+    let mut o = v4_opts("roamer-4", mqtt_addr(&net, 1));
+    o.set_clean_session(false);
+    let mut newer = v4(o);
+    assert!(newer.connack().await.session_present);
+    assert!(
+        older.ended().await,
+        "the older connection on node 0 stayed open"
+    );
+    for i in 0..3 {
+        http_publish(&api2, "roam4/a", &format!("r{i}")).await;
+    }
+    for i in 0..3 {
+        let p = newer.publish("the session's messages on node 1").await;
+        assert_eq!(text(&p.payload), format!("r{i}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_is_sent_once_by_another_node_when_the_clients_node_dies() {
+    let mut net = cluster(3, &[]).await;
+    let mut watcher = v4(v4_opts("will-watcher", mqtt_addr(&net, 1)));
+    watcher.connack().await;
+    watcher
+        .client
+        .subscribe("lastwill/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    watcher.suback().await;
+    let mut o = v4_opts("doomed", mqtt_addr(&net, 0));
+    o.set_last_will(rumqttc::LastWill::new(
+        "lastwill/doomed",
+        "gone",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+    ));
+    let mut doomed = v4(o);
+    doomed.connack().await;
+    // The will record is written before CONNACK; a round trip makes sure it is committed.
+    doomed
+        .client
+        .subscribe("nothing/here", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    doomed.suback().await;
+    net.kill(0).await.unwrap();
+    // Node 0's peers drop it from their peer table after its TTL; then one of them sends it.
+    let p = tokio::time::timeout(Duration::from_secs(60), watcher.publish("the will"))
+        .await
+        .expect("no will within 60 s of the node's death");
+    assert_eq!(
+        (p.topic.as_str(), text(&p.payload).as_str()),
+        ("lastwill/doomed", "gone")
+    );
+    drop(doomed);
+    // Once: one node sent it, and what comes next on the topic is what is published next.
+    let (api1, api2) = (net.api(1).unwrap(), net.api(2).unwrap());
+    let sent_by_keepers = || {
+        let (api1, api2) = (api1.clone(), api2.clone());
+        async move {
+            let name = "canal_mqtt_wills_sent_total{by=\"keeper\"}";
+            let a = api1.metric_sum(name).await.map_err(|e| e.to_string())?;
+            let b = api2.metric_sum(name).await.map_err(|e| e.to_string())?;
+            Ok::<f64, String>(a + b)
+        }
+    };
+    wait_for("the keeper's will counted", WAIT, || async {
+        match sent_by_keepers().await? {
+            1.0 => Ok(()),
+            n => Err(format!("{n} wills sent by keepers")),
+        }
+    })
+    .await
+    .unwrap();
+    http_publish(&api2, "lastwill/doomed", "after").await;
+    let p = watcher.publish("the message after the will").await;
+    assert_eq!(text(&p.payload), "after", "the will came twice");
+    assert_eq!(sent_by_keepers().await.unwrap(), 1.0, "sent by one node");
+}

@@ -76,10 +76,14 @@ const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Appends `d` to `out` as one SSE event. A line break in the data would end the field
 /// early, so each line goes in a `data:` field of its own (clients join them with `\n`).
 fn sse_frame(out: &mut String, d: Delivery) {
-    let (event, id, data) = match d {
-        Delivery::Message { id, json } => ("message", id, json),
-        Delivery::Lagged(json) => ("lagged", None, json),
-    };
+    match &d {
+        Delivery::Message { id, event } => sse_event(out, "message", id.as_deref(), event.json()),
+        Delivery::Lagged(json) => sse_event(out, "lagged", None, json),
+    }
+}
+
+/// Appends one SSE event named `event` with `data` and, if given, `id`.
+fn sse_event(out: &mut String, event: &str, id: Option<&str>, data: &str) {
     out.push_str("event: ");
     out.push_str(event);
     out.push('\n');
@@ -141,7 +145,7 @@ async fn send_all(socket: &mut WebSocket, ds: Vec<Delivery>) -> Result<(), axum:
     use futures::SinkExt;
     for d in ds {
         let text = match d {
-            Delivery::Message { json, .. } => json,
+            Delivery::Message { event, .. } => event.json().to_string(),
             Delivery::Lagged(json) => format!("{{\"lagged\":{json}}}"),
         };
         socket.feed(Message::Text(text.into())).await?;
@@ -173,32 +177,38 @@ async fn ws_ack(
 mod tests {
     use super::*;
 
-    fn frames(ds: Vec<Delivery>) -> String {
-        let mut out = String::new();
-        for d in ds {
-            sse_frame(&mut out, d);
-        }
-        out
-    }
-
     #[test]
     fn deliveries_are_written_as_sse_events_a_client_reads_back() {
-        let text = frames(vec![
+        let event = std::sync::Arc::new(canal_pubsub::event::EventData::qos0(
+            canal_pubsub::Qos0Message {
+                topic: "a/b".into(),
+                id: "m".into(),
+                source: "canal://p".into(),
+                time_ms: 0,
+                headers: vec![],
+                payload: b"x".to_vec(),
+            },
+        ));
+        let json = event.json().to_string();
+        assert!(json.contains(r#""data":"x""#), "{json}");
+        let mut text = String::new();
+        sse_frame(
+            &mut text,
             Delivery::Message {
                 id: Some("a/b:7".into()),
-                json: r#"{"data":"x"}"#.into(),
+                event,
             },
-            Delivery::Lagged(r#"{"dropped":3}"#.into()),
-            Delivery::Message {
-                id: Some("bad\nid".into()),
-                json: "two\nlines\r".into(),
-            },
-        ]);
+        );
+        sse_frame(&mut text, Delivery::Lagged(r#"{"dropped":3}"#.into()));
+        // Line breaks in data or id cannot end the event early.
+        sse_event(&mut text, "message", Some("bad\nid"), "two\nlines\r");
         assert_eq!(
             text,
-            "event: message\ndata: {\"data\":\"x\"}\nid: a/b:7\n\n\
-             event: lagged\ndata: {\"dropped\":3}\n\n\
-             event: message\ndata: two\ndata: lines\nid: badid\n\n"
+            format!(
+                "event: message\ndata: {json}\nid: a/b:7\n\n\
+                 event: lagged\ndata: {{\"dropped\":3}}\n\n\
+                 event: message\ndata: two\ndata: lines\nid: badid\n\n"
+            )
         );
         // What canal's own client parses out of it.
         let mut parser = canal_client::sse::SseParser::new();
@@ -210,11 +220,7 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                (
-                    "message".into(),
-                    r#"{"data":"x"}"#.into(),
-                    Some("a/b:7".into())
-                ),
+                ("message".into(), json.clone(), Some("a/b:7".into())),
                 // The id carries over, as in a browser.
                 (
                     "lagged".into(),
