@@ -19,6 +19,9 @@
 //!   MQTT_SESSIONS         \x01m/{client id}                MQTT session       data
 //!   STATE                 \x01f/{function}\x00{key}        state value        data
 //!   STATE_VERSIONS        \x01v/{function}                 version (u64)      data
+//!   OUTBOX                \x01o/{producer}\x00{seq:020}     OutboxEntry        data (source)
+//!   OUTBOX_META           \x01q/{producer}                 OutboxMeta         data (source)
+//!   PRODUCER_SEQS         \x01p/{producer}                 last seq (u64)     data (target)
 //!   SETTINGS              \x01S/{filter}                   TopicSettings      metadata
 //!   FUNCTIONS             \x01F/{function}                 FunctionSpec       metadata
 //!   MODULES               \x01B/{hash}                     module bytes       metadata
@@ -34,7 +37,7 @@
 //!   SHARD_MAP             \x01D/map, \x01D/previous        ShardMap (wire)    metadata
 //! ```
 //!
-//! The byte layout is the on-disk format (`canal-raft/4`): changing a prefix or a separator
+//! The byte layout is the on-disk format (`canal-raft/5`): changing a prefix or a separator
 //! here changes what existing databases mean, so it needs a new format marker.
 //!
 //! Offsets and expiries are written as 20 decimal digits, so keys sort by them. The parts
@@ -306,6 +309,16 @@ pub const MQTT_SESSIONS: Table<Name, Raw> = Table::new("\u{1}m/", "MQTT sessions
 pub const STATE: Table<Pair, Raw> = Table::new("\u{1}f/", "function state");
 /// The version of a function's state, raised by every change (data group).
 pub const STATE_VERSIONS: Table<Name, Wire<u64>> = Table::new("\u{1}v/", "function state versions");
+/// An output waiting in its function's group for delivery to another group, by producer
+/// and sequence number (data group, the source).
+pub const OUTBOX: Table<Offset, Wire<crate::functions::OutboxEntry>> =
+    Table::new("\u{1}o/", "outbox entries");
+/// Where each producer's outbox stands (data group, the source).
+pub const OUTBOX_META: Table<Name, Wire<crate::functions::OutboxMeta>> =
+    Table::new("\u{1}q/", "outbox positions");
+/// The last sequence number of each producer applied here by a delivery (data group, the
+/// target).
+pub const PRODUCER_SEQS: Table<Name, Wire<u64>> = Table::new("\u{1}p/", "producer sequences");
 /// The settings of a topic or filter (metadata group).
 pub const SETTINGS: Table<Name, Wire<TopicSettings>> = Table::new("\u{1}S/", "topic settings");
 /// A function's spec (metadata group).
@@ -446,6 +459,9 @@ mod tests {
             p(MQTT_SESSIONS),
             p(STATE),
             p(STATE_VERSIONS),
+            p(OUTBOX),
+            p(OUTBOX_META),
+            p(PRODUCER_SEQS),
             p(SETTINGS),
             p(FUNCTIONS),
             p(MODULES),
@@ -525,6 +541,12 @@ mod tests {
             (TRIGGER_CURSORS.key(("u", "t")), "\u{1}x/u\u{0}t"),
             (STATE.key(("f", "k")), "\u{1}f/f\u{0}k"),
             (STATE_VERSIONS.key("f"), "\u{1}v/f"),
+            (
+                OUTBOX.key(("1:f:2", n)),
+                "\u{1}o/1:f:2\u{0}00000000000000000007",
+            ),
+            (OUTBOX_META.key("1:f:2"), "\u{1}q/1:f:2"),
+            (PRODUCER_SEQS.key("1:f:2"), "\u{1}p/1:f:2"),
             (SETTINGS.key("a/#"), "\u{1}S/a/#"),
             (FUNCTIONS.key("f"), "\u{1}F/f"),
             (MODULES.key("h"), "\u{1}B/h"),
@@ -558,6 +580,9 @@ mod tests {
                 one!(TOPIC_META, &a, a.clone());
                 one!(SUBSCRIPTION_STARTS, &a, a.clone());
                 one!(STATE_VERSIONS, &a, a.clone());
+                one!(OUTBOX_META, &a, a.clone());
+                one!(PRODUCER_SEQS, &a, a.clone());
+                one!(OUTBOX, (&a, n), (a.clone(), n));
                 one!(SETTINGS, &a, a.clone());
                 one!(FUNCTIONS, &a, a.clone());
                 one!(MODULES, &a, a.clone());

@@ -111,6 +111,26 @@ pub enum Op {
         /// Its new value; `None` removes it.
         value: Option<Vec<u8>>,
     },
+    /// Appends an outbox entry of another group to its topic's log here, once: the group
+    /// keeps, per producer, the last sequence number applied; `seq` at or below it is a
+    /// duplicate (answered as success, [`Response::duplicate`], changing nothing), `seq`
+    /// past it by more than one is refused as a gap.
+    Deliver {
+        /// The producer ([`crate::functions::producer_id`]).
+        producer: String,
+        /// The entry's sequence number in the producer's outbox (from 1).
+        seq: u64,
+        /// The event.
+        event: crate::topics::PublishOp,
+    },
+    /// Removes a producer's outbox entries up to `upto` (inclusive), once the relay has
+    /// had them delivered; never past the last sequence number handed out.
+    OutboxTrim {
+        /// The producer.
+        producer: String,
+        /// The last sequence number delivered.
+        upto: u64,
+    },
 }
 
 /// An internal record that a request may write by name ([`Op::Internal`]). Topic logs,
@@ -264,12 +284,20 @@ impl Request {
             Op::Publish(p) => p.topic.len() + p.payload.len(),
             Op::Effects(e) => {
                 e.outputs.iter().map(|o| o.payload.len()).sum::<usize>()
+                    + e.outbox
+                        .iter()
+                        .map(|o| o.producer.len() + o.event.topic.len() + o.event.payload.len())
+                        .sum::<usize>()
                     + e.state
                         .iter()
                         .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
                         .sum::<usize>()
             }
             Op::Batch(b) => b.iter().map(Request::weight).sum(),
+            Op::Deliver {
+                producer, event, ..
+            } => producer.len() + event.topic.len() + event.payload.len(),
+            Op::OutboxTrim { producer, .. } => producer.len(),
             Op::Delete { .. } | Op::Ack { .. } | Op::Add { .. } | Op::Trim { .. } => 0,
         }
     }
@@ -307,11 +335,18 @@ impl fmt::Display for Request {
             Op::Trim { topic, .. } => write!(f, "trim {topic}"),
             Op::Effects(e) => write!(
                 f,
-                "effects of {} ({} outputs, {} state changes)",
+                "effects of {} ({} outputs, {} to other groups, {} state changes)",
                 e.function,
                 e.outputs.len(),
+                e.outbox.len(),
                 e.state.len()
             ),
+            Op::Deliver {
+                producer,
+                seq,
+                event,
+            } => write!(f, "deliver {producer} #{seq} to {}", event.topic),
+            Op::OutboxTrim { producer, upto } => write!(f, "trim outbox {producer} to #{upto}"),
         }
     }
 }
@@ -322,7 +357,8 @@ pub struct Response {
     /// The index of the log entry that applied the request (for a duplicate, of the entry
     /// that applied it the first time).
     pub index: u64,
-    /// Whether this request id had been applied before, so this proposal changed nothing.
+    /// Whether this request id had been applied before, or (for [`Op::Deliver`]) the
+    /// producer's sequence number had, so this proposal changed nothing.
     pub duplicate: bool,
     /// The value the key had before.
     pub previous: Option<Vec<u8>>,

@@ -18,7 +18,7 @@
 
 use crate::functions::{Functions, FunctionsError};
 use crate::pubsub::Qos0Hub;
-use canal_consensus::functions::{CursorMove, Effects};
+use canal_consensus::functions::{CursorMove, Effects, Outbound};
 use canal_consensus::topics::PublishOp;
 use canal_consensus::{ChangeWatch, ClientError, GroupId, Op, StateMachine, Transport, Wake};
 use canal_dht::DhtHandle;
@@ -350,8 +350,10 @@ impl Chain {
         }
     }
 
-    /// Takes `plan` as committed (it is proposed next) and returns its entry's op.
-    fn advance(&mut self, function: &str, plan: Plan) -> Op {
+    /// Takes `plan` as committed (it is proposed next) and returns its entry's op: the
+    /// outputs for topics of `group` (the function's) are appended there; the others go to
+    /// the group's outbox, for the relay ([`crate::outbox`]) to deliver.
+    fn advance(&mut self, function: &str, group: GroupId, routes: &Routes, plan: Plan) -> Op {
         for c in &plan.cursors {
             self.cursors.insert(c.topic.clone(), Some(c.next));
         }
@@ -362,12 +364,14 @@ impl Chain {
         }
         self.overlay.extend(plan.state.clone());
         self.overlay_bytes = state_cost(&self.overlay);
+        let (outputs, outbox) = routes.split(function, group, plan.outputs);
         Op::Effects(Effects {
             function: function.to_string(),
             cursors: plan.cursors,
             state_version: Some(expected),
             state: plan.state.into_iter().collect(),
-            outputs: plan.outputs,
+            outputs,
+            outbox,
         })
     }
 }
@@ -433,6 +437,69 @@ pub struct Executor<T: Transport> {
     pub metrics: ExecMetrics,
     /// Each QoS 1 trigger's events waiting here, by trigger uid.
     pub backlog: std::sync::Mutex<HashMap<String, u64>>,
+    /// Which group holds each output's topic.
+    pub routes: Routes,
+}
+
+/// Which group holds an output's topic, as the executor sees it:
+/// [`canal_consensus::group_of`], unless a test put another answer in front of it (so a test
+/// can put a function's outputs in another group than the function without changing
+/// routing's answers).
+#[derive(Clone, Default)]
+pub struct Routes {
+    #[cfg(test)]
+    outputs: Option<Arc<OutputGroups>>,
+}
+
+/// A test's answer to which group holds a topic (`None`: routing's answer).
+#[cfg(test)]
+type OutputGroups = dyn Fn(&str) -> Option<GroupId> + Send + Sync;
+
+impl Routes {
+    /// Routes where `groups` answers first, for the topics it names.
+    #[cfg(test)]
+    pub(crate) fn with_outputs(
+        groups: impl Fn(&str) -> Option<GroupId> + Send + Sync + 'static,
+    ) -> Routes {
+        Routes {
+            outputs: Some(Arc::new(groups)),
+        }
+    }
+
+    /// The group that holds `topic`'s log.
+    pub fn group_of(&self, topic: &str) -> GroupId {
+        #[cfg(test)]
+        if let Some(g) = self.outputs.as_ref().and_then(|f| f(topic)) {
+            return g;
+        }
+        canal_consensus::group_of(topic)
+    }
+
+    /// Splits the outputs of `function`, committed in `group`: those whose topic `group`
+    /// holds, in order, and the others as outbox entries, in order, under the producer of
+    /// their target group.
+    pub fn split(
+        &self,
+        function: &str,
+        group: GroupId,
+        outputs: Vec<PublishOp>,
+    ) -> (Vec<PublishOp>, Vec<Outbound>) {
+        let mut here = Vec::new();
+        let mut away = Vec::new();
+        for event in outputs {
+            let target = self.group_of(&event.topic);
+            if target == group {
+                here.push(event);
+            } else {
+                away.push(Outbound {
+                    producer: canal_consensus::functions::producer_id(group, function, target),
+                    target,
+                    event,
+                });
+            }
+        }
+        (here, away)
+    }
 }
 
 fn log_lines(function: &str, inv: &Invocation) {
@@ -967,7 +1034,7 @@ impl<T: Transport> Executor<T> {
             };
             topics = Some(plan.cursors.iter().map(|c| c.topic.clone()).collect());
             let stateful = !plan.state.is_empty();
-            let op = chain.advance(&run.function.name, plan);
+            let op = chain.advance(&run.function.name, group, &self.routes, plan);
             // Proposed here, in order: steps in flight reach the log in the order planned.
             let answer = self
                 .functions
@@ -1438,6 +1505,7 @@ impl<T: Transport> Executor<T> {
                 state_version: None,
                 state: inv.state.into_iter().collect(),
                 outputs: Vec::new(),
+                outbox: Vec::new(),
             };
             self.functions
                 .consensus
@@ -1660,6 +1728,7 @@ mod tests {
                 state_version: Some(u64::MAX),
                 state: state.into_iter().collect(),
                 outputs,
+                outbox: Vec::new(),
             };
             let req = Request {
                 id: Some(g.text(300)),
@@ -1771,6 +1840,7 @@ mod tests {
             dht: dht.handle(),
             metrics: ExecMetrics::register(&mut Registry::default()),
             backlog: Default::default(),
+            routes: Routes::default(),
         }
     }
 
@@ -1884,6 +1954,7 @@ mod tests {
                 payload: b"HELLO 0".to_vec(),
                 retention: canal_proto::settings::Retention::default(),
             }],
+            outbox: Vec::new(),
         };
         let r = f
             .consensus
@@ -2016,6 +2087,7 @@ mod tests {
                     state_version: None,
                     state: vec![("count/k".into(), Some(b"1000".to_vec()))],
                     outputs: Vec::new(),
+                    outbox: Vec::new(),
                 };
                 f.consensus
                     .write_op(group, Op::Effects(rival))
@@ -2156,6 +2228,150 @@ mod tests {
         job.wait().await;
         assert_eq!(job.work().await, Flow::Continue);
         assert_eq!(exec.metrics.qos0_skipped.get(), extra as u64);
+        dht.shutdown().await;
+        cluster.shutdown().await;
+    }
+
+    /// A trigger whose function commits in group A and whose output topic lives in group B
+    /// (routes only this test sets; routing's answers are unchanged): the outputs wait in
+    /// A's outbox and the relay delivers them to B. The first relays never trim (as if each
+    /// crashed after every delivery) and are killed mid-stream; more events come while no
+    /// relay runs; fresh relays re-send from the outbox and B applies every output once, in
+    /// order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn outputs_for_another_group_land_there_once_across_relay_restarts() {
+        use crate::outbox::{OutboxMetrics, OutboxRelay};
+        use crate::testkit::{self, Cluster, FixedPeers};
+        let cluster = Cluster::formed(3).await;
+        let a = canal_consensus::group_of_function("up");
+        let b = GroupId(7);
+        assert_ne!(a, b);
+        for m in &cluster.members {
+            m.consensus.open_group(b).await.unwrap();
+        }
+        let all = cluster
+            .members
+            .iter()
+            .map(|m| {
+                (
+                    m.consensus.node_id(),
+                    canal_consensus::RaftNode {
+                        peer_id: m.peer.to_base58(),
+                        addrs: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        cluster.members[0]
+            .consensus
+            .initialize_group(b, all)
+            .await
+            .unwrap();
+        cluster.leader(b).await;
+
+        let m = &cluster.members[0];
+        let f = testkit::functions(m, FixedPeers::of(&[m.peer]));
+        testkit::deploy(&f, "up", "uppercase").await;
+        let spec = f
+            .trigger_add(
+                "shout",
+                canal_proto::function::TriggerRequest {
+                    on: "in/#".into(),
+                    function: "up".into(),
+                    out: Some("out/loud".into()),
+                    qos: Some(1),
+                    retries: Some(0),
+                    dead_letter: None,
+                },
+            )
+            .await
+            .unwrap();
+        let sm_a = m.consensus.state_machine(a).unwrap();
+        let sm_b = m.consensus.state_machine(b).unwrap();
+        let dht = lone_mesh().await;
+        let mut exec = executor(f.clone(), &dht);
+        exec.routes = Routes::with_outputs(move |t| t.starts_with("out/").then_some(b));
+        let running = Arc::new(exec).spawn();
+        let producer = canal_consensus::functions::producer_id(a, "up", b);
+        let metrics = OutboxMetrics::default();
+        let relays = |trims: bool| -> Vec<WorkerHandle> {
+            cluster
+                .members
+                .iter()
+                .map(|m| {
+                    let r = OutboxRelay::new(m.consensus.clone(), metrics.clone());
+                    canal_worker::spawn(if trims { r } else { r.without_trims() })
+                })
+                .collect()
+        };
+        let delivered = |sm: &StateMachine| sm.producer_seq(&producer).unwrap().unwrap_or(0);
+        let outbox = |sm: &StateMachine| {
+            sm.outbox_producers()
+                .unwrap()
+                .into_iter()
+                .find(|(p, _)| p == &producer)
+                .map(|(_, m)| m)
+                .unwrap_or_default()
+        };
+
+        // The first wave, with relays that never trim; they are killed once some landed.
+        let first = relays(false);
+        for i in 0..20 {
+            publish(&f, "in/a", &format!("hello {i}")).await;
+        }
+        testkit::until("a first delivery", Duration::from_secs(20), || {
+            delivered(&sm_b) >= 1
+        })
+        .await;
+        for r in first {
+            r.shutdown(Duration::ZERO).await;
+        }
+        // The second wave while no relay runs: it waits in A's outbox.
+        for i in 20..40 {
+            publish(&f, "in/a", &format!("hello {i}")).await;
+        }
+        testkit::until("the trigger's commits", Duration::from_secs(20), || {
+            cursor(&sm_a, &spec.uid, "in/a") == Some(40)
+        })
+        .await;
+        let waiting = outbox(&sm_a);
+        assert_eq!(waiting.next, 41, "each output got one sequence number");
+        assert_eq!(waiting.first, 1, "nothing was trimmed");
+        assert!(delivered(&sm_b) < 40);
+        assert!(sm_a.topic_meta("out/loud").unwrap().is_none());
+
+        // Fresh relays start from the outbox: what landed already is answered as a
+        // duplicate, the rest lands once.
+        let second = relays(true);
+        testkit::until("every output in B", Duration::from_secs(30), || {
+            payloads(&sm_b, "out/loud").len() >= 40 && outbox(&sm_a).is_empty()
+        })
+        .await;
+        let want: Vec<String> = (0..40).map(|i| format!("HELLO {i}")).collect();
+        assert_eq!(payloads(&sm_b, "out/loud"), want);
+        assert_eq!(delivered(&sm_b), 40);
+        assert!(sm_a.topic_meta("out/loud").unwrap().is_none());
+        let label = vec![("group".to_string(), a.0.to_string())];
+        let dups = metrics.duplicates.get_or_create(&label).get();
+        let landed = metrics.delivered.get_or_create(&label).get();
+        assert!(dups >= 1, "the fresh relays re-sent what had landed");
+        assert_eq!(landed, 40, "each output applied once");
+        // Every replica of B holds the same.
+        testkit::until("B's replicas", Duration::from_secs(20), || {
+            cluster.members.iter().all(|m| {
+                let sm = m.consensus.state_machine(b).unwrap();
+                payloads(&sm, "out/loud").len() == 40
+            })
+        })
+        .await;
+        for m in &cluster.members {
+            let sm = m.consensus.state_machine(b).unwrap();
+            assert_eq!(payloads(&sm, "out/loud"), want);
+        }
+        for r in second {
+            r.shutdown(Duration::from_secs(5)).await;
+        }
+        running.shutdown(Duration::from_secs(10)).await;
         dht.shutdown().await;
         cluster.shutdown().await;
     }

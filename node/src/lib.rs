@@ -19,6 +19,8 @@
 //!     triggers; function state. Typed requests in, [`functions::FunctionsError`] out.
 //!   - [`executor`]: runs triggers' functions on their events, with exactly-once effects
 //!     for QoS 1 triggers.
+//!   - [`outbox`]: the outbox relay: delivers the outputs a function's group kept for
+//!     topics of other groups, exactly once (idempotent-producer sequences).
 //!   - [`placement`]: placement decisions as the metadata group holds them (read, decide,
 //!     commit) and the peers they are made from ([`placement::PeerSource`]).
 //!   - [`placer`]: the placement job (decides on the data group's leader, reports
@@ -52,6 +54,7 @@ pub mod executor;
 pub mod functions;
 pub mod http;
 pub mod identity;
+pub mod outbox;
 pub mod placement;
 pub mod placer;
 pub mod pubsub;
@@ -169,6 +172,7 @@ pub struct Node {
     consensus: Consensus<NodeTransport>,
     membership: canal_worker::WorkerHandle,
     executor: executor::ExecutorHandle,
+    outbox_relay: canal_worker::WorkerHandle,
     trimmer: canal_worker::WorkerHandle,
     placer: canal_worker::WorkerHandle,
     shard_map: canal_worker::WorkerHandle,
@@ -387,8 +391,13 @@ impl Node {
             qos0: qos0.clone(),
             metrics: exec_metrics,
             backlog: Default::default(),
+            routes: Default::default(),
         })
         .spawn();
+        let outbox_relay = outbox::spawn(
+            consensus.clone(),
+            outbox::OutboxMetrics::register(&mut registry),
+        );
         let trimmer = canal_worker::spawn(canal_pubsub::trim::Trimmer::new(consensus.clone()));
         let placer = placer::spawn(functions.clone());
         let shard_map = canal_worker::spawn(shard_map::ShardMapJob::new(
@@ -498,6 +507,7 @@ impl Node {
             consensus,
             membership,
             executor,
+            outbox_relay,
             trimmer,
             placer,
             shard_map,
@@ -549,7 +559,8 @@ impl Node {
                     self.shard_map,
                     self.raft_links,
                     self.trimmer,
-                    self.token_job
+                    self.token_job,
+                    self.outbox_relay
                 ],
                 JOB_SHUTDOWN
             ),

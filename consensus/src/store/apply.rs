@@ -3,7 +3,7 @@
 use super::overlay::Writes;
 use super::state::StateMachine;
 use super::*;
-use crate::functions::Effects;
+use crate::functions::{Effects, MAX_OUTBOX_ENTRIES, OutboxEntry};
 use crate::keys;
 use crate::topics::{PublishOp, StoredEvent, TopicMeta};
 use crate::types::{InternalKey, Op, Proposal, Request, Response, TypeConfig};
@@ -54,7 +54,20 @@ fn apply_request(
         first.duplicate = true;
         return Ok(first);
     }
-    let (previous, refused, offset) = apply_op(w, now, op)?;
+    let (previous, refused, offset, duplicate) = match op {
+        Op::Deliver {
+            producer,
+            seq,
+            event,
+        } => {
+            let (duplicate, refused, offset) = apply_deliver(w, now, &producer, seq, event)?;
+            (None, refused, offset, duplicate)
+        }
+        op => {
+            let (previous, refused, offset) = apply_op(w, now, op)?;
+            (previous, refused, offset, false)
+        }
+    };
     if let (Some(window), Some(id)) = (dedup_window, &id) {
         w.set_record(
             &keys::DEDUP,
@@ -64,7 +77,7 @@ fn apply_request(
     }
     let reply = Response {
         index,
-        duplicate: false,
+        duplicate,
         previous,
         refused,
         offset,
@@ -226,6 +239,14 @@ fn apply_op(w: &mut Writes<'_>, now: u64, op: crate::types::Op) -> Result<Applie
         }
         // A batch is unpacked by `apply`; one inside another is not a thing clients send.
         Op::Batch(_) => refuse("a batch cannot hold a batch".into()),
+        // Answered with a duplicate flag, so `apply_request` applies it itself.
+        Op::Deliver { .. } => refuse("a delivery is applied on its own".into()),
+        Op::OutboxTrim { producer, upto } => {
+            if let Some(why) = name_refusal("producer", &producer) {
+                return refuse(why);
+            }
+            apply_outbox_trim(w, &producer, upto)
+        }
     }
 }
 
@@ -393,9 +414,33 @@ fn apply_effects(w: &mut Writes<'_>, fx: Effects, now: u64) -> Result<Applied, S
                 })
             })
         })
-        .or_else(|| fx.outputs.iter().find_map(|o| topic_refusal(&o.topic)));
+        .or_else(|| fx.outputs.iter().find_map(|o| topic_refusal(&o.topic)))
+        .or_else(|| {
+            fx.outbox.iter().find_map(|o| {
+                name_refusal("producer", &o.producer).or_else(|| topic_refusal(&o.event.topic))
+            })
+        });
     if let Some(why) = refusal {
         return Ok((None, Some(why), None));
+    }
+    // The whole entry is refused if one outbox would pass its limit, before anything is
+    // written: the cursor stays, and the step runs again once the relay has caught up.
+    let mut adding: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+    for o in &fx.outbox {
+        *adding.entry(o.producer.as_str()).or_default() += 1;
+    }
+    for (producer, n) in &adding {
+        let meta = w.record(&keys::OUTBOX_META, producer)?.unwrap_or_default();
+        if meta.len().saturating_add(*n) > MAX_OUTBOX_ENTRIES {
+            return Ok((
+                None,
+                Some(format!(
+                    "the outbox of producer {producer} holds {} entries and {n} more would pass its limit of {MAX_OUTBOX_ENTRIES} (MAX_OUTBOX_ENTRIES): the relay has not delivered them yet",
+                    meta.len()
+                )),
+                None,
+            ));
+        }
     }
     for c in &fx.cursors {
         let now = w.record(&keys::TRIGGER_CURSORS, (&c.trigger_uid, &c.topic))?;
@@ -433,6 +478,18 @@ fn apply_effects(w: &mut Writes<'_>, fx: Effects, now: u64) -> Result<Applied, S
     for out in fx.outputs {
         last = Some(append_event(w, out, now)?);
     }
+    for o in fx.outbox {
+        let mut meta = w
+            .record(&keys::OUTBOX_META, &o.producer)?
+            .unwrap_or_default();
+        let entry = OutboxEntry {
+            target: o.target,
+            event: o.event,
+        };
+        w.set_record(&keys::OUTBOX, (&o.producer, meta.next), Some(&entry))?;
+        meta.next += 1;
+        w.set_record(&keys::OUTBOX_META, &o.producer, Some(&meta))?;
+    }
     for c in fx.cursors {
         w.set_record(
             &keys::TRIGGER_CURSORS,
@@ -442,6 +499,66 @@ fn apply_effects(w: &mut Writes<'_>, fx: Effects, now: u64) -> Result<Applied, S
         w.touch(&c.topic);
     }
     Ok((None, None, last))
+}
+
+/// Applies delivery `seq` of `producer` at time `now`: appends the event once, in sequence
+/// order. Returns whether it was a duplicate (at or below the last sequence number applied:
+/// nothing changes, and it is success), why it was refused (a gap, a bad name), and the
+/// event's offset.
+fn apply_deliver(
+    w: &mut Writes<'_>,
+    now: u64,
+    producer: &str,
+    seq: u64,
+    event: PublishOp,
+) -> Result<(bool, Option<String>, Option<u64>), String> {
+    if let Some(why) = name_refusal("producer", producer).or_else(|| topic_refusal(&event.topic)) {
+        return Ok((false, Some(why), None));
+    }
+    if seq == 0 {
+        return Ok((
+            false,
+            Some(format!(
+                "delivery #0 of producer {producer} is refused: sequence numbers start at 1"
+            )),
+            None,
+        ));
+    }
+    let last = w.record(&keys::PRODUCER_SEQS, producer)?.unwrap_or(0);
+    if seq <= last {
+        return Ok((true, None, None));
+    }
+    if seq > last + 1 {
+        return Ok((
+            false,
+            Some(format!(
+                "delivery #{seq} of producer {producer} is refused as a gap: the last applied is #{last}, so only #{} comes next",
+                last + 1
+            )),
+            None,
+        ));
+    }
+    let offset = append_event(w, event, now)?;
+    w.set_record(&keys::PRODUCER_SEQS, producer, Some(&seq))?;
+    Ok((false, None, Some(offset)))
+}
+
+/// Removes `producer`'s outbox entries up to `upto`, never past the last sequence number
+/// handed out (so a trim cannot skip a later entry); the reply's offset is the oldest
+/// sequence number kept.
+fn apply_outbox_trim(w: &mut Writes<'_>, producer: &str, upto: u64) -> Result<Applied, String> {
+    let Some(mut meta) = w.record(&keys::OUTBOX_META, producer)? else {
+        return Ok((None, None, Some(1)));
+    };
+    let end = upto.min(meta.next.saturating_sub(1));
+    if end >= meta.first {
+        for seq in meta.first..=end {
+            w.set_record(&keys::OUTBOX, (producer, seq), None)?;
+        }
+        meta.first = end + 1;
+        w.set_record(&keys::OUTBOX_META, producer, Some(&meta))?;
+    }
+    Ok((None, None, Some(meta.first)))
 }
 
 /// `previous + delta`, as decimal text; a missing value counts as 0.

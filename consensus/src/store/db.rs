@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 // 3: entries carry the leader's stamp (Proposal), internal records moved (the removed-peer
-// tombstone), dedup keys hold expiries. Older databases are refused, naming both formats.
-const FORMAT: &[u8] = b"canal-raft/4";
+// tombstone), dedup keys hold expiries. 5: Effects entries carry an outbox, new ops Deliver
+// and OutboxTrim, outbox and producer-sequence tables. Older databases are refused, naming
+// both formats.
+const FORMAT: &[u8] = b"canal-raft/5";
 
 /// The node's Raft database: every group's log and state machine.
 #[derive(Clone)]

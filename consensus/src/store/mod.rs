@@ -8,7 +8,7 @@
 //! - `snapshot`: what a snapshot holds, and how it is built, stored and installed.
 //!
 //! ```text
-//!   canal            format marker ("canal-raft/4")
+//!   canal            format marker ("canal-raft/5")
 //!   g{N}.log         log index (u64, big-endian) -> entry
 //!   g{N}.meta        "vote", "committed", "purged"
 //!   g{N}.sm          "d/{key}" -> value, "r/{request id}" -> response,
@@ -185,6 +185,8 @@ fn request_key(id: &str) -> Vec<u8> {
     format!("r/{id}").into_bytes()
 }
 
+#[cfg(test)]
+mod outbox_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]

@@ -121,6 +121,14 @@ enum Step {
         name: u8,
         delete: bool,
     },
+    /// A delivery of one producer's sequence number (small, so repeats and gaps happen).
+    Deliver {
+        seq: u8,
+    },
+    /// A trim of the outbox the effects fill.
+    OutboxTrim {
+        upto: u8,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -161,6 +169,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0u8..5, any::<bool>()).prop_map(|(key, internal)| Step::Put { key, internal }),
         1 => (0u8..5).prop_map(|key| Step::Add { key }),
         1 => (0u8..3, any::<bool>()).prop_map(|(name, delete)| Step::Internal { name, delete }),
+        1 => (0u8..12).prop_map(|seq| Step::Deliver { seq }),
+        1 => (0u8..12).prop_map(|upto| Step::OutboxTrim { upto }),
     ]
 }
 
@@ -244,7 +254,39 @@ fn request(n: usize, s: &Step) -> Request {
                         ..Retention::default()
                     },
                 }],
+                outbox: vec![crate::functions::Outbound {
+                    producer: "1:f:2".into(),
+                    target: GroupId(2),
+                    event: PublishOp {
+                        topic: format!("far/{output_topic}"),
+                        id: None,
+                        headers: Vec::new(),
+                        payload: vec![*key],
+                        retention: Retention::default(),
+                    },
+                }],
             }),
+        },
+        Step::Deliver { seq } => Request {
+            id: None,
+            op: Op::Deliver {
+                producer: "2:g:1".into(),
+                seq: u64::from(*seq),
+                event: PublishOp {
+                    topic: "in/far".into(),
+                    id: None,
+                    headers: Vec::new(),
+                    payload: vec![*seq],
+                    retention: Retention::default(),
+                },
+            },
+        },
+        Step::OutboxTrim { upto } => Request {
+            id: None,
+            op: Op::OutboxTrim {
+                producer: "1:f:2".into(),
+                upto: u64::from(*upto),
+            },
         },
         Step::Put { key, internal } => Request {
             id: Some(format!("put-{n}")),

@@ -218,6 +218,51 @@ impl StateMachine {
         self.record(&keys::TRIGGER_CURSORS, (trigger_uid, topic))
     }
 
+    /// Every producer with an outbox in this group (as the source), and where it stands.
+    pub fn outbox_producers(
+        &self,
+    ) -> Result<Vec<(String, crate::functions::OutboxMeta)>, ReadError> {
+        self.scan_table(&keys::OUTBOX_META)
+    }
+
+    /// Up to `limit` outbox entries of `producer` from sequence number `from` on, in
+    /// sequence order, with their sequence numbers.
+    pub fn outbox(
+        &self,
+        producer: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, crate::functions::OutboxEntry)>, ReadError> {
+        let table = &keys::OUTBOX;
+        let start = data_key(&table.key((producer, from)));
+        let prefix = data_key(&table.prefix_of(producer));
+        let mut out = Vec::new();
+        for item in self.sm.range(start..) {
+            let (k, v) = item.map_err(|e| ReadError::io(table.what(), e))?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            let raw = String::from_utf8_lossy(&k[2..]);
+            let (_, seq) = table.parse(&raw).ok_or_else(|| ReadError::ForeignKey {
+                what: table.what(),
+                key: raw.to_string(),
+            })?;
+            out.push((
+                seq,
+                table
+                    .decode(&v)
+                    .map_err(|e| ReadError::damaged(table.what(), &raw, e))?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The last sequence number of `producer` delivered to this group (as the target), if
+    /// any was.
+    pub fn producer_seq(&self, producer: &str) -> Result<Option<u64>, ReadError> {
+        self.record(&keys::PRODUCER_SEQS, producer)
+    }
+
     /// The last log id applied on this node.
     pub fn applied(&self) -> Result<Option<LogId<NodeId>>, ReadError> {
         match self

@@ -295,6 +295,7 @@ fn typed_reads_see_only_their_own_records() {
                 state_version: None,
                 state: vec![(key.into(), Some(function.as_bytes().to_vec()))],
                 outputs: Vec::new(),
+                outbox: Vec::new(),
             }),
         };
         let settings = canal_proto::settings::TopicSettings {
@@ -478,6 +479,7 @@ fn effects_over_several_topics_apply_whole_or_not_at_all() {
                             payload: vec![i as u8],
                             retention: Default::default(),
                         }],
+                        outbox: Vec::new(),
                     }),
                 },
             )
