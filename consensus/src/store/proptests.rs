@@ -663,11 +663,38 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
         requests: vec![("r1".into(), response.clone())],
         clock: 1_700_000_000_000,
     };
+    let outbox = crate::functions::OutboxEntry {
+        target: GroupId(2),
+        event: PublishOp {
+            topic: "t/x".into(),
+            id: Some("id".into()),
+            headers: vec![("k".into(), "v".into())],
+            payload: b"hello".to_vec(),
+            retention: Retention::default(),
+        },
+    };
+    let deliver = crate::types::Proposal {
+        time_ms: 5,
+        request: Request {
+            id: None,
+            op: Op::Deliver {
+                producer: "1:f:2".into(),
+                seq: 3,
+                event: outbox.event.clone(),
+            },
+        },
+    };
     vec![
         ("event", enc(&event).unwrap()),
         ("meta", enc(&meta).unwrap()),
         ("response", enc(&response).unwrap()),
         ("snapshot", enc(&snapshot).unwrap()),
+        ("outbox", enc(&outbox).unwrap()),
+        (
+            "outbox-meta",
+            enc(&crate::functions::OutboxMeta { first: 2, next: 9 }).unwrap(),
+        ),
+        ("proposal", enc(&deliver).unwrap()),
     ]
 }
 
@@ -679,6 +706,9 @@ fn decode_as(kind: &str, bytes: &[u8]) -> (bool, usize) {
         "event" => dec::<crate::topics::StoredEvent>(bytes).is_ok(),
         "meta" => dec::<crate::topics::TopicMeta>(bytes).is_ok(),
         "response" => dec::<Response>(bytes).is_ok(),
+        "outbox" => crate::keys::OUTBOX.decode(bytes).is_ok(),
+        "outbox-meta" => crate::keys::OUTBOX_META.decode(bytes).is_ok(),
+        "proposal" => dec::<crate::types::Proposal>(bytes).is_ok(),
         _ => decode_snapshot(bytes).is_ok(),
     };
     (ok, LARGEST.with(|m| m.get()))
@@ -693,11 +723,19 @@ fn allowed(len: usize) -> usize {
 
 #[test]
 fn stored_formats_refuse_random_bytes_without_big_allocations() {
-    let kinds = ["event", "meta", "response", "snapshot"];
+    let kinds = [
+        "event",
+        "meta",
+        "response",
+        "snapshot",
+        "outbox",
+        "outbox-meta",
+        "proposal",
+    ];
     run_seeded(
         2,
         4096,
-        (0usize..4, proptest::collection::vec(any::<u8>(), 0..64)),
+        (0..kinds.len(), proptest::collection::vec(any::<u8>(), 0..64)),
         |(k, mut bytes)| {
             // Half the cases carry the right version byte, so the body is what is tested.
             if bytes.len() > 1 && bytes[0] % 2 == 0 {
