@@ -735,7 +735,10 @@ fn stored_formats_refuse_random_bytes_without_big_allocations() {
     run_seeded(
         2,
         4096,
-        (0..kinds.len(), proptest::collection::vec(any::<u8>(), 0..64)),
+        (
+            0..kinds.len(),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        ),
         |(k, mut bytes)| {
             // Half the cases carry the right version byte, so the body is what is tested.
             if bytes.len() > 1 && bytes[0] % 2 == 0 {
