@@ -94,6 +94,9 @@ pub struct OutboxRelay<T: Transport> {
     /// last this relay heard delivered. Forgotten when this node stops leading the group.
     next: HashMap<(GroupId, String), u64>,
     tick: tokio::time::Interval,
+    /// Per group, the applied index at which its outboxes were all empty: until the group
+    /// applies more, there is nothing to look at (an idle group costs one watch read).
+    idle: HashMap<GroupId, u64>,
     /// The groups whose `canal_outbox_entries` this node set while it led them.
     reported: std::collections::BTreeSet<GroupId>,
     /// Whether it trims after a delivery (tests turn it off to act out a relay that always
@@ -108,6 +111,7 @@ impl<T: Transport> OutboxRelay<T> {
             consensus,
             metrics,
             next: HashMap::new(),
+            idle: HashMap::new(),
             reported: Default::default(),
             tick: canal_worker::ticker(RELAY_EVERY),
             trims: true,
@@ -121,13 +125,14 @@ impl<T: Transport> OutboxRelay<T> {
         self
     }
 
-    /// One pass over the outboxes of group `g`, which this node leads.
-    async fn relay_group(&mut self, g: GroupId, sm: &StateMachine) {
+    /// One pass over the outboxes of group `g`, which this node leads; true when they were
+    /// all empty.
+    async fn relay_group(&mut self, g: GroupId, sm: &StateMachine) -> bool {
         let producers = match sm.outbox_producers() {
             Ok(p) => p,
             Err(e) => {
                 warn!(group = %g, error = %e, "cannot read the outboxes");
-                return;
+                return false;
             }
         };
         let waiting: u64 = producers.iter().map(|(_, m)| m.len()).sum();
@@ -140,6 +145,7 @@ impl<T: Transport> OutboxRelay<T> {
                 self.deliver(g, sm, &producer, meta).await;
             }
         }
+        waiting == 0
     }
 
     /// Delivers the next entries of `producer`'s outbox in group `g` as one entry of their
@@ -269,6 +275,7 @@ impl<T: Transport> canal_worker::Worker for OutboxRelay<T> {
             .collect();
         // What a group's relay knew is stale once another node led it.
         self.next.retain(|(g, _), _| led.contains(g));
+        self.idle.retain(|g, _| led.contains(g));
         // Another node reports the outboxes of the groups it leads now.
         for g in std::mem::take(&mut self.reported) {
             if !led.contains(&g) {
@@ -277,9 +284,22 @@ impl<T: Transport> canal_worker::Worker for OutboxRelay<T> {
         }
         self.reported.extend(led.iter().copied());
         for g in led {
-            match self.consensus.state_machine(g) {
-                Ok(sm) => self.relay_group(g, &sm).await,
-                Err(e) => debug!(group = %g, error = %e, "no state machine"),
+            let sm = match self.consensus.state_machine(g) {
+                Ok(sm) => sm,
+                Err(e) => {
+                    debug!(group = %g, error = %e, "no state machine");
+                    continue;
+                }
+            };
+            // Read before the scan: anything applied after it moves the index.
+            let applied = *sm.watch_applied().borrow();
+            if self.idle.get(&g) == Some(&applied) {
+                continue;
+            }
+            if self.relay_group(g, &sm).await {
+                self.idle.insert(g, applied);
+            } else {
+                self.idle.remove(&g);
             }
         }
         canal_worker::Flow::Continue
