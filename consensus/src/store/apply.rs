@@ -423,25 +423,6 @@ fn apply_effects(w: &mut Writes<'_>, fx: Effects, now: u64) -> Result<Applied, S
     if let Some(why) = refusal {
         return Ok((None, Some(why), None));
     }
-    // The whole entry is refused if one outbox would pass its limit, before anything is
-    // written: the cursor stays, and the step runs again once the relay has caught up.
-    let mut adding: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
-    for o in &fx.outbox {
-        *adding.entry(o.producer.as_str()).or_default() += 1;
-    }
-    for (producer, n) in &adding {
-        let meta = w.record(&keys::OUTBOX_META, producer)?.unwrap_or_default();
-        if meta.len().saturating_add(*n) > MAX_OUTBOX_ENTRIES {
-            return Ok((
-                None,
-                Some(format!(
-                    "the outbox of producer {producer} holds {} entries and {n} more would pass its limit of {MAX_OUTBOX_ENTRIES} (MAX_OUTBOX_ENTRIES): the relay has not delivered them yet",
-                    meta.len()
-                )),
-                None,
-            ));
-        }
-    }
     for c in &fx.cursors {
         let now = w.record(&keys::TRIGGER_CURSORS, (&c.trigger_uid, &c.topic))?;
         if now != c.expected {
@@ -467,6 +448,25 @@ fn apply_effects(w: &mut Writes<'_>, fx: Effects, now: u64) -> Result<Applied, S
             )),
             None,
         ));
+    }
+    // The whole entry is refused if one outbox would pass its limit, before anything is
+    // written: the cursor stays, and the step runs again once the relay has caught up.
+    let mut adding: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+    for o in &fx.outbox {
+        *adding.entry(o.producer.as_str()).or_default() += 1;
+    }
+    for (producer, n) in &adding {
+        let meta = w.record(&keys::OUTBOX_META, producer)?.unwrap_or_default();
+        if meta.len().saturating_add(*n) > MAX_OUTBOX_ENTRIES {
+            return Ok((
+                None,
+                Some(format!(
+                    "the outbox of producer {producer} holds {} entries and {n} more would pass its limit of {MAX_OUTBOX_ENTRIES} (MAX_OUTBOX_ENTRIES): the relay has not delivered them yet",
+                    meta.len()
+                )),
+                None,
+            ));
+        }
     }
     if !fx.state.is_empty() {
         for (k, v) in fx.state {
