@@ -2274,28 +2274,7 @@ mod tests {
         let a = canal_consensus::group_of_function("up");
         let b = GroupId(7);
         assert_ne!(a, b);
-        for m in &cluster.members {
-            m.consensus.open_group(b).await.unwrap();
-        }
-        let all = cluster
-            .members
-            .iter()
-            .map(|m| {
-                (
-                    m.consensus.node_id(),
-                    canal_consensus::RaftNode {
-                        peer_id: m.peer.to_base58(),
-                        addrs: Vec::new(),
-                    },
-                )
-            })
-            .collect();
-        cluster.members[0]
-            .consensus
-            .initialize_group(b, all)
-            .await
-            .unwrap();
-        cluster.leader(b).await;
+        cluster.add_group(b).await;
 
         let m = &cluster.members[0];
         let f = testkit::functions(m, FixedPeers::of(&[m.peer]));

@@ -115,6 +115,33 @@ impl Cluster {
         }
     }
 
+    /// Opens data group `g` on every member and forms it out of all of them (beside the
+    /// groups routing starts), once every member knows its leader.
+    pub(crate) async fn add_group(&self, g: GroupId) {
+        for m in &self.members {
+            m.consensus.open_group(g).await.expect("the group opens");
+        }
+        let all: BTreeMap<NodeId, RaftNode> = self
+            .members
+            .iter()
+            .map(|m| {
+                (
+                    m.consensus.node_id(),
+                    RaftNode {
+                        peer_id: m.peer.to_base58(),
+                        addrs: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        self.members[0]
+            .consensus
+            .initialize_group(g, all)
+            .await
+            .expect("the group forms");
+        self.leader(g).await;
+    }
+
     /// Stops every member.
     pub(crate) async fn shutdown(self) {
         for m in &self.members {
