@@ -91,7 +91,8 @@ pub struct OutboxRelay<T: Transport> {
     consensus: Consensus<T>,
     metrics: OutboxMetrics,
     /// Per source group and producer, the next sequence number to send: the one after the
-    /// last this relay heard delivered. Forgotten when this node stops leading the group.
+    /// last this relay heard delivered (set from answers only, so everything below it is
+    /// in the target). Forgotten when this node stops leading the group.
     next: HashMap<(GroupId, String), u64>,
     tick: tokio::time::Interval,
     /// Per group, the applied index at which its outboxes were all empty: until the group
@@ -215,7 +216,9 @@ impl<T: Transport> OutboxRelay<T> {
         };
         let answers = if one { vec![answer] } else { answer.batch };
         let label = group_label(g);
-        let mut acked = from - 1;
+        // Only what this answer says was applied is trimmed: never an entry the relay
+        // only believes delivered.
+        let mut heard = None;
         for (seq, a) in seqs.iter().zip(answers) {
             match a.refused {
                 None => {
@@ -224,7 +227,7 @@ impl<T: Transport> OutboxRelay<T> {
                     } else {
                         self.metrics.delivered.get_or_create(&label).inc();
                     }
-                    acked = *seq;
+                    heard = Some(*seq);
                 }
                 Some(why) => {
                     self.metrics.refused.get_or_create(&label).inc();
@@ -233,14 +236,20 @@ impl<T: Transport> OutboxRelay<T> {
                 }
             }
         }
-        if acked < from + seqs.len() as u64 - 1 {
-            // Refused part-way: start again from what the outbox holds.
-            self.next.remove(&key);
-        } else {
-            self.next.insert(key, acked + 1);
+        match heard {
+            Some(last) if Some(&last) == seqs.last() => {
+                self.next.insert(key, last + 1);
+            }
+            // Refused part-way (or not answered in full): start again from what the outbox
+            // holds.
+            _ => {
+                self.next.remove(&key);
+            }
         }
-        if self.trims && acked >= meta.first {
-            self.trim(g, producer, acked).await;
+        if let Some(last) = heard
+            && self.trims
+        {
+            self.trim(g, producer, last).await;
         }
     }
 
@@ -312,4 +321,85 @@ pub fn spawn<T: Transport>(
     metrics: OutboxMetrics,
 ) -> canal_worker::WorkerHandle {
     canal_worker::spawn(OutboxRelay::new(consensus, metrics))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use canal_consensus::functions::{Effects, Outbound, producer_id};
+    use canal_consensus::topics::PublishOp;
+    use canal_worker::Worker;
+
+    fn outputs(g: GroupId, far: GroupId, n: u8) -> Op {
+        Op::Effects(Effects {
+            function: "f".into(),
+            cursors: Vec::new(),
+            state_version: None,
+            state: Vec::new(),
+            outputs: Vec::new(),
+            outbox: (0..n)
+                .map(|i| Outbound {
+                    producer: producer_id(g, "f", far),
+                    target: far,
+                    event: PublishOp {
+                        topic: "out".into(),
+                        id: None,
+                        headers: Vec::new(),
+                        payload: vec![i],
+                        retention: Default::default(),
+                    },
+                })
+                .collect(),
+        })
+    }
+
+    /// A relay whose position is ahead of what the target applied (a stale one) is refused
+    /// as a gap, counts it, and starts again from the outbox; every entry lands once and the
+    /// outbox is trimmed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gap_is_refused_and_the_relay_starts_again_from_the_outbox() {
+        let cluster = crate::testkit::Cluster::formed(1).await;
+        let c = cluster.members[0].consensus.clone();
+        let a = canal_consensus::group_of_function("f");
+        let far = GroupId(9);
+        cluster.add_group(far).await;
+        assert_eq!(
+            c.write_op(a, outputs(a, far, 5)).await.unwrap().refused,
+            None
+        );
+        let producer = producer_id(a, "f", far);
+        let metrics = OutboxMetrics::default();
+        let mut relay = OutboxRelay::new(c.clone(), metrics.clone());
+        relay.next.insert((a, producer.clone()), 3);
+        let label = group_label(a);
+        assert_eq!(relay.work().await, canal_worker::Flow::Continue);
+        assert_eq!(metrics.refused.get_or_create(&label).get(), 1);
+        let b = c.state_machine(far).unwrap();
+        assert_eq!(b.producer_seq(&producer).unwrap(), None);
+        // Nothing was trimmed on the relay's belief alone.
+        let sm = c.state_machine(a).unwrap();
+        assert_eq!(sm.outbox(&producer, 0, 10).unwrap().len(), 5);
+        assert_eq!(metrics.entries.get_or_create(&label).get(), 5);
+        relay.work().await;
+        let meta = sm
+            .outbox_producers()
+            .unwrap()
+            .into_iter()
+            .find(|(p, _)| p == &producer)
+            .map(|(_, m)| m)
+            .unwrap_or_default();
+        assert!(meta.is_empty(), "{meta:?}");
+        let payloads: Vec<Vec<u8>> = b
+            .events("out", 0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.payload)
+            .collect();
+        assert_eq!(payloads, (0..5u8).map(|i| vec![i]).collect::<Vec<_>>());
+        assert_eq!(metrics.delivered.get_or_create(&label).get(), 5);
+        // Nothing left: the next pass finds the outbox empty and the gauge at 0.
+        relay.work().await;
+        assert_eq!(metrics.entries.get_or_create(&label).get(), 0);
+        cluster.shutdown().await;
+    }
 }
