@@ -363,17 +363,35 @@ async fn claim<T: Transport, L: Qos0Link>(
 /// newer connection's claim that comes in between is removed too; its connection then
 /// just sees no takeover, and the next CONNECT claims again).
 async fn release<T: Transport, L: Qos0Link>(mqtt: &Mqtt<T, L>, client: &str, tag: &str) {
+    remove_record_if::<_, _, records::Owner>(
+        mqtt,
+        client,
+        records::owner_key(client),
+        "owner",
+        |o| o.conn == tag,
+    )
+    .await;
+}
+
+/// Removes `client`'s session record `key` (a `what` record, decoding as `R`) if this
+/// replica's copy still passes `mine`.
+async fn remove_record_if<T: Transport, L: Qos0Link, R: serde::de::DeserializeOwned>(
+    mqtt: &Mqtt<T, L>,
+    client: &str,
+    key: String,
+    what: &str,
+    mine: impl Fn(&R) -> bool,
+) {
     let group = canal_consensus::group_of_subscription(client);
-    let key = records::owner_key(client);
-    let mine = mqtt
+    let still = mqtt
         .pubsub
         .consensus()
         .state_machine(group)
         .ok()
         .and_then(|sm| sm.record(&MQTT_SESSIONS, &key).ok().flatten())
-        .and_then(|b| records::decode::<records::Owner>(&b).ok())
-        .is_some_and(|o| o.conn == tag);
-    if !mine {
+        .and_then(|b| records::decode::<R>(&b).ok())
+        .is_some_and(|r| mine(&r));
+    if !still {
         return;
     }
     let r = mqtt
@@ -391,7 +409,7 @@ async fn release<T: Transport, L: Qos0Link>(mqtt: &Mqtt<T, L>, client: &str, tag
         )
         .await;
     if let Err(e) = r {
-        tracing::debug!(%client, error = %e, "MQTT owner record not removed");
+        tracing::debug!(%client, error = %e, "MQTT {what} record not removed");
     }
 }
 
@@ -1620,36 +1638,14 @@ async fn remove_will_record<T: Transport, L: Qos0Link>(
     if mqtt.nodes.is_none() {
         return;
     }
-    let group = canal_consensus::group_of_subscription(client);
-    let key = records::will_key(client);
-    let mine = mqtt
-        .pubsub
-        .consensus()
-        .state_machine(group)
-        .ok()
-        .and_then(|sm| sm.record(&MQTT_SESSIONS, &key).ok().flatten())
-        .and_then(|b| records::decode::<records::StoredWill>(&b).ok())
-        .is_some_and(|w| w.conn == conn);
-    if !mine {
-        return;
-    }
-    let r = mqtt
-        .pubsub
-        .consensus()
-        .write_batched(
-            group,
-            Request {
-                id: None,
-                op: Op::Internal {
-                    key: InternalKey::MqttSession(key),
-                    value: None,
-                },
-            },
-        )
-        .await;
-    if let Err(e) = r {
-        tracing::debug!(%client, error = %e, "MQTT will record not removed");
-    }
+    remove_record_if::<_, _, records::StoredWill>(
+        mqtt,
+        client,
+        records::will_key(client),
+        "will",
+        |w| w.conn == conn,
+    )
+    .await;
 }
 
 /// How often a keeper tries to publish a will it claimed.
