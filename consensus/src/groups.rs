@@ -1671,34 +1671,15 @@ impl<T: Transport> Consensus<T> {
     /// queued for the group at the same moment (group commit): for the many small writes of
     /// publishers, whose throughput is bounded by Raft round trips and log flushes.
     pub async fn write_batched(&self, g: GroupId, req: Request) -> Result<Response, ClientError> {
-        self.start_write_batched(g, req).await.await
-    }
-
-    /// Queues `req` for group `g`'s next batch, as [`Consensus::write_batched`] does, and
-    /// returns its answer to wait for later: the batcher proposes in queue order, so writes
-    /// started one after another reach the log in that order (while the leader stays), and
-    /// a caller may keep several in flight, sharing entries with whatever else is queued.
-    pub async fn start_write_batched(
-        &self,
-        g: GroupId,
-        req: Request,
-    ) -> futures::future::BoxFuture<'static, Result<Response, ClientError>> {
-        let queued = async {
-            check_entry_size(&req)?;
-            let queue = self.group(g)?.batcher.clone();
-            let (tx, rx) = oneshot::channel();
-            queue
-                .send((req, tx))
-                .await
-                .map_err(|_| other("the group is shutting down"))?;
-            Ok::<_, ClientError>(rx)
-        }
-        .await;
-        Box::pin(async move {
-            queued?
-                .await
-                .map_err(|_| other("the group shut down before the write was answered"))?
-        })
+        check_entry_size(&req)?;
+        let queue = self.group(g)?.batcher.clone();
+        let (tx, rx) = oneshot::channel();
+        queue
+            .send((req, tx))
+            .await
+            .map_err(|_| other("the group is shutting down"))?;
+        rx.await
+            .map_err(|_| other("the group shut down before the write was answered"))?
     }
 
     /// Reads client key `key`: linearizably through the leader's read index, or from this

@@ -1063,12 +1063,11 @@ impl<T: Transport> Executor<T> {
             topics = Some(plan.cursors.iter().map(|c| c.topic.clone()).collect());
             let stateful = !plan.state.is_empty();
             let op = chain.advance(&run.function.name, group, &self.routes, plan);
-            // Queued here, in order: steps in flight reach the log in the order planned, in
-            // the group's batches (with publishes and other steps: fewer entries to flush).
+            // Proposed here, in order: steps in flight reach the log in the order planned.
             let answer = self
                 .functions
                 .consensus
-                .start_write_batched(group, canal_consensus::Request { id: None, op })
+                .start_write(group, canal_consensus::Request { id: None, op })
                 .await;
             inflight.push_back((Committing(tokio::spawn(answer)), stateful));
             proposed += 1;
