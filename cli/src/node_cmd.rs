@@ -56,6 +56,11 @@ pub(crate) struct NodeArgs {
     /// what the config file turned on).
     #[arg(long, env = "CANAL_MDNS", num_args = 0..=1, default_missing_value = "true")]
     mdns: Option<bool>,
+    /// Host the shard groups of the committed shard map: `on` or `off` [default: off]. Off
+    /// by default for now: no data lives in shard groups yet (routing keeps every topic in
+    /// data group 1).
+    #[arg(long, env = "CANAL_SHARD_GROUPS", value_parser = ["on", "off"])]
+    shard_groups: Option<String>,
     /// How many voters each Raft group should have [default: 3].
     #[arg(long, env = "CANAL_VOTERS")]
     voters: Option<usize>,
@@ -174,6 +179,13 @@ impl NodeArgs {
         }
         if let Some(v) = self.shards {
             c.shards = v;
+        }
+        if let Some(v) = &self.shard_groups {
+            c.shard_groups = if v == "on" {
+                canal_node::config::OnOff::On
+            } else {
+                canal_node::config::OnOff::Off
+            };
         }
         if let Some(v) = self.voters {
             c.voters = v;

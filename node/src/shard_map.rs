@@ -301,6 +301,7 @@ pub fn view(
                         .entry(group)
                         .or_insert_with(|| group_leader(group))
                         .clone(),
+                    shard_group: None,
                 }
             })
             .collect(),

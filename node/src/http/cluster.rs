@@ -58,11 +58,15 @@ pub(super) async fn cluster_shards(State(st): State<ApiState>) -> axum::Json<Clu
                 .unwrap_or_else(|| format!("node {id}")),
         )
     };
-    axum::Json(crate::shard_map::view(
+    let mut view = crate::shard_map::view(
         crate::shard_map::committed(c).as_ref(),
         crate::shard_map::previous(c).as_ref(),
         &leader_of,
-    ))
+    );
+    for row in &mut view.rows {
+        row.shard_group = Some(crate::shard_groups::status(c, row.shard));
+    }
+    axum::Json(view)
 }
 
 pub(super) async fn cluster_digest(
