@@ -324,6 +324,38 @@ mod tests {
     }
 
     #[test]
+    fn shard_groups_are_off_by_default_and_on_from_the_file_or_the_flag() {
+        use canal_node::config::OnOff;
+        let plain = NodeArgs::default().merge().unwrap();
+        assert_eq!(plain.shard_groups, OnOff::Off);
+        assert!(!plain.validate().unwrap().shard_groups);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("canal.toml");
+        std::fs::write(&file, "shard_groups = \"on\"\n").unwrap();
+        let on = NodeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        assert!(on.merge().unwrap().validate().unwrap().shard_groups);
+        let off = NodeArgs {
+            config: Some(file.clone()),
+            shard_groups: Some("off".into()),
+            ..Default::default()
+        };
+        assert_eq!(off.merge().unwrap().shard_groups, OnOff::Off);
+        std::fs::write(&file, "shard_groups = \"yes\"\n").unwrap();
+        let bad = NodeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        let e = bad.merge().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.contains("shard_groups = \"yes\"") && e.contains("expected `on` or `off`"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_malformed_file_names_itself() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("canal.toml");
