@@ -323,14 +323,14 @@ pub enum Peer {
 }
 
 /// Whether a group may be formed by its first replica, given what the `others` of its
-/// `replicas` replicas said: none has a membership, and with this node a majority of the
-/// replicas host it empty (so the new group can elect).
-pub fn may_form(replicas: usize, others: &[Peer]) -> bool {
+/// `replicas` replicas said and what the replicas of the previous map that are no replicas
+/// now (`earlier`) said: none has a membership (a group of the shard exists: it adds this
+/// node instead), and with this node a majority of the replicas host it empty (so the new
+/// group can elect).
+pub fn may_form(replicas: usize, others: &[Peer], earlier: &[Peer]) -> bool {
+    let formed = |p: &Peer| matches!(p, Peer::Member | Peer::LeftOut);
     let empty = others.iter().filter(|p| **p == Peer::Empty).count();
-    !others
-        .iter()
-        .any(|p| matches!(p, Peer::Member | Peer::LeftOut))
-        && empty + 1 > replicas / 2
+    !others.iter().chain(earlier).any(formed) && empty + 1 > replicas / 2
 }
 
 /// Whether this node, no replica of a group but still a member in its own view, is removed:
@@ -384,16 +384,24 @@ impl<T: Transport> ShardGroupsJob<T> {
         futures::future::join_all(asks).await
     }
 
-    /// Takes `action` for shard group `g`; `true` if it counted against the round's
-    /// changes.
-    async fn take(&self, g: GroupId, action: Action, nodes: &BTreeMap<NodeId, RaftNode>) -> bool {
+    /// Takes `action` for shard group `g`, whose replicas in the previous map were
+    /// `earlier`; `true` if it counted against the round's changes.
+    async fn take(
+        &self,
+        g: GroupId,
+        action: Action,
+        earlier: &[NodeId],
+        nodes: &BTreeMap<NodeId, RaftNode>,
+    ) -> bool {
         let c = &self.consensus;
         let (step, result) = match action {
             Action::Nothing | Action::Open | Action::Wait(_) => return false,
             Action::Form(voters) => {
                 let others = self.ask_all(g, voters.iter().copied(), nodes).await;
-                if !may_form(voters.len(), &others) {
-                    debug!(group = %g, ?others, "not forming the shard group: another replica has one, or too few host it yet");
+                let gone = earlier.iter().filter(|e| !voters.contains(e)).copied();
+                let before = self.ask_all(g, gone, nodes).await;
+                if !may_form(voters.len(), &others, &before) {
+                    debug!(group = %g, ?others, ?before, "not forming the shard group: a replica has one, or too few host it yet");
                     return true;
                 }
                 let members: Option<BTreeMap<NodeId, RaftNode>> = voters
@@ -458,10 +466,8 @@ impl<T: Transport> ShardGroupsJob<T> {
             .iter()
             .map(|(id, n)| (n.peer_id.as_str(), *id))
             .collect();
-        let mut wanted: BTreeMap<GroupId, Vec<NodeId>> = BTreeMap::new();
-        for a in &map.assignments {
-            let ids = a
-                .replicas
+        let ids_of = |replicas: &[String]| -> Vec<NodeId> {
+            replicas
                 .iter()
                 .filter_map(|p| match by_peer.get(p.as_str()) {
                     Some(id) => Some(*id),
@@ -472,9 +478,19 @@ impl<T: Transport> ShardGroupsJob<T> {
                         .ok()
                         .map(|p| crate::cluster::node_id(&p)),
                 })
-                .collect();
-            wanted.insert(shard_group(a.shard), ids);
+                .collect()
+        };
+        let mut wanted: BTreeMap<GroupId, Vec<NodeId>> = BTreeMap::new();
+        for a in &map.assignments {
+            wanted.insert(shard_group(a.shard), ids_of(&a.replicas));
         }
+        let previous = shard_map::previous(&self.consensus);
+        let earlier = |g: GroupId| -> Vec<NodeId> {
+            match (&previous, shard_of_group(g)) {
+                (Some(p), Some(s)) => ids_of(p.replicas(s)),
+                _ => Vec::new(),
+            }
+        };
         // Hosted shard groups the map does not name keep no replica here.
         for g in self.consensus.groups() {
             if shard_of_group(g).is_some() {
@@ -498,7 +514,7 @@ impl<T: Transport> ShardGroupsJob<T> {
                     }
                 }
                 action => {
-                    if self.take(*g, action, &nodes).await {
+                    if self.take(*g, action, &earlier(*g), &nodes).await {
                         changes += 1;
                     }
                 }

@@ -126,7 +126,10 @@ pub(super) async fn cluster_remove(
             },
         )
         .await?;
-    for g in st.consensus.groups() {
+    // Shard groups are left to the map: the next map leaves the removed peer out, and the
+    // shard groups job moves its replicas elsewhere one step at a time.
+    let groups = st.consensus.groups().into_iter();
+    for g in groups.filter(|g| canal_consensus::routing::shard_of_group(*g).is_none()) {
         st.consensus.remove(g, id).await?;
     }
     Ok(StatusCode::NO_CONTENT)
