@@ -373,6 +373,77 @@ async fn groups_form_per_map_and_a_replica_moves_to_a_fourth_node() {
     assert_eq!(shown.voters.len(), 3);
     assert!(shown.voters.contains(&peer(3)) && shown.leader.is_some());
     assert_eq!(status(&m[0].consensus, 0).state, "not hosted here");
+
+    // Epoch 3: shard 1 leaves a follower for member 3, and every job stops mid-move (as in
+    // a crash) once the learner is added; new jobs, knowing nothing of the move, finish it
+    // from the state.
+    let g1 = shard_group(1);
+    let l1 = m[0]
+        .consensus
+        .metrics(g1)
+        .ok()
+        .and_then(|x| x.current_leader)
+        .and_then(|l| (0..3).find(|i| id(*i) == l))
+        .expect("shard 1's group has a leader among its replicas");
+    let gone = (0..3).find(|i| *i != l1).expect("a follower");
+    let after: Vec<usize> = (0..4).filter(|i| *i != gone).collect();
+    let after_ids: BTreeSet<NodeId> = after.iter().map(|i| id(*i)).collect();
+    // The follower closes only once the others have left it out: it asks them.
+    let closed = |ms: &[ShardGroupMetrics]| {
+        ms[gone]
+            .moves
+            .get_or_create(&StepLabel {
+                step: "close".into(),
+            })
+            .get()
+    };
+    let closed_before = closed(&metrics);
+    commit_map(&m[leader].consensus, 3, shards, |s| match s {
+        0 => vec![peer(1), peer(2), peer(3)],
+        1 => after.iter().map(|i| peer(*i)).collect(),
+        _ => (0..3).map(|k| peer((s as usize + k) % 3)).collect(),
+    })
+    .await;
+    testkit::until("the learner added", Duration::from_secs(20), || {
+        local_of(&m[l1].consensus, g1).learners.contains(&id(3))
+            || voters_of(&m[l1].consensus, g1).contains(&id(3))
+    })
+    .await;
+    for j in jobs {
+        assert!(j.shutdown(Duration::from_secs(5)).await);
+    }
+    let again: Vec<ShardGroupMetrics> = m.iter().map(|_| ShardGroupMetrics::default()).collect();
+    let jobs: Vec<canal_worker::WorkerHandle> = m
+        .iter()
+        .zip(&again)
+        .map(|(member, metrics)| {
+            canal_worker::spawn(ShardGroupsJob::new(
+                member.consensus.clone(),
+                metrics.clone(),
+            ))
+        })
+        .collect();
+    testkit::until(
+        "shard 1's group moved off the follower, which closed it",
+        Duration::from_secs(30),
+        || {
+            after
+                .iter()
+                .all(|i| voters_of(&m[*i].consensus, g1) == after_ids)
+                && !m[gone].consensus.groups().contains(&g1)
+        },
+    )
+    .await;
+    testkit::until(
+        "the follower's close counted",
+        Duration::from_secs(5),
+        || closed(&metrics) + closed(&again) == closed_before + 1,
+    )
+    .await;
+    testkit::until("the hosted gauges", Duration::from_secs(5), || {
+        again[3].hosted.get() == 2 && again[gone].hosted.get() < shards as i64
+    })
+    .await;
     for j in jobs {
         assert!(j.shutdown(Duration::from_secs(5)).await);
     }
