@@ -63,6 +63,17 @@ pub struct ShardGroupMetrics {
     /// `canal_shard_group_moves_total{step}`: steps this node took (as leader, former or
     /// member) that succeeded.
     pub moves: Family<StepLabel, Counter>,
+    /// `canal_shard_group_deferred_total{limit}`: times a round left work to a later one
+    /// because it reached `MAX_OPENS_PER_ROUND` (once per group not opened) or
+    /// `MAX_CHANGES_PER_ROUND` (once per round cut short).
+    pub deferred: Family<LimitLabel, Counter>,
+}
+
+/// The label of `canal_shard_group_deferred_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LimitLabel {
+    /// The limit reached.
+    pub limit: String,
 }
 
 impl ShardGroupMetrics {
@@ -79,7 +90,20 @@ impl ShardGroupMetrics {
             "Steps this node took on shard groups, by step (form, add_learner, promote, remove, finish_joint, close)",
             m.moves.clone(),
         );
+        registry.register(
+            "canal_shard_group_deferred",
+            "Times a shard groups round left work to a later one because it reached a limit: MAX_OPENS_PER_ROUND (32; once per group not opened) or MAX_CHANGES_PER_ROUND (16; once per round cut short)",
+            m.deferred.clone(),
+        );
         m
+    }
+
+    fn cut(&self, limit: &str) {
+        self.deferred
+            .get_or_create(&LimitLabel {
+                limit: limit.to_string(),
+            })
+            .inc();
     }
 
     fn count(&self, step: &str) {
@@ -345,6 +369,9 @@ pub struct ShardGroupsJob<T: Transport> {
     consensus: Consensus<T>,
     metrics: ShardGroupMetrics,
     tick: tokio::time::Interval,
+    /// Where the next round starts among the groups, so a round cut short by its bounds
+    /// leaves the rest first in line (fairness only: no decision depends on it).
+    next: usize,
 }
 
 impl<T: Transport> ShardGroupsJob<T> {
@@ -354,6 +381,7 @@ impl<T: Transport> ShardGroupsJob<T> {
             consensus,
             metrics,
             tick: canal_worker::ticker(LOOK_EVERY),
+            next: 0,
         }
     }
 
@@ -498,14 +526,26 @@ impl<T: Transport> ShardGroupsJob<T> {
             }
         }
         let (mut opens, mut changes) = (0usize, 0usize);
-        for (g, ids) in &wanted {
+        let wanted: Vec<(GroupId, Vec<NodeId>)> = wanted.into_iter().collect();
+        let start = self.next % wanted.len().max(1);
+        self.next = start;
+        for (k, (g, ids)) in wanted
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(wanted.len())
+            .enumerate()
+        {
             if changes >= MAX_CHANGES_PER_ROUND {
+                self.metrics.cut("MAX_CHANGES_PER_ROUND");
+                self.next = start + k;
                 break;
             }
             let local = local_of(&self.consensus, *g);
             match decide(me, ids, &local) {
                 Action::Open => {
                     if opens >= MAX_OPENS_PER_ROUND {
+                        self.metrics.cut("MAX_OPENS_PER_ROUND");
                         continue;
                     }
                     opens += 1;
