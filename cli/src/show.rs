@@ -183,6 +183,22 @@ pub(crate) fn locate(l: &Locate, as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A shard's own group in a cell: its id and state, then its leader, voters and learners
+/// where the node hosts it.
+fn shard_group(g: &canal_proto::api::ShardGroupStatus) -> String {
+    let mut out = format!("{} {}", g.group, g.state);
+    if let Some(l) = &g.leader {
+        out.push_str(&format!("; leader {l}"));
+    }
+    if !g.voters.is_empty() {
+        out.push_str(&format!("; voters {}", g.voters.join(", ")));
+    }
+    if !g.learners.is_empty() {
+        out.push_str(&format!("; learners {}", g.learners.join(", ")));
+    }
+    out
+}
+
 /// The shard map: a line on the map, a row per shard, a row per peer, the notes and the
 /// planned moves (each one with `moves`).
 pub(crate) fn shards(c: &ClusterShards, moves: bool, as_json: bool) -> anyhow::Result<()> {
@@ -210,6 +226,7 @@ pub(crate) fn shards(c: &ClusterShards, moves: bool, as_json: bool) -> anyhow::R
         "REPLICAS (PREFERRED LEADER FIRST)",
         "SERVED BY",
         "GROUP LEADER",
+        "SHARD GROUP (AS THIS NODE SEES IT)",
     ]);
     for r in &c.rows {
         let mut replicas = if r.replicas.is_empty() {
@@ -227,6 +244,9 @@ pub(crate) fn shards(c: &ClusterShards, moves: bool, as_json: bool) -> anyhow::R
             r.group_leader
                 .clone()
                 .unwrap_or_else(|| "none known".into()),
+            r.shard_group
+                .as_ref()
+                .map_or_else(|| "-".to_string(), shard_group),
         ]);
     }
     println!("{t}");
@@ -247,7 +267,7 @@ pub(crate) fn shards(c: &ClusterShards, moves: bool, as_json: bool) -> anyhow::R
         Some(from) => {
             let count = |step: &str| c.moves.iter().filter(|m| m.step == step).count();
             println!(
-                "moves from epoch {from}: {} planned ({} add learner, {} promote, {} transfer leader, {} remove), not executed: shard groups have not landed",
+                "moves from epoch {from}: {} planned ({} add learner, {} promote, {} transfer leader, {} remove), not executed on the data (every topic stays in data-1); nodes with --shard-groups on move their shard groups' replicas, which hold no data yet",
                 c.moves.len(),
                 count("add_learner"),
                 count("promote"),

@@ -56,6 +56,13 @@ enum TestnetCommand {
         /// prints `export CANAL_CA=...` for the CLI).
         #[arg(long)]
         tls: bool,
+        /// Every node hosts the shard groups of the committed shard map (`canal node
+        /// --shard-groups`): `on` or `off` [default: off].
+        #[arg(long, value_parser = ["on", "off"])]
+        shard_groups: Option<String>,
+        /// Shards of the topic space (`canal node --shards`) [default: 64].
+        #[arg(long)]
+        shards: Option<u32>,
     },
     /// Each node: running or not, its peer id, API address and readiness.
     Status,
@@ -119,6 +126,8 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
             timeout,
             token_key,
             tls,
+            shard_groups,
+            shards,
         } => {
             canal_proto::Gpu::parse_declared(&gpu)?;
             let relayed = tiers.is_some() || !links.is_empty();
@@ -147,6 +156,12 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
                 links,
                 token_key,
                 tls,
+                node_args: shard_groups
+                    .map(|v| vec!["--shard-groups".to_string(), v])
+                    .into_iter()
+                    .chain(shards.map(|n| vec!["--shards".to_string(), n.to_string()]))
+                    .flatten()
+                    .collect(),
             };
             let (nodes, token) = cluster::up(&bin, &opts, |msg| eprintln!("{msg}")).await?;
             show(&nodes, json).await?;

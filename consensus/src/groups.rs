@@ -1571,6 +1571,35 @@ impl<T: Transport> Consensus<T> {
         Ok(out)
     }
 
+    /// What `node` says of group `g` (its own view, over the network; this node's own view
+    /// if `node` is this node), whether or not this node hosts `g` or is a member of it: for
+    /// a node that asks the replicas of a group it does not host (yet) or may no longer be
+    /// a member of. A member whose membership of `g` leaves this node out answers
+    /// [`ClientError::Refused`] (only members may ask), one that does not host `g`
+    /// [`ClientError::UnknownGroup`]; no answer within 3 s is [`ClientError::Other`].
+    pub async fn status_of(
+        &self,
+        g: GroupId,
+        node: &RaftNode,
+    ) -> Result<MemberStatus, ClientError> {
+        if node.peer_id == self.inner.node.peer_id {
+            return self.local_status(g);
+        }
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            call(&self.inner.transport, node, &RpcRequest::Status(g)),
+        )
+        .await
+        {
+            Ok(Ok(RpcResponse::Status(r))) => r,
+            Ok(Ok(other_answer)) => Err(other(format!(
+                "{node} answered a status request with {other_answer:?}"
+            ))),
+            Ok(Err(e)) => Err(other(format!("{node} unreachable: {e}"))),
+            Err(_) => Err(other(format!("{node} did not answer within 3 s"))),
+        }
+    }
+
     /// Runs `req` on the group's leader: here if this node leads, else forwarded. Retries
     /// while there is no leader or leadership moves, until the client timeout.
     async fn on_leader(&self, g: GroupId, req: RpcRequest) -> Result<RpcResponse, ClientError> {

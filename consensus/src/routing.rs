@@ -58,6 +58,25 @@ pub fn group_of_subscription(name: &str) -> GroupId {
     FIRST_DATA_GROUP
 }
 
+/// The first id of the shard groups: shard `s`'s group is `SHARD_GROUP_BASE + s`. Above every
+/// other group id (the metadata group, data group 1 and the test-only extra groups, at most
+/// a thousand or so after it), so no shard group shares an id with another group; with at
+/// most [`canal_proto::shards::MAX_SHARDS`] shards every id fits a `u32`.
+pub const SHARD_GROUP_BASE: u32 = 1 << 20;
+
+/// The Raft group of shard `shard`: the one place that names it. The group is hosted by the
+/// shard's replicas in the committed shard map (when shard groups are on); until routing by
+/// shard lands, no topic's log lives in it ([`group_of`] still answers data group 1).
+pub fn shard_group(shard: u32) -> GroupId {
+    GroupId(SHARD_GROUP_BASE.saturating_add(shard))
+}
+
+/// The shard whose group `g` is, or `None` when `g` is no shard group (the metadata group,
+/// data group 1, an extra group).
+pub fn shard_of_group(g: GroupId) -> Option<u32> {
+    g.0.checked_sub(SHARD_GROUP_BASE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +96,22 @@ mod tests {
             assert!(DATA_GROUPS.contains(&g), "{g} is not a data group");
             assert!(started.contains(&g));
         }
+    }
+
+    #[test]
+    fn shard_groups_are_apart_from_every_started_group_and_map_back_to_their_shard() {
+        let started = groups_to_start();
+        for shard in [0, 1, 63, 1023, canal_proto::shards::MAX_SHARDS - 1] {
+            let g = shard_group(shard);
+            assert!(!started.contains(&g), "{g} collides with a started group");
+            assert!(
+                g.0 > 1 + 1024,
+                "{g} could collide with a test-only extra group"
+            );
+            assert_eq!(shard_of_group(g), Some(shard));
+        }
+        assert_eq!(shard_of_group(GroupId::METADATA), None);
+        assert_eq!(shard_of_group(DEFAULT_GROUP), None);
+        assert_ne!(shard_group(0), shard_group(1));
     }
 }

@@ -31,6 +31,8 @@ impl fmt::Display for GroupId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if *self == GroupId::METADATA {
             write!(f, "metadata")
+        } else if let Some(shard) = crate::routing::shard_of_group(*self) {
+            write!(f, "shard-{shard}")
         } else {
             write!(f, "data-{}", self.0)
         }

@@ -231,7 +231,10 @@ impl<T: Transport> Membership<T> {
             self.maybe_form(view).await;
             return;
         }
-        for g in self.consensus.groups() {
+        // A shard group's members are the shard map's replicas, changed by the shard groups
+        // job (crate::shard_groups): growing it to every peer would undo the map.
+        let groups = self.consensus.groups().into_iter();
+        for g in groups.filter(|g| canal_consensus::routing::shard_of_group(*g).is_none()) {
             if let Err(e) = self.grow(g).await {
                 debug!(group = %g, error = %e, "membership step");
             }

@@ -28,6 +28,8 @@
 //!   - [`pubsub`]: the node's side of [`canal_pubsub`] (publish, subscribe, settings,
 //!     retention, durable consumers): QoS 0 over the mesh.
 //!   - [`cluster`]: Raft over the mesh, and the job that forms and grows the cluster.
+//!   - [`shard_groups`]: the shard groups job (`--shard-groups on`): hosts the groups of
+//!     the shards this node is a replica of, and moves their replicas as the map changes.
 //!   - [`shard_map`]: the shard map job (computes and commits the map on the metadata
 //!     leader) and the map as `/v1/cluster/shards` shows it.
 //!   - [`raft_links`]: the watch on the round trips to Raft members.
@@ -59,6 +61,7 @@ pub mod placement;
 pub mod placer;
 pub mod pubsub;
 pub mod raft_links;
+pub mod shard_groups;
 pub mod shard_map;
 #[cfg(test)]
 mod testkit;
@@ -176,6 +179,8 @@ pub struct Node {
     trimmer: canal_worker::WorkerHandle,
     placer: canal_worker::WorkerHandle,
     shard_map: canal_worker::WorkerHandle,
+    /// The shard groups job, with `--shard-groups on`.
+    shard_groups: Option<canal_worker::WorkerHandle>,
     raft_links: canal_worker::WorkerHandle,
     token_job: canal_worker::WorkerHandle,
     api_addr: SocketAddr,
@@ -407,6 +412,13 @@ impl Node {
             config.replication_factor,
             shard_map::ShardMapMetrics::register(&mut registry),
         ));
+        let shard_group_metrics = shard_groups::ShardGroupMetrics::register(&mut registry);
+        let shard_groups = config.shard_groups.then(|| {
+            canal_worker::spawn(shard_groups::ShardGroupsJob::new(
+                consensus.clone(),
+                shard_group_metrics,
+            ))
+        });
         let raft_links = raft_links.spawn(consensus.clone(), handle.clone());
         registry.register(
             "canal_auth_refused",
@@ -511,6 +523,7 @@ impl Node {
             trimmer,
             placer,
             shard_map,
+            shard_groups,
             raft_links,
             token_job,
             api_addr,
@@ -551,19 +564,18 @@ impl Node {
         }
         // The jobs finish the work in hand (a trigger's batch commits or not, never half-way)
         // while the groups still run.
+        let mut jobs = vec![
+            self.membership,
+            self.placer,
+            self.shard_map,
+            self.raft_links,
+            self.trimmer,
+            self.token_job,
+            self.outbox_relay,
+        ];
+        jobs.extend(self.shard_groups);
         let (mut aborted, executor) = tokio::join!(
-            canal_worker::shutdown_all(
-                vec![
-                    self.membership,
-                    self.placer,
-                    self.shard_map,
-                    self.raft_links,
-                    self.trimmer,
-                    self.token_job,
-                    self.outbox_relay
-                ],
-                JOB_SHUTDOWN
-            ),
+            canal_worker::shutdown_all(jobs, JOB_SHUTDOWN),
             self.executor.shutdown(JOB_SHUTDOWN)
         );
         aborted.extend(executor);

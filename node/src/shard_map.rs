@@ -12,9 +12,11 @@
 //!   every node: canal_shard_map_epoch, canal_shard_map_moves from its replica's map
 //! ```
 //!
-//! The map only plans: every topic's log stays in the data group `routing::group_of` names
-//! (data group 1) until shard groups land, and the moves between two maps
-//! ([`canal_placement::shards::plan_moves`]) are shown, not executed.
+//! The map moves no data: every topic's log stays in the data group `routing::group_of`
+//! names (data group 1) until routing by shard lands, and the moves between two maps
+//! ([`canal_placement::shards::plan_moves`]) are shown. With `--shard-groups on`,
+//! [`crate::shard_groups`] hosts each shard's own (still empty) group on the map's replicas
+//! and moves its replicas as the map changes.
 //!
 //! The shard count is fixed when the cluster is created: the first map takes this node's
 //! `--shards`, and every later map keeps the committed count (the apply refuses another), so
@@ -301,6 +303,7 @@ pub fn view(
                         .entry(group)
                         .or_insert_with(|| group_leader(group))
                         .clone(),
+                    shard_group: None,
                 }
             })
             .collect(),

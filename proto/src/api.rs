@@ -129,6 +129,26 @@ pub struct ShardRow {
     pub served_by: String,
     /// That group's leader, as the answering node knows it (peer id).
     pub group_leader: Option<String>,
+    /// The shard's own Raft group (issue 14) as the answering node sees it; `None` from a
+    /// node that does not say (an older one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_group: Option<ShardGroupStatus>,
+}
+
+/// A shard's own Raft group as one node sees it, for `GET /v1/cluster/shards`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardGroupStatus {
+    /// The group (`shard-N`).
+    pub group: String,
+    /// `active`, `quiescent` (hosted here, idle), `not formed` (hosted here, no membership
+    /// yet) or `not hosted here` (ask one of the shard's replicas).
+    pub state: String,
+    /// Its leader (peer id), if the answering node knows one.
+    pub leader: Option<String>,
+    /// Its voters (peer ids).
+    pub voters: Vec<String>,
+    /// Its learners (peer ids): replicas being added, catching up.
+    pub learners: Vec<String>,
 }
 
 /// One peer's part in the committed shard map, for `GET /v1/cluster/shards`.

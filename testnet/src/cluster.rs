@@ -49,6 +49,9 @@ pub struct UpOptions {
     pub token_key: Option<PathBuf>,
     /// Serve the APIs over TLS with certificates of a local CA made in `DIR/tls/`.
     pub tls: bool,
+    /// More `canal node` flags every node gets (kept for restarts), such as
+    /// `--shard-groups on`.
+    pub node_args: Vec<String>,
 }
 
 /// The link a tier gets when `--link` names none: 30 ms for `edge`, 1 ms for `cloud`, no
@@ -414,6 +417,7 @@ async fn start_all(
             prev = was;
         }
         args.extend(["--token-key".into(), token_key.display().to_string()]);
+        args.extend(opts.node_args.iter().cloned());
         if let Some(t) = &tls {
             args.extend([
                 "--tls-cert".into(),

@@ -12,6 +12,7 @@ mod mesh;
 mod mqtt;
 mod pubsub;
 mod raft;
+mod shard_groups;
 mod tiers;
 
 use canal_proto::api::Peers;

@@ -58,11 +58,15 @@ pub(super) async fn cluster_shards(State(st): State<ApiState>) -> axum::Json<Clu
                 .unwrap_or_else(|| format!("node {id}")),
         )
     };
-    axum::Json(crate::shard_map::view(
+    let mut view = crate::shard_map::view(
         crate::shard_map::committed(c).as_ref(),
         crate::shard_map::previous(c).as_ref(),
         &leader_of,
-    ))
+    );
+    for row in &mut view.rows {
+        row.shard_group = Some(crate::shard_groups::status(c, row.shard));
+    }
+    axum::Json(view)
 }
 
 pub(super) async fn cluster_digest(
@@ -122,7 +126,10 @@ pub(super) async fn cluster_remove(
             },
         )
         .await?;
-    for g in st.consensus.groups() {
+    // Shard groups are left to the map: the next map leaves the removed peer out, and the
+    // shard groups job moves its replicas elsewhere one step at a time.
+    let groups = st.consensus.groups().into_iter();
+    for g in groups.filter(|g| canal_consensus::routing::shard_of_group(*g).is_none()) {
         st.consensus.remove(g, id).await?;
     }
     Ok(StatusCode::NO_CONTENT)
