@@ -172,6 +172,14 @@ pub fn serve(
             })
         }
         None => tokio::spawn(async move {
+            // Without TCP_NODELAY a small write (an SSE event, a publish ack) waits behind an
+            // unacknowledged one for the client's delayed ACK: tens of milliseconds.
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY not set on an API connection");
+                }
+            });
             let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown);
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "API server failed");
