@@ -45,8 +45,7 @@ impl LogStore {
         self.meta
             .insert(key, bytes)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        self.meta
-            .flush_async()
+        super::flush(&self.meta)
             .await
             .map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
@@ -62,8 +61,7 @@ impl LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        self.log
-            .flush_async()
+        super::flush(&self.log)
             .await
             .map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
@@ -135,8 +133,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta
             .insert("vote", bytes)
             .map_err(|e| StorageIOError::write_vote(&e))?;
-        self.meta
-            .flush_async()
+        super::flush(&self.meta)
             .await
             .map_err(|e| StorageIOError::write_vote(&e))?;
         Ok(())
@@ -184,7 +181,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        let flushed = self.log.flush_async().await;
+        let flushed = super::flush(&self.log).await;
         match flushed {
             Ok(_) => {
                 if let Some(h) = highest {

@@ -52,6 +52,20 @@ use openraft::StorageError;
 use serde::{Serialize, de::DeserializeOwned};
 use std::path::PathBuf;
 
+/// Flushes `tree` (and with it the whole sled database) to disk: sled's own
+/// `flush_async` deadlocks when several run at once (sled 0.34, spacejam/sled#1308, fixed
+/// only on its unreleased main; seen here as a node that stopped for good while 65 groups
+/// formed), so the synchronous flush runs on the blocking pool instead.
+async fn flush(tree: &sled::Tree) -> sled::Result<()> {
+    let tree = tree.clone();
+    match tokio::task::spawn_blocking(move || tree.flush()).await {
+        Ok(r) => r.map(|_| ()),
+        Err(e) => Err(sled::Error::Io(std::io::Error::other(format!(
+            "the flush task failed: {e}"
+        )))),
+    }
+}
+
 mod apply;
 mod changes;
 mod db;

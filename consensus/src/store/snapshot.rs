@@ -73,8 +73,8 @@ pub(super) async fn store_snapshot(
     batch.insert("data", bytes);
     sm.snap.apply_batch(batch).map_err(|e| err(any(&e)))?;
     // The state machine first: the log may be purged up to this snapshot once it exists.
-    sm.sm.flush_async().await.map_err(|e| err(any(&e)))?;
-    sm.snap.flush_async().await.map_err(|e| err(any(&e)))?;
+    super::flush(&sm.sm).await.map_err(|e| err(any(&e)))?;
+    super::flush(&sm.snap).await.map_err(|e| err(any(&e)))?;
     Ok(())
 }
 
