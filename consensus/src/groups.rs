@@ -284,6 +284,18 @@ struct Group {
 }
 
 impl Group {
+    /// Stops the group's own tasks (batcher, heartbeat driver, metrics watcher).
+    fn abort_tasks(&self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
+
     fn quiet(&self) -> std::sync::MutexGuard<'_, Quiet> {
         self.quiet.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -680,14 +692,7 @@ impl<T: Transport> Consensus<T> {
         let _one_at_a_time = self.inner.opening.lock().await;
         let removed = self.write_groups().remove(&g);
         if let Some(group) = removed {
-            for t in group
-                .tasks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .drain(..)
-            {
-                t.abort();
-            }
+            group.abort_tasks();
             if let Err(e) = group.raft.shutdown().await {
                 warn!(group = %g, error = %e, "Raft group did not stop cleanly");
             }
@@ -1800,14 +1805,7 @@ impl<T: Transport> Consensus<T> {
             if let Err(e) = group.raft.shutdown().await {
                 warn!(group = %group.id, error = %e, "Raft group did not stop cleanly");
             }
-            for t in group
-                .tasks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .drain(..)
-            {
-                t.abort();
-            }
+            group.abort_tasks();
         }
         self.inner.watermark_task.abort();
         if let Err(e) = self.inner.watermark.write(false) {
