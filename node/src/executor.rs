@@ -1908,18 +1908,35 @@ mod tests {
         TriggerSpec,
         StateMachine,
     ) {
+        one_node_trigger("up", "uppercase", "shout", "in/#", "out/loud").await
+    }
+
+    /// A one-member cluster with guest `guest` deployed as `function` and QoS 1 trigger
+    /// `name` from `on` to `out` (no retries), and the replica of the function's group.
+    async fn one_node_trigger(
+        function: &str,
+        guest: &str,
+        name: &str,
+        on: &str,
+        out: &str,
+    ) -> (
+        crate::testkit::Cluster,
+        Arc<Functions<canal_consensus::mem::MemTransport>>,
+        TriggerSpec,
+        StateMachine,
+    ) {
         use crate::testkit::{self, Cluster, FixedPeers};
         let cluster = Cluster::formed(1).await;
         let m = &cluster.members[0];
         let f = testkit::functions(m, FixedPeers::of(&[m.peer]));
-        testkit::deploy(&f, "up", "uppercase").await;
+        testkit::deploy(&f, function, guest).await;
         let spec = f
             .trigger_add(
-                "shout",
+                name,
                 canal_proto::function::TriggerRequest {
-                    on: "in/#".into(),
-                    function: "up".into(),
-                    out: Some("out/loud".into()),
+                    on: on.into(),
+                    function: function.into(),
+                    out: Some(out.into()),
                     qos: Some(1),
                     retries: Some(0),
                     dead_letter: None,
@@ -1929,7 +1946,7 @@ mod tests {
             .unwrap();
         let sm = m
             .consensus
-            .state_machine(canal_consensus::group_of_function("up"))
+            .state_machine(canal_consensus::group_of_function(function))
             .unwrap();
         (cluster, f, spec, sm)
     }
@@ -2066,27 +2083,10 @@ mod tests {
     /// counted twice or not at all.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_pipelined_stateful_trigger_counts_every_event_once_across_topics() {
-        use crate::testkit::{self, Cluster, FixedPeers};
-        let cluster = Cluster::formed(1).await;
-        let m = &cluster.members[0];
-        let f = testkit::functions(m, FixedPeers::of(&[m.peer]));
-        testkit::deploy(&f, "count", "counter").await;
-        let spec = f
-            .trigger_add(
-                "tally",
-                canal_proto::function::TriggerRequest {
-                    on: "clicks/+".into(),
-                    function: "count".into(),
-                    out: Some("tally/out".into()),
-                    qos: Some(1),
-                    retries: Some(0),
-                    dead_letter: None,
-                },
-            )
-            .await
-            .unwrap();
+        use crate::testkit;
+        let (cluster, f, spec, sm) =
+            one_node_trigger("count", "counter", "tally", "clicks/+", "tally/out").await;
         let group = canal_consensus::group_of_function("count");
-        let sm = m.consensus.state_machine(group).unwrap();
         let dht = lone_mesh().await;
         let running = Arc::new(executor(f.clone(), &dht)).spawn();
         let click = |topic: String| PublishOp {
@@ -2160,27 +2160,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn overlapping_steps_of_two_racing_executors_output_each_event_once_in_order() {
-        use crate::testkit::{self, Cluster, FixedPeers};
-        let cluster = Cluster::formed(1).await;
-        let m = &cluster.members[0];
-        let f = testkit::functions(m, FixedPeers::of(&[m.peer]));
-        testkit::deploy(&f, "upper", "uppercase").await;
-        let spec = f
-            .trigger_add(
-                "shout",
-                canal_proto::function::TriggerRequest {
-                    on: "words/+".into(),
-                    function: "upper".into(),
-                    out: Some("shout/out".into()),
-                    qos: Some(1),
-                    retries: Some(0),
-                    dead_letter: None,
-                },
-            )
-            .await
-            .unwrap();
+        use crate::testkit;
+        let (cluster, f, spec, sm) =
+            one_node_trigger("upper", "uppercase", "shout", "words/+", "shout/out").await;
         let group = canal_consensus::group_of_function("upper");
-        let sm = m.consensus.state_machine(group).unwrap();
         let dht = lone_mesh().await;
         // Two executors of one trigger (as during a placement change): their stateless
         // steps overlap in flight, and they refuse each other's.
