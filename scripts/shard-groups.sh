@@ -31,9 +31,17 @@ print(m["epoch"], ok, len(m["rows"]))'
 }
 set -- $apis
 first=$1
-until [ "$(formed "$first" | cut -d" " -f1)" -ge 1 ] 2>/dev/null; do sleep 0.2; done
+# Every wait below gives up after this many seconds, naming what it waited for.
+limit=${CANAL_WAIT_LIMIT:-180}
+deadline=$(( $(date +%s) + limit ))
+give_up() { echo "gave up after ${limit}s waiting for $1" >&2; exit 1; }
+until [ "$(formed "$first" | cut -d" " -f1)" -ge 1 ] 2>/dev/null; do
+  [ "$(date +%s)" -lt "$deadline" ] || give_up "the first shard map"
+  sleep 0.2
+done
 t0=$(date +%s.%N)
 while :; do
+  [ "$(date +%s)" -lt "$deadline" ] || give_up "every shard group to form on every node"
   done_all=1
   for a in $apis; do
     read -r _ ok total < <(formed "$a")
