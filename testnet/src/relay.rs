@@ -362,7 +362,7 @@ impl Fabric {
     /// Adds a relay on an ephemeral loopback port for a node behind `link`; returns its
     /// index. Its target is set later, with [`set_target`](Self::set_target).
     pub async fn add(&self, link: LinkSettings) -> std::io::Result<usize> {
-        self.add_at("127.0.0.1:0".parse().expect("a valid address"), None, link)
+        self.add_at(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None, link)
             .await
     }
 
