@@ -990,9 +990,7 @@ impl<T: Transport> Executor<T> {
                 self.metrics.phase("commit", committing);
                 match r {
                     Ok(r) => {
-                        progressed = true;
-                        last_index = Some(r.index);
-                        if !self.count_answer(spec, &r) {
+                        if !self.took(spec, &r, &mut progressed, &mut last_index) {
                             // The chain broke: what was planned on it would be refused.
                             broken = true;
                             break;
@@ -1030,9 +1028,7 @@ impl<T: Transport> Executor<T> {
                             inflight.pop_front();
                             match r {
                                 Ok(r) => {
-                                    progressed = true;
-                                    last_index = Some(r.index);
-                                    if !self.count_answer(spec, &r) {
+                                    if !self.took(spec, &r, &mut progressed, &mut last_index) {
                                         broken = true;
                                         break;
                                     }
@@ -1136,6 +1132,20 @@ impl<T: Transport> Executor<T> {
             Some(e) => Err(e),
             None => Ok((last, unrefused)),
         }
+    }
+
+    /// Takes a step's answer into the run: it progressed, up to the answer's index; true
+    /// when the step was not refused (counted either way).
+    fn took(
+        &self,
+        spec: &TriggerSpec,
+        r: &canal_consensus::Response,
+        progressed: &mut bool,
+        last_index: &mut Option<u64>,
+    ) -> bool {
+        *progressed = true;
+        *last_index = Some(r.index);
+        self.count_answer(spec, r)
     }
 
     /// Counts a step's answer; true when it was not refused.
