@@ -56,11 +56,6 @@ pub(crate) struct NodeArgs {
     /// what the config file turned on).
     #[arg(long, env = "CANAL_MDNS", num_args = 0..=1, default_missing_value = "true")]
     mdns: Option<bool>,
-    /// Host the shard groups of the committed shard map: `on` or `off` [default: off]. Off
-    /// by default for now: no data lives in shard groups yet (routing keeps every topic in
-    /// data group 1).
-    #[arg(long, env = "CANAL_SHARD_GROUPS", value_parser = ["on", "off"])]
-    shard_groups: Option<String>,
     /// How many voters each Raft group should have [default: 3].
     #[arg(long, env = "CANAL_VOTERS")]
     voters: Option<usize>,
@@ -179,13 +174,6 @@ impl NodeArgs {
         }
         if let Some(v) = self.shards {
             c.shards = v;
-        }
-        if let Some(v) = &self.shard_groups {
-            c.shard_groups = if v == "on" {
-                canal_node::config::OnOff::On
-            } else {
-                canal_node::config::OnOff::Off
-            };
         }
         if let Some(v) = self.voters {
             c.voters = v;
@@ -321,38 +309,6 @@ mod tests {
             ..Default::default()
         };
         assert!(!off.merge().unwrap().mdns);
-    }
-
-    #[test]
-    fn shard_groups_are_off_by_default_and_on_from_the_file_or_the_flag() {
-        use canal_node::config::OnOff;
-        let plain = NodeArgs::default().merge().unwrap();
-        assert_eq!(plain.shard_groups, OnOff::Off);
-        assert!(!plain.validate().unwrap().shard_groups);
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("canal.toml");
-        std::fs::write(&file, "shard_groups = \"on\"\n").unwrap();
-        let on = NodeArgs {
-            config: Some(file.clone()),
-            ..Default::default()
-        };
-        assert!(on.merge().unwrap().validate().unwrap().shard_groups);
-        let off = NodeArgs {
-            config: Some(file.clone()),
-            shard_groups: Some("off".into()),
-            ..Default::default()
-        };
-        assert_eq!(off.merge().unwrap().shard_groups, OnOff::Off);
-        std::fs::write(&file, "shard_groups = \"yes\"\n").unwrap();
-        let bad = NodeArgs {
-            config: Some(file),
-            ..Default::default()
-        };
-        let e = bad.merge().err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(
-            e.contains("shard_groups = \"yes\"") && e.contains("expected `on` or `off`"),
-            "{e}"
-        );
     }
 
     #[test]

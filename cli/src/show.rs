@@ -104,7 +104,7 @@ pub(crate) fn locate(l: &Locate, as_json: bool) -> anyhow::Result<()> {
     );
     match l.map_epoch {
         Some(epoch) => println!(
-            "planned   {} (shard map epoch {epoch}, preferred leader first; not serving until shard groups land)",
+            "planned   {} (shard map epoch {epoch}, preferred leader first)",
             if l.planned_replicas.is_empty() {
                 "no replica".to_string()
             } else {
@@ -240,7 +240,7 @@ pub(crate) fn shards(c: &ClusterShards, moves: bool, as_json: bool) -> anyhow::R
         t.add_row(vec![
             r.shard.to_string(),
             replicas,
-            format!("{} (all topics until shard groups land)", r.served_by),
+            r.served_by.clone(),
             r.group_leader
                 .clone()
                 .unwrap_or_else(|| "none known".into()),
@@ -267,7 +267,7 @@ pub(crate) fn shards(c: &ClusterShards, moves: bool, as_json: bool) -> anyhow::R
         Some(from) => {
             let count = |step: &str| c.moves.iter().filter(|m| m.step == step).count();
             println!(
-                "moves from epoch {from}: {} planned ({} add learner, {} promote, {} transfer leader, {} remove), not executed on the data (every topic stays in data-1); nodes with --shard-groups on move their shard groups' replicas, which hold no data yet",
+                "moves from epoch {from}: {} planned ({} add learner, {} promote, {} transfer leader, {} remove); each shard group's leader makes them one at a time (GROUP STATE shows where it stands)",
                 c.moves.len(),
                 count("add_learner"),
                 count("promote"),

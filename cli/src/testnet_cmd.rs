@@ -56,10 +56,6 @@ enum TestnetCommand {
         /// prints `export CANAL_CA=...` for the CLI).
         #[arg(long)]
         tls: bool,
-        /// Every node hosts the shard groups of the committed shard map (`canal node
-        /// --shard-groups`): `on` or `off` [default: off].
-        #[arg(long, value_parser = ["on", "off"])]
-        shard_groups: Option<String>,
         /// Shards of the topic space (`canal node --shards`) [default: 64].
         #[arg(long)]
         shards: Option<u32>,
@@ -126,7 +122,6 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
             timeout,
             token_key,
             tls,
-            shard_groups,
             shards,
         } => {
             canal_proto::Gpu::parse_declared(&gpu)?;
@@ -156,12 +151,9 @@ pub(crate) async fn run(args: TestnetArgs, json: bool) -> anyhow::Result<()> {
                 links,
                 token_key,
                 tls,
-                node_args: shard_groups
-                    .map(|v| vec!["--shard-groups".to_string(), v])
-                    .into_iter()
-                    .chain(shards.map(|n| vec!["--shards".to_string(), n.to_string()]))
-                    .flatten()
-                    .collect(),
+                node_args: shards
+                    .map(|n| vec!["--shards".to_string(), n.to_string()])
+                    .unwrap_or_default(),
             };
             let (nodes, token) = cluster::up(&bin, &opts, |msg| eprintln!("{msg}")).await?;
             show(&nodes, json).await?;

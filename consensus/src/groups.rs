@@ -10,6 +10,7 @@
 use crate::keys::{Codec, Shape, Table, UserKey};
 use crate::network::{MAX_ENTRY_BYTES, Network, Transport, call};
 use crate::quiet::{self, Quiet};
+use crate::routing::Route;
 use crate::rpc::{ClientError, MemberStatus, RpcRequest, RpcResponse};
 use crate::store::{LogStore, RaftDb, StateMachine, StoreError};
 use crate::types::{GroupId, NodeId, Op, RaftNode, Request, Response, TypeConfig};
@@ -61,6 +62,11 @@ pub struct Settings {
     /// last entry, goes quiet: no heartbeats, no election timers (see [`crate::quiet`]).
     /// `None`: groups never go quiet.
     pub quiesce_after: Option<Duration>,
+    /// Whether topics are routed by shard ([`Route::Sharded`], set by
+    /// [`Consensus::set_route`] once the cluster's shard count is known; until then every
+    /// routed operation waits or fails with "no shard map yet") or all kept in data group 1
+    /// ([`Route::Single`], the in-process tests).
+    pub sharded: bool,
 }
 
 /// The shortest election timeout of [`Settings::default`]: safe for members up to about
@@ -86,6 +92,7 @@ impl Settings {
             // Long enough that a group with any steady traffic never goes quiet between
             // writes; short enough that idle groups stop costing within seconds.
             quiesce_after: Some(min * 4),
+            sharded: false,
         }
     }
 
@@ -379,6 +386,8 @@ struct Inner<T> {
     refusals_logged: std::sync::Mutex<std::collections::HashMap<(NodeId, &'static str), Instant>>,
     /// The per-node liveness task (see [`crate::quiet`]).
     liveness_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The cluster's routing; `None` while a sharded node does not know its shard count.
+    route: tokio::sync::watch::Sender<Option<Route>>,
 }
 
 /// A request waiting for its batch, and where its answer goes.
@@ -475,6 +484,14 @@ async fn batch_loop<T: Transport>(c: Consensus<T>, g: GroupId, mut rx: mpsc::Rec
                 }
             }
         });
+    }
+}
+
+/// The answer of a routed operation on a node that does not know its shard count yet.
+fn no_route() -> ClientError {
+    ClientError::NoLeader {
+        group: GroupId::METADATA,
+        reason: "this node has not read the cluster's shard map yet (it is joining, or the cluster is forming): try again in a moment".into(),
     }
 }
 
@@ -592,6 +609,7 @@ impl<T: Transport> Consensus<T> {
                 }
             }
         });
+        let sharded = settings.sharded;
         let c = Consensus {
             inner: Arc::new(Inner {
                 me,
@@ -608,6 +626,7 @@ impl<T: Transport> Consensus<T> {
                 shutting_down: AtomicBool::new(false),
                 refusals_logged: std::sync::Mutex::new(std::collections::HashMap::new()),
                 liveness_task: Mutex::new(None),
+                route: tokio::sync::watch::Sender::new((!sharded).then_some(Route::Single)),
             }),
         };
         for &g in groups {
@@ -775,6 +794,45 @@ impl<T: Transport> Consensus<T> {
             .map(|d| d.as_millis().min(u64::MAX as u128) as u64)
             .unwrap_or(0);
         wall.saturating_add_signed(self.inner.settings.clock_offset_ms)
+    }
+
+    /// The cluster's routing now, or "no shard map yet" (retryable, as a missing leader
+    /// is) while a sharded node has not read its cluster's shard count.
+    pub fn route(&self) -> Result<Route, ClientError> {
+        (*self.inner.route.borrow()).ok_or_else(no_route)
+    }
+
+    /// [`Consensus::route`], waiting up to the client timeout for the shard count: what a
+    /// write just after the node started does.
+    pub async fn routing(&self) -> Result<Route, ClientError> {
+        if let Some(r) = *self.inner.route.borrow() {
+            return Ok(r);
+        }
+        let mut rx = self.inner.route.subscribe();
+        match tokio::time::timeout(
+            self.inner.settings.client_timeout,
+            rx.wait_for(Option::is_some),
+        )
+        .await
+        {
+            Ok(Ok(r)) => (*r).ok_or_else(no_route),
+            _ => Err(no_route()),
+        }
+    }
+
+    /// On a node started with [`Settings::sharded`], routes by `shards` shards from now on
+    /// (the node calls it once it has read the committed shard map, whose count never
+    /// changes after). A node started unsharded keeps [`Route::Single`].
+    pub fn learn_shard_count(&self, shards: u32) {
+        if !self.inner.settings.sharded {
+            return;
+        }
+        let route = Route::Sharded { shards };
+        self.inner.route.send_if_modified(|r| {
+            let changed = *r != Some(route);
+            *r = Some(route);
+            changed
+        });
     }
 
     /// This member's node id.

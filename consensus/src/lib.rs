@@ -9,9 +9,9 @@
 //!
 //! - [`types`]: the openraft type configuration ([`TypeConfig`]), group ids, node ids and
 //!   the requests and responses a group replicates.
-//! - [`routing`]: which group holds what ([`group_of`] a topic, [`group_of_function`] a
-//!   function's state and cursors, [`DATA_GROUPS`] the data groups a node starts): the one
-//!   place that issue 14 (shard groups) changes.
+//! - [`routing`]: which group holds what: a [`Route`] (the cluster's, from
+//!   [`Consensus::route`]) answers the group of a topic, a function's state and cursors, a
+//!   durable subscription, and the groups a filter may read; the one place that knows.
 //! - [`keys`]: every key of every group's state machine, as typed tables that build, parse
 //!   and decode them, and [`UserKey`], the client keys that can never name an internal one.
 //! - [`network`]: openraft's network over a [`Transport`] the node provides (libp2p).
@@ -43,6 +43,7 @@ pub mod keys;
 pub mod mem;
 pub mod network;
 pub mod quiet;
+pub mod reader;
 pub mod routing;
 pub mod rpc;
 pub mod store;
@@ -52,7 +53,8 @@ pub mod types;
 pub use groups::{Consensus, ConsensusError, GroupView, Settings};
 pub use keys::UserKey;
 pub use network::Transport;
-pub use routing::{DATA_GROUPS, group_of, group_of_function, group_of_subscription};
+pub use reader::{GroupReader, GroupWatch};
+pub use routing::{DATA_GROUPS, Route};
 pub use rpc::{ClientError, MemberStatus};
 pub use store::{
     ChangeWatch, Changed, LogStore, RaftDb, ReadError, StateMachine, StoreError, Wake,

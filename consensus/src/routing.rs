@@ -1,25 +1,34 @@
 //! Routing: which Raft group holds what. The one place that answers it.
 //!
 //! Every caller that writes or reads a topic's log, a durable subscription, a publish's
-//! dedup id, a function's state or a trigger's cursor asks these functions for the group,
-//! instead of naming a group id itself. Today a cluster runs one data group, so every answer
-//! is data group 1; issue 14 (a data group per shard) changes only the functions here (and
-//! [`DATA_GROUPS`]), not their callers.
+//! dedup id, a function's state or a trigger's cursor asks a [`Route`] (the cluster's,
+//! from [`crate::Consensus::route`]) for the group, instead of naming a group id itself.
+//!
+//! - [`Route::Sharded`]: a cluster's topic space of `shards` shards (its committed shard
+//!   map's count, fixed when the cluster formed). A topic lives in the group of its shard
+//!   ([`shard_group`] of [`canal_proto::keyspace::shard_of`] its key), hosted by the shard's
+//!   replicas; a function's state and cursors, and a durable subscription's start, in the
+//!   shard group of their name's key. Every canal node routes so.
+//! - [`Route::Single`]: one data group (group 1) holds everything: the in-process tests of
+//!   the crates below the node, which start groups by hand.
 //!
 //! The metadata group ([`GroupId::METADATA`]) is not routed: membership, functions, triggers,
-//! placement and topic settings always live there.
+//! placement, tokens, the shard map and topic settings always live there. Data group 1 is
+//! still started by every node: it holds the client keys of `/v1/kv`.
 
 use crate::types::GroupId;
+use canal_proto::TopicFilter;
+use canal_proto::keyspace::{name_key, shard_of, topic_name_key};
 
-/// The first (today the only) data group.
+/// Data group 1: every topic's group under [`Route::Single`], and the client keys' group.
 const FIRST_DATA_GROUP: GroupId = GroupId(1);
 
-/// The data groups a node starts, beside the metadata group, in id order. Code that works
-/// over "every topic" or "every trigger cursor" (the trimmer, the executor) loops over these.
+/// The data groups a node starts beside the metadata group, in id order (shard groups are
+/// opened as the shard map says, not started).
 pub const DATA_GROUPS: &[GroupId] = &[FIRST_DATA_GROUP];
 
 /// The group an API request means when it names none (`?group=` of `/v1/kv` and
-/// `/v1/cluster/digest`): the first data group.
+/// `/v1/cluster/digest`): data group 1.
 pub const DEFAULT_GROUP: GroupId = FIRST_DATA_GROUP;
 
 /// Every group a node starts: the metadata group, then [`DATA_GROUPS`].
@@ -29,33 +38,78 @@ pub fn groups_to_start() -> Vec<GroupId> {
         .collect()
 }
 
-/// The data group holding `topic`'s log, the cursors and starts of the durable subscriptions
-/// on it, and the dedup ids of its publishes.
-///
-/// Today every topic is in data group 1; issue 14 (shard groups) will answer by the topic's
-/// shard here, and only here.
-pub fn group_of(topic: &str) -> GroupId {
-    let _ = topic;
+/// The group of the small records every node reads from its own replica: MQTT sessions,
+/// session owners, wills, shared-subscription members and retained messages. Data group 1,
+/// which every node hosts (as a voter or a learner), whatever the routing.
+pub fn mqtt_records() -> GroupId {
     FIRST_DATA_GROUP
 }
 
-/// The data group holding function `name`'s state, its state version and the cursors of its
-/// triggers (an execution's effects commit there atomically).
-///
-/// Today every function is in data group 1; issue 14 (shard groups) will change only this
-/// function.
-pub fn group_of_function(name: &str) -> GroupId {
-    let _ = name;
-    FIRST_DATA_GROUP
+/// How a cluster maps topics, functions and subscriptions to groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Everything in data group 1 (the in-process tests of the crates below the node).
+    Single,
+    /// A topic space of `shards` shards, each its own group.
+    Sharded {
+        /// The number of shards (1 to [`canal_proto::shards::MAX_SHARDS`]).
+        shards: u32,
+    },
 }
 
-/// The data group holding durable subscription `name`'s start record.
-///
-/// Today data group 1, like every topic the subscription reads; issue 14 will change only this
-/// function.
-pub fn group_of_subscription(name: &str) -> GroupId {
-    let _ = name;
-    FIRST_DATA_GROUP
+impl Route {
+    /// The group holding `topic`'s log, the cursors of the durable subscriptions on it,
+    /// and the dedup ids of its publishes.
+    pub fn topic(self, topic: &str) -> GroupId {
+        match self {
+            Route::Single => FIRST_DATA_GROUP,
+            Route::Sharded { shards } => shard_group(shard_of(&topic_name_key(topic), shards)),
+        }
+    }
+
+    /// The shard of `topic`, or `None` under [`Route::Single`].
+    pub fn shard_of_topic(self, topic: &str) -> Option<u32> {
+        match self {
+            Route::Single => None,
+            Route::Sharded { shards } => Some(shard_of(&topic_name_key(topic), shards)),
+        }
+    }
+
+    /// The group holding function `name`'s state, its state version and the cursors of its
+    /// triggers (an execution's effects commit there atomically).
+    pub fn function(self, name: &str) -> GroupId {
+        self.named("function", name)
+    }
+
+    /// The group holding durable subscription `name`'s start record (and an MQTT
+    /// session's records, by client id).
+    pub fn subscription(self, name: &str) -> GroupId {
+        self.named("subscription", name)
+    }
+
+    fn named(self, kind: &str, name: &str) -> GroupId {
+        match self {
+            Route::Single => FIRST_DATA_GROUP,
+            Route::Sharded { shards } => shard_group(shard_of(&name_key(kind, name), shards)),
+        }
+    }
+
+    /// Every group whose topics `filter` may match, in id order: the one group of an exact
+    /// filter, every data group of a wildcard.
+    pub fn groups_of_filter(self, filter: &TopicFilter) -> Vec<GroupId> {
+        if filter.is_exact() {
+            return vec![self.topic(filter.as_str())];
+        }
+        self.data_groups()
+    }
+
+    /// Every group that holds topics, in id order.
+    pub fn data_groups(self) -> Vec<GroupId> {
+        match self {
+            Route::Single => vec![FIRST_DATA_GROUP],
+            Route::Sharded { shards } => (0..shards).map(shard_group).collect(),
+        }
+    }
 }
 
 /// The first id of the shard groups: shard `s`'s group is `SHARD_GROUP_BASE + s`. Above every
@@ -65,8 +119,7 @@ pub fn group_of_subscription(name: &str) -> GroupId {
 pub const SHARD_GROUP_BASE: u32 = 1 << 20;
 
 /// The Raft group of shard `shard`: the one place that names it. The group is hosted by the
-/// shard's replicas in the committed shard map (when shard groups are on); until routing by
-/// shard lands, no topic's log lives in it ([`group_of`] still answers data group 1).
+/// shard's replicas in the committed shard map.
 pub fn shard_group(shard: u32) -> GroupId {
     GroupId(SHARD_GROUP_BASE.saturating_add(shard))
 }
@@ -82,20 +135,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_route_answers_a_started_data_group() {
+    fn single_routes_everything_to_a_started_data_group() {
         let started = groups_to_start();
         assert_eq!(started[0], GroupId::METADATA);
         assert!(!DATA_GROUPS.contains(&GroupId::METADATA));
+        let r = Route::Single;
         for g in [
-            group_of("a/b"),
-            group_of(""),
-            group_of_function("f"),
-            group_of_subscription("s"),
+            r.topic("a/b"),
+            r.topic(""),
+            r.function("f"),
+            r.subscription("s"),
             DEFAULT_GROUP,
         ] {
             assert!(DATA_GROUPS.contains(&g), "{g} is not a data group");
             assert!(started.contains(&g));
         }
+        assert_eq!(r.data_groups(), DATA_GROUPS);
+    }
+
+    #[test]
+    fn sharded_routes_by_the_key_of_each_name_to_shard_groups() {
+        let r = Route::Sharded { shards: 64 };
+        let t = canal_proto::Topic::new("sensors/room1/temp").unwrap_or_else(|e| panic!("{e}"));
+        let shard = shard_of(&canal_proto::keyspace::topic_key(&t), 64);
+        // The group of a topic is the group of the shard the DHT computes for it.
+        assert_eq!(r.topic(t.as_str()), shard_group(shard));
+        assert_eq!(r.shard_of_topic(t.as_str()), Some(shard));
+        let all = r.data_groups();
+        assert_eq!(all.len(), 64);
+        let mut spread = std::collections::BTreeSet::new();
+        for i in 0..256 {
+            let g = r.topic(&format!("t/{i}"));
+            assert!(all.contains(&g));
+            spread.insert(g);
+            assert!(all.contains(&r.function(&format!("f{i}"))));
+            assert!(all.contains(&r.subscription(&format!("s{i}"))));
+        }
+        assert!(
+            spread.len() > 48,
+            "256 topics fell in only {} shards",
+            spread.len()
+        );
+        let exact = TopicFilter::new("a/b").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.groups_of_filter(&exact), vec![r.topic("a/b")]);
+        let wild = TopicFilter::new("a/#").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.groups_of_filter(&wild), all);
+        // A function and a topic of one name need not share a group: their keys differ.
+        assert_ne!(name_key("function", "x"), topic_name_key("x"));
     }
 
     #[test]

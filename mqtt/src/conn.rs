@@ -262,7 +262,7 @@ async fn watch_owner<T: Transport, L: Qos0Link>(
     tag: String,
     index: u64,
 ) {
-    let group = canal_consensus::group_of_subscription(&client);
+    let group = canal_consensus::routing::mqtt_records();
     let Ok(sm) = mqtt.pubsub.consensus().state_machine(group) else {
         return;
     };
@@ -301,7 +301,7 @@ async fn await_session_end<T: Transport, L: Qos0Link>(
     mqtt: &Mqtt<T, L>,
     client: &str,
 ) -> Option<Session> {
-    let group = canal_consensus::group_of_subscription(client);
+    let group = canal_consensus::routing::mqtt_records();
     let consensus = mqtt.pubsub.consensus();
     let sm = consensus.state_machine(group).ok()?;
     let mut applied = sm.watch_applied();
@@ -345,7 +345,7 @@ async fn claim<T: Transport, L: Qos0Link>(
     mqtt.pubsub
         .consensus()
         .write_batched(
-            canal_consensus::group_of_subscription(client),
+            canal_consensus::routing::mqtt_records(),
             Request {
                 id: None,
                 op: Op::Internal {
@@ -382,7 +382,7 @@ async fn remove_record_if<T: Transport, L: Qos0Link, R: serde::de::DeserializeOw
     what: &str,
     mine: impl Fn(&R) -> bool,
 ) {
-    let group = canal_consensus::group_of_subscription(client);
+    let group = canal_consensus::routing::mqtt_records();
     let still = mqtt
         .pubsub
         .consensus()
@@ -492,7 +492,7 @@ async fn accept<T: Transport, L: Qos0Link, W: AsyncWrite + Unpin>(
     };
     let persistent = c.session_expiry_s > 0;
     let consensus = mqtt.pubsub.consensus();
-    let group = canal_consensus::group_of_subscription(&client_id);
+    let group = canal_consensus::routing::mqtt_records();
     // Through the leader: the session may have been written on another node just now.
     let stored: Option<Session> = match consensus
         .read_record(group, &MQTT_SESSIONS, &client_id, true)
@@ -697,7 +697,7 @@ async fn write_session<T: Transport, L: Qos0Link>(
     mqtt.pubsub
         .consensus()
         .write(
-            canal_consensus::group_of_subscription(client),
+            canal_consensus::routing::mqtt_records(),
             Request {
                 id: None,
                 op: Op::Internal {
@@ -729,7 +729,7 @@ async fn write_member<T: Transport>(
     };
     consensus
         .write_batched(
-            canal_consensus::group_of_subscription(prefix),
+            canal_consensus::routing::mqtt_records(),
             Request {
                 id: None,
                 op: Op::Internal {
@@ -749,7 +749,7 @@ fn read_members<T: Transport>(
     consensus: &canal_consensus::Consensus<T>,
     prefix: &str,
 ) -> Vec<String> {
-    let group = canal_consensus::group_of_subscription(prefix);
+    let group = canal_consensus::routing::mqtt_records();
     let Ok(sm) = consensus.state_machine(group) else {
         return Vec::new();
     };
@@ -777,7 +777,7 @@ async fn write_retained<T: Transport, L: Qos0Link>(
     pubsub
         .consensus()
         .write_batched(
-            canal_consensus::group_of(topic),
+            canal_consensus::routing::mqtt_records(),
             Request {
                 id: None,
                 op: Op::Internal {
@@ -1432,7 +1432,7 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
             // Through the leader: a CONNECT elsewhere may have claimed the client id just
             // before this connection ended; then the will is the newer connection's, as
             // on a takeover.
-            let group = canal_consensus::group_of_subscription(&self.client_id);
+            let group = canal_consensus::routing::mqtt_records();
             let key = records::owner_key(&self.client_id);
             match self
                 .mqtt
@@ -1573,7 +1573,7 @@ async fn store_will<T: Transport, L: Qos0Link>(
     delay_s: u32,
 ) {
     let Some(nodes) = &mqtt.nodes else { return };
-    let group = canal_consensus::group_of_subscription(client);
+    let group = canal_consensus::routing::mqtt_records();
     let key = records::will_key(client);
     let value = match will {
         Some(w) => {
@@ -1715,11 +1715,8 @@ pub(crate) async fn keep_wills<T: Transport, L: Qos0Link>(mqtt: Mqtt<T, L>) {
         let mut live: std::collections::BTreeSet<String> = (nodes.live)().into_iter().collect();
         live.insert(nodes.me.clone());
         let mut still = HashMap::new();
-        let groups = canal_consensus::routing::groups_to_start();
-        for group in groups
-            .into_iter()
-            .filter(|g| *g != canal_consensus::GroupId::METADATA)
         {
+            let group = canal_consensus::routing::mqtt_records();
             let Ok(sm) = mqtt.pubsub.consensus().state_machine(group) else {
                 continue;
             };
@@ -1791,7 +1788,7 @@ fn spawn_expiry<T: Transport, L: Qos0Link>(mqtt: Mqtt<T, L>, client: String, s: 
             _ = tokio::time::sleep(Duration::from_secs(u64::from(s.expiry_s))) => {}
             _ = crate::until_true(&mut closing) => return,
         }
-        let group = canal_consensus::group_of_subscription(&client);
+        let group = canal_consensus::routing::mqtt_records();
         let now: Option<Session> = mqtt
             .pubsub
             .consensus()
@@ -1819,8 +1816,17 @@ async fn catch_up<T: Transport>(
     client: &str,
     filters: impl Iterator<Item = String>,
 ) {
-    let groups: std::collections::BTreeSet<_> =
-        filters.map(|f| canal_consensus::group_of(&f)).collect();
+    // The retained messages' group, and the log of each exact filter this node reads from
+    // its own replica.
+    let route = consensus.route().ok();
+    let mut groups = std::collections::BTreeSet::from([canal_consensus::routing::mqtt_records()]);
+    for f in filters {
+        if let (Some(r), Ok(filter)) = (route, canal_proto::TopicFilter::new(&f))
+            && filter.is_exact()
+        {
+            groups.insert(r.topic(&f));
+        }
+    }
     for group in groups {
         let Ok(sm) = consensus.state_machine(group) else {
             continue;
@@ -1859,7 +1865,7 @@ async fn send_retained_msgs<T: Transport>(
     info: Arc<SubInfo>,
     tx: Arc<FeedTx<Msg>>,
 ) {
-    let group = canal_consensus::group_of(info.filter.as_str());
+    let group = canal_consensus::routing::mqtt_records();
     let Ok(sm) = consensus.state_machine(group) else {
         return;
     };

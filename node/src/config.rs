@@ -53,10 +53,6 @@ pub struct NodeConfig {
     /// takes the founding leader's value, and a node started later with another one uses
     /// the cluster's (and says so in its log).
     pub shards: u32,
-    /// Whether this node hosts the shard groups of the committed shard map (`on`) or not
-    /// (`off`, the default: no data lives in shard groups yet, routing keeps every topic in
-    /// data group 1).
-    pub shard_groups: OnOff,
     /// How many voters each Raft group should have (the rest are learners).
     pub voters: usize,
     /// Build a Raft snapshot (and compact the log) after this many entries.
@@ -112,7 +108,6 @@ impl Default for NodeConfig {
             mdns: false,
             replication_factor: canal_dht::topology::DEFAULT_REPLICATION,
             shards: canal_dht::topology::DEFAULT_SHARDS,
-            shard_groups: OnOff::Off,
             voters: 3,
             raft_snapshot_every: 5000,
             raft_election_timeout_ms: canal_consensus::groups::SAFE_ELECTION_TIMEOUT.as_millis()
@@ -128,16 +123,6 @@ impl Default for NodeConfig {
             tls_client_ca: None,
         }
     }
-}
-
-/// A switch as the TOML file and the flags write it: `on` or `off`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnOff {
-    /// On.
-    On,
-    /// Off.
-    Off,
 }
 
 /// A configuration error: what was wrong and what is allowed.
@@ -194,8 +179,6 @@ pub struct ValidConfig {
     pub replication_factor: usize,
     /// Shards.
     pub shards: u32,
-    /// Whether the shard groups job runs.
-    pub shard_groups: bool,
     /// Target voter count.
     pub voters: usize,
     /// Raft snapshot interval, in entries.
@@ -570,7 +553,6 @@ impl NodeConfig {
             mdns: self.mdns,
             replication_factor: self.replication_factor,
             shards: self.shards,
-            shard_groups: self.shard_groups == OnOff::On,
             voters: self.voters,
             raft_snapshot_every: self.raft_snapshot_every,
             raft_election_timeout: std::time::Duration::from_millis(self.raft_election_timeout_ms),

@@ -20,7 +20,7 @@ use crate::functions::{Functions, FunctionsError};
 use crate::pubsub::Qos0Hub;
 use canal_consensus::functions::{CursorMove, Effects, MAX_OUTBOX_ENTRIES, Outbound};
 use canal_consensus::topics::PublishOp;
-use canal_consensus::{ChangeWatch, ClientError, GroupId, Op, StateMachine, Transport, Wake};
+use canal_consensus::{ClientError, GroupId, Op, Route, StateMachine, Transport, Wake};
 use canal_dht::DhtHandle;
 use canal_proto::Topic;
 use canal_proto::TopicFilter;
@@ -353,7 +353,14 @@ impl Chain {
     /// Takes `plan` as committed (it is proposed next) and returns its entry's op: the
     /// outputs for topics of `group` (the function's) are appended there; the others go to
     /// the group's outbox, for the relay ([`crate::outbox`]) to deliver.
-    fn advance(&mut self, function: &str, group: GroupId, routes: &Routes, plan: Plan) -> Op {
+    fn advance(
+        &mut self,
+        route: Route,
+        function: &str,
+        group: GroupId,
+        routes: &Routes,
+        plan: Plan,
+    ) -> Op {
         for c in &plan.cursors {
             self.cursors.insert(c.topic.clone(), Some(c.next));
         }
@@ -364,7 +371,7 @@ impl Chain {
         }
         self.overlay.extend(plan.state.clone());
         self.overlay_bytes = state_cost(&self.overlay);
-        let (outputs, outbox) = routes.split(function, group, plan.outputs);
+        let (outputs, outbox) = routes.split(route, function, group, plan.outputs);
         Op::Effects(Effects {
             function: function.to_string(),
             cursors: plan.cursors,
@@ -463,8 +470,8 @@ fn outbox_backlog(
         .map(|(p, m)| (p, m.len())))
 }
 
-/// Which group holds an output's topic, as the executor sees it:
-/// [`canal_consensus::group_of`], unless a test put another answer in front of it (so a test
+/// Which group holds an output's topic, as the executor sees it: the cluster's route,
+/// unless a test put another answer in front of it (so a test
 /// can put a function's outputs in another group than the function without changing
 /// routing's answers).
 #[derive(Clone, Default)]
@@ -488,13 +495,13 @@ impl Routes {
         }
     }
 
-    /// The group that holds `topic`'s log.
-    pub fn group_of(&self, topic: &str) -> GroupId {
+    /// The group that holds `topic`'s log under `route`.
+    pub fn group_of(&self, route: Route, topic: &str) -> GroupId {
         #[cfg(test)]
         if let Some(g) = self.outputs.as_ref().and_then(|f| f(topic)) {
             return g;
         }
-        canal_consensus::group_of(topic)
+        route.topic(topic)
     }
 
     /// Splits the outputs of `function`, committed in `group`: those whose topic `group`
@@ -502,6 +509,7 @@ impl Routes {
     /// their target group.
     pub fn split(
         &self,
+        route: Route,
         function: &str,
         group: GroupId,
         outputs: Vec<PublishOp>,
@@ -509,7 +517,7 @@ impl Routes {
         let mut here = Vec::new();
         let mut away = Vec::new();
         for event in outputs {
-            let target = self.group_of(&event.topic);
+            let target = self.group_of(route, &event.topic);
             if target == group {
                 here.push(event);
             } else {
@@ -672,9 +680,11 @@ impl<T: Transport> Worker for Supervisor<T> {
 struct TriggerJob<T: Transport> {
     exec: Arc<Executor<T>>,
     spec: TriggerSpec,
+    /// This node's replica of the function's group: its state and the trigger's cursors.
     sm: StateMachine,
-    /// The topics each apply changed: the job wakes for those its filter matches only.
-    changes: ChangeWatch,
+    /// The groups of the topics the trigger reads, and the topics each apply there
+    /// changed: the job wakes for those its filter matches only.
+    inputs: canal_pubsub::Inputs<T>,
     /// What the next step looks at.
     next: Next,
     /// Where the last run left the trigger, for the next one to start from while this
@@ -706,15 +716,18 @@ enum Next {
 
 impl<T: Transport> TriggerJob<T> {
     fn new(exec: Arc<Executor<T>>, spec: TriggerSpec) -> Option<Self> {
-        let group = canal_consensus::group_of_function(&spec.function);
-        let sm = exec.functions.consensus.state_machine(group).ok()?;
+        let consensus = &exec.functions.consensus;
+        let route = consensus.route().ok()?;
+        let sm = consensus
+            .state_machine(route.function(&spec.function))
+            .ok()?;
         // Before the first read, so nothing applied after it goes unnoticed.
-        let changes = sm.watch_changes();
+        let inputs = canal_pubsub::Inputs::open(consensus, route, &spec.filter).ok()?;
         Some(TriggerJob {
             exec,
             spec,
             sm,
-            changes,
+            inputs,
             next: Next::All,
             carry: None,
             closed: false,
@@ -737,16 +750,16 @@ impl<T: Transport> Worker for TriggerJob<T> {
         tokio::pin!(idle);
         loop {
             tokio::select! {
-                w = self.changes.next() => match w {
+                w = self.inputs.next() => match w {
                     None => {
                         self.closed = true;
                         return;
                     }
-                    Some(Wake::Everything) => {
+                    Some((_, Wake::Everything)) => {
                         self.next = Next::All;
                         return;
                     }
-                    Some(Wake::Topics(changed)) => {
+                    Some((_, Wake::Topics(changed))) => {
                         let mine: BTreeSet<String> = changed
                             .into_iter()
                             .filter(|t| Topic::new(t).is_ok_and(|t| self.spec.filter.matches(&t)))
@@ -777,13 +790,7 @@ impl<T: Transport> Worker for TriggerJob<T> {
         let carry = self.carry.take();
         let stepped = self
             .exec
-            .step(
-                &self.sm,
-                &self.spec,
-                only.as_ref(),
-                carry,
-                &mut self.changes,
-            )
+            .step(&self.sm, &mut self.inputs, &self.spec, only.as_ref(), carry)
             .await;
         self.next = match stepped {
             // What committed may have more: the same topics again at once.
@@ -913,10 +920,10 @@ impl<T: Transport> Executor<T> {
     async fn step(
         &self,
         sm: &StateMachine,
+        inputs: &mut canal_pubsub::Inputs<T>,
         spec: &TriggerSpec,
         only: Option<&BTreeSet<String>>,
         carry: Option<Carried>,
-        changes: &mut ChangeWatch,
     ) -> Result<(bool, Option<Carried>), ExecError> {
         let began = Instant::now();
         let Some(function) = self.functions.function(&spec.function)? else {
@@ -937,7 +944,8 @@ impl<T: Transport> Executor<T> {
                 .map_err(|e| ExecError::Settings(e.to_string()))?,
             function,
         };
-        let group = canal_consensus::group_of_function(&run.function.name);
+        let route = self.functions.consensus.route()?;
+        let group = route.function(&run.function.name);
         if let Some((producer, n)) = outbox_backlog(sm, group, &run.function.name)? {
             // Its effects would soon be refused by the outbox limit: the relay delivers
             // first, and the trigger looks again after its idle wait.
@@ -966,7 +974,7 @@ impl<T: Transport> Executor<T> {
         while proposed < MAX_RUN_STEPS && rounds < MAX_RUN_ROUNDS {
             rounds += 1;
             let planning = Instant::now();
-            let plan = self.plan(sm, &run, topics.as_ref(), &chain).await;
+            let plan = self.plan(sm, inputs, &run, topics.as_ref(), &chain).await;
             self.metrics.phase("plan", planning);
             // Before the next step is proposed, settle what it may not overlap: a step that
             // writes state (the next one's state version would name the version it makes,
@@ -1019,7 +1027,7 @@ impl<T: Transport> Executor<T> {
                         };
                         tokio::select! {
                             r = front.answer() => Got::Answer(r),
-                            w = changes.next() => Got::Wake(w),
+                            w = inputs.next() => Got::Wake(w.map(|(_, w)| w)),
                         }
                     };
                     match got {
@@ -1058,7 +1066,7 @@ impl<T: Transport> Executor<T> {
             };
             topics = Some(plan.cursors.iter().map(|c| c.topic.clone()).collect());
             let stateful = !plan.state.is_empty();
-            let op = chain.advance(&run.function.name, group, &self.routes, plan);
+            let op = chain.advance(route, &run.function.name, group, &self.routes, plan);
             // Proposed here, in order: steps in flight reach the log in the order planned.
             let answer = self
                 .functions
@@ -1169,17 +1177,21 @@ impl<T: Transport> Executor<T> {
     async fn plan(
         &self,
         sm: &StateMachine,
+        inputs: &canal_pubsub::Inputs<T>,
         run: &Run<'_>,
         only: Option<&BTreeSet<String>>,
         chain: &Chain,
     ) -> Result<Option<Plan>, ExecError> {
         let spec = run.spec;
         let topics = match only {
-            None => sm.topics().map_err(replica)?,
+            None => inputs.topics().await.map_err(replica)?,
             Some(only) => {
                 let mut metas = Vec::with_capacity(only.len());
                 for topic in only {
-                    if let Some(meta) = sm.topic_meta(topic).map_err(replica)? {
+                    let Some(reader) = inputs.reader_of(topic) else {
+                        continue;
+                    };
+                    if let Some(meta) = reader.topic_meta(topic).await.map_err(replica)? {
                         metas.push((topic.clone(), meta));
                     }
                 }
@@ -1203,13 +1215,19 @@ impl<T: Transport> Executor<T> {
             if !spec.filter.matches(&t) || t == run.dead_letter {
                 continue;
             }
+            let Some(reader) = inputs.reader_of(&topic) else {
+                continue;
+            };
             let stored = match chain.cursors.get(&topic) {
                 Some(c) => *c,
                 None => sm.trigger_cursor(&spec.uid, &topic).map_err(replica)?,
             };
             let created_at = match stored {
                 Some(_) => 0,
-                None => sm.offset_at(&topic, spec.created_ms).map_err(replica)?,
+                None => reader
+                    .offset_at(&topic, spec.created_ms)
+                    .await
+                    .map_err(replica)?,
             };
             let start = rules::start(stored, meta.first, meta.next, created_at);
             if let Some((from, to)) = start.skipped {
@@ -1220,8 +1238,9 @@ impl<T: Transport> Executor<T> {
             }
             backlog += meta.next - start.offset;
             let end = rules::batch_end(start.offset, meta.next, BATCH_EVENTS);
-            let events = sm
+            let events = reader
                 .events(&topic, start.offset, (end - start.offset) as usize)
+                .await
                 .map_err(replica)?;
             // Earlier topics of this step wrote on top of the chain.
             let base: Arc<dyn StateView> = if plan.state.is_empty() {
@@ -1548,7 +1567,7 @@ impl<T: Transport> Executor<T> {
             self.functions
                 .consensus
                 .write_op(
-                    canal_consensus::group_of_function(&function.name),
+                    self.functions.consensus.route()?.function(&function.name),
                     Op::Effects(fx),
                 )
                 .await?;
@@ -1885,7 +1904,7 @@ mod tests {
     async fn publish<T: Transport>(f: &Functions<T>, topic: &str, payload: &str) {
         f.consensus
             .write_op(
-                canal_consensus::group_of(topic),
+                canal_consensus::Route::Single.topic(topic),
                 Op::Publish(PublishOp {
                     topic: topic.to_string(),
                     id: None,
@@ -1956,7 +1975,7 @@ mod tests {
             .unwrap();
         let sm = m
             .consensus
-            .state_machine(canal_consensus::group_of_function(function))
+            .state_machine(canal_consensus::Route::Single.function(function))
             .unwrap();
         (cluster, f, spec, sm)
     }
@@ -2013,7 +2032,10 @@ mod tests {
         };
         let r = f
             .consensus
-            .write_op(canal_consensus::group_of_function("up"), Op::Effects(rerun))
+            .write_op(
+                canal_consensus::Route::Single.function("up"),
+                Op::Effects(rerun),
+            )
             .await
             .unwrap();
         assert!(
@@ -2096,7 +2118,7 @@ mod tests {
         use crate::testkit;
         let (cluster, f, spec, sm) =
             one_node_trigger("count", "counter", "tally", "clicks/+", "tally/out").await;
-        let group = canal_consensus::group_of_function("count");
+        let group = canal_consensus::Route::Single.function("count");
         let dht = lone_mesh().await;
         let running = Arc::new(executor(f.clone(), &dht)).spawn();
         let click = |topic: String| PublishOp {
@@ -2173,7 +2195,7 @@ mod tests {
         use crate::testkit;
         let (cluster, f, spec, sm) =
             one_node_trigger("upper", "uppercase", "shout", "words/+", "shout/out").await;
-        let group = canal_consensus::group_of_function("upper");
+        let group = canal_consensus::Route::Single.function("upper");
         let dht = lone_mesh().await;
         // Two executors of one trigger (as during a placement change): their stateless
         // steps overlap in flight, and they refuse each other's.
@@ -2264,7 +2286,7 @@ mod tests {
         use crate::outbox::{OutboxMetrics, OutboxRelay};
         use crate::testkit::{self, Cluster, FixedPeers};
         let cluster = Cluster::formed(3).await;
-        let a = canal_consensus::group_of_function("up");
+        let a = canal_consensus::Route::Single.function("up");
         let b = GroupId(7);
         assert_ne!(a, b);
         cluster.add_group(b).await;
@@ -2384,7 +2406,7 @@ mod tests {
     async fn a_half_full_outbox_holds_back_its_function_only() {
         let cluster = crate::testkit::Cluster::formed(1).await;
         let c = &cluster.members[0].consensus;
-        let g = canal_consensus::group_of_function("up");
+        let g = canal_consensus::Route::Single.function("up");
         let far = GroupId(7);
         let fill = |function: &str| {
             let producer = canal_consensus::functions::producer_id(g, function, far);

@@ -266,7 +266,7 @@ impl<T: Transport> Functions<T> {
         Ok(ReplicaState {
             sm: self
                 .consensus
-                .state_machine(canal_consensus::group_of_function(function))?,
+                .state_machine(self.consensus.route()?.function(function))?,
             function: function.to_string(),
         })
     }
@@ -275,7 +275,7 @@ impl<T: Transport> Functions<T> {
     pub fn state_version(&self, function: &str) -> Result<u64, FunctionsError> {
         let sm = self
             .consensus
-            .state_machine(canal_consensus::group_of_function(function))?;
+            .state_machine(self.consensus.route()?.function(function))?;
         Ok(sm
             .record(&keys::STATE_VERSIONS, function)
             .map_err(internal)?
@@ -580,7 +580,7 @@ impl<T: Transport> Functions<T> {
         Ok(self
             .consensus
             .read_record(
-                canal_consensus::group_of_function(name),
+                self.consensus.routing().await?.function(name),
                 &keys::STATE,
                 (name, key),
                 linearizable,

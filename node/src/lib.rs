@@ -28,7 +28,7 @@
 //!   - [`pubsub`]: the node's side of [`canal_pubsub`] (publish, subscribe, settings,
 //!     retention, durable consumers): QoS 0 over the mesh.
 //!   - [`cluster`]: Raft over the mesh, and the job that forms and grows the cluster.
-//!   - [`shard_groups`]: the shard groups job (`--shard-groups on`): hosts the groups of
+//!   - [`shard_groups`]: the shard groups job: hosts the groups of
 //!     the shards this node is a replica of, and moves their replicas as the map changes.
 //!   - [`shard_map`]: the shard map job (computes and commits the map on the metadata
 //!     leader) and the map as `/v1/cluster/shards` shows it.
@@ -179,8 +179,8 @@ pub struct Node {
     trimmer: canal_worker::WorkerHandle,
     placer: canal_worker::WorkerHandle,
     shard_map: canal_worker::WorkerHandle,
-    /// The shard groups job, with `--shard-groups on`.
-    shard_groups: Option<canal_worker::WorkerHandle>,
+    /// The shard groups job.
+    shard_groups: canal_worker::WorkerHandle,
     raft_links: canal_worker::WorkerHandle,
     token_job: canal_worker::WorkerHandle,
     api_addr: SocketAddr,
@@ -298,6 +298,8 @@ impl Node {
             snapshot_every: config.raft_snapshot_every,
             keep_behind_snapshot: (config.raft_snapshot_every / 5).max(10),
             clock_offset_ms: config.clock_offset_ms,
+            // Topics live in the shard groups of the cluster's shard map.
+            sharded: true,
             ..Settings::with_election_timeout(config.raft_election_timeout)
         };
         let settings = Settings {
@@ -413,12 +415,10 @@ impl Node {
             shard_map::ShardMapMetrics::register(&mut registry),
         ));
         let shard_group_metrics = shard_groups::ShardGroupMetrics::register(&mut registry);
-        let shard_groups = config.shard_groups.then(|| {
-            canal_worker::spawn(shard_groups::ShardGroupsJob::new(
-                consensus.clone(),
-                shard_group_metrics,
-            ))
-        });
+        let shard_groups = canal_worker::spawn(shard_groups::ShardGroupsJob::new(
+            consensus.clone(),
+            shard_group_metrics,
+        ));
         let raft_links = raft_links.spawn(consensus.clone(), handle.clone());
         registry.register(
             "canal_auth_refused",
@@ -564,7 +564,7 @@ impl Node {
         }
         // The jobs finish the work in hand (a trigger's batch commits or not, never half-way)
         // while the groups still run.
-        let mut jobs = vec![
+        let jobs = vec![
             self.membership,
             self.placer,
             self.shard_map,
@@ -572,8 +572,8 @@ impl Node {
             self.trimmer,
             self.token_job,
             self.outbox_relay,
+            self.shard_groups,
         ];
-        jobs.extend(self.shard_groups);
         let (mut aborted, executor) = tokio::join!(
             canal_worker::shutdown_all(jobs, JOB_SHUTDOWN),
             self.executor.shutdown(JOB_SHUTDOWN)

@@ -360,7 +360,7 @@ mod tests {
     async fn a_gap_is_refused_and_the_relay_starts_again_from_the_outbox() {
         let cluster = crate::testkit::Cluster::formed(1).await;
         let c = cluster.members[0].consensus.clone();
-        let a = canal_consensus::group_of_function("f");
+        let a = canal_consensus::Route::Single.function("f");
         let far = GroupId(9);
         cluster.add_group(far).await;
         assert_eq!(

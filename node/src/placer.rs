@@ -59,11 +59,13 @@ impl<T: Transport> canal_worker::Worker for Placer<T> {
         if self.round.is_multiple_of(2) {
             report(&self.functions, &mut self.reported).await;
         }
-        if canal_consensus::DATA_GROUPS
-            .iter()
-            .any(|&g| self.functions.consensus.is_leader(g))
+        // Only a node leading some group that holds functions places anything.
+        if let Ok(route) = self.functions.consensus.route()
+            && self.functions.consensus.groups().into_iter().any(|g| {
+                g != canal_consensus::GroupId::METADATA && self.functions.consensus.is_leader(g)
+            })
         {
-            place_all(&self.functions).await;
+            place_all(&self.functions, route).await;
         }
         canal_worker::Flow::Continue
     }
@@ -124,13 +126,10 @@ async fn report<T: Transport>(functions: &Functions<T>, reported: &mut HashMap<S
 }
 
 /// Decides every function's placement and commits the ones whose choice changed.
-async fn place_all<T: Transport>(functions: &Functions<T>) {
+async fn place_all<T: Transport>(functions: &Functions<T>, route: canal_consensus::Route) {
     for spec in functions.functions().unwrap_or_default() {
         // The leader of the group its executions commit to places a function.
-        if !functions
-            .consensus
-            .is_leader(canal_consensus::group_of_function(&spec.name))
-        {
+        if !functions.consensus.is_leader(route.function(&spec.name)) {
             continue;
         }
         let previous = placed(&functions.consensus, &spec.name);

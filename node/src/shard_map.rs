@@ -51,6 +51,10 @@ pub const MIN_BETWEEN: Duration = Duration::from_secs(5);
 /// to hold every live peer (a record every few seconds; a silent peer leaves it after
 /// 10 s), so a leader that has just started does not take its members for gone.
 pub const WARM_UP: Duration = Duration::from_secs(10);
+/// How long the inputs of the cluster's first map must stay the same: the first map waits
+/// for no [`WARM_UP`] (no data can be written before it exists) but for every member of the
+/// metadata group to be in the peer table, so no member's tier and labels are missing.
+pub const FIRST_SETTLE: Duration = Duration::from_secs(1);
 /// How long a member must be missing from the peer table before the map counts it down and
 /// places its replicas elsewhere: a restart or a short partition moves nothing (compare
 /// CockroachDB's `server.time_until_store_dead`).
@@ -86,7 +90,7 @@ impl ShardMapMetrics {
         );
         registry.register(
             "canal_shard_map_moves",
-            "Replica moves planned from the previous shard map to the committed one (not executed until shard groups land)",
+            "Replica moves from the previous shard map to the committed one (the shard groups' leaders make them one at a time)",
             m.moves.clone(),
         );
         m
@@ -323,12 +327,11 @@ pub fn view(
     }
 }
 
-/// The group that holds the logs of `shard`'s topics today: `routing::group_of` answers one
-/// data group for every topic until shard groups land. (A test checks that the two agree,
-/// so a change of routing cannot leave this answer behind.)
+/// The group that holds the logs of `shard`'s topics: its shard group. (A test checks that
+/// this agrees with the route of the topics, so a change of routing cannot leave this
+/// answer behind.)
 pub fn serving_group(shard: u32) -> GroupId {
-    let _ = shard;
-    canal_consensus::routing::DEFAULT_GROUP
+    canal_consensus::routing::shard_group(shard)
 }
 
 /// Whether a round at `now` may commit a map: the job has run for [`WARM_UP`], its inputs
@@ -415,6 +418,8 @@ impl<T: Transport> ShardMapJob<T> {
         let Some(map) = current else {
             return;
         };
+        // The shard count is fixed with the first map: from now on this node routes by it.
+        self.consensus.learn_shard_count(map.shards);
         self.metrics.epoch.set(map.epoch as i64);
         if self.seen.moves_epoch != Some(map.epoch) {
             let moves = previous(&self.consensus).map_or(0, |p| plan_moves(&p, map).len());
@@ -457,7 +462,12 @@ impl<T: Transport> ShardMapJob<T> {
             self.seen.since = now;
             return;
         }
-        if !may_commit(now, self.started, self.seen.since, self.seen.last_commit)
+        let first_ready = current.is_none()
+            && now.saturating_duration_since(self.seen.since) >= FIRST_SETTLE
+            && members
+                .iter()
+                .all(|m| table.iter().any(|p| p.peer_id.to_base58() == *m));
+        if !(first_ready || may_commit(now, self.started, self.seen.since, self.seen.last_commit))
             || !inputs.iter().any(|p| p.alive)
         {
             return;
@@ -508,8 +518,7 @@ impl<T: Transport> ShardMapJob<T> {
                     lower_bound = moved.map_or(0, |m| m.lower_bound),
                     leader_changes = moved.map_or(0, |m| m.leader_changes),
                     moves,
-                    "shard map committed; its moves are planned, not executed: every topic stays in {} until shard groups land",
-                    serving_group(0)
+                    "shard map committed; each shard group's leader moves its replicas one at a time"
                 );
             }
             Ok(r) => {
@@ -625,7 +634,7 @@ mod tests {
                 canal_proto::keyspace::shard_of(&canal_proto::keyspace::topic_key(&topic), 64);
             assert_eq!(
                 serving_group(shard),
-                canal_consensus::group_of(topic.as_str()),
+                canal_consensus::Route::Sharded { shards: 64 }.topic(topic.as_str()),
                 "{topic} of shard {shard}"
             );
         }
@@ -701,14 +710,16 @@ mod tests {
             .filter(|a| a.replicas.contains(&members[3]))
             .count();
         assert_eq!(on_new, 48, "64 × 3 / 4 replicas on the new peer");
-        // The shown view: every row served by the one data group, and the planned moves.
+        // The shown view: every row served by its shard's group, and the planned moves.
         let v = view(Some(&second), Some(&first), &|g| {
             Some(format!("leader of {g}"))
         });
         assert_eq!((v.epoch, v.rows.len(), v.moves_from), (2, 64, Some(1)));
         assert!(
-            v.rows.iter().all(|r| r.served_by == "data-1"
-                && r.group_leader.as_deref() == Some("leader of data-1"))
+            v.rows
+                .iter()
+                .all(|r| r.served_by == format!("shard-{}", r.shard)
+                    && r.group_leader.as_deref() == Some(&format!("leader of shard-{}", r.shard)))
         );
         let adds = v.moves.iter().filter(|m| m.step == "add_learner").count();
         assert_eq!(adds, 48);

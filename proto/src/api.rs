@@ -293,18 +293,23 @@ pub struct ClusterStatus {
     pub node_id: u64,
     /// Every group the node hosts.
     pub groups: Vec<GroupStatus>,
+    /// Why the node cannot route every topic yet, if it cannot: it has not read the
+    /// cluster's shard map, or has not opened the shard groups the map gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unrouted: Option<String>,
 }
 
 impl ClusterStatus {
-    /// Whether every group the answering node hosts knows its leader (its own view: the
-    /// first member listed is the answering node).
+    /// Whether the answering node routes every topic and every group it hosts knows its
+    /// leader (its own view: the first member listed is the answering node).
     pub fn every_group_led(&self) -> bool {
-        self.groups.iter().all(|g| {
-            g.members
-                .first()
-                .and_then(|m| m.status.as_ref())
-                .is_some_and(|m| m.leader.is_some())
-        })
+        self.unrouted.is_none()
+            && self.groups.iter().all(|g| {
+                g.members
+                    .first()
+                    .and_then(|m| m.status.as_ref())
+                    .is_some_and(|m| m.leader.is_some())
+            })
     }
 }
 

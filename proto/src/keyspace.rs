@@ -19,7 +19,18 @@ pub const DEFAULT_REPLICATION: usize = 3;
 
 /// The key of a topic: SHA-256 of its name.
 pub fn topic_key(topic: &Topic) -> Key {
-    Sha256::digest(topic.as_str().as_bytes()).into()
+    topic_name_key(topic.as_str())
+}
+
+/// [`topic_key`] of a topic name already checked elsewhere (as stored in a log).
+pub fn topic_name_key(topic: &str) -> Key {
+    Sha256::digest(topic.as_bytes()).into()
+}
+
+/// The key of a named thing that is no topic (`kind` `function` or `subscription`): SHA-256
+/// of `canal/{kind}/v1/{name}`, so a function and a topic of one name fall apart.
+pub fn name_key(kind: &str, name: &str) -> Key {
+    Sha256::digest(format!("canal/{kind}/v1/{name}").as_bytes()).into()
 }
 
 /// The shard a key falls in, for a topic space of `shards` shards: the key's first eight

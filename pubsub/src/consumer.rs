@@ -155,6 +155,16 @@ impl ConsumerState {
         }
     }
 
+    /// The time whose first offset [`ConsumerState::step`] will ask `offset_at` for, when
+    /// `topic` is new to this subscription and it starts at a time: a reader whose log reads
+    /// are async looks the offset up first.
+    pub fn offset_time_needed(&self, topic: &str, acked: Option<u64>) -> Option<u64> {
+        match (self.topics.contains_key(topic), acked, self.start) {
+            (false, None, Start::Time(ms)) => Some(ms),
+            _ => None,
+        }
+    }
+
     /// What to do now for `topic`, given the log's view of it at `now`.
     pub fn step(
         &mut self,

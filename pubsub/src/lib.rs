@@ -16,7 +16,7 @@
 //! - [`metrics`]: what subscriptions count (redeliveries, give-ups, events missed).
 //!
 //! ```text
-//!   QoS 1 publish ─> check topic, payload vs settings ─> write_batched(group_of(topic), Publish)
+//!   QoS 1 publish ─> check topic, payload vs settings ─> write_batched(route.topic(t), Publish)
 //!                    └─> answer after commit: offset, duplicate
 //!   QoS 0 publish ─> Qos0Hub (local subscribers) + Qos0Link::send (interested peers)
 //!   subscribe ─> ConsumerState::step(now, log view) ─> Send/Gap/Redeliver/GiveUp ─> feed
@@ -37,7 +37,7 @@ pub use error::PubSubError;
 pub use event::Delivery;
 pub use metrics::PubSubMetrics;
 pub use qos0::{Qos0Hub, Qos0Interest, Qos0Link, Qos0Message, publish_qos0};
-pub use subscribe::SubscribeRequest;
+pub use subscribe::{Inputs, SubscribeRequest};
 
 use canal_consensus::topics::PublishOp;
 use canal_consensus::{Consensus, Op, Request, Transport};
@@ -55,7 +55,6 @@ pub const MAX_BATCH_EVENTS: usize = canal_proto::api::MAX_BATCH_EVENTS;
 /// The longest message id a publisher may give.
 pub const MAX_ID_LEN: usize = 256;
 
-use canal_consensus::group_of;
 use canal_proto::time::{fresh_id, now_ms};
 
 pub use canal_proto::Qos;
@@ -262,10 +261,11 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
             Some(id) => format!("pub/{topic}/{id}"),
             None => fresh_id(&self.node.local_peer),
         };
+        let group = self.consensus.routing().await?.topic(topic.as_str());
         let r = self
             .consensus
             .write_batched(
-                group_of(topic.as_str()),
+                group,
                 Request {
                     id: Some(request_id),
                     op: Op::Publish(PublishOp {
@@ -340,29 +340,30 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
             });
             return Ok(rx);
         }
-        let sm = self
-            .consensus
-            .state_machine(group_of(sub.filter.as_str()))?;
+        let route = self.consensus.routing().await?;
+        let sources = subscribe::Inputs::open(&self.consensus, route, &sub.filter)?;
         // A durable subscription keeps the start it was created with, for topics it has not
         // acknowledged anything on yet.
         let from = match &sub.durable {
             Some((name, _)) => {
-                subscribe::durable_start(&self.consensus, &sm, name, sub.from).await?
+                subscribe::durable_start(&self.consensus, route, name, sub.from).await?
             }
             None => sub.from,
         };
-        subscribe::check_offset(&sm, &sub.filter, from)?;
+        let exact = sources.reader_of(sub.filter.as_str()).cloned();
+        subscribe::check_offset(exact, &sub.filter, from).await?;
         let state = ConsumerState::new(from, sub.durable.as_ref().map(|(_, r)| *r));
         let durable = sub.durable.map(|(name, _)| subscribe::Durable {
             name,
             consensus: self.consensus.clone(),
+            route,
         });
         let metrics = self.node.metrics.clone();
         let attached = with_qos0.then(|| self.hub.attach(sub.filter.clone(), tx.clone()));
         tokio::spawn(async move {
             let _attached = attached;
             tokio::select! {
-                _ = subscribe::drive_qos1(sm, sub.filter, state, durable, metrics, tx) => {}
+                _ = subscribe::drive_qos1(sources, sub.filter, state, durable, metrics, tx) => {}
                 _ = closing.wait_for(|c| *c) => {}
             }
         });
@@ -386,10 +387,11 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
         let offset: u64 = offset.and_then(|o| o.parse().ok()).ok_or_else(|| {
             PubSubError::InvalidAck("offset must be a whole number: add ?topic=T&offset=N".into())
         })?;
+        let group = self.consensus.routing().await?.topic(topic.as_str());
         let r = self
             .consensus
             .write_batched(
-                group_of(topic.as_str()),
+                group,
                 Request {
                     // Acks are idempotent (a cursor only moves forward), so need no id.
                     id: None,

@@ -16,9 +16,12 @@ use crate::error::PubSubError;
 use crate::event::{Delivery, EventData, message};
 use crate::feed::FeedTx;
 use canal_consensus::topics::TopicMeta;
-use canal_consensus::{Consensus, InternalKey, Op, Request, StateMachine, Transport, Wake};
+use canal_consensus::{
+    Consensus, GroupId, GroupReader, InternalKey, Op, Request, Route, Transport, Wake,
+};
 use canal_proto::api::Lagged;
 use canal_proto::{Topic, TopicFilter};
+use futures::StreamExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -186,15 +189,18 @@ fn encode_start(from: Start, now_ms: u64) -> String {
 }
 
 /// The start of durable subscription `name`: as stored when it was created, or `from`
-/// (with `latest` fixed to now) stored now if it is new.
+/// (with `latest` fixed to now) stored now if it is new. Read through its group's leader,
+/// wherever that is: a replica here may not have applied the creation yet.
 pub(crate) async fn durable_start<T: Transport>(
     consensus: &Consensus<T>,
-    sm: &StateMachine,
+    route: Route,
     name: &str,
     from: Start,
 ) -> Result<Start, PubSubError> {
     let starts = &canal_consensus::keys::SUBSCRIPTION_STARTS;
-    if let Some(b) = sm.record(starts, name).map_err(PubSubError::internal)? {
+    let group = route.subscription(name);
+    let stored = consensus.read_record(group, starts, name, true).await?;
+    if let Some(b) = stored {
         return decode_start(&b).ok_or_else(|| {
             PubSubError::Internal(format!("durable subscription {name} has a damaged start"))
         });
@@ -203,7 +209,7 @@ pub(crate) async fn durable_start<T: Transport>(
     // The request id makes the first creation win if two race.
     consensus
         .write(
-            canal_consensus::group_of_subscription(name),
+            group,
             Request {
                 id: Some(format!("durable-start/{name}")),
                 op: Op::Internal {
@@ -213,21 +219,23 @@ pub(crate) async fn durable_start<T: Transport>(
             },
         )
         .await?;
-    let stored = sm.record(starts, name).map_err(PubSubError::internal)?;
+    let stored = consensus.read_record(group, starts, name, true).await?;
     Ok(stored.as_deref().and_then(decode_start).unwrap_or(from))
 }
 
 /// Refuses an offset past the end of an exact topic: a mistake worth saying.
-pub(crate) fn check_offset(
-    sm: &StateMachine,
+pub(crate) async fn check_offset(
+    reader: Option<GroupReader>,
     filter: &TopicFilter,
     from: Start,
 ) -> Result<(), PubSubError> {
     if let Start::Offset(n) = from
         && filter.is_exact()
+        && let Some(reader) = reader
     {
-        let next = sm
+        let next = reader
             .topic_meta(filter.as_str())
+            .await
             .map_err(PubSubError::internal)?
             .map(|m| m.next)
             .unwrap_or(0);
@@ -240,50 +248,158 @@ pub(crate) fn check_offset(
     Ok(())
 }
 
+/// The groups a subscription or a trigger reads, a reader of each, and their change
+/// notices as one stream: the one group of an exact filter, every data group of a wildcard.
+/// A group that closes here (its replica moved to other nodes) is read where it is then.
+pub struct Inputs<T: Transport> {
+    consensus: Consensus<T>,
+    route: Route,
+    readers: BTreeMap<GroupId, GroupReader>,
+    /// Only ever used through `&mut self` (`get_mut`, no locking): the mutex makes the
+    /// inputs `Sync`, so a reader may be borrowed across an await.
+    changes: std::sync::Mutex<futures::stream::SelectAll<WatchStream>>,
+}
+
+impl<T: Transport> Inputs<T> {
+    /// Readers of every group `filter` may match under `route`, each watched from now on
+    /// (so nothing applied after this goes unnoticed by a read that follows).
+    pub fn open(
+        consensus: &Consensus<T>,
+        route: Route,
+        filter: &TopicFilter,
+    ) -> Result<Inputs<T>, PubSubError> {
+        let mut readers = BTreeMap::new();
+        for g in route.groups_of_filter(filter) {
+            readers.insert(g, consensus.reader(g)?);
+        }
+        let changes = futures::stream::select_all(readers.iter().map(|(&g, r)| watch_stream(g, r)));
+        Ok(Inputs {
+            consensus: consensus.clone(),
+            route,
+            readers,
+            changes: std::sync::Mutex::new(changes),
+        })
+    }
+
+    /// The groups read, in id order.
+    pub fn groups(&self) -> impl Iterator<Item = GroupId> + '_ {
+        self.readers.keys().copied()
+    }
+
+    /// The reader of group `g`, if it is one of the groups read.
+    pub fn reader(&self, g: GroupId) -> Option<&GroupReader> {
+        self.readers.get(&g)
+    }
+
+    /// The reader of the group holding `topic`.
+    pub fn reader_of(&self, topic: &str) -> Option<&GroupReader> {
+        self.readers.get(&self.route.topic(topic))
+    }
+
+    /// Every topic with a log in every group read, and where each log starts and ends.
+    pub async fn topics(&self) -> Result<Vec<(String, TopicMeta)>, canal_consensus::ReadError> {
+        let mut all = Vec::new();
+        for r in self.readers.values() {
+            all.extend(r.topics().await?);
+        }
+        Ok(all)
+    }
+
+    /// The next change notice of any group read, with its group; every notice already
+    /// queued of that group comes with it. `None` when a group is gone and cannot be read
+    /// anywhere. Cancel-safe.
+    pub async fn next(&mut self) -> Option<(GroupId, Wake)> {
+        let changes = self.changes.get_mut().unwrap_or_else(|p| p.into_inner());
+        let (g, wake) = changes.next().await?;
+        match wake {
+            Some(w) => Some((g, w)),
+            // The group closed here: read it where it is now, everything afresh.
+            None => match self.consensus.reader(g) {
+                Ok(r) => {
+                    changes.push(watch_stream(g, &r));
+                    self.readers.insert(g, r);
+                    Some((g, Wake::Everything))
+                }
+                Err(e) => {
+                    tracing::debug!(group = %g, error = %e, "a group read is gone");
+                    None
+                }
+            },
+        }
+    }
+
+    /// A notice already queued, without waiting.
+    pub fn next_ready(&mut self) -> Option<(GroupId, Wake)> {
+        futures::FutureExt::now_or_never(self.next()).flatten()
+    }
+}
+
+type WatchStream = futures::stream::BoxStream<'static, (GroupId, Option<Wake>)>;
+
+fn watch_stream(g: GroupId, r: &GroupReader) -> WatchStream {
+    let w = r.watch_changes();
+    futures::stream::unfold(Some(w), move |w| async move {
+        let mut w = w?;
+        match w.next().await {
+            Some(wake) => Some(((g, Some(wake)), Some(w))),
+            // Said once, then the stream ends.
+            None => Some(((g, None), None)),
+        }
+    })
+    .boxed()
+}
+
 /// A durable subscription's name and the groups it commits give-ups to.
 pub(crate) struct Durable<T: Transport> {
     pub(crate) name: String,
     pub(crate) consensus: Consensus<T>,
+    pub(crate) route: Route,
 }
 
-/// Feeds a QoS 1 subscription from `sm` until its client goes away or the log is gone.
+/// Feeds a QoS 1 subscription from the groups of `sources` until its client goes away or
+/// a log it reads is gone.
 ///
-/// It reads all topics once, at the start (and again only when the change notices say
-/// anything may have changed: a snapshot, or this subscription fell behind the notices).
-/// After that it steps only the topics an apply changed that match its filter (a new topic
-/// that matches joins then), and those whose redelivery timer is due: what one publish costs
-/// a subscription does not grow with the number of topics, and a subscription on other
-/// topics only matches the changed names against its filter.
+/// It reads all topics of a group once, at the start (and again only when that group's
+/// change notices say anything may have changed: a snapshot, or this subscription fell
+/// behind the notices). After that it steps only the topics an apply changed that match its
+/// filter (a new topic that matches joins then), and those whose redelivery timer is due:
+/// what one publish costs a subscription does not grow with the number of topics, and a
+/// subscription on other topics only matches the changed names against its filter. Topics
+/// of different groups are independent logs: per-topic offset order holds as in one group.
 pub(crate) async fn drive_qos1<T: Transport>(
-    sm: StateMachine,
+    mut sources: Inputs<T>,
     filter: TopicFilter,
     mut state: ConsumerState,
     durable: Option<Durable<T>>,
     metrics: crate::PubSubMetrics,
     tx: FeedTx<Delivery>,
 ) {
-    // Before the first read, so nothing applied after it goes unnoticed.
-    let mut changes = sm.watch_changes();
     // When each topic's redelivery is due (only topics with something unacknowledged).
     let mut timers: BTreeMap<String, Instant> = BTreeMap::new();
-    let mut wake = Wake::Everything;
+    // Every group is read whole at the start; the watch began when `sources` opened.
+    let mut rescan: BTreeSet<GroupId> = sources.groups().collect();
+    let mut changed: BTreeSet<String> = BTreeSet::new();
     loop {
         let now = Instant::now();
-        let mut todo: BTreeSet<String> = match wake {
-            Wake::Everything => {
-                metrics.rescans.inc();
-                let Ok(topics) = sm.topics() else { return };
+        let mut todo: BTreeSet<String> = std::mem::take(&mut changed)
+            .into_iter()
+            .filter(|t| matches(&filter, t))
+            .collect();
+        for g in std::mem::take(&mut rescan) {
+            let Some(reader) = sources.reader(g) else {
+                continue;
+            };
+            metrics.rescans.inc();
+            let Ok(topics) = reader.topics().await else {
+                return;
+            };
+            todo.extend(
                 topics
                     .into_iter()
                     .map(|(t, _)| t)
-                    .filter(|t| matches(&filter, t))
-                    .collect()
-            }
-            Wake::Topics(changed) => changed
-                .into_iter()
-                .filter(|t| matches(&filter, t))
-                .collect(),
-        };
+                    .filter(|t| matches(&filter, t)),
+            );
+        }
         todo.extend(
             timers
                 .iter()
@@ -292,12 +408,15 @@ pub(crate) async fn drive_qos1<T: Transport>(
         );
         for topic in todo {
             metrics.topic_reads.inc();
-            let Ok(meta) = sm.topic_meta(&topic) else {
+            let Some(reader) = sources.reader_of(&topic) else {
+                continue;
+            };
+            let Ok(meta) = reader.topic_meta(&topic).await else {
                 return;
             };
             let Some(meta) = meta else { continue };
             timers.remove(&topic);
-            match step_topic(&sm, &mut state, &topic, meta, &durable, &metrics, &tx).await {
+            match step_topic(reader, &mut state, &topic, meta, &durable, &metrics, &tx).await {
                 Some(Some(at)) => {
                     timers.insert(topic, at);
                 }
@@ -312,14 +431,27 @@ pub(crate) async fn drive_qos1<T: Transport>(
             .min()
             .copied()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        wake = tokio::select! {
-            changed = changes.next() => match changed {
-                Some(w) => w,
+        let first = tokio::select! {
+            w = sources.next() => match w {
+                Some(w) => Some(w),
                 None => return,
             },
-            _ = tokio::time::sleep_until(next_timer.into()) => Wake::Topics(BTreeSet::new()),
+            _ = tokio::time::sleep_until(next_timer.into()) => None,
             _ = tx.closed() => return,
         };
+        // Every notice already queued goes into this one pass.
+        let mut woken: Vec<(GroupId, Wake)> = first.into_iter().collect();
+        while let Some(w) = sources.next_ready() {
+            woken.push(w);
+        }
+        for (g, wake) in woken {
+            match wake {
+                Wake::Topics(t) => changed.extend(t),
+                Wake::Everything => {
+                    rescan.insert(g);
+                }
+            }
+        }
     }
 }
 
@@ -331,7 +463,7 @@ fn matches(filter: &TopicFilter, topic: &str) -> bool {
 /// Steps one topic and does what its consumer state says: `Some` with when to look again
 /// for redelivery (if ever), `None` when the subscriber is gone or the log cannot be read.
 async fn step_topic<T: Transport>(
-    sm: &StateMachine,
+    reader: &GroupReader,
     state: &mut ConsumerState,
     topic: &str,
     meta: TopicMeta,
@@ -339,17 +471,24 @@ async fn step_topic<T: Transport>(
     metrics: &crate::PubSubMetrics,
     tx: &FeedTx<Delivery>,
 ) -> Option<Option<Instant>> {
-    let acked = durable
-        .as_ref()
-        .and_then(|d| sm.subscription_cursor(&d.name, topic).ok().flatten());
+    let acked = match durable {
+        Some(d) => reader
+            .subscription_cursor(&d.name, topic)
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
     let log = LogView {
         first: meta.first,
         next: meta.next,
         acked,
     };
-    let actions = state.step(Instant::now(), topic, log, |ms| {
-        sm.offset_at(topic, ms).unwrap_or(meta.next)
-    });
+    let at = match state.offset_time_needed(topic, acked) {
+        Some(ms) => reader.offset_at(topic, ms).await.unwrap_or(meta.next),
+        None => meta.next,
+    };
+    let actions = state.step(Instant::now(), topic, log, |_| at);
     let mut wake: Option<Instant> = None;
     for a in actions {
         let ok = match a {
@@ -376,7 +515,7 @@ async fn step_topic<T: Transport>(
                 }
                 None => true,
             },
-            Action::Send { from, to } => send_range(sm, state, topic, from, to, tx).await,
+            Action::Send { from, to } => send_range(reader, state, topic, from, to, tx).await,
             Action::WaitUntil(at) => {
                 wake = Some(wake.map_or(at, |w| w.min(at)));
                 true
@@ -392,7 +531,7 @@ async fn step_topic<T: Transport>(
 /// Sends `topic`'s events `from..to`; false when the subscriber is gone or the log cannot
 /// be read.
 async fn send_range(
-    sm: &StateMachine,
+    reader: &GroupReader,
     state: &mut ConsumerState,
     topic: &str,
     from: u64,
@@ -401,7 +540,7 @@ async fn send_range(
 ) -> bool {
     let mut cursor = from;
     while cursor < to {
-        let Ok(batch) = sm.events(topic, cursor, READ_BATCH) else {
+        let Ok(batch) = reader.events(topic, cursor, READ_BATCH).await else {
             return false;
         };
         if batch.is_empty() {
@@ -453,11 +592,7 @@ async fn give_up<T: Transport>(
             offset,
         },
     };
-    match d
-        .consensus
-        .write_batched(canal_consensus::group_of(topic), ack)
-        .await
-    {
+    match d.consensus.write_batched(d.route.topic(topic), ack).await {
         Ok(_) => state.given_up(topic, offset),
         Err(e) => tracing::debug!(error = %e, "giving up on an event not committed; later"),
     }

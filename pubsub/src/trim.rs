@@ -68,13 +68,15 @@ impl<T: Transport> Trimmer<T> {
     }
 
     /// The trims this node should propose now, in the data groups it leads.
-    fn due(&self) -> Vec<Trim> {
+    fn due(&self) -> Vec<(canal_consensus::GroupId, Trim)> {
         let Ok(all) = crate::settings::all_settings(&self.consensus) else {
             return Vec::new();
         };
         let mut trims = Vec::new();
-        for &group in canal_consensus::DATA_GROUPS {
-            if !self.consensus.is_leader(group) {
+        // Every group hosted here holding topics (not the metadata group), whatever the
+        // routing: a leader trims the logs it holds.
+        for group in self.consensus.groups() {
+            if group == canal_consensus::GroupId::METADATA || !self.consensus.is_leader(group) {
                 continue;
             }
             let Ok(sm) = self.consensus.state_machine(group) else {
@@ -83,16 +85,15 @@ impl<T: Transport> Trimmer<T> {
             // The clock the leader stamps entries with, so the trims it proposes are the
             // ones its entries will find due.
             let now = self.consensus.now_ms();
-            trims.extend(due_trims(
-                &all,
-                sm.topics().unwrap_or_default(),
-                now,
-                |topic, meta| {
+            trims.extend(
+                due_trims(&all, sm.topics().unwrap_or_default(), now, |topic, meta| {
                     sm.events(topic, meta.first, 1)
                         .ok()
                         .and_then(|e| e.first().map(|e| e.time_ms))
-                },
-            ));
+                })
+                .into_iter()
+                .map(|t| (group, t)),
+            );
         }
         trims
     }
@@ -108,7 +109,7 @@ impl<T: Transport> Worker for Trimmer<T> {
     }
 
     async fn work(&mut self) -> Flow {
-        for Trim { topic, retention } in self.due() {
+        for (group, Trim { topic, retention }) in self.due() {
             let trim = Request {
                 id: None,
                 op: Op::Trim {
@@ -116,11 +117,7 @@ impl<T: Transport> Worker for Trimmer<T> {
                     retention,
                 },
             };
-            if let Err(e) = self
-                .consensus
-                .write(canal_consensus::group_of(&topic), trim)
-                .await
-            {
+            if let Err(e) = self.consensus.write(group, trim).await {
                 tracing::debug!(%topic, error = %e, "trim not committed; next round");
             }
         }

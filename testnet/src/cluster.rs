@@ -50,7 +50,7 @@ pub struct UpOptions {
     /// Serve the APIs over TLS with certificates of a local CA made in `DIR/tls/`.
     pub tls: bool,
     /// More `canal node` flags every node gets (kept for restarts), such as
-    /// `--shard-groups on`.
+    /// `--shards 8`.
     pub node_args: Vec<String>,
 }
 

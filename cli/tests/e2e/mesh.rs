@@ -683,7 +683,7 @@ async fn the_shard_map_is_committed_shown_and_moves_when_a_fourth_node_joins() {
     for r in &first.rows {
         let set: BTreeSet<String> = r.replicas.iter().cloned().collect();
         assert_eq!(set, ids, "shard {}: {:?}", r.shard, r.replicas);
-        assert_eq!(r.served_by, "data-1");
+        assert_eq!(r.served_by, format!("shard-{}", r.shard));
         assert!(
             r.group_leader.as_ref().is_some_and(|l| ids.contains(l)),
             "{r:?}"
@@ -696,7 +696,7 @@ async fn the_shard_map_is_committed_shown_and_moves_when_a_fourth_node_joins() {
         assert!((18..=25).contains(&p.leaders), "{p:?}");
     }
 
-    // `canal cluster shards` lists them, truthfully served by data group 1.
+    // `canal cluster shards` lists them, each served by its shard's group.
     let api0 = net.node(0).info().unwrap().api.clone();
     let out = canal(&["--api", &api0, "cluster", "shards"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
@@ -708,10 +708,7 @@ async fn the_shard_map_is_committed_shown_and_moves_when_a_fourth_node_joins() {
         )),
         "{text}"
     );
-    assert!(
-        text.contains("data-1 (all topics until shard groups land)"),
-        "{text}"
-    );
+    assert!(text.contains("shard-63"), "{text}");
     assert!(ids.iter().all(|id| text.contains(id.as_str())), "{text}");
 
     // `locate` gives the topic's shard, its planned replicas from the map, the DHT home next
@@ -732,14 +729,13 @@ async fn the_shard_map_is_committed_shown_and_moves_when_a_fourth_node_joins() {
     assert_eq!(l.map_epoch, Some(first.epoch));
     assert_eq!(l.planned_replicas, row.replicas);
     assert_eq!(l.home.len(), 3);
-    assert_eq!(l.group, "data-1");
+    assert_eq!(l.group, format!("shard-{}", l.shard));
     let out = canal(&["--api", &api0, "topic", "locate", "sensors/room1/temp"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("not serving until shard groups land"),
+        text.contains(&format!("shard-{} (leader ", l.shard)),
         "{text}"
     );
-    assert!(text.contains("data-1 (leader "), "{text}");
 
     // A fourth node joins, started with another shard count: the cluster's stays. The map's
     // epoch moves, with about a quarter of the 192 replicas on the new peer.

@@ -471,7 +471,7 @@ async fn mqtt_clients_of_both_versions_meet_each_other_and_http_across_nodes() {
     })
     .await;
     // Both members' records are on every replica before the first job.
-    wait_same_digest(&net, &[0, 1, 2], 1).await;
+    wait_same_digest(&net, &[0, 1, 2], "data-1").await;
     const JOBS: usize = 30;
     for i in 0..JOBS {
         http_publish(&api0, &format!("jobs/j{}", i % 3), &format!("job{i}")).await;

@@ -116,7 +116,9 @@ fn check_delivery(out: &str, want_payloads: &BTreeSet<String>, who: &str) {
 async fn qos1_subscribers_get_every_event_once_in_order_across_a_leader_kill() {
     const N: usize = 600;
     let mut net = cluster(3, &[]).await;
-    let lead = leader(&net, 0, "data-1").await;
+    // The leader of one of the topics' shard groups (each node leads some of them).
+    let group = crate::raft::group_of_topic(&net, "sensors/0/temp").await;
+    let lead = leader(&net, 0, &group).await;
     let others: Vec<usize> = (0..3).filter(|i| *i != lead).collect();
     // Subscribers on the nodes that stay up, with both kinds of wildcard.
     let mut subs = Vec::new();
@@ -877,11 +879,23 @@ async fn replicas_stay_identical_under_load_id_reuse_and_a_skewed_clock() {
         publish_answered(&apis[n % 4], "reuse/load/0", &format!("load-0-{n}"), "x").await;
     }
 
-    // Every replica, the skewed one included, holds the same state in both groups.
+    // Every replica, the skewed one included, holds the same state in the metadata group
+    // and in every shard group the topics live in.
     let nodes = [0, 1, 2, skewed];
-    let data = wait_same_digest(&net, &nodes, 1).await;
-    wait_same_digest(&net, &nodes, 0).await;
-    assert!(data.keys > 100, "{data:?}");
+    let mut groups = std::collections::BTreeSet::new();
+    for topic in ["age/a", "dedup/a", "reuse/a"]
+        .into_iter()
+        .map(String::from)
+        .chain((0..4).map(|i| format!("reuse/load/{i}")))
+    {
+        groups.insert(crate::raft::group_of_topic(&net, &topic).await);
+    }
+    let mut keys = 0;
+    for g in &groups {
+        keys += wait_same_digest(&net, &nodes, g).await.keys;
+    }
+    wait_same_digest(&net, &nodes, "metadata").await;
+    assert!(keys > 100, "{keys} keys in {groups:?}");
     // No acknowledged event was trimmed early; reuse/a holds r1 twice, once per window.
     assert!(
         age_start.elapsed() < Duration::from_secs(230),
@@ -1066,7 +1080,8 @@ async fn a_publish_stream_resent_after_a_leader_kill_stores_each_message_once() 
     const N: usize = 1000;
     const TOPIC: &str = "stream/orders";
     let mut net = cluster(3, &[]).await;
-    let lead = leader(&net, 0, "data-1").await;
+    let group = crate::raft::group_of_topic(&net, TOPIC).await;
+    let lead = leader(&net, 0, &group).await;
     let apis: Vec<String> = (0..3)
         .map(|i| net.api(i).unwrap().base().to_string())
         .collect();
@@ -1340,7 +1355,14 @@ async fn a_publish_stream_through_a_follower_gets_offsets_in_send_order() {
     const N: usize = 1000;
     const TOPIC: &str = "stream/ordered";
     let net = cluster(3, &[]).await;
-    let group = canal_consensus::group_of(TOPIC).to_string();
+    // The group the cluster routes the topic to (its shard's).
+    let located: canal_proto::api::Locate = net
+        .api(0)
+        .unwrap()
+        .get(&format!("/v1/topics/{TOPIC}/locate"))
+        .await
+        .unwrap();
+    let group = located.group;
     let lead = leader(&net, 0, &group).await;
     let via = (0..3).find(|i| *i != lead).unwrap();
     let api = net.api(via).unwrap().base().to_string();

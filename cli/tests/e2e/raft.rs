@@ -167,12 +167,23 @@ async fn wait_acked(acked: &AtomicUsize, n: usize) {
 /// Waits until every running node applied the same state of data group 1, and returns its
 /// digest.
 async fn wait_converged(net: &Testnet) -> StateDigest {
-    wait_same_digest(net, &net.running(), 1).await
+    wait_same_digest(net, &net.running(), "data-1").await
+}
+
+/// The group the cluster keeps `topic`'s log in (its shard's), as node 0 locates it.
+pub(crate) async fn group_of_topic(net: &Testnet, topic: &str) -> String {
+    let located: canal_proto::api::Locate = net
+        .api(0)
+        .unwrap()
+        .get(&format!("/v1/topics/{topic}/locate"))
+        .await
+        .unwrap();
+    located.group
 }
 
 /// Waits until every node in `nodes` applied group `group` to the same state (digest and
 /// applied index), then returns its digest.
-pub(crate) async fn wait_same_digest(net: &Testnet, nodes: &[usize], group: u32) -> StateDigest {
+pub(crate) async fn wait_same_digest(net: &Testnet, nodes: &[usize], group: &str) -> StateDigest {
     let apis: Vec<Api> = nodes.iter().map(|i| net.api(*i).unwrap()).collect();
     wait_for(
         &format!("every replica of group {group} to hold the same state"),
@@ -685,7 +696,8 @@ async fn a_follower_killed_during_big_events_comes_back_and_catches_up() {
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    let lead = leader(&net, 0, "data-1").await;
+    let group = group_of_topic(&net, topic).await;
+    let lead = leader(&net, 0, &group).await;
     let victim = (lead + 1) % 3;
     let apis: Vec<Api> = (0..3)
         .filter(|i| *i != victim)
@@ -702,13 +714,13 @@ async fn a_follower_killed_during_big_events_comes_back_and_catches_up() {
     net.restart(victim).await.unwrap();
 
     // Its applied index and state equal the leader's within a deadline.
-    let digest = wait_converged(&net).await;
+    let digest = wait_same_digest(&net, &net.running(), &group).await;
     let api = net.api(victim).unwrap();
     let s: ClusterStatus = api.get("/v1/cluster/status").await.unwrap();
-    let data = s.groups.iter().find(|g| g.group == "data-1").unwrap();
+    let data = s.groups.iter().find(|g| g.group == group).unwrap();
     let me = data.members[0].status.as_ref().unwrap();
     assert_eq!(me.applied_index, digest.applied_index, "{me:?}");
-    // Its own copy holds every event (digest of the data group, where topics live).
+    // Its own copy holds every event (digest of the topic's shard group).
     let log: canal_proto::api::TopicLog =
         api.get(&format!("/v1/topics/{topic}/log")).await.unwrap();
     assert_eq!(log.next, EVENTS as u64, "{log:?}");

@@ -1,4 +1,4 @@
-//! Shard groups hosted per the committed map (`--shard-groups on`): formed on the first
+//! Shard groups hosted per the committed map: formed on the first
 //! nodes, moved replica by replica when a node joins.
 
 use crate::{BIN, canal, stderr};
@@ -9,17 +9,10 @@ use std::time::{Duration, Instant};
 
 fn options() -> NodeOptions {
     NodeOptions {
-        extra_args: [
-            "--bootstrap-expect",
-            "3",
-            "--shard-groups",
-            "on",
-            "--shards",
-            "8",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
+        extra_args: ["--bootstrap-expect", "3", "--shards", "8"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         ..Default::default()
     }
 }
@@ -98,7 +91,12 @@ async fn shard_groups_form_on_three_nodes_and_move_replicas_to_a_fourth() {
         mapped.elapsed(),
         started.elapsed()
     );
-    assert!(first.rows.iter().all(|r| r.served_by == "data-1"));
+    assert!(
+        first
+            .rows
+            .iter()
+            .all(|r| r.served_by == format!("shard-{}", r.shard))
+    );
     let api0 = net.api(0).unwrap();
     assert_eq!(
         api0.metric_sum("canal_shard_groups_hosted").await.unwrap(),

@@ -358,7 +358,7 @@ fn apply_grouped(
 ) -> (Vec<Response>, String, StateMachine, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let db = RaftDb::open(dir.path()).unwrap();
-    let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
+    let (_, mut sm) = db.group(crate::Route::Single.topic("t")).unwrap();
     let mut replies = Vec::new();
     let mut rest = entries;
     let mut i = 0;
@@ -467,7 +467,7 @@ fn time_comes_from_the_entries_never_goes_back_and_survives_a_snapshot() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let db = RaftDb::open(dir.path()).unwrap();
-        let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
+        let (_, mut sm) = db.group(crate::Route::Single.topic("t")).unwrap();
         let publish = |id: &str| Request {
             id: Some(format!("pub/t/{id}")),
             op: Op::Publish(PublishOp {
@@ -506,7 +506,7 @@ fn time_comes_from_the_entries_never_goes_back_and_survives_a_snapshot() {
         let snap = builder.build_snapshot().await.unwrap();
         let dir2 = tempfile::tempdir().unwrap();
         let db2 = RaftDb::open(dir2.path()).unwrap();
-        let (_, mut sm2) = db2.group(crate::group_of("t")).unwrap();
+        let (_, mut sm2) = db2.group(crate::Route::Single.topic("t")).unwrap();
         sm2.install_snapshot(&snap.meta, snap.snapshot)
             .await
             .unwrap();

@@ -48,7 +48,7 @@ fn a_log_shorter_than_its_watermark_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("raft");
     let db = RaftDb::open(&path).unwrap();
-    db.group(crate::group_of("t")).unwrap();
+    db.group(crate::Route::Single.topic("t")).unwrap();
     drop(db);
     // The mark says entry 5 of group 1 was durable, but the log is empty.
     std::fs::write(
@@ -101,7 +101,7 @@ fn publish_ids_are_remembered_for_the_dedup_window() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let db = RaftDb::open(dir.path()).unwrap();
-        let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
+        let (_, mut sm) = db.group(crate::Route::Single.topic("t")).unwrap();
         let publish = |i: u64, id: &str, t: u64| {
             entry_at(
                 i,
@@ -143,7 +143,7 @@ fn retention_drops_the_oldest_by_count_bytes_and_age() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let db = RaftDb::open(dir.path()).unwrap();
-        let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
+        let (_, mut sm) = db.group(crate::Route::Single.topic("t")).unwrap();
         let publish = |i: u64, t: u64, size: usize, retention: Retention| {
             entry_at(
                 i,
@@ -205,7 +205,7 @@ fn a_batch_answers_each_request_and_keeps_their_ids() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let db = RaftDb::open(dir.path()).unwrap();
-        let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
+        let (_, mut sm) = db.group(crate::Route::Single.topic("t")).unwrap();
         let add = |id: &str| Request {
             id: Some(id.into()),
             op: Op::Add {
@@ -246,7 +246,7 @@ fn a_request_id_is_applied_once() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let db = RaftDb::open(dir.path()).unwrap();
-        let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
+        let (_, mut sm) = db.group(crate::Route::Single.topic("t")).unwrap();
         let put = |v: &str| Request {
             id: Some("w1".into()),
             op: crate::types::Op::Put {
@@ -276,7 +276,7 @@ fn typed_reads_see_only_their_own_records() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let db = RaftDb::open(dir.path()).unwrap();
-        let (_, mut sm) = db.group(crate::group_of("a")).unwrap();
+        let (_, mut sm) = db.group(crate::Route::Single.topic("a")).unwrap();
         let publish = |topic: &str| Request {
             id: None,
             op: Op::Publish(PublishOp {
@@ -392,7 +392,7 @@ fn an_apply_tells_waiters_the_topics_it_changed() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let db = RaftDb::open(dir.path()).unwrap();
-        let (_, mut sm) = db.group(crate::group_of("t")).unwrap();
+        let (_, mut sm) = db.group(crate::Route::Single.topic("t")).unwrap();
         let mut changes = sm.watch_changes();
         let publish = |topic: &str| Request {
             id: None,
@@ -453,7 +453,7 @@ fn effects_over_several_topics_apply_whole_or_not_at_all() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let db = RaftDb::open(dir.path()).unwrap();
-        let (_, mut sm) = db.group(crate::group_of_function("f")).unwrap();
+        let (_, mut sm) = db.group(crate::Route::Single.function("f")).unwrap();
         let step = |i: u64, moves: &[(&str, Option<u64>, u64)]| {
             entry(
                 i,

@@ -40,7 +40,30 @@ pub(super) async fn cluster_status(
     Ok(axum::Json(ClusterStatus {
         node_id: st.consensus.node_id(),
         groups,
+        unrouted: unrouted(&st),
     }))
+}
+
+/// Why this node cannot route every topic yet: no shard map read, or shard groups of its
+/// shards in the map not open here.
+fn unrouted(st: &ApiState) -> Option<String> {
+    if let Err(e) = st.consensus.route() {
+        return Some(e.to_string());
+    }
+    let map = crate::shard_map::committed(&st.consensus)?;
+    let me = st.dht.local_peer_id().to_base58();
+    let hosted: std::collections::BTreeSet<GroupId> = st.consensus.groups().into_iter().collect();
+    let missing: Vec<u32> = (0..map.shards)
+        .filter(|&s| {
+            map.replicas(s).contains(&me)
+                && !hosted.contains(&canal_consensus::routing::shard_group(s))
+        })
+        .collect();
+    let first = missing.first()?;
+    Some(format!(
+        "{} of this node's shard groups are not open here yet (shard {first} first)",
+        missing.len()
+    ))
 }
 
 /// The shard map in this node's replica of the metadata group, every shard with the group

@@ -10,13 +10,22 @@ pub(super) fn parse_group(s: Option<&String>, default: GroupId) -> Result<GroupI
     let Some(s) = s else { return Ok(default) };
     let n = if s == "metadata" {
         Some(0)
+    } else if let Some(shard) = s.strip_prefix("shard-") {
+        shard
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n < canal_proto::shards::MAX_SHARDS)
+            .map(|n| canal_consensus::routing::shard_group(n).0)
     } else {
         s.strip_prefix("data-").unwrap_or(s).parse::<u32>().ok()
     };
     n.map(GroupId).ok_or_else(|| {
         ApiError::bad_request(
             "invalid_group",
-            format!("group {s:?} is not a group: write metadata, or data-N (data-1)"),
+            format!(
+                "group {s:?} is not a group: write metadata, data-N (data-1) or shard-N (shard-0 to shard-{})",
+                canal_proto::shards::MAX_SHARDS - 1
+            ),
         )
     })
 }

@@ -47,11 +47,12 @@ pub(super) async fn topic_get(
         let topic =
             Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
         check_read(&st, &caller, topic.as_str())?;
-        let sm = st
+        let group = st.consensus.routing().await?.topic(topic.as_str());
+        let meta = st
             .consensus
-            .state_machine(canal_consensus::group_of(topic.as_str()))?;
-        let meta = sm
+            .reader(group)?
             .topic_meta(topic.as_str())
+            .await
             .map_err(|e| {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
             })?
@@ -195,7 +196,11 @@ pub(super) async fn ack(
 /// that holds its events today with that group's leader and members as this node's replica
 /// knows them (empty where this node hosts no such group).
 pub fn locate(dht: &DhtHandle, consensus: &Consensus<NodeTransport>, topic: &Topic) -> Locate {
-    let group = canal_consensus::group_of(topic.as_str());
+    let group = consensus
+        .route()
+        .map_or(canal_consensus::routing::DEFAULT_GROUP, |r| {
+            r.topic(topic.as_str())
+        });
     let raft = consensus.local_status(group).ok();
     let peer_of = |id: u64| {
         raft.as_ref()
