@@ -779,6 +779,17 @@ impl<T: Transport> Consensus<T> {
             .unwrap_or(false)
     }
 
+    /// Stands for election in group `g` at once: how a follower that should lead the group
+    /// (its shard's preferred leader) takes the lead, openraft 0.9 having no leader
+    /// transfer. Members grant the vote only once they have not heard their leader for its
+    /// lease, so this moves the lead of an idle (quiescent) group, not of a busy one. A
+    /// leader's call does nothing.
+    pub async fn campaign(&self, g: GroupId) -> Result<(), ClientError> {
+        let group = self.group(g)?;
+        self.wake(&group, "campaign for the lead");
+        group.raft.trigger().elect().await.map_err(other)
+    }
+
     fn group(&self, g: GroupId) -> Result<Arc<Group>, ClientError> {
         self.read_groups()
             .get(&g)
@@ -1672,7 +1683,14 @@ impl<T: Transport> Consensus<T> {
         loop {
             let m = group.raft.metrics().borrow().clone();
             if m.membership_config.nodes().next().is_none() {
-                return Err(ClientError::NotInitialized(g));
+                // A shard group is formed by its first replica moments after the shard
+                // map names it: a write that comes first waits for it, as for a leader.
+                if crate::routing::shard_of_group(g).is_none() || Instant::now() >= deadline {
+                    return Err(ClientError::NotInitialized(g));
+                }
+                let mut rx = group.raft.metrics();
+                let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+                continue;
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let answer = match m.current_leader {

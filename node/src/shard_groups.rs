@@ -48,10 +48,16 @@ pub const MAX_CHANGES_PER_ROUND: usize = 16;
 /// leader's last index (the membership job's rule for the metadata group).
 pub const CATCH_UP_SLACK: u64 = 100;
 
+/// How long a preferred leader waits between two campaigns for one group's lead.
+pub const CAMPAIGN_EVERY: Duration = Duration::from_secs(30);
+/// The most campaigns one round starts: elections of many groups at once would all wait
+/// on the same links.
+pub const MAX_CAMPAIGNS_PER_ROUND: usize = 2;
+
 /// The label of `canal_shard_group_moves_total`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct StepLabel {
-    /// `form`, `add_learner`, `promote`, `remove`, `finish_joint` or `close`.
+    /// `form`, `add_learner`, `promote`, `remove`, `finish_joint`, `close` or `campaign`.
     pub step: String,
 }
 
@@ -256,6 +262,18 @@ fn leader_step(me: NodeId, wanted: &[NodeId], local: &Local) -> Action {
     Action::Nothing
 }
 
+/// Whether this node, the preferred leader of a shard (first in its replicas), should
+/// stand for the lead of its group `local` now: a voter following another leader, no
+/// membership change under way, and the group idle (`quiet`), where a campaign is granted
+/// and costs no write its latency.
+pub fn should_campaign(me: NodeId, local: &Local, quiet: bool) -> bool {
+    local.hosted
+        && quiet
+        && local.voters.contains(&me)
+        && local.joint_target.is_none()
+        && local.leader.is_some_and(|l| l != me)
+}
+
 /// Shard `g`'s group as this node's local Raft metrics show it.
 pub fn local_of<T: Transport>(consensus: &Consensus<T>, g: GroupId) -> Local {
     consensus
@@ -372,6 +390,8 @@ pub struct ShardGroupsJob<T: Transport> {
     /// Where the next round starts among the groups, so a round cut short by its bounds
     /// leaves the rest first in line (fairness only: no decision depends on it).
     next: usize,
+    /// When this node last stood for each group's lead (a rate limit only).
+    campaigned: BTreeMap<GroupId, std::time::Instant>,
 }
 
 impl<T: Transport> ShardGroupsJob<T> {
@@ -382,6 +402,7 @@ impl<T: Transport> ShardGroupsJob<T> {
             metrics,
             tick: canal_worker::ticker(LOOK_EVERY),
             next: 0,
+            campaigned: BTreeMap::new(),
         }
     }
 
@@ -526,6 +547,7 @@ impl<T: Transport> ShardGroupsJob<T> {
             }
         }
         let (mut opens, mut changes) = (0usize, 0usize);
+        let mut deferred_opens = false;
         let wanted: Vec<(GroupId, Vec<NodeId>)> = wanted.into_iter().collect();
         let start = self.next % wanted.len().max(1);
         self.next = start;
@@ -546,10 +568,12 @@ impl<T: Transport> ShardGroupsJob<T> {
                 Action::Open => {
                     if opens >= MAX_OPENS_PER_ROUND {
                         self.metrics.cut("MAX_OPENS_PER_ROUND");
+                        deferred_opens = true;
                         continue;
                     }
                     opens += 1;
                     if let Err(e) = self.consensus.open_group(*g).await {
+                        deferred_opens = true;
                         warn!(group = %g, error = %e, "cannot open the shard group");
                     }
                 }
@@ -560,6 +584,13 @@ impl<T: Transport> ShardGroupsJob<T> {
                 }
             }
         }
+        // The shard count is fixed with the first map. Once this node has opened the
+        // groups the map gives it (the first time), it routes by it: a client's first
+        // publish or subscription does not find its group missing here.
+        if !deferred_opens && changes < MAX_CHANGES_PER_ROUND {
+            self.consensus.learn_shard_count(map.shards);
+        }
+        self.campaign(me, &wanted).await;
         let hosted = self
             .consensus
             .groups()
@@ -567,6 +598,36 @@ impl<T: Transport> ShardGroupsJob<T> {
             .filter(|g| shard_of_group(*g).is_some())
             .count();
         self.metrics.hosted.set(hosted as i64);
+    }
+
+    /// Leadership spread: where this node is a shard's preferred leader and the idle group
+    /// is led by another, it stands for the lead (at most [`MAX_CAMPAIGNS_PER_ROUND`] a
+    /// round, once per [`CAMPAIGN_EVERY`] a group).
+    async fn campaign(&mut self, me: NodeId, wanted: &[(GroupId, Vec<NodeId>)]) {
+        let mut started = 0;
+        self.campaigned
+            .retain(|_, at| at.elapsed() < CAMPAIGN_EVERY);
+        for (g, ids) in wanted {
+            if started >= MAX_CAMPAIGNS_PER_ROUND {
+                break;
+            }
+            if ids.first() != Some(&me) || self.campaigned.contains_key(g) {
+                continue;
+            }
+            let local = local_of(&self.consensus, *g);
+            if !should_campaign(me, &local, self.consensus.is_quiescent(*g)) {
+                continue;
+            }
+            self.campaigned.insert(*g, std::time::Instant::now());
+            started += 1;
+            match self.consensus.campaign(*g).await {
+                Ok(()) => {
+                    self.metrics.count("campaign");
+                    info!(group = %g, leader = ?local.leader, "standing for the lead of an idle shard group this node should lead");
+                }
+                Err(e) => debug!(group = %g, error = %e, "cannot stand for the lead"),
+            }
+        }
     }
 }
 

@@ -449,3 +449,27 @@ async fn groups_form_per_map_and_a_replica_moves_to_a_fourth_node() {
     }
     cluster.shutdown().await;
 }
+
+#[test]
+fn a_preferred_leader_campaigns_only_for_an_idle_group_led_by_another() {
+    let led_by = |leader: NodeId| Local {
+        hosted: true,
+        voters: [1, 2, 3].into(),
+        leader: Some(leader),
+        ..Local::default()
+    };
+    assert!(should_campaign(1, &led_by(2), true));
+    // Busy: members would refuse the vote within the leader's lease.
+    assert!(!should_campaign(1, &led_by(2), false));
+    // Already the leader, or no leader known (an election is under way anyway).
+    assert!(!should_campaign(1, &led_by(1), true));
+    assert!(!should_campaign(1, &Local { leader: None, ..led_by(2) }, true));
+    // A learner cannot lead; a membership change under way finishes first.
+    assert!(!should_campaign(4, &led_by(2), true));
+    let joint = Local {
+        joint_target: Some([1, 2, 4].into()),
+        ..led_by(2)
+    };
+    assert!(!should_campaign(1, &joint, true));
+    assert!(!should_campaign(1, &Local { hosted: false, ..led_by(2) }, true));
+}

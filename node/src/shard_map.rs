@@ -418,8 +418,6 @@ impl<T: Transport> ShardMapJob<T> {
         let Some(map) = current else {
             return;
         };
-        // The shard count is fixed with the first map: from now on this node routes by it.
-        self.consensus.learn_shard_count(map.shards);
         self.metrics.epoch.set(map.epoch as i64);
         if self.seen.moves_epoch != Some(map.epoch) {
             let moves = previous(&self.consensus).map_or(0, |p| plan_moves(&p, map).len());

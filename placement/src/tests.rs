@@ -47,6 +47,7 @@ pub(crate) fn candidate(peer: &str, rank: usize, tier: &str) -> Candidate {
         alive: true,
         distance_rank: rank,
         rtt_ms: None,
+        unfit: None,
     }
 }
 

@@ -43,12 +43,19 @@ pub(crate) async fn wait_formed(net: &Testnet, i: usize, voters: usize) {
                 .get("/v1/cluster/status")
                 .await
                 .map_err(|e| e.to_string())?;
-            let ok = s.groups.iter().all(|g| {
-                g.members
-                    .first()
-                    .and_then(|m| m.status.as_ref())
-                    .is_some_and(|st| st.leader.is_some() && st.voters.len() == voters)
-            });
+            // Shard groups have K = 3 replicas (fewer on a smaller cluster).
+            let ok = s.unrouted.is_none()
+                && s.groups.iter().all(|g| {
+                    let want = if g.group.starts_with("shard-") {
+                        voters.min(3)
+                    } else {
+                        voters
+                    };
+                    g.members
+                        .first()
+                        .and_then(|m| m.status.as_ref())
+                        .is_some_and(|st| st.leader.is_some() && st.voters.len() == want)
+                });
             if ok { Ok(()) } else { Err(format!("{s:?}")) }
         }
     })
