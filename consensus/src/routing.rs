@@ -7,8 +7,9 @@
 //! - [`Route::Sharded`]: a cluster's topic space of `shards` shards (its committed shard
 //!   map's count, fixed when the cluster formed). A topic lives in the group of its shard
 //!   ([`shard_group`] of [`canal_proto::keyspace::shard_of`] its key), hosted by the shard's
-//!   replicas; a function's state and cursors, and a durable subscription's start, in the
-//!   shard group of their name's key. Every canal node routes so.
+//!   replicas; a durable subscription's start in the shard group of its name's key. A
+//!   function's state, cursors and outbox stay in data group 1 ([`Route::function`]).
+//!   Every canal node routes so.
 //! - [`Route::Single`]: one data group (group 1) holds everything: the in-process tests of
 //!   the crates below the node, which start groups by hand.
 //!
@@ -75,10 +76,15 @@ impl Route {
         }
     }
 
-    /// The group holding function `name`'s state, its state version and the cursors of its
-    /// triggers (an execution's effects commit there atomically).
+    /// The group holding function `name`'s state, its state version, the cursors of its
+    /// triggers and its outbox (an execution's effects commit there atomically): data group
+    /// 1 under either routing. Every node hosts it (as a voter or a learner), so a function
+    /// runs wherever placement puts it (a GPU peer, the peer nearest its events) and reads
+    /// its state from the replica at hand, while its inputs are read from their shards'
+    /// groups and its outputs reach theirs through the outbox.
     pub fn function(self, name: &str) -> GroupId {
-        self.named("function", name)
+        let _ = name;
+        FIRST_DATA_GROUP
     }
 
     /// The group holding durable subscription `name`'s start record (and an MQTT
@@ -168,7 +174,7 @@ mod tests {
             let g = r.topic(&format!("t/{i}"));
             assert!(all.contains(&g));
             spread.insert(g);
-            assert!(all.contains(&r.function(&format!("f{i}"))));
+            assert_eq!(r.function(&format!("f{i}")), FIRST_DATA_GROUP);
             assert!(all.contains(&r.subscription(&format!("s{i}"))));
         }
         assert!(
@@ -180,8 +186,8 @@ mod tests {
         assert_eq!(r.groups_of_filter(&exact), vec![r.topic("a/b")]);
         let wild = TopicFilter::new("a/#").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.groups_of_filter(&wild), all);
-        // A function and a topic of one name need not share a group: their keys differ.
-        assert_ne!(name_key("function", "x"), topic_name_key("x"));
+        // A subscription and a topic of one name need not share a group: their keys differ.
+        assert_ne!(name_key("subscription", "x"), topic_name_key("x"));
     }
 
     #[test]

@@ -69,19 +69,6 @@ fn estimates<T: Transport>(consensus: &Consensus<T>) -> Estimates {
     est
 }
 
-/// Why `peer` may not run a function whose state's shard has `state_replicas` (if known):
-/// an execution reads the state, the cursors and the outbox of its function's group from
-/// the replica of the node it runs on, and commits there, so it runs on one of them.
-fn unfit(peer: &str, state_replicas: Option<&[String]>) -> Option<(String, String)> {
-    let replicas = state_replicas?;
-    (!replicas.iter().any(|r| r == peer)).then(|| {
-        (
-            "holds no replica of the shard group with the function's state and cursors".to_string(),
-            "not a replica of the function's shard".to_string(),
-        )
-    })
-}
-
 /// The candidates for `spec`: every peer in the table, ranked by distance to the
 /// function's key, with the round trip from this node; peers chosen before that are gone
 /// from the table appear as not alive, so the explanation says what became of them.
@@ -89,7 +76,6 @@ pub fn candidates(
     mut peers: Vec<PeerView>,
     spec: &FunctionSpec,
     previous: Option<&Decision>,
-    state_replicas: Option<&[String]>,
 ) -> Vec<Candidate> {
     let key = function_dht_key(&spec.name);
     peers.sort_by_key(|p| key.map(|k| distance(&k, &peer_key(&p.peer_id))));
@@ -106,7 +92,6 @@ pub fn candidates(
             caps: p.caps,
             alive: true,
             distance_rank: rank,
-            unfit: unfit(&p.peer_id.to_base58(), state_replicas),
         })
         .collect();
     if let Some(prev) = previous {
@@ -121,7 +106,6 @@ pub fn candidates(
                     alive: false,
                     distance_rank: usize::MAX,
                     rtt_ms: None,
-                    unfit: None,
                 });
             }
         }
@@ -141,17 +125,7 @@ pub fn decide_now<T: Transport>(
     spec: &FunctionSpec,
 ) -> Decision {
     let previous = placed(consensus, &spec.name).map(|p| p.decision);
-    // The replicas of the function's shard in the committed map, on a sharded cluster.
-    let map = crate::shard_map::committed(consensus);
-    let shard = consensus
-        .route()
-        .ok()
-        .and_then(|r| canal_consensus::routing::shard_of_group(r.function(&spec.name)));
-    let state_replicas = match (&map, shard) {
-        (Some(m), Some(s)) => Some(m.replicas(s)),
-        _ => None,
-    };
-    let cands = candidates(peers.peers(), spec, previous.as_ref(), state_replicas);
+    let cands = candidates(peers.peers(), spec, previous.as_ref());
     canal_placement::decide(
         &spec.requirements,
         policy_of(spec),

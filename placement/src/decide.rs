@@ -36,10 +36,6 @@ pub struct Candidate {
     /// Measured round trip, in ms, from the event source (the node where events enter) to
     /// this peer; `None` (or a value that is not a finite, non-negative number) if unknown.
     pub rtt_ms: Option<f64>,
-    /// Why the node rules this peer out before any requirement is looked at (such as: it
-    /// holds no replica of the function's state), with the category the summary counts it
-    /// under; `None` when it may be chosen.
-    pub unfit: Option<(String, String)>,
 }
 
 /// One candidate as checked and scored.
@@ -293,8 +289,6 @@ fn check<'a>(
                     "rejected: not reachable (no fresh capability record)".into(),
                     "not reachable".into(),
                 ));
-            } else if let Some((why, category)) = &cand.unfit {
-                e.rejected = Some((format!("rejected: {why}"), category.clone()));
             } else {
                 e.misses = constraints
                     .iter()

@@ -47,7 +47,6 @@ pub(crate) fn candidate(peer: &str, rank: usize, tier: &str) -> Candidate {
         alive: true,
         distance_rank: rank,
         rtt_ms: None,
-        unfit: None,
     }
 }
 

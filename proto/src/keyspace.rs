@@ -27,8 +27,8 @@ pub fn topic_name_key(topic: &str) -> Key {
     Sha256::digest(topic.as_bytes()).into()
 }
 
-/// The key of a named thing that is no topic (`kind` `function` or `subscription`): SHA-256
-/// of `canal/{kind}/v1/{name}`, so a function and a topic of one name fall apart.
+/// The key of a named thing that is no topic (`kind` such as `subscription`): SHA-256 of
+/// `canal/{kind}/v1/{name}`, so a subscription and a topic of one name fall apart.
 pub fn name_key(kind: &str, name: &str) -> Key {
     Sha256::digest(format!("canal/{kind}/v1/{name}").as_bytes()).into()
 }
