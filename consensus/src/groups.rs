@@ -2736,6 +2736,51 @@ mod tests {
         }
     }
 
+    #[test]
+    fn admit_lets_metadata_members_forward_client_operations_only() {
+        let g = GroupId(5);
+        let log_read = RpcRequest::LogRead(g, crate::rpc::LogQuery::Meta { topic: "t".into() });
+        // Client operations forwarded by a cluster member that is no replica of the group.
+        for req in [
+            RpcRequest::Write(g, put("k", b"v")),
+            RpcRequest::Read(g, "k".into()),
+            RpcRequest::Status(g),
+            log_read,
+        ] {
+            let kind = kind_of(&req);
+            assert!(admit(&req, 7, Some(false), true).is_ok(), "{kind}");
+            let e = admit(&req, 7, Some(false), false).unwrap_err();
+            assert!(!e.ban_worthy, "{e:?}");
+            assert!(e.detail.contains("or of the metadata group"), "{e:?}");
+        }
+        // Raft and membership changes stay with the group's members.
+        let vote = VoteRequest::new(Vote::new(2, 7), None);
+        for req in [
+            RpcRequest::Append(g, append(1, 7)),
+            RpcRequest::Vote(g, vote),
+            RpcRequest::Snapshot(
+                g,
+                openraft::raft::InstallSnapshotRequest {
+                    vote: Vote::new_committed(1, 7),
+                    meta: Default::default(),
+                    offset: 0,
+                    data: vec![],
+                    done: true,
+                },
+            ),
+            RpcRequest::Quiesce(g, Vote::new_committed(2, 7), None),
+            RpcRequest::AddLearner(g, 7, node(7)),
+            RpcRequest::SetVoters(g, vec![7]),
+            RpcRequest::Remove(g, 1),
+        ] {
+            let kind = kind_of(&req);
+            let e = admit(&req, 7, Some(false), true).unwrap_err();
+            assert!(e.detail.contains("only members may"), "{kind}: {e:?}");
+        }
+        // A group with no membership here yet: as before, anyone.
+        assert!(admit(&RpcRequest::Status(g), 7, None, false).is_ok());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_members_speak_raft_and_a_legit_cluster_replicates() {
         let net = formed(&[1, 2, 3], &[9]).await;
@@ -3543,5 +3588,50 @@ mod tests {
         publisher.await.unwrap();
         assert_eq!(got, (0..40).collect::<Vec<u32>>());
         assert_ne!(reader.replica().unwrap(), dead);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_remote_watch_backs_off_while_every_replica_is_down_and_resumes_after() {
+        let g = GroupId(5);
+        let net = remote_cluster(g).await;
+        let outside = net.get(4);
+        let reader = outside.reader(g).unwrap();
+        let mut w = reader.watch_changes();
+        assert_eq!(
+            woken(&mut w, Duration::from_secs(5)).await,
+            crate::store::Wake::Everything
+        );
+        for i in [1, 2, 3] {
+            net.nodes.cut(i, true);
+        }
+        // Reads fail after the client timeout, naming the group.
+        let e = tokio::time::timeout(Duration::from_secs(20), reader.topic_meta("t"))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(e, crate::store::ReadError::NoReplica { group, .. } if group == g),
+            "{e}"
+        );
+        // The watch loop keeps trying, but with a growing pause: no spin.
+        let sent = net.nodes.sent("log_read");
+        let window = Duration::from_secs(3);
+        // A measurement window, not a wait for a condition.
+        tokio::time::sleep(window).await;
+        let polls = net.nodes.sent("log_read") - sent;
+        assert!(polls > 0 && polls < 20, "{polls} log reads in {window:?}");
+        for i in [1, 2, 3] {
+            net.nodes.cut(i, false);
+        }
+        // Healed: the watch tells "anything" (it found a replica again), then new topics.
+        assert_eq!(
+            woken(&mut w, Duration::from_secs(10)).await,
+            crate::store::Wake::Everything
+        );
+        outside.write(g, publish("t/healed", b"1")).await.unwrap();
+        assert_eq!(
+            woken(&mut w, Duration::from_secs(2)).await,
+            crate::store::Wake::Topics(["t/healed".to_string()].into_iter().collect())
+        );
     }
 }
