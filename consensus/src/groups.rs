@@ -3458,15 +3458,12 @@ mod tests {
         assert_eq!(reader.subscription_cursor("s", "t/b").await.unwrap(), None);
 
         // The watch: first "anything" (it starts), then the topic of a new publish within
-        // a second; readers of one group share one poll loop.
+        // a second; readers of one group share one poll loop (a watch that joins it after
+        // it started is told only of what comes after).
         let mut w = reader.watch_changes();
         let mut w2 = outside.reader(g).unwrap().watch_changes();
         assert_eq!(
             woken(&mut w, Duration::from_secs(5)).await,
-            crate::store::Wake::Everything
-        );
-        assert_eq!(
-            woken(&mut w2, Duration::from_secs(5)).await,
             crate::store::Wake::Everything
         );
         net.get(2).write(g, publish("t/c", b"new")).await.unwrap();
@@ -3477,10 +3474,13 @@ mod tests {
             wake,
             crate::store::Wake::Topics(["t/c".to_string()].into_iter().collect())
         );
-        assert!(matches!(
-            woken(&mut w2, Duration::from_secs(1)).await,
-            crate::store::Wake::Topics(_)
-        ));
+        // Told of the same publish: by its topic, or within the "anything" of the start
+        // if it joined before the start was told (queued notices coalesce into it).
+        let wake2 = woken(&mut w2, Duration::from_secs(1)).await;
+        assert!(
+            wake2 == wake || wake2 == crate::store::Wake::Everything,
+            "{wake2:?}"
+        );
         // Idle: nothing is told, and the loop long-polls instead of spinning.
         let sent = net.nodes.sent("log_read");
         assert!(
