@@ -214,6 +214,95 @@ mod tests {
         assert_eq!(r.since(20, 100), RingAnswer::Nothing(20));
     }
 
+    /// Against a model that keeps every notice: whatever the ring keeps or drops, an
+    /// answer naming topics, or saying nothing changed, is never missing a change; and
+    /// with room for everything, it says "anything" only where it must.
+    #[test]
+    fn the_ring_never_hides_a_change() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, RngSeed, TestRunner};
+        // (gap to the next index, topics; None: a snapshot)
+        let step = (
+            1u64..4,
+            proptest::option::weighted(0.9, proptest::collection::vec(0u8..12, 0..5)),
+        );
+        let strategy = (
+            proptest::collection::vec(step, 0..60),
+            1usize..8,
+            1usize..12,
+            0u64..200,
+        );
+        let mut runner = TestRunner::new(Config {
+            cases: 3000,
+            rng_seed: RngSeed::Fixed(0x0c4a_0e11),
+            failure_persistence: None,
+            ..Config::default()
+        });
+        runner
+            .run(&strategy, |(steps, max_notices, max_names, probe)| {
+                let start = 5u64;
+                let mut small = ChangeRing::new(start, max_notices, max_names);
+                let mut roomy = ChangeRing::new(start, usize::MAX, usize::MAX);
+                let mut history: Vec<(u64, Option<Vec<String>>)> = Vec::new();
+                let mut index = start;
+                let mut last_reset = start;
+                for (gap, topics) in steps {
+                    index += gap;
+                    match topics {
+                        Some(t) => {
+                            let t: Vec<String> = t.iter().map(|n| format!("t{n}")).collect();
+                            let arc: Arc<[String]> = t.clone().into();
+                            small.record(index, Some(&arc));
+                            roomy.record(index, Some(&arc));
+                            history.push((index, Some(t)));
+                        }
+                        None => {
+                            small.reset(index);
+                            roomy.reset(index);
+                            last_reset = index;
+                            history.push((index, None));
+                        }
+                    }
+                }
+                let since = probe.min(index + 2);
+                let changed: BTreeSet<String> = history
+                    .iter()
+                    .filter(|(i, _)| *i > since)
+                    .flat_map(|(_, t)| t.iter().flatten().cloned())
+                    .collect();
+                let reset_after = history.iter().any(|(i, t)| *i > since && t.is_none());
+                for ring in [&small, &roomy] {
+                    match ring.since(since, 6) {
+                        RingAnswer::Now(i, Some(t)) => {
+                            prop_assert_eq!(i, index);
+                            prop_assert!(!reset_after && since >= start);
+                            prop_assert_eq!(
+                                t.into_iter().collect::<BTreeSet<_>>(),
+                                changed.clone()
+                            );
+                        }
+                        RingAnswer::Nothing(i) => {
+                            prop_assert_eq!(i, index);
+                            prop_assert!(!reset_after && since >= start && since <= index);
+                            prop_assert!(changed.is_empty());
+                        }
+                        RingAnswer::Now(i, None) => prop_assert_eq!(i, index),
+                    }
+                }
+                // With room for every notice, "anything" only for an index it cannot know
+                // (before the start or the last snapshot, ahead of it) or too many topics.
+                if since >= last_reset && since <= index && changed.len() <= 6 {
+                    prop_assert!(
+                        !matches!(roomy.since(since, 6), RingAnswer::Now(_, None)),
+                        "since {} answered anything",
+                        since
+                    );
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
     #[test]
     fn the_ring_keeps_at_most_its_names() {
         let mut r = ChangeRing::new(0, 1000, 5);
