@@ -176,6 +176,7 @@ fn kind_of(req: &RpcRequest) -> &'static str {
         RpcRequest::Status(..) => "status",
         RpcRequest::Quiesce(..) => "quiesce",
         RpcRequest::Alive { .. } => "alive",
+        RpcRequest::LogRead(..) => "log_read",
     }
 }
 
@@ -198,7 +199,8 @@ fn group_of(req: &RpcRequest) -> GroupId {
         | RpcRequest::SetVoters(g, _)
         | RpcRequest::Remove(g, _)
         | RpcRequest::Status(g)
-        | RpcRequest::Quiesce(g, ..) => *g,
+        | RpcRequest::Quiesce(g, ..)
+        | RpcRequest::LogRead(g, _) => *g,
         // Not about one group; `dispatch` answers it before it looks for a group. Named as
         // the metadata group only where a refusal needs a group to name.
         RpcRequest::Alive { .. } => GroupId::METADATA,
@@ -212,11 +214,15 @@ fn group_of(req: &RpcRequest) -> GroupId {
 ///
 /// - Append and InstallSnapshot only from the leader they name, Vote only from the
 ///   candidate it names (anything else is forged: ban-worthy), and only from a member.
-/// - Forwarded client operations only from members.
+/// - Forwarded client operations (writes, linearizable reads, status, log reads) from
+///   members of the group, or of the metadata group (`sender_in_metadata`): any cluster
+///   member may serve clients of a group it does not host. Membership changes only from
+///   members of the group.
 pub fn admit(
     req: &RpcRequest,
     from: NodeId,
     sender_is_member: Option<bool>,
+    sender_in_metadata: bool,
 ) -> Result<(), Offence> {
     let kind = kind_of(req);
     let named = match req {
@@ -243,11 +249,16 @@ pub fn admit(
             ban_worthy: true,
         });
     }
-    if sender_is_member == Some(false) {
+    if sender_is_member == Some(false) && !(is_forwarded_client_op(req) && sender_in_metadata) {
+        let who = if is_forwarded_client_op(req) {
+            "members of the group or of the metadata group"
+        } else {
+            "members"
+        };
         return Err(Offence {
             kind,
             detail: format!(
-                "node {from} is not a member (voter or learner) of group {} here: only members may send a {kind}",
+                "node {from} is not a member (voter or learner) of group {} here: only {who} may send a {kind}",
                 group_of(req)
             ),
             ban_worthy: false,
@@ -255,6 +266,21 @@ pub fn admit(
     }
     Ok(())
 }
+
+/// Whether `req` is a client operation a node forwards for its clients to a group it may
+/// not host: admitted from any member of the metadata group ([`admit`]).
+fn is_forwarded_client_op(req: &RpcRequest) -> bool {
+    matches!(
+        req,
+        RpcRequest::Write(..)
+            | RpcRequest::Read(..)
+            | RpcRequest::Status(..)
+            | RpcRequest::LogRead(..)
+    )
+}
+
+/// The most groups whose last known leader a node remembers for its remote writes.
+pub const MAX_KNOWN_LEADERS: usize = 65_536;
 
 /// Why the groups could not start.
 #[derive(Debug, thiserror::Error)]
@@ -341,6 +367,11 @@ struct Metrics {
     stopped: Family<Vec<(String, String)>, Gauge>,
     /// Hosted groups by `state`: `active` or `quiescent`.
     groups: Family<Vec<(String, String)>, Gauge>,
+    /// Operations on groups not hosted here, by `kind` and `outcome`.
+    remote: crate::reader::RemoteCounter,
+    /// Log reads answered for other nodes, by `kind` and the bound that cut the answer
+    /// (`capped`: a limit's name, or `none`).
+    log_reads: Family<Vec<(String, String)>, Counter>,
 }
 
 fn group_label(g: GroupId) -> Vec<(String, String)> {
@@ -388,7 +419,22 @@ struct Inner<T> {
     liveness_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The cluster's routing; `None` while a sharded node does not know its shard count.
     route: tokio::sync::watch::Sender<Option<Route>>,
+    /// Where the replicas of groups not hosted here are ([`Consensus::set_directory`]).
+    directory: Arc<RwLock<crate::reader::Directory>>,
+    /// The last leader learned of each group not hosted here, tried first by remote
+    /// writes (at most [`MAX_KNOWN_LEADERS`]).
+    known_leaders: Mutex<std::collections::HashMap<GroupId, RaftNode>>,
+    /// The write batcher of each group not hosted here that was written lately: its
+    /// generation, its queue and its task (which ends after [`REMOTE_BATCHER_IDLE`]).
+    remote_batchers: Mutex<std::collections::HashMap<GroupId, RemoteBatcher>>,
+    /// The generation of the next remote batcher.
+    remote_batcher_seq: AtomicU64,
+    /// The remote readers' shared state, per group not hosted here, while a reader lives.
+    remotes: Mutex<std::collections::HashMap<GroupId, std::sync::Weak<crate::reader::Remote>>>,
 }
+
+/// A batcher of a group not hosted here: its generation, its queue and its task.
+type RemoteBatcher = (u64, mpsc::Sender<Pending>, tokio::task::JoinHandle<()>);
 
 /// A request waiting for its batch, and where its answer goes.
 type Pending = (Request, oneshot::Sender<Result<Response, ClientError>>);
@@ -495,6 +541,95 @@ fn no_route() -> ClientError {
     }
 }
 
+/// How long a batcher of a group not hosted here waits for a write before it ends.
+const REMOTE_BATCHER_IDLE: Duration = Duration::from_secs(30);
+
+/// Group commit for a group this node does not host: takes what is queued (up to the
+/// limits of [`batch_loop`]) and forwards it to the leader as one [`Op::Batch`] write, one
+/// batch at a time (so batches, and one publisher's writes, reach the log in queue order).
+/// Ends when idle for [`REMOTE_BATCHER_IDLE`], after answering what was queued meanwhile.
+async fn remote_batch_loop<T: Transport>(
+    c: Consensus<T>,
+    g: GroupId,
+    generation: u64,
+    mut rx: mpsc::Receiver<Pending>,
+) {
+    let mut carried: Option<Pending> = None;
+    let mut closing = false;
+    loop {
+        let first = match carried.take() {
+            Some(p) => p,
+            None if closing => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+            None => match tokio::time::timeout(REMOTE_BATCHER_IDLE, rx.recv()).await {
+                Ok(Some(p)) => p,
+                Ok(None) => return,
+                Err(_) => {
+                    c.drop_remote_batcher(g, generation);
+                    rx.close();
+                    closing = true;
+                    continue;
+                }
+            },
+        };
+        let mut bytes = first.0.weight();
+        let mut items = vec![first];
+        while items.len() < MAX_BATCH_REQUESTS {
+            match rx.try_recv() {
+                Ok(p) if bytes + p.0.weight() > MAX_BATCH_BYTES => {
+                    carried = Some(p);
+                    break;
+                }
+                Ok(p) => {
+                    bytes += p.0.weight();
+                    items.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        if items.len() == 1 {
+            if let Some((req, tx)) = items.pop() {
+                let _ = tx.send(c.write(g, req).await);
+            }
+            continue;
+        }
+        let n = items.len();
+        let (reqs, txs): (Vec<Request>, Vec<_>) = items.into_iter().unzip();
+        let answer = c
+            .write(
+                g,
+                Request {
+                    id: None,
+                    op: Op::Batch(reqs),
+                },
+            )
+            .await;
+        match answer {
+            Ok(r) if r.batch.len() == n => {
+                for (tx, r) in txs.into_iter().zip(r.batch) {
+                    let _ = tx.send(Ok(r));
+                }
+            }
+            Ok(r) => {
+                let e = other(format!(
+                    "a batch of {n} requests was answered with {} answers",
+                    r.batch.len()
+                ));
+                for tx in txs {
+                    let _ = tx.send(Err(e.clone()));
+                }
+            }
+            Err(e) => {
+                for tx in txs {
+                    let _ = tx.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
 fn other(e: impl std::fmt::Display) -> ClientError {
     ClientError::Other(e.to_string())
 }
@@ -535,6 +670,8 @@ impl<T: Transport> Consensus<T> {
             refused: Family::default(),
             stopped: Family::default(),
             groups: Family::default(),
+            remote: Family::default(),
+            log_reads: Family::default(),
         };
         settings.check().map_err(|reason| ConsensusError::Start {
             group: GroupId::METADATA,
@@ -564,6 +701,16 @@ impl<T: Transport> Consensus<T> {
             "canal_raft_refused_rpcs",
             "Raft RPCs and forwarded operations refused because of who sent them (or undecodable), by group and kind",
             metrics.refused.clone(),
+        );
+        registry.register(
+            "canal_raft_remote_requests",
+            "Client operations and log reads this node sent to groups it does not host, by kind and outcome (ok, retried, failed)",
+            metrics.remote.clone(),
+        );
+        registry.register(
+            "canal_raft_log_reads",
+            "Log reads this node answered for nodes that do not host the group, by kind and the bound that cut the answer short (capped: MAX_LOG_EVENTS, MAX_LOG_ANSWER_BYTES, MAX_LOG_PAGE_TOPICS or none)",
+            metrics.log_reads.clone(),
         );
         registry.register(
             "canal_raft_group_stopped",
@@ -627,6 +774,11 @@ impl<T: Transport> Consensus<T> {
                 refusals_logged: std::sync::Mutex::new(std::collections::HashMap::new()),
                 liveness_task: Mutex::new(None),
                 route: tokio::sync::watch::Sender::new((!sharded).then_some(Route::Single)),
+                directory: Arc::new(RwLock::new(crate::reader::no_directory())),
+                known_leaders: Mutex::new(std::collections::HashMap::new()),
+                remotes: Mutex::new(std::collections::HashMap::new()),
+                remote_batchers: Mutex::new(std::collections::HashMap::new()),
+                remote_batcher_seq: AtomicU64::new(0),
             }),
         };
         for &g in groups {
@@ -1002,7 +1154,11 @@ impl<T: Transport> Consensus<T> {
                     .is_some()
                     .then(|| nodes.any(|(id, _)| *id == from))
             };
-            if let Err(offence) = admit(&req, from, sender_is_member) {
+            // Looked up only when it decides: the common case (a member) costs nothing more.
+            let sender_in_metadata = sender_is_member == Some(false)
+                && is_forwarded_client_op(&req)
+                && self.is_metadata_member(from);
+            if let Err(offence) = admit(&req, from, sender_is_member, sender_in_metadata) {
                 return ready(self.refuse(from, &g.to_string(), Some(&req), offence));
             }
         }
@@ -1093,6 +1249,7 @@ impl<T: Transport> Consensus<T> {
             Some(
                 RpcRequest::AddLearner(..) | RpcRequest::SetVoters(..) | RpcRequest::Remove(..),
             ) => RpcResponse::Membership(Err(e)),
+            Some(RpcRequest::LogRead(..)) => RpcResponse::LogRead(Err(e)),
             _ => RpcResponse::Status(Err(e)),
         };
         Handled {
@@ -1351,6 +1508,24 @@ impl<T: Transport> Consensus<T> {
             }
             RpcRequest::Remove(g, id) => RpcResponse::Membership(self.local_remove(g, id).await),
             RpcRequest::Status(g) => RpcResponse::Status(self.local_status(g)),
+            RpcRequest::LogRead(g, q) => {
+                let kind = log_query_kind(&q);
+                let answer = match self.state_machine(g) {
+                    Ok(sm) => crate::reader::answer(&sm, q).await,
+                    Err(e) => Err(e),
+                };
+                RpcResponse::LogRead(answer.map(|(a, capped)| {
+                    self.inner
+                        .metrics
+                        .log_reads
+                        .get_or_create(&vec![
+                            ("kind".to_string(), kind.to_string()),
+                            ("capped".to_string(), capped.unwrap_or("none").to_string()),
+                        ])
+                        .inc();
+                    a
+                }))
+            }
         }
     }
 
@@ -1620,6 +1795,9 @@ impl<T: Transport> Consensus<T> {
         &self,
         g: GroupId,
     ) -> Result<Vec<(NodeId, Result<MemberStatus, String>)>, ClientError> {
+        if matches!(self.group(g), Err(ClientError::UnknownGroup(_))) {
+            return self.remote_status(g).await;
+        }
         let mine = self.local_status(g)?;
         let mut out = vec![(self.inner.me, Ok(mine.clone()))];
         let membership = group_membership(&*self.group(g)?);
@@ -1642,6 +1820,63 @@ impl<T: Transport> Consensus<T> {
                 (id, r)
             });
         out.extend(futures::future::join_all(asks).await);
+        Ok(out)
+    }
+
+    /// [`Consensus::status`] of a group not hosted here: the first replica the directory
+    /// names that answers, then every member that one knows of.
+    async fn remote_status(
+        &self,
+        g: GroupId,
+    ) -> Result<Vec<(NodeId, Result<MemberStatus, String>)>, ClientError> {
+        let candidates = self.remote_candidates(g);
+        if candidates.is_empty() {
+            return Err(ClientError::UnknownGroup(g));
+        }
+        let mut tried = crate::reader::Tried::default();
+        let mut first = None;
+        for node in &candidates {
+            match self.status_of(g, node).await {
+                Ok(s) => {
+                    first = Some(s);
+                    break;
+                }
+                Err(e) => tried.note(format!("{}: {e}", node.peer_id)),
+            }
+        }
+        let Some(first) = first else {
+            return Err(ClientError::NoLeader {
+                group: g,
+                reason: format!(
+                    "group {g} is not hosted on this node and no replica of it answered a status request; tried {}",
+                    tried.summary()
+                ),
+            });
+        };
+        let asks = first
+            .nodes
+            .iter()
+            .filter(|(id, _)| *id != first.node_id)
+            .map(|(id, peer)| {
+                let node = candidates
+                    .iter()
+                    .find(|n| n.peer_id == *peer)
+                    .cloned()
+                    .unwrap_or_else(|| RaftNode {
+                        peer_id: peer.clone(),
+                        addrs: Vec::new(),
+                    });
+                async move {
+                    (
+                        *id,
+                        self.status_of(g, &node).await.map_err(|e| e.to_string()),
+                    )
+                }
+            })
+            .collect::<Vec<_>>();
+        let rest = futures::future::join_all(asks).await;
+        let mut out = vec![(first.node_id, Ok(first))];
+        out.extend(rest);
         Ok(out)
     }
 
@@ -1677,7 +1912,11 @@ impl<T: Transport> Consensus<T> {
     /// Runs `req` on the group's leader: here if this node leads, else forwarded. Retries
     /// while there is no leader or leadership moves, until the client timeout.
     async fn on_leader(&self, g: GroupId, req: RpcRequest) -> Result<RpcResponse, ClientError> {
-        let group = self.group(g)?;
+        let group = match self.group(g) {
+            Ok(group) => group,
+            Err(ClientError::UnknownGroup(_)) => return self.on_remote_leader(g, req).await,
+            Err(e) => return Err(e),
+        };
         let deadline = Instant::now() + self.inner.settings.client_timeout;
         let mut last_error = String::from("no leader elected yet");
         loop {
@@ -1749,6 +1988,262 @@ impl<T: Transport> Consensus<T> {
         }
     }
 
+    /// Sets where the replicas of groups this node does not host are: `d(g)` names
+    /// candidate replicas of `g`, the preferred (its leader, if known) first, and may name
+    /// none. Client operations ([`Consensus::write`], [`Consensus::read`], ...) and
+    /// [`Consensus::reader`] on a group not hosted here go to them. While it names none
+    /// (until set), they fail at once with [`ClientError::UnknownGroup`], as before.
+    pub fn set_directory(&self, d: crate::reader::Directory) {
+        *self
+            .inner
+            .directory
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = d;
+    }
+
+    /// A reader of group `g`'s topic logs: this node's replica if it hosts `g`, else a
+    /// replica the directory names, over the transport (shared with every other reader of
+    /// `g` on this node). [`ClientError::UnknownGroup`] when `g` is not hosted here and the
+    /// directory names no replica of it.
+    pub fn reader(&self, g: GroupId) -> Result<crate::reader::GroupReader, ClientError> {
+        if let Ok(group) = self.group(g) {
+            return Ok(crate::reader::GroupReader::local(group.sm.clone(), g));
+        }
+        let mut remotes = self.inner.remotes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = remotes.get(&g).and_then(std::sync::Weak::upgrade) {
+            return Ok(crate::reader::GroupReader::remote(r));
+        }
+        if self.remote_candidates(g).is_empty() {
+            return Err(ClientError::UnknownGroup(g));
+        }
+        let r = Arc::new(crate::reader::Remote::new(
+            g,
+            self.inner.node.peer_id.clone(),
+            Arc::new(crate::reader::TransportCaller(self.inner.transport.clone())),
+            self.inner.directory.clone(),
+            self.inner.settings.client_timeout,
+            self.inner.metrics.remote.clone(),
+        ));
+        // Bounded by the groups there are; the dead entries of readers gone go here.
+        remotes.retain(|_, w| w.strong_count() > 0);
+        remotes.insert(g, Arc::downgrade(&r));
+        Ok(crate::reader::GroupReader::remote(r))
+    }
+
+    /// Whether `from` is a member (voter or learner) of the metadata group as this node
+    /// knows it.
+    fn is_metadata_member(&self, from: NodeId) -> bool {
+        self.group(GroupId::METADATA)
+            .map(|m| {
+                m.raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .get_node(&from)
+                    .is_some()
+            })
+            .unwrap_or(false)
+    }
+
+    /// Where to send an operation on group `g`, which is not hosted here: its last known
+    /// leader first, then the directory's candidates; never this node.
+    fn remote_candidates(&self, g: GroupId) -> Vec<RaftNode> {
+        let d = self
+            .inner
+            .directory
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let known = self.known_leaders().get(&g).cloned();
+        let mut out: Vec<RaftNode> = Vec::new();
+        for n in known.into_iter().chain(d(g)) {
+            if n.peer_id != self.inner.node.peer_id && !out.iter().any(|o| o.peer_id == n.peer_id) {
+                out.push(n);
+            }
+        }
+        out
+    }
+
+    fn known_leaders(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<GroupId, RaftNode>> {
+        self.inner
+            .known_leaders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn learn_leader(&self, g: GroupId, leader: &RaftNode) {
+        let mut known = self.known_leaders();
+        if known.len() >= MAX_KNOWN_LEADERS && !known.contains_key(&g) {
+            // Relearned on the next redirect; bounded however many groups are asked.
+            known.clear();
+        }
+        known.insert(g, leader.clone());
+    }
+
+    fn forget_leader(&self, g: GroupId, failed: &RaftNode) {
+        let mut known = self.known_leaders();
+        if known.get(&g).is_some_and(|l| l.peer_id == failed.peer_id) {
+            known.remove(&g);
+        }
+    }
+
+    /// Runs client operation `req` on the leader of group `g`, which this node does not
+    /// host: sends it to the candidates ([`Consensus::remote_candidates`]); a "not the
+    /// leader" answer naming the leader sends it there next, a replica that does not host
+    /// the group, has no leader or does not answer passes to the next candidate. Retries
+    /// with a growing pause until the client timeout, then [`ClientError::NoLeader`] naming
+    /// what was tried.
+    async fn on_remote_leader(
+        &self,
+        g: GroupId,
+        req: RpcRequest,
+    ) -> Result<RpcResponse, ClientError> {
+        // Not hosted, and nowhere else known: as before there was a directory.
+        if self.remote_candidates(g).is_empty() {
+            return Err(ClientError::UnknownGroup(g));
+        }
+        let timeout = self.inner.settings.client_timeout;
+        let deadline = Instant::now() + timeout;
+        let kind = kind_of(&req);
+        let mut tried = crate::reader::Tried::default();
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let mut queue: std::collections::VecDeque<RaftNode> = self.remote_candidates(g).into();
+            if queue.is_empty() {
+                tried.note("the directory names no replica".to_string());
+            }
+            let mut asked: BTreeSet<String> = BTreeSet::new();
+            while let Some(node) = queue.pop_front() {
+                if !asked.insert(node.peer_id.clone()) {
+                    continue;
+                }
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    break;
+                }
+                let answer =
+                    tokio::time::timeout(remaining, call(&self.inner.transport, &node, &req)).await;
+                let a = match answer {
+                    Ok(Ok(a)) => a,
+                    Ok(Err(e)) => {
+                        tried.note(format!("{}: {e}", node.peer_id));
+                        self.forget_leader(g, &node);
+                        continue;
+                    }
+                    Err(_) => {
+                        tried.note(format!("{}: no answer in time", node.peer_id));
+                        self.forget_leader(g, &node);
+                        continue;
+                    }
+                };
+                match remote_verdict(&a) {
+                    RemoteVerdict::Done => {
+                        if matches!(a, RpcResponse::Write(Ok(_)) | RpcResponse::Read(Ok(_))) {
+                            // Only the leader commits writes and confirms reads.
+                            self.learn_leader(g, &node);
+                        }
+                        crate::reader::count(&self.inner.metrics.remote, kind, "ok");
+                        return Ok(a);
+                    }
+                    RemoteVerdict::Redirect(leader, why) => {
+                        tried.note(format!("{}: {why}", node.peer_id));
+                        // This node does not host the group: naming it is stale news.
+                        if leader.peer_id != self.inner.node.peer_id {
+                            self.learn_leader(g, &leader);
+                            queue.push_front(leader);
+                        }
+                    }
+                    RemoteVerdict::Next(why) => {
+                        tried.note(format!("{}: {why}", node.peer_id));
+                        self.forget_leader(g, &node);
+                    }
+                }
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                crate::reader::count(&self.inner.metrics.remote, kind, "failed");
+                return Err(ClientError::NoLeader {
+                    group: g,
+                    reason: format!(
+                        "group {g} is not hosted on this node and no replica of it took the {kind} within {timeout:?} (the client timeout); tried {}",
+                        tried.summary()
+                    ),
+                });
+            }
+            crate::reader::count(&self.inner.metrics.remote, kind, "retried");
+            tokio::time::sleep(backoff.min(remaining)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// [`Consensus::write_batched`] on a group not hosted here: queued on this node's
+    /// batcher of the group (started on the first write, ended when idle), which forwards
+    /// what is queued as one batch at a time, so one publisher's writes keep their order.
+    async fn remote_write_batched(
+        &self,
+        g: GroupId,
+        req: Request,
+    ) -> Result<Response, ClientError> {
+        if self.remote_candidates(g).is_empty() {
+            return Err(ClientError::UnknownGroup(g));
+        }
+        let (tx, rx) = oneshot::channel();
+        let mut pending = (req, tx);
+        // A batcher that just went idle refuses the request: the second try starts anew.
+        for _ in 0..2 {
+            let queue = self.remote_batcher(g);
+            match queue.send(pending).await {
+                Ok(()) => {
+                    return rx
+                        .await
+                        .map_err(|_| other("the node shut down before the write was answered"))?;
+                }
+                Err(mpsc::error::SendError(p)) => pending = p,
+            }
+        }
+        self.write(g, pending.0).await
+    }
+
+    /// The queue of this node's batcher for group `g` (not hosted here), started if none
+    /// runs.
+    fn remote_batcher(&self, g: GroupId) -> mpsc::Sender<Pending> {
+        let mut batchers = self
+            .inner
+            .remote_batchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((_, tx, task)) = batchers.get(&g)
+            && !tx.is_closed()
+            && !task.is_finished()
+        {
+            return tx.clone();
+        }
+        let generation = self
+            .inner
+            .remote_batcher_seq
+            .fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(MAX_BATCH_REQUESTS * 4);
+        let task = tokio::spawn(remote_batch_loop(self.clone(), g, generation, rx));
+        batchers.insert(g, (generation, tx.clone(), task));
+        tx
+    }
+
+    /// Forgets remote batcher `generation` of group `g` (it went idle), unless a newer one
+    /// took its place.
+    fn drop_remote_batcher(&self, g: GroupId, generation: u64) {
+        let mut batchers = self
+            .inner
+            .remote_batchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if batchers.get(&g).is_some_and(|(n, ..)| *n == generation) {
+            batchers.remove(&g);
+        }
+    }
+
     /// Writes through the group's leader; the answer comes after commit and apply.
     pub async fn write(&self, g: GroupId, req: Request) -> Result<Response, ClientError> {
         check_entry_size(&req)?;
@@ -1782,7 +2277,12 @@ impl<T: Transport> Consensus<T> {
     /// publishers, whose throughput is bounded by Raft round trips and log flushes.
     pub async fn write_batched(&self, g: GroupId, req: Request) -> Result<Response, ClientError> {
         check_entry_size(&req)?;
-        let queue = self.group(g)?.batcher.clone();
+        let queue = match self.group(g) {
+            Ok(group) => group.batcher.clone(),
+            // Not hosted here: batched on this node, forwarded a batch at a time.
+            Err(ClientError::UnknownGroup(_)) => return self.remote_write_batched(g, req).await,
+            Err(e) => return Err(e),
+        };
         let (tx, rx) = oneshot::channel();
         queue
             .send((req, tx))
@@ -1833,7 +2333,12 @@ impl<T: Transport> Consensus<T> {
         linearizable: bool,
     ) -> Result<Option<Vec<u8>>, ClientError> {
         if !linearizable {
-            return self.group(g)?.sm.get_raw(&key).map_err(other);
+            match self.group(g) {
+                Ok(group) => return group.sm.get_raw(&key).map_err(other),
+                // Not hosted here: no local replica to read, so a replica's leader answers.
+                Err(ClientError::UnknownGroup(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         match self.on_leader(g, RpcRequest::Read(g, key)).await? {
             RpcResponse::Read(r) => r,
@@ -1876,6 +2381,15 @@ impl<T: Transport> Consensus<T> {
             .take()
         {
             t.abort();
+        }
+        for (_, (_, _, task)) in self
+            .inner
+            .remote_batchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+        {
+            task.abort();
         }
         for group in self.hosted() {
             if let Err(e) = group.raft.shutdown().await {
@@ -2061,11 +2575,55 @@ fn clone_client(req: &RpcRequest) -> RpcRequest {
         RpcRequest::SetVoters(g, v) => RpcRequest::SetVoters(*g, v.clone()),
         RpcRequest::Status(g) => RpcRequest::Status(*g),
         RpcRequest::Remove(g, id) => RpcRequest::Remove(*g, *id),
+        RpcRequest::LogRead(g, q) => RpcRequest::LogRead(*g, q.clone()),
         RpcRequest::Append(g, _)
         | RpcRequest::Vote(g, _)
         | RpcRequest::Snapshot(g, _)
         | RpcRequest::Quiesce(g, ..) => RpcRequest::Status(*g),
         RpcRequest::Alive { .. } => RpcRequest::Status(GroupId::METADATA),
+    }
+}
+
+/// What a remote write or read does with a replica's answer.
+enum RemoteVerdict {
+    /// The answer is the client's (success, or an error no other replica would mend).
+    Done,
+    /// Send it to this leader next (why the replica did not take it).
+    Redirect(RaftNode, String),
+    /// Try the next candidate (why the replica did not take it).
+    Next(String),
+}
+
+fn remote_verdict(a: &RpcResponse) -> RemoteVerdict {
+    let e = match a {
+        RpcResponse::Write(Err(e))
+        | RpcResponse::Read(Err(e))
+        | RpcResponse::Membership(Err(e))
+        | RpcResponse::Status(Err(e)) => e,
+        _ => return RemoteVerdict::Done,
+    };
+    match e {
+        ClientError::NotLeader {
+            leader: Some(l), ..
+        } => RemoteVerdict::Redirect(l.clone(), e.to_string()),
+        ClientError::NotLeader { leader: None, .. }
+        | ClientError::NoLeader { .. }
+        | ClientError::UnknownGroup(_)
+        | ClientError::NotInitialized(_) => RemoteVerdict::Next(e.to_string()),
+        _ => RemoteVerdict::Done,
+    }
+}
+
+/// The kind of a log query, as `canal_raft_log_reads_total` counts it.
+fn log_query_kind(q: &crate::rpc::LogQuery) -> &'static str {
+    use crate::rpc::LogQuery;
+    match q {
+        LogQuery::Topics { .. } => "topics",
+        LogQuery::Meta { .. } => "meta",
+        LogQuery::Events { .. } => "events",
+        LogQuery::OffsetAt { .. } => "offset_at",
+        LogQuery::SubscriptionCursor { .. } => "subscription_cursor",
+        LogQuery::Changes { .. } => "changes",
     }
 }
 
@@ -2212,26 +2770,30 @@ mod tests {
     fn admit_follows_the_rules() {
         let g = GroupId::METADATA;
         // Anyone may speak Raft to a group with no membership yet, but only as itself.
-        assert!(admit(&RpcRequest::Append(g, append(1, 7)), 7, None).is_ok());
-        let forged = admit(&RpcRequest::Append(g, append(1, 7)), 8, None).unwrap_err();
+        assert!(admit(&RpcRequest::Append(g, append(1, 7)), 7, None, false).is_ok());
+        let forged = admit(&RpcRequest::Append(g, append(1, 7)), 8, None, false).unwrap_err();
         assert!(forged.ban_worthy, "{forged:?}");
         // A member naming another leader is forged.
-        let e = admit(&RpcRequest::Append(g, append(1, 7)), 8, Some(true)).unwrap_err();
+        let e = admit(&RpcRequest::Append(g, append(1, 7)), 8, Some(true), false).unwrap_err();
         assert_eq!(e.kind, "append");
         assert!(
             e.ban_worthy && e.detail.contains("names leader node 7"),
             "{e:?}"
         );
         let vote = VoteRequest::new(Vote::new(2, 7), None);
-        let e = admit(&RpcRequest::Vote(g, vote.clone()), 8, Some(true)).unwrap_err();
+        let e = admit(&RpcRequest::Vote(g, vote.clone()), 8, Some(true), false).unwrap_err();
         assert!(e.ban_worthy && e.detail.contains("candidate"), "{e:?}");
-        assert!(admit(&RpcRequest::Vote(g, vote.clone()), 7, Some(true)).is_ok());
+        assert!(admit(&RpcRequest::Vote(g, vote.clone()), 7, Some(true), false).is_ok());
         // Only the leader a quiesce names may send it.
         let quiesce = RpcRequest::Quiesce(g, Vote::new_committed(2, 7), None);
-        let e = admit(&quiesce, 8, Some(true)).unwrap_err();
+        let e = admit(&quiesce, 8, Some(true), false).unwrap_err();
         assert!(e.ban_worthy && e.kind == "quiesce", "{e:?}");
-        assert!(admit(&quiesce, 7, Some(true)).is_ok());
-        assert!(!admit(&quiesce, 7, Some(false)).unwrap_err().ban_worthy);
+        assert!(admit(&quiesce, 7, Some(true), false).is_ok());
+        assert!(
+            !admit(&quiesce, 7, Some(false), false)
+                .unwrap_err()
+                .ban_worthy
+        );
         // A non-member is refused, but not banned: it may be a leader we do not know yet.
         for req in [
             RpcRequest::Append(g, append(1, 7)),
@@ -2242,12 +2804,57 @@ mod tests {
             RpcRequest::Status(g),
         ] {
             let kind = kind_of(&req);
-            let e = admit(&req, 7, Some(false)).unwrap_err();
+            let e = admit(&req, 7, Some(false), false).unwrap_err();
             assert!(!e.ban_worthy, "{e:?}");
             assert_eq!(e.kind, kind);
             assert!(e.detail.contains("not a member"), "{e:?}");
-            assert!(admit(&req, 7, Some(true)).is_ok(), "{kind}");
+            assert!(admit(&req, 7, Some(true), false).is_ok(), "{kind}");
         }
+    }
+
+    #[test]
+    fn admit_lets_metadata_members_forward_client_operations_only() {
+        let g = GroupId(5);
+        let log_read = RpcRequest::LogRead(g, crate::rpc::LogQuery::Meta { topic: "t".into() });
+        // Client operations forwarded by a cluster member that is no replica of the group.
+        for req in [
+            RpcRequest::Write(g, put("k", b"v")),
+            RpcRequest::Read(g, "k".into()),
+            RpcRequest::Status(g),
+            log_read,
+        ] {
+            let kind = kind_of(&req);
+            assert!(admit(&req, 7, Some(false), true).is_ok(), "{kind}");
+            let e = admit(&req, 7, Some(false), false).unwrap_err();
+            assert!(!e.ban_worthy, "{e:?}");
+            assert!(e.detail.contains("or of the metadata group"), "{e:?}");
+        }
+        // Raft and membership changes stay with the group's members.
+        let vote = VoteRequest::new(Vote::new(2, 7), None);
+        for req in [
+            RpcRequest::Append(g, append(1, 7)),
+            RpcRequest::Vote(g, vote),
+            RpcRequest::Snapshot(
+                g,
+                openraft::raft::InstallSnapshotRequest {
+                    vote: Vote::new_committed(1, 7),
+                    meta: Default::default(),
+                    offset: 0,
+                    data: vec![],
+                    done: true,
+                },
+            ),
+            RpcRequest::Quiesce(g, Vote::new_committed(2, 7), None),
+            RpcRequest::AddLearner(g, 7, node(7)),
+            RpcRequest::SetVoters(g, vec![7]),
+            RpcRequest::Remove(g, 1),
+        ] {
+            let kind = kind_of(&req);
+            let e = admit(&req, 7, Some(false), true).unwrap_err();
+            assert!(e.detail.contains("only members may"), "{kind}: {e:?}");
+        }
+        // A group with no membership here yet: as before, anyone.
+        assert!(admit(&RpcRequest::Status(g), 7, None, false).is_ok());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2782,5 +3389,325 @@ mod tests {
             assert!(Instant::now() < deadline, "condition not met within 10 s");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    fn publish(topic: &str, payload: &[u8]) -> Request {
+        Request {
+            id: None,
+            op: Op::Publish(crate::topics::PublishOp {
+                topic: topic.into(),
+                id: None,
+                headers: vec![],
+                payload: payload.to_vec(),
+                retention: Default::default(),
+            }),
+        }
+    }
+
+    /// Five nodes, the metadata group on all of them and node 9 outside it; data group
+    /// `g` on 1, 2 and 3 only, and every node's directory naming those three.
+    async fn remote_cluster(g: GroupId) -> Net {
+        let net = formed(&[1, 2, 3, 4, 5], &[9]).await;
+        leader_of(&net, 1).await;
+        let replicas = [1, 2, 3];
+        for i in replicas {
+            net.get(i).open_group(g).await.unwrap();
+        }
+        let members: BTreeMap<NodeId, RaftNode> = replicas.iter().map(|&i| (i, node(i))).collect();
+        net.get(1).initialize_group(g, members).await.unwrap();
+        agreed_leader(&net, &replicas, g).await;
+        for i in [1, 2, 3, 4, 5, 9] {
+            net.get(i).set_directory(Arc::new(move |asked| {
+                if asked == g {
+                    replicas.iter().map(|&r| node(r)).collect()
+                } else {
+                    Vec::new()
+                }
+            }));
+        }
+        net
+    }
+
+    /// The next wake of `w`, which must come within `within`.
+    async fn woken(w: &mut crate::reader::GroupWatch, within: Duration) -> crate::store::Wake {
+        tokio::time::timeout(within, w.next())
+            .await
+            .expect("no change notice in time")
+            .expect("the watch ended")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_that_does_not_host_a_group_writes_and_reads_it_through_its_replicas() {
+        let g = GroupId(5);
+        let net = remote_cluster(g).await;
+        let outside = net.get(4);
+        assert!(!outside.groups().contains(&g));
+
+        // Plain, batched and repeat-safe writes commit on the replicas.
+        outside.write(g, put("a", b"1")).await.unwrap();
+        let batched = (0..20).map(|i| {
+            let c = outside.clone();
+            async move { c.write_batched(g, put(&format!("b{i}"), b"2")).await }
+        });
+        for r in futures::future::join_all(batched).await {
+            r.unwrap();
+        }
+        outside
+            .write_op(
+                g,
+                Op::Add {
+                    key: "n".into(),
+                    delta: 3,
+                },
+            )
+            .await
+            .unwrap();
+        for i in [1, 2, 3] {
+            wait(|| has(&net, i, g, "a", b"1") && has(&net, i, g, "b19", b"2")).await;
+        }
+        // Linearizable (and, with no local replica, any) reads go to the leader.
+        for lin in [true, false] {
+            let v = outside
+                .read(g, &UserKey::new("n").unwrap(), lin)
+                .await
+                .unwrap();
+            assert_eq!(v.as_deref(), Some(&b"3"[..]));
+        }
+        // Status asks the replicas.
+        let status = outside.status(g).await.unwrap();
+        assert_eq!(status.len(), 3, "{status:?}");
+        assert!(status.iter().all(|(_, s)| s.is_ok()), "{status:?}");
+
+        // Topic logs read remotely, topics, metas, events, offsets and cursors.
+        for i in 0..5u8 {
+            outside
+                .write_batched(g, publish("t/a", &[i]))
+                .await
+                .unwrap();
+        }
+        outside.write(g, publish("t/b", b"x")).await.unwrap();
+        outside
+            .write_op(
+                g,
+                Op::Ack {
+                    subscription: "s".into(),
+                    topic: "t/a".into(),
+                    offset: 2,
+                },
+            )
+            .await
+            .unwrap();
+        let reader = outside.reader(g).unwrap();
+        assert!(!reader.is_local());
+        assert_eq!(reader.group(), g);
+        let local = net.get(1).reader(g).unwrap();
+        assert!(local.is_local());
+        // A replica's reader and the remote one agree (the remote one may lag a moment).
+        let want = local.topics().await.unwrap();
+        assert_eq!(want.len(), 2);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reader.topics().await.unwrap() != want {
+            assert!(Instant::now() < deadline, "the remote topics never matched");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let meta = reader.topic_meta("t/a").await.unwrap().unwrap();
+        assert_eq!((meta.first, meta.next), (0, 5));
+        assert_eq!(reader.topic_meta("t/none").await.unwrap(), None);
+        let events = reader.events("t/a", 1, 3).await.unwrap();
+        let offsets: Vec<u64> = events.iter().map(|e| e.offset).collect();
+        assert_eq!(offsets, vec![1, 2, 3]);
+        assert_eq!(events[0].payload, vec![1]);
+        assert_eq!(reader.events("t/a", 0, 1000).await.unwrap().len(), 5);
+        assert_eq!(reader.offset_at("t/a", 0).await.unwrap(), 0);
+        assert_eq!(reader.offset_at("t/a", u64::MAX).await.unwrap(), 5);
+        assert_eq!(
+            reader.subscription_cursor("s", "t/a").await.unwrap(),
+            local.subscription_cursor("s", "t/a").await.unwrap()
+        );
+        assert!(
+            reader
+                .subscription_cursor("s", "t/a")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(reader.subscription_cursor("s", "t/b").await.unwrap(), None);
+
+        // The watch: first "anything" (it starts), then the topic of a new publish within
+        // a second; readers of one group share one poll loop (a watch that joins it after
+        // it started is told only of what comes after).
+        let mut w = reader.watch_changes();
+        let mut w2 = outside.reader(g).unwrap().watch_changes();
+        assert_eq!(
+            woken(&mut w, Duration::from_secs(5)).await,
+            crate::store::Wake::Everything
+        );
+        net.get(2).write(g, publish("t/c", b"new")).await.unwrap();
+        let published = Instant::now();
+        let wake = woken(&mut w, Duration::from_secs(1)).await;
+        assert!(published.elapsed() < Duration::from_secs(1));
+        assert_eq!(
+            wake,
+            crate::store::Wake::Topics(["t/c".to_string()].into_iter().collect())
+        );
+        // Told of the same publish: by its topic, or within the "anything" of the start
+        // if it joined before the start was told (queued notices coalesce into it).
+        let wake2 = woken(&mut w2, Duration::from_secs(1)).await;
+        assert!(
+            wake2 == wake || wake2 == crate::store::Wake::Everything,
+            "{wake2:?}"
+        );
+        // Idle: nothing is told, and the loop long-polls instead of spinning.
+        let sent = net.nodes.sent("log_read");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1500), w.next())
+                .await
+                .is_err()
+        );
+        assert!(
+            net.nodes.sent("log_read") - sent <= 2,
+            "{} log reads while idle",
+            net.nodes.sent("log_read") - sent
+        );
+        drop((w, w2));
+
+        // A node outside the metadata group is refused, directly and through its own
+        // forwarding.
+        let outsider = net.get(9);
+        let e = outsider.write(g, put("evil", b"x")).await.unwrap_err();
+        assert!(matches!(e, ClientError::Refused { .. }), "{e}");
+        let a = call(
+            &outsider.inner.transport,
+            &node(1),
+            &RpcRequest::LogRead(
+                g,
+                crate::rpc::LogQuery::Meta {
+                    topic: "t/a".into(),
+                },
+            ),
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(a, RpcResponse::LogRead(Err(ClientError::Refused { .. }))),
+            "{a:?}"
+        );
+        assert!(matches!(
+            outsider.reader(g).unwrap().topics().await,
+            Err(crate::store::ReadError::NoReplica { .. })
+        ));
+        // A group nobody names is unknown.
+        assert!(matches!(
+            outside.reader(GroupId(77)),
+            Err(ClientError::UnknownGroup(GroupId(77)))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_remote_reader_moves_on_when_its_replica_dies_and_sees_every_event_once() {
+        let g = GroupId(5);
+        let net = remote_cluster(g).await;
+        let outside = net.get(4);
+        let topic = "t/x";
+        for i in 0..10u32 {
+            outside
+                .write_batched(g, publish(topic, &i.to_be_bytes()))
+                .await
+                .unwrap();
+        }
+        let reader = outside.reader(g).unwrap();
+        let mut w = reader.watch_changes();
+        let mut next = 0u64;
+        let mut got: Vec<u32> = Vec::new();
+        let drain = |next: &mut u64, got: &mut Vec<u32>, page: Vec<crate::topics::StoredEvent>| {
+            for e in page {
+                assert_eq!(e.offset, *next, "offsets in order, each once");
+                *next += 1;
+                got.push(u32::from_be_bytes(e.payload.as_slice().try_into().unwrap()));
+            }
+        };
+        loop {
+            let page = reader.events(topic, next, 4).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            drain(&mut next, &mut got, page);
+        }
+        assert_eq!(got.len(), 10);
+        let dead = reader.replica().unwrap();
+        // Killed: unreachable, and sending nothing any more.
+        let c = net.nodes.remove(&dead).unwrap();
+        c.shutdown().await;
+        let publisher = {
+            let c = outside.clone();
+            tokio::spawn(async move {
+                for i in 10..40u32 {
+                    c.write_batched(g, publish(topic, &i.to_be_bytes()))
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got.len() < 40 {
+            assert!(Instant::now() < deadline, "only {} of 40 events", got.len());
+            // Woken by the watch only (no polling): it must follow the move.
+            woken(&mut w, Duration::from_secs(15)).await;
+            loop {
+                let page = reader.events(topic, next, 7).await.unwrap();
+                if page.is_empty() {
+                    break;
+                }
+                drain(&mut next, &mut got, page);
+            }
+        }
+        publisher.await.unwrap();
+        assert_eq!(got, (0..40).collect::<Vec<u32>>());
+        assert_ne!(reader.replica().unwrap(), dead);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_remote_watch_backs_off_while_every_replica_is_down_and_resumes_after() {
+        let g = GroupId(5);
+        let net = remote_cluster(g).await;
+        let outside = net.get(4);
+        let reader = outside.reader(g).unwrap();
+        let mut w = reader.watch_changes();
+        assert_eq!(
+            woken(&mut w, Duration::from_secs(5)).await,
+            crate::store::Wake::Everything
+        );
+        for i in [1, 2, 3] {
+            net.nodes.cut(i, true);
+        }
+        // Reads fail after the client timeout, naming the group.
+        let e = tokio::time::timeout(Duration::from_secs(20), reader.topic_meta("t"))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(e, crate::store::ReadError::NoReplica { group, .. } if group == g),
+            "{e}"
+        );
+        // The watch loop keeps trying, but with a growing pause: no spin.
+        let sent = net.nodes.sent("log_read");
+        let window = Duration::from_secs(3);
+        // A measurement window, not a wait for a condition.
+        tokio::time::sleep(window).await;
+        let polls = net.nodes.sent("log_read") - sent;
+        assert!(polls > 0 && polls < 20, "{polls} log reads in {window:?}");
+        for i in [1, 2, 3] {
+            net.nodes.cut(i, false);
+        }
+        // Healed: the watch tells "anything" (it found a replica again), then new topics.
+        assert_eq!(
+            woken(&mut w, Duration::from_secs(10)).await,
+            crate::store::Wake::Everything
+        );
+        outside.write(g, publish("t/healed", b"1")).await.unwrap();
+        assert_eq!(
+            woken(&mut w, Duration::from_secs(2)).await,
+            crate::store::Wake::Topics(["t/healed".to_string()].into_iter().collect())
+        );
     }
 }

@@ -22,6 +22,9 @@
 //!   [`Consensus::open_group`], [`Consensus::close_group`]) and the client operations on them
 //!   (writes and linearizable reads forwarded to the leader, typed reads of internal
 //!   records, membership, status, [`Consensus::is_leader`] and [`Consensus::describe`]).
+//! - [`reader`]: [`GroupReader`], the one way to read a group's topic logs, local or
+//!   remote (a replica's, over the transport, for a group this node does not host), and
+//!   its change watch [`GroupWatch`].
 //! - [`topics`]: what a topic log holds (publishes, events, where a log starts and ends).
 //! - [`functions`]: the atomic [`functions::Effects`] of executions of functions.
 //! - [`store`]: Raft storage on sled, one file per concern: `db` (the [`RaftDb`] and its
@@ -53,7 +56,7 @@ pub mod types;
 pub use groups::{Consensus, ConsensusError, GroupView, Settings};
 pub use keys::UserKey;
 pub use network::Transport;
-pub use reader::{GroupReader, GroupWatch};
+pub use reader::{Directory, GroupReader, GroupWatch};
 pub use routing::{DATA_GROUPS, Route};
 pub use rpc::{ClientError, MemberStatus};
 pub use store::{

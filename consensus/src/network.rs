@@ -488,6 +488,127 @@ mod tests {
         })
     }
 
+    fn log_query() -> impl Strategy<Value = crate::rpc::LogQuery> {
+        use crate::rpc::LogQuery;
+        let name = "[a-z/+#\u{1}]{0,12}";
+        prop_oneof![
+            (proptest::option::of(name), any::<u32>())
+                .prop_map(|(after, limit)| LogQuery::Topics { after, limit }),
+            name.prop_map(|topic| LogQuery::Meta { topic }),
+            (name, any::<u64>(), any::<u32>()).prop_map(|(topic, from, limit)| LogQuery::Events {
+                topic,
+                from,
+                limit
+            }),
+            (name, any::<u64>()).prop_map(|(topic, time_ms)| LogQuery::OffsetAt { topic, time_ms }),
+            (name, name).prop_map(|(name, topic)| LogQuery::SubscriptionCursor { name, topic }),
+            (any::<u64>(), any::<u32>())
+                .prop_map(|(since, wait_ms)| LogQuery::Changes { since, wait_ms }),
+        ]
+    }
+
+    fn log_answer() -> impl Strategy<Value = Result<crate::rpc::LogAnswer, ClientError>> {
+        use crate::rpc::LogAnswer;
+        use crate::topics::{StoredEvent, TopicMeta};
+        let meta = (any::<u64>(), any::<u64>(), any::<u64>())
+            .prop_map(|(first, next, bytes)| TopicMeta { first, next, bytes });
+        let event = (
+            any::<u64>(),
+            any::<u64>(),
+            proptest::option::of("[a-z]{0,6}"),
+            proptest::collection::vec(("[a-z]{0,4}", "[a-z]{0,4}"), 0..3),
+            proptest::collection::vec(any::<u8>(), 0..32),
+        )
+            .prop_map(|(offset, time_ms, id, headers, payload)| StoredEvent {
+                offset,
+                time_ms,
+                id,
+                headers,
+                payload,
+            });
+        prop_oneof![
+            proptest::collection::vec(("[a-z]{0,8}", meta.clone()), 0..4)
+                .prop_map(|t| Ok(LogAnswer::Topics(t))),
+            proptest::option::of(meta).prop_map(|m| Ok(LogAnswer::Meta(m))),
+            (proptest::collection::vec(event, 0..4), any::<bool>())
+                .prop_map(|(events, cut)| Ok(LogAnswer::Events { events, cut })),
+            any::<u64>().prop_map(|o| Ok(LogAnswer::Offset(o))),
+            proptest::option::of(any::<u64>()).prop_map(|c| Ok(LogAnswer::Cursor(c))),
+            (
+                any::<u64>(),
+                proptest::option::of(proptest::collection::vec("[a-z]{0,8}", 0..4))
+            )
+                .prop_map(|(index, topics)| Ok(LogAnswer::Changes { index, topics })),
+            any::<u32>().prop_map(|g| Err(ClientError::UnknownGroup(GroupId(g)))),
+        ]
+    }
+
+    #[test]
+    fn log_reads_round_trip_and_their_decoders_never_panic_on_mutated_bytes() {
+        let strategy = (
+            log_query(),
+            log_answer(),
+            proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..4), 0..8),
+        );
+        runner()
+            .run(&strategy, |(q, a, edits)| {
+                let req = RpcRequest::LogRead(GroupId(7), q.clone());
+                let resp = RpcResponse::LogRead(a.clone());
+                let req_bytes = wire::encode(&req).unwrap();
+                let resp_bytes = wire::encode(&resp).unwrap();
+                match wire::decode::<RpcRequest>(&req_bytes).unwrap() {
+                    RpcRequest::LogRead(GroupId(7), back) => prop_assert_eq!(back, q),
+                    other => prop_assert!(false, "decoded as {other:?}"),
+                }
+                match wire::decode::<RpcResponse>(&resp_bytes).unwrap() {
+                    RpcResponse::LogRead(back) => prop_assert_eq!(back, a),
+                    other => prop_assert!(false, "decoded as {other:?}"),
+                }
+                for mut bytes in [req_bytes, resp_bytes] {
+                    for (at, value, how) in &edits {
+                        if bytes.is_empty() {
+                            break;
+                        }
+                        let i = at.index(bytes.len());
+                        match how {
+                            0 => bytes[i] = *value,
+                            1 => bytes.truncate(i),
+                            2 => bytes.insert(i, *value),
+                            _ => {
+                                bytes
+                                    .splice(i..i, [0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0]);
+                            }
+                        }
+                    }
+                    let _ = wire::decode::<RpcRequest>(&bytes);
+                    let _ = wire::decode::<RpcResponse>(&bytes);
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn log_read_wire_tags_come_after_the_older_variants() {
+        // The older variants keep their tags: Alive is the 11th request (tag 10) and the
+        // 9th answer (tag 8); LogRead comes after each.
+        let alive = wire::encode(&RpcRequest::Alive {
+            leading: vec![],
+            quiet: vec![],
+        })
+        .unwrap();
+        let read = wire::encode(&RpcRequest::LogRead(
+            GroupId(1),
+            crate::rpc::LogQuery::Meta { topic: "t".into() },
+        ))
+        .unwrap();
+        assert_eq!((alive[1], read[1]), (10, 11));
+        let alive = wire::encode(&RpcResponse::Alive).unwrap();
+        let read =
+            wire::encode(&RpcResponse::LogRead(Ok(crate::rpc::LogAnswer::Offset(0)))).unwrap();
+        assert_eq!((alive[1], read[1]), (8, 9));
+    }
+
     #[test]
     fn rpc_decoders_never_panic_on_random_bytes() {
         runner()

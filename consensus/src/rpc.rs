@@ -49,6 +49,10 @@ pub enum RpcRequest {
         /// The groups the sender follows quietly.
         quiet: Vec<GroupId>,
     },
+    /// A read of the group's topic logs from the receiving member's own state machine (any
+    /// replica answers; no leader is needed), for a node that does not host the group.
+    /// Appended last: older variants keep their wire tags.
+    LogRead(GroupId, LogQuery),
 }
 
 /// The answer to an [`RpcRequest`], variant for variant.
@@ -73,6 +77,103 @@ pub enum RpcResponse {
     Quiesce(Result<bool, ClientError>),
     /// To `Alive`.
     Alive,
+    /// To `LogRead`.
+    LogRead(Result<LogAnswer, ClientError>),
+}
+
+/// The most topics one [`LogQuery::Topics`] answer lists; the reader pages on with `after`.
+pub const MAX_LOG_PAGE_TOPICS: usize = 1024;
+/// The most events one [`LogQuery::Events`] answer carries, whatever its `limit` says.
+pub const MAX_LOG_EVENTS: usize = 256;
+/// The most event bytes (payloads, ids and headers) one [`LogQuery::Events`] answer
+/// carries, unless its first event alone is larger (it then comes alone, so a reader never
+/// stalls on a large event).
+pub const MAX_LOG_ANSWER_BYTES: usize = 4 << 20;
+/// The longest a [`LogQuery::Changes`] waits for a change, whatever its `wait_ms` says.
+pub const MAX_CHANGES_WAIT_MS: u32 = 5000;
+/// The most topic names one [`LogQuery::Changes`] answer lists; more changed topics are
+/// answered "anything may have changed" (`topics: None`).
+pub const MAX_CHANGES_TOPICS: usize = 4096;
+
+/// What a [`RpcRequest::LogRead`] asks of a replica's topic logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogQuery {
+    /// The topics with a log and where each starts and ends, in name order after `after`,
+    /// at most `limit` (and [`MAX_LOG_PAGE_TOPICS`]).
+    Topics {
+        /// The last topic of the previous page; `None` for the first page.
+        after: Option<String>,
+        /// How many the reader wants at most.
+        limit: u32,
+    },
+    /// Where one topic's log starts and ends.
+    Meta {
+        /// The topic.
+        topic: String,
+    },
+    /// Events of one topic from an offset on, at most `limit` (and [`MAX_LOG_EVENTS`] and
+    /// [`MAX_LOG_ANSWER_BYTES`]).
+    Events {
+        /// The topic.
+        topic: String,
+        /// The first offset wanted.
+        from: u64,
+        /// How many the reader wants at most.
+        limit: u32,
+    },
+    /// The offset of the first event of a topic accepted at or after a time.
+    OffsetAt {
+        /// The topic.
+        topic: String,
+        /// The time, ms since the Unix epoch (the state machine's clock).
+        time_ms: u64,
+    },
+    /// Where a durable subscription continues on a topic.
+    SubscriptionCursor {
+        /// The subscription.
+        name: String,
+        /// The topic.
+        topic: String,
+    },
+    /// Long-poll for changes: answered at once if applies after index `since` changed
+    /// topics, else after the first such apply or `wait_ms` (at most
+    /// [`MAX_CHANGES_WAIT_MS`]).
+    Changes {
+        /// The last applied index the reader has heard of from this replica.
+        since: u64,
+        /// How long to wait for a change, in ms.
+        wait_ms: u32,
+    },
+}
+
+/// The answer to a [`LogQuery`], variant for variant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogAnswer {
+    /// To `Topics`: a page of topics, in name order.
+    Topics(Vec<(String, crate::topics::TopicMeta)>),
+    /// To `Meta`.
+    Meta(Option<crate::topics::TopicMeta>),
+    /// To `Events`.
+    Events {
+        /// The events, in offset order.
+        events: Vec<crate::topics::StoredEvent>,
+        /// Whether [`MAX_LOG_ANSWER_BYTES`] cut the answer short (more events may follow
+        /// right after the last one).
+        cut: bool,
+    },
+    /// To `OffsetAt`.
+    Offset(u64),
+    /// To `SubscriptionCursor`.
+    Cursor(Option<u64>),
+    /// To `Changes`.
+    Changes {
+        /// The last index the replica applied: the next poll's `since`.
+        index: u64,
+        /// The topics changed after `since`, sorted (empty: none within the wait); `None`
+        /// when anything may have changed (a snapshot was installed, `since` is older than
+        /// the replica remembers, or ahead of it: another replica's index).
+        topics: Option<Vec<String>>,
+    },
 }
 
 /// Why a client operation failed, as carried between peers.

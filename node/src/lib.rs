@@ -415,10 +415,10 @@ impl Node {
             shard_map::ShardMapMetrics::register(&mut registry),
         ));
         let shard_group_metrics = shard_groups::ShardGroupMetrics::register(&mut registry);
-        let shard_groups = canal_worker::spawn(shard_groups::ShardGroupsJob::new(
-            consensus.clone(),
-            shard_group_metrics,
-        ));
+        let shard_groups_job =
+            shard_groups::ShardGroupsJob::new(consensus.clone(), shard_group_metrics);
+        consensus.set_directory(shard_groups::directory(shard_groups_job.shared_directory()));
+        let shard_groups = canal_worker::spawn(shard_groups_job);
         let raft_links = raft_links.spawn(consensus.clone(), handle.clone());
         registry.register(
             "canal_auth_refused",

@@ -33,6 +33,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info, warn};
 
@@ -336,6 +337,32 @@ pub fn status<T: Transport>(consensus: &Consensus<T>, shard: u32) -> ShardGroupS
     }
 }
 
+/// Where each shard group's replicas are, as the committed map names them (preferred leader
+/// first) with their addresses: what [`directory`] answers. Rebuilt by the job when the
+/// map's epoch or the cluster's members change.
+#[derive(Default)]
+pub struct Directory {
+    /// The map's epoch and the members it was built from.
+    built_from: Option<(u64, Vec<NodeId>)>,
+    replicas: BTreeMap<GroupId, Vec<RaftNode>>,
+}
+
+/// A [`Directory`] the job keeps and the consensus layer asks.
+pub type SharedDirectory = Arc<std::sync::RwLock<Directory>>;
+
+/// The consensus layer's directory ([`Consensus::set_directory`]) over `d`: the replicas of
+/// a shard group not hosted here, so its writes and reads reach them.
+pub fn directory(d: SharedDirectory) -> canal_consensus::Directory {
+    Arc::new(move |g: GroupId| {
+        d.read()
+            .unwrap_or_else(|p| p.into_inner())
+            .replicas
+            .get(&g)
+            .cloned()
+            .unwrap_or_default()
+    })
+}
+
 /// The Raft nodes of the cluster (the metadata group's members), by node id: where a shard
 /// group's replicas are reached.
 fn cluster_nodes<T: Transport>(consensus: &Consensus<T>) -> BTreeMap<NodeId, RaftNode> {
@@ -392,6 +419,8 @@ pub struct ShardGroupsJob<T: Transport> {
     next: usize,
     /// When this node last stood for each group's lead (a rate limit only).
     campaigned: BTreeMap<GroupId, std::time::Instant>,
+    /// Where every shard group's replicas are, for the consensus layer.
+    directory: SharedDirectory,
 }
 
 impl<T: Transport> ShardGroupsJob<T> {
@@ -403,7 +432,46 @@ impl<T: Transport> ShardGroupsJob<T> {
             tick: canal_worker::ticker(LOOK_EVERY),
             next: 0,
             campaigned: BTreeMap::new(),
+            directory: SharedDirectory::default(),
         }
+    }
+
+    /// The directory this job keeps ([`directory`] turns it into the consensus layer's).
+    pub fn shared_directory(&self) -> SharedDirectory {
+        self.directory.clone()
+    }
+
+    /// Rebuilds the directory if the map's epoch or the members changed since.
+    fn refresh_directory(
+        &self,
+        map: &canal_proto::shards::ShardMap,
+        nodes: &BTreeMap<NodeId, RaftNode>,
+        wanted: &BTreeMap<GroupId, Vec<NodeId>>,
+    ) {
+        let key = (map.epoch, nodes.keys().copied().collect::<Vec<_>>());
+        let stale = self
+            .directory
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .built_from
+            .as_ref()
+            != Some(&key);
+        if !stale {
+            return;
+        }
+        let replicas = wanted
+            .iter()
+            .map(|(g, ids)| {
+                (
+                    *g,
+                    ids.iter().filter_map(|id| nodes.get(id).cloned()).collect(),
+                )
+            })
+            .collect();
+        *self.directory.write().unwrap_or_else(|p| p.into_inner()) = Directory {
+            built_from: Some(key),
+            replicas,
+        };
     }
 
     /// What `node` says of group `g` to this node.
@@ -533,6 +601,7 @@ impl<T: Transport> ShardGroupsJob<T> {
         for a in &map.assignments {
             wanted.insert(shard_group(a.shard), ids_of(&a.replicas));
         }
+        self.refresh_directory(&map, &nodes, &wanted);
         let previous = shard_map::previous(&self.consensus);
         let earlier = |g: GroupId| -> Vec<NodeId> {
             match (&previous, shard_of_group(g)) {

@@ -644,6 +644,8 @@ where
         .apply_batch(w.into_batch())
         .map_err(|e| werr(e.to_string()))?;
     if let Some(last) = last {
+        // The ring before the index: a remote poll woken by the index finds the topics.
+        sm.ring().record(last.index, changed.as_ref());
         // The topic notice first: a waiter woken by the index may look for it.
         if let Some(topics) = changed {
             sm.notify_changes(last.index, Some(topics));

@@ -202,7 +202,22 @@ impl RaftDb {
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             applied_tx: Arc::new(tokio::sync::watch::Sender::new(0)),
             changes_tx: Arc::new(tokio::sync::broadcast::Sender::new(super::CHANGE_NOTICES)),
+            ring: Arc::new(std::sync::Mutex::new(super::ChangeRing::new(
+                0,
+                super::RING_NOTICES,
+                super::RING_TOPICS,
+            ))),
         };
+        // The ring knows nothing applied before this open: a remote reader's older index
+        // is answered "anything may have changed".
+        let applied = sm
+            .applied()
+            .map_err(|e| StoreError::Io {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })?
+            .map_or(0, |l| l.index);
+        sm.ring().reset(applied);
         Ok((log, sm))
     }
 

@@ -74,7 +74,8 @@ mod overlay;
 mod snapshot;
 mod state;
 
-pub use changes::{CHANGE_NOTICES, ChangeWatch, Changed, Wake};
+pub use changes::{CHANGE_NOTICES, ChangeWatch, Changed, RING_NOTICES, RING_TOPICS, Wake};
+pub(crate) use changes::{ChangeRing, RingAnswer};
 pub use db::{RaftDb, Watermark};
 pub use log::LogStore;
 pub use snapshot::SnapshotBuilder;
@@ -143,6 +144,15 @@ pub enum ReadError {
         what: &'static str,
         /// The key.
         key: String,
+    },
+    /// The group is not hosted here and no replica of it answered within the client
+    /// timeout (see [`crate::reader::GroupReader`]).
+    #[error("no replica of group {group} answered a log read: tried {tried}")]
+    NoReplica {
+        /// The group.
+        group: crate::types::GroupId,
+        /// Whom it asked and what each said (the last few).
+        tried: String,
     },
 }
 

@@ -127,6 +127,7 @@ pub(super) async fn install(
     sm.sm.apply_batch(batch).map_err(|e| err(any(&e)))?;
     store_snapshot(sm, meta, &bytes).await?;
     if let Some(l) = meta.last_log_id {
+        sm.ring().reset(l.index);
         sm.applied_tx.send_replace(l.index);
         sm.notify_changes(l.index, None);
     }

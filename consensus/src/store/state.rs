@@ -23,6 +23,9 @@ pub struct StateMachine {
     pub(super) applied_tx: Arc<tokio::sync::watch::Sender<u64>>,
     /// The topics each apply changed, for readers that wait on some topics only.
     pub(super) changes_tx: Arc<tokio::sync::broadcast::Sender<super::Changed>>,
+    /// The recent change notices, for remote readers that poll with an index
+    /// ([`StateMachine::changes_since`]); never part of the replicated state.
+    pub(super) ring: Arc<std::sync::Mutex<super::ChangeRing>>,
 }
 
 impl StateMachine {
@@ -152,6 +155,53 @@ impl StateMachine {
     /// waiter is fine.
     pub(super) fn notify_changes(&self, index: u64, topics: Option<Arc<[String]>>) {
         let _ = self.changes_tx.send(super::Changed { index, topics });
+    }
+
+    pub(super) fn ring(&self) -> std::sync::MutexGuard<'_, super::ChangeRing> {
+        // Nothing panics while holding it; if something did, the ring is still whole.
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The topics the applies after index `since` changed, as the ring of recent notices
+    /// knows them (at most `max_topics`; more, or what the ring no longer knows, is
+    /// "anything").
+    pub(crate) fn changes_since(&self, since: u64, max_topics: usize) -> super::RingAnswer {
+        self.ring().since(since, max_topics)
+    }
+
+    /// Up to `limit` topics with a log, in name order after `after` (from the first with
+    /// `None`), and where each log starts and ends.
+    pub fn topics_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, TopicMeta)>, ReadError> {
+        let table = &keys::TOPIC_META;
+        let prefix = data_key(table.prefix());
+        let start = match after {
+            Some(a) => data_key(&table.key(a)),
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for item in self.sm.range(start.clone()..) {
+            let (k, v) = item.map_err(|e| ReadError::io(table.what(), e))?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            if after.is_some() && k.as_ref() == start.as_slice() {
+                continue;
+            }
+            let raw = String::from_utf8_lossy(&k[2..]);
+            let name = table.parse(&raw).ok_or_else(|| ReadError::ForeignKey {
+                what: table.what(),
+                key: raw.to_string(),
+            })?;
+            let meta = table
+                .decode(&v)
+                .map_err(|e| ReadError::damaged(table.what(), &raw, e))?;
+            out.push((name, meta));
+        }
+        Ok(out)
     }
 
     /// Every topic with a log, and where its log starts and ends.

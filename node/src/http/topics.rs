@@ -71,7 +71,7 @@ pub(super) async fn topic_get(
     };
     let topic =
         Topic::new(topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
-    Ok(axum::Json(locate(&st.dht, &st.consensus, &topic)).into_response())
+    Ok(axum::Json(locate(&st.dht, &st.consensus, &topic).await).into_response())
 }
 
 pub(super) fn settings_filter(s: &str) -> Result<canal_proto::TopicFilter, ApiError> {
@@ -194,14 +194,27 @@ pub(super) async fn ack(
 /// count, else this node's `--shards`), that shard's planned replicas in the committed map,
 /// the DHT home peers of the shard from the peers this node knows alive, and the Raft group
 /// that holds its events today with that group's leader and members as this node's replica
-/// knows them (empty where this node hosts no such group).
-pub fn locate(dht: &DhtHandle, consensus: &Consensus<NodeTransport>, topic: &Topic) -> Locate {
+/// knows them (or, where this node hosts no such group, as its replicas know them).
+pub async fn locate(
+    dht: &DhtHandle,
+    consensus: &Consensus<NodeTransport>,
+    topic: &Topic,
+) -> Locate {
     let group = consensus
         .route()
         .map_or(canal_consensus::routing::DEFAULT_GROUP, |r| {
             r.topic(topic.as_str())
         });
-    let raft = consensus.local_status(group).ok();
+    // This node's own view where it hosts the group, else what its replicas say (the
+    // first that knows a leader).
+    let raft = match consensus.local_status(group) {
+        Ok(s) => Some(s),
+        Err(_) => consensus.status(group).await.ok().and_then(|all| {
+            let mut views: Vec<_> = all.into_iter().filter_map(|(_, r)| r.ok()).collect();
+            views.sort_by_key(|s| s.leader.is_none());
+            views.into_iter().next()
+        }),
+    };
     let peer_of = |id: u64| {
         raft.as_ref()
             .and_then(|s| s.nodes.iter().find(|(n, _)| *n == id))
