@@ -208,8 +208,24 @@ impl TestNode {
 pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    let tail_from = all.len().saturating_sub(lines);
+    // The error a node exits with can come before the last lines: the tasks of its many
+    // Raft groups log their shutdown after it. The last few errors come first.
+    let mut errors: Vec<&str> = all[..tail_from]
+        .iter()
+        .filter(|l| l.starts_with("error: ") || l.contains(" ERROR "))
+        .copied()
+        .collect();
+    errors.drain(..errors.len().saturating_sub(5));
+    errors
+        .into_iter()
+        .chain(all[tail_from..].iter().copied())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
+
+/// The shard count the harness's nodes get unless told otherwise (see `spawn`).
+pub const TEST_SHARDS: &str = "8";
 
 /// A set of canal nodes on this machine, under one directory.
 pub struct Testnet {
@@ -479,6 +495,13 @@ impl Testnet {
             .args(&args)
             // A node inherits no client settings from the environment of the test.
             .env_remove("CANAL_API")
+            // 8 shard groups a node unless a test's `--shards` (or CANAL_TEST_SHARDS) says
+            // otherwise: tests run side by side on small machines, and 64 groups on every
+            // node of every test would make the machine, not the code, what they measure.
+            .env(
+                "CANAL_SHARDS",
+                std::env::var("CANAL_TEST_SHARDS").unwrap_or_else(|_| TEST_SHARDS.into()),
+            )
             .env(
                 "CANAL_LOG",
                 std::env::var("CANAL_TEST_LOG").unwrap_or_else(|_| "info".into()),
