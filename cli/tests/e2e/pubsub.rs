@@ -90,7 +90,7 @@ pub(crate) async fn publish_until_acked(
 
 /// Checks one subscriber's output: every expected event exactly once, offsets per topic
 /// 0, 1, 2, ... in order.
-fn check_delivery(out: &str, want_payloads: &BTreeSet<String>, who: &str) {
+pub(crate) fn check_delivery(out: &str, want_payloads: &BTreeSet<String>, who: &str) {
     let mut per_topic: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let mut payloads = BTreeSet::new();
     for line in out.lines() {
