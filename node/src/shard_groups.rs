@@ -384,8 +384,8 @@ pub enum Peer {
     Empty,
     /// It has a membership for the group that names this node (it answered).
     Member,
-    /// It has a membership for the group that leaves this node out (it refused: only
-    /// members may ask).
+    /// It has a membership for the group that leaves this node out (its view does not
+    /// name this node, or it refused the question).
     LeftOut,
     /// No view: it does not host the group, or did not answer.
     Unknown,
@@ -476,9 +476,13 @@ impl<T: Transport> ShardGroupsJob<T> {
 
     /// What `node` says of group `g` to this node.
     async fn ask(&self, g: GroupId, node: &RaftNode) -> Peer {
+        let me = self.consensus.node_id();
         match self.consensus.status_of(g, node).await {
             Ok(s) if s.nodes.is_empty() => Peer::Empty,
-            Ok(_) => Peer::Member,
+            // Any member of the cluster may ask a member for its view (status is a client
+            // operation): the view itself says whether this node is still in it.
+            Ok(s) if s.nodes.iter().any(|(id, _)| *id == me) => Peer::Member,
+            Ok(_) => Peer::LeftOut,
             Err(ClientError::Refused { .. }) => Peer::LeftOut,
             Err(_) => Peer::Unknown,
         }

@@ -220,16 +220,48 @@ fn nodes_of(net: &Testnet, peers: &[String]) -> Vec<usize> {
         .collect()
 }
 
-/// Node `via`'s view of the shards once every shard group has a leader.
-async fn every_shard_led(net: &Testnet, via: usize) -> ClusterShards {
-    shards_where(net, via, "every shard group with a leader", |m| {
-        match m.rows.iter().find(|r| r.group_leader.is_none()) {
-            None if m.epoch >= 1 => Ok(()),
-            None => Err("no map yet".into()),
-            Some(r) => Err(format!("shard {} has no leader", r.shard)),
-        }
-    })
+/// The shards once every shard group has a leader (as a node hosting it sees it: a node
+/// shows the leader of the groups it hosts only), with the leaders filled in from them.
+async fn every_shard_led(net: &Testnet, _via: usize) -> ClusterShards {
+    let apis: Vec<canal_testnet::Api> =
+        net.running().iter().map(|&i| net.api(i).unwrap()).collect();
+    wait_for(
+        "every shard group with a leader",
+        Duration::from_secs(120),
+        || {
+            let apis = apis.clone();
+            async move {
+                let mut merged: Option<ClusterShards> = None;
+                for api in &apis {
+                    let m: ClusterShards = api
+                        .get("/v1/cluster/shards")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match merged.as_mut() {
+                        None => merged = Some(m),
+                        Some(all) => {
+                            if all.epoch != m.epoch {
+                                return Err(format!("epochs {} and {}", all.epoch, m.epoch));
+                            }
+                            for (row, other) in all.rows.iter_mut().zip(m.rows) {
+                                if row.group_leader.is_none() {
+                                    row.group_leader = other.group_leader;
+                                }
+                            }
+                        }
+                    }
+                }
+                let all = merged.ok_or("no node")?;
+                match all.rows.iter().find(|r| r.group_leader.is_none()) {
+                    None if all.epoch >= 1 => Ok(all),
+                    None => Err("no map yet".into()),
+                    Some(r) => Err(format!("shard {} has no leader", r.shard)),
+                }
+            }
+        },
+    )
     .await
+    .unwrap()
 }
 
 /// Five nodes, three replicas a shard: the shards' groups are led by different peers, a
@@ -398,7 +430,10 @@ async fn wait_settled(net: &Testnet, what: &str) -> ClusterShards {
                     } else {
                         match r.shard_group.as_ref().map(|g| g.state.as_str()) {
                             Some("not hosted here") => Ok(()),
-                            other => Err(format!("shard {} still hosted: {other:?}", r.shard)),
+                            _ => Err(format!(
+                                "node{i} is no replica of shard {} (map {:?}) but hosts it: {:?}",
+                                r.shard, r.replicas, r.shard_group
+                            )),
                         }
                     }
                 })
