@@ -177,6 +177,25 @@ async fn wait_converged(net: &Testnet) -> StateDigest {
     wait_same_digest(net, &net.running(), "data-1").await
 }
 
+/// The nodes of `net` that the committed shard map names as replicas of shard group
+/// `group` (`shard-N`), as node 0 has the map.
+pub(crate) async fn replicas_of_group(net: &Testnet, group: &str) -> Vec<usize> {
+    let shard: u32 = group
+        .strip_prefix("shard-")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{group} is no shard group"));
+    let m: canal_proto::api::ClusterShards =
+        net.api(0).unwrap().get("/v1/cluster/shards").await.unwrap();
+    let row = m.rows.iter().find(|r| r.shard == shard).unwrap();
+    (0..net.len())
+        .filter(|i| {
+            net.node(*i)
+                .info()
+                .is_ok_and(|n| row.replicas.contains(&n.peer_id))
+        })
+        .collect()
+}
+
 /// The group the cluster keeps `topic`'s log in (its shard's), as node 0 locates it.
 pub(crate) async fn group_of_topic(net: &Testnet, topic: &str) -> String {
     let located: canal_proto::api::Locate = net
