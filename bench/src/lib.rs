@@ -48,6 +48,12 @@ pub(crate) fn ms(d: Duration) -> String {
 
 /// Starts a local 3-node cluster and waits for its leaders.
 pub(crate) async fn local_cluster() -> anyhow::Result<Testnet> {
+    local_cluster_of(3).await
+}
+
+/// Starts a local cluster of `n` nodes with the default shard count (64: the harness's
+/// own default is smaller, for tests) and waits for its leaders.
+pub(crate) async fn local_cluster_of(n: usize) -> anyhow::Result<Testnet> {
     // `CANAL_BENCH_NODE_BIN` runs the nodes from another build, so two builds of the node
     // can be measured with the same load generator.
     let bin = match std::env::var_os("CANAL_BENCH_NODE_BIN") {
@@ -64,32 +70,42 @@ pub(crate) async fn local_cluster() -> anyhow::Result<Testnet> {
         .map(str::to_string)
         .collect();
     eprintln!(
-        "starting 3 local nodes ({} {}) ...",
+        "starting {n} local nodes ({} {}) ...",
         bin.display(),
         more.join(" ")
     );
     let mut extra_args: Vec<String> = vec![
         "--bootstrap-expect".into(),
-        "3".into(),
+        n.to_string(),
+        "--shards".into(),
+        canal_proto::keyspace::DEFAULT_SHARDS.to_string(),
         "--log".into(),
         "warn".into(),
     ];
     extra_args.extend(more);
-    let net = Testnet::start(&bin, 3, |_| NodeOptions {
+    let net = Testnet::start(&bin, n, |_| NodeOptions {
         extra_args: extra_args.clone(),
         ..Default::default()
     })
     .await?;
     let netr = &net;
+    // Every node routes, and knows a leader of every group it hosts (its shard groups
+    // included), before anything is measured.
     canal_testnet::wait_for(
-        "the cluster to elect a leader",
-        Duration::from_secs(60),
+        "every node to route and know the leaders of its groups",
+        Duration::from_secs(120),
         || async move {
-            match leader(netr).await {
-                Ok(Some(_)) => Ok(()),
-                Ok(None) => Err("no leader yet".to_string()),
-                Err(e) => Err(e.to_string()),
+            for i in netr.running() {
+                let api = netr.api(i).map_err(|e| e.to_string())?;
+                let s: canal_proto::api::ClusterStatus = api
+                    .get("/v1/cluster/status")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !s.every_group_led() {
+                    return Err(format!("node{i} is not ready: {:?}", s.unrouted));
+                }
             }
+            Ok(())
         },
     )
     .await?;
@@ -112,11 +128,15 @@ pub async fn pubsub(
     sizes: Vec<usize>,
     qos: Vec<u8>,
     publishers: usize,
+    nodes: usize,
     nats_server: Option<PathBuf>,
     json: bool,
 ) -> anyhow::Result<()> {
     if count == 0 || publishers == 0 || qos.iter().any(|q| *q > 1) {
         bail!("--count and --publishers must be at least 1, and --qos only 0 or 1");
+    }
+    if !(3..=16).contains(&nodes) {
+        bail!("--nodes {nodes} is not allowed: use 3 to 16");
     }
     // Find nats-server before spending minutes on canal's runs.
     let nats = match &nats_server {
@@ -124,8 +144,10 @@ pub async fn pubsub(
         None => None,
     };
     let shapes = shapes(count, &sizes, &qos, publishers);
-    let mut net = local_cluster().await?;
-    let apis: Vec<Api> = (0..3).map(|i| net.api(i)).collect::<anyhow::Result<_>>()?;
+    let mut net = local_cluster_of(nodes).await?;
+    let apis: Vec<Api> = (0..nodes)
+        .map(|i| net.api(i))
+        .collect::<anyhow::Result<_>>()?;
     let mut results = Vec::new();
     for (run, shape) in shapes.iter().copied().enumerate() {
         let (q, size, count) = (shape.qos, shape.bytes, shape.count);

@@ -26,6 +26,10 @@ enum BenchCommand {
         /// Publishes in flight.
         #[arg(long, default_value_t = 64)]
         publishers: usize,
+        /// Local canal nodes (3 to 16); publishers go through all of them. NATS (with
+        /// --compare-nats) stays at three servers.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
         /// After canal's runs, make the same runs on three local nats-server processes
         /// (JetStream, a 3-replica stream for QoS 1) and print both side by side.
         #[arg(long)]
@@ -137,11 +141,12 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
             sizes,
             qos,
             publishers,
+            nodes,
             compare_nats,
             nats_server,
         } => {
             let nats_server = compare_nats.then_some(nats_server);
-            canal_bench::pubsub(count, sizes, qos, publishers, nats_server, json).await
+            canal_bench::pubsub(count, sizes, qos, publishers, nodes, nats_server, json).await
         }
         BenchCommand::Mqtt {
             count,

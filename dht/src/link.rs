@@ -138,13 +138,20 @@ pub(crate) struct LinkMetrics {
     depth: Family<LaneLabels, Gauge>,
     reconnects: Counter,
     open: Family<LaneLabels, Gauge>,
+    abandoned: Family<LaneLabels, Counter>,
 }
 
 impl LinkMetrics {
     /// Registers `canal_link_frames_total{lane,direction}`, `canal_link_bytes_total`,
-    /// `canal_link_queue_depth{lane}`, `canal_link_reconnects_total` and `canal_links{lane}`.
+    /// `canal_link_queue_depth{lane}`, `canal_link_reconnects_total`, `canal_links{lane}` and
+    /// `canal_link_abandoned_total{lane}`.
     pub(crate) fn register(registry: &mut Registry) -> LinkMetrics {
         let m = LinkMetrics::default();
+        registry.register(
+            "canal_link_abandoned",
+            "Requests dropped from a peer link's queue unsent because their caller had stopped waiting (a timeout), by lane",
+            m.abandoned.clone(),
+        );
         registry.register(
             "canal_link_frames",
             "Frames on peer links, by lane and direction (in, out)",
@@ -533,7 +540,7 @@ impl Links {
         open.inc();
         let (read, mut write) = stream.split();
         let why = tokio::select! {
-            why = self.write_loop(lane, &mut write, &mut rx) => why,
+            why = self.write_loop(&link, &mut write, &mut rx) => why,
             why = self.read_loop(&link, read) => why,
         };
         open.dec();
@@ -567,11 +574,17 @@ impl Links {
     /// under way and go out together with the next one. Returns why it stopped.
     async fn write_loop<W: futures::AsyncWrite + Unpin>(
         &self,
-        lane: Lane,
+        link: &Link,
         io: &mut W,
         rx: &mut mpsc::Receiver<Out>,
     ) -> String {
+        let lane = link.lane;
         let depth = self.metrics.depth(lane);
+        let abandoned = self
+            .metrics
+            .abandoned
+            .get_or_create(&LaneLabels { lane: lane.name() })
+            .clone();
         let mut batch = Vec::with_capacity(64);
         let mut bytes = Vec::new();
         loop {
@@ -581,6 +594,14 @@ impl Links {
             bytes.clear();
             for out in batch.drain(..) {
                 depth.dec();
+                // A request whose caller gave up (timed out) while it waited here is not
+                // sent: a sender that retries on timeout (openraft resending a large
+                // append) would otherwise queue copy after copy ahead of every other
+                // group's heartbeats, and the link would never catch up.
+                if out.kind == Kind::Request && !link.pending().waiting.contains_key(&out.id) {
+                    abandoned.inc();
+                    continue;
+                }
                 frame::encode_into(&mut bytes, out.kind, out.id, &out.body);
                 self.metrics
                     .flow(lane, "out", frame::HEADER_LEN + out.body.len());

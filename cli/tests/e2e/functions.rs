@@ -317,6 +317,12 @@ async fn killing_the_executor_loses_and_duplicates_nothing() {
     const N: usize = 600;
     let mut rng = Rng::seeded();
     let mut net = cluster(3, &[]).await;
+    // Input, state and output in three groups: the inputs' shard group, data-1 (function
+    // state and cursors) and the output's shard group, which the outbox delivers to.
+    let input = crate::raft::group_of_topic(&net, "sensors/r0/temp").await;
+    let output = crate::raft::group_of_topic(&net, "alerts/temp").await;
+    let groups: BTreeSet<&str> = [input.as_str(), "data-1", output.as_str()].into();
+    assert_eq!(groups.len(), 3, "{groups:?}");
     threshold_setup(&net, 0).await;
     let apis: Vec<Api> = (0..3).map(|i| net.api(i).unwrap()).collect();
     let mut published = 0;
