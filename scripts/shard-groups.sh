@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Shard groups on a 3-node testnet (`--shard-groups on`, through CANAL_SHARD_GROUPS and
-# CANAL_SHARDS, which the nodes inherit): the time from the first shard map to every shard
-# group formed with a leader and 3 voters on every node, then the idle cost: CPU
+# Shard groups on a 3-node testnet of SHARDS shards (`canal testnet up --shards`; every node
+# hosts the shard groups the committed map gives it): the time from the first shard map to
+# every shard group formed with a leader and 3 voters on every node, then the idle cost: CPU
 # (utime+stime from /proc/PID/stat) over WINDOW seconds after SETTLE, and the resident set
-# (VmRSS) of each node. The groups hold no data yet, so they idle.
+# (VmRSS) of each node. Nothing is published, so the groups idle.
 #
 #   scripts/shard-groups.sh SHARDS [WINDOW] [SETTLE]
 set -euo pipefail
@@ -13,9 +13,8 @@ settle=${3:-20}
 canal=${CANAL_BIN:-$(dirname "$0")/../target/debug/canal}
 dir=$(mktemp -d /tmp/canal-shardgroups.XXXXXX)
 trap '"$canal" testnet --dir "$dir" down --purge >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
-export CANAL_SHARD_GROUPS=on CANAL_SHARDS=$shards
-unset CANAL_TEST_EXTRA_GROUPS CANAL_TEST_NO_QUIESCE
-"$canal" testnet --dir "$dir" up --nodes 3 >/dev/null
+unset CANAL_SHARDS CANAL_TEST_EXTRA_GROUPS CANAL_TEST_NO_QUIESCE
+"$canal" testnet --dir "$dir" up --nodes 3 --shards "$shards" >/dev/null
 status=$("$canal" testnet --dir "$dir" status --json)
 pids=$(python3 -c 'import json,sys; print(" ".join(str(n["pid"]) for n in json.load(sys.stdin)))' <<<"$status")
 apis=$(python3 -c 'import json,sys; print(" ".join(n["api"] for n in json.load(sys.stdin)))' <<<"$status")
