@@ -267,7 +267,7 @@ pub(crate) fn shards(c: &ClusterShards, moves: bool, as_json: bool) -> anyhow::R
         Some(from) => {
             let count = |step: &str| c.moves.iter().filter(|m| m.step == step).count();
             println!(
-                "moves from epoch {from}: {} planned ({} add learner, {} promote, {} transfer leader, {} remove); each shard group's leader makes them one at a time (GROUP STATE shows where it stands)",
+                "moves from epoch {from}: {} planned ({} add learner, {} promote, {} transfer leader, {} remove); each shard group's leader makes them one at a time (SHARD GROUP shows where it stands)",
                 c.moves.len(),
                 count("add_learner"),
                 count("promote"),

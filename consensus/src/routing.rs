@@ -87,8 +87,7 @@ impl Route {
         FIRST_DATA_GROUP
     }
 
-    /// The group holding durable subscription `name`'s start record (and an MQTT
-    /// session's records, by client id).
+    /// The group holding durable subscription `name`'s start record.
     pub fn subscription(self, name: &str) -> GroupId {
         self.named("subscription", name)
     }

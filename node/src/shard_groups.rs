@@ -16,12 +16,14 @@
 //!     no replica, hosting         -> close with purge once it is no member any more
 //! ```
 //!
-//! No data lives in these groups yet: [`canal_consensus::routing::group_of`] keeps every topic in data group
-//! 1, and [`crate::shard_map::serving_group`] says so. The job is off unless the node runs
-//! with `--shard-groups on`.
+//! Topics live in these groups ([`canal_consensus::Route::topic`]); every node runs the job.
+//! It also keeps the directory of where each shard group's replicas are ([`directory`]),
+//! through which a node reaches the groups it does not host.
 //!
-//! Leadership is not moved to a shard's preferred leader: openraft 0.9 has no leader
-//! transfer. A leader that leaves a shard removes itself last, and the rest elect.
+//! Leadership: openraft 0.9 has no leader transfer. A leader that leaves a shard removes
+//! itself last, and the rest elect; a shard's preferred leader stands for the lead of its
+//! group when the group is idle and led by another (members refuse votes within a busy
+//! leader's lease).
 
 use crate::shard_map;
 use canal_consensus::routing::{shard_group, shard_of_group};
@@ -94,7 +96,7 @@ impl ShardGroupMetrics {
         );
         registry.register(
             "canal_shard_group_moves",
-            "Steps this node took on shard groups, by step (form, add_learner, promote, remove, finish_joint, close)",
+            "Steps this node took on shard groups, by step (form, add_learner, promote, remove, finish_joint, close, campaign)",
             m.moves.clone(),
         );
         registry.register(
