@@ -245,11 +245,15 @@ impl Sim {
                 .await
             {
                 Ok(()) => return,
-                Err(e) => assert!(
-                    Instant::now() < deadline,
-                    "peer {i} could not be made a metadata learner within {:?}: {e}",
-                    self.cfg.deadline
-                ),
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "peer {i} could not be made a metadata learner within {:?}: {e}",
+                        self.cfg.deadline
+                    );
+                    // A change under way, or a leader changing: give it a moment.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
     }
@@ -313,6 +317,7 @@ impl Sim {
                         "shard-sim: map epoch {} not committed yet ({e}); again",
                         map.epoch
                     );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
