@@ -463,14 +463,7 @@ fn a_preferred_leader_campaigns_only_for_an_idle_group_led_by_another() {
     assert!(!should_campaign(1, &led_by(2), false));
     // Already the leader, or no leader known (an election is under way anyway).
     assert!(!should_campaign(1, &led_by(1), true));
-    assert!(!should_campaign(
-        1,
-        &Local {
-            leader: None,
-            ..led_by(2)
-        },
-        true
-    ));
+    assert!(!should_campaign(1, &Local { leader: None, ..led_by(2) }, true));
     // A learner cannot lead; a membership change under way finishes first.
     assert!(!should_campaign(4, &led_by(2), true));
     let joint = Local {
@@ -478,12 +471,5 @@ fn a_preferred_leader_campaigns_only_for_an_idle_group_led_by_another() {
         ..led_by(2)
     };
     assert!(!should_campaign(1, &joint, true));
-    assert!(!should_campaign(
-        1,
-        &Local {
-            hosted: false,
-            ..led_by(2)
-        },
-        true
-    ));
+    assert!(!should_campaign(1, &Local { hosted: false, ..led_by(2) }, true));
 }
