@@ -6,8 +6,8 @@
 //! peer joins and, from the first map, after one peer leaves. Reported: replicas and leaders
 //! per peer (min/median/max against the even share), the replicas each change moves
 //! against the lower bound ([`canal_placement::shards::movement`]), the rebalancing steps
-//! planned, and the time each computation took. Raft groups do not use the map yet; running
-//! the moves on real groups over the in-memory transport is the next step.
+//! planned, and the time each computation took. The same moves run on real Raft groups
+//! over the in-memory transport in `canal-node`'s shard simulation (docs/simulation.md).
 
 use anyhow::bail;
 use canal_placement::shards::{

@@ -64,6 +64,8 @@ pub mod raft_links;
 pub mod shard_groups;
 pub mod shard_map;
 #[cfg(test)]
+mod shard_sim;
+#[cfg(test)]
 mod testkit;
 pub mod tokens;
 
