@@ -416,7 +416,7 @@ fn events_of(out: &std::process::Output) -> Vec<(String, u64, String)> {
 
 /// Waits until every running node hosts exactly the shard groups the map gives it, each
 /// with a leader and the map's replicas as its voters.
-async fn wait_settled(net: &Testnet, what: &str) -> ClusterShards {
+pub(crate) async fn wait_settled(net: &Testnet, what: &str) -> ClusterShards {
     let mut last = None;
     for i in net.running() {
         let me = net.node(i).info().unwrap().peer_id.clone();
