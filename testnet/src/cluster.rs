@@ -169,6 +169,16 @@ fn is_our_node(pid: u32, data_dir: &Path) -> bool {
     {
         return false;
     }
+    // A process on its way out (its memory being torn down, which takes a while for a node
+    // with large reservations) shows an empty command line but is not gone yet: the pid
+    // file named it, so it is still this node until it is a zombie or has vanished.
+    if cmdline.is_empty() {
+        // (Kernel threads have no command line either; their parent is kthreadd, pid 2.)
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        return ppid.is_some_and(|p| p != "2" && p != "0");
+    }
     let args: Vec<String> = cmdline
         .split(|b| *b == 0)
         .map(|a| String::from_utf8_lossy(a).into_owned())

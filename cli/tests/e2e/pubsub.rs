@@ -793,6 +793,36 @@ async fn replicas_stay_identical_under_load_id_reuse_and_a_skewed_clock() {
     // (then its clock stamps their entries, as any leader's does). The age topic is one of
     // a shard it holds no replica of once the moves are done, so only the accepting node's
     // clock differs, never the stamping leader's.
+    // The map may move more than once as the new node's record spreads: wait until its
+    // epoch has stayed put for longer than the map job waits between two maps (SETTLE and
+    // MIN_BETWEEN), then for the groups to follow it.
+    let api0 = net.api(0).unwrap();
+    let stable = std::cell::Cell::new((0u64, std::time::Instant::now()));
+    wait_for(
+        "the shard map to stay at one epoch for 12 s",
+        Duration::from_secs(120),
+        || {
+            let api0 = api0.clone();
+            let stable = &stable;
+            async move {
+                let m: canal_proto::api::ClusterShards = api0
+                    .get("/v1/cluster/shards")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let (epoch, since) = stable.get();
+                if m.epoch != epoch {
+                    stable.set((m.epoch, std::time::Instant::now()));
+                    return Err(format!("epoch {} is new", m.epoch));
+                }
+                if since.elapsed() < Duration::from_secs(12) {
+                    return Err(format!("epoch {epoch} for {:?}", since.elapsed()));
+                }
+                Ok(())
+            }
+        },
+    )
+    .await
+    .unwrap();
     crate::shard_groups::wait_settled(&net, "the shard groups to settle on four nodes").await;
     let skewed_peer = net.node(skewed).info().unwrap().peer_id.clone();
     let mut picked = Vec::new();
