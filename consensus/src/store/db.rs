@@ -22,6 +22,7 @@ pub struct RaftDb {
     db: sled::Db,
     path: PathBuf,
     watermark: Arc<Watermark>,
+    flusher: Arc<super::Flusher>,
 }
 
 /// Per group, a log index known durable; see the module docs.
@@ -150,6 +151,7 @@ impl RaftDb {
                 durable: std::sync::Mutex::new(marks.clone()),
                 written: std::sync::Mutex::new(marks.clone()),
             }),
+            flusher: Arc::default(),
         };
         for (g, mark) in marks {
             let (log, _) = raft.group(GroupId(g))?;
@@ -195,6 +197,7 @@ impl RaftDb {
             log: tree("log")?,
             meta: tree("meta")?,
             watermark: self.watermark.clone(),
+            flusher: self.flusher.clone(),
         };
         let sm = StateMachine {
             sm: tree("sm")?,

@@ -19,6 +19,8 @@ pub struct LogStore {
     pub(super) log: sled::Tree,
     pub(super) meta: sled::Tree,
     pub(super) watermark: Arc<Watermark>,
+    /// The database's flushes, shared by every group's log.
+    pub(super) flusher: Arc<super::Flusher>,
 }
 
 impl LogStore {
@@ -45,7 +47,8 @@ impl LogStore {
         self.meta
             .insert(key, bytes)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        super::flush(&self.meta)
+        self.flusher
+            .flush(&self.meta)
             .await
             .map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
@@ -61,7 +64,8 @@ impl LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        super::flush(&self.log)
+        self.flusher
+            .flush(&self.log)
             .await
             .map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
@@ -133,7 +137,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta
             .insert("vote", bytes)
             .map_err(|e| StorageIOError::write_vote(&e))?;
-        super::flush(&self.meta)
+        self.flusher
+            .flush(&self.meta)
             .await
             .map_err(|e| StorageIOError::write_vote(&e))?;
         Ok(())
@@ -181,7 +186,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        let flushed = super::flush(&self.log).await;
+        let flushed = self.flusher.flush(&self.log).await;
         match flushed {
             Ok(_) => {
                 if let Some(h) = highest {

@@ -52,10 +52,85 @@ use openraft::StorageError;
 use serde::{Serialize, de::DeserializeOwned};
 use std::path::PathBuf;
 
-/// Flushes `tree` (and with it the whole sled database) to disk: sled's own
-/// `flush_async` deadlocks when several run at once (sled 0.34, spacejam/sled#1308, fixed
-/// only on its unreleased main; seen here as a node that stopped for good while 65 groups
-/// formed), so the synchronous flush runs on the blocking pool instead.
+/// One sled database's flushes, coalesced. A flush of any tree writes the whole database
+/// (sled keeps one log for all its trees), so the appends of every Raft group of a node
+/// can share one: a caller whose writes are in sled's buffers waits for a flush that
+/// starts after it called, and starts one itself if none is running. With many groups
+/// appending at once (a shard group per topic shard) a node then pays one fsync per round,
+/// not one per group.
+///
+/// The flush is sled's synchronous one on the blocking pool: sled's own `flush_async`
+/// deadlocks when several run at once (sled 0.34, spacejam/sled#1308, fixed only on its
+/// unreleased main; seen here as a node that stopped for good while 65 groups formed).
+#[derive(Default)]
+pub struct Flusher {
+    state: std::sync::Mutex<FlushState>,
+    done: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct FlushState {
+    /// The number of the last flush started.
+    started: u64,
+    /// The number of the last flush that succeeded.
+    completed: u64,
+    running: bool,
+}
+
+impl Flusher {
+    fn state(&self) -> std::sync::MutexGuard<'_, FlushState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes everything written to `tree`'s database before this call durable.
+    pub(crate) async fn flush(&self, tree: &sled::Tree) -> sled::Result<()> {
+        // A flush numbered past the last one started covers what is written by now.
+        let need = self.state().started + 1;
+        loop {
+            // Subscribed before the state is looked at, so a flush ending in between is
+            // not missed.
+            let mut done = self.done.subscribe();
+            let lead = {
+                let mut s = self.state();
+                if s.completed >= need {
+                    return Ok(());
+                }
+                if s.running {
+                    None
+                } else {
+                    s.running = true;
+                    s.started += 1;
+                    Some(s.started)
+                }
+            };
+            let Some(number) = lead else {
+                let _ = done.changed().await;
+                continue;
+            };
+            let tree = tree.clone();
+            let r = match tokio::task::spawn_blocking(move || tree.flush()).await {
+                Ok(r) => r.map(|_| ()),
+                Err(e) => Err(sled::Error::Io(std::io::Error::other(format!(
+                    "the flush task failed: {e}"
+                )))),
+            };
+            {
+                let mut s = self.state();
+                s.running = false;
+                if r.is_ok() {
+                    s.completed = s.completed.max(number);
+                }
+            }
+            // Waiters look again: covered, or one of them flushes next.
+            self.done.send_replace(number);
+            return r;
+        }
+    }
+}
+
+/// Flushes `tree` (and with it the whole sled database) at once, alone: for the rare
+/// flushes outside the logs' appends (installing a snapshot). Synchronous sled flush on the
+/// blocking pool, as [`Flusher`] does.
 async fn flush(tree: &sled::Tree) -> sled::Result<()> {
     let tree = tree.clone();
     match tokio::task::spawn_blocking(move || tree.flush()).await {
@@ -77,6 +152,7 @@ mod state;
 pub use changes::{CHANGE_NOTICES, ChangeWatch, Changed, RING_NOTICES, RING_TOPICS, Wake};
 pub(crate) use changes::{ChangeRing, RingAnswer};
 pub use db::{RaftDb, Watermark};
+
 pub use log::LogStore;
 pub use snapshot::SnapshotBuilder;
 pub use state::StateMachine;
@@ -215,3 +291,40 @@ mod outbox_tests;
 mod proptests;
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod flusher_tests {
+    use super::Flusher;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_call_gets_a_flush_that_started_after_it_and_concurrent_calls_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("t").unwrap();
+        let f = std::sync::Arc::new(Flusher::default());
+        // One after another: none is covered by an earlier flush.
+        for i in 0..5u64 {
+            tree.insert(i.to_be_bytes(), &[1u8][..]).unwrap();
+            f.flush(&tree).await.unwrap();
+            assert_eq!(f.state().started, i + 1);
+        }
+        // At once: every call returns, after a flush that started after it, and they may
+        // share flushes (never more flushes than calls).
+        let calls = (0..64u64).map(|i| {
+            let (f, tree) = (f.clone(), tree.clone());
+            tokio::spawn(async move {
+                tree.insert((100 + i).to_be_bytes(), &[1u8][..]).unwrap();
+                let before = f.state().started;
+                f.flush(&tree).await.unwrap();
+                assert!(f.state().completed > before);
+            })
+        });
+        for c in calls {
+            c.await.unwrap();
+        }
+        let s = f.state();
+        assert!(!s.running);
+        assert!(s.started <= 5 + 64 && s.completed == s.started);
+    }
+}
