@@ -77,11 +77,16 @@ pub(crate) async fn local_cluster_of(n: usize) -> anyhow::Result<Testnet> {
     let mut extra_args: Vec<String> = vec![
         "--bootstrap-expect".into(),
         n.to_string(),
-        "--shards".into(),
-        canal_proto::keyspace::DEFAULT_SHARDS.to_string(),
         "--log".into(),
         "warn".into(),
     ];
+    // The default shard count unless CANAL_BENCH_NODE_ARGS names one.
+    if !more.iter().any(|a| a == "--shards") {
+        extra_args.extend([
+            "--shards".into(),
+            canal_proto::keyspace::DEFAULT_SHARDS.to_string(),
+        ]);
+    }
     extra_args.extend(more);
     let net = Testnet::start(&bin, n, |_| NodeOptions {
         extra_args: extra_args.clone(),
