@@ -446,6 +446,32 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 /// How many batches of a group may be committing at once.
 const BATCHES_IN_FLIGHT: usize = 4;
 
+/// A batch: `first` and what is queued behind it, up to [`MAX_BATCH_REQUESTS`] and about
+/// [`MAX_BATCH_BYTES`]; a request that would take it over the byte limit is `carried` to
+/// start the next one.
+fn gather(
+    first: Pending,
+    rx: &mut mpsc::Receiver<Pending>,
+    carried: &mut Option<Pending>,
+) -> Vec<Pending> {
+    let mut bytes = first.0.weight();
+    let mut items = vec![first];
+    while items.len() < MAX_BATCH_REQUESTS {
+        match rx.try_recv() {
+            Ok(p) if bytes + p.0.weight() > MAX_BATCH_BYTES => {
+                *carried = Some(p);
+                break;
+            }
+            Ok(p) => {
+                bytes += p.0.weight();
+                items.push(p);
+            }
+            Err(_) => break,
+        }
+    }
+    items
+}
+
 /// Group commit: takes the requests queued for a group, as many as are waiting (up to the
 /// limits), and proposes them as one entry; up to [`BATCHES_IN_FLIGHT`] entries commit at
 /// once, proposed in queue order ([`Consensus::start_write`]). Under light load a batch is one request and adds no wait; under heavy load one
@@ -467,21 +493,7 @@ async fn batch_loop<T: Transport>(c: Consensus<T>, g: GroupId, mut rx: mpsc::Rec
             return;
         };
         // Gathered after the permit: what arrives while batches are in flight joins this one.
-        let mut bytes = first.0.weight();
-        let mut items = vec![first];
-        while items.len() < MAX_BATCH_REQUESTS {
-            match rx.try_recv() {
-                Ok(p) if bytes + p.0.weight() > MAX_BATCH_BYTES => {
-                    carried = Some(p);
-                    break;
-                }
-                Ok(p) => {
-                    bytes += p.0.weight();
-                    items.push(p);
-                }
-                Err(_) => break,
-            }
-        }
+        let mut items = gather(first, &mut rx, &mut carried);
         // Proposed here, in the loop, before the next batch is gathered: batches reach the
         // leader's log in the order their requests were queued (only their answers are
         // awaited concurrently), so one publisher's events get offsets in send order.
@@ -574,21 +586,7 @@ async fn remote_batch_loop<T: Transport>(
                 }
             },
         };
-        let mut bytes = first.0.weight();
-        let mut items = vec![first];
-        while items.len() < MAX_BATCH_REQUESTS {
-            match rx.try_recv() {
-                Ok(p) if bytes + p.0.weight() > MAX_BATCH_BYTES => {
-                    carried = Some(p);
-                    break;
-                }
-                Ok(p) => {
-                    bytes += p.0.weight();
-                    items.push(p);
-                }
-                Err(_) => break,
-            }
-        }
+        let mut items = gather(first, &mut rx, &mut carried);
         if items.len() == 1 {
             if let Some((req, tx)) = items.pop() {
                 let _ = tx.send(c.write(g, req).await);
