@@ -446,6 +446,36 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 /// How many batches of a group may be committing at once.
 const BATCHES_IN_FLIGHT: usize = 4;
 
+/// Hands a batch's answer to its `n` requests, one answer each; an error, or an answer of
+/// another length, to every one of them.
+fn answer_batch(
+    n: usize,
+    txs: Vec<oneshot::Sender<Result<Response, ClientError>>>,
+    answer: Result<Response, ClientError>,
+) {
+    match answer {
+        Ok(r) if r.batch.len() == n => {
+            for (tx, r) in txs.into_iter().zip(r.batch) {
+                let _ = tx.send(Ok(r));
+            }
+        }
+        Ok(r) => {
+            let e = other(format!(
+                "a batch of {n} requests was answered with {} answers",
+                r.batch.len()
+            ));
+            for tx in txs {
+                let _ = tx.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            for tx in txs {
+                let _ = tx.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
 /// A batch: `first` and what is queued behind it, up to [`MAX_BATCH_REQUESTS`] and about
 /// [`MAX_BATCH_BYTES`]; a request that would take it over the byte limit is `carried` to
 /// start the next one.
@@ -520,27 +550,7 @@ async fn batch_loop<T: Transport>(c: Consensus<T>, g: GroupId, mut rx: mpsc::Rec
             .await;
         tokio::spawn(async move {
             let _permit = permit;
-            match answer.await {
-                Ok(r) if r.batch.len() == n => {
-                    for (tx, r) in txs.into_iter().zip(r.batch) {
-                        let _ = tx.send(Ok(r));
-                    }
-                }
-                Ok(r) => {
-                    let e = other(format!(
-                        "a batch of {n} requests was answered with {} answers",
-                        r.batch.len()
-                    ));
-                    for tx in txs {
-                        let _ = tx.send(Err(e.clone()));
-                    }
-                }
-                Err(e) => {
-                    for tx in txs {
-                        let _ = tx.send(Err(e.clone()));
-                    }
-                }
-            }
+            answer_batch(n, txs, answer.await);
         });
     }
 }
@@ -604,27 +614,7 @@ async fn remote_batch_loop<T: Transport>(
                 },
             )
             .await;
-        match answer {
-            Ok(r) if r.batch.len() == n => {
-                for (tx, r) in txs.into_iter().zip(r.batch) {
-                    let _ = tx.send(Ok(r));
-                }
-            }
-            Ok(r) => {
-                let e = other(format!(
-                    "a batch of {n} requests was answered with {} answers",
-                    r.batch.len()
-                ));
-                for tx in txs {
-                    let _ = tx.send(Err(e.clone()));
-                }
-            }
-            Err(e) => {
-                for tx in txs {
-                    let _ = tx.send(Err(e.clone()));
-                }
-            }
-        }
+        answer_batch(n, txs, answer);
     }
 }
 
