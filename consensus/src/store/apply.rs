@@ -576,8 +576,9 @@ fn add(previous: Option<&[u8]>, delta: i64) -> Result<Vec<u8>, String> {
     Ok(sum.to_string().into_bytes())
 }
 
-/// Applies `entries` in order as one atomic sled batch: their data, the applied log id and
-/// the membership together, every read of the call seeing its earlier writes.
+/// Applies `entries` in order as one atomic write ([`StateMachine::write`]): their data, the
+/// applied log id and the membership together, every read of the call seeing its earlier
+/// writes.
 pub(super) fn apply_entries<I>(sm: &StateMachine, entries: I) -> Result<Vec<Response>, SErr>
 where
     I: IntoIterator<Item = Entry<TypeConfig>>,
@@ -640,8 +641,7 @@ where
     }
     let changed: Option<Arc<[String]>> =
         (!w.changed().is_empty()).then(|| w.changed().iter().cloned().collect());
-    sm.sm
-        .apply_batch(w.into_batch())
+    sm.write(w.into_pending())
         .map_err(|e| werr(e.to_string()))?;
     if let Some(last) = last {
         // The ring before the index: a remote poll woken by the index finds the topics.

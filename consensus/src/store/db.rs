@@ -201,6 +201,8 @@ impl RaftDb {
         };
         let sm = StateMachine {
             sm: tree("sm")?,
+            intent: tree("intent")?,
+            view: Arc::default(),
             snap: tree("snap")?,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             applied_tx: Arc::new(tokio::sync::watch::Sender::new(0)),
@@ -211,6 +213,10 @@ impl RaftDb {
                 super::RING_TOPICS,
             ))),
         };
+        sm.finish_intent().map_err(|reason| StoreError::Corrupt {
+            path: self.path.clone(),
+            reason: format!("group {group}: {reason}"),
+        })?;
         // The ring knows nothing applied before this open: a remote reader's older index
         // is answered "anything may have changed".
         let applied = sm
@@ -234,7 +240,7 @@ impl RaftDb {
         self.watermark
             .forget(group)
             .map_err(|e| io(format!("cannot write watermark.json: {e}")))?;
-        for suffix in ["log", "meta", "sm", "snap"] {
+        for suffix in ["log", "meta", "sm", "intent", "snap"] {
             let name = format!("g{}.{suffix}", group.0);
             self.db
                 .drop_tree(name.as_bytes())

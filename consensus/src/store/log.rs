@@ -176,16 +176,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        // Plain inserts in index order, not a sled batch: sled 0.34 writes its buffer to disk
+        // (a write and a `sync_file_range`) at the start of every batch, which made each
+        // group's append cost a disk write of its own before the shared flush. Atomicity is
+        // not needed here: sled recovers its log up to the first write that did not reach
+        // the disk, so a crash leaves a prefix of these entries, never a gap, and an entry
+        // not yet reported flushed may be there or not.
         let mut highest = None;
         for e in entries {
             let bytes = enc(&e).map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
-            batch.insert(&index_key(e.log_id.index), bytes);
+            self.log
+                .insert(index_key(e.log_id.index), bytes)
+                .map_err(|e| StorageIOError::write_logs(&e))?;
             highest = Some(e.log_id.index);
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
         let flushed = self.flusher.flush(&self.log).await;
         match flushed {
             Ok(_) => {

@@ -7,7 +7,7 @@ use std::ops::Bound;
 
 /// The writes of one `apply` call, on top of the tree: every read (point or range) sees the
 /// call's earlier writes, so applying entries one call at a time or many per call gives the
-/// same result. Written to sled as one batch at the end of the call.
+/// same result. Written at the end of the call as one atomic write.
 pub(super) struct Writes<'a> {
     tree: &'a sled::Tree,
     /// Raw sled keys (`d/…`, `r/…`, `m/…`) to their new value (`None`: removed).
@@ -138,14 +138,8 @@ impl<'a> Writes<'a> {
         Ok(out)
     }
 
-    pub(super) fn into_batch(self) -> sled::Batch {
-        let mut batch = sled::Batch::default();
-        for (k, v) in self.pending {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
-        batch
+    /// The call's writes, in key order: raw sled key to its new value (`None`: removed).
+    pub(super) fn into_pending(self) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> {
+        self.pending
     }
 }

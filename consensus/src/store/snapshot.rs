@@ -101,6 +101,10 @@ pub(super) async fn install(
 ) -> Result<(), SErr> {
     let err = |e: openraft::AnyError| StorageIOError::read_snapshot(Some(meta.signature()), e);
     let data = decode_snapshot(&bytes).map_err(|e| err(any(&e)))?;
+    // The last apply's write set goes first: written again on open after the snapshot, it
+    // would undo part of it; everything it wrote is recovered before its removal.
+    sm.drop_intent().map_err(|e| err(any(&e)))?;
+    let changing = sm.changing();
     let mut batch = sled::Batch::default();
     for item in sm.sm.iter() {
         let (k, _) = item.map_err(|e| err(any(&e)))?;
@@ -125,6 +129,7 @@ pub(super) async fn install(
         enc(&meta.last_membership).map_err(|e| err(any(&e)))?,
     );
     sm.sm.apply_batch(batch).map_err(|e| err(any(&e)))?;
+    drop(changing);
     store_snapshot(sm, meta, &bytes).await?;
     if let Some(l) = meta.last_log_id {
         sm.ring().reset(l.index);

@@ -1,6 +1,6 @@
 use super::*;
 use crate::types::{GroupId, Op, Proposal, Request, TypeConfig};
-use openraft::storage::RaftStateMachine;
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{Entry, EntryPayload, LogId, StorageIOError};
 
@@ -640,5 +640,107 @@ fn a_shard_map_replaces_only_the_committed_epoch_plus_one() {
         let r = apply!(set(bytes(3, 4)));
         assert_eq!(r.refused, None);
         assert_eq!(stored(&sm, SHARD_MAP_PREVIOUS), bytes(2, 4));
+    });
+}
+
+fn publish_to(topic: &str, id: &str) -> Request {
+    Request {
+        id: Some(format!("pub/{topic}/{id}")),
+        op: Op::Publish(crate::topics::PublishOp {
+            topic: topic.into(),
+            id: Some(id.into()),
+            headers: Vec::new(),
+            payload: id.as_bytes().to_vec(),
+            retention: canal_proto::settings::Retention::default(),
+        }),
+    }
+}
+
+/// A crash half-way through an apply's writes leaves its write set in the intent tree and
+/// a prefix of its writes in the state: opening the database finishes it, so the state is
+/// the whole apply, as on a node that did not crash.
+#[test]
+fn an_apply_cut_short_by_a_crash_is_finished_on_open() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let g = crate::Route::Single.topic("t");
+        let first = || {
+            vec![
+                entry(1, publish_to("t", "a")),
+                entry(2, publish_to("u", "b")),
+            ]
+        };
+        let second = || {
+            vec![
+                entry(3, publish_to("t", "c")),
+                entry(4, publish_to("u", "d")),
+            ]
+        };
+        // The node that did not crash: both applies whole.
+        let whole_dir = tempfile::tempdir().unwrap();
+        let (whole, set) = {
+            let db = RaftDb::open(whole_dir.path()).unwrap();
+            let (_, mut sm) = db.group(g).unwrap();
+            sm.apply(first()).await.unwrap();
+            sm.apply(second()).await.unwrap();
+            let set: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+                dec(&sm.intent.get(b"w").unwrap().unwrap()).unwrap();
+            ((sm.digest().unwrap(), sm.applied().unwrap()), set)
+        };
+        assert!(set.len() > 3, "the second apply wrote {} keys", set.len());
+        // The node that crashed: the first apply whole, of the second its write set and
+        // its first write only.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = RaftDb::open(dir.path()).unwrap();
+            let (_, mut sm) = db.group(g).unwrap();
+            sm.apply(first()).await.unwrap();
+            sm.intent.insert(b"w", enc(&set).unwrap()).unwrap();
+            let (k, v) = set[0].clone();
+            sm.sm.insert(k, v.unwrap()).unwrap();
+            assert_ne!(sm.digest().unwrap(), whole.0);
+        }
+        let db = RaftDb::open(dir.path()).unwrap();
+        let (_, sm) = db.group(g).unwrap();
+        assert_eq!((sm.digest().unwrap(), sm.applied().unwrap()), whole);
+        assert_eq!(sm.events("t", 0, 10).unwrap().len(), 2);
+    });
+}
+
+/// Installing a snapshot forgets the last apply's write set: finished again on open, it
+/// would bring back keys the snapshot does not have.
+#[test]
+fn a_snapshot_installed_is_not_undone_on_open() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let g = crate::Route::Single.topic("t");
+        let src_dir = tempfile::tempdir().unwrap();
+        let src = RaftDb::open(src_dir.path()).unwrap();
+        let (_, mut from) = src.group(g).unwrap();
+        from.apply(vec![entry_at(1, 1_000, publish_to("t", "a"))])
+            .await
+            .unwrap();
+        let snap = from
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = RaftDb::open(dir.path()).unwrap();
+            let (_, mut sm) = db.group(g).unwrap();
+            sm.apply(vec![entry_at(1, 2_000, publish_to("other", "x"))])
+                .await
+                .unwrap();
+            sm.install_snapshot(&snap.meta, snap.snapshot)
+                .await
+                .unwrap();
+            assert_eq!(sm.digest().unwrap(), from.digest().unwrap());
+        }
+        let db = RaftDb::open(dir.path()).unwrap();
+        let (_, sm) = db.group(g).unwrap();
+        assert_eq!(sm.digest().unwrap(), from.digest().unwrap());
+        assert!(sm.topic_meta("other").unwrap().is_none());
     });
 }
