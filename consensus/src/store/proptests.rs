@@ -695,6 +695,14 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             enc(&crate::functions::OutboxMeta { first: 2, next: 9 }).unwrap(),
         ),
         ("proposal", enc(&deliver).unwrap()),
+        (
+            "intent",
+            enc(&vec![
+                (b"d/k".to_vec(), Some(b"v".to_vec())),
+                (b"m/applied".to_vec(), None::<Vec<u8>>),
+            ])
+            .unwrap(),
+        ),
     ]
 }
 
@@ -709,6 +717,7 @@ fn decode_as(kind: &str, bytes: &[u8]) -> (bool, usize) {
         "outbox" => crate::keys::OUTBOX.decode(bytes).is_ok(),
         "outbox-meta" => crate::keys::OUTBOX_META.decode(bytes).is_ok(),
         "proposal" => dec::<crate::types::Proposal>(bytes).is_ok(),
+        "intent" => super::state::decode_intent(bytes).is_ok(),
         _ => decode_snapshot(bytes).is_ok(),
     };
     (ok, LARGEST.with(|m| m.get()))
@@ -731,6 +740,7 @@ fn stored_formats_refuse_random_bytes_without_big_allocations() {
         "outbox",
         "outbox-meta",
         "proposal",
+        "intent",
     ];
     run_seeded(
         2,

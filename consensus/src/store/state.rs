@@ -41,6 +41,11 @@ const INTENT_KEY: &[u8] = b"w";
 /// One apply's writes: raw sled key to its new value (`None`: removed).
 type WriteSet = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
+/// An apply's write set as [`StateMachine::write`] stored it.
+pub(super) fn decode_intent(bytes: &[u8]) -> Result<WriteSet, canal_proto::wire::WireError> {
+    dec(bytes)
+}
+
 impl StateMachine {
     /// A read view: the state as it stands between two applies.
     pub(super) fn viewing(&self) -> std::sync::RwLockReadGuard<'_, ()> {
@@ -101,8 +106,8 @@ impl StateMachine {
         let Some(bytes) = self.intent.get(INTENT_KEY).map_err(|e| e.to_string())? else {
             return Ok(());
         };
-        let set: WriteSet =
-            dec(&bytes).map_err(|e| format!("the last apply's write set does not decode: {e}"))?;
+        let set = decode_intent(&bytes)
+            .map_err(|e| format!("the last apply's write set does not decode: {e}"))?;
         let _changing = self.changing();
         self.put_all(set)
     }

@@ -744,3 +744,24 @@ fn a_snapshot_installed_is_not_undone_on_open() {
         assert!(sm.topic_meta("other").unwrap().is_none());
     });
 }
+
+/// A damaged write set in the intent tree is refused on open, naming the group, never
+/// written into the state.
+#[test]
+fn a_damaged_intent_is_refused_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = crate::Route::Single.topic("t");
+    {
+        let db = RaftDb::open(dir.path()).unwrap();
+        let (_, sm) = db.group(g).unwrap();
+        sm.intent
+            .insert(b"w", vec![canal_proto::wire::WIRE_VERSION, 9, 9])
+            .unwrap();
+    }
+    let db = RaftDb::open(dir.path()).unwrap();
+    let e = db.group(g).err().unwrap().to_string();
+    assert!(
+        e.contains("write set does not decode") && e.contains(&g.to_string()),
+        "{e}"
+    );
+}
