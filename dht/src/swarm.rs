@@ -1036,6 +1036,16 @@ impl DhtHandle {
         Ok(())
     }
 
+    /// The addresses `peer` advertises now, if it is in the peer table: what a request to
+    /// it dials with, without copying the whole table (Raft sends thousands a second).
+    pub fn listen_addrs_of(&self, peer: &PeerId) -> Vec<String> {
+        self.read()
+            .table
+            .get(peer)
+            .map(|e| e.caps.listen_addrs.clone())
+            .unwrap_or_default()
+    }
+
     /// Every live peer, this one included, in peer id order.
     pub fn peers(&self) -> Vec<PeerView> {
         let st = self.read();

@@ -55,17 +55,10 @@ impl MeshTransport {
         // those recorded in the membership.
         let mut addrs: Vec<Multiaddr> = self
             .dht
-            .peers()
-            .into_iter()
-            .find(|p| p.peer_id == peer)
-            .map(|p| {
-                p.caps
-                    .listen_addrs
-                    .iter()
-                    .filter_map(|a| a.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+            .listen_addrs_of(&peer)
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
         addrs.extend(target.addrs.iter().filter_map(|a| a.parse().ok()));
         Ok((peer, addrs))
     }
