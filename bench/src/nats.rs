@@ -23,7 +23,6 @@ use anyhow::{Context, bail};
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::push::OrderedConfig, stream};
 use async_nats::{Client, HeaderMap};
 use futures::{Stream, StreamExt};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -199,18 +198,6 @@ struct NatsCluster {
     dir: tempfile::TempDir,
 }
 
-/// `n` distinct free TCP ports on 127.0.0.1: bound together to port 0, then released.
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .context("cannot bind a local port for nats-server")?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
-}
-
 /// The last `lines` lines of the file at `path`, or a note that it cannot be read.
 fn log_tail(path: &Path, lines: usize) -> String {
     match std::fs::read_to_string(path) {
@@ -229,7 +216,10 @@ impl NatsCluster {
             .prefix("canal-bench-nats-")
             .tempdir()
             .context("cannot make a temporary directory for nats-server")?;
-        let ports = free_ports(6)?;
+        // Distinct, and apart from the ports outgoing connections take (see
+        // `canal_testnet::ports`); let go of at once, since a server dials the others' route
+        // ports as it starts.
+        let ports = canal_testnet::ports::Reserved::new(6)?.ports();
         let (client_ports, route_ports) = ports.split_at(3);
         let routes = route_ports
             .iter()

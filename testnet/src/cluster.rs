@@ -149,11 +149,6 @@ pub struct ClusterNode {
     pub info: Option<RuntimeInfo>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    Ok(l.local_addr()?.port())
-}
-
 /// Whether `pid` is a live (not zombie) `canal node` process using `data_dir`: a pid file can
 /// outlive its process, and the pid be reused by something else.
 fn is_our_node(pid: u32, data_dir: &Path) -> bool {
@@ -322,9 +317,14 @@ async fn start_all(
     }
     std::fs::create_dir_all(&opts.dir)
         .with_context(|| format!("cannot create {}", opts.dir.display()))?;
-    let ports: Vec<(u16, u16, u16)> = (0..n)
-        .map(|_| Ok((free_port()?, free_port()?, free_port()?)))
-        .collect::<anyhow::Result<_>>()?;
+    // Every port of the testnet at once, held until the processes start (see `ports`): node
+    // i's libp2p, API and MQTT ports, then its relay's and its MQTTS port when it has them.
+    let per_node = 3 + usize::from(opts.links.is_some()) + usize::from(opts.tls);
+    let mut reserved = crate::ports::Reserved::new(n * per_node)?;
+    let picked = reserved.ports();
+    let of_node: Vec<&[u16]> = picked.chunks(per_node).collect();
+    let ports: Vec<(u16, u16, u16)> = of_node.iter().map(|p| (p[0], p[1], p[2])).collect();
+    let mqtts: Vec<u16> = of_node.iter().map(|p| p[per_node - 1]).collect();
     let tiers: Vec<&str> = opts
         .tiers
         .iter()
@@ -341,8 +341,8 @@ async fn start_all(
     // Where other nodes reach node i: its relay, or the node itself.
     let reach: Vec<u16> = match &opts.links {
         Some(links) => {
-            let relay_ports: Vec<u16> =
-                (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+            let relay_ports: Vec<u16> = of_node.iter().map(|p| p[3]).collect();
+            reserved.release(&relay_ports);
             let plan = RelayPlan {
                 version: 1,
                 nodes: (0..n)
@@ -398,6 +398,9 @@ async fn start_all(
         None
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
+    // Let go of together, just before the nodes start: a node's port still held while
+    // another node dials it would take that connection into a backlog nobody accepts from.
+    reserved.release(&picked);
     let mut pids = Vec::new();
     for i in 0..n {
         let node_dir = std::fs::canonicalize(&opts.dir)?.join(format!("node{i}"));
@@ -437,7 +440,7 @@ async fn start_all(
                 // A fixed port of its own (not 8883, which every node would want), kept in
                 // args.json so a restarted node is found where it was.
                 "--mqtts-listen".into(),
-                format!("127.0.0.1:{}", free_port()?),
+                format!("127.0.0.1:{}", mqtts[i]),
             ]);
         }
         // The first (up to) three form the Raft cluster; later ones join it as learners.

@@ -22,6 +22,8 @@
 //! - [`relayd`]: the relay process of the persistent testnet, which outlives `canal testnet
 //!   up` as its nodes do, and takes partitions through a control file.
 //! - [`tls`]: a local CA and node certificates for `canal testnet up --tls` and TLS tests.
+//! - [`ports`]: fixed loopback ports, reserved outside the ephemeral range until the
+//!   process that binds them starts.
 //! - [`compose`]: the compose files of a mesh in containers (Docker for real hosts, podman
 //!   in CI), generated from one description.
 //!
@@ -42,6 +44,7 @@ pub mod auth;
 pub mod cluster;
 pub mod compose;
 pub mod guests;
+pub mod ports;
 pub mod relay;
 pub mod relayd;
 pub mod tls;
