@@ -439,6 +439,9 @@ type RemoteBatcher = (u64, mpsc::Sender<Pending>, tokio::task::JoinHandle<()>);
 /// A request waiting for its batch, and where its answer goes.
 type Pending = (Request, oneshot::Sender<Result<Response, ClientError>>);
 
+/// The answer of a write queued with [`Consensus::queue_write`], to await.
+pub type Queued = futures::future::BoxFuture<'static, Result<Response, ClientError>>;
+
 /// The most requests one batch carries.
 const MAX_BATCH_REQUESTS: usize = 1024;
 /// A batch stops growing at about this many bytes.
@@ -1558,8 +1561,14 @@ impl<T: Transport> Consensus<T> {
     /// proposal is under way when this returns: handed to this node's Raft if it leads, or
     /// queued on the link to the leader (which proposes forwarded writes in the order they
     /// came), so writes started one after another are proposed in that order while the
-    /// leader stays. When the first try cannot be made or the leader moved, the answer
-    /// comes from [`Consensus::write`]'s retries instead (order is then not kept).
+    /// leader stays.
+    ///
+    /// When the first try cannot be made (no leader known yet, the link to it not open),
+    /// the write is done through [`Consensus::write`]'s retries before this returns, so a
+    /// write started after it still comes after it: the caller waits that once, instead of
+    /// a later write overtaking an earlier one that was still looking for the leader. Once
+    /// a write is on its way, a lost answer or a moved leader is retried the same way while
+    /// later writes may already be in (order is then not kept).
     pub async fn start_write(
         &self,
         g: GroupId,
@@ -1569,11 +1578,17 @@ impl<T: Transport> Consensus<T> {
         let retry = move |req: Request| -> futures::future::BoxFuture<'static, Result<Response, ClientError>> {
             Box::pin(async move { c.write(g, req).await })
         };
+        // Not under way yet: done here, before anything started after it, and handed back
+        // answered.
+        let first = |req: Request| retry.clone()(req);
+        let answered = |r: Result<Response, ClientError>| -> futures::future::BoxFuture<'static, Result<Response, ClientError>> {
+            Box::pin(futures::future::ready(r))
+        };
         let Ok(group) = self.group(g) else {
-            return retry(req);
+            return answered(first(req).await);
         };
         if check_entry_size(&req).is_err() {
-            return retry(req);
+            return answered(first(req).await);
         }
         let (leader, node) = {
             let m = group.raft.metrics();
@@ -1612,11 +1627,11 @@ impl<T: Transport> Consensus<T> {
                         Err(_) => Err(no_quorum()),
                     }
                 }),
-                Err(_) => retry(req),
+                Err(_) => answered(first(req).await),
             },
             (Some(_), Some(node)) => {
                 let Ok(body) = wire::encode(&RpcRequest::Write(g, req.clone())) else {
-                    return retry(req);
+                    return answered(first(req).await);
                 };
                 match self.inner.transport.start(&node, body).await {
                     Ok(answer) => Box::pin(async move {
@@ -1638,10 +1653,10 @@ impl<T: Transport> Consensus<T> {
                             _ => retry(req).await,
                         }
                     }),
-                    Err(_) => retry(req),
+                    Err(_) => answered(first(req).await),
                 }
             }
-            _ => retry(req),
+            _ => answered(first(req).await),
         }
     }
 
@@ -2170,11 +2185,9 @@ impl<T: Transport> Consensus<T> {
     /// [`Consensus::write_batched`] on a group not hosted here: queued on this node's
     /// batcher of the group (started on the first write, ended when idle), which forwards
     /// what is queued as one batch at a time, so one publisher's writes keep their order.
-    async fn remote_write_batched(
-        &self,
-        g: GroupId,
-        req: Request,
-    ) -> Result<Response, ClientError> {
+    /// [`Consensus::queue_write`] for a group this node does not host: into this node's
+    /// batcher for it, which forwards a batch at a time.
+    async fn queue_remote(&self, g: GroupId, req: Request) -> Result<Queued, ClientError> {
         if self.remote_candidates(g).is_empty() {
             return Err(ClientError::UnknownGroup(g));
         }
@@ -2185,14 +2198,18 @@ impl<T: Transport> Consensus<T> {
             let queue = self.remote_batcher(g);
             match queue.send(pending).await {
                 Ok(()) => {
-                    return rx
-                        .await
-                        .map_err(|_| other("the node shut down before the write was answered"))?;
+                    return Ok(Box::pin(async move {
+                        rx.await.map_err(|_| {
+                            other("the node shut down before the write was answered")
+                        })?
+                    }));
                 }
                 Err(mpsc::error::SendError(p)) => pending = p,
             }
         }
-        self.write(g, pending.0).await
+        // Written before this returns, so it keeps its place before what is queued next.
+        let answer = self.write(g, pending.0).await;
+        Ok(Box::pin(futures::future::ready(answer)))
     }
 
     /// The queue of this node's batcher for group `g` (not hosted here), started if none
@@ -2264,11 +2281,20 @@ impl<T: Transport> Consensus<T> {
     /// queued for the group at the same moment (group commit): for the many small writes of
     /// publishers, whose throughput is bounded by Raft round trips and log flushes.
     pub async fn write_batched(&self, g: GroupId, req: Request) -> Result<Response, ClientError> {
+        self.queue_write(g, req).await?.await
+    }
+
+    /// [`Consensus::write_batched`] in two steps: returns once the request is queued for its
+    /// group's batch (waiting for queue space), with its answer to await. Requests queued one
+    /// after another by one caller are proposed in that order while the group's leader
+    /// stays, however their answers are awaited: how a publish stream keeps its order with
+    /// many publishes in flight.
+    pub async fn queue_write(&self, g: GroupId, req: Request) -> Result<Queued, ClientError> {
         check_entry_size(&req)?;
         let queue = match self.group(g) {
             Ok(group) => group.batcher.clone(),
             // Not hosted here: batched on this node, forwarded a batch at a time.
-            Err(ClientError::UnknownGroup(_)) => return self.remote_write_batched(g, req).await,
+            Err(ClientError::UnknownGroup(_)) => return self.queue_remote(g, req).await,
             Err(e) => return Err(e),
         };
         let (tx, rx) = oneshot::channel();
@@ -2276,8 +2302,10 @@ impl<T: Transport> Consensus<T> {
             .send((req, tx))
             .await
             .map_err(|_| other("the group is shutting down"))?;
-        rx.await
-            .map_err(|_| other("the group shut down before the write was answered"))?
+        Ok(Box::pin(async move {
+            rx.await
+                .map_err(|_| other("the group shut down before the write was answered"))?
+        }))
     }
 
     /// Reads client key `key`: linearizably through the leader's read index, or from this
@@ -3368,6 +3396,40 @@ mod tests {
         net.get(l).write(g, put("healed", b"1")).await.unwrap();
         for i in all {
             wait(|| has(&net, i, g, "healed", b"1")).await;
+        }
+    }
+
+    /// A write started where no leader is known yet is done before `start_write` returns,
+    /// so the caller's next write cannot overtake it (a publisher's order through a
+    /// follower that was just looking for its leader).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_started_without_a_known_leader_is_done_before_the_next_starts() {
+        let all = [1, 2, 3];
+        let net = formed(&all, &[]).await;
+        let g = GroupId::METADATA;
+        let leader = leader_of(&net, 1).await;
+        let f = all.into_iter().find(|i| *i != leader).unwrap();
+        wait(|| net.get(f).metrics(g).unwrap().current_leader == Some(leader)).await;
+        net.nodes.cut(f, true);
+        // Alone, it stands for election in vain and knows no leader.
+        wait(|| net.get(f).metrics(g).unwrap().current_leader.is_none()).await;
+        let healer = {
+            let nodes = net.nodes.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                nodes.cut(f, false);
+            })
+        };
+        let first = net.get(f).start_write(g, put("order", b"first")).await;
+        healer.await.unwrap();
+        let first = futures::FutureExt::now_or_never(first)
+            .expect("answered by the time start_write returned")
+            .unwrap();
+        let second = net.get(f).start_write(g, put("order", b"second")).await;
+        let second = second.await.unwrap();
+        assert!(second.index > first.index, "{first:?} then {second:?}");
+        for i in all {
+            wait(|| has(&net, i, g, "order", b"second")).await;
         }
     }
 

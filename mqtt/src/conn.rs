@@ -791,6 +791,37 @@ async fn write_retained<T: Transport, L: Qos0Link>(
         .map_err(|e| e.to_string())
 }
 
+/// Starts a QoS 1 publish (its retained message first, if it carries one) and returns its
+/// PUBACK reason to await: on its way when this returns, so publishes started one after
+/// another are stored in that order.
+async fn start_qos1<T: Transport, L: Qos0Link>(
+    pubsub: canal_pubsub::PubSub<T, L>,
+    client: String,
+    topic: String,
+    retained: Option<Retained>,
+    req: PublishRequest,
+) -> BoxFuture<'static, u8> {
+    if let Some(r) = retained
+        && let Err(e) = write_retained(&pubsub, &topic, r).await
+    {
+        tracing::warn!(%client, %topic, error = %e, "MQTT retained message not stored");
+        return Box::pin(futures::future::ready(0x80));
+    }
+    let refused = move |e: PubSubError| {
+        tracing::warn!(%client, %topic, error = %e, "MQTT publish refused");
+        puback_reason(&e)
+    };
+    match pubsub.start_publish(req).await {
+        Ok(answer) => Box::pin(async move {
+            match answer.await {
+                Ok(_) => 0,
+                Err(e) => refused(e),
+            }
+        }),
+        Err(e) => Box::pin(futures::future::ready(refused(e))),
+    }
+}
+
 /// The 5.0 PUBACK reason for a publish canal refused.
 fn puback_reason(e: &PubSubError) -> u8 {
     match e.kind() {
@@ -1332,6 +1363,16 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
         let pubsub = self.mqtt.pubsub.clone();
         let client = self.client_id.clone();
         let topic = p.topic.clone();
+        if p.qos == 1 {
+            // Started here, in packet order, and only the answer awaited with the others':
+            // left to the in-flight set to start, a publish that yields before it is queued
+            // would be overtaken by the next, and the topic's order broken.
+            let answer = start_qos1(pubsub, client, topic, retained, req).await;
+            let pkid = p.pkid;
+            self.publishes
+                .push_back(Box::pin(async move { (pkid, answer.await) }));
+            return Next::Go;
+        }
         let work = async move {
             if let Some(r) = retained
                 && let Err(e) = write_retained(&pubsub, &topic, r).await
@@ -1347,11 +1388,7 @@ impl<T: Transport, L: Qos0Link> Conn<T, L> {
                 }
             }
         };
-        if p.qos == 1 {
-            let pkid = p.pkid;
-            self.publishes
-                .push_back(Box::pin(async move { (pkid, work.await) }));
-        } else if self.qos0.send(Box::pin(work)).await.is_err() {
+        if self.qos0.send(Box::pin(work)).await.is_err() {
             // The task that hands them on is gone only if the runtime is going.
             return Next::Close(Some(0x80), End::Abnormal);
         }

@@ -46,6 +46,9 @@ use canal_proto::api::Published;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, watch};
 
+/// The answer of a publish started with [`PubSub::start_publish`], to await.
+pub type Starting = futures::future::BoxFuture<'static, Result<Published, PubSubError>>;
+
 /// The largest payload accepted (a topic's settings may lower it).
 pub const MAX_PAYLOAD_BYTES: usize = canal_proto::settings::MAX_PAYLOAD_BYTES as usize;
 
@@ -172,8 +175,17 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
     /// `POST /v1/topics/{topic}/events`: checks the publish against the topic's settings;
     /// QoS 1 is answered after commit with the event's offset, QoS 0 once handed on.
     pub async fn publish(&self, req: PublishRequest) -> Result<Published, PubSubError> {
+        self.start_publish(req).await?.await
+    }
+
+    /// [`PubSub::publish`] in two steps: returns once the publish is checked and on its way
+    /// (a QoS 1 one queued for its group's batch, a QoS 0 one handed on), with its answer to
+    /// await. QoS 1 publishes started one after another get offsets in that order while
+    /// their group's leader stays, however many are awaited at once: a publish stream starts
+    /// each in frame order and awaits their answers together.
+    pub async fn start_publish(&self, req: PublishRequest) -> Result<Starting, PubSubError> {
         let checked = self.check(req)?;
-        self.commit(checked).await
+        self.start(checked).await
     }
 
     /// A batch publish (NDJSON): every request is checked first, and the whole batch is
@@ -234,6 +246,12 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
 
     /// Stores (QoS 1) or hands on (QoS 0) a checked publish.
     async fn commit(&self, c: Checked) -> Result<Published, PubSubError> {
+        self.start(c).await?.await
+    }
+
+    /// Hands on (QoS 0) or queues for its group (QoS 1) a checked publish; the answer comes
+    /// with commit.
+    async fn start(&self, c: Checked) -> Result<Starting, PubSubError> {
         let Checked {
             topic,
             retention,
@@ -249,12 +267,13 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
                 payload: req.payload,
             };
             publish_qos0(&*self.link, &self.hub, m).await;
-            return Ok(Published {
+            let published = Published {
                 topic: topic.to_string(),
                 qos: 0,
                 offset: None,
                 duplicate: false,
-            });
+            };
+            return Ok(Box::pin(std::future::ready(Ok(published))));
         }
         // The message id is the Raft request id, so a retried publish is stored once.
         let request_id = match &req.id {
@@ -262,9 +281,9 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
             None => fresh_id(&self.node.local_peer),
         };
         let group = self.consensus.routing().await?.topic(topic.as_str());
-        let r = self
+        let answer = self
             .consensus
-            .write_batched(
+            .queue_write(
                 group,
                 Request {
                     id: Some(request_id),
@@ -278,12 +297,15 @@ impl<T: Transport, L: Qos0Link> PubSub<T, L> {
                 },
             )
             .await?;
-        Ok(Published {
-            topic: topic.to_string(),
-            qos: 1,
-            offset: r.offset,
-            duplicate: r.duplicate,
-        })
+        Ok(Box::pin(async move {
+            let r = answer.await?;
+            Ok(Published {
+                topic: topic.to_string(),
+                qos: 1,
+                offset: r.offset,
+                duplicate: r.duplicate,
+            })
+        }))
     }
 
     /// `GET /v1/subscribe`: checks a subscription and starts feeding it; the receiver ends

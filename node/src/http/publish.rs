@@ -82,12 +82,12 @@ async fn websocket(st: ApiState, caller: Caller, socket: WebSocket) {
     });
     let pubsub = st.pubsub.clone();
     let check = st.clone();
-    let publish = move |f: StreamPublish| -> BoxFuture<'static, StreamAck> {
+    let publish = move |f: StreamPublish| -> BoxFuture<'static, Started> {
         let pubsub = pubsub.clone();
         let check = check.clone();
         let caller = caller.clone();
         async move {
-            publish_frame(&pubsub, f, |topic| {
+            start_frame(&pubsub, f, |topic| {
                 super::auth::check_publish(&check, &caller, topic)
             })
             .await
@@ -101,32 +101,49 @@ async fn websocket(st: ApiState, caller: Caller, socket: WebSocket) {
     }
 }
 
-/// One decoded frame, published: its ack or its error.
+/// A publish on its way: its ack, to await with the others in flight.
+pub(crate) struct Started(BoxFuture<'static, StreamAck>);
+
+/// One decoded frame, started: its ack (or its error) to await. Returns once the publish is
+/// on its way ([`canal_pubsub::PubSub::start_publish`]), so frames started one after another
+/// keep their order into the log.
 /// A frame the token may not publish is answered 403's way (`forbidden`), stored nowhere.
-async fn publish_frame(
+async fn start_frame(
     pubsub: &crate::pubsub::PubSub,
     f: StreamPublish,
     allowed: impl Fn(&str) -> Result<(), ApiError>,
-) -> StreamAck {
+) -> Started {
     let seq = f.seq;
     let req = canal_pubsub::parse_qos(f.qos.map(|q| q.to_string()).as_deref())
         .map_err(ApiError::from)
         .and_then(|qos| super::parse::publish_line(None, qos, f.line))
         .and_then(|req| allowed(&req.topic).map(|()| req));
-    let answer = match req {
-        Ok(req) => pubsub.publish(req).await.map_err(ApiError::from),
+    let started = match req {
+        Ok(req) => pubsub.start_publish(req).await.map_err(ApiError::from),
         Err(e) => Err(e),
     };
-    match answer {
-        Ok(p) => StreamAck {
-            seq: Some(seq),
-            topic: Some(p.topic),
-            offset: p.offset,
-            duplicate: p.duplicate,
-            error: None,
-        },
-        Err(e) => error_ack(Some(seq), e.kind(), e.message().to_string()),
-    }
+    let answer = match started {
+        Ok(answer) => answer,
+        Err(e) => {
+            let ack = error_ack(Some(seq), e.kind(), e.message().to_string());
+            return Started(futures::future::ready(ack).boxed());
+        }
+    };
+    Started(
+        async move {
+            match answer.await.map_err(ApiError::from) {
+                Ok(p) => StreamAck {
+                    seq: Some(seq),
+                    topic: Some(p.topic),
+                    offset: p.offset,
+                    duplicate: p.duplicate,
+                    error: None,
+                },
+                Err(e) => error_ack(Some(seq), e.kind(), e.message().to_string()),
+            }
+        }
+        .boxed(),
+    )
 }
 
 fn error_ack(seq: Option<u64>, kind: &str, message: String) -> StreamAck {
@@ -158,14 +175,19 @@ fn decode(text: &str) -> Result<StreamPublish, StreamAck> {
 }
 
 /// The pipeline of one stream: reads frames (text, or an error to answer) from `frames`,
-/// starts each publish at once with `publish`, and writes the acks to `acks` in the order
-/// the frames came, with at most `window` unanswered; past that it reads no more until an
-/// ack goes out. Ends when the frames end and every ack is written, or `acks` fails.
+/// starts each publish with `publish` (awaited here, one frame after another, so publishes
+/// are on their way in frame order), and writes the acks to `acks` in the order the frames
+/// came, with at most `window` unanswered; past that it reads no more until an ack goes
+/// out. Ends when the frames end and every ack is written, or `acks` fails.
+///
+/// The starts are not left to the in-flight set to poll: it polls its futures in the order
+/// they were woken, and a publish that yields before it is queued (tokio's cooperative
+/// budget ran out) would be overtaken by the next one, which then gets the lower offset.
 pub(crate) async fn drive<R, W, P>(mut frames: R, mut acks: W, window: usize, publish: P)
 where
     R: Stream<Item = Result<String, String>> + Unpin,
     W: Sink<String> + Unpin,
-    P: Fn(StreamPublish) -> BoxFuture<'static, StreamAck>,
+    P: Fn(StreamPublish) -> BoxFuture<'static, Started>,
 {
     let mut inflight: FuturesOrdered<BoxFuture<'static, StreamAck>> = FuturesOrdered::new();
     let mut reading = true;
@@ -200,7 +222,7 @@ where
             f = frames.next(), if reading && inflight.len() < window => match f {
                 None => reading = false,
                 Some(Ok(text)) => match decode(&text) {
-                    Ok(p) => inflight.push_back(publish(p)),
+                    Ok(p) => inflight.push_back(publish(p).await.0),
                     Err(ack) => inflight.push_back(futures::future::ready(ack).boxed()),
                 },
                 Some(Err(message)) => inflight.push_back(
@@ -225,21 +247,55 @@ mod tests {
         ))
     }
 
+    type Start = BoxFuture<'static, Started>;
+
+    /// A start that is done at once and leaves `answer` to await.
+    fn started(answer: impl Future<Output = StreamAck> + Send + 'static) -> Start {
+        futures::future::ready(Started(answer.boxed())).boxed()
+    }
+
+    fn ack(seq: u64, topic: Option<String>) -> StreamAck {
+        StreamAck {
+            seq: Some(seq),
+            topic,
+            offset: Some(seq),
+            duplicate: false,
+            error: None,
+        }
+    }
+
     /// A publish that takes longer the earlier its seq, so answers finish in reverse.
-    fn slow_reverse(n: u64) -> impl Fn(StreamPublish) -> BoxFuture<'static, StreamAck> {
+    fn slow_reverse(n: u64) -> impl Fn(StreamPublish) -> Start {
         move |f: StreamPublish| {
-            async move {
+            started(async move {
                 tokio::time::sleep(Duration::from_millis((n - f.seq) * 2)).await;
-                StreamAck {
-                    seq: Some(f.seq),
-                    topic: f.line.topic,
-                    offset: Some(f.seq),
-                    duplicate: false,
-                    error: None,
+                ack(f.seq, f.line.topic)
+            })
+        }
+    }
+
+    /// Starts that yield a different number of times each (as a publish does whose
+    /// cooperative budget runs out before it is queued) still happen in frame order, and
+    /// each is done before the next frame's starts.
+    #[tokio::test]
+    async fn publishes_start_in_frame_order_though_starts_yield() {
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = order.clone();
+        let publish = move |f: StreamPublish| -> Start {
+            let seen = seen.clone();
+            async move {
+                for _ in 0..(f.seq * 7919) % 5 {
+                    tokio::task::yield_now().await;
                 }
+                seen.lock().unwrap().push(f.seq);
+                Started(futures::future::ready(ack(f.seq, None)).boxed())
             }
             .boxed()
-        }
+        };
+        let (tx, rx) = futures::channel::mpsc::unbounded::<String>();
+        drive(futures::stream::iter((0..300).map(frame)), tx, 64, publish).await;
+        assert_eq!(rx.count().await, 300);
+        assert_eq!(*order.lock().unwrap(), (0..300).collect::<Vec<u64>>());
     }
 
     async fn run(frames: Vec<Result<String, String>>, window: usize, n: u64) -> Vec<StreamAck> {
@@ -315,22 +371,15 @@ mod tests {
         let now = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
         let (n, m) = (now.clone(), most.clone());
-        let publish = move |f: StreamPublish| -> BoxFuture<'static, StreamAck> {
+        let publish = move |f: StreamPublish| -> Start {
             let (n, m) = (n.clone(), m.clone());
-            async move {
-                let at = n.fetch_add(1, Ordering::SeqCst) + 1;
-                m.fetch_max(at, Ordering::SeqCst);
+            let at = n.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(at, Ordering::SeqCst);
+            started(async move {
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 n.fetch_sub(1, Ordering::SeqCst);
-                StreamAck {
-                    seq: Some(f.seq),
-                    topic: None,
-                    offset: None,
-                    duplicate: false,
-                    error: None,
-                }
-            }
-            .boxed()
+                ack(f.seq, None)
+            })
         };
         let (tx, rx) = futures::channel::mpsc::unbounded::<String>();
         drive(futures::stream::iter((0..200).map(frame)), tx, 8, publish).await;
