@@ -1,7 +1,7 @@
 //! MQTT on every node, with real clients (rumqttc's 3.1.1 and 5.0 clients): publish and
 //! subscribe across nodes and with HTTP, retained messages, wills, QoS 2 refused, a
-//! persistent session resumed on another node after kill -9, and bad input refused while
-//! another session goes on.
+//! persistent session resumed on another node after kill -9, bad input refused while
+//! another session goes on, and one client's QoS 1 publishes kept in order.
 
 use crate::raft::{cluster, wait_same_digest};
 use canal_testnet::{Api, Testnet, wait_for};
@@ -1167,4 +1167,57 @@ async fn a_will_is_sent_once_by_another_node_when_the_clients_node_dies() {
     let p = watcher.publish("the message after the will").await;
     assert_eq!(text(&p.payload), "after", "the will came twice");
     assert_eq!(sent_by_keepers().await.unwrap(), 1.0, "sent by one node");
+}
+
+/// One MQTT client's QoS 1 publishes to a topic are stored, and so delivered, in the order
+/// it sent them, many in flight through a node that does not lead the topic's group: the
+/// connection queues each publish in packet order and awaits only the PUBACKs together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_clients_qos1_publishes_keep_their_order_through_a_follower() {
+    const N: usize = 400;
+    const TOPIC: &str = "order/mqtt";
+    let net = cluster(3, &[]).await;
+    let located: canal_proto::api::Locate = net
+        .api(0)
+        .unwrap()
+        .get(&format!("/v1/topics/{}/locate", TOPIC.replace('/', "%2F")))
+        .await
+        .unwrap();
+    let lead = crate::raft::leader(&net, 0, &located.group).await;
+    let via = (0..3).find(|i| *i != lead).unwrap();
+    let mut sub = v4(v4_opts("order-sub", mqtt_addr(&net, lead)));
+    sub.connack().await;
+    sub.client
+        .subscribe(TOPIC, rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    sub.suback().await;
+    let mut publisher = v4(v4_opts("order-pub", mqtt_addr(&net, via)));
+    publisher.connack().await;
+    // All go out without waiting for PUBACKs (rumqttc keeps up to 100 in flight).
+    for i in 0..N {
+        publisher
+            .client
+            .publish(TOPIC, rumqttc::QoS::AtLeastOnce, false, format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::with_capacity(N);
+    while got.len() < N {
+        got.push(text(&sub.publish("the next event in order").await.payload));
+    }
+    // Order is promised while the leader stays: it did.
+    assert_eq!(
+        crate::raft::leader(&net, 0, &located.group).await,
+        lead,
+        "the leader changed"
+    );
+    let want: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
+    let first_out = got.iter().zip(&want).position(|(g, w)| g != w);
+    assert_eq!(
+        first_out,
+        None,
+        "delivered out of send order from {first_out:?}: {:?}",
+        first_out.map(|i| &got[i..(i + 5).min(N)])
+    );
 }
