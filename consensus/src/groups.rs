@@ -3413,10 +3413,19 @@ mod tests {
         net.nodes.cut(f, true);
         // Alone, it stands for election in vain and knows no leader.
         wait(|| net.get(f).metrics(g).unwrap().current_leader.is_none()).await;
+        // Healed once the write has begun looking for the leader (it counts a proposal).
+        let proposals = move |c: &Consensus<MemTransport>| {
+            c.inner
+                .metrics
+                .proposals
+                .get_or_create(&group_label(g))
+                .get()
+        };
+        let before = proposals(&net.get(f));
         let healer = {
-            let nodes = net.nodes.clone();
+            let (nodes, c) = (net.nodes.clone(), net.get(f));
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                wait(|| proposals(&c) > before).await;
                 nodes.cut(f, false);
             })
         };
