@@ -1177,14 +1177,7 @@ async fn one_clients_qos1_publishes_keep_their_order_through_a_follower() {
     const N: usize = 400;
     const TOPIC: &str = "order/mqtt";
     let net = cluster(3, &[]).await;
-    let located: canal_proto::api::Locate = net
-        .api(0)
-        .unwrap()
-        .get(&format!("/v1/topics/{}/locate", TOPIC.replace('/', "%2F")))
-        .await
-        .unwrap();
-    let lead = crate::raft::leader(&net, 0, &located.group).await;
-    let via = (0..3).find(|i| *i != lead).unwrap();
+    let (group, lead, via) = crate::raft::topic_leader_and_follower(&net, TOPIC).await;
     let mut sub = v4(v4_opts("order-sub", mqtt_addr(&net, lead)));
     sub.connack().await;
     sub.client
@@ -1208,7 +1201,7 @@ async fn one_clients_qos1_publishes_keep_their_order_through_a_follower() {
     }
     // Order is promised while the leader stays: it did.
     assert_eq!(
-        crate::raft::leader(&net, 0, &located.group).await,
+        crate::raft::leader(&net, 0, &group).await,
         lead,
         "the leader changed"
     );

@@ -1430,16 +1430,7 @@ async fn a_publish_stream_through_a_follower_gets_offsets_in_send_order() {
     const N: usize = 1000;
     const TOPIC: &str = "stream/ordered";
     let net = cluster(3, &[]).await;
-    // The group the cluster routes the topic to (its shard's).
-    let located: canal_proto::api::Locate = net
-        .api(0)
-        .unwrap()
-        .get(&format!("/v1/topics/{TOPIC}/locate"))
-        .await
-        .unwrap();
-    let group = located.group;
-    let lead = leader(&net, 0, &group).await;
-    let via = (0..3).find(|i| *i != lead).unwrap();
+    let (group, lead, via) = crate::raft::topic_leader_and_follower(&net, TOPIC).await;
     let api = net.api(via).unwrap().base().to_string();
     let stream = canal_client::PublishStream::connect(&api, Some(canal_testnet::admin_token()))
         .await

@@ -76,6 +76,23 @@ pub(crate) async fn leader(net: &Testnet, via: usize, group: &str) -> usize {
         .unwrap()
 }
 
+/// The group `topic` is routed to (its shard's), the index of the node that leads it, and
+/// one that does not, as node 0 sees them: where a test sends writes to be forwarded.
+pub(crate) async fn topic_leader_and_follower(
+    net: &Testnet,
+    topic: &str,
+) -> (String, usize, usize) {
+    let located: canal_proto::api::Locate = net
+        .api(0)
+        .unwrap()
+        .get(&format!("/v1/topics/{}/locate", topic.replace('/', "%2F")))
+        .await
+        .unwrap();
+    let lead = leader(net, 0, &located.group).await;
+    let via = (0..net.len()).find(|i| *i != lead).unwrap();
+    (located.group, lead, via)
+}
+
 /// One write of the workload: even numbers put a unique key, odd ones add 1 to a counter.
 fn op(i: usize) -> (Method, String, Vec<u8>) {
     if i.is_multiple_of(2) {
