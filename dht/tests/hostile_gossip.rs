@@ -276,37 +276,59 @@ async fn send_oversized_frame(
         .map_err(|e| e.to_string())?
         .build();
     swarm.dial(target.clone()).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // The stream is opened only on an established connection: asked for earlier, the stream
+    // behaviour dials the target by peer id, finds no address for it and fails, and the
+    // connection then closes after its idle timeout with nothing sent.
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, swarm.select_next_some()).await {
+            Ok(SwarmEvent::ConnectionEstablished { .. }) => break,
+            Ok(SwarmEvent::OutgoingConnectionError { error, .. }) => {
+                return Err(format!("dialling the target failed: {error}"));
+            }
+            Ok(_) => {}
+            Err(_) => return Err("no connection to the target".into()),
+        }
+    }
     let mut control = swarm.behaviour().new_control();
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         let mut s = control
             .open_stream(target_id, libp2p::StreamProtocol::new(protocol))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("opening the {protocol} stream failed: {e}"))?;
         let mut header = vec![canal_dht::frame::FRAME_VERSION, kind];
         header.extend(7u64.to_be_bytes());
         header.extend(claim.to_be_bytes());
         s.write_all(&header).await.map_err(|e| e.to_string())?;
         s.write_all(b"garbage").await.map_err(|e| e.to_string())?;
         s.flush().await.map_err(|e| e.to_string())?;
-        // Held open: the target must close it, not the end of the stream.
-        tokio::time::sleep(Duration::from_secs(30)).await;
+        // Held open past the deadline: the target must close the connection; neither the end
+        // of the stream nor an idle timeout may.
+        tokio::time::sleep(Duration::from_secs(60)).await;
         Ok::<_, String>(s)
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let ev = tokio::time::timeout(Duration::from_millis(200), swarm.select_next_some()).await;
-        if let Ok(SwarmEvent::ConnectionClosed {
-            num_established: 0, ..
-        }) = ev
-        {
-            writer.abort();
-            return Ok(());
+    let outcome = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::select! {
+            ev = swarm.select_next_some() => {
+                if let SwarmEvent::ConnectionClosed { num_established: 0, .. } = ev {
+                    break Ok(());
+                }
+            }
+            done = &mut writer => {
+                break match done {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(format!("the writer of the oversized frame on {protocol} stopped")),
+                };
+            }
+            _ = tokio::time::sleep(left) => {
+                break Err(format!("not disconnected after an oversized frame on {protocol}"));
+            }
         }
-    }
+    };
     writer.abort();
-    Err(format!(
-        "not disconnected after an oversized frame on {protocol}"
-    ))
+    outcome
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
