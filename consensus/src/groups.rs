@@ -177,6 +177,7 @@ fn kind_of(req: &RpcRequest) -> &'static str {
         RpcRequest::Quiesce(..) => "quiesce",
         RpcRequest::Alive { .. } => "alive",
         RpcRequest::LogRead(..) => "log_read",
+        RpcRequest::TakeLead(..) => "take_lead",
     }
 }
 
@@ -200,7 +201,8 @@ fn group_of(req: &RpcRequest) -> GroupId {
         | RpcRequest::Remove(g, _)
         | RpcRequest::Status(g)
         | RpcRequest::Quiesce(g, ..)
-        | RpcRequest::LogRead(g, _) => *g,
+        | RpcRequest::LogRead(g, _)
+        | RpcRequest::TakeLead(g, _) => *g,
         // Not about one group; `dispatch` answers it before it looks for a group. Named as
         // the metadata group only where a refusal needs a group to name.
         RpcRequest::Alive { .. } => GroupId::METADATA,
@@ -230,6 +232,7 @@ pub fn admit(
         RpcRequest::Snapshot(_, r) => Some(r.vote.leader_id().voted_for()),
         RpcRequest::Vote(_, r) => Some(r.vote.leader_id().voted_for()),
         RpcRequest::Quiesce(_, vote, _) => Some(vote.leader_id().voted_for()),
+        RpcRequest::TakeLead(_, vote) => Some(vote.leader_id().voted_for()),
         _ => None,
     };
     if let Some(named) = named
@@ -314,6 +317,24 @@ struct Group {
     epoch: AtomicU64,
     /// Tells the heartbeat driver of a quiet leader that the group woke.
     woken: tokio::sync::Notify,
+    /// The voter this leader is handing the group's lead to ([`Consensus::hand_off`]):
+    /// meanwhile it proposes nothing and serves no linearizable read.
+    handing_off: Mutex<Option<NodeId>>,
+    /// Why the group last woke from quiet (for a hand-off's error).
+    woke_for: Mutex<String>,
+    /// Proposals handed to this node's Raft and not answered yet: a hand-off waits for
+    /// none, since one still on its way to the log would be appended after the group went
+    /// quiet.
+    proposing: AtomicU64,
+}
+
+/// Counts a proposal in [`Group::proposing`] until its answer comes or its waiter gives up.
+struct Proposing(Arc<Group>);
+
+impl Drop for Proposing {
+    fn drop(&mut self) {
+        self.0.proposing.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Group {
@@ -331,6 +352,25 @@ impl Group {
 
     fn quiet(&self) -> std::sync::MutexGuard<'_, Quiet> {
         self.quiet.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn handing_off(&self) -> std::sync::MutexGuard<'_, Option<NodeId>> {
+        self.handing_off.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// "No leader" (retryable: the caller finds the new leader) while this leader hands
+    /// the group's lead on.
+    fn refuse_while_handing_off(&self) -> Result<(), ClientError> {
+        match *self.handing_off() {
+            Some(to) => Err(ClientError::NoLeader {
+                group: self.id,
+                reason: format!(
+                    "the lead of group {} is being handed to node {to}: try again in a moment",
+                    self.id
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Puts the group's timers back as openraft has them; true if it was quiet.
@@ -352,6 +392,7 @@ impl Group {
             }
         }
         drop(q);
+        why.clone_into(&mut self.woke_for.lock().unwrap_or_else(|p| p.into_inner()));
         debug!(group = %self.id, why, "group woke");
         true
     }
@@ -831,6 +872,9 @@ impl<T: Transport> Consensus<T> {
             quiet: Mutex::new(Quiet::Active),
             epoch: AtomicU64::new(0),
             woken: tokio::sync::Notify::new(),
+            handing_off: Mutex::new(None),
+            woke_for: Mutex::new(String::new()),
+            proposing: AtomicU64::new(0),
         });
         let tasks = vec![
             watch_metrics(g, raft.metrics(), self.inner.metrics.clone()),
@@ -930,6 +974,202 @@ impl<T: Transport> Consensus<T> {
     pub async fn campaign(&self, g: GroupId) -> Result<(), ClientError> {
         let group = self.group(g)?;
         self.wake(&group, "campaign for the lead");
+        group.raft.trigger().elect().await.map_err(other)
+    }
+
+    /// Hands the lead of group `g`, which this node leads, to its voter `to`, busy or not:
+    /// openraft 0.9 has no leader transfer, and a voter's own campaign is refused while
+    /// the members hold a lease on this leader. So this leader
+    ///
+    /// 1. stops proposing (writes and linearizable reads are answered "no leader", which
+    ///    their senders retry until they find the new one: nothing proposed is lost or
+    ///    applied twice, nothing is refused for good);
+    /// 2. waits until every proposal it made is answered, it has applied every entry, and
+    ///    `to` has matched the last one;
+    /// 3. takes the group quiet ([`crate::quiet`]): no appends, and no member's election
+    ///    timer runs, so nobody but `to` stands;
+    /// 4. waits out the members' lease on it (the longest election timeout, plus a
+    ///    heartbeat interval) and asks `to` to stand ([`RpcRequest::TakeLead`]);
+    /// 5. waits for `to` to lead.
+    ///
+    /// Writes to the group wait about the leader lease plus two round trips. An error says
+    /// which step failed; the group then goes on under this leader (or whoever leads).
+    pub async fn hand_off(&self, g: GroupId, to: NodeId) -> Result<(), ClientError> {
+        let group = self.group(g)?;
+        let me = self.inner.me;
+        let to_node = {
+            let m = group.raft.metrics();
+            let m = m.borrow();
+            if m.state != ServerState::Leader || m.current_leader != Some(me) {
+                return Err(ClientError::NotLeader {
+                    group: g,
+                    leader: m
+                        .current_leader
+                        .and_then(|l| m.membership_config.membership().get_node(&l).cloned()),
+                });
+            }
+            let membership = m.membership_config.membership();
+            if membership.get_joint_config().len() != 1 {
+                return Err(other(format!(
+                    "group {g} is changing its membership: the lead is not handed on meanwhile"
+                )));
+            }
+            match membership.get_node(&to) {
+                Some(n) if to != me && membership.voter_ids().any(|v| v == to) => n.clone(),
+                _ => {
+                    return Err(other(format!(
+                        "node {to} is not another voter of group {g}: the lead goes only to one"
+                    )));
+                }
+            }
+        };
+        {
+            let mut h = group.handing_off();
+            if let Some(other_to) = *h {
+                return Err(other(format!(
+                    "the lead of group {g} is already being handed to node {other_to}"
+                )));
+            }
+            *h = Some(to);
+        }
+        struct Release<'a>(&'a Group);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                *self.0.handing_off() = None;
+            }
+        }
+        let _release = Release(&group);
+        let s = &self.inner.settings;
+        let lease = s.election_timeout.1;
+        let lost = |m: &RaftMetrics<NodeId, RaftNode>| m.current_leader != Some(me);
+        // 2 and 3: drained, matched by `to`, quiet. A member that has not applied the last
+        // entry yet refuses to go quiet: asked again until the deadline.
+        let deadline = Instant::now() + lease;
+        loop {
+            let ready = {
+                let m = group.raft.metrics();
+                let m = m.borrow();
+                if lost(&m) {
+                    return Err(other(format!(
+                        "this node lost the lead of group {g} during the hand-off"
+                    )));
+                }
+                group.proposing.load(Ordering::SeqCst) == 0
+                    && m.last_applied.map(|l| l.index) == m.last_log_index
+                    && m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(&to).copied().flatten())
+                        == m.last_applied
+            };
+            if ready {
+                let unanimous = self.try_quiesce(&group).await;
+                if matches!(*group.quiet(), Quiet::Leading { .. }) {
+                    if unanimous {
+                        break;
+                    }
+                    // A member that did not answer may still run its election timer: it
+                    // could stand before `to`. Woken, and asked again.
+                    self.wake(&group, "a hand-off needs every member quiet");
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(other(format!(
+                    "group {g} did not drain and go quiet within {lease:?} (node {to} has not matched the last entry, or a member refused)"
+                )));
+            }
+            tokio::time::sleep(s.heartbeat.min(Duration::from_millis(20))).await;
+        }
+        // 4: no append since the group went quiet; the members' lease runs out.
+        let lease_end = Instant::now() + lease + s.heartbeat;
+        loop {
+            if !matches!(*group.quiet(), Quiet::Leading { .. }) {
+                let why = group
+                    .woke_for
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                return Err(other(format!(
+                    "group {g} woke during the hand-off ({why}): the lead stays here"
+                )));
+            }
+            let left = lease_end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tokio::time::sleep(left.min(Duration::from_millis(50))).await;
+        }
+        let vote = group.raft.metrics().borrow().vote;
+        let asked = tokio::time::timeout(
+            s.rpc_timeout,
+            call(
+                &self.inner.transport,
+                &to_node,
+                &RpcRequest::TakeLead(g, vote),
+            ),
+        )
+        .await;
+        match asked {
+            Ok(Ok(RpcResponse::TakeLead(Ok(())))) => {}
+            Ok(Ok(RpcResponse::TakeLead(Err(e)))) => return Err(e),
+            Ok(Ok(a)) => return Err(other(format!("unexpected answer {a:?}"))),
+            Ok(Err(e)) => return Err(other(format!("node {to} was not reached: {e}"))),
+            Err(_) => {
+                return Err(other(format!(
+                    "node {to} did not answer within {:?}",
+                    s.rpc_timeout
+                )));
+            }
+        }
+        // 5: `to` wins (its log is as long as anyone's, and nobody else stands).
+        let mut rx = group.raft.metrics();
+        let elected = tokio::time::timeout(lease * 2, async {
+            loop {
+                if rx.borrow_and_update().current_leader == Some(to) {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await;
+        match elected {
+            Ok(true) => {
+                info!(group = %g, to, "handed the lead of the group on");
+                Ok(())
+            }
+            _ => Err(other(format!(
+                "node {to} stood for the lead of group {g} but does not lead it within {:?}",
+                lease * 2
+            ))),
+        }
+    }
+
+    /// Answers a leader's [`RpcRequest::TakeLead`]: stands for election in group `g` if
+    /// this node is one of its voters and still knows the asking leader at `vote`.
+    async fn take_lead(&self, g: GroupId, vote: openraft::Vote<NodeId>) -> Result<(), ClientError> {
+        let group = self.group(g)?;
+        {
+            let m = group.raft.metrics();
+            let m = m.borrow();
+            if m.vote != vote {
+                return Err(other(format!(
+                    "asked to take the lead of group {g} at vote {vote}, but this member is at {}",
+                    m.vote
+                )));
+            }
+            if !m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == self.inner.me)
+            {
+                return Err(other(format!(
+                    "asked to take the lead of group {g}, of which this node is no voter"
+                )));
+            }
+        }
+        self.wake(&group, "asked to take the lead");
         group.raft.trigger().elect().await.map_err(other)
     }
 
@@ -1251,8 +1491,10 @@ impl<T: Transport> Consensus<T> {
 
     /// Offers the members of `group`, which this node leads and which has been idle, to go
     /// quiet; if every member accepts and nothing happened to the group meanwhile, stops
-    /// its heartbeats and ticks (see [`crate::quiet`]). A refusal leaves it active.
-    async fn try_quiesce(&self, group: &Arc<Group>) {
+    /// its heartbeats and ticks (see [`crate::quiet`]). A refusal leaves it active. True
+    /// when it went quiet and every member said yes (none was unreachable, so no member's
+    /// election timer still runs).
+    async fn try_quiesce(&self, group: &Arc<Group>) -> bool {
         let epoch = group.epoch.load(Ordering::SeqCst);
         let offer = {
             let m = group.raft.metrics();
@@ -1263,7 +1505,7 @@ impl<T: Transport> Consensus<T> {
             Ok(o) => o,
             Err(why) => {
                 debug!(group = %group.id, why, "not quiescing the group");
-                return;
+                return false;
             }
         };
         let timeout = self.inner.settings.rpc_timeout;
@@ -1286,12 +1528,12 @@ impl<T: Transport> Consensus<T> {
         });
         let answers = futures::future::join_all(asks).await;
         if !quiet::answers_quiesce(&offer, &answers) {
-            return;
+            return false;
         }
         {
             let mut q = group.quiet();
             if group.epoch.load(Ordering::SeqCst) != epoch || *q != Quiet::Active {
-                return;
+                return false;
             }
             let m = group.raft.metrics();
             let m = m.borrow();
@@ -1299,7 +1541,7 @@ impl<T: Transport> Consensus<T> {
                 || m.current_leader != Some(self.inner.me)
                 || m.last_log_index != offer.last.map(|l| l.index)
             {
-                return;
+                return false;
             }
             let rc = group.raft.runtime_config();
             rc.heartbeat(false);
@@ -1310,6 +1552,7 @@ impl<T: Transport> Consensus<T> {
         }
         self.count_groups();
         debug!(group = %group.id, last = ?offer.last, "group quiescent");
+        answers.iter().all(|(_, a)| *a == quiet::Answer::Yes)
     }
 
     /// Answers a leader's [`RpcRequest::Quiesce`]: follows group `g` quietly (election timer
@@ -1484,6 +1727,7 @@ impl<T: Transport> Consensus<T> {
             RpcRequest::Quiesce(g, vote, last) => {
                 RpcResponse::Quiesce(self.follow_quietly(g, vote, last))
             }
+            RpcRequest::TakeLead(g, vote) => RpcResponse::TakeLead(self.take_lead(g, vote).await),
             // Answered in `dispatch`; here only for completeness.
             RpcRequest::Alive { .. } => RpcResponse::Alive,
             RpcRequest::Write(g, r) => RpcResponse::Write(match check_entry_size(&r) {
@@ -1534,6 +1778,11 @@ impl<T: Transport> Consensus<T> {
     ) -> Result<impl Future<Output = Result<Response, ClientError>> + Send + 'static, ClientError>
     {
         let group = self.group(g)?;
+        // Counted before the hand-off flag is read: a hand-off that sets the flag and then
+        // finds no proposal counted knows none gets past the flag.
+        group.proposing.fetch_add(1, Ordering::SeqCst);
+        let proposing = Proposing(group.clone());
+        group.refuse_while_handing_off()?;
         self.wake(&group, "write");
         // Stamped here, on the leader, just before proposing: the state machine's clock is
         // the leader's, whichever node accepted the request.
@@ -1547,6 +1796,7 @@ impl<T: Transport> Consensus<T> {
             .await
             .map_err(|e| write_error(g, RaftError::Fatal(e)))?;
         Ok(async move {
+            let _proposing = proposing;
             match rx.await {
                 Ok(Ok(r)) => Ok(r.data),
                 Ok(Err(e)) => Err(write_error(g, RaftError::APIError(e))),
@@ -1662,6 +1912,9 @@ impl<T: Transport> Consensus<T> {
 
     async fn local_read(&self, g: GroupId, key: &str) -> Result<Option<Vec<u8>>, ClientError> {
         let group = self.group(g)?;
+        // A read index is confirmed by heartbeats, which would renew the members' lease on
+        // this leader that a hand-off waits out.
+        group.refuse_while_handing_off()?;
         // The read index is confirmed by a round of heartbeats: the group is in use again.
         self.wake(&group, "linearizable read");
         let read_log_id = group
@@ -2595,7 +2848,8 @@ fn clone_client(req: &RpcRequest) -> RpcRequest {
         RpcRequest::Append(g, _)
         | RpcRequest::Vote(g, _)
         | RpcRequest::Snapshot(g, _)
-        | RpcRequest::Quiesce(g, ..) => RpcRequest::Status(*g),
+        | RpcRequest::Quiesce(g, ..)
+        | RpcRequest::TakeLead(g, _) => RpcRequest::Status(*g),
         RpcRequest::Alive { .. } => RpcRequest::Status(GroupId::METADATA),
     }
 }
@@ -2810,6 +3064,11 @@ mod tests {
                 .unwrap_err()
                 .ban_worthy
         );
+        // Only the leader a hand-off names may ask a member to stand.
+        let take = RpcRequest::TakeLead(g, Vote::new_committed(2, 7));
+        let e = admit(&take, 8, Some(true), false).unwrap_err();
+        assert!(e.ban_worthy && e.kind == "take_lead", "{e:?}");
+        assert!(admit(&take, 7, Some(true), false).is_ok());
         // A non-member is refused, but not banned: it may be a leader we do not know yet.
         for req in [
             RpcRequest::Append(g, append(1, 7)),
@@ -3396,6 +3655,99 @@ mod tests {
         net.get(l).write(g, put("healed", b"1")).await.unwrap();
         for i in all {
             wait(|| has(&net, i, g, "healed", b"1")).await;
+        }
+    }
+
+    /// A busy group's lead goes to the voter it is handed to; writes through every member
+    /// wait meanwhile and go on under the new leader, each acknowledged write in the log
+    /// once, each writer's in its order, on every member.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_groups_lead_is_handed_on_and_every_write_lands_once_in_order() {
+        let all = [1, 2, 3];
+        let net = formed(&all, &[]).await;
+        let g = GroupId::METADATA;
+        let leader = agreed_leader(&net, &all, g).await;
+        let to = all.into_iter().find(|i| *i != leader).unwrap();
+        let term = net.get(leader).metrics(g).unwrap().current_term;
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let writers: Vec<_> = all
+            .iter()
+            .map(|&w| {
+                let (c, stop, acked) = (net.get(w), stop.clone(), acked.clone());
+                tokio::spawn(async move {
+                    let mut n = 0u32;
+                    while !stop.load(Ordering::SeqCst) {
+                        let mut req = publish("t/h", format!("{w}-{n}").as_bytes());
+                        req.id = Some(format!("{w}-{n}"));
+                        // A hand-off delays a write; it fails none.
+                        c.write_batched(g, req).await.unwrap();
+                        acked.lock().unwrap().push(format!("{w}-{n}"));
+                        n += 1;
+                    }
+                })
+            })
+            .collect();
+        let count = || acked.lock().unwrap().len();
+        wait(|| count() >= 30).await;
+        assert!(!net.get(leader).is_quiescent(g), "the group is busy");
+        // Refused: to itself, to a node of no group, from a follower.
+        assert!(net.get(leader).hand_off(g, leader).await.is_err());
+        assert!(net.get(leader).hand_off(g, 99).await.is_err());
+        assert!(matches!(
+            net.get(to).hand_off(g, leader).await,
+            Err(ClientError::NotLeader { .. })
+        ));
+        // A member asked to stand at a vote it does not know (an old leader's) does not.
+        let stale = Vote::new_committed(0, leader);
+        assert!(net.get(to).take_lead(g, stale).await.is_err());
+        assert_eq!(net.get(to).metrics(g).unwrap().current_term, term);
+        net.get(leader).hand_off(g, to).await.unwrap();
+        assert_eq!(agreed_leader(&net, &all, g).await, to);
+        assert!(net.get(to).metrics(g).unwrap().current_term > term);
+        let after = count();
+        wait(|| count() >= after + 30).await;
+        stop.store(true, Ordering::SeqCst);
+        for w in writers {
+            w.await.unwrap();
+        }
+        let acked = acked.lock().unwrap().clone();
+        let mut want = acked.clone();
+        want.sort();
+        for i in all {
+            wait(|| {
+                net.get(i)
+                    .state_machine(g)
+                    .unwrap()
+                    .events("t/h", 0, usize::MAX)
+                    .unwrap()
+                    .len()
+                    >= acked.len()
+            })
+            .await;
+            let logged: Vec<String> = net
+                .get(i)
+                .state_machine(g)
+                .unwrap()
+                .events("t/h", 0, usize::MAX)
+                .unwrap()
+                .into_iter()
+                .map(|e| String::from_utf8(e.payload).unwrap())
+                .collect();
+            let mut sorted = logged.clone();
+            sorted.sort();
+            assert_eq!(sorted, want, "member {i}: every write once");
+            for w in all {
+                let mine: Vec<u32> = logged
+                    .iter()
+                    .filter_map(|p| p.strip_prefix(&format!("{w}-")))
+                    .map(|n| n.parse().unwrap())
+                    .collect();
+                assert!(
+                    mine.windows(2).all(|p| p[0] + 1 == p[1]),
+                    "member {i}: writer {w} out of order"
+                );
+            }
         }
     }
 

@@ -298,6 +298,7 @@ fn answer_kind(a: &RpcResponse) -> &'static str {
         RpcResponse::Quiesce(_) => "quiesce",
         RpcResponse::Alive => "alive",
         RpcResponse::LogRead(_) => "log_read",
+        RpcResponse::TakeLead(_) => "take_lead",
     }
 }
 

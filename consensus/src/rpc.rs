@@ -53,6 +53,10 @@ pub enum RpcRequest {
     /// replica answers; no leader is needed), for a node that does not host the group.
     /// Appended last: older variants keep their wire tags.
     LogRead(GroupId, LogQuery),
+    /// The leader (at this vote) asks a voter to stand for election now: it hands the lead
+    /// of the group to it (see [`crate::groups::Consensus::hand_off`]). Appended last:
+    /// older variants keep their wire tags.
+    TakeLead(GroupId, Vote<NodeId>),
 }
 
 /// The answer to an [`RpcRequest`], variant for variant.
@@ -79,6 +83,8 @@ pub enum RpcResponse {
     Alive,
     /// To `LogRead`.
     LogRead(Result<LogAnswer, ClientError>),
+    /// To `TakeLead`: whether the member stood for election.
+    TakeLead(Result<(), ClientError>),
 }
 
 /// The most topics one [`LogQuery::Topics`] answer lists; the reader pages on with `after`.

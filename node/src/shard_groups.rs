@@ -60,7 +60,8 @@ pub const MAX_CAMPAIGNS_PER_ROUND: usize = 2;
 /// The label of `canal_shard_group_moves_total`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct StepLabel {
-    /// `form`, `add_learner`, `promote`, `remove`, `finish_joint`, `close` or `campaign`.
+    /// `form`, `add_learner`, `promote`, `remove`, `finish_joint`, `close`, `campaign`,
+    /// `hand_off` or `hand_off_failed`.
     pub step: String,
 }
 
@@ -96,7 +97,7 @@ impl ShardGroupMetrics {
         );
         registry.register(
             "canal_shard_group_moves",
-            "Steps this node took on shard groups, by step (form, add_learner, promote, remove, finish_joint, close, campaign)",
+            "Steps this node took on shard groups, by step (form, add_learner, promote, remove, finish_joint, close, campaign, hand_off, hand_off_failed)",
             m.moves.clone(),
         );
         registry.register(
@@ -277,6 +278,38 @@ pub fn should_campaign(me: NodeId, local: &Local, quiet: bool) -> bool {
         && local.leader.is_some_and(|l| l != me)
 }
 
+/// Whether this node, leading the busy (not `quiet`) group `local` of a shard whose
+/// replicas are `wanted` (the preferred leader first), should hand the lead to that
+/// preferred leader now, and to whom: the membership is the map's (no change under way, no
+/// learner), and the preferred leader is a voter that has caught up. An idle group needs
+/// no hand-off: its preferred leader campaigns for it ([`should_campaign`]).
+pub fn should_hand_off(
+    me: NodeId,
+    wanted: &[NodeId],
+    local: &Local,
+    quiet: bool,
+) -> Option<NodeId> {
+    let to = *wanted.first()?;
+    let settled = local
+        .voters
+        .iter()
+        .copied()
+        .eq(wanted.iter().copied().collect::<BTreeSet<NodeId>>());
+    let caught_up = local
+        .matched
+        .get(&to)
+        .is_some_and(|m| m.saturating_add(CATCH_UP_SLACK) >= local.last_index);
+    (local.hosted
+        && !quiet
+        && to != me
+        && local.leader == Some(me)
+        && local.joint_target.is_none()
+        && local.learners.is_empty()
+        && settled
+        && caught_up)
+        .then_some(to)
+}
+
 /// Shard `g`'s group as this node's local Raft metrics show it.
 pub fn local_of<T: Transport>(consensus: &Consensus<T>, g: GroupId) -> Local {
     consensus
@@ -421,6 +454,11 @@ pub struct ShardGroupsJob<T: Transport> {
     next: usize,
     /// When this node last stood for each group's lead (a rate limit only).
     campaigned: BTreeMap<GroupId, std::time::Instant>,
+    /// When this node last began handing each group's lead on (a rate limit only).
+    handed: BTreeMap<GroupId, std::time::Instant>,
+    /// The hand-off under way, if any: one at a time, since each holds its group's
+    /// writes for about a leader lease.
+    handing: Option<tokio::task::JoinHandle<()>>,
     /// Where every shard group's replicas are, for the consensus layer.
     directory: SharedDirectory,
 }
@@ -434,6 +472,8 @@ impl<T: Transport> ShardGroupsJob<T> {
             tick: canal_worker::ticker(LOOK_EVERY),
             next: 0,
             campaigned: BTreeMap::new(),
+            handed: BTreeMap::new(),
+            handing: None,
             directory: SharedDirectory::default(),
         }
     }
@@ -666,6 +706,7 @@ impl<T: Transport> ShardGroupsJob<T> {
             self.consensus.learn_shard_count(map.shards);
         }
         self.campaign(me, &wanted).await;
+        self.hand_off(me, &wanted);
         let hosted = self
             .consensus
             .groups()
@@ -702,6 +743,49 @@ impl<T: Transport> ShardGroupsJob<T> {
                 }
                 Err(e) => debug!(group = %g, error = %e, "cannot stand for the lead"),
             }
+        }
+    }
+}
+
+impl<T: Transport> ShardGroupsJob<T> {
+    /// Leadership spread for busy groups: where this node leads a busy group whose shard
+    /// prefers another leader, it hands the lead over ([`Consensus::hand_off`]), one group
+    /// at a time, each at most once per [`CAMPAIGN_EVERY`].
+    fn hand_off(&mut self, me: NodeId, wanted: &[(GroupId, Vec<NodeId>)]) {
+        if self.handing.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        self.handing = None;
+        self.handed.retain(|_, at| at.elapsed() < CAMPAIGN_EVERY);
+        for (g, ids) in wanted {
+            if self.handed.contains_key(g) {
+                continue;
+            }
+            let local = local_of(&self.consensus, *g);
+            let Some(to) = should_hand_off(me, ids, &local, self.consensus.is_quiescent(*g)) else {
+                continue;
+            };
+            self.handed.insert(*g, std::time::Instant::now());
+            let (consensus, metrics, g) = (self.consensus.clone(), self.metrics.clone(), *g);
+            self.handing = Some(tokio::spawn(async move {
+                match consensus.hand_off(g, to).await {
+                    Ok(()) => metrics.count("hand_off"),
+                    Err(e) => {
+                        metrics.count("hand_off_failed");
+                        info!(group = %g, to, error = %e, "handing the lead of a busy shard group on failed; the group goes on under its leader");
+                    }
+                }
+            }));
+            return;
+        }
+    }
+}
+
+impl<T: Transport> Drop for ShardGroupsJob<T> {
+    fn drop(&mut self) {
+        // A hand-off holds its group's writes: it ends with the job, not after it.
+        if let Some(h) = self.handing.take() {
+            h.abort();
         }
     }
 }

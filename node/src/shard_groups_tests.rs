@@ -487,3 +487,161 @@ fn a_preferred_leader_campaigns_only_for_an_idle_group_led_by_another() {
         true
     ));
 }
+
+#[test]
+fn a_busy_groups_leader_hands_the_lead_to_its_caught_up_preferred_leader() {
+    let wanted = [2, 1, 3];
+    let busy = false;
+    assert_eq!(
+        should_hand_off(1, &wanted, &led_by(1, &[1, 2, 3], &[]), busy),
+        Some(2)
+    );
+    // Idle: the preferred leader campaigns for it itself.
+    assert_eq!(
+        should_hand_off(1, &wanted, &led_by(1, &[1, 2, 3], &[]), true),
+        None
+    );
+    // Already led by the preferred leader, or by another node than this one.
+    assert_eq!(
+        should_hand_off(2, &wanted, &led_by(2, &[1, 2, 3], &[]), busy),
+        None
+    );
+    assert_eq!(
+        should_hand_off(1, &wanted, &led_by(3, &[1, 2, 3], &[]), busy),
+        None
+    );
+    // The membership is not the map's yet: a learner catching up, a replica still to go,
+    // the preferred leader not a voter yet, or a joint configuration.
+    assert_eq!(
+        should_hand_off(1, &wanted, &led_by(1, &[1, 2, 3], &[4]), busy),
+        None
+    );
+    assert_eq!(
+        should_hand_off(1, &wanted, &led_by(1, &[1, 2, 3, 4], &[]), busy),
+        None
+    );
+    assert_eq!(
+        should_hand_off(1, &wanted, &led_by(1, &[1, 3], &[2]), busy),
+        None
+    );
+    let mut joint = led_by(1, &[1, 2, 3], &[]);
+    joint.joint_target = Some(set(&[1, 2, 3]));
+    assert_eq!(should_hand_off(1, &wanted, &joint, busy), None);
+    // The preferred leader lags: it could not win, and the group's writes would wait.
+    let mut lagging = led_by(1, &[1, 2, 3], &[]);
+    lagging.matched.insert(2, 500 - CATCH_UP_SLACK - 1);
+    assert_eq!(should_hand_off(1, &wanted, &lagging, busy), None);
+    lagging.matched.insert(2, 500 - CATCH_UP_SLACK);
+    assert_eq!(should_hand_off(1, &wanted, &lagging, busy), Some(2));
+    // Not hosted, or no replicas wanted.
+    assert_eq!(should_hand_off(1, &wanted, &Local::default(), busy), None);
+    assert_eq!(
+        should_hand_off(1, &[], &led_by(1, &[1, 2, 3], &[]), busy),
+        None
+    );
+}
+
+/// A busy shard group's lead goes to the leader its map prefers, under a steady load of
+/// writes through another member, none of which fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_groups_lead_moves_to_its_preferred_leader_under_load() {
+    let cluster = Cluster::formed(3).await;
+    let m = &cluster.members;
+    let peer = |i: usize| m[i].peer.to_base58();
+    let leader = cluster.leader(GroupId::METADATA).await;
+    commit_map(&m[leader].consensus, 1, 1, |_| (0..3).map(peer).collect()).await;
+    let metrics: Vec<ShardGroupMetrics> = m.iter().map(|_| ShardGroupMetrics::default()).collect();
+    let jobs: Vec<canal_worker::WorkerHandle> = m
+        .iter()
+        .zip(&metrics)
+        .map(|(member, metrics)| {
+            canal_worker::spawn(ShardGroupsJob::new(
+                member.consensus.clone(),
+                metrics.clone(),
+            ))
+        })
+        .collect();
+    let g = shard_group(0);
+    let lead_of = |i: usize| {
+        m[i].consensus
+            .metrics(g)
+            .ok()
+            .and_then(|x| x.current_leader)
+    };
+    testkit::until("shard 0's group led", Duration::from_secs(30), || {
+        (0..3).all(|i| lead_of(i).is_some() && lead_of(i) == lead_of(0))
+    })
+    .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = {
+        let (c, stop, acked) = (m[2].consensus.clone(), stop.clone(), acked.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let req = Request {
+                    id: Some(format!("w-{n}")),
+                    op: Op::Put {
+                        key: format!("k{n}"),
+                        value: b"v".to_vec(),
+                    },
+                };
+                c.write_batched(g, req)
+                    .await
+                    .expect("a hand-off fails no write");
+                acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                n += 1;
+            }
+        })
+    };
+    let writes = || acked.load(std::sync::atomic::Ordering::SeqCst);
+    testkit::until("writes under way", Duration::from_secs(10), || {
+        writes() >= 20
+    })
+    .await;
+    // The map now prefers a member that does not lead: the busy group's lead moves there.
+    let now = lead_of(0).expect("a leader");
+    let preferred = (0..3)
+        .find(|i| m[*i].consensus.node_id() != now)
+        .expect("a follower");
+    let old = (0..3)
+        .find(|i| m[*i].consensus.node_id() == now)
+        .expect("the leader");
+    let mut order = vec![preferred];
+    order.extend((0..3).filter(|i| *i != preferred));
+    commit_map(&m[leader].consensus, 2, 1, |_| {
+        order.iter().map(|i| peer(*i)).collect()
+    })
+    .await;
+    let want = Some(m[preferred].consensus.node_id());
+    testkit::until(
+        "the lead on the preferred leader",
+        Duration::from_secs(30),
+        || (0..3).all(|i| lead_of(i) == want),
+    )
+    .await;
+    assert!(!m[preferred].consensus.is_quiescent(g), "moved while busy");
+    let steps = |step: &str| {
+        metrics[old]
+            .moves
+            .get_or_create(&StepLabel { step: step.into() })
+            .get()
+    };
+    // Counted once the old leader has seen the new one lead.
+    testkit::until("the hand-off counted", Duration::from_secs(10), || {
+        steps("hand_off") == 1
+    })
+    .await;
+    assert_eq!(steps("hand_off_failed"), 0);
+    let before = writes();
+    testkit::until("writes go on", Duration::from_secs(10), || {
+        writes() >= before + 20
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.expect("the writer");
+    for j in jobs {
+        assert!(j.shutdown(Duration::from_secs(5)).await);
+    }
+    cluster.shutdown().await;
+}
