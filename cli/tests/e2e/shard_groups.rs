@@ -264,6 +264,35 @@ async fn every_shard_led(net: &Testnet, _via: usize) -> ClusterShards {
     .unwrap()
 }
 
+/// Waits until every shard's group is led by its preferred leader (its first replica):
+/// busy groups by a hand-off from their leader, idle ones by the preferred leader's
+/// campaign.
+async fn every_shard_led_by_its_preferred_leader(net: &Testnet) {
+    wait_for(
+        "every shard group led by its preferred leader",
+        Duration::from_secs(120),
+        || async {
+            let m = every_shard_led(net, 0).await;
+            let off: Vec<String> = m
+                .rows
+                .iter()
+                .filter(|r| r.group_leader.as_ref() != r.replicas.first())
+                .map(|r| format!("shard {}", r.shard))
+                .collect();
+            if off.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "not led by their preferred leader: {}",
+                    off.join(", ")
+                ))
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
 /// Five nodes, three replicas a shard: the shards' groups are led by different peers, a
 /// node that hosts no replica of a topic's group publishes to it and subscribes to it,
 /// `locate` names where each topic's log is, and kill -9 of the leader of some groups
@@ -445,7 +474,8 @@ pub(crate) async fn wait_settled(net: &Testnet, what: &str) -> ClusterShards {
 }
 
 /// Under a steady QoS 1 load a fifth node joins and then a node is removed: the map moves
-/// replicas onto the new node and off the removed one, every acknowledged event is in its
+/// replicas onto the new node and off the removed one, leadership follows the map's
+/// preferred leaders (the busy groups' too), every acknowledged event is in its
 /// log exactly once and in order, and a durable subscriber stopped before the moves
 /// resumes after them where it left off: no gap, nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -539,6 +569,9 @@ async fn a_node_joins_and_one_is_removed_under_qos1_load_and_nothing_is_lost() {
     .await;
     let settled_in = wait_settled(&net, "the replicas moved to the fifth node").await;
     assert!(settled_in.epoch >= joined.epoch);
+    // The load goes on meanwhile: the groups of its topics are busy, and their leads move
+    // by hand-off, the idle groups' by campaign.
+    every_shard_led_by_its_preferred_leader(&net).await;
     let at_join = acked.load(Ordering::SeqCst);
 
     // Node 3 is removed: killed, then taken out; its replicas move to the others.
