@@ -235,6 +235,22 @@ async fn commit_map(
     assert!(r.refused.is_none(), "{:?}", r.refused);
 }
 
+/// Starts a shard groups job on every member, each with metrics of its own.
+fn start_jobs(m: &[testkit::Member]) -> (Vec<ShardGroupMetrics>, Vec<canal_worker::WorkerHandle>) {
+    let metrics: Vec<ShardGroupMetrics> = m.iter().map(|_| ShardGroupMetrics::default()).collect();
+    let jobs = m
+        .iter()
+        .zip(&metrics)
+        .map(|(member, metrics)| {
+            canal_worker::spawn(ShardGroupsJob::new(
+                member.consensus.clone(),
+                metrics.clone(),
+            ))
+        })
+        .collect();
+    (metrics, jobs)
+}
+
 fn voters_of(c: &Consensus<testkit::MemTransport>, g: GroupId) -> BTreeSet<NodeId> {
     local_of(c, g).voters
 }
@@ -252,17 +268,7 @@ async fn groups_form_per_map_and_a_replica_moves_to_a_fourth_node() {
         (0..3).map(|k| peer((s as usize + k) % 3)).collect()
     })
     .await;
-    let metrics: Vec<ShardGroupMetrics> = m.iter().map(|_| ShardGroupMetrics::default()).collect();
-    let jobs: Vec<canal_worker::WorkerHandle> = m
-        .iter()
-        .zip(&metrics)
-        .map(|(member, metrics)| {
-            canal_worker::spawn(ShardGroupsJob::new(
-                member.consensus.clone(),
-                metrics.clone(),
-            ))
-        })
-        .collect();
+    let (metrics, jobs) = start_jobs(m);
     let three = set(&[id(0), id(1), id(2)]);
     for s in 0..shards {
         let g = shard_group(s);
@@ -550,17 +556,7 @@ async fn a_busy_groups_lead_moves_to_its_preferred_leader_under_load() {
     let peer = |i: usize| m[i].peer.to_base58();
     let leader = cluster.leader(GroupId::METADATA).await;
     commit_map(&m[leader].consensus, 1, 1, |_| (0..3).map(peer).collect()).await;
-    let metrics: Vec<ShardGroupMetrics> = m.iter().map(|_| ShardGroupMetrics::default()).collect();
-    let jobs: Vec<canal_worker::WorkerHandle> = m
-        .iter()
-        .zip(&metrics)
-        .map(|(member, metrics)| {
-            canal_worker::spawn(ShardGroupsJob::new(
-                member.consensus.clone(),
-                metrics.clone(),
-            ))
-        })
-        .collect();
+    let (metrics, jobs) = start_jobs(m);
     let g = shard_group(0);
     let lead_of = |i: usize| {
         m[i].consensus
