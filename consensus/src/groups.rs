@@ -1039,6 +1039,7 @@ impl<T: Transport> Consensus<T> {
             }
         }
         let _release = Release(&group);
+        let started = Instant::now();
         let s = &self.inner.settings;
         let lease = s.election_timeout.1;
         let lost = |m: &RaftMetrics<NodeId, RaftNode>| m.current_leader != Some(me);
@@ -1135,7 +1136,8 @@ impl<T: Transport> Consensus<T> {
         .await;
         match elected {
             Ok(true) => {
-                info!(group = %g, to, "handed the lead of the group on");
+                // How long the group's writes waited.
+                info!(group = %g, to, took = ?started.elapsed(), "handed the lead of the group on");
                 Ok(())
             }
             _ => Err(other(format!(
