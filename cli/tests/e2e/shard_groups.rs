@@ -393,9 +393,12 @@ async fn five_nodes_spread_the_shards_and_kill_9_of_a_leader_loses_nothing() {
         );
     }
 
-    // Back, it catches up: every group's replicas hold the same state.
+    // Back, it catches up: every group's replicas hold the same state. Down longer than
+    // DOWN_AFTER (a slow machine), it lost its replicas to a new map meanwhile: the
+    // replicas are the settled map's, not the first one's.
     net.restart(victim).await.unwrap();
-    for r in &map.rows {
+    let now = wait_settled(&net, "the groups settled after the restart").await;
+    for r in &now.rows {
         crate::raft::wait_same_digest(
             &net,
             &nodes_of(&net, &r.replicas),
