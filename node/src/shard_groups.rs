@@ -181,6 +181,28 @@ pub enum Action {
     Wait(&'static str),
 }
 
+/// Whether the membership step `action`, which this node's leader answered with an error,
+/// shows in group `local` all the same: a membership change whose answer was lost (a
+/// timeout, or the leader stepping down as it committed, as a leader removing itself does)
+/// may still have committed, and the next round then finds nothing to do. `None` for
+/// what is no membership step.
+pub fn took_effect(action: &Action, local: &Local) -> Option<bool> {
+    let voters_are = |voters: &[NodeId]| {
+        local.joint_target.is_none()
+            && local
+                .voters
+                .iter()
+                .copied()
+                .eq(voters.iter().copied().collect::<BTreeSet<NodeId>>())
+    };
+    match action {
+        Action::AddLearner(id) => Some(local.is_member(*id)),
+        Action::Promote(voters) | Action::FinishJoint(voters) => Some(voters_are(voters)),
+        Action::Remove(id) => Some(local.formed() && !local.is_member(*id)),
+        _ => None,
+    }
+}
+
 /// The next action for shard group `local` on node `me`, whose committed replicas are
 /// `wanted` (the preferred leader first). One membership change at a time: what is under
 /// way finishes before the next starts; a crash between two rounds loses nothing, since the
@@ -266,15 +288,29 @@ fn leader_step(me: NodeId, wanted: &[NodeId], local: &Local) -> Action {
     Action::Nothing
 }
 
-/// Whether this node, the preferred leader of a shard (first in its replicas), should
-/// stand for the lead of its group `local` now: a voter following another leader, no
-/// membership change under way, and the group idle (`quiet`), where a campaign is granted
-/// and costs no write its latency.
-pub fn should_campaign(me: NodeId, local: &Local, quiet: bool) -> bool {
+/// Whether group `local` has the map's membership: `wanted` are its voters, with no
+/// learner and no joint configuration, so no move is under way that a change of leader
+/// would interrupt.
+fn settled_as(wanted: &[NodeId], local: &Local) -> bool {
+    local.joint_target.is_none()
+        && local.learners.is_empty()
+        && local
+            .voters
+            .iter()
+            .copied()
+            .eq(wanted.iter().copied().collect::<BTreeSet<NodeId>>())
+}
+
+/// Whether this node, the preferred leader of a shard (first in its replicas `wanted`),
+/// should stand for the lead of its group `local` now: a voter following another leader,
+/// the membership the map's (a move under way finishes first: an election in its middle
+/// fails the step the leader was taking), and the group idle (`quiet`), where a campaign
+/// is granted and costs no write its latency.
+pub fn should_campaign(me: NodeId, wanted: &[NodeId], local: &Local, quiet: bool) -> bool {
     local.hosted
         && quiet
-        && local.voters.contains(&me)
-        && local.joint_target.is_none()
+        && wanted.first() == Some(&me)
+        && settled_as(wanted, local)
         && local.leader.is_some_and(|l| l != me)
 }
 
@@ -290,11 +326,6 @@ pub fn should_hand_off(
     quiet: bool,
 ) -> Option<NodeId> {
     let to = *wanted.first()?;
-    let settled = local
-        .voters
-        .iter()
-        .copied()
-        .eq(wanted.iter().copied().collect::<BTreeSet<NodeId>>());
     let caught_up = local
         .matched
         .get(&to)
@@ -303,9 +334,7 @@ pub fn should_hand_off(
         && !quiet
         && to != me
         && local.leader == Some(me)
-        && local.joint_target.is_none()
-        && local.learners.is_empty()
-        && settled
+        && settled_as(wanted, local)
         && caught_up)
         .then_some(to)
 }
@@ -461,6 +490,9 @@ pub struct ShardGroupsJob<T: Transport> {
     handing: Option<tokio::task::JoinHandle<()>>,
     /// Where every shard group's replicas are, for the consensus layer.
     directory: SharedDirectory,
+    /// Membership steps whose answer was an error, by group: counted once a later round
+    /// sees they took effect ([`took_effect`]), so each step that happened counts once.
+    unanswered: BTreeMap<GroupId, (&'static str, Action)>,
 }
 
 impl<T: Transport> ShardGroupsJob<T> {
@@ -475,6 +507,7 @@ impl<T: Transport> ShardGroupsJob<T> {
             handed: BTreeMap::new(),
             handing: None,
             directory: SharedDirectory::default(),
+            unanswered: BTreeMap::new(),
         }
     }
 
@@ -550,13 +583,14 @@ impl<T: Transport> ShardGroupsJob<T> {
     /// Takes `action` for shard group `g`, whose replicas in the previous map were
     /// `earlier`; `true` if it counted against the round's changes.
     async fn take(
-        &self,
+        &mut self,
         g: GroupId,
         action: Action,
         earlier: &[NodeId],
         nodes: &BTreeMap<NodeId, RaftNode>,
     ) -> bool {
         let c = &self.consensus;
+        let tried = action.clone();
         let (step, result) = match action {
             Action::Nothing | Action::Open | Action::Wait(_) => return false,
             Action::Form(voters) => {
@@ -602,12 +636,34 @@ impl<T: Transport> ShardGroupsJob<T> {
             Ok(()) => {
                 info!(group = %g, step, "shard group step done");
                 self.metrics.count(step);
+                self.unanswered.remove(&g);
             }
             Err(e) => {
-                info!(group = %g, step, error = %e, "shard group step failed; the next round decides again")
+                info!(group = %g, step, error = %e, "shard group step failed; the next round decides again");
+                if took_effect(&tried, &Local::default()).is_some() {
+                    self.unanswered.insert(g, (step, tried));
+                }
             }
         }
         true
+    }
+
+    /// Counts the step left unanswered for `g` if it shows in `local` now. It is kept while
+    /// the next action is the same step (it may still commit, or its retry be answered),
+    /// and forgotten once the next action is another.
+    fn confirm_unanswered(&mut self, g: GroupId, local: &Local, next: &Action) {
+        let Some((step, tried)) = self.unanswered.remove(&g) else {
+            return;
+        };
+        let me = self.consensus.node_id();
+        // Still the leader, or the leader that removed itself: no other node took the step.
+        let ours = local.leader == Some(me) || tried == Action::Remove(me);
+        if ours && took_effect(&tried, local) == Some(true) {
+            info!(group = %g, step, "a shard group step answered with an error took effect");
+            self.metrics.count(step);
+        } else if *next == tried {
+            self.unanswered.insert(g, (step, tried));
+        }
     }
 
     async fn close(&self, g: GroupId) -> Result<(), ClientError> {
@@ -679,7 +735,9 @@ impl<T: Transport> ShardGroupsJob<T> {
                 break;
             }
             let local = local_of(&self.consensus, *g);
-            match decide(me, ids, &local) {
+            let next = decide(me, ids, &local);
+            self.confirm_unanswered(*g, &local, &next);
+            match next {
                 Action::Open => {
                     if opens >= MAX_OPENS_PER_ROUND {
                         self.metrics.cut("MAX_OPENS_PER_ROUND");
@@ -731,7 +789,7 @@ impl<T: Transport> ShardGroupsJob<T> {
                 continue;
             }
             let local = local_of(&self.consensus, *g);
-            if !should_campaign(me, &local, self.consensus.is_quiescent(*g)) {
+            if !should_campaign(me, ids, &local, self.consensus.is_quiescent(*g)) {
                 continue;
             }
             self.campaigned.insert(*g, std::time::Instant::now());

@@ -458,34 +458,48 @@ async fn groups_form_per_map_and_a_replica_moves_to_a_fourth_node() {
 
 #[test]
 fn a_preferred_leader_campaigns_only_for_an_idle_group_led_by_another() {
+    let wanted = [1, 2, 3];
     let led_by = |leader: NodeId| Local {
         hosted: true,
         voters: [1, 2, 3].into(),
         leader: Some(leader),
         ..Local::default()
     };
-    assert!(should_campaign(1, &led_by(2), true));
+    assert!(should_campaign(1, &wanted, &led_by(2), true));
     // Busy: members would refuse the vote within the leader's lease.
-    assert!(!should_campaign(1, &led_by(2), false));
+    assert!(!should_campaign(1, &wanted, &led_by(2), false));
     // Already the leader, or no leader known (an election is under way anyway).
-    assert!(!should_campaign(1, &led_by(1), true));
+    assert!(!should_campaign(1, &wanted, &led_by(1), true));
     assert!(!should_campaign(
         1,
+        &wanted,
         &Local {
             leader: None,
             ..led_by(2)
         },
         true
     ));
-    // A learner cannot lead; a membership change under way finishes first.
-    assert!(!should_campaign(4, &led_by(2), true));
+    // Not the preferred leader.
+    assert!(!should_campaign(2, &wanted, &led_by(3), true));
+    // A learner cannot lead.
+    assert!(!should_campaign(4, &[4, 2, 3], &led_by(2), true));
+    // A move under way finishes first: a joint configuration, a learner catching up, a
+    // replica still to go or still to come. An election in its middle fails the step.
     let joint = Local {
         joint_target: Some([1, 2, 4].into()),
         ..led_by(2)
     };
-    assert!(!should_campaign(1, &joint, true));
+    assert!(!should_campaign(1, &wanted, &joint, true));
+    let learning = Local {
+        learners: [4].into(),
+        ..led_by(2)
+    };
+    assert!(!should_campaign(1, &wanted, &learning, true));
+    assert!(!should_campaign(1, &[1, 2], &led_by(2), true));
+    assert!(!should_campaign(1, &[1, 2, 3, 4], &led_by(2), true));
     assert!(!should_campaign(
         1,
+        &wanted,
         &Local {
             hosted: false,
             ..led_by(2)
@@ -640,4 +654,38 @@ async fn a_busy_groups_lead_moves_to_its_preferred_leader_under_load() {
         assert!(j.shutdown(Duration::from_secs(5)).await);
     }
     cluster.shutdown().await;
+}
+
+#[test]
+fn a_membership_step_answered_with_an_error_is_seen_to_have_taken_effect() {
+    let local = |voters: &[NodeId], learners: &[NodeId]| Local {
+        hosted: true,
+        voters: voters.iter().copied().collect(),
+        learners: learners.iter().copied().collect(),
+        leader: Some(1),
+        ..Local::default()
+    };
+    let before = local(&[1, 2, 3], &[]);
+    let learning = local(&[1, 2, 3], &[4]);
+    let promoted = local(&[1, 2, 3, 4], &[]);
+    let removed = local(&[1, 2, 4], &[]);
+    assert_eq!(took_effect(&Action::AddLearner(4), &before), Some(false));
+    assert_eq!(took_effect(&Action::AddLearner(4), &learning), Some(true));
+    assert_eq!(took_effect(&Action::AddLearner(4), &promoted), Some(true));
+    let to = Action::Promote(vec![1, 2, 3, 4]);
+    assert_eq!(took_effect(&to, &learning), Some(false));
+    assert_eq!(took_effect(&to, &promoted), Some(true));
+    let mut joint = promoted.clone();
+    joint.joint_target = Some([1, 2, 3, 4].into());
+    assert_eq!(took_effect(&to, &joint), Some(false));
+    assert_eq!(took_effect(&Action::Remove(3), &promoted), Some(false));
+    assert_eq!(took_effect(&Action::Remove(3), &removed), Some(true));
+    // A group with no membership here says nothing of a removal.
+    assert_eq!(
+        took_effect(&Action::Remove(3), &Local::default()),
+        Some(false)
+    );
+    // Not membership steps.
+    assert_eq!(took_effect(&Action::Close, &removed), None);
+    assert_eq!(took_effect(&Action::Form(vec![1, 2, 3]), &removed), None);
 }
