@@ -269,18 +269,69 @@ impl RaftDb {
     }
 }
 
+thread_local! {
+    /// Set while this thread opens sled, whose panics on damaged files are turned into
+    /// errors ([`open_sled`]) and so are not printed.
+    static OPENING_SLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Wraps the process's panic hook, once, so that it stays silent for a panic of sled's
+/// recovery on the thread opening it, and only there. Swapping the global hook around
+/// each open instead silenced every other thread's panics meanwhile, and two opens at once
+/// could leave the silent hook installed for good (a test failing in parallel then printed
+/// nothing).
+fn quiet_sled_recovery_panics() {
+    static WRAPPED: std::sync::Once = std::sync::Once::new();
+    WRAPPED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !OPENING_SLED.with(|o| o.get()) {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// How long opening the store waits for sled's lock on its directory ([`open_sled`]).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Whether sled refused to open because its directory's lock is taken. sled 0.34 reports
+/// it only as an I/O error of kind `Other` with this message.
+fn lock_held(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
 /// Opens sled, turning a panic in its recovery (it panics on some damaged files) into an
 /// error naming the path.
 fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
     let config = sled::Config::new().path(path).flush_every_ms(None);
     // The default hook would print the panic as if canal had crashed; this is an error with
     // a message of its own instead.
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
-    std::panic::set_hook(hook);
+    quiet_sled_recovery_panics();
+    // sled's own write-back jobs hold the database's lock for a moment after the last
+    // handle of it is dropped, so a store closed and opened again in one process (a
+    // restart in place, the tests) may find it still held: that is waited out. Another
+    // process holding it is not, and is named after the wait.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let opened = loop {
+        OPENING_SLED.with(|o| o.set(true));
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+        OPENING_SLED.with(|o| o.set(false));
+        match &opened {
+            Ok(Err(e)) if lock_held(e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            _ => break opened,
+        }
+    };
     match opened {
         Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) if lock_held(&e) => Err(StoreError::Open {
+            path: path.to_path_buf(),
+            reason: format!(
+                "another process holds this data directory (its lock stayed taken for {LOCK_WAIT:?}): {e}"
+            ),
+        }),
         Ok(Err(e)) => Err(StoreError::Open {
             path: path.to_path_buf(),
             reason: e.to_string(),

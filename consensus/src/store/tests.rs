@@ -765,3 +765,23 @@ fn a_damaged_intent_is_refused_on_open() {
         "{e}"
     );
 }
+
+/// A store open elsewhere is refused with a reason naming the lock; one closed a moment
+/// ago opens again (sled's write-back jobs hold its lock briefly after the close), which
+/// the reopening tests here do hundreds of times.
+#[test]
+fn a_store_held_open_is_refused_and_one_just_closed_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = RaftDb::open(dir.path()).unwrap();
+    let e = RaftDb::open(dir.path()).err().unwrap().to_string();
+    assert!(
+        e.contains("another process holds this data directory"),
+        "{e}"
+    );
+    drop(held);
+    for _ in 0..20 {
+        let db = RaftDb::open(dir.path()).unwrap();
+        let (_, sm) = db.group(crate::Route::Single.topic("t")).unwrap();
+        sm.intent.insert(b"x", vec![1]).unwrap();
+    }
+}
