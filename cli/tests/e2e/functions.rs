@@ -888,6 +888,18 @@ async fn the_latency_policy_moves_a_function_to_the_faster_peer() {
         !verdict.chosen && verdict.predicted_ms.is_some(),
         "{verdict:?}"
     );
+    // Each worker decides from its own replica of the placement whether it executes: the
+    // old executor, 60 ms away now, runs what comes before its replica has the move (once,
+    // by the cursor). The event that must run on the new executor comes after both have it.
+    for i in [3, 4] {
+        wait_placement(
+            &net.api(i).unwrap(),
+            "lat",
+            "the move to reach both workers' replicas",
+            |p| p.decision.chosen == [slow.clone()],
+        )
+        .await;
+    }
     publish_until_acked(&apis, 1, "lat/in", "l1", b"b".to_vec()).await;
     wait_log_len(&net, "lat/out", 2).await;
     let out = read_all(&api, "lat/out", 2).await;
