@@ -966,6 +966,14 @@ impl<T: Transport> Consensus<T> {
             .unwrap_or(false)
     }
 
+    /// How long members keep refusing votes after they last heard their leader: the
+    /// longest election timeout plus a heartbeat interval. A hand-off keeps its group quiet
+    /// about this long before the preferred leader stands ([`Consensus::hand_off`]).
+    pub fn leader_lease(&self) -> Duration {
+        let s = &self.inner.settings;
+        s.election_timeout.1 + s.heartbeat
+    }
+
     /// Stands for election in group `g` at once: how a follower that should lead the group
     /// (its shard's preferred leader) takes the lead, openraft 0.9 having no leader
     /// transfer. Members grant the vote only once they have not heard their leader for its
@@ -1081,7 +1089,7 @@ impl<T: Transport> Consensus<T> {
             tokio::time::sleep(s.heartbeat.min(Duration::from_millis(20))).await;
         }
         // 4: no append since the group went quiet; the members' lease runs out.
-        let lease_end = Instant::now() + lease + s.heartbeat;
+        let lease_end = Instant::now() + self.leader_lease();
         loop {
             if !matches!(*group.quiet(), Quiet::Leading { .. }) {
                 let why = group

@@ -53,6 +53,10 @@ pub const CATCH_UP_SLACK: u64 = 100;
 
 /// How long a preferred leader waits between two campaigns for one group's lead.
 pub const CAMPAIGN_EVERY: Duration = Duration::from_secs(30);
+/// How many leader leases ([`Consensus::leader_lease`]) a group must have been quiet here
+/// before its preferred leader campaigns for it: longer than a hand-off's quiet pause
+/// (about one lease), so the two never meet.
+pub const IDLE_LEASES: u32 = 2;
 /// The most campaigns one round starts: elections of many groups at once would all wait
 /// on the same links.
 pub const MAX_CAMPAIGNS_PER_ROUND: usize = 2;
@@ -483,6 +487,9 @@ pub struct ShardGroupsJob<T: Transport> {
     next: usize,
     /// When this node last stood for each group's lead (a rate limit only).
     campaigned: BTreeMap<GroupId, std::time::Instant>,
+    /// Since when this node has seen each group it should lead quiet, for the groups it is
+    /// the preferred leader of: a campaign waits for [`IDLE_LEASES`] leases of it.
+    quiet_since: BTreeMap<GroupId, std::time::Instant>,
     /// When this node last began handing each group's lead on (a rate limit only).
     handed: BTreeMap<GroupId, std::time::Instant>,
     /// The hand-off under way, if any: one at a time, since each holds its group's
@@ -504,6 +511,7 @@ impl<T: Transport> ShardGroupsJob<T> {
             tick: canal_worker::ticker(LOOK_EVERY),
             next: 0,
             campaigned: BTreeMap::new(),
+            quiet_since: BTreeMap::new(),
             handed: BTreeMap::new(),
             handing: None,
             directory: SharedDirectory::default(),
@@ -781,6 +789,22 @@ impl<T: Transport> ShardGroupsJob<T> {
         let mut started = 0;
         self.campaigned
             .retain(|_, at| at.elapsed() < CAMPAIGN_EVERY);
+        // Idle means quiet for longer than a hand-off keeps its group quiet: a hand-off to
+        // this node goes quiet for about a lease before it asks this node to stand, and a
+        // campaign meanwhile (refused: the lease holds) wakes the group and fails it.
+        let now = std::time::Instant::now();
+        let idle_after = self.consensus.leader_lease() * IDLE_LEASES;
+        let mut idle = BTreeSet::new();
+        let preferred = |ids: &Vec<NodeId>| ids.first() == Some(&me);
+        for (g, _) in wanted.iter().filter(|(_, ids)| preferred(ids)) {
+            if !self.consensus.is_quiescent(*g) {
+                self.quiet_since.remove(g);
+            } else if now.duration_since(*self.quiet_since.entry(*g).or_insert(now)) >= idle_after {
+                idle.insert(*g);
+            }
+        }
+        self.quiet_since
+            .retain(|g, _| wanted.iter().any(|(w, ids)| w == g && preferred(ids)));
         for (g, ids) in wanted {
             if started >= MAX_CAMPAIGNS_PER_ROUND {
                 break;
@@ -789,7 +813,7 @@ impl<T: Transport> ShardGroupsJob<T> {
                 continue;
             }
             let local = local_of(&self.consensus, *g);
-            if !should_campaign(me, ids, &local, self.consensus.is_quiescent(*g)) {
+            if !should_campaign(me, ids, &local, idle.contains(g)) {
                 continue;
             }
             self.campaigned.insert(*g, std::time::Instant::now());
